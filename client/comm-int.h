@@ -1,0 +1,94 @@
+/*
+ * comm-int.h: libcomm's insides, shared by its files: the communicator,
+ * requests, the shared-memory segments and the connection to commd.
+ */
+#ifndef CLIENT_COMM_INT_H
+#define CLIENT_COMM_INT_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "comm.h"
+#include "commd.pb-c.h"
+#include "err.h"
+#include "frame.h"
+
+#define COMM_DEFAULT_SOCKET "/run/commd/commd.sock"
+#define SEG_MIN_BYTES (64u << 20) /* smallest segment registered with commd */
+#define SEG_ALIGN 256             /* alignment of every comm_mem_alloc block */
+
+/* A block of a segment: allocated or free, in address order. */
+struct block {
+	struct block *next;
+	size_t off;
+	size_t size;
+	int used;
+};
+
+/* A memfd shared with the daemon, carved into blocks. */
+struct seg {
+	struct seg *next;
+	uint8_t *base;
+	size_t size;
+	uint64_t mem_id;
+	struct block *blocks;
+};
+
+struct comm_request {
+	struct comm_request *next;  /* outstanding requests, in posting order */
+	comm_t *comm;
+	uint64_t id;                /* envelope id of the op */
+	uint64_t seq;
+	int done;
+	comm_result_t rc;
+	/* staging for pointers not from comm_mem_alloc */
+	void *stage_send;
+	void *stage_recv;
+	void *user_recv;
+	size_t recv_bytes;
+};
+
+struct comm {
+	int fd;
+	int rank;
+	int size;
+	struct frame_reader rd;
+	uint64_t next_id;
+	uint64_t next_seq;
+	struct seg *segs;
+	struct comm_request *reqs;  /* outstanding, oldest first */
+	struct comm_request *reqs_tail;
+	uint64_t await_id;          /* a call waiting for its reply */
+	Commpb__Envelope *await_reply;
+	comm_result_t broken;       /* COMM_OK while the connection is usable */
+	char last_error[256];
+};
+
+/* Record a failure's detail as the communicator's last error; returns rc. */
+comm_result_t comm_set_error(comm_t *c, comm_result_t rc, const char *fmt, ...)
+	__attribute__((format(printf, 3, 4)));
+
+/* Send env (with fds) and read until its reply arrives. */
+comm_result_t comm_call(comm_t *c, Commpb__Envelope *env, const int *fds, int nfds,
+			Commpb__Envelope **reply);
+/* Send env without waiting. */
+comm_result_t comm_send_env(comm_t *c, Commpb__Envelope *env);
+/* Read and handle what the daemon sent, waiting up to timeout_ms (-1: no limit). */
+comm_result_t comm_pump(comm_t *c, int timeout_ms);
+
+/* mem.c */
+/* Find the segment holding [p, p+len): 1 and (*mem_id, *off), 0 if none. */
+int mem_lookup(comm_t *c, const void *p, size_t len, uint64_t *mem_id, uint64_t *off);
+/* Whether p lies in a segment at all (even if p+len runs past its end). */
+int mem_owned(comm_t *c, const void *p);
+void mem_free_all(comm_t *c);
+
+/* req.c */
+comm_request_t *req_new(comm_t *c);
+/* Take a finished request off the list, unstage it and free it. */
+comm_result_t req_finish(comm_request_t *r);
+/* Fail every outstanding request with rc (the connection is gone). */
+void req_fail_all(comm_t *c, comm_result_t rc);
+void req_free_all(comm_t *c);
+
+#endif

@@ -1,0 +1,408 @@
+/*
+ * comm.c: joining a job, the connection to commd (send, read, wait for a
+ * reply) and leaving. The library never prints and never exits.
+ */
+#include <errno.h>
+#include <poll.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <sys/un.h>
+#include <unistd.h>
+
+#include "comm-int.h"
+#include "util.h"
+
+COMM_API comm_config_t comm_config_default(void)
+{
+	comm_config_t cfg = COMM_CONFIG_INIT;
+
+	return cfg;
+}
+
+COMM_API int comm_rank(const comm_t *c)
+{
+	return c ? c->rank : -1;
+}
+
+COMM_API int comm_size(const comm_t *c)
+{
+	return c ? c->size : -1;
+}
+
+COMM_API const char *comm_last_error(const comm_t *c)
+{
+	return c ? c->last_error : "no communicator";
+}
+
+comm_result_t comm_set_error(comm_t *c, comm_result_t rc, const char *fmt, ...)
+{
+	va_list ap;
+
+	va_start(ap, fmt);
+	vsnprintf(c->last_error, sizeof c->last_error, fmt, ap);
+	va_end(ap);
+	return rc;
+}
+
+/* The connection is gone or unusable: every outstanding request fails. */
+static comm_result_t comm_break(comm_t *c, comm_result_t rc, const char *fmt, ...)
+	__attribute__((format(printf, 3, 4)));
+static comm_result_t comm_break(comm_t *c, comm_result_t rc, const char *fmt, ...)
+{
+	va_list ap;
+
+	if (c->broken != COMM_OK)
+		return c->broken;
+	va_start(ap, fmt);
+	vsnprintf(c->last_error, sizeof c->last_error, fmt, ap);
+	va_end(ap);
+	c->broken = rc;
+	req_fail_all(c, rc);
+	return rc;
+}
+
+static void handle(comm_t *c, Commpb__Envelope *env)
+{
+	if (env->body_case == COMMPB__ENVELOPE__BODY_OP_DONE) {
+		for (comm_request_t *r = c->reqs; r; r = r->next) {
+			if (r->id == env->id) {
+				r->done = 1;
+				r->rc = err_known(env->op_done->status) ? env->op_done->status
+									: COMM_ERR_PROTOCOL;
+				if (r->rc != COMM_OK)
+					comm_set_error(c, r->rc, "%s", env->op_done->detail);
+				break;
+			}
+		}
+	} else if (env->body_case == COMMPB__ENVELOPE__BODY_ERROR) {
+		comm_break(c, err_known(env->error->status) ? env->error->status
+							    : COMM_ERR_PROTOCOL,
+			   "commd: %s", env->error->detail);
+	} else if (c->await_id && env->id == c->await_id && !c->await_reply) {
+		c->await_reply = env;
+		return;
+	}
+	commpb__envelope__free_unpacked(env, NULL);
+}
+
+comm_result_t comm_pump(comm_t *c, int timeout_ms)
+{
+	struct pollfd pfd = { .fd = c->fd, .events = POLLIN };
+	const uint8_t *payload;
+	size_t len;
+	long n;
+	int rc;
+
+	if (c->broken != COMM_OK)
+		return c->broken;
+	do
+		rc = poll(&pfd, 1, timeout_ms);
+	while (rc < 0 && errno == EINTR);
+	if (rc <= 0)
+		return COMM_OK;
+	n = frame_reader_recv(&c->rd, c->fd);
+	if (n == -EAGAIN)
+		return COMM_OK;
+	if (n == 0)
+		return comm_break(c, COMM_ERR_DAEMON_UNREACHABLE, "commd closed the connection");
+	if (n < 0)
+		return comm_break(c, COMM_ERR_DAEMON_UNREACHABLE, "reading from commd: %s",
+				  strerror((int)-n));
+	for (;;) {
+		enum frame_status st = frame_next(&c->rd, &payload, &len);
+		Commpb__Envelope *env;
+
+		if (st == FRAME_MORE)
+			break;
+		if (st == FRAME_TOO_BIG)
+			return comm_break(c, COMM_ERR_PROTOCOL, "commd sent an oversized frame");
+		env = commpb__envelope__unpack(NULL, len, payload);
+		frame_consume(&c->rd, len);
+		if (!env)
+			return comm_break(c, COMM_ERR_PROTOCOL, "commd sent a malformed message");
+		handle(c, env);
+	}
+	return c->broken;
+}
+
+static comm_result_t send_frame(comm_t *c, Commpb__Envelope *env, const int *fds, int nfds)
+{
+	uint8_t *frame;
+	size_t len;
+	int rc;
+
+	if (c->broken != COMM_OK)
+		return c->broken;
+	env->id = c->next_id++;
+	len = frame_pack(env, &frame);
+	if (!len)
+		return comm_set_error(c, COMM_ERR_NO_MEMORY, "packing a request failed");
+	rc = frame_send_all(c->fd, frame, len, fds, nfds);
+	free(frame);
+	if (rc < 0)
+		return comm_break(c, COMM_ERR_DAEMON_UNREACHABLE, "writing to commd: %s",
+				  strerror(-rc));
+	return COMM_OK;
+}
+
+comm_result_t comm_send_env(comm_t *c, Commpb__Envelope *env)
+{
+	return send_frame(c, env, NULL, 0);
+}
+
+comm_result_t comm_call(comm_t *c, Commpb__Envelope *env, const int *fds, int nfds,
+			Commpb__Envelope **reply)
+{
+	comm_result_t rc = send_frame(c, env, fds, nfds);
+
+	*reply = NULL;
+	if (rc != COMM_OK)
+		return rc;
+	c->await_id = env->id;
+	c->await_reply = NULL;
+	while (!c->await_reply && c->broken == COMM_OK)
+		comm_pump(c, -1);
+	c->await_id = 0;
+	*reply = c->await_reply;
+	c->await_reply = NULL;
+	return *reply ? COMM_OK : c->broken;
+}
+
+/* The first variable of names that is set and non-empty, or NULL. */
+static const char *env_first(const char *const *names)
+{
+	for (; *names; names++) {
+		const char *v = getenv(*names);
+
+		if (v && *v)
+			return v;
+	}
+	return NULL;
+}
+
+static int env_int(const char *const *names, int *out)
+{
+	const char *v = env_first(names);
+	char *end;
+	long n;
+
+	if (!v)
+		return 0;
+	errno = 0;
+	n = strtol(v, &end, 10);
+	if (errno || *end || n < 0 || n > 1 << 30)
+		return -1;
+	*out = (int)n;
+	return 1;
+}
+
+/* The job name: ours, then torchrun's, Slurm's, Open MPI's (PMIx). */
+static const char *job_from_env(char *buf, size_t len)
+{
+	const char *v, *port;
+
+	if ((v = getenv("COMM_JOB")) && *v)
+		return v;
+	if ((v = getenv("TORCHELASTIC_RUN_ID")) && *v && strcmp(v, "none") != 0) {
+		snprintf(buf, len, "torchrun-%s", v);
+		return buf;
+	}
+	if ((v = getenv("MASTER_ADDR")) && *v && (port = getenv("MASTER_PORT")) && *port) {
+		snprintf(buf, len, "torchrun-%s:%s", v, port);
+		return buf;
+	}
+	if ((v = getenv("SLURM_JOB_ID")) && *v) {
+		const char *step = getenv("SLURM_STEP_ID");
+
+		snprintf(buf, len, "slurm-%s.%s", v, step && *step ? step : "0");
+		return buf;
+	}
+	if ((v = getenv("PMIX_NAMESPACE")) && *v) {
+		snprintf(buf, len, "pmix-%s", v);
+		return buf;
+	}
+	return NULL;
+}
+
+static comm_result_t resolve_config(const comm_config_t *in, comm_config_t *out, char *jobbuf,
+				    size_t joblen, char *err, size_t errlen)
+{
+	static const char *const rank_vars[] = { "COMM_RANK", "RANK", "OMPI_COMM_WORLD_RANK",
+						 "PMI_RANK", "SLURM_PROCID", NULL };
+	static const char *const size_vars[] = { "COMM_WORLD_SIZE", "WORLD_SIZE",
+						 "OMPI_COMM_WORLD_SIZE", "PMI_SIZE",
+						 "SLURM_NTASKS", NULL };
+	static const char *const timeout_vars[] = { "COMM_TIMEOUT", NULL };
+	comm_config_t none = COMM_CONFIG_INIT;
+	const char *v;
+
+	if (!in)
+		in = &none;
+	*out = *in;
+	if (!out->socket)
+		out->socket = (v = getenv("COMM_SOCKET")) && *v ? v : COMM_DEFAULT_SOCKET;
+	if (!out->job && !(out->job = job_from_env(jobbuf, joblen))) {
+		snprintf(err, errlen, "init: no job name: set COMM_JOB (or run under commrun, "
+				      "torchrun, Slurm or Open MPI)");
+		return COMM_ERR_INVALID_ARG;
+	}
+	if (!out->token)
+		out->token = (v = getenv("COMM_TOKEN")) ? v : "";
+	if (out->rank < 0 && env_int(rank_vars, &out->rank) <= 0) {
+		snprintf(err, errlen, "init: no rank: set COMM_RANK (or the launcher's RANK)");
+		return COMM_ERR_INVALID_ARG;
+	}
+	if (out->world_size < 0 && env_int(size_vars, &out->world_size) <= 0) {
+		snprintf(err, errlen, "init: no world size: set COMM_WORLD_SIZE");
+		return COMM_ERR_INVALID_ARG;
+	}
+	if (out->timeout_ms == 0 && env_int(timeout_vars, &out->timeout_ms) < 0) {
+		snprintf(err, errlen, "init: COMM_TIMEOUT is not a number of milliseconds");
+		return COMM_ERR_INVALID_ARG;
+	}
+	if (out->world_size < 1 || out->rank >= out->world_size || out->timeout_ms < 0) {
+		snprintf(err, errlen, "init: rank %d, world size %d: rank must be in 0..world-1",
+			 out->rank, out->world_size);
+		return COMM_ERR_INVALID_ARG;
+	}
+	return COMM_OK;
+}
+
+static int connect_to(const char *path, char *err, size_t errlen)
+{
+	struct sockaddr_un sa = { .sun_family = AF_UNIX };
+	int fd;
+
+	if (strlen(path) >= sizeof sa.sun_path) {
+		snprintf(err, errlen, "init: socket path too long: %s", path);
+		return -1;
+	}
+	strcpy(sa.sun_path, path);
+	fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+	if (fd < 0 || connect(fd, (struct sockaddr *)&sa, sizeof sa) < 0) {
+		snprintf(err, errlen, "init: connect %s: %s", path, strerror(errno));
+		if (fd >= 0)
+			close(fd);
+		return -1;
+	}
+	return fd;
+}
+
+static void comm_free(comm_t *c)
+{
+	req_free_all(c);
+	mem_free_all(c);
+	frame_reader_free(&c->rd);
+	if (c->fd >= 0)
+		close(c->fd);
+	free(c);
+}
+
+COMM_API comm_result_t comm_init(comm_t **out, const comm_config_t *config)
+{
+	Commpb__Envelope env = COMMPB__ENVELOPE__INIT, *reply = NULL;
+	Commpb__Hello hello = COMMPB__HELLO__INIT;
+	comm_config_t cfg;
+	char jobbuf[256];
+	comm_result_t rc;
+	comm_t *c;
+
+	if (!out)
+		return COMM_ERR_INVALID_ARG;
+	*out = NULL;
+	c = calloc(1, sizeof *c);
+	if (!c)
+		return COMM_ERR_NO_MEMORY;
+	c->fd = -1;
+	c->next_id = 1;
+	c->next_seq = 1;
+	frame_reader_init(&c->rd);
+	rc = resolve_config(config, &cfg, jobbuf, sizeof jobbuf, c->last_error,
+			    sizeof c->last_error);
+	if (rc != COMM_OK)
+		goto out;
+	c->fd = connect_to(cfg.socket, c->last_error, sizeof c->last_error);
+	if (c->fd < 0) {
+		rc = COMM_ERR_DAEMON_UNREACHABLE;
+		goto out;
+	}
+	hello.version_min = PROTO_VERSION_MIN;
+	hello.version_max = PROTO_VERSION;
+	hello.role = COMMPB__ROLE__ROLE_RANK;
+	hello.job = (char *)cfg.job;
+	hello.token.data = (uint8_t *)cfg.token;
+	hello.token.len = strlen(cfg.token);
+	hello.rank = cfg.rank;
+	hello.world_size = cfg.world_size;
+	hello.timeout_ms = (uint32_t)cfg.timeout_ms;
+	env.body_case = COMMPB__ENVELOPE__BODY_HELLO;
+	env.hello = &hello;
+	rc = comm_call(c, &env, NULL, 0, &reply);
+	if (rc != COMM_OK)
+		goto out;
+	if (reply->body_case != COMMPB__ENVELOPE__BODY_HELLO_REPLY) {
+		rc = comm_set_error(c, COMM_ERR_PROTOCOL, "init: unexpected answer to hello");
+		goto out;
+	}
+	rc = err_known(reply->hello_reply->status) ? reply->hello_reply->status
+						    : COMM_ERR_PROTOCOL;
+	if (rc != COMM_OK) {
+		comm_set_error(c, rc, "%s", reply->hello_reply->detail);
+		goto out;
+	}
+	c->rank = cfg.rank;
+	c->size = cfg.world_size;
+	*out = c;
+out:
+	if (reply)
+		commpb__envelope__free_unpacked(reply, NULL);
+	if (rc != COMM_OK)
+		comm_free(c);
+	return rc;
+}
+
+COMM_API comm_result_t comm_finalize(comm_t *c)
+{
+	Commpb__Envelope env = COMMPB__ENVELOPE__INIT;
+	Commpb__Leave leave = COMMPB__LEAVE__INIT;
+	comm_result_t rc = COMM_OK;
+
+	if (!c)
+		return COMM_ERR_INVALID_ARG;
+	while (c->reqs && c->broken == COMM_OK) {
+		comm_request_t *r = c->reqs;
+
+		comm_result_t rrc;
+
+		while (!r->done && c->broken == COMM_OK)
+			comm_pump(c, -1);
+		rrc = req_finish(r);
+		if (rrc != COMM_OK && rc == COMM_OK)
+			rc = rrc;
+	}
+	env.body_case = COMMPB__ENVELOPE__BODY_LEAVE;
+	env.leave = &leave;
+	if (c->broken == COMM_OK)
+		comm_send_env(c, &env);
+	comm_free(c);
+	return rc;
+}
+
+COMM_API comm_result_t comm_abort(comm_t *c)
+{
+	Commpb__Envelope env = COMMPB__ENVELOPE__INIT;
+	Commpb__Abort ab = COMMPB__ABORT__INIT;
+
+	if (!c)
+		return COMM_ERR_INVALID_ARG;
+	ab.reason = "comm_abort";
+	env.body_case = COMMPB__ENVELOPE__BODY_ABORT;
+	env.abort = &ab;
+	if (c->broken == COMM_OK)
+		comm_send_env(c, &env);
+	comm_free(c);
+	return COMM_OK;
+}

@@ -1,0 +1,163 @@
+/*
+ * comm.h: libcomm, the library a job's processes link to talk to commd.
+ * This is the only public header; everything here is API and ABI.
+ */
+#ifndef COMM_H
+#define COMM_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+/*
+ * Result codes. The values travel on the wire between commd and its clients:
+ * append new codes at the end, never renumber. X(name, value, text).
+ */
+#define COMM_RESULT_LIST(X)                                                    \
+	X(COMM_OK, 0, "success")                                               \
+	X(COMM_ERR_INVALID_ARG, 1, "invalid argument")                         \
+	X(COMM_ERR_DAEMON_UNREACHABLE, 2, "commd unreachable")                 \
+	X(COMM_ERR_PROTOCOL, 3, "protocol error")                              \
+	X(COMM_ERR_PEER_LOST, 4, "a peer rank was lost")                       \
+	X(COMM_ERR_TIMEOUT, 5, "operation timed out")                          \
+	X(COMM_ERR_MISMATCH, 6, "ranks disagree on the operation")             \
+	X(COMM_ERR_PERMISSION, 7, "permission denied")                         \
+	X(COMM_ERR_NO_MEMORY, 8, "out of memory")                              \
+	X(COMM_ERR_UNSUPPORTED, 9, "not supported")                            \
+	X(COMM_ERR_ABORTED, 10, "communicator aborted")                        \
+	X(COMM_ERR_INTERNAL, 11, "internal error")                             \
+	X(COMM_ERR_NOT_FOUND, 12, "not found")                                 \
+	X(COMM_ERR_BUSY, 13, "resource busy")                                  \
+	X(COMM_ERR_VERSION, 14, "protocol version not supported")             \
+	X(COMM_ERR_SHUTDOWN, 15, "commd is shutting down")                     \
+	X(COMM_INPROGRESS, 16, "operation still in progress")
+
+typedef enum {
+#define COMM_X_ENUM(name, value, text) name = value,
+	COMM_RESULT_LIST(COMM_X_ENUM)
+#undef COMM_X_ENUM
+} comm_result_t;
+
+/* Element types. Values travel on the wire: append, never renumber. */
+typedef enum {
+	COMM_INT8 = 0,
+	COMM_UINT8 = 1,
+	COMM_INT32 = 2,
+	COMM_UINT32 = 3,
+	COMM_INT64 = 4,
+	COMM_UINT64 = 5,
+	COMM_FLOAT16 = 6,
+	COMM_BFLOAT16 = 7,
+	COMM_FLOAT32 = 8,
+	COMM_FLOAT64 = 9,
+} comm_dtype_t;
+
+/* Reduction operations. COMM_AVG on integer types truncates toward zero. */
+typedef enum {
+	COMM_SUM = 0,
+	COMM_PROD = 1,
+	COMM_MIN = 2,
+	COMM_MAX = 3,
+	COMM_AVG = 4,
+} comm_redop_t;
+
+typedef struct comm comm_t;
+typedef struct comm_request comm_request_t;
+
+/*
+ * How to join a job. A field left unset (NULL string, rank or world_size -1,
+ * timeout_ms 0) is taken from the environment: COMM_SOCKET, COMM_JOB,
+ * COMM_TOKEN, COMM_RANK, COMM_WORLD_SIZE, COMM_TIMEOUT (milliseconds); then
+ * from the launcher's own variables (torchrun, Open MPI, Slurm).
+ */
+typedef struct {
+	const char *socket;     /* daemon socket; default /run/commd/commd.sock */
+	const char *job;        /* job name, shared by all ranks */
+	const char *token;      /* job secret, shared by all ranks; may be empty */
+	int rank;               /* 0 .. world_size-1 */
+	int world_size;         /* number of ranks in the job */
+	int timeout_ms;         /* op deadline in the daemon; default 10 minutes */
+} comm_config_t;
+
+#define COMM_CONFIG_INIT                                                       \
+	{ NULL, NULL, NULL, -1, -1, 0 }
+
+/* An all-unset config, as COMM_CONFIG_INIT. */
+comm_config_t comm_config_default(void);
+
+/*
+ * Connect to the daemon and join the job. Blocks until every rank of the job
+ * has joined (or the join fails). config NULL: everything from the
+ * environment. On error *comm is NULL.
+ */
+comm_result_t comm_init(comm_t **comm, const comm_config_t *config);
+
+/*
+ * Wait for the requests still outstanding, leave the job and free the
+ * communicator. Requests not yet waited on are freed; the memory from
+ * comm_mem_alloc is released.
+ */
+comm_result_t comm_finalize(comm_t *comm);
+
+/*
+ * Leave at once: the other ranks' pending and later ops fail with
+ * COMM_ERR_ABORTED. Frees the communicator and its outstanding requests.
+ */
+comm_result_t comm_abort(comm_t *comm);
+
+int comm_rank(const comm_t *comm);
+int comm_size(const comm_t *comm);
+
+/*
+ * Zero-copy host memory, shared with the daemon. Carved out of a few large
+ * registered segments. NULL on failure (see comm_last_error).
+ */
+void *comm_mem_alloc(comm_t *comm, size_t bytes);
+comm_result_t comm_mem_free(comm_t *comm, void *ptr);
+
+/*
+ * Collectives. Buffers from comm_mem_alloc are used in place; any other host
+ * pointer is staged through shared memory (one copy each way). With req NULL
+ * the call blocks until the result is in place; otherwise *req receives a
+ * request to pass to comm_wait or comm_test. sendbuf == recvbuf (all-reduce),
+ * recvbuf == sendbuf + rank * recvcount (reduce-scatter) and
+ * sendbuf == recvbuf + rank * sendcount (all-gather) are in place.
+ */
+comm_result_t comm_allreduce(comm_t *comm, const void *sendbuf, void *recvbuf, size_t count,
+			     comm_dtype_t dtype, comm_redop_t op, comm_request_t **req);
+comm_result_t comm_reduce_scatter(comm_t *comm, const void *sendbuf, void *recvbuf,
+				  size_t recvcount, comm_dtype_t dtype, comm_redop_t op,
+				  comm_request_t **req);
+comm_result_t comm_allgather(comm_t *comm, const void *sendbuf, void *recvbuf, size_t sendcount,
+			     comm_dtype_t dtype, comm_request_t **req);
+
+/*
+ * Wait for a request; timeout_ms -1 waits without limit. Returns the op's
+ * result and frees req, or COMM_INPROGRESS when the time ran out (req stays
+ * valid). Requests of one communicator complete in posting order.
+ */
+comm_result_t comm_wait(comm_request_t *req, int timeout_ms);
+
+/* Poll a request without blocking: *done is 1 when it finished (then req is
+ * freed and the op's result returned), 0 otherwise (COMM_OK returned). */
+comm_result_t comm_test(comm_request_t *req, int *done);
+
+const char *comm_strerror(comm_result_t rc);
+
+/* The short upper-case name of a result code, e.g. "COMM_ERR_MISMATCH". */
+const char *comm_result_name(comm_result_t rc);
+
+/* Detail of the communicator's last failure, "" when there was none. */
+const char *comm_last_error(const comm_t *comm);
+
+/* Size in bytes of one element of dtype, 0 for an unknown dtype. */
+size_t comm_dtype_size(comm_dtype_t dtype);
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif

@@ -1,0 +1,204 @@
+/*
+ * commctl.c: the operator's tool. Parses the global flags, picks the
+ * sub-command and keeps the admin connection to commd.
+ */
+#include <errno.h>
+#include <getopt.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <sys/un.h>
+#include <unistd.h>
+
+#include "comm.h"
+#include "ctl.h"
+#include "frame.h"
+
+static const struct {
+	const char *name;
+	int (*run)(struct ctl *, int, char **);
+	const char *help;
+} commands[] = {
+	{ "status", ctl_status, "the daemon, its backends, its jobs and counters" },
+	{ "jobs", ctl_jobs, "one line per job: ranks, state, ops, bytes, errors" },
+};
+
+static void usage(FILE *f)
+{
+	fprintf(f, "usage: commctl [--socket PATH] COMMAND [--json]\n"
+		   "  --socket PATH  the daemon's socket (default: $COMM_SOCKET or "
+		   "/run/commd/commd.sock)\n"
+		   "  --json         machine-readable output\n"
+		   "commands:\n");
+	for (size_t i = 0; i < sizeof commands / sizeof commands[0]; i++)
+		fprintf(f, "  %-8s %s\n", commands[i].name, commands[i].help);
+}
+
+int ctl_connect(struct ctl *ctl)
+{
+	struct sockaddr_un sa = { .sun_family = AF_UNIX };
+	Commpb__Envelope env = COMMPB__ENVELOPE__INIT, *reply;
+	Commpb__Hello hello = COMMPB__HELLO__INIT;
+
+	if (strlen(ctl->socket) >= sizeof sa.sun_path) {
+		fprintf(stderr, "commctl: socket path too long: %s\n", ctl->socket);
+		return -1;
+	}
+	strcpy(sa.sun_path, ctl->socket);
+	ctl->fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+	if (ctl->fd < 0 || connect(ctl->fd, (struct sockaddr *)&sa, sizeof sa) < 0) {
+		fprintf(stderr, "commctl: connect %s: %s (is commd running?)\n", ctl->socket,
+			strerror(errno));
+		return -1;
+	}
+	hello.version_min = PROTO_VERSION_MIN;
+	hello.version_max = PROTO_VERSION;
+	hello.role = COMMPB__ROLE__ROLE_ADMIN;
+	env.body_case = COMMPB__ENVELOPE__BODY_HELLO;
+	env.hello = &hello;
+	reply = ctl_call(ctl, &env);
+	if (!reply)
+		return -1;
+	if (reply->body_case != COMMPB__ENVELOPE__BODY_HELLO_REPLY ||
+	    reply->hello_reply->status != COMM_OK) {
+		fprintf(stderr, "commctl: hello refused: %s\n",
+			reply->body_case == COMMPB__ENVELOPE__BODY_HELLO_REPLY
+				? reply->hello_reply->detail
+				: "unexpected answer");
+		commpb__envelope__free_unpacked(reply, NULL);
+		return -1;
+	}
+	commpb__envelope__free_unpacked(reply, NULL);
+	return 0;
+}
+
+Commpb__Envelope *ctl_call(struct ctl *ctl, Commpb__Envelope *env)
+{
+	struct frame_reader rd;
+	Commpb__Envelope *reply = NULL;
+	const uint8_t *payload;
+	uint8_t *frame;
+	size_t len;
+	int rc;
+
+	len = frame_pack(env, &frame);
+	if (!len) {
+		fprintf(stderr, "commctl: request too large\n");
+		return NULL;
+	}
+	rc = frame_send_all(ctl->fd, frame, len, NULL, 0);
+	free(frame);
+	if (rc < 0) {
+		fprintf(stderr, "commctl: write: %s\n", strerror(-rc));
+		return NULL;
+	}
+	frame_reader_init(&rd);
+	for (;;) {
+		enum frame_status st = frame_next(&rd, &payload, &len);
+		long n;
+
+		if (st == FRAME_OK) {
+			reply = commpb__envelope__unpack(NULL, len, payload);
+			if (!reply)
+				fprintf(stderr, "commctl: malformed reply\n");
+			break;
+		}
+		if (st == FRAME_TOO_BIG) {
+			fprintf(stderr, "commctl: oversized reply\n");
+			break;
+		}
+		n = frame_reader_recv(&rd, ctl->fd);
+		if (n <= 0) {
+			fprintf(stderr, "commctl: read: %s\n",
+				n == 0 ? "commd closed the connection" : strerror((int)-n));
+			break;
+		}
+	}
+	frame_reader_free(&rd);
+	if (reply && reply->body_case == COMMPB__ENVELOPE__BODY_ERROR) {
+		fprintf(stderr, "commctl: %s: %s\n", comm_result_name(reply->error->status),
+			reply->error->detail);
+		commpb__envelope__free_unpacked(reply, NULL);
+		reply = NULL;
+	}
+	return reply;
+}
+
+void ctl_json_str(const char *s)
+{
+	putchar('"');
+	for (; *s; s++) {
+		unsigned char ch = (unsigned char)*s;
+
+		if (ch == '"' || ch == '\\')
+			printf("\\%c", ch);
+		else if (ch < 0x20)
+			printf("\\u%04x", ch);
+		else
+			putchar(ch);
+	}
+	putchar('"');
+}
+
+int main(int argc, char **argv)
+{
+	static const struct option opts[] = {
+		{ "socket", required_argument, NULL, 's' },
+		{ "json", no_argument, NULL, 'j' },
+		{ "help", no_argument, NULL, 'h' },
+		{ "version", no_argument, NULL, 'V' },
+		{ NULL, 0, NULL, 0 },
+	};
+	struct ctl ctl = { .fd = -1 };
+	int opt, rc;
+
+	ctl.socket = getenv("COMM_SOCKET");
+	if (!ctl.socket || !*ctl.socket)
+		ctl.socket = "/run/commd/commd.sock";
+	while ((opt = getopt_long(argc, argv, "+s:jhV", opts, NULL)) != -1) {
+		switch (opt) {
+		case 's':
+			ctl.socket = optarg;
+			break;
+		case 'j':
+			ctl.json = 1;
+			break;
+		case 'h':
+			usage(stdout);
+			return 0;
+		case 'V':
+			printf("commctl %s\n", COMMD_VERSION);
+			return 0;
+		default:
+			usage(stderr);
+			return 2;
+		}
+	}
+	if (optind >= argc) {
+		usage(stderr);
+		return 2;
+	}
+	for (size_t i = 0; i < sizeof commands / sizeof commands[0]; i++) {
+		if (strcmp(argv[optind], commands[i].name) != 0)
+			continue;
+		/* flags may also follow the command */
+		for (int a = optind + 1; a < argc; a++) {
+			if (strcmp(argv[a], "--json") == 0) {
+				ctl.json = 1;
+			} else {
+				fprintf(stderr, "commctl: %s: unknown argument '%s'\n",
+					commands[i].name, argv[a]);
+				return 2;
+			}
+		}
+		if (ctl_connect(&ctl) < 0)
+			return 1;
+		rc = commands[i].run(&ctl, argc - optind, argv + optind);
+		close(ctl.fd);
+		return rc;
+	}
+	fprintf(stderr, "commctl: unknown command '%s'\n", argv[optind]);
+	usage(stderr);
+	return 2;
+}

@@ -1,0 +1,148 @@
+/* ctl-status.c: `commctl status` and `commctl jobs`, as text or JSON. */
+#include <inttypes.h>
+#include <stdio.h>
+
+#include "ctl.h"
+
+static Commpb__Envelope *fetch(struct ctl *ctl)
+{
+	Commpb__Envelope env = COMMPB__ENVELOPE__INIT, *reply;
+	Commpb__StatusRequest req = COMMPB__STATUS_REQUEST__INIT;
+
+	env.body_case = COMMPB__ENVELOPE__BODY_STATUS_REQUEST;
+	env.status_request = &req;
+	reply = ctl_call(ctl, &env);
+	if (reply && reply->body_case != COMMPB__ENVELOPE__BODY_STATUS_REPLY) {
+		fprintf(stderr, "commctl: unexpected answer to status\n");
+		commpb__envelope__free_unpacked(reply, NULL);
+		return NULL;
+	}
+	return reply;
+}
+
+static void human_bytes(uint64_t b, char *buf, size_t len)
+{
+	static const char *const units[] = { "B", "KiB", "MiB", "GiB", "TiB" };
+	double v = (double)b;
+	int u = 0;
+
+	while (v >= 1024 && u < 4) {
+		v /= 1024;
+		u++;
+	}
+	snprintf(buf, len, u ? "%.1f %s" : "%.0f %s", v, units[u]);
+}
+
+static void print_jobs_text(const Commpb__StatusReply *s)
+{
+	char moved[32], mem[32];
+
+	if (s->n_jobs == 0) {
+		printf("no jobs\n");
+		return;
+	}
+	printf("%-24s %5s %6s %-9s %10s %8s %10s %10s %7s\n", "JOB", "UID", "RANKS", "STATE",
+	       "OPS", "PENDING", "MOVED", "MEMORY", "ERRORS");
+	for (size_t i = 0; i < s->n_jobs; i++) {
+		const Commpb__JobInfo *j = s->jobs[i];
+		char ranks[32];
+
+		snprintf(ranks, sizeof ranks, "%d/%d", j->joined, j->world_size);
+		human_bytes(j->bytes_moved, moved, sizeof moved);
+		human_bytes(j->mem_registered, mem, sizeof mem);
+		printf("%-24s %5u %6s %-9s %10" PRIu64 " %8" PRIu64 " %10s %10s %7" PRIu64 "\n",
+		       j->name, j->uid, ranks, j->state, j->ops_completed, j->ops_pending, moved,
+		       mem, j->errors);
+	}
+}
+
+static void print_jobs_json(const Commpb__StatusReply *s)
+{
+	printf("[");
+	for (size_t i = 0; i < s->n_jobs; i++) {
+		const Commpb__JobInfo *j = s->jobs[i];
+
+		printf("%s{\"name\": ", i ? ", " : "");
+		ctl_json_str(j->name);
+		printf(", \"uid\": %u, \"world_size\": %d, \"joined\": %d, \"state\": ", j->uid,
+		       j->world_size, j->joined);
+		ctl_json_str(j->state);
+		printf(", \"ops_completed\": %" PRIu64 ", \"ops_pending\": %" PRIu64
+		       ", \"bytes_moved\": %" PRIu64 ", \"mem_registered\": %" PRIu64
+		       ", \"errors\": %" PRIu64 "}",
+		       j->ops_completed, j->ops_pending, j->bytes_moved, j->mem_registered,
+		       j->errors);
+	}
+	printf("]");
+}
+
+int ctl_status(struct ctl *ctl, int argc, char **argv)
+{
+	Commpb__Envelope *reply = fetch(ctl);
+	const Commpb__StatusReply *s;
+	uint64_t up;
+	char moved[32];
+
+	if (!reply)
+		return 1;
+	s = reply->status_reply;
+	up = s->uptime_ms / 1000;
+	if (ctl->json) {
+		printf("{\"version\": ");
+		ctl_json_str(s->version);
+		printf(", \"pid\": %d, \"uptime_ms\": %" PRIu64 ", \"socket\": ", s->pid,
+		       s->uptime_ms);
+		ctl_json_str(s->socket);
+		printf(", \"backends\": [");
+		for (size_t i = 0; i < s->n_backends; i++) {
+			printf("%s", i ? ", " : "");
+			ctl_json_str(s->backends[i]);
+		}
+		printf("], \"gpu\": ");
+		ctl_json_str(s->gpu);
+		printf(", \"worker_threads\": %u, \"connections\": %" PRIu64
+		       ", \"ops_completed\": %" PRIu64 ", \"bytes_moved\": %" PRIu64
+		       ", \"errors\": %" PRIu64 ", \"jobs\": ",
+		       s->worker_threads, s->connections, s->ops_completed, s->bytes_moved,
+		       s->errors);
+		print_jobs_json(s);
+		printf("}\n");
+	} else {
+		human_bytes(s->bytes_moved, moved, sizeof moved);
+		printf("commd %s, pid %d, up %" PRIu64 "d %02" PRIu64 ":%02" PRIu64 ":%02" PRIu64
+		       "\n",
+		       s->version, s->pid, up / 86400, up / 3600 % 24, up / 60 % 60, up % 60);
+		printf("socket:      %s\n", s->socket);
+		printf("backends:   ");
+		for (size_t i = 0; i < s->n_backends; i++)
+			printf(" %s", s->backends[i]);
+		printf(" (%u worker threads)\n", s->worker_threads);
+		printf("gpu:         %s\n", s->gpu);
+		printf("connections: %" PRIu64 "\n", s->connections);
+		printf("ops:         %" PRIu64 " completed, %s moved, %" PRIu64 " errors\n",
+		       s->ops_completed, moved, s->errors);
+		printf("jobs:        %zu\n", s->n_jobs);
+		if (s->n_jobs) {
+			printf("\n");
+			print_jobs_text(s);
+		}
+	}
+	commpb__envelope__free_unpacked(reply, NULL);
+	return 0;
+}
+
+int ctl_jobs(struct ctl *ctl, int argc, char **argv)
+{
+	Commpb__Envelope *reply = fetch(ctl);
+
+	if (!reply)
+		return 1;
+	if (ctl->json) {
+		print_jobs_json(reply->status_reply);
+		printf("\n");
+	} else {
+		print_jobs_text(reply->status_reply);
+	}
+	commpb__envelope__free_unpacked(reply, NULL);
+	return 0;
+}

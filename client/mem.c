@@ -1,0 +1,233 @@
+/*
+ * mem.c: comm_mem_alloc. Memory comes from a few large memfd segments,
+ * sealed and registered with commd once each; blocks are carved out of them
+ * first-fit, so a small allocation costs no system call.
+ */
+#include <errno.h>
+#include <fcntl.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <unistd.h>
+
+#include "comm-int.h"
+
+static size_t round_up(size_t n, size_t to)
+{
+	return (n + to - 1) / to * to;
+}
+
+/* Make a sealed memfd of size bytes, map it, register it with commd. */
+static struct seg *seg_new(comm_t *c, size_t size)
+{
+	Commpb__Envelope env = COMMPB__ENVELOPE__INIT, *reply = NULL;
+	Commpb__RegisterMem reg = COMMPB__REGISTER_MEM__INIT;
+	struct seg *s = calloc(1, sizeof *s);
+	struct block *b = calloc(1, sizeof *b);
+	comm_result_t rc;
+	int fd = -1;
+
+	if (!s || !b) {
+		comm_set_error(c, COMM_ERR_NO_MEMORY, "mem alloc: out of memory");
+		goto fail;
+	}
+	fd = memfd_create("comm-segment", MFD_CLOEXEC | MFD_ALLOW_SEALING);
+	if (fd < 0 || ftruncate(fd, (off_t)size) < 0 ||
+	    fcntl(fd, F_ADD_SEALS, F_SEAL_SHRINK | F_SEAL_GROW | F_SEAL_SEAL) < 0) {
+		comm_set_error(c, COMM_ERR_NO_MEMORY, "mem alloc: memfd of %zu bytes: %s", size,
+			       strerror(errno));
+		goto fail;
+	}
+	s->base = mmap(NULL, size, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+	if (s->base == MAP_FAILED) {
+		s->base = NULL;
+		comm_set_error(c, COMM_ERR_NO_MEMORY, "mem alloc: mmap of %zu bytes: %s", size,
+			       strerror(errno));
+		goto fail;
+	}
+	s->size = size;
+	reg.kind = COMMPB__MEM_KIND__MEM_MEMFD;
+	reg.size = size;
+	env.body_case = COMMPB__ENVELOPE__BODY_REGISTER_MEM;
+	env.register_mem = &reg;
+	rc = comm_call(c, &env, &fd, 1, &reply);
+	if (rc != COMM_OK)
+		goto fail;
+	if (reply->body_case != COMMPB__ENVELOPE__BODY_REGISTER_MEM_REPLY) {
+		comm_set_error(c, COMM_ERR_PROTOCOL, "mem alloc: unexpected answer");
+		goto fail;
+	}
+	if (reply->register_mem_reply->status != COMM_OK) {
+		comm_set_error(c, reply->register_mem_reply->status, "%s",
+			       reply->register_mem_reply->detail);
+		goto fail;
+	}
+	s->mem_id = reply->register_mem_reply->mem_id;
+	commpb__envelope__free_unpacked(reply, NULL);
+	close(fd);
+	b->size = size;
+	s->blocks = b;
+	s->next = c->segs;
+	c->segs = s;
+	return s;
+fail:
+	if (reply)
+		commpb__envelope__free_unpacked(reply, NULL);
+	if (s && s->base)
+		munmap(s->base, s->size);
+	if (fd >= 0)
+		close(fd);
+	free(b);
+	free(s);
+	return NULL;
+}
+
+/* Unregister and unmap a segment (the daemon keeps it while ops use it). */
+static void seg_free(comm_t *c, struct seg *s, int tell_daemon)
+{
+	Commpb__Envelope env = COMMPB__ENVELOPE__INIT, *reply = NULL;
+	Commpb__FreeMem fm = COMMPB__FREE_MEM__INIT;
+
+	if (tell_daemon && c->broken == COMM_OK) {
+		fm.mem_id = s->mem_id;
+		env.body_case = COMMPB__ENVELOPE__BODY_FREE_MEM;
+		env.free_mem = &fm;
+		if (comm_call(c, &env, NULL, 0, &reply) == COMM_OK)
+			commpb__envelope__free_unpacked(reply, NULL);
+	}
+	while (s->blocks) {
+		struct block *b = s->blocks;
+
+		s->blocks = b->next;
+		free(b);
+	}
+	munmap(s->base, s->size);
+	free(s);
+}
+
+/* First fit in s; splits the free block it takes. */
+static void *seg_take(struct seg *s, size_t size)
+{
+	for (struct block *b = s->blocks; b; b = b->next) {
+		if (b->used || b->size < size)
+			continue;
+		if (b->size > size) {
+			struct block *rest = calloc(1, sizeof *rest);
+
+			if (!rest)
+				return NULL;
+			rest->off = b->off + size;
+			rest->size = b->size - size;
+			rest->next = b->next;
+			b->next = rest;
+			b->size = size;
+		}
+		b->used = 1;
+		return s->base + b->off;
+	}
+	return NULL;
+}
+
+COMM_API void *comm_mem_alloc(comm_t *c, size_t bytes)
+{
+	struct seg *s;
+	size_t size;
+	void *p;
+
+	if (!c)
+		return NULL;
+	if (c->broken != COMM_OK) {
+		comm_set_error(c, c->broken, "mem alloc: the connection to commd is gone");
+		return NULL;
+	}
+	if (bytes == 0 || bytes > ((size_t)1 << 46)) {
+		comm_set_error(c, COMM_ERR_INVALID_ARG, "mem alloc: %zu bytes", bytes);
+		return NULL;
+	}
+	size = round_up(bytes, SEG_ALIGN);
+	for (s = c->segs; s; s = s->next)
+		if ((p = seg_take(s, size)))
+			return p;
+	s = seg_new(c, size > SEG_MIN_BYTES ? round_up(size, 2u << 20) : SEG_MIN_BYTES);
+	if (!s)
+		return NULL;
+	p = seg_take(s, size);
+	if (!p)
+		comm_set_error(c, COMM_ERR_NO_MEMORY, "mem alloc: out of memory");
+	return p;
+}
+
+COMM_API comm_result_t comm_mem_free(comm_t *c, void *ptr)
+{
+	struct seg **sp;
+
+	if (!c)
+		return COMM_ERR_INVALID_ARG;
+	if (!ptr)
+		return COMM_OK;
+	for (sp = &c->segs; *sp; sp = &(*sp)->next) {
+		struct seg *s = *sp;
+		struct block *b, *prev = NULL;
+
+		if ((uint8_t *)ptr < s->base || (uint8_t *)ptr >= s->base + s->size)
+			continue;
+		for (b = s->blocks; b; prev = b, b = b->next)
+			if (s->base + b->off == ptr && b->used)
+				break;
+		if (!b)
+			break;
+		b->used = 0;
+		if (b->next && !b->next->used) {
+			struct block *n = b->next;
+
+			b->size += n->size;
+			b->next = n->next;
+			free(n);
+		}
+		if (prev && !prev->used) {
+			prev->size += b->size;
+			prev->next = b->next;
+			free(b);
+		}
+		/* Keep the first segment for reuse; give back others once empty. */
+		if (!s->blocks->used && !s->blocks->next && s->next) {
+			*sp = s->next;
+			seg_free(c, s, 1);
+		}
+		return COMM_OK;
+	}
+	return comm_set_error(c, COMM_ERR_INVALID_ARG,
+			      "mem free: %p was not returned by comm_mem_alloc", ptr);
+}
+
+int mem_lookup(comm_t *c, const void *p, size_t len, uint64_t *mem_id, uint64_t *off)
+{
+	for (struct seg *s = c->segs; s; s = s->next) {
+		const uint8_t *q = p;
+
+		if (q >= s->base && q < s->base + s->size && len <= s->size - (size_t)(q - s->base)) {
+			*mem_id = s->mem_id;
+			*off = (uint64_t)(q - s->base);
+			return 1;
+		}
+	}
+	return 0;
+}
+
+int mem_owned(comm_t *c, const void *p)
+{
+	for (struct seg *s = c->segs; s; s = s->next)
+		if ((const uint8_t *)p >= s->base && (const uint8_t *)p < s->base + s->size)
+			return 1;
+	return 0;
+}
+
+void mem_free_all(comm_t *c)
+{
+	while (c->segs) {
+		struct seg *s = c->segs;
+
+		c->segs = s->next;
+		seg_free(c, s, 0);
+	}
+}

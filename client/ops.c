@@ -1,0 +1,157 @@
+/*
+ * ops.c: the collectives. Each names its buffers by (mem id, offset) in the
+ * segments shared with commd; other pointers are staged through a segment.
+ */
+#include <stdio.h>
+#include <string.h>
+
+#include "comm-int.h"
+#include "util.h"
+
+struct opdesc {
+	Commpb__OpType type;
+	const char *name;
+	const void *send;
+	void *recv;
+	size_t count;
+	size_t send_bytes;
+	size_t recv_bytes;
+	comm_dtype_t dtype;
+	comm_redop_t redop;
+	int root;
+};
+
+/* Name p for the daemon; stage it through a segment when it is not ours. */
+static comm_result_t bufref(comm_t *c, const struct opdesc *d, const void *p, size_t len,
+			    const char *which, Commpb__BufRef *ref, void **stage)
+{
+	*stage = NULL;
+	if (len == 0)
+		return COMM_OK;
+	if (!p)
+		return comm_set_error(c, COMM_ERR_INVALID_ARG, "%s: %s buffer is NULL", d->name,
+				      which);
+	if (mem_lookup(c, p, len, &ref->mem_id, &ref->offset))
+		return COMM_OK;
+	if (mem_owned(c, p))
+		return comm_set_error(c, COMM_ERR_INVALID_ARG,
+				      "%s: %s buffer of %zu bytes runs past its allocation", d->name,
+				      which, len);
+	*stage = comm_mem_alloc(c, len);
+	if (!*stage)
+		return COMM_ERR_NO_MEMORY;
+	mem_lookup(c, *stage, len, &ref->mem_id, &ref->offset);
+	return COMM_OK;
+}
+
+static comm_result_t submit(comm_t *c, const struct opdesc *d, comm_request_t **req)
+{
+	Commpb__Envelope env = COMMPB__ENVELOPE__INIT;
+	Commpb__Op op = COMMPB__OP__INIT;
+	Commpb__BufRef sref = COMMPB__BUF_REF__INIT, rref = COMMPB__BUF_REF__INIT;
+	comm_request_t *r;
+	comm_result_t rc;
+
+	if (req)
+		*req = NULL;
+	if (c->broken != COMM_OK)
+		return c->broken;
+	r = req_new(c);
+	if (!r)
+		return comm_set_error(c, COMM_ERR_NO_MEMORY, "%s: out of memory", d->name);
+	rc = bufref(c, d, d->send, d->send_bytes, "send", &sref, &r->stage_send);
+	if (rc != COMM_OK)
+		goto fail;
+	if (d->recv == d->send && r->stage_send) {
+		/* in place on a staged buffer: stage once, in both directions */
+		r->stage_recv = r->stage_send;
+		rref = sref;
+	} else {
+		rc = bufref(c, d, d->recv, d->recv_bytes, "recv", &rref, &r->stage_recv);
+		if (rc != COMM_OK)
+			goto fail;
+	}
+	if (r->stage_send)
+		memcpy(r->stage_send, d->send, d->send_bytes);
+	if (r->stage_recv) {
+		r->user_recv = d->recv;
+		r->recv_bytes = d->recv_bytes;
+	}
+	r->seq = c->next_seq++;
+	op.seq = r->seq;
+	op.type = d->type;
+	op.send = &sref;
+	op.recv = &rref;
+	op.count = d->count;
+	op.dtype = (uint32_t)d->dtype;
+	op.redop = (uint32_t)d->redop;
+	op.root = d->root;
+	env.body_case = COMMPB__ENVELOPE__BODY_OP;
+	env.op = &op;
+	rc = comm_send_env(c, &env);
+	if (rc != COMM_OK)
+		goto fail;
+	r->id = env.id;
+	if (req) {
+		*req = r;
+		return COMM_OK;
+	}
+	return comm_wait(r, -1);
+fail:
+	r->rc = rc;
+	req_finish(r);
+	return rc;
+}
+
+/* Check the arguments every op shares and size its buffers. */
+static comm_result_t prepare(comm_t *c, struct opdesc *d, size_t send_mult, size_t recv_mult)
+{
+	size_t es = comm_dtype_size(d->dtype), block;
+
+	if (!c)
+		return COMM_ERR_INVALID_ARG;
+	if (!es)
+		return comm_set_error(c, COMM_ERR_INVALID_ARG, "%s: unknown dtype %d", d->name,
+				      (int)d->dtype);
+	if ((unsigned)d->redop > COMM_AVG)
+		return comm_set_error(c, COMM_ERR_INVALID_ARG, "%s: unknown redop %d", d->name,
+				      (int)d->redop);
+	if (mul_overflow_size(d->count, es, &block) ||
+	    mul_overflow_size(block, send_mult, &d->send_bytes) ||
+	    mul_overflow_size(block, recv_mult, &d->recv_bytes))
+		return comm_set_error(c, COMM_ERR_INVALID_ARG, "%s: count %zu overflows", d->name,
+				      d->count);
+	return COMM_OK;
+}
+
+COMM_API comm_result_t comm_allreduce(comm_t *c, const void *sendbuf, void *recvbuf,
+				      size_t count, comm_dtype_t dtype, comm_redop_t op,
+				      comm_request_t **req)
+{
+	struct opdesc d = { COMMPB__OP_TYPE__OP_ALLREDUCE, "allreduce", sendbuf, recvbuf, count,
+			    0, 0, dtype, op, 0 };
+	comm_result_t rc = prepare(c, &d, 1, 1);
+
+	return rc != COMM_OK ? rc : submit(c, &d, req);
+}
+
+COMM_API comm_result_t comm_reduce_scatter(comm_t *c, const void *sendbuf, void *recvbuf,
+					   size_t recvcount, comm_dtype_t dtype, comm_redop_t op,
+					   comm_request_t **req)
+{
+	struct opdesc d = { COMMPB__OP_TYPE__OP_REDUCE_SCATTER, "reduce_scatter", sendbuf,
+			    recvbuf, recvcount, 0, 0, dtype, op, 0 };
+	comm_result_t rc = prepare(c, &d, c ? (size_t)c->size : 1, 1);
+
+	return rc != COMM_OK ? rc : submit(c, &d, req);
+}
+
+COMM_API comm_result_t comm_allgather(comm_t *c, const void *sendbuf, void *recvbuf,
+				      size_t sendcount, comm_dtype_t dtype, comm_request_t **req)
+{
+	struct opdesc d = { COMMPB__OP_TYPE__OP_ALLGATHER, "allgather", sendbuf, recvbuf,
+			    sendcount, 0, 0, dtype, COMM_SUM, 0 };
+	comm_result_t rc = prepare(c, &d, 1, c ? (size_t)c->size : 1);
+
+	return rc != COMM_OK ? rc : submit(c, &d, req);
+}

@@ -1,0 +1,110 @@
+/* req.c: requests: waiting, testing, unstaging and freeing them. */
+#include <stdlib.h>
+#include <string.h>
+
+#include "comm-int.h"
+#include "util.h"
+
+comm_request_t *req_new(comm_t *c)
+{
+	comm_request_t *r = calloc(1, sizeof *r);
+
+	if (!r)
+		return NULL;
+	r->comm = c;
+	if (c->reqs_tail)
+		c->reqs_tail->next = r;
+	else
+		c->reqs = r;
+	c->reqs_tail = r;
+	return r;
+}
+
+static void req_unlink(comm_request_t *r)
+{
+	comm_t *c = r->comm;
+	comm_request_t **pp, *prev = NULL;
+
+	for (pp = &c->reqs; *pp; prev = *pp, pp = &(*pp)->next) {
+		if (*pp == r) {
+			*pp = r->next;
+			if (c->reqs_tail == r)
+				c->reqs_tail = prev;
+			break;
+		}
+	}
+}
+
+/* Give back staging blocks (quietly: the comm may be broken). */
+static void unstage(comm_request_t *r)
+{
+	if (r->stage_send && r->stage_send != r->stage_recv)
+		comm_mem_free(r->comm, r->stage_send);
+	if (r->stage_recv)
+		comm_mem_free(r->comm, r->stage_recv);
+	r->stage_send = r->stage_recv = NULL;
+}
+
+comm_result_t req_finish(comm_request_t *r)
+{
+	comm_result_t rc = r->rc;
+
+	if (rc == COMM_OK && r->stage_recv)
+		memcpy(r->user_recv, r->stage_recv, r->recv_bytes);
+	unstage(r);
+	req_unlink(r);
+	free(r);
+	return rc;
+}
+
+void req_fail_all(comm_t *c, comm_result_t rc)
+{
+	for (comm_request_t *r = c->reqs; r; r = r->next) {
+		if (!r->done) {
+			r->done = 1;
+			r->rc = rc;
+		}
+	}
+}
+
+void req_free_all(comm_t *c)
+{
+	while (c->reqs) {
+		comm_request_t *r = c->reqs;
+
+		c->reqs = r->next;
+		free(r);
+	}
+	c->reqs_tail = NULL;
+}
+
+COMM_API comm_result_t comm_wait(comm_request_t *r, int timeout_ms)
+{
+	uint64_t deadline = timeout_ms < 0 ? 0 : now_ms() + (uint64_t)timeout_ms;
+
+	if (!r)
+		return COMM_ERR_INVALID_ARG;
+	while (!r->done) {
+		int left = -1;
+
+		if (timeout_ms >= 0) {
+			uint64_t now = now_ms();
+
+			if (now >= deadline)
+				return COMM_INPROGRESS;
+			left = (int)(deadline - now);
+		}
+		comm_pump(r->comm, left);
+	}
+	return req_finish(r);
+}
+
+COMM_API comm_result_t comm_test(comm_request_t *r, int *done)
+{
+	if (!r || !done)
+		return COMM_ERR_INVALID_ARG;
+	if (!r->done)
+		comm_pump(r->comm, 0);
+	*done = r->done;
+	return r->done ? req_finish(r) : COMM_OK;
+}

@@ -1,0 +1,82 @@
+/*
+ * frame.h: length-prefixed frames on a Unix stream socket. A frame is a
+ * 4-byte little-endian length and one packed commpb Envelope; file
+ * descriptors ride with SCM_RIGHTS on the sendmsg that starts the frame.
+ */
+#ifndef COMMON_FRAME_H
+#define COMMON_FRAME_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "commd.pb-c.h"
+
+#define FRAME_HDR 4
+#define FRAME_MAX (64 * 1024)  /* largest envelope accepted, in bytes */
+#define FRAME_MAX_FDS 4        /* most fds one recvmsg may carry */
+#define PROTO_VERSION 1
+#define PROTO_VERSION_MIN 1
+
+/*
+ * Reading side: bytes and fds as they arrive. fds are queued in arrival
+ * order; the frame that takes fds claims them from the front. The reader
+ * owns queued fds until frame_take_fd hands one out.
+ */
+struct frame_reader {
+	uint8_t *buf;
+	size_t len;
+	size_t cap;
+	int fds[16];
+	int nfds;
+};
+
+enum frame_status {
+	FRAME_OK = 0,       /* a whole frame is there */
+	FRAME_MORE = 1,     /* need more bytes */
+	FRAME_TOO_BIG = -1, /* the length prefix is over FRAME_MAX */
+};
+
+void frame_reader_init(struct frame_reader *r);
+/* Closes queued fds and frees the buffer. */
+void frame_reader_free(struct frame_reader *r);
+
+/*
+ * One recvmsg from sock into r. Returns bytes read (> 0), 0 at end of file,
+ * or -errno (-EAGAIN on a non-blocking socket with nothing to read;
+ * -EPROTO when more fds came than fit, all of them closed).
+ */
+long frame_reader_recv(struct frame_reader *r, int sock);
+
+/* Append bytes (for tests and fuzzing). */
+int frame_reader_feed(struct frame_reader *r, const void *data, size_t len);
+
+/* Look for a whole frame at the front: FRAME_OK sets *payload and *len. */
+enum frame_status frame_next(const struct frame_reader *r, const uint8_t **payload, size_t *len);
+
+/* Drop the frame at the front whose payload is len bytes. */
+void frame_consume(struct frame_reader *r, size_t len);
+
+/* Hand the oldest queued fd to the caller (who then owns it); -1 if none. */
+int frame_take_fd(struct frame_reader *r);
+
+/*
+ * Pack env into a new buffer holding the whole frame (header included).
+ * Returns its size, 0 when env would exceed FRAME_MAX or memory ran out.
+ */
+size_t frame_pack(const Commpb__Envelope *env, uint8_t **out);
+
+/*
+ * Write a whole frame on a blocking socket, fds attached to the first byte.
+ * Returns 0 or -errno.
+ */
+int frame_send_all(int sock, const uint8_t *frame, size_t len, const int *fds, int nfds);
+
+/*
+ * Write what fits of a frame on a non-blocking socket starting at *off; fds
+ * go with the first byte (off == 0). Returns 1 when done, 0 when the socket
+ * is full, -errno on error.
+ */
+int frame_send_some(int sock, const uint8_t *frame, size_t len, size_t *off, const int *fds,
+		    int nfds);
+
+#endif

@@ -1,0 +1,28 @@
+/* util.c: small helpers shared by the daemon, the library and the tools. */
+#include <time.h>
+
+#include "util.h"
+
+uint64_t now_ms(void)
+{
+	struct timespec ts;
+
+	clock_gettime(CLOCK_MONOTONIC, &ts);
+	return (uint64_t)ts.tv_sec * 1000 + (uint64_t)ts.tv_nsec / 1000000;
+}
+
+int mul_overflow_size(size_t a, size_t b, size_t *out)
+{
+	return __builtin_mul_overflow(a, b, out) ? -1 : 0;
+}
+
+int const_time_eq(const void *a, size_t alen, const void *b, size_t blen)
+{
+	const unsigned char *pa = a, *pb = b;
+	unsigned char diff = alen != blen;
+	size_t n = alen < blen ? alen : blen;
+
+	for (size_t i = 0; i < n; i++)
+		diff |= pa[i] ^ pb[i];
+	return diff == 0;
+}

@@ -1,0 +1,19 @@
+/* util.h: small helpers shared by the daemon, the library and the tools. */
+#ifndef COMMON_UTIL_H
+#define COMMON_UTIL_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#define ARRAY_SIZE(a) (sizeof(a) / sizeof((a)[0]))
+
+/* Monotonic clock in milliseconds. */
+uint64_t now_ms(void);
+
+/* *out = a * b; returns -1 when the product overflows size_t. */
+int mul_overflow_size(size_t a, size_t b, size_t *out);
+
+/* Compare two byte strings in time that depends only on their lengths. */
+int const_time_eq(const void *a, size_t alen, const void *b, size_t blen);
+
+#endif

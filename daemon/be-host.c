@@ -1,0 +1,280 @@
+/*
+ * be-host.c: the host backend. Worker threads split an op into parts; each
+ * part walks cache-sized chunks, reducing the ranks' inputs into a local
+ * buffer and writing it straight into every output, in the ranks' memory.
+ */
+#include <pthread.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "commd.h"
+#include "log.h"
+#include "reduce.h"
+
+#define CHUNK_BYTES (32u << 10)   /* one chunk: stays in L1/L2 */
+#define PART_BYTES (1u << 20)     /* one part: what one thread takes at a time */
+#define INLINE_BYTES (256u << 10) /* smaller ops run on the loop thread */
+
+static struct {
+	pthread_mutex_t lock;
+	pthread_cond_t wake;
+	TAILQ_HEAD(, task) queue;   /* tasks with parts not yet taken */
+	TAILQ_HEAD(, task) done;    /* finished, for the loop thread */
+	pthread_t *threads;
+	int nthreads;
+	int stop;
+	int inflight;               /* loop thread only */
+	uv_async_t async;
+	uint8_t *inline_tmp;        /* the loop thread's chunk buffer */
+} pool = {
+	.lock = PTHREAD_MUTEX_INITIALIZER,
+	.wake = PTHREAD_COND_INITIALIZER,
+	.queue = TAILQ_HEAD_INITIALIZER(pool.queue),
+	.done = TAILQ_HEAD_INITIALIZER(pool.done),
+};
+
+/* Elements in the task's index space: per rank for all-reduce, else n blocks. */
+static size_t task_elems(const struct task *t)
+{
+	return t->type == COMMPB__OP_TYPE__OP_ALLREDUCE ? t->count : t->count * (size_t)t->n;
+}
+
+/* Do elements [lo, hi) of t's index space, chunk by chunk through tmp. */
+static void run_range(struct task *t, size_t lo, size_t hi, uint8_t *tmp, const void **src)
+{
+	size_t es = t->esize, chunk = CHUNK_BYTES / es;
+
+	while (lo < hi) {
+		size_t n = hi - lo < chunk ? hi - lo : chunk, b = 0, o = lo;
+
+		if (t->type != COMMPB__OP_TYPE__OP_ALLREDUCE) {
+			b = lo / t->count; /* the block: a rank */
+			o = lo % t->count;
+			if (n > t->count - o)
+				n = t->count - o;
+		}
+		switch (t->type) {
+		case COMMPB__OP_TYPE__OP_ALLREDUCE:
+			for (int r = 0; r < t->n; r++)
+				src[r] = t->in[r] + lo * es;
+			reduce_n(t->dtype, t->redop, tmp, src, t->n, n);
+			for (int r = 0; r < t->n; r++)
+				memcpy(t->out[r] + lo * es, tmp, n * es);
+			break;
+		case COMMPB__OP_TYPE__OP_REDUCE_SCATTER:
+			for (int r = 0; r < t->n; r++)
+				src[r] = t->in[r] + lo * es;
+			reduce_n(t->dtype, t->redop, tmp, src, t->n, n);
+			memcpy(t->out[b] + o * es, tmp, n * es);
+			break;
+		case COMMPB__OP_TYPE__OP_ALLGATHER:
+			for (int r = 0; r < t->n; r++) {
+				uint8_t *dst = t->out[r] + lo * es, *s = t->in[b] + o * es;
+
+				if (dst != s) /* in place: already there */
+					memcpy(dst, s, n * es);
+			}
+			break;
+		default:
+			break;
+		}
+		lo += n;
+	}
+}
+
+/* Run part i of t; returns -1 when memory for the source table ran out. */
+static int run_part(struct task *t, size_t i, uint8_t *tmp)
+{
+	size_t elems = task_elems(t), per = (elems + t->parts - 1) / t->parts;
+	size_t lo = i * per, hi = lo + per < elems ? lo + per : elems;
+	const void **src = malloc((size_t)t->n * sizeof *src);
+
+	if (!src)
+		return -1;
+	if (lo < hi)
+		run_range(t, lo, hi, tmp, src);
+	free(src);
+	return 0;
+}
+
+static void *worker(void *arg)
+{
+	uint8_t *tmp = aligned_alloc(64, CHUNK_BYTES);
+
+	if (!tmp) {
+		log_error("host backend: worker: out of memory");
+		return NULL;
+	}
+	pthread_mutex_lock(&pool.lock);
+	for (;;) {
+		struct task *t;
+		size_t i;
+		int rc;
+
+		while (!pool.stop && TAILQ_EMPTY(&pool.queue))
+			pthread_cond_wait(&pool.wake, &pool.lock);
+		if (pool.stop)
+			break;
+		t = TAILQ_FIRST(&pool.queue);
+		i = t->next_part++;
+		if (t->next_part == t->parts)
+			TAILQ_REMOVE(&pool.queue, t, link);
+		pthread_mutex_unlock(&pool.lock);
+		rc = run_part(t, i, tmp);
+		pthread_mutex_lock(&pool.lock);
+		if (rc < 0)
+			t->status = COMM_ERR_NO_MEMORY;
+		if (--t->parts_left == 0) {
+			TAILQ_INSERT_TAIL(&pool.done, t, link);
+			uv_async_send(&pool.async);
+		}
+	}
+	pthread_mutex_unlock(&pool.lock);
+	free(tmp);
+	return NULL;
+}
+
+static void on_done(uv_async_t *h)
+{
+	for (;;) {
+		struct task *t;
+
+		pthread_mutex_lock(&pool.lock);
+		t = TAILQ_FIRST(&pool.done);
+		if (t)
+			TAILQ_REMOVE(&pool.done, t, link);
+		pthread_mutex_unlock(&pool.lock);
+		if (!t)
+			break;
+		if (--pool.inflight == 0)
+			uv_unref((uv_handle_t *)&pool.async);
+		engine_task_done(t);
+	}
+}
+
+static int overlaps(const uint8_t *a, size_t alen, const uint8_t *b, size_t blen)
+{
+	return a < b + blen && b < a + alen;
+}
+
+/*
+ * Outputs may alias inputs only in the in-place layouts (see comm.h); any
+ * other overlap would let one chunk overwrite what another still reads.
+ */
+static int needs_snapshot(const struct task *t, size_t inlen, size_t outlen)
+{
+	size_t block = t->count * t->esize;
+
+	for (int a = 0; a < t->n; a++) {
+		for (int b = 0; b < t->n; b++) {
+			const uint8_t *expect = NULL;
+
+			if (!overlaps(t->out[a], outlen, t->in[b], inlen))
+				continue;
+			if (a != b)
+				return 1;
+			switch (t->type) {
+			case COMMPB__OP_TYPE__OP_ALLREDUCE:
+				expect = t->in[a];
+				break;
+			case COMMPB__OP_TYPE__OP_REDUCE_SCATTER:
+				expect = t->in[a] + (size_t)a * block;
+				break;
+			case COMMPB__OP_TYPE__OP_ALLGATHER:
+				expect = t->in[a] - (size_t)a * block;
+				break;
+			default:
+				break;
+			}
+			if (t->out[a] != expect)
+				return 1;
+		}
+	}
+	return 0;
+}
+
+/* Copy every input aside so that outputs can be written in any order. */
+static int take_snapshot(struct task *t, size_t inlen)
+{
+	t->snapshot = malloc(inlen * (size_t)t->n);
+	if (!t->snapshot)
+		return -1;
+	for (int r = 0; r < t->n; r++) {
+		memcpy(t->snapshot + (size_t)r * inlen, t->in[r], inlen);
+		t->in[r] = t->snapshot + (size_t)r * inlen;
+	}
+	return 0;
+}
+
+int be_host_run(struct task *t)
+{
+	size_t block = t->count * t->esize, inlen = block, outlen = block;
+
+	if (t->type == COMMPB__OP_TYPE__OP_REDUCE_SCATTER)
+		inlen *= (size_t)t->n;
+	else if (t->type == COMMPB__OP_TYPE__OP_ALLGATHER)
+		outlen *= (size_t)t->n;
+	if (needs_snapshot(t, inlen, outlen) && take_snapshot(t, inlen) < 0) {
+		t->status = COMM_ERR_NO_MEMORY;
+		return 1;
+	}
+	if (t->bytes < INLINE_BYTES || pool.nthreads == 0) {
+		t->parts = 1;
+		if (run_part(t, 0, pool.inline_tmp) < 0)
+			t->status = COMM_ERR_NO_MEMORY;
+		return 1;
+	}
+	t->parts = (task_elems(t) * t->esize + PART_BYTES - 1) / PART_BYTES;
+	if (t->parts < (size_t)pool.nthreads)
+		t->parts = (size_t)pool.nthreads;
+	if (t->parts > task_elems(t))
+		t->parts = task_elems(t);
+	t->parts_left = t->parts;
+	t->next_part = 0;
+	if (pool.inflight++ == 0)
+		uv_ref((uv_handle_t *)&pool.async);
+	pthread_mutex_lock(&pool.lock);
+	TAILQ_INSERT_TAIL(&pool.queue, t, link);
+	pthread_cond_broadcast(&pool.wake);
+	pthread_mutex_unlock(&pool.lock);
+	return 0;
+}
+
+int be_host_start(uv_loop_t *loop, int nthreads)
+{
+	pool.inline_tmp = aligned_alloc(64, CHUNK_BYTES);
+	pool.threads = calloc((size_t)nthreads, sizeof *pool.threads);
+	if (!pool.inline_tmp || !pool.threads) {
+		log_error("host backend: out of memory");
+		return -1;
+	}
+	uv_async_init(loop, &pool.async, on_done);
+	uv_unref((uv_handle_t *)&pool.async);
+	for (int i = 0; i < nthreads; i++) {
+		if (pthread_create(&pool.threads[i], NULL, worker, NULL) != 0) {
+			log_error("host backend: cannot start worker thread %d", i);
+			break;
+		}
+		pool.nthreads++;
+	}
+	return 0;
+}
+
+int be_host_threads(void)
+{
+	return pool.nthreads;
+}
+
+void be_host_stop(void)
+{
+	pthread_mutex_lock(&pool.lock);
+	pool.stop = 1;
+	pthread_cond_broadcast(&pool.wake);
+	pthread_mutex_unlock(&pool.lock);
+	for (int i = 0; i < pool.nthreads; i++)
+		pthread_join(pool.threads[i], NULL);
+	pool.nthreads = 0;
+	free(pool.threads);
+	free(pool.inline_tmp);
+	uv_close((uv_handle_t *)&pool.async, NULL);
+}

@@ -1,0 +1,293 @@
+/*
+ * commd.h: the daemon's own types and the functions its files share: the
+ * server, connections, the dispatch table, registered memory, jobs and the
+ * op engine with its host backend.
+ */
+#ifndef DAEMON_COMMD_H
+#define DAEMON_COMMD_H
+
+#include <stdint.h>
+#include <sys/queue.h>
+#include <sys/types.h>
+#include <uv.h>
+
+#include "comm.h"
+#include "commd.pb-c.h"
+#include "frame.h"
+
+#ifndef TAILQ_FOREACH_SAFE
+#define TAILQ_FOREACH_SAFE(var, head, field, tvar)                             \
+	for ((var) = TAILQ_FIRST(head); (var) && ((tvar) = TAILQ_NEXT(var, field), 1); \
+	     (var) = (tvar))
+#endif
+
+#define WQ_MAX_BYTES (16u << 20)  /* write queue per connection before it is dropped */
+#define JOB_NAME_MAX 255
+#define TOKEN_MAX 256
+#define WORLD_MAX 4096
+#define DEFAULT_TIMEOUT_MS (10u * 60 * 1000)
+
+struct conn;
+struct job;
+
+/* --- server.c: the listener and the daemon-wide state --------------------- */
+
+struct server {
+	uv_loop_t *loop;
+	const char *socket_path;
+	int listen_fd;
+	uv_poll_t listen_poll;
+	uv_timer_t tick;
+	uv_signal_t sig_term;
+	uv_signal_t sig_int;
+	TAILQ_HEAD(, conn) conns;
+	TAILQ_HEAD(, job) jobs;
+	uint64_t start_ms;
+	uint64_t nconns;
+	uint64_t ops_completed;
+	uint64_t bytes_moved;
+	uint64_t errors;
+	uint32_t default_timeout_ms;
+	int stopping;
+	char gpu_info[256];
+};
+
+extern struct server srv;
+
+int server_start(uv_loop_t *loop, const char *path);
+/* Stop accepting, close every connection and the listener. */
+void server_stop(void);
+
+/* --- notify.c: the service manager's notify socket ------------------------ */
+
+/* Send one sd_notify-style message if NOTIFY_SOCKET is set; 0 or -errno. */
+int notify_send(const char *msg);
+
+/* --- gpu.c: what the daemon knows of the node's GPUs ---------------------- */
+
+/* Fill srv.gpu_info with a one-line description (or why there is none). */
+void gpu_probe(void);
+
+/* --- conn.c: one client connection ---------------------------------------- */
+
+struct wbuf {
+	TAILQ_ENTRY(wbuf) link;
+	uint8_t *data;
+	size_t len;
+	size_t off;
+};
+
+struct conn {
+	TAILQ_ENTRY(conn) link;
+	uint64_t id;
+	int fd;
+	uv_poll_t poll;
+	int events;
+	int closing;
+	int doomed;            /* closes on the next loop turn */
+	TAILQ_ENTRY(conn) doom_link;
+	struct frame_reader rd;
+	TAILQ_HEAD(, wbuf) wq;
+	size_t wq_bytes;
+	pid_t pid;
+	uid_t uid;
+	gid_t gid;
+	int hello_done;
+	uint64_t hello_id;     /* envelope id of the hello, echoed when the job forms */
+	int role;              /* COMMPB__ROLE__ROLE_RANK or _ADMIN */
+	struct job *job;       /* the job this rank belongs to, or NULL */
+	int rank;
+	TAILQ_HEAD(, mem) mems;
+	uint64_t next_mem_id;
+};
+
+/* Take ownership of an accepted socket and start reading from it. */
+int conn_open(int fd);
+/* Detach from the job (failing it), release memory, close the socket. */
+void conn_close(struct conn *c, const char *why);
+/* Close every connection (daemon shutdown). */
+void conn_close_all(void);
+/*
+ * Close c on the next turn of the loop, not now: for failures found while
+ * another connection's request is being served (a full write queue).
+ */
+void conn_doom(struct conn *c, const char *why);
+/* Pack env and queue it; fds are not sent (replies carry none). 0 or -1. */
+int conn_send(struct conn *c, const Commpb__Envelope *env);
+/* Send an Error envelope and close once it has been written. */
+void conn_fail(struct conn *c, comm_result_t code, const char *fmt, ...)
+	__attribute__((format(printf, 3, 4)));
+
+/* --- req.c: the dispatch table --------------------------------------------- */
+
+enum {
+	REQ_F_BEFORE_HELLO = 1 << 0, /* allowed (only) as the first message */
+	REQ_F_RANK = 1 << 1,         /* needs a rank that has joined a job */
+	REQ_F_ADMIN = 1 << 2,        /* needs an admin connection */
+};
+
+/* Returns 0 to go on, -1 when the connection must be closed. */
+typedef int (*req_exec_fn)(struct conn *c, const Commpb__Envelope *env, int *fds, int nfds);
+
+struct req_type {
+	const char *name;
+	int flags;
+	int nfds;               /* fds the message must carry */
+	req_exec_fn exec;       /* NULL: a reply type a client must not send */
+};
+
+/* The entry for a body case, NULL when the case is out of range. */
+const struct req_type *req_find(unsigned body_case);
+unsigned req_table_size(void);
+/*
+ * Check and run one frame's payload. Claims the fds the frame carries from
+ * the connection's reader. Returns 0 to go on, -1 to close the connection.
+ */
+int req_dispatch(struct conn *c, const uint8_t *payload, size_t len);
+
+int req_hello_exec(struct conn *c, const Commpb__Envelope *env, int *fds, int nfds);
+int req_mem_register_exec(struct conn *c, const Commpb__Envelope *env, int *fds, int nfds);
+int req_mem_free_exec(struct conn *c, const Commpb__Envelope *env, int *fds, int nfds);
+int req_op_exec(struct conn *c, const Commpb__Envelope *env, int *fds, int nfds);
+int req_leave_exec(struct conn *c, const Commpb__Envelope *env, int *fds, int nfds);
+int req_abort_exec(struct conn *c, const Commpb__Envelope *env, int *fds, int nfds);
+int req_status_exec(struct conn *c, const Commpb__Envelope *env, int *fds, int nfds);
+
+/* --- mem.c: registered memory ----------------------------------------------- */
+
+struct mem {
+	TAILQ_ENTRY(mem) link;
+	uint64_t id;
+	uint8_t *addr;
+	size_t size;
+	int refs;              /* the owning connection holds one; each op one */
+	struct job *job;       /* charged to this job, or NULL */
+};
+
+/* Map a sealed memfd of size bytes for c. Takes fd (closed in all cases). */
+comm_result_t mem_register(struct conn *c, int fd, uint64_t size, struct mem **out, char *err,
+			   size_t errlen);
+struct mem *mem_find(struct conn *c, uint64_t id);
+void mem_ref(struct mem *m);
+/* Drop a reference; the last one unmaps. */
+void mem_unref(struct mem *m);
+/* Take the mem out of its connection's table and drop that reference. */
+void mem_release(struct conn *c, struct mem *m);
+
+/* --- job.c: jobs, their ranks and their lifecycle ------------------------- */
+
+/* Past JOB_READY no op runs any more: later ones fail with fail_code. */
+enum job_state { JOB_FORMING, JOB_READY, JOB_DONE, JOB_FAILED };
+
+struct posted;
+
+struct job {
+	TAILQ_ENTRY(job) link;
+	char name[JOB_NAME_MAX + 1];
+	uint8_t token[TOKEN_MAX];
+	size_t token_len;
+	uid_t uid;
+	int world;
+	int joined;
+	int attached;          /* connections still attached */
+	struct conn **ranks;   /* by rank; NULL when not (or no longer) there */
+	enum job_state state;
+	comm_result_t fail_code;
+	char fail_detail[256];
+	uint32_t timeout_ms;
+	uint64_t created_ms;
+	/* engine state */
+	TAILQ_HEAD(, posted) *posted; /* per rank, in seq order */
+	uint64_t *next_post;           /* per rank: the seq it must post next */
+	uint64_t next_run;             /* seq of the op that runs next */
+	struct task *running;
+	uint64_t ops_completed;
+	uint64_t bytes_moved;
+	uint64_t errors;
+	uint64_t mem_bytes;
+};
+
+/* Attach c as a rank of the job named in hello, creating the job. */
+comm_result_t job_join(struct conn *c, const Commpb__Hello *hello, char *err, size_t errlen);
+/* Tell every rank of a job that just formed: their hello replies. */
+void job_announce(struct job *j);
+/*
+ * c leaves its job: why explains it; code is what the others are told
+ * (COMM_OK: a clean leave, the others' ops fail with COMM_ERR_PEER_LOST).
+ */
+void job_detach(struct conn *c, comm_result_t code, const char *why);
+/* Fail the job: every pending op of every rank gets code and detail. */
+void job_fail(struct job *j, comm_result_t code, const char *fmt, ...)
+	__attribute__((format(printf, 3, 4)));
+/* Free the job once no connection and no op uses it; 1 when freed. */
+int job_maybe_free(struct job *j);
+/* Called every tick: deadlines of forming jobs and of waiting ops. */
+void job_check_deadlines(uint64_t now);
+const char *job_state_name(enum job_state s);
+
+/* --- engine.c: matching op #k across ranks --------------------------------- */
+
+struct bufspec {
+	struct mem *mem;
+	uint64_t off;
+	uint64_t len;
+};
+
+struct posted {
+	TAILQ_ENTRY(posted) link;
+	uint64_t seq;
+	uint64_t req_id;
+	uint64_t posted_ms;
+	Commpb__OpType type;
+	struct bufspec send;
+	struct bufspec recv;
+	uint64_t count;
+	uint32_t dtype;
+	uint32_t redop;
+	int32_t root;
+	comm_result_t error;   /* refused at post time: already answered */
+	char detail[256];
+};
+
+/* Queue an op posted by c (already validated or carrying its error). */
+void engine_post(struct conn *c, struct posted *p);
+/* Run every op of j that is ready. */
+void engine_kick(struct job *j);
+/* Answer and drop every posted op of rank r (or of all ranks when r < 0). */
+void engine_fail_pending(struct job *j, int r, comm_result_t code, const char *detail);
+/* Free the posted ops still queued (job teardown). */
+void engine_free(struct job *j);
+const char *op_type_name(Commpb__OpType t);
+
+/* --- be-host.c: collectives on host memory by the daemon's threads --------- */
+
+struct task {
+	struct job *job;
+	Commpb__OpType type;
+	int n;                 /* ranks */
+	uint32_t dtype;
+	uint32_t redop;
+	size_t count;          /* elements per rank block (see proto Op.count) */
+	size_t esize;
+	uint8_t **in;          /* per rank, in the daemon's mapping */
+	uint8_t **out;
+	uint8_t *snapshot;     /* inputs copied when outputs alias them unsafely */
+	comm_result_t status;  /* COMM_OK unless the backend failed */
+	size_t parts;
+	size_t next_part;      /* guarded by the pool lock */
+	size_t parts_left;     /* guarded by the pool lock */
+	uint64_t bytes;
+	TAILQ_ENTRY(task) link;
+};
+
+int be_host_start(uv_loop_t *loop, int nthreads);
+void be_host_stop(void);
+int be_host_threads(void);
+/*
+ * Run t: inline when small (returns 1, done), else on the worker threads
+ * (returns 0; engine_task_done(t) is called on the loop thread when done).
+ */
+int be_host_run(struct task *t);
+void engine_task_done(struct task *t);
+
+#endif

@@ -1,0 +1,269 @@
+/*
+ * conn.c: one client connection: non-blocking reads into frames, a write
+ * queue for replies, and an orderly close that releases what it held.
+ */
+#include <errno.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+#include "commd.h"
+#include "log.h"
+
+static uint64_t next_conn_id = 1;
+static TAILQ_HEAD(, conn) doomed = TAILQ_HEAD_INITIALIZER(doomed);
+static uv_idle_t reaper;
+static int reaper_ready;
+
+static void on_io(uv_poll_t *h, int status, int events);
+
+static void set_events(struct conn *c, int events)
+{
+	if (c->closing || c->events == events)
+		return;
+	c->events = events;
+	uv_poll_start(&c->poll, events, on_io);
+}
+
+int conn_open(int fd)
+{
+	struct conn *c = calloc(1, sizeof *c);
+	struct ucred cred;
+	socklen_t len = sizeof cred;
+
+	if (!c) {
+		log_warn("accept: out of memory, connection refused");
+		return -1;
+	}
+	if (getsockopt(fd, SOL_SOCKET, SO_PEERCRED, &cred, &len) < 0) {
+		free(c);
+		return -1;
+	}
+	c->id = next_conn_id++;
+	c->fd = fd;
+	c->pid = cred.pid;
+	c->uid = cred.uid;
+	c->gid = cred.gid;
+	c->rank = -1;
+	c->next_mem_id = 1;
+	frame_reader_init(&c->rd);
+	TAILQ_INIT(&c->wq);
+	TAILQ_INIT(&c->mems);
+	uv_poll_init(srv.loop, &c->poll, fd);
+	c->poll.data = c;
+	TAILQ_INSERT_TAIL(&srv.conns, c, link);
+	srv.nconns++;
+	set_events(c, UV_READABLE);
+	log_debug("conn %llu: pid %d uid %d connected", (unsigned long long)c->id, (int)c->pid,
+		  (int)c->uid);
+	return 0;
+}
+
+static void on_closed(uv_handle_t *h)
+{
+	free(h->data);
+}
+
+void conn_close(struct conn *c, const char *why)
+{
+	struct wbuf *w;
+	struct mem *m;
+
+	if (c->closing)
+		return;
+	c->closing = 1;
+	if (c->doomed)
+		TAILQ_REMOVE(&doomed, c, doom_link);
+	log_debug("conn %llu: closed: %s", (unsigned long long)c->id, why);
+	if (c->job)
+		job_detach(c, COMM_ERR_PEER_LOST, why);
+	while ((m = TAILQ_FIRST(&c->mems)))
+		mem_release(c, m);
+	while ((w = TAILQ_FIRST(&c->wq))) {
+		TAILQ_REMOVE(&c->wq, w, link);
+		free(w->data);
+		free(w);
+	}
+	frame_reader_free(&c->rd);
+	TAILQ_REMOVE(&srv.conns, c, link);
+	srv.nconns--;
+	uv_close((uv_handle_t *)&c->poll, on_closed);
+	close(c->fd);
+}
+
+static void on_reap(uv_idle_t *h)
+{
+	struct conn *c;
+
+	while ((c = TAILQ_FIRST(&doomed)))
+		conn_close(c, "write failed");
+	uv_idle_stop(h);
+}
+
+void conn_close_all(void)
+{
+	struct conn *c, *tmp;
+
+	TAILQ_FOREACH_SAFE(c, &srv.conns, link, tmp)
+		conn_close(c, "daemon shutting down");
+	if (reaper_ready)
+		uv_close((uv_handle_t *)&reaper, NULL);
+	reaper_ready = 0;
+}
+
+void conn_doom(struct conn *c, const char *why)
+{
+	if (c->closing || c->doomed)
+		return;
+	log_debug("conn %llu: closing: %s", (unsigned long long)c->id, why);
+	c->doomed = 1;
+	TAILQ_INSERT_TAIL(&doomed, c, doom_link);
+	if (!reaper_ready) {
+		uv_idle_init(srv.loop, &reaper);
+		uv_unref((uv_handle_t *)&reaper);
+		reaper_ready = 1;
+	}
+	uv_idle_start(&reaper, on_reap);
+}
+
+/* Write what the socket takes; returns -1 on a write error. */
+static int flush(struct conn *c)
+{
+	struct wbuf *w;
+
+	while ((w = TAILQ_FIRST(&c->wq))) {
+		int rc = frame_send_some(c->fd, w->data, w->len, &w->off, NULL, 0);
+
+		if (rc < 0)
+			return -1;
+		if (rc == 0)
+			break;
+		TAILQ_REMOVE(&c->wq, w, link);
+		c->wq_bytes -= w->len;
+		free(w->data);
+		free(w);
+	}
+	set_events(c, TAILQ_EMPTY(&c->wq) ? UV_READABLE : UV_READABLE | UV_WRITABLE);
+	return 0;
+}
+
+int conn_send(struct conn *c, const Commpb__Envelope *env)
+{
+	struct wbuf *w;
+	uint8_t *data;
+	size_t len;
+
+	if (c->closing || c->doomed)
+		return -1;
+	len = frame_pack(env, &data);
+	if (len == 0) {
+		log_warn("conn %llu: reply could not be packed", (unsigned long long)c->id);
+		return -1;
+	}
+	if (c->wq_bytes + len > WQ_MAX_BYTES) {
+		free(data);
+		log_warn("conn %llu (pid %d): write queue over %u bytes: the client does not "
+			 "read its replies", (unsigned long long)c->id, (int)c->pid, WQ_MAX_BYTES);
+		conn_doom(c, "write queue full");
+		return -1;
+	}
+	w = calloc(1, sizeof *w);
+	if (!w) {
+		free(data);
+		return -1;
+	}
+	w->data = data;
+	w->len = len;
+	TAILQ_INSERT_TAIL(&c->wq, w, link);
+	c->wq_bytes += len;
+	if (flush(c) < 0) {
+		conn_doom(c, "write error");
+		return -1;
+	}
+	return 0;
+}
+
+void conn_fail(struct conn *c, comm_result_t code, const char *fmt, ...)
+{
+	Commpb__Envelope env = COMMPB__ENVELOPE__INIT;
+	Commpb__Error err = COMMPB__ERROR__INIT;
+	char detail[256];
+	va_list ap;
+
+	va_start(ap, fmt);
+	vsnprintf(detail, sizeof detail, fmt, ap);
+	va_end(ap);
+	log_info("conn %llu (pid %d): %s", (unsigned long long)c->id, (int)c->pid, detail);
+	err.status = code;
+	err.detail = detail;
+	env.body_case = COMMPB__ENVELOPE__BODY_ERROR;
+	env.error = &err;
+	/* Best effort: the reply goes out if the socket takes it now. */
+	conn_send(c, &env);
+	if (!c->closing)
+		conn_close(c, detail);
+}
+
+static void on_readable(struct conn *c)
+{
+	for (;;) {
+		const uint8_t *payload;
+		size_t len;
+		long n = frame_reader_recv(&c->rd, c->fd);
+
+		if (n == -EAGAIN || n == -EWOULDBLOCK)
+			return;
+		if (n == -EPROTO) {
+			conn_fail(c, COMM_ERR_PROTOCOL, "protocol: more than %d fds in one message",
+				  FRAME_MAX_FDS);
+			return;
+		}
+		if (n <= 0) {
+			conn_close(c, n == 0 ? "connection closed by the client" : strerror((int)-n));
+			return;
+		}
+		for (;;) {
+			enum frame_status st = frame_next(&c->rd, &payload, &len);
+
+			if (st == FRAME_MORE)
+				break;
+			if (st == FRAME_TOO_BIG) {
+				conn_fail(c, COMM_ERR_PROTOCOL,
+					  "protocol: frame length over the limit of %d bytes",
+					  FRAME_MAX);
+				return;
+			}
+			if (req_dispatch(c, payload, len) < 0 || c->closing) {
+				if (!c->closing)
+					conn_close(c, "request refused");
+				return;
+			}
+			frame_consume(&c->rd, len);
+		}
+		if (c->rd.len == 0 && c->rd.nfds > 0) {
+			conn_fail(c, COMM_ERR_PROTOCOL, "protocol: fds sent with a message that takes none");
+			return;
+		}
+	}
+}
+
+static void on_io(uv_poll_t *h, int status, int events)
+{
+	struct conn *c = h->data;
+
+	if (c->closing || c->doomed)
+		return;
+	if (status < 0) {
+		conn_close(c, uv_strerror(status));
+		return;
+	}
+	if ((events & UV_WRITABLE) && flush(c) < 0) {
+		conn_close(c, "write error");
+		return;
+	}
+	if (events & (UV_READABLE | UV_DISCONNECT))
+		on_readable(c);
+}

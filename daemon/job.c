@@ -1,0 +1,285 @@
+/*
+ * job.c: jobs and their ranks: joining (with the job's token), forming,
+ * failing when a rank is lost, deadlines, and freeing.
+ */
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "commd.h"
+#include "log.h"
+#include "util.h"
+
+const char *job_state_name(enum job_state s)
+{
+	switch (s) {
+	case JOB_FORMING:
+		return "forming";
+	case JOB_READY:
+		return "ready";
+	case JOB_DONE:
+		return "finishing";
+	case JOB_FAILED:
+		return "failed";
+	}
+	return "?";
+}
+
+static struct job *job_find(const char *name)
+{
+	struct job *j;
+
+	TAILQ_FOREACH(j, &srv.jobs, link)
+		if (strcmp(j->name, name) == 0)
+			return j;
+	return NULL;
+}
+
+static struct job *job_new(const struct conn *c, const Commpb__Hello *h)
+{
+	struct job *j = calloc(1, sizeof *j);
+	int w = h->world_size;
+
+	if (!j)
+		return NULL;
+	j->ranks = calloc((size_t)w, sizeof *j->ranks);
+	j->posted = calloc((size_t)w, sizeof *j->posted);
+	j->next_post = calloc((size_t)w, sizeof *j->next_post);
+	if (!j->ranks || !j->posted || !j->next_post) {
+		free(j->ranks);
+		free(j->posted);
+		free(j->next_post);
+		free(j);
+		return NULL;
+	}
+	for (int r = 0; r < w; r++) {
+		TAILQ_INIT(&j->posted[r]);
+		j->next_post[r] = 1;
+	}
+	snprintf(j->name, sizeof j->name, "%s", h->job);
+	memcpy(j->token, h->token.data, h->token.len);
+	j->token_len = h->token.len;
+	j->uid = c->uid;
+	j->world = w;
+	j->next_run = 1;
+	j->timeout_ms = h->timeout_ms ? h->timeout_ms : srv.default_timeout_ms;
+	j->created_ms = now_ms();
+	j->state = JOB_FORMING;
+	TAILQ_INSERT_TAIL(&srv.jobs, j, link);
+	log_info("job %s: created by uid %d, %d rank%s", j->name, (int)j->uid, w,
+		 w == 1 ? "" : "s");
+	return j;
+}
+
+comm_result_t job_join(struct conn *c, const Commpb__Hello *h, char *err, size_t errlen)
+{
+	size_t nlen = strlen(h->job);
+	struct job *j;
+
+	if (nlen == 0 || nlen > JOB_NAME_MAX) {
+		snprintf(err, errlen, "join: job name must be 1..%d bytes", JOB_NAME_MAX);
+		return COMM_ERR_INVALID_ARG;
+	}
+	if (h->token.len > TOKEN_MAX) {
+		snprintf(err, errlen, "join: job token over %d bytes", TOKEN_MAX);
+		return COMM_ERR_INVALID_ARG;
+	}
+	if (h->world_size < 1 || h->world_size > WORLD_MAX) {
+		snprintf(err, errlen, "join: world size %d is not in 1..%d", h->world_size,
+			 WORLD_MAX);
+		return COMM_ERR_INVALID_ARG;
+	}
+	if (h->rank < 0 || h->rank >= h->world_size) {
+		snprintf(err, errlen, "join: rank %d is not in 0..%d", h->rank, h->world_size - 1);
+		return COMM_ERR_INVALID_ARG;
+	}
+	j = job_find(h->job);
+	if (j) {
+		/* The same answer whether the uid or the token is wrong. */
+		if ((c->uid != j->uid && c->uid != 0) ||
+		    !const_time_eq(j->token, j->token_len, h->token.data, h->token.len)) {
+			snprintf(err, errlen, "join: job %s: permission denied", h->job);
+			return COMM_ERR_PERMISSION;
+		}
+		if (j->state != JOB_FORMING) {
+			snprintf(err, errlen, "join: job %s has already formed (%s)", j->name,
+				 job_state_name(j->state));
+			return COMM_ERR_BUSY;
+		}
+		if (j->world != h->world_size) {
+			snprintf(err, errlen, "join: job %s: world size %d, but rank %d says %d",
+				 j->name, j->world, h->rank, h->world_size);
+			return COMM_ERR_INVALID_ARG;
+		}
+		if (j->ranks[h->rank]) {
+			snprintf(err, errlen, "join: job %s: rank %d has already joined (pid %d)",
+				 j->name, h->rank, (int)j->ranks[h->rank]->pid);
+			return COMM_ERR_INVALID_ARG;
+		}
+	} else if (!(j = job_new(c, h))) {
+		snprintf(err, errlen, "join: out of memory");
+		return COMM_ERR_NO_MEMORY;
+	}
+	j->ranks[h->rank] = c;
+	j->joined++;
+	j->attached++;
+	c->job = j;
+	c->rank = h->rank;
+	log_debug("job %s: rank %d joined (pid %d), %d of %d", j->name, h->rank, (int)c->pid,
+		  j->joined, j->world);
+	if (j->joined == j->world)
+		j->state = JOB_READY;
+	return COMM_OK;
+}
+
+/* Send each joined rank its hello reply: status OK or the job's failure. */
+static void job_answer_hellos(struct job *j, comm_result_t code, const char *detail)
+{
+	Commpb__Envelope env = COMMPB__ENVELOPE__INIT;
+	Commpb__HelloReply hr = COMMPB__HELLO_REPLY__INIT;
+
+	hr.status = code;
+	hr.detail = (char *)detail;
+	hr.version = PROTO_VERSION;
+	hr.version_min = PROTO_VERSION_MIN;
+	hr.version_max = PROTO_VERSION;
+	hr.daemon_version = COMMD_VERSION;
+	env.body_case = COMMPB__ENVELOPE__BODY_HELLO_REPLY;
+	env.hello_reply = &hr;
+	for (int r = 0; r < j->world; r++) {
+		if (!j->ranks[r])
+			continue;
+		env.id = j->ranks[r]->hello_id;
+		conn_send(j->ranks[r], &env);
+	}
+}
+
+void job_announce(struct job *j)
+{
+	log_info("job %s: formed, %d rank%s", j->name, j->world, j->world == 1 ? "" : "s");
+	job_answer_hellos(j, COMM_OK, "");
+}
+
+int job_maybe_free(struct job *j)
+{
+	if (j->attached > 0 || j->running)
+		return 0;
+	log_info("job %s: freed (%s, %llu ops, %llu errors)", j->name, job_state_name(j->state),
+		 (unsigned long long)j->ops_completed, (unsigned long long)j->errors);
+	engine_free(j);
+	TAILQ_REMOVE(&srv.jobs, j, link);
+	free(j->ranks);
+	free(j->posted);
+	free(j->next_post);
+	free(j);
+	return 1;
+}
+
+void job_fail(struct job *j, comm_result_t code, const char *fmt, ...)
+{
+	va_list ap;
+
+	if (j->state > JOB_READY)
+		return;
+	va_start(ap, fmt);
+	vsnprintf(j->fail_detail, sizeof j->fail_detail, fmt, ap);
+	va_end(ap);
+	j->fail_code = code;
+	j->errors++;
+	srv.errors++;
+	log_info("job %s: failed: %s: %s", j->name, comm_result_name(code), j->fail_detail);
+	if (j->state == JOB_FORMING) {
+		j->state = JOB_FAILED;
+		job_answer_hellos(j, code, j->fail_detail);
+		for (int r = 0; r < j->world; r++)
+			if (j->ranks[r])
+				conn_doom(j->ranks[r], "job failed while forming");
+		return;
+	}
+	j->state = JOB_FAILED;
+	engine_fail_pending(j, -1, code, j->fail_detail);
+}
+
+void job_detach(struct conn *c, comm_result_t code, const char *why)
+{
+	struct job *j = c->job;
+	struct mem *m;
+	int r = c->rank;
+
+	TAILQ_FOREACH(m, &c->mems, link) {
+		j->mem_bytes -= m->size;
+		m->job = NULL;
+	}
+	c->job = NULL;
+	j->ranks[r] = NULL;
+	j->attached--;
+	if (j->state == JOB_FORMING) {
+		j->joined--;
+		log_debug("job %s: rank %d left before the job formed", j->name, r);
+	} else if (code == COMM_OK && j->state == JOB_READY) {
+		j->state = JOB_DONE;
+		j->fail_code = COMM_ERR_PEER_LOST;
+		snprintf(j->fail_detail, sizeof j->fail_detail, "rank %d (pid %d): %s", r,
+			 (int)c->pid, why);
+		log_debug("job %s: %s", j->name, j->fail_detail);
+		engine_fail_pending(j, -1, j->fail_code, j->fail_detail);
+	} else {
+		job_fail(j, code == COMM_OK ? COMM_ERR_PEER_LOST : code, "rank %d (pid %d): %s", r,
+			 (int)c->pid, why);
+		engine_fail_pending(j, r, j->fail_code, j->fail_detail);
+	}
+	job_maybe_free(j);
+}
+
+/* The ranks that have not posted op seq, as "2, 5" in buf. */
+static void missing_ranks(const struct job *j, uint64_t seq, char *buf, size_t len)
+{
+	size_t n = 0;
+
+	buf[0] = '\0';
+	for (int r = 0; r < j->world && n < len; r++) {
+		const struct posted *p = TAILQ_FIRST(&j->posted[r]);
+
+		if (!p || p->seq != seq)
+			n += (size_t)snprintf(buf + n, len - n, "%s%d", n ? ", " : "", r);
+	}
+}
+
+void job_check_deadlines(uint64_t now)
+{
+	struct job *j, *tmp;
+	char ranks[128];
+
+	TAILQ_FOREACH_SAFE(j, &srv.jobs, link, tmp) {
+		uint64_t oldest = 0;
+
+		if (j->state == JOB_FORMING) {
+			if (now - j->created_ms >= j->timeout_ms) {
+				int n = 0;
+
+				for (int r = 0; r < j->world && n < 100; r++)
+					if (!j->ranks[r])
+						n += snprintf(ranks + n, sizeof ranks - (size_t)n,
+							      "%s%d", n ? ", " : "", r);
+				job_fail(j, COMM_ERR_TIMEOUT,
+					 "join: ranks %s did not join within %u ms", ranks,
+					 j->timeout_ms);
+			}
+			continue;
+		}
+		if (j->state != JOB_READY || j->running)
+			continue;
+		for (int r = 0; r < j->world; r++) {
+			const struct posted *p = TAILQ_FIRST(&j->posted[r]);
+
+			if (p && p->seq == j->next_run && (!oldest || p->posted_ms < oldest))
+				oldest = p->posted_ms;
+		}
+		if (oldest && now - oldest >= j->timeout_ms) {
+			missing_ranks(j, j->next_run, ranks, sizeof ranks);
+			job_fail(j, COMM_ERR_TIMEOUT, "op %llu: ranks %s did not post it within %u ms",
+				 (unsigned long long)j->next_run, ranks, j->timeout_ms);
+		}
+	}
+}

@@ -1,0 +1,109 @@
+/*
+ * mem.c: host memory the ranks register: sealed memfds mapped once, named
+ * by an id private to the connection, unmapped after the last op on them.
+ */
+#include <errno.h>
+#include <fcntl.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include "commd.h"
+#include "log.h"
+
+comm_result_t mem_register(struct conn *c, int fd, uint64_t size, struct mem **out, char *err,
+			   size_t errlen)
+{
+	comm_result_t rc = COMM_ERR_INVALID_ARG;
+	struct mem *m = NULL;
+	struct stat st;
+	void *addr;
+	int seals, fl;
+
+	*out = NULL;
+	seals = fcntl(fd, F_GET_SEALS);
+	if (seals < 0) {
+		snprintf(err, errlen, "mem register: fd is not a memfd (%s)", strerror(errno));
+		goto out;
+	}
+	if (!(seals & F_SEAL_SHRINK)) {
+		snprintf(err, errlen, "mem register: memfd is not sealed against shrinking");
+		goto out;
+	}
+	fl = fcntl(fd, F_GETFL);
+	if (fl < 0 || (fl & O_ACCMODE) != O_RDWR) {
+		snprintf(err, errlen, "mem register: memfd is not open for reading and writing");
+		goto out;
+	}
+	if (fstat(fd, &st) < 0 || !S_ISREG(st.st_mode)) {
+		snprintf(err, errlen, "mem register: fd is not a regular memfd");
+		goto out;
+	}
+	if (size == 0 || size > (uint64_t)st.st_size) {
+		snprintf(err, errlen, "mem register: size %llu, but the memfd holds %lld bytes",
+			 (unsigned long long)size, (long long)st.st_size);
+		goto out;
+	}
+	m = calloc(1, sizeof *m);
+	if (!m) {
+		rc = COMM_ERR_NO_MEMORY;
+		snprintf(err, errlen, "mem register: out of memory");
+		goto out;
+	}
+	addr = mmap(NULL, size, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+	if (addr == MAP_FAILED) {
+		rc = COMM_ERR_NO_MEMORY;
+		snprintf(err, errlen, "mem register: mmap of %llu bytes: %s",
+			 (unsigned long long)size, strerror(errno));
+		free(m);
+		m = NULL;
+		goto out;
+	}
+	m->id = c->next_mem_id++;
+	m->addr = addr;
+	m->size = size;
+	m->refs = 1;
+	m->job = c->job;
+	c->job->mem_bytes += size;
+	TAILQ_INSERT_TAIL(&c->mems, m, link);
+	*out = m;
+	rc = COMM_OK;
+out:
+	close(fd);
+	return rc;
+}
+
+struct mem *mem_find(struct conn *c, uint64_t id)
+{
+	struct mem *m;
+
+	TAILQ_FOREACH(m, &c->mems, link)
+		if (m->id == id)
+			return m;
+	return NULL;
+}
+
+void mem_ref(struct mem *m)
+{
+	m->refs++;
+}
+
+void mem_unref(struct mem *m)
+{
+	if (--m->refs > 0)
+		return;
+	munmap(m->addr, m->size);
+	free(m);
+}
+
+void mem_release(struct conn *c, struct mem *m)
+{
+	TAILQ_REMOVE(&c->mems, m, link);
+	if (m->job)
+		m->job->mem_bytes -= m->size;
+	m->job = NULL;
+	mem_unref(m);
+}

@@ -1,0 +1,74 @@
+/* req-status.c: what commctl status shows: the daemon, its backends, its jobs. */
+#include <stdlib.h>
+#include <unistd.h>
+
+#include "commd.h"
+#include "util.h"
+
+int req_status_exec(struct conn *c, const Commpb__Envelope *env, int *fds, int nfds)
+{
+	Commpb__Envelope reply = COMMPB__ENVELOPE__INIT;
+	Commpb__StatusReply sr = COMMPB__STATUS_REPLY__INIT;
+	Commpb__JobInfo *infos = NULL, **jobs = NULL;
+	char *backends[] = { "host" };
+	size_t n = 0, i = 0;
+	struct job *j;
+	int rc;
+
+	TAILQ_FOREACH(j, &srv.jobs, link)
+		n++;
+	if (n) {
+		infos = calloc(n, sizeof *infos);
+		jobs = calloc(n, sizeof *jobs);
+		if (!infos || !jobs) {
+			free(infos);
+			free(jobs);
+			conn_fail(c, COMM_ERR_NO_MEMORY, "status: out of memory");
+			return -1;
+		}
+	}
+	TAILQ_FOREACH(j, &srv.jobs, link) {
+		Commpb__JobInfo *ji = &infos[i];
+		uint64_t pending = 0;
+
+		commpb__job_info__init(ji);
+		for (int r = 0; r < j->world; r++) {
+			struct posted *p;
+
+			TAILQ_FOREACH(p, &j->posted[r], link)
+				pending++;
+		}
+		ji->name = j->name;
+		ji->world_size = j->world;
+		ji->joined = j->joined;
+		ji->state = (char *)job_state_name(j->state);
+		ji->ops_completed = j->ops_completed;
+		ji->bytes_moved = j->bytes_moved;
+		ji->errors = j->errors;
+		ji->uid = j->uid;
+		ji->ops_pending = pending;
+		ji->mem_registered = j->mem_bytes;
+		jobs[i++] = ji;
+	}
+	sr.version = COMMD_VERSION;
+	sr.pid = getpid();
+	sr.uptime_ms = now_ms() - srv.start_ms;
+	sr.socket = (char *)srv.socket_path;
+	sr.n_backends = ARRAY_SIZE(backends);
+	sr.backends = backends;
+	sr.gpu = srv.gpu_info;
+	sr.n_jobs = n;
+	sr.jobs = jobs;
+	sr.connections = srv.nconns;
+	sr.ops_completed = srv.ops_completed;
+	sr.bytes_moved = srv.bytes_moved;
+	sr.errors = srv.errors;
+	sr.worker_threads = (uint32_t)be_host_threads();
+	reply.id = env->id;
+	reply.body_case = COMMPB__ENVELOPE__BODY_STATUS_REPLY;
+	reply.status_reply = &sr;
+	rc = conn_send(c, &reply);
+	free(infos);
+	free(jobs);
+	return rc;
+}

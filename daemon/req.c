@@ -1,0 +1,86 @@
+/*
+ * req.c: the dispatch table and the checks every request passes, in one
+ * place and in order: unpack, known type, handshake, role, fd count.
+ */
+#include <stdlib.h>
+#include <unistd.h>
+
+#include "commd.h"
+#include "log.h"
+#include "util.h"
+
+#define B(x) COMMPB__ENVELOPE__BODY_##x
+
+static const struct req_type req_table[] = {
+	[COMMPB__ENVELOPE__BODY__NOT_SET] = { "none", 0, 0, NULL },
+	[B(HELLO)] = { "hello", REQ_F_BEFORE_HELLO, 0, req_hello_exec },
+	[B(HELLO_REPLY)] = { "hello_reply", 0, 0, NULL },
+	[B(REGISTER_MEM)] = { "register_mem", REQ_F_RANK, 1, req_mem_register_exec },
+	[B(REGISTER_MEM_REPLY)] = { "register_mem_reply", 0, 0, NULL },
+	[B(FREE_MEM)] = { "free_mem", REQ_F_RANK, 0, req_mem_free_exec },
+	[B(FREE_MEM_REPLY)] = { "free_mem_reply", 0, 0, NULL },
+	[B(OP)] = { "op", REQ_F_RANK, 0, req_op_exec },
+	[B(OP_DONE)] = { "op_done", 0, 0, NULL },
+	[B(LEAVE)] = { "leave", REQ_F_RANK, 0, req_leave_exec },
+	[B(ABORT)] = { "abort", REQ_F_RANK, 0, req_abort_exec },
+	[B(ERROR)] = { "error", 0, 0, NULL },
+	[B(STATUS_REQUEST)] = { "status_request", REQ_F_ADMIN, 0, req_status_exec },
+	[B(STATUS_REPLY)] = { "status_reply", 0, 0, NULL },
+};
+
+const struct req_type *req_find(unsigned body_case)
+{
+	if (body_case >= ARRAY_SIZE(req_table))
+		return NULL;
+	return &req_table[body_case];
+}
+
+unsigned req_table_size(void)
+{
+	return ARRAY_SIZE(req_table);
+}
+
+int req_dispatch(struct conn *c, const uint8_t *payload, size_t len)
+{
+	Commpb__Envelope *env = commpb__envelope__unpack(NULL, len, payload);
+	const struct req_type *t;
+	int fds[FRAME_MAX_FDS], nfds = 0, rc = -1;
+
+	if (!env) {
+		conn_fail(c, COMM_ERR_PROTOCOL, "protocol: malformed message (%zu bytes)", len);
+		return -1;
+	}
+	t = req_find(env->body_case);
+	if (!t || !t->name || !t->exec) {
+		conn_fail(c, COMM_ERR_PROTOCOL, "protocol: unexpected message type %d%s%s",
+			  (int)env->body_case, t && t->name ? " " : "", t && t->name ? t->name : "");
+		goto out;
+	}
+	if (!c->hello_done && !(t->flags & REQ_F_BEFORE_HELLO)) {
+		conn_fail(c, COMM_ERR_PROTOCOL, "protocol: %s before hello", t->name);
+		goto out;
+	}
+	if (c->hello_done && (t->flags & REQ_F_BEFORE_HELLO)) {
+		conn_fail(c, COMM_ERR_PROTOCOL, "protocol: %s twice", t->name);
+		goto out;
+	}
+	if ((t->flags & REQ_F_RANK) && (c->role != COMMPB__ROLE__ROLE_RANK || !c->job)) {
+		conn_fail(c, COMM_ERR_PROTOCOL, "protocol: %s needs a rank of a job", t->name);
+		goto out;
+	}
+	if ((t->flags & REQ_F_ADMIN) && c->role != COMMPB__ROLE__ROLE_ADMIN) {
+		conn_fail(c, COMM_ERR_PERMISSION, "%s: not an admin connection", t->name);
+		goto out;
+	}
+	if (c->rd.nfds < t->nfds) {
+		conn_fail(c, COMM_ERR_PROTOCOL, "protocol: %s needs %d fd%s, got %d", t->name,
+			  t->nfds, t->nfds == 1 ? "" : "s", c->rd.nfds);
+		goto out;
+	}
+	while (nfds < t->nfds)
+		fds[nfds++] = frame_take_fd(&c->rd);
+	rc = t->exec(c, env, fds, nfds);
+out:
+	commpb__envelope__free_unpacked(env, NULL);
+	return rc;
+}

@@ -1,0 +1,116 @@
+/*
+ * server.c: the Unix-socket listener, the daemon-wide state and the tick
+ * that enforces deadlines.
+ */
+#include <errno.h>
+#include <fcntl.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <sys/un.h>
+#include <unistd.h>
+
+#include "commd.h"
+#include "log.h"
+#include "util.h"
+
+#define TICK_MS 100
+
+struct server srv = {
+	.listen_fd = -1,
+	.conns = TAILQ_HEAD_INITIALIZER(srv.conns),
+	.jobs = TAILQ_HEAD_INITIALIZER(srv.jobs),
+};
+
+static void on_accept(uv_poll_t *h, int status, int events)
+{
+	for (;;) {
+		int fd = accept4(srv.listen_fd, NULL, NULL, SOCK_NONBLOCK | SOCK_CLOEXEC);
+
+		if (fd < 0) {
+			if (errno == EINTR)
+				continue;
+			if (errno != EAGAIN && errno != EWOULDBLOCK)
+				log_warn("accept: %s", strerror(errno));
+			return;
+		}
+		if (conn_open(fd) < 0)
+			close(fd);
+	}
+}
+
+static void on_tick(uv_timer_t *t)
+{
+	job_check_deadlines(now_ms());
+}
+
+/* Remove a socket file left by a daemon that is gone; refuse a live one. */
+static int clear_stale(const char *path)
+{
+	struct sockaddr_un sa = { .sun_family = AF_UNIX };
+	struct stat st;
+	int fd, rc;
+
+	if (lstat(path, &st) < 0)
+		return 0;
+	if (!S_ISSOCK(st.st_mode)) {
+		log_error("listen: %s exists and is not a socket", path);
+		return -1;
+	}
+	strcpy(sa.sun_path, path);
+	fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+	if (fd < 0)
+		return -1;
+	rc = connect(fd, (struct sockaddr *)&sa, sizeof sa);
+	close(fd);
+	if (rc == 0) {
+		log_error("listen: %s: another commd is serving it", path);
+		return -1;
+	}
+	unlink(path);
+	return 0;
+}
+
+int server_start(uv_loop_t *loop, const char *path)
+{
+	struct sockaddr_un sa = { .sun_family = AF_UNIX };
+
+	srv.loop = loop;
+	srv.socket_path = path;
+	if (strlen(path) >= sizeof sa.sun_path) {
+		log_error("listen: socket path too long: %s", path);
+		return -1;
+	}
+	if (clear_stale(path) < 0)
+		return -1;
+	strcpy(sa.sun_path, path);
+	srv.listen_fd = socket(AF_UNIX, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+	if (srv.listen_fd < 0 || bind(srv.listen_fd, (struct sockaddr *)&sa, sizeof sa) < 0 ||
+	    chmod(path, 0666) < 0 || listen(srv.listen_fd, 512) < 0) {
+		log_error("listen: %s: %s", path, strerror(errno));
+		if (srv.listen_fd >= 0)
+			close(srv.listen_fd);
+		srv.listen_fd = -1;
+		return -1;
+	}
+	uv_poll_init(loop, &srv.listen_poll, srv.listen_fd);
+	uv_poll_start(&srv.listen_poll, UV_READABLE, on_accept);
+	uv_timer_init(loop, &srv.tick);
+	uv_timer_start(&srv.tick, on_tick, TICK_MS, TICK_MS);
+	return 0;
+}
+
+void server_stop(void)
+{
+	srv.stopping = 1;
+	conn_close_all();
+	if (srv.listen_fd >= 0) {
+		uv_close((uv_handle_t *)&srv.listen_poll, NULL);
+		close(srv.listen_fd);
+		unlink(srv.socket_path);
+		srv.listen_fd = -1;
+	}
+	uv_close((uv_handle_t *)&srv.tick, NULL);
+	uv_close((uv_handle_t *)&srv.sig_term, NULL);
+	uv_close((uv_handle_t *)&srv.sig_int, NULL);
+}

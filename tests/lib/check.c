@@ -1,0 +1,4 @@
+/* check.c: the failure counter behind check.h. */
+#include "check.h"
+
+int check_failures;

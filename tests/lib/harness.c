@@ -1,0 +1,313 @@
+/*
+ * harness.c: start the real daemon for a test, fork ranks against it, and
+ * require a clean stop.
+ */
+#include <dirent.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <poll.h>
+#include <signal.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <sys/un.h>
+#include <sys/wait.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "harness.h"
+
+#define MAX_ARGS 32
+
+static long ms_since(const struct timespec *t0)
+{
+	struct timespec t;
+
+	clock_gettime(CLOCK_MONOTONIC, &t);
+	return (t.tv_sec - t0->tv_sec) * 1000 + (t.tv_nsec - t0->tv_nsec) / 1000000;
+}
+
+void th_daemon_dump_log(const struct th_daemon *d)
+{
+	char line[1024];
+	FILE *f = fopen(d->log, "r");
+
+	if (!f)
+		return;
+	fprintf(stderr, "--- commd log (%s) ---\n", d->log);
+	while (fgets(line, sizeof line, f))
+		fputs(line, stderr);
+	fprintf(stderr, "--- end of log ---\n");
+	fclose(f);
+}
+
+int th_daemon_start(struct th_daemon *d, ...)
+{
+	struct sockaddr_un sa = { .sun_family = AF_UNIX };
+	char notify[192], *argv[MAX_ARGS], *wrap = NULL, buf[256];
+	const char *commd = getenv("COMMD"), *wrapper = getenv("COMMD_WRAPPER");
+	struct timespec t0;
+	int argc = 0, limit_ms = wrapper && *wrapper ? 60000 : 10000;
+	va_list ap;
+
+	memset(d, 0, sizeof *d);
+	d->notify_fd = -1;
+	if (!commd)
+		commd = "./daemon/commd";
+	snprintf(d->dir, sizeof d->dir, "/tmp/commd-test-XXXXXX");
+	if (!mkdtemp(d->dir)) {
+		perror("harness: mkdtemp");
+		return -1;
+	}
+	snprintf(d->sock, sizeof d->sock, "%s/commd.sock", d->dir);
+	snprintf(d->log, sizeof d->log, "%s/commd.log", d->dir);
+	snprintf(notify, sizeof notify, "%s/notify.sock", d->dir);
+	strcpy(sa.sun_path, notify);
+	d->notify_fd = socket(AF_UNIX, SOCK_DGRAM | SOCK_CLOEXEC, 0);
+	if (d->notify_fd < 0 || bind(d->notify_fd, (struct sockaddr *)&sa, sizeof sa) < 0) {
+		perror("harness: notify socket");
+		return -1;
+	}
+	if (wrapper && *wrapper) {
+		wrap = strdup(wrapper);
+		for (char *tok = strtok(wrap, " "); tok && argc < MAX_ARGS / 2;
+		     tok = strtok(NULL, " "))
+			argv[argc++] = tok;
+	}
+	argv[argc++] = (char *)commd;
+	argv[argc++] = "--foreground";
+	argv[argc++] = "--log-level";
+	argv[argc++] = "debug";
+	argv[argc++] = "--socket";
+	argv[argc++] = d->sock;
+	va_start(ap, d);
+	for (char *a; (a = va_arg(ap, char *)) && argc < MAX_ARGS - 1;)
+		argv[argc++] = a;
+	va_end(ap);
+	argv[argc] = NULL;
+
+	d->pid = fork();
+	if (d->pid < 0) {
+		perror("harness: fork");
+		return -1;
+	}
+	if (d->pid == 0) {
+		int fd = open(d->log, O_WRONLY | O_CREAT | O_TRUNC, 0644);
+
+		if (fd >= 0) {
+			dup2(fd, 2);
+			close(fd);
+		}
+		setenv("NOTIFY_SOCKET", notify, 1);
+		execvp(argv[0], argv);
+		fprintf(stderr, "harness: exec %s: %s\n", argv[0], strerror(errno));
+		_exit(127);
+	}
+	free(wrap);
+	clock_gettime(CLOCK_MONOTONIC, &t0);
+	while (ms_since(&t0) < limit_ms) {
+		struct pollfd p = { .fd = d->notify_fd, .events = POLLIN };
+		ssize_t n;
+
+		if (poll(&p, 1, 100) > 0) {
+			n = recv(d->notify_fd, buf, sizeof buf - 1, 0);
+			if (n > 0) {
+				buf[n] = '\0';
+				if (strstr(buf, "READY=1"))
+					return 0;
+			}
+		}
+		if (!th_daemon_alive(d)) {
+			fprintf(stderr, "harness: commd exited before it was ready\n");
+			th_daemon_dump_log(d);
+			return -1;
+		}
+	}
+	fprintf(stderr, "harness: commd not ready after %d ms\n", limit_ms);
+	th_daemon_dump_log(d);
+	kill(d->pid, SIGKILL);
+	waitpid(d->pid, NULL, 0);
+	return -1;
+}
+
+int th_daemon_alive(const struct th_daemon *d)
+{
+	return d->pid > 0 && waitpid(d->pid, NULL, WNOHANG) == 0;
+}
+
+/* Lines of the log that report an error of the daemon itself. */
+static int log_errors(const struct th_daemon *d)
+{
+	char line[1024];
+	int n = 0;
+	FILE *f = fopen(d->log, "r");
+
+	if (!f)
+		return 0;
+	while (fgets(line, sizeof line, f))
+		if (strstr(line, " error: ") || strstr(line, "ERROR: AddressSanitizer") ||
+		    strstr(line, "runtime error:") || strstr(line, "LeakSanitizer"))
+			n++;
+	fclose(f);
+	return n;
+}
+
+static void remove_dir(const char *dir)
+{
+	DIR *dp = opendir(dir);
+	struct dirent *e;
+	char path[512];
+
+	if (!dp)
+		return;
+	while ((e = readdir(dp))) {
+		if (strcmp(e->d_name, ".") == 0 || strcmp(e->d_name, "..") == 0)
+			continue;
+		snprintf(path, sizeof path, "%s/%s", dir, e->d_name);
+		unlink(path);
+	}
+	closedir(dp);
+	rmdir(dir);
+}
+
+int th_daemon_stop(struct th_daemon *d)
+{
+	struct timespec t0;
+	int status = 0, rc = -1, errs;
+	pid_t w = 0;
+
+	if (d->pid <= 0)
+		return -1;
+	kill(d->pid, SIGTERM);
+	clock_gettime(CLOCK_MONOTONIC, &t0);
+	while (ms_since(&t0) < 30000 && (w = waitpid(d->pid, &status, WNOHANG)) == 0)
+		usleep(10000);
+	if (w == 0) {
+		fprintf(stderr, "harness: commd did not stop within 30 s of SIGTERM\n");
+		kill(d->pid, SIGKILL);
+		waitpid(d->pid, &status, 0);
+	} else if (w < 0) {
+		fprintf(stderr, "harness: commd had already exited\n");
+	} else if (!WIFEXITED(status) || WEXITSTATUS(status) != 0) {
+		fprintf(stderr, "harness: commd stopped with status 0x%x\n", status);
+	} else if ((errs = log_errors(d)) > 0) {
+		fprintf(stderr, "harness: commd logged %d error line%s\n", errs,
+			errs == 1 ? "" : "s");
+	} else {
+		rc = 0;
+	}
+	if (rc < 0)
+		th_daemon_dump_log(d);
+	close(d->notify_fd);
+	if (rc == 0)
+		remove_dir(d->dir);
+	d->pid = 0;
+	return rc;
+}
+
+int th_ranks_start(struct th_ranks *rs, const struct th_daemon *d, const char *job, int n,
+		   th_rank_fn fn, void *arg)
+{
+	char token[64];
+
+	rs->n = n;
+	rs->pids = calloc((size_t)n, sizeof *rs->pids);
+	if (!rs->pids)
+		return -1;
+	snprintf(token, sizeof token, "token-%s-%d", job, (int)getpid());
+	fflush(NULL);
+	for (int r = 0; r < n; r++) {
+		pid_t pid = fork();
+
+		if (pid < 0) {
+			perror("harness: fork");
+			return -1;
+		}
+		if (pid == 0) {
+			char buf[32];
+
+			setenv("COMM_SOCKET", d->sock, 1);
+			setenv("COMM_JOB", job, 1);
+			setenv("COMM_TOKEN", token, 1);
+			snprintf(buf, sizeof buf, "%d", r);
+			setenv("COMM_RANK", buf, 1);
+			snprintf(buf, sizeof buf, "%d", n);
+			setenv("COMM_WORLD_SIZE", buf, 1);
+			_exit(fn(r, n, arg));
+		}
+		rs->pids[r] = pid;
+	}
+	return 0;
+}
+
+int th_ranks_wait(struct th_ranks *rs)
+{
+	int failed = 0;
+
+	for (int r = 0; r < rs->n; r++) {
+		int status;
+
+		if (rs->pids[r] <= 0 || waitpid(rs->pids[r], &status, 0) < 0) {
+			failed++;
+			continue;
+		}
+		if (WIFEXITED(status) && WEXITSTATUS(status) == 0)
+			continue;
+		failed++;
+		if (WIFSIGNALED(status))
+			fprintf(stderr, "harness: rank %d killed by signal %d\n", r,
+				WTERMSIG(status));
+		else
+			fprintf(stderr, "harness: rank %d exited with %d\n", r,
+				WEXITSTATUS(status));
+	}
+	free(rs->pids);
+	rs->pids = NULL;
+	return failed;
+}
+
+int th_run_ranks(const struct th_daemon *d, const char *job, int n, th_rank_fn fn, void *arg)
+{
+	struct th_ranks rs;
+
+	if (th_ranks_start(&rs, d, job, n, fn, arg) < 0)
+		return n;
+	return th_ranks_wait(&rs);
+}
+
+int th_count_fds(pid_t pid)
+{
+	char path[64];
+	struct dirent *e;
+	DIR *dp;
+	int n = 0;
+
+	snprintf(path, sizeof path, "/proc/%d/fd", (int)pid);
+	dp = opendir(path);
+	if (!dp)
+		return -1;
+	while ((e = readdir(dp)))
+		if (e->d_name[0] != '.')
+			n++;
+	closedir(dp);
+	return n;
+}
+
+int th_count_memfd_maps(pid_t pid)
+{
+	char path[64], line[512];
+	FILE *f;
+	int n = 0;
+
+	snprintf(path, sizeof path, "/proc/%d/maps", (int)pid);
+	f = fopen(path, "r");
+	if (!f)
+		return -1;
+	while (fgets(line, sizeof line, f))
+		if (strstr(line, "/memfd:"))
+			n++;
+	fclose(f);
+	return n;
+}

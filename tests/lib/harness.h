@@ -1,0 +1,54 @@
+/*
+ * harness.h: the real commd on a socket in a temp dir, ready when it says
+ * READY=1 on its notify socket, and rank processes forked against it.
+ */
+#ifndef TESTS_HARNESS_H
+#define TESTS_HARNESS_H
+
+#include <sys/types.h>
+
+struct th_daemon {
+	char dir[128];
+	char sock[192];
+	char log[192];
+	pid_t pid;
+	int notify_fd;
+};
+
+/*
+ * Start $COMMD (under $COMMD_WRAPPER when set) with --socket in a new temp
+ * dir and the extra arguments (NULL-terminated); wait for READY=1.
+ * Returns 0, or -1 with the reason printed.
+ */
+int th_daemon_start(struct th_daemon *d, ...);
+/* SIGTERM; requires exit status 0 and no "error:" line in the log. 0 or -1. */
+int th_daemon_stop(struct th_daemon *d);
+/* Print the daemon's log to stderr (for a failing test). */
+void th_daemon_dump_log(const struct th_daemon *d);
+/* Whether the daemon process is still alive. */
+int th_daemon_alive(const struct th_daemon *d);
+
+typedef int (*th_rank_fn)(int rank, int size, void *arg);
+
+struct th_ranks {
+	int n;
+	pid_t *pids;
+};
+
+/*
+ * Fork n processes with COMM_SOCKET, COMM_JOB=job, COMM_TOKEN, COMM_RANK
+ * and COMM_WORLD_SIZE set; each exits with fn's return value.
+ */
+int th_ranks_start(struct th_ranks *rs, const struct th_daemon *d, const char *job, int n,
+		   th_rank_fn fn, void *arg);
+/* Wait for all; returns how many failed (non-zero exit or a signal). */
+int th_ranks_wait(struct th_ranks *rs);
+/* Both of the above. */
+int th_run_ranks(const struct th_daemon *d, const char *job, int n, th_rank_fn fn, void *arg);
+
+/* Count the open fds of a process (from /proc/PID/fd). */
+int th_count_fds(pid_t pid);
+/* Count the shared memfd mappings of a process (from /proc/PID/maps). */
+int th_count_memfd_maps(pid_t pid);
+
+#endif
