@@ -23,8 +23,9 @@ extern int check_failures;
 
 #define REQUIRE(cond, ...)                                                     \
 	do {                                                                   \
-		CHECK(cond, __VA_ARGS__);                                      \
-		if (!(cond))                                                   \
+		int check_ok_ = (cond) != 0;                                   \
+		CHECK(check_ok_ && #cond, __VA_ARGS__);                        \
+		if (!check_ok_)                                                \
 			exit(1);                                               \
 	} while (0)
 

@@ -1,0 +1,478 @@
+/*
+ * commrun.c: the launcher. Starts N ranks of a program on this node with the
+ * COMM_* environment libcomm reads, forwards signals to them and waits.
+ */
+#define _GNU_SOURCE
+#include <errno.h>
+#include <getopt.h>
+#include <limits.h>
+#include <signal.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/prctl.h>
+#include <sys/random.h>
+#include <sys/wait.h>
+#include <time.h>
+#include <unistd.h>
+
+#define MAX_RANKS 4096
+#define DEFAULT_GRACE 10 /* seconds after the first failure */
+#define KILL_DELAY_MS 5000 /* from SIGTERM to SIGKILL */
+#define TOKEN_BYTES 16
+
+enum { OPT_JOB = 256, OPT_SOCKET, OPT_TIMEOUT, OPT_GRACE };
+
+/* What happens to the ranks still running; each phase has a deadline. */
+enum phase {
+	PHASE_RUN,   /* no failure yet */
+	PHASE_GRACE, /* a rank failed; the others may still finish */
+	PHASE_TERM,  /* SIGTERM sent */
+	PHASE_KILL,  /* SIGKILL sent */
+};
+
+struct opts {
+	int nranks;
+	const char *job;
+	const char *socket;
+	const char *timeout; /* checked, passed on as given */
+	int64_t grace_ms;
+	char **argv;         /* PROG [ARGS...] */
+};
+
+struct run {
+	pid_t *pids;      /* per rank; 0 once reaped or never started */
+	int nranks;
+	int running;      /* ranks started and not yet reaped */
+	int failed;       /* a rank has failed: status is set */
+	int status;       /* commrun's exit status */
+	int64_t grace_ms;
+	enum phase phase;
+	int64_t deadline; /* CLOCK_MONOTONIC ms, in GRACE and TERM */
+};
+
+static const int forwarded[] = { SIGINT, SIGTERM, SIGHUP, SIGUSR1, SIGUSR2 };
+
+static const struct option long_opts[] = {
+	{ "np", required_argument, NULL, 'n' },
+	{ "job", required_argument, NULL, OPT_JOB },
+	{ "socket", required_argument, NULL, OPT_SOCKET },
+	{ "timeout", required_argument, NULL, OPT_TIMEOUT },
+	{ "grace", required_argument, NULL, OPT_GRACE },
+	{ "help", no_argument, NULL, 'h' },
+	{ NULL, 0, NULL, 0 },
+};
+
+static void usage(FILE *f)
+{
+	fprintf(f,
+	    "usage: commrun -n N [--job NAME] [--socket PATH] [--timeout MS]\n"
+	    "               [--grace SEC] PROG [ARGS...]\n"
+	    "\n"
+	    "Start N ranks of PROG on this node and wait for them.\n"
+	    "\n"
+	    "  -n, --np N        number of ranks, 1 to %d\n"
+	    "  --job NAME        job name (default commrun-<pid>-<time>)\n"
+	    "  --socket PATH     commd socket, exported as COMM_SOCKET\n"
+	    "  --timeout MS      op deadline, exported as COMM_TIMEOUT\n"
+	    "  --grace SEC       after a rank fails, wait SEC seconds (default %d)\n"
+	    "                    for the others, then SIGTERM them, and SIGKILL\n"
+	    "                    %d seconds later\n"
+	    "  -h, --help        print this help\n"
+	    "  --                end of options\n"
+	    "\n"
+	    "Each rank gets COMM_RANK, COMM_WORLD_SIZE, COMM_JOB, COMM_TOKEN\n"
+	    "(random, unless already set), LOCAL_RANK and LOCAL_WORLD_SIZE.\n"
+	    "SIGINT, SIGTERM, SIGHUP, SIGUSR1 and SIGUSR2 are forwarded to the\n"
+	    "ranks (a SIGINT typed at the terminal reaches them already and is\n"
+	    "not sent twice). Ranks get SIGKILL if commrun itself dies.\n"
+	    "\n"
+	    "Exit status: 0 if every rank exited 0; 1 if the first rank to fail\n"
+	    "exited non-zero; 128+SIG if it was killed by signal SIG; 2 on bad\n"
+	    "usage. A rank that cannot exec PROG exits 127.\n",
+	    MAX_RANKS, DEFAULT_GRACE, KILL_DELAY_MS / 1000);
+}
+
+/* Parse a whole decimal number in [min, max]; -1 if it is not one. */
+static int parse_long(const char *s, long min, long max, long *out)
+{
+	char *end;
+	long v;
+
+	errno = 0;
+	v = strtol(s, &end, 10);
+	if (errno != 0 || end == s || *end != '\0' || v < min || v > max)
+		return -1;
+	*out = v;
+	return 0;
+}
+
+static int64_t now_ms(void)
+{
+	struct timespec ts;
+
+	clock_gettime(CLOCK_MONOTONIC, &ts);
+	return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
+}
+
+/* Fill hex with 2 * TOKEN_BYTES hex digits and a NUL. */
+static int make_token(char *hex)
+{
+	unsigned char raw[TOKEN_BYTES];
+	size_t got = 0;
+	ssize_t n;
+	int i;
+
+	while (got < sizeof raw) {
+		n = getrandom(raw + got, sizeof raw - got, 0);
+		if (n < 0) {
+			if (errno == EINTR)
+				continue;
+			fprintf(stderr, "commrun: getrandom: %s\n",
+			    strerror(errno));
+			return -1;
+		}
+		got += n;
+	}
+	for (i = 0; i < TOKEN_BYTES; i++)
+		sprintf(hex + 2 * i, "%02x", raw[i]);
+	return 0;
+}
+
+static int set_env(const char *name, const char *value)
+{
+	if (setenv(name, value, 1) < 0) {
+		fprintf(stderr, "commrun: setenv %s: %s\n", name,
+		    strerror(errno));
+		return -1;
+	}
+	return 0;
+}
+
+/* In the child: finish the rank's environment and exec PROG. */
+static void __attribute__((noreturn))
+exec_rank(int rank, char **argv, const sigset_t *mask, pid_t parent)
+{
+	char buf[16];
+
+	snprintf(buf, sizeof buf, "%d", rank);
+	if (setenv("COMM_RANK", buf, 1) < 0 || setenv("LOCAL_RANK", buf, 1) < 0) {
+		fprintf(stderr, "commrun: rank %d: setenv: %s\n", rank,
+		    strerror(errno));
+		_exit(127);
+	}
+	/* No orphans: if commrun dies, so do the ranks. */
+	if (prctl(PR_SET_PDEATHSIG, SIGKILL) < 0 || getppid() != parent)
+		_exit(127);
+	sigprocmask(SIG_SETMASK, mask, NULL);
+	execvp(argv[0], argv);
+	fprintf(stderr, "commrun: %s: %s\n", argv[0], strerror(errno));
+	_exit(127);
+}
+
+/* Send sig to every rank not yet reaped; returns how many. */
+static int signal_all(struct run *run, int sig)
+{
+	int r, n = 0;
+
+	for (r = 0; r < run->nranks; r++) {
+		if (run->pids[r] > 0 && kill(run->pids[r], sig) == 0)
+			n++;
+	}
+	return n;
+}
+
+/* Record the first failure and start the grace period. */
+static void fail(struct run *run, int status)
+{
+	if (run->failed)
+		return;
+	run->failed = 1;
+	run->status = status;
+	if (run->phase == PHASE_RUN) {
+		run->phase = PHASE_GRACE;
+		run->deadline = now_ms() + run->grace_ms;
+	}
+}
+
+static void report(struct run *run, int rank, int status)
+{
+	const char *name;
+	int sig;
+
+	if (run->failed)
+		return;
+	if (WIFSIGNALED(status)) {
+		sig = WTERMSIG(status);
+		name = sigabbrev_np(sig);
+		fprintf(stderr, "commrun: rank %d killed by signal %d (%s%s)\n",
+		    rank, sig, name ? "SIG" : "", name ? name : "unknown");
+		fail(run, 128 + sig);
+	} else {
+		fprintf(stderr, "commrun: rank %d exited with status %d\n", rank,
+		    WEXITSTATUS(status));
+		fail(run, 1);
+	}
+}
+
+/* Reap every rank that has ended, without blocking. */
+static void reap(struct run *run)
+{
+	pid_t pid;
+	int r, status;
+
+	while (run->running > 0) {
+		pid = waitpid(-1, &status, WNOHANG);
+		if (pid < 0 && errno == EINTR)
+			continue;
+		if (pid < 0) {
+			/* Cannot happen while ranks run; do not wait forever. */
+			fprintf(stderr, "commrun: waitpid: %s\n",
+			    strerror(errno));
+			fail(run, 1);
+			run->running = 0;
+			return;
+		}
+		if (pid == 0)
+			return;
+		for (r = 0; r < run->nranks && run->pids[r] != pid; r++)
+			;
+		if (r == run->nranks)
+			continue; /* a child we inherited, not a rank */
+		run->pids[r] = 0;
+		run->running--;
+		if (!WIFEXITED(status) || WEXITSTATUS(status) != 0)
+			report(run, r, status);
+	}
+}
+
+/* Move to the next phase once the current one's deadline has passed. */
+static void advance(struct run *run)
+{
+	int n;
+
+	if (run->phase != PHASE_GRACE && run->phase != PHASE_TERM)
+		return;
+	if (now_ms() < run->deadline)
+		return;
+	if (run->phase == PHASE_GRACE) {
+		n = signal_all(run, SIGTERM);
+		fprintf(stderr, "commrun: grace period over: sent SIGTERM to "
+		    "%d rank%s\n", n, n == 1 ? "" : "s");
+		run->phase = PHASE_TERM;
+		run->deadline = now_ms() + KILL_DELAY_MS;
+	} else {
+		n = signal_all(run, SIGKILL);
+		fprintf(stderr, "commrun: sent SIGKILL to %d rank%s still "
+		    "running\n", n, n == 1 ? "" : "s");
+		run->phase = PHASE_KILL;
+	}
+}
+
+/* Wait for the blocked signals in set until every rank is reaped. */
+static void wait_ranks(struct run *run, const sigset_t *set)
+{
+	struct timespec ts;
+	siginfo_t info;
+	int64_t left;
+	int sig;
+
+	while (run->running > 0) {
+		advance(run);
+		if (run->phase == PHASE_GRACE || run->phase == PHASE_TERM) {
+			left = run->deadline - now_ms();
+			if (left < 0)
+				left = 0;
+			ts.tv_sec = left / 1000;
+			ts.tv_nsec = (left % 1000) * 1000000;
+			sig = sigtimedwait(set, &info, &ts);
+		} else {
+			sig = sigwaitinfo(set, &info);
+		}
+		if (sig < 0) {
+			if (errno == EINTR || errno == EAGAIN)
+				continue;
+			fprintf(stderr, "commrun: sigwaitinfo: %s\n",
+			    strerror(errno));
+			fail(run, 1);
+			signal_all(run, SIGKILL);
+			run->phase = PHASE_KILL;
+			while (waitpid(-1, NULL, 0) > 0 || errno == EINTR)
+				;
+			return;
+		}
+		if (sig == SIGCHLD)
+			reap(run);
+		else if (sig == SIGINT && info.si_code == SI_KERNEL)
+			; /* from the terminal: the ranks, in our group, got it */
+		else
+			signal_all(run, sig);
+	}
+}
+
+/*
+ * Parse the command line into o; 0 to go on, 1 when help was printed, -1 on
+ * bad usage (the message printed).
+ */
+static int parse_args(int argc, char **argv, struct opts *o)
+{
+	long v;
+	int c;
+
+	opterr = 0;
+	while ((c = getopt_long(argc, argv, "+:hn:", long_opts, NULL)) != -1) {
+		switch (c) {
+		case 'h':
+			usage(stdout);
+			return 1;
+		case 'n':
+			if (parse_long(optarg, 1, MAX_RANKS, &v) < 0) {
+				fprintf(stderr, "commrun: -n: '%s' is not a "
+				    "number from 1 to %d\n", optarg, MAX_RANKS);
+				return -1;
+			}
+			o->nranks = (int)v;
+			break;
+		case OPT_JOB:
+			if (*optarg == '\0') {
+				fprintf(stderr, "commrun: --job: empty name\n");
+				return -1;
+			}
+			o->job = optarg;
+			break;
+		case OPT_SOCKET:
+			if (*optarg == '\0') {
+				fprintf(stderr, "commrun: --socket: empty path\n");
+				return -1;
+			}
+			o->socket = optarg;
+			break;
+		case OPT_TIMEOUT:
+			if (parse_long(optarg, 1, INT_MAX, &v) < 0) {
+				fprintf(stderr, "commrun: --timeout: '%s' is not "
+				    "a positive number of ms\n", optarg);
+				return -1;
+			}
+			o->timeout = optarg;
+			break;
+		case OPT_GRACE:
+			if (parse_long(optarg, 0, INT_MAX, &v) < 0) {
+				fprintf(stderr, "commrun: --grace: '%s' is not "
+				    "a number of seconds\n", optarg);
+				return -1;
+			}
+			o->grace_ms = (int64_t)v * 1000;
+			break;
+		case ':':
+			fprintf(stderr, "commrun: option '%s' needs an argument\n",
+			    argv[optind - 1]);
+			return -1;
+		default:
+			if (optopt > 0 && optopt < 256)
+				fprintf(stderr, "commrun: unknown option '-%c'\n",
+				    optopt);
+			else
+				fprintf(stderr, "commrun: unknown option '%s'\n",
+				    argv[optind - 1]);
+			return -1;
+		}
+	}
+	if (o->nranks == 0) {
+		fprintf(stderr, "commrun: missing -n N\n");
+		return -1;
+	}
+	if (optind >= argc) {
+		fprintf(stderr, "commrun: missing program\n");
+		return -1;
+	}
+	o->argv = argv + optind;
+	return 0;
+}
+
+/* Export what every rank shares; the per-rank values come in exec_rank. */
+static int setup_env(const struct opts *o, pid_t self)
+{
+	char token[2 * TOKEN_BYTES + 1], buf[64];
+	const char *job = o->job;
+
+	if (job == NULL) {
+		snprintf(buf, sizeof buf, "commrun-%ld-%lld", (long)self,
+		    (long long)time(NULL));
+		job = buf;
+	}
+	if (set_env("COMM_JOB", job) < 0)
+		return -1;
+	if (getenv("COMM_TOKEN") == NULL) {
+		if (make_token(token) < 0 || set_env("COMM_TOKEN", token) < 0)
+			return -1;
+	}
+	if (o->socket != NULL && set_env("COMM_SOCKET", o->socket) < 0)
+		return -1;
+	if (o->timeout != NULL && set_env("COMM_TIMEOUT", o->timeout) < 0)
+		return -1;
+	snprintf(buf, sizeof buf, "%d", o->nranks);
+	if (set_env("COMM_WORLD_SIZE", buf) < 0 ||
+	    set_env("LOCAL_WORLD_SIZE", buf) < 0)
+		return -1;
+	return 0;
+}
+
+/* Parse the command line, start the ranks and wait for them. */
+int main(int argc, char **argv)
+{
+	struct opts o = { .grace_ms = DEFAULT_GRACE * 1000 };
+	struct run run = { 0 };
+	sigset_t set, oldmask;
+	pid_t self, pid;
+	size_t i;
+	int r, ret;
+
+	ret = parse_args(argc, argv, &o);
+	if (ret != 0) {
+		if (ret < 0)
+			fprintf(stderr, "try 'commrun --help'\n");
+		return ret < 0 ? 2 : 0;
+	}
+	self = getpid();
+	if (setup_env(&o, self) < 0)
+		return 1;
+
+	run.nranks = o.nranks;
+	run.grace_ms = o.grace_ms;
+	run.pids = calloc(o.nranks, sizeof *run.pids);
+	if (run.pids == NULL) {
+		fprintf(stderr, "commrun: out of memory\n");
+		return 1;
+	}
+
+	/*
+	 * Block what we wait for before the first fork, so nothing is lost;
+	 * SIGCHLD must not be ignored or the ranks would reap themselves.
+	 */
+	signal(SIGCHLD, SIG_DFL);
+	sigemptyset(&set);
+	sigaddset(&set, SIGCHLD);
+	for (i = 0; i < sizeof forwarded / sizeof forwarded[0]; i++)
+		sigaddset(&set, forwarded[i]);
+	sigprocmask(SIG_BLOCK, &set, &oldmask);
+
+	for (r = 0; r < run.nranks; r++) {
+		pid = fork();
+		if (pid < 0) {
+			fprintf(stderr, "commrun: fork: rank %d: %s\n", r,
+			    strerror(errno));
+			fail(&run, 1);
+			run.deadline = now_ms(); /* SIGTERM the rest at once */
+			break;
+		}
+		if (pid == 0)
+			exec_rank(r, o.argv, &oldmask, self);
+		run.pids[r] = pid;
+		run.running++;
+	}
+
+	wait_ranks(&run, &set);
+	free(run.pids);
+	return run.failed ? run.status : 0;
+}

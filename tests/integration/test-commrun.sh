@@ -1,0 +1,215 @@
+#!/bin/bash
+# test-commrun.sh: the launcher alone, no daemon: environment per rank, exit
+# codes, the grace period and signal forwarding. COMMRUN names the binary.
+# shellcheck disable=SC2016 # the ranks' sh -c scripts expand their own $vars
+set -u
+
+COMMRUN=${COMMRUN:-./client/commrun}
+case $COMMRUN in /*) ;; *) COMMRUN=$PWD/$COMMRUN ;; esac
+if [ ! -x "$COMMRUN" ]; then
+	echo "test-commrun: $COMMRUN: not executable" >&2
+	exit 1
+fi
+
+dir=$(mktemp -d "${TMPDIR:-/tmp}/test-commrun.XXXXXX") || exit 1
+trap 'rm -rf "$dir"' EXIT
+failures=0
+
+fail() {
+	echo "FAIL: $*" >&2
+	failures=$((failures + 1))
+}
+
+# expect WHAT GOT WANT
+expect() {
+	[ "$2" = "$3" ] || fail "$1: got '$2', want '$3'"
+}
+
+# expect_match WHAT GOT REGEX
+expect_match() {
+	[[ $2 =~ $3 ]] || fail "$1: '$2' does not match '$3'"
+}
+
+now_ms() {
+	echo $(($(date +%s%N) / 1000000))
+}
+
+# count_files PATTERN: how many files under $dir match.
+count_files() {
+	compgen -G "$dir/$1" | wc -l
+}
+
+# wait_files PATTERN COUNT: until COUNT files match, at most 5 s.
+wait_files() {
+	local i
+	for ((i = 0; i < 100; i++)); do
+		[ "$(count_files "$1")" -ge "$2" ] && return 0
+		sleep 0.05
+	done
+	return 1
+}
+
+# Environment: every rank its own rank, the rest shared.
+mkdir "$dir/env"
+env -u COMM_TOKEN -u COMM_SOCKET -u COMM_TIMEOUT \
+	"$COMMRUN" -n 4 --job testjob --socket "$dir/s.sock" --timeout 1234 \
+	sh -c 'env > "$0/$COMM_RANK"' "$dir/env"
+expect "env: exit status" $? 0
+expect "env: ranks" "$(cd "$dir/env" && echo *)" "0 1 2 3"
+tokens=""
+for r in 0 1 2 3; do
+	f=$dir/env/$r
+	[ -f "$f" ] || { fail "env: rank $r wrote nothing"; continue; }
+	get() { sed -n "s/^$1=//p" "$f"; }
+	expect "env: rank $r COMM_RANK" "$(get COMM_RANK)" $r
+	expect "env: rank $r LOCAL_RANK" "$(get LOCAL_RANK)" $r
+	expect "env: rank $r COMM_WORLD_SIZE" "$(get COMM_WORLD_SIZE)" 4
+	expect "env: rank $r LOCAL_WORLD_SIZE" "$(get LOCAL_WORLD_SIZE)" 4
+	expect "env: rank $r COMM_JOB" "$(get COMM_JOB)" testjob
+	expect "env: rank $r COMM_SOCKET" "$(get COMM_SOCKET)" "$dir/s.sock"
+	expect "env: rank $r COMM_TIMEOUT" "$(get COMM_TIMEOUT)" 1234
+	expect_match "env: rank $r COMM_TOKEN" "$(get COMM_TOKEN)" '^[0-9a-f]{32}$'
+	tokens+="$(get COMM_TOKEN)"$'\n'
+done
+expect "env: distinct tokens" "$(printf %s "$tokens" | sort -u | wc -l)" 1
+
+# Defaults: a generated job name, a fresh token per run, the environment's
+# COMM_TOKEN and COMM_SOCKET kept, no COMM_TIMEOUT.
+out=$(env -u COMM_TOKEN -u COMM_TIMEOUT COMM_SOCKET=/keep.sock "$COMMRUN" -n2 \
+	sh -c 'echo "$COMM_JOB ${COMM_TIMEOUT-unset} $COMM_SOCKET"')
+expect "defaults: exit status" $? 0
+expect "defaults: lines" "$(echo "$out" | sort -u | wc -l)" 1
+expect_match "defaults: values" "$(echo "$out" | head -1)" \
+	'^commrun-[0-9]+-[0-9]+ unset /keep.sock$'
+t1=$(env -u COMM_TOKEN "$COMMRUN" -n 1 sh -c 'echo $COMM_TOKEN')
+t2=$(env -u COMM_TOKEN "$COMMRUN" -n 1 sh -c 'echo $COMM_TOKEN')
+[ "$t1" != "$t2" ] || fail "defaults: two runs share token $t1"
+out=$(COMM_TOKEN=given "$COMMRUN" --np 3 sh -c 'echo $COMM_TOKEN' | sort -u)
+expect "defaults: kept token" "$out" given
+
+# Exit codes and the one failure line.
+"$COMMRUN" -n 3 true
+expect "all succeed: exit status" $? 0
+"$COMMRUN" -n 1 -- sh -c 'exit 0'
+expect "after --: exit status" $? 0
+"$COMMRUN" -n 4 sh -c 'exit $COMM_RANK' 2> "$dir/err"
+expect "exit non-zero: exit status" $? 1
+expect "exit non-zero: lines" "$(grep -c '^commrun: rank' "$dir/err")" 1
+if [[ $(cat "$dir/err") =~ ^commrun:\ rank\ ([123])\ exited\ with\ status\ ([0-9]+)$ ]]; then
+	expect "exit non-zero: status of rank" "${BASH_REMATCH[2]}" "${BASH_REMATCH[1]}"
+else
+	fail "exit non-zero: message '$(cat "$dir/err")'"
+fi
+"$COMMRUN" -n 2 sh -c '[ $COMM_RANK = 1 ] && kill -KILL $$; exit 0' \
+	2> "$dir/err"
+expect "signal: exit status" $? 137
+expect "signal: message" "$(cat "$dir/err")" \
+	"commrun: rank 1 killed by signal 9 (SIGKILL)"
+"$COMMRUN" -n 2 "$dir/no-such-prog" 2> "$dir/err"
+expect "exec fails: exit status" $? 1
+expect "exec fails: exec lines" \
+	"$(grep -c "^commrun: $dir/no-such-prog: No such file or directory$" \
+	"$dir/err")" 2
+expect_match "exec fails: rank line" "$(cat "$dir/err")" \
+	'commrun: rank [01] exited with status 127'
+
+# Grace: the others may finish by themselves...
+"$COMMRUN" -n 2 --grace 5 sh -c \
+	'[ $COMM_RANK = 0 ] && exit 3; sleep 0.5; touch "$0/late"' "$dir" \
+	2> "$dir/err"
+expect "grace, finishing: exit status" $? 1
+[ -e "$dir/late" ] || fail "grace, finishing: rank 1 did not finish"
+grep -q SIGTERM "$dir/err" && fail "grace, finishing: SIGTERM sent"
+
+# ... and get SIGTERM once it is over.
+start=$(now_ms)
+"$COMMRUN" -n 3 --grace 1 sh -c '[ $COMM_RANK = 0 ] && exit 3; exec sleep 60' \
+	2> "$dir/err"
+rc=$?
+took=$(($(now_ms) - start))
+expect "grace over: exit status" $rc 1
+((took >= 1000 && took < 4000)) || fail "grace over: took $took ms"
+expect "grace over: messages" "$(cat "$dir/err")" \
+	"commrun: rank 0 exited with status 3
+commrun: grace period over: sent SIGTERM to 2 ranks"
+
+# A rank that ignores SIGTERM gets SIGKILL 5 s later.
+start=$(now_ms)
+"$COMMRUN" -n 2 --grace 0 sh -c \
+	'if [ $COMM_RANK = 0 ]; then
+		until [ -e "$0/trapped" ]; do sleep 0.02; done
+		exit 3
+	fi
+	trap "" TERM; touch "$0/trapped"; while :; do sleep 0.1; done' "$dir" \
+	2> "$dir/err"
+rc=$?
+took=$(($(now_ms) - start))
+expect "sigkill: exit status" $rc 1
+((took >= 5000 && took < 9000)) || fail "sigkill: took $took ms"
+grep -q '^commrun: sent SIGKILL to 1 rank still running$' "$dir/err" ||
+	fail "sigkill: no SIGKILL message"
+
+# Signals to commrun reach every rank: SIGTERM kills sleeping ranks...
+mkdir "$dir/pid"
+"$COMMRUN" -n 3 sh -c 'echo $$ > "$0/$COMM_RANK"; exec sleep 60' "$dir/pid" \
+	2> "$dir/err" &
+run=$!
+if wait_files 'pid/*' 3; then
+	sleep 0.1 # the pid files are written just before the exec
+	start=$(now_ms)
+	kill -TERM $run
+	wait $run
+	rc=$?
+	took=$(($(now_ms) - start))
+	expect "sigterm: exit status" $rc 143
+	((took < 3000)) || fail "sigterm: took $took ms"
+	for f in "$dir"/pid/*; do
+		kill -0 "$(cat "$f")" 2> /dev/null &&
+			fail "sigterm: rank ${f##*/} still running"
+	done
+	expect_match "sigterm: message" "$(cat "$dir/err")" \
+		'^commrun: rank [012] killed by signal 15 \(SIGTERM\)$'
+else
+	fail "sigterm: ranks did not start"
+	kill -KILL $run
+	wait $run
+fi
+
+# ... and SIGUSR1 reaches a rank that handles it.
+mkdir "$dir/usr1"
+"$COMMRUN" -n 3 sh -c \
+	'trap "kill \$!; touch \"$0/got.$COMM_RANK\"; exit 0" USR1
+	touch "$0/ready.$COMM_RANK"; sleep 60 & wait' "$dir/usr1" &
+run=$!
+if wait_files 'usr1/ready.*' 3; then
+	kill -USR1 $run
+	wait $run
+	expect "sigusr1: exit status" $? 0
+	expect "sigusr1: ranks" "$(count_files 'usr1/got.*')" 3
+else
+	fail "sigusr1: ranks did not start"
+	kill -KILL $run
+	wait $run
+fi
+
+# Usage.
+"$COMMRUN" -h > "$dir/out"
+expect "help: exit status" $? 0
+grep -q '^usage: commrun' "$dir/out" || fail "help: no usage on stdout"
+for args in "" "-n 0 true" "-n 4097 true" "-n x true" "-n 2" "--bogus -n 1 true" \
+	"-n 1 --grace -1 true" "-n 1 --timeout 0 true" "--job"; do
+	# shellcheck disable=SC2086
+	"$COMMRUN" $args > "$dir/out" 2> "$dir/err"
+	expect "usage '$args': exit status" $? 2
+	[ -s "$dir/err" ] || fail "usage '$args': no message"
+	[ -s "$dir/out" ] && fail "usage '$args': output on stdout"
+done
+out=$("$COMMRUN" -n2 sh -c 'echo $COMM_WORLD_SIZE' | sort -u)
+expect "-nN form" "$out" 2
+
+if [ $failures -gt 0 ]; then
+	echo "test-commrun: $failures failures" >&2
+	exit 1
+fi
+echo "test-commrun: ok"
+exit 0
