@@ -2,7 +2,6 @@
  * commrun.c: the launcher. Starts N ranks of a program on this node with the
  * COMM_* environment libcomm reads, forwards signals to them and waits.
  */
-#define _GNU_SOURCE
 #include <errno.h>
 #include <getopt.h>
 #include <limits.h>
