@@ -32,9 +32,12 @@ COMM_API int comm_size(const comm_t *c)
 	return c ? c->size : -1;
 }
 
+/* Why the calling thread's last comm_init failed. */
+static __thread char init_error[256];
+
 COMM_API const char *comm_last_error(const comm_t *c)
 {
-	return c ? c->last_error : "no communicator";
+	return c ? c->last_error : init_error;
 }
 
 comm_result_t comm_set_error(comm_t *c, comm_result_t rc, const char *fmt, ...)
@@ -359,8 +362,10 @@ COMM_API comm_result_t comm_init(comm_t **out, const comm_config_t *config)
 out:
 	if (reply)
 		commpb__envelope__free_unpacked(reply, NULL);
-	if (rc != COMM_OK)
+	if (rc != COMM_OK) {
+		snprintf(init_error, sizeof init_error, "%s", c->last_error);
 		comm_free(c);
+	}
 	return rc;
 }
 

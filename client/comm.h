@@ -150,7 +150,10 @@ const char *comm_strerror(comm_result_t rc);
 /* The short upper-case name of a result code, e.g. "COMM_ERR_MISMATCH". */
 const char *comm_result_name(comm_result_t rc);
 
-/* Detail of the communicator's last failure, "" when there was none. */
+/*
+ * Detail of the communicator's last failure, "" when there was none. With
+ * comm NULL: why the calling thread's last comm_init failed.
+ */
 const char *comm_last_error(const comm_t *comm);
 
 /* Size in bytes of one element of dtype, 0 for an unknown dtype. */

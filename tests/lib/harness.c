@@ -172,6 +172,15 @@ static void remove_dir(const char *dir)
 	rmdir(dir);
 }
 
+void th_daemon_cleanup(struct th_daemon *d)
+{
+	if (d->notify_fd >= 0)
+		close(d->notify_fd);
+	d->notify_fd = -1;
+	remove_dir(d->dir);
+	d->pid = 0;
+}
+
 int th_daemon_stop(struct th_daemon *d)
 {
 	struct timespec t0;

@@ -23,6 +23,8 @@ struct th_daemon {
 int th_daemon_start(struct th_daemon *d, ...);
 /* SIGTERM; requires exit status 0 and no "error:" line in the log. 0 or -1. */
 int th_daemon_stop(struct th_daemon *d);
+/* Remove the temp dir of a daemon that is gone (killed by the test). */
+void th_daemon_cleanup(struct th_daemon *d);
 /* Print the daemon's log to stderr (for a failing test). */
 void th_daemon_dump_log(const struct th_daemon *d);
 /* Whether the daemon process is still alive. */

@@ -1,0 +1,116 @@
+/*
+ * test-ctl.c: commctl against a real daemon with a job running: status and
+ * jobs, as text and JSON, and its errors.
+ */
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include "check.h"
+#include "comm.h"
+#include "harness.h"
+
+static int hold[2], ready[2];
+
+/* Join, do one all-reduce, tell the test, then wait until it lets go. */
+static int rank_hold(int rank, int n, void *arg)
+{
+	comm_t *c;
+	int v = rank + 1;
+	char ch;
+
+	close(hold[1]);
+	close(ready[0]);
+	if (comm_init(&c, NULL) != COMM_OK)
+		return 1;
+	if (comm_allreduce(c, &v, &v, 1, COMM_INT32, COMM_SUM, NULL) != COMM_OK || v != 3)
+		return 1;
+	if (write(ready[1], "x", 1) != 1)
+		return 1;
+	while (read(hold[0], &ch, 1) > 0)
+		;
+	return comm_finalize(c) == COMM_OK ? 0 : 1;
+}
+
+/* Run commctl with args; returns its exit status, output in out. */
+static int ctl(char *out, size_t len, const char *args)
+{
+	char cmd[512];
+	FILE *p;
+	size_t n;
+	int status;
+
+	snprintf(cmd, sizeof cmd, "%s %s 2>&1", getenv("COMMCTL") ? getenv("COMMCTL")
+								   : "./client/commctl",
+		 args);
+	p = popen(cmd, "r");
+	if (!p)
+		return -1;
+	n = fread(out, 1, len - 1, p);
+	out[n] = '\0';
+	status = pclose(p);
+	return WIFEXITED(status) ? WEXITSTATUS(status) : -1;
+}
+
+int main(void)
+{
+	struct th_daemon d;
+	struct th_ranks rs;
+	char out[8192], args[512];
+	char ch;
+
+	REQUIRE(th_daemon_start(&d, NULL) == 0, "daemon start");
+	REQUIRE(pipe(hold) == 0 && pipe(ready) == 0, "pipes");
+	REQUIRE(th_ranks_start(&rs, &d, "ctl-job", 2, rank_hold, NULL) == 0, "ranks");
+	close(hold[0]);
+	close(ready[1]);
+	for (int i = 0; i < 2; i++)
+		REQUIRE(read(ready[0], &ch, 1) == 1, "rank %d not ready", i);
+
+	snprintf(args, sizeof args, "--socket %s status", d.sock);
+	CHECK(ctl(out, sizeof out, args) == 0, "status failed: %s", out);
+	CHECK(strstr(out, "commd ") && strstr(out, "pid "), "no version/pid line:\n%s", out);
+	CHECK(strstr(out, d.sock), "socket not shown:\n%s", out);
+	CHECK(strstr(out, "backends:    host"), "backends not shown:\n%s", out);
+	CHECK(strstr(out, "gpu:"), "gpu line missing:\n%s", out);
+	CHECK(strstr(out, "ctl-job") && strstr(out, "2/2") && strstr(out, "ready"),
+	      "job not shown with 2/2 ranks, ready:\n%s", out);
+	printf("%s", out);
+
+	snprintf(args, sizeof args, "--socket %s status --json", d.sock);
+	CHECK(ctl(out, sizeof out, args) == 0, "status --json failed: %s", out);
+	CHECK(out[0] == '{' && strstr(out, "\"backends\": [\"host\"]") &&
+		      strstr(out, "\"name\": \"ctl-job\"") && strstr(out, "\"world_size\": 2") &&
+		      strstr(out, "\"joined\": 2") && strstr(out, "\"state\": \"ready\"") &&
+		      strstr(out, "\"ops_completed\": 1"),
+	      "json status:\n%s", out);
+
+	snprintf(args, sizeof args, "--socket %s jobs", d.sock);
+	CHECK(ctl(out, sizeof out, args) == 0 && strstr(out, "ctl-job") && strstr(out, "2/2"),
+	      "jobs:\n%s", out);
+
+	/* errors: no daemon, unknown command, stray argument */
+	CHECK(ctl(out, sizeof out, "--socket /nonexistent/sock status") == 1 &&
+		      strstr(out, "/nonexistent/sock"),
+	      "no daemon: %s", out);
+	CHECK(ctl(out, sizeof out, "frobnicate") == 2 && strstr(out, "unknown command"),
+	      "unknown command: %s", out);
+	snprintf(args, sizeof args, "--socket %s status --bogus", d.sock);
+	CHECK(ctl(out, sizeof out, args) == 2, "stray argument accepted: %s", out);
+	CHECK(ctl(out, sizeof out, "--help") == 0 && strstr(out, "status"), "help: %s", out);
+
+	close(hold[1]);
+	CHECK(th_ranks_wait(&rs) == 0, "ranks failed");
+	snprintf(args, sizeof args, "--socket %s status", d.sock);
+	for (int i = 0; i < 100; i++) {
+		CHECK(ctl(out, sizeof out, args) == 0, "status after the job");
+		if (strstr(out, "jobs:        0"))
+			break;
+		usleep(20 * 1000);
+	}
+	CHECK(strstr(out, "jobs:        0"), "job not freed after its ranks left:\n%s", out);
+	CHECK(th_daemon_stop(&d) == 0, "daemon stop");
+	return CHECK_EXIT();
+}

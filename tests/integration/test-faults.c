@@ -1,0 +1,590 @@
+/*
+ * test-faults.c: what happens when things go wrong: a rank killed mid-op or
+ * before posting, ranks that disagree, bad joins, bad frames and bad fds,
+ * and a daemon that dies. After each, the daemon serves a new job and its
+ * fds and mappings are back to where they started.
+ */
+#include <errno.h>
+#include <fcntl.h>
+#include <poll.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <sys/socket.h>
+#include <sys/un.h>
+#include <sys/wait.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "check.h"
+#include "comm.h"
+#include "frame.h"
+#include "harness.h"
+
+#define N 4
+
+static struct th_daemon d;
+
+/* Shared between the forked ranks and the test: when the victim died. */
+static volatile long *kill_ms;
+
+static long mono_ms(void)
+{
+	struct timespec t;
+
+	clock_gettime(CLOCK_MONOTONIC, &t);
+	return t.tv_sec * 1000 + t.tv_nsec / 1000000;
+}
+
+static comm_t *join(int rank)
+{
+	comm_t *c;
+	comm_result_t rc = comm_init(&c, NULL);
+
+	if (rc != COMM_OK) {
+		fprintf(stderr, "rank %d: comm_init: %s: %s\n", rank, comm_strerror(rc),
+			comm_last_error(NULL));
+		return NULL;
+	}
+	return c;
+}
+
+/* Ranks 0..N-2 loop on all-reduces until one fails; rank N-1 dies. */
+static int rank_killed(int rank, int n, void *arg)
+{
+	int before_post = *(int *)arg;
+	size_t count = 1 << 20;
+	float *buf;
+	comm_t *c = join(rank);
+	comm_result_t rc;
+	long waited;
+
+	if (!c)
+		return 1;
+	buf = comm_mem_alloc(c, count * sizeof *buf);
+	if (!buf)
+		return 1;
+	for (size_t i = 0; i < count; i++)
+		buf[i] = 1;
+	if (rank == n - 1) {
+		comm_request_t *req;
+
+		if (before_post) {
+			usleep(300 * 1000);
+		} else {
+			/* two ops: the victim dies with the second in flight */
+			comm_allreduce(c, buf, buf, count, COMM_FLOAT32, COMM_SUM, NULL);
+			comm_allreduce(c, buf, buf, count, COMM_FLOAT32, COMM_SUM, &req);
+		}
+		*kill_ms = mono_ms();
+		raise(SIGKILL);
+	}
+	do
+		rc = comm_allreduce(c, buf, buf, count, COMM_FLOAT32, COMM_SUM, NULL);
+	while (rc == COMM_OK);
+	waited = mono_ms() - *kill_ms;
+	if (rc != COMM_ERR_PEER_LOST || !strstr(comm_last_error(c), "rank 3")) {
+		fprintf(stderr, "rank %d: got %s (%s), want PEER_LOST naming rank 3\n", rank,
+			comm_result_name(rc), comm_last_error(c));
+		return 1;
+	}
+	if (waited > 2000) {
+		fprintf(stderr, "rank %d: PEER_LOST came %ld ms after the kill\n", rank, waited);
+		return 1;
+	}
+	/* the communicator stays failed: later ops fail at once */
+	rc = comm_allreduce(c, buf, buf, 4, COMM_FLOAT32, COMM_SUM, NULL);
+	if (rc != COMM_ERR_PEER_LOST) {
+		fprintf(stderr, "rank %d: op after the failure: %s\n", rank, comm_result_name(rc));
+		return 1;
+	}
+	comm_finalize(c);
+	return 0;
+}
+
+/* A plain job: a few all-reduces with exact results. */
+static int rank_ok(int rank, int n, void *arg)
+{
+	comm_t *c = join(rank);
+	int32_t *v;
+
+	if (!c)
+		return 1;
+	v = comm_mem_alloc(c, 1000 * sizeof *v);
+	for (int it = 0; it < 5; it++) {
+		for (int i = 0; i < 1000; i++)
+			v[i] = rank * 1000 + i + it;
+		if (comm_allreduce(c, v, v, 1000, COMM_INT32, COMM_SUM, NULL) != COMM_OK) {
+			fprintf(stderr, "rank %d: %s\n", rank, comm_last_error(c));
+			return 1;
+		}
+		for (int i = 0; i < 1000; i++) {
+			int32_t want = 1000 * n * (n - 1) / 2 + n * (i + it);
+
+			if (v[i] != want) {
+				fprintf(stderr, "rank %d: v[%d] = %d, want %d\n", rank, i, v[i], want);
+				return 1;
+			}
+		}
+	}
+	return comm_finalize(c) == COMM_OK ? 0 : 1;
+}
+
+/* Each of four ops disagrees in one field; the fifth agrees and works. */
+static int rank_mismatch(int rank, int n, void *arg)
+{
+	static const char *const field[] = { "count", "type", "dtype", "redop" };
+	comm_t *c = join(rank);
+	float *a, *b;
+	comm_result_t rc;
+
+	if (!c)
+		return 1;
+	a = comm_mem_alloc(c, 64 * sizeof *a);
+	b = comm_mem_alloc(c, 64 * sizeof *b);
+	for (int k = 0; k < 4; k++) {
+		int odd = rank == 2;
+
+		switch (k) {
+		case 0:
+			rc = comm_allreduce(c, a, b, odd ? 8 : 4, COMM_FLOAT32, COMM_SUM, NULL);
+			break;
+		case 1:
+			rc = odd ? comm_allgather(c, a, b, 4, COMM_FLOAT32, NULL)
+				 : comm_allreduce(c, a, b, 4, COMM_FLOAT32, COMM_SUM, NULL);
+			break;
+		case 2:
+			rc = comm_allreduce(c, a, b, 4, odd ? COMM_INT32 : COMM_FLOAT32, COMM_SUM,
+					    NULL);
+			break;
+		default:
+			rc = comm_allreduce(c, a, b, 4, COMM_FLOAT32, odd ? COMM_MAX : COMM_SUM,
+					    NULL);
+			break;
+		}
+		if (rc != COMM_ERR_MISMATCH || !strstr(comm_last_error(c), field[k])) {
+			fprintf(stderr, "rank %d: op %d: got %s (%s), want MISMATCH on %s\n", rank,
+				k + 1, comm_result_name(rc), comm_last_error(c), field[k]);
+			return 1;
+		}
+	}
+	for (int i = 0; i < 4; i++)
+		a[i] = (float)(rank + i);
+	rc = comm_allreduce(c, a, b, 4, COMM_FLOAT32, COMM_SUM, NULL);
+	if (rc != COMM_OK || b[0] != 6 || b[3] != 18) {
+		fprintf(stderr, "rank %d: op after mismatches: %s, b = %g..%g\n", rank,
+			comm_result_name(rc), (double)b[0], (double)b[3]);
+		return 1;
+	}
+	return comm_finalize(c) == COMM_OK ? 0 : 1;
+}
+
+/* Join with explicit settings; returns the result of comm_init (+ one op). */
+static comm_result_t join_as(const char *job, const char *token, int rank, int world,
+			     int timeout_ms)
+{
+	comm_config_t cfg = COMM_CONFIG_INIT;
+	comm_t *c;
+	comm_result_t rc;
+	int v = 1;
+
+	cfg.socket = d.sock;
+	cfg.job = job;
+	cfg.token = token;
+	cfg.rank = rank;
+	cfg.world_size = world;
+	cfg.timeout_ms = timeout_ms;
+	rc = comm_init(&c, &cfg);
+	if (rc != COMM_OK)
+		return rc;
+	rc = comm_allreduce(c, &v, &v, 1, COMM_INT32, COMM_SUM, NULL);
+	comm_finalize(c);
+	return rc == COMM_OK && v == world ? COMM_OK : COMM_ERR_INTERNAL;
+}
+
+/* Fork join_as; the child's exit status is the result code. */
+static pid_t spawn_join(const char *job, const char *token, int rank, int world, int timeout_ms)
+{
+	pid_t pid;
+
+	fflush(NULL);
+	pid = fork();
+	if (pid == 0)
+		_exit(join_as(job, token, rank, world, timeout_ms));
+	return pid;
+}
+
+static int result_of(pid_t pid)
+{
+	int status;
+
+	if (waitpid(pid, &status, 0) < 0 || !WIFEXITED(status))
+		return -1;
+	return WEXITSTATUS(status);
+}
+
+static void test_bad_joins(void)
+{
+	pid_t a, b, c;
+	int ra, rb, rc;
+
+	/* two processes claim rank 0: exactly one is refused */
+	a = spawn_join("dup", "t", 0, 2, 0);
+	b = spawn_join("dup", "t", 0, 2, 0);
+	usleep(200 * 1000);
+	c = spawn_join("dup", "t", 1, 2, 0);
+	ra = result_of(a);
+	rb = result_of(b);
+	rc = result_of(c);
+	CHECK((ra == COMM_OK && rb == COMM_ERR_INVALID_ARG) ||
+		      (rb == COMM_OK && ra == COMM_ERR_INVALID_ARG),
+	      "duplicate rank 0: results %d and %d", ra, rb);
+	CHECK(rc == COMM_OK, "rank 1 of the job with a duplicate: %d", rc);
+
+	/* wrong token: refused; the job forms with the right one */
+	a = spawn_join("tok", "secret", 0, 2, 0);
+	usleep(100 * 1000);
+	CHECK(join_as("tok", "guess", 1, 2, 0) == COMM_ERR_PERMISSION, "wrong token accepted");
+	b = spawn_join("tok", "secret", 1, 2, 0);
+	CHECK(result_of(a) == COMM_OK && result_of(b) == COMM_OK, "job with the right token");
+
+	/* world sizes disagree: refused; the forming job times out */
+	a = spawn_join("world", "t", 0, 2, 800);
+	usleep(100 * 1000);
+	CHECK(join_as("world", "t", 1, 3, 800) == COMM_ERR_INVALID_ARG, "world 3 joined world 2");
+	CHECK((ra = result_of(a)) == COMM_ERR_TIMEOUT, "lone rank of a forming job: %d", ra);
+
+	/* rank out of range, and no daemon at all */
+	CHECK(join_as("range", "t", 5, 4, 0) == COMM_ERR_INVALID_ARG, "rank 5 of 4 accepted");
+	{
+		comm_config_t cfg = COMM_CONFIG_INIT;
+		comm_t *cm;
+
+		cfg.socket = "/nonexistent/commd.sock";
+		cfg.job = "x";
+		cfg.rank = 0;
+		cfg.world_size = 1;
+		CHECK(comm_init(&cm, &cfg) == COMM_ERR_DAEMON_UNREACHABLE && cm == NULL,
+		      "init against no daemon");
+		CHECK(strstr(comm_last_error(NULL), "/nonexistent/commd.sock"),
+		      "init error does not name the socket: %s", comm_last_error(NULL));
+	}
+	printf("ok: duplicate rank, wrong token, world size disagreement, no daemon\n");
+}
+
+/* --- raw protocol clients ------------------------------------------------ */
+
+static int raw_connect(void)
+{
+	struct sockaddr_un sa = { .sun_family = AF_UNIX };
+	int fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+
+	strcpy(sa.sun_path, d.sock);
+	REQUIRE(connect(fd, (struct sockaddr *)&sa, sizeof sa) == 0, "connect");
+	return fd;
+}
+
+static void raw_send(int fd, Commpb__Envelope *env, const int *fds, int nfds)
+{
+	uint8_t *f;
+	size_t len = frame_pack(env, &f);
+
+	REQUIRE(len > 0, "pack");
+	CHECK(frame_send_all(fd, f, len, fds, nfds) == 0, "send");
+	free(f);
+}
+
+/* The next message, or NULL at end of file or after 5 s. */
+static Commpb__Envelope *raw_recv(int fd, struct frame_reader *r)
+{
+	const uint8_t *p;
+	size_t len;
+
+	while (frame_next(r, &p, &len) != FRAME_OK) {
+		struct pollfd pfd = { .fd = fd, .events = POLLIN };
+
+		if (poll(&pfd, 1, 5000) <= 0 || frame_reader_recv(r, fd) <= 0)
+			return NULL;
+	}
+	{
+		Commpb__Envelope *env = commpb__envelope__unpack(NULL, len, p);
+
+		frame_consume(r, len);
+		return env;
+	}
+}
+
+/* Whether the daemon closes fd (after any messages) within 5 s. */
+static int closed_by_daemon(int fd)
+{
+	struct pollfd pfd = { .fd = fd, .events = POLLIN };
+	char buf[4096];
+
+	while (poll(&pfd, 1, 5000) > 0) {
+		ssize_t n = read(fd, buf, sizeof buf);
+
+		if (n <= 0)
+			return 1;
+	}
+	return 0;
+}
+
+static void hello(int fd, struct frame_reader *r, const char *job, uint32_t vmin, uint32_t vmax,
+		  int want)
+{
+	Commpb__Envelope env = COMMPB__ENVELOPE__INIT, *reply;
+	Commpb__Hello h = COMMPB__HELLO__INIT;
+
+	h.version_min = vmin;
+	h.version_max = vmax;
+	h.job = (char *)job;
+	h.rank = 0;
+	h.world_size = 1;
+	env.body_case = COMMPB__ENVELOPE__BODY_HELLO;
+	env.hello = &h;
+	raw_send(fd, &env, NULL, 0);
+	reply = raw_recv(fd, r);
+	REQUIRE(reply && reply->body_case == COMMPB__ENVELOPE__BODY_HELLO_REPLY, "hello reply");
+	CHECK(reply->hello_reply->status == want, "hello: status %d (%s), want %d",
+	      reply->hello_reply->status, reply->hello_reply->detail, want);
+	if (want == COMM_ERR_VERSION)
+		CHECK(reply->hello_reply->version_min == PROTO_VERSION_MIN &&
+			      reply->hello_reply->version_max == PROTO_VERSION &&
+			      strstr(reply->hello_reply->detail, "speaks"),
+		      "version error without the supported range: %s", reply->hello_reply->detail);
+	commpb__envelope__free_unpacked(reply, NULL);
+}
+
+/* Register fd as memory; returns the reply's status. */
+static int register_fd(int sock, struct frame_reader *r, int fd, uint64_t size)
+{
+	Commpb__Envelope env = COMMPB__ENVELOPE__INIT, *reply;
+	Commpb__RegisterMem reg = COMMPB__REGISTER_MEM__INIT;
+	int status;
+
+	reg.size = size;
+	env.body_case = COMMPB__ENVELOPE__BODY_REGISTER_MEM;
+	env.register_mem = &reg;
+	raw_send(sock, &env, &fd, 1);
+	reply = raw_recv(sock, r);
+	REQUIRE(reply && reply->body_case == COMMPB__ENVELOPE__BODY_REGISTER_MEM_REPLY,
+		"register reply");
+	status = reply->register_mem_reply->status;
+	commpb__envelope__free_unpacked(reply, NULL);
+	return status;
+}
+
+static void test_protocol(void)
+{
+	struct frame_reader r;
+	int fd, mfd, p[2];
+
+	/* garbage where a frame should be */
+	fd = raw_connect();
+	CHECK(write(fd, "\x05\x00\x00\x00garbage!", 12) == 12, "write");
+	CHECK(closed_by_daemon(fd), "garbage frame: connection kept");
+	close(fd);
+
+	/* length prefixes over the limit */
+	{
+		static const char *const lens[] = { "\x01\x00\x01\x00", "\xff\xff\xff\x7f",
+						     "\xff\xff\xff\xff" };
+
+		for (int i = 0; i < 3; i++) {
+			fd = raw_connect();
+			CHECK(write(fd, lens[i], 4) == 4, "write");
+			CHECK(closed_by_daemon(fd), "length prefix %d: connection kept", i);
+			close(fd);
+		}
+	}
+
+	/* a request before hello */
+	{
+		Commpb__Envelope env = COMMPB__ENVELOPE__INIT, *reply;
+		Commpb__StatusRequest sr = COMMPB__STATUS_REQUEST__INIT;
+
+		fd = raw_connect();
+		frame_reader_init(&r);
+		env.body_case = COMMPB__ENVELOPE__BODY_STATUS_REQUEST;
+		env.status_request = &sr;
+		raw_send(fd, &env, NULL, 0);
+		reply = raw_recv(fd, &r);
+		CHECK(reply && reply->body_case == COMMPB__ENVELOPE__BODY_ERROR &&
+			      strstr(reply->error->detail, "before hello"),
+		      "request before hello not refused");
+		if (reply)
+			commpb__envelope__free_unpacked(reply, NULL);
+		CHECK(closed_by_daemon(fd), "request before hello: connection kept");
+		frame_reader_free(&r);
+		close(fd);
+	}
+
+	/* versions the daemon does not speak */
+	fd = raw_connect();
+	frame_reader_init(&r);
+	hello(fd, &r, "v", 100, 200, COMM_ERR_VERSION);
+	CHECK(closed_by_daemon(fd), "version error: connection kept");
+	frame_reader_free(&r);
+	close(fd);
+
+	/* hello twice */
+	fd = raw_connect();
+	frame_reader_init(&r);
+	hello(fd, &r, "twice", PROTO_VERSION_MIN, PROTO_VERSION, COMM_OK);
+	{
+		Commpb__Envelope env = COMMPB__ENVELOPE__INIT, *reply;
+		Commpb__Hello h = COMMPB__HELLO__INIT;
+
+		h.job = "twice";
+		h.world_size = 1;
+		env.body_case = COMMPB__ENVELOPE__BODY_HELLO;
+		env.hello = &h;
+		raw_send(fd, &env, NULL, 0);
+		reply = raw_recv(fd, &r);
+		CHECK(reply && reply->body_case == COMMPB__ENVELOPE__BODY_ERROR,
+		      "second hello not refused");
+		if (reply)
+			commpb__envelope__free_unpacked(reply, NULL);
+	}
+	frame_reader_free(&r);
+	close(fd);
+
+	/* memory that is not a sealed, writable memfd */
+	fd = raw_connect();
+	frame_reader_init(&r);
+	hello(fd, &r, "badmem", PROTO_VERSION_MIN, PROTO_VERSION, COMM_OK);
+	mfd = memfd_create("unsealed", MFD_CLOEXEC);
+	CHECK(ftruncate(mfd, 4096) == 0, "ftruncate");
+	CHECK(register_fd(fd, &r, mfd, 4096) == COMM_ERR_INVALID_ARG, "unsealed memfd accepted");
+	close(mfd);
+	CHECK(pipe(p) == 0, "pipe");
+	CHECK(register_fd(fd, &r, p[0], 4096) == COMM_ERR_INVALID_ARG, "pipe accepted");
+	close(p[0]);
+	close(p[1]);
+	mfd = memfd_create("sealed", MFD_CLOEXEC | MFD_ALLOW_SEALING);
+	CHECK(ftruncate(mfd, 4096) == 0 && fcntl(mfd, F_ADD_SEALS, F_SEAL_SHRINK) == 0, "seal");
+	CHECK(register_fd(fd, &r, mfd, 8192) == COMM_ERR_INVALID_ARG, "size past the memfd");
+	CHECK(register_fd(fd, &r, mfd, 4096) == COMM_OK, "sealed memfd refused");
+	close(mfd);
+	mfd = open("/dev/null", O_RDONLY | O_CLOEXEC);
+	CHECK(register_fd(fd, &r, mfd, 4096) == COMM_ERR_INVALID_ARG, "/dev/null accepted");
+	close(mfd);
+	/* an fd on a message that takes none */
+	{
+		Commpb__Envelope env = COMMPB__ENVELOPE__INIT;
+		Commpb__FreeMem fm = COMMPB__FREE_MEM__INIT;
+
+		CHECK(pipe(p) == 0, "pipe");
+		fm.mem_id = 99;
+		env.body_case = COMMPB__ENVELOPE__BODY_FREE_MEM;
+		env.free_mem = &fm;
+		raw_send(fd, &env, &p[0], 1);
+		CHECK(closed_by_daemon(fd), "fd on free_mem: connection kept");
+		close(p[0]);
+		close(p[1]);
+	}
+	frame_reader_free(&r);
+	close(fd);
+	printf("ok: garbage, oversized lengths, request before hello, version, hello twice, "
+	       "bad memory fds, stray fds\n");
+}
+
+/* Wait (up to 3 s) for the daemon's fds and memfd mappings to come back. */
+static void check_baseline(int fds0, const char *after)
+{
+	int fds = -1, maps = -1;
+
+	for (int i = 0; i < 300; i++) {
+		fds = th_count_fds(d.pid);
+		maps = th_count_memfd_maps(d.pid);
+		if (fds == fds0 && maps == 0)
+			break;
+		usleep(10 * 1000);
+	}
+	CHECK(fds == fds0, "after %s: daemon has %d fds, had %d", after, fds, fds0);
+	CHECK(maps == 0, "after %s: daemon still maps %d memfds", after, maps);
+}
+
+/* A rank whose daemon is killed gets DAEMON_UNREACHABLE, not a hang. */
+static int rank_daemon_dies(int rank, int n, void *arg)
+{
+	comm_t *c = join(rank);
+	int v = 1;
+	comm_result_t rc;
+
+	if (!c)
+		return 1;
+	if (rank == 1) {
+		/* never posts; the test kills the daemon */
+		pause();
+		return 1;
+	}
+	rc = comm_allreduce(c, &v, &v, 1, COMM_INT32, COMM_SUM, NULL);
+	if (rc != COMM_ERR_DAEMON_UNREACHABLE) {
+		fprintf(stderr, "rank 0: daemon killed: got %s\n", comm_result_name(rc));
+		return 1;
+	}
+	comm_finalize(c);
+	return 0;
+}
+
+static void test_daemon_killed(void)
+{
+	struct th_daemon d2;
+	struct th_ranks rs;
+	int status;
+
+	REQUIRE(th_daemon_start(&d2, NULL) == 0, "second daemon");
+	REQUIRE(th_ranks_start(&rs, &d2, "orphans", 2, rank_daemon_dies, NULL) == 0, "ranks");
+	usleep(500 * 1000);
+	kill(d2.pid, SIGKILL);
+	waitpid(d2.pid, &status, 0);
+	kill(rs.pids[1], SIGKILL);
+	CHECK(th_ranks_wait(&rs) == 1, "rank 0 did not see the daemon die");
+	th_daemon_cleanup(&d2);
+	printf("ok: daemon killed under a waiting rank\n");
+}
+
+int main(void)
+{
+	int fds0, before = 1, mid = 0;
+	struct th_ranks rs, other;
+
+	kill_ms = mmap(NULL, sizeof *kill_ms, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_ANONYMOUS,
+		       -1, 0);
+	REQUIRE(kill_ms != MAP_FAILED, "mmap");
+	REQUIRE(th_daemon_start(&d, NULL) == 0, "daemon start");
+	fds0 = th_count_fds(d.pid);
+
+	/* A1/A5: killed with an op in flight; a job beside it is untouched */
+	REQUIRE(th_ranks_start(&other, &d, "bystander", 3, rank_ok, NULL) == 0, "bystander");
+	REQUIRE(th_ranks_start(&rs, &d, "kill-mid-op", N, rank_killed, &mid) == 0, "ranks");
+	CHECK(th_ranks_wait(&rs) == 1, "killed mid-op: survivors failed (see above)");
+	CHECK(th_ranks_wait(&other) == 0, "bystander job failed");
+	check_baseline(fds0, "a rank killed mid-op");
+	printf("ok: rank killed mid-op: PEER_LOST on the others, bystander job fine\n");
+
+	/* A2: killed before posting, the others already waiting */
+	REQUIRE(th_ranks_start(&rs, &d, "kill-before-post", N, rank_killed, &before) == 0, "ranks");
+	CHECK(th_ranks_wait(&rs) == 1, "killed before posting: survivors failed (see above)");
+	CHECK(th_run_ranks(&d, "after-kill", N, rank_ok, NULL) == 0, "new job after kills");
+	check_baseline(fds0, "a rank killed before posting");
+	printf("ok: rank killed before posting: PEER_LOST at once; a new job runs\n");
+
+	CHECK(th_run_ranks(&d, "mismatch", N, rank_mismatch, NULL) == 0, "mismatch");
+	check_baseline(fds0, "mismatches");
+	printf("ok: count, type, dtype and redop mismatches reported to every rank\n");
+
+	test_bad_joins();
+	check_baseline(fds0, "bad joins");
+	test_protocol();
+	check_baseline(fds0, "bad frames");
+	CHECK(th_daemon_alive(&d), "daemon died");
+	CHECK(th_run_ranks(&d, "after-all", N, rank_ok, NULL) == 0, "job after everything");
+
+	CHECK(th_daemon_stop(&d) == 0, "daemon stop");
+	test_daemon_killed();
+	return CHECK_EXIT();
+}
