@@ -84,7 +84,7 @@ struct conn {
 	uv_poll_t poll;
 	int events;
 	int closing;
-	int doomed;            /* closes on the next loop turn */
+	const char *doomed;    /* why it closes on the next loop turn, or NULL */
 	TAILQ_ENTRY(conn) doom_link;
 	struct frame_reader rd;
 	TAILQ_HEAD(, wbuf) wq;
@@ -110,6 +110,7 @@ void conn_close_all(void);
 /*
  * Close c on the next turn of the loop, not now: for failures found while
  * another connection's request is being served (a full write queue).
+ * why must outlive the connection (a string literal).
  */
 void conn_doom(struct conn *c, const char *why);
 /* Pack env and queue it; fds are not sent (replies carry none). 0 or -1. */

@@ -99,7 +99,7 @@ static void on_reap(uv_idle_t *h)
 	struct conn *c;
 
 	while ((c = TAILQ_FIRST(&doomed)))
-		conn_close(c, "write failed");
+		conn_close(c, c->doomed);
 	uv_idle_stop(h);
 }
 
@@ -118,8 +118,7 @@ void conn_doom(struct conn *c, const char *why)
 {
 	if (c->closing || c->doomed)
 		return;
-	log_debug("conn %llu: closing: %s", (unsigned long long)c->id, why);
-	c->doomed = 1;
+	c->doomed = why;
 	TAILQ_INSERT_TAIL(&doomed, c, doom_link);
 	if (!reaper_ready) {
 		uv_idle_init(srv.loop, &reaper);

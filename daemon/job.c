@@ -58,7 +58,8 @@ static struct job *job_new(const struct conn *c, const Commpb__Hello *h)
 		j->next_post[r] = 1;
 	}
 	snprintf(j->name, sizeof j->name, "%s", h->job);
-	memcpy(j->token, h->token.data, h->token.len);
+	if (h->token.len)
+		memcpy(j->token, h->token.data, h->token.len);
 	j->token_len = h->token.len;
 	j->uid = c->uid;
 	j->world = w;
