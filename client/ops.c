@@ -21,9 +21,13 @@ struct opdesc {
 	int root;
 };
 
-/* Name p for the daemon; stage it through a segment when it is not ours. */
+/*
+ * Name p (len bytes) for the daemon; when it is not in a segment, stage it
+ * through a new block of stage_len >= len bytes.
+ */
 static comm_result_t bufref(comm_t *c, const struct opdesc *d, const void *p, size_t len,
-			    const char *which, Commpb__BufRef *ref, void **stage)
+			    size_t stage_len, const char *which, Commpb__BufRef *ref,
+			    void **stage)
 {
 	*stage = NULL;
 	if (len == 0)
@@ -37,10 +41,10 @@ static comm_result_t bufref(comm_t *c, const struct opdesc *d, const void *p, si
 		return comm_set_error(c, COMM_ERR_INVALID_ARG,
 				      "%s: %s buffer of %zu bytes runs past its allocation", d->name,
 				      which, len);
-	*stage = comm_mem_alloc(c, len);
+	*stage = comm_mem_alloc(c, stage_len);
 	if (!*stage)
 		return COMM_ERR_NO_MEMORY;
-	mem_lookup(c, *stage, len, &ref->mem_id, &ref->offset);
+	mem_lookup(c, *stage, stage_len, &ref->mem_id, &ref->offset);
 	return COMM_OK;
 }
 
@@ -59,15 +63,19 @@ static comm_result_t submit(comm_t *c, const struct opdesc *d, comm_request_t **
 	r = req_new(c);
 	if (!r)
 		return comm_set_error(c, COMM_ERR_NO_MEMORY, "%s: out of memory", d->name);
-	rc = bufref(c, d, d->send, d->send_bytes, "send", &sref, &r->stage_send);
+	/* send == recv on a staged pointer: one block, big enough for both */
+	rc = bufref(c, d, d->send, d->send_bytes,
+		    d->recv == d->send && d->recv_bytes > d->send_bytes ? d->recv_bytes
+									  : d->send_bytes,
+		    "send", &sref, &r->stage_send);
 	if (rc != COMM_OK)
 		goto fail;
 	if (d->recv == d->send && r->stage_send) {
-		/* in place on a staged buffer: stage once, in both directions */
 		r->stage_recv = r->stage_send;
 		rref = sref;
 	} else {
-		rc = bufref(c, d, d->recv, d->recv_bytes, "recv", &rref, &r->stage_recv);
+		rc = bufref(c, d, d->recv, d->recv_bytes, d->recv_bytes, "recv", &rref,
+			    &r->stage_recv);
 		if (rc != COMM_OK)
 			goto fail;
 	}

@@ -1,0 +1,1274 @@
+/*
+ * test-collectives.c: every collective, dtype and reduction through the real
+ * commd, checked element by element against a reference each rank computes
+ * itself; in place, staged, asynchronous, two jobs, memory and bad arguments.
+ */
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "check.h"
+#include "comm.h"
+#include "harness.h"
+
+#define BIG 1000003          /* the large count: threads, parts and chunks */
+#define GUARD 64             /* poisoned bytes after every buffer */
+#define CANARY (64u << 10)   /* comm_mem_alloc block next to a staging block */
+#define POISON 0xa5
+#define CANARY_BYTE 0x5a
+#define WATCHDOG_S 120       /* a rank that hangs dies of SIGALRM */
+#define NREQ 64
+
+/*
+ * Inputs are small integers (-5..5) or multiples of 0.25 (-2..2), so every
+ * SUM, PROD, MIN and MAX below is exact in every type and must match bit for
+ * bit. Float AVG may round in the division: within 1e-6 relative (absolute
+ * below 1). Integer AVG truncates toward zero (C division of the sum); the
+ * "full-range" integer cases make SUM and PROD wrap, computed here unsigned.
+ */
+#define AVG_TOL 1e-6
+
+enum kind { AR, RS, AG };
+enum mode { ZC, STAGED, SEND_STAGED, RECV_STAGED };
+enum place { OOP, INPLACE, LITERAL };
+
+struct tcase {
+	enum kind kind;
+	comm_dtype_t dt;
+	comm_redop_t op;
+	size_t count;    /* all-reduce count, reduce-scatter recvcount, all-gather sendcount */
+	enum mode mode;
+	enum place place;
+	int wide;        /* integers over their whole range: SUM and PROD wrap */
+};
+
+/* A list of cases one job runs in order; failed[] and ran[] are shared with the ranks. */
+struct plan {
+	const char *title;
+	int world;
+	uint32_t seed;
+	int n, cap;
+	struct tcase *cases;
+	int *failed;    /* ranks that found case i wrong */
+	int *ran;       /* ranks that finished case i */
+};
+
+typedef union {
+	int32_t i32;
+	int64_t i64;
+	float f32;
+	double f64;
+} val_t;
+
+/* One op of one rank: its buffers and where its input and output lie. */
+struct run {
+	const struct tcase *t;
+	uint32_t seed;
+	int r, n;
+	int szc, rzc;           /* send / recv from comm_mem_alloc */
+	size_t es, sn, rn;      /* element size, send and recv elements */
+	char *sbase, *rbase;    /* allocations (rbase NULL in place) */
+	size_t slen, rlen;
+	char *send, *recv;
+	char *canary;
+};
+
+static const comm_dtype_t dtypes[] = { COMM_INT32, COMM_INT64, COMM_FLOAT32, COMM_FLOAT64 };
+static const comm_redop_t redops[] = { COMM_SUM, COMM_PROD, COMM_MIN, COMM_MAX, COMM_AVG };
+
+static const char *kind_name(enum kind k)
+{
+	return k == AR ? "allreduce" : k == RS ? "reduce-scatter" : "all-gather";
+}
+
+static const char *dt_name(comm_dtype_t dt)
+{
+	switch (dt) {
+	case COMM_INT32:
+		return "int32";
+	case COMM_INT64:
+		return "int64";
+	case COMM_FLOAT32:
+		return "float32";
+	case COMM_FLOAT64:
+		return "float64";
+	default:
+		return "?";
+	}
+}
+
+static const char *op_name(comm_redop_t op)
+{
+	static const char *const names[] = { "sum", "prod", "min", "max", "avg" };
+
+	return (unsigned)op <= COMM_AVG ? names[op] : "?";
+}
+
+static const char *describe(const struct tcase *t, int n, char *buf, size_t len)
+{
+	static const char *const modes[] = { "zero-copy", "staged", "staged send, zero-copy recv",
+					     "zero-copy send, staged recv" };
+	static const char *const places[] = { "", " in-place", " literal in-place (send == recv)" };
+
+	snprintf(buf, len, "%s %s%s%s%s n=%d count=%zu %s%s", kind_name(t->kind),
+		 t->wide ? "full-range " : "", dt_name(t->dt), t->kind == AG ? "" : " ",
+		 t->kind == AG ? "" : op_name(t->op), n, t->count, modes[t->mode], places[t->place]);
+	return buf;
+}
+
+static uint64_t mix(uint64_t x)
+{
+	x += 0x9e3779b97f4a7c15ull;
+	x = (x ^ (x >> 30)) * 0xbf58476d1ce4e5b9ull;
+	x = (x ^ (x >> 27)) * 0x94d049bb133111ebull;
+	return x ^ (x >> 31);
+}
+
+/* Element idx of rank r's input in the case with this seed. */
+static val_t gen(const struct tcase *t, uint32_t seed, int r, size_t idx)
+{
+	uint64_t h = mix(((uint64_t)seed << 40) ^ ((uint64_t)(unsigned)r << 32) ^ idx);
+	val_t v;
+
+	memset(&v, 0, sizeof v);
+	switch (t->dt) {
+	case COMM_INT32:
+		v.i32 = t->wide ? (int32_t)(uint32_t)h : (int32_t)(h % 11) - 5;
+		break;
+	case COMM_INT64:
+		v.i64 = t->wide ? (int64_t)h : (int64_t)(h % 11) - 5;
+		break;
+	case COMM_FLOAT32:
+		v.f32 = (float)((int)(h % 17) - 8) * 0.25f;
+		break;
+	default:
+		v.f64 = (double)((int)(h % 17) - 8) * 0.25;
+		break;
+	}
+	return v;
+}
+
+#define COMBINE(f, A)                                                          \
+	switch (op) {                                                          \
+	case COMM_SUM:                                                         \
+	case COMM_AVG:                                                         \
+		a.f = (A)a.f + (A)b.f;                                         \
+		break;                                                         \
+	case COMM_PROD:                                                        \
+		a.f = (A)a.f * (A)b.f;                                         \
+		break;                                                         \
+	case COMM_MIN:                                                         \
+		a.f = b.f < a.f ? b.f : a.f;                                   \
+		break;                                                         \
+	default:                                                               \
+		a.f = b.f > a.f ? b.f : a.f;                                   \
+		break;                                                         \
+	}
+
+/* a op b in the dtype; integer SUM and PROD in the unsigned type. */
+static val_t combine(comm_dtype_t dt, comm_redop_t op, val_t a, val_t b)
+{
+	switch (dt) {
+	case COMM_INT32:
+		COMBINE(i32, uint32_t);
+		break;
+	case COMM_INT64:
+		COMBINE(i64, uint64_t);
+		break;
+	case COMM_FLOAT32:
+		COMBINE(f32, float);
+		break;
+	default:
+		COMBINE(f64, double);
+		break;
+	}
+	return a;
+}
+
+/* The reduction of element idx over ranks 0, 1, ..., n-1, in that order. */
+static val_t fold(const struct run *x, size_t idx)
+{
+	const struct tcase *t = x->t;
+	val_t acc = gen(t, x->seed, 0, idx);
+
+	for (int q = 1; q < x->n; q++)
+		acc = combine(t->dt, t->op, acc, gen(t, x->seed, q, idx));
+	if (t->op == COMM_AVG) {
+		switch (t->dt) {
+		case COMM_INT32:
+			acc.i32 /= x->n;
+			break;
+		case COMM_INT64:
+			acc.i64 /= x->n;
+			break;
+		case COMM_FLOAT32:
+			acc.f32 /= (float)x->n;
+			break;
+		default:
+			acc.f64 /= (double)x->n;
+			break;
+		}
+	}
+	return acc;
+}
+
+static double absd(double v)
+{
+	return v < 0 ? -v : v;
+}
+
+static void val_str(comm_dtype_t dt, val_t v, char *buf, size_t len)
+{
+	if (dt == COMM_INT32)
+		snprintf(buf, len, "%d", (int)v.i32);
+	else if (dt == COMM_INT64)
+		snprintf(buf, len, "%lld", (long long)v.i64);
+	else if (dt == COMM_FLOAT32)
+		snprintf(buf, len, "%.9g", (double)v.f32);
+	else
+		snprintf(buf, len, "%.17g", v.f64);
+}
+
+/* Whether the element at p is want: exact, or within AVG_TOL for a float AVG. */
+static int val_match(const struct tcase *t, const void *p, val_t want, size_t es, val_t *got)
+{
+	int avg = t->kind != AG && t->op == COMM_AVG;
+
+	memset(got, 0, sizeof *got);
+	memcpy(got, p, es);
+	switch (t->dt) {
+	case COMM_INT32:
+		return got->i32 == want.i32;
+	case COMM_INT64:
+		return got->i64 == want.i64;
+	case COMM_FLOAT32:
+		if (avg)
+			return absd((double)got->f32 - (double)want.f32) <=
+			       AVG_TOL * (absd((double)want.f32) > 1 ? absd((double)want.f32) : 1);
+		return got->f32 == want.f32;
+	default:
+		if (avg)
+			return absd(got->f64 - want.f64) <=
+			       AVG_TOL * (absd(want.f64) > 1 ? absd(want.f64) : 1);
+		return got->f64 == want.f64;
+	}
+}
+
+static void *buf_alloc(comm_t *c, int zc, size_t bytes)
+{
+	return zc ? comm_mem_alloc(c, bytes) : malloc(bytes);
+}
+
+static void buf_free(comm_t *c, int zc, void *p)
+{
+	if (p && zc)
+		comm_mem_free(c, p);
+	else
+		free(p);
+}
+
+static int all_bytes(const char *p, size_t len, int byte)
+{
+	for (size_t i = 0; i < len; i++)
+		if ((unsigned char)p[i] != byte)
+			return 0;
+	return 1;
+}
+
+/* Allocate and fill x's buffers as its case says; -1 on failure (printed). */
+static int run_setup(comm_t *c, struct run *x, const struct tcase *t, uint32_t seed, int r,
+		     int n)
+{
+	size_t sb, rb, block;
+
+	memset(x, 0, sizeof *x);
+	x->t = t;
+	x->seed = seed;
+	x->r = r;
+	x->n = n;
+	x->es = comm_dtype_size(t->dt);
+	x->sn = t->kind == RS ? (size_t)n * t->count : t->count;
+	x->rn = t->kind == AG ? (size_t)n * t->count : t->count;
+	x->szc = t->mode == ZC || t->mode == RECV_STAGED;
+	x->rzc = t->mode == ZC || t->mode == SEND_STAGED;
+	sb = x->sn * x->es;
+	rb = x->rn * x->es;
+	block = t->count * x->es;
+	if (t->place == OOP) {
+		x->slen = sb + GUARD;
+		x->rlen = rb + GUARD;
+		x->sbase = buf_alloc(c, x->szc, x->slen);
+		x->rbase = buf_alloc(c, x->rzc, x->rlen);
+		x->send = x->sbase;
+		x->recv = x->rbase;
+	} else {
+		x->slen = (sb > rb ? sb : rb) + GUARD;
+		x->sbase = buf_alloc(c, x->szc, x->slen);
+		x->send = x->recv = x->sbase;
+		if (x->sbase && t->place == INPLACE && t->kind == RS)
+			x->recv = x->sbase + (size_t)r * block;
+		if (x->sbase && t->place == INPLACE && t->kind == AG)
+			x->send = x->sbase + (size_t)r * block;
+	}
+	if (!x->sbase || (t->place == OOP && !x->rbase)) {
+		fprintf(stderr, "rank %d: allocating %zu + %zu bytes failed: %s\n", r, x->slen,
+			x->rlen, x->szc || x->rzc ? comm_last_error(c) : "malloc");
+		return -1;
+	}
+	memset(x->sbase, POISON, x->slen);
+	if (x->rbase)
+		memset(x->rbase, POISON, x->rlen);
+	for (size_t i = 0; i < x->sn; i++) {
+		val_t v = gen(t, seed, r, i);
+
+		memcpy(x->send + i * x->es, &v, x->es);
+	}
+	/*
+	 * A staged send buffer lands in the first free block that fits: leave a
+	 * hole of exactly its size with a canary block after it, so that a write
+	 * past the staging block shows up in memory the caller owns.
+	 */
+	if (!x->szc && sb > 0) {
+		void *hole = comm_mem_alloc(c, sb);
+
+		x->canary = comm_mem_alloc(c, CANARY);
+		if (!hole || !x->canary) {
+			fprintf(stderr, "rank %d: comm_mem_alloc for the canary: %s\n", r,
+				comm_last_error(c));
+			return -1;
+		}
+		memset(x->canary, CANARY_BYTE, CANARY);
+		comm_mem_free(c, hole);
+	}
+	return 0;
+}
+
+static comm_result_t run_post(comm_t *c, struct run *x, comm_request_t **req)
+{
+	const struct tcase *t = x->t;
+
+	if (t->kind == AR)
+		return comm_allreduce(c, x->send, x->recv, t->count, t->dt, t->op, req);
+	if (t->kind == RS)
+		return comm_reduce_scatter(c, x->send, x->recv, t->count, t->dt, t->op, req);
+	return comm_allgather(c, x->send, x->recv, t->count, t->dt, req);
+}
+
+/* Check x's output, input, guards and canary; 0 when all is well. */
+static int run_check(const struct run *x)
+{
+	const struct tcase *t = x->t;
+	char what[160], g[48], w[48];
+	val_t want, got;
+	int bad = 0;
+
+	describe(t, x->n, what, sizeof what);
+	for (size_t j = 0; j < x->rn; j++) {
+		if (t->kind == AR)
+			want = fold(x, j);
+		else if (t->kind == RS)
+			want = fold(x, (size_t)x->r * t->count + j);
+		else
+			want = gen(t, x->seed, (int)(j / t->count), j % t->count);
+		if (!val_match(t, x->recv + j * x->es, want, x->es, &got)) {
+			val_str(t->dt, got, g, sizeof g);
+			val_str(t->dt, want, w, sizeof w);
+			fprintf(stderr, "rank %d: %s: element %zu of %zu is %s, expected %s\n", x->r,
+				what, j, x->rn, g, w);
+			bad = 1;
+			break;
+		}
+	}
+	for (size_t i = 0; t->place == OOP && i < x->sn; i++) {
+		val_t in = gen(t, x->seed, x->r, i);
+
+		if (memcmp(x->send + i * x->es, &in, x->es) != 0) {
+			fprintf(stderr, "rank %d: %s: input element %zu was changed\n", x->r, what,
+				i);
+			bad = 1;
+			break;
+		}
+	}
+	if (x->sbase && !all_bytes(x->sbase + x->slen - GUARD, GUARD, POISON)) {
+		fprintf(stderr, "rank %d: %s: written past the end of the %s buffer\n", x->r,
+			what, t->place == OOP ? "send" : "");
+		bad = 1;
+	}
+	if (x->rbase && !all_bytes(x->rbase + x->rlen - GUARD, GUARD, POISON)) {
+		fprintf(stderr, "rank %d: %s: written past the end of the recv buffer\n", x->r,
+			what);
+		bad = 1;
+	}
+	if (x->canary && !all_bytes(x->canary, CANARY, CANARY_BYTE)) {
+		fprintf(stderr,
+			"rank %d: %s: a comm_mem_alloc block next to the staging block was "
+			"overwritten\n",
+			x->r, what);
+		bad = 1;
+	}
+	return bad;
+}
+
+static void run_free(comm_t *c, struct run *x)
+{
+	buf_free(c, 1, x->canary);
+	buf_free(c, x->szc, x->sbase);
+	buf_free(c, x->rzc, x->rbase);
+	x->canary = x->sbase = x->rbase = NULL;
+}
+
+/* One blocking op: 0 correct, 1 wrong values, -1 the job is out of step. */
+static int run_one(comm_t *c, const struct tcase *t, uint32_t seed, int r, int n)
+{
+	struct run x;
+	comm_result_t rc;
+	char what[160];
+	int bad;
+
+	if (run_setup(c, &x, t, seed, r, n) < 0) {
+		run_free(c, &x);
+		return -1;
+	}
+	rc = run_post(c, &x, NULL);
+	if (rc != COMM_OK) {
+		fprintf(stderr, "rank %d: %s: %s: %s\n", r, describe(t, n, what, sizeof what),
+			comm_result_name(rc), comm_last_error(c));
+		run_free(c, &x);
+		return -1;
+	}
+	bad = run_check(&x);
+	run_free(c, &x);
+	return bad;
+}
+
+static int join(comm_t **c, int r, int n)
+{
+	comm_result_t rc;
+
+	alarm(WATCHDOG_S);
+	rc = comm_init(c, NULL);
+	if (rc != COMM_OK) {
+		fprintf(stderr, "rank %d: comm_init: %s\n", r, comm_result_name(rc));
+		return -1;
+	}
+	if (comm_rank(*c) != r || comm_size(*c) != n) {
+		fprintf(stderr, "rank %d: comm_rank %d, comm_size %d, expected %d of %d\n", r,
+			comm_rank(*c), comm_size(*c), r, n);
+		comm_abort(*c);
+		return -1;
+	}
+	return 0;
+}
+
+static int leave(comm_t *c, int r)
+{
+	comm_result_t rc = comm_finalize(c);
+
+	if (rc != COMM_OK) {
+		fprintf(stderr, "rank %d: comm_finalize: %s\n", r, comm_result_name(rc));
+		return 1;
+	}
+	return 0;
+}
+
+/* Stop after an op failed on this rank: the others' ops then fail too. */
+static int bail(comm_t *c)
+{
+	comm_abort(c);
+	return 1;
+}
+
+/* --- plans: lists of cases run by one job -------------------------------- */
+
+static int rank_plan(int r, int n, void *arg)
+{
+	const struct plan *p = arg;
+	comm_t *c;
+	int bad = 0;
+
+	if (join(&c, r, n) < 0)
+		return 1;
+	for (int i = 0; i < p->n; i++) {
+		int rc = run_one(c, &p->cases[i], p->seed + (uint32_t)i, r, n);
+
+		if (rc)
+			__atomic_fetch_add(&p->failed[i], 1, __ATOMIC_RELAXED);
+		if (rc < 0)
+			return bail(c);
+		__atomic_fetch_add(&p->ran[i], 1, __ATOMIC_RELAXED);
+		bad |= rc;
+	}
+	return leave(c, r) | bad;
+}
+
+static void add(struct plan *p, enum kind k, comm_dtype_t dt, comm_redop_t op, size_t count,
+		enum mode m, enum place pl, int wide)
+{
+	if (p->n == p->cap) {
+		p->cap = p->cap ? 2 * p->cap : 64;
+		p->cases = realloc(p->cases, (size_t)p->cap * sizeof *p->cases);
+		REQUIRE(p->cases, "out of memory");
+	}
+	p->cases[p->n++] = (struct tcase){ k, dt, op, count, m, pl, wide };
+}
+
+static double secs_since(const struct timespec *t0)
+{
+	struct timespec t;
+
+	clock_gettime(CLOCK_MONOTONIC, &t);
+	return (double)(t.tv_sec - t0->tv_sec) + (double)(t.tv_nsec - t0->tv_nsec) / 1e9;
+}
+
+static int next_job;
+
+static void job_name(char *buf, size_t len, const char *tag)
+{
+	snprintf(buf, len, "coll-%d-%s", ++next_job, tag);
+}
+
+/* Run every case of p in one job of p->world ranks; print a line a case. */
+static void run_plan(const struct th_daemon *d, struct plan *p)
+{
+	size_t bytes = 2 * (size_t)(p->n ? p->n : 1) * sizeof *p->failed;
+	struct timespec t0;
+	char job[64], what[160];
+	int failed, nbad = 0;
+
+	p->failed = mmap(NULL, bytes, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_ANONYMOUS, -1, 0);
+	REQUIRE(p->failed != MAP_FAILED, "mmap");
+	p->ran = p->failed + (p->n ? p->n : 1);
+	p->seed = (uint32_t)next_job * 4096 + 1;
+	job_name(job, sizeof job, "plan");
+	clock_gettime(CLOCK_MONOTONIC, &t0);
+	failed = th_run_ranks(d, job, p->world, rank_plan, p);
+	for (int i = 0; i < p->n; i++) {
+		const char *st = p->failed[i] ? "FAIL" : p->ran[i] == p->world ? "ok" : "not run";
+
+		nbad += p->failed[i] > 0;
+		printf("%s: %s\n", st, describe(&p->cases[i], p->world, what, sizeof what));
+	}
+	CHECK(failed == 0 && nbad == 0, "%s: %d of %d ranks failed, %d of %d cases wrong",
+	      p->title, failed, p->world, nbad, p->n);
+	printf("== %s: %s, %d cases, %.1f s\n", p->title, failed ? "FAIL" : "ok", p->n,
+	       secs_since(&t0));
+	fflush(stdout);
+	munmap(p->failed, bytes);
+	free(p->cases);
+	memset(p, 0, sizeof *p);
+}
+
+/* Every dtype x op for all-reduce and reduce-scatter, all-gather per dtype. */
+static void test_all_types(const struct th_daemon *d)
+{
+	static const size_t small[] = { 0, 1, 7 };
+	struct plan p = { .title = "every dtype x op, n=4, zero-copy", .world = 4 };
+
+	for (int k = AR; k <= RS; k++) {
+		for (size_t i = 0; i < sizeof dtypes / sizeof dtypes[0]; i++) {
+			for (size_t o = 0; o < sizeof redops / sizeof redops[0]; o++) {
+				for (size_t s = 0; s < sizeof small / sizeof small[0]; s++)
+					add(&p, (enum kind)k, dtypes[i], redops[o], small[s], ZC,
+					    OOP, 0);
+				add(&p, (enum kind)k, dtypes[i], redops[o], BIG, ZC, OOP, 0);
+			}
+		}
+	}
+	for (size_t i = 0; i < sizeof dtypes / sizeof dtypes[0]; i++) {
+		for (size_t s = 0; s < sizeof small / sizeof small[0]; s++)
+			add(&p, AG, dtypes[i], COMM_SUM, small[s], ZC, OOP, 0);
+		add(&p, AG, dtypes[i], COMM_SUM, BIG, ZC, OOP, 0);
+	}
+	/* integers over their whole range: wrapping SUM and PROD, signed MIN and MAX */
+	for (int k = AR; k <= RS; k++)
+		for (size_t i = 0; i < 2; i++)
+			for (size_t o = 0; o < 4; o++)
+				add(&p, (enum kind)k, dtypes[i], redops[o], 2500, ZC, OOP, 1);
+	/* between the loop thread's limit and the big count */
+	add(&p, AR, COMM_FLOAT64, COMM_MAX, 70001, ZC, OOP, 0);
+	add(&p, RS, COMM_INT32, COMM_AVG, 70001, ZC, OOP, 0);
+	add(&p, AG, COMM_FLOAT32, COMM_SUM, 70001, ZC, OOP, 0);
+	run_plan(d, &p);
+}
+
+/* A few combinations with 1, 2 and 3 ranks. */
+static void test_other_sizes(const struct th_daemon *d)
+{
+	static const struct {
+		enum kind k;
+		comm_dtype_t dt;
+		comm_redop_t op;
+	} combos[] = {
+		{ AR, COMM_FLOAT32, COMM_SUM }, { AR, COMM_INT32, COMM_AVG },
+		{ AR, COMM_FLOAT64, COMM_AVG }, { AR, COMM_INT64, COMM_PROD },
+		{ RS, COMM_FLOAT32, COMM_SUM }, { RS, COMM_INT32, COMM_AVG },
+		{ RS, COMM_INT64, COMM_MIN },   { AG, COMM_FLOAT64, COMM_SUM },
+		{ AG, COMM_INT32, COMM_SUM },
+	};
+	static const size_t counts[] = { 1, 7, BIG };
+	static const char *const titles[] = { "", "a few combos, n=1", "a few combos, n=2",
+					      "a few combos, n=3" };
+
+	for (int n = 1; n <= 3; n++) {
+		struct plan p = { .title = titles[n], .world = n };
+
+		for (size_t i = 0; i < sizeof combos / sizeof combos[0]; i++)
+			for (size_t s = 0; s < sizeof counts / sizeof counts[0]; s++)
+				if (n > 1 || counts[s] != BIG)
+					add(&p, combos[i].k, combos[i].dt, combos[i].op, counts[s],
+					    ZC, OOP, 0);
+		run_plan(d, &p);
+	}
+}
+
+/* The in-place layouts of comm.h, and send == recv for all three ops. */
+static void test_in_place(const struct th_daemon *d)
+{
+	static const struct {
+		comm_dtype_t dt;
+		comm_redop_t op;
+		int big;
+	} combos[] = {
+		{ COMM_FLOAT32, COMM_SUM, 1 },
+		{ COMM_INT64, COMM_MAX, 0 },
+		{ COMM_FLOAT64, COMM_AVG, 1 },
+		{ COMM_INT32, COMM_PROD, 0 },
+	};
+	static const size_t counts[] = { 1, 7, BIG };
+
+	for (int n = 4; n >= 3; n--) {
+		struct plan p = { .title = n == 4 ? "in place, n=4, zero-copy"
+						  : "in place, n=3, zero-copy",
+				  .world = n };
+
+		for (size_t i = 0; i < sizeof combos / sizeof combos[0]; i++) {
+			for (size_t s = 0; s < sizeof counts / sizeof counts[0]; s++) {
+				comm_dtype_t dt = combos[i].dt;
+				comm_redop_t op = combos[i].op;
+				size_t cnt = counts[s];
+
+				if (cnt == BIG && !combos[i].big)
+					continue;
+				add(&p, AR, dt, op, cnt, ZC, INPLACE, 0);
+				add(&p, RS, dt, op, cnt, ZC, INPLACE, 0);
+				add(&p, RS, dt, op, cnt, ZC, LITERAL, 0);
+				add(&p, AG, dt, op, cnt, ZC, INPLACE, 0);
+				add(&p, AG, dt, op, cnt, ZC, LITERAL, 0);
+			}
+		}
+		run_plan(d, &p);
+	}
+}
+
+/* Plain malloc'd buffers, staged through shared memory by the library. */
+static void test_staged(const struct th_daemon *d)
+{
+	static const size_t counts[] = { 7, BIG };
+	struct plan p = { .title = "staged (malloc) buffers, n=4", .world = 4 };
+
+	for (size_t s = 0; s < sizeof counts / sizeof counts[0]; s++) {
+		size_t cnt = counts[s];
+
+		for (int k = AR; k <= AG; k++) {
+			for (int m = STAGED; m <= RECV_STAGED; m++)
+				add(&p, (enum kind)k, COMM_FLOAT32, COMM_SUM, cnt, (enum mode)m,
+				    OOP, 0);
+			add(&p, (enum kind)k, COMM_FLOAT32, COMM_SUM, cnt, STAGED, INPLACE, 0);
+			if (k != AR)
+				add(&p, (enum kind)k, COMM_FLOAT32, COMM_SUM, cnt, STAGED, LITERAL,
+				    0);
+		}
+	}
+	add(&p, AR, COMM_INT64, COMM_MAX, 7, STAGED, OOP, 0);
+	add(&p, RS, COMM_FLOAT64, COMM_AVG, 7, STAGED, OOP, 0);
+	add(&p, RS, COMM_INT32, COMM_MIN, 7, STAGED, INPLACE, 0);
+	add(&p, AG, COMM_INT64, COMM_SUM, 7, STAGED, INPLACE, 0);
+	run_plan(d, &p);
+}
+
+/* --- the reference workload ----------------------------------------------- */
+
+static int check_floats(int r, const char *what, const float *got, const float *want, int n)
+{
+	for (int i = 0; i < n; i++) {
+		if (got[i] != want[i]) {
+			fprintf(stderr, "rank %d: %s: element %d is %g, expected %g\n", r, what, i,
+				(double)got[i], (double)want[i]);
+			return 1;
+		}
+	}
+	return 0;
+}
+
+static int rank_reference(int r, int n, void *arg)
+{
+	static const float want[4] = { 6, 10, 14, 18 };
+	float *in, *out, *one, mine[4];
+	comm_result_t rc;
+	comm_t *c;
+	int bad = 0;
+
+	if (join(&c, r, n) < 0)
+		return 1;
+	in = comm_mem_alloc(c, sizeof want);
+	out = comm_mem_alloc(c, sizeof want);
+	one = comm_mem_alloc(c, sizeof *one);
+	if (!in || !out || !one) {
+		fprintf(stderr, "rank %d: comm_mem_alloc: %s\n", r, comm_last_error(c));
+		return bail(c);
+	}
+	for (int i = 0; i < 4; i++)
+		mine[i] = in[i] = (float)(r + i);
+	rc = comm_allreduce(c, in, out, 4, COMM_FLOAT32, COMM_SUM, NULL);
+	if (rc != COMM_OK) {
+		fprintf(stderr, "rank %d: all-reduce: %s\n", r, comm_result_name(rc));
+		return bail(c);
+	}
+	bad |= check_floats(r, "all-reduce", out, want, 4);
+	one[0] = -1;
+	rc = comm_reduce_scatter(c, in, one, 1, COMM_FLOAT32, COMM_SUM, NULL);
+	if (rc != COMM_OK) {
+		fprintf(stderr, "rank %d: reduce-scatter: %s\n", r, comm_result_name(rc));
+		return bail(c);
+	}
+	bad |= check_floats(r, "reduce-scatter", one, &want[r], 1);
+	memset(out, 0, sizeof want);
+	rc = comm_allgather(c, one, out, 1, COMM_FLOAT32, NULL);
+	if (rc != COMM_OK) {
+		fprintf(stderr, "rank %d: all-gather: %s\n", r, comm_result_name(rc));
+		return bail(c);
+	}
+	bad |= check_floats(r, "all-gather", out, want, 4);
+	bad |= check_floats(r, "input after the ops", in, mine, 4);
+	return leave(c, r) | bad;
+}
+
+static void test_reference(const struct th_daemon *d)
+{
+	char job[64];
+	int failed;
+
+	job_name(job, sizeof job, "reference");
+	failed = th_run_ranks(d, job, 4, rank_reference, NULL);
+	CHECK(failed == 0, "reference workload: %d ranks failed", failed);
+	printf("%s: reference workload n=4 float32: all-reduce sum -> [6,10,14,18], "
+	       "reduce-scatter -> [6,10,14,18][r], all-gather -> [6,10,14,18]\n",
+	       failed ? "FAIL" : "ok");
+}
+
+/* --- many outstanding requests -------------------------------------------- */
+
+enum { BY_WAIT, BY_TEST, BY_WAIT_STAGED };
+
+static int rank_outstanding(int r, int n, void *arg)
+{
+	int how = *(const int *)arg, left = NREQ, bad = 0;
+	struct tcase *t = calloc(NREQ, sizeof *t);
+	struct run *x = calloc(NREQ, sizeof *x);
+	comm_request_t *req[NREQ];
+	comm_result_t rc;
+	comm_t *c;
+
+	if (!t || !x || join(&c, r, n) < 0)
+		return 1;
+	for (int k = 0; k < NREQ; k++) {
+		t[k] = (struct tcase){ AR, dtypes[k % 4], redops[k % 5], 1 + (size_t)k * 397 % 5000,
+				       how == BY_WAIT_STAGED ? STAGED : ZC, OOP, 0 };
+		if (run_setup(c, &x[k], &t[k], 900 + (uint32_t)k, r, n) < 0)
+			return bail(c);
+		rc = run_post(c, &x[k], &req[k]);
+		if (rc != COMM_OK) {
+			fprintf(stderr, "rank %d: posting op %d: %s\n", r, k, comm_result_name(rc));
+			return bail(c);
+		}
+	}
+	if (how != BY_TEST) {
+		for (int k = 0; k < NREQ; k++) {
+			rc = comm_wait(req[k], -1);
+			if (rc != COMM_OK) {
+				fprintf(stderr, "rank %d: comm_wait op %d: %s\n", r, k,
+					comm_result_name(rc));
+				return bail(c);
+			}
+		}
+	} else {
+		/* newest first: completing one answers the older ones too */
+		while (left > 0) {
+			int progress = 0;
+
+			for (int k = NREQ - 1; k >= 0; k--) {
+				int done = 0;
+
+				if (!req[k])
+					continue;
+				rc = comm_test(req[k], &done);
+				if (rc != COMM_OK) {
+					fprintf(stderr, "rank %d: comm_test op %d: %s\n", r, k,
+						comm_result_name(rc));
+					return bail(c);
+				}
+				if (done) {
+					req[k] = NULL;
+					left--;
+					progress = 1;
+				}
+			}
+			if (!progress)
+				usleep(200);
+		}
+	}
+	for (int k = 0; k < NREQ; k++) {
+		bad |= run_check(&x[k]);
+		run_free(c, &x[k]);
+	}
+	free(x);
+	free(t);
+	return leave(c, r) | bad;
+}
+
+/*
+ * Rank 0 posts first and the others wait for its flag (shared memory) before
+ * they post: comm_wait with a timeout and comm_test must say "in progress"
+ * and leave the request valid.
+ */
+static int rank_timeout(int r, int n, void *arg)
+{
+	struct tcase t = { AR, COMM_FLOAT32, COMM_SUM, 1000, ZC, OOP, 0 };
+	int *posted = arg, bad = 0, done = -1;
+	comm_request_t *req;
+	struct run x;
+	comm_result_t rc;
+	comm_t *c;
+
+	if (join(&c, r, n) < 0)
+		return 1;
+	if (run_setup(c, &x, &t, 77, r, n) < 0)
+		return bail(c);
+	while (r != 0 && !__atomic_load_n(posted, __ATOMIC_ACQUIRE))
+		usleep(1000);
+	rc = run_post(c, &x, &req);
+	if (rc != COMM_OK) {
+		fprintf(stderr, "rank %d: posting: %s\n", r, comm_result_name(rc));
+		return bail(c);
+	}
+	for (int ms = 0; r == 0 && req && ms <= 50; ms += 50) {
+		rc = comm_wait(req, ms);
+		if (rc != COMM_INPROGRESS) {
+			fprintf(stderr, "rank 0: comm_wait(req, %d) before the others posted: %s, "
+					"expected COMM_INPROGRESS\n",
+				ms, comm_result_name(rc));
+			bad = 1;
+			req = NULL; /* it finished, so it was freed */
+		}
+	}
+	if (r == 0 && req) {
+		rc = comm_test(req, &done);
+		if (rc != COMM_OK || done != 0) {
+			fprintf(stderr, "rank 0: comm_test before the others posted: %s, done %d, "
+					"expected COMM_OK and 0\n",
+				comm_result_name(rc), done);
+			bad = 1;
+			if (done)
+				req = NULL;
+		}
+	}
+	if (r == 0)
+		__atomic_store_n(posted, 1, __ATOMIC_RELEASE);
+	if (req) {
+		rc = comm_wait(req, -1);
+		if (rc != COMM_OK) {
+			fprintf(stderr, "rank %d: comm_wait: %s\n", r, comm_result_name(rc));
+			return bail(c);
+		}
+	}
+	bad |= run_check(&x);
+	run_free(c, &x);
+	return leave(c, r) | bad;
+}
+
+static void test_outstanding(const struct th_daemon *d)
+{
+	static const char *const names[] = { "comm_wait in posting order", "comm_test polling",
+					     "staged buffers, comm_wait" };
+	char job[64];
+	int failed, *posted;
+
+	for (int how = BY_WAIT; how <= BY_WAIT_STAGED; how++) {
+		job_name(job, sizeof job, "outstanding");
+		failed = th_run_ranks(d, job, 4, rank_outstanding, &how);
+		CHECK(failed == 0, "%d outstanding, %s: %d ranks failed", NREQ, names[how], failed);
+		printf("%s: %d outstanding all-reduces (every dtype and op) n=4, %s\n",
+		       failed ? "FAIL" : "ok", NREQ, names[how]);
+	}
+	posted = mmap(NULL, sizeof *posted, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_ANONYMOUS,
+		      -1, 0);
+	REQUIRE(posted != MAP_FAILED, "mmap");
+	*posted = 0;
+	job_name(job, sizeof job, "timeout");
+	failed = th_run_ranks(d, job, 4, rank_timeout, posted);
+	munmap(posted, sizeof *posted);
+	CHECK(failed == 0, "comm_wait timeout 0: %d ranks failed", failed);
+	printf("%s: comm_wait(req, 0), comm_wait(req, 50) and comm_test before the other ranks "
+	       "post: in progress, then completes\n",
+	       failed ? "FAIL" : "ok");
+}
+
+/* --- two jobs on one daemon ----------------------------------------------- */
+
+struct iter_arg {
+	int iters;
+	uint32_t salt;
+};
+
+static int rank_iters(int r, int n, void *arg)
+{
+	const struct iter_arg *a = arg;
+	comm_t *c;
+	int bad = 0;
+
+	if (join(&c, r, n) < 0)
+		return 1;
+	for (int it = 0; it < a->iters; it++) {
+		struct tcase t = { AR, dtypes[it % 4], redops[it % 5], 1 + (size_t)it * 7919 % 3000,
+				   ZC, OOP, 0 };
+		int rc = run_one(c, &t, a->salt + (uint32_t)it, r, n);
+
+		if (rc < 0)
+			return bail(c);
+		bad |= rc;
+	}
+	return leave(c, r) | bad;
+}
+
+static void test_two_jobs(const struct th_daemon *d)
+{
+	struct iter_arg a = { 50, 5000 }, b = { 50, 6000 };
+	struct th_ranks ja, jb;
+	char na[64], nb[64];
+	int fa, fb;
+
+	job_name(na, sizeof na, "A");
+	job_name(nb, sizeof nb, "B");
+	fa = th_ranks_start(&ja, d, na, 4, rank_iters, &a);
+	REQUIRE(fa == 0, "start job A");
+	fb = th_ranks_start(&jb, d, nb, 3, rank_iters, &b);
+	REQUIRE(fb == 0, "start job B");
+	fa = th_ranks_wait(&ja);
+	fb = th_ranks_wait(&jb);
+	CHECK(fa == 0 && fb == 0, "two jobs: %d ranks of A, %d ranks of B failed", fa, fb);
+	printf("%s: two jobs at once: A (n=4) and B (n=3), 50 all-reduces each\n",
+	       fa || fb ? "FAIL" : "ok");
+}
+
+/* --- comm_mem_alloc and comm_mem_free ------------------------------------- */
+
+#define NALLOC 40
+#define MAX_ALLOC ((size_t)100 << 20)
+#define STAMP 64
+
+struct blk {
+	char *p;
+	size_t len;
+	unsigned char tag;
+};
+
+static size_t rand_size(uint64_t *s)
+{
+	unsigned bits = (unsigned)((*s = mix(*s)) % 28);
+	size_t sz = 1 + (size_t)((*s = mix(*s)) & (((uint64_t)1 << bits) - 1));
+
+	return sz > MAX_ALLOC ? MAX_ALLOC : sz;
+}
+
+/* Write b's tag over its first and last STAMP bytes; or check they hold it. */
+static int stamp(const struct blk *b, int check)
+{
+	size_t n = b->len < STAMP ? b->len : STAMP;
+
+	if (!check) {
+		memset(b->p, b->tag, n);
+		memset(b->p + b->len - n, b->tag, n);
+		return 0;
+	}
+	return all_bytes(b->p, n, b->tag) && all_bytes(b->p + b->len - n, n, b->tag);
+}
+
+/* An all-reduce from the start of b into its end (int32 or float32 sum). */
+static int block_op(comm_t *c, const struct blk *b, int i, int r, int n)
+{
+	struct tcase t = { AR, i % 2 ? COMM_FLOAT32 : COMM_INT32, COMM_SUM, 0, ZC, OOP, 0 };
+	size_t words = b->len / 4;
+	struct run x;
+	comm_result_t rc;
+
+	t.count = b->len == MAX_ALLOC ? (size_t)1 << 20 : words / 2 < 16384 ? words / 2 : 16384;
+	memset(&x, 0, sizeof x);
+	x.t = &t;
+	x.seed = 3000 + (uint32_t)i;
+	x.r = r;
+	x.n = n;
+	x.es = 4;
+	x.sn = x.rn = t.count;
+	x.send = b->p;
+	x.recv = b->p + (words - t.count) * 4;
+	for (size_t k = 0; k < t.count; k++) {
+		val_t v = gen(&t, x.seed, r, k);
+
+		memcpy(x.send + 4 * k, &v, 4);
+	}
+	rc = run_post(c, &x, NULL);
+	if (rc != COMM_OK) {
+		fprintf(stderr, "rank %d: all-reduce in block %d (%zu bytes): %s: %s\n", r, i,
+			b->len, comm_result_name(rc), comm_last_error(c));
+		return -1;
+	}
+	return run_check(&x);
+}
+
+/* Free every block in a random order, checking the others stay intact. */
+static int free_all(comm_t *c, struct blk *b, uint64_t *s, int r)
+{
+	int order[NALLOC], bad = 0;
+
+	for (int i = 0; i < NALLOC; i++)
+		order[i] = i;
+	for (int i = NALLOC - 1; i > 0; i--) {
+		int j = (int)((*s = mix(*s)) % (uint64_t)(i + 1)), tmp = order[i];
+
+		order[i] = order[j];
+		order[j] = tmp;
+	}
+	for (int i = 0; i < NALLOC; i++) {
+		comm_result_t rc;
+
+		if (!b[order[i]].p)
+			continue;
+		rc = comm_mem_free(c, b[order[i]].p);
+		if (rc != COMM_OK) {
+			fprintf(stderr, "rank %d: comm_mem_free of block %d: %s\n", r, order[i],
+				comm_result_name(rc));
+			bad = 1;
+		}
+		b[order[i]].p = NULL;
+		for (int k = 0; k < NALLOC; k++) {
+			if (b[k].p && !stamp(&b[k], 1)) {
+				fprintf(stderr, "rank %d: block %d changed when block %d was freed\n",
+					r, k, order[i]);
+				bad = 1;
+			}
+		}
+	}
+	return bad;
+}
+
+static int rank_mem(int r, int n, void *arg)
+{
+	struct blk b[NALLOC];
+	uint64_t s = 12345; /* the same on every rank: their op counts must agree */
+	comm_result_t rc;
+	char *heap;
+	comm_t *c;
+	int bad = 0, local;
+
+	if (join(&c, r, n) < 0)
+		return 1;
+	for (int round = 0; round < 2; round++) {
+		for (int i = 0; i < NALLOC; i++) {
+			b[i].len = i == 0 ? 1 : i == 1 ? MAX_ALLOC : rand_size(&s);
+			b[i].tag = (unsigned char)(round * NALLOC + i + 1);
+			b[i].p = comm_mem_alloc(c, b[i].len);
+			if (!b[i].p) {
+				fprintf(stderr, "rank %d: comm_mem_alloc(%zu): %s\n", r, b[i].len,
+					comm_last_error(c));
+				return bail(c);
+			}
+			stamp(&b[i], 0);
+		}
+		for (int i = 0; i < NALLOC; i++) {
+			for (int k = i + 1; k < NALLOC; k++) {
+				if (b[i].p < b[k].p + b[k].len && b[k].p < b[i].p + b[i].len) {
+					fprintf(stderr, "rank %d: blocks %d and %d overlap\n", r, i,
+						k);
+					bad = 1;
+				}
+			}
+			if (!stamp(&b[i], 1)) {
+				fprintf(stderr, "rank %d: block %d (%zu bytes) was overwritten\n",
+					r, i, b[i].len);
+				bad = 1;
+			}
+		}
+		for (int i = 0; i < NALLOC; i++) {
+			if (b[i].len < 8)
+				continue;
+			int rc2 = block_op(c, &b[i], round * NALLOC + i, r, n);
+
+			if (rc2 < 0)
+				return bail(c);
+			bad |= rc2;
+			stamp(&b[i], 0);
+		}
+		if (round == 1)
+			break;
+		bad |= free_all(c, b, &s, r);
+	}
+	/* pointers that comm_mem_alloc did not return */
+	heap = malloc(16);
+	rc = comm_mem_free(c, heap);
+	bad |= rc != COMM_ERR_INVALID_ARG;
+	if (rc != COMM_ERR_INVALID_ARG)
+		fprintf(stderr, "rank %d: comm_mem_free(malloc'd): %s\n", r, comm_result_name(rc));
+	free(heap);
+	rc = comm_mem_free(c, &local);
+	bad |= rc != COMM_ERR_INVALID_ARG;
+	if (rc != COMM_ERR_INVALID_ARG)
+		fprintf(stderr, "rank %d: comm_mem_free(&local): %s\n", r, comm_result_name(rc));
+	rc = comm_mem_free(c, b[1].p + 4096);
+	bad |= rc != COMM_ERR_INVALID_ARG;
+	if (rc != COMM_ERR_INVALID_ARG)
+		fprintf(stderr, "rank %d: comm_mem_free(inside a block): %s\n", r,
+			comm_result_name(rc));
+	rc = comm_mem_free(c, b[2].p);
+	if (rc == COMM_OK)
+		rc = comm_mem_free(c, b[2].p);
+	b[2].p = NULL;
+	bad |= rc != COMM_ERR_INVALID_ARG;
+	if (rc != COMM_ERR_INVALID_ARG)
+		fprintf(stderr, "rank %d: comm_mem_free twice: %s\n", r, comm_result_name(rc));
+	bad |= free_all(c, b, &s, r);
+	return leave(c, r) | bad;
+}
+
+static void test_mem(const struct th_daemon *d)
+{
+	struct timespec t0;
+	char job[64];
+	int failed;
+
+	job_name(job, sizeof job, "mem");
+	clock_gettime(CLOCK_MONOTONIC, &t0);
+	failed = th_run_ranks(d, job, 4, rank_mem, NULL);
+	CHECK(failed == 0, "comm_mem_alloc: %d ranks failed", failed);
+	printf("%s: comm_mem_alloc n=4: 2 x %d blocks of 1 B .. 100 MB, freed in random order, "
+	       "an all-reduce in each; comm_mem_free of foreign pointers and twice (%.1f s)\n",
+	       failed ? "FAIL" : "ok", NALLOC, secs_since(&t0));
+}
+
+/* --- argument errors ------------------------------------------------------- */
+
+static int want_invalid(const comm_t *c, int r, const char *what, comm_result_t rc)
+{
+	if (rc != COMM_ERR_INVALID_ARG) {
+		fprintf(stderr, "rank %d: %s: %s, expected COMM_ERR_INVALID_ARG\n", r, what,
+			comm_result_name(rc));
+		return 1;
+	}
+	if (c && !*comm_last_error(c)) {
+		fprintf(stderr, "rank %d: %s: comm_last_error is empty\n", r, what);
+		return 1;
+	}
+	return 0;
+}
+
+#define WANT_INVALID(cm, call) (bad |= want_invalid(cm, r, #call, call))
+
+static int rank_args(int r, int n, void *arg)
+{
+	static const struct tcase after[] = {
+		{ AR, COMM_FLOAT32, COMM_SUM, 7, ZC, OOP, 0 },
+		{ RS, COMM_INT64, COMM_MAX, 7, ZC, OOP, 0 },
+		{ AG, COMM_FLOAT64, COMM_SUM, 7, ZC, OOP, 0 },
+		{ AR, COMM_INT32, COMM_SUM, 7, STAGED, OOP, 0 },
+	};
+	comm_request_t *req = NULL;
+	float *s, *d, heap[64] = { 0 };
+	comm_t *c;
+	int bad = 0, done;
+
+	if (join(&c, r, n) < 0)
+		return 1;
+	s = comm_mem_alloc(c, 64 * sizeof *s);
+	d = comm_mem_alloc(c, 64 * sizeof *d);
+	if (!s || !d)
+		return bail(c);
+	memset(s, 0, 64 * sizeof *s);
+	/* a different number of refused calls on each rank: none reaches the job */
+	for (int rep = 0; rep <= r; rep++) {
+		WANT_INVALID(c, comm_allreduce(c, s, d, 4, (comm_dtype_t)99, COMM_SUM, NULL));
+		WANT_INVALID(c, comm_allreduce(c, s, d, 4, (comm_dtype_t)-1, COMM_SUM, NULL));
+		WANT_INVALID(c, comm_allreduce(c, s, d, 4, (comm_dtype_t)10, COMM_SUM, NULL));
+		WANT_INVALID(c, comm_allreduce(c, s, d, 4, COMM_FLOAT32, (comm_redop_t)99, NULL));
+		WANT_INVALID(c, comm_allreduce(c, s, d, 4, COMM_FLOAT32, (comm_redop_t)-1, NULL));
+		WANT_INVALID(c, comm_allreduce(c, NULL, d, 4, COMM_FLOAT32, COMM_SUM, NULL));
+		WANT_INVALID(c, comm_allreduce(c, s, NULL, 4, COMM_FLOAT32, COMM_SUM, NULL));
+		WANT_INVALID(c, comm_allreduce(c, NULL, heap, 4, COMM_FLOAT32, COMM_SUM, NULL));
+		WANT_INVALID(c, comm_allreduce(c, heap, NULL, 4, COMM_FLOAT32, COMM_SUM, NULL));
+		WANT_INVALID(c, comm_allreduce(c, s, d, 4, (comm_dtype_t)99, COMM_SUM, &req));
+		WANT_INVALID(c, comm_allreduce(c, NULL, d, 4, COMM_FLOAT32, COMM_SUM, &req));
+		WANT_INVALID(c, comm_reduce_scatter(c, s, d, 1, (comm_dtype_t)99, COMM_SUM, NULL));
+		WANT_INVALID(c, comm_reduce_scatter(c, s, d, 1, COMM_INT32, (comm_redop_t)99, NULL));
+		WANT_INVALID(c, comm_reduce_scatter(c, NULL, d, 1, COMM_INT32, COMM_SUM, NULL));
+		WANT_INVALID(c, comm_reduce_scatter(c, s, NULL, 1, COMM_INT32, COMM_SUM, NULL));
+		WANT_INVALID(c, comm_allgather(c, s, d, 1, (comm_dtype_t)99, NULL));
+		WANT_INVALID(c, comm_allgather(c, NULL, d, 1, COMM_INT32, NULL));
+		WANT_INVALID(c, comm_allgather(c, s, NULL, 1, COMM_INT32, NULL));
+		WANT_INVALID(NULL, comm_allreduce(NULL, s, d, 4, COMM_FLOAT32, COMM_SUM, NULL));
+		WANT_INVALID(NULL, comm_reduce_scatter(NULL, s, d, 1, COMM_FLOAT32, COMM_SUM, NULL));
+		WANT_INVALID(NULL, comm_allgather(NULL, s, d, 1, COMM_FLOAT32, NULL));
+		WANT_INVALID(NULL, comm_wait(NULL, 0));
+		WANT_INVALID(NULL, comm_test(NULL, &done));
+	}
+	comm_mem_free(c, s);
+	comm_mem_free(c, d);
+	for (size_t i = 0; i < sizeof after / sizeof after[0]; i++) {
+		int rc = run_one(c, &after[i], 7000 + (uint32_t)i, r, n);
+
+		if (rc < 0)
+			return bail(c);
+		bad |= rc;
+	}
+	return leave(c, r) | bad;
+}
+
+static void test_args(const struct th_daemon *d)
+{
+	char job[64];
+	int failed;
+
+	job_name(job, sizeof job, "args");
+	failed = th_run_ranks(d, job, 4, rank_args, NULL);
+	CHECK(failed == 0, "argument errors: %d ranks failed", failed);
+	printf("%s: unknown dtype/redop and NULL buffers give COMM_ERR_INVALID_ARG locally; "
+	       "the job's next ops are correct\n",
+	       failed ? "FAIL" : "ok");
+}
+
+int main(void)
+{
+	struct th_daemon d;
+	struct timespec t0;
+	int rc;
+
+	/* an op that cannot complete fails after a minute instead of ten */
+	setenv("COMM_TIMEOUT", "60000", 1);
+	clock_gettime(CLOCK_MONOTONIC, &t0);
+	rc = th_daemon_start(&d, "--threads", "3", NULL);
+	REQUIRE(rc == 0, "commd did not start");
+	test_reference(&d);
+	test_all_types(&d);
+	test_other_sizes(&d);
+	test_in_place(&d);
+	test_staged(&d);
+	test_outstanding(&d);
+	test_two_jobs(&d);
+	test_mem(&d);
+	test_args(&d);
+	CHECK(th_daemon_alive(&d), "commd died during the tests");
+	CHECK(th_daemon_stop(&d) == 0, "commd did not stop cleanly");
+	printf("%s: %.1f s in all\n", check_failures ? "FAIL" : "ok", secs_since(&t0));
+	return CHECK_EXIT();
+}
