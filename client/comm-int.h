@@ -46,6 +46,16 @@ struct comm_request {
 	void *stage_recv;
 	void *user_recv;
 	size_t recv_bytes;
+	int unsent;                 /* posted in a group that has not ended yet */
+};
+
+/* An op of an open group, sent at comm_group_end. */
+struct group_op {
+	Commpb__Op op;
+	Commpb__BufRef sref;
+	Commpb__BufRef rref;
+	comm_request_t *req;
+	int blocking;               /* posted with req NULL: group_end waits for it */
 };
 
 struct comm {
@@ -61,6 +71,10 @@ struct comm {
 	uint64_t await_id;          /* a call waiting for its reply */
 	Commpb__Envelope *await_reply;
 	comm_result_t broken;       /* COMM_OK while the connection is usable */
+	int group_depth;
+	struct group_op *group;     /* the open group's ops */
+	size_t group_n;
+	size_t group_cap;
 	char last_error[256];
 };
 

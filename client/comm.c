@@ -296,6 +296,7 @@ static int connect_to(const char *path, char *err, size_t errlen)
 
 static void comm_free(comm_t *c)
 {
+	free(c->group);
 	req_free_all(c);
 	mem_free_all(c);
 	frame_reader_free(&c->rd);
@@ -377,6 +378,11 @@ COMM_API comm_result_t comm_finalize(comm_t *c)
 
 	if (!c)
 		return COMM_ERR_INVALID_ARG;
+	if (c->group_depth > 0) {
+		/* a group left open: it goes out as if ended here */
+		c->group_depth = 1;
+		comm_group_end(c);
+	}
 	while (c->reqs && c->broken == COMM_OK) {
 		comm_request_t *r = c->reqs;
 

@@ -135,6 +135,48 @@ comm_result_t comm_allgather(comm_t *comm, const void *sendbuf, void *recvbuf, s
 			     comm_dtype_t dtype, comm_request_t **req);
 
 /*
+ * broadcast: root's sendbuf goes to every rank's recvbuf (sendbuf is read
+ * only on root; may be NULL elsewhere). reduce: the reduction of every
+ * rank's sendbuf lands in root's recvbuf (recvbuf is written only on root;
+ * may be NULL elsewhere). alltoall: block j of rank i's sendbuf goes to
+ * block i of rank j's recvbuf; count elements per block, size blocks.
+ */
+comm_result_t comm_broadcast(comm_t *comm, const void *sendbuf, void *recvbuf, size_t count,
+			     comm_dtype_t dtype, int root, comm_request_t **req);
+comm_result_t comm_reduce(comm_t *comm, const void *sendbuf, void *recvbuf, size_t count,
+			  comm_dtype_t dtype, comm_redop_t op, int root, comm_request_t **req);
+comm_result_t comm_alltoall(comm_t *comm, const void *sendbuf, void *recvbuf, size_t count,
+			    comm_dtype_t dtype, comm_request_t **req);
+
+/*
+ * Point to point. The k-th send from rank a to rank b matches the k-th recv
+ * on b from a; the daemon copies once, from the sender's memory into the
+ * receiver's. Sizes (count x dtype size) must agree: a mismatch fails both
+ * sides with COMM_ERR_MISMATCH. As in NCCL, a send or recv outside a group
+ * blocks the rank's later ops until its partner has posted; exchanges where
+ * both sides send first belong in a group. peer == own rank needs a group.
+ */
+comm_result_t comm_send(comm_t *comm, const void *buf, size_t count, comm_dtype_t dtype,
+			int peer, comm_request_t **req);
+comm_result_t comm_recv(comm_t *comm, void *buf, size_t count, comm_dtype_t dtype, int peer,
+			comm_request_t **req);
+
+/* Completes on every rank once every rank has called it. */
+comm_result_t comm_barrier(comm_t *comm, comm_request_t **req);
+
+/*
+ * Groups: the ops posted between comm_group_start and comm_group_end are
+ * submitted together at comm_group_end and progress together, so a ring
+ * where every rank sends to rank+1 and receives from rank-1 cannot
+ * deadlock. Inside a group an op given req == NULL does not block: it is
+ * complete when comm_group_end returns (comm_group_end waits for it); an op
+ * given a request completes when that request is waited on. Groups nest
+ * (only the outermost end submits).
+ */
+comm_result_t comm_group_start(comm_t *comm);
+comm_result_t comm_group_end(comm_t *comm);
+
+/*
  * Wait for a request; timeout_ms -1 waits without limit. Returns the op's
  * result and frees req, or COMM_INPROGRESS when the time ran out (req stays
  * valid). Requests of one communicator complete in posting order.

@@ -3,6 +3,7 @@
  * segments shared with commd; other pointers are staged through a segment.
  */
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 
 #include "comm-int.h"
@@ -19,6 +20,7 @@ struct opdesc {
 	comm_dtype_t dtype;
 	comm_redop_t redop;
 	int root;
+	int peer;
 };
 
 /*
@@ -48,9 +50,46 @@ static comm_result_t bufref(comm_t *c, const struct opdesc *d, const void *p, si
 	return COMM_OK;
 }
 
-static comm_result_t submit(comm_t *c, const struct opdesc *d, comm_request_t **req)
+/* Send one op; its request gets the envelope id. */
+static comm_result_t send_op(comm_t *c, Commpb__Op *op, comm_request_t *r)
 {
 	Commpb__Envelope env = COMMPB__ENVELOPE__INIT;
+	comm_result_t rc;
+
+	env.body_case = COMMPB__ENVELOPE__BODY_OP;
+	env.op = op;
+	rc = comm_send_env(c, &env);
+	r->id = env.id;
+	r->unsent = 0;
+	return rc;
+}
+
+/* Keep an op of an open group for comm_group_end. */
+static comm_result_t group_add(comm_t *c, const Commpb__Op *op, comm_request_t *r, int blocking)
+{
+	struct group_op *g;
+
+	if (c->group_n == c->group_cap) {
+		size_t cap = c->group_cap ? 2 * c->group_cap : 16;
+		struct group_op *ng = realloc(c->group, cap * sizeof *ng);
+
+		if (!ng)
+			return comm_set_error(c, COMM_ERR_NO_MEMORY, "group: out of memory");
+		c->group = ng;
+		c->group_cap = cap;
+	}
+	g = &c->group[c->group_n++];
+	g->op = *op;
+	g->sref = *op->send;
+	g->rref = *op->recv;
+	g->req = r;
+	g->blocking = blocking;
+	r->unsent = 1;
+	return COMM_OK;
+}
+
+static comm_result_t submit(comm_t *c, const struct opdesc *d, comm_request_t **req)
+{
 	Commpb__Op op = COMMPB__OP__INIT;
 	Commpb__BufRef sref = COMMPB__BUF_REF__INIT, rref = COMMPB__BUF_REF__INIT;
 	comm_request_t *r;
@@ -94,12 +133,20 @@ static comm_result_t submit(comm_t *c, const struct opdesc *d, comm_request_t **
 	op.dtype = (uint32_t)d->dtype;
 	op.redop = (uint32_t)d->redop;
 	op.root = d->root;
-	env.body_case = COMMPB__ENVELOPE__BODY_OP;
-	env.op = &op;
-	rc = comm_send_env(c, &env);
+	op.peer = d->peer;
+	if (c->group_depth > 0) {
+		rc = group_add(c, &op, r, req == NULL);
+		if (rc != COMM_OK) {
+			c->next_seq--;
+			goto fail;
+		}
+		if (req)
+			*req = r;
+		return COMM_OK;
+	}
+	rc = send_op(c, &op, r);
 	if (rc != COMM_OK)
 		goto fail;
-	r->id = env.id;
 	if (req) {
 		*req = r;
 		return COMM_OK;
@@ -108,6 +155,52 @@ static comm_result_t submit(comm_t *c, const struct opdesc *d, comm_request_t **
 fail:
 	r->rc = rc;
 	req_finish(r);
+	return rc;
+}
+
+COMM_API comm_result_t comm_group_start(comm_t *c)
+{
+	if (!c)
+		return COMM_ERR_INVALID_ARG;
+	c->group_depth++;
+	return COMM_OK;
+}
+
+COMM_API comm_result_t comm_group_end(comm_t *c)
+{
+	comm_result_t rc = COMM_OK;
+	size_t n;
+
+	if (!c)
+		return COMM_ERR_INVALID_ARG;
+	if (c->group_depth == 0)
+		return comm_set_error(c, COMM_ERR_INVALID_ARG, "group end: no group is open");
+	if (--c->group_depth > 0)
+		return COMM_OK;
+	n = c->group_n;
+	c->group_n = 0;
+	/* all of the group goes out now; the daemon progresses it as one unit */
+	for (size_t i = 0; i < n; i++) {
+		struct group_op *g = &c->group[i];
+		comm_result_t src;
+
+		g->op.send = &g->sref;
+		g->op.recv = &g->rref;
+		g->op.group = c->group[0].op.seq;
+		g->op.group_last = i == n - 1;
+		src = send_op(c, &g->op, g->req);
+		if (src != COMM_OK && rc == COMM_OK)
+			rc = src;
+	}
+	for (size_t i = 0; i < n; i++) {
+		comm_result_t wrc;
+
+		if (!c->group[i].blocking)
+			continue;
+		wrc = comm_wait(c->group[i].req, -1);
+		if (wrc != COMM_OK && rc == COMM_OK)
+			rc = wrc;
+	}
 	return rc;
 }
 
@@ -137,7 +230,7 @@ COMM_API comm_result_t comm_allreduce(comm_t *c, const void *sendbuf, void *recv
 				      comm_request_t **req)
 {
 	struct opdesc d = { COMMPB__OP_TYPE__OP_ALLREDUCE, "allreduce", sendbuf, recvbuf, count,
-			    0, 0, dtype, op, 0 };
+			    0, 0, dtype, op, 0, 0 };
 	comm_result_t rc = prepare(c, &d, 1, 1);
 
 	return rc != COMM_OK ? rc : submit(c, &d, req);
@@ -148,7 +241,7 @@ COMM_API comm_result_t comm_reduce_scatter(comm_t *c, const void *sendbuf, void 
 					   comm_request_t **req)
 {
 	struct opdesc d = { COMMPB__OP_TYPE__OP_REDUCE_SCATTER, "reduce_scatter", sendbuf,
-			    recvbuf, recvcount, 0, 0, dtype, op, 0 };
+			    recvbuf, recvcount, 0, 0, dtype, op, 0, 0 };
 	comm_result_t rc = prepare(c, &d, c ? (size_t)c->size : 1, 1);
 
 	return rc != COMM_OK ? rc : submit(c, &d, req);
@@ -158,8 +251,70 @@ COMM_API comm_result_t comm_allgather(comm_t *c, const void *sendbuf, void *recv
 				      size_t sendcount, comm_dtype_t dtype, comm_request_t **req)
 {
 	struct opdesc d = { COMMPB__OP_TYPE__OP_ALLGATHER, "allgather", sendbuf, recvbuf,
-			    sendcount, 0, 0, dtype, COMM_SUM, 0 };
+			    sendcount, 0, 0, dtype, COMM_SUM, 0, 0 };
 	comm_result_t rc = prepare(c, &d, 1, c ? (size_t)c->size : 1);
+
+	return rc != COMM_OK ? rc : submit(c, &d, req);
+}
+
+COMM_API comm_result_t comm_broadcast(comm_t *c, const void *sendbuf, void *recvbuf,
+				      size_t count, comm_dtype_t dtype, int root,
+				      comm_request_t **req)
+{
+	struct opdesc d = { COMMPB__OP_TYPE__OP_BROADCAST, "broadcast", sendbuf, recvbuf, count,
+			    0, 0, dtype, COMM_SUM, root, 0 };
+	comm_result_t rc = prepare(c, &d, c && c->rank == root ? 1 : 0, 1);
+
+	return rc != COMM_OK ? rc : submit(c, &d, req);
+}
+
+COMM_API comm_result_t comm_reduce(comm_t *c, const void *sendbuf, void *recvbuf, size_t count,
+				   comm_dtype_t dtype, comm_redop_t op, int root,
+				   comm_request_t **req)
+{
+	struct opdesc d = { COMMPB__OP_TYPE__OP_REDUCE, "reduce", sendbuf, recvbuf, count,
+			    0, 0, dtype, op, root, 0 };
+	comm_result_t rc = prepare(c, &d, 1, c && c->rank == root ? 1 : 0);
+
+	return rc != COMM_OK ? rc : submit(c, &d, req);
+}
+
+COMM_API comm_result_t comm_alltoall(comm_t *c, const void *sendbuf, void *recvbuf,
+				     size_t count, comm_dtype_t dtype, comm_request_t **req)
+{
+	struct opdesc d = { COMMPB__OP_TYPE__OP_ALLTOALL, "alltoall", sendbuf, recvbuf, count,
+			    0, 0, dtype, COMM_SUM, 0, 0 };
+	size_t n = c ? (size_t)c->size : 1;
+	comm_result_t rc = prepare(c, &d, n, n);
+
+	return rc != COMM_OK ? rc : submit(c, &d, req);
+}
+
+COMM_API comm_result_t comm_send(comm_t *c, const void *buf, size_t count, comm_dtype_t dtype,
+				 int peer, comm_request_t **req)
+{
+	struct opdesc d = { COMMPB__OP_TYPE__OP_SEND, "send", buf, NULL, count,
+			    0, 0, dtype, COMM_SUM, 0, peer };
+	comm_result_t rc = prepare(c, &d, 1, 0);
+
+	return rc != COMM_OK ? rc : submit(c, &d, req);
+}
+
+COMM_API comm_result_t comm_recv(comm_t *c, void *buf, size_t count, comm_dtype_t dtype, int peer,
+				 comm_request_t **req)
+{
+	struct opdesc d = { COMMPB__OP_TYPE__OP_RECV, "recv", NULL, buf, count,
+			    0, 0, dtype, COMM_SUM, 0, peer };
+	comm_result_t rc = prepare(c, &d, 0, 1);
+
+	return rc != COMM_OK ? rc : submit(c, &d, req);
+}
+
+COMM_API comm_result_t comm_barrier(comm_t *c, comm_request_t **req)
+{
+	struct opdesc d = { COMMPB__OP_TYPE__OP_BARRIER, "barrier", NULL, NULL, 0,
+			    0, 0, COMM_UINT8, COMM_SUM, 0, 0 };
+	comm_result_t rc = prepare(c, &d, 0, 0);
 
 	return rc != COMM_OK ? rc : submit(c, &d, req);
 }

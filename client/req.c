@@ -84,6 +84,9 @@ COMM_API comm_result_t comm_wait(comm_request_t *r, int timeout_ms)
 
 	if (!r)
 		return COMM_ERR_INVALID_ARG;
+	if (r->unsent)
+		return comm_set_error(r->comm, COMM_ERR_INVALID_ARG,
+				      "wait: the request's group has not ended yet");
 	while (!r->done) {
 		int left = -1;
 
@@ -103,6 +106,9 @@ COMM_API comm_result_t comm_test(comm_request_t *r, int *done)
 {
 	if (!r || !done)
 		return COMM_ERR_INVALID_ARG;
+	if (r->unsent)
+		return comm_set_error(r->comm, COMM_ERR_INVALID_ARG,
+				      "test: the request's group has not ended yet");
 	if (!r->done)
 		comm_pump(r->comm, 0);
 	*done = r->done;

@@ -33,10 +33,35 @@ static struct {
 	.done = TAILQ_HEAD_INITIALIZER(pool.done),
 };
 
-/* Elements in the task's index space: per rank for all-reduce, else n blocks. */
+#define T(x) COMMPB__OP_TYPE__OP_##x
+
+/*
+ * Elements in the task's index space: one rank's block for all-reduce,
+ * broadcast, reduce and a send; n blocks for reduce-scatter and all-gather
+ * (block b: rank b's); n * n blocks for all-to-all (block r*n+s: what rank s
+ * sends rank r).
+ */
 static size_t task_elems(const struct task *t)
 {
-	return t->type == COMMPB__OP_TYPE__OP_ALLREDUCE ? t->count : t->count * (size_t)t->n;
+	size_t n = (size_t)t->n;
+
+	switch (t->type) {
+	case T(REDUCE_SCATTER):
+	case T(ALLGATHER):
+		return t->count * n;
+	case T(ALLTOALL):
+		return t->count * n * n;
+	default:
+		return t->count;
+	}
+}
+
+/* Copy n bytes to every output at off, except where it already is. */
+static void copy_out(struct task *t, size_t off, const uint8_t *src, size_t n)
+{
+	for (int r = 0; r < t->n; r++)
+		if (t->out[r] && t->out[r] + off != src)
+			memcpy(t->out[r] + off, src, n);
 }
 
 /* Do elements [lo, hi) of t's index space, chunk by chunk through tmp. */
@@ -45,35 +70,44 @@ static void run_range(struct task *t, size_t lo, size_t hi, uint8_t *tmp, const 
 	size_t es = t->esize, chunk = CHUNK_BYTES / es;
 
 	while (lo < hi) {
-		size_t n = hi - lo < chunk ? hi - lo : chunk, b = 0, o = lo;
+		size_t n = hi - lo < chunk ? hi - lo : chunk, b = lo / t->count, o = lo % t->count;
 
-		if (t->type != COMMPB__OP_TYPE__OP_ALLREDUCE) {
-			b = lo / t->count; /* the block: a rank */
-			o = lo % t->count;
-			if (n > t->count - o)
-				n = t->count - o;
-		}
+		/* a chunk never crosses a block */
+		if (n > t->count - o)
+			n = t->count - o;
 		switch (t->type) {
-		case COMMPB__OP_TYPE__OP_ALLREDUCE:
+		case T(ALLREDUCE):
+		case T(REDUCE):
 			for (int r = 0; r < t->n; r++)
 				src[r] = t->in[r] + lo * es;
 			reduce_n(t->dtype, t->redop, tmp, src, t->n, n);
-			for (int r = 0; r < t->n; r++)
-				memcpy(t->out[r] + lo * es, tmp, n * es);
+			if (t->type == T(REDUCE))
+				memcpy(t->out[t->root] + lo * es, tmp, n * es);
+			else
+				copy_out(t, lo * es, tmp, n * es);
 			break;
-		case COMMPB__OP_TYPE__OP_REDUCE_SCATTER:
+		case T(REDUCE_SCATTER):
 			for (int r = 0; r < t->n; r++)
 				src[r] = t->in[r] + lo * es;
 			reduce_n(t->dtype, t->redop, tmp, src, t->n, n);
 			memcpy(t->out[b] + o * es, tmp, n * es);
 			break;
-		case COMMPB__OP_TYPE__OP_ALLGATHER:
-			for (int r = 0; r < t->n; r++) {
-				uint8_t *dst = t->out[r] + lo * es, *s = t->in[b] + o * es;
+		case T(ALLGATHER):
+			copy_out(t, lo * es, t->in[b] + o * es, n * es);
+			break;
+		case T(BROADCAST):
+			copy_out(t, lo * es, t->in[t->root] + lo * es, n * es);
+			break;
+		case T(ALLTOALL): {
+			size_t r = b / (size_t)t->n, from = b % (size_t)t->n;
 
-				if (dst != s) /* in place: already there */
-					memcpy(dst, s, n * es);
-			}
+			memcpy(t->out[r] + (from * t->count + o) * es,
+			       t->in[from] + (r * t->count + o) * es, n * es);
+			break;
+		}
+		case T(SEND):
+			if (t->out[0] != t->in[0])
+				memcpy(t->out[0] + lo, t->in[0] + lo, n);
 			break;
 		default:
 			break;
@@ -169,22 +203,25 @@ static int needs_snapshot(const struct task *t, size_t inlen, size_t outlen)
 		for (int b = 0; b < t->n; b++) {
 			const uint8_t *expect = NULL;
 
-			if (!overlaps(t->out[a], outlen, t->in[b], inlen))
+			if (!t->out[a] || !t->in[b] || !overlaps(t->out[a], outlen, t->in[b], inlen))
 				continue;
 			if (a != b)
 				return 1;
 			switch (t->type) {
-			case COMMPB__OP_TYPE__OP_ALLREDUCE:
+			case T(ALLREDUCE):
+			case T(BROADCAST):
+			case T(REDUCE):
+			case T(SEND):
 				expect = t->in[a];
 				break;
-			case COMMPB__OP_TYPE__OP_REDUCE_SCATTER:
+			case T(REDUCE_SCATTER):
 				expect = t->in[a] + (size_t)a * block;
 				break;
-			case COMMPB__OP_TYPE__OP_ALLGATHER:
+			case T(ALLGATHER):
 				expect = t->in[a] - (size_t)a * block;
 				break;
 			default:
-				break;
+				break; /* all-to-all: no overlap is safe */
 			}
 			if (t->out[a] != expect)
 				return 1;
@@ -200,6 +237,8 @@ static int take_snapshot(struct task *t, size_t inlen)
 	if (!t->snapshot)
 		return -1;
 	for (int r = 0; r < t->n; r++) {
+		if (!t->in[r])
+			continue;
 		memcpy(t->snapshot + (size_t)r * inlen, t->in[r], inlen);
 		t->in[r] = t->snapshot + (size_t)r * inlen;
 	}
@@ -210,9 +249,9 @@ int be_host_run(struct task *t)
 {
 	size_t block = t->count * t->esize, inlen = block, outlen = block;
 
-	if (t->type == COMMPB__OP_TYPE__OP_REDUCE_SCATTER)
+	if (t->type == T(REDUCE_SCATTER) || t->type == T(ALLTOALL))
 		inlen *= (size_t)t->n;
-	else if (t->type == COMMPB__OP_TYPE__OP_ALLGATHER)
+	if (t->type == T(ALLGATHER) || t->type == T(ALLTOALL))
 		outlen *= (size_t)t->n;
 	if (needs_snapshot(t, inlen, outlen) && take_snapshot(t, inlen) < 0) {
 		t->status = COMM_ERR_NO_MEMORY;

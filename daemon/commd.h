@@ -177,8 +177,8 @@ void mem_release(struct conn *c, struct mem *m);
 
 /* --- job.c: jobs, their ranks and their lifecycle ------------------------- */
 
-/* Past JOB_READY no op runs any more: later ones fail with fail_code. */
-enum job_state { JOB_FORMING, JOB_READY, JOB_DONE, JOB_FAILED };
+/* A failed job runs no op any more: later ones fail with fail_code. */
+enum job_state { JOB_FORMING, JOB_READY, JOB_FAILED };
 
 struct posted;
 
@@ -200,8 +200,14 @@ struct job {
 	/* engine state */
 	TAILQ_HEAD(, posted) *posted; /* per rank, in seq order */
 	uint64_t *next_post;           /* per rank: the seq it must post next */
-	uint64_t next_run;             /* seq of the op that runs next */
+	uint64_t *next_cseq;           /* per rank: the cseq of its next collective */
+	uint64_t *open_group;          /* per rank: the group being posted, or 0 */
+	uint64_t next_coll;            /* cseq of the collective that runs next */
+	uint8_t *left;                 /* per rank: left cleanly (comm_finalize) */
+	int nleft;
+	char left_detail[160];         /* who left first, for the ops that needed them */
 	struct task *running;
+	int kicking;                   /* engine_kick is on the stack */
 	uint64_t ops_completed;
 	uint64_t bytes_moved;
 	uint64_t errors;
@@ -236,6 +242,7 @@ struct bufspec {
 
 struct posted {
 	TAILQ_ENTRY(posted) link;
+	int rank;
 	uint64_t seq;
 	uint64_t req_id;
 	uint64_t posted_ms;
@@ -246,16 +253,42 @@ struct posted {
 	uint32_t dtype;
 	uint32_t redop;
 	int32_t root;
-	comm_result_t error;   /* refused at post time: already answered */
+	int32_t peer;
+	uint64_t group;        /* 0: not in a group */
+	int group_last;
+	int coll;              /* a collective: matched across ranks by cseq */
+	uint64_t cseq;         /* the rank's collective count, from 1 */
+	int matched;           /* send/recv: paired with its partner */
+	int running;           /* part of the task on the workers */
+	int done;              /* finished with status; answered when its unit retires */
+	int answered;          /* the rank already has its OpDone */
+	comm_result_t status;
 	char detail[256];
 };
 
-/* Queue an op posted by c (already validated or carrying its error). */
+/*
+ * Queue an op posted by c: validated, or refused (done, answered) so that
+ * its partners fail too. Runs what became ready.
+ */
 void engine_post(struct conn *c, struct posted *p);
-/* Run every op of j that is ready. */
+/* Run every op of j that is ready and answer every unit that is finished. */
 void engine_kick(struct job *j);
-/* Answer and drop every posted op of rank r (or of all ranks when r < 0). */
+/*
+ * Answer and drop every posted op of rank r (or of all ranks when r < 0),
+ * except those of the running task, which are answered when it finishes.
+ */
 void engine_fail_pending(struct job *j, int r, comm_result_t code, const char *detail);
+/*
+ * Rank r has left cleanly: every collective (now or later) and every
+ * send/recv with r fails with COMM_ERR_PEER_LOST; the rest goes on.
+ */
+void engine_rank_left(struct job *j, int r);
+/* Fail the job if its oldest waiting op is past the deadline. */
+void engine_check_deadline(struct job *j, uint64_t now);
+/* Whether ops of type t are matched across all ranks. */
+int op_is_collective(Commpb__OpType t);
+/* Whether ops of type t take a reduction. */
+int op_reduces(Commpb__OpType t);
 /* Free the posted ops still queued (job teardown). */
 void engine_free(struct job *j);
 const char *op_type_name(Commpb__OpType t);
@@ -264,13 +297,16 @@ const char *op_type_name(Commpb__OpType t);
 
 struct task {
 	struct job *job;
-	Commpb__OpType type;
-	int n;                 /* ranks */
+	Commpb__OpType type;   /* OP_SEND: a send/recv pair, in[0] -> out[0] */
+	struct posted **ops;   /* the posted ops it serves */
+	int nops;
+	int root;
+	int n;                 /* ranks (1 for a send/recv pair) */
 	uint32_t dtype;
 	uint32_t redop;
 	size_t count;          /* elements per rank block (see proto Op.count) */
 	size_t esize;
-	uint8_t **in;          /* per rank, in the daemon's mapping */
+	uint8_t **in;          /* per rank, in the daemon's mapping; NULL: unused */
 	uint8_t **out;
 	uint8_t *snapshot;     /* inputs copied when outputs alias them unsafely */
 	comm_result_t status;  /* COMM_OK unless the backend failed */

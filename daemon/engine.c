@@ -1,6 +1,8 @@
 /*
- * engine.c: op #k of a job runs when every rank has posted it and they
- * agree on it; answers go back to every rank in posting order.
+ * engine.c: matching the ops the ranks post. A collective runs when every
+ * rank has it in its current unit (one op, or a whole group) and they
+ * agree on it; a send runs when its receiver has the matching recv in its
+ * current unit. A rank's ops are answered in posting order, a unit at a time.
  */
 #include <stdio.h>
 #include <stdlib.h>
@@ -20,14 +22,37 @@ const char *op_type_name(Commpb__OpType t)
 		return "reduce_scatter";
 	case COMMPB__OP_TYPE__OP_ALLGATHER:
 		return "allgather";
+	case COMMPB__OP_TYPE__OP_BROADCAST:
+		return "broadcast";
+	case COMMPB__OP_TYPE__OP_REDUCE:
+		return "reduce";
+	case COMMPB__OP_TYPE__OP_ALLTOALL:
+		return "alltoall";
+	case COMMPB__OP_TYPE__OP_SEND:
+		return "send";
+	case COMMPB__OP_TYPE__OP_RECV:
+		return "recv";
+	case COMMPB__OP_TYPE__OP_BARRIER:
+		return "barrier";
 	default:
 		return "?";
 	}
 }
 
-static int op_reduces(Commpb__OpType t)
+int op_is_collective(Commpb__OpType t)
 {
-	return t == COMMPB__OP_TYPE__OP_ALLREDUCE || t == COMMPB__OP_TYPE__OP_REDUCE_SCATTER;
+	return t != COMMPB__OP_TYPE__OP_SEND && t != COMMPB__OP_TYPE__OP_RECV;
+}
+
+int op_reduces(Commpb__OpType t)
+{
+	return t == COMMPB__OP_TYPE__OP_ALLREDUCE || t == COMMPB__OP_TYPE__OP_REDUCE_SCATTER ||
+	       t == COMMPB__OP_TYPE__OP_REDUCE;
+}
+
+static int op_has_root(Commpb__OpType t)
+{
+	return t == COMMPB__OP_TYPE__OP_BROADCAST || t == COMMPB__OP_TYPE__OP_REDUCE;
 }
 
 static void posted_free(struct posted *p)
@@ -39,31 +64,43 @@ static void posted_free(struct posted *p)
 	free(p);
 }
 
-/* Answer rank r's op p (if the rank is still there) and drop it. */
-static void answer(struct job *j, int r, struct posted *p, comm_result_t code, const char *detail)
+/* Send p's OpDone (once) if its rank is still there. */
+static void reply(struct job *j, struct posted *p, comm_result_t code, const char *detail)
 {
 	Commpb__Envelope env = COMMPB__ENVELOPE__INIT;
 	Commpb__OpDone done = COMMPB__OP_DONE__INIT;
 
-	TAILQ_REMOVE(&j->posted[r], p, link);
-	if (j->ranks[r] && p->error == COMM_OK) {
-		done.seq = p->seq;
-		done.status = code;
-		done.detail = (char *)detail;
-		env.id = p->req_id;
-		env.body_case = COMMPB__ENVELOPE__BODY_OP_DONE;
-		env.op_done = &done;
-		conn_send(j->ranks[r], &env);
-	}
-	posted_free(p);
+	if (p->answered)
+		return;
+	p->answered = 1;
+	if (!j->ranks[p->rank])
+		return;
+	done.seq = p->seq;
+	done.status = code;
+	done.detail = (char *)detail;
+	env.id = p->req_id;
+	env.body_case = COMMPB__ENVELOPE__BODY_OP_DONE;
+	env.op_done = &done;
+	conn_send(j->ranks[p->rank], &env);
+}
+
+static void set_done(struct posted *p, comm_result_t code, const char *detail)
+{
+	p->done = 1;
+	p->status = code;
+	if (code != COMM_OK && detail != p->detail)
+		snprintf(p->detail, sizeof p->detail, "%s", detail);
 }
 
 void engine_post(struct conn *c, struct posted *p)
 {
 	struct job *j = c->job;
 
+	log_debug("job %s: rank %d posts op %llu: %s%s count %llu peer %d root %d group %llu%s",
+		  j->name, c->rank, (unsigned long long)p->seq, op_type_name(p->type),
+		  p->done ? " (refused)" : "", (unsigned long long)p->count, p->peer, p->root,
+		  (unsigned long long)p->group, p->group_last ? " (last)" : "");
 	TAILQ_INSERT_TAIL(&j->posted[c->rank], p, link);
-	j->next_post[c->rank] = p->seq + 1;
 	engine_kick(j);
 }
 
@@ -75,10 +112,11 @@ void engine_fail_pending(struct job *j, int only, comm_result_t code, const char
 		if (only >= 0 && r != only)
 			continue;
 		TAILQ_FOREACH_SAFE(p, &j->posted[r], link, tmp) {
-			/* The op on the workers is answered when it finishes. */
-			if (j->running && p->seq == j->next_run)
+			if (p->running)
 				continue;
-			answer(j, r, p, code, detail);
+			reply(j, p, code, detail);
+			TAILQ_REMOVE(&j->posted[r], p, link);
+			posted_free(p);
 		}
 	}
 }
@@ -95,110 +133,348 @@ void engine_free(struct job *j)
 	}
 }
 
-/* Answer op next_run on every rank with code and move on. */
-static void finish_op(struct job *j, comm_result_t code, const char *detail)
+/*
+ * The last op of rank r's current unit: its first op alone, or the group
+ * that op opens, once the group's last op has arrived. NULL: nothing yet.
+ */
+static struct posted *unit_last(struct job *j, int r)
 {
-	for (int r = 0; r < j->world; r++) {
-		struct posted *p = TAILQ_FIRST(&j->posted[r]);
+	struct posted *p = TAILQ_FIRST(&j->posted[r]);
 
-		if (p && p->seq == j->next_run)
-			answer(j, r, p, code, detail);
-	}
-	if (code == COMM_OK)
-		j->ops_completed++;
-	else
-		j->errors++;
-	j->next_run++;
+	if (!p || !p->group)
+		return p;
+	for (; p; p = TAILQ_NEXT(p, link))
+		if (p->group_last)
+			return p;
+	return NULL;
 }
 
-/* Compare every rank's op with rank 0's; on disagreement fill detail. */
+#define UNIT_FOREACH(p, j, r, last)                                            \
+	for ((p) = (last) ? TAILQ_FIRST(&(j)->posted[r]) : NULL; (p);          \
+	     (p) = (p) == (last) ? NULL : TAILQ_NEXT(p, link))
+
+/*
+ * Whether p is finished for everyone: done, and (when it was refused) seen
+ * by its partners, which fail with it.
+ */
+static int finished(const struct job *j, const struct posted *p)
+{
+	if (!p->done)
+		return 0;
+	if (p->coll)
+		return p->cseq < j->next_coll || j->nleft;
+	return p->matched || p->peer < 0 || j->left[p->peer];
+}
+
+/* Answer every rank's finished units, in posting order. */
+static void retire(struct job *j)
+{
+	for (int r = 0; r < j->world; r++) {
+		struct posted *last, *p;
+
+		while ((last = unit_last(j, r))) {
+			int all_done = 1;
+
+			UNIT_FOREACH(p, j, r, last)
+				all_done &= finished(j, p);
+			if (!all_done)
+				break;
+			do {
+				p = TAILQ_FIRST(&j->posted[r]);
+				reply(j, p, p->status, p->detail);
+				TAILQ_REMOVE(&j->posted[r], p, link);
+				posted_free(p);
+			} while (p != last);
+		}
+	}
+}
+
+/* Rank r's collective number cseq, if it is in r's current unit. */
+static struct posted *unit_coll(struct job *j, int r, uint64_t cseq)
+{
+	struct posted *last = unit_last(j, r), *p;
+
+	UNIT_FOREACH(p, j, r, last)
+		if (p->coll && p->cseq == cseq)
+			return p;
+	return NULL;
+}
+
+/* Compare every rank's collective with rank 0's; on disagreement fill detail. */
 static int disagree(struct job *j, struct posted **ops, char *detail, size_t len)
 {
 	const struct posted *a = ops[0];
 
 	for (int r = 1; r < j->world; r++) {
 		const struct posted *b = ops[r];
-		unsigned long long seq = (unsigned long long)a->seq;
+		unsigned long long seq = (unsigned long long)a->cseq;
+		const char *name = op_type_name(a->type);
 
 		if (a->type != b->type) {
-			snprintf(detail, len, "op %llu: type: rank 0 posted %s, rank %d posted %s",
-				 seq, op_type_name(a->type), r, op_type_name(b->type));
+			snprintf(detail, len,
+				 "collective %llu: type: rank 0 posted %s, rank %d posted %s", seq,
+				 name, r, op_type_name(b->type));
 			return 1;
 		}
 		if (a->count != b->count) {
-			snprintf(detail, len, "op %llu: %s count: rank 0 has %llu, rank %d has %llu",
-				 seq, op_type_name(a->type), (unsigned long long)a->count, r,
+			snprintf(detail, len, "collective %llu: %s count: rank 0 has %llu, rank %d has %llu",
+				 seq, name, (unsigned long long)a->count, r,
 				 (unsigned long long)b->count);
 			return 1;
 		}
 		if (a->dtype != b->dtype) {
-			snprintf(detail, len, "op %llu: %s dtype: rank 0 has %s, rank %d has %s",
-				 seq, op_type_name(a->type), dtype_name((int)a->dtype), r,
-				 dtype_name((int)b->dtype));
+			snprintf(detail, len, "collective %llu: %s dtype: rank 0 has %s, rank %d has %s",
+				 seq, name, dtype_name((int)a->dtype), r, dtype_name((int)b->dtype));
 			return 1;
 		}
 		if (op_reduces(a->type) && a->redop != b->redop) {
-			snprintf(detail, len, "op %llu: %s redop: rank 0 has %s, rank %d has %s",
-				 seq, op_type_name(a->type), redop_name((int)a->redop), r,
-				 redop_name((int)b->redop));
+			snprintf(detail, len, "collective %llu: %s redop: rank 0 has %s, rank %d has %s",
+				 seq, name, redop_name((int)a->redop), r, redop_name((int)b->redop));
+			return 1;
+		}
+		if (op_has_root(a->type) && a->root != b->root) {
+			snprintf(detail, len, "collective %llu: %s root: rank 0 has %d, rank %d has %d",
+				 seq, name, a->root, r, b->root);
 			return 1;
 		}
 	}
 	return 0;
 }
 
-static struct task *task_new(struct job *j, struct posted **ops)
+static struct task *task_new(struct job *j, int nops, int n)
 {
 	struct task *t = calloc(1, sizeof *t);
 
 	if (!t)
 		return NULL;
-	t->in = calloc((size_t)j->world, sizeof *t->in);
-	t->out = calloc((size_t)j->world, sizeof *t->out);
-	if (!t->in || !t->out) {
+	t->ops = calloc((size_t)nops, sizeof *t->ops);
+	t->in = calloc((size_t)n, sizeof *t->in);
+	t->out = calloc((size_t)n, sizeof *t->out);
+	if (!t->ops || !t->in || !t->out) {
+		free(t->ops);
 		free(t->in);
 		free(t->out);
 		free(t);
 		return NULL;
 	}
 	t->job = j;
-	t->type = ops[0]->type;
-	t->n = j->world;
-	t->dtype = ops[0]->dtype;
-	t->redop = ops[0]->redop;
-	t->count = ops[0]->count;
-	t->esize = dtype_size((int)t->dtype);
-	for (int r = 0; r < j->world; r++) {
-		t->in[r] = ops[r]->send.mem->addr + ops[r]->send.off;
-		t->out[r] = ops[r]->recv.mem->addr + ops[r]->recv.off;
-		t->bytes += ops[r]->recv.len;
-	}
+	t->nops = nops;
+	t->n = n;
 	return t;
 }
 
 static void task_free(struct task *t)
 {
 	free(t->snapshot);
+	free(t->ops);
 	free(t->in);
 	free(t->out);
 	free(t);
 }
 
-/* The op on the workers is finished: answer it (failed if the job failed). */
+static uint8_t *buf_addr(const struct bufspec *b)
+{
+	return b->mem ? b->mem->addr + b->off : NULL;
+}
+
+/* The task of collective ops[0..world-1]; NULL when memory ran out. */
+static struct task *coll_task(struct job *j, struct posted **ops)
+{
+	struct task *t = task_new(j, j->world, j->world);
+
+	if (!t)
+		return NULL;
+	t->type = ops[0]->type;
+	t->dtype = ops[0]->dtype;
+	t->redop = ops[0]->redop;
+	t->root = ops[0]->root;
+	t->count = ops[0]->count;
+	t->esize = dtype_size((int)t->dtype);
+	for (int r = 0; r < j->world; r++) {
+		t->ops[r] = ops[r];
+		t->in[r] = buf_addr(&ops[r]->send);
+		t->out[r] = buf_addr(&ops[r]->recv);
+		t->bytes += ops[r]->recv.len;
+	}
+	return t;
+}
+
+/* Start t, or finish it at once when it ran inline. */
+static void start(struct job *j, struct task *t)
+{
+	for (int i = 0; i < t->nops; i++)
+		t->ops[i]->running = 1;
+	j->running = t;
+	if (be_host_run(t))
+		engine_task_done(t);
+}
+
+/* Try the next collective; 1 when something happened. */
+static int try_collective(struct job *j)
+{
+	struct posted **ops = calloc((size_t)j->world, sizeof *ops);
+	comm_result_t code = COMM_ERR_MISMATCH;
+	char detail[256];
+	int bad = -1, rc = 0;
+	struct task *t;
+
+	if (!ops) {
+		job_fail(j, COMM_ERR_NO_MEMORY, "engine: out of memory");
+		return 1;
+	}
+	for (int r = 0; r < j->world; r++) {
+		if (j->left[r]) /* none can run: engine_rank_left failed them */
+			goto out;
+		ops[r] = unit_coll(j, r, j->next_coll);
+		if (!ops[r])
+			goto out;
+		if (ops[r]->done && bad < 0)
+			bad = r;
+	}
+	rc = 1;
+	j->next_coll++;
+	if (bad >= 0) {
+		/* refused on one rank: the others fail the same way */
+		code = ops[bad]->status;
+		snprintf(detail, sizeof detail, "collective %llu: refused on rank %d: %.200s",
+			 (unsigned long long)ops[bad]->cseq, bad, ops[bad]->detail);
+	} else if (disagree(j, ops, detail, sizeof detail)) {
+		log_info("job %s: %s", j->name, detail);
+	} else if (ops[0]->type == COMMPB__OP_TYPE__OP_BARRIER || ops[0]->count == 0) {
+		for (int r = 0; r < j->world; r++)
+			set_done(ops[r], COMM_OK, "");
+		j->ops_completed++;
+		srv.ops_completed++;
+		goto out;
+	} else if ((t = coll_task(j, ops))) {
+		start(j, t);
+		goto out;
+	} else {
+		code = COMM_ERR_NO_MEMORY;
+		snprintf(detail, sizeof detail, "engine: out of memory");
+	}
+	j->errors++;
+	for (int r = 0; r < j->world; r++)
+		if (!ops[r]->done)
+			set_done(ops[r], code, detail);
+out:
+	free(ops);
+	return rc;
+}
+
+/* The first unpaired recv from rank from in rank r's current unit. */
+static struct posted *unit_recv_from(struct job *j, int r, int from)
+{
+	struct posted *last = unit_last(j, r), *p;
+
+	UNIT_FOREACH(p, j, r, last)
+		if (p->type == COMMPB__OP_TYPE__OP_RECV && !p->matched && p->peer == from)
+			return p;
+	return NULL;
+}
+
+/* Pair a send with its recv and run the copy; 1 when something happened. */
+static int try_p2p(struct job *j)
+{
+	for (int a = 0; a < j->world; a++) {
+		struct posted *last = unit_last(j, a), *s;
+
+		UNIT_FOREACH(s, j, a, last) {
+			struct posted *q, *e;
+			uint64_t sb, rb;
+			int earlier = 0;
+			char detail[256];
+			struct task *t;
+
+			if (s->type != COMMPB__OP_TYPE__OP_SEND || s->matched || s->peer < 0)
+				continue;
+			/* the k-th send to a peer pairs with its k-th recv */
+			UNIT_FOREACH(e, j, a, s)
+				if (e != s && e->type == COMMPB__OP_TYPE__OP_SEND && !e->matched &&
+				    e->peer == s->peer)
+					earlier = 1;
+			if (earlier || !(q = unit_recv_from(j, s->peer, a)))
+				continue;
+			s->matched = q->matched = 1;
+			sb = s->send.len;
+			rb = q->recv.len;
+			if (s->done || q->done) {
+				struct posted *bad = s->done ? s : q;
+
+				snprintf(detail, sizeof detail,
+					 "send from rank %d to rank %d: refused on rank %d: %.180s", a,
+					 s->peer, bad->rank, bad->detail);
+				set_done(s->done ? q : s, bad->status, detail);
+				return 1;
+			}
+			if (sb != rb) {
+				snprintf(detail, sizeof detail,
+					 "send from rank %d to rank %d: %llu bytes sent, %llu expected",
+					 a, s->peer, (unsigned long long)sb, (unsigned long long)rb);
+				set_done(s, COMM_ERR_MISMATCH, detail);
+				set_done(q, COMM_ERR_MISMATCH, detail);
+				j->errors++;
+				return 1;
+			}
+			if (sb == 0) {
+				set_done(s, COMM_OK, "");
+				set_done(q, COMM_OK, "");
+				j->ops_completed++;
+				return 1;
+			}
+			t = task_new(j, 2, 1);
+			if (!t) {
+				set_done(s, COMM_ERR_NO_MEMORY, "engine: out of memory");
+				set_done(q, COMM_ERR_NO_MEMORY, "engine: out of memory");
+				return 1;
+			}
+			t->type = COMMPB__OP_TYPE__OP_SEND;
+			t->ops[0] = s;
+			t->ops[1] = q;
+			t->dtype = COMM_UINT8;
+			t->esize = 1;
+			t->count = sb;
+			t->in[0] = buf_addr(&s->send);
+			t->out[0] = buf_addr(&q->recv);
+			t->bytes = sb;
+			start(j, t);
+			return 1;
+		}
+	}
+	return 0;
+}
+
+/* The op on the workers is finished: mark its ops done (failed if the job failed). */
 static void finish_task(struct task *t)
 {
 	struct job *j = t->job;
+	comm_result_t code = t->status;
+	const char *detail = code != COMM_OK ? "host backend: out of memory" : "";
 
 	j->running = NULL;
-	if (t->status != COMM_OK) {
-		finish_op(j, t->status, "host backend: out of memory");
-	} else if (j->state == JOB_READY) {
+	if (code == COMM_OK && j->state != JOB_READY) {
+		code = j->fail_code;
+		detail = j->fail_detail;
+	}
+	if (code == COMM_OK) {
+		j->ops_completed++;
 		j->bytes_moved += t->bytes;
-		srv.bytes_moved += t->bytes;
 		srv.ops_completed++;
-		finish_op(j, COMM_OK, "");
+		srv.bytes_moved += t->bytes;
 	} else {
-		finish_op(j, j->fail_code, j->fail_detail);
+		j->errors++;
+	}
+	for (int i = 0; i < t->nops; i++) {
+		struct posted *p = t->ops[i];
+
+		p->running = 0;
+		set_done(p, code, detail);
+		if (j->state != JOB_READY) {
+			/* everything else was answered when the job failed */
+			reply(j, p, code, detail);
+			TAILQ_REMOVE(&j->posted[p->rank], p, link);
+			posted_free(p);
+		}
 	}
 	task_free(t);
 }
@@ -208,58 +484,87 @@ void engine_task_done(struct task *t)
 	struct job *j = t->job;
 
 	finish_task(t);
-	if (!job_maybe_free(j))
+	if (j->state != JOB_READY)
+		job_maybe_free(j);
+	else
 		engine_kick(j);
 }
 
 void engine_kick(struct job *j)
 {
-	struct posted **ops;
+	/* an inline task finishes inside the loop below, which goes on by itself */
+	if (j->kicking)
+		return;
+	j->kicking = 1;
+	while (j->state == JOB_READY && !j->running)
+		if (!try_collective(j) && !try_p2p(j))
+			break;
+	if (j->state == JOB_READY)
+		retire(j);
+	j->kicking = 0;
+}
+
+void engine_rank_left(struct job *j, int gone)
+{
 	char detail[256];
+
+	for (int r = 0; r < j->world; r++) {
+		struct posted *p;
+
+		TAILQ_FOREACH(p, &j->posted[r], link) {
+			if (p->done || p->running)
+				continue;
+			if (p->coll) {
+				snprintf(detail, sizeof detail, "op %llu (%s): %s",
+					 (unsigned long long)p->seq, op_type_name(p->type),
+					 j->left_detail);
+				set_done(p, COMM_ERR_PEER_LOST, detail);
+			} else if (p->peer == gone && !p->matched) {
+				snprintf(detail, sizeof detail, "op %llu (%s): rank %d left the job",
+					 (unsigned long long)p->seq, op_type_name(p->type), gone);
+				set_done(p, COMM_ERR_PEER_LOST, detail);
+			}
+		}
+	}
+	engine_kick(j);
+}
+
+void engine_check_deadline(struct job *j, uint64_t now)
+{
+	struct posted *oldest = NULL;
+	char who[160] = "";
+	size_t n = 0;
 
 	if (j->state != JOB_READY || j->running)
 		return;
-	ops = calloc((size_t)j->world, sizeof *ops);
-	if (!ops) {
-		job_fail(j, COMM_ERR_NO_MEMORY, "engine: out of memory");
-		return;
-	}
-	while (j->state == JOB_READY && !j->running) {
-		struct task *t;
-		int bad = -1;
+	for (int r = 0; r < j->world; r++) {
+		struct posted *last = unit_last(j, r), *p;
 
-		for (int r = 0; r < j->world; r++) {
-			ops[r] = TAILQ_FIRST(&j->posted[r]);
-			if (!ops[r] || ops[r]->seq != j->next_run)
-				goto out;
-			if (ops[r]->error != COMM_OK && bad < 0)
-				bad = r;
-		}
-		if (bad >= 0) {
-			snprintf(detail, sizeof detail, "op %llu: refused on rank %d: %.200s",
-				 (unsigned long long)j->next_run, bad, ops[bad]->detail);
-			finish_op(j, ops[bad]->error, detail);
-			continue;
-		}
-		if (disagree(j, ops, detail, sizeof detail)) {
-			log_info("job %s: %s", j->name, detail);
-			finish_op(j, COMM_ERR_MISMATCH, detail);
-			continue;
-		}
-		if (ops[0]->count == 0) {
-			srv.ops_completed++;
-			finish_op(j, COMM_OK, "");
-			continue;
-		}
-		t = task_new(j, ops);
-		if (!t) {
-			finish_op(j, COMM_ERR_NO_MEMORY, "engine: out of memory");
-			continue;
-		}
-		j->running = t;
-		if (be_host_run(t))
-			finish_task(t);
+		UNIT_FOREACH(p, j, r, last)
+			if (!finished(j, p) && (!oldest || p->posted_ms < oldest->posted_ms))
+				oldest = p;
 	}
-out:
-	free(ops);
+	if (!oldest || now - oldest->posted_ms < j->timeout_ms)
+		return;
+	if (oldest->coll) {
+		int missing = 0;
+
+		for (int r = 0; r < j->world && n < sizeof who; r++) {
+			if (unit_coll(j, r, oldest->cseq))
+				continue;
+			n += (size_t)snprintf(who + n, sizeof who - n, "%s%d", n ? ", " : "", r);
+			missing++;
+		}
+		job_fail(j, COMM_ERR_TIMEOUT, "op %llu (%s): rank%s %s did not reach it within %u ms",
+			 (unsigned long long)oldest->seq, op_type_name(oldest->type),
+			 missing == 1 ? "" : "s", who, j->timeout_ms);
+	} else {
+		int send = oldest->type == COMMPB__OP_TYPE__OP_SEND;
+
+		job_fail(j, COMM_ERR_TIMEOUT,
+			 "op %llu (%s %s rank %d on rank %d): no matching %s within %u ms",
+			 (unsigned long long)oldest->seq, send ? "send" : "recv",
+			 send ? "to" : "from", oldest->peer, oldest->rank, send ? "recv" : "send",
+			 j->timeout_ms);
+	}
 }

@@ -18,8 +18,6 @@ const char *job_state_name(enum job_state s)
 		return "forming";
 	case JOB_READY:
 		return "ready";
-	case JOB_DONE:
-		return "finishing";
 	case JOB_FAILED:
 		return "failed";
 	}
@@ -36,6 +34,17 @@ static struct job *job_find(const char *name)
 	return NULL;
 }
 
+static void job_free(struct job *j)
+{
+	free(j->ranks);
+	free(j->posted);
+	free(j->next_post);
+	free(j->next_cseq);
+	free(j->open_group);
+	free(j->left);
+	free(j);
+}
+
 static struct job *job_new(const struct conn *c, const Commpb__Hello *h)
 {
 	struct job *j = calloc(1, sizeof *j);
@@ -46,16 +55,18 @@ static struct job *job_new(const struct conn *c, const Commpb__Hello *h)
 	j->ranks = calloc((size_t)w, sizeof *j->ranks);
 	j->posted = calloc((size_t)w, sizeof *j->posted);
 	j->next_post = calloc((size_t)w, sizeof *j->next_post);
-	if (!j->ranks || !j->posted || !j->next_post) {
-		free(j->ranks);
-		free(j->posted);
-		free(j->next_post);
-		free(j);
+	j->next_cseq = calloc((size_t)w, sizeof *j->next_cseq);
+	j->open_group = calloc((size_t)w, sizeof *j->open_group);
+	j->left = calloc((size_t)w, sizeof *j->left);
+	if (!j->ranks || !j->posted || !j->next_post || !j->next_cseq || !j->open_group ||
+	    !j->left) {
+		job_free(j);
 		return NULL;
 	}
 	for (int r = 0; r < w; r++) {
 		TAILQ_INIT(&j->posted[r]);
 		j->next_post[r] = 1;
+		j->next_cseq[r] = 1;
 	}
 	snprintf(j->name, sizeof j->name, "%s", h->job);
 	if (h->token.len)
@@ -63,7 +74,7 @@ static struct job *job_new(const struct conn *c, const Commpb__Hello *h)
 	j->token_len = h->token.len;
 	j->uid = c->uid;
 	j->world = w;
-	j->next_run = 1;
+	j->next_coll = 1;
 	j->timeout_ms = h->timeout_ms ? h->timeout_ms : srv.default_timeout_ms;
 	j->created_ms = now_ms();
 	j->state = JOB_FORMING;
@@ -170,10 +181,7 @@ int job_maybe_free(struct job *j)
 		 (unsigned long long)j->ops_completed, (unsigned long long)j->errors);
 	engine_free(j);
 	TAILQ_REMOVE(&srv.jobs, j, link);
-	free(j->ranks);
-	free(j->posted);
-	free(j->next_post);
-	free(j);
+	job_free(j);
 	return 1;
 }
 
@@ -181,7 +189,7 @@ void job_fail(struct job *j, comm_result_t code, const char *fmt, ...)
 {
 	va_list ap;
 
-	if (j->state > JOB_READY)
+	if (j->state == JOB_FAILED)
 		return;
 	va_start(ap, fmt);
 	vsnprintf(j->fail_detail, sizeof j->fail_detail, fmt, ap);
@@ -218,13 +226,14 @@ void job_detach(struct conn *c, comm_result_t code, const char *why)
 	if (j->state == JOB_FORMING) {
 		j->joined--;
 		log_debug("job %s: rank %d left before the job formed", j->name, r);
-	} else if (code == COMM_OK && j->state == JOB_READY) {
-		j->state = JOB_DONE;
-		j->fail_code = COMM_ERR_PEER_LOST;
-		snprintf(j->fail_detail, sizeof j->fail_detail, "rank %d (pid %d): %s", r,
-			 (int)c->pid, why);
-		log_debug("job %s: %s", j->name, j->fail_detail);
-		engine_fail_pending(j, -1, j->fail_code, j->fail_detail);
+	} else if (code == COMM_OK && j->state == JOB_READY && TAILQ_EMPTY(&j->posted[r])) {
+		/* a clean leave: only what needs this rank fails */
+		if (!j->nleft++)
+			snprintf(j->left_detail, sizeof j->left_detail, "rank %d (pid %d) %s", r,
+				 (int)c->pid, why);
+		j->left[r] = 1;
+		log_debug("job %s: rank %d (pid %d) %s", j->name, r, (int)c->pid, why);
+		engine_rank_left(j, r);
 	} else {
 		job_fail(j, code == COMM_OK ? COMM_ERR_PEER_LOST : code, "rank %d (pid %d): %s", r,
 			 (int)c->pid, why);
@@ -233,54 +242,26 @@ void job_detach(struct conn *c, comm_result_t code, const char *why)
 	job_maybe_free(j);
 }
 
-/* The ranks that have not posted op seq, as "2, 5" in buf. */
-static void missing_ranks(const struct job *j, uint64_t seq, char *buf, size_t len)
-{
-	size_t n = 0;
-
-	buf[0] = '\0';
-	for (int r = 0; r < j->world && n < len; r++) {
-		const struct posted *p = TAILQ_FIRST(&j->posted[r]);
-
-		if (!p || p->seq != seq)
-			n += (size_t)snprintf(buf + n, len - n, "%s%d", n ? ", " : "", r);
-	}
-}
-
 void job_check_deadlines(uint64_t now)
 {
 	struct job *j, *tmp;
 	char ranks[128];
 
 	TAILQ_FOREACH_SAFE(j, &srv.jobs, link, tmp) {
-		uint64_t oldest = 0;
-
 		if (j->state == JOB_FORMING) {
 			if (now - j->created_ms >= j->timeout_ms) {
-				int n = 0;
+				int n = 0, missing = j->world - j->joined;
 
 				for (int r = 0; r < j->world && n < 100; r++)
 					if (!j->ranks[r])
 						n += snprintf(ranks + n, sizeof ranks - (size_t)n,
 							      "%s%d", n ? ", " : "", r);
 				job_fail(j, COMM_ERR_TIMEOUT,
-					 "join: ranks %s did not join within %u ms", ranks,
-					 j->timeout_ms);
+					 "join: rank%s %s did not join within %u ms",
+					 missing == 1 ? "" : "s", ranks, j->timeout_ms);
 			}
 			continue;
 		}
-		if (j->state != JOB_READY || j->running)
-			continue;
-		for (int r = 0; r < j->world; r++) {
-			const struct posted *p = TAILQ_FIRST(&j->posted[r]);
-
-			if (p && p->seq == j->next_run && (!oldest || p->posted_ms < oldest))
-				oldest = p->posted_ms;
-		}
-		if (oldest && now - oldest >= j->timeout_ms) {
-			missing_ranks(j, j->next_run, ranks, sizeof ranks);
-			job_fail(j, COMM_ERR_TIMEOUT, "op %llu: ranks %s did not post it within %u ms",
-				 (unsigned long long)j->next_run, ranks, j->timeout_ms);
-		}
+		engine_check_deadline(j, now);
 	}
 }

@@ -2,6 +2,7 @@
  * req-op.c: a rank posts an op: check it against the rank's own buffers,
  * then hand it to the engine. Also Leave and Abort.
  */
+#include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 
@@ -10,92 +11,148 @@
 #include "log.h"
 #include "util.h"
 
-/* Resolve a buffer reference of len bytes; fills p->error on failure. */
-static int resolve(struct conn *c, struct posted *p, const Commpb__BufRef *ref, uint64_t len,
-		   const char *which, struct bufspec *out)
+#define T(x) COMMPB__OP_TYPE__OP_##x
+
+/* Refuse p: it is answered in its turn, and its partners fail when they match it. */
+static void refuse(struct posted *p, comm_result_t code, const char *fmt, ...)
+	__attribute__((format(printf, 3, 4)));
+static void refuse(struct posted *p, comm_result_t code, const char *fmt, ...)
 {
+	va_list ap;
+
+	if (p->done)
+		return;
+	va_start(ap, fmt);
+	vsnprintf(p->detail, sizeof p->detail, fmt, ap);
+	va_end(ap);
+	p->done = 1;
+	p->status = code;
+}
+
+/* Resolve a buffer reference of len bytes into out; refuses p on failure. */
+static void resolve(struct conn *c, struct posted *p, const Commpb__BufRef *ref, uint64_t len,
+		    const char *which, struct bufspec *out)
+{
+	unsigned long long seq = (unsigned long long)p->seq;
 	struct mem *m;
 	uint64_t end;
 
+	if (p->done || len == 0)
+		return;
 	if (!ref) {
-		p->error = COMM_ERR_INVALID_ARG;
-		snprintf(p->detail, sizeof p->detail, "op %llu: no %s buffer",
-			 (unsigned long long)p->seq, which);
-		return -1;
+		refuse(p, COMM_ERR_INVALID_ARG, "op %llu: no %s buffer", seq, which);
+		return;
 	}
 	m = mem_find(c, ref->mem_id);
 	if (!m) {
-		p->error = COMM_ERR_NOT_FOUND;
-		snprintf(p->detail, sizeof p->detail, "op %llu: %s buffer: no mem id %llu",
-			 (unsigned long long)p->seq, which, (unsigned long long)ref->mem_id);
-		return -1;
+		refuse(p, COMM_ERR_NOT_FOUND, "op %llu: %s buffer: no mem id %llu", seq, which,
+		       (unsigned long long)ref->mem_id);
+		return;
 	}
 	if (__builtin_add_overflow(ref->offset, len, &end) || end > m->size) {
-		p->error = COMM_ERR_INVALID_ARG;
-		snprintf(p->detail, sizeof p->detail,
-			 "op %llu: %s buffer: offset %llu + %llu bytes is past the end of mem %llu "
-			 "(%zu bytes)",
-			 (unsigned long long)p->seq, which, (unsigned long long)ref->offset,
-			 (unsigned long long)len, (unsigned long long)m->id, m->size);
-		return -1;
+		refuse(p, COMM_ERR_INVALID_ARG,
+		       "op %llu: %s buffer: offset %llu + %llu bytes is past the end of mem %llu "
+		       "(%zu bytes)",
+		       seq, which, (unsigned long long)ref->offset, (unsigned long long)len,
+		       (unsigned long long)m->id, m->size);
+		return;
 	}
 	mem_ref(m);
 	out->mem = m;
 	out->off = ref->offset;
 	out->len = len;
-	return 0;
 }
 
-/* Check o as posted by c; on failure p->error and p->detail say why. */
+/* Check o as posted by rank r of a world; refuses p with the reason. */
 static void check_op(struct conn *c, const Commpb__Op *o, struct posted *p)
 {
-	int world = c->job->world;
-	uint64_t block, sendlen, recvlen;
+	unsigned long long seq = (unsigned long long)o->seq;
+	int world = c->job->world, rank = c->rank, root = o->root;
+	uint64_t block, all, sendlen = 0, recvlen = 0;
 	size_t es = dtype_size((int)o->dtype);
 
-	switch (o->type) {
-	case COMMPB__OP_TYPE__OP_ALLREDUCE:
-	case COMMPB__OP_TYPE__OP_REDUCE_SCATTER:
-		if (!redop_valid((int)o->redop)) {
-			p->error = COMM_ERR_INVALID_ARG;
-			snprintf(p->detail, sizeof p->detail, "op %llu: unknown redop %u",
-				 (unsigned long long)o->seq, o->redop);
-			return;
-		}
-		break;
-	case COMMPB__OP_TYPE__OP_ALLGATHER:
-		break;
-	default:
-		p->error = COMM_ERR_INVALID_ARG;
-		snprintf(p->detail, sizeof p->detail, "op %llu: unknown op type %d",
-			 (unsigned long long)o->seq, (int)o->type);
+	if (o->type == T(BARRIER))
+		return;
+	if (!es) {
+		refuse(p, COMM_ERR_INVALID_ARG, "op %llu: unknown dtype %u", seq, o->dtype);
 		return;
 	}
-	if (!es) {
-		p->error = COMM_ERR_INVALID_ARG;
-		snprintf(p->detail, sizeof p->detail, "op %llu: unknown dtype %u",
-			 (unsigned long long)o->seq, o->dtype);
+	if (op_reduces(o->type) && !redop_valid((int)o->redop)) {
+		refuse(p, COMM_ERR_INVALID_ARG, "op %llu: unknown redop %u", seq, o->redop);
+		return;
+	}
+	if ((o->type == T(BROADCAST) || o->type == T(REDUCE)) && (root < 0 || root >= world)) {
+		refuse(p, COMM_ERR_INVALID_ARG, "op %llu: %s root %d is not in 0..%d", seq,
+		       op_type_name(o->type), root, world - 1);
 		return;
 	}
 	if (__builtin_mul_overflow(o->count, es, &block) ||
-	    __builtin_mul_overflow(block, (uint64_t)world, &sendlen)) {
-		p->error = COMM_ERR_INVALID_ARG;
-		snprintf(p->detail, sizeof p->detail, "op %llu: count %llu overflows",
-			 (unsigned long long)o->seq, (unsigned long long)o->count);
+	    __builtin_mul_overflow(block, (uint64_t)world, &all)) {
+		refuse(p, COMM_ERR_INVALID_ARG, "op %llu: count %llu overflows", seq,
+		       (unsigned long long)o->count);
 		return;
 	}
-	if (o->count == 0)
-		return; /* nothing is read or written: no buffers needed */
-	recvlen = block;
-	if (o->type == COMMPB__OP_TYPE__OP_ALLREDUCE)
+	switch (o->type) {
+	case T(ALLREDUCE):
+		sendlen = recvlen = block;
+		break;
+	case T(REDUCE_SCATTER):
+		sendlen = all;
+		recvlen = block;
+		break;
+	case T(ALLGATHER):
 		sendlen = block;
-	else if (o->type == COMMPB__OP_TYPE__OP_ALLGATHER) {
-		recvlen = sendlen;
+		recvlen = all;
+		break;
+	case T(BROADCAST):
+		sendlen = rank == root ? block : 0;
+		recvlen = block;
+		break;
+	case T(REDUCE):
 		sendlen = block;
-	}
-	if (resolve(c, p, o->send, sendlen, "send", &p->send) < 0 ||
-	    resolve(c, p, o->recv, recvlen, "recv", &p->recv) < 0)
+		recvlen = rank == root ? block : 0;
+		break;
+	case T(ALLTOALL):
+		sendlen = recvlen = all;
+		break;
+	case T(SEND):
+	case T(RECV):
+		if (o->peer < 0 || o->peer >= world) {
+			p->peer = -1; /* matches nothing */
+			refuse(p, COMM_ERR_INVALID_ARG, "op %llu: %s peer %d is not in 0..%d", seq,
+			       op_type_name(o->type), o->peer, world - 1);
+			return;
+		}
+		if (o->type == T(SEND))
+			sendlen = block;
+		else
+			recvlen = block;
+		break;
+	default:
+		refuse(p, COMM_ERR_INVALID_ARG, "op %llu: unknown op type %d", seq, (int)o->type);
 		return;
+	}
+	resolve(c, p, o->send, sendlen, "send", &p->send);
+	resolve(c, p, o->recv, recvlen, "recv", &p->recv);
+}
+
+/* A group is posted whole: ops of one group id, the last one marked. */
+static int check_group(struct conn *c, const Commpb__Op *o)
+{
+	uint64_t *open = &c->job->open_group[c->rank];
+
+	if (*open && o->group != *open) {
+		conn_fail(c, COMM_ERR_PROTOCOL, "protocol: op %llu is not in open group %llu",
+			  (unsigned long long)o->seq, (unsigned long long)*open);
+		return -1;
+	}
+	if (!o->group && o->group_last) {
+		conn_fail(c, COMM_ERR_PROTOCOL, "protocol: op %llu ends a group it is not in",
+			  (unsigned long long)o->seq);
+		return -1;
+	}
+	*open = o->group && !o->group_last ? o->group : 0;
+	return 0;
 }
 
 int req_op_exec(struct conn *c, const Commpb__Envelope *env, int *fds, int nfds)
@@ -113,11 +170,15 @@ int req_op_exec(struct conn *c, const Commpb__Envelope *env, int *fds, int nfds)
 			  (unsigned long long)o->seq, (unsigned long long)j->next_post[c->rank]);
 		return -1;
 	}
+	if (check_group(c, o) < 0)
+		return -1;
 	p = calloc(1, sizeof *p);
 	if (!p) {
 		conn_fail(c, COMM_ERR_NO_MEMORY, "op: out of memory");
 		return -1;
 	}
+	j->next_post[c->rank]++;
+	p->rank = c->rank;
 	p->seq = o->seq;
 	p->req_id = env->id;
 	p->posted_ms = now_ms();
@@ -126,29 +187,35 @@ int req_op_exec(struct conn *c, const Commpb__Envelope *env, int *fds, int nfds)
 	p->dtype = o->dtype;
 	p->redop = o->redop;
 	p->root = o->root;
-	if (j->state > JOB_READY) {
-		p->error = j->fail_code;
-		snprintf(p->detail, sizeof p->detail, "%s", j->fail_detail);
-	} else {
-		check_op(c, o, p);
-	}
-	if (p->error != COMM_OK) {
+	p->peer = o->peer;
+	p->group = o->group;
+	p->group_last = o->group_last;
+	p->coll = op_is_collective(o->type);
+	if (p->coll)
+		p->cseq = j->next_cseq[c->rank]++;
+	if (j->state == JOB_FAILED) {
+		/* the job has failed: answer at once, nothing will run */
 		Commpb__Envelope reply = COMMPB__ENVELOPE__INIT;
 		Commpb__OpDone done = COMMPB__OP_DONE__INIT;
 
 		done.seq = p->seq;
-		done.status = p->error;
-		done.detail = p->detail;
+		done.status = j->fail_code;
+		done.detail = j->fail_detail;
 		reply.id = env->id;
 		reply.body_case = COMMPB__ENVELOPE__BODY_OP_DONE;
 		reply.op_done = &done;
 		conn_send(c, &reply);
-		if (j->state > JOB_READY) {
-			j->next_post[c->rank] = p->seq + 1;
-			free(p);
-			return 0;
-		}
+		free(p);
+		return 0;
 	}
+	/* a refused op is queued all the same: answered in order, and its partners fail */
+	check_op(c, o, p);
+	if (p->coll && j->nleft)
+		refuse(p, COMM_ERR_PEER_LOST, "op %llu (%s): %s", (unsigned long long)p->seq,
+		       op_type_name(p->type), j->left_detail);
+	else if (!p->coll && p->peer >= 0 && j->left[p->peer])
+		refuse(p, COMM_ERR_PEER_LOST, "op %llu (%s): rank %d left the job",
+		       (unsigned long long)p->seq, op_type_name(p->type), p->peer);
 	engine_post(c, p);
 	return 0;
 }
