@@ -241,6 +241,7 @@ static comm_result_t resolve_config(const comm_config_t *in, comm_config_t *out,
 	static const char *const timeout_vars[] = { "COMM_TIMEOUT", NULL };
 	comm_config_t none = COMM_CONFIG_INIT;
 	const char *v;
+	int rc;
 
 	if (!in)
 		in = &none;
@@ -254,21 +255,31 @@ static comm_result_t resolve_config(const comm_config_t *in, comm_config_t *out,
 	}
 	if (!out->token)
 		out->token = (v = getenv("COMM_TOKEN")) ? v : "";
-	if (out->rank < 0 && env_int(rank_vars, &out->rank) <= 0) {
-		snprintf(err, errlen, "init: no rank: set COMM_RANK (or the launcher's RANK)");
+	if (out->rank < 0 && (rc = env_int(rank_vars, &out->rank)) <= 0) {
+		snprintf(err, errlen, rc ? "init: the rank in the environment is not a number"
+					 : "init: no rank: set COMM_RANK (or the launcher's RANK)");
 		return COMM_ERR_INVALID_ARG;
 	}
-	if (out->world_size < 0 && env_int(size_vars, &out->world_size) <= 0) {
-		snprintf(err, errlen, "init: no world size: set COMM_WORLD_SIZE");
+	if (out->world_size < 0 && (rc = env_int(size_vars, &out->world_size)) <= 0) {
+		snprintf(err, errlen, rc ? "init: the world size in the environment is not a number"
+					 : "init: no world size: set COMM_WORLD_SIZE");
 		return COMM_ERR_INVALID_ARG;
 	}
 	if (out->timeout_ms == 0 && env_int(timeout_vars, &out->timeout_ms) < 0) {
 		snprintf(err, errlen, "init: COMM_TIMEOUT is not a number of milliseconds");
 		return COMM_ERR_INVALID_ARG;
 	}
-	if (out->world_size < 1 || out->rank >= out->world_size || out->timeout_ms < 0) {
-		snprintf(err, errlen, "init: rank %d, world size %d: rank must be in 0..world-1",
-			 out->rank, out->world_size);
+	if (out->world_size < 1) {
+		snprintf(err, errlen, "init: world size %d: must be at least 1", out->world_size);
+		return COMM_ERR_INVALID_ARG;
+	}
+	if (out->rank >= out->world_size) {
+		snprintf(err, errlen, "init: rank %d is not in 0..%d", out->rank,
+			 out->world_size - 1);
+		return COMM_ERR_INVALID_ARG;
+	}
+	if (out->timeout_ms < 0) {
+		snprintf(err, errlen, "init: timeout %d ms is negative", out->timeout_ms);
 		return COMM_ERR_INVALID_ARG;
 	}
 	return COMM_OK;

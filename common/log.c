@@ -2,11 +2,13 @@
 #include <stdarg.h>
 #include <stdio.h>
 #include <string.h>
+#include <syslog.h>
 #include <time.h>
 
 #include "log.h"
 
-static enum log_level log_level = LOG_INFO;
+static enum log_level log_level = LVL_INFO;
+static int log_syslog;
 static const char *const log_names[] = { "error", "warn", "info", "debug" };
 
 int log_parse_level(const char *s)
@@ -15,6 +17,12 @@ int log_parse_level(const char *s)
 		if (strcmp(s, log_names[i]) == 0)
 			return i;
 	return -1;
+}
+
+void log_use_syslog(const char *ident)
+{
+	openlog(ident, LOG_PID, LOG_DAEMON);
+	log_syslog = 1;
 }
 
 void log_set_level(enum log_level level)
@@ -37,6 +45,14 @@ void log_msg(enum log_level level, const char *fmt, ...)
 
 	if (!log_enabled(level))
 		return;
+	if (log_syslog) {
+		static const int prio[] = { LOG_ERR, LOG_WARNING, LOG_INFO, LOG_DEBUG };
+
+		va_start(ap, fmt);
+		vsyslog(prio[level], fmt, ap);
+		va_end(ap);
+		return;
+	}
 	clock_gettime(CLOCK_REALTIME, &ts);
 	gmtime_r(&ts.tv_sec, &tm);
 	n = snprintf(line, sizeof line, "%02d:%02d:%02d.%03ld %s: ", tm.tm_hour, tm.tm_min,

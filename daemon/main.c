@@ -20,7 +20,8 @@ static void usage(FILE *f)
 	fprintf(f, "usage: commd [--socket PATH] [--foreground] [--log-level LEVEL]\n"
 		   "             [--threads N] [--timeout MS]\n"
 		   "  --socket PATH      listen on this Unix socket (default %s)\n"
-		   "  --foreground       stay attached to the terminal (default: daemonize)\n"
+		   "  --foreground       stay in the foreground, log to stderr (default: daemonize\n"
+		   "                     and log to syslog)\n"
 		   "  --log-level LEVEL  error, warn, info (default) or debug\n"
 		   "  --threads N        worker threads for the host backend (default: cores)\n"
 		   "  --timeout MS       default op deadline for jobs (default 600000)\n"
@@ -103,9 +104,13 @@ int main(int argc, char **argv)
 	}
 	if (threads < 1)
 		threads = 1;
-	if (!foreground && daemon(0, 1) < 0) {
-		perror("commd: daemon");
-		return 1;
+	if (!foreground) {
+		/* detached: no terminal, nothing of the caller's kept open; log to syslog */
+		if (daemon(0, 0) < 0) {
+			perror("commd: daemon");
+			return 1;
+		}
+		log_use_syslog("commd");
 	}
 	signal(SIGPIPE, SIG_IGN);
 	srv.default_timeout_ms = (uint32_t)timeout;

@@ -4,6 +4,7 @@
  */
 #include <errno.h>
 #include <fcntl.h>
+#include <stdio.h>
 #include <string.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
@@ -44,6 +45,24 @@ static void on_tick(uv_timer_t *t)
 	job_check_deadlines(now_ms());
 }
 
+/* Make the socket's directory (as /run/commd) when it is missing. */
+static int make_parent(const char *path)
+{
+	char dir[sizeof(((struct sockaddr_un *)0)->sun_path)];
+	char *slash;
+
+	snprintf(dir, sizeof dir, "%s", path);
+	slash = strrchr(dir, '/');
+	if (!slash || slash == dir)
+		return 0;
+	*slash = '\0';
+	if (mkdir(dir, 0755) < 0 && errno != EEXIST) {
+		log_error("listen: cannot make %s: %s", dir, strerror(errno));
+		return -1;
+	}
+	return 0;
+}
+
 /* Remove a socket file left by a daemon that is gone; refuse a live one. */
 static int clear_stale(const char *path)
 {
@@ -81,7 +100,7 @@ int server_start(uv_loop_t *loop, const char *path)
 		log_error("listen: socket path too long: %s", path);
 		return -1;
 	}
-	if (clear_stale(path) < 0)
+	if (make_parent(path) < 0 || clear_stale(path) < 0)
 		return -1;
 	strcpy(sa.sun_path, path);
 	srv.listen_fd = socket(AF_UNIX, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
@@ -102,7 +121,12 @@ int server_start(uv_loop_t *loop, const char *path)
 
 void server_stop(void)
 {
+	struct job *j;
+
 	srv.stopping = 1;
+	/* every rank hears why, before its connection goes */
+	TAILQ_FOREACH(j, &srv.jobs, link)
+		job_fail(j, COMM_ERR_SHUTDOWN, "commd is shutting down");
 	conn_close_all();
 	if (srv.listen_fd >= 0) {
 		uv_close((uv_handle_t *)&srv.listen_poll, NULL);

@@ -507,12 +507,15 @@ static void check_baseline(int fds0, const char *after)
 	CHECK(maps == 0, "after %s: daemon still maps %d memfds", after, maps);
 }
 
-/* A rank whose daemon is killed gets DAEMON_UNREACHABLE, not a hang. */
+/*
+ * A rank whose daemon is killed gets DAEMON_UNREACHABLE, not a hang; one
+ * whose daemon is stopped (SIGTERM) gets COMM_ERR_SHUTDOWN.
+ */
 static int rank_daemon_dies(int rank, int n, void *arg)
 {
+	comm_result_t want = *(comm_result_t *)arg, rc;
 	comm_t *c = join(rank);
 	int v = 1;
-	comm_result_t rc;
 
 	if (!c)
 		return 1;
@@ -522,8 +525,9 @@ static int rank_daemon_dies(int rank, int n, void *arg)
 		return 1;
 	}
 	rc = comm_allreduce(c, &v, &v, 1, COMM_INT32, COMM_SUM, NULL);
-	if (rc != COMM_ERR_DAEMON_UNREACHABLE) {
-		fprintf(stderr, "rank 0: daemon killed: got %s\n", comm_result_name(rc));
+	if (rc != want) {
+		fprintf(stderr, "rank 0: daemon gone: got %s (%s), want %s\n", comm_result_name(rc),
+			comm_last_error(c), comm_result_name(want));
 		return 1;
 	}
 	comm_finalize(c);
@@ -532,12 +536,23 @@ static int rank_daemon_dies(int rank, int n, void *arg)
 
 static void test_daemon_killed(void)
 {
+	comm_result_t unreachable = COMM_ERR_DAEMON_UNREACHABLE, shutdown = COMM_ERR_SHUTDOWN;
 	struct th_daemon d2;
 	struct th_ranks rs;
 	int status;
 
+	/* SIGTERM: the waiting rank is told the daemon is shutting down; exit 0 */
+	REQUIRE(th_daemon_start(&d2, NULL) == 0, "third daemon");
+	REQUIRE(th_ranks_start(&rs, &d2, "stopping", 2, rank_daemon_dies, &shutdown) == 0, "ranks");
+	usleep(500 * 1000);
+	CHECK(th_daemon_stop(&d2) == 0, "daemon with a job did not stop cleanly");
+	kill(rs.pids[1], SIGKILL);
+	CHECK(th_ranks_wait(&rs) == 1, "rank 0 did not hear of the shutdown");
+	printf("ok: SIGTERM under a waiting rank: COMM_ERR_SHUTDOWN, exit 0\n");
+
 	REQUIRE(th_daemon_start(&d2, NULL) == 0, "second daemon");
-	REQUIRE(th_ranks_start(&rs, &d2, "orphans", 2, rank_daemon_dies, NULL) == 0, "ranks");
+	REQUIRE(th_ranks_start(&rs, &d2, "orphans", 2, rank_daemon_dies, &unreachable) == 0,
+		"ranks");
 	usleep(500 * 1000);
 	kill(d2.pid, SIGKILL);
 	waitpid(d2.pid, &status, 0);
