@@ -108,6 +108,46 @@ int main(void)
 	       tensor_str(one, 1, a, sizeof a), tensor_str(out, n, b, sizeof b));
 	bad |= check(r, "all-gather", out, want, n);
 
+	/* broadcast: rank 0's [0, 1, ...] reaches everyone */
+	for (int i = 0; i < n; i++) {
+		out[i] = (float)(r + i);
+		want[i] = (float)i;
+	}
+	printf("Rank %d [before broadcast]: %s\n", r, tensor_str(out, n, a, sizeof a));
+	rc = comm_broadcast(c, out, out, (size_t)n, COMM_FLOAT32, 0, NULL);
+	if (rc != COMM_OK)
+		return fail(c, "broadcast", rc);
+	printf("Rank %d [after broadcast]: %s\n", r, tensor_str(out, n, a, sizeof a));
+	bad |= check(r, "broadcast", out, want, n);
+
+	/* reduce: the all-reduce's sums, on rank 0 only */
+	memset(out, 0, (size_t)n * sizeof *out);
+	rc = comm_reduce(c, in, out, (size_t)n, COMM_FLOAT32, COMM_SUM, 0, NULL);
+	if (rc != COMM_OK)
+		return fail(c, "reduce", rc);
+	printf("Rank %d [after reduce to rank 0]: input = %s, output = %s\n", r,
+	       tensor_str(in, n, a, sizeof a), tensor_str(out, n, b, sizeof b));
+	for (int i = 0; i < n; i++)
+		want[i] = r == 0 ? (float)(n * i + n * (n - 1) / 2) : 0;
+	bad |= check(r, "reduce", out, want, n);
+
+	/* all-to-all: element j of rank r goes to rank j, as element r */
+	for (int i = 0; i < n; i++) {
+		in[i] = (float)(n * r + i);
+		want[i] = (float)(n * i + r);
+	}
+	rc = comm_alltoall(c, in, out, 1, COMM_FLOAT32, NULL);
+	if (rc != COMM_OK)
+		return fail(c, "all-to-all", rc);
+	printf("Rank %d [after all-to-all]: input = %s, output = %s\n", r,
+	       tensor_str(in, n, a, sizeof a), tensor_str(out, n, b, sizeof b));
+	bad |= check(r, "all-to-all", out, want, n);
+
+	rc = comm_barrier(c, NULL);
+	if (rc != COMM_OK)
+		return fail(c, "barrier", rc);
+	printf("Rank %d [barrier]: every rank has arrived\n", r);
+
 	free(want);
 	rc = comm_finalize(c);
 	if (rc != COMM_OK) {

@@ -1,7 +1,8 @@
 #!/bin/bash
 # test-collectives-demo.sh: `commrun -n 4 collectives` against a real commd
 # prints exactly the reference run's collective lines (the host-memory
-# spelling: tensor([...]) without a device).
+# spelling: tensor([...]) without a device), then broadcast, reduce,
+# all-to-all and barrier lines in the same style.
 set -u
 : "${COMMD:=./daemon/commd}" "${COMMRUN:=./client/commrun}" "${COMM_DEMOS:=./tests/demos}"
 dir=$(mktemp -d /tmp/commd-demo-XXXXXX)
@@ -43,6 +44,26 @@ Rank 0 [after all-gather]: input = tensor([6.]), output = tensor([ 6., 10., 14.,
 Rank 1 [after all-gather]: input = tensor([10.]), output = tensor([ 6., 10., 14., 18.])
 Rank 2 [after all-gather]: input = tensor([14.]), output = tensor([ 6., 10., 14., 18.])
 Rank 3 [after all-gather]: input = tensor([18.]), output = tensor([ 6., 10., 14., 18.])
+Rank 0 [before broadcast]: tensor([0., 1., 2., 3.])
+Rank 1 [before broadcast]: tensor([1., 2., 3., 4.])
+Rank 2 [before broadcast]: tensor([2., 3., 4., 5.])
+Rank 3 [before broadcast]: tensor([3., 4., 5., 6.])
+Rank 0 [after broadcast]: tensor([0., 1., 2., 3.])
+Rank 1 [after broadcast]: tensor([0., 1., 2., 3.])
+Rank 2 [after broadcast]: tensor([0., 1., 2., 3.])
+Rank 3 [after broadcast]: tensor([0., 1., 2., 3.])
+Rank 0 [after reduce to rank 0]: input = tensor([0., 1., 2., 3.]), output = tensor([ 6., 10., 14., 18.])
+Rank 1 [after reduce to rank 0]: input = tensor([1., 2., 3., 4.]), output = tensor([0., 0., 0., 0.])
+Rank 2 [after reduce to rank 0]: input = tensor([2., 3., 4., 5.]), output = tensor([0., 0., 0., 0.])
+Rank 3 [after reduce to rank 0]: input = tensor([3., 4., 5., 6.]), output = tensor([0., 0., 0., 0.])
+Rank 0 [after all-to-all]: input = tensor([0., 1., 2., 3.]), output = tensor([ 0.,  4.,  8., 12.])
+Rank 1 [after all-to-all]: input = tensor([4., 5., 6., 7.]), output = tensor([ 1.,  5.,  9., 13.])
+Rank 2 [after all-to-all]: input = tensor([ 8.,  9., 10., 11.]), output = tensor([ 2.,  6., 10., 14.])
+Rank 3 [after all-to-all]: input = tensor([12., 13., 14., 15.]), output = tensor([ 3.,  7., 11., 15.])
+Rank 0 [barrier]: every rank has arrived
+Rank 1 [barrier]: every rank has arrived
+Rank 2 [barrier]: every rank has arrived
+Rank 3 [barrier]: every rank has arrived
 WANT
 # Ranks print concurrently: compare as sets of lines.
 if ! diff <(sort "$dir/want") <(sort "$dir/out"); then
