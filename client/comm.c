@@ -104,7 +104,10 @@ comm_result_t comm_pump(comm_t *c, int timeout_ms)
 	do
 		rc = poll(&pfd, 1, timeout_ms);
 	while (rc < 0 && errno == EINTR);
-	if (rc <= 0)
+	if (rc < 0)
+		return comm_break(c, COMM_ERR_DAEMON_UNREACHABLE, "waiting for commd: %s",
+				  strerror(errno));
+	if (rc == 0)
 		return COMM_OK;
 	n = frame_reader_recv(&c->rd, c->fd);
 	if (n == -EAGAIN)
@@ -142,7 +145,7 @@ static comm_result_t send_frame(comm_t *c, Commpb__Envelope *env, const int *fds
 	env->id = c->next_id++;
 	len = frame_pack(env, &frame);
 	if (!len)
-		return comm_set_error(c, COMM_ERR_NO_MEMORY, "packing a request failed");
+		return comm_break(c, COMM_ERR_NO_MEMORY, "packing a request failed");
 	rc = frame_send_all(c->fd, frame, len, fds, nfds);
 	free(frame);
 	if (rc < 0)

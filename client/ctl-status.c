@@ -41,6 +41,8 @@ static void print_jobs_text(const Commpb__StatusReply *s)
 		printf("no jobs\n");
 		return;
 	}
+	if (s->jobs_omitted)
+		printf("(%u more jobs not shown)\n", s->jobs_omitted);
 	printf("%-24s %5s %6s %-9s %10s %8s %10s %10s %7s\n", "JOB", "UID", "RANKS", "STATE",
 	       "OPS", "PENDING", "MOVED", "MEMORY", "ERRORS");
 	for (size_t i = 0; i < s->n_jobs; i++) {
@@ -102,9 +104,9 @@ int ctl_status(struct ctl *ctl, int argc, char **argv)
 		ctl_json_str(s->gpu);
 		printf(", \"worker_threads\": %u, \"connections\": %" PRIu64
 		       ", \"ops_completed\": %" PRIu64 ", \"bytes_moved\": %" PRIu64
-		       ", \"errors\": %" PRIu64 ", \"jobs\": ",
+		       ", \"errors\": %" PRIu64 ", \"jobs_omitted\": %u, \"jobs\": ",
 		       s->worker_threads, s->connections, s->ops_completed, s->bytes_moved,
-		       s->errors);
+		       s->errors, s->jobs_omitted);
 		print_jobs_json(s);
 		printf("}\n");
 	} else {
@@ -121,7 +123,7 @@ int ctl_status(struct ctl *ctl, int argc, char **argv)
 		printf("connections: %" PRIu64 "\n", s->connections);
 		printf("ops:         %" PRIu64 " completed, %s moved, %" PRIu64 " errors\n",
 		       s->ops_completed, moved, s->errors);
-		printf("jobs:        %zu\n", s->n_jobs);
+		printf("jobs:        %zu\n", s->n_jobs + s->jobs_omitted);
 		if (s->n_jobs) {
 			printf("\n");
 			print_jobs_text(s);

@@ -93,11 +93,12 @@ COMM_API comm_result_t comm_wait(comm_request_t *r, int timeout_ms)
 		if (timeout_ms >= 0) {
 			uint64_t now = now_ms();
 
-			if (now >= deadline)
-				return COMM_INPROGRESS;
-			left = (int)(deadline - now);
+			left = now >= deadline ? 0 : (int)(deadline - now);
 		}
+		/* read at least once, even with no time left */
 		comm_pump(r->comm, left);
+		if (!r->done && timeout_ms >= 0 && now_ms() >= deadline)
+			return COMM_INPROGRESS;
 	}
 	return req_finish(r);
 }

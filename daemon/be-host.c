@@ -13,7 +13,7 @@
 
 #define CHUNK_BYTES (32u << 10)   /* one chunk: stays in L1/L2 */
 #define PART_BYTES (1u << 20)     /* one part: what one thread takes at a time */
-#define INLINE_BYTES (256u << 10) /* smaller ops run on the loop thread */
+#define INLINE_BYTES (256u << 10) /* ops touching less run on the loop thread */
 
 static struct {
 	pthread_mutex_t lock;
@@ -116,20 +116,7 @@ static void run_range(struct task *t, size_t lo, size_t hi, uint8_t *tmp, const 
 	}
 }
 
-/* Run part i of t; returns -1 when memory for the source table ran out. */
-static int run_part(struct task *t, size_t i, uint8_t *tmp)
-{
-	size_t elems = task_elems(t), per = (elems + t->parts - 1) / t->parts;
-	size_t lo = i * per, hi = lo + per < elems ? lo + per : elems;
-	const void **src = malloc((size_t)t->n * sizeof *src);
-
-	if (!src)
-		return -1;
-	if (lo < hi)
-		run_range(t, lo, hi, tmp, src);
-	free(src);
-	return 0;
-}
+static int run_part(struct task *t, size_t i, uint8_t *tmp);
 
 static void *worker(void *arg)
 {
@@ -245,6 +232,27 @@ static int take_snapshot(struct task *t, size_t inlen)
 	return 0;
 }
 
+/*
+ * Run part i of t (first taking the snapshot, for a task of one part that
+ * needs it); returns -1 when memory ran out.
+ */
+static int run_part(struct task *t, size_t i, uint8_t *tmp)
+{
+	size_t elems = task_elems(t), per = (elems + t->parts - 1) / t->parts;
+	size_t lo = i * per, hi = lo + per < elems ? lo + per : elems;
+	const void **src;
+
+	if (t->snap_len && take_snapshot(t, t->snap_len) < 0)
+		return -1;
+	src = malloc((size_t)t->n * sizeof *src);
+	if (!src)
+		return -1;
+	if (lo < hi)
+		run_range(t, lo, hi, tmp, src);
+	free(src);
+	return 0;
+}
+
 int be_host_run(struct task *t)
 {
 	size_t block = t->count * t->esize, inlen = block, outlen = block;
@@ -253,21 +261,24 @@ int be_host_run(struct task *t)
 		inlen *= (size_t)t->n;
 	if (t->type == T(ALLGATHER) || t->type == T(ALLTOALL))
 		outlen *= (size_t)t->n;
-	if (needs_snapshot(t, inlen, outlen) && take_snapshot(t, inlen) < 0) {
-		t->status = COMM_ERR_NO_MEMORY;
-		return 1;
-	}
-	if (t->bytes < INLINE_BYTES || pool.nthreads == 0) {
+	/* an unsafe overlap: copy the inputs aside first, off the loop thread if large */
+	if (needs_snapshot(t, inlen, outlen))
+		t->snap_len = inlen;
+	if ((inlen + outlen) * (size_t)t->n < INLINE_BYTES || pool.nthreads == 0) {
 		t->parts = 1;
 		if (run_part(t, 0, pool.inline_tmp) < 0)
 			t->status = COMM_ERR_NO_MEMORY;
 		return 1;
 	}
-	t->parts = (task_elems(t) * t->esize + PART_BYTES - 1) / PART_BYTES;
-	if (t->parts < (size_t)pool.nthreads)
-		t->parts = (size_t)pool.nthreads;
-	if (t->parts > task_elems(t))
-		t->parts = task_elems(t);
+	if (t->snap_len) {
+		t->parts = 1; /* one worker copies, then runs the op */
+	} else {
+		t->parts = (task_elems(t) * t->esize + PART_BYTES - 1) / PART_BYTES;
+		if (t->parts < (size_t)pool.nthreads)
+			t->parts = (size_t)pool.nthreads;
+		if (t->parts > task_elems(t))
+			t->parts = task_elems(t);
+	}
 	t->parts_left = t->parts;
 	t->next_part = 0;
 	if (pool.inflight++ == 0)

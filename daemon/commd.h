@@ -22,6 +22,8 @@
 #endif
 
 #define WQ_MAX_BYTES (16u << 20)  /* write queue per connection before it is dropped */
+#define MEM_MAX_PER_CONN 4096  /* registrations one connection may hold */
+#define TIMEOUT_MAX_MS (24u * 3600 * 1000)
 #define JOB_NAME_MAX 255
 #define TOKEN_MAX 256
 #define WORLD_MAX 4096
@@ -49,6 +51,7 @@ struct server {
 	uint64_t errors;
 	uint32_t default_timeout_ms;
 	int stopping;
+	int accept_paused;     /* out of fds: the tick re-arms the listener */
 	char gpu_info[256];
 };
 
@@ -98,6 +101,7 @@ struct conn {
 	struct job *job;       /* the job this rank belongs to, or NULL */
 	int rank;
 	TAILQ_HEAD(, mem) mems;
+	int nmems;
 	uint64_t next_mem_id;
 };
 
@@ -309,6 +313,7 @@ struct task {
 	uint8_t **in;          /* per rank, in the daemon's mapping; NULL: unused */
 	uint8_t **out;
 	uint8_t *snapshot;     /* inputs copied when outputs alias them unsafely */
+	size_t snap_len;       /* bytes per rank to copy there first, or 0 */
 	comm_result_t status;  /* COMM_OK unless the backend failed */
 	size_t parts;
 	size_t next_part;      /* guarded by the pool lock */

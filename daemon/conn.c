@@ -206,9 +206,10 @@ void conn_fail(struct conn *c, comm_result_t code, const char *fmt, ...)
 		conn_close(c, detail);
 }
 
+/* Read and serve what c sent; a few reads a turn, so one client cannot hog the loop. */
 static void on_readable(struct conn *c)
 {
-	for (;;) {
+	for (int reads = 0; reads < 8; reads++) {
 		const uint8_t *payload;
 		size_t len;
 		long n = frame_reader_recv(&c->rd, c->fd);
@@ -241,6 +242,8 @@ static void on_readable(struct conn *c)
 				return;
 			}
 			frame_consume(&c->rd, len);
+			if (c->doomed)
+				return;
 		}
 		if (c->rd.len == 0 && c->rd.nfds > 0) {
 			conn_fail(c, COMM_ERR_PROTOCOL, "protocol: fds sent with a message that takes none");

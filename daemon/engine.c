@@ -101,7 +101,9 @@ void engine_post(struct conn *c, struct posted *p)
 		  p->done ? " (refused)" : "", (unsigned long long)p->count, p->peer, p->root,
 		  (unsigned long long)p->group, p->group_last ? " (last)" : "");
 	TAILQ_INSERT_TAIL(&j->posted[c->rank], p, link);
-	engine_kick(j);
+	/* a group progresses once all of it is there */
+	if (!p->group || p->group_last)
+		engine_kick(j);
 }
 
 void engine_fail_pending(struct job *j, int only, comm_result_t code, const char *detail)
@@ -373,75 +375,94 @@ static struct posted *unit_recv_from(struct job *j, int r, int from)
 	return NULL;
 }
 
-/* Pair a send with its recv and run the copy; 1 when something happened. */
+/*
+ * Pair rank a's send s with its recv and run the copy (or fail both).
+ * Returns 0 when the receiver has no matching recv in its current unit.
+ */
+static int pair(struct job *j, int a, struct posted *s)
+{
+	struct posted *q = unit_recv_from(j, s->peer, a);
+	char detail[256];
+	uint64_t sb, rb;
+	struct task *t;
+
+	if (!q)
+		return 0;
+	s->matched = q->matched = 1;
+	sb = s->send.len;
+	rb = q->recv.len;
+	if (s->done || q->done) {
+		struct posted *bad = s->done ? s : q, *other = s->done ? q : s;
+
+		snprintf(detail, sizeof detail, "send from rank %d to rank %d: refused on rank %d: %.180s",
+			 a, s->peer, bad->rank, bad->detail);
+		if (!other->done)
+			set_done(other, bad->status, detail);
+		return 1;
+	}
+	if (sb != rb) {
+		snprintf(detail, sizeof detail,
+			 "send from rank %d to rank %d: %llu bytes sent, %llu expected", a, s->peer,
+			 (unsigned long long)sb, (unsigned long long)rb);
+		set_done(s, COMM_ERR_MISMATCH, detail);
+		set_done(q, COMM_ERR_MISMATCH, detail);
+		j->errors++;
+		return 1;
+	}
+	if (sb == 0) {
+		set_done(s, COMM_OK, "");
+		set_done(q, COMM_OK, "");
+		j->ops_completed++;
+		return 1;
+	}
+	t = task_new(j, 2, 1);
+	if (!t) {
+		set_done(s, COMM_ERR_NO_MEMORY, "engine: out of memory");
+		set_done(q, COMM_ERR_NO_MEMORY, "engine: out of memory");
+		return 1;
+	}
+	t->type = COMMPB__OP_TYPE__OP_SEND;
+	t->ops[0] = s;
+	t->ops[1] = q;
+	t->dtype = COMM_UINT8;
+	t->esize = 1;
+	t->count = sb;
+	t->in[0] = buf_addr(&s->send);
+	t->out[0] = buf_addr(&q->recv);
+	t->bytes = sb;
+	start(j, t);
+	return 1;
+}
+
+/*
+ * Pair a send with its recv; 1 when something happened. The k-th send from
+ * a to b pairs with the k-th recv on b from a: once a send to b finds no
+ * recv, later sends to b wait too (blocked, for this pass).
+ */
 static int try_p2p(struct job *j)
 {
-	for (int a = 0; a < j->world; a++) {
+	uint8_t *blocked = calloc((size_t)j->world, 1);
+	int rc = 0;
+
+	if (!blocked) {
+		job_fail(j, COMM_ERR_NO_MEMORY, "engine: out of memory");
+		return 1;
+	}
+	for (int a = 0; a < j->world && !rc; a++) {
 		struct posted *last = unit_last(j, a), *s;
 
+		memset(blocked, 0, (size_t)j->world);
 		UNIT_FOREACH(s, j, a, last) {
-			struct posted *q, *e;
-			uint64_t sb, rb;
-			int earlier = 0;
-			char detail[256];
-			struct task *t;
-
-			if (s->type != COMMPB__OP_TYPE__OP_SEND || s->matched || s->peer < 0)
+			if (s->type != COMMPB__OP_TYPE__OP_SEND || s->matched || s->peer < 0 ||
+			    blocked[s->peer])
 				continue;
-			/* the k-th send to a peer pairs with its k-th recv */
-			UNIT_FOREACH(e, j, a, s)
-				if (e != s && e->type == COMMPB__OP_TYPE__OP_SEND && !e->matched &&
-				    e->peer == s->peer)
-					earlier = 1;
-			if (earlier || !(q = unit_recv_from(j, s->peer, a)))
-				continue;
-			s->matched = q->matched = 1;
-			sb = s->send.len;
-			rb = q->recv.len;
-			if (s->done || q->done) {
-				struct posted *bad = s->done ? s : q;
-
-				snprintf(detail, sizeof detail,
-					 "send from rank %d to rank %d: refused on rank %d: %.180s", a,
-					 s->peer, bad->rank, bad->detail);
-				set_done(s->done ? q : s, bad->status, detail);
-				return 1;
-			}
-			if (sb != rb) {
-				snprintf(detail, sizeof detail,
-					 "send from rank %d to rank %d: %llu bytes sent, %llu expected",
-					 a, s->peer, (unsigned long long)sb, (unsigned long long)rb);
-				set_done(s, COMM_ERR_MISMATCH, detail);
-				set_done(q, COMM_ERR_MISMATCH, detail);
-				j->errors++;
-				return 1;
-			}
-			if (sb == 0) {
-				set_done(s, COMM_OK, "");
-				set_done(q, COMM_OK, "");
-				j->ops_completed++;
-				return 1;
-			}
-			t = task_new(j, 2, 1);
-			if (!t) {
-				set_done(s, COMM_ERR_NO_MEMORY, "engine: out of memory");
-				set_done(q, COMM_ERR_NO_MEMORY, "engine: out of memory");
-				return 1;
-			}
-			t->type = COMMPB__OP_TYPE__OP_SEND;
-			t->ops[0] = s;
-			t->ops[1] = q;
-			t->dtype = COMM_UINT8;
-			t->esize = 1;
-			t->count = sb;
-			t->in[0] = buf_addr(&s->send);
-			t->out[0] = buf_addr(&q->recv);
-			t->bytes = sb;
-			start(j, t);
-			return 1;
+			if ((rc = pair(j, a, s)))
+				break;
+			blocked[s->peer] = 1;
 		}
 	}
-	return 0;
+	free(blocked);
+	return rc;
 }
 
 /* The op on the workers is finished: mark its ops done (failed if the job failed). */
@@ -496,11 +517,12 @@ void engine_kick(struct job *j)
 	if (j->kicking)
 		return;
 	j->kicking = 1;
-	while (j->state == JOB_READY && !j->running)
-		if (!try_collective(j) && !try_p2p(j))
-			break;
-	if (j->state == JOB_READY)
+	/* retiring a finished unit brings the next one to the head: try again */
+	while (j->state == JOB_READY) {
 		retire(j);
+		if (j->running || (!try_collective(j) && !try_p2p(j)))
+			break;
+	}
 	j->kicking = 0;
 }
 
@@ -555,6 +577,8 @@ void engine_check_deadline(struct job *j, uint64_t now)
 			n += (size_t)snprintf(who + n, sizeof who - n, "%s%d", n ? ", " : "", r);
 			missing++;
 		}
+		if (!missing)
+			snprintf(who, sizeof who, "none: every rank reached it");
 		job_fail(j, COMM_ERR_TIMEOUT, "op %llu (%s): rank%s %s did not reach it within %u ms",
 			 (unsigned long long)oldest->seq, op_type_name(oldest->type),
 			 missing == 1 ? "" : "s", who, j->timeout_ms);

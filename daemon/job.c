@@ -24,14 +24,23 @@ const char *job_state_name(enum job_state s)
 	return "?";
 }
 
-static struct job *job_find(const char *name)
+/* Job names are per uid: another user cannot squat a name (root joins by token). */
+static struct job *job_find(const char *name, uid_t uid)
 {
 	struct job *j;
 
 	TAILQ_FOREACH(j, &srv.jobs, link)
-		if (strcmp(j->name, name) == 0)
+		if (strcmp(j->name, name) == 0 && (j->uid == uid || uid == 0))
 			return j;
 	return NULL;
+}
+
+static int printable(const char *s)
+{
+	for (; *s; s++)
+		if ((unsigned char)*s < 0x20 || *s == 0x7f)
+			return 0;
+	return 1;
 }
 
 static void job_free(struct job *j)
@@ -76,6 +85,8 @@ static struct job *job_new(const struct conn *c, const Commpb__Hello *h)
 	j->world = w;
 	j->next_coll = 1;
 	j->timeout_ms = h->timeout_ms ? h->timeout_ms : srv.default_timeout_ms;
+	if (j->timeout_ms > TIMEOUT_MAX_MS)
+		j->timeout_ms = TIMEOUT_MAX_MS;
 	j->created_ms = now_ms();
 	j->state = JOB_FORMING;
 	TAILQ_INSERT_TAIL(&srv.jobs, j, link);
@@ -89,8 +100,8 @@ comm_result_t job_join(struct conn *c, const Commpb__Hello *h, char *err, size_t
 	size_t nlen = strlen(h->job);
 	struct job *j;
 
-	if (nlen == 0 || nlen > JOB_NAME_MAX) {
-		snprintf(err, errlen, "join: job name must be 1..%d bytes", JOB_NAME_MAX);
+	if (nlen == 0 || nlen > JOB_NAME_MAX || !printable(h->job)) {
+		snprintf(err, errlen, "join: job name must be 1..%d printable bytes", JOB_NAME_MAX);
 		return COMM_ERR_INVALID_ARG;
 	}
 	if (h->token.len > TOKEN_MAX) {
@@ -106,7 +117,7 @@ comm_result_t job_join(struct conn *c, const Commpb__Hello *h, char *err, size_t
 		snprintf(err, errlen, "join: rank %d is not in 0..%d", h->rank, h->world_size - 1);
 		return COMM_ERR_INVALID_ARG;
 	}
-	j = job_find(h->job);
+	j = job_find(h->job, c->uid);
 	if (j) {
 		/* The same answer whether the uid or the token is wrong. */
 		if ((c->uid != j->uid && c->uid != 0) ||
@@ -223,7 +234,11 @@ void job_detach(struct conn *c, comm_result_t code, const char *why)
 	c->job = NULL;
 	j->ranks[r] = NULL;
 	j->attached--;
-	if (j->state == JOB_FORMING) {
+	if (j->state == JOB_FORMING && code == COMM_ERR_ABORTED) {
+		j->joined--;
+		job_fail(j, code, "rank %d (pid %d): %s", r, (int)c->pid, why);
+	} else if (j->state == JOB_FORMING) {
+		/* its slot is free again: a restarted rank may take it */
 		j->joined--;
 		log_debug("job %s: rank %d left before the job formed", j->name, r);
 	} else if (code == COMM_OK && j->state == JOB_READY && TAILQ_EMPTY(&j->posted[r])) {

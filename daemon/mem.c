@@ -24,6 +24,12 @@ comm_result_t mem_register(struct conn *c, int fd, uint64_t size, struct mem **o
 	int seals, fl;
 
 	*out = NULL;
+	if (c->nmems >= MEM_MAX_PER_CONN) {
+		rc = COMM_ERR_NO_MEMORY;
+		snprintf(err, errlen, "mem register: already %d registrations on this connection",
+			 c->nmems);
+		goto out;
+	}
 	seals = fcntl(fd, F_GET_SEALS);
 	if (seals < 0) {
 		snprintf(err, errlen, "mem register: fd is not a memfd (%s)", strerror(errno));
@@ -31,6 +37,10 @@ comm_result_t mem_register(struct conn *c, int fd, uint64_t size, struct mem **o
 	}
 	if (!(seals & F_SEAL_SHRINK)) {
 		snprintf(err, errlen, "mem register: memfd is not sealed against shrinking");
+		goto out;
+	}
+	if (seals & (F_SEAL_WRITE | F_SEAL_FUTURE_WRITE)) {
+		snprintf(err, errlen, "mem register: memfd is sealed against writing");
 		goto out;
 	}
 	fl = fcntl(fd, F_GETFL);
@@ -69,6 +79,7 @@ comm_result_t mem_register(struct conn *c, int fd, uint64_t size, struct mem **o
 	m->job = c->job;
 	c->job->mem_bytes += size;
 	TAILQ_INSERT_TAIL(&c->mems, m, link);
+	c->nmems++;
 	*out = m;
 	rc = COMM_OK;
 out:
@@ -102,6 +113,7 @@ void mem_unref(struct mem *m)
 void mem_release(struct conn *c, struct mem *m)
 {
 	TAILQ_REMOVE(&c->mems, m, link);
+	c->nmems--;
 	if (m->job)
 		m->job->mem_bytes -= m->size;
 	m->job = NULL;

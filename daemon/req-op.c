@@ -117,8 +117,7 @@ static void check_op(struct conn *c, const Commpb__Op *o, struct posted *p)
 		break;
 	case T(SEND):
 	case T(RECV):
-		if (o->peer < 0 || o->peer >= world) {
-			p->peer = -1; /* matches nothing */
+		if (p->peer < 0) {
 			refuse(p, COMM_ERR_INVALID_ARG, "op %llu: %s peer %d is not in 0..%d", seq,
 			       op_type_name(o->type), o->peer, world - 1);
 			return;
@@ -187,7 +186,8 @@ int req_op_exec(struct conn *c, const Commpb__Envelope *env, int *fds, int nfds)
 	p->dtype = o->dtype;
 	p->redop = o->redop;
 	p->root = o->root;
-	p->peer = o->peer;
+	/* a peer is only ever used as an index once it is known to be in range */
+	p->peer = !op_is_collective(o->type) && o->peer >= 0 && o->peer < j->world ? o->peer : -1;
 	p->group = o->group;
 	p->group_last = o->group_last;
 	p->coll = op_is_collective(o->type);

@@ -5,6 +5,9 @@
 #include "commd.h"
 #include "util.h"
 
+/* Most jobs one reply lists: with 255-byte names they still fit one frame. */
+#define STATUS_MAX_JOBS 150
+
 int req_status_exec(struct conn *c, const Commpb__Envelope *env, int *fds, int nfds)
 {
 	Commpb__Envelope reply = COMMPB__ENVELOPE__INIT;
@@ -17,6 +20,10 @@ int req_status_exec(struct conn *c, const Commpb__Envelope *env, int *fds, int n
 
 	TAILQ_FOREACH(j, &srv.jobs, link)
 		n++;
+	if (n > STATUS_MAX_JOBS) {
+		sr.jobs_omitted = (uint32_t)(n - STATUS_MAX_JOBS);
+		n = STATUS_MAX_JOBS;
+	}
 	if (n) {
 		infos = calloc(n, sizeof *infos);
 		jobs = calloc(n, sizeof *jobs);
@@ -28,9 +35,12 @@ int req_status_exec(struct conn *c, const Commpb__Envelope *env, int *fds, int n
 		}
 	}
 	TAILQ_FOREACH(j, &srv.jobs, link) {
-		Commpb__JobInfo *ji = &infos[i];
+		Commpb__JobInfo *ji;
 		uint64_t pending = 0;
 
+		if (i == n)
+			break;
+		ji = &infos[i];
 		commpb__job_info__init(ji);
 		for (int r = 0; r < j->world; r++) {
 			struct posted *p;

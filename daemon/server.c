@@ -31,8 +31,15 @@ static void on_accept(uv_poll_t *h, int status, int events)
 		if (fd < 0) {
 			if (errno == EINTR)
 				continue;
-			if (errno != EAGAIN && errno != EWOULDBLOCK)
+			if (errno == EMFILE || errno == ENFILE) {
+				/* out of fds: stop accepting until the next tick, not spin */
+				log_warn("accept: %s: not accepting for %d ms", strerror(errno),
+					 TICK_MS);
+				uv_poll_stop(&srv.listen_poll);
+				srv.accept_paused = 1;
+			} else if (errno != EAGAIN && errno != EWOULDBLOCK) {
 				log_warn("accept: %s", strerror(errno));
+			}
 			return;
 		}
 		if (conn_open(fd) < 0)
@@ -42,6 +49,10 @@ static void on_accept(uv_poll_t *h, int status, int events)
 
 static void on_tick(uv_timer_t *t)
 {
+	if (srv.accept_paused && srv.listen_fd >= 0) {
+		srv.accept_paused = 0;
+		uv_poll_start(&srv.listen_poll, UV_READABLE, on_accept);
+	}
 	job_check_deadlines(now_ms());
 }
 

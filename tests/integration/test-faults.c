@@ -471,6 +471,32 @@ static void test_protocol(void)
 	mfd = open("/dev/null", O_RDONLY | O_CLOEXEC);
 	CHECK(register_fd(fd, &r, mfd, 4096) == COMM_ERR_INVALID_ARG, "/dev/null accepted");
 	close(mfd);
+	mfd = memfd_create("readonly", MFD_CLOEXEC | MFD_ALLOW_SEALING);
+	CHECK(ftruncate(mfd, 4096) == 0 &&
+		      fcntl(mfd, F_ADD_SEALS, F_SEAL_SHRINK | F_SEAL_WRITE) == 0,
+	      "seal");
+	CHECK(register_fd(fd, &r, mfd, 4096) == COMM_ERR_INVALID_ARG, "write-sealed memfd accepted");
+	close(mfd);
+	/* a send refused for its dtype, with a peer far out of range: refused, no crash */
+	{
+		Commpb__Envelope env = COMMPB__ENVELOPE__INIT, *reply;
+		Commpb__Op op = COMMPB__OP__INIT;
+
+		op.seq = 1;
+		op.type = COMMPB__OP_TYPE__OP_SEND;
+		op.count = 1;
+		op.dtype = 99;
+		op.peer = 300000;
+		env.body_case = COMMPB__ENVELOPE__BODY_OP;
+		env.op = &op;
+		raw_send(fd, &env, NULL, 0);
+		reply = raw_recv(fd, &r);
+		CHECK(reply && reply->body_case == COMMPB__ENVELOPE__BODY_OP_DONE &&
+			      reply->op_done->status == COMM_ERR_INVALID_ARG,
+		      "send with dtype 99 and peer 300000 not refused");
+		if (reply)
+			commpb__envelope__free_unpacked(reply, NULL);
+	}
 	/* an fd on a message that takes none */
 	{
 		Commpb__Envelope env = COMMPB__ENVELOPE__INIT;
@@ -488,7 +514,7 @@ static void test_protocol(void)
 	frame_reader_free(&r);
 	close(fd);
 	printf("ok: garbage, oversized lengths, request before hello, version, hello twice, "
-	       "bad memory fds, stray fds\n");
+	       "bad memory fds, a bad peer, stray fds\n");
 }
 
 /* Wait (up to 3 s) for the daemon's fds and memfd mappings to come back. */
@@ -571,8 +597,14 @@ int main(void)
 		       -1, 0);
 	REQUIRE(kill_ms != MAP_FAILED, "mmap");
 	REQUIRE(th_daemon_start(&d, NULL) == 0, "daemon start");
-	/* a first job: the daemon is past its start (READY=1 races its close of the notify fd) */
+	/*
+	 * The baseline: after a first job (READY=1 races the daemon's close of
+	 * its notify fd), once the daemon has dropped that job's memory (so
+	 * its connections are closed too).
+	 */
 	CHECK(th_run_ranks(&d, "warm-up", 2, rank_ok, NULL) == 0, "warm-up job");
+	for (int i = 0; i < 300 && th_count_memfd_maps(d.pid) != 0; i++)
+		usleep(10 * 1000);
 	fds0 = th_count_fds(d.pid);
 
 	/* A1/A5: killed with an op in flight; a job beside it is untouched */

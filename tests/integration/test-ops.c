@@ -1,0 +1,888 @@
+/*
+ * test-ops.c: every op (all-reduce, reduce-scatter, all-gather, broadcast,
+ * reduce, all-to-all) x all ten dtypes x every reduction through the real
+ * commd on 2, 3, 4 and 8 ranks, checked against a reference of its own.
+ */
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "check.h"
+#include "comm.h"
+#include "harness.h"
+
+#define BIG 1000003          /* the large count: worker threads, parts and chunks */
+#define GUARD 64             /* poisoned bytes after every buffer */
+#define CANARY (64u << 10)   /* comm_mem_alloc block next to a staging block */
+#define POISON 0xa5
+#define CANARY_BYTE 0x5a
+#define WATCHDOG_S 120       /* a case that hangs kills its rank (SIGALRM) */
+#define EVERY_ROOT -1
+
+/*
+ * Inputs, references and tolerances:
+ * - Integers: half the elements span the whole range of the type, the others
+ *   are -5..5 (0..10 unsigned). SUM and PROD wrap: the reference computes
+ *   them in the unsigned type. AVG is that wrapped sum read in the element
+ *   type and divided by n with C's division (toward zero). Bit exact.
+ * - float16, bfloat16: inputs with full significands (magnitudes 1/16..64
+ *   resp. 1/256..1024; 0.5..2 for PROD). The reference widens to float,
+ *   combines in float in rank order 0..n-1 and rounds once at the end, to
+ *   nearest even (AVG: the float sum divided by n, then rounded). Bit exact.
+ * - float32, float64: multiples of 0.25 in -2..2, so SUM, PROD, MIN and MAX
+ *   are exact: bit exact. AVG within 1e-6 (float32) or 1e-12 (float64)
+ *   relative (absolute below 1).
+ */
+#define AVG_TOL_F32 1e-6
+#define AVG_TOL_F64 1e-12
+
+enum kind { AR, RS, AG, BC, RD, A2A };
+enum mode { ZC, STAGED };
+enum place { OOP, INPLACE };
+
+struct tcase {
+	enum kind kind;
+	comm_dtype_t dt;
+	comm_redop_t op;
+	size_t count;  /* per-rank block: recvcount, sendcount, block of all-to-all */
+	int root;      /* broadcast and reduce: a root, or EVERY_ROOT in turn */
+	enum mode mode;
+	enum place place;
+	int null;      /* non-root broadcast sendbuf / reduce recvbuf NULL */
+};
+
+/* A list of cases one job runs in order; failed[] and ran[] are shared with the ranks. */
+struct plan {
+	const char *title;
+	int world;
+	uint32_t seed;
+	int n, cap;
+	struct tcase *cases;
+	int *failed;    /* ranks that found case i wrong */
+	int *ran;       /* ranks that finished case i */
+};
+
+/* One op of one rank: its buffers and what they must hold. */
+struct run {
+	const struct tcase *t;
+	uint32_t seed;
+	int r, n, root;
+	size_t es;
+	size_t sn, rn;        /* elements in the send and recv buffers */
+	int s_in, r_out;      /* send holds input; recv receives output */
+	char *sbase, *rbase;  /* allocations (rbase NULL in place) */
+	size_t slen, rlen;
+	char *send, *recv;    /* as passed to the op */
+	char *canary;
+};
+
+static const comm_dtype_t dtypes[] = { COMM_INT8,    COMM_UINT8,    COMM_INT32,   COMM_UINT32,
+				       COMM_INT64,   COMM_UINT64,   COMM_FLOAT16, COMM_BFLOAT16,
+				       COMM_FLOAT32, COMM_FLOAT64 };
+static const comm_redop_t redops[] = { COMM_SUM, COMM_PROD, COMM_MIN, COMM_MAX, COMM_AVG };
+#define NDT ((int)(sizeof dtypes / sizeof dtypes[0]))
+#define NOP ((int)(sizeof redops / sizeof redops[0]))
+
+static int reduces(enum kind k)
+{
+	return k == AR || k == RS || k == RD;
+}
+
+static int has_root(enum kind k)
+{
+	return k == BC || k == RD;
+}
+
+static const char *kind_name(enum kind k)
+{
+	static const char *const names[] = { "allreduce", "reduce-scatter", "all-gather",
+					      "broadcast", "reduce",    "all-to-all" };
+
+	return names[k];
+}
+
+static const char *dt_name(comm_dtype_t dt)
+{
+	static const char *const names[] = { "int8",    "uint8",    "int32",   "uint32",
+					     "int64",   "uint64",   "float16", "bfloat16",
+					     "float32", "float64" };
+
+	return (unsigned)dt < sizeof names / sizeof names[0] ? names[dt] : "?";
+}
+
+static const char *op_name(comm_redop_t op)
+{
+	static const char *const names[] = { "sum", "prod", "min", "max", "avg" };
+
+	return (unsigned)op <= COMM_AVG ? names[op] : "?";
+}
+
+static const char *describe(const struct tcase *t, int n, char *buf, size_t len)
+{
+	char root[48] = "";
+
+	if (has_root(t->kind)) {
+		if (t->root == EVERY_ROOT)
+			snprintf(root, sizeof root, " every root");
+		else
+			snprintf(root, sizeof root, " root=%d", t->root);
+		if (t->null)
+			snprintf(root + strlen(root), sizeof root - strlen(root),
+				 ", non-root %s NULL", t->kind == BC ? "send" : "recv");
+	}
+	snprintf(buf, len, "%s %s%s%s n=%d count=%zu%s %s%s", kind_name(t->kind), dt_name(t->dt),
+		 reduces(t->kind) ? " " : "", reduces(t->kind) ? op_name(t->op) : "", n, t->count,
+		 root, t->mode == ZC ? "zero-copy" : "staged",
+		 t->place == INPLACE ? " in-place" : "");
+	return buf;
+}
+
+/* --- inputs and the reference -------------------------------------------- */
+
+static uint64_t mix(uint64_t x)
+{
+	x += 0x9e3779b97f4a7c15ull;
+	x = (x ^ (x >> 30)) * 0xbf58476d1ce4e5b9ull;
+	x = (x ^ (x >> 27)) * 0x94d049bb133111ebull;
+	return x ^ (x >> 31);
+}
+
+/* 2^e as a float, for normal results (-126 <= e <= 127). */
+static float pow2f(int e)
+{
+	uint32_t bits = (uint32_t)(e + 127) << 23;
+	float f;
+
+	memcpy(&f, &bits, sizeof f);
+	return f;
+}
+
+static float f32_of(uint64_t bits)
+{
+	uint32_t b = (uint32_t)bits;
+	float f;
+
+	memcpy(&f, &b, sizeof f);
+	return f;
+}
+
+static uint64_t bits_f32(float f)
+{
+	uint32_t b;
+
+	memcpy(&b, &f, sizeof b);
+	return b;
+}
+
+static double f64_of(uint64_t bits)
+{
+	double d;
+
+	memcpy(&d, &bits, sizeof d);
+	return d;
+}
+
+static uint64_t bits_f64(double d)
+{
+	uint64_t b;
+
+	memcpy(&b, &d, sizeof b);
+	return b;
+}
+
+/* float16 through gcc's _Float16 (libgcc rounds to nearest even). */
+static float f16_of(uint64_t bits)
+{
+	uint16_t b = (uint16_t)bits;
+	_Float16 h;
+
+	memcpy(&h, &b, sizeof h);
+	return (float)h;
+}
+
+static uint64_t bits_f16(float f)
+{
+	_Float16 h = (_Float16)f;
+	uint16_t b;
+
+	memcpy(&b, &h, sizeof b);
+	return b;
+}
+
+static float bf16_of(uint64_t bits)
+{
+	return f32_of((uint64_t)(uint16_t)bits << 16);
+}
+
+/* float -> bfloat16, to nearest, ties to even (no NaN among the inputs). */
+static uint64_t bits_bf16(float f)
+{
+	uint32_t x = (uint32_t)bits_f32(f), hi = x >> 16, lo = x & 0xffff;
+
+	if (lo > 0x8000 || (lo == 0x8000 && (hi & 1)))
+		hi++;
+	return (uint16_t)hi;
+}
+
+/* Element idx of rank r's input in the case with this seed, as raw bits. */
+static uint64_t gen(const struct tcase *t, uint32_t seed, int r, size_t idx)
+{
+	uint64_t h = mix(((uint64_t)seed << 40) ^ ((uint64_t)(unsigned)r << 32) ^ idx);
+	int wide = (int)(h & 1), neg = (int)((h >> 1) & 1);
+	uint64_t u = h >> 2;
+	float f;
+
+	switch (t->dt) {
+	case COMM_INT8:
+	case COMM_INT32:
+	case COMM_INT64:
+		return wide ? mix(h) : (uint64_t)((int64_t)(u % 11) - 5);
+	case COMM_UINT8:
+	case COMM_UINT32:
+	case COMM_UINT64:
+		return wide ? mix(h) : u % 11;
+	case COMM_FLOAT16:
+		if (t->op == COMM_PROD && reduces(t->kind))
+			f = (float)(1024 + (u & 1023)) * pow2f((int)((u >> 10) & 1) - 11);
+		else
+			f = (float)(1024 + (u & 1023)) * pow2f((int)((u >> 10) % 10) - 14);
+		return bits_f16(neg ? -f : f);
+	case COMM_BFLOAT16:
+		if (t->op == COMM_PROD && reduces(t->kind))
+			f = (float)(128 + (u & 127)) * pow2f((int)((u >> 7) & 1) - 8);
+		else
+			f = (float)(128 + (u & 127)) * pow2f((int)((u >> 7) % 18) - 15);
+		return bits_bf16(neg ? -f : f);
+	case COMM_FLOAT32:
+		return bits_f32((float)((int)(u % 17) - 8) * 0.25f);
+	default:
+		return bits_f64((double)((int)(u % 17) - 8) * 0.25);
+	}
+}
+
+/* Integer fold in the unsigned type U; MIN, MAX and AVG read it as S. */
+#define FOLD_INT(U, S)                                                         \
+	do {                                                                   \
+		U acc_ = (U)gen(t, seed, 0, idx);                              \
+		for (int q_ = 1; q_ < n; q_++) {                               \
+			U v_ = (U)gen(t, seed, q_, idx);                       \
+			switch (t->op) {                                       \
+			case COMM_SUM:                                         \
+			case COMM_AVG:                                         \
+				acc_ = (U)(acc_ + v_);                         \
+				break;                                         \
+			case COMM_PROD:                                        \
+				acc_ = (U)(acc_ * v_);                         \
+				break;                                         \
+			case COMM_MIN:                                         \
+				if ((S)v_ < (S)acc_)                           \
+					acc_ = v_;                             \
+				break;                                         \
+			default:                                               \
+				if ((S)v_ > (S)acc_)                           \
+					acc_ = v_;                             \
+				break;                                         \
+			}                                                      \
+		}                                                              \
+		if (t->op == COMM_AVG)                                         \
+			acc_ = (U)((S)acc_ / (S)n);                            \
+		return (uint64_t)acc_;                                         \
+	} while (0)
+
+/* Float fold in T over LOAD'ed inputs, rank order; STORE rounds once. */
+#define FOLD_FLT(T, LOAD, STORE)                                               \
+	do {                                                                   \
+		T acc_ = LOAD(gen(t, seed, 0, idx));                           \
+		for (int q_ = 1; q_ < n; q_++) {                               \
+			T v_ = LOAD(gen(t, seed, q_, idx));                    \
+			switch (t->op) {                                       \
+			case COMM_SUM:                                         \
+			case COMM_AVG:                                         \
+				acc_ = acc_ + v_;                              \
+				break;                                         \
+			case COMM_PROD:                                        \
+				acc_ = acc_ * v_;                              \
+				break;                                         \
+			case COMM_MIN:                                         \
+				if (v_ < acc_)                                 \
+					acc_ = v_;                             \
+				break;                                         \
+			default:                                               \
+				if (v_ > acc_)                                 \
+					acc_ = v_;                             \
+				break;                                         \
+			}                                                      \
+		}                                                              \
+		if (t->op == COMM_AVG)                                         \
+			acc_ = acc_ / (T)n;                                    \
+		return STORE(acc_);                                            \
+	} while (0)
+
+/* The reduction of element idx over ranks 0 .. n-1, as raw bits. */
+static uint64_t fold(const struct tcase *t, uint32_t seed, int n, size_t idx)
+{
+	switch (t->dt) {
+	case COMM_INT8:
+		FOLD_INT(uint8_t, int8_t);
+	case COMM_UINT8:
+		FOLD_INT(uint8_t, uint8_t);
+	case COMM_INT32:
+		FOLD_INT(uint32_t, int32_t);
+	case COMM_UINT32:
+		FOLD_INT(uint32_t, uint32_t);
+	case COMM_INT64:
+		FOLD_INT(uint64_t, int64_t);
+	case COMM_UINT64:
+		FOLD_INT(uint64_t, uint64_t);
+	case COMM_FLOAT16:
+		FOLD_FLT(float, f16_of, bits_f16);
+	case COMM_BFLOAT16:
+		FOLD_FLT(float, bf16_of, bits_bf16);
+	case COMM_FLOAT32:
+		FOLD_FLT(float, f32_of, bits_f32);
+	default:
+		FOLD_FLT(double, f64_of, bits_f64);
+	}
+}
+
+static double absd(double v)
+{
+	return v < 0 ? -v : v;
+}
+
+static void val_str(comm_dtype_t dt, uint64_t v, char *buf, size_t len)
+{
+	switch (dt) {
+	case COMM_INT8:
+		snprintf(buf, len, "%d", (int)(int8_t)v);
+		break;
+	case COMM_UINT8:
+		snprintf(buf, len, "%u", (unsigned)(uint8_t)v);
+		break;
+	case COMM_INT32:
+		snprintf(buf, len, "%d", (int)(int32_t)v);
+		break;
+	case COMM_UINT32:
+		snprintf(buf, len, "%u", (unsigned)(uint32_t)v);
+		break;
+	case COMM_INT64:
+		snprintf(buf, len, "%lld", (long long)v);
+		break;
+	case COMM_UINT64:
+		snprintf(buf, len, "%llu", (unsigned long long)v);
+		break;
+	case COMM_FLOAT16:
+		snprintf(buf, len, "%.6g (0x%04x)", (double)f16_of(v), (unsigned)(uint16_t)v);
+		break;
+	case COMM_BFLOAT16:
+		snprintf(buf, len, "%.5g (0x%04x)", (double)bf16_of(v), (unsigned)(uint16_t)v);
+		break;
+	case COMM_FLOAT32:
+		snprintf(buf, len, "%.9g", (double)f32_of(v));
+		break;
+	default:
+		snprintf(buf, len, "%.17g", f64_of(v));
+		break;
+	}
+}
+
+/* Whether the element at p is want: bit exact, or within tolerance for a float AVG. */
+static int val_match(const struct tcase *t, const void *p, uint64_t want, size_t es,
+		     uint64_t *got)
+{
+	double g, w, tol;
+
+	*got = 0;
+	memcpy(got, p, es);
+	if (!reduces(t->kind) || t->op != COMM_AVG ||
+	    (t->dt != COMM_FLOAT32 && t->dt != COMM_FLOAT64))
+		return memcmp(got, &want, es) == 0;
+	g = t->dt == COMM_FLOAT32 ? (double)f32_of(*got) : f64_of(*got);
+	w = t->dt == COMM_FLOAT32 ? (double)f32_of(want) : f64_of(want);
+	tol = t->dt == COMM_FLOAT32 ? AVG_TOL_F32 : AVG_TOL_F64;
+	return absd(g - w) <= tol * (absd(w) > 1 ? absd(w) : 1);
+}
+
+/* --- one op of one rank ---------------------------------------------------- */
+
+static void *buf_alloc(comm_t *c, int zc, size_t bytes)
+{
+	return zc ? comm_mem_alloc(c, bytes) : malloc(bytes);
+}
+
+static void buf_free(comm_t *c, int zc, void *p)
+{
+	if (p && zc)
+		comm_mem_free(c, p);
+	else
+		free(p);
+}
+
+static int all_bytes(const char *p, size_t len, int byte)
+{
+	for (size_t i = 0; i < len; i++)
+		if ((unsigned char)p[i] != byte)
+			return 0;
+	return 1;
+}
+
+/* Elements of the send and recv buffers of kind k with n ranks. */
+static void buf_elems(const struct tcase *t, int n, size_t *sn, size_t *rn)
+{
+	size_t all = (size_t)n * t->count;
+
+	*sn = t->kind == RS || t->kind == A2A ? all : t->count;
+	*rn = t->kind == AG || t->kind == A2A ? all : t->count;
+}
+
+/* Allocate and fill x's buffers as its case says; -1 on failure (printed). */
+static int run_setup(comm_t *c, struct run *x, const struct tcase *t, uint32_t seed, int r,
+		     int n, int root)
+{
+	int zc = t->mode == ZC, is_root = r == root;
+	int no_send = t->kind == BC && !is_root && t->null;
+	int no_recv = t->kind == RD && !is_root && t->null;
+	size_t sb, rb, block;
+
+	memset(x, 0, sizeof *x);
+	x->t = t;
+	x->seed = seed;
+	x->r = r;
+	x->n = n;
+	x->root = root;
+	x->es = comm_dtype_size(t->dt);
+	buf_elems(t, n, &x->sn, &x->rn);
+	x->s_in = t->kind != BC || is_root;
+	x->r_out = t->kind != RD || is_root;
+	sb = x->sn * x->es;
+	rb = x->rn * x->es;
+	block = t->count * x->es;
+	if (t->place == OOP) {
+		x->slen = no_send ? 0 : sb + GUARD;
+		x->rlen = no_recv ? 0 : rb + GUARD;
+		x->sbase = x->slen ? buf_alloc(c, zc, x->slen) : NULL;
+		x->rbase = x->rlen ? buf_alloc(c, zc, x->rlen) : NULL;
+		x->send = x->sbase;
+		x->recv = x->rbase;
+		if ((x->slen && !x->sbase) || (x->rlen && !x->rbase))
+			goto nomem;
+	} else {
+		x->slen = (sb > rb ? sb : rb) + GUARD;
+		x->sbase = buf_alloc(c, zc, x->slen);
+		if (!x->sbase)
+			goto nomem;
+		x->send = x->recv = x->sbase;
+		if (t->kind == RS)
+			x->recv = x->sbase + (size_t)r * block;
+		if (t->kind == AG)
+			x->send = x->sbase + (size_t)r * block;
+		if (no_send)
+			x->send = NULL;
+		if (no_recv)
+			x->recv = NULL;
+	}
+	if (x->sbase)
+		memset(x->sbase, POISON, x->slen);
+	if (x->rbase)
+		memset(x->rbase, POISON, x->rlen);
+	for (size_t i = 0; x->s_in && i < x->sn; i++) {
+		uint64_t v = gen(t, seed, r, i);
+
+		memcpy(x->send + i * x->es, &v, x->es);
+	}
+	/*
+	 * A staged send buffer lands in the first free block that fits: leave a
+	 * hole of exactly its size with a canary block after it, so that a write
+	 * past the staging block shows up in memory the caller owns.
+	 */
+	if (!zc && x->send && x->s_in && sb > 0) {
+		void *hole = comm_mem_alloc(c, sb);
+
+		x->canary = comm_mem_alloc(c, CANARY);
+		if (!hole || !x->canary) {
+			fprintf(stderr, "rank %d: comm_mem_alloc for the canary: %s\n", r,
+				comm_last_error(c));
+			return -1;
+		}
+		memset(x->canary, CANARY_BYTE, CANARY);
+		comm_mem_free(c, hole);
+	}
+	return 0;
+nomem:
+	fprintf(stderr, "rank %d: allocating %zu + %zu bytes failed: %s\n", r, x->slen, x->rlen,
+		zc ? comm_last_error(c) : "malloc");
+	return -1;
+}
+
+static comm_result_t run_post(comm_t *c, const struct run *x)
+{
+	const struct tcase *t = x->t;
+
+	switch (t->kind) {
+	case AR:
+		return comm_allreduce(c, x->send, x->recv, t->count, t->dt, t->op, NULL);
+	case RS:
+		return comm_reduce_scatter(c, x->send, x->recv, t->count, t->dt, t->op, NULL);
+	case AG:
+		return comm_allgather(c, x->send, x->recv, t->count, t->dt, NULL);
+	case BC:
+		return comm_broadcast(c, x->send, x->recv, t->count, t->dt, x->root, NULL);
+	case RD:
+		return comm_reduce(c, x->send, x->recv, t->count, t->dt, t->op, x->root, NULL);
+	default:
+		return comm_alltoall(c, x->send, x->recv, t->count, t->dt, NULL);
+	}
+}
+
+/* What element j of rank x->r's output must be. */
+static uint64_t expect(const struct run *x, size_t j)
+{
+	const struct tcase *t = x->t;
+	size_t cnt = t->count;
+
+	switch (t->kind) {
+	case AR:
+	case RD:
+		return fold(t, x->seed, x->n, j);
+	case RS:
+		return fold(t, x->seed, x->n, (size_t)x->r * cnt + j);
+	case AG:
+		return gen(t, x->seed, (int)(j / cnt), j % cnt);
+	case BC:
+		return gen(t, x->seed, x->root, j);
+	default:
+		return gen(t, x->seed, (int)(j / cnt), (size_t)x->r * cnt + j % cnt);
+	}
+}
+
+/* Check x's output, input, untouched buffers, guards and canary; 0 when all is well. */
+static int run_check(const struct run *x)
+{
+	const struct tcase *t = x->t;
+	char what[200], g[48], w[48];
+	uint64_t want, got;
+	int bad = 0;
+
+	describe(t, x->n, what, sizeof what);
+	if (has_root(t->kind))
+		snprintf(what + strlen(what), sizeof what - strlen(what), " (root %d)", x->root);
+	for (size_t j = 0; x->r_out && j < x->rn; j++) {
+		want = expect(x, j);
+		if (!val_match(t, x->recv + j * x->es, want, x->es, &got)) {
+			val_str(t->dt, got, g, sizeof g);
+			val_str(t->dt, want, w, sizeof w);
+			fprintf(stderr, "rank %d: %s: element %zu of %zu is %s, expected %s\n",
+				x->r, what, j, x->rn, g, w);
+			bad = 1;
+			break;
+		}
+	}
+	/* inputs stay as they were unless in place (a non-root's reduce input always) */
+	if (x->s_in && (t->place == OOP || !x->r_out)) {
+		for (size_t i = 0; i < x->sn; i++) {
+			uint64_t in = gen(t, x->seed, x->r, i);
+
+			if (memcmp(x->send + i * x->es, &in, x->es) != 0) {
+				fprintf(stderr, "rank %d: %s: input element %zu was changed\n",
+					x->r, what, i);
+				bad = 1;
+				break;
+			}
+		}
+	}
+	if (!x->s_in && x->send && x->send != x->recv &&
+	    !all_bytes(x->send, x->sn * x->es, POISON)) {
+		fprintf(stderr, "rank %d: %s: the non-root sendbuf was written\n", x->r, what);
+		bad = 1;
+	}
+	if (!x->r_out && x->recv && x->recv != x->send &&
+	    !all_bytes(x->recv, x->rn * x->es, POISON)) {
+		fprintf(stderr, "rank %d: %s: the non-root recvbuf was written\n", x->r, what);
+		bad = 1;
+	}
+	if (x->sbase && !all_bytes(x->sbase + x->slen - GUARD, GUARD, POISON)) {
+		fprintf(stderr, "rank %d: %s: written past the end of the %sbuffer\n", x->r, what,
+			t->place == OOP ? "send " : "");
+		bad = 1;
+	}
+	if (x->rbase && !all_bytes(x->rbase + x->rlen - GUARD, GUARD, POISON)) {
+		fprintf(stderr, "rank %d: %s: written past the end of the recv buffer\n", x->r,
+			what);
+		bad = 1;
+	}
+	if (x->canary && !all_bytes(x->canary, CANARY, CANARY_BYTE)) {
+		fprintf(stderr,
+			"rank %d: %s: a comm_mem_alloc block next to the staging block was "
+			"overwritten\n",
+			x->r, what);
+		bad = 1;
+	}
+	return bad;
+}
+
+static void run_free(comm_t *c, struct run *x)
+{
+	int zc = x->t->mode == ZC;
+
+	buf_free(c, 1, x->canary);
+	buf_free(c, zc, x->sbase);
+	buf_free(c, zc, x->rbase);
+	x->canary = x->sbase = x->rbase = NULL;
+}
+
+/* One case (every root in turn): 0 correct, 1 wrong values, -1 out of step. */
+static int run_case(comm_t *c, const struct tcase *t, uint32_t seed, int r, int n)
+{
+	int first = t->root == EVERY_ROOT ? 0 : t->root;
+	int last = t->root == EVERY_ROOT && has_root(t->kind) ? n - 1 : first;
+	int bad = 0;
+
+	for (int root = first; root <= last; root++) {
+		struct run x;
+		comm_result_t rc;
+		char what[200];
+
+		alarm(WATCHDOG_S);
+		if (run_setup(c, &x, t, seed + (uint32_t)root * 7919, r, n, root) < 0) {
+			run_free(c, &x);
+			return -1;
+		}
+		rc = run_post(c, &x);
+		if (rc != COMM_OK) {
+			fprintf(stderr, "rank %d: %s root %d: %s: %s\n", r,
+				describe(t, n, what, sizeof what), root, comm_result_name(rc),
+				comm_last_error(c));
+			run_free(c, &x);
+			return -1;
+		}
+		bad |= run_check(&x);
+		run_free(c, &x);
+	}
+	return bad;
+}
+
+static int join(comm_t **c, int r, int n)
+{
+	comm_result_t rc;
+
+	alarm(WATCHDOG_S);
+	rc = comm_init(c, NULL);
+	if (rc != COMM_OK) {
+		fprintf(stderr, "rank %d: comm_init: %s\n", r, comm_result_name(rc));
+		return -1;
+	}
+	if (comm_rank(*c) != r || comm_size(*c) != n) {
+		fprintf(stderr, "rank %d: comm_rank %d, comm_size %d, expected %d of %d\n", r,
+			comm_rank(*c), comm_size(*c), r, n);
+		comm_abort(*c);
+		return -1;
+	}
+	return 0;
+}
+
+static int leave(comm_t *c, int r)
+{
+	comm_result_t rc = comm_finalize(c);
+
+	if (rc != COMM_OK) {
+		fprintf(stderr, "rank %d: comm_finalize: %s\n", r, comm_result_name(rc));
+		return 1;
+	}
+	return 0;
+}
+
+/* --- plans: lists of cases run by one job -------------------------------- */
+
+static int rank_plan(int r, int n, void *arg)
+{
+	const struct plan *p = arg;
+	comm_t *c;
+	int bad = 0;
+
+	if (join(&c, r, n) < 0)
+		return 1;
+	for (int i = 0; i < p->n; i++) {
+		int rc = run_case(c, &p->cases[i], p->seed + (uint32_t)i * 131, r, n);
+
+		if (rc)
+			__atomic_fetch_add(&p->failed[i], 1, __ATOMIC_RELAXED);
+		if (rc < 0) {
+			/* the others' ops fail too, rather than wait for this rank */
+			comm_abort(c);
+			return 1;
+		}
+		__atomic_fetch_add(&p->ran[i], 1, __ATOMIC_RELAXED);
+		bad |= rc;
+	}
+	return leave(c, r) | bad;
+}
+
+static void add(struct plan *p, enum kind k, comm_dtype_t dt, comm_redop_t op, size_t count,
+		int root, enum mode m, enum place pl, int null)
+{
+	if (p->n == p->cap) {
+		p->cap = p->cap ? 2 * p->cap : 64;
+		p->cases = realloc(p->cases, (size_t)p->cap * sizeof *p->cases);
+		REQUIRE(p->cases, "out of memory");
+	}
+	p->cases[p->n++] = (struct tcase){ k, dt, reduces(k) ? op : COMM_SUM, count, root, m, pl,
+					   null };
+}
+
+static double secs_since(const struct timespec *t0)
+{
+	struct timespec t;
+
+	clock_gettime(CLOCK_MONOTONIC, &t);
+	return (double)(t.tv_sec - t0->tv_sec) + (double)(t.tv_nsec - t0->tv_nsec) / 1e9;
+}
+
+static int next_job;
+
+/* Run every case of p in one job of p->world ranks; print a line a case. */
+static void run_plan(const struct th_daemon *d, struct plan *p)
+{
+	size_t bytes = 2 * (size_t)(p->n ? p->n : 1) * sizeof *p->failed;
+	struct timespec t0;
+	char job[64], what[200];
+	int failed, nbad = 0;
+
+	p->failed = mmap(NULL, bytes, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_ANONYMOUS, -1, 0);
+	REQUIRE(p->failed != MAP_FAILED, "mmap");
+	p->ran = p->failed + (p->n ? p->n : 1);
+	p->seed = (uint32_t)(++next_job) * 65536 + 1;
+	snprintf(job, sizeof job, "ops-%d", next_job);
+	clock_gettime(CLOCK_MONOTONIC, &t0);
+	failed = th_run_ranks(d, job, p->world, rank_plan, p);
+	for (int i = 0; i < p->n; i++) {
+		const char *st = p->failed[i] ? "FAIL" : p->ran[i] == p->world ? "ok" : "not run";
+
+		nbad += p->failed[i] > 0;
+		printf("%s: %s\n", st, describe(&p->cases[i], p->world, what, sizeof what));
+	}
+	CHECK(failed == 0 && nbad == 0, "%s: %d of %d ranks failed, %d of %d cases wrong",
+	      p->title, failed, p->world, nbad, p->n);
+	printf("== %s: %s, %d cases, %.1f s\n", p->title, failed || nbad ? "FAIL" : "ok", p->n,
+	       secs_since(&t0));
+	fflush(stdout);
+	munmap(p->failed, bytes);
+	free(p->cases);
+	memset(p, 0, sizeof *p);
+}
+
+/* Every op x dtype x redop at the small sizes: n=4, zero-copy, out of place. */
+static void test_matrix(const struct th_daemon *d)
+{
+	static const size_t sizes[] = { 0, 1, 7, 4097 };
+	struct plan p = { .title = "every op x dtype x redop, n=4, zero-copy", .world = 4 };
+	int ns = (int)(sizeof sizes / sizeof sizes[0]);
+
+	for (int i = 0; i < NDT; i++) {
+		for (int o = 0; o < NOP; o++) {
+			for (int s = 0; s < ns; s++) {
+				add(&p, AR, dtypes[i], redops[o], sizes[s], 0, ZC, OOP, 0);
+				add(&p, RS, dtypes[i], redops[o], sizes[s], 0, ZC, OOP, 0);
+				add(&p, RD, dtypes[i], redops[o], sizes[s], EVERY_ROOT, ZC, OOP,
+				    (i + o + s) % 2);
+			}
+		}
+		for (int s = 0; s < ns; s++) {
+			add(&p, AG, dtypes[i], COMM_SUM, sizes[s], 0, ZC, OOP, 0);
+			add(&p, BC, dtypes[i], COMM_SUM, sizes[s], EVERY_ROOT, ZC, OOP,
+			    (i + s) % 2);
+			add(&p, A2A, dtypes[i], COMM_SUM, sizes[s], 0, ZC, OOP, 0);
+		}
+	}
+	run_plan(d, &p);
+}
+
+/*
+ * Each op on n ranks: SUM (and the copy-only ops) at 1, 7, 4097 and the big
+ * count, the other reductions at 4097; dtypes vary with the op and n.
+ */
+static void test_world(const struct th_daemon *d, int n)
+{
+	static const size_t sizes[] = { 1, 7, 4097, BIG };
+	struct plan p = { .world = n };
+	char title[64];
+	int k = 0;
+
+	snprintf(title, sizeof title, "each op, n=%d", n);
+	p.title = title;
+	for (int kind = AR; kind <= A2A; kind++) {
+		for (size_t s = 0; s < sizeof sizes / sizeof sizes[0]; s++, k++) {
+			comm_dtype_t dt = dtypes[(k * 3 + n) % NDT];
+			int root = sizes[s] == BIG ? (n - 1 + kind) % n : EVERY_ROOT;
+
+			add(&p, (enum kind)kind, dt, COMM_SUM, sizes[s], root, ZC, OOP,
+			    (int)(s + (size_t)n) % 2);
+		}
+		if (!reduces((enum kind)kind))
+			continue;
+		for (int o = 1; o < NOP; o++, k++)
+			add(&p, (enum kind)kind, dtypes[(k * 7 + n) % NDT], redops[o], 4097,
+			    EVERY_ROOT, ZC, OOP, o % 2);
+	}
+	/* the big count with the other reductions, on a few dtypes */
+	add(&p, AR, dtypes[(n + 4) % NDT], COMM_MAX, BIG, 0, ZC, OOP, 0);
+	add(&p, RS, dtypes[(n + 6) % NDT], COMM_AVG, BIG, 0, ZC, OOP, 0);
+	add(&p, RD, dtypes[(n + 1) % NDT], COMM_MIN, BIG, n / 2, ZC, OOP, 1);
+	run_plan(d, &p);
+}
+
+/* In place (every layout of comm.h) and staged, each op at 7 and the big count. */
+static void test_place_mode(const struct th_daemon *d, int n)
+{
+	static const size_t sizes[] = { 7, BIG };
+	static const comm_redop_t ops[] = { COMM_SUM, COMM_AVG, COMM_MAX };
+	struct plan p = { .world = n };
+	char title[64];
+	int k = 0;
+
+	snprintf(title, sizeof title, "in place and staged, n=%d", n);
+	p.title = title;
+	for (int m = ZC; m <= STAGED; m++) {
+		for (int pl = OOP; pl <= INPLACE; pl++) {
+			if (m == ZC && pl == OOP)
+				continue; /* the other plans */
+			for (int kind = AR; kind <= A2A; kind++) {
+				for (size_t s = 0; s < sizeof sizes / sizeof sizes[0]; s++, k++) {
+					int root = sizes[s] == BIG ? (kind + m) % n : EVERY_ROOT;
+
+					add(&p, (enum kind)kind, dtypes[(k * 3 + m) % NDT],
+					    ops[k % 3], sizes[s], root, (enum mode)m,
+					    (enum place)pl, k % 2);
+				}
+			}
+		}
+	}
+	run_plan(d, &p);
+}
+
+int main(void)
+{
+	struct th_daemon d;
+	struct timespec t0;
+	int rc;
+
+	/* an op that cannot complete fails after a minute instead of ten */
+	setenv("COMM_TIMEOUT", "60000", 1);
+	clock_gettime(CLOCK_MONOTONIC, &t0);
+	rc = th_daemon_start(&d, "--threads", "3", NULL);
+	REQUIRE(rc == 0, "commd did not start");
+	test_matrix(&d);
+	test_world(&d, 2);
+	test_world(&d, 3);
+	test_world(&d, 4);
+	test_world(&d, 8);
+	test_place_mode(&d, 4);
+	test_place_mode(&d, 3);
+	CHECK(th_daemon_alive(&d), "commd died during the tests");
+	CHECK(th_daemon_stop(&d) == 0, "commd did not stop cleanly");
+	printf("%s: %.1f s in all\n", check_failures ? "FAIL" : "ok", secs_since(&t0));
+	return CHECK_EXIT();
+}

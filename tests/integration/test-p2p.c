@@ -1,0 +1,1625 @@
+/*
+ * test-p2p.c: send and recv (matching order, sizes, self, rings, large),
+ * groups, barrier, every op interleaved, many outstanding requests, bad
+ * arguments and a rank that leaves early, through the real commd.
+ */
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "check.h"
+#include "comm.h"
+#include "harness.h"
+
+#define BIG 1000003          /* the large count: worker threads */
+#define GUARD 64             /* poisoned bytes after every buffer */
+#define POISON 0xa5
+#define WATCHDOG_S 120       /* a rank that hangs dies of SIGALRM */
+#define NOUT 300             /* outstanding requests per rank */
+
+static const comm_dtype_t dtypes[] = { COMM_INT8,    COMM_UINT8,    COMM_INT32,   COMM_UINT32,
+				       COMM_INT64,   COMM_UINT64,   COMM_FLOAT16, COMM_BFLOAT16,
+				       COMM_FLOAT32, COMM_FLOAT64 };
+#define NDT ((int)(sizeof dtypes / sizeof dtypes[0]))
+
+static uint64_t mix(uint64_t x)
+{
+	x += 0x9e3779b97f4a7c15ull;
+	x = (x ^ (x >> 30)) * 0xbf58476d1ce4e5b9ull;
+	x = (x ^ (x >> 27)) * 0x94d049bb133111ebull;
+	return x ^ (x >> 31);
+}
+
+static double secs_since(const struct timespec *t0)
+{
+	struct timespec t;
+
+	clock_gettime(CLOCK_MONOTONIC, &t);
+	return (double)(t.tv_sec - t0->tv_sec) + (double)(t.tv_nsec - t0->tv_nsec) / 1e9;
+}
+
+static int64_t now_ns(void)
+{
+	struct timespec t;
+
+	clock_gettime(CLOCK_MONOTONIC, &t);
+	return (int64_t)t.tv_sec * 1000000000 + t.tv_nsec;
+}
+
+/* --- message contents: bytes from a seed ---------------------------------- */
+
+static uint64_t msg_seed(int tag, int from, int to, int round)
+{
+	return mix(((uint64_t)(unsigned)tag << 48) ^ ((uint64_t)(unsigned)from << 36) ^
+		   ((uint64_t)(unsigned)to << 24) ^ (uint64_t)(unsigned)round);
+}
+
+static void fill(void *p, size_t bytes, uint64_t seed)
+{
+	uint8_t *b = p;
+
+	for (size_t i = 0; i < bytes; i += 8) {
+		uint64_t v = mix(seed + i);
+
+		memcpy(b + i, &v, bytes - i < 8 ? bytes - i : 8);
+	}
+}
+
+/* The first byte of p that fill(p, bytes, seed) would not have written, or bytes. */
+static size_t first_diff(const void *p, size_t bytes, uint64_t seed)
+{
+	const uint8_t *b = p;
+
+	for (size_t i = 0; i < bytes; i += 8) {
+		uint64_t v = mix(seed + i);
+		size_t n = bytes - i < 8 ? bytes - i : 8;
+
+		if (memcmp(b + i, &v, n) != 0)
+			for (size_t k = 0; k < n; k++)
+				if (b[i + k] != ((const uint8_t *)&v)[k])
+					return i + k;
+	}
+	return bytes;
+}
+
+static int all_bytes(const void *p, size_t len, int byte)
+{
+	const uint8_t *b = p;
+
+	for (size_t i = 0; i < len; i++)
+		if (b[i] != byte)
+			return 0;
+	return 1;
+}
+
+/* A buffer of bytes (+ GUARD poisoned bytes): comm_mem_alloc'd or malloc'd. */
+struct buf {
+	char *p;
+	size_t len;
+	int zc;
+};
+
+static int buf_get(comm_t *c, struct buf *b, size_t bytes, int zc, int r)
+{
+	b->len = bytes;
+	b->zc = zc;
+	b->p = zc ? comm_mem_alloc(c, bytes + GUARD) : malloc(bytes + GUARD);
+	if (!b->p) {
+		fprintf(stderr, "rank %d: allocating %zu bytes: %s\n", r, bytes + GUARD,
+			zc ? comm_last_error(c) : "malloc");
+		return -1;
+	}
+	memset(b->p, POISON, bytes + GUARD);
+	return 0;
+}
+
+static void buf_put(comm_t *c, struct buf *b)
+{
+	if (b->p && b->zc)
+		comm_mem_free(c, b->p);
+	else
+		free(b->p);
+	b->p = NULL;
+}
+
+/* Whether b holds fill(seed) and its guard is intact; prints why not. */
+static int buf_check(const struct buf *b, uint64_t seed, int r, const char *what)
+{
+	size_t at = first_diff(b->p, b->len, seed);
+
+	if (at != b->len) {
+		fprintf(stderr, "rank %d: %s: byte %zu of %zu is wrong\n", r, what, at, b->len);
+		return 1;
+	}
+	if (!all_bytes(b->p + b->len, GUARD, POISON)) {
+		fprintf(stderr, "rank %d: %s: written past the end of the buffer\n", r, what);
+		return 1;
+	}
+	return 0;
+}
+
+/* --- joining, leaving, results --------------------------------------------- */
+
+static int join(comm_t **c, int r, int n)
+{
+	comm_result_t rc;
+
+	alarm(WATCHDOG_S);
+	rc = comm_init(c, NULL);
+	if (rc != COMM_OK) {
+		fprintf(stderr, "rank %d: comm_init: %s\n", r, comm_result_name(rc));
+		return -1;
+	}
+	if (comm_rank(*c) != r || comm_size(*c) != n) {
+		fprintf(stderr, "rank %d: comm_rank %d, comm_size %d, expected %d of %d\n", r,
+			comm_rank(*c), comm_size(*c), r, n);
+		comm_abort(*c);
+		return -1;
+	}
+	return 0;
+}
+
+static int leave(comm_t *c, int r)
+{
+	comm_result_t rc = comm_finalize(c);
+
+	if (rc != COMM_OK) {
+		fprintf(stderr, "rank %d: comm_finalize: %s\n", r, comm_result_name(rc));
+		return 1;
+	}
+	return 0;
+}
+
+/* Stop after an op failed on this rank: the others' ops then fail too. */
+static int bail(comm_t *c)
+{
+	comm_abort(c);
+	return 1;
+}
+
+/* Whether rc is want; prints what happened otherwise. */
+static int want_rc(comm_t *c, int r, const char *what, comm_result_t rc, comm_result_t want)
+{
+	if (rc == want)
+		return 1;
+	fprintf(stderr, "rank %d: %s: %s (%s), expected %s\n", r, what, comm_result_name(rc),
+		c ? comm_last_error(c) : "", comm_result_name(want));
+	return 0;
+}
+
+#define OK_OR_BAIL(call)                                                       \
+	do {                                                                   \
+		if (!want_rc(c, r, #call, (call), COMM_OK))                    \
+			return bail(c);                                        \
+	} while (0)
+
+static int next_job;
+
+/* Run fn on n ranks as a new job; print one line. */
+static void run_job(const struct th_daemon *d, int n, th_rank_fn fn, void *arg,
+		    const char *what)
+{
+	struct timespec t0;
+	char job[64];
+	int failed;
+
+	snprintf(job, sizeof job, "p2p-%d", ++next_job);
+	clock_gettime(CLOCK_MONOTONIC, &t0);
+	failed = th_run_ranks(d, job, n, fn, arg);
+	CHECK(failed == 0, "%s: %d of %d ranks failed", what, failed, n);
+	printf("%s: %s (%.1f s)\n", failed ? "FAIL" : "ok", what, secs_since(&t0));
+	fflush(stdout);
+}
+
+/* --- exact values for every dtype and reduction ---------------------------- */
+
+/*
+ * The collectives here (mixed ops, outstanding requests, the checks after a
+ * bad argument) use small inputs: integers -5..5 (0..5 unsigned), float16
+ * and bfloat16 multiples of 0.5 in -2..2, float32 and float64 multiples of
+ * 0.25 in -2..2. With n <= 4 every SUM, PROD, MIN, MAX and AVG of them is
+ * exact in double, and so exact in the element type once integers wrap
+ * (PROD), integer AVG truncates and floats divide: compared bit for bit.
+ */
+static int is_int(comm_dtype_t dt)
+{
+	return dt <= COMM_UINT64;
+}
+
+static double val(comm_dtype_t dt, uint64_t seed, int r, size_t idx)
+{
+	uint64_t h = mix(seed ^ ((uint64_t)(unsigned)r << 40) ^ idx);
+
+	switch (dt) {
+	case COMM_INT8:
+	case COMM_INT32:
+	case COMM_INT64:
+		return (double)((int)(h % 11) - 5);
+	case COMM_UINT8:
+	case COMM_UINT32:
+	case COMM_UINT64:
+		return (double)(h % 6);
+	case COMM_FLOAT16:
+	case COMM_BFLOAT16:
+		return (double)((int)(h % 9) - 4) * 0.5;
+	default:
+		return (double)((int)(h % 17) - 8) * 0.25;
+	}
+}
+
+/* Store v (exact in the type, or an integer that wraps) at p as dt. */
+static void enc(comm_dtype_t dt, double v, void *p)
+{
+	size_t es = comm_dtype_size(dt);
+
+	if (is_int(dt)) {
+		int64_t i = (int64_t)v;
+
+		memcpy(p, &i, es); /* little endian: the low bytes wrap */
+	} else if (dt == COMM_FLOAT16) {
+		_Float16 h = (_Float16)(float)v;
+
+		memcpy(p, &h, es);
+	} else if (dt == COMM_BFLOAT16) {
+		float f = (float)v;
+		uint32_t bits;
+		uint16_t b;
+
+		memcpy(&bits, &f, sizeof bits);
+		b = (uint16_t)(bits >> 16);
+		memcpy(p, &b, es);
+	} else if (dt == COMM_FLOAT32) {
+		float f = (float)v;
+
+		memcpy(p, &f, es);
+	} else {
+		memcpy(p, &v, es);
+	}
+}
+
+/* The reduction of element idx over n ranks. */
+static double fold(comm_dtype_t dt, comm_redop_t op, uint64_t seed, int n, size_t idx)
+{
+	double acc = val(dt, seed, 0, idx);
+
+	for (int q = 1; q < n; q++) {
+		double v = val(dt, seed, q, idx);
+
+		switch (op) {
+		case COMM_SUM:
+		case COMM_AVG:
+			acc += v;
+			break;
+		case COMM_PROD:
+			acc *= v;
+			break;
+		case COMM_MIN:
+			acc = v < acc ? v : acc;
+			break;
+		default:
+			acc = v > acc ? v : acc;
+			break;
+		}
+	}
+	if (op == COMM_AVG)
+		acc = is_int(dt) ? (double)((int64_t)acc / n) : acc / n;
+	return acc;
+}
+
+/* Whether element j of p is v as dt; prints why not. */
+static int elem_ok(comm_dtype_t dt, const char *p, size_t j, double v, int r, const char *what)
+{
+	size_t es = comm_dtype_size(dt);
+	uint64_t want = 0, got = 0;
+
+	enc(dt, v, &want);
+	memcpy(&got, p + j * es, es);
+	if (got == want)
+		return 1;
+	fprintf(stderr, "rank %d: %s: element %zu is 0x%llx, expected 0x%llx (%g)\n", r, what, j,
+		(unsigned long long)got, (unsigned long long)want, v);
+	return 0;
+}
+
+/* --- send/recv matching order ---------------------------------------------- */
+
+#define NMSG 5
+
+static const struct {
+	comm_dtype_t dt;
+	size_t count;
+} msgs[NMSG] = {
+	{ COMM_INT8, 3 },          { COMM_FLOAT32, 4097 }, { COMM_INT64, 1 },
+	{ COMM_FLOAT16, 70001 },   { COMM_FLOAT64, 300007 },
+};
+
+/*
+ * Rank 0 posts five sends of different sizes (requests, waited at the end);
+ * rank 1 receives them in order, blocking. Then the other way round: rank 1
+ * posts five recvs first, rank 0 sends them blocking.
+ */
+static int rank_order(int r, int n, void *arg)
+{
+	comm_request_t *req[NMSG];
+	struct buf b[NMSG];
+	comm_t *c;
+	int bad = 0;
+
+	if (join(&c, r, n) < 0)
+		return 1;
+	for (int round = 0; round < 2; round++) {
+		int async = round == 0 ? r == 0 : r == 1;
+
+		for (int k = 0; k < NMSG; k++) {
+			size_t bytes = msgs[k].count * comm_dtype_size(msgs[k].dt);
+
+			/* zero-copy and staged on either side */
+			if (buf_get(c, &b[k], bytes, (k + r + round) % 2, r) < 0)
+				return bail(c);
+			if (r == 0)
+				fill(b[k].p, bytes, msg_seed(round, 0, 1, k));
+			if (!async) {
+				req[k] = NULL;
+				continue;
+			}
+			if (r == 0)
+				OK_OR_BAIL(comm_send(c, b[k].p, msgs[k].count, msgs[k].dt, 1,
+						     &req[k]));
+			else
+				OK_OR_BAIL(comm_recv(c, b[k].p, msgs[k].count, msgs[k].dt, 0,
+						     &req[k]));
+		}
+		for (int k = 0; k < NMSG; k++) {
+			char what[64];
+
+			if (async) {
+				OK_OR_BAIL(comm_wait(req[k], -1));
+			} else if (r == 0) {
+				OK_OR_BAIL(comm_send(c, b[k].p, msgs[k].count, msgs[k].dt, 1,
+						     NULL));
+			} else {
+				OK_OR_BAIL(comm_recv(c, b[k].p, msgs[k].count, msgs[k].dt, 0,
+						     NULL));
+			}
+			snprintf(what, sizeof what, "round %d message %d (%zu bytes)", round, k,
+				 b[k].len);
+			bad |= buf_check(&b[k], msg_seed(round, 0, 1, k), r, what);
+		}
+		for (int k = 0; k < NMSG; k++)
+			buf_put(c, &b[k]);
+	}
+	return leave(c, r) | bad;
+}
+
+/* --- mismatched sizes ------------------------------------------------------ */
+
+/* A float32 all-reduce of 7 elements; 0 when its result is right. */
+static int check_allreduce(comm_t *c, int r, int n, uint64_t seed, const char *after)
+{
+	float *s = comm_mem_alloc(c, 7 * sizeof *s), *d = comm_mem_alloc(c, 7 * sizeof *d);
+	char what[128];
+	comm_result_t rc;
+	int bad = 0;
+
+	if (!s || !d) {
+		fprintf(stderr, "rank %d: comm_mem_alloc: %s\n", r, comm_last_error(c));
+		return -1;
+	}
+	snprintf(what, sizeof what, "all-reduce after %s", after);
+	for (size_t i = 0; i < 7; i++)
+		enc(COMM_FLOAT32, val(COMM_FLOAT32, seed, r, i), &s[i]);
+	rc = comm_allreduce(c, s, d, 7, COMM_FLOAT32, COMM_SUM, NULL);
+	if (!want_rc(c, r, what, rc, COMM_OK)) {
+		bad = -1;
+	} else {
+		for (size_t i = 0; i < 7 && !bad; i++)
+			bad = !elem_ok(COMM_FLOAT32, (char *)d, i,
+				       fold(COMM_FLOAT32, COMM_SUM, seed, n, i), r, what);
+	}
+	comm_mem_free(c, s);
+	comm_mem_free(c, d);
+	return bad;
+}
+
+static int rank_mismatch(int r, int n, void *arg)
+{
+	struct buf b;
+	comm_result_t rc;
+	comm_t *c;
+	int bad = 0, ar;
+
+	if (join(&c, r, n) < 0)
+		return 1;
+	if (buf_get(c, &b, 64, 1, r) < 0)
+		return bail(c);
+	/* 4 int32 sent, 8 expected: both fail; rank 2 is not involved */
+	if (r == 0) {
+		rc = comm_send(c, b.p, 4, COMM_INT32, 1, NULL);
+		bad |= !want_rc(c, r, "send of 4 int32 to a recv of 8", rc, COMM_ERR_MISMATCH);
+	} else if (r == 1) {
+		rc = comm_recv(c, b.p, 8, COMM_INT32, 0, NULL);
+		bad |= !want_rc(c, r, "recv of 8 int32 from a send of 4", rc, COMM_ERR_MISMATCH);
+	}
+	/* the other way round, with requests */
+	if (r == 0 || r == 1) {
+		comm_request_t *req = NULL;
+
+		rc = r == 1 ? comm_send(c, b.p, 8, COMM_INT64, 0, &req)
+			    : comm_recv(c, b.p, 3, COMM_INT64, 1, &req);
+		if (rc == COMM_OK)
+			rc = comm_wait(req, -1);
+		bad |= !want_rc(c, r, "8 int64 against 3 int64, with requests", rc,
+				COMM_ERR_MISMATCH);
+	}
+	ar = check_allreduce(c, r, n, 11, "a mismatched send/recv");
+	if (ar < 0)
+		return bail(c);
+	bad |= ar;
+	/* the same bytes in another dtype match: 4 int64 against 8 int32 */
+	if (r == 0) {
+		fill(b.p, 32, msg_seed(2, 0, 1, 0));
+		OK_OR_BAIL(comm_send(c, b.p, 4, COMM_INT64, 1, NULL));
+		OK_OR_BAIL(comm_send(c, b.p, 16, COMM_INT8, 1, NULL));
+	} else if (r == 1) {
+		OK_OR_BAIL(comm_recv(c, b.p, 8, COMM_INT32, 0, NULL));
+		b.len = 32;
+		bad |= buf_check(&b, msg_seed(2, 0, 1, 0), r, "4 int64 received as 8 int32");
+		memset(b.p, POISON, 64 + GUARD);
+		OK_OR_BAIL(comm_recv(c, b.p, 8, COMM_FLOAT16, 0, NULL));
+		b.len = 16;
+		bad |= buf_check(&b, msg_seed(2, 0, 1, 0), r, "16 int8 received as 8 float16");
+	}
+	ar = check_allreduce(c, r, n, 12, "the matching send/recv");
+	if (ar < 0)
+		return bail(c);
+	bad |= ar;
+	buf_put(c, &b);
+	return leave(c, r) | bad;
+}
+
+/* --- send to self ---------------------------------------------------------- */
+
+static int rank_self(int r, int n, void *arg)
+{
+	struct buf s[2], d[2];
+	comm_t *c;
+	int bad = 0;
+
+	if (join(&c, r, n) < 0)
+		return 1;
+	for (int round = 0; round < 4; round++) {
+		size_t count = round < 2 ? 1000 : BIG;
+		int zc = round % 2;
+
+		for (int k = 0; k < 2; k++) {
+			if (buf_get(c, &s[k], (count + (size_t)k) * 4, zc, r) < 0 ||
+			    buf_get(c, &d[k], (count + (size_t)k) * 4, !zc, r) < 0)
+				return bail(c);
+			fill(s[k].p, s[k].len, msg_seed(10 + round, r, r, k));
+		}
+		/* two messages to self: the first send pairs with the first recv */
+		OK_OR_BAIL(comm_group_start(c));
+		if (round % 2) {
+			OK_OR_BAIL(comm_recv(c, d[0].p, count, COMM_FLOAT32, r, NULL));
+			OK_OR_BAIL(comm_recv(c, d[1].p, count + 1, COMM_FLOAT32, r, NULL));
+		}
+		OK_OR_BAIL(comm_send(c, s[0].p, count, COMM_FLOAT32, r, NULL));
+		OK_OR_BAIL(comm_send(c, s[1].p, count + 1, COMM_FLOAT32, r, NULL));
+		if (!(round % 2)) {
+			OK_OR_BAIL(comm_recv(c, d[0].p, count, COMM_FLOAT32, r, NULL));
+			OK_OR_BAIL(comm_recv(c, d[1].p, count + 1, COMM_FLOAT32, r, NULL));
+		}
+		OK_OR_BAIL(comm_group_end(c));
+		for (int k = 0; k < 2; k++) {
+			char what[64];
+
+			snprintf(what, sizeof what, "self message %d of %zu floats", k,
+				 count + (size_t)k);
+			bad |= buf_check(&d[k], msg_seed(10 + round, r, r, k), r, what);
+			bad |= buf_check(&s[k], msg_seed(10 + round, r, r, k), r,
+					 "self-send input");
+			buf_put(c, &s[k]);
+			buf_put(c, &d[k]);
+		}
+	}
+	return leave(c, r) | bad;
+}
+
+/* --- rings in groups --------------------------------------------------------- */
+
+#define RING_ROUNDS 100
+#define RING_ASYNC_ROUNDS 20
+
+static int rank_ring(int r, int n, void *arg)
+{
+	int next = (r + 1) % n, prev = (r + n - 1) % n, bad = 0;
+	comm_t *c;
+
+	if (join(&c, r, n) < 0)
+		return 1;
+	for (int round = 0; round < RING_ROUNDS + RING_ASYNC_ROUNDS; round++) {
+		comm_dtype_t dt = dtypes[round % NDT];
+		size_t count = 1 + (size_t)round * 7919 % 3000, es = comm_dtype_size(dt);
+		int async = round >= RING_ROUNDS;
+		comm_request_t *sreq = NULL, *rreq = NULL;
+		struct buf s, d;
+		char what[96];
+
+		if (buf_get(c, &s, count * es, round % 2, r) < 0 ||
+		    buf_get(c, &d, count * es, round % 3 != 0, r) < 0)
+			return bail(c);
+		fill(s.p, s.len, msg_seed(20, r, next, round));
+		OK_OR_BAIL(comm_group_start(c));
+		if (round % 4 == 1) {
+			OK_OR_BAIL(comm_recv(c, d.p, count, dt, prev, async ? &rreq : NULL));
+			OK_OR_BAIL(comm_send(c, s.p, count, dt, next, async ? &sreq : NULL));
+		} else {
+			OK_OR_BAIL(comm_send(c, s.p, count, dt, next, async ? &sreq : NULL));
+			OK_OR_BAIL(comm_recv(c, d.p, count, dt, prev, async ? &rreq : NULL));
+		}
+		OK_OR_BAIL(comm_group_end(c));
+		if (async) {
+			/* the recv first: requests complete in posting order either way */
+			OK_OR_BAIL(comm_wait(rreq, -1));
+			OK_OR_BAIL(comm_wait(sreq, -1));
+		}
+		snprintf(what, sizeof what, "ring round %d (%zu x %d bytes%s)", round, count,
+			 (int)es, async ? ", requests" : "");
+		bad |= buf_check(&d, msg_seed(20, prev, r, round), r, what);
+		buf_put(c, &s);
+		buf_put(c, &d);
+	}
+	return leave(c, r) | bad;
+}
+
+/* --- blocking exchange without groups ---------------------------------------- */
+
+static int rank_exchange(int r, int n, void *arg)
+{
+	int peer = r % 2 ? r - 1 : r + 1, bad = 0;
+	comm_t *c;
+
+	if (join(&c, r, n) < 0)
+		return 1;
+	for (int round = 0; round < 50; round++) {
+		size_t count = (size_t)round * 1237 % 20000;
+		struct buf s, d;
+		char what[64];
+
+		if (buf_get(c, &s, count * 8, round % 2, r) < 0 ||
+		    buf_get(c, &d, count * 8, round % 3 == 0, r) < 0)
+			return bail(c);
+		fill(s.p, s.len, msg_seed(30, r, peer, round));
+		if (r % 2 == 0) {
+			OK_OR_BAIL(comm_send(c, s.p, count, COMM_UINT64, peer, NULL));
+			OK_OR_BAIL(comm_recv(c, d.p, count, COMM_UINT64, peer, NULL));
+		} else {
+			OK_OR_BAIL(comm_recv(c, d.p, count, COMM_UINT64, peer, NULL));
+			OK_OR_BAIL(comm_send(c, s.p, count, COMM_UINT64, peer, NULL));
+		}
+		snprintf(what, sizeof what, "exchange round %d (%zu uint64)", round, count);
+		bad |= buf_check(&d, msg_seed(30, peer, r, round), r, what);
+		buf_put(c, &s);
+		buf_put(c, &d);
+	}
+	return leave(c, r) | bad;
+}
+
+/* --- large messages ------------------------------------------------------------ */
+
+static int rank_large(int r, int n, void *arg)
+{
+	static const char *const modes[] = { "zero-copy", "staged", "zero-copy send, staged recv",
+					     "staged send, zero-copy recv" };
+	int peer = 1 - r, bad = 0;
+	comm_t *c;
+
+	if (join(&c, r, n) < 0)
+		return 1;
+	for (int m = 0; m < 4; m++) {
+		struct buf s, d;
+		char what[96];
+
+		if (buf_get(c, &s, (size_t)BIG * 8, m == 0 || m == 2, r) < 0 ||
+		    buf_get(c, &d, (size_t)BIG * 8, m == 0 || m == 3, r) < 0)
+			return bail(c);
+		/* one way, blocking */
+		fill(s.p, s.len, msg_seed(40 + m, 0, 1, 0));
+		if (r == 0) {
+			OK_OR_BAIL(comm_send(c, s.p, BIG, COMM_FLOAT64, 1, NULL));
+		} else {
+			OK_OR_BAIL(comm_recv(c, d.p, BIG, COMM_FLOAT64, 0, NULL));
+			snprintf(what, sizeof what, "%d float64 from rank 0, %s", BIG, modes[m]);
+			bad |= buf_check(&d, msg_seed(40 + m, 0, 1, 0), r, what);
+		}
+		/* both ways at once in a group */
+		fill(s.p, s.len, msg_seed(50 + m, r, peer, 0));
+		memset(d.p, POISON, d.len);
+		OK_OR_BAIL(comm_group_start(c));
+		OK_OR_BAIL(comm_send(c, s.p, BIG, COMM_FLOAT64, peer, NULL));
+		OK_OR_BAIL(comm_recv(c, d.p, BIG, COMM_FLOAT64, peer, NULL));
+		OK_OR_BAIL(comm_group_end(c));
+		snprintf(what, sizeof what, "%d float64 both ways in a group, %s", BIG, modes[m]);
+		bad |= buf_check(&d, msg_seed(50 + m, peer, r, 0), r, what);
+		bad |= buf_check(&s, msg_seed(50 + m, r, peer, 0), r, "large send input");
+		buf_put(c, &s);
+		buf_put(c, &d);
+	}
+	return leave(c, r) | bad;
+}
+
+/* --- barrier ------------------------------------------------------------------- */
+
+#define BARRIER_ROUNDS 6
+
+/* enter[round][rank] and leave[round][rank], CLOCK_MONOTONIC ns, shared with the ranks. */
+struct stamps {
+	int64_t enter[BARRIER_ROUNDS][8];
+	int64_t leave[BARRIER_ROUNDS][8];
+};
+
+static int rank_barrier(int r, int n, void *arg)
+{
+	struct stamps *st = arg;
+	comm_t *c;
+
+	if (join(&c, r, n) < 0)
+		return 1;
+	for (int round = 0; round < BARRIER_ROUNDS; round++) {
+		comm_request_t *req = NULL;
+
+		/* a different rank comes last each round */
+		usleep((useconds_t)((r + round) % n) * 25000);
+		st->enter[round][r] = now_ns();
+		if (round % 2) {
+			OK_OR_BAIL(comm_barrier(c, &req));
+			OK_OR_BAIL(comm_wait(req, -1));
+		} else {
+			OK_OR_BAIL(comm_barrier(c, NULL));
+		}
+		st->leave[round][r] = now_ns();
+	}
+	return leave(c, r);
+}
+
+static void test_barrier(const struct th_daemon *d, int n)
+{
+	struct stamps *st = mmap(NULL, sizeof *st, PROT_READ | PROT_WRITE,
+				 MAP_SHARED | MAP_ANONYMOUS, -1, 0);
+	char what[96];
+	int early = 0;
+
+	REQUIRE(st != MAP_FAILED, "mmap");
+	memset(st, 0, sizeof *st);
+	snprintf(what, sizeof what, "barrier n=%d, %d rounds, ranks arrive 25 ms apart", n,
+		 BARRIER_ROUNDS);
+	run_job(d, n, rank_barrier, st, what);
+	for (int round = 0; round < BARRIER_ROUNDS; round++) {
+		int64_t last_in = 0;
+
+		for (int r = 0; r < n; r++)
+			last_in = st->enter[round][r] > last_in ? st->enter[round][r] : last_in;
+		for (int r = 0; r < n; r++) {
+			if (st->leave[round][r] && st->leave[round][r] < last_in) {
+				fprintf(stderr,
+					"barrier round %d: rank %d left %.3f ms before the last "
+					"rank entered\n",
+					round, r, (double)(last_in - st->leave[round][r]) / 1e6);
+				early++;
+			}
+		}
+	}
+	CHECK(early == 0, "barrier n=%d: %d ranks left before the last one entered", n, early);
+	printf("%s: barrier n=%d: nobody leaves before the last rank entered\n",
+	       early ? "FAIL" : "ok", n);
+	munmap(st, sizeof *st);
+}
+
+/* --- an op posted while the one before runs on the worker threads --------------- */
+
+/*
+ * Every rank posts a large op with a request (it runs on commd's worker
+ * threads) and at once a small one behind it: the small one must run when
+ * the large one is done. variant 0: all-reduces; 1: sends and recvs (n=2).
+ * A short deadline, so that a hang fails in seconds.
+ */
+static int rank_behind(int r, int n, void *arg)
+{
+	int variant = *(const int *)arg, peer = 1 - r, bad = 0;
+	comm_request_t *req = NULL;
+	struct buf s, d, s2, d2;
+	comm_t *c;
+
+	setenv("COMM_TIMEOUT", "5000", 1);
+	if (join(&c, r, n) < 0)
+		return 1;
+	if (buf_get(c, &s, (size_t)BIG * 4, 1, r) < 0 ||
+	    buf_get(c, &d, (size_t)BIG * 4, 1, r) < 0 || buf_get(c, &s2, 7 * 4, 1, r) < 0 ||
+	    buf_get(c, &d2, 7 * 4, 1, r) < 0)
+		return bail(c);
+	if (variant == 0) {
+		for (size_t i = 0; i < BIG; i++)
+			enc(COMM_FLOAT32, val(COMM_FLOAT32, 81, r, i), s.p + 4 * i);
+		for (size_t i = 0; i < 7; i++)
+			enc(COMM_FLOAT32, val(COMM_FLOAT32, 82, r, i), s2.p + 4 * i);
+		OK_OR_BAIL(comm_allreduce(c, s.p, d.p, BIG, COMM_FLOAT32, COMM_SUM, &req));
+		OK_OR_BAIL(comm_allreduce(c, s2.p, d2.p, 7, COMM_FLOAT32, COMM_SUM, NULL));
+		OK_OR_BAIL(comm_wait(req, -1));
+		for (size_t i = 0; i < BIG && !bad; i++)
+			bad = !elem_ok(COMM_FLOAT32, d.p, i, fold(COMM_FLOAT32, COMM_SUM, 81, n, i),
+				       r, "large all-reduce");
+		for (size_t i = 0; i < 7 && !bad; i++)
+			bad = !elem_ok(COMM_FLOAT32, d2.p, i,
+				       fold(COMM_FLOAT32, COMM_SUM, 82, n, i), r,
+				       "small all-reduce posted behind it");
+	} else if (r == 0) {
+		fill(s.p, s.len, msg_seed(90, 0, 1, 0));
+		fill(s2.p, s2.len, msg_seed(90, 0, 1, 1));
+		OK_OR_BAIL(comm_send(c, s.p, BIG, COMM_FLOAT32, peer, &req));
+		OK_OR_BAIL(comm_send(c, s2.p, 7, COMM_FLOAT32, peer, NULL));
+		OK_OR_BAIL(comm_wait(req, -1));
+	} else {
+		OK_OR_BAIL(comm_recv(c, d.p, BIG, COMM_FLOAT32, peer, &req));
+		OK_OR_BAIL(comm_recv(c, d2.p, 7, COMM_FLOAT32, peer, NULL));
+		OK_OR_BAIL(comm_wait(req, -1));
+		bad |= buf_check(&d, msg_seed(90, 0, 1, 0), r, "large recv");
+		bad |= buf_check(&d2, msg_seed(90, 0, 1, 1), r, "small recv posted behind it");
+	}
+	buf_put(c, &s);
+	buf_put(c, &d);
+	buf_put(c, &s2);
+	buf_put(c, &d2);
+	return leave(c, r) | bad;
+}
+
+/* --- a group on one side, requests on the other ---------------------------------- */
+
+/* Shared with the ranks: which rank groups, and whether the other has posted. */
+struct onesided {
+	int grouped;
+	int posted;
+};
+
+/*
+ * Rank 0 sends five messages to rank 1. One side posts its five ops with
+ * requests, outside a group; then (so that commd has them queued first) the
+ * other side posts its five in one group. The k-th send must pair with the
+ * k-th recv, whichever side grouped.
+ */
+static int rank_one_sided(int r, int n, void *arg)
+{
+	struct onesided *o = arg;
+	comm_request_t *req[NMSG];
+	struct buf b[NMSG];
+	comm_t *c;
+	int bad = 0;
+
+	setenv("COMM_TIMEOUT", "5000", 1);
+	if (join(&c, r, n) < 0)
+		return 1;
+	for (int k = 0; k < NMSG; k++) {
+		if (buf_get(c, &b[k], (size_t)(1 + 100 * k) * 4, 1, r) < 0)
+			return bail(c);
+		if (r == 0)
+			fill(b[k].p, b[k].len, msg_seed(95, 0, 1, k));
+	}
+	if (r == o->grouped) {
+		while (!__atomic_load_n(&o->posted, __ATOMIC_ACQUIRE))
+			usleep(1000);
+		usleep(100000);
+		OK_OR_BAIL(comm_group_start(c));
+		for (int k = 0; k < NMSG; k++) {
+			if (r == 0)
+				OK_OR_BAIL(comm_send(c, b[k].p, 1 + 100 * (size_t)k, COMM_INT32, 1,
+						     NULL));
+			else
+				OK_OR_BAIL(comm_recv(c, b[k].p, 1 + 100 * (size_t)k, COMM_INT32, 0,
+						     NULL));
+		}
+		OK_OR_BAIL(comm_group_end(c));
+	} else {
+		for (int k = 0; k < NMSG; k++) {
+			if (r == 0)
+				OK_OR_BAIL(comm_send(c, b[k].p, 1 + 100 * (size_t)k, COMM_INT32, 1,
+						     &req[k]));
+			else
+				OK_OR_BAIL(comm_recv(c, b[k].p, 1 + 100 * (size_t)k, COMM_INT32, 0,
+						     &req[k]));
+		}
+		__atomic_store_n(&o->posted, 1, __ATOMIC_RELEASE);
+		for (int k = 0; k < NMSG; k++)
+			OK_OR_BAIL(comm_wait(req[k], -1));
+	}
+	for (int k = 0; k < NMSG; k++) {
+		char what[64];
+
+		snprintf(what, sizeof what, "message %d, %s", k,
+			 r == o->grouped ? "grouped here" : "grouped on the sender");
+		if (r == 1)
+			bad |= buf_check(&b[k], msg_seed(95, 0, 1, k), r, what);
+		buf_put(c, &b[k]);
+	}
+	return leave(c, r) | bad;
+}
+
+/* --- every op interleaved -------------------------------------------------------- */
+
+enum kind { AR, RS, AG, BC, RD, A2A, RING, BARRIER, NKINDS };
+
+struct mop {
+	enum kind kind;
+	comm_dtype_t dt;
+	comm_redop_t op;
+	size_t count;
+	int root;
+	int zc, inplace, async;
+	uint64_t seed;
+};
+
+static uint64_t rng_next(uint64_t *s)
+{
+	return *s = mix(*s);
+}
+
+/* The next op of the mixed sequence; every rank draws the same. */
+static struct mop draw(uint64_t *s, int n, int it)
+{
+	struct mop m;
+	uint64_t big = rng_next(s) % 50;
+
+	m.kind = (enum kind)(rng_next(s) % NKINDS);
+	m.dt = dtypes[rng_next(s) % NDT];
+	m.op = (comm_redop_t)(rng_next(s) % 5);
+	m.count = big == 0 ? 0 : big == 1 ? 20000 + rng_next(s) % 50000 : rng_next(s) % 3000;
+	m.root = (int)(rng_next(s) % (uint64_t)n);
+	m.zc = (int)(rng_next(s) % 3 != 0);
+	m.inplace = (int)(rng_next(s) % 4 == 0);
+	m.async = (int)(rng_next(s) % 3 == 0);
+	m.seed = mix(0x5eed0000ull + (uint64_t)it);
+	return m;
+}
+
+static const char *kind_name(enum kind k)
+{
+	static const char *const names[] = { "allreduce", "reduce-scatter", "all-gather",
+					     "broadcast", "reduce",         "all-to-all",
+					     "ring",      "barrier" };
+
+	return names[k];
+}
+
+static const char *dt_name(comm_dtype_t dt)
+{
+	static const char *const names[] = { "int8",    "uint8",    "int32",   "uint32",
+					     "int64",   "uint64",   "float16", "bfloat16",
+					     "float32", "float64" };
+
+	return names[dt];
+}
+
+static const char *op_name(comm_redop_t op)
+{
+	static const char *const names[] = { "sum", "prod", "min", "max", "avg" };
+
+	return names[op];
+}
+
+/* What element j of rank r's output must be. */
+static double mop_expect(const struct mop *m, int r, int n, size_t j)
+{
+	size_t cnt = m->count;
+
+	switch (m->kind) {
+	case AR:
+	case RD:
+		return fold(m->dt, m->op, m->seed, n, j);
+	case RS:
+		return fold(m->dt, m->op, m->seed, n, (size_t)r * cnt + j);
+	case AG:
+		return val(m->dt, m->seed, (int)(j / cnt), j % cnt);
+	case BC:
+		return val(m->dt, m->seed, m->root, j);
+	case A2A:
+		return val(m->dt, m->seed, (int)(j / cnt), (size_t)r * cnt + j % cnt);
+	default: /* ring: rank r-1's input */
+		return val(m->dt, m->seed, (r + n - 1) % n, j);
+	}
+}
+
+static comm_result_t mop_post(comm_t *c, const struct mop *m, int r, int n, void *send,
+			      void *recv, comm_request_t **req, comm_request_t **req2)
+{
+	comm_result_t rc, rc2;
+
+	switch (m->kind) {
+	case AR:
+		return comm_allreduce(c, send, recv, m->count, m->dt, m->op, req);
+	case RS:
+		return comm_reduce_scatter(c, send, recv, m->count, m->dt, m->op, req);
+	case AG:
+		return comm_allgather(c, send, recv, m->count, m->dt, req);
+	case BC:
+		return comm_broadcast(c, send, recv, m->count, m->dt, m->root, req);
+	case RD:
+		return comm_reduce(c, send, recv, m->count, m->dt, m->op, m->root, req);
+	case A2A:
+		return comm_alltoall(c, send, recv, m->count, m->dt, req);
+	case BARRIER:
+		return comm_barrier(c, req);
+	default:
+		comm_group_start(c);
+		rc = comm_send(c, send, m->count, m->dt, (r + 1) % n, req);
+		rc2 = comm_recv(c, recv, m->count, m->dt, (r + n - 1) % n, req2);
+		if (rc == COMM_OK)
+			rc = rc2;
+		rc2 = comm_group_end(c);
+		return rc != COMM_OK ? rc : rc2;
+	}
+}
+
+/* One op of the mixed sequence in flight: its buffers and requests. */
+struct mrun {
+	struct mop m;
+	int it, r, n;
+	int inplace, root_only_out;
+	size_t es, sn, rn;
+	struct buf s, d;
+	char *send, *recv;
+	comm_request_t *req, *req2;
+	char what[160];
+};
+
+static void mop_free(comm_t *c, struct mrun *x)
+{
+	buf_put(c, &x->s);
+	buf_put(c, &x->d);
+}
+
+/* Allocate, fill and post x's op (blocking unless it has requests); -1 on failure. */
+static int mop_start(comm_t *c, struct mrun *x, const struct mop *m, int r, int n, int it)
+{
+	size_t all = (size_t)n * m->count, block;
+	comm_result_t rc;
+
+	memset(x, 0, sizeof *x);
+	x->m = *m;
+	x->it = it;
+	x->r = r;
+	x->n = n;
+	x->es = comm_dtype_size(m->dt);
+	x->inplace = m->inplace && m->kind != RING && m->kind != BARRIER;
+	x->root_only_out = m->kind == RD && r != m->root;
+	snprintf(x->what, sizeof x->what, "mixed op %d: %s %s %s count %zu root %d%s%s%s", it,
+		 kind_name(m->kind), dt_name(m->dt), op_name(m->op), m->count, m->root,
+		 m->zc ? " zero-copy" : " staged", x->inplace ? " in-place" : "",
+		 m->async ? " with a request" : "");
+	x->sn = m->kind == RS || m->kind == A2A ? all : m->count;
+	x->rn = m->kind == AG || m->kind == A2A ? all : m->count;
+	block = m->count * x->es;
+	if (m->kind == BARRIER)
+		x->sn = x->rn = 0;
+	if (buf_get(c, &x->s, (x->inplace && x->rn > x->sn ? x->rn : x->sn) * x->es, m->zc, r) <
+		    0 ||
+	    (!x->inplace && buf_get(c, &x->d, x->rn * x->es, m->zc, r) < 0)) {
+		mop_free(c, x);
+		return -1;
+	}
+	x->send = x->s.p;
+	x->recv = x->inplace ? x->s.p : x->d.p;
+	if (x->inplace && m->kind == RS)
+		x->recv = x->s.p + (size_t)r * block;
+	if (x->inplace && m->kind == AG)
+		x->send = x->s.p + (size_t)r * block;
+	if (m->kind != BC || r == m->root)
+		for (size_t i = 0; i < x->sn; i++)
+			enc(m->dt, val(m->dt, m->seed, r, i), x->send + i * x->es);
+	if (m->kind == BC && r != m->root && !x->inplace) {
+		buf_put(c, &x->s);
+		x->send = NULL;
+	}
+	if (x->root_only_out && !x->inplace && r % 2) {
+		buf_put(c, &x->d);
+		x->recv = NULL;
+	}
+	rc = mop_post(c, m, r, n, x->send, x->recv, m->async ? &x->req : NULL,
+		      m->async && m->kind == RING ? &x->req2 : NULL);
+	if (!want_rc(c, r, x->what, rc, COMM_OK)) {
+		mop_free(c, x);
+		return -1;
+	}
+	return 0;
+}
+
+/* Wait for x and check it: 0 right, 1 wrong values, -1 the op failed. */
+static int mop_finish(comm_t *c, struct mrun *x)
+{
+	const struct mop *m = &x->m;
+	comm_result_t rc = COMM_OK;
+	int r = x->r, bad = 0;
+
+	if (x->req)
+		rc = comm_wait(x->req, -1);
+	if (rc == COMM_OK && x->req2)
+		rc = comm_wait(x->req2, -1);
+	if (!want_rc(c, r, x->what, rc, COMM_OK)) {
+		mop_free(c, x);
+		return -1;
+	}
+	for (size_t j = 0; !x->root_only_out && m->kind != BARRIER && j < x->rn; j++) {
+		if (!elem_ok(m->dt, x->recv, j, mop_expect(m, r, x->n, j), r, x->what)) {
+			bad = 1;
+			break;
+		}
+	}
+	/* inputs out of place (and a non-root's reduce input) stay as they were */
+	for (size_t i = 0; x->send && (m->kind != BC || r == m->root) &&
+			   (!x->inplace || x->root_only_out) && i < x->sn;
+	     i++) {
+		if (!elem_ok(m->dt, x->send, i, val(m->dt, m->seed, r, i), r, x->what)) {
+			fprintf(stderr, "rank %d: %s: (the input was changed)\n", r, x->what);
+			bad = 1;
+			break;
+		}
+	}
+	if (x->root_only_out && x->recv && x->recv != x->send &&
+	    !all_bytes(x->recv, x->rn * x->es, POISON)) {
+		fprintf(stderr, "rank %d: %s: the non-root recvbuf was written\n", r, x->what);
+		bad = 1;
+	}
+	if ((x->s.p && !all_bytes(x->s.p + x->s.len, GUARD, POISON)) ||
+	    (x->d.p && !all_bytes(x->d.p + x->d.len, GUARD, POISON))) {
+		fprintf(stderr, "rank %d: %s: written past the end of a buffer\n", r, x->what);
+		bad = 1;
+	}
+	mop_free(c, x);
+	return bad;
+}
+
+#define MIXED_ITERS 1000
+#define MIXED_WINDOW 4   /* ops with requests left in flight while later ones run */
+
+static int rank_mixed(int r, int n, void *arg)
+{
+	struct mrun fly[MIXED_WINDOW];
+	uint64_t s = 20240601; /* the same on every rank */
+	int head = 0, nfly = 0, bad = 0;
+	comm_t *c;
+
+	setenv("COMM_TIMEOUT", "15000", 1); /* every op here is small: fail fast on a hang */
+	if (join(&c, r, n) < 0)
+		return 1;
+	for (int it = 0; it < MIXED_ITERS + MIXED_WINDOW && !bad; it++) {
+		struct mrun now, *x;
+		struct mop m;
+		int rc;
+
+		/* the oldest op in flight, when the window is full or at the end */
+		if (nfly == MIXED_WINDOW || (it >= MIXED_ITERS && nfly > 0)) {
+			rc = mop_finish(c, &fly[head]);
+			head = (head + 1) % MIXED_WINDOW;
+			nfly--;
+			if (rc < 0)
+				return bail(c);
+			bad |= rc;
+		}
+		if (it >= MIXED_ITERS)
+			continue;
+		m = draw(&s, n, it);
+		x = m.async ? &fly[(head + nfly) % MIXED_WINDOW] : &now;
+		if (mop_start(c, x, &m, r, n, it) < 0)
+			return bail(c);
+		if (m.async) {
+			nfly++;
+			continue;
+		}
+		rc = mop_finish(c, x);
+		if (rc < 0)
+			return bail(c);
+		bad |= rc;
+	}
+	return leave(c, r) | bad;
+}
+
+/* --- many outstanding requests ------------------------------------------------ */
+
+struct oreq {
+	comm_request_t *req;
+	struct buf s, d;
+	comm_dtype_t dt;
+	comm_redop_t op;
+	size_t count;
+	uint64_t seed;
+};
+
+static int out_post(comm_t *c, struct oreq *o, int k, int phase, int r)
+{
+	size_t es;
+
+	o->dt = dtypes[(k + phase) % NDT];
+	o->op = (comm_redop_t)((k / NDT + phase) % 5);
+	o->count = 1 + (size_t)(k * 37 + phase * 11) % 500;
+	o->seed = mix(0x07 + (uint64_t)phase * 1000 + (uint64_t)k);
+	es = comm_dtype_size(o->dt);
+	/* phase 1: every other request staged */
+	if (buf_get(c, &o->s, o->count * es, phase != 1 || k % 2, r) < 0 ||
+	    buf_get(c, &o->d, o->count * es, phase != 1 || k % 2, r) < 0)
+		return -1;
+	for (size_t i = 0; i < o->count; i++)
+		enc(o->dt, val(o->dt, o->seed, r, i), o->s.p + i * es);
+	return comm_allreduce(c, o->s.p, o->d.p, o->count, o->dt, o->op, &o->req) == COMM_OK ? 0
+											      : -1;
+}
+
+static int out_check(comm_t *c, struct oreq *o, int k, int r, int n)
+{
+	char what[64];
+	int bad = 0;
+
+	snprintf(what, sizeof what, "outstanding all-reduce %d", k);
+	for (size_t j = 0; j < o->count && !bad; j++)
+		bad = !elem_ok(o->dt, o->d.p, j, fold(o->dt, o->op, o->seed, n, j), r, what);
+	if (!all_bytes(o->d.p + o->d.len, GUARD, POISON)) {
+		fprintf(stderr, "rank %d: %s: written past the end\n", r, what);
+		bad = 1;
+	}
+	buf_put(c, &o->s);
+	buf_put(c, &o->d);
+	return bad;
+}
+
+/* comm_test on requests 0..k-1, each must be finished (and OK): 0 when so. */
+static int all_done_before(struct oreq *o, int from, int to, int r, const char *after)
+{
+	int bad = 0;
+
+	for (int k = from; k < to; k++) {
+		comm_result_t rc;
+		int done = 0;
+
+		if (!o[k].req)
+			continue;
+		rc = comm_test(o[k].req, &done);
+		if (rc != COMM_OK || !done) {
+			fprintf(stderr,
+				"rank %d: request %d after %s: comm_test says %s, done %d; "
+				"expected COMM_OK, done 1\n",
+				r, k, after, comm_result_name(rc), done);
+			bad = 1;
+		}
+		if (done)
+			o[k].req = NULL;
+	}
+	return bad;
+}
+
+/*
+ * NOUT all-reduces posted with requests, then: phase 0 waits them in order;
+ * phase 1 (half staged) waits the last one first, then every earlier one
+ * must test done; phase 2 waits the middle one, tests the ones before it,
+ * polls the last with comm_test, then tests the rest.
+ */
+static int rank_outstanding(int r, int n, void *arg)
+{
+	struct oreq *o = calloc(NOUT, sizeof *o);
+	comm_t *c;
+	int bad = 0;
+
+	if (!o || join(&c, r, n) < 0)
+		return 1;
+	for (int phase = 0; phase < 3; phase++) {
+		for (int k = 0; k < NOUT; k++) {
+			if (out_post(c, &o[k], k, phase, r) < 0) {
+				fprintf(stderr, "rank %d: phase %d: posting request %d: %s\n", r,
+					phase, k, comm_last_error(c));
+				return bail(c);
+			}
+		}
+		if (phase == 0) {
+			for (int k = 0; k < NOUT; k++) {
+				OK_OR_BAIL(comm_wait(o[k].req, -1));
+				o[k].req = NULL;
+			}
+		} else if (phase == 1) {
+			OK_OR_BAIL(comm_wait(o[NOUT - 1].req, -1));
+			o[NOUT - 1].req = NULL;
+			bad |= all_done_before(o, 0, NOUT - 1, r, "waiting the last one");
+		} else {
+			int done = 0;
+
+			OK_OR_BAIL(comm_wait(o[NOUT / 2].req, -1));
+			o[NOUT / 2].req = NULL;
+			bad |= all_done_before(o, 0, NOUT / 2, r, "waiting the middle one");
+			while (!done) {
+				OK_OR_BAIL(comm_test(o[NOUT - 1].req, &done));
+				if (!done)
+					usleep(100);
+			}
+			o[NOUT - 1].req = NULL;
+			bad |= all_done_before(o, NOUT / 2 + 1, NOUT - 1, r,
+					       "comm_test said the last one is done");
+		}
+		for (int k = 0; k < NOUT; k++) {
+			if (o[k].req) /* not finished when tested: reported above */
+				OK_OR_BAIL(comm_wait(o[k].req, -1));
+			bad |= out_check(c, &o[k], k, r, n);
+		}
+	}
+	free(o);
+	return leave(c, r) | bad;
+}
+
+/* --- bad arguments ------------------------------------------------------------- */
+
+#define WANT_INVALID(call)                                                     \
+	do {                                                                   \
+		comm_result_t rc_ = (call);                                    \
+		bad |= !want_rc(c, r, #call, rc_, COMM_ERR_INVALID_ARG);       \
+		if (rc_ == COMM_ERR_INVALID_ARG && !*comm_last_error(c)) {     \
+			fprintf(stderr, "rank %d: %s: comm_last_error is empty\n", \
+				r, #call);                                     \
+			bad = 1;                                               \
+		}                                                              \
+	} while (0)
+
+#define THEN_ALLREDUCE(after)                                                  \
+	do {                                                                   \
+		int ar_ = check_allreduce(c, r, n, (uint64_t)__LINE__, after); \
+		if (ar_ < 0)                                                   \
+			return bail(c);                                        \
+		bad |= ar_;                                                    \
+	} while (0)
+
+static int rank_invalid(int r, int n, void *arg)
+{
+	comm_request_t *req = NULL;
+	char *s, *d;
+	comm_t *c;
+	int bad = 0;
+
+	if (join(&c, r, n) < 0)
+		return 1;
+	s = comm_mem_alloc(c, 4096);
+	d = comm_mem_alloc(c, 4096);
+	if (!s || !d)
+		return bail(c);
+	memset(s, 0, 4096);
+	/* the same bad root on every rank: every rank is told */
+	WANT_INVALID(comm_broadcast(c, s, d, 4, COMM_INT32, n, NULL));
+	THEN_ALLREDUCE("broadcast root n");
+	WANT_INVALID(comm_broadcast(c, s, d, 4, COMM_INT32, -1, NULL));
+	THEN_ALLREDUCE("broadcast root -1");
+	WANT_INVALID(comm_reduce(c, s, d, 4, COMM_FLOAT32, COMM_SUM, n, NULL));
+	THEN_ALLREDUCE("reduce root n");
+	WANT_INVALID(comm_reduce(c, s, d, 4, COMM_FLOAT32, COMM_MAX, -7, NULL));
+	THEN_ALLREDUCE("reduce root -7");
+	/* with a request: refused at once, or by comm_wait */
+	{
+		comm_result_t rc = comm_reduce(c, s, d, 4, COMM_INT64, COMM_SUM, n + 3, &req);
+
+		if (rc == COMM_OK)
+			rc = comm_wait(req, -1);
+		else if (req)
+			fprintf(stderr, "rank %d: refused reduce left *req set\n", r);
+		bad |= !want_rc(c, r, "reduce root n+3 with a request", rc,
+				COMM_ERR_INVALID_ARG);
+	}
+	THEN_ALLREDUCE("reduce root n+3 with a request");
+	/* peers out of range, on each rank alone */
+	WANT_INVALID(comm_send(c, s, 4, COMM_INT32, n, NULL));
+	WANT_INVALID(comm_send(c, s, 4, COMM_INT32, -1, NULL));
+	WANT_INVALID(comm_recv(c, d, 4, COMM_INT32, n + 5, NULL));
+	WANT_INVALID(comm_recv(c, d, 4, COMM_INT32, -2, NULL));
+	THEN_ALLREDUCE("send/recv to peers out of range");
+	/* in a group: refused when posted, or by comm_group_end, which waits for it */
+	{
+		comm_result_t rc, rc2;
+
+		OK_OR_BAIL(comm_group_start(c));
+		rc = comm_send(c, s, 4, COMM_INT32, n, NULL);
+		rc2 = comm_group_end(c);
+		if (rc != COMM_ERR_INVALID_ARG)
+			bad |= !want_rc(c, r, "a send to peer n in a group, then group end",
+					rc == COMM_OK ? rc2 : rc, COMM_ERR_INVALID_ARG);
+	}
+	THEN_ALLREDUCE("a bad peer in a group");
+	/* counts that overflow: refused locally, a different number on each rank */
+	for (int rep = 0; rep <= r; rep++) {
+		WANT_INVALID(comm_allreduce(c, s, d, SIZE_MAX / 2, COMM_INT64, COMM_SUM, NULL));
+		WANT_INVALID(comm_reduce_scatter(c, s, d, SIZE_MAX / 2, COMM_INT64, COMM_SUM,
+						 NULL));
+		WANT_INVALID(comm_allgather(c, s, d, SIZE_MAX / 2, COMM_INT64, NULL));
+		WANT_INVALID(comm_broadcast(c, s, d, SIZE_MAX / 2, COMM_INT64, 0, NULL));
+		WANT_INVALID(comm_reduce(c, s, d, SIZE_MAX / 2, COMM_INT64, COMM_SUM, 0, NULL));
+		WANT_INVALID(comm_alltoall(c, s, d, SIZE_MAX / 2, COMM_INT64, NULL));
+		WANT_INVALID(comm_alltoall(c, s, d, SIZE_MAX / 8 / 2, COMM_INT64, NULL));
+		WANT_INVALID(comm_send(c, s, SIZE_MAX / 2, COMM_INT64, (r + 1) % n, NULL));
+		WANT_INVALID(comm_recv(c, d, SIZE_MAX / 2, COMM_INT64, (r + 1) % n, &req));
+	}
+	THEN_ALLREDUCE("counts that overflow");
+	comm_mem_free(c, s);
+	comm_mem_free(c, d);
+	return leave(c, r) | bad;
+}
+
+/* --- a rank that leaves early ---------------------------------------------------- */
+
+/* Shared with the ranks: pending 1 makes ranks 1 and 2 post an all-reduce first. */
+struct early {
+	int pending;
+	int posted;     /* ranks that posted it */
+	int left;       /* rank 0 has finalized */
+};
+
+static int rank_early_leave(int r, int n, void *arg)
+{
+	struct early *e = arg;
+	comm_request_t *req = NULL;
+	struct buf s, d;
+	comm_result_t rc;
+	comm_t *c;
+	int bad = 0, peer = 3 - r;
+
+	if (join(&c, r, n) < 0)
+		return 1;
+	if (r == 0) {
+		while (e->pending && __atomic_load_n(&e->posted, __ATOMIC_ACQUIRE) < 2)
+			usleep(1000);
+		if (e->pending)
+			usleep(50000); /* let commd queue them */
+		rc = comm_finalize(c);
+		__atomic_store_n(&e->left, 1, __ATOMIC_RELEASE);
+		return !want_rc(NULL, r, "comm_finalize", rc, COMM_OK);
+	}
+	if (buf_get(c, &s, 64, 1, r) < 0 || buf_get(c, &d, 64, 1, r) < 0)
+		return bail(c);
+	if (e->pending) {
+		OK_OR_BAIL(comm_allreduce(c, s.p, d.p, 4, COMM_FLOAT32, COMM_SUM, &req));
+		__atomic_fetch_add(&e->posted, 1, __ATOMIC_RELEASE);
+	}
+	while (!__atomic_load_n(&e->left, __ATOMIC_ACQUIRE))
+		usleep(1000);
+	if (req) {
+		rc = comm_wait(req, -1);
+		bad |= !want_rc(c, r, "all-reduce pending when rank 0 left", rc,
+				COMM_ERR_PEER_LOST);
+	}
+	buf_put(c, &s);
+	buf_put(c, &d);
+	/* ranks 1 and 2 go on between themselves */
+	for (int k = 0; k < 50; k++) {
+		size_t count = 1 + (size_t)k * 211 % 5000;
+		char what[64];
+
+		if (buf_get(c, &s, count * 4, k % 2, r) < 0 || buf_get(c, &d, count * 4, 1, r) < 0)
+			return bail(c);
+		fill(s.p, s.len, msg_seed(60, r, peer, k));
+		if ((r == 1) == (k % 2 == 0)) {
+			OK_OR_BAIL(comm_send(c, s.p, count, COMM_UINT32, peer, NULL));
+			OK_OR_BAIL(comm_recv(c, d.p, count, COMM_UINT32, peer, NULL));
+		} else {
+			OK_OR_BAIL(comm_recv(c, d.p, count, COMM_UINT32, peer, NULL));
+			OK_OR_BAIL(comm_send(c, s.p, count, COMM_UINT32, peer, NULL));
+		}
+		snprintf(what, sizeof what, "message %d after rank 0 left", k);
+		bad |= buf_check(&d, msg_seed(60, peer, r, k), r, what);
+		buf_put(c, &s);
+		buf_put(c, &d);
+	}
+	if (buf_get(c, &s, 64, 1, r) < 0 || buf_get(c, &d, 64, 1, r) < 0)
+		return bail(c);
+	/* anything that needs rank 0 fails, and does not hang */
+	rc = comm_allreduce(c, s.p, d.p, 4, COMM_FLOAT32, COMM_SUM, NULL);
+	bad |= !want_rc(c, r, "all-reduce after rank 0 left", rc, COMM_ERR_PEER_LOST);
+	rc = comm_barrier(c, NULL);
+	bad |= !want_rc(c, r, "barrier after rank 0 left", rc, COMM_ERR_PEER_LOST);
+	rc = comm_send(c, s.p, 4, COMM_FLOAT32, 0, NULL);
+	bad |= !want_rc(c, r, "send to rank 0 after it left", rc, COMM_ERR_PEER_LOST);
+	/* and the two of them still can talk */
+	fill(s.p, 64, msg_seed(61, r, peer, 0));
+	OK_OR_BAIL(comm_group_start(c));
+	OK_OR_BAIL(comm_send(c, s.p, 16, COMM_FLOAT32, peer, NULL));
+	OK_OR_BAIL(comm_recv(c, d.p, 16, COMM_FLOAT32, peer, NULL));
+	OK_OR_BAIL(comm_group_end(c));
+	bad |= buf_check(&d, msg_seed(61, peer, r, 0), r, "a group exchange after the failures");
+	buf_put(c, &s);
+	buf_put(c, &d);
+	return leave(c, r) | bad;
+}
+
+/* --- comm_wait inside a group ---------------------------------------------------- */
+
+static int rank_group_wait(int r, int n, void *arg)
+{
+	comm_request_t *req = NULL, *areq = NULL;
+	struct buf b, s, d;
+	comm_result_t rc;
+	comm_t *c;
+	int bad = 0, done = -1;
+
+	if (join(&c, r, n) < 0)
+		return 1;
+	if (buf_get(c, &b, 400, r, r) < 0 || buf_get(c, &s, 28, 1, r) < 0 ||
+	    buf_get(c, &d, 28, 1, r) < 0)
+		return bail(c);
+	if (r == 0)
+		fill(b.p, b.len, msg_seed(70, 0, 1, 0));
+	for (size_t i = 0; i < 7; i++)
+		enc(COMM_INT32, val(COMM_INT32, 77, r, i), s.p + 4 * i);
+	OK_OR_BAIL(comm_group_start(c));
+	if (r == 0)
+		OK_OR_BAIL(comm_send(c, b.p, 100, COMM_INT32, 1, &req));
+	else
+		OK_OR_BAIL(comm_recv(c, b.p, 100, COMM_INT32, 0, &req));
+	OK_OR_BAIL(comm_allreduce(c, s.p, d.p, 7, COMM_INT32, COMM_SUM, &areq));
+	rc = comm_wait(req, -1);
+	bad |= !want_rc(c, r, "comm_wait(req, -1) before comm_group_end", rc,
+			COMM_ERR_INVALID_ARG);
+	rc = comm_wait(req, 0);
+	bad |= !want_rc(c, r, "comm_wait(req, 0) before comm_group_end", rc,
+			COMM_ERR_INVALID_ARG);
+	rc = comm_test(req, &done);
+	bad |= !want_rc(c, r, "comm_test before comm_group_end", rc, COMM_ERR_INVALID_ARG);
+	rc = comm_wait(areq, -1);
+	bad |= !want_rc(c, r, "comm_wait(all-reduce) before comm_group_end", rc,
+			COMM_ERR_INVALID_ARG);
+	OK_OR_BAIL(comm_group_end(c));
+	/* the requests are still valid and complete now */
+	OK_OR_BAIL(comm_wait(req, -1));
+	OK_OR_BAIL(comm_wait(areq, -1));
+	if (r == 1)
+		bad |= buf_check(&b, msg_seed(70, 0, 1, 0), r, "recv waited after the group");
+	for (size_t i = 0; i < 7; i++)
+		if (!elem_ok(COMM_INT32, d.p, i, fold(COMM_INT32, COMM_SUM, 77, n, i), r,
+			     "all-reduce waited after the group"))
+			bad = 1;
+	buf_put(c, &b);
+	buf_put(c, &s);
+	buf_put(c, &d);
+	return leave(c, r) | bad;
+}
+
+/*
+ * One group of BIG_GROUP sends and as many recvs between two ranks; it
+ * must be matched in about linear time, not rescanned per op.
+ */
+#define BIG_GROUP 4000
+
+static int rank_big_group(int r, int n, void *arg)
+{
+	int32_t *out = malloc(BIG_GROUP * sizeof *out), *in = malloc(BIG_GROUP * sizeof *in);
+	comm_t *c;
+	int bad = 0;
+
+	if (!out || !in || join(&c, r, n) < 0)
+		return 1;
+	for (int i = 0; i < BIG_GROUP; i++) {
+		out[i] = r * 100000 + i;
+		in[i] = -1;
+	}
+	OK_OR_BAIL(comm_group_start(c));
+	for (int i = 0; i < BIG_GROUP; i++) {
+		OK_OR_BAIL(comm_send(c, &out[i], 1, COMM_INT32, 1 - r, NULL));
+		OK_OR_BAIL(comm_recv(c, &in[i], 1, COMM_INT32, 1 - r, NULL));
+	}
+	OK_OR_BAIL(comm_group_end(c));
+	for (int i = 0; i < BIG_GROUP && !bad; i++) {
+		if (in[i] != (1 - r) * 100000 + i) {
+			fprintf(stderr, "rank %d: message %d is %d\n", r, i, in[i]);
+			bad = 1;
+		}
+	}
+	free(out);
+	free(in);
+	return leave(c, r) | bad;
+}
+
+/* comm_wait(req, 0) polled in a loop completes: it reads before it gives up. */
+static int rank_wait_zero(int r, int n, void *arg)
+{
+	comm_request_t *req;
+	comm_result_t rc;
+	comm_t *c;
+	int v = r + 1, polls = 0;
+
+	if (join(&c, r, n) < 0)
+		return 1;
+	OK_OR_BAIL(comm_allreduce(c, &v, &v, 1, COMM_INT32, COMM_SUM, &req));
+	while ((rc = comm_wait(req, 0)) == COMM_INPROGRESS && polls < 10000000)
+		polls++;
+	if (rc != COMM_OK || v != n * (n + 1) / 2) {
+		fprintf(stderr, "rank %d: comm_wait(req, 0) polled %d times: %s, v = %d\n", r, polls,
+			comm_result_name(rc), v);
+		return bail(c);
+	}
+	return leave(c, r);
+}
+
+int main(void)
+{
+	static const int ring_sizes[] = { 2, 3, 4, 8 };
+	struct th_daemon d;
+	struct timespec t0;
+	char what[128];
+	struct onesided *one;
+	struct early *early;
+	int rc, variant;
+
+	/* an op that cannot complete fails after a minute instead of ten */
+	setenv("COMM_TIMEOUT", "60000", 1);
+	clock_gettime(CLOCK_MONOTONIC, &t0);
+	rc = th_daemon_start(&d, "--threads", "3", NULL);
+	REQUIRE(rc == 0, "commd did not start");
+	run_job(&d, 2, rank_order, NULL,
+		"5 sends of different sizes and dtypes with requests, received in order; "
+		"then 5 recvs with requests");
+	run_job(&d, 3, rank_mismatch, NULL,
+		"send/recv of different byte sizes: COMM_ERR_MISMATCH on both sides; equal "
+		"bytes in other dtypes match; the job goes on");
+	run_job(&d, 3, rank_self, NULL, "send to self in a group, 1000 and 1000003 floats, n=3");
+	for (size_t i = 0; i < sizeof ring_sizes / sizeof ring_sizes[0]; i++) {
+		snprintf(what, sizeof what, "ring in groups n=%d: %d rounds, then %d with requests",
+			 ring_sizes[i], RING_ROUNDS, RING_ASYNC_ROUNDS);
+		run_job(&d, ring_sizes[i], rank_ring, NULL, what);
+	}
+	run_job(&d, 4, rank_exchange, NULL,
+		"blocking exchange without groups n=4: even ranks send first, odd ranks recv "
+		"first, 50 rounds");
+	run_job(&d, 2, rank_large, NULL,
+		"1000003 float64 send/recv and a group exchange: zero-copy, staged, mixed");
+	test_barrier(&d, 4);
+	test_barrier(&d, 8);
+	variant = 0;
+	run_job(&d, 4, rank_behind, &variant,
+		"an all-reduce posted by every rank while a 1000003-float one runs on the "
+		"worker threads, n=4");
+	variant = 1;
+	run_job(&d, 2, rank_behind, &variant,
+		"a send/recv posted while a 1000003-float one runs on the worker threads, n=2");
+	one = mmap(NULL, sizeof *one, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_ANONYMOUS, -1, 0);
+	REQUIRE(one != MAP_FAILED, "mmap");
+	for (int g = 0; g < 2; g++) {
+		one->grouped = g;
+		one->posted = 0;
+		snprintf(what, sizeof what,
+			 "5 messages grouped on rank %d, posted with requests on rank %d first", g,
+			 1 - g);
+		run_job(&d, 2, rank_one_sided, one, what);
+	}
+	munmap(one, sizeof *one);
+	run_job(&d, 4, rank_mixed, NULL,
+		"1000 ops of every kind interleaved, random sizes, dtypes, roots, n=4");
+	snprintf(what, sizeof what,
+		 "%d outstanding all-reduces per rank: waited in order, last first, polled", NOUT);
+	run_job(&d, 4, rank_outstanding, NULL, what);
+	run_job(&d, 3, rank_invalid, NULL,
+		"root or peer out of range: COMM_ERR_INVALID_ARG; count overflow refused locally; "
+		"the job goes on");
+	early = mmap(NULL, sizeof *early, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_ANONYMOUS, -1,
+		     0);
+	REQUIRE(early != MAP_FAILED, "mmap");
+	memset(early, 0, sizeof *early);
+	run_job(&d, 3, rank_early_leave, early,
+		"rank 0 finalizes at once: ranks 1 and 2 exchange 50 messages, then their "
+		"all-reduce fails with COMM_ERR_PEER_LOST");
+	memset(early, 0, sizeof *early);
+	early->pending = 1;
+	run_job(&d, 3, rank_early_leave, early,
+		"rank 0 finalizes while ranks 1 and 2 wait in an all-reduce: COMM_ERR_PEER_LOST; "
+		"they go on with send/recv");
+	munmap(early, sizeof *early);
+	run_job(&d, 2, rank_group_wait, NULL,
+		"comm_wait/comm_test inside a group: COMM_ERR_INVALID_ARG; complete after "
+		"comm_group_end");
+	snprintf(what, sizeof what, "one group of %d sends and %d recvs per rank, n=2", BIG_GROUP,
+		 BIG_GROUP);
+	run_job(&d, 2, rank_big_group, NULL, what);
+	run_job(&d, 3, rank_wait_zero, NULL, "comm_wait(req, 0) polled until the op is done");
+	CHECK(th_daemon_alive(&d), "commd died during the tests");
+	CHECK(th_daemon_stop(&d) == 0, "commd did not stop cleanly");
+	printf("%s: %.1f s in all\n", check_failures ? "FAIL" : "ok", secs_since(&t0));
+	return CHECK_EXIT();
+}
