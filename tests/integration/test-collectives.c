@@ -20,7 +20,6 @@
 #define CANARY (64u << 10)   /* comm_mem_alloc block next to a staging block */
 #define POISON 0xa5
 #define CANARY_BYTE 0x5a
-#define WATCHDOG_S 120       /* a rank that hangs dies of SIGALRM */
 #define NREQ 64
 
 /*
@@ -445,43 +444,6 @@ static int run_one(comm_t *c, const struct tcase *t, uint32_t seed, int r, int n
 	return bad;
 }
 
-static int join(comm_t **c, int r, int n)
-{
-	comm_result_t rc;
-
-	alarm(WATCHDOG_S);
-	rc = comm_init(c, NULL);
-	if (rc != COMM_OK) {
-		fprintf(stderr, "rank %d: comm_init: %s\n", r, comm_result_name(rc));
-		return -1;
-	}
-	if (comm_rank(*c) != r || comm_size(*c) != n) {
-		fprintf(stderr, "rank %d: comm_rank %d, comm_size %d, expected %d of %d\n", r,
-			comm_rank(*c), comm_size(*c), r, n);
-		comm_abort(*c);
-		return -1;
-	}
-	return 0;
-}
-
-static int leave(comm_t *c, int r)
-{
-	comm_result_t rc = comm_finalize(c);
-
-	if (rc != COMM_OK) {
-		fprintf(stderr, "rank %d: comm_finalize: %s\n", r, comm_result_name(rc));
-		return 1;
-	}
-	return 0;
-}
-
-/* Stop after an op failed on this rank: the others' ops then fail too. */
-static int bail(comm_t *c)
-{
-	comm_abort(c);
-	return 1;
-}
-
 /* --- plans: lists of cases run by one job -------------------------------- */
 
 static int rank_plan(int r, int n, void *arg)
@@ -490,7 +452,7 @@ static int rank_plan(int r, int n, void *arg)
 	comm_t *c;
 	int bad = 0;
 
-	if (join(&c, r, n) < 0)
+	if (th_join(&c, r, n) < 0)
 		return 1;
 	for (int i = 0; i < p->n; i++) {
 		int rc = run_one(c, &p->cases[i], p->seed + (uint32_t)i, r, n);
@@ -498,11 +460,11 @@ static int rank_plan(int r, int n, void *arg)
 		if (rc)
 			__atomic_fetch_add(&p->failed[i], 1, __ATOMIC_RELAXED);
 		if (rc < 0)
-			return bail(c);
+			return th_bail(c);
 		__atomic_fetch_add(&p->ran[i], 1, __ATOMIC_RELAXED);
 		bad |= rc;
 	}
-	return leave(c, r) | bad;
+	return th_leave(c, r) | bad;
 }
 
 static void add(struct plan *p, enum kind k, comm_dtype_t dt, comm_redop_t op, size_t count,
@@ -712,39 +674,39 @@ static int rank_reference(int r, int n, void *arg)
 	comm_t *c;
 	int bad = 0;
 
-	if (join(&c, r, n) < 0)
+	if (th_join(&c, r, n) < 0)
 		return 1;
 	in = comm_mem_alloc(c, sizeof want);
 	out = comm_mem_alloc(c, sizeof want);
 	one = comm_mem_alloc(c, sizeof *one);
 	if (!in || !out || !one) {
 		fprintf(stderr, "rank %d: comm_mem_alloc: %s\n", r, comm_last_error(c));
-		return bail(c);
+		return th_bail(c);
 	}
 	for (int i = 0; i < 4; i++)
 		mine[i] = in[i] = (float)(r + i);
 	rc = comm_allreduce(c, in, out, 4, COMM_FLOAT32, COMM_SUM, NULL);
 	if (rc != COMM_OK) {
 		fprintf(stderr, "rank %d: all-reduce: %s\n", r, comm_result_name(rc));
-		return bail(c);
+		return th_bail(c);
 	}
 	bad |= check_floats(r, "all-reduce", out, want, 4);
 	one[0] = -1;
 	rc = comm_reduce_scatter(c, in, one, 1, COMM_FLOAT32, COMM_SUM, NULL);
 	if (rc != COMM_OK) {
 		fprintf(stderr, "rank %d: reduce-scatter: %s\n", r, comm_result_name(rc));
-		return bail(c);
+		return th_bail(c);
 	}
 	bad |= check_floats(r, "reduce-scatter", one, &want[r], 1);
 	memset(out, 0, sizeof want);
 	rc = comm_allgather(c, one, out, 1, COMM_FLOAT32, NULL);
 	if (rc != COMM_OK) {
 		fprintf(stderr, "rank %d: all-gather: %s\n", r, comm_result_name(rc));
-		return bail(c);
+		return th_bail(c);
 	}
 	bad |= check_floats(r, "all-gather", out, want, 4);
 	bad |= check_floats(r, "input after the ops", in, mine, 4);
-	return leave(c, r) | bad;
+	return th_leave(c, r) | bad;
 }
 
 static void test_reference(const struct th_daemon *d)
@@ -773,17 +735,17 @@ static int rank_outstanding(int r, int n, void *arg)
 	comm_result_t rc;
 	comm_t *c;
 
-	if (!t || !x || join(&c, r, n) < 0)
+	if (!t || !x || th_join(&c, r, n) < 0)
 		return 1;
 	for (int k = 0; k < NREQ; k++) {
 		t[k] = (struct tcase){ AR, dtypes[k % 4], redops[k % 5], 1 + (size_t)k * 397 % 5000,
 				       how == BY_WAIT_STAGED ? STAGED : ZC, OOP, 0 };
 		if (run_setup(c, &x[k], &t[k], 900 + (uint32_t)k, r, n) < 0)
-			return bail(c);
+			return th_bail(c);
 		rc = run_post(c, &x[k], &req[k]);
 		if (rc != COMM_OK) {
 			fprintf(stderr, "rank %d: posting op %d: %s\n", r, k, comm_result_name(rc));
-			return bail(c);
+			return th_bail(c);
 		}
 	}
 	if (how != BY_TEST) {
@@ -792,7 +754,7 @@ static int rank_outstanding(int r, int n, void *arg)
 			if (rc != COMM_OK) {
 				fprintf(stderr, "rank %d: comm_wait op %d: %s\n", r, k,
 					comm_result_name(rc));
-				return bail(c);
+				return th_bail(c);
 			}
 		}
 	} else {
@@ -809,7 +771,7 @@ static int rank_outstanding(int r, int n, void *arg)
 				if (rc != COMM_OK) {
 					fprintf(stderr, "rank %d: comm_test op %d: %s\n", r, k,
 						comm_result_name(rc));
-					return bail(c);
+					return th_bail(c);
 				}
 				if (done) {
 					req[k] = NULL;
@@ -827,7 +789,7 @@ static int rank_outstanding(int r, int n, void *arg)
 	}
 	free(x);
 	free(t);
-	return leave(c, r) | bad;
+	return th_leave(c, r) | bad;
 }
 
 /*
@@ -844,16 +806,16 @@ static int rank_timeout(int r, int n, void *arg)
 	comm_result_t rc;
 	comm_t *c;
 
-	if (join(&c, r, n) < 0)
+	if (th_join(&c, r, n) < 0)
 		return 1;
 	if (run_setup(c, &x, &t, 77, r, n) < 0)
-		return bail(c);
+		return th_bail(c);
 	while (r != 0 && !__atomic_load_n(posted, __ATOMIC_ACQUIRE))
 		usleep(1000);
 	rc = run_post(c, &x, &req);
 	if (rc != COMM_OK) {
 		fprintf(stderr, "rank %d: posting: %s\n", r, comm_result_name(rc));
-		return bail(c);
+		return th_bail(c);
 	}
 	for (int ms = 0; r == 0 && req && ms <= 50; ms += 50) {
 		rc = comm_wait(req, ms);
@@ -882,12 +844,12 @@ static int rank_timeout(int r, int n, void *arg)
 		rc = comm_wait(req, -1);
 		if (rc != COMM_OK) {
 			fprintf(stderr, "rank %d: comm_wait: %s\n", r, comm_result_name(rc));
-			return bail(c);
+			return th_bail(c);
 		}
 	}
 	bad |= run_check(&x);
 	run_free(c, &x);
-	return leave(c, r) | bad;
+	return th_leave(c, r) | bad;
 }
 
 static void test_outstanding(const struct th_daemon *d)
@@ -930,7 +892,7 @@ static int rank_iters(int r, int n, void *arg)
 	comm_t *c;
 	int bad = 0;
 
-	if (join(&c, r, n) < 0)
+	if (th_join(&c, r, n) < 0)
 		return 1;
 	for (int it = 0; it < a->iters; it++) {
 		struct tcase t = { AR, dtypes[it % 4], redops[it % 5], 1 + (size_t)it * 7919 % 3000,
@@ -938,10 +900,10 @@ static int rank_iters(int r, int n, void *arg)
 		int rc = run_one(c, &t, a->salt + (uint32_t)it, r, n);
 
 		if (rc < 0)
-			return bail(c);
+			return th_bail(c);
 		bad |= rc;
 	}
-	return leave(c, r) | bad;
+	return th_leave(c, r) | bad;
 }
 
 static void test_two_jobs(const struct th_daemon *d)
@@ -1074,7 +1036,7 @@ static int rank_mem(int r, int n, void *arg)
 	comm_t *c;
 	int bad = 0, local;
 
-	if (join(&c, r, n) < 0)
+	if (th_join(&c, r, n) < 0)
 		return 1;
 	for (int round = 0; round < 2; round++) {
 		for (int i = 0; i < NALLOC; i++) {
@@ -1084,7 +1046,7 @@ static int rank_mem(int r, int n, void *arg)
 			if (!b[i].p) {
 				fprintf(stderr, "rank %d: comm_mem_alloc(%zu): %s\n", r, b[i].len,
 					comm_last_error(c));
-				return bail(c);
+				return th_bail(c);
 			}
 			stamp(&b[i], 0);
 		}
@@ -1108,7 +1070,7 @@ static int rank_mem(int r, int n, void *arg)
 			int rc2 = block_op(c, &b[i], round * NALLOC + i, r, n);
 
 			if (rc2 < 0)
-				return bail(c);
+				return th_bail(c);
 			bad |= rc2;
 			stamp(&b[i], 0);
 		}
@@ -1140,7 +1102,7 @@ static int rank_mem(int r, int n, void *arg)
 	if (rc != COMM_ERR_INVALID_ARG)
 		fprintf(stderr, "rank %d: comm_mem_free twice: %s\n", r, comm_result_name(rc));
 	bad |= free_all(c, b, &s, r);
-	return leave(c, r) | bad;
+	return th_leave(c, r) | bad;
 }
 
 static void test_mem(const struct th_daemon *d)
@@ -1189,12 +1151,12 @@ static int rank_args(int r, int n, void *arg)
 	comm_t *c;
 	int bad = 0, done;
 
-	if (join(&c, r, n) < 0)
+	if (th_join(&c, r, n) < 0)
 		return 1;
 	s = comm_mem_alloc(c, 64 * sizeof *s);
 	d = comm_mem_alloc(c, 64 * sizeof *d);
 	if (!s || !d)
-		return bail(c);
+		return th_bail(c);
 	memset(s, 0, 64 * sizeof *s);
 	/* a different number of refused calls on each rank: none reaches the job */
 	for (int rep = 0; rep <= r; rep++) {
@@ -1228,10 +1190,10 @@ static int rank_args(int r, int n, void *arg)
 		int rc = run_one(c, &after[i], 7000 + (uint32_t)i, r, n);
 
 		if (rc < 0)
-			return bail(c);
+			return th_bail(c);
 		bad |= rc;
 	}
-	return leave(c, r) | bad;
+	return th_leave(c, r) | bad;
 }
 
 static void test_args(const struct th_daemon *d)

@@ -20,7 +20,6 @@
 #define CANARY (64u << 10)   /* comm_mem_alloc block next to a staging block */
 #define POISON 0xa5
 #define CANARY_BYTE 0x5a
-#define WATCHDOG_S 120       /* a case that hangs kills its rank (SIGALRM) */
 #define EVERY_ROOT -1
 
 /*
@@ -646,7 +645,7 @@ static int run_case(comm_t *c, const struct tcase *t, uint32_t seed, int r, int 
 		comm_result_t rc;
 		char what[200];
 
-		alarm(WATCHDOG_S);
+		alarm(TH_WATCHDOG_S);
 		if (run_setup(c, &x, t, seed + (uint32_t)root * 7919, r, n, root) < 0) {
 			run_free(c, &x);
 			return -1;
@@ -665,36 +664,6 @@ static int run_case(comm_t *c, const struct tcase *t, uint32_t seed, int r, int 
 	return bad;
 }
 
-static int join(comm_t **c, int r, int n)
-{
-	comm_result_t rc;
-
-	alarm(WATCHDOG_S);
-	rc = comm_init(c, NULL);
-	if (rc != COMM_OK) {
-		fprintf(stderr, "rank %d: comm_init: %s\n", r, comm_result_name(rc));
-		return -1;
-	}
-	if (comm_rank(*c) != r || comm_size(*c) != n) {
-		fprintf(stderr, "rank %d: comm_rank %d, comm_size %d, expected %d of %d\n", r,
-			comm_rank(*c), comm_size(*c), r, n);
-		comm_abort(*c);
-		return -1;
-	}
-	return 0;
-}
-
-static int leave(comm_t *c, int r)
-{
-	comm_result_t rc = comm_finalize(c);
-
-	if (rc != COMM_OK) {
-		fprintf(stderr, "rank %d: comm_finalize: %s\n", r, comm_result_name(rc));
-		return 1;
-	}
-	return 0;
-}
-
 /* --- plans: lists of cases run by one job -------------------------------- */
 
 static int rank_plan(int r, int n, void *arg)
@@ -703,7 +672,7 @@ static int rank_plan(int r, int n, void *arg)
 	comm_t *c;
 	int bad = 0;
 
-	if (join(&c, r, n) < 0)
+	if (th_join(&c, r, n) < 0)
 		return 1;
 	for (int i = 0; i < p->n; i++) {
 		int rc = run_case(c, &p->cases[i], p->seed + (uint32_t)i * 131, r, n);
@@ -718,7 +687,7 @@ static int rank_plan(int r, int n, void *arg)
 		__atomic_fetch_add(&p->ran[i], 1, __ATOMIC_RELAXED);
 		bad |= rc;
 	}
-	return leave(c, r) | bad;
+	return th_leave(c, r) | bad;
 }
 
 static void add(struct plan *p, enum kind k, comm_dtype_t dt, comm_redop_t op, size_t count,

@@ -18,7 +18,6 @@
 #define BIG 1000003          /* the large count: worker threads */
 #define GUARD 64             /* poisoned bytes after every buffer */
 #define POISON 0xa5
-#define WATCHDOG_S 120       /* a rank that hangs dies of SIGALRM */
 #define NOUT 300             /* outstanding requests per rank */
 
 static const comm_dtype_t dtypes[] = { COMM_INT8,    COMM_UINT8,    COMM_INT32,   COMM_UINT32,
@@ -144,43 +143,6 @@ static int buf_check(const struct buf *b, uint64_t seed, int r, const char *what
 
 /* --- joining, leaving, results --------------------------------------------- */
 
-static int join(comm_t **c, int r, int n)
-{
-	comm_result_t rc;
-
-	alarm(WATCHDOG_S);
-	rc = comm_init(c, NULL);
-	if (rc != COMM_OK) {
-		fprintf(stderr, "rank %d: comm_init: %s\n", r, comm_result_name(rc));
-		return -1;
-	}
-	if (comm_rank(*c) != r || comm_size(*c) != n) {
-		fprintf(stderr, "rank %d: comm_rank %d, comm_size %d, expected %d of %d\n", r,
-			comm_rank(*c), comm_size(*c), r, n);
-		comm_abort(*c);
-		return -1;
-	}
-	return 0;
-}
-
-static int leave(comm_t *c, int r)
-{
-	comm_result_t rc = comm_finalize(c);
-
-	if (rc != COMM_OK) {
-		fprintf(stderr, "rank %d: comm_finalize: %s\n", r, comm_result_name(rc));
-		return 1;
-	}
-	return 0;
-}
-
-/* Stop after an op failed on this rank: the others' ops then fail too. */
-static int bail(comm_t *c)
-{
-	comm_abort(c);
-	return 1;
-}
-
 /* Whether rc is want; prints what happened otherwise. */
 static int want_rc(comm_t *c, int r, const char *what, comm_result_t rc, comm_result_t want)
 {
@@ -194,7 +156,7 @@ static int want_rc(comm_t *c, int r, const char *what, comm_result_t rc, comm_re
 #define OK_OR_BAIL(call)                                                       \
 	do {                                                                   \
 		if (!want_rc(c, r, #call, (call), COMM_OK))                    \
-			return bail(c);                                        \
+			return th_bail(c);                                        \
 	} while (0)
 
 static int next_job;
@@ -349,7 +311,7 @@ static int rank_order(int r, int n, void *arg)
 	comm_t *c;
 	int bad = 0;
 
-	if (join(&c, r, n) < 0)
+	if (th_join(&c, r, n) < 0)
 		return 1;
 	for (int round = 0; round < 2; round++) {
 		int async = round == 0 ? r == 0 : r == 1;
@@ -359,7 +321,7 @@ static int rank_order(int r, int n, void *arg)
 
 			/* zero-copy and staged on either side */
 			if (buf_get(c, &b[k], bytes, (k + r + round) % 2, r) < 0)
-				return bail(c);
+				return th_bail(c);
 			if (r == 0)
 				fill(b[k].p, bytes, msg_seed(round, 0, 1, k));
 			if (!async) {
@@ -392,7 +354,7 @@ static int rank_order(int r, int n, void *arg)
 		for (int k = 0; k < NMSG; k++)
 			buf_put(c, &b[k]);
 	}
-	return leave(c, r) | bad;
+	return th_leave(c, r) | bad;
 }
 
 /* --- mismatched sizes ------------------------------------------------------ */
@@ -432,10 +394,10 @@ static int rank_mismatch(int r, int n, void *arg)
 	comm_t *c;
 	int bad = 0, ar;
 
-	if (join(&c, r, n) < 0)
+	if (th_join(&c, r, n) < 0)
 		return 1;
 	if (buf_get(c, &b, 64, 1, r) < 0)
-		return bail(c);
+		return th_bail(c);
 	/* 4 int32 sent, 8 expected: both fail; rank 2 is not involved */
 	if (r == 0) {
 		rc = comm_send(c, b.p, 4, COMM_INT32, 1, NULL);
@@ -457,7 +419,7 @@ static int rank_mismatch(int r, int n, void *arg)
 	}
 	ar = check_allreduce(c, r, n, 11, "a mismatched send/recv");
 	if (ar < 0)
-		return bail(c);
+		return th_bail(c);
 	bad |= ar;
 	/* the same bytes in another dtype match: 4 int64 against 8 int32 */
 	if (r == 0) {
@@ -475,10 +437,10 @@ static int rank_mismatch(int r, int n, void *arg)
 	}
 	ar = check_allreduce(c, r, n, 12, "the matching send/recv");
 	if (ar < 0)
-		return bail(c);
+		return th_bail(c);
 	bad |= ar;
 	buf_put(c, &b);
-	return leave(c, r) | bad;
+	return th_leave(c, r) | bad;
 }
 
 /* --- send to self ---------------------------------------------------------- */
@@ -489,7 +451,7 @@ static int rank_self(int r, int n, void *arg)
 	comm_t *c;
 	int bad = 0;
 
-	if (join(&c, r, n) < 0)
+	if (th_join(&c, r, n) < 0)
 		return 1;
 	for (int round = 0; round < 4; round++) {
 		size_t count = round < 2 ? 1000 : BIG;
@@ -498,7 +460,7 @@ static int rank_self(int r, int n, void *arg)
 		for (int k = 0; k < 2; k++) {
 			if (buf_get(c, &s[k], (count + (size_t)k) * 4, zc, r) < 0 ||
 			    buf_get(c, &d[k], (count + (size_t)k) * 4, !zc, r) < 0)
-				return bail(c);
+				return th_bail(c);
 			fill(s[k].p, s[k].len, msg_seed(10 + round, r, r, k));
 		}
 		/* two messages to self: the first send pairs with the first recv */
@@ -526,7 +488,7 @@ static int rank_self(int r, int n, void *arg)
 			buf_put(c, &d[k]);
 		}
 	}
-	return leave(c, r) | bad;
+	return th_leave(c, r) | bad;
 }
 
 /* --- rings in groups --------------------------------------------------------- */
@@ -539,7 +501,7 @@ static int rank_ring(int r, int n, void *arg)
 	int next = (r + 1) % n, prev = (r + n - 1) % n, bad = 0;
 	comm_t *c;
 
-	if (join(&c, r, n) < 0)
+	if (th_join(&c, r, n) < 0)
 		return 1;
 	for (int round = 0; round < RING_ROUNDS + RING_ASYNC_ROUNDS; round++) {
 		comm_dtype_t dt = dtypes[round % NDT];
@@ -551,7 +513,7 @@ static int rank_ring(int r, int n, void *arg)
 
 		if (buf_get(c, &s, count * es, round % 2, r) < 0 ||
 		    buf_get(c, &d, count * es, round % 3 != 0, r) < 0)
-			return bail(c);
+			return th_bail(c);
 		fill(s.p, s.len, msg_seed(20, r, next, round));
 		OK_OR_BAIL(comm_group_start(c));
 		if (round % 4 == 1) {
@@ -573,7 +535,7 @@ static int rank_ring(int r, int n, void *arg)
 		buf_put(c, &s);
 		buf_put(c, &d);
 	}
-	return leave(c, r) | bad;
+	return th_leave(c, r) | bad;
 }
 
 /* --- blocking exchange without groups ---------------------------------------- */
@@ -583,7 +545,7 @@ static int rank_exchange(int r, int n, void *arg)
 	int peer = r % 2 ? r - 1 : r + 1, bad = 0;
 	comm_t *c;
 
-	if (join(&c, r, n) < 0)
+	if (th_join(&c, r, n) < 0)
 		return 1;
 	for (int round = 0; round < 50; round++) {
 		size_t count = (size_t)round * 1237 % 20000;
@@ -592,7 +554,7 @@ static int rank_exchange(int r, int n, void *arg)
 
 		if (buf_get(c, &s, count * 8, round % 2, r) < 0 ||
 		    buf_get(c, &d, count * 8, round % 3 == 0, r) < 0)
-			return bail(c);
+			return th_bail(c);
 		fill(s.p, s.len, msg_seed(30, r, peer, round));
 		if (r % 2 == 0) {
 			OK_OR_BAIL(comm_send(c, s.p, count, COMM_UINT64, peer, NULL));
@@ -606,7 +568,7 @@ static int rank_exchange(int r, int n, void *arg)
 		buf_put(c, &s);
 		buf_put(c, &d);
 	}
-	return leave(c, r) | bad;
+	return th_leave(c, r) | bad;
 }
 
 /* --- large messages ------------------------------------------------------------ */
@@ -618,7 +580,7 @@ static int rank_large(int r, int n, void *arg)
 	int peer = 1 - r, bad = 0;
 	comm_t *c;
 
-	if (join(&c, r, n) < 0)
+	if (th_join(&c, r, n) < 0)
 		return 1;
 	for (int m = 0; m < 4; m++) {
 		struct buf s, d;
@@ -626,7 +588,7 @@ static int rank_large(int r, int n, void *arg)
 
 		if (buf_get(c, &s, (size_t)BIG * 8, m == 0 || m == 2, r) < 0 ||
 		    buf_get(c, &d, (size_t)BIG * 8, m == 0 || m == 3, r) < 0)
-			return bail(c);
+			return th_bail(c);
 		/* one way, blocking */
 		fill(s.p, s.len, msg_seed(40 + m, 0, 1, 0));
 		if (r == 0) {
@@ -649,7 +611,7 @@ static int rank_large(int r, int n, void *arg)
 		buf_put(c, &s);
 		buf_put(c, &d);
 	}
-	return leave(c, r) | bad;
+	return th_leave(c, r) | bad;
 }
 
 /* --- barrier ------------------------------------------------------------------- */
@@ -667,7 +629,7 @@ static int rank_barrier(int r, int n, void *arg)
 	struct stamps *st = arg;
 	comm_t *c;
 
-	if (join(&c, r, n) < 0)
+	if (th_join(&c, r, n) < 0)
 		return 1;
 	for (int round = 0; round < BARRIER_ROUNDS; round++) {
 		comm_request_t *req = NULL;
@@ -683,7 +645,7 @@ static int rank_barrier(int r, int n, void *arg)
 		}
 		st->leave[round][r] = now_ns();
 	}
-	return leave(c, r);
+	return th_leave(c, r);
 }
 
 static void test_barrier(const struct th_daemon *d, int n)
@@ -735,12 +697,12 @@ static int rank_behind(int r, int n, void *arg)
 	comm_t *c;
 
 	setenv("COMM_TIMEOUT", "5000", 1);
-	if (join(&c, r, n) < 0)
+	if (th_join(&c, r, n) < 0)
 		return 1;
 	if (buf_get(c, &s, (size_t)BIG * 4, 1, r) < 0 ||
 	    buf_get(c, &d, (size_t)BIG * 4, 1, r) < 0 || buf_get(c, &s2, 7 * 4, 1, r) < 0 ||
 	    buf_get(c, &d2, 7 * 4, 1, r) < 0)
-		return bail(c);
+		return th_bail(c);
 	if (variant == 0) {
 		for (size_t i = 0; i < BIG; i++)
 			enc(COMM_FLOAT32, val(COMM_FLOAT32, 81, r, i), s.p + 4 * i);
@@ -773,7 +735,7 @@ static int rank_behind(int r, int n, void *arg)
 	buf_put(c, &d);
 	buf_put(c, &s2);
 	buf_put(c, &d2);
-	return leave(c, r) | bad;
+	return th_leave(c, r) | bad;
 }
 
 /* --- a group on one side, requests on the other ---------------------------------- */
@@ -799,11 +761,11 @@ static int rank_one_sided(int r, int n, void *arg)
 	int bad = 0;
 
 	setenv("COMM_TIMEOUT", "5000", 1);
-	if (join(&c, r, n) < 0)
+	if (th_join(&c, r, n) < 0)
 		return 1;
 	for (int k = 0; k < NMSG; k++) {
 		if (buf_get(c, &b[k], (size_t)(1 + 100 * k) * 4, 1, r) < 0)
-			return bail(c);
+			return th_bail(c);
 		if (r == 0)
 			fill(b[k].p, b[k].len, msg_seed(95, 0, 1, k));
 	}
@@ -843,7 +805,7 @@ static int rank_one_sided(int r, int n, void *arg)
 			bad |= buf_check(&b[k], msg_seed(95, 0, 1, k), r, what);
 		buf_put(c, &b[k]);
 	}
-	return leave(c, r) | bad;
+	return th_leave(c, r) | bad;
 }
 
 /* --- every op interleaved -------------------------------------------------------- */
@@ -1090,7 +1052,7 @@ static int rank_mixed(int r, int n, void *arg)
 	comm_t *c;
 
 	setenv("COMM_TIMEOUT", "15000", 1); /* every op here is small: fail fast on a hang */
-	if (join(&c, r, n) < 0)
+	if (th_join(&c, r, n) < 0)
 		return 1;
 	for (int it = 0; it < MIXED_ITERS + MIXED_WINDOW && !bad; it++) {
 		struct mrun now, *x;
@@ -1103,7 +1065,7 @@ static int rank_mixed(int r, int n, void *arg)
 			head = (head + 1) % MIXED_WINDOW;
 			nfly--;
 			if (rc < 0)
-				return bail(c);
+				return th_bail(c);
 			bad |= rc;
 		}
 		if (it >= MIXED_ITERS)
@@ -1111,17 +1073,17 @@ static int rank_mixed(int r, int n, void *arg)
 		m = draw(&s, n, it);
 		x = m.async ? &fly[(head + nfly) % MIXED_WINDOW] : &now;
 		if (mop_start(c, x, &m, r, n, it) < 0)
-			return bail(c);
+			return th_bail(c);
 		if (m.async) {
 			nfly++;
 			continue;
 		}
 		rc = mop_finish(c, x);
 		if (rc < 0)
-			return bail(c);
+			return th_bail(c);
 		bad |= rc;
 	}
-	return leave(c, r) | bad;
+	return th_leave(c, r) | bad;
 }
 
 /* --- many outstanding requests ------------------------------------------------ */
@@ -1208,14 +1170,14 @@ static int rank_outstanding(int r, int n, void *arg)
 	comm_t *c;
 	int bad = 0;
 
-	if (!o || join(&c, r, n) < 0)
+	if (!o || th_join(&c, r, n) < 0)
 		return 1;
 	for (int phase = 0; phase < 3; phase++) {
 		for (int k = 0; k < NOUT; k++) {
 			if (out_post(c, &o[k], k, phase, r) < 0) {
 				fprintf(stderr, "rank %d: phase %d: posting request %d: %s\n", r,
 					phase, k, comm_last_error(c));
-				return bail(c);
+				return th_bail(c);
 			}
 		}
 		if (phase == 0) {
@@ -1249,7 +1211,7 @@ static int rank_outstanding(int r, int n, void *arg)
 		}
 	}
 	free(o);
-	return leave(c, r) | bad;
+	return th_leave(c, r) | bad;
 }
 
 /* --- bad arguments ------------------------------------------------------------- */
@@ -1269,7 +1231,7 @@ static int rank_outstanding(int r, int n, void *arg)
 	do {                                                                   \
 		int ar_ = check_allreduce(c, r, n, (uint64_t)__LINE__, after); \
 		if (ar_ < 0)                                                   \
-			return bail(c);                                        \
+			return th_bail(c);                                        \
 		bad |= ar_;                                                    \
 	} while (0)
 
@@ -1280,12 +1242,12 @@ static int rank_invalid(int r, int n, void *arg)
 	comm_t *c;
 	int bad = 0;
 
-	if (join(&c, r, n) < 0)
+	if (th_join(&c, r, n) < 0)
 		return 1;
 	s = comm_mem_alloc(c, 4096);
 	d = comm_mem_alloc(c, 4096);
 	if (!s || !d)
-		return bail(c);
+		return th_bail(c);
 	memset(s, 0, 4096);
 	/* the same bad root on every rank: every rank is told */
 	WANT_INVALID(comm_broadcast(c, s, d, 4, COMM_INT32, n, NULL));
@@ -1342,7 +1304,7 @@ static int rank_invalid(int r, int n, void *arg)
 	THEN_ALLREDUCE("counts that overflow");
 	comm_mem_free(c, s);
 	comm_mem_free(c, d);
-	return leave(c, r) | bad;
+	return th_leave(c, r) | bad;
 }
 
 /* --- a rank that leaves early ---------------------------------------------------- */
@@ -1363,7 +1325,7 @@ static int rank_early_leave(int r, int n, void *arg)
 	comm_t *c;
 	int bad = 0, peer = 3 - r;
 
-	if (join(&c, r, n) < 0)
+	if (th_join(&c, r, n) < 0)
 		return 1;
 	if (r == 0) {
 		while (e->pending && __atomic_load_n(&e->posted, __ATOMIC_ACQUIRE) < 2)
@@ -1375,7 +1337,7 @@ static int rank_early_leave(int r, int n, void *arg)
 		return !want_rc(NULL, r, "comm_finalize", rc, COMM_OK);
 	}
 	if (buf_get(c, &s, 64, 1, r) < 0 || buf_get(c, &d, 64, 1, r) < 0)
-		return bail(c);
+		return th_bail(c);
 	if (e->pending) {
 		OK_OR_BAIL(comm_allreduce(c, s.p, d.p, 4, COMM_FLOAT32, COMM_SUM, &req));
 		__atomic_fetch_add(&e->posted, 1, __ATOMIC_RELEASE);
@@ -1395,7 +1357,7 @@ static int rank_early_leave(int r, int n, void *arg)
 		char what[64];
 
 		if (buf_get(c, &s, count * 4, k % 2, r) < 0 || buf_get(c, &d, count * 4, 1, r) < 0)
-			return bail(c);
+			return th_bail(c);
 		fill(s.p, s.len, msg_seed(60, r, peer, k));
 		if ((r == 1) == (k % 2 == 0)) {
 			OK_OR_BAIL(comm_send(c, s.p, count, COMM_UINT32, peer, NULL));
@@ -1410,7 +1372,7 @@ static int rank_early_leave(int r, int n, void *arg)
 		buf_put(c, &d);
 	}
 	if (buf_get(c, &s, 64, 1, r) < 0 || buf_get(c, &d, 64, 1, r) < 0)
-		return bail(c);
+		return th_bail(c);
 	/* anything that needs rank 0 fails, and does not hang */
 	rc = comm_allreduce(c, s.p, d.p, 4, COMM_FLOAT32, COMM_SUM, NULL);
 	bad |= !want_rc(c, r, "all-reduce after rank 0 left", rc, COMM_ERR_PEER_LOST);
@@ -1427,7 +1389,7 @@ static int rank_early_leave(int r, int n, void *arg)
 	bad |= buf_check(&d, msg_seed(61, peer, r, 0), r, "a group exchange after the failures");
 	buf_put(c, &s);
 	buf_put(c, &d);
-	return leave(c, r) | bad;
+	return th_leave(c, r) | bad;
 }
 
 /* --- comm_wait inside a group ---------------------------------------------------- */
@@ -1440,11 +1402,11 @@ static int rank_group_wait(int r, int n, void *arg)
 	comm_t *c;
 	int bad = 0, done = -1;
 
-	if (join(&c, r, n) < 0)
+	if (th_join(&c, r, n) < 0)
 		return 1;
 	if (buf_get(c, &b, 400, r, r) < 0 || buf_get(c, &s, 28, 1, r) < 0 ||
 	    buf_get(c, &d, 28, 1, r) < 0)
-		return bail(c);
+		return th_bail(c);
 	if (r == 0)
 		fill(b.p, b.len, msg_seed(70, 0, 1, 0));
 	for (size_t i = 0; i < 7; i++)
@@ -1479,7 +1441,7 @@ static int rank_group_wait(int r, int n, void *arg)
 	buf_put(c, &b);
 	buf_put(c, &s);
 	buf_put(c, &d);
-	return leave(c, r) | bad;
+	return th_leave(c, r) | bad;
 }
 
 /*
@@ -1494,7 +1456,7 @@ static int rank_big_group(int r, int n, void *arg)
 	comm_t *c;
 	int bad = 0;
 
-	if (!out || !in || join(&c, r, n) < 0)
+	if (!out || !in || th_join(&c, r, n) < 0)
 		return 1;
 	for (int i = 0; i < BIG_GROUP; i++) {
 		out[i] = r * 100000 + i;
@@ -1514,7 +1476,7 @@ static int rank_big_group(int r, int n, void *arg)
 	}
 	free(out);
 	free(in);
-	return leave(c, r) | bad;
+	return th_leave(c, r) | bad;
 }
 
 /* comm_wait(req, 0) polled in a loop completes: it reads before it gives up. */
@@ -1525,7 +1487,7 @@ static int rank_wait_zero(int r, int n, void *arg)
 	comm_t *c;
 	int v = r + 1, polls = 0;
 
-	if (join(&c, r, n) < 0)
+	if (th_join(&c, r, n) < 0)
 		return 1;
 	OK_OR_BAIL(comm_allreduce(c, &v, &v, 1, COMM_INT32, COMM_SUM, &req));
 	while ((rc = comm_wait(req, 0)) == COMM_INPROGRESS && polls < 10000000)
@@ -1533,9 +1495,9 @@ static int rank_wait_zero(int r, int n, void *arg)
 	if (rc != COMM_OK || v != n * (n + 1) / 2) {
 		fprintf(stderr, "rank %d: comm_wait(req, 0) polled %d times: %s, v = %d\n", r, polls,
 			comm_result_name(rc), v);
-		return bail(c);
+		return th_bail(c);
 	}
-	return leave(c, r);
+	return th_leave(c, r);
 }
 
 int main(void)

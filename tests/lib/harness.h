@@ -7,6 +7,10 @@
 
 #include <sys/types.h>
 
+#include "comm.h"
+
+#define TH_WATCHDOG_S 120 /* a rank that hangs dies of SIGALRM */
+
 struct th_daemon {
 	char dir[128];
 	char sock[192];
@@ -47,6 +51,16 @@ int th_ranks_start(struct th_ranks *rs, const struct th_daemon *d, const char *j
 int th_ranks_wait(struct th_ranks *rs);
 /* Both of the above. */
 int th_run_ranks(const struct th_daemon *d, const char *job, int n, th_rank_fn fn, void *arg);
+
+/*
+ * In a rank: comm_init from the environment and check rank and size, with
+ * a watchdog alarm armed; 0, or -1 with the reason printed.
+ */
+int th_join(comm_t **c, int rank, int size);
+/* comm_finalize; 0, or 1 with the reason printed. */
+int th_leave(comm_t *c, int rank);
+/* Give up after an op failed on this rank (the others' ops then fail too); returns 1. */
+int th_bail(comm_t *c);
 
 /* Count the open fds of a process (from /proc/PID/fd). */
 int th_count_fds(pid_t pid);

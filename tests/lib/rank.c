@@ -1,0 +1,42 @@
+/* rank.c: what a test's rank process does to join, leave or give up. */
+#include <stdio.h>
+#include <unistd.h>
+
+#include "harness.h"
+
+int th_join(comm_t **c, int r, int n)
+{
+	comm_result_t rc;
+
+	alarm(TH_WATCHDOG_S);
+	rc = comm_init(c, NULL);
+	if (rc != COMM_OK) {
+		fprintf(stderr, "rank %d: comm_init: %s: %s\n", r, comm_result_name(rc),
+			comm_last_error(NULL));
+		return -1;
+	}
+	if (comm_rank(*c) != r || comm_size(*c) != n) {
+		fprintf(stderr, "rank %d: comm_rank %d, comm_size %d, expected %d of %d\n", r,
+			comm_rank(*c), comm_size(*c), r, n);
+		comm_abort(*c);
+		return -1;
+	}
+	return 0;
+}
+
+int th_leave(comm_t *c, int r)
+{
+	comm_result_t rc = comm_finalize(c);
+
+	if (rc != COMM_OK) {
+		fprintf(stderr, "rank %d: comm_finalize: %s\n", r, comm_result_name(rc));
+		return 1;
+	}
+	return 0;
+}
+
+int th_bail(comm_t *c)
+{
+	comm_abort(c);
+	return 1;
+}
