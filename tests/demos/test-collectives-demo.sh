@@ -4,19 +4,10 @@
 # spelling: tensor([...]) without a device), then broadcast, reduce,
 # all-to-all and barrier lines in the same style.
 set -u
-: "${COMMD:=./daemon/commd}" "${COMMRUN:=./client/commrun}" "${COMM_DEMOS:=./tests/demos}"
-dir=$(mktemp -d /tmp/commd-demo-XXXXXX)
-trap 'kill "$pid" 2>/dev/null; rm -rf "$dir"' EXIT
+. "$(dirname "$0")/../lib/daemon.sh"
+daemon_start commd-demo
 
-"$COMMD" --foreground --socket "$dir/commd.sock" 2>"$dir/commd.log" &
-pid=$!
-# ready when it answers commctl (connect + handshake), not after a fixed sleep
-until "${COMMCTL:-./client/commctl}" --socket "$dir/commd.sock" status >/dev/null 2>&1; do
-	kill -0 "$pid" 2>/dev/null || { echo "FAIL: commd exited"; cat "$dir/commd.log"; exit 1; }
-	sleep 0.02
-done
-
-if ! "$COMMRUN" -n 4 --socket "$dir/commd.sock" "$COMM_DEMOS/collectives" >"$dir/out" 2>"$dir/err"; then
+if ! "$COMMRUN" -n 4 --socket "$sock" "$COMM_DEMOS/collectives" >"$dir/out" 2>"$dir/err"; then
 	echo "FAIL: the demo failed"; cat "$dir/err" "$dir/commd.log"; exit 1
 fi
 cat >"$dir/want" <<'WANT'
@@ -70,7 +61,5 @@ if ! diff <(sort "$dir/want") <(sort "$dir/out"); then
 	echo "FAIL: output differs from the reference lines"; exit 1
 fi
 cat "$dir/out"
-kill -TERM "$pid"
-if ! wait "$pid"; then echo "FAIL: commd did not exit cleanly"; cat "$dir/commd.log"; exit 1; fi
-if grep -q " error: " "$dir/commd.log"; then echo "FAIL: commd logged errors"; cat "$dir/commd.log"; exit 1; fi
+daemon_stop
 echo "ok: the reference collectives, exactly"

@@ -3,21 +3,13 @@
 # under `commrun -n 4` against a real commd: each exits 0 (it checks its own
 # numbers against the unsplit model) and prints the reference's lines.
 set -u
-: "${COMMD:=./daemon/commd}" "${COMMRUN:=./client/commrun}" "${COMM_DEMOS:=./tests/demos}"
-dir=$(mktemp -d /tmp/commd-train-XXXXXX)
-trap 'kill "$pid" 2>/dev/null; rm -rf "$dir"' EXIT
-
-"$COMMD" --foreground --socket "$dir/commd.sock" 2>"$dir/commd.log" &
-pid=$!
-until "${COMMCTL:-./client/commctl}" --socket "$dir/commd.sock" status >/dev/null 2>&1; do
-	kill -0 "$pid" 2>/dev/null || { echo "FAIL: commd exited"; cat "$dir/commd.log"; exit 1; }
-	sleep 0.02
-done
+. "$(dirname "$0")/../lib/daemon.sh"
+daemon_start commd-train
 
 # run NAME: the demo's stdout in $dir/NAME.out; fails the test if it fails
 run() {
 	local start=$SECONDS
-	if ! "$COMMRUN" -n 4 --socket "$dir/commd.sock" "$COMM_DEMOS/$1" \
+	if ! "$COMMRUN" -n 4 --socket "$sock" "$COMM_DEMOS/$1" \
 		>"$dir/$1.out" 2>"$dir/$1.err"; then
 		echo "FAIL: $1 failed"; cat "$dir/$1.out" "$dir/$1.err" "$dir/commd.log"; exit 1
 	fi
@@ -88,7 +80,5 @@ done
 expect "$out" 1 \
 	"^\[pipeline_parallelism\] Rank 3: pipeline produced outputs 128x1024\[$sum\$"
 
-kill -TERM "$pid"
-if ! wait "$pid"; then echo "FAIL: commd did not exit cleanly"; cat "$dir/commd.log"; exit 1; fi
-if grep -q " error: " "$dir/commd.log"; then echo "FAIL: commd logged errors"; cat "$dir/commd.log"; exit 1; fi
+daemon_stop
 echo "ok: data, tensor and pipeline parallel training match the unsplit model"
