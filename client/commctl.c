@@ -22,6 +22,7 @@ static const struct {
 } commands[] = {
 	{ "status", ctl_status, "the daemon, its backends, its jobs and counters" },
 	{ "jobs", ctl_jobs, "one line per job: ranks, state, ops, bytes, errors" },
+	{ "topo", ctl_topo, "the node's GPUs and NICs and how they connect (nvidia-smi topo -m)" },
 };
 
 static void usage(FILE *f)

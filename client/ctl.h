@@ -19,5 +19,6 @@ void ctl_json_str(const char *s);
 
 int ctl_status(struct ctl *ctl, int argc, char **argv);
 int ctl_jobs(struct ctl *ctl, int argc, char **argv);
+int ctl_topo(struct ctl *ctl, int argc, char **argv);
 
 #endif

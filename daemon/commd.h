@@ -7,6 +7,7 @@
 #define DAEMON_COMMD_H
 
 #include <stdint.h>
+#include <stdio.h>
 #include <sys/queue.h>
 #include <sys/types.h>
 #include <uv.h>
@@ -70,6 +71,63 @@ int notify_send(const char *msg);
 
 /* Fill srv.gpu_info with a one-line description (or why there is none). */
 void gpu_probe(void);
+
+/* --- topo.c, topo-discover.c: the node's GPUs, NICs, NUMA nodes, PCIe tree --- */
+
+#define TOPO_MAX_GPUS 32        /* 64 devices: the reply stays well under a frame */
+#define TOPO_MAX_NICS 32
+#define TOPO_MAX_NUMA 64
+#define TOPO_MAX_DEVS (TOPO_MAX_GPUS + TOPO_MAX_NICS)
+#define TOPO_PATH_MAX 16     /* host bridge + bridges above a device */
+#define TOPO_BUS_LEN 13      /* "dddd:bb:dd.f" and its NUL */
+
+enum topo_kind { TOPO_GPU, TOPO_NIC };
+
+struct topo_dev {
+	enum topo_kind kind;
+	int index;
+	char name[128];
+	char bus[TOPO_BUS_LEN];
+	int numa;                          /* -1: unknown */
+	uint64_t memory;                   /* bytes; GPUs only, 0: unknown */
+	int npath;                         /* path[0] is the host bridge "dddd:bb" */
+	char path[TOPO_PATH_MAX][TOPO_BUS_LEN];
+};
+
+struct topo_numa {
+	int id;
+	char cpus[256];                    /* a cpulist: "0-31,64-95" */
+};
+
+struct topo {
+	int ngpus, nnics, nnuma;
+	struct topo_dev gpu[TOPO_MAX_GPUS];
+	struct topo_dev nic[TOPO_MAX_NICS];
+	struct topo_numa numa[TOPO_MAX_NUMA];
+	int nvlink[TOPO_MAX_GPUS][TOPO_MAX_GPUS]; /* bonded links between GPU pairs */
+	char source[256];                  /* "discovered" or "file PATH" */
+	char gpu_note[256];                /* why there is no GPU, or "" */
+};
+
+extern struct topo node_topo;
+
+/* Discover the node into t (never fails: what is not found is absent). */
+void topo_discover(struct topo *t);
+/*
+ * Load a topology file into t. On error returns -1 with a message naming
+ * the file and line in err.
+ */
+int topo_load(struct topo *t, const char *path, char *err, size_t errlen);
+/* Write t in the topology file format. */
+void topo_dump(const struct topo *t, FILE *f);
+/* Device i of the combined list: GPUs first, then NICs. */
+const struct topo_dev *topo_dev(const struct topo *t, int i);
+/* The relation of devices a and b (nvidia-smi's legend) into buf. */
+const char *topo_relation(const struct topo *t, int a, int b, char *buf, size_t len);
+/* The NUMA node's cpulist, or NULL when unknown. */
+const char *topo_numa_cpus(const struct topo *t, int numa);
+/* One line: "8 GPUs, 10 NICs, 2 NUMA nodes, NVLink yes". */
+void topo_summary(const struct topo *t, char *buf, size_t len);
 
 /* --- conn.c: one client connection ---------------------------------------- */
 
@@ -157,6 +215,7 @@ int req_op_exec(struct conn *c, const Commpb__Envelope *env, int *fds, int nfds)
 int req_leave_exec(struct conn *c, const Commpb__Envelope *env, int *fds, int nfds);
 int req_abort_exec(struct conn *c, const Commpb__Envelope *env, int *fds, int nfds);
 int req_status_exec(struct conn *c, const Commpb__Envelope *env, int *fds, int nfds);
+int req_topo_exec(struct conn *c, const Commpb__Envelope *env, int *fds, int nfds);
 
 /* --- mem.c: registered memory ----------------------------------------------- */
 

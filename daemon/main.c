@@ -18,13 +18,15 @@
 static void usage(FILE *f)
 {
 	fprintf(f, "usage: commd [--socket PATH] [--foreground] [--log-level LEVEL]\n"
-		   "             [--threads N] [--timeout MS]\n"
+		   "             [--threads N] [--timeout MS] [--topology FILE] [--dump-topology]\n"
 		   "  --socket PATH      listen on this Unix socket (default %s)\n"
 		   "  --foreground       stay in the foreground, log to stderr (default: daemonize\n"
 		   "                     and log to syslog)\n"
 		   "  --log-level LEVEL  error, warn, info (default) or debug\n"
 		   "  --threads N        worker threads for the host backend (default: cores)\n"
 		   "  --timeout MS       default op deadline for jobs (default 600000)\n"
+		   "  --topology FILE    read the node's topology from FILE instead of discovering it\n"
+		   "  --dump-topology    print the discovered topology in that format and exit\n"
 		   "  --version          print the version and exit\n",
 		   DEFAULT_SOCKET);
 }
@@ -46,14 +48,16 @@ int main(int argc, char **argv)
 		{ "log-level", required_argument, NULL, 'l' },
 		{ "threads", required_argument, NULL, 't' },
 		{ "timeout", required_argument, NULL, 'T' },
+		{ "topology", required_argument, NULL, 'O' },
+		{ "dump-topology", no_argument, NULL, 'D' },
 		{ "version", no_argument, NULL, 'V' },
 		{ "help", no_argument, NULL, 'h' },
 		{ NULL, 0, NULL, 0 },
 	};
-	const char *path = DEFAULT_SOCKET;
-	int foreground = 0, threads = (int)sysconf(_SC_NPROCESSORS_ONLN), opt, lvl;
+	const char *path = DEFAULT_SOCKET, *topo_file = NULL;
+	int dump_topo = 0, foreground = 0, threads = (int)sysconf(_SC_NPROCESSORS_ONLN), opt, lvl;
 	long timeout = DEFAULT_TIMEOUT_MS;
-	char status[512];
+	char status[512], err[512], summary[160];
 	uv_loop_t *loop = uv_default_loop();
 
 	while ((opt = getopt_long(argc, argv, "s:fl:t:T:Vh", opts, NULL)) != -1) {
@@ -86,6 +90,12 @@ int main(int argc, char **argv)
 				return 2;
 			}
 			break;
+		case 'O':
+			topo_file = optarg;
+			break;
+		case 'D':
+			dump_topo = 1;
+			break;
 		case 'V':
 			printf("commd %s (protocol %d..%d)\n", COMMD_VERSION, PROTO_VERSION_MIN,
 			       PROTO_VERSION);
@@ -104,6 +114,19 @@ int main(int argc, char **argv)
 	}
 	if (threads < 1)
 		threads = 1;
+	if (dump_topo) {
+		topo_discover(&node_topo);
+		topo_dump(&node_topo, stdout);
+		return fflush(stdout) == 0 ? 0 : 1;
+	}
+	if (topo_file) {
+		if (topo_load(&node_topo, topo_file, err, sizeof err) < 0) {
+			fprintf(stderr, "commd: %s\n", err);
+			return 1;
+		}
+	} else {
+		topo_discover(&node_topo);
+	}
 	if (!foreground) {
 		/* detached: no terminal, nothing of the caller's kept open; log to syslog */
 		if (daemon(0, 0) < 0) {
@@ -129,6 +152,8 @@ int main(int argc, char **argv)
 
 	log_info("commd %s: pid %d, socket %s, %d worker threads, gpu: %s", COMMD_VERSION,
 		 (int)getpid(), path, threads, srv.gpu_info);
+	topo_summary(&node_topo, summary, sizeof summary);
+	log_info("topology (%s): %s", node_topo.source, summary);
 	snprintf(status, sizeof status, "READY=1\nMAINPID=%d\nSTATUS=serving %s (host backend)",
 		 (int)getpid(), path);
 	notify_send(status);

@@ -14,6 +14,7 @@ int req_status_exec(struct conn *c, const Commpb__Envelope *env, int *fds, int n
 	Commpb__StatusReply sr = COMMPB__STATUS_REPLY__INIT;
 	Commpb__JobInfo *infos = NULL, **jobs = NULL;
 	char *backends[] = { "host" };
+	char topo[160];
 	size_t n = 0, i = 0;
 	struct job *j;
 	int rc;
@@ -67,6 +68,8 @@ int req_status_exec(struct conn *c, const Commpb__Envelope *env, int *fds, int n
 	sr.n_backends = ARRAY_SIZE(backends);
 	sr.backends = backends;
 	sr.gpu = srv.gpu_info;
+	topo_summary(&node_topo, topo, sizeof topo);
+	sr.topology = topo;
 	sr.n_jobs = n;
 	sr.jobs = jobs;
 	sr.connections = srv.nconns;

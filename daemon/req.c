@@ -26,6 +26,8 @@ static const struct req_type req_table[] = {
 	[B(ERROR)] = { "error", 0, 0, NULL },
 	[B(STATUS_REQUEST)] = { "status_request", REQ_F_ADMIN, 0, req_status_exec },
 	[B(STATUS_REPLY)] = { "status_reply", 0, 0, NULL },
+	[B(TOPO_REQUEST)] = { "topo_request", REQ_F_ADMIN, 0, req_topo_exec },
+	[B(TOPO_REPLY)] = { "topo_reply", 0, 0, NULL },
 };
 
 const struct req_type *req_find(unsigned body_case)

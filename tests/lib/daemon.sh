@@ -3,12 +3,13 @@
 : "${COMMD:=./daemon/commd}" "${COMMCTL:=./client/commctl}" "${COMMRUN:=./client/commrun}"
 : "${COMM_DEMOS:=./tests/demos}"
 
-# daemon_start PREFIX: sets $dir, $sock and $pid; removes $dir at exit
+# daemon_start PREFIX [COMMD ARGS]: sets $dir, $sock and $pid; removes $dir at exit
 daemon_start() {
 	dir=$(mktemp -d "/tmp/$1-XXXXXX")
+	shift
 	sock=$dir/commd.sock
 	trap 'kill "$pid" 2>/dev/null; rm -rf "$dir"' EXIT
-	"$COMMD" --foreground --socket "$sock" 2>"$dir/commd.log" &
+	"$COMMD" --foreground --socket "$sock" "$@" 2>"$dir/commd.log" &
 	pid=$!
 	until "$COMMCTL" --socket "$sock" status >/dev/null 2>&1; do
 		kill -0 "$pid" 2>/dev/null || { echo "FAIL: commd exited"; cat "$dir/commd.log"; exit 1; }
