@@ -128,6 +128,13 @@ const char *topo_relation(const struct topo *t, int a, int b, char *buf, size_t 
 const char *topo_numa_cpus(const struct topo *t, int numa);
 /* One line: "8 GPUs, 10 NICs, 2 NUMA nodes, NVLink yes". */
 void topo_summary(const struct topo *t, char *buf, size_t len);
+/*
+ * Put the n distinct GPUs of gpus (indices into t->gpu) into order[n] as a
+ * ring: NVLink neighbours adjacent first, then PCIe neighbours; the same
+ * input gives the same ring, starting at the lowest GPU. -1 when a GPU is
+ * unknown or repeated. For the engine's rings; no backend uses it yet.
+ */
+int topo_ring_order(const struct topo *t, const int *gpus, int n, int *order);
 
 /* --- conn.c: one client connection ---------------------------------------- */
 

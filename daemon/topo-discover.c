@@ -311,6 +311,11 @@ void topo_discover(struct topo *t)
 	snprintf(t->source, sizeof t->source, "discovered");
 #ifdef HAVE_HWLOC
 	if (hwloc_topology_init(&hw) == 0) {
+		/*
+		 * PCI from sysfs (hwloc's linux component), not through the
+		 * libpciaccess plugin, which leaks at every load.
+		 */
+		hwloc_topology_set_components(hw, HWLOC_TOPOLOGY_COMPONENTS_FLAG_BLACKLIST, "pci");
 		hwloc_topology_set_type_filter(hw, HWLOC_OBJ_BRIDGE, HWLOC_TYPE_FILTER_KEEP_ALL);
 		hwloc_topology_set_type_filter(hw, HWLOC_OBJ_PCI_DEVICE, HWLOC_TYPE_FILTER_KEEP_ALL);
 		if (hwloc_topology_load(hw) == 0) {

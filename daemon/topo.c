@@ -1,6 +1,7 @@
 /*
  * topo.c: the node's topology as commd knows it: the file format (load and
- * dump) and the relation between two devices, as nvidia-smi topo -m has it.
+ * dump), the relation between two devices, as nvidia-smi topo -m has it, and
+ * the order of GPUs in a ring.
  */
 #include <ctype.h>
 #include <errno.h>
@@ -30,15 +31,33 @@ const char *topo_numa_cpus(const struct topo *t, int numa)
 	return NULL;
 }
 
+/* PCIe relations, nearest first */
+enum { PCIE_PIX, PCIE_PXB, PCIE_PHB, PCIE_NODE, PCIE_SYS };
+static const char *const pcie_name[] = { "PIX", "PXB", "PHB", "NODE", "SYS" };
+
 /*
  * Through PCIe: different NUMA nodes: SYS; different host bridges: NODE;
  * meeting only at the host bridge: PHB; else below the bridge where the
  * paths part, at most two bridges in all (one switch): PIX, more: PXB.
  */
+static int pcie_relation(const struct topo_dev *x, const struct topo_dev *y)
+{
+	int k = 0;
+
+	if (x->numa != y->numa || x->numa < 0)
+		return PCIE_SYS;
+	if (!x->npath || !y->npath || strcmp(x->path[0], y->path[0]) != 0)
+		return PCIE_NODE;
+	while (k < x->npath && k < y->npath && strcmp(x->path[k], y->path[k]) == 0)
+		k++;
+	if (k == 1)
+		return PCIE_PHB;
+	return (x->npath - k) + (y->npath - k) <= 2 ? PCIE_PIX : PCIE_PXB;
+}
+
 const char *topo_relation(const struct topo *t, int a, int b, char *buf, size_t len)
 {
 	const struct topo_dev *x = topo_dev(t, a), *y = topo_dev(t, b);
-	int k = 0;
 
 	if (a == b)
 		return "X";
@@ -46,15 +65,78 @@ const char *topo_relation(const struct topo *t, int a, int b, char *buf, size_t 
 		snprintf(buf, len, "NV%d", t->nvlink[x->index][y->index]);
 		return buf;
 	}
-	if (x->numa != y->numa || x->numa < 0)
-		return "SYS";
-	if (!x->npath || !y->npath || strcmp(x->path[0], y->path[0]) != 0)
-		return "NODE";
-	while (k < x->npath && k < y->npath && strcmp(x->path[k], y->path[k]) == 0)
-		k++;
-	if (k == 1)
-		return "PHB";
-	return (x->npath - k) + (y->npath - k) <= 2 ? "PIX" : "PXB";
+	return pcie_name[pcie_relation(x, y)];
+}
+
+/*
+ * How good it is for GPUs a and b to be ring neighbours: the NVLinks between
+ * them first, then PCIe nearness. A ring's sum of these compares the same
+ * way, NVLinks first, as the PCIe part of a ring of 32 stays under 1024.
+ */
+static int ring_link(const struct topo *t, int a, int b)
+{
+	return t->nvlink[a][b] * 1024 + (PCIE_SYS - pcie_relation(&t->gpu[a], &t->gpu[b]));
+}
+
+static void reverse(int *order, int i, int j)
+{
+	for (; i < j; i++, j--) {
+		int g = order[i];
+
+		order[i] = order[j];
+		order[j] = g;
+	}
+}
+
+/*
+ * A ring is better with more NVLinks along it, then with nearer PCIe links
+ * (PIX, PXB, PHB, NODE, SYS). Greedy from the lowest GPU: each next GPU is
+ * the best linked to the last of those left (ties: the lowest index). Then
+ * 2-opt: reverse the stretch order[i..j] (i >= 1, so the ring still starts
+ * at the lowest GPU) wherever that makes the ring strictly better, the first
+ * such (i, j) in order, until none does.
+ */
+int topo_ring_order(const struct topo *t, const int *gpus, int n, int *order)
+{
+	int left[TOPO_MAX_GPUS] = { 0 };
+
+	if (n < 1 || n > t->ngpus)
+		return -1;
+	for (int i = 0; i < n; i++) {
+		if (gpus[i] < 0 || gpus[i] >= t->ngpus || left[gpus[i]])
+			return -1;
+		left[gpus[i]] = 1;
+	}
+	order[0] = -1;
+	for (int g = 0; g < t->ngpus && order[0] < 0; g++)
+		if (left[g])
+			order[0] = g;
+	left[order[0]] = 0;
+	for (int i = 1; i < n; i++) {
+		int best = -1;
+
+		for (int g = 0; g < t->ngpus; g++)
+			if (left[g] && (best < 0 || ring_link(t, order[i - 1], g) >
+							    ring_link(t, order[i - 1], best)))
+				best = g;
+		order[i] = best;
+		left[best] = 0;
+	}
+	for (int better = 1; better;) {
+		better = 0;
+		for (int i = 1; i < n - 1 && !better; i++)
+			for (int j = i + 1; j < n && !better; j++) {
+				/* the reversal swaps two links of the ring for two others */
+				int a = order[i - 1], b = order[i], c = order[j], d = order[(j + 1) % n];
+
+				if (ring_link(t, a, c) + ring_link(t, b, d) >
+				    ring_link(t, a, b) + ring_link(t, c, d)) {
+					reverse(order, i, j);
+					better = 1;
+				}
+			}
+	}
+	return 0;
 }
 
 void topo_summary(const struct topo *t, char *buf, size_t len)
@@ -316,10 +398,15 @@ int topo_load(struct topo *t, const char *path, char *err, size_t errlen)
 		size_t len = strlen(line);
 
 		lineno++;
-		if (len && line[len - 1] == '\n')
+		if (len && line[len - 1] == '\n') {
 			line[--len] = '\0';
-		else if (!feof(f)) {
+		} else if (!feof(f)) {
 			snprintf(err, errlen, "topology %s:%d: line too long", path, lineno);
+			goto out;
+		} else {
+			/* a cut line may still parse ("nvlink 0 1 1" of "... 18"): refuse it */
+			snprintf(err, errlen, "topology %s:%d: file ends inside the line (truncated?)",
+				 path, lineno);
 			goto out;
 		}
 		n = tokenize(line, tok, MAX_TOKENS);

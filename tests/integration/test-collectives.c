@@ -14,12 +14,9 @@
 #include "check.h"
 #include "comm.h"
 #include "harness.h"
+#include "ref.h"
 
 #define BIG 1000003          /* the large count: threads, parts and chunks */
-#define GUARD 64             /* poisoned bytes after every buffer */
-#define CANARY (64u << 10)   /* comm_mem_alloc block next to a staging block */
-#define POISON 0xa5
-#define CANARY_BYTE 0x5a
 #define NREQ 64
 
 /*
@@ -27,7 +24,7 @@
  * SUM, PROD, MIN and MAX below is exact in every type and must match bit for
  * bit. Float AVG may round in the division: within 1e-6 relative (absolute
  * below 1). Integer AVG truncates toward zero (C division of the sum); the
- * "full-range" integer cases make SUM and PROD wrap, computed here unsigned.
+ * "full-range" integer cases make SUM and PROD wrap, computed unsigned.
  */
 #define AVG_TOL 1e-6
 
@@ -56,55 +53,21 @@ struct plan {
 	int *ran;       /* ranks that finished case i */
 };
 
-typedef union {
-	int32_t i32;
-	int64_t i64;
-	float f32;
-	double f64;
-} val_t;
-
 /* One op of one rank: its buffers and where its input and output lie. */
 struct run {
 	const struct tcase *t;
 	uint32_t seed;
 	int r, n;
-	int szc, rzc;           /* send / recv from comm_mem_alloc */
 	size_t es, sn, rn;      /* element size, send and recv elements */
-	char *sbase, *rbase;    /* allocations (rbase NULL in place) */
-	size_t slen, rlen;
-	char *send, *recv;
-	char *canary;
+	struct ref_bufs b;      /* the allocations */
+	char *send, *recv;      /* where in them the op's buffers lie */
 };
 
 static const comm_dtype_t dtypes[] = { COMM_INT32, COMM_INT64, COMM_FLOAT32, COMM_FLOAT64 };
-static const comm_redop_t redops[] = { COMM_SUM, COMM_PROD, COMM_MIN, COMM_MAX, COMM_AVG };
 
 static const char *kind_name(enum kind k)
 {
 	return k == AR ? "allreduce" : k == RS ? "reduce-scatter" : "all-gather";
-}
-
-static const char *dt_name(comm_dtype_t dt)
-{
-	switch (dt) {
-	case COMM_INT32:
-		return "int32";
-	case COMM_INT64:
-		return "int64";
-	case COMM_FLOAT32:
-		return "float32";
-	case COMM_FLOAT64:
-		return "float64";
-	default:
-		return "?";
-	}
-}
-
-static const char *op_name(comm_redop_t op)
-{
-	static const char *const names[] = { "sum", "prod", "min", "max", "avg" };
-
-	return (unsigned)op <= COMM_AVG ? names[op] : "?";
 }
 
 static const char *describe(const struct tcase *t, int n, char *buf, size_t len)
@@ -114,175 +77,48 @@ static const char *describe(const struct tcase *t, int n, char *buf, size_t len)
 	static const char *const places[] = { "", " in-place", " literal in-place (send == recv)" };
 
 	snprintf(buf, len, "%s %s%s%s%s n=%d count=%zu %s%s", kind_name(t->kind),
-		 t->wide ? "full-range " : "", dt_name(t->dt), t->kind == AG ? "" : " ",
-		 t->kind == AG ? "" : op_name(t->op), n, t->count, modes[t->mode], places[t->place]);
+		 t->wide ? "full-range " : "", ref_dtype_name(t->dt), t->kind == AG ? "" : " ",
+		 t->kind == AG ? "" : ref_op_name(t->op), n, t->count, modes[t->mode],
+		 places[t->place]);
 	return buf;
 }
 
-static uint64_t mix(uint64_t x)
+/* Element idx of rank r's input in the case with this seed, as raw bits. */
+static uint64_t gen(const struct tcase *t, uint32_t seed, int r, size_t idx)
 {
-	x += 0x9e3779b97f4a7c15ull;
-	x = (x ^ (x >> 30)) * 0xbf58476d1ce4e5b9ull;
-	x = (x ^ (x >> 27)) * 0x94d049bb133111ebull;
-	return x ^ (x >> 31);
-}
+	uint64_t h = ref_hash(seed, r, idx);
 
-/* Element idx of rank r's input in the case with this seed. */
-static val_t gen(const struct tcase *t, uint32_t seed, int r, size_t idx)
-{
-	uint64_t h = mix(((uint64_t)seed << 40) ^ ((uint64_t)(unsigned)r << 32) ^ idx);
-	val_t v;
-
-	memset(&v, 0, sizeof v);
-	switch (t->dt) {
-	case COMM_INT32:
-		v.i32 = t->wide ? (int32_t)(uint32_t)h : (int32_t)(h % 11) - 5;
-		break;
-	case COMM_INT64:
-		v.i64 = t->wide ? (int64_t)h : (int64_t)(h % 11) - 5;
-		break;
-	case COMM_FLOAT32:
-		v.f32 = (float)((int)(h % 17) - 8) * 0.25f;
-		break;
-	default:
-		v.f64 = (double)((int)(h % 17) - 8) * 0.25;
-		break;
-	}
-	return v;
-}
-
-#define COMBINE(f, A)                                                          \
-	switch (op) {                                                          \
-	case COMM_SUM:                                                         \
-	case COMM_AVG:                                                         \
-		a.f = (A)a.f + (A)b.f;                                         \
-		break;                                                         \
-	case COMM_PROD:                                                        \
-		a.f = (A)a.f * (A)b.f;                                         \
-		break;                                                         \
-	case COMM_MIN:                                                         \
-		a.f = b.f < a.f ? b.f : a.f;                                   \
-		break;                                                         \
-	default:                                                               \
-		a.f = b.f > a.f ? b.f : a.f;                                   \
-		break;                                                         \
-	}
-
-/* a op b in the dtype; integer SUM and PROD in the unsigned type. */
-static val_t combine(comm_dtype_t dt, comm_redop_t op, val_t a, val_t b)
-{
-	switch (dt) {
-	case COMM_INT32:
-		COMBINE(i32, uint32_t);
-		break;
-	case COMM_INT64:
-		COMBINE(i64, uint64_t);
-		break;
-	case COMM_FLOAT32:
-		COMBINE(f32, float);
-		break;
-	default:
-		COMBINE(f64, double);
-		break;
-	}
-	return a;
+	if (t->wide && t->dt == COMM_INT32)
+		return (uint32_t)h;
+	if (t->wide && t->dt == COMM_INT64)
+		return h;
+	return ref_small(t->dt, h);
 }
 
 /* The reduction of element idx over ranks 0, 1, ..., n-1, in that order. */
-static val_t fold(const struct run *x, size_t idx)
+static uint64_t fold(const struct run *x, size_t idx)
 {
-	const struct tcase *t = x->t;
-	val_t acc = gen(t, x->seed, 0, idx);
+	uint64_t in[REF_MAX_RANKS];
 
-	for (int q = 1; q < x->n; q++)
-		acc = combine(t->dt, t->op, acc, gen(t, x->seed, q, idx));
-	if (t->op == COMM_AVG) {
-		switch (t->dt) {
-		case COMM_INT32:
-			acc.i32 /= x->n;
-			break;
-		case COMM_INT64:
-			acc.i64 /= x->n;
-			break;
-		case COMM_FLOAT32:
-			acc.f32 /= (float)x->n;
-			break;
-		default:
-			acc.f64 /= (double)x->n;
-			break;
-		}
-	}
-	return acc;
+	for (int q = 0; q < x->n; q++)
+		in[q] = gen(x->t, x->seed, q, idx);
+	return ref_fold(x->t->dt, x->t->op, in, x->n);
 }
 
-static double absd(double v)
+/* Whether got is want: exact, or within AVG_TOL for a float AVG. */
+static int val_match(const struct tcase *t, uint64_t got, uint64_t want)
 {
-	return v < 0 ? -v : v;
-}
-
-static void val_str(comm_dtype_t dt, val_t v, char *buf, size_t len)
-{
-	if (dt == COMM_INT32)
-		snprintf(buf, len, "%d", (int)v.i32);
-	else if (dt == COMM_INT64)
-		snprintf(buf, len, "%lld", (long long)v.i64);
-	else if (dt == COMM_FLOAT32)
-		snprintf(buf, len, "%.9g", (double)v.f32);
-	else
-		snprintf(buf, len, "%.17g", v.f64);
-}
-
-/* Whether the element at p is want: exact, or within AVG_TOL for a float AVG. */
-static int val_match(const struct tcase *t, const void *p, val_t want, size_t es, val_t *got)
-{
-	int avg = t->kind != AG && t->op == COMM_AVG;
-
-	memset(got, 0, sizeof *got);
-	memcpy(got, p, es);
-	switch (t->dt) {
-	case COMM_INT32:
-		return got->i32 == want.i32;
-	case COMM_INT64:
-		return got->i64 == want.i64;
-	case COMM_FLOAT32:
-		if (avg)
-			return absd((double)got->f32 - (double)want.f32) <=
-			       AVG_TOL * (absd((double)want.f32) > 1 ? absd((double)want.f32) : 1);
-		return got->f32 == want.f32;
-	default:
-		if (avg)
-			return absd(got->f64 - want.f64) <=
-			       AVG_TOL * (absd(want.f64) > 1 ? absd(want.f64) : 1);
-		return got->f64 == want.f64;
-	}
-}
-
-static void *buf_alloc(comm_t *c, int zc, size_t bytes)
-{
-	return zc ? comm_mem_alloc(c, bytes) : malloc(bytes);
-}
-
-static void buf_free(comm_t *c, int zc, void *p)
-{
-	if (p && zc)
-		comm_mem_free(c, p);
-	else
-		free(p);
-}
-
-static int all_bytes(const char *p, size_t len, int byte)
-{
-	for (size_t i = 0; i < len; i++)
-		if ((unsigned char)p[i] != byte)
-			return 0;
-	return 1;
+	return ref_near(t->dt, got, want, t->kind != AG && t->op == COMM_AVG ? AVG_TOL : 0);
 }
 
 /* Allocate and fill x's buffers as its case says; -1 on failure (printed). */
 static int run_setup(comm_t *c, struct run *x, const struct tcase *t, uint32_t seed, int r,
 		     int n)
 {
+	int szc = t->mode == ZC || t->mode == RECV_STAGED;
+	int rzc = t->mode == ZC || t->mode == SEND_STAGED;
 	size_t sb, rb, block;
+	int rc;
 
 	memset(x, 0, sizeof *x);
 	x->t = t;
@@ -292,57 +128,26 @@ static int run_setup(comm_t *c, struct run *x, const struct tcase *t, uint32_t s
 	x->es = comm_dtype_size(t->dt);
 	x->sn = t->kind == RS ? (size_t)n * t->count : t->count;
 	x->rn = t->kind == AG ? (size_t)n * t->count : t->count;
-	x->szc = t->mode == ZC || t->mode == RECV_STAGED;
-	x->rzc = t->mode == ZC || t->mode == SEND_STAGED;
 	sb = x->sn * x->es;
 	rb = x->rn * x->es;
 	block = t->count * x->es;
-	if (t->place == OOP) {
-		x->slen = sb + GUARD;
-		x->rlen = rb + GUARD;
-		x->sbase = buf_alloc(c, x->szc, x->slen);
-		x->rbase = buf_alloc(c, x->rzc, x->rlen);
-		x->send = x->sbase;
-		x->recv = x->rbase;
-	} else {
-		x->slen = (sb > rb ? sb : rb) + GUARD;
-		x->sbase = buf_alloc(c, x->szc, x->slen);
-		x->send = x->recv = x->sbase;
-		if (x->sbase && t->place == INPLACE && t->kind == RS)
-			x->recv = x->sbase + (size_t)r * block;
-		if (x->sbase && t->place == INPLACE && t->kind == AG)
-			x->send = x->sbase + (size_t)r * block;
-	}
-	if (!x->sbase || (t->place == OOP && !x->rbase)) {
-		fprintf(stderr, "rank %d: allocating %zu + %zu bytes failed: %s\n", r, x->slen,
-			x->rlen, x->szc || x->rzc ? comm_last_error(c) : "malloc");
+	if (t->place == OOP)
+		rc = ref_bufs_alloc(c, &x->b, sb + REF_GUARD, szc, rb + REF_GUARD, rzc, r);
+	else
+		rc = ref_bufs_alloc(c, &x->b, (sb > rb ? sb : rb) + REF_GUARD, szc, 0, rzc, r);
+	if (rc < 0)
 		return -1;
-	}
-	memset(x->sbase, POISON, x->slen);
-	if (x->rbase)
-		memset(x->rbase, POISON, x->rlen);
-	for (size_t i = 0; i < x->sn; i++) {
-		val_t v = gen(t, seed, r, i);
-
-		memcpy(x->send + i * x->es, &v, x->es);
-	}
-	/*
-	 * A staged send buffer lands in the first free block that fits: leave a
-	 * hole of exactly its size with a canary block after it, so that a write
-	 * past the staging block shows up in memory the caller owns.
-	 */
-	if (!x->szc && sb > 0) {
-		void *hole = comm_mem_alloc(c, sb);
-
-		x->canary = comm_mem_alloc(c, CANARY);
-		if (!hole || !x->canary) {
-			fprintf(stderr, "rank %d: comm_mem_alloc for the canary: %s\n", r,
-				comm_last_error(c));
-			return -1;
-		}
-		memset(x->canary, CANARY_BYTE, CANARY);
-		comm_mem_free(c, hole);
-	}
+	x->send = x->b.sbase;
+	x->recv = t->place == OOP ? x->b.rbase : x->b.sbase;
+	if (t->place == INPLACE && t->kind == RS)
+		x->recv = x->b.sbase + (size_t)r * block;
+	if (t->place == INPLACE && t->kind == AG)
+		x->send = x->b.sbase + (size_t)r * block;
+	for (size_t i = 0; i < x->sn; i++)
+		ref_store(t->dt, gen(t, seed, r, i), x->send + i * x->es);
+	/* a staged send: a write past its staging block lands in a canary */
+	if (!szc && sb > 0 && ref_bufs_canary(c, &x->b, sb, r) < 0)
+		return -1;
 	return 0;
 }
 
@@ -362,7 +167,7 @@ static int run_check(const struct run *x)
 {
 	const struct tcase *t = x->t;
 	char what[160], g[48], w[48];
-	val_t want, got;
+	uint64_t want, got;
 	int bad = 0;
 
 	describe(t, x->n, what, sizeof what);
@@ -373,9 +178,10 @@ static int run_check(const struct run *x)
 			want = fold(x, (size_t)x->r * t->count + j);
 		else
 			want = gen(t, x->seed, (int)(j / t->count), j % t->count);
-		if (!val_match(t, x->recv + j * x->es, want, x->es, &got)) {
-			val_str(t->dt, got, g, sizeof g);
-			val_str(t->dt, want, w, sizeof w);
+		got = ref_load(t->dt, x->recv + j * x->es);
+		if (!val_match(t, got, want)) {
+			ref_str(t->dt, got, g, sizeof g);
+			ref_str(t->dt, want, w, sizeof w);
 			fprintf(stderr, "rank %d: %s: element %zu of %zu is %s, expected %s\n", x->r,
 				what, j, x->rn, g, w);
 			bad = 1;
@@ -383,7 +189,7 @@ static int run_check(const struct run *x)
 		}
 	}
 	for (size_t i = 0; t->place == OOP && i < x->sn; i++) {
-		val_t in = gen(t, x->seed, x->r, i);
+		uint64_t in = gen(t, x->seed, x->r, i);
 
 		if (memcmp(x->send + i * x->es, &in, x->es) != 0) {
 			fprintf(stderr, "rank %d: %s: input element %zu was changed\n", x->r, what,
@@ -392,32 +198,7 @@ static int run_check(const struct run *x)
 			break;
 		}
 	}
-	if (x->sbase && !all_bytes(x->sbase + x->slen - GUARD, GUARD, POISON)) {
-		fprintf(stderr, "rank %d: %s: written past the end of the %s buffer\n", x->r,
-			what, t->place == OOP ? "send" : "");
-		bad = 1;
-	}
-	if (x->rbase && !all_bytes(x->rbase + x->rlen - GUARD, GUARD, POISON)) {
-		fprintf(stderr, "rank %d: %s: written past the end of the recv buffer\n", x->r,
-			what);
-		bad = 1;
-	}
-	if (x->canary && !all_bytes(x->canary, CANARY, CANARY_BYTE)) {
-		fprintf(stderr,
-			"rank %d: %s: a comm_mem_alloc block next to the staging block was "
-			"overwritten\n",
-			x->r, what);
-		bad = 1;
-	}
-	return bad;
-}
-
-static void run_free(comm_t *c, struct run *x)
-{
-	buf_free(c, 1, x->canary);
-	buf_free(c, x->szc, x->sbase);
-	buf_free(c, x->rzc, x->rbase);
-	x->canary = x->sbase = x->rbase = NULL;
+	return bad | ref_bufs_check(&x->b, t->place != OOP, x->r, what);
 }
 
 /* One blocking op: 0 correct, 1 wrong values, -1 the job is out of step. */
@@ -429,18 +210,18 @@ static int run_one(comm_t *c, const struct tcase *t, uint32_t seed, int r, int n
 	int bad;
 
 	if (run_setup(c, &x, t, seed, r, n) < 0) {
-		run_free(c, &x);
+		ref_bufs_free(c, &x.b);
 		return -1;
 	}
 	rc = run_post(c, &x, NULL);
 	if (rc != COMM_OK) {
 		fprintf(stderr, "rank %d: %s: %s: %s\n", r, describe(t, n, what, sizeof what),
 			comm_result_name(rc), comm_last_error(c));
-		run_free(c, &x);
+		ref_bufs_free(c, &x.b);
 		return -1;
 	}
 	bad = run_check(&x);
-	run_free(c, &x);
+	ref_bufs_free(c, &x.b);
 	return bad;
 }
 
@@ -478,14 +259,6 @@ static void add(struct plan *p, enum kind k, comm_dtype_t dt, comm_redop_t op, s
 	p->cases[p->n++] = (struct tcase){ k, dt, op, count, m, pl, wide };
 }
 
-static double secs_since(const struct timespec *t0)
-{
-	struct timespec t;
-
-	clock_gettime(CLOCK_MONOTONIC, &t);
-	return (double)(t.tv_sec - t0->tv_sec) + (double)(t.tv_nsec - t0->tv_nsec) / 1e9;
-}
-
 static int next_job;
 
 static void job_name(char *buf, size_t len, const char *tag)
@@ -517,7 +290,7 @@ static void run_plan(const struct th_daemon *d, struct plan *p)
 	CHECK(failed == 0 && nbad == 0, "%s: %d of %d ranks failed, %d of %d cases wrong",
 	      p->title, failed, p->world, nbad, p->n);
 	printf("== %s: %s, %d cases, %.1f s\n", p->title, failed ? "FAIL" : "ok", p->n,
-	       secs_since(&t0));
+	       th_secs_since(&t0));
 	fflush(stdout);
 	munmap(p->failed, bytes);
 	free(p->cases);
@@ -532,11 +305,11 @@ static void test_all_types(const struct th_daemon *d)
 
 	for (int k = AR; k <= RS; k++) {
 		for (size_t i = 0; i < sizeof dtypes / sizeof dtypes[0]; i++) {
-			for (size_t o = 0; o < sizeof redops / sizeof redops[0]; o++) {
+			for (size_t o = 0; o < REF_NREDOPS; o++) {
 				for (size_t s = 0; s < sizeof small / sizeof small[0]; s++)
-					add(&p, (enum kind)k, dtypes[i], redops[o], small[s], ZC,
-					    OOP, 0);
-				add(&p, (enum kind)k, dtypes[i], redops[o], BIG, ZC, OOP, 0);
+					add(&p, (enum kind)k, dtypes[i], ref_redops[o], small[s],
+					    ZC, OOP, 0);
+				add(&p, (enum kind)k, dtypes[i], ref_redops[o], BIG, ZC, OOP, 0);
 			}
 		}
 	}
@@ -549,7 +322,7 @@ static void test_all_types(const struct th_daemon *d)
 	for (int k = AR; k <= RS; k++)
 		for (size_t i = 0; i < 2; i++)
 			for (size_t o = 0; o < 4; o++)
-				add(&p, (enum kind)k, dtypes[i], redops[o], 2500, ZC, OOP, 1);
+				add(&p, (enum kind)k, dtypes[i], ref_redops[o], 2500, ZC, OOP, 1);
 	/* between the loop thread's limit and the big count */
 	add(&p, AR, COMM_FLOAT64, COMM_MAX, 70001, ZC, OOP, 0);
 	add(&p, RS, COMM_INT32, COMM_AVG, 70001, ZC, OOP, 0);
@@ -738,7 +511,8 @@ static int rank_outstanding(int r, int n, void *arg)
 	if (!t || !x || th_join(&c, r, n) < 0)
 		return 1;
 	for (int k = 0; k < NREQ; k++) {
-		t[k] = (struct tcase){ AR, dtypes[k % 4], redops[k % 5], 1 + (size_t)k * 397 % 5000,
+		t[k] = (struct tcase){ AR, dtypes[k % 4], ref_redops[k % 5],
+				       1 + (size_t)k * 397 % 5000,
 				       how == BY_WAIT_STAGED ? STAGED : ZC, OOP, 0 };
 		if (run_setup(c, &x[k], &t[k], 900 + (uint32_t)k, r, n) < 0)
 			return th_bail(c);
@@ -785,7 +559,7 @@ static int rank_outstanding(int r, int n, void *arg)
 	}
 	for (int k = 0; k < NREQ; k++) {
 		bad |= run_check(&x[k]);
-		run_free(c, &x[k]);
+		ref_bufs_free(c, &x[k].b);
 	}
 	free(x);
 	free(t);
@@ -848,7 +622,7 @@ static int rank_timeout(int r, int n, void *arg)
 		}
 	}
 	bad |= run_check(&x);
-	run_free(c, &x);
+	ref_bufs_free(c, &x.b);
 	return th_leave(c, r) | bad;
 }
 
@@ -895,8 +669,8 @@ static int rank_iters(int r, int n, void *arg)
 	if (th_join(&c, r, n) < 0)
 		return 1;
 	for (int it = 0; it < a->iters; it++) {
-		struct tcase t = { AR, dtypes[it % 4], redops[it % 5], 1 + (size_t)it * 7919 % 3000,
-				   ZC, OOP, 0 };
+		struct tcase t = { AR, dtypes[it % 4], ref_redops[it % 5],
+				   1 + (size_t)it * 7919 % 3000, ZC, OOP, 0 };
 		int rc = run_one(c, &t, a->salt + (uint32_t)it, r, n);
 
 		if (rc < 0)
@@ -940,8 +714,8 @@ struct blk {
 
 static size_t rand_size(uint64_t *s)
 {
-	unsigned bits = (unsigned)((*s = mix(*s)) % 28);
-	size_t sz = 1 + (size_t)((*s = mix(*s)) & (((uint64_t)1 << bits) - 1));
+	unsigned bits = (unsigned)((*s = ref_mix(*s)) % 28);
+	size_t sz = 1 + (size_t)((*s = ref_mix(*s)) & (((uint64_t)1 << bits) - 1));
 
 	return sz > MAX_ALLOC ? MAX_ALLOC : sz;
 }
@@ -956,7 +730,7 @@ static int stamp(const struct blk *b, int check)
 		memset(b->p + b->len - n, b->tag, n);
 		return 0;
 	}
-	return all_bytes(b->p, n, b->tag) && all_bytes(b->p + b->len - n, n, b->tag);
+	return ref_all_bytes(b->p, n, b->tag) && ref_all_bytes(b->p + b->len - n, n, b->tag);
 }
 
 /* An all-reduce from the start of b into its end (int32 or float32 sum). */
@@ -977,11 +751,8 @@ static int block_op(comm_t *c, const struct blk *b, int i, int r, int n)
 	x.sn = x.rn = t.count;
 	x.send = b->p;
 	x.recv = b->p + (words - t.count) * 4;
-	for (size_t k = 0; k < t.count; k++) {
-		val_t v = gen(&t, x.seed, r, k);
-
-		memcpy(x.send + 4 * k, &v, 4);
-	}
+	for (size_t k = 0; k < t.count; k++)
+		ref_store(t.dt, gen(&t, x.seed, r, k), x.send + 4 * k);
 	rc = run_post(c, &x, NULL);
 	if (rc != COMM_OK) {
 		fprintf(stderr, "rank %d: all-reduce in block %d (%zu bytes): %s: %s\n", r, i,
@@ -999,7 +770,7 @@ static int free_all(comm_t *c, struct blk *b, uint64_t *s, int r)
 	for (int i = 0; i < NALLOC; i++)
 		order[i] = i;
 	for (int i = NALLOC - 1; i > 0; i--) {
-		int j = (int)((*s = mix(*s)) % (uint64_t)(i + 1)), tmp = order[i];
+		int j = (int)((*s = ref_mix(*s)) % (uint64_t)(i + 1)), tmp = order[i];
 
 		order[i] = order[j];
 		order[j] = tmp;
@@ -1117,7 +888,7 @@ static void test_mem(const struct th_daemon *d)
 	CHECK(failed == 0, "comm_mem_alloc: %d ranks failed", failed);
 	printf("%s: comm_mem_alloc n=4: 2 x %d blocks of 1 B .. 100 MB, freed in random order, "
 	       "an all-reduce in each; comm_mem_free of foreign pointers and twice (%.1f s)\n",
-	       failed ? "FAIL" : "ok", NALLOC, secs_since(&t0));
+	       failed ? "FAIL" : "ok", NALLOC, th_secs_since(&t0));
 }
 
 /* --- argument errors ------------------------------------------------------- */
@@ -1231,6 +1002,6 @@ int main(void)
 	test_args(&d);
 	CHECK(th_daemon_alive(&d), "commd died during the tests");
 	CHECK(th_daemon_stop(&d) == 0, "commd did not stop cleanly");
-	printf("%s: %.1f s in all\n", check_failures ? "FAIL" : "ok", secs_since(&t0));
+	printf("%s: %.1f s in all\n", check_failures ? "FAIL" : "ok", th_secs_since(&t0));
 	return CHECK_EXIT();
 }

@@ -14,12 +14,9 @@
 #include "check.h"
 #include "comm.h"
 #include "harness.h"
+#include "ref.h"
 
 #define BIG 1000003          /* the large count: worker threads, parts and chunks */
-#define GUARD 64             /* poisoned bytes after every buffer */
-#define CANARY (64u << 10)   /* comm_mem_alloc block next to a staging block */
-#define POISON 0xa5
-#define CANARY_BYTE 0x5a
 #define EVERY_ROOT -1
 
 /*
@@ -73,18 +70,9 @@ struct run {
 	size_t es;
 	size_t sn, rn;        /* elements in the send and recv buffers */
 	int s_in, r_out;      /* send holds input; recv receives output */
-	char *sbase, *rbase;  /* allocations (rbase NULL in place) */
-	size_t slen, rlen;
+	struct ref_bufs b;    /* the allocations */
 	char *send, *recv;    /* as passed to the op */
-	char *canary;
 };
-
-static const comm_dtype_t dtypes[] = { COMM_INT8,    COMM_UINT8,    COMM_INT32,   COMM_UINT32,
-				       COMM_INT64,   COMM_UINT64,   COMM_FLOAT16, COMM_BFLOAT16,
-				       COMM_FLOAT32, COMM_FLOAT64 };
-static const comm_redop_t redops[] = { COMM_SUM, COMM_PROD, COMM_MIN, COMM_MAX, COMM_AVG };
-#define NDT ((int)(sizeof dtypes / sizeof dtypes[0]))
-#define NOP ((int)(sizeof redops / sizeof redops[0]))
 
 static int reduces(enum kind k)
 {
@@ -104,22 +92,6 @@ static const char *kind_name(enum kind k)
 	return names[k];
 }
 
-static const char *dt_name(comm_dtype_t dt)
-{
-	static const char *const names[] = { "int8",    "uint8",    "int32",   "uint32",
-					     "int64",   "uint64",   "float16", "bfloat16",
-					     "float32", "float64" };
-
-	return (unsigned)dt < sizeof names / sizeof names[0] ? names[dt] : "?";
-}
-
-static const char *op_name(comm_redop_t op)
-{
-	static const char *const names[] = { "sum", "prod", "min", "max", "avg" };
-
-	return (unsigned)op <= COMM_AVG ? names[op] : "?";
-}
-
 static const char *describe(const struct tcase *t, int n, char *buf, size_t len)
 {
 	char root[48] = "";
@@ -133,22 +105,14 @@ static const char *describe(const struct tcase *t, int n, char *buf, size_t len)
 			snprintf(root + strlen(root), sizeof root - strlen(root),
 				 ", non-root %s NULL", t->kind == BC ? "send" : "recv");
 	}
-	snprintf(buf, len, "%s %s%s%s n=%d count=%zu%s %s%s", kind_name(t->kind), dt_name(t->dt),
-		 reduces(t->kind) ? " " : "", reduces(t->kind) ? op_name(t->op) : "", n, t->count,
-		 root, t->mode == ZC ? "zero-copy" : "staged",
-		 t->place == INPLACE ? " in-place" : "");
+	snprintf(buf, len, "%s %s%s%s n=%d count=%zu%s %s%s", kind_name(t->kind),
+		 ref_dtype_name(t->dt), reduces(t->kind) ? " " : "",
+		 reduces(t->kind) ? ref_op_name(t->op) : "", n, t->count, root,
+		 t->mode == ZC ? "zero-copy" : "staged", t->place == INPLACE ? " in-place" : "");
 	return buf;
 }
 
 /* --- inputs and the reference -------------------------------------------- */
-
-static uint64_t mix(uint64_t x)
-{
-	x += 0x9e3779b97f4a7c15ull;
-	x = (x ^ (x >> 30)) * 0xbf58476d1ce4e5b9ull;
-	x = (x ^ (x >> 27)) * 0x94d049bb133111ebull;
-	return x ^ (x >> 31);
-}
 
 /* 2^e as a float, for normal results (-126 <= e <= 127). */
 static float pow2f(int e)
@@ -160,274 +124,58 @@ static float pow2f(int e)
 	return f;
 }
 
-static float f32_of(uint64_t bits)
-{
-	uint32_t b = (uint32_t)bits;
-	float f;
-
-	memcpy(&f, &b, sizeof f);
-	return f;
-}
-
-static uint64_t bits_f32(float f)
-{
-	uint32_t b;
-
-	memcpy(&b, &f, sizeof b);
-	return b;
-}
-
-static double f64_of(uint64_t bits)
-{
-	double d;
-
-	memcpy(&d, &bits, sizeof d);
-	return d;
-}
-
-static uint64_t bits_f64(double d)
-{
-	uint64_t b;
-
-	memcpy(&b, &d, sizeof b);
-	return b;
-}
-
-/* float16 through gcc's _Float16 (libgcc rounds to nearest even). */
-static float f16_of(uint64_t bits)
-{
-	uint16_t b = (uint16_t)bits;
-	_Float16 h;
-
-	memcpy(&h, &b, sizeof h);
-	return (float)h;
-}
-
-static uint64_t bits_f16(float f)
-{
-	_Float16 h = (_Float16)f;
-	uint16_t b;
-
-	memcpy(&b, &h, sizeof b);
-	return b;
-}
-
-static float bf16_of(uint64_t bits)
-{
-	return f32_of((uint64_t)(uint16_t)bits << 16);
-}
-
-/* float -> bfloat16, to nearest, ties to even (no NaN among the inputs). */
-static uint64_t bits_bf16(float f)
-{
-	uint32_t x = (uint32_t)bits_f32(f), hi = x >> 16, lo = x & 0xffff;
-
-	if (lo > 0x8000 || (lo == 0x8000 && (hi & 1)))
-		hi++;
-	return (uint16_t)hi;
-}
-
 /* Element idx of rank r's input in the case with this seed, as raw bits. */
 static uint64_t gen(const struct tcase *t, uint32_t seed, int r, size_t idx)
 {
-	uint64_t h = mix(((uint64_t)seed << 40) ^ ((uint64_t)(unsigned)r << 32) ^ idx);
+	uint64_t h = ref_hash(seed, r, idx);
 	int wide = (int)(h & 1), neg = (int)((h >> 1) & 1);
 	uint64_t u = h >> 2;
 	float f;
 
 	switch (t->dt) {
-	case COMM_INT8:
-	case COMM_INT32:
-	case COMM_INT64:
-		return wide ? mix(h) : (uint64_t)((int64_t)(u % 11) - 5);
-	case COMM_UINT8:
-	case COMM_UINT32:
-	case COMM_UINT64:
-		return wide ? mix(h) : u % 11;
 	case COMM_FLOAT16:
 		if (t->op == COMM_PROD && reduces(t->kind))
 			f = (float)(1024 + (u & 1023)) * pow2f((int)((u >> 10) & 1) - 11);
 		else
 			f = (float)(1024 + (u & 1023)) * pow2f((int)((u >> 10) % 10) - 14);
-		return bits_f16(neg ? -f : f);
+		return ref_bits(t->dt, neg ? -f : f);
 	case COMM_BFLOAT16:
 		if (t->op == COMM_PROD && reduces(t->kind))
 			f = (float)(128 + (u & 127)) * pow2f((int)((u >> 7) & 1) - 8);
 		else
 			f = (float)(128 + (u & 127)) * pow2f((int)((u >> 7) % 18) - 15);
-		return bits_bf16(neg ? -f : f);
+		return ref_bits(t->dt, neg ? -f : f);
 	case COMM_FLOAT32:
-		return bits_f32((float)((int)(u % 17) - 8) * 0.25f);
+	case COMM_FLOAT64:
+		return ref_small(t->dt, u);
 	default:
-		return bits_f64((double)((int)(u % 17) - 8) * 0.25);
+		return wide ? ref_mix(h) : ref_small(t->dt, u);
 	}
 }
-
-/* Integer fold in the unsigned type U; MIN, MAX and AVG read it as S. */
-#define FOLD_INT(U, S)                                                         \
-	do {                                                                   \
-		U acc_ = (U)gen(t, seed, 0, idx);                              \
-		for (int q_ = 1; q_ < n; q_++) {                               \
-			U v_ = (U)gen(t, seed, q_, idx);                       \
-			switch (t->op) {                                       \
-			case COMM_SUM:                                         \
-			case COMM_AVG:                                         \
-				acc_ = (U)(acc_ + v_);                         \
-				break;                                         \
-			case COMM_PROD:                                        \
-				acc_ = (U)(acc_ * v_);                         \
-				break;                                         \
-			case COMM_MIN:                                         \
-				if ((S)v_ < (S)acc_)                           \
-					acc_ = v_;                             \
-				break;                                         \
-			default:                                               \
-				if ((S)v_ > (S)acc_)                           \
-					acc_ = v_;                             \
-				break;                                         \
-			}                                                      \
-		}                                                              \
-		if (t->op == COMM_AVG)                                         \
-			acc_ = (U)((S)acc_ / (S)n);                            \
-		return (uint64_t)acc_;                                         \
-	} while (0)
-
-/* Float fold in T over LOAD'ed inputs, rank order; STORE rounds once. */
-#define FOLD_FLT(T, LOAD, STORE)                                               \
-	do {                                                                   \
-		T acc_ = LOAD(gen(t, seed, 0, idx));                           \
-		for (int q_ = 1; q_ < n; q_++) {                               \
-			T v_ = LOAD(gen(t, seed, q_, idx));                    \
-			switch (t->op) {                                       \
-			case COMM_SUM:                                         \
-			case COMM_AVG:                                         \
-				acc_ = acc_ + v_;                              \
-				break;                                         \
-			case COMM_PROD:                                        \
-				acc_ = acc_ * v_;                              \
-				break;                                         \
-			case COMM_MIN:                                         \
-				if (v_ < acc_)                                 \
-					acc_ = v_;                             \
-				break;                                         \
-			default:                                               \
-				if (v_ > acc_)                                 \
-					acc_ = v_;                             \
-				break;                                         \
-			}                                                      \
-		}                                                              \
-		if (t->op == COMM_AVG)                                         \
-			acc_ = acc_ / (T)n;                                    \
-		return STORE(acc_);                                            \
-	} while (0)
 
 /* The reduction of element idx over ranks 0 .. n-1, as raw bits. */
 static uint64_t fold(const struct tcase *t, uint32_t seed, int n, size_t idx)
 {
-	switch (t->dt) {
-	case COMM_INT8:
-		FOLD_INT(uint8_t, int8_t);
-	case COMM_UINT8:
-		FOLD_INT(uint8_t, uint8_t);
-	case COMM_INT32:
-		FOLD_INT(uint32_t, int32_t);
-	case COMM_UINT32:
-		FOLD_INT(uint32_t, uint32_t);
-	case COMM_INT64:
-		FOLD_INT(uint64_t, int64_t);
-	case COMM_UINT64:
-		FOLD_INT(uint64_t, uint64_t);
-	case COMM_FLOAT16:
-		FOLD_FLT(float, f16_of, bits_f16);
-	case COMM_BFLOAT16:
-		FOLD_FLT(float, bf16_of, bits_bf16);
-	case COMM_FLOAT32:
-		FOLD_FLT(float, f32_of, bits_f32);
-	default:
-		FOLD_FLT(double, f64_of, bits_f64);
-	}
+	uint64_t in[REF_MAX_RANKS];
+
+	for (int q = 0; q < n; q++)
+		in[q] = gen(t, seed, q, idx);
+	return ref_fold(t->dt, t->op, in, n);
 }
 
-static double absd(double v)
+/* Whether got is want: bit exact, or within tolerance for a float AVG. */
+static int val_match(const struct tcase *t, uint64_t got, uint64_t want)
 {
-	return v < 0 ? -v : v;
-}
+	int avg = reduces(t->kind) && t->op == COMM_AVG;
 
-static void val_str(comm_dtype_t dt, uint64_t v, char *buf, size_t len)
-{
-	switch (dt) {
-	case COMM_INT8:
-		snprintf(buf, len, "%d", (int)(int8_t)v);
-		break;
-	case COMM_UINT8:
-		snprintf(buf, len, "%u", (unsigned)(uint8_t)v);
-		break;
-	case COMM_INT32:
-		snprintf(buf, len, "%d", (int)(int32_t)v);
-		break;
-	case COMM_UINT32:
-		snprintf(buf, len, "%u", (unsigned)(uint32_t)v);
-		break;
-	case COMM_INT64:
-		snprintf(buf, len, "%lld", (long long)v);
-		break;
-	case COMM_UINT64:
-		snprintf(buf, len, "%llu", (unsigned long long)v);
-		break;
-	case COMM_FLOAT16:
-		snprintf(buf, len, "%.6g (0x%04x)", (double)f16_of(v), (unsigned)(uint16_t)v);
-		break;
-	case COMM_BFLOAT16:
-		snprintf(buf, len, "%.5g (0x%04x)", (double)bf16_of(v), (unsigned)(uint16_t)v);
-		break;
-	case COMM_FLOAT32:
-		snprintf(buf, len, "%.9g", (double)f32_of(v));
-		break;
-	default:
-		snprintf(buf, len, "%.17g", f64_of(v));
-		break;
-	}
-}
-
-/* Whether the element at p is want: bit exact, or within tolerance for a float AVG. */
-static int val_match(const struct tcase *t, const void *p, uint64_t want, size_t es,
-		     uint64_t *got)
-{
-	double g, w, tol;
-
-	*got = 0;
-	memcpy(got, p, es);
-	if (!reduces(t->kind) || t->op != COMM_AVG ||
-	    (t->dt != COMM_FLOAT32 && t->dt != COMM_FLOAT64))
-		return memcmp(got, &want, es) == 0;
-	g = t->dt == COMM_FLOAT32 ? (double)f32_of(*got) : f64_of(*got);
-	w = t->dt == COMM_FLOAT32 ? (double)f32_of(want) : f64_of(want);
-	tol = t->dt == COMM_FLOAT32 ? AVG_TOL_F32 : AVG_TOL_F64;
-	return absd(g - w) <= tol * (absd(w) > 1 ? absd(w) : 1);
+	if (avg && t->dt == COMM_FLOAT32)
+		return ref_near(t->dt, got, want, AVG_TOL_F32);
+	if (avg && t->dt == COMM_FLOAT64)
+		return ref_near(t->dt, got, want, AVG_TOL_F64);
+	return ref_same(t->dt, got, want);
 }
 
 /* --- one op of one rank ---------------------------------------------------- */
-
-static void *buf_alloc(comm_t *c, int zc, size_t bytes)
-{
-	return zc ? comm_mem_alloc(c, bytes) : malloc(bytes);
-}
-
-static void buf_free(comm_t *c, int zc, void *p)
-{
-	if (p && zc)
-		comm_mem_free(c, p);
-	else
-		free(p);
-}
-
-static int all_bytes(const char *p, size_t len, int byte)
-{
-	for (size_t i = 0; i < len; i++)
-		if ((unsigned char)p[i] != byte)
-			return 0;
-	return 1;
-}
 
 /* Elements of the send and recv buffers of kind k with n ranks. */
 static void buf_elems(const struct tcase *t, int n, size_t *sn, size_t *rn)
@@ -446,6 +194,7 @@ static int run_setup(comm_t *c, struct run *x, const struct tcase *t, uint32_t s
 	int no_send = t->kind == BC && !is_root && t->null;
 	int no_recv = t->kind == RD && !is_root && t->null;
 	size_t sb, rb, block;
+	int rc;
 
 	memset(x, 0, sizeof *x);
 	x->t = t;
@@ -460,61 +209,29 @@ static int run_setup(comm_t *c, struct run *x, const struct tcase *t, uint32_t s
 	sb = x->sn * x->es;
 	rb = x->rn * x->es;
 	block = t->count * x->es;
-	if (t->place == OOP) {
-		x->slen = no_send ? 0 : sb + GUARD;
-		x->rlen = no_recv ? 0 : rb + GUARD;
-		x->sbase = x->slen ? buf_alloc(c, zc, x->slen) : NULL;
-		x->rbase = x->rlen ? buf_alloc(c, zc, x->rlen) : NULL;
-		x->send = x->sbase;
-		x->recv = x->rbase;
-		if ((x->slen && !x->sbase) || (x->rlen && !x->rbase))
-			goto nomem;
-	} else {
-		x->slen = (sb > rb ? sb : rb) + GUARD;
-		x->sbase = buf_alloc(c, zc, x->slen);
-		if (!x->sbase)
-			goto nomem;
-		x->send = x->recv = x->sbase;
-		if (t->kind == RS)
-			x->recv = x->sbase + (size_t)r * block;
-		if (t->kind == AG)
-			x->send = x->sbase + (size_t)r * block;
-		if (no_send)
-			x->send = NULL;
-		if (no_recv)
-			x->recv = NULL;
-	}
-	if (x->sbase)
-		memset(x->sbase, POISON, x->slen);
-	if (x->rbase)
-		memset(x->rbase, POISON, x->rlen);
-	for (size_t i = 0; x->s_in && i < x->sn; i++) {
-		uint64_t v = gen(t, seed, r, i);
-
-		memcpy(x->send + i * x->es, &v, x->es);
-	}
-	/*
-	 * A staged send buffer lands in the first free block that fits: leave a
-	 * hole of exactly its size with a canary block after it, so that a write
-	 * past the staging block shows up in memory the caller owns.
-	 */
-	if (!zc && x->send && x->s_in && sb > 0) {
-		void *hole = comm_mem_alloc(c, sb);
-
-		x->canary = comm_mem_alloc(c, CANARY);
-		if (!hole || !x->canary) {
-			fprintf(stderr, "rank %d: comm_mem_alloc for the canary: %s\n", r,
-				comm_last_error(c));
-			return -1;
-		}
-		memset(x->canary, CANARY_BYTE, CANARY);
-		comm_mem_free(c, hole);
-	}
+	if (t->place == OOP)
+		rc = ref_bufs_alloc(c, &x->b, no_send ? 0 : sb + REF_GUARD, zc,
+				    no_recv ? 0 : rb + REF_GUARD, zc, r);
+	else
+		rc = ref_bufs_alloc(c, &x->b, (sb > rb ? sb : rb) + REF_GUARD, zc, 0, zc, r);
+	if (rc < 0)
+		return -1;
+	x->send = x->b.sbase;
+	x->recv = t->place == OOP ? x->b.rbase : x->b.sbase;
+	if (t->place == INPLACE && t->kind == RS)
+		x->recv = x->b.sbase + (size_t)r * block;
+	if (t->place == INPLACE && t->kind == AG)
+		x->send = x->b.sbase + (size_t)r * block;
+	if (no_send)
+		x->send = NULL;
+	if (no_recv)
+		x->recv = NULL;
+	for (size_t i = 0; x->s_in && i < x->sn; i++)
+		ref_store(t->dt, gen(t, seed, r, i), x->send + i * x->es);
+	/* a staged send: a write past its staging block lands in a canary */
+	if (!zc && x->send && x->s_in && sb > 0 && ref_bufs_canary(c, &x->b, sb, r) < 0)
+		return -1;
 	return 0;
-nomem:
-	fprintf(stderr, "rank %d: allocating %zu + %zu bytes failed: %s\n", r, x->slen, x->rlen,
-		zc ? comm_last_error(c) : "malloc");
-	return -1;
 }
 
 static comm_result_t run_post(comm_t *c, const struct run *x)
@@ -571,9 +288,10 @@ static int run_check(const struct run *x)
 		snprintf(what + strlen(what), sizeof what - strlen(what), " (root %d)", x->root);
 	for (size_t j = 0; x->r_out && j < x->rn; j++) {
 		want = expect(x, j);
-		if (!val_match(t, x->recv + j * x->es, want, x->es, &got)) {
-			val_str(t->dt, got, g, sizeof g);
-			val_str(t->dt, want, w, sizeof w);
+		got = ref_load(t->dt, x->recv + j * x->es);
+		if (!val_match(t, got, want)) {
+			ref_str(t->dt, got, g, sizeof g);
+			ref_str(t->dt, want, w, sizeof w);
 			fprintf(stderr, "rank %d: %s: element %zu of %zu is %s, expected %s\n",
 				x->r, what, j, x->rn, g, w);
 			bad = 1;
@@ -594,43 +312,16 @@ static int run_check(const struct run *x)
 		}
 	}
 	if (!x->s_in && x->send && x->send != x->recv &&
-	    !all_bytes(x->send, x->sn * x->es, POISON)) {
+	    !ref_all_bytes(x->send, x->sn * x->es, REF_POISON)) {
 		fprintf(stderr, "rank %d: %s: the non-root sendbuf was written\n", x->r, what);
 		bad = 1;
 	}
 	if (!x->r_out && x->recv && x->recv != x->send &&
-	    !all_bytes(x->recv, x->rn * x->es, POISON)) {
+	    !ref_all_bytes(x->recv, x->rn * x->es, REF_POISON)) {
 		fprintf(stderr, "rank %d: %s: the non-root recvbuf was written\n", x->r, what);
 		bad = 1;
 	}
-	if (x->sbase && !all_bytes(x->sbase + x->slen - GUARD, GUARD, POISON)) {
-		fprintf(stderr, "rank %d: %s: written past the end of the %sbuffer\n", x->r, what,
-			t->place == OOP ? "send " : "");
-		bad = 1;
-	}
-	if (x->rbase && !all_bytes(x->rbase + x->rlen - GUARD, GUARD, POISON)) {
-		fprintf(stderr, "rank %d: %s: written past the end of the recv buffer\n", x->r,
-			what);
-		bad = 1;
-	}
-	if (x->canary && !all_bytes(x->canary, CANARY, CANARY_BYTE)) {
-		fprintf(stderr,
-			"rank %d: %s: a comm_mem_alloc block next to the staging block was "
-			"overwritten\n",
-			x->r, what);
-		bad = 1;
-	}
-	return bad;
-}
-
-static void run_free(comm_t *c, struct run *x)
-{
-	int zc = x->t->mode == ZC;
-
-	buf_free(c, 1, x->canary);
-	buf_free(c, zc, x->sbase);
-	buf_free(c, zc, x->rbase);
-	x->canary = x->sbase = x->rbase = NULL;
+	return bad | ref_bufs_check(&x->b, t->place == INPLACE, x->r, what);
 }
 
 /* One case (every root in turn): 0 correct, 1 wrong values, -1 out of step. */
@@ -647,7 +338,7 @@ static int run_case(comm_t *c, const struct tcase *t, uint32_t seed, int r, int 
 
 		alarm(TH_WATCHDOG_S);
 		if (run_setup(c, &x, t, seed + (uint32_t)root * 7919, r, n, root) < 0) {
-			run_free(c, &x);
+			ref_bufs_free(c, &x.b);
 			return -1;
 		}
 		rc = run_post(c, &x);
@@ -655,11 +346,11 @@ static int run_case(comm_t *c, const struct tcase *t, uint32_t seed, int r, int 
 			fprintf(stderr, "rank %d: %s root %d: %s: %s\n", r,
 				describe(t, n, what, sizeof what), root, comm_result_name(rc),
 				comm_last_error(c));
-			run_free(c, &x);
+			ref_bufs_free(c, &x.b);
 			return -1;
 		}
 		bad |= run_check(&x);
-		run_free(c, &x);
+		ref_bufs_free(c, &x.b);
 	}
 	return bad;
 }
@@ -702,14 +393,6 @@ static void add(struct plan *p, enum kind k, comm_dtype_t dt, comm_redop_t op, s
 					   null };
 }
 
-static double secs_since(const struct timespec *t0)
-{
-	struct timespec t;
-
-	clock_gettime(CLOCK_MONOTONIC, &t);
-	return (double)(t.tv_sec - t0->tv_sec) + (double)(t.tv_nsec - t0->tv_nsec) / 1e9;
-}
-
 static int next_job;
 
 /* Run every case of p in one job of p->world ranks; print a line a case. */
@@ -736,7 +419,7 @@ static void run_plan(const struct th_daemon *d, struct plan *p)
 	CHECK(failed == 0 && nbad == 0, "%s: %d of %d ranks failed, %d of %d cases wrong",
 	      p->title, failed, p->world, nbad, p->n);
 	printf("== %s: %s, %d cases, %.1f s\n", p->title, failed || nbad ? "FAIL" : "ok", p->n,
-	       secs_since(&t0));
+	       th_secs_since(&t0));
 	fflush(stdout);
 	munmap(p->failed, bytes);
 	free(p->cases);
@@ -750,20 +433,20 @@ static void test_matrix(const struct th_daemon *d)
 	struct plan p = { .title = "every op x dtype x redop, n=4, zero-copy", .world = 4 };
 	int ns = (int)(sizeof sizes / sizeof sizes[0]);
 
-	for (int i = 0; i < NDT; i++) {
-		for (int o = 0; o < NOP; o++) {
+	for (int i = 0; i < REF_NDTYPES; i++) {
+		for (int o = 0; o < REF_NREDOPS; o++) {
 			for (int s = 0; s < ns; s++) {
-				add(&p, AR, dtypes[i], redops[o], sizes[s], 0, ZC, OOP, 0);
-				add(&p, RS, dtypes[i], redops[o], sizes[s], 0, ZC, OOP, 0);
-				add(&p, RD, dtypes[i], redops[o], sizes[s], EVERY_ROOT, ZC, OOP,
-				    (i + o + s) % 2);
+				add(&p, AR, ref_dtypes[i], ref_redops[o], sizes[s], 0, ZC, OOP, 0);
+				add(&p, RS, ref_dtypes[i], ref_redops[o], sizes[s], 0, ZC, OOP, 0);
+				add(&p, RD, ref_dtypes[i], ref_redops[o], sizes[s], EVERY_ROOT, ZC,
+				    OOP, (i + o + s) % 2);
 			}
 		}
 		for (int s = 0; s < ns; s++) {
-			add(&p, AG, dtypes[i], COMM_SUM, sizes[s], 0, ZC, OOP, 0);
-			add(&p, BC, dtypes[i], COMM_SUM, sizes[s], EVERY_ROOT, ZC, OOP,
+			add(&p, AG, ref_dtypes[i], COMM_SUM, sizes[s], 0, ZC, OOP, 0);
+			add(&p, BC, ref_dtypes[i], COMM_SUM, sizes[s], EVERY_ROOT, ZC, OOP,
 			    (i + s) % 2);
-			add(&p, A2A, dtypes[i], COMM_SUM, sizes[s], 0, ZC, OOP, 0);
+			add(&p, A2A, ref_dtypes[i], COMM_SUM, sizes[s], 0, ZC, OOP, 0);
 		}
 	}
 	run_plan(d, &p);
@@ -784,7 +467,7 @@ static void test_world(const struct th_daemon *d, int n)
 	p.title = title;
 	for (int kind = AR; kind <= A2A; kind++) {
 		for (size_t s = 0; s < sizeof sizes / sizeof sizes[0]; s++, k++) {
-			comm_dtype_t dt = dtypes[(k * 3 + n) % NDT];
+			comm_dtype_t dt = ref_dtypes[(k * 3 + n) % REF_NDTYPES];
 			int root = sizes[s] == BIG ? (n - 1 + kind) % n : EVERY_ROOT;
 
 			add(&p, (enum kind)kind, dt, COMM_SUM, sizes[s], root, ZC, OOP,
@@ -792,14 +475,14 @@ static void test_world(const struct th_daemon *d, int n)
 		}
 		if (!reduces((enum kind)kind))
 			continue;
-		for (int o = 1; o < NOP; o++, k++)
-			add(&p, (enum kind)kind, dtypes[(k * 7 + n) % NDT], redops[o], 4097,
-			    EVERY_ROOT, ZC, OOP, o % 2);
+		for (int o = 1; o < REF_NREDOPS; o++, k++)
+			add(&p, (enum kind)kind, ref_dtypes[(k * 7 + n) % REF_NDTYPES],
+			    ref_redops[o], 4097, EVERY_ROOT, ZC, OOP, o % 2);
 	}
 	/* the big count with the other reductions, on a few dtypes */
-	add(&p, AR, dtypes[(n + 4) % NDT], COMM_MAX, BIG, 0, ZC, OOP, 0);
-	add(&p, RS, dtypes[(n + 6) % NDT], COMM_AVG, BIG, 0, ZC, OOP, 0);
-	add(&p, RD, dtypes[(n + 1) % NDT], COMM_MIN, BIG, n / 2, ZC, OOP, 1);
+	add(&p, AR, ref_dtypes[(n + 4) % REF_NDTYPES], COMM_MAX, BIG, 0, ZC, OOP, 0);
+	add(&p, RS, ref_dtypes[(n + 6) % REF_NDTYPES], COMM_AVG, BIG, 0, ZC, OOP, 0);
+	add(&p, RD, ref_dtypes[(n + 1) % REF_NDTYPES], COMM_MIN, BIG, n / 2, ZC, OOP, 1);
 	run_plan(d, &p);
 }
 
@@ -822,9 +505,9 @@ static void test_place_mode(const struct th_daemon *d, int n)
 				for (size_t s = 0; s < sizeof sizes / sizeof sizes[0]; s++, k++) {
 					int root = sizes[s] == BIG ? (kind + m) % n : EVERY_ROOT;
 
-					add(&p, (enum kind)kind, dtypes[(k * 3 + m) % NDT],
-					    ops[k % 3], sizes[s], root, (enum mode)m,
-					    (enum place)pl, k % 2);
+					add(&p, (enum kind)kind,
+					    ref_dtypes[(k * 3 + m) % REF_NDTYPES], ops[k % 3],
+					    sizes[s], root, (enum mode)m, (enum place)pl, k % 2);
 				}
 			}
 		}
@@ -852,6 +535,6 @@ int main(void)
 	test_place_mode(&d, 3);
 	CHECK(th_daemon_alive(&d), "commd died during the tests");
 	CHECK(th_daemon_stop(&d) == 0, "commd did not stop cleanly");
-	printf("%s: %.1f s in all\n", check_failures ? "FAIL" : "ok", secs_since(&t0));
+	printf("%s: %.1f s in all\n", check_failures ? "FAIL" : "ok", th_secs_since(&t0));
 	return CHECK_EXIT();
 }

@@ -14,32 +14,10 @@
 #include "check.h"
 #include "comm.h"
 #include "harness.h"
+#include "ref.h"
 
 #define BIG 1000003          /* the large count: worker threads */
-#define GUARD 64             /* poisoned bytes after every buffer */
-#define POISON 0xa5
 #define NOUT 300             /* outstanding requests per rank */
-
-static const comm_dtype_t dtypes[] = { COMM_INT8,    COMM_UINT8,    COMM_INT32,   COMM_UINT32,
-				       COMM_INT64,   COMM_UINT64,   COMM_FLOAT16, COMM_BFLOAT16,
-				       COMM_FLOAT32, COMM_FLOAT64 };
-#define NDT ((int)(sizeof dtypes / sizeof dtypes[0]))
-
-static uint64_t mix(uint64_t x)
-{
-	x += 0x9e3779b97f4a7c15ull;
-	x = (x ^ (x >> 30)) * 0xbf58476d1ce4e5b9ull;
-	x = (x ^ (x >> 27)) * 0x94d049bb133111ebull;
-	return x ^ (x >> 31);
-}
-
-static double secs_since(const struct timespec *t0)
-{
-	struct timespec t;
-
-	clock_gettime(CLOCK_MONOTONIC, &t);
-	return (double)(t.tv_sec - t0->tv_sec) + (double)(t.tv_nsec - t0->tv_nsec) / 1e9;
-}
 
 static int64_t now_ns(void)
 {
@@ -53,8 +31,8 @@ static int64_t now_ns(void)
 
 static uint64_t msg_seed(int tag, int from, int to, int round)
 {
-	return mix(((uint64_t)(unsigned)tag << 48) ^ ((uint64_t)(unsigned)from << 36) ^
-		   ((uint64_t)(unsigned)to << 24) ^ (uint64_t)(unsigned)round);
+	return ref_mix(((uint64_t)(unsigned)tag << 48) ^ ((uint64_t)(unsigned)from << 36) ^
+		       ((uint64_t)(unsigned)to << 24) ^ (uint64_t)(unsigned)round);
 }
 
 static void fill(void *p, size_t bytes, uint64_t seed)
@@ -62,7 +40,7 @@ static void fill(void *p, size_t bytes, uint64_t seed)
 	uint8_t *b = p;
 
 	for (size_t i = 0; i < bytes; i += 8) {
-		uint64_t v = mix(seed + i);
+		uint64_t v = ref_mix(seed + i);
 
 		memcpy(b + i, &v, bytes - i < 8 ? bytes - i : 8);
 	}
@@ -74,7 +52,7 @@ static size_t first_diff(const void *p, size_t bytes, uint64_t seed)
 	const uint8_t *b = p;
 
 	for (size_t i = 0; i < bytes; i += 8) {
-		uint64_t v = mix(seed + i);
+		uint64_t v = ref_mix(seed + i);
 		size_t n = bytes - i < 8 ? bytes - i : 8;
 
 		if (memcmp(b + i, &v, n) != 0)
@@ -85,17 +63,7 @@ static size_t first_diff(const void *p, size_t bytes, uint64_t seed)
 	return bytes;
 }
 
-static int all_bytes(const void *p, size_t len, int byte)
-{
-	const uint8_t *b = p;
-
-	for (size_t i = 0; i < len; i++)
-		if (b[i] != byte)
-			return 0;
-	return 1;
-}
-
-/* A buffer of bytes (+ GUARD poisoned bytes): comm_mem_alloc'd or malloc'd. */
+/* A buffer of bytes (+ REF_GUARD poisoned bytes): comm_mem_alloc'd or malloc'd. */
 struct buf {
 	char *p;
 	size_t len;
@@ -106,22 +74,19 @@ static int buf_get(comm_t *c, struct buf *b, size_t bytes, int zc, int r)
 {
 	b->len = bytes;
 	b->zc = zc;
-	b->p = zc ? comm_mem_alloc(c, bytes + GUARD) : malloc(bytes + GUARD);
+	b->p = ref_buf_alloc(c, zc, bytes + REF_GUARD);
 	if (!b->p) {
-		fprintf(stderr, "rank %d: allocating %zu bytes: %s\n", r, bytes + GUARD,
+		fprintf(stderr, "rank %d: allocating %zu bytes: %s\n", r, bytes + REF_GUARD,
 			zc ? comm_last_error(c) : "malloc");
 		return -1;
 	}
-	memset(b->p, POISON, bytes + GUARD);
+	memset(b->p, REF_POISON, bytes + REF_GUARD);
 	return 0;
 }
 
 static void buf_put(comm_t *c, struct buf *b)
 {
-	if (b->p && b->zc)
-		comm_mem_free(c, b->p);
-	else
-		free(b->p);
+	ref_buf_free(c, b->zc, b->p);
 	b->p = NULL;
 }
 
@@ -134,7 +99,7 @@ static int buf_check(const struct buf *b, uint64_t seed, int r, const char *what
 		fprintf(stderr, "rank %d: %s: byte %zu of %zu is wrong\n", r, what, at, b->len);
 		return 1;
 	}
-	if (!all_bytes(b->p + b->len, GUARD, POISON)) {
+	if (!ref_guard_ok(b->p + b->len)) {
 		fprintf(stderr, "rank %d: %s: written past the end of the buffer\n", r, what);
 		return 1;
 	}
@@ -173,7 +138,7 @@ static void run_job(const struct th_daemon *d, int n, th_rank_fn fn, void *arg,
 	clock_gettime(CLOCK_MONOTONIC, &t0);
 	failed = th_run_ranks(d, job, n, fn, arg);
 	CHECK(failed == 0, "%s: %d of %d ranks failed", what, failed, n);
-	printf("%s: %s (%.1f s)\n", failed ? "FAIL" : "ok", what, secs_since(&t0));
+	printf("%s: %s (%.1f s)\n", failed ? "FAIL" : "ok", what, th_secs_since(&t0));
 	fflush(stdout);
 }
 
@@ -187,103 +152,36 @@ static void run_job(const struct th_daemon *d, int n, th_rank_fn fn, void *arg,
  * exact in double, and so exact in the element type once integers wrap
  * (PROD), integer AVG truncates and floats divide: compared bit for bit.
  */
-static int is_int(comm_dtype_t dt)
+static uint64_t val(comm_dtype_t dt, uint64_t seed, int r, size_t idx)
 {
-	return dt <= COMM_UINT64;
-}
+	uint64_t h = ref_mix(seed ^ ((uint64_t)(unsigned)r << 40) ^ idx);
 
-static double val(comm_dtype_t dt, uint64_t seed, int r, size_t idx)
-{
-	uint64_t h = mix(seed ^ ((uint64_t)(unsigned)r << 40) ^ idx);
-
-	switch (dt) {
-	case COMM_INT8:
-	case COMM_INT32:
-	case COMM_INT64:
-		return (double)((int)(h % 11) - 5);
-	case COMM_UINT8:
-	case COMM_UINT32:
-	case COMM_UINT64:
-		return (double)(h % 6);
-	case COMM_FLOAT16:
-	case COMM_BFLOAT16:
-		return (double)((int)(h % 9) - 4) * 0.5;
-	default:
-		return (double)((int)(h % 17) - 8) * 0.25;
-	}
-}
-
-/* Store v (exact in the type, or an integer that wraps) at p as dt. */
-static void enc(comm_dtype_t dt, double v, void *p)
-{
-	size_t es = comm_dtype_size(dt);
-
-	if (is_int(dt)) {
-		int64_t i = (int64_t)v;
-
-		memcpy(p, &i, es); /* little endian: the low bytes wrap */
-	} else if (dt == COMM_FLOAT16) {
-		_Float16 h = (_Float16)(float)v;
-
-		memcpy(p, &h, es);
-	} else if (dt == COMM_BFLOAT16) {
-		float f = (float)v;
-		uint32_t bits;
-		uint16_t b;
-
-		memcpy(&bits, &f, sizeof bits);
-		b = (uint16_t)(bits >> 16);
-		memcpy(p, &b, es);
-	} else if (dt == COMM_FLOAT32) {
-		float f = (float)v;
-
-		memcpy(p, &f, es);
-	} else {
-		memcpy(p, &v, es);
-	}
+	if (dt == COMM_UINT8 || dt == COMM_UINT32 || dt == COMM_UINT64)
+		return h % 6;
+	return ref_small(dt, h);
 }
 
 /* The reduction of element idx over n ranks. */
-static double fold(comm_dtype_t dt, comm_redop_t op, uint64_t seed, int n, size_t idx)
+static uint64_t fold(comm_dtype_t dt, comm_redop_t op, uint64_t seed, int n, size_t idx)
 {
-	double acc = val(dt, seed, 0, idx);
+	uint64_t in[REF_MAX_RANKS];
 
-	for (int q = 1; q < n; q++) {
-		double v = val(dt, seed, q, idx);
-
-		switch (op) {
-		case COMM_SUM:
-		case COMM_AVG:
-			acc += v;
-			break;
-		case COMM_PROD:
-			acc *= v;
-			break;
-		case COMM_MIN:
-			acc = v < acc ? v : acc;
-			break;
-		default:
-			acc = v > acc ? v : acc;
-			break;
-		}
-	}
-	if (op == COMM_AVG)
-		acc = is_int(dt) ? (double)((int64_t)acc / n) : acc / n;
-	return acc;
+	for (int q = 0; q < n; q++)
+		in[q] = val(dt, seed, q, idx);
+	return ref_fold(dt, op, in, n);
 }
 
 /* Whether element j of p is v as dt; prints why not. */
-static int elem_ok(comm_dtype_t dt, const char *p, size_t j, double v, int r, const char *what)
+static int elem_ok(comm_dtype_t dt, const char *p, size_t j, uint64_t v, int r,
+		   const char *what)
 {
-	size_t es = comm_dtype_size(dt);
-	uint64_t want = 0, got = 0;
+	uint64_t want = 0, got = ref_load(dt, p + j * ref_size(dt));
 
-	enc(dt, v, &want);
-	memcpy(&got, p + j * es, es);
+	ref_store(dt, v, &want);
 	if (got == want)
 		return 1;
 	fprintf(stderr, "rank %d: %s: element %zu is 0x%llx, expected 0x%llx (%g)\n", r, what, j,
-		(unsigned long long)got, (unsigned long long)want, v);
+		(unsigned long long)got, (unsigned long long)want, ref_value(dt, want));
 	return 0;
 }
 
@@ -373,7 +271,7 @@ static int check_allreduce(comm_t *c, int r, int n, uint64_t seed, const char *a
 	}
 	snprintf(what, sizeof what, "all-reduce after %s", after);
 	for (size_t i = 0; i < 7; i++)
-		enc(COMM_FLOAT32, val(COMM_FLOAT32, seed, r, i), &s[i]);
+		ref_store(COMM_FLOAT32, val(COMM_FLOAT32, seed, r, i), &s[i]);
 	rc = comm_allreduce(c, s, d, 7, COMM_FLOAT32, COMM_SUM, NULL);
 	if (!want_rc(c, r, what, rc, COMM_OK)) {
 		bad = -1;
@@ -430,7 +328,7 @@ static int rank_mismatch(int r, int n, void *arg)
 		OK_OR_BAIL(comm_recv(c, b.p, 8, COMM_INT32, 0, NULL));
 		b.len = 32;
 		bad |= buf_check(&b, msg_seed(2, 0, 1, 0), r, "4 int64 received as 8 int32");
-		memset(b.p, POISON, 64 + GUARD);
+		memset(b.p, REF_POISON, 64 + REF_GUARD);
 		OK_OR_BAIL(comm_recv(c, b.p, 8, COMM_FLOAT16, 0, NULL));
 		b.len = 16;
 		bad |= buf_check(&b, msg_seed(2, 0, 1, 0), r, "16 int8 received as 8 float16");
@@ -504,7 +402,7 @@ static int rank_ring(int r, int n, void *arg)
 	if (th_join(&c, r, n) < 0)
 		return 1;
 	for (int round = 0; round < RING_ROUNDS + RING_ASYNC_ROUNDS; round++) {
-		comm_dtype_t dt = dtypes[round % NDT];
+		comm_dtype_t dt = ref_dtypes[round % REF_NDTYPES];
 		size_t count = 1 + (size_t)round * 7919 % 3000, es = comm_dtype_size(dt);
 		int async = round >= RING_ROUNDS;
 		comm_request_t *sreq = NULL, *rreq = NULL;
@@ -600,7 +498,7 @@ static int rank_large(int r, int n, void *arg)
 		}
 		/* both ways at once in a group */
 		fill(s.p, s.len, msg_seed(50 + m, r, peer, 0));
-		memset(d.p, POISON, d.len);
+		memset(d.p, REF_POISON, d.len);
 		OK_OR_BAIL(comm_group_start(c));
 		OK_OR_BAIL(comm_send(c, s.p, BIG, COMM_FLOAT64, peer, NULL));
 		OK_OR_BAIL(comm_recv(c, d.p, BIG, COMM_FLOAT64, peer, NULL));
@@ -705,9 +603,9 @@ static int rank_behind(int r, int n, void *arg)
 		return th_bail(c);
 	if (variant == 0) {
 		for (size_t i = 0; i < BIG; i++)
-			enc(COMM_FLOAT32, val(COMM_FLOAT32, 81, r, i), s.p + 4 * i);
+			ref_store(COMM_FLOAT32, val(COMM_FLOAT32, 81, r, i), s.p + 4 * i);
 		for (size_t i = 0; i < 7; i++)
-			enc(COMM_FLOAT32, val(COMM_FLOAT32, 82, r, i), s2.p + 4 * i);
+			ref_store(COMM_FLOAT32, val(COMM_FLOAT32, 82, r, i), s2.p + 4 * i);
 		OK_OR_BAIL(comm_allreduce(c, s.p, d.p, BIG, COMM_FLOAT32, COMM_SUM, &req));
 		OK_OR_BAIL(comm_allreduce(c, s2.p, d2.p, 7, COMM_FLOAT32, COMM_SUM, NULL));
 		OK_OR_BAIL(comm_wait(req, -1));
@@ -824,7 +722,7 @@ struct mop {
 
 static uint64_t rng_next(uint64_t *s)
 {
-	return *s = mix(*s);
+	return *s = ref_mix(*s);
 }
 
 /* The next op of the mixed sequence; every rank draws the same. */
@@ -834,14 +732,14 @@ static struct mop draw(uint64_t *s, int n, int it)
 	uint64_t big = rng_next(s) % 50;
 
 	m.kind = (enum kind)(rng_next(s) % NKINDS);
-	m.dt = dtypes[rng_next(s) % NDT];
+	m.dt = ref_dtypes[rng_next(s) % REF_NDTYPES];
 	m.op = (comm_redop_t)(rng_next(s) % 5);
 	m.count = big == 0 ? 0 : big == 1 ? 20000 + rng_next(s) % 50000 : rng_next(s) % 3000;
 	m.root = (int)(rng_next(s) % (uint64_t)n);
 	m.zc = (int)(rng_next(s) % 3 != 0);
 	m.inplace = (int)(rng_next(s) % 4 == 0);
 	m.async = (int)(rng_next(s) % 3 == 0);
-	m.seed = mix(0x5eed0000ull + (uint64_t)it);
+	m.seed = ref_mix(0x5eed0000ull + (uint64_t)it);
 	return m;
 }
 
@@ -854,24 +752,8 @@ static const char *kind_name(enum kind k)
 	return names[k];
 }
 
-static const char *dt_name(comm_dtype_t dt)
-{
-	static const char *const names[] = { "int8",    "uint8",    "int32",   "uint32",
-					     "int64",   "uint64",   "float16", "bfloat16",
-					     "float32", "float64" };
-
-	return names[dt];
-}
-
-static const char *op_name(comm_redop_t op)
-{
-	static const char *const names[] = { "sum", "prod", "min", "max", "avg" };
-
-	return names[op];
-}
-
 /* What element j of rank r's output must be. */
-static double mop_expect(const struct mop *m, int r, int n, size_t j)
+static uint64_t mop_expect(const struct mop *m, int r, int n, size_t j)
 {
 	size_t cnt = m->count;
 
@@ -956,7 +838,7 @@ static int mop_start(comm_t *c, struct mrun *x, const struct mop *m, int r, int 
 	x->inplace = m->inplace && m->kind != RING && m->kind != BARRIER;
 	x->root_only_out = m->kind == RD && r != m->root;
 	snprintf(x->what, sizeof x->what, "mixed op %d: %s %s %s count %zu root %d%s%s%s", it,
-		 kind_name(m->kind), dt_name(m->dt), op_name(m->op), m->count, m->root,
+		 kind_name(m->kind), ref_dtype_name(m->dt), ref_op_name(m->op), m->count, m->root,
 		 m->zc ? " zero-copy" : " staged", x->inplace ? " in-place" : "",
 		 m->async ? " with a request" : "");
 	x->sn = m->kind == RS || m->kind == A2A ? all : m->count;
@@ -978,7 +860,7 @@ static int mop_start(comm_t *c, struct mrun *x, const struct mop *m, int r, int 
 		x->send = x->s.p + (size_t)r * block;
 	if (m->kind != BC || r == m->root)
 		for (size_t i = 0; i < x->sn; i++)
-			enc(m->dt, val(m->dt, m->seed, r, i), x->send + i * x->es);
+			ref_store(m->dt, val(m->dt, m->seed, r, i), x->send + i * x->es);
 	if (m->kind == BC && r != m->root && !x->inplace) {
 		buf_put(c, &x->s);
 		x->send = NULL;
@@ -1028,12 +910,12 @@ static int mop_finish(comm_t *c, struct mrun *x)
 		}
 	}
 	if (x->root_only_out && x->recv && x->recv != x->send &&
-	    !all_bytes(x->recv, x->rn * x->es, POISON)) {
+	    !ref_all_bytes(x->recv, x->rn * x->es, REF_POISON)) {
 		fprintf(stderr, "rank %d: %s: the non-root recvbuf was written\n", r, x->what);
 		bad = 1;
 	}
-	if ((x->s.p && !all_bytes(x->s.p + x->s.len, GUARD, POISON)) ||
-	    (x->d.p && !all_bytes(x->d.p + x->d.len, GUARD, POISON))) {
+	if ((x->s.p && !ref_guard_ok(x->s.p + x->s.len)) ||
+	    (x->d.p && !ref_guard_ok(x->d.p + x->d.len))) {
 		fprintf(stderr, "rank %d: %s: written past the end of a buffer\n", r, x->what);
 		bad = 1;
 	}
@@ -1101,17 +983,17 @@ static int out_post(comm_t *c, struct oreq *o, int k, int phase, int r)
 {
 	size_t es;
 
-	o->dt = dtypes[(k + phase) % NDT];
-	o->op = (comm_redop_t)((k / NDT + phase) % 5);
+	o->dt = ref_dtypes[(k + phase) % REF_NDTYPES];
+	o->op = (comm_redop_t)((k / REF_NDTYPES + phase) % 5);
 	o->count = 1 + (size_t)(k * 37 + phase * 11) % 500;
-	o->seed = mix(0x07 + (uint64_t)phase * 1000 + (uint64_t)k);
+	o->seed = ref_mix(0x07 + (uint64_t)phase * 1000 + (uint64_t)k);
 	es = comm_dtype_size(o->dt);
 	/* phase 1: every other request staged */
 	if (buf_get(c, &o->s, o->count * es, phase != 1 || k % 2, r) < 0 ||
 	    buf_get(c, &o->d, o->count * es, phase != 1 || k % 2, r) < 0)
 		return -1;
 	for (size_t i = 0; i < o->count; i++)
-		enc(o->dt, val(o->dt, o->seed, r, i), o->s.p + i * es);
+		ref_store(o->dt, val(o->dt, o->seed, r, i), o->s.p + i * es);
 	return comm_allreduce(c, o->s.p, o->d.p, o->count, o->dt, o->op, &o->req) == COMM_OK ? 0
 											      : -1;
 }
@@ -1124,7 +1006,7 @@ static int out_check(comm_t *c, struct oreq *o, int k, int r, int n)
 	snprintf(what, sizeof what, "outstanding all-reduce %d", k);
 	for (size_t j = 0; j < o->count && !bad; j++)
 		bad = !elem_ok(o->dt, o->d.p, j, fold(o->dt, o->op, o->seed, n, j), r, what);
-	if (!all_bytes(o->d.p + o->d.len, GUARD, POISON)) {
+	if (!ref_guard_ok(o->d.p + o->d.len)) {
 		fprintf(stderr, "rank %d: %s: written past the end\n", r, what);
 		bad = 1;
 	}
@@ -1410,7 +1292,7 @@ static int rank_group_wait(int r, int n, void *arg)
 	if (r == 0)
 		fill(b.p, b.len, msg_seed(70, 0, 1, 0));
 	for (size_t i = 0; i < 7; i++)
-		enc(COMM_INT32, val(COMM_INT32, 77, r, i), s.p + 4 * i);
+		ref_store(COMM_INT32, val(COMM_INT32, 77, r, i), s.p + 4 * i);
 	OK_OR_BAIL(comm_group_start(c));
 	if (r == 0)
 		OK_OR_BAIL(comm_send(c, b.p, 100, COMM_INT32, 1, &req));
@@ -1582,6 +1464,6 @@ int main(void)
 	run_job(&d, 3, rank_wait_zero, NULL, "comm_wait(req, 0) polled until the op is done");
 	CHECK(th_daemon_alive(&d), "commd died during the tests");
 	CHECK(th_daemon_stop(&d) == 0, "commd did not stop cleanly");
-	printf("%s: %.1f s in all\n", check_failures ? "FAIL" : "ok", secs_since(&t0));
+	printf("%s: %.1f s in all\n", check_failures ? "FAIL" : "ok", th_secs_since(&t0));
 	return CHECK_EXIT();
 }

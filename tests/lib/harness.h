@@ -6,6 +6,7 @@
 #define TESTS_HARNESS_H
 
 #include <sys/types.h>
+#include <time.h>
 
 #include "comm.h"
 
@@ -61,6 +62,9 @@ int th_join(comm_t **c, int rank, int size);
 int th_leave(comm_t *c, int rank);
 /* Give up after an op failed on this rank (the others' ops then fail too); returns 1. */
 int th_bail(comm_t *c);
+
+/* Seconds on CLOCK_MONOTONIC since t0 (taken with clock_gettime). */
+double th_secs_since(const struct timespec *t0);
 
 /* Count the open fds of a process (from /proc/PID/fd). */
 int th_count_fds(pid_t pid);
