@@ -85,13 +85,9 @@ int main(void)
 	int r, n, rows, bad = 0;
 	comm_t *c;
 
-	setvbuf(stdout, NULL, _IOLBF, 0);
-	rc = comm_init(&c, NULL);
-	if (rc != COMM_OK) {
-		fprintf(stderr, "[data_parallelism] comm_init: %s: %s\n", comm_strerror(rc),
-			comm_last_error(NULL));
+	c = mlp_join("data_parallelism");
+	if (!c)
 		return 1;
-	}
 	r = comm_rank(c);
 	n = comm_size(c);
 	if (MLP_BATCH % n != 0) {

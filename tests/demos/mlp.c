@@ -324,3 +324,18 @@ char *mlp_repr(char *buf, size_t len, double v)
 	}
 	return buf;
 }
+
+comm_t *mlp_join(const char *tag)
+{
+	comm_t *c;
+	comm_result_t rc;
+
+	setvbuf(stdout, NULL, _IOLBF, 0);
+	rc = comm_init(&c, NULL);
+	if (rc != COMM_OK) {
+		fprintf(stderr, "[%s] comm_init: %s: %s\n", tag, comm_strerror(rc),
+			comm_last_error(NULL));
+		return NULL;
+	}
+	return c;
+}

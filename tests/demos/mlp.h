@@ -9,6 +9,8 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#include "comm.h"
+
 #define MLP_LAYERS 4
 #define MLP_DIM 1024
 #define MLP_BATCH 128
@@ -80,5 +82,11 @@ char *mlp_params_str(char *buf, size_t len, const struct mlp *m);
 
 /* v as Python's repr() prints a float: the shortest round-tripping digits. */
 char *mlp_repr(char *buf, size_t len, double v);
+
+/*
+ * Join the job from the environment with stdout line-buffered (ranks print
+ * concurrently); NULL, with the reason on stderr under [tag], on failure.
+ */
+comm_t *mlp_join(const char *tag);
 
 #endif

@@ -39,13 +39,9 @@ int main(void)
 	char s[64];
 	comm_t *c;
 
-	setvbuf(stdout, NULL, _IOLBF, 0);
-	rc = comm_init(&c, NULL);
-	if (rc != COMM_OK) {
-		fprintf(stderr, "[tensor_parallelism] comm_init: %s: %s\n", comm_strerror(rc),
-			comm_last_error(NULL));
+	c = mlp_join("tensor_parallelism");
+	if (!c)
 		return 1;
-	}
 	r = comm_rank(c);
 	n = comm_size(c);
 	if (MLP_DIM % n != 0) {
