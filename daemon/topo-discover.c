@@ -213,6 +213,8 @@ static void find_nics(struct topo *t, const char *cls)
 }
 
 #ifdef HAVE_CUDA
+#define NVLINK_MAX_LINKS 18 /* links per GPU (Hopper); NVML says which are up */
+
 /* NVML, loaded at run time: only the few calls and the struct it needs. */
 typedef struct {
 	char legacy[16];
@@ -233,6 +235,8 @@ static void find_nvlinks(struct topo *t)
 	*(void **)&by_bus = dlsym(lib, "nvmlDeviceGetHandleByPciBusId_v2");
 	*(void **)&state = dlsym(lib, "nvmlDeviceGetNvLinkState");
 	*(void **)&remote = dlsym(lib, "nvmlDeviceGetNvLinkRemotePciInfo_v2");
+	int to_switch[TOPO_MAX_GPUS] = { 0 };
+
 	if (!init || !shutdown || !by_bus || !state || !remote || init() != 0)
 		goto out;
 	for (int g = 0; g < t->ngpus; g++) {
@@ -240,20 +244,35 @@ static void find_nvlinks(struct topo *t)
 
 		if (by_bus(t->gpu[g].bus, &dev) != 0)
 			continue;
-		for (unsigned l = 0; l < 18; l++) {
+		for (unsigned l = 0; l < NVLINK_MAX_LINKS; l++) {
 			nvml_pci_t pci;
 			char bus[TOPO_BUS_LEN];
-			int active = 0;
+			int active = 0, peer = 0;
 
 			if (state(dev, l, &active) != 0 || !active || remote(dev, l, &pci) != 0)
 				continue;
 			snprintf(bus, sizeof bus, "%04x:%02x:%02x.0", (uint16_t)pci.domain,
 				 (uint8_t)pci.bus, (uint8_t)pci.device);
-			for (int h = 0; h < t->ngpus; h++)
-				if (h != g && strcmp(t->gpu[h].bus, bus) == 0)
+			for (int h = 0; h < t->ngpus; h++) {
+				if (h != g && strcmp(t->gpu[h].bus, bus) == 0) {
 					t->nvlink[g][h]++;
+					peer = 1;
+				}
+			}
+			/* a link to no GPU of ours ends at an NVSwitch */
+			if (!peer)
+				to_switch[g]++;
 		}
 	}
+	/*
+	 * GPUs on NVSwitches reach each other over all their switch links, as
+	 * nvidia-smi counts it (NV18 between every pair of an HGX H100).
+	 */
+	for (int g = 0; g < t->ngpus; g++)
+		for (int h = 0; h < t->ngpus; h++)
+			if (h != g && to_switch[g] && to_switch[h])
+				t->nvlink[g][h] += to_switch[g] < to_switch[h] ? to_switch[g]
+									 : to_switch[h];
 	shutdown();
 out:
 	dlclose(lib);
