@@ -24,6 +24,7 @@
 
 #define WQ_MAX_BYTES (16u << 20)  /* write queue per connection before it is dropped */
 #define MEM_MAX_PER_CONN 4096  /* registrations one connection may hold */
+#define OPS_MAX_PER_RANK 65536 /* ops one rank may have posted and not had answered */
 #define TIMEOUT_MAX_MS (24u * 3600 * 1000)
 #define JOB_NAME_MAX 255
 #define TOKEN_MAX 256
@@ -271,6 +272,7 @@ struct job {
 	TAILQ_HEAD(, posted) *posted; /* per rank, in seq order */
 	uint64_t *next_post;           /* per rank: the seq it must post next */
 	uint64_t *next_cseq;           /* per rank: the cseq of its next collective */
+	uint32_t *nposted;             /* per rank: ops queued */
 	uint64_t *open_group;          /* per rank: the group being posted, or 0 */
 	uint64_t next_coll;            /* cseq of the collective that runs next */
 	uint8_t *left;                 /* per rank: left cleanly (comm_finalize) */

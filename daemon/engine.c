@@ -55,8 +55,10 @@ static int op_has_root(Commpb__OpType t)
 	return t == COMMPB__OP_TYPE__OP_BROADCAST || t == COMMPB__OP_TYPE__OP_REDUCE;
 }
 
-static void posted_free(struct posted *p)
+/* Free p, which has left its rank's queue. */
+static void posted_free(struct job *j, struct posted *p)
 {
+	j->nposted[p->rank]--;
 	if (p->send.mem)
 		mem_unref(p->send.mem);
 	if (p->recv.mem)
@@ -101,6 +103,7 @@ void engine_post(struct conn *c, struct posted *p)
 		  p->done ? " (refused)" : "", (unsigned long long)p->count, p->peer, p->root,
 		  (unsigned long long)p->group, p->group_last ? " (last)" : "");
 	TAILQ_INSERT_TAIL(&j->posted[c->rank], p, link);
+	j->nposted[c->rank]++;
 	/* a group progresses once all of it is there */
 	if (!p->group || p->group_last)
 		engine_kick(j);
@@ -118,7 +121,7 @@ void engine_fail_pending(struct job *j, int only, comm_result_t code, const char
 				continue;
 			reply(j, p, code, detail);
 			TAILQ_REMOVE(&j->posted[r], p, link);
-			posted_free(p);
+			posted_free(j, p);
 		}
 	}
 }
@@ -130,7 +133,7 @@ void engine_free(struct job *j)
 
 		while ((p = TAILQ_FIRST(&j->posted[r]))) {
 			TAILQ_REMOVE(&j->posted[r], p, link);
-			posted_free(p);
+			posted_free(j, p);
 		}
 	}
 }
@@ -185,7 +188,7 @@ static void retire(struct job *j)
 				p = TAILQ_FIRST(&j->posted[r]);
 				reply(j, p, p->status, p->detail);
 				TAILQ_REMOVE(&j->posted[r], p, link);
-				posted_free(p);
+				posted_free(j, p);
 			} while (p != last);
 		}
 	}
@@ -494,7 +497,7 @@ static void finish_task(struct task *t)
 			/* everything else was answered when the job failed */
 			reply(j, p, code, detail);
 			TAILQ_REMOVE(&j->posted[p->rank], p, link);
-			posted_free(p);
+			posted_free(j, p);
 		}
 	}
 	task_free(t);

@@ -51,6 +51,7 @@ static void job_free(struct job *j)
 	free(j->next_cseq);
 	free(j->open_group);
 	free(j->left);
+	free(j->nposted);
 	free(j);
 }
 
@@ -67,8 +68,9 @@ static struct job *job_new(const struct conn *c, const Commpb__Hello *h)
 	j->next_cseq = calloc((size_t)w, sizeof *j->next_cseq);
 	j->open_group = calloc((size_t)w, sizeof *j->open_group);
 	j->left = calloc((size_t)w, sizeof *j->left);
+	j->nposted = calloc((size_t)w, sizeof *j->nposted);
 	if (!j->ranks || !j->posted || !j->next_post || !j->next_cseq || !j->open_group ||
-	    !j->left) {
+	    !j->left || !j->nposted) {
 		job_free(j);
 		return NULL;
 	}

@@ -171,6 +171,11 @@ int req_op_exec(struct conn *c, const Commpb__Envelope *env, int *fds, int nfds)
 	}
 	if (check_group(c, o) < 0)
 		return -1;
+	if (j->nposted[c->rank] >= OPS_MAX_PER_RANK) {
+		conn_fail(c, COMM_ERR_NO_MEMORY, "op %llu: %d ops already in flight on rank %d",
+			  (unsigned long long)o->seq, OPS_MAX_PER_RANK, c->rank);
+		return -1;
+	}
 	p = calloc(1, sizeof *p);
 	if (!p) {
 		conn_fail(c, COMM_ERR_NO_MEMORY, "op: out of memory");

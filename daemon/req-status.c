@@ -43,12 +43,8 @@ int req_status_exec(struct conn *c, const Commpb__Envelope *env, int *fds, int n
 			break;
 		ji = &infos[i];
 		commpb__job_info__init(ji);
-		for (int r = 0; r < j->world; r++) {
-			struct posted *p;
-
-			TAILQ_FOREACH(p, &j->posted[r], link)
-				pending++;
-		}
+		for (int r = 0; r < j->world; r++)
+			pending += j->nposted[r];
 		ji->name = j->name;
 		ji->world_size = j->world;
 		ji->joined = j->joined;

@@ -181,6 +181,41 @@ static int rank_mismatch(int rank, int n, void *arg)
 	return comm_finalize(c) == COMM_OK ? 0 : 1;
 }
 
+/* Rank 0 posts one op more than the daemon keeps in flight per rank; rank 1 waits. */
+#define OPS_CAP 65536
+
+static int rank_flood(int rank, int n, void *arg)
+{
+	comm_request_t **reqs = calloc(OPS_CAP + 1, sizeof *reqs);
+	comm_t *c = join(rank);
+	comm_result_t rc;
+
+	if (!c || !reqs)
+		return 1;
+	if (rank == 1) {
+		int v;
+
+		/* a recv that rank 0 never matches: it waits until rank 0 is gone */
+		rc = comm_recv(c, &v, 1, COMM_INT32, 0, NULL);
+		if (rc != COMM_ERR_PEER_LOST) {
+			fprintf(stderr, "rank 1: flooded peer: got %s, want PEER_LOST\n",
+				comm_result_name(rc));
+			return 1;
+		}
+		return 0;
+	}
+	for (int i = 0; i <= OPS_CAP; i++)
+		if (comm_allreduce(c, NULL, NULL, 0, COMM_INT32, COMM_SUM, &reqs[i]) != COMM_OK)
+			break;
+	rc = comm_wait(reqs[OPS_CAP], -1);
+	if (rc != COMM_ERR_NO_MEMORY || !strstr(comm_last_error(c), "in flight")) {
+		fprintf(stderr, "rank 0: op %d: got %s (%s), want NO_MEMORY\n", OPS_CAP + 1,
+			comm_result_name(rc), comm_last_error(c));
+		return 1;
+	}
+	return 0;
+}
+
 /* Join with explicit settings; returns the result of comm_init (+ one op). */
 static comm_result_t join_as(const char *job, const char *token, int rank, int world,
 			     int timeout_ms)
@@ -625,6 +660,11 @@ int main(void)
 	CHECK(th_run_ranks(&d, "mismatch", N, rank_mismatch, NULL) == 0, "mismatch");
 	check_baseline(fds0, "mismatches");
 	printf("ok: count, type, dtype and redop mismatches reported to every rank\n");
+
+	CHECK(th_run_ranks(&d, "flood", 2, rank_flood, NULL) == 0, "ops in flight cap");
+	check_baseline(fds0, "a flood of ops");
+	printf("ok: a rank past %d ops in flight is cut off (NO_MEMORY); its peer gets PEER_LOST\n",
+	       OPS_CAP);
 
 	test_bad_joins();
 	check_baseline(fds0, "bad joins");
