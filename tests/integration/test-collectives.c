@@ -14,6 +14,7 @@
 #include "check.h"
 #include "comm.h"
 #include "harness.h"
+#include "plan.h"
 #include "ref.h"
 
 #define BIG 1000003          /* the large count: threads, parts and chunks */
@@ -40,17 +41,6 @@ struct tcase {
 	enum mode mode;
 	enum place place;
 	int wide;        /* integers over their whole range: SUM and PROD wrap */
-};
-
-/* A list of cases one job runs in order; failed[] and ran[] are shared with the ranks. */
-struct plan {
-	const char *title;
-	int world;
-	uint32_t seed;
-	int n, cap;
-	struct tcase *cases;
-	int *failed;    /* ranks that found case i wrong */
-	int *ran;       /* ranks that finished case i */
 };
 
 /* One op of one rank: its buffers and where its input and output lie. */
@@ -227,36 +217,11 @@ static int run_one(comm_t *c, const struct tcase *t, uint32_t seed, int r, int n
 
 /* --- plans: lists of cases run by one job -------------------------------- */
 
-static int rank_plan(int r, int n, void *arg)
-{
-	const struct plan *p = arg;
-	comm_t *c;
-	int bad = 0;
-
-	if (th_join(&c, r, n) < 0)
-		return 1;
-	for (int i = 0; i < p->n; i++) {
-		int rc = run_one(c, &p->cases[i], p->seed + (uint32_t)i, r, n);
-
-		if (rc)
-			__atomic_fetch_add(&p->failed[i], 1, __ATOMIC_RELAXED);
-		if (rc < 0)
-			return th_bail(c);
-		__atomic_fetch_add(&p->ran[i], 1, __ATOMIC_RELAXED);
-		bad |= rc;
-	}
-	return th_leave(c, r) | bad;
-}
-
-static void add(struct plan *p, enum kind k, comm_dtype_t dt, comm_redop_t op, size_t count,
+static void add(struct th_plan *p, enum kind k, comm_dtype_t dt, comm_redop_t op, size_t count,
 		enum mode m, enum place pl, int wide)
 {
-	if (p->n == p->cap) {
-		p->cap = p->cap ? 2 * p->cap : 64;
-		p->cases = realloc(p->cases, (size_t)p->cap * sizeof *p->cases);
-		REQUIRE(p->cases, "out of memory");
-	}
-	p->cases[p->n++] = (struct tcase){ k, dt, op, count, m, pl, wide };
+	p->case_size = sizeof(struct tcase);
+	*(struct tcase *)th_plan_add(p) = (struct tcase){ k, dt, op, count, m, pl, wide };
 }
 
 static int next_job;
@@ -266,42 +231,33 @@ static void job_name(char *buf, size_t len, const char *tag)
 	snprintf(buf, len, "coll-%d-%s", ++next_job, tag);
 }
 
-/* Run every case of p in one job of p->world ranks; print a line a case. */
-static void run_plan(const struct th_daemon *d, struct plan *p)
+/* th_plan's view of a case: run and described as a struct tcase. */
+static int run_any(comm_t *c, const void *t, uint32_t seed, int r, int n)
 {
-	size_t bytes = 2 * (size_t)(p->n ? p->n : 1) * sizeof *p->failed;
-	struct timespec t0;
-	char job[64], what[160];
-	int failed, nbad = 0;
+	return run_one(c, t, seed, r, n);
+}
 
-	p->failed = mmap(NULL, bytes, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_ANONYMOUS, -1, 0);
-	REQUIRE(p->failed != MAP_FAILED, "mmap");
-	p->ran = p->failed + (p->n ? p->n : 1);
+static const char *describe_any(const void *t, int n, char *buf, size_t len)
+{
+	return describe(t, n, buf, len);
+}
+
+/* Run every case of p in one job of p->world ranks; print a line a case. */
+static void run_plan(const struct th_daemon *d, struct th_plan *p)
+{
 	p->seed = (uint32_t)next_job * 4096 + 1;
-	job_name(job, sizeof job, "plan");
-	clock_gettime(CLOCK_MONOTONIC, &t0);
-	failed = th_run_ranks(d, job, p->world, rank_plan, p);
-	for (int i = 0; i < p->n; i++) {
-		const char *st = p->failed[i] ? "FAIL" : p->ran[i] == p->world ? "ok" : "not run";
-
-		nbad += p->failed[i] > 0;
-		printf("%s: %s\n", st, describe(&p->cases[i], p->world, what, sizeof what));
-	}
-	CHECK(failed == 0 && nbad == 0, "%s: %d of %d ranks failed, %d of %d cases wrong",
-	      p->title, failed, p->world, nbad, p->n);
-	printf("== %s: %s, %d cases, %.1f s\n", p->title, failed ? "FAIL" : "ok", p->n,
-	       th_secs_since(&t0));
-	fflush(stdout);
-	munmap(p->failed, bytes);
-	free(p->cases);
-	memset(p, 0, sizeof *p);
+	p->seed_step = 1;
+	job_name(p->job, sizeof p->job, "plan");
+	p->run = run_any;
+	p->describe = describe_any;
+	th_plan_run(d, p);
 }
 
 /* Every dtype x op for all-reduce and reduce-scatter, all-gather per dtype. */
 static void test_all_types(const struct th_daemon *d)
 {
 	static const size_t small[] = { 0, 1, 7 };
-	struct plan p = { .title = "every dtype x op, n=4, zero-copy", .world = 4 };
+	struct th_plan p = { .title = "every dtype x op, n=4, zero-copy", .world = 4 };
 
 	for (int k = AR; k <= RS; k++) {
 		for (size_t i = 0; i < sizeof dtypes / sizeof dtypes[0]; i++) {
@@ -349,7 +305,7 @@ static void test_other_sizes(const struct th_daemon *d)
 					      "a few combos, n=3" };
 
 	for (int n = 1; n <= 3; n++) {
-		struct plan p = { .title = titles[n], .world = n };
+		struct th_plan p = { .title = titles[n], .world = n };
 
 		for (size_t i = 0; i < sizeof combos / sizeof combos[0]; i++)
 			for (size_t s = 0; s < sizeof counts / sizeof counts[0]; s++)
@@ -376,7 +332,7 @@ static void test_in_place(const struct th_daemon *d)
 	static const size_t counts[] = { 1, 7, BIG };
 
 	for (int n = 4; n >= 3; n--) {
-		struct plan p = { .title = n == 4 ? "in place, n=4, zero-copy"
+		struct th_plan p = { .title = n == 4 ? "in place, n=4, zero-copy"
 						  : "in place, n=3, zero-copy",
 				  .world = n };
 
@@ -403,7 +359,7 @@ static void test_in_place(const struct th_daemon *d)
 static void test_staged(const struct th_daemon *d)
 {
 	static const size_t counts[] = { 7, BIG };
-	struct plan p = { .title = "staged (malloc) buffers, n=4", .world = 4 };
+	struct th_plan p = { .title = "staged (malloc) buffers, n=4", .world = 4 };
 
 	for (size_t s = 0; s < sizeof counts / sizeof counts[0]; s++) {
 		size_t cnt = counts[s];

@@ -14,6 +14,7 @@
 #include "check.h"
 #include "comm.h"
 #include "harness.h"
+#include "plan.h"
 #include "ref.h"
 
 #define BIG 1000003          /* the large count: worker threads, parts and chunks */
@@ -49,17 +50,6 @@ struct tcase {
 	enum mode mode;
 	enum place place;
 	int null;      /* non-root broadcast sendbuf / reduce recvbuf NULL */
-};
-
-/* A list of cases one job runs in order; failed[] and ran[] are shared with the ranks. */
-struct plan {
-	const char *title;
-	int world;
-	uint32_t seed;
-	int n, cap;
-	struct tcase *cases;
-	int *failed;    /* ranks that found case i wrong */
-	int *ran;       /* ranks that finished case i */
 };
 
 /* One op of one rank: its buffers and what they must hold. */
@@ -357,80 +347,43 @@ static int run_case(comm_t *c, const struct tcase *t, uint32_t seed, int r, int 
 
 /* --- plans: lists of cases run by one job -------------------------------- */
 
-static int rank_plan(int r, int n, void *arg)
-{
-	const struct plan *p = arg;
-	comm_t *c;
-	int bad = 0;
-
-	if (th_join(&c, r, n) < 0)
-		return 1;
-	for (int i = 0; i < p->n; i++) {
-		int rc = run_case(c, &p->cases[i], p->seed + (uint32_t)i * 131, r, n);
-
-		if (rc)
-			__atomic_fetch_add(&p->failed[i], 1, __ATOMIC_RELAXED);
-		if (rc < 0) {
-			/* the others' ops fail too, rather than wait for this rank */
-			comm_abort(c);
-			return 1;
-		}
-		__atomic_fetch_add(&p->ran[i], 1, __ATOMIC_RELAXED);
-		bad |= rc;
-	}
-	return th_leave(c, r) | bad;
-}
-
-static void add(struct plan *p, enum kind k, comm_dtype_t dt, comm_redop_t op, size_t count,
+static void add(struct th_plan *p, enum kind k, comm_dtype_t dt, comm_redop_t op, size_t count,
 		int root, enum mode m, enum place pl, int null)
 {
-	if (p->n == p->cap) {
-		p->cap = p->cap ? 2 * p->cap : 64;
-		p->cases = realloc(p->cases, (size_t)p->cap * sizeof *p->cases);
-		REQUIRE(p->cases, "out of memory");
-	}
-	p->cases[p->n++] = (struct tcase){ k, dt, reduces(k) ? op : COMM_SUM, count, root, m, pl,
-					   null };
+	p->case_size = sizeof(struct tcase);
+	*(struct tcase *)th_plan_add(p) = (struct tcase){ k, dt, reduces(k) ? op : COMM_SUM, count,
+							 root, m, pl, null };
 }
 
 static int next_job;
 
-/* Run every case of p in one job of p->world ranks; print a line a case. */
-static void run_plan(const struct th_daemon *d, struct plan *p)
+/* th_plan's view of a case: run and described as a struct tcase. */
+static int run_any(comm_t *c, const void *t, uint32_t seed, int r, int n)
 {
-	size_t bytes = 2 * (size_t)(p->n ? p->n : 1) * sizeof *p->failed;
-	struct timespec t0;
-	char job[64], what[200];
-	int failed, nbad = 0;
+	return run_case(c, t, seed, r, n);
+}
 
-	p->failed = mmap(NULL, bytes, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_ANONYMOUS, -1, 0);
-	REQUIRE(p->failed != MAP_FAILED, "mmap");
-	p->ran = p->failed + (p->n ? p->n : 1);
+static const char *describe_any(const void *t, int n, char *buf, size_t len)
+{
+	return describe(t, n, buf, len);
+}
+
+/* Run every case of p in one job of p->world ranks; print a line a case. */
+static void run_plan(const struct th_daemon *d, struct th_plan *p)
+{
 	p->seed = (uint32_t)(++next_job) * 65536 + 1;
-	snprintf(job, sizeof job, "ops-%d", next_job);
-	clock_gettime(CLOCK_MONOTONIC, &t0);
-	failed = th_run_ranks(d, job, p->world, rank_plan, p);
-	for (int i = 0; i < p->n; i++) {
-		const char *st = p->failed[i] ? "FAIL" : p->ran[i] == p->world ? "ok" : "not run";
-
-		nbad += p->failed[i] > 0;
-		printf("%s: %s\n", st, describe(&p->cases[i], p->world, what, sizeof what));
-	}
-	CHECK(failed == 0 && nbad == 0, "%s: %d of %d ranks failed, %d of %d cases wrong",
-	      p->title, failed, p->world, nbad, p->n);
-	printf("== %s: %s, %d cases, %.1f s\n", p->title, failed || nbad ? "FAIL" : "ok", p->n,
-	       th_secs_since(&t0));
-	fflush(stdout);
-	munmap(p->failed, bytes);
-	free(p->cases);
-	memset(p, 0, sizeof *p);
+	p->seed_step = 131;
+	snprintf(p->job, sizeof p->job, "ops-%d", next_job);
+	p->run = run_any;
+	p->describe = describe_any;
+	th_plan_run(d, p);
 }
 
 /* Every op x dtype x redop at the small sizes: n=4, zero-copy, out of place. */
 static void test_matrix(const struct th_daemon *d)
 {
 	static const size_t sizes[] = { 0, 1, 7, 4097 };
-	struct plan p = { .title = "every op x dtype x redop, n=4, zero-copy", .world = 4 };
+	struct th_plan p = { .title = "every op x dtype x redop, n=4, zero-copy", .world = 4 };
 	int ns = (int)(sizeof sizes / sizeof sizes[0]);
 
 	for (int i = 0; i < REF_NDTYPES; i++) {
@@ -459,7 +412,7 @@ static void test_matrix(const struct th_daemon *d)
 static void test_world(const struct th_daemon *d, int n)
 {
 	static const size_t sizes[] = { 1, 7, 4097, BIG };
-	struct plan p = { .world = n };
+	struct th_plan p = { .world = n };
 	char title[64];
 	int k = 0;
 
@@ -491,7 +444,7 @@ static void test_place_mode(const struct th_daemon *d, int n)
 {
 	static const size_t sizes[] = { 7, BIG };
 	static const comm_redop_t ops[] = { COMM_SUM, COMM_AVG, COMM_MAX };
-	struct plan p = { .world = n };
+	struct th_plan p = { .world = n };
 	char title[64];
 	int k = 0;
 
