@@ -78,7 +78,6 @@ void gpu_probe(void);
 #define TOPO_MAX_GPUS 32        /* 64 devices: the reply stays well under a frame */
 #define TOPO_MAX_NICS 32
 #define TOPO_MAX_NUMA 64
-#define TOPO_MAX_DEVS (TOPO_MAX_GPUS + TOPO_MAX_NICS)
 #define TOPO_PATH_MAX 16     /* host bridge + bridges above a device */
 #define TOPO_BUS_LEN 13      /* "dddd:bb:dd.f" and its NUL */
 
@@ -273,6 +272,8 @@ struct job {
 	uint64_t *next_post;           /* per rank: the seq it must post next */
 	uint64_t *next_cseq;           /* per rank: the cseq of its next collective */
 	uint32_t *nposted;             /* per rank: ops queued */
+	struct posted **scratch_ops;   /* per rank: the engine's working space, */
+	uint8_t *scratch_blocked;      /* made once with the job */
 	uint64_t *open_group;          /* per rank: the group being posted, or 0 */
 	uint64_t next_coll;            /* cseq of the collective that runs next */
 	uint8_t *left;                 /* per rank: left cleanly (comm_finalize) */

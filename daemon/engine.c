@@ -317,16 +317,12 @@ static void start(struct job *j, struct task *t)
 /* Try the next collective; 1 when something happened. */
 static int try_collective(struct job *j)
 {
-	struct posted **ops = calloc((size_t)j->world, sizeof *ops);
+	struct posted **ops = j->scratch_ops;
 	comm_result_t code = COMM_ERR_MISMATCH;
 	char detail[256];
 	int bad = -1, rc = 0;
 	struct task *t;
 
-	if (!ops) {
-		job_fail(j, COMM_ERR_NO_MEMORY, "engine: out of memory");
-		return 1;
-	}
 	for (int r = 0; r < j->world; r++) {
 		if (j->left[r]) /* none can run: engine_rank_left failed them */
 			goto out;
@@ -363,7 +359,6 @@ static int try_collective(struct job *j)
 		if (!ops[r]->done)
 			set_done(ops[r], code, detail);
 out:
-	free(ops);
 	return rc;
 }
 
@@ -444,13 +439,9 @@ static int pair(struct job *j, int a, struct posted *s)
  */
 static int try_p2p(struct job *j)
 {
-	uint8_t *blocked = calloc((size_t)j->world, 1);
+	uint8_t *blocked = j->scratch_blocked;
 	int rc = 0;
 
-	if (!blocked) {
-		job_fail(j, COMM_ERR_NO_MEMORY, "engine: out of memory");
-		return 1;
-	}
 	for (int a = 0; a < j->world && !rc; a++) {
 		struct posted *last = unit_last(j, a), *s;
 
@@ -464,7 +455,6 @@ static int try_p2p(struct job *j)
 			blocked[s->peer] = 1;
 		}
 	}
-	free(blocked);
 	return rc;
 }
 
