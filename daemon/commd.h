@@ -63,6 +63,29 @@ int server_start(uv_loop_t *loop, const char *path);
 /* Stop accepting, close every connection and the listener. */
 void server_stop(void);
 
+/* --- config.c: settings from the config file, then the flags ------------- */
+
+#define CONFIG_DEFAULT_FILE "/etc/commd/commd.conf"
+#define CONFIG_DEFAULT_SOCKET "/run/commd/commd.sock"
+
+struct config {
+	char socket[108];      /* sun_path's size */
+	char topology[4096];   /* "" : discover */
+	int log_level;
+	int threads;
+	uint32_t timeout_ms;
+};
+
+/* The defaults: the socket above, log level info, a thread a core, 10 minutes. */
+void config_init(struct config *cfg);
+/* Set key (a flag's long name) from text; -1 with "key: why" in err. */
+int config_set(struct config *cfg, const char *key, const char *val, char *err, size_t errlen);
+/*
+ * Read `key = value` lines from path over cfg. A missing file is fine unless
+ * must_exist. -1 with "path:line: why" in err.
+ */
+int config_load(struct config *cfg, const char *path, int must_exist, char *err, size_t errlen);
+
 /* --- notify.c: the service manager's notify socket ------------------------ */
 
 /* Send one sd_notify-style message if NOTIFY_SOCKET is set; 0 or -errno. */

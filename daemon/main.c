@@ -13,12 +13,12 @@
 #include "log.h"
 #include "util.h"
 
-#define DEFAULT_SOCKET "/run/commd/commd.sock"
-
 static void usage(FILE *f)
 {
-	fprintf(f, "usage: commd [--socket PATH] [--foreground] [--log-level LEVEL]\n"
+	fprintf(f, "usage: commd [--config FILE] [--socket PATH] [--foreground] [--log-level LEVEL]\n"
 		   "             [--threads N] [--timeout MS] [--topology FILE] [--dump-topology]\n"
+		   "  --config FILE      read settings from FILE (default %s, if it exists);\n"
+		   "                     its keys are the long flags' names; flags win\n"
 		   "  --socket PATH      listen on this Unix socket (default %s)\n"
 		   "  --foreground       stay in the foreground, log to stderr (default: daemonize\n"
 		   "                     and log to syslog)\n"
@@ -28,7 +28,7 @@ static void usage(FILE *f)
 		   "  --topology FILE    read the node's topology from FILE instead of discovering it\n"
 		   "  --dump-topology    print the discovered topology in that format and exit\n"
 		   "  --version          print the version and exit\n",
-		   DEFAULT_SOCKET);
+		   CONFIG_DEFAULT_FILE, CONFIG_DEFAULT_SOCKET);
 }
 
 static void on_signal(uv_signal_t *h, int signum)
@@ -40,9 +40,16 @@ static void on_signal(uv_signal_t *h, int signum)
 	server_stop();
 }
 
+/* The value flags, by their long names, kept to apply over the config file. */
+struct flag_val {
+	const char *key;
+	const char *val;
+};
+
 int main(int argc, char **argv)
 {
 	static const struct option opts[] = {
+		{ "config", required_argument, NULL, 'c' },
 		{ "socket", required_argument, NULL, 's' },
 		{ "foreground", no_argument, NULL, 'f' },
 		{ "log-level", required_argument, NULL, 'l' },
@@ -54,44 +61,33 @@ int main(int argc, char **argv)
 		{ "help", no_argument, NULL, 'h' },
 		{ NULL, 0, NULL, 0 },
 	};
-	const char *path = DEFAULT_SOCKET, *topo_file = NULL;
-	int dump_topo = 0, foreground = 0, threads = (int)sysconf(_SC_NPROCESSORS_ONLN), opt, lvl;
-	long timeout = DEFAULT_TIMEOUT_MS;
+	struct flag_val flags[16];
+	static struct config cfg; /* the server keeps pointers into it */
+	const char *cfg_file = NULL;
+	int nflags = 0, dump_topo = 0, foreground = 0, opt, idx;
 	char status[512], err[512], summary[160];
 	uv_loop_t *loop = uv_default_loop();
 
-	while ((opt = getopt_long(argc, argv, "s:fl:t:T:Vh", opts, NULL)) != -1) {
+	while ((opt = getopt_long(argc, argv, "s:fl:t:T:Vh", opts, &idx)) != -1) {
 		switch (opt) {
+		case 'c':
+			cfg_file = optarg;
+			break;
 		case 's':
-			path = optarg;
+		case 'l':
+		case 't':
+		case 'T':
+		case 'O':
+			if (nflags == (int)(sizeof flags / sizeof flags[0])) {
+				fprintf(stderr, "commd: too many flags\n");
+				return 2;
+			}
+			for (idx = 0; opts[idx].val != opt; idx++)
+				;
+			flags[nflags++] = (struct flag_val){ opts[idx].name, optarg };
 			break;
 		case 'f':
 			foreground = 1;
-			break;
-		case 'l':
-			if ((lvl = log_parse_level(optarg)) < 0) {
-				fprintf(stderr, "commd: --log-level: unknown level '%s'\n", optarg);
-				return 2;
-			}
-			log_set_level((enum log_level)lvl);
-			break;
-		case 't':
-			threads = atoi(optarg);
-			if (threads < 1 || threads > 1024) {
-				fprintf(stderr, "commd: --threads: '%s' is not in 1..1024\n", optarg);
-				return 2;
-			}
-			break;
-		case 'T':
-			timeout = atol(optarg);
-			if (timeout < 1 || timeout > 24L * 3600 * 1000) {
-				fprintf(stderr, "commd: --timeout: '%s' is not in 1..86400000\n",
-					optarg);
-				return 2;
-			}
-			break;
-		case 'O':
-			topo_file = optarg;
 			break;
 		case 'D':
 			dump_topo = 1;
@@ -112,15 +108,26 @@ int main(int argc, char **argv)
 		usage(stderr);
 		return 2;
 	}
-	if (threads < 1)
-		threads = 1;
+	config_init(&cfg);
+	if (config_load(&cfg, cfg_file ? cfg_file : CONFIG_DEFAULT_FILE, cfg_file != NULL, err,
+			sizeof err) < 0) {
+		fprintf(stderr, "commd: config: %s\n", err);
+		return 2;
+	}
+	for (int i = 0; i < nflags; i++) {
+		if (config_set(&cfg, flags[i].key, flags[i].val, err, sizeof err) < 0) {
+			fprintf(stderr, "commd: --%s\n", err);
+			return 2;
+		}
+	}
+	log_set_level((enum log_level)cfg.log_level);
 	if (dump_topo) {
 		topo_discover(&node_topo);
 		topo_dump(&node_topo, stdout);
 		return fflush(stdout) == 0 ? 0 : 1;
 	}
-	if (topo_file) {
-		if (topo_load(&node_topo, topo_file, err, sizeof err) < 0) {
+	if (*cfg.topology) {
+		if (topo_load(&node_topo, cfg.topology, err, sizeof err) < 0) {
 			fprintf(stderr, "commd: %s\n", err);
 			return 1;
 		}
@@ -136,12 +143,12 @@ int main(int argc, char **argv)
 		log_use_syslog("commd");
 	}
 	signal(SIGPIPE, SIG_IGN);
-	srv.default_timeout_ms = (uint32_t)timeout;
+	srv.default_timeout_ms = cfg.timeout_ms;
 	srv.start_ms = now_ms();
 	gpu_probe();
-	if (be_host_start(loop, threads) < 0)
+	if (be_host_start(loop, cfg.threads) < 0)
 		return 1;
-	if (server_start(loop, path) < 0) {
+	if (server_start(loop, cfg.socket) < 0) {
 		be_host_stop();
 		return 1;
 	}
@@ -151,11 +158,11 @@ int main(int argc, char **argv)
 	uv_signal_start(&srv.sig_int, on_signal, SIGINT);
 
 	log_info("commd %s: pid %d, socket %s, %d worker threads, gpu: %s", COMMD_VERSION,
-		 (int)getpid(), path, threads, srv.gpu_info);
+		 (int)getpid(), cfg.socket, cfg.threads, srv.gpu_info);
 	topo_summary(&node_topo, summary, sizeof summary);
 	log_info("topology (%s): %s", node_topo.source, summary);
 	snprintf(status, sizeof status, "READY=1\nMAINPID=%d\nSTATUS=serving %s (host backend)",
-		 (int)getpid(), path);
+		 (int)getpid(), cfg.socket);
 	notify_send(status);
 
 	uv_run(loop, UV_RUN_DEFAULT);

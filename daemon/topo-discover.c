@@ -13,6 +13,7 @@
 #include <string.h>
 
 #include "commd.h"
+#include "log.h"
 
 #ifdef HAVE_HWLOC
 #include <hwloc.h>
@@ -192,11 +193,13 @@ static void find_nics(struct topo *t, const char *cls)
 {
 	struct dirent **names;
 	char path[PATH_MAX];
-	int n = scandir(cls, &names, NULL, alphasort);
+	int n = scandir(cls, &names, NULL, alphasort), dropped = 0;
 
 	for (int i = 0; i < n; i++) {
 		struct topo_dev d = { .kind = TOPO_NIC };
 
+		if (names[i]->d_name[0] != '.' && t->nnics == TOPO_MAX_NICS)
+			dropped++;
 		if (names[i]->d_name[0] != '.' && t->nnics < TOPO_MAX_NICS &&
 		    strlen(names[i]->d_name) < sizeof d.name) {
 			snprintf(path, sizeof path, "%s/%s/device", cls, names[i]->d_name);
@@ -210,6 +213,9 @@ static void find_nics(struct topo *t, const char *cls)
 	}
 	if (n > 0)
 		free(names);
+	if (dropped)
+		log_warn("topology: %d NICs is the most shown; %d more entries of %s left out",
+			 TOPO_MAX_NICS, dropped, cls);
 }
 
 #ifdef HAVE_CUDA
@@ -287,6 +293,8 @@ static void find_gpus(struct topo *t)
 		snprintf(t->gpu_note, sizeof t->gpu_note, "cuda: %s", cudaGetErrorString(e));
 		return;
 	}
+	if (n > TOPO_MAX_GPUS)
+		log_warn("topology: %d GPUs, only the first %d are shown", n, TOPO_MAX_GPUS);
 	for (int i = 0; i < n && t->ngpus < TOPO_MAX_GPUS; i++) {
 		struct topo_dev *d = &t->gpu[t->ngpus];
 		struct cudaDeviceProp p;

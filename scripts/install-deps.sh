@@ -4,7 +4,7 @@
 # /usr/local/cuda when they are there and builds without them otherwise.
 set -euo pipefail
 pkgs=(build-essential autoconf automake libtool pkg-config
-      libuv1-dev libprotobuf-c-dev protobuf-c-compiler
+      libuv1-dev libprotobuf-c-dev protobuf-c-compiler libinih-dev
       libucx-dev libhwloc-dev libsystemd-dev libcmocka-dev)
 missing=()
 for p in "${pkgs[@]}"; do

@@ -9,7 +9,7 @@ daemon_start() {
 	shift
 	sock=$dir/commd.sock
 	trap 'kill "$pid" 2>/dev/null; rm -rf "$dir"' EXIT
-	"$COMMD" --foreground --socket "$sock" "$@" 2>"$dir/commd.log" &
+	"$COMMD" --foreground --config /dev/null --socket "$sock" "$@" 2>"$dir/commd.log" &
 	pid=$!
 	until "$COMMCTL" --socket "$sock" status >/dev/null 2>&1; do
 		kill -0 "$pid" 2>/dev/null || { echo "FAIL: commd exited"; cat "$dir/commd.log"; exit 1; }

@@ -86,6 +86,8 @@ int th_daemon_start(struct th_daemon *d, ...)
 	}
 	argv[argc++] = (char *)commd;
 	argv[argc++] = "--foreground";
+	argv[argc++] = "--config"; /* hermetic: not the host's /etc/commd/commd.conf */
+	argv[argc++] = "/dev/null";
 	argv[argc++] = "--log-level";
 	argv[argc++] = "debug";
 	argv[argc++] = "--socket";

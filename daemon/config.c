@@ -1,0 +1,136 @@
+/*
+ * config.c: commd's settings. The config file (default /etc/commd/commd.conf,
+ * `key = value` lines, `#` or `;` comments, read with inih) sets them first;
+ * command-line flags of the same names override it. Both go through
+ * config_set, so a value means the same wherever it is written.
+ */
+#include <errno.h>
+#include <ini.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "commd.h"
+#include "log.h"
+
+void config_init(struct config *cfg)
+{
+	long cores = sysconf(_SC_NPROCESSORS_ONLN);
+
+	memset(cfg, 0, sizeof *cfg);
+	snprintf(cfg->socket, sizeof cfg->socket, "%s", CONFIG_DEFAULT_SOCKET);
+	cfg->log_level = LVL_INFO;
+	cfg->threads = cores < 1 ? 1 : cores > 1024 ? 1024 : (int)cores;
+	cfg->timeout_ms = DEFAULT_TIMEOUT_MS;
+}
+
+static int parse_long(const char *s, long min, long max, long *out)
+{
+	char *end;
+	long v;
+
+	errno = 0;
+	v = strtol(s, &end, 10);
+	if (errno || end == s || *end || v < min || v > max)
+		return -1;
+	*out = v;
+	return 0;
+}
+
+static int set_path(char *dst, size_t len, const char *key, const char *val, char *err,
+		    size_t errlen)
+{
+	if (!*val || strlen(val) >= len) {
+		snprintf(err, errlen, "%s: '%.200s' is empty or longer than %zu bytes", key, val,
+			 len - 1);
+		return -1;
+	}
+	memcpy(dst, val, strlen(val) + 1);
+	return 0;
+}
+
+int config_set(struct config *cfg, const char *key, const char *val, char *err, size_t errlen)
+{
+	long v;
+	int lvl;
+
+	if (!strcmp(key, "socket"))
+		return set_path(cfg->socket, sizeof cfg->socket, key, val, err, errlen);
+	if (!strcmp(key, "topology"))
+		return set_path(cfg->topology, sizeof cfg->topology, key, val, err, errlen);
+	if (!strcmp(key, "log-level")) {
+		if ((lvl = log_parse_level(val)) < 0) {
+			snprintf(err, errlen, "%s: unknown level '%.200s' (error, warn, info, debug)",
+				 key, val);
+			return -1;
+		}
+		cfg->log_level = lvl;
+		return 0;
+	}
+	if (!strcmp(key, "threads")) {
+		if (parse_long(val, 1, 1024, &v) < 0) {
+			snprintf(err, errlen, "%s: '%.200s' is not in 1..1024", key, val);
+			return -1;
+		}
+		cfg->threads = (int)v;
+		return 0;
+	}
+	if (!strcmp(key, "timeout")) {
+		if (parse_long(val, 1, TIMEOUT_MAX_MS, &v) < 0) {
+			snprintf(err, errlen, "%s: '%.200s' is not in 1..%u (milliseconds)", key,
+				 val, TIMEOUT_MAX_MS);
+			return -1;
+		}
+		cfg->timeout_ms = (uint32_t)v;
+		return 0;
+	}
+	snprintf(err, errlen, "unknown key '%.200s'", key);
+	return -1;
+}
+
+struct load_ctx {
+	struct config *cfg;
+	char err[256];
+};
+
+static int on_entry(void *user, const char *section, const char *key, const char *val)
+{
+	struct load_ctx *ctx = user;
+	char err[256];
+
+	if (*ctx->err)
+		return 0;
+	if (*section) {
+		snprintf(ctx->err, sizeof ctx->err, "section [%.200s]: commd.conf has no sections",
+			 section);
+		return 0;
+	}
+	if (config_set(ctx->cfg, key, val, err, sizeof err) < 0) {
+		snprintf(ctx->err, sizeof ctx->err, "%s", err);
+		return 0;
+	}
+	return 1;
+}
+
+int config_load(struct config *cfg, const char *path, int must_exist, char *err, size_t errlen)
+{
+	struct load_ctx ctx = { cfg, "" };
+	FILE *f = fopen(path, "r");
+	int line;
+
+	if (!f) {
+		if (errno == ENOENT && !must_exist)
+			return 0;
+		snprintf(err, errlen, "%s: %s", path, strerror(errno));
+		return -1;
+	}
+	line = ini_parse_file(f, on_entry, &ctx);
+	fclose(f);
+	if (line == 0)
+		return 0;
+	/* inih reports the first bad line; a line it cannot parse has no message of ours */
+	snprintf(err, errlen, "%s:%d: %s", path, line,
+		 *ctx.err ? ctx.err : "not a 'key = value' line");
+	return -1;
+}

@@ -1,0 +1,84 @@
+#!/bin/bash
+# test-config.sh: commd's config file: every key takes effect, flags win over
+# the file, the topology key loads a description like --topology, and a bad
+# key, value, section or line stops commd at start naming the file and line.
+set -u
+. "$(dirname "$0")/../lib/daemon.sh"
+fix=$(cd "$(dirname "$0")/../fixtures" && pwd)
+fail=0
+bad() { echo "FAIL: $*"; fail=1; }
+tmp=$(mktemp -d /tmp/commd-config-XXXXXX)
+trap 'rm -rf "$tmp"' EXIT
+
+# 1. a file with every key; commctl status shows what the daemon took
+cat >"$tmp/commd.conf" <<EOF
+# commd.conf for the test
+socket = $tmp/from-file.sock
+threads = 3
+timeout = 1500
+log-level = debug
+topology = $fix/nvlink-pair.topo
+EOF
+"$COMMD" --foreground --config "$tmp/commd.conf" 2>"$tmp/commd.log" &
+pid=$!
+until "$COMMCTL" --socket "$tmp/from-file.sock" status >"$tmp/status" 2>/dev/null; do
+	kill -0 "$pid" 2>/dev/null || { bad "commd with a config file exited: $(cat "$tmp/commd.log")"; break; }
+	sleep 0.02
+done
+grep -q "^topology:    2 GPUs, 1 NIC, 1 NUMA node, NVLink yes\$" "$tmp/status" ||
+	bad "topology key not used: $(cat "$tmp/status")"
+grep -q "3 worker threads" "$tmp/commd.log" || bad "threads key not used: $(cat "$tmp/commd.log")"
+grep -q " debug: " "$tmp/commd.log" || bad "log-level key not used: no debug lines"
+kill -TERM "$pid"; wait "$pid" || bad "commd did not exit cleanly"
+
+# the job deadline from the file: rank 0 of a job of 2 whose rank 1 never
+# comes fails its join after 1.5 s, not the 10-minute default
+"$COMMD" --foreground --config "$tmp/commd.conf" 2>"$tmp/commd.log" &
+pid=$!
+until "$COMMCTL" --socket "$tmp/from-file.sock" status >/dev/null 2>&1; do sleep 0.02; done
+"$COMMCTL" --socket "$tmp/from-file.sock" status --json | grep -q '"worker_threads": 3' ||
+	bad "threads key not in status: $("$COMMCTL" --socket "$tmp/from-file.sock" status --json)"
+start=$(date +%s)
+COMM_SOCKET=$tmp/from-file.sock COMM_JOB=lonely COMM_RANK=0 COMM_WORLD_SIZE=2 \
+	timeout 60 "$COMM_DEMOS/collectives" >/dev/null 2>"$tmp/rank.err" && bad "a lonely rank joined"
+took=$(($(date +%s) - start))
+grep -q "timed out" "$tmp/rank.err" || bad "lonely rank: no timeout: $(cat "$tmp/rank.err")"
+[ "$took" -le 10 ] || bad "timeout key not used: the join took ${took}s"
+kill -TERM "$pid"; wait "$pid" || bad "commd did not exit cleanly"
+
+# 2. flags override the file
+daemon_start commd-config --config "$tmp/commd.conf" --threads 1 --log-level info
+grep -q "1 worker threads" "$dir/commd.log" || bad "--threads does not override the file"
+grep -q " debug: " "$dir/commd.log" && bad "--log-level does not override the file"
+[ -S "$tmp/from-file.sock" ] && bad "--socket does not override the file"
+daemon_stop
+rm -rf "$dir"; trap 'rm -rf "$tmp"' EXIT
+
+# 3. bad files stop commd at start, naming the line
+check_bad() { # NAME LINE WORDS TEXT
+	printf '%s\n' "$4" >"$tmp/bad.conf"
+	# a commd that accepted the file would serve forever: timeout makes that a failure
+	if timeout 10 "$COMMD" --foreground --config "$tmp/bad.conf" --socket "$tmp/bad.sock" 2>"$tmp/bad.err"; then
+		bad "$1: accepted"
+	elif ! grep -q "bad.conf:$2: .*$3" "$tmp/bad.err"; then
+		bad "$1: message does not name line $2 ($3): $(cat "$tmp/bad.err")"
+	fi
+}
+check_bad "unknown key" 2 "unknown key 'thread'" $'# comment\nthread = 2'
+check_bad "threads zero" 1 "threads: '0' is not in 1..1024" 'threads = 0'
+check_bad "threads not a number" 1 "threads: '2x'" 'threads = 2x'
+check_bad "timeout too long" 1 "timeout: '86400001' is not in" 'timeout = 86400001'
+check_bad "log level" 3 "unknown level 'loud'" $'threads = 1\n\nlog-level = loud'
+check_bad "section" 2 "has no sections" $'[commd]\nthreads = 1'
+check_bad "not key = value" 2 "not a 'key = value' line" $'threads = 1\njust words'
+check_bad "empty socket" 1 "socket: '' is empty" 'socket ='
+printf 'topology = %s\n' "$tmp/none.topo" >"$tmp/bad.conf"
+timeout 10 "$COMMD" --foreground --config "$tmp/bad.conf" 2>"$tmp/bad.err" && bad "missing topology file accepted"
+grep -q "none.topo: No such file" "$tmp/bad.err" || bad "missing topology file: $(cat "$tmp/bad.err")"
+timeout 10 "$COMMD" --foreground --config "$tmp/none.conf" 2>"$tmp/bad.err" && bad "missing --config file accepted"
+grep -q "none.conf: No such file" "$tmp/bad.err" || bad "missing --config file: $(cat "$tmp/bad.err")"
+timeout 10 "$COMMD" --foreground --config /dev/null --threads 0 2>"$tmp/bad.err" && bad "--threads 0 accepted"
+grep -q -- "--threads: '0' is not in 1..1024" "$tmp/bad.err" || bad "--threads 0: $(cat "$tmp/bad.err")"
+
+[ "$fail" = 0 ] && echo "PASS: test-config"
+exit "$fail"
