@@ -12,6 +12,7 @@
 #include "commd.pb-c.h"
 #include "err.h"
 #include "frame.h"
+#include "ring.h"
 
 #define COMM_DEFAULT_SOCKET "/run/commd/commd.sock"
 #define SEG_MIN_BYTES (64u << 20) /* smallest segment registered with commd */
@@ -47,6 +48,7 @@ struct comm_request {
 	void *user_recv;
 	size_t recv_bytes;
 	int unsent;                 /* posted in a group that has not ended yet */
+	int ring;                   /* posted in the ring: answered in its slot */
 };
 
 /* An op of an open group, sent at comm_group_end. */
@@ -75,6 +77,10 @@ struct comm {
 	struct group_op *group;     /* the open group's ops */
 	size_t group_n;
 	size_t group_cap;
+	void *ring;                 /* the submission ring (in a segment), or NULL */
+	int ring_efd;               /* wakes commd */
+	int spin_us;                /* how long a wait spins before it sleeps */
+	uint8_t ring_busy[RING_SLOTS]; /* slot holds an op not answered yet */
 	char last_error[256];
 };
 
@@ -96,6 +102,22 @@ int mem_lookup(comm_t *c, const void *p, size_t len, uint64_t *mem_id, uint64_t 
 /* Whether p lies in a segment at all (even if p+len runs past its end). */
 int mem_owned(comm_t *c, const void *p);
 void mem_free_all(comm_t *c);
+
+/* ring.c */
+/* Attach a submission ring if commd takes one (COMM_RING=0: never). */
+void ring_attach(comm_t *c);
+void ring_detach(comm_t *c);
+/* Post op in the ring: 1 posted, 0 its slot is busy (use the socket), -1 error. */
+int ring_post(comm_t *c, const Commpb__Op *op, comm_request_t *r);
+/* Record the answers commd wrote in the ring. */
+void ring_reap(comm_t *c);
+/* Record r's answer (from its slot or the socket) and free its slot. */
+void ring_complete(comm_request_t *r, comm_result_t rc, const char *detail);
+/*
+ * Wait for r: spin on the ring (yielding) up to COMM_SPIN_US, then sleep on
+ * the socket. Returns when r is done, the comm broke, or timeout_ms passed.
+ */
+void ring_wait(comm_request_t *r, int timeout_ms);
 
 /* req.c */
 comm_request_t *req_new(comm_t *c);

@@ -69,7 +69,15 @@ static comm_result_t comm_break(comm_t *c, comm_result_t rc, const char *fmt, ..
 
 static void handle(comm_t *c, Commpb__Envelope *env)
 {
-	if (env->body_case == COMMPB__ENVELOPE__BODY_OP_DONE) {
+	if (env->body_case == COMMPB__ENVELOPE__BODY_OP_DONE && env->id == 0) {
+		/* a ring op, answered on the socket because we slept */
+		for (comm_request_t *r = c->reqs; r; r = r->next) {
+			if (r->ring && !r->done && r->seq == env->op_done->seq) {
+				ring_complete(r, env->op_done->status, env->op_done->detail);
+				break;
+			}
+		}
+	} else if (env->body_case == COMMPB__ENVELOPE__BODY_OP_DONE) {
 		for (comm_request_t *r = c->reqs; r; r = r->next) {
 			if (r->id == env->id) {
 				r->done = 1;
@@ -310,6 +318,7 @@ static int connect_to(const char *path, char *err, size_t errlen)
 
 static void comm_free(comm_t *c)
 {
+	ring_detach(c);
 	free(c->group);
 	req_free_all(c);
 	mem_free_all(c);
@@ -335,6 +344,7 @@ COMM_API comm_result_t comm_init(comm_t **out, const comm_config_t *config)
 	if (!c)
 		return COMM_ERR_NO_MEMORY;
 	c->fd = -1;
+	c->ring_efd = -1;
 	c->next_id = 1;
 	c->next_seq = 1;
 	frame_reader_init(&c->rd);
@@ -373,6 +383,7 @@ COMM_API comm_result_t comm_init(comm_t **out, const comm_config_t *config)
 	}
 	c->rank = cfg.rank;
 	c->size = cfg.world_size;
+	ring_attach(c);
 	*out = c;
 out:
 	if (reply)
@@ -402,8 +413,7 @@ COMM_API comm_result_t comm_finalize(comm_t *c)
 
 		comm_result_t rrc;
 
-		while (!r->done && c->broken == COMM_OK)
-			comm_pump(c, -1);
+		ring_wait(r, -1);
 		rrc = req_finish(r);
 		if (rrc != COMM_OK && rc == COMM_OK)
 			rc = rrc;

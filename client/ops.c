@@ -50,12 +50,17 @@ static comm_result_t bufref(comm_t *c, const struct opdesc *d, const void *p, si
 	return COMM_OK;
 }
 
-/* Send one op; its request gets the envelope id. */
+/* Post one op: in the ring when its slot is free, else as a message. */
 static comm_result_t send_op(comm_t *c, Commpb__Op *op, comm_request_t *r)
 {
 	Commpb__Envelope env = COMMPB__ENVELOPE__INIT;
 	comm_result_t rc;
+	int posted = ring_post(c, op, r);
 
+	if (posted < 0)
+		return comm_set_error(c, COMM_ERR_DAEMON_UNREACHABLE, "waking commd failed");
+	if (posted)
+		return COMM_OK;
 	env.body_case = COMMPB__ENVELOPE__BODY_OP;
 	env.op = op;
 	rc = comm_send_env(c, &env);

@@ -80,27 +80,13 @@ void req_free_all(comm_t *c)
 
 COMM_API comm_result_t comm_wait(comm_request_t *r, int timeout_ms)
 {
-	uint64_t deadline = timeout_ms < 0 ? 0 : now_ms() + (uint64_t)timeout_ms;
-
 	if (!r)
 		return COMM_ERR_INVALID_ARG;
 	if (r->unsent)
 		return comm_set_error(r->comm, COMM_ERR_INVALID_ARG,
 				      "wait: the request's group has not ended yet");
-	while (!r->done) {
-		int left = -1;
-
-		if (timeout_ms >= 0) {
-			uint64_t now = now_ms();
-
-			left = now >= deadline ? 0 : (int)(deadline - now);
-		}
-		/* read at least once, even with no time left */
-		comm_pump(r->comm, left);
-		if (!r->done && timeout_ms >= 0 && now_ms() >= deadline)
-			return COMM_INPROGRESS;
-	}
-	return req_finish(r);
+	ring_wait(r, timeout_ms);
+	return r->done ? req_finish(r) : COMM_INPROGRESS;
 }
 
 COMM_API comm_result_t comm_test(comm_request_t *r, int *done)
@@ -110,6 +96,7 @@ COMM_API comm_result_t comm_test(comm_request_t *r, int *done)
 	if (r->unsent)
 		return comm_set_error(r->comm, COMM_ERR_INVALID_ARG,
 				      "test: the request's group has not ended yet");
+	ring_reap(r->comm);
 	if (!r->done)
 		comm_pump(r->comm, 0);
 	*done = r->done;

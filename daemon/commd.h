@@ -191,6 +191,7 @@ struct conn {
 	TAILQ_HEAD(, mem) mems;
 	int nmems;
 	uint64_t next_mem_id;
+	struct ring *ring;     /* the rank's submission ring, or NULL */
 };
 
 /* Take ownership of an accepted socket and start reading from it. */
@@ -246,6 +247,29 @@ int req_leave_exec(struct conn *c, const Commpb__Envelope *env, int *fds, int nf
 int req_abort_exec(struct conn *c, const Commpb__Envelope *env, int *fds, int nfds);
 int req_status_exec(struct conn *c, const Commpb__Envelope *env, int *fds, int nfds);
 int req_topo_exec(struct conn *c, const Commpb__Envelope *env, int *fds, int nfds);
+int req_ring_attach_exec(struct conn *c, const Commpb__Envelope *env, int *fds, int nfds);
+
+/* --- req-op.c: posting an op ---------------------------------------------- */
+
+struct posted;
+/*
+ * Post op o of rank c, from an Op message (req_id its envelope id) or from
+ * the rank's ring (ring 1, req_id 0). 0 to go on, -1 when c was failed.
+ */
+int op_post(struct conn *c, const Commpb__Op *o, uint64_t req_id, int ring);
+/* Answer p to its rank, over the socket or in its ring slot. */
+void op_answer(struct conn *c, const struct posted *p, comm_result_t code, const char *detail);
+
+/* --- ring.c: the shared-memory submission ring (common/ring.h) ------------- */
+
+/* Post what the rank published in its ring, in seq order, then arm it. */
+void ring_drain(struct conn *c);
+/* Answer op seq in its slot; over the socket too while the rank sleeps. */
+void ring_answer(struct conn *c, uint64_t seq, comm_result_t code, const char *detail);
+/* Detach the ring (the connection closes). */
+void ring_close(struct conn *c);
+/* Close the poller (daemon shutdown, after every connection closed). */
+void ring_stop(void);
 
 /* --- mem.c: registered memory ----------------------------------------------- */
 
@@ -358,6 +382,7 @@ struct posted {
 	int running;           /* part of the task on the workers */
 	int done;              /* finished with status; answered when its unit retires */
 	int answered;          /* the rank already has its OpDone */
+	int ring;              /* posted in the ring: answered in its slot */
 	comm_result_t status;
 	char detail[256];
 };

@@ -80,6 +80,7 @@ void conn_close(struct conn *c, const char *why)
 	log_debug("conn %llu: closed: %s", (unsigned long long)c->id, why);
 	if (c->job)
 		job_detach(c, COMM_ERR_PEER_LOST, why);
+	ring_close(c);
 	while ((m = TAILQ_FIRST(&c->mems)))
 		mem_release(c, m);
 	while ((w = TAILQ_FIRST(&c->wq))) {

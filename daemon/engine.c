@@ -66,24 +66,14 @@ static void posted_free(struct job *j, struct posted *p)
 	free(p);
 }
 
-/* Send p's OpDone (once) if its rank is still there. */
+/* Answer p (once) if its rank is still there. */
 static void reply(struct job *j, struct posted *p, comm_result_t code, const char *detail)
 {
-	Commpb__Envelope env = COMMPB__ENVELOPE__INIT;
-	Commpb__OpDone done = COMMPB__OP_DONE__INIT;
-
 	if (p->answered)
 		return;
 	p->answered = 1;
-	if (!j->ranks[p->rank])
-		return;
-	done.seq = p->seq;
-	done.status = code;
-	done.detail = (char *)detail;
-	env.id = p->req_id;
-	env.body_case = COMMPB__ENVELOPE__BODY_OP_DONE;
-	env.op_done = &done;
-	conn_send(j->ranks[p->rank], &env);
+	if (j->ranks[p->rank])
+		op_answer(j->ranks[p->rank], p, code, detail);
 }
 
 static void set_done(struct posted *p, comm_result_t code, const char *detail)

@@ -154,9 +154,26 @@ static int check_group(struct conn *c, const Commpb__Op *o)
 	return 0;
 }
 
-int req_op_exec(struct conn *c, const Commpb__Envelope *env, int *fds, int nfds)
+void op_answer(struct conn *c, const struct posted *p, comm_result_t code, const char *detail)
 {
-	const Commpb__Op *o = env->op;
+	Commpb__Envelope env = COMMPB__ENVELOPE__INIT;
+	Commpb__OpDone done = COMMPB__OP_DONE__INIT;
+
+	if (p->ring) {
+		ring_answer(c, p->seq, code, detail);
+		return;
+	}
+	done.seq = p->seq;
+	done.status = code;
+	done.detail = (char *)detail;
+	env.id = p->req_id;
+	env.body_case = COMMPB__ENVELOPE__BODY_OP_DONE;
+	env.op_done = &done;
+	conn_send(c, &env);
+}
+
+int op_post(struct conn *c, const Commpb__Op *o, uint64_t req_id, int ring)
+{
 	struct job *j = c->job;
 	struct posted *p;
 
@@ -184,7 +201,8 @@ int req_op_exec(struct conn *c, const Commpb__Envelope *env, int *fds, int nfds)
 	j->next_post[c->rank]++;
 	p->rank = c->rank;
 	p->seq = o->seq;
-	p->req_id = env->id;
+	p->req_id = req_id;
+	p->ring = ring;
 	p->posted_ms = now_ms();
 	p->type = o->type;
 	p->count = o->count;
@@ -200,16 +218,7 @@ int req_op_exec(struct conn *c, const Commpb__Envelope *env, int *fds, int nfds)
 		p->cseq = j->next_cseq[c->rank]++;
 	if (j->state == JOB_FAILED) {
 		/* the job has failed: answer at once, nothing will run */
-		Commpb__Envelope reply = COMMPB__ENVELOPE__INIT;
-		Commpb__OpDone done = COMMPB__OP_DONE__INIT;
-
-		done.seq = p->seq;
-		done.status = j->fail_code;
-		done.detail = j->fail_detail;
-		reply.id = env->id;
-		reply.body_case = COMMPB__ENVELOPE__BODY_OP_DONE;
-		reply.op_done = &done;
-		conn_send(c, &reply);
+		op_answer(c, p, j->fail_code, j->fail_detail);
 		free(p);
 		return 0;
 	}
@@ -222,6 +231,18 @@ int req_op_exec(struct conn *c, const Commpb__Envelope *env, int *fds, int nfds)
 		refuse(p, COMM_ERR_PEER_LOST, "op %llu (%s): rank %d left the job",
 		       (unsigned long long)p->seq, op_type_name(p->type), p->peer);
 	engine_post(c, p);
+	return 0;
+}
+
+int req_op_exec(struct conn *c, const Commpb__Envelope *env, int *fds, int nfds)
+{
+	/* ops of the ring published before this one come first (seq order) */
+	ring_drain(c);
+	if (c->closing || c->doomed)
+		return 0;
+	if (op_post(c, env->op, env->id, 0) < 0)
+		return -1;
+	ring_drain(c);
 	return 0;
 }
 

@@ -28,6 +28,8 @@ static const struct req_type req_table[] = {
 	[B(STATUS_REPLY)] = { "status_reply", 0, 0, NULL },
 	[B(TOPO_REQUEST)] = { "topo_request", REQ_F_ADMIN, 0, req_topo_exec },
 	[B(TOPO_REPLY)] = { "topo_reply", 0, 0, NULL },
+	[B(RING_ATTACH)] = { "ring_attach", REQ_F_RANK, 1, req_ring_attach_exec },
+	[B(RING_ATTACH_REPLY)] = { "ring_attach_reply", 0, 0, NULL },
 };
 
 const struct req_type *req_find(unsigned body_case)

@@ -139,6 +139,7 @@ void server_stop(void)
 	TAILQ_FOREACH(j, &srv.jobs, link)
 		job_fail(j, COMM_ERR_SHUTDOWN, "commd is shutting down");
 	conn_close_all();
+	ring_stop();
 	if (srv.listen_fd >= 0) {
 		uv_close((uv_handle_t *)&srv.listen_poll, NULL);
 		close(srv.listen_fd);

@@ -21,6 +21,7 @@ HANDLER(req_leave_exec)
 HANDLER(req_abort_exec)
 HANDLER(req_status_exec)
 HANDLER(req_topo_exec)
+HANDLER(req_ring_attach_exec)
 
 void conn_fail(struct conn *c, comm_result_t code, const char *fmt, ...)
 {

@@ -1,0 +1,72 @@
+/*
+ * ring.h: the submission ring a rank shares with commd, the fast path for
+ * ops. It lives in one of the rank's registered segments; the rank attaches
+ * it once (RingAttach, with an eventfd) and from then on posts an op by
+ * filling the slot of its sequence number and publishing it, and commd
+ * answers in the same slot. The socket stays the slow path: ops that find
+ * their slot busy go over it, and it wakes whichever side sleeps.
+ *
+ * Wake-ups, without a lost one (each side stores its flag, then looks at
+ * the other's data; sequentially consistent, so one of the two sees):
+ * - commd sets `daemon_armed` before it sleeps and looks at the next slot
+ *   once more; a rank that publishes a slot and finds the flag set clears
+ *   it and writes the eventfd.
+ * - a rank sets `rank_sleeping` before it sleeps in poll() on the socket
+ *   and looks at its slot once more; commd, after answering a slot, sends
+ *   the answer over the socket as well while the flag is set.
+ *
+ * Everything commd reads here is the rank's to write at any time: commd
+ * copies a slot out before it checks it, as it would a message.
+ */
+#ifndef COMMON_RING_H
+#define COMMON_RING_H
+
+#include <stdint.h>
+
+#define RING_MAGIC 0x676e6972u /* "ring" */
+#define RING_VERSION 1
+#define RING_SLOTS 256         /* ops a rank may have on its ring at once */
+#define RING_DETAIL 372
+
+#define RING_F_GROUP_LAST 1u
+
+/* 512 bytes: the rank's half and commd's half on separate cache lines. */
+struct ring_slot {
+	/* written by the rank */
+	uint64_t posted;       /* seq + 1 once the fields below are filled */
+	uint64_t seq;
+	uint64_t group;        /* 0: not in a group */
+	uint64_t count;
+	uint64_t send_mem, send_off;
+	uint64_t recv_mem, recv_off;
+	uint32_t type, dtype, redop, flags;
+	int32_t root, peer;
+	uint8_t pad0[128 - 88];
+	/* written by commd */
+	uint64_t done;         /* seq + 1 once status and detail are filled */
+	int32_t status;
+	char detail[RING_DETAIL];
+};
+
+struct ring_hdr {
+	uint32_t magic;
+	uint32_t version;
+	uint32_t nslots;
+	uint32_t slot_size;
+	_Alignas(64) uint32_t daemon_armed;  /* commd sleeps: write the eventfd */
+	_Alignas(64) uint32_t rank_sleeping; /* the rank sleeps: answer on the socket too */
+	uint8_t pad[64 - 4];
+};
+
+#define RING_BYTES (sizeof(struct ring_hdr) + RING_SLOTS * sizeof(struct ring_slot))
+
+static inline struct ring_slot *ring_slot(void *ring, uint64_t seq)
+{
+	return (struct ring_slot *)((uint8_t *)ring + sizeof(struct ring_hdr)) +
+	       seq % RING_SLOTS;
+}
+
+_Static_assert(sizeof(struct ring_slot) == 512, "ring slot layout");
+_Static_assert(sizeof(struct ring_hdr) == 192, "ring header layout");
+
+#endif
