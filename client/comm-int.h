@@ -62,6 +62,7 @@ struct group_op {
 
 struct comm {
 	int fd;
+	uint32_t version;           /* the protocol version agreed with commd */
 	int rank;
 	int size;
 	struct frame_reader rd;
@@ -107,7 +108,7 @@ void mem_free_all(comm_t *c);
 /* Attach a submission ring if commd takes one (COMM_RING=0: never). */
 void ring_attach(comm_t *c);
 void ring_detach(comm_t *c);
-/* Post op in the ring: 1 posted, 0 its slot is busy (use the socket), -1 error. */
+/* Post op in the ring: 1 posted, 0 its slot is busy (use the socket). */
 int ring_post(comm_t *c, const Commpb__Op *op, comm_request_t *r);
 /* Record the answers commd wrote in the ring. */
 void ring_reap(comm_t *c);

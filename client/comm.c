@@ -383,7 +383,12 @@ COMM_API comm_result_t comm_init(comm_t **out, const comm_config_t *config)
 	}
 	c->rank = cfg.rank;
 	c->size = cfg.world_size;
+	c->version = reply->hello_reply->version;
 	ring_attach(c);
+	if (c->broken != COMM_OK) {
+		rc = c->broken;
+		goto out;
+	}
 	*out = c;
 out:
 	if (reply)

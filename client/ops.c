@@ -55,11 +55,7 @@ static comm_result_t send_op(comm_t *c, Commpb__Op *op, comm_request_t *r)
 {
 	Commpb__Envelope env = COMMPB__ENVELOPE__INIT;
 	comm_result_t rc;
-	int posted = ring_post(c, op, r);
-
-	if (posted < 0)
-		return comm_set_error(c, COMM_ERR_DAEMON_UNREACHABLE, "waking commd failed");
-	if (posted)
+	if (ring_post(c, op, r))
 		return COMM_OK;
 	env.body_case = COMMPB__ENVELOPE__BODY_OP;
 	env.op = op;

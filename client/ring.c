@@ -3,7 +3,6 @@
  * at join, post ops in it, collect the answers commd writes there, and wait
  * for them by spinning briefly, then sleeping on the socket.
  */
-#include <errno.h>
 #include <sched.h>
 #include <stdatomic.h>
 #include <stdint.h>
@@ -58,7 +57,7 @@ void ring_attach(comm_t *c)
 	int efd;
 
 	read_env(c);
-	if (v && !strcmp(v, "0"))
+	if ((v && !strcmp(v, "0")) || c->version < 2)
 		return;
 	ring = comm_mem_alloc(c, RING_BYTES);
 	if (!ring)
@@ -129,10 +128,13 @@ int ring_post(comm_t *c, const Commpb__Op *op, comm_request_t *r)
 	c->ring_busy[op->seq % RING_SLOTS] = 1;
 	r->ring = 1;
 	r->unsent = 0;
-	/* commd sleeps: wake it (only the poster that clears the flag writes) */
-	if (LOAD(&h->daemon_armed) && XCHG(&h->daemon_armed, 0) &&
-	    write(c->ring_efd, &one, sizeof one) < 0 && errno != EAGAIN)
-		return -1;
+	/*
+	 * commd sleeps: wake it (only the poster that clears the flag writes).
+	 * The write fails only when the count is about to overflow, which
+	 * means commd has wake-ups pending anyway.
+	 */
+	if (LOAD(&h->daemon_armed) && XCHG(&h->daemon_armed, 0))
+		(void)!write(c->ring_efd, &one, sizeof one);
 	return 1;
 }
 

@@ -184,6 +184,7 @@ struct conn {
 	uid_t uid;
 	gid_t gid;
 	int hello_done;
+	uint32_t version;      /* the protocol version agreed at hello */
 	uint64_t hello_id;     /* envelope id of the hello, echoed when the job forms */
 	int role;              /* COMMPB__ROLE__ROLE_RANK or _ADMIN */
 	struct job *job;       /* the job this rank belongs to, or NULL */

@@ -170,7 +170,6 @@ static void job_answer_hellos(struct job *j, comm_result_t code, const char *det
 
 	hr.status = code;
 	hr.detail = (char *)detail;
-	hr.version = PROTO_VERSION;
 	hr.version_min = PROTO_VERSION_MIN;
 	hr.version_max = PROTO_VERSION;
 	hr.daemon_version = COMMD_VERSION;
@@ -180,6 +179,7 @@ static void job_answer_hellos(struct job *j, comm_result_t code, const char *det
 		if (!j->ranks[r])
 			continue;
 		env.id = j->ranks[r]->hello_id;
+		hr.version = j->ranks[r]->version;
 		conn_send(j->ranks[r], &env);
 	}
 }

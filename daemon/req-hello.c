@@ -34,6 +34,7 @@ int req_hello_exec(struct conn *c, const Commpb__Envelope *env, int *fds, int nf
 		return -1;
 	}
 	hr.version = h->version_max < PROTO_VERSION ? h->version_max : PROTO_VERSION;
+	c->version = hr.version;
 	c->hello_done = 1;
 	c->role = h->role;
 

@@ -72,6 +72,11 @@ static comm_result_t attach(struct conn *c, const Commpb__RingAttach *ra, int ef
 	struct mem *m;
 	uint64_t end;
 
+	if (c->version < 2) {
+		snprintf(err, errlen, "ring attach: needs protocol 2, the connection speaks %u",
+			 c->version);
+		return COMM_ERR_VERSION;
+	}
 	if (c->ring) {
 		snprintf(err, errlen, "ring attach: a ring is already attached");
 		return COMM_ERR_INVALID_ARG;
