@@ -6,14 +6,11 @@
  */
 #include <errno.h>
 #include <fcntl.h>
-#include <poll.h>
 #include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
-#include <sys/socket.h>
-#include <sys/un.h>
 #include <sys/wait.h>
 #include <time.h>
 #include <unistd.h>
@@ -22,6 +19,7 @@
 #include "comm.h"
 #include "frame.h"
 #include "harness.h"
+#include "raw.h"
 
 #define N 4
 
@@ -309,117 +307,15 @@ static void test_bad_joins(void)
 	printf("ok: duplicate rank, wrong token, world size disagreement, no daemon\n");
 }
 
-/* --- raw protocol clients ------------------------------------------------ */
-
-static int raw_connect(void)
-{
-	struct sockaddr_un sa = { .sun_family = AF_UNIX };
-	int fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
-
-	strcpy(sa.sun_path, d.sock);
-	REQUIRE(connect(fd, (struct sockaddr *)&sa, sizeof sa) == 0, "connect");
-	return fd;
-}
-
-static void raw_send(int fd, Commpb__Envelope *env, const int *fds, int nfds)
-{
-	uint8_t *f;
-	size_t len = frame_pack(env, &f);
-
-	REQUIRE(len > 0, "pack");
-	CHECK(frame_send_all(fd, f, len, fds, nfds) == 0, "send");
-	free(f);
-}
-
-/* The next message, or NULL at end of file or after 5 s. */
-static Commpb__Envelope *raw_recv(int fd, struct frame_reader *r)
-{
-	const uint8_t *p;
-	size_t len;
-
-	while (frame_next(r, &p, &len) != FRAME_OK) {
-		struct pollfd pfd = { .fd = fd, .events = POLLIN };
-
-		if (poll(&pfd, 1, 5000) <= 0 || frame_reader_recv(r, fd) <= 0)
-			return NULL;
-	}
-	{
-		Commpb__Envelope *env = commpb__envelope__unpack(NULL, len, p);
-
-		frame_consume(r, len);
-		return env;
-	}
-}
-
-/* Whether the daemon closes fd (after any messages) within 5 s. */
-static int closed_by_daemon(int fd)
-{
-	struct pollfd pfd = { .fd = fd, .events = POLLIN };
-	char buf[4096];
-
-	while (poll(&pfd, 1, 5000) > 0) {
-		ssize_t n = read(fd, buf, sizeof buf);
-
-		if (n <= 0)
-			return 1;
-	}
-	return 0;
-}
-
-static void hello(int fd, struct frame_reader *r, const char *job, uint32_t vmin, uint32_t vmax,
-		  int want)
-{
-	Commpb__Envelope env = COMMPB__ENVELOPE__INIT, *reply;
-	Commpb__Hello h = COMMPB__HELLO__INIT;
-
-	h.version_min = vmin;
-	h.version_max = vmax;
-	h.job = (char *)job;
-	h.rank = 0;
-	h.world_size = 1;
-	env.body_case = COMMPB__ENVELOPE__BODY_HELLO;
-	env.hello = &h;
-	raw_send(fd, &env, NULL, 0);
-	reply = raw_recv(fd, r);
-	REQUIRE(reply && reply->body_case == COMMPB__ENVELOPE__BODY_HELLO_REPLY, "hello reply");
-	CHECK(reply->hello_reply->status == want, "hello: status %d (%s), want %d",
-	      reply->hello_reply->status, reply->hello_reply->detail, want);
-	if (want == COMM_ERR_VERSION)
-		CHECK(reply->hello_reply->version_min == PROTO_VERSION_MIN &&
-			      reply->hello_reply->version_max == PROTO_VERSION &&
-			      strstr(reply->hello_reply->detail, "speaks"),
-		      "version error without the supported range: %s", reply->hello_reply->detail);
-	commpb__envelope__free_unpacked(reply, NULL);
-}
-
-/* Register fd as memory; returns the reply's status. */
-static int register_fd(int sock, struct frame_reader *r, int fd, uint64_t size)
-{
-	Commpb__Envelope env = COMMPB__ENVELOPE__INIT, *reply;
-	Commpb__RegisterMem reg = COMMPB__REGISTER_MEM__INIT;
-	int status;
-
-	reg.size = size;
-	env.body_case = COMMPB__ENVELOPE__BODY_REGISTER_MEM;
-	env.register_mem = &reg;
-	raw_send(sock, &env, &fd, 1);
-	reply = raw_recv(sock, r);
-	REQUIRE(reply && reply->body_case == COMMPB__ENVELOPE__BODY_REGISTER_MEM_REPLY,
-		"register reply");
-	status = reply->register_mem_reply->status;
-	commpb__envelope__free_unpacked(reply, NULL);
-	return status;
-}
-
 static void test_protocol(void)
 {
 	struct frame_reader r;
 	int fd, mfd, p[2];
 
 	/* garbage where a frame should be */
-	fd = raw_connect();
+	fd = raw_connect(d.sock);
 	CHECK(write(fd, "\x05\x00\x00\x00garbage!", 12) == 12, "write");
-	CHECK(closed_by_daemon(fd), "garbage frame: connection kept");
+	CHECK(raw_closed_by_daemon(fd), "garbage frame: connection kept");
 	close(fd);
 
 	/* length prefixes over the limit */
@@ -428,9 +324,9 @@ static void test_protocol(void)
 						     "\xff\xff\xff\xff" };
 
 		for (int i = 0; i < 3; i++) {
-			fd = raw_connect();
+			fd = raw_connect(d.sock);
 			CHECK(write(fd, lens[i], 4) == 4, "write");
-			CHECK(closed_by_daemon(fd), "length prefix %d: connection kept", i);
+			CHECK(raw_closed_by_daemon(fd), "length prefix %d: connection kept", i);
 			close(fd);
 		}
 	}
@@ -440,7 +336,7 @@ static void test_protocol(void)
 		Commpb__Envelope env = COMMPB__ENVELOPE__INIT, *reply;
 		Commpb__StatusRequest sr = COMMPB__STATUS_REQUEST__INIT;
 
-		fd = raw_connect();
+		fd = raw_connect(d.sock);
 		frame_reader_init(&r);
 		env.body_case = COMMPB__ENVELOPE__BODY_STATUS_REQUEST;
 		env.status_request = &sr;
@@ -451,23 +347,23 @@ static void test_protocol(void)
 		      "request before hello not refused");
 		if (reply)
 			commpb__envelope__free_unpacked(reply, NULL);
-		CHECK(closed_by_daemon(fd), "request before hello: connection kept");
+		CHECK(raw_closed_by_daemon(fd), "request before hello: connection kept");
 		frame_reader_free(&r);
 		close(fd);
 	}
 
 	/* versions the daemon does not speak */
-	fd = raw_connect();
+	fd = raw_connect(d.sock);
 	frame_reader_init(&r);
-	hello(fd, &r, "v", 100, 200, COMM_ERR_VERSION);
-	CHECK(closed_by_daemon(fd), "version error: connection kept");
+	raw_hello(fd, &r, "v", 100, 200, COMM_ERR_VERSION);
+	CHECK(raw_closed_by_daemon(fd), "version error: connection kept");
 	frame_reader_free(&r);
 	close(fd);
 
 	/* hello twice */
-	fd = raw_connect();
+	fd = raw_connect(d.sock);
 	frame_reader_init(&r);
-	hello(fd, &r, "twice", PROTO_VERSION_MIN, PROTO_VERSION, COMM_OK);
+	raw_hello(fd, &r, "twice", PROTO_VERSION_MIN, PROTO_VERSION, COMM_OK);
 	{
 		Commpb__Envelope env = COMMPB__ENVELOPE__INIT, *reply;
 		Commpb__Hello h = COMMPB__HELLO__INIT;
@@ -487,30 +383,35 @@ static void test_protocol(void)
 	close(fd);
 
 	/* memory that is not a sealed, writable memfd */
-	fd = raw_connect();
+	fd = raw_connect(d.sock);
 	frame_reader_init(&r);
-	hello(fd, &r, "badmem", PROTO_VERSION_MIN, PROTO_VERSION, COMM_OK);
+	raw_hello(fd, &r, "badmem", PROTO_VERSION_MIN, PROTO_VERSION, COMM_OK);
 	mfd = memfd_create("unsealed", MFD_CLOEXEC);
 	CHECK(ftruncate(mfd, 4096) == 0, "ftruncate");
-	CHECK(register_fd(fd, &r, mfd, 4096) == COMM_ERR_INVALID_ARG, "unsealed memfd accepted");
+	CHECK(raw_register_fd(fd, &r, mfd, 4096, NULL) == COMM_ERR_INVALID_ARG,
+	      "unsealed memfd accepted");
 	close(mfd);
 	CHECK(pipe(p) == 0, "pipe");
-	CHECK(register_fd(fd, &r, p[0], 4096) == COMM_ERR_INVALID_ARG, "pipe accepted");
+	CHECK(raw_register_fd(fd, &r, p[0], 4096, NULL) == COMM_ERR_INVALID_ARG,
+	      "pipe accepted");
 	close(p[0]);
 	close(p[1]);
 	mfd = memfd_create("sealed", MFD_CLOEXEC | MFD_ALLOW_SEALING);
 	CHECK(ftruncate(mfd, 4096) == 0 && fcntl(mfd, F_ADD_SEALS, F_SEAL_SHRINK) == 0, "seal");
-	CHECK(register_fd(fd, &r, mfd, 8192) == COMM_ERR_INVALID_ARG, "size past the memfd");
-	CHECK(register_fd(fd, &r, mfd, 4096) == COMM_OK, "sealed memfd refused");
+	CHECK(raw_register_fd(fd, &r, mfd, 8192, NULL) == COMM_ERR_INVALID_ARG,
+	      "size past the memfd");
+	CHECK(raw_register_fd(fd, &r, mfd, 4096, NULL) == COMM_OK, "sealed memfd refused");
 	close(mfd);
 	mfd = open("/dev/null", O_RDONLY | O_CLOEXEC);
-	CHECK(register_fd(fd, &r, mfd, 4096) == COMM_ERR_INVALID_ARG, "/dev/null accepted");
+	CHECK(raw_register_fd(fd, &r, mfd, 4096, NULL) == COMM_ERR_INVALID_ARG,
+	      "/dev/null accepted");
 	close(mfd);
 	mfd = memfd_create("readonly", MFD_CLOEXEC | MFD_ALLOW_SEALING);
 	CHECK(ftruncate(mfd, 4096) == 0 &&
 		      fcntl(mfd, F_ADD_SEALS, F_SEAL_SHRINK | F_SEAL_WRITE) == 0,
 	      "seal");
-	CHECK(register_fd(fd, &r, mfd, 4096) == COMM_ERR_INVALID_ARG, "write-sealed memfd accepted");
+	CHECK(raw_register_fd(fd, &r, mfd, 4096, NULL) == COMM_ERR_INVALID_ARG,
+	      "write-sealed memfd accepted");
 	close(mfd);
 	/* a send refused for its dtype, with a peer far out of range: refused, no crash */
 	{
@@ -542,7 +443,7 @@ static void test_protocol(void)
 		env.body_case = COMMPB__ENVELOPE__BODY_FREE_MEM;
 		env.free_mem = &fm;
 		raw_send(fd, &env, &p[0], 1);
-		CHECK(closed_by_daemon(fd), "fd on free_mem: connection kept");
+		CHECK(raw_closed_by_daemon(fd), "fd on free_mem: connection kept");
 		close(p[0]);
 		close(p[1]);
 	}

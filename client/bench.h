@@ -1,0 +1,96 @@
+/*
+ * bench.h: commbench's parts: the options its ranks share, the operations
+ * it measures, and the deterministic data that lets it check every result.
+ */
+#ifndef BENCH_H
+#define BENCH_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "comm.h"
+
+enum bench_op {
+	OP_ALLREDUCE,
+	OP_REDUCE_SCATTER,
+	OP_ALLGATHER,
+	OP_BROADCAST,
+	OP_REDUCE,
+	OP_ALLTOALL,
+	OP_SENDRECV,
+	NOPS,
+};
+
+struct bench_opts {
+	int nranks;
+	int op;                 /* an enum bench_op, or -1 for all of them */
+	int dtype;              /* a comm_dtype_t, or -1 for all of them */
+	int redop;              /* a comm_redop_t, or -1 for all of them */
+	size_t min_bytes;
+	size_t max_bytes;
+	size_t factor;
+	int warmup;
+	int iters;
+	int check;
+	int inplace_only;
+	int json;
+	int reference;
+	size_t ref_elements;    /* float32 per rank in --reference */
+	const char *socket;     /* NULL: the library's default */
+	char job[64];
+};
+
+/* What one operation is, for the tables and the checks. */
+struct bench_op_info {
+	const char *name;       /* as -o spells it and --json prints it */
+	int reduces;            /* takes a comm_redop_t */
+	int split;              /* size is n blocks: count per rank = size / elem / n */
+	int inplace;            /* has an in-place form */
+};
+
+extern const struct bench_op_info bench_ops[NOPS];
+
+/* busbw / algbw for op on n ranks, as nccl-tests counts it. */
+double bench_bus_factor(int op, int n);
+
+/* Run rank's part of the benchmark; the process's exit status. */
+int bench_rank_main(const struct bench_opts *o, int rank);
+
+/* The dtype's names: nccl-tests' ("float") and libcomm's ("float32"). */
+const char *bench_dtype_name(comm_dtype_t dtype);
+const char *bench_dtype_json(comm_dtype_t dtype);
+const char *bench_redop_name(comm_redop_t op);
+
+/* Parse a dtype or reduction by any of its names; -1 for "all", -2 if unknown. */
+int bench_dtype_parse(const char *s);
+int bench_redop_parse(const char *s);
+
+/*
+ * One op on one rank, as the data sees it: which rank this is, of how many,
+ * count as the op is called with, the iteration's seed.
+ */
+struct bench_case {
+	int op;
+	comm_dtype_t dtype;
+	comm_redop_t redop;
+	int rank;
+	int n;
+	size_t count;
+	unsigned seq;
+};
+
+/* Fill the op's input buffer for c (count or n * count elements). */
+void bench_fill(const struct bench_case *c, void *in);
+
+/*
+ * Count the elements of out that differ from what c must produce; report
+ * the first one through *first (an element index), -1 when none differ.
+ * 0 on ranks whose out the op leaves undefined (reduce off the root).
+ */
+uint64_t bench_verify(const struct bench_case *c, const void *out, long long *first);
+
+/* Print element i of out and its expected value into buf. */
+void bench_describe(const struct bench_case *c, const void *out, long long i, char *buf,
+		    size_t len);
+
+#endif

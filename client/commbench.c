@@ -1,0 +1,472 @@
+/*
+ * commbench.c: an nccl-tests-style benchmark of commd. Forks its ranks
+ * against a running daemon (or one it starts) and waits for them.
+ */
+#include <errno.h>
+#include <fcntl.h>
+#include <getopt.h>
+#include <limits.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/prctl.h>
+#include <sys/socket.h>
+#include <sys/un.h>
+#include <sys/wait.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "bench.h"
+
+#ifndef COMMD_SBINDIR
+#define COMMD_SBINDIR "/usr/local/sbin"
+#endif
+
+#define MAX_RANKS 1024
+#define REF_ELEMENTS 104857600 /* the reference run's buffers, in float32 */
+#define READY_MS 10000 /* for a spawned commd to accept */
+#define GRACE_MS 10000 /* after a rank fails, for the others */
+
+enum { OPT_INPLACE = 256, OPT_JSON, OPT_SOCKET, OPT_SPAWN, OPT_REFERENCE };
+
+struct daemon {
+	pid_t pid;           /* 0: none, or reaped */
+	int status;          /* once reaped */
+	char dir[64];        /* temp dir: the socket and the log */
+	char sock[96];
+	char log[96];
+};
+
+static const struct option long_opts[] = {
+	{ "nranks", required_argument, NULL, 'n' },
+	{ "op", required_argument, NULL, 'o' },
+	{ "datatype", required_argument, NULL, 'd' },
+	{ "redop", required_argument, NULL, 'r' },
+	{ "minbytes", required_argument, NULL, 'b' },
+	{ "maxbytes", required_argument, NULL, 'e' },
+	{ "stepfactor", required_argument, NULL, 'f' },
+	{ "warmup_iters", required_argument, NULL, 'w' },
+	{ "iters", required_argument, NULL, 'i' },
+	{ "check", required_argument, NULL, 'c' },
+	{ "inplace", no_argument, NULL, OPT_INPLACE },
+	{ "json", no_argument, NULL, OPT_JSON },
+	{ "socket", required_argument, NULL, OPT_SOCKET },
+	{ "spawn-daemon", no_argument, NULL, OPT_SPAWN },
+	{ "reference", no_argument, NULL, OPT_REFERENCE },
+	{ "help", no_argument, NULL, 'h' },
+	{ NULL, 0, NULL, 0 },
+};
+
+static void usage(FILE *f)
+{
+	fprintf(f,
+		"usage: commbench [-n RANKS] [-o OP] [-d DTYPE] [-r REDOP] [-b MIN] [-e MAX]\n"
+		"                 [-f FACTOR] [-w WARMUP] [-i ITERS] [-c 0|1] [--inplace]\n"
+		"                 [--json] [--socket PATH] [--spawn-daemon] [--reference]\n"
+		"\n"
+		"Measure commd's collectives as nccl-tests does, with RANKS forked ranks.\n"
+		"\n"
+		"  -n RANKS          ranks, 1 to %d (default 4)\n"
+		"  -o OP             allreduce, reduce_scatter, allgather, broadcast, reduce,\n"
+		"                    alltoall, sendrecv or all (default allreduce)\n"
+		"  -d DTYPE          int8 uint8 int32 uint32 int64 uint64 half (float16)\n"
+		"                    bfloat16 float (float32) double (float64) or all;\n"
+		"                    default float\n"
+		"  -r REDOP          sum prod min max avg or all (default sum)\n"
+		"  -b MIN, -e MAX    sizes in bytes, K M G suffixes (1024s); default 8 to 64M\n"
+		"  -f FACTOR         each size is FACTOR times the last (default 2)\n"
+		"  -w WARMUP         untimed iterations per size (default 5)\n"
+		"  -i ITERS          timed iterations per size (default 20)\n"
+		"  -c 0|1            check every result, each iteration (default 1)\n"
+		"  --inplace         only the in-place half of the table\n"
+		"  --json            one JSON object a line for each op, size and placement\n"
+		"  --socket PATH     commd's socket (default $COMM_SOCKET, else the library's)\n"
+		"  --spawn-daemon    start a commd on a temp socket for the run ($COMMD, else\n"
+		"                    the one beside commbench, else in PATH)\n"
+		"  --reference       the reference run's lines: all-reduce and reduce-scatter\n"
+		"                    of 104857600 float32 per rank, or -e MAX bytes of them\n"
+		"                    (default -w 1 -i 3; the time is each rank's median)\n"
+		"  -h, --help        print this help\n"
+		"\n"
+		"For all-reduce, broadcast, reduce and send/recv the size is each rank's\n"
+		"buffer; for reduce-scatter, all-gather and all-to-all the full buffer of n\n"
+		"blocks (count is then per rank). Time is the median over iterations of the\n"
+		"slowest rank; algbw = size / time (GB = 1e9 B), busbw = algbw x 2(n-1)/n\n"
+		"(all-reduce), (n-1)/n (reduce-scatter, all-gather, all-to-all) or 1.\n"
+		"With -c 1 each rank fills its inputs before every iteration and checks\n"
+		"its outputs after it, outside the timed call.\n"
+		"Exit status: 0 when every op ran and every value was right, 1 otherwise,\n"
+		"2 on bad usage.\n",
+		MAX_RANKS);
+}
+
+static int parse_int(const char *s, long min, long max, int *out)
+{
+	char *end;
+	long v;
+
+	errno = 0;
+	v = strtol(s, &end, 10);
+	if (errno != 0 || end == s || *end != '\0' || v < min || v > max)
+		return -1;
+	*out = (int)v;
+	return 0;
+}
+
+/* A byte count with an optional K, M or G (powers of 1024). */
+static int parse_size(const char *s, size_t *out)
+{
+	unsigned long long v, mul = 1;
+	char *end;
+
+	errno = 0;
+	v = strtoull(s, &end, 10);
+	if (errno != 0 || end == s || *s == '-')
+		return -1;
+	switch (*end) {
+	case 'K': case 'k': mul = 1ULL << 10; end++; break;
+	case 'M': case 'm': mul = 1ULL << 20; end++; break;
+	case 'G': case 'g': mul = 1ULL << 30; end++; break;
+	}
+	if (*end != '\0' || v > (1ULL << 40) / mul)
+		return -1;
+	*out = (size_t)(v * mul);
+	return 0;
+}
+
+static int parse_op(const char *s)
+{
+	if (!strcmp(s, "all"))
+		return -1;
+	for (int i = 0; i < NOPS; i++)
+		if (!strcmp(s, bench_ops[i].name))
+			return i;
+	return -2;
+}
+
+/* Set o from one option; -1 if its value is bad. */
+static int parse_opt(int c, const char *arg, struct bench_opts *o, int *warmup, int *iters)
+{
+	int v = 0;
+
+	switch (c) {
+	case 'n':
+		return parse_int(arg, 1, MAX_RANKS, &o->nranks);
+	case 'o':
+		o->op = parse_op(arg);
+		return o->op == -2 ? -1 : 0;
+	case 'd':
+		o->dtype = bench_dtype_parse(arg);
+		return o->dtype == -2 ? -1 : 0;
+	case 'r':
+		o->redop = bench_redop_parse(arg);
+		return o->redop == -2 ? -1 : 0;
+	case 'b':
+		return parse_size(arg, &o->min_bytes);
+	case 'e':
+		o->ref_elements = 0;
+		if (parse_size(arg, &o->max_bytes) < 0)
+			return -1;
+		o->ref_elements = o->max_bytes / 4;
+		return 0;
+	case 'f':
+		if (parse_int(arg, 2, 1024, &v) < 0)
+			return -1;
+		o->factor = (size_t)v;
+		return 0;
+	case 'w':
+		return parse_int(arg, 0, 100000, warmup);
+	case 'i':
+		return parse_int(arg, 1, 100000, iters);
+	default:
+		return parse_int(arg, 0, 1, &o->check);
+	}
+}
+
+/* 0, or 2 (usage) with a message. */
+static int parse_opts(int argc, char **argv, struct bench_opts *o, int *spawn)
+{
+	int c, warmup = -1, iters = -1, max_given = 0;
+
+	while ((c = getopt_long(argc, argv, "n:o:d:r:b:e:f:w:i:c:h", long_opts, NULL)) != -1) {
+		switch (c) {
+		case OPT_INPLACE:
+			o->inplace_only = 1;
+			break;
+		case OPT_JSON:
+			o->json = 1;
+			break;
+		case OPT_SOCKET:
+			o->socket = optarg;
+			break;
+		case OPT_SPAWN:
+			*spawn = 1;
+			break;
+		case OPT_REFERENCE:
+			o->reference = 1;
+			break;
+		case 'h':
+			usage(stdout);
+			exit(0);
+		case '?':
+			usage(stderr);
+			return 2;
+		default:
+			max_given |= c == 'e';
+			if (parse_opt(c, optarg, o, &warmup, &iters) < 0) {
+				fprintf(stderr, "commbench: -%c: bad value '%s'\n", c, optarg);
+				return 2;
+			}
+		}
+	}
+	if (optind != argc) {
+		fprintf(stderr, "commbench: unexpected argument '%s'\n", argv[optind]);
+		return 2;
+	}
+	if (o->min_bytes > o->max_bytes) {
+		fprintf(stderr, "commbench: -b %zu is larger than -e %zu\n", o->min_bytes,
+			o->max_bytes);
+		return 2;
+	}
+	if (!max_given)
+		o->ref_elements = REF_ELEMENTS;
+	if (o->reference && o->ref_elements < (size_t)o->nranks) {
+		fprintf(stderr, "commbench: --reference: -e %zu holds fewer than %d float32\n",
+			o->max_bytes, o->nranks);
+		return 2;
+	}
+	o->warmup = warmup >= 0 ? warmup : o->reference ? 1 : 5;
+	o->iters = iters >= 0 ? iters : o->reference ? 3 : 20;
+	return 0;
+}
+
+/* The commd to start: $COMMD, beside us (or the build tree's), sbin, PATH. */
+static const char *find_commd(char *buf, size_t len)
+{
+	const char *env = getenv("COMMD");
+	static const char *const rel[] = { "/commd", "/../daemon/commd", "/../sbin/commd" };
+	char exe[PATH_MAX], *slash;
+	ssize_t k;
+
+	if (env && *env)
+		return env;
+	k = readlink("/proc/self/exe", exe, sizeof exe - 1);
+	if (k > 0) {
+		exe[k] = '\0';
+		if ((slash = strrchr(exe, '/')))
+			*slash = '\0';
+		/* libtool's uninstalled binary lives in client/.libs */
+		if ((slash = strrchr(exe, '/')) && !strcmp(slash, "/.libs"))
+			*slash = '\0';
+		for (size_t i = 0; i < sizeof rel / sizeof rel[0]; i++) {
+			snprintf(buf, len, "%s%s", exe, rel[i]);
+			if (access(buf, X_OK) == 0)
+				return buf;
+		}
+	}
+	snprintf(buf, len, "%s/commd", COMMD_SBINDIR);
+	if (access(buf, X_OK) == 0)
+		return buf;
+	return "commd";
+}
+
+static void show_log(const struct daemon *d)
+{
+	char line[512];
+	FILE *f = fopen(d->log, "r");
+
+	if (!f)
+		return;
+	while (fgets(line, sizeof line, f))
+		fprintf(stderr, "commd: %s", line);
+	fclose(f);
+}
+
+static int can_connect(const char *path)
+{
+	struct sockaddr_un sa = { .sun_family = AF_UNIX };
+	int fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0), ok;
+
+	if (fd < 0)
+		return 0;
+	snprintf(sa.sun_path, sizeof sa.sun_path, "%s", path);
+	ok = connect(fd, (struct sockaddr *)&sa, sizeof sa) == 0;
+	close(fd);
+	return ok;
+}
+
+/* Start commd on a socket in a new temp dir and wait until it accepts. */
+static int daemon_start(struct daemon *d)
+{
+	char buf[PATH_MAX];
+	const char *path = find_commd(buf, sizeof buf);
+	int fd, st;
+
+	snprintf(d->dir, sizeof d->dir, "/tmp/commbench-XXXXXX");
+	if (!mkdtemp(d->dir)) {
+		fprintf(stderr, "commbench: mkdtemp: %s\n", strerror(errno));
+		return -1;
+	}
+	snprintf(d->sock, sizeof d->sock, "%s/commd.sock", d->dir);
+	snprintf(d->log, sizeof d->log, "%s/commd.log", d->dir);
+	fflush(NULL);
+	d->pid = fork();
+	if (d->pid < 0) {
+		fprintf(stderr, "commbench: fork: %s\n", strerror(errno));
+		d->pid = 0;
+		return -1;
+	}
+	if (d->pid == 0) {
+		prctl(PR_SET_PDEATHSIG, SIGTERM);
+		fd = open(d->log, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
+		if (fd >= 0) {
+			dup2(fd, STDOUT_FILENO);
+			dup2(fd, STDERR_FILENO);
+		}
+		execlp(path, path, "--foreground", "--socket", d->sock, (char *)NULL);
+		fprintf(stderr, "exec %s: %s\n", path, strerror(errno));
+		_exit(127);
+	}
+	for (int ms = 0; ms < READY_MS; ms += 10) {
+		if (waitpid(d->pid, &st, WNOHANG) == d->pid) {
+			d->pid = 0;
+			fprintf(stderr, "commbench: %s exited before it was ready\n", path);
+			show_log(d);
+			return -1;
+		}
+		if (can_connect(d->sock))
+			return 0;
+		nanosleep(&(struct timespec){ 0, 10000000 }, NULL);
+	}
+	fprintf(stderr, "commbench: %s did not accept on %s in %d ms\n", path, d->sock,
+		READY_MS);
+	return -1;
+}
+
+/* SIGTERM the daemon, wait, tidy up; -1 unless it exited 0. */
+static int daemon_stop(struct daemon *d)
+{
+	int err = 0;
+
+	if (d->pid > 0) {
+		kill(d->pid, SIGTERM);
+		while (waitpid(d->pid, &d->status, 0) < 0 && errno == EINTR)
+			;
+		d->pid = -1;
+	}
+	if (d->pid < 0 && (!WIFEXITED(d->status) || WEXITSTATUS(d->status) != 0)) {
+		fprintf(stderr, "commbench: commd did not exit cleanly (wait status 0x%x)\n",
+			d->status);
+		show_log(d);
+		err = -1;
+	}
+	unlink(d->log);
+	unlink(d->sock);
+	rmdir(d->dir);
+	return err;
+}
+
+/* Forget rank process pid; 1 when it failed. */
+static int rank_failed(pid_t pid, int st, pid_t *pids, int n)
+{
+	for (int r = 0; r < n; r++) {
+		if (pids[r] != pid)
+			continue;
+		pids[r] = 0;
+		if (WIFSIGNALED(st))
+			fprintf(stderr, "commbench: rank %d killed by signal %d\n", r, WTERMSIG(st));
+		return !WIFEXITED(st) || WEXITSTATUS(st) != 0;
+	}
+	return 0;
+}
+
+/* Wait for the ranks; after the first failure the rest get GRACE_MS. */
+static int wait_ranks(pid_t *pids, int n, struct daemon *d)
+{
+	int left = n, failed = 0, st, grace = -1; /* ms left; -1: no failure yet */
+	pid_t pid;
+
+	while (left > 0) {
+		pid = waitpid(-1, &st, grace > 0 ? WNOHANG : 0);
+		if (pid < 0 && errno == EINTR)
+			continue;
+		if (pid < 0)
+			break;
+		if (pid == 0) {
+			nanosleep(&(struct timespec){ 0, 20000000 }, NULL);
+			if ((grace -= 20) <= 0)
+				for (int r = 0; r < n; r++)
+					if (pids[r] > 0)
+						kill(pids[r], SIGKILL);
+			continue;
+		}
+		if (pid == d->pid) {
+			d->pid = -1;
+			d->status = st;
+			continue;
+		}
+		left--;
+		if (rank_failed(pid, st, pids, n) && !failed) {
+			failed = 1;
+			grace = GRACE_MS;
+		}
+	}
+	return failed ? -1 : 0;
+}
+
+int main(int argc, char **argv)
+{
+	struct bench_opts o = {
+		.nranks = 4, .op = OP_ALLREDUCE, .dtype = COMM_FLOAT32, .redop = COMM_SUM,
+		.min_bytes = 8, .max_bytes = 64 << 20, .factor = 2, .check = 1,
+	};
+	struct daemon d = { 0 };
+	int spawn = 0, err = 0, rc;
+	pid_t *pids, parent;
+
+	rc = parse_opts(argc, argv, &o, &spawn);
+	if (rc)
+		return rc;
+	if (!o.socket && getenv("COMM_SOCKET") && *getenv("COMM_SOCKET"))
+		o.socket = getenv("COMM_SOCKET");
+	snprintf(o.job, sizeof o.job, "commbench-%d-%lld", (int)getpid(), (long long)time(NULL));
+	pids = calloc((size_t)o.nranks, sizeof *pids);
+	if (!pids) {
+		fprintf(stderr, "commbench: out of memory\n");
+		return 1;
+	}
+	if (spawn) {
+		if (daemon_start(&d) < 0) {
+			daemon_stop(&d);
+			free(pids);
+			return 1;
+		}
+		o.socket = d.sock;
+	}
+	fflush(NULL);
+	parent = getpid();
+	for (int r = 0; r < o.nranks && !err; r++) {
+		pids[r] = fork();
+		if (pids[r] < 0) {
+			fprintf(stderr, "commbench: fork: %s\n", strerror(errno));
+			pids[r] = 0;
+			err = -1;
+		} else if (pids[r] == 0) {
+			if (prctl(PR_SET_PDEATHSIG, SIGKILL) < 0 || getppid() != parent)
+				_exit(1);
+			setvbuf(stdout, NULL, _IOLBF, 0);
+			exit(bench_rank_main(&o, r));
+		}
+	}
+	if (err)
+		for (int r = 0; r < o.nranks; r++)
+			if (pids[r] > 0)
+				kill(pids[r], SIGKILL);
+	if (wait_ranks(pids, o.nranks, &d) < 0)
+		err = -1;
+	if (spawn && daemon_stop(&d) < 0)
+		err = -1;
+	free(pids);
+	return err ? 1 : 0;
+}

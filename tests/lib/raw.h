@@ -1,0 +1,29 @@
+/*
+ * raw.h: a client that speaks commd's protocol by hand (frames, fds, the
+ * handshake), for tests that send what libcomm never would.
+ */
+#ifndef TESTS_RAW_H
+#define TESTS_RAW_H
+
+#include <stdint.h>
+
+#include "frame.h"
+
+/* Connect to the daemon's socket (exits the test if that fails). */
+int raw_connect(const char *sock);
+/* Send env with nfds fds (SCM_RIGHTS); a failed send is a failed check. */
+void raw_send(int fd, Commpb__Envelope *env, const int *fds, int nfds);
+/* The next message (the caller frees it), or NULL at end of file or after 5 s. */
+Commpb__Envelope *raw_recv(int fd, struct frame_reader *r);
+/* Whether the daemon closes fd (after any messages) within 5 s. */
+int raw_closed_by_daemon(int fd);
+/*
+ * Hello as rank 0 of a 1-rank job named job (no token), speaking versions
+ * vmin..vmax; checks the reply's status against want.
+ */
+void raw_hello(int fd, struct frame_reader *r, const char *job, uint32_t vmin, uint32_t vmax,
+	       int want);
+/* Register memfd mfd of size bytes; the reply's status, and its mem id in *mem_id if not NULL. */
+int raw_register_fd(int sock, struct frame_reader *r, int mfd, uint64_t size, uint64_t *mem_id);
+
+#endif
