@@ -4,6 +4,7 @@
  * buffer and writing it straight into every output, in the ranks' memory.
  */
 #include <pthread.h>
+#include <sched.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -290,8 +291,30 @@ int be_host_run(struct task *t)
 	return 0;
 }
 
-int be_host_start(uv_loop_t *loop, int nthreads)
+/*
+ * Worker i runs on core i (of the cores hwloc lists), so the threads spread
+ * over the cores and NUMA nodes in order instead of piling up where the
+ * scheduler started them; more workers than cores wrap around.
+ */
+static void pin(pthread_t th, int i, const int *cpus, int ncpus)
 {
+	cpu_set_t set;
+	int rc;
+
+	if (ncpus == 0)
+		return;
+	CPU_ZERO(&set);
+	CPU_SET(cpus[i % ncpus], &set);
+	rc = pthread_setaffinity_np(th, sizeof set, &set);
+	if (rc != 0)
+		log_warn("host backend: worker %d: cannot pin to CPU %d: %s", i, cpus[i % ncpus],
+			 strerror(rc));
+}
+
+int be_host_start(uv_loop_t *loop, int nthreads, int pin_workers)
+{
+	int cpus[1024], ncpus = pin_workers ? topo_worker_cpus(cpus, 1024) : 0;
+
 	pool.inline_tmp = aligned_alloc(64, CHUNK_BYTES);
 	pool.threads = calloc((size_t)nthreads, sizeof *pool.threads);
 	if (!pool.inline_tmp || !pool.threads) {
@@ -305,6 +328,7 @@ int be_host_start(uv_loop_t *loop, int nthreads)
 			log_error("host backend: cannot start worker thread %d", i);
 			break;
 		}
+		pin(pool.threads[i], i, cpus, ncpus);
 		pool.nthreads++;
 	}
 	return 0;

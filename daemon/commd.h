@@ -73,6 +73,7 @@ struct config {
 	char topology[4096];   /* "" : discover */
 	int log_level;
 	int threads;
+	int pin_workers;       /* bind worker i to core i */
 	uint32_t timeout_ms;
 };
 
@@ -158,6 +159,11 @@ void topo_summary(const struct topo *t, char *buf, size_t len);
  * unknown or repeated. For the engine's rings; no backend uses it yet.
  */
 int topo_ring_order(const struct topo *t, const int *gpus, int n, int *order);
+/*
+ * The first CPU of each core this process may run on, package by package
+ * and NUMA node by NUMA node (hwloc's order), at most max; 0 without hwloc.
+ */
+int topo_worker_cpus(int *cpus, int max);
 
 /* --- conn.c: one client connection ---------------------------------------- */
 
@@ -440,7 +446,8 @@ struct task {
 	TAILQ_ENTRY(task) link;
 };
 
-int be_host_start(uv_loop_t *loop, int nthreads);
+/* nthreads workers, each pinned to a core of its own when pin_workers. */
+int be_host_start(uv_loop_t *loop, int nthreads, int pin_workers);
 void be_host_stop(void);
 int be_host_threads(void);
 /*

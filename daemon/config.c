@@ -22,6 +22,7 @@ void config_init(struct config *cfg)
 	snprintf(cfg->socket, sizeof cfg->socket, "%s", CONFIG_DEFAULT_SOCKET);
 	cfg->log_level = LVL_INFO;
 	cfg->threads = cores < 1 ? 1 : cores > 1024 ? 1024 : (int)cores;
+	cfg->pin_workers = 1;
 	cfg->timeout_ms = DEFAULT_TIMEOUT_MS;
 }
 
@@ -74,6 +75,17 @@ int config_set(struct config *cfg, const char *key, const char *val, char *err, 
 			return -1;
 		}
 		cfg->threads = (int)v;
+		return 0;
+	}
+	if (!strcmp(key, "pin-workers")) {
+		if (!strcmp(val, "yes") || !strcmp(val, "true") || !strcmp(val, "1"))
+			cfg->pin_workers = 1;
+		else if (!strcmp(val, "no") || !strcmp(val, "false") || !strcmp(val, "0"))
+			cfg->pin_workers = 0;
+		else {
+			snprintf(err, errlen, "%s: '%.200s' is not yes or no", key, val);
+			return -1;
+		}
 		return 0;
 	}
 	if (!strcmp(key, "timeout")) {

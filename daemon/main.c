@@ -16,7 +16,8 @@
 static void usage(FILE *f)
 {
 	fprintf(f, "usage: commd [--config FILE] [--socket PATH] [--foreground] [--log-level LEVEL]\n"
-		   "             [--threads N] [--timeout MS] [--topology FILE] [--dump-topology]\n"
+		   "             [--threads N] [--pin-workers yes|no] [--timeout MS]\n"
+		   "             [--topology FILE] [--dump-topology]\n"
 		   "  --config FILE      read settings from FILE (default %s, if it exists);\n"
 		   "                     its keys are the long flags' names; flags win\n"
 		   "  --socket PATH      listen on this Unix socket (default %s)\n"
@@ -24,6 +25,7 @@ static void usage(FILE *f)
 		   "                     and log to syslog)\n"
 		   "  --log-level LEVEL  error, warn, info (default) or debug\n"
 		   "  --threads N        worker threads for the host backend (default: cores)\n"
+		   "  --pin-workers yes|no  bind worker i to core i, in hwloc's order (default yes)\n"
 		   "  --timeout MS       default op deadline for jobs (default 600000)\n"
 		   "  --topology FILE    read the node's topology from FILE instead of discovering it\n"
 		   "  --dump-topology    print the discovered topology in that format and exit\n"
@@ -54,6 +56,7 @@ int main(int argc, char **argv)
 		{ "foreground", no_argument, NULL, 'f' },
 		{ "log-level", required_argument, NULL, 'l' },
 		{ "threads", required_argument, NULL, 't' },
+		{ "pin-workers", required_argument, NULL, 'P' },
 		{ "timeout", required_argument, NULL, 'T' },
 		{ "topology", required_argument, NULL, 'O' },
 		{ "dump-topology", no_argument, NULL, 'D' },
@@ -77,6 +80,7 @@ int main(int argc, char **argv)
 		case 'l':
 		case 't':
 		case 'T':
+		case 'P':
 		case 'O':
 			if (nflags == (int)(sizeof flags / sizeof flags[0])) {
 				fprintf(stderr, "commd: too many flags\n");
@@ -146,7 +150,7 @@ int main(int argc, char **argv)
 	srv.default_timeout_ms = cfg.timeout_ms;
 	srv.start_ms = now_ms();
 	gpu_probe();
-	if (be_host_start(loop, cfg.threads) < 0)
+	if (be_host_start(loop, cfg.threads, cfg.pin_workers) < 0)
 		return 1;
 	if (server_start(loop, cfg.socket) < 0) {
 		be_host_stop();
@@ -157,8 +161,9 @@ int main(int argc, char **argv)
 	uv_signal_init(loop, &srv.sig_int);
 	uv_signal_start(&srv.sig_int, on_signal, SIGINT);
 
-	log_info("commd %s: pid %d, socket %s, %d worker threads, gpu: %s", COMMD_VERSION,
-		 (int)getpid(), cfg.socket, cfg.threads, srv.gpu_info);
+	log_info("commd %s: pid %d, socket %s, %d worker threads%s, gpu: %s", COMMD_VERSION,
+		 (int)getpid(), cfg.socket, cfg.threads, cfg.pin_workers ? " (pinned)" : "",
+		 srv.gpu_info);
 	topo_summary(&node_topo, summary, sizeof summary);
 	log_info("topology (%s): %s", node_topo.source, summary);
 	snprintf(status, sizeof status, "READY=1\nMAINPID=%d\nSTATUS=serving %s (host backend)",

@@ -332,6 +332,35 @@ static void find_gpus(struct topo *t)
 }
 #endif
 
+int topo_worker_cpus(int *cpus, int max)
+{
+	int n = 0;
+#ifdef HAVE_HWLOC
+	hwloc_topology_t cpu_hw;
+	int ncores;
+
+	if (hwloc_topology_init(&cpu_hw) < 0)
+		return 0;
+	hwloc_topology_set_components(cpu_hw, HWLOC_TOPOLOGY_COMPONENTS_FLAG_BLACKLIST, "pci");
+	/* cores in hwloc's order walk the machine package by package, NUMA node by node */
+	if (hwloc_topology_load(cpu_hw) == 0) {
+		ncores = hwloc_get_nbobjs_by_type(cpu_hw, HWLOC_OBJ_CORE);
+		for (int i = 0; i < ncores && n < max; i++) {
+			hwloc_obj_t core = hwloc_get_obj_by_type(cpu_hw, HWLOC_OBJ_CORE, i);
+			int pu = core && core->cpuset ? hwloc_bitmap_first(core->cpuset) : -1;
+
+			if (pu >= 0)
+				cpus[n++] = pu;
+		}
+	}
+	hwloc_topology_destroy(cpu_hw);
+#else
+	(void)cpus;
+	(void)max;
+#endif
+	return n;
+}
+
 void topo_discover(struct topo *t)
 {
 	memset(t, 0, sizeof *t);

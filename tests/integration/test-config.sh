@@ -15,6 +15,7 @@ cat >"$tmp/commd.conf" <<EOF
 # commd.conf for the test
 socket = $tmp/from-file.sock
 threads = 3
+pin-workers = no
 timeout = 1500
 log-level = debug
 topology = $fix/nvlink-pair.topo
@@ -27,7 +28,7 @@ until "$COMMCTL" --socket "$tmp/from-file.sock" status >"$tmp/status" 2>/dev/nul
 done
 grep -q "^topology:    2 GPUs, 1 NIC, 1 NUMA node, NVLink yes\$" "$tmp/status" ||
 	bad "topology key not used: $(cat "$tmp/status")"
-grep -q "3 worker threads" "$tmp/commd.log" || bad "threads key not used: $(cat "$tmp/commd.log")"
+grep -q "3 worker threads," "$tmp/commd.log" || bad "threads or pin-workers key not used: $(cat "$tmp/commd.log")"
 grep -q " debug: " "$tmp/commd.log" || bad "log-level key not used: no debug lines"
 kill -TERM "$pid"; wait "$pid" || bad "commd did not exit cleanly"
 
@@ -47,8 +48,8 @@ grep -q "timed out" "$tmp/rank.err" || bad "lonely rank: no timeout: $(cat "$tmp
 kill -TERM "$pid"; wait "$pid" || bad "commd did not exit cleanly"
 
 # 2. flags override the file
-daemon_start commd-config --config "$tmp/commd.conf" --threads 1 --log-level info
-grep -q "1 worker threads" "$dir/commd.log" || bad "--threads does not override the file"
+daemon_start commd-config --config "$tmp/commd.conf" --threads 1 --log-level info --pin-workers yes
+grep -q "1 worker threads (pinned)" "$dir/commd.log" || bad "--threads or --pin-workers does not override the file"
 grep -q " debug: " "$dir/commd.log" && bad "--log-level does not override the file"
 [ -S "$tmp/from-file.sock" ] && bad "--socket does not override the file"
 daemon_stop
@@ -68,6 +69,7 @@ check_bad "unknown key" 2 "unknown key 'thread'" $'# comment\nthread = 2'
 check_bad "threads zero" 1 "threads: '0' is not in 1..1024" 'threads = 0'
 check_bad "threads not a number" 1 "threads: '2x'" 'threads = 2x'
 check_bad "timeout too long" 1 "timeout: '86400001' is not in" 'timeout = 86400001'
+check_bad "pin-workers" 1 "pin-workers: 'maybe' is not yes or no" 'pin-workers = maybe'
 check_bad "log level" 3 "unknown level 'loud'" $'threads = 1\n\nlog-level = loud'
 check_bad "section" 2 "has no sections" $'[commd]\nthreads = 1'
 check_bad "not key = value" 2 "not a 'key = value' line" $'threads = 1\njust words'
