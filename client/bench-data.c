@@ -158,6 +158,19 @@ static int is_unsigned(comm_dtype_t t)
 	return t == COMM_UINT8 || t == COMM_UINT32 || t == COMM_UINT64;
 }
 
+/* One element of any dtype. */
+union elem {
+	int8_t i8;
+	uint8_t u8;
+	int32_t i32;
+	uint32_t u32;
+	int64_t i64;
+	uint64_t u64;
+	uint16_t h;
+	float f;
+	double d;
+};
+
 /*
  * Store v in dst as dtype t; with avg > 0 store v / avg as the daemon
  * computes an average: integers wrap, then divide (truncating toward zero);
@@ -165,17 +178,7 @@ static int is_unsigned(comm_dtype_t t)
  */
 static void store(comm_dtype_t t, void *dst, int64_t v, int avg)
 {
-	union {
-		int8_t i8;
-		uint8_t u8;
-		int32_t i32;
-		uint32_t u32;
-		int64_t i64;
-		uint64_t u64;
-		uint16_t h;
-		float f;
-		double d;
-	} u;
+	union elem u;
 	float f = (float)v;
 
 	switch (t) {
@@ -424,17 +427,7 @@ uint64_t bench_verify(const struct bench_case *c, const void *out, long long *fi
 
 static void elem_str(comm_dtype_t t, const void *p, char *buf, size_t len)
 {
-	union {
-		int8_t i8;
-		uint8_t u8;
-		int32_t i32;
-		uint32_t u32;
-		int64_t i64;
-		uint64_t u64;
-		uint16_t h;
-		float f;
-		double d;
-	} u;
+	union elem u;
 
 	memcpy(&u, p, comm_dtype_size(t));
 	switch (t) {

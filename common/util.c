@@ -1,4 +1,6 @@
 /* util.c: small helpers shared by the daemon, the library and the tools. */
+#include <errno.h>
+#include <stdlib.h>
 #include <time.h>
 
 #include "util.h"
@@ -25,4 +27,17 @@ int const_time_eq(const void *a, size_t alen, const void *b, size_t blen)
 	for (size_t i = 0; i < n; i++)
 		diff |= pa[i] ^ pb[i];
 	return diff == 0;
+}
+
+int parse_long_in(const char *s, long min, long max, long *out)
+{
+	char *end;
+	long v;
+
+	errno = 0;
+	v = strtol(s, &end, 10);
+	if (errno || end == s || *end || v < min || v > max)
+		return -1;
+	*out = v;
+	return 0;
 }

@@ -13,6 +13,9 @@ uint64_t now_ms(void);
 /* *out = a * b; returns -1 when the product overflows size_t. */
 int mul_overflow_size(size_t a, size_t b, size_t *out);
 
+/* Parse all of s as a decimal in [min, max] into *out; -1 if it is not one. */
+int parse_long_in(const char *s, long min, long max, long *out);
+
 /* Compare two byte strings in time that depends only on their lengths. */
 int const_time_eq(const void *a, size_t alen, const void *b, size_t blen);
 

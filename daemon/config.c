@@ -13,6 +13,7 @@
 
 #include "commd.h"
 #include "log.h"
+#include "util.h"
 
 void config_init(struct config *cfg)
 {
@@ -24,19 +25,6 @@ void config_init(struct config *cfg)
 	cfg->threads = cores < 1 ? 1 : cores > 1024 ? 1024 : (int)cores;
 	cfg->pin_workers = 1;
 	cfg->timeout_ms = DEFAULT_TIMEOUT_MS;
-}
-
-static int parse_long(const char *s, long min, long max, long *out)
-{
-	char *end;
-	long v;
-
-	errno = 0;
-	v = strtol(s, &end, 10);
-	if (errno || end == s || *end || v < min || v > max)
-		return -1;
-	*out = v;
-	return 0;
 }
 
 static int set_path(char *dst, size_t len, const char *key, const char *val, char *err,
@@ -70,7 +58,7 @@ int config_set(struct config *cfg, const char *key, const char *val, char *err, 
 		return 0;
 	}
 	if (!strcmp(key, "threads")) {
-		if (parse_long(val, 1, 1024, &v) < 0) {
+		if (parse_long_in(val, 1, 1024, &v) < 0) {
 			snprintf(err, errlen, "%s: '%.200s' is not in 1..1024", key, val);
 			return -1;
 		}
@@ -89,7 +77,7 @@ int config_set(struct config *cfg, const char *key, const char *val, char *err, 
 		return 0;
 	}
 	if (!strcmp(key, "timeout")) {
-		if (parse_long(val, 1, TIMEOUT_MAX_MS, &v) < 0) {
+		if (parse_long_in(val, 1, TIMEOUT_MAX_MS, &v) < 0) {
 			snprintf(err, errlen, "%s: '%.200s' is not in 1..%u (milliseconds)", key,
 				 val, TIMEOUT_MAX_MS);
 			return -1;

@@ -11,6 +11,7 @@
 #include <string.h>
 
 #include "commd.h"
+#include "util.h"
 
 struct topo node_topo;
 
@@ -174,19 +175,6 @@ static int valid_host(const char *s)
 	return strlen(s) == 7 && is_hex(s, 4) && s[4] == ':' && is_hex(s + 5, 2);
 }
 
-static int parse_int(const char *s, long min, long max, long *out)
-{
-	char *end;
-	long v;
-
-	errno = 0;
-	v = strtol(s, &end, 10);
-	if (errno || end == s || *end || v < min || v > max)
-		return -1;
-	*out = v;
-	return 0;
-}
-
 /* a cpulist: "N" or "N-M", comma separated */
 static int valid_cpulist(const char *s)
 {
@@ -261,7 +249,7 @@ static int parse_dev(struct topo *t, char **tok, int n, char *err, size_t errlen
 	int seen_name = 0, seen_bus = 0, seen_numa = 0, seen_path = 0;
 	long v;
 
-	if (n < 2 || parse_int(tok[1], 0, max - 1, &v) < 0) {
+	if (n < 2 || parse_long_in(tok[1], 0, max - 1, &v) < 0) {
 		snprintf(err, errlen, "%s: index must be 0..%d", tok[0], max - 1);
 		return -1;
 	}
@@ -295,7 +283,7 @@ static int parse_dev(struct topo *t, char **tok, int n, char *err, size_t errlen
 			}
 			strcpy(d->bus, val);
 		} else if (strcmp(k, "numa") == 0 && !seen_numa++) {
-			if (parse_int(val, -1, INT32_MAX, &v) < 0 ||
+			if (parse_long_in(val, -1, INT32_MAX, &v) < 0 ||
 			    (v >= 0 && !topo_numa_cpus(t, (int)v))) {
 				snprintf(err, errlen, "%s %d: numa '%s' is not a numa node declared above",
 					 tok[0], d->index, val);
@@ -337,7 +325,7 @@ static int parse_line(struct topo *t, char **tok, int n, char *err, size_t errle
 			snprintf(err, errlen, "want: numa ID cpus LIST");
 			return -1;
 		}
-		if (parse_int(tok[1], 0, INT32_MAX, &a) < 0) {
+		if (parse_long_in(tok[1], 0, INT32_MAX, &a) < 0) {
 			snprintf(err, errlen, "numa: bad id '%s'", tok[1]);
 			return -1;
 		}
@@ -360,9 +348,9 @@ static int parse_line(struct topo *t, char **tok, int n, char *err, size_t errle
 	if (strcmp(tok[0], "gpu") == 0 || strcmp(tok[0], "nic") == 0)
 		return parse_dev(t, tok, n, err, errlen);
 	if (strcmp(tok[0], "nvlink") == 0) {
-		if (n != 4 || parse_int(tok[1], 0, TOPO_MAX_GPUS - 1, &a) < 0 ||
-		    parse_int(tok[2], 0, TOPO_MAX_GPUS - 1, &b) < 0 ||
-		    parse_int(tok[3], 1, 1000, &c) < 0) {
+		if (n != 4 || parse_long_in(tok[1], 0, TOPO_MAX_GPUS - 1, &a) < 0 ||
+		    parse_long_in(tok[2], 0, TOPO_MAX_GPUS - 1, &b) < 0 ||
+		    parse_long_in(tok[3], 1, 1000, &c) < 0) {
 			snprintf(err, errlen, "want: nvlink GPU GPU COUNT (count 1..1000)");
 			return -1;
 		}

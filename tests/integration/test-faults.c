@@ -453,21 +453,6 @@ static void test_protocol(void)
 	       "bad memory fds, a bad peer, stray fds\n");
 }
 
-/* Wait (up to 3 s) for the daemon's fds and memfd mappings to come back. */
-static void check_baseline(int fds0, const char *after)
-{
-	int fds = -1, maps = -1;
-
-	for (int i = 0; i < 300; i++) {
-		fds = th_count_fds(d.pid);
-		maps = th_count_memfd_maps(d.pid);
-		if (fds == fds0 && maps == 0)
-			break;
-		usleep(10 * 1000);
-	}
-	CHECK(fds == fds0, "after %s: daemon has %d fds, had %d", after, fds, fds0);
-	CHECK(maps == 0, "after %s: daemon still maps %d memfds", after, maps);
-}
 
 /*
  * A rank whose daemon is killed gets DAEMON_UNREACHABLE, not a hang; one
@@ -548,29 +533,29 @@ int main(void)
 	REQUIRE(th_ranks_start(&rs, &d, "kill-mid-op", N, rank_killed, &mid) == 0, "ranks");
 	CHECK(th_ranks_wait(&rs) == 1, "killed mid-op: survivors failed (see above)");
 	CHECK(th_ranks_wait(&other) == 0, "bystander job failed");
-	check_baseline(fds0, "a rank killed mid-op");
+	th_check_baseline(&d, fds0, "a rank killed mid-op");
 	printf("ok: rank killed mid-op: PEER_LOST on the others, bystander job fine\n");
 
 	/* A2: killed before posting, the others already waiting */
 	REQUIRE(th_ranks_start(&rs, &d, "kill-before-post", N, rank_killed, &before) == 0, "ranks");
 	CHECK(th_ranks_wait(&rs) == 1, "killed before posting: survivors failed (see above)");
 	CHECK(th_run_ranks(&d, "after-kill", N, rank_ok, NULL) == 0, "new job after kills");
-	check_baseline(fds0, "a rank killed before posting");
+	th_check_baseline(&d, fds0, "a rank killed before posting");
 	printf("ok: rank killed before posting: PEER_LOST at once; a new job runs\n");
 
 	CHECK(th_run_ranks(&d, "mismatch", N, rank_mismatch, NULL) == 0, "mismatch");
-	check_baseline(fds0, "mismatches");
+	th_check_baseline(&d, fds0, "mismatches");
 	printf("ok: count, type, dtype and redop mismatches reported to every rank\n");
 
 	CHECK(th_run_ranks(&d, "flood", 2, rank_flood, NULL) == 0, "ops in flight cap");
-	check_baseline(fds0, "a flood of ops");
+	th_check_baseline(&d, fds0, "a flood of ops");
 	printf("ok: a rank past %d ops in flight is cut off (NO_MEMORY); its peer gets PEER_LOST\n",
 	       OPS_CAP);
 
 	test_bad_joins();
-	check_baseline(fds0, "bad joins");
+	th_check_baseline(&d, fds0, "bad joins");
 	test_protocol();
-	check_baseline(fds0, "bad frames");
+	th_check_baseline(&d, fds0, "bad frames");
 	CHECK(th_daemon_alive(&d), "daemon died");
 	CHECK(th_run_ranks(&d, "after-all", N, rank_ok, NULL) == 0, "job after everything");
 

@@ -179,21 +179,6 @@ static double self_cpu(void)
 	       (double)ru.ru_stime.tv_sec + (double)ru.ru_stime.tv_usec / 1e6;
 }
 
-/* Wait (up to 3 s) for the daemon's fds and memfd mappings to come back. */
-static void check_baseline(int fds0, const char *after)
-{
-	int fds = -1, maps = -1;
-
-	for (int i = 0; i < 300; i++) {
-		fds = th_count_fds(d.pid);
-		maps = th_count_memfd_maps(d.pid);
-		if (fds == fds0 && maps == 0)
-			break;
-		usleep(10 * 1000);
-	}
-	CHECK(fds == fds0, "after %s: daemon has %d fds, had %d", after, fds, fds0);
-	CHECK(maps == 0, "after %s: daemon still maps %d memfds", after, maps);
-}
 
 static void run_job(int n, th_rank_fn fn, const void *arg, const char *what)
 {
@@ -722,7 +707,7 @@ static void test_bad_attach(int fds0)
 	printf("ok: ops published by hand in the ring: answered in their slots, outputs in place; "
 	       "OpDone on the socket too while the rank sleeps; bad ops refused in their slots\n");
 	raw_rank_close(&k);
-	check_baseline(fds0, "ring attach by hand");
+	th_check_baseline(&d, fds0, "ring attach by hand");
 }
 
 /* A slot published for the next seq but naming another: Error PROTOCOL, connection closed. */
@@ -749,7 +734,7 @@ static void test_bad_seq(int fds0)
 	CHECK(raw_closed_by_daemon(k.fd), "slot with a wrong seq: connection kept");
 	raw_rank_close(&k);
 	printf("ok: a slot with the wrong seq: Error PROTOCOL naming it, connection closed\n");
-	check_baseline(fds0, "a slot with the wrong seq");
+	th_check_baseline(&d, fds0, "a slot with the wrong seq");
 }
 
 /* --- 6: a ring rank killed mid-op ------------------------------------------------- */
@@ -805,7 +790,7 @@ static void test_killed(int fds0, const struct mode *m, const char *job, const c
 	failed = th_ranks_wait(&rs);
 	CHECK(failed == 1, "%s: %d ranks failed, want only the one killed (see above)", what,
 	      failed);
-	check_baseline(fds0, what);
+	th_check_baseline(&d, fds0, what);
 	printf("%s: %s: the others got PEER_LOST naming rank 3\n", failed == 1 ? "ok" : "FAIL",
 	       what);
 }
@@ -851,10 +836,10 @@ int main(void)
 		"COMM_RING=0 on ranks 0 and 2, ring on 1 and 3: 700 all-reduces, twice");
 	run_job(2, rank_group, &noring_all, "COMM_RING=0 on both ranks: group of 300 + 300");
 	run_job(2, rank_group, &noring_r0, "COMM_RING=0 on rank 0 only: group of 300 + 300");
-	check_baseline(fds0, "the ring and socket jobs");
+	th_check_baseline(&d, fds0, "the ring and socket jobs");
 
 	test_idle();
-	check_baseline(fds0, "the idle job");
+	th_check_baseline(&d, fds0, "the idle job");
 
 	test_bad_attach(fds0);
 	test_bad_seq(fds0);

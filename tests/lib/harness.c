@@ -17,6 +17,7 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "check.h"
 #include "harness.h"
 
 #define MAX_ARGS 32
@@ -329,4 +330,19 @@ int th_count_memfd_maps(pid_t pid)
 			n++;
 	fclose(f);
 	return n;
+}
+
+void th_check_baseline(const struct th_daemon *d, int fds0, const char *after)
+{
+	int fds = -1, maps = -1;
+
+	for (int i = 0; i < 300; i++) {
+		fds = th_count_fds(d->pid);
+		maps = th_count_memfd_maps(d->pid);
+		if (fds == fds0 && maps == 0)
+			break;
+		usleep(10 * 1000);
+	}
+	CHECK(fds == fds0, "after %s: daemon has %d fds, had %d", after, fds, fds0);
+	CHECK(maps == 0, "after %s: daemon still maps %d memfds", after, maps);
 }
