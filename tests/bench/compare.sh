@@ -1,0 +1,391 @@
+#!/bin/bash
+# compare.sh: race commd (commbench) against Open MPI, MPICH and Gloo on this
+# machine, 4 ranks, float32 sum, and print one table with the targets of the
+# benchmark issue. Not part of make check; run as root on Debian 12.
+set -eu
+
+usage() {
+	cat <<'EOF'
+usage: bash tests/bench/compare.sh [--build DIR] [--no-install] [--quick]
+           [--out FILE] [--peers LIST] [--timeout SEC] [--keep]
+           [--allreduce-sizes LIST] [--sizes LIST]
+
+  --build DIR   build directory with daemon/commd and client/commbench
+                (default: $BUILD, else build-ci or build under the repository;
+                if none exists, the repository is built in a temp dir)
+  --no-install  do not apt-get install the peers (Open MPI, MPICH, Gloo, g++)
+  --quick       small sizes and fewer iterations, to try the script end to end
+  --out FILE    where the raw JSON lines go (default /tmp/commd-compare-DATE.jsonl)
+  --peers LIST  comma list out of openmpi,openmpi-ucx,mpich,gloo (default: all)
+  --timeout SEC limit of one benchmark run (one op at one size), default 300
+  --keep        keep the work dir (binaries, logs)
+  --allreduce-sizes LIST, --sizes LIST
+                bytes (K, M, G suffixes) for allreduce and for reduce_scatter,
+                allgather, broadcast (also $AR_SIZES, $COLL_SIZES)
+EOF
+	exit 2
+}
+
+root=$(cd "$(dirname "$0")/../.." && pwd)
+bench_src=$root/tests/bench
+build=${BUILD:-}
+install=1
+quick=0
+out=
+peers=openmpi,openmpi-ucx,mpich,gloo
+limit=300
+keep=0
+ranks=4
+ar_sizes=${AR_SIZES:-8,64K,1M,16M,64M,400M}
+coll_sizes=${COLL_SIZES:-1M,16M,64M,400M}
+ar_set=${AR_SIZES:+1}
+coll_set=${COLL_SIZES:+1}
+
+while [ $# -gt 0 ]; do
+	case $1 in
+	--build) build=${2:?}; shift ;;
+	--no-install) install=0 ;;
+	--quick) quick=1 ;;
+	--out) out=${2:?}; shift ;;
+	--peers) peers=${2:?}; shift ;;
+	--timeout) limit=${2:?}; shift ;;
+	--keep) keep=1 ;;
+	--allreduce-sizes) ar_sizes=${2:?}; ar_set=1; shift ;;
+	--sizes) coll_sizes=${2:?}; coll_set=1; shift ;;
+	-h | --help) usage ;;
+	*) echo "compare.sh: unknown argument $1" >&2; usage ;;
+	esac
+	shift
+done
+if [ "$quick" = 1 ]; then
+	[ -n "${ar_set:-}" ] || ar_sizes=8,64K,1M
+	[ -n "${coll_set:-}" ] || coll_sizes=1M
+fi
+[ -n "$out" ] || out=/tmp/commd-compare-$(date +%Y%m%d-%H%M%S).jsonl
+if [ -x /usr/bin/python3 ]; then py=/usr/bin/python3; else py=python3; fi
+
+work=$(mktemp -d /tmp/commd-compare.XXXXXX)
+daemon_pid=
+cleanup() {
+	if [ -n "$daemon_pid" ]; then
+		kill -TERM "$daemon_pid" 2>/dev/null || true
+		wait "$daemon_pid" 2>/dev/null || true
+	fi
+	if [ "$keep" = 1 ]; then echo "work dir kept: $work" >&2; else rm -rf "$work"; fi
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+: >"$out"
+notes=$work/notes
+: >"$notes"
+note() { echo "$*" >>"$notes"; echo "compare.sh: $*" >&2; }
+start_time=$(date +%s)
+
+# --- packages -----------------------------------------------------------------
+if [ "$install" = 1 ]; then
+	pkgs=(openmpi-bin libopenmpi-dev mpich libmpich-dev libgloo-dev g++ gcc)
+	echo "installing: ${pkgs[*]}" >&2
+	export DEBIAN_FRONTEND=noninteractive
+	if ! apt-get install -y -qq "${pkgs[@]}" >"$work/apt.log" 2>&1; then
+		apt-get update -qq >>"$work/apt.log" 2>&1 || true
+		apt-get install -y -qq "${pkgs[@]}" >>"$work/apt.log" 2>&1 ||
+			{ tail -5 "$work/apt.log" >&2; note "apt-get install failed (see above); going on with what is there"; }
+	fi
+fi
+
+# --- commd and commbench -------------------------------------------------------
+if [ -z "$build" ]; then
+	for d in "$root/build-ci" "$root/build"; do
+		if [ -x "$d/daemon/commd" ]; then build=$d; break; fi
+	done
+fi
+if [ -z "$build" ]; then
+	echo "no build dir found: building the repository in $work/build" >&2
+	[ "$install" = 0 ] || bash "$root/scripts/install-deps.sh" >"$work/deps.log" 2>&1 || true
+	(cd "$root" && autoreconf -fi) >"$work/build.log" 2>&1
+	mkdir "$work/build"
+	(cd "$work/build" && "$root/configure" -q && make -j"$(nproc)") >>"$work/build.log" 2>&1 ||
+		{ tail -20 "$work/build.log" >&2; echo "compare.sh: build failed" >&2; exit 1; }
+	build=$work/build
+fi
+[ -d "$build" ] || [ ! -d "$root/$build" ] || build=$root/$build
+[ -d "$build" ] || { echo "compare.sh: no build dir $build" >&2; exit 1; }
+build=$(cd "$build" && pwd)
+commd=$build/daemon/commd
+commbench=$build/client/commbench
+have_commd=1
+[ -x "$commd" ] || { note "commd: no $commd"; have_commd=0; }
+[ -x "$commbench" ] || { note "commd: no $commbench (commbench not built yet)"; have_commd=0; }
+
+# --- the peers' benchmarks -------------------------------------------------------
+gcc -std=gnu11 -O2 -ftree-vectorize -fvect-cost-model=dynamic -pthread \
+	-o "$work/membw" "$bench_src/membw.c"
+have_peer() {
+	case ,$peers, in *,$1,*) return 0 ;; esac
+	return 1
+}
+if have_peer openmpi || have_peer openmpi-ucx; then
+	mpicc.openmpi -O2 -o "$work/mpi-bench-openmpi" "$bench_src/mpi-bench.c" 2>"$work/cc-openmpi.log" ||
+		note "openmpi: mpicc.openmpi failed: $(head -1 "$work/cc-openmpi.log")"
+fi
+if have_peer mpich; then
+	mpicc.mpich -O2 -o "$work/mpi-bench-mpich" "$bench_src/mpi-bench.c" 2>"$work/cc-mpich.log" ||
+		note "mpich: mpicc.mpich failed: $(head -1 "$work/cc-mpich.log")"
+fi
+if have_peer gloo; then
+	g++ -std=c++17 -O2 -pthread -o "$work/gloo-bench" "$bench_src/gloo-bench.cc" -lgloo \
+		2>"$work/cc-gloo.log" || note "gloo: build failed: $(head -1 "$work/cc-gloo.log")"
+fi
+
+# --- the schedule: warmup and iterations for a size ------------------------------
+to_bytes() {
+	case $1 in
+	*[Kk]) echo $((${1%?} * 1024)) ;;
+	*[Mm]) echo $((${1%?} * 1024 * 1024)) ;;
+	*[Gg]) echo $((${1%?} * 1024 * 1024 * 1024)) ;;
+	*) echo "$1" ;;
+	esac
+}
+# Many iterations for latency, a few for 400 MiB (several seconds an op for some
+# peers); the whole run takes about 15 minutes on a 2-core VM.
+schedule() {
+	local b=$1 w i
+	if [ "$b" -le 4096 ]; then w=100; i=1000
+	elif [ "$b" -le 262144 ]; then w=20; i=200
+	elif [ "$b" -le 4194304 ]; then w=10; i=100
+	elif [ "$b" -le 33554432 ]; then w=5; i=30
+	elif [ "$b" -le 134217728 ]; then w=2; i=10
+	else w=1; i=5; fi
+	if [ "$quick" = 1 ]; then w=$(((w + 4) / 5)); i=$(((i + 4) / 5)); fi
+	echo "$w $i"
+}
+
+# One run of one bench at one op and size; its JSON lines go to $out.
+run_point() {
+	local name=$1 op=$2 bytes=$3 w i log rc=0 args why last
+	read -r w i <<<"$(schedule "$bytes")"
+	read -ra args <<<"$(point_args "$name" "$bytes" "$w" "$i")"
+	log=$work/logs/$name-$op-$bytes.log
+	shift 3
+	printf '  %-12s %-15s %10s B  (%s warmup, %s iters)\n' "$name" "$op" "$bytes" "$w" "$i" >&2
+	timeout -k 10 "$limit" "$@" -o "$op" "${args[@]}" >"$log.out" 2>"$log" || rc=$?
+	grep '^{' "$log.out" >>"$out" || true
+	if [ "$rc" != 0 ]; then
+		[ "$rc" = 124 ] && why="timed out after ${limit}s" || why="exit $rc"
+		last=$(grep -v '^$' "$log" | tail -1 | cut -c1-160) || true
+		note "$name $op $bytes B: $why${last:+: $last}"
+	fi
+}
+point_args() {
+	case $1 in
+	commd) echo "-d float -r sum -b $2 -e $2 -f 2 -w $3 -i $4 -c 0 --json" ;;
+	*) echo "-s $2 -w $3 -i $4" ;;
+	esac
+}
+run_all() {
+	local name=$1 s
+	shift
+	for s in ${ar_sizes//,/ }; do run_point "$name" allreduce "$(to_bytes "$s")" "$@"; done
+	for op in reduce_scatter allgather broadcast; do
+		for s in ${coll_sizes//,/ }; do run_point "$name" $op "$(to_bytes "$s")" "$@"; done
+	done
+}
+mkdir -p "$work/logs"
+
+# --- run ----------------------------------------------------------------------------
+echo "membw" >&2
+"$work/membw" 400 2 5 >>"$out" || note "membw failed"
+
+if [ "$have_commd" = 1 ]; then
+	echo "commd ($build)" >&2
+	sock=$work/commd.sock
+	"$commd" --foreground --socket "$sock" >"$work/commd.log" 2>&1 &
+	daemon_pid=$!
+	for _ in $(seq 100); do
+		[ -S "$sock" ] && break
+		sleep 0.1
+	done
+	if [ -S "$sock" ]; then
+		run_all commd "$commbench" -n "$ranks" --socket "$sock"
+	else
+		note "commd: the daemon did not start: $(tail -1 "$work/commd.log")"
+	fi
+	kill -TERM "$daemon_pid" 2>/dev/null || true
+	wait "$daemon_pid" 2>/dev/null || note "commd: the daemon exited non-zero"
+	daemon_pid=
+fi
+
+ompi_run=(mpirun.openmpi --allow-run-as-root --oversubscribe -np "$ranks")
+if have_peer openmpi && [ -x "$work/mpi-bench-openmpi" ]; then
+	echo "openmpi (pml ob1, btl vader)" >&2
+	run_all openmpi "${ompi_run[@]}" --mca pml ob1 --mca btl self,vader \
+		"$work/mpi-bench-openmpi" --bench openmpi
+fi
+if have_peer openmpi-ucx && [ -x "$work/mpi-bench-openmpi" ]; then
+	echo "openmpi-ucx (pml ucx)" >&2
+	run_all openmpi-ucx "${ompi_run[@]}" --mca pml ucx --mca pml_ucx_tls any --mca pml_ucx_devices any \
+		"$work/mpi-bench-openmpi" --bench openmpi-ucx
+fi
+if have_peer mpich && [ -x "$work/mpi-bench-mpich" ]; then
+	echo "mpich" >&2
+	run_all mpich mpirun.mpich -np "$ranks" "$work/mpi-bench-mpich" --bench mpich
+fi
+if have_peer gloo && [ -x "$work/gloo-bench" ]; then
+	echo "gloo (tcp on loopback)" >&2
+	run_all gloo env TMPDIR="$work" "$work/gloo-bench" -n "$ranks"
+fi
+
+# --- the table ------------------------------------------------------------------------
+mem_kib=$(awk '/^MemTotal/ { print $2 }' /proc/meminfo)
+cpu=$(awk -F': ' '/^model name/ { print $2; exit }' /proc/cpuinfo)
+{
+	echo "machine: $(nproc) cores, ${cpu:-unknown CPU}, $((mem_kib / 1024 / 1024)) GiB memory, $(uname -sr)"
+	echo "peers: Open MPI $(dpkg-query -W -f='${Version}' openmpi-bin 2>/dev/null || echo '?')," \
+		"MPICH $(dpkg-query -W -f='${Version}' mpich 2>/dev/null || echo '?')," \
+		"Gloo $(dpkg-query -W -f='${Version}' libgloo-dev 2>/dev/null || echo '?');" \
+		"$ranks ranks, float32 sum, out of place"
+	echo "run: $(($(date +%s) - start_time)) s; raw JSON lines: $out"
+} >"$work/header"
+"$py" - "$out" "$work/header" "$notes" "$ranks" "$peers" "$ar_sizes" "$coll_sizes" <<'EOF'
+import json, sys
+
+out, header, notes, ranks, peers, ar_sizes, coll_sizes = sys.argv[1:]
+ranks = int(ranks)
+peers = peers.split(",")
+benches = ["commd"] + peers
+
+
+def to_bytes(s):
+    mult = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(s[-1:].upper(), 1)
+    return int(s[:-1] if mult > 1 else s) * mult
+
+
+def human(b):
+    for unit, div in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if b >= div and b % div == 0:
+            return "%d %s" % (b // div, unit)
+    return "%d B" % b
+
+
+rows = {}
+membw = None
+for line in open(out):
+    try:
+        r = json.loads(line)
+    except ValueError:
+        continue
+    if r.get("bench") == "membw":
+        membw = r
+        continue
+    if r.get("ranks") != ranks or r.get("dtype") != "float32":
+        continue
+    key = (r["bench"], r["op"], int(r["bytes"]))
+    # Out of place where the bench has it (Gloo's reduce-scatter is in place only).
+    if key not in rows or (rows[key].get("inplace") and not r.get("inplace")):
+        rows[key] = r
+
+points = [("allreduce", to_bytes(s)) for s in ar_sizes.split(",") if s]
+points += [(op, to_bytes(s)) for op in ("reduce_scatter", "allgather", "broadcast")
+           for s in coll_sizes.split(",") if s]
+
+
+def target(op, b):
+    """(kind, factor): kind 'lat' = commd time <= factor x best peer time."""
+    if op == "allreduce" and b <= 8:
+        return ("lat", 2.0)
+    if op == "allreduce" and b >= 64 << 20:
+        return ("bw", 5.0)
+    if op == "reduce_scatter" and b >= 16 << 20:
+        return ("bw", 3.0)
+    if op in ("allgather", "broadcast") and b >= 16 << 20:
+        return ("bw", 1.2)
+    return None
+
+
+def fmt(v, lat):
+    if v is None:
+        return "-"
+    return "%.1f" % v if lat else "%.3f" % v
+
+
+head = ["op", "size"] + benches + ["best peer", "commd/best", "target", ""]
+table = []
+passed = missed = 0
+for op, b in points:
+    lat = op == "allreduce" and b <= 8
+    field = "time_us" if lat else "busbw_gbs"
+    vals = {}
+    for name in benches:
+        r = rows.get((name, op, b))
+        ok = r is not None and not r.get("wrong")
+        vals[name] = r[field] if ok else None
+    have = [(vals[p], p) for p in peers if vals[p] is not None and vals[p] > 0]
+    best = (min(have) if lat else max(have)) if have else None
+    ratio = None
+    if best and vals["commd"]:
+        ratio = vals["commd"] / best[0]
+    tgt = target(op, b)
+    verdict = ""
+    tgt_s = ""
+    if tgt:
+        kind, f = tgt
+        tgt_s = ("<= %gx" if kind == "lat" else ">= %gx") % f
+        if ratio is None:
+            verdict = "-"
+        elif (ratio <= f) if kind == "lat" else (ratio >= f):
+            verdict = "PASS"
+            passed += 1
+        else:
+            verdict = "MISS"
+            missed += 1
+    table.append([op, human(b) + (" (us)" if lat else "")]
+                 + [fmt(vals[n], lat) for n in benches]
+                 + ["%s %s" % (fmt(best[0], lat), best[1]) if best else "-",
+                    "%.2fx" % ratio if ratio is not None else "-", tgt_s, verdict])
+
+print(open(header).read().rstrip())
+print("busbw in GB/s (nccl-tests' bus bandwidth, 1 GB = 1e9 B); 8 B all-reduce: time in us;")
+print("commd: commbench -c 0 (inputs filled once); peers: results checked once, exactly")
+print()
+widths = [max(len(str(row[i])) for row in [head] + table) for i in range(len(head))]
+for k, row in enumerate([head] + table):
+    cells = [str(c).ljust(widths[i]) if i < 2 else str(c).rjust(widths[i])
+             for i, c in enumerate(row)]
+    print("  ".join(cells).rstrip())
+    if k == 0:
+        print("  ".join("-" * w for w in widths))
+
+print()
+if membw:
+    bw = membw["gbs"] * 1e9
+    print("memory: %.1f GB/s (4-buffer float32 sum, %d threads, %d MiB buffers, best of %d;"
+          " median %.1f)" % (membw["gbs"], membw.get("threads", 0), membw.get("buffer_mib", 0),
+                             membw.get("runs", 0), membw.get("median_gbs", 0)))
+    for b in (64 << 20, 400 << 20):
+        if ("allreduce", b) not in points:
+            continue
+        bound_us = 2.0 * ranks * b / bw * 1e6
+        r = rows.get(("commd", "allreduce", b))
+        if r and not r.get("wrong") and r["time_us"] > 0:
+            pct = bound_us / r["time_us"] * 100
+            ok = pct >= 50
+            passed += ok
+            missed += not ok
+            print("allreduce %-8s memory bound %.0f us (2*N*S bytes), commd %.0f us: %.0f%% of bound"
+                  "   target >= 50%%  %s" % (human(b), bound_us, r["time_us"], pct,
+                                             "PASS" if ok else "MISS"))
+        else:
+            print("allreduce %-8s memory bound %.0f us, commd -   target >= 50%%  -"
+                  % (human(b), bound_us))
+else:
+    print("memory: membw gave no result")
+print()
+print("targets: %d PASS, %d MISS" % (passed, missed))
+if any(r.get("wrong") for r in rows.values()):
+    print("wrong results (shown as -): " + ", ".join(
+        "%s %s %s" % k for k, r in sorted(rows.items()) if r.get("wrong")))
+if any(k[0] == "gloo" and k[1] == "reduce_scatter" for k in rows):
+    print("note: gloo reduce_scatter is ReduceScatterHalvingDoubling, in place (Gloo has no other)")
+for line in open(notes):
+    print("note: " + line.rstrip())
+EOF
