@@ -29,9 +29,7 @@
 #include "gloo/rendezvous/prefix_store.h"
 #include "gloo/transport/tcp/device.h"
 
-enum op { OP_ALLREDUCE, OP_REDUCE_SCATTER, OP_ALLGATHER, OP_BROADCAST };
-
-static const char *op_names[] = { "allreduce", "reduce_scatter", "allgather", "broadcast" };
+#include "bench-common.h"
 
 struct bench {
 	enum op op;
@@ -49,33 +47,12 @@ struct shared {
 	double t[]; /* [rank * iters + i] */
 };
 
-static void usage()
+static void usage(void)
 {
 	fprintf(stderr, "usage: gloo-bench [-n RANKS] -o allreduce|reduce_scatter|allgather|broadcast\n"
 			"                  -s SIZE[,SIZE...] [-w WARMUP] [-i ITERS]\n"
 			"SIZE in bytes, with K, M or G (powers of 1024)\n");
 	exit(2);
-}
-
-static size_t parse_size(const char *s)
-{
-	char *end;
-	double v = strtod(s, &end);
-
-	switch (*end) {
-	case 'K': case 'k': v *= 1024; break;
-	case 'M': case 'm': v *= 1024 * 1024; break;
-	case 'G': case 'g': v *= 1024.0 * 1024 * 1024; break;
-	case '\0': break;
-	default: usage();
-	}
-	return (size_t)v;
-}
-
-/* Small integers, so every float sum below is exact (as in mpi-bench.c). */
-static float val(int rank, size_t i)
-{
-	return (float)((i + (size_t)rank * 3) % 7);
 }
 
 static double now()
@@ -203,19 +180,6 @@ static void rank_main(bench &b, const std::string &dir, const std::string &prefi
 	__atomic_add_fetch(&sh->done, 1, __ATOMIC_SEQ_CST);
 	for (int ms = 0; ms < 10000 && __atomic_load_n(&sh->done, __ATOMIC_SEQ_CST) < b.nranks; ms++)
 		usleep(1000);
-}
-
-static double busbw_factor(enum op op, int n)
-{
-	switch (op) {
-	case OP_ALLREDUCE:
-		return 2.0 * (n - 1) / n;
-	case OP_REDUCE_SCATTER:
-	case OP_ALLGATHER:
-		return (double)(n - 1) / n;
-	default:
-		return 1.0;
-	}
 }
 
 /* Fork the ranks for one size, wait for them, print the JSON line. */

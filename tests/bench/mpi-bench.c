@@ -9,9 +9,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-enum op { OP_ALLREDUCE, OP_REDUCE_SCATTER, OP_ALLGATHER, OP_BROADCAST };
-
-static const char *op_names[] = { "allreduce", "reduce_scatter", "allgather", "broadcast" };
+#include "bench-common.h"
 
 struct bench {
 	enum op op;
@@ -30,21 +28,6 @@ static void usage(void)
 	exit(2);
 }
 
-static size_t parse_size(const char *s)
-{
-	char *end;
-	double v = strtod(s, &end);
-
-	switch (*end) {
-	case 'K': case 'k': v *= 1024; break;
-	case 'M': case 'm': v *= 1024 * 1024; break;
-	case 'G': case 'g': v *= 1024.0 * 1024 * 1024; break;
-	case '\0': break;
-	default: usage();
-	}
-	return (size_t)v;
-}
-
 static void *xalloc(size_t bytes)
 {
 	void *p = NULL;
@@ -54,12 +37,6 @@ static void *xalloc(size_t bytes)
 		MPI_Abort(MPI_COMM_WORLD, 1);
 	}
 	return p;
-}
-
-/* Small integers, so every float sum below is exact. */
-static float val(int rank, size_t i)
-{
-	return (float)((i + (size_t)rank * 3) % 7);
 }
 
 static void fill(struct bench *b)
@@ -129,20 +106,6 @@ static long check(const struct bench *b)
 		break;
 	}
 	return wrong;
-}
-
-/* nccl-tests' busbw = algbw * factor. */
-static double busbw_factor(enum op op, int n)
-{
-	switch (op) {
-	case OP_ALLREDUCE:
-		return 2.0 * (n - 1) / n;
-	case OP_REDUCE_SCATTER:
-	case OP_ALLGATHER:
-		return (double)(n - 1) / n;
-	default:
-		return 1.0;
-	}
 }
 
 static int cmp_double(const void *a, const void *b)
