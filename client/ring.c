@@ -10,40 +10,24 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/eventfd.h>
-#include <time.h>
 #include <unistd.h>
 
 #include "comm-int.h"
 #include "ring.h"
+#include "util.h"
 
-#define LOAD(p) atomic_load_explicit((_Atomic __typeof__(*(p)) *)(p), memory_order_acquire)
-#define STORE(p, v) atomic_store_explicit((_Atomic __typeof__(*(p)) *)(p), (v), memory_order_release)
-#define STORE_SC(p, v) atomic_store((_Atomic __typeof__(*(p)) *)(p), (v))
-#define XCHG(p, v) atomic_exchange((_Atomic __typeof__(*(p)) *)(p), (v))
 
 #define SPIN_US_DEFAULT 200
-
-static uint64_t now_us(void)
-{
-	struct timespec ts;
-
-	clock_gettime(CLOCK_MONOTONIC, &ts);
-	return (uint64_t)ts.tv_sec * 1000000u + (uint64_t)ts.tv_nsec / 1000u;
-}
 
 /* COMM_RING=0 keeps every op on the socket; COMM_SPIN_US bounds the spinning. */
 static void read_env(comm_t *c)
 {
 	const char *v = getenv("COMM_SPIN_US");
-	char *end;
 	long n;
 
 	c->spin_us = SPIN_US_DEFAULT;
-	if (v && *v) {
-		n = strtol(v, &end, 10);
-		if (!*end && n >= 0 && n <= 1000000)
-			c->spin_us = (int)n;
-	}
+	if (v && parse_long_in(v, 0, 1000000, &n) == 0)
+		c->spin_us = (int)n;
 }
 
 void ring_attach(comm_t *c)
@@ -123,7 +107,7 @@ int ring_post(comm_t *c, const Commpb__Op *op, comm_request_t *r)
 	s->flags = op->group_last ? RING_F_GROUP_LAST : 0;
 	s->root = op->root;
 	s->peer = op->peer;
-	STORE_SC(&s->posted, op->seq + 1);
+	RING_STORE_SC(&s->posted, op->seq + 1);
 	atomic_thread_fence(memory_order_seq_cst);
 	c->ring_busy[op->seq % RING_SLOTS] = 1;
 	r->ring = 1;
@@ -133,7 +117,7 @@ int ring_post(comm_t *c, const Commpb__Op *op, comm_request_t *r)
 	 * The write fails only when the count is about to overflow, which
 	 * means commd has wake-ups pending anyway.
 	 */
-	if (LOAD(&h->daemon_armed) && XCHG(&h->daemon_armed, 0))
+	if (RING_LOAD(&h->daemon_armed) && RING_XCHG(&h->daemon_armed, 0))
 		(void)!write(c->ring_efd, &one, sizeof one);
 	return 1;
 }
@@ -160,7 +144,7 @@ void ring_reap(comm_t *c)
 		if (!r->ring || r->done)
 			continue;
 		s = ring_slot(c->ring, r->seq);
-		if (LOAD(&s->done) != r->seq + 1)
+		if (RING_LOAD(&s->done) != r->seq + 1)
 			continue;
 		s->detail[RING_DETAIL - 1] = '\0';
 		ring_complete(r, s->status, s->detail);
@@ -193,14 +177,14 @@ void ring_wait(comm_request_t *r, int timeout_ms)
 		}
 		/* sleep on the socket: commd answers there too while the flag is up */
 		if (h) {
-			STORE_SC(&h->rank_sleeping, 1);
+			RING_STORE_SC(&h->rank_sleeping, 1);
 			atomic_thread_fence(memory_order_seq_cst);
 		}
 		ring_reap(c);
 		if (!r->done)
 			comm_pump(c, left);
 		if (h)
-			STORE(&h->rank_sleeping, 0);
+			RING_STORE(&h->rank_sleeping, 0);
 		ring_reap(c);
 		if (r->done || left == 0)
 			return;

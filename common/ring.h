@@ -21,6 +21,7 @@
 #ifndef COMMON_RING_H
 #define COMMON_RING_H
 
+#include <stdatomic.h>
 #include <stdint.h>
 
 #define RING_MAGIC 0x676e6972u /* "ring" */
@@ -29,6 +30,17 @@
 #define RING_DETAIL 372
 
 #define RING_F_GROUP_LAST 1u
+
+/*
+ * The ring's words are plain fields shared with another process: access them
+ * atomically (acquire/release, or sequentially consistent for the flags).
+ */
+#define RING_LOAD(p) atomic_load_explicit((_Atomic __typeof__(*(p)) *)(p), memory_order_acquire)
+#define RING_STORE(p, v)                                                       \
+	atomic_store_explicit((_Atomic __typeof__(*(p)) *)(p), (v), memory_order_release)
+#define RING_LOAD_SC(p) atomic_load((_Atomic __typeof__(*(p)) *)(p))
+#define RING_STORE_SC(p, v) atomic_store((_Atomic __typeof__(*(p)) *)(p), (v))
+#define RING_XCHG(p, v) atomic_exchange((_Atomic __typeof__(*(p)) *)(p), (v))
 
 /* 512 bytes: the rank's half and commd's half on separate cache lines. */
 struct ring_slot {

@@ -9,6 +9,8 @@
 
 /* Monotonic clock in milliseconds. */
 uint64_t now_ms(void);
+/* The same in microseconds. */
+uint64_t now_us(void);
 
 /* *out = a * b; returns -1 when the product overflows size_t. */
 int mul_overflow_size(size_t a, size_t b, size_t *out);

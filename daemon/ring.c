@@ -10,17 +10,13 @@
 #include <stdlib.h>
 #include <sched.h>
 #include <string.h>
-#include <time.h>
 #include <unistd.h>
 
 #include "commd.h"
 #include "log.h"
 #include "ring.h"
+#include "util.h"
 
-#define LOAD(p) atomic_load_explicit((_Atomic __typeof__(*(p)) *)(p), memory_order_acquire)
-#define STORE(p, v) atomic_store_explicit((_Atomic __typeof__(*(p)) *)(p), (v), memory_order_release)
-#define STORE_SC(p, v) atomic_store((_Atomic __typeof__(*(p)) *)(p), (v))
-#define LOAD_SC(p) atomic_load((_Atomic __typeof__(*(p)) *)(p))
 
 /* How long commd keeps polling a ring that went quiet before it sleeps. */
 #define RING_SPIN_US 100
@@ -42,14 +38,6 @@ static uv_idle_t poller;
 static int poller_ready;
 
 static void on_wake(uv_poll_t *h, int status, int events);
-
-static uint64_t now_us(void)
-{
-	struct timespec ts;
-
-	clock_gettime(CLOCK_MONOTONIC, &ts);
-	return (uint64_t)ts.tv_sec * 1000000u + (uint64_t)ts.tv_nsec / 1000u;
-}
 
 /* Whether fd is an eventfd (the only kind of fd a ring wakes commd with). */
 static int is_eventfd(int fd)
@@ -185,7 +173,7 @@ static int drain(struct conn *c)
 			return taken;
 		seq = c->job->next_post[c->rank];
 		s = ring_slot(r->base, seq);
-		if (LOAD(&s->posted) != seq + 1)
+		if (RING_LOAD(&s->posted) != seq + 1)
 			return taken;
 		if (take(c, s) < 0)
 			return taken;
@@ -199,10 +187,10 @@ static int arm(struct ring *r)
 	struct ring_hdr *h = (struct ring_hdr *)r->base;
 	uint64_t seq = r->conn->job->next_post[r->conn->rank];
 
-	STORE_SC(&h->daemon_armed, 1);
-	if (LOAD_SC(&ring_slot(r->base, seq)->posted) != seq + 1)
+	RING_STORE_SC(&h->daemon_armed, 1);
+	if (RING_LOAD_SC(&ring_slot(r->base, seq)->posted) != seq + 1)
 		return 0;
-	STORE(&h->daemon_armed, 0);
+	RING_STORE(&h->daemon_armed, 0);
 	return 1;
 }
 
@@ -295,8 +283,8 @@ void ring_answer(struct conn *c, uint64_t seq, comm_result_t code, const char *d
 	s = ring_slot(r->base, seq);
 	s->status = code;
 	snprintf(s->detail, sizeof s->detail, "%s", detail ? detail : "");
-	STORE_SC(&s->done, seq + 1);
-	if (LOAD_SC(&h->rank_sleeping)) {
+	RING_STORE_SC(&s->done, seq + 1);
+	if (RING_LOAD_SC(&h->rank_sleeping)) {
 		Commpb__Envelope env = COMMPB__ENVELOPE__INIT;
 		Commpb__OpDone done = COMMPB__OP_DONE__INIT;
 

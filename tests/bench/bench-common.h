@@ -8,10 +8,20 @@
 
 #include <stddef.h>
 #include <stdlib.h>
+#include <string.h>
 
 enum op { OP_ALLREDUCE, OP_REDUCE_SCATTER, OP_ALLGATHER, OP_BROADCAST };
 
 static const char *op_names[] = { "allreduce", "reduce_scatter", "allgather", "broadcast" };
+
+/* The op named name, or -1. */
+static int op_find(const char *name)
+{
+	for (int i = 0; name && i < (int)(sizeof op_names / sizeof op_names[0]); i++)
+		if (!strcmp(name, op_names[i]))
+			return i;
+	return -1;
+}
 
 /* The program's own usage message; it exits. */
 static void usage(void);

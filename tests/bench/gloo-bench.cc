@@ -278,9 +278,7 @@ int main(int argc, char **argv)
 		else
 			usage();
 	}
-	for (int i = 0; opname && i < 4; i++)
-		if (!strcmp(opname, op_names[i]))
-			op = i;
+	op = op_find(opname);
 	if (op < 0 || !sizes || nranks < 1 || nranks > 64 || warmup < 0 || iters < 1)
 		usage();
 

@@ -196,12 +196,9 @@ int main(int argc, char **argv)
 	}
 	if (!name || !sizes || !opname || warmup < 0 || iters < 1)
 		usage();
-	b.op = (enum op)-1;
-	for (int i = 0; i < 4; i++)
-		if (!strcmp(opname, op_names[i]))
-			b.op = (enum op)i;
-	if ((int)b.op < 0)
+	if (op_find(opname) < 0)
 		usage();
+	b.op = (enum op)op_find(opname);
 	MPI_Comm_rank(MPI_COMM_WORLD, &b.rank);
 	MPI_Comm_size(MPI_COMM_WORLD, &b.nranks);
 
