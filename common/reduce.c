@@ -27,21 +27,84 @@ typedef void (*reduce_fn)(void *out, const void *const *in, int n, size_t count)
 			(o)[i_] = (T)((S)(o)[i_] / (n));                       \
 	} while (0)
 
-/* name(out, in, n, count) on arrays of T: o = o OP s per input, then FIN. */
+/*
+ * name(out, in, n, count) on arrays of T: o = in[0] OP in[1] OP ... in order,
+ * then FIN. Up to four inputs are read in one loop (one stream each, which
+ * the prefetchers follow far better than one input after another), the rest
+ * three at a time on top of o; the order of the operations stays the same.
+ */
 #define DEF_NATIVE(name, T, S, OP, FIN)                                        \
-	static void name##_step(T *restrict o, const T *restrict s, size_t len) \
+	static void name##_2(T *restrict o, const T *restrict a, const T *restrict b, \
+			     size_t len)                                       \
 	{                                                                      \
 		for (size_t i = 0; i < len; i++)                               \
-			o[i] = OP(o[i], s[i]);                                 \
+			o[i] = OP(a[i], b[i]);                                 \
+	}                                                                      \
+	static void name##_3(T *restrict o, const T *restrict a, const T *restrict b, \
+			     const T *restrict c, size_t len)                  \
+	{                                                                      \
+		for (size_t i = 0; i < len; i++)                               \
+			o[i] = OP(OP(a[i], b[i]), c[i]);                       \
+	}                                                                      \
+	static void name##_4(T *restrict o, const T *restrict a, const T *restrict b, \
+			     const T *restrict c, const T *restrict d, size_t len) \
+	{                                                                      \
+		for (size_t i = 0; i < len; i++)                               \
+			o[i] = OP(OP(OP(a[i], b[i]), c[i]), d[i]);             \
+	}                                                                      \
+	static void name##_a1(T *restrict o, const T *restrict a, size_t len)  \
+	{                                                                      \
+		for (size_t i = 0; i < len; i++)                               \
+			o[i] = OP(o[i], a[i]);                                 \
+	}                                                                      \
+	static void name##_a2(T *restrict o, const T *restrict a, const T *restrict b, \
+			      size_t len)                                      \
+	{                                                                      \
+		for (size_t i = 0; i < len; i++)                               \
+			o[i] = OP(OP(o[i], a[i]), b[i]);                       \
+	}                                                                      \
+	static void name##_a3(T *restrict o, const T *restrict a, const T *restrict b, \
+			      const T *restrict c, size_t len)                 \
+	{                                                                      \
+		for (size_t i = 0; i < len; i++)                               \
+			o[i] = OP(OP(OP(o[i], a[i]), b[i]), c[i]);             \
 	}                                                                      \
 	static void name(void *out, const void *const *in, int n, size_t count) \
 	{                                                                      \
 		T *o = out;                                                    \
 		for (size_t b = 0; b < count; b += BLOCK) {                    \
 			size_t len = count - b < BLOCK ? count - b : BLOCK;    \
-			memcpy(o + b, (const T *)in[0] + b, len * sizeof(T));  \
-			for (int j = 1; j < n; j++)                            \
-				name##_step(o + b, (const T *)in[j] + b, len); \
+			const T *s[4];                                         \
+			int j = 0;                                             \
+			for (int k = 0; k < 4; k++)                            \
+				s[k] = (const T *)in[k < n ? k : 0] + b;       \
+			switch (n) {                                           \
+			case 1:                                                \
+				memcpy(o + b, s[0], len * sizeof(T));          \
+				j = 1;                                         \
+				break;                                         \
+			case 2:                                                \
+				name##_2(o + b, s[0], s[1], len);              \
+				j = 2;                                         \
+				break;                                         \
+			case 3:                                                \
+				name##_3(o + b, s[0], s[1], s[2], len);        \
+				j = 3;                                         \
+				break;                                         \
+			default:                                               \
+				name##_4(o + b, s[0], s[1], s[2], s[3], len);  \
+				j = 4;                                         \
+			}                                                      \
+			for (; j < n; j += 3) {                                \
+				const T *x = (const T *)in[j] + b;             \
+				if (j + 1 == n)                                \
+					name##_a1(o + b, x, len);              \
+				else if (j + 2 == n)                           \
+					name##_a2(o + b, x, (const T *)in[j + 1] + b, len); \
+				else                                           \
+					name##_a3(o + b, x, (const T *)in[j + 1] + b, \
+						  (const T *)in[j + 2] + b, len); \
+			}                                                      \
 			FIN(T, S, o + b, len, n);                              \
 		}                                                              \
 	}

@@ -473,7 +473,7 @@ static void run_case(int dtype, int op, int n, size_t count)
 
 static void test_reduce(void)
 {
-	static const int ns[] = { 1, 2, 3, 4, 8 };
+	static const int ns[] = { 1, 2, 3, 4, 5, 6, 7, 8 };
 	static const size_t counts[] = { 0, 1, 7, 1000, 4097 };
 
 	for (int d = 0; d < NDTYPES; d++)
