@@ -7,7 +7,7 @@ set -eu
 usage() {
 	cat <<'EOF'
 usage: bash tests/bench/compare.sh [--build DIR] [--no-install] [--quick]
-           [--out FILE] [--peers LIST] [--timeout SEC] [--keep]
+           [--rounds N] [--out FILE] [--peers LIST] [--timeout SEC] [--keep]
            [--allreduce-sizes LIST] [--sizes LIST]
 
   --build DIR   build directory with daemon/commd and client/commbench
@@ -15,6 +15,8 @@ usage: bash tests/bench/compare.sh [--build DIR] [--no-install] [--quick]
                 if none exists, the repository is built in a temp dir)
   --no-install  do not apt-get install the peers (Open MPI, MPICH, Gloo, g++)
   --quick       small sizes and fewer iterations, to try the script end to end
+  --rounds N    run every bench N times, in turn, and take each figure's
+                median over the rounds (default 3; 1 with --quick)
   --out FILE    where the raw JSON lines go (default /tmp/commd-compare-DATE.jsonl)
   --peers LIST  comma list out of openmpi,openmpi-ucx,mpich,gloo (default: all)
   --timeout SEC limit of one benchmark run (one op at one size), default 300
@@ -31,6 +33,7 @@ bench_src=$root/tests/bench
 build=${BUILD:-}
 install=1
 quick=0
+rounds=
 out=
 peers=openmpi,openmpi-ucx,mpich,gloo
 limit=300
@@ -46,6 +49,7 @@ while [ $# -gt 0 ]; do
 	--build) build=${2:?}; shift ;;
 	--no-install) install=0 ;;
 	--quick) quick=1 ;;
+	--rounds) rounds=${2:?}; shift ;;
 	--out) out=${2:?}; shift ;;
 	--peers) peers=${2:?}; shift ;;
 	--timeout) limit=${2:?}; shift ;;
@@ -57,6 +61,8 @@ while [ $# -gt 0 ]; do
 	esac
 	shift
 done
+[ -n "$rounds" ] || { [ "$quick" = 1 ] && rounds=1 || rounds=3; }
+case $rounds in '' | *[!0-9]* | 0) echo "compare.sh: --rounds wants a positive number" >&2; usage ;; esac
 if [ "$quick" = 1 ]; then
 	[ -n "${ar_set:-}" ] || ar_sizes=8,64K,1M
 	[ -n "${coll_set:-}" ] || coll_sizes=1M
@@ -147,7 +153,8 @@ to_bytes() {
 	esac
 }
 # Many iterations for latency, a few for 400 MiB (several seconds an op for some
-# peers); the whole run takes about 15 minutes on a 2-core VM.
+# peers; fewer when there are rounds to take the median over); three rounds take
+# about 25 minutes on a 2-core VM, one about 10.
 schedule() {
 	local b=$1 w i
 	if [ "$b" -le 4096 ]; then w=100; i=1000
@@ -156,6 +163,7 @@ schedule() {
 	elif [ "$b" -le 33554432 ]; then w=5; i=30
 	elif [ "$b" -le 134217728 ]; then w=2; i=10
 	else w=1; i=5; fi
+	if [ "$rounds" -gt 1 ] && [ "$b" -gt 33554432 ]; then w=1; i=$((i / 2 + 1)); fi
 	if [ "$quick" = 1 ]; then w=$(((w + 4) / 5)); i=$(((i + 4) / 5)); fi
 	echo "$w $i"
 }
@@ -165,11 +173,11 @@ run_point() {
 	local name=$1 op=$2 bytes=$3 w i log rc=0 args why last
 	read -r w i <<<"$(schedule "$bytes")"
 	read -ra args <<<"$(point_args "$name" "$bytes" "$w" "$i")"
-	log=$work/logs/$name-$op-$bytes.log
+	log=$work/logs/$name-$op-$bytes-$round.log
 	shift 3
 	printf '  %-12s %-15s %10s B  (%s warmup, %s iters)\n' "$name" "$op" "$bytes" "$w" "$i" >&2
 	timeout -k 10 "$limit" "$@" -o "$op" "${args[@]}" >"$log.out" 2>"$log" || rc=$?
-	grep '^{' "$log.out" >>"$out" || true
+	grep '^{' "$log.out" | sed "s/^{/{\"round\":$round,/" >>"$out" || true
 	if [ "$rc" != 0 ]; then
 		[ "$rc" = 124 ] && why="timed out after ${limit}s" || why="exit $rc"
 		last=$(grep -v '^$' "$log" | tail -1 | cut -c1-160) || true
@@ -193,47 +201,56 @@ run_all() {
 mkdir -p "$work/logs"
 
 # --- run ----------------------------------------------------------------------------
-echo "membw" >&2
-"$work/membw" 400 2 5 >>"$out" || note "membw failed"
+# Every bench once per round, in turn, so a slow spell of the machine hits one
+# round of each rather than all of one bench.
+run_round() {
+	echo "membw" >&2
+	"$work/membw" 400 2 5 | sed "s/^{/{\"round\":$round,/" >>"$out" || note "membw failed in round $round"
 
-if [ "$have_commd" = 1 ]; then
-	echo "commd ($build)" >&2
-	sock=$work/commd.sock
-	"$commd" --foreground --socket "$sock" >"$work/commd.log" 2>&1 &
-	daemon_pid=$!
-	for _ in $(seq 100); do
-		[ -S "$sock" ] && break
-		sleep 0.1
-	done
-	if [ -S "$sock" ]; then
-		run_all commd "$commbench" -n "$ranks" --socket "$sock"
-	else
-		note "commd: the daemon did not start: $(tail -1 "$work/commd.log")"
+	if [ "$have_commd" = 1 ]; then
+		echo "commd ($build)" >&2
+		sock=$work/commd.sock
+		rm -f "$sock"
+		"$commd" --foreground --config /dev/null --socket "$sock" >"$work/commd.log" 2>&1 &
+		daemon_pid=$!
+		for _ in $(seq 100); do
+			[ -S "$sock" ] && break
+			sleep 0.1
+		done
+		if [ -S "$sock" ]; then
+			run_all commd "$commbench" -n "$ranks" --socket "$sock"
+		else
+			note "commd: the daemon did not start: $(tail -1 "$work/commd.log")"
+		fi
+		kill -TERM "$daemon_pid" 2>/dev/null || true
+		wait "$daemon_pid" 2>/dev/null || note "commd: the daemon exited non-zero"
+		daemon_pid=
 	fi
-	kill -TERM "$daemon_pid" 2>/dev/null || true
-	wait "$daemon_pid" 2>/dev/null || note "commd: the daemon exited non-zero"
-	daemon_pid=
-fi
 
+	if have_peer openmpi && [ -x "$work/mpi-bench-openmpi" ]; then
+		echo "openmpi (pml ob1, btl vader)" >&2
+		run_all openmpi "${ompi_run[@]}" --mca pml ob1 --mca btl self,vader \
+			"$work/mpi-bench-openmpi" --bench openmpi
+	fi
+	if have_peer openmpi-ucx && [ -x "$work/mpi-bench-openmpi" ]; then
+		echo "openmpi-ucx (pml ucx)" >&2
+		run_all openmpi-ucx "${ompi_run[@]}" --mca pml ucx --mca pml_ucx_tls any --mca pml_ucx_devices any \
+			"$work/mpi-bench-openmpi" --bench openmpi-ucx
+	fi
+	if have_peer mpich && [ -x "$work/mpi-bench-mpich" ]; then
+		echo "mpich" >&2
+		run_all mpich mpirun.mpich -np "$ranks" "$work/mpi-bench-mpich" --bench mpich
+	fi
+	if have_peer gloo && [ -x "$work/gloo-bench" ]; then
+		echo "gloo (tcp on loopback)" >&2
+		run_all gloo env TMPDIR="$work" "$work/gloo-bench" -n "$ranks"
+	fi
+}
 ompi_run=(mpirun.openmpi --allow-run-as-root --oversubscribe -np "$ranks")
-if have_peer openmpi && [ -x "$work/mpi-bench-openmpi" ]; then
-	echo "openmpi (pml ob1, btl vader)" >&2
-	run_all openmpi "${ompi_run[@]}" --mca pml ob1 --mca btl self,vader \
-		"$work/mpi-bench-openmpi" --bench openmpi
-fi
-if have_peer openmpi-ucx && [ -x "$work/mpi-bench-openmpi" ]; then
-	echo "openmpi-ucx (pml ucx)" >&2
-	run_all openmpi-ucx "${ompi_run[@]}" --mca pml ucx --mca pml_ucx_tls any --mca pml_ucx_devices any \
-		"$work/mpi-bench-openmpi" --bench openmpi-ucx
-fi
-if have_peer mpich && [ -x "$work/mpi-bench-mpich" ]; then
-	echo "mpich" >&2
-	run_all mpich mpirun.mpich -np "$ranks" "$work/mpi-bench-mpich" --bench mpich
-fi
-if have_peer gloo && [ -x "$work/gloo-bench" ]; then
-	echo "gloo (tcp on loopback)" >&2
-	run_all gloo env TMPDIR="$work" "$work/gloo-bench" -n "$ranks"
-fi
+for round in $(seq "$rounds"); do
+	echo "round $round of $rounds" >&2
+	run_round
+done
 
 # --- the table ------------------------------------------------------------------------
 mem_kib=$(awk '/^MemTotal/ { print $2 }' /proc/meminfo)
@@ -244,7 +261,7 @@ cpu=$(awk -F': ' '/^model name/ { print $2; exit }' /proc/cpuinfo)
 		"MPICH $(dpkg-query -W -f='${Version}' mpich 2>/dev/null || echo '?')," \
 		"Gloo $(dpkg-query -W -f='${Version}' libgloo-dev 2>/dev/null || echo '?');" \
 		"$ranks ranks, float32 sum, out of place"
-	echo "run: $(($(date +%s) - start_time)) s; raw JSON lines: $out"
+	echo "run: $(($(date +%s) - start_time)) s, $rounds round(s); raw JSON lines: $out"
 } >"$work/header"
 "$py" - "$out" "$work/header" "$notes" "$ranks" "$peers" "$ar_sizes" "$coll_sizes" <<'EOF'
 import json, sys
@@ -267,22 +284,43 @@ def human(b):
     return "%d B" % b
 
 
-rows = {}
-membw = None
+def median(v):
+    v = sorted(v)
+    return v[len(v) // 2] if len(v) % 2 else (v[len(v) // 2 - 1] + v[len(v) // 2]) / 2
+
+
+runs = {}
+membws = []
 for line in open(out):
     try:
         r = json.loads(line)
     except ValueError:
         continue
     if r.get("bench") == "membw":
-        membw = r
+        membws.append(r)
         continue
     if r.get("ranks") != ranks or r.get("dtype") != "float32":
         continue
-    key = (r["bench"], r["op"], int(r["bytes"]))
-    # Out of place where the bench has it (Gloo's reduce-scatter is in place only).
-    if key not in rows or (rows[key].get("inplace") and not r.get("inplace")):
-        rows[key] = r
+    runs.setdefault((r["bench"], r["op"], int(r["bytes"])), []).append(r)
+
+# One row per bench, op and size: the median over the rounds, out of place where
+# the bench has it (Gloo's reduce-scatter is in place only); wrong if any round was.
+rows = {}
+for key, rs in runs.items():
+    oop = [r for r in rs if not r.get("inplace")]
+    rs = oop or rs
+    row = dict(rs[0])
+    row["rounds"] = len(rs)
+    row["wrong"] = sum(r.get("wrong") or 0 for r in rs)
+    for f in ("time_us", "busbw_gbs"):
+        row[f] = median([r[f] for r in rs])
+    rows[key] = row
+membw = None
+if membws:
+    membw = dict(membws[0])
+    membw["gbs"] = median([m["gbs"] for m in membws])
+    membw["median_gbs"] = median([m["median_gbs"] for m in membws])
+    membw["rounds"] = len(membws)
 
 points = [("allreduce", to_bytes(s)) for s in ar_sizes.split(",") if s]
 points += [(op, to_bytes(s)) for op in ("reduce_scatter", "allgather", "broadcast")
@@ -346,6 +384,7 @@ for op, b in points:
 print(open(header).read().rstrip())
 print("busbw in GB/s (nccl-tests' bus bandwidth, 1 GB = 1e9 B); 8 B all-reduce: time in us;")
 print("commd: commbench -c 0 (inputs filled once); peers: results checked once, exactly")
+print("each figure: the median over the rounds of one run's median (time of the slowest rank)")
 print()
 widths = [max(len(str(row[i])) for row in [head] + table) for i in range(len(head))]
 for k, row in enumerate([head] + table):
@@ -359,8 +398,9 @@ print()
 if membw:
     bw = membw["gbs"] * 1e9
     print("memory: %.1f GB/s (4-buffer float32 sum, %d threads, %d MiB buffers, best of %d;"
-          " median %.1f)" % (membw["gbs"], membw.get("threads", 0), membw.get("buffer_mib", 0),
-                             membw.get("runs", 0), membw.get("median_gbs", 0)))
+          " median %.1f; medians over %d rounds)"
+          % (membw["gbs"], membw.get("threads", 0), membw.get("buffer_mib", 0),
+             membw.get("runs", 0), membw.get("median_gbs", 0), membw["rounds"]))
     for b in (64 << 20, 400 << 20):
         if ("allreduce", b) not in points:
             continue
