@@ -102,6 +102,8 @@ int ctl_status(struct ctl *ctl, int argc, char **argv)
 		}
 		printf("], \"gpu\": ");
 		ctl_json_str(s->gpu);
+		printf(", \"nccl\": ");
+		ctl_json_str(s->nccl);
 		printf(", \"topology\": ");
 		ctl_json_str(s->topology);
 		printf(", \"worker_threads\": %u, \"connections\": %" PRIu64
@@ -122,6 +124,7 @@ int ctl_status(struct ctl *ctl, int argc, char **argv)
 			printf(" %s", s->backends[i]);
 		printf(" (%u worker threads)\n", s->worker_threads);
 		printf("gpu:         %s\n", s->gpu);
+		printf("nccl:        %s\n", s->nccl);
 		printf("topology:    %s\n", s->topology);
 		printf("connections: %" PRIu64 "\n", s->connections);
 		printf("ops:         %" PRIu64 " completed, %s moved, %" PRIu64 " errors\n",

@@ -14,7 +14,7 @@
 #define FRAME_HDR 4
 #define FRAME_MAX (64 * 1024)  /* largest envelope accepted, in bytes */
 #define FRAME_MAX_FDS 4        /* most fds one recvmsg may carry */
-#define PROTO_VERSION 2 /* 2: the submission ring (RingAttach) */
+#define PROTO_VERSION 3 /* 2: the submission ring (RingAttach); 3: device memory */
 #define PROTO_VERSION_MIN 1
 
 /*

@@ -54,7 +54,9 @@ struct server {
 	uint32_t default_timeout_ms;
 	int stopping;
 	int accept_paused;     /* out of fds: the tick re-arms the listener */
-	char gpu_info[256];
+	int gpu_state;         /* GPU_PROBING, GPU_READY or GPU_NONE */
+	char gpu_info[256];    /* commd-gpu --probe's line, or why there is none */
+	uint64_t next_gpu_mem; /* ids of device memory, unique in the daemon */
 };
 
 extern struct server srv;
@@ -71,6 +73,7 @@ void server_stop(void);
 struct config {
 	char socket[108];      /* sun_path's size */
 	char topology[4096];   /* "" : discover */
+	char gpu_worker[4096]; /* "" : commd-gpu beside commd, else in pkglibexecdir */
 	int log_level;
 	int threads;
 	int pin_workers;       /* bind worker i to core i */
@@ -92,10 +95,50 @@ int config_load(struct config *cfg, const char *path, int must_exist, char *err,
 /* Send one sd_notify-style message if NOTIFY_SOCKET is set; 0 or -errno. */
 int notify_send(const char *msg);
 
-/* --- gpu.c: what the daemon knows of the node's GPUs ---------------------- */
+/* --- gpu.c: device memory and ops, through a GPU worker per job ------------ */
 
-/* Fill srv.gpu_info with a one-line description (or why there is none). */
-void gpu_probe(void);
+enum { GPU_PROBING, GPU_READY, GPU_NONE };
+
+struct gpu_worker;
+struct mem;
+struct task;
+
+/*
+ * Start `WORKER --probe` (worker "": commd-gpu beside commd, else in
+ * pkglibexecdir); srv.gpu_state is GPU_PROBING until it answers with
+ * srv.gpu_info. Without CUDA in the build and no worker named: GPU_NONE.
+ */
+void gpu_probe(uv_loop_t *loop, const char *worker);
+/* Run the loop until the probe has answered (at most a minute, then it is killed). */
+void gpu_probe_wait(void);
+/* Kill every worker (daemon shutdown); their handles close in the loop. */
+void gpu_stop(void);
+/*
+ * Register device memory (RegisterMem of a MEM_CUDA_* kind) for rank c: the
+ * job's worker opens it, and the answer to request req_id goes out when it
+ * has. COMM_INPROGRESS then; otherwise the error, explained in err. Takes fd
+ * (-1 for none), closed in all cases.
+ */
+comm_result_t gpu_mem_register(struct conn *c, const Commpb__RegisterMem *r, int fd,
+			       uint64_t req_id, char *err, size_t errlen);
+/* The last reference to device memory m is gone: the worker closes it. */
+void gpu_mem_gone(struct mem *m);
+/*
+ * Whether t's buffers are device memory (1), host memory (0), or both (-1,
+ * why in err).
+ */
+int gpu_task_on_device(const struct task *t, char *err, size_t errlen);
+/*
+ * Run t on the job's worker: 0 when started (engine_task_done follows), 1
+ * when it failed at once (t->status and t->detail say why).
+ */
+int be_gpu_run(struct task *t);
+/* The job failed: a worker stuck in an op is killed, so the op ends. */
+void gpu_job_failed(struct job *j);
+/* The job is freed: its worker goes once its device memory is closed. */
+void gpu_job_gone(struct job *j);
+/* "available (nccl X.Y.Z)" or "unavailable (why)", for status. */
+void gpu_nccl_line(char *buf, size_t len);
 
 /* --- topo.c, topo-discover.c: the node's GPUs, NICs, NUMA nodes, PCIe tree --- */
 
@@ -235,6 +278,7 @@ struct req_type {
 	int flags;
 	int nfds;               /* fds the message must carry */
 	req_exec_fn exec;       /* NULL: a reply type a client must not send */
+	int (*fds_of)(const Commpb__Envelope *env); /* when nfds depends on the message */
 };
 
 /* The entry for a body case, NULL when the case is out of range. */
@@ -248,6 +292,7 @@ int req_dispatch(struct conn *c, const uint8_t *payload, size_t len);
 
 int req_hello_exec(struct conn *c, const Commpb__Envelope *env, int *fds, int nfds);
 int req_mem_register_exec(struct conn *c, const Commpb__Envelope *env, int *fds, int nfds);
+int req_mem_register_fds(const Commpb__Envelope *env);
 int req_mem_free_exec(struct conn *c, const Commpb__Envelope *env, int *fds, int nfds);
 int req_op_exec(struct conn *c, const Commpb__Envelope *env, int *fds, int nfds);
 int req_leave_exec(struct conn *c, const Commpb__Envelope *env, int *fds, int nfds);
@@ -283,10 +328,20 @@ void ring_stop(void);
 struct mem {
 	TAILQ_ENTRY(mem) link;
 	uint64_t id;
-	uint8_t *addr;
+	uint8_t *addr;         /* host memory: commd's mapping; device memory: NULL */
 	size_t size;
 	int refs;              /* the owning connection holds one; each op one */
 	struct job *job;       /* charged to this job, or NULL */
+	/* device memory (kind MEM_CUDA_IPC or MEM_CUDA_VMM) */
+	int kind;              /* Commpb__MemKind */
+	uint64_t gpu_id;       /* its name in the worker */
+	struct gpu_worker *gw; /* the worker that has (or is opening) it */
+	struct conn *conn;     /* registered by it, until released */
+	uint64_t reply_id;     /* the RegisterMem request to answer once opened */
+	int unanswered;        /* that request has had no answer yet */
+	int opened;            /* the worker has it open: ops may use it */
+	char uuid[48];
+	TAILQ_ENTRY(mem) gpu_link; /* on its worker's list of opening mems */
 };
 
 /* Map a sealed memfd of size bytes for c. Takes fd (closed in all cases). */
@@ -339,6 +394,7 @@ struct job {
 	uint64_t bytes_moved;
 	uint64_t errors;
 	uint64_t mem_bytes;
+	struct gpu_worker *gpu; /* its GPU worker, once it registered device memory */
 };
 
 /* Attach c as a rank of the job named in hello, creating the job. */
@@ -390,6 +446,8 @@ struct posted {
 	int done;              /* finished with status; answered when its unit retires */
 	int answered;          /* the rank already has its OpDone */
 	int ring;              /* posted in the ring: answered in its slot */
+	int has_event;         /* device buffers: wait for ready_event first */
+	uint8_t ready_event[64];
 	comm_result_t status;
 	char detail[256];
 };
@@ -411,7 +469,7 @@ void engine_fail_pending(struct job *j, int r, comm_result_t code, const char *d
  * send/recv with r fails with COMM_ERR_PEER_LOST; the rest goes on.
  */
 void engine_rank_left(struct job *j, int r);
-/* Fail the job if its oldest waiting op is past the deadline. */
+/* Fail the job if its oldest waiting op (or its op on the GPU) is past the deadline. */
 void engine_check_deadline(struct job *j, uint64_t now);
 /* Whether ops of type t are matched across all ranks. */
 int op_is_collective(Commpb__OpType t);
@@ -439,6 +497,9 @@ struct task {
 	uint8_t *snapshot;     /* inputs copied when outputs alias them unsafely */
 	size_t snap_len;       /* bytes per rank to copy there first, or 0 */
 	comm_result_t status;  /* COMM_OK unless the backend failed */
+	char detail[256];      /* why, when it failed */
+	int gpu;               /* on device memory: runs on the job's GPU worker */
+	uint64_t started_ms;
 	size_t parts;
 	size_t next_part;      /* guarded by the pool lock */
 	size_t parts_left;     /* guarded by the pool lock */

@@ -294,13 +294,26 @@ static struct task *coll_task(struct job *j, struct posted **ops)
 	return t;
 }
 
-/* Start t, or finish it at once when it ran inline. */
+/*
+ * Start t on the backend its memory lives in (the host's threads, or the
+ * job's GPU worker), or finish it at once: it ran inline, or could not run.
+ */
 static void start(struct job *j, struct task *t)
 {
+	int dev = gpu_task_on_device(t, t->detail, sizeof t->detail), done;
+
 	for (int i = 0; i < t->nops; i++)
 		t->ops[i]->running = 1;
 	j->running = t;
-	if (be_host_run(t))
+	t->started_ms = now_ms();
+	if (dev < 0) {
+		t->status = COMM_ERR_UNSUPPORTED;
+		done = 1;
+	} else {
+		t->gpu = dev;
+		done = dev ? be_gpu_run(t) : be_host_run(t);
+	}
+	if (done)
 		engine_task_done(t);
 }
 
@@ -453,7 +466,9 @@ static void finish_task(struct task *t)
 {
 	struct job *j = t->job;
 	comm_result_t code = t->status;
-	const char *detail = code != COMM_OK ? "host backend: out of memory" : "";
+	const char *detail = code == COMM_OK ? ""
+			     : *t->detail ? t->detail
+					  : "host backend: out of memory";
 
 	j->running = NULL;
 	if (code == COMM_OK && j->state != JOB_READY) {
@@ -540,8 +555,19 @@ void engine_check_deadline(struct job *j, uint64_t now)
 	char who[160] = "";
 	size_t n = 0;
 
-	if (j->state != JOB_READY || j->running)
+	if (j->state != JOB_READY)
 		return;
+	/* a host task always ends; a GPU worker can hang in CUDA or NCCL */
+	if (j->running) {
+		struct task *t = j->running;
+
+		if (t->gpu && now - t->started_ms >= j->timeout_ms)
+			job_fail(j, COMM_ERR_TIMEOUT,
+				 "op %llu (%s): the GPU worker did not finish it within %u ms",
+				 (unsigned long long)t->ops[0]->seq, op_type_name(t->ops[0]->type),
+				 j->timeout_ms);
+		return;
+	}
 	for (int r = 0; r < j->world; r++) {
 		struct posted *last = unit_last(j, r), *p;
 

@@ -1,35 +1,862 @@
 /*
- * gpu.c: what the daemon can tell of the node's GPUs at start. Built with
- * CUDA, it asks the runtime; a node without a GPU or driver says so.
+ * gpu.c: device memory and the ops on it. commd itself only lists the
+ * node's devices (topo-discover.c) and never holds a CUDA context or an
+ * allocation: each job that registers device memory gets a worker process, commd-gpu
+ * (common/gpu-proto.h), which opens the ranks' allocations and runs the
+ * ops with its kernels and NCCL. A CUDA fault, a sticky error or a hung
+ * NCCL call ends that worker: its job fails with COMM_ERR_ABORTED and the
+ * reason, and commd and the other jobs go on. At start commd runs
+ * `commd-gpu --probe` once, so a node without a GPU refuses device memory
+ * at once with the probe's reason.
  */
 #include <config.h>
+
+#include <errno.h>
+#include <fcntl.h>
+#include <limits.h>
+#include <signal.h>
 #include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <unistd.h>
 
 #include "commd.h"
+#include "gpu-proto.h"
+#include "log.h"
+#include "util.h"
 
-#ifdef HAVE_CUDA
-#include <cuda_runtime.h>
-#include <nccl.h>
+#define T(x) COMMPB__OP_TYPE__OP_##x
+#define GPU_PROBE_TIMEOUT_S 60 /* a driver's first initialisation can take seconds */
 
-void gpu_probe(void)
+struct gpu_pkt {
+	TAILQ_ENTRY(gpu_pkt) link;
+	int fd;                /* rides with the packet, or -1; closed once sent */
+	size_t len;
+	uint8_t data[];
+};
+
+struct gpu_worker {
+	TAILQ_ENTRY(gpu_worker) link;
+	struct job *job;       /* NULL once the job is freed */
+	char job_name[JOB_NAME_MAX + 1];
+	uv_process_t proc;
+	uv_poll_t poll;
+	int fd;                /* commd's end of the socketpair, -1 once closed */
+	int refs;              /* the job's, and one per device mem it has */
+	int alive;             /* the process has not exited */
+	int handles;           /* libuv handles not yet closed */
+	int refused;           /* its hello said no: reason says why */
+	char reason[GPU_DETAIL];
+	struct task *task;     /* the op it runs, or NULL */
+	TAILQ_HEAD(, gpu_pkt) outq;
+	TAILQ_HEAD(, mem) opening; /* mems waiting for MEM_OPENED */
+};
+
+static TAILQ_HEAD(, gpu_worker) workers = TAILQ_HEAD_INITIALIZER(workers);
+static uv_loop_t *gpu_loop;
+static const char *worker_cfg; /* the configured worker program, or "" */
+
+/* --- the probe --------------------------------------------------------------- */
+
+/*
+ * The worker program: the configured one, else commd-gpu beside commd (a
+ * build tree), else where it is installed. -1 when it is not executable.
+ */
+static int worker_path(char *path, size_t len)
 {
-	int n = 0, nccl = 0, rt = 0;
-	cudaError_t e;
+	char self[PATH_MAX];
+	ssize_t n;
+	char *slash;
 
-	ncclGetVersion(&nccl);
-	cudaRuntimeGetVersion(&rt);
-	e = cudaGetDeviceCount(&n);
-	if (e != cudaSuccess)
-		snprintf(srv.gpu_info, sizeof srv.gpu_info,
-			 "none (cuda runtime %d, nccl %d: %s)", rt, nccl, cudaGetErrorString(e));
-	else
-		snprintf(srv.gpu_info, sizeof srv.gpu_info,
-			 "%d device%s (cuda runtime %d, nccl %d); device buffers not served yet", n,
-			 n == 1 ? "" : "s", rt, nccl);
+	if (*worker_cfg) {
+		snprintf(path, len, "%s", worker_cfg);
+		return access(path, X_OK);
+	}
+	n = readlink("/proc/self/exe", self, sizeof self - 1);
+	if (n > 0) {
+		self[n] = '\0';
+		slash = strrchr(self, '/');
+		if (slash) {
+			*slash = '\0';
+			if (snprintf(path, len, "%s/commd-gpu", self) < (int)len &&
+			    access(path, X_OK) == 0)
+				return 0;
+		}
+	}
+	snprintf(path, len, "%s/commd-gpu", COMMD_PKGLIBEXECDIR);
+	return access(path, X_OK);
 }
-#else
-void gpu_probe(void)
+
+static struct {
+	uv_process_t proc;
+	uv_pipe_t out;
+	char line[sizeof srv.gpu_info];
+	size_t len;
+	int exited, status, pipe_done;
+} probe;
+
+static void probe_settle(void)
 {
-	snprintf(srv.gpu_info, sizeof srv.gpu_info, "none (built without CUDA)");
+	char *nl;
+
+	if (!probe.exited || !probe.pipe_done)
+		return;
+	probe.line[probe.len] = '\0';
+	if ((nl = strchr(probe.line, '\n')))
+		*nl = '\0';
+	if (probe.status == 0 && *probe.line) {
+		srv.gpu_state = GPU_READY;
+		snprintf(srv.gpu_info, sizeof srv.gpu_info, "%s", probe.line);
+	} else {
+		srv.gpu_state = GPU_NONE;
+		snprintf(srv.gpu_info, sizeof srv.gpu_info, "%s",
+			 *probe.line ? probe.line : "unavailable: commd-gpu --probe said nothing");
+	}
+	log_info("gpu: %s", srv.gpu_info);
 }
+
+static void probe_alloc(uv_handle_t *h, size_t hint, uv_buf_t *buf)
+{
+	size_t room = sizeof probe.line - 1 - probe.len;
+	static char sink[256];
+
+	/* past the first line's room the rest is read and dropped */
+	*buf = room ? uv_buf_init(probe.line + probe.len, (unsigned)room)
+		    : uv_buf_init(sink, sizeof sink);
+}
+
+static void probe_read(uv_stream_t *s, ssize_t n, const uv_buf_t *buf)
+{
+	if (n > 0 && buf->base != probe.line + probe.len)
+		return;
+	if (n > 0) {
+		probe.len += (size_t)n;
+		return;
+	}
+	if (n < 0) {
+		uv_close((uv_handle_t *)s, NULL);
+		probe.pipe_done = 1;
+		probe_settle();
+	}
+}
+
+static void probe_exit(uv_process_t *p, int64_t status, int sig)
+{
+	probe.exited = 1;
+	probe.status = sig ? 128 + sig : (int)status;
+	uv_close((uv_handle_t *)p, NULL);
+	probe_settle();
+}
+
+void gpu_probe(uv_loop_t *loop, const char *worker)
+{
+	uv_process_options_t o = { 0 };
+	uv_stdio_container_t io[3];
+	char path[PATH_MAX];
+	char *args[3];
+	int rc;
+
+	gpu_loop = loop;
+	worker_cfg = worker;
+#ifndef HAVE_CUDA
+	if (!*worker) {
+		srv.gpu_state = GPU_NONE;
+		snprintf(srv.gpu_info, sizeof srv.gpu_info,
+			 "unavailable: commd was built without CUDA");
+		return;
+	}
 #endif
+	if (worker_path(path, sizeof path) < 0) {
+		srv.gpu_state = GPU_NONE;
+		snprintf(srv.gpu_info, sizeof srv.gpu_info, "unavailable: no GPU worker at %.200s",
+			 path);
+		return;
+	}
+	args[0] = path;
+	args[1] = "--probe";
+	args[2] = NULL;
+	uv_pipe_init(loop, &probe.out, 0);
+	io[0].flags = UV_IGNORE;
+	io[1].flags = UV_CREATE_PIPE | UV_WRITABLE_PIPE;
+	io[1].data.stream = (uv_stream_t *)&probe.out;
+	io[2].flags = UV_INHERIT_FD;
+	io[2].data.fd = 2;
+	o.file = path;
+	o.args = args;
+	o.stdio = io;
+	o.stdio_count = 3;
+	o.exit_cb = probe_exit;
+	srv.gpu_state = GPU_PROBING;
+	snprintf(srv.gpu_info, sizeof srv.gpu_info, "probing (%.200s --probe)", path);
+	rc = uv_spawn(loop, &probe.proc, &o);
+	if (rc < 0) {
+		uv_close((uv_handle_t *)&probe.out, NULL);
+		srv.gpu_state = GPU_NONE;
+		snprintf(srv.gpu_info, sizeof srv.gpu_info, "unavailable: %.160s: %s", path,
+			 uv_strerror(rc));
+		return;
+	}
+	uv_read_start((uv_stream_t *)&probe.out, probe_alloc, probe_read);
+}
+
+static void probe_stop(void)
+{
+	if (srv.gpu_state == GPU_PROBING && !probe.exited)
+		uv_process_kill(&probe.proc, SIGKILL);
+}
+
+static void on_probe_timeout(uv_timer_t *t)
+{
+	snprintf(probe.line, sizeof probe.line, "unavailable: commd-gpu --probe took over %d s",
+		 GPU_PROBE_TIMEOUT_S);
+	probe.len = strlen(probe.line);
+	probe_stop();
+}
+
+void gpu_probe_wait(void)
+{
+	uv_timer_t t;
+
+	if (srv.gpu_state != GPU_PROBING)
+		return;
+	uv_timer_init(gpu_loop, &t);
+	uv_timer_start(&t, on_probe_timeout, GPU_PROBE_TIMEOUT_S * 1000, 0);
+	while (srv.gpu_state == GPU_PROBING)
+		uv_run(gpu_loop, UV_RUN_ONCE);
+	uv_close((uv_handle_t *)&t, NULL);
+	uv_run(gpu_loop, UV_RUN_NOWAIT);
+}
+
+void gpu_nccl_line(char *buf, size_t len)
+{
+	static const char none[] = "unavailable: ";
+	const char *v = strstr(srv.gpu_info, "nccl ");
+	size_t vlen = v ? strcspn(v, ",)") : 0;
+
+	if (srv.gpu_state == GPU_READY)
+		snprintf(buf, len, "available (%.*s)", (int)vlen, v ? v : "");
+	else
+		snprintf(buf, len, "unavailable (%s)",
+			 strncmp(srv.gpu_info, none, sizeof none - 1) ? srv.gpu_info
+								: srv.gpu_info + sizeof none - 1);
+}
+
+/* --- a worker's lifetime ------------------------------------------------------- */
+
+static void worker_free_maybe(struct gpu_worker *w)
+{
+	if (w->refs > 0 || w->alive || w->handles > 0)
+		return;
+	while (!TAILQ_EMPTY(&w->outq)) {
+		struct gpu_pkt *k = TAILQ_FIRST(&w->outq);
+
+		TAILQ_REMOVE(&w->outq, k, link);
+		if (k->fd >= 0)
+			close(k->fd);
+		free(k);
+	}
+	TAILQ_REMOVE(&workers, w, link);
+	free(w);
+}
+
+static void on_handle_closed(uv_handle_t *h)
+{
+	struct gpu_worker *w = h->data;
+
+	w->handles--;
+	worker_free_maybe(w);
+}
+
+/* Stop talking to w: the worker sees EOF and exits. */
+static void worker_hangup(struct gpu_worker *w)
+{
+	if (w->fd < 0)
+		return;
+	uv_close((uv_handle_t *)&w->poll, on_handle_closed);
+	close(w->fd);
+	w->fd = -1;
+}
+
+static void worker_put(struct gpu_worker *w)
+{
+	if (--w->refs > 0)
+		return;
+	worker_hangup(w);
+	worker_free_maybe(w);
+}
+
+static void reply_register(struct mem *m, comm_result_t code, const char *detail)
+{
+	Commpb__Envelope env = COMMPB__ENVELOPE__INIT;
+	Commpb__RegisterMemReply rr = COMMPB__REGISTER_MEM_REPLY__INIT;
+
+	if (!m->conn || !m->unanswered)
+		return;
+	rr.status = code;
+	rr.detail = (char *)detail;
+	if (code == COMM_OK)
+		rr.mem_id = m->id;
+	env.id = m->reply_id;
+	env.body_case = COMMPB__ENVELOPE__BODY_REGISTER_MEM_REPLY;
+	env.register_mem_reply = &rr;
+	m->unanswered = 0;
+	conn_send(m->conn, &env);
+}
+
+/* The worker will not open m: answer the rank, drop the registration. */
+static void open_failed(struct gpu_worker *w, struct mem *m, comm_result_t code,
+			const char *detail)
+{
+	TAILQ_REMOVE(&w->opening, m, gpu_link);
+	reply_register(m, code, detail);
+	if (m->conn)
+		mem_release(m->conn, m);
+	mem_unref(m); /* the opening's own reference */
+}
+
+/* The worker is gone (exited, or said something commd cannot read). */
+static void worker_lost(struct gpu_worker *w, const char *why)
+{
+	char detail[GPU_DETAIL + 64];
+	struct task *t = w->task;
+
+	if (!*w->reason || !w->refused)
+		snprintf(w->reason, sizeof w->reason, "%s", why);
+	snprintf(detail, sizeof detail, "gpu worker of job %.60s: %.200s", w->job_name,
+		 w->reason);
+	log_info("%s", detail);
+	while (!TAILQ_EMPTY(&w->opening))
+		open_failed(w, TAILQ_FIRST(&w->opening), COMM_ERR_ABORTED, detail);
+	if (w->job)
+		job_fail(w->job, COMM_ERR_ABORTED, "%s", detail);
+	if (t) {
+		struct job *j = t->job;
+
+		w->task = NULL;
+		/* killed because the job failed (a deadline): that is the reason */
+		t->status = j->state == JOB_FAILED ? j->fail_code : COMM_ERR_ABORTED;
+		snprintf(t->detail, sizeof t->detail, "%.250s",
+			 j->state == JOB_FAILED ? j->fail_detail : detail);
+		engine_task_done(t);
+	}
+	worker_hangup(w);
+}
+
+static void on_worker_exit(uv_process_t *p, int64_t status, int sig)
+{
+	struct gpu_worker *w = p->data;
+	char why[96];
+
+	w->alive = 0;
+	if (sig)
+		snprintf(why, sizeof why, "killed by signal %d (%s)", sig, strsignal(sig));
+	else
+		snprintf(why, sizeof why, "exited with status %lld", (long long)status);
+	/* an exit after EOF is the normal end; anything else fails the job */
+	if (w->fd >= 0)
+		worker_lost(w, why);
+	uv_close((uv_handle_t *)p, on_handle_closed);
+}
+
+/* --- packets -------------------------------------------------------------------- */
+
+static int send_pkt(int fd, const void *data, size_t len, int pass_fd)
+{
+	struct iovec iov = { (void *)data, len };
+	union {
+		char buf[CMSG_SPACE(sizeof(int))];
+		struct cmsghdr align;
+	} u;
+	struct msghdr mh = { 0 };
+	ssize_t n;
+
+	mh.msg_iov = &iov;
+	mh.msg_iovlen = 1;
+	if (pass_fd >= 0) {
+		struct cmsghdr *cm;
+
+		memset(&u, 0, sizeof u);
+		mh.msg_control = u.buf;
+		mh.msg_controllen = sizeof u.buf;
+		cm = CMSG_FIRSTHDR(&mh);
+		cm->cmsg_level = SOL_SOCKET;
+		cm->cmsg_type = SCM_RIGHTS;
+		cm->cmsg_len = CMSG_LEN(sizeof(int));
+		memcpy(CMSG_DATA(cm), &pass_fd, sizeof(int));
+	}
+	do
+		n = sendmsg(fd, &mh, MSG_NOSIGNAL);
+	while (n < 0 && errno == EINTR);
+	if (n < 0)
+		return errno == EAGAIN || errno == EWOULDBLOCK ? 0 : -1;
+	return 1;
+}
+
+static void on_worker_io(uv_poll_t *h, int status, int events);
+
+static void update_poll(struct gpu_worker *w)
+{
+	if (w->fd >= 0)
+		uv_poll_start(&w->poll, UV_READABLE | (TAILQ_EMPTY(&w->outq) ? 0 : UV_WRITABLE),
+			      on_worker_io);
+}
+
+/* Write what is queued; -1 when the socket failed. */
+static int flush(struct gpu_worker *w)
+{
+	struct gpu_pkt *k;
+
+	while ((k = TAILQ_FIRST(&w->outq))) {
+		int rc = send_pkt(w->fd, k->data, k->len, k->fd);
+
+		if (rc < 0)
+			return -1;
+		if (rc == 0)
+			break;
+		TAILQ_REMOVE(&w->outq, k, link);
+		if (k->fd >= 0)
+			close(k->fd);
+		free(k);
+	}
+	update_poll(w);
+	return 0;
+}
+
+/* Queue a packet (and fd, which it then owns) for w, in order. -1: out of memory. */
+static int worker_send(struct gpu_worker *w, const void *data, size_t len, int fd)
+{
+	struct gpu_pkt *k;
+
+	if (w->fd < 0) {
+		if (fd >= 0)
+			close(fd);
+		return -1;
+	}
+	k = malloc(sizeof *k + len);
+	if (!k) {
+		if (fd >= 0)
+			close(fd);
+		return -1;
+	}
+	memcpy(k->data, data, len);
+	k->len = len;
+	k->fd = fd;
+	TAILQ_INSERT_TAIL(&w->outq, k, link);
+	if (flush(w) < 0)
+		worker_lost(w, "its socket failed");
+	return 0;
+}
+
+static struct mem *find_opening(struct gpu_worker *w, uint64_t id)
+{
+	struct mem *m;
+
+	TAILQ_FOREACH(m, &w->opening, gpu_link)
+		if (m->gpu_id == id)
+			return m;
+	return NULL;
+}
+
+static void on_status(struct gpu_worker *w, const struct gpu_status *st)
+{
+	struct mem *m;
+	struct task *t;
+
+	switch (st->h.type) {
+	case GPU_MSG_HELLO_REPLY:
+		if (st->status != COMM_OK) {
+			w->refused = 1;
+			snprintf(w->reason, sizeof w->reason, "%s", st->detail);
+			log_info("gpu worker of job %s: %s", w->job_name, w->reason);
+		}
+		return;
+	case GPU_MSG_MEM_OPENED:
+		m = find_opening(w, st->id);
+		if (!m) {
+			worker_lost(w, "it answered a mem it was not opening");
+			return;
+		}
+		if (st->status != COMM_OK) {
+			open_failed(w, m, st->status, st->detail);
+			return;
+		}
+		TAILQ_REMOVE(&w->opening, m, gpu_link);
+		m->opened = 1;
+		reply_register(m, COMM_OK, "");
+		mem_unref(m); /* the opening's reference; closed when the rest go */
+		return;
+	case GPU_MSG_OP_DONE:
+		t = w->task;
+		if (!t || (uint64_t)(uintptr_t)t != st->id) {
+			worker_lost(w, "it answered an op it was not running");
+			return;
+		}
+		w->task = NULL;
+		t->status = st->status;
+		snprintf(t->detail, sizeof t->detail, "%s", st->detail);
+		engine_task_done(t);
+		return;
+	default:
+		worker_lost(w, "it sent a message of an unknown type");
+	}
+}
+
+static void on_worker_io(uv_poll_t *h, int status, int events)
+{
+	struct gpu_worker *w = h->data;
+
+	if (status < 0) {
+		worker_lost(w, "its socket failed");
+		return;
+	}
+	if ((events & UV_WRITABLE) && flush(w) < 0) {
+		worker_lost(w, "its socket failed");
+		return;
+	}
+	while (w->fd >= 0 && (events & UV_READABLE)) {
+		struct gpu_status st;
+		ssize_t n = recv(w->fd, &st, sizeof st, MSG_DONTWAIT | MSG_TRUNC);
+
+		if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK || errno == EINTR))
+			return;
+		if (n == 0 && w->alive) {
+			/* it is exiting: its exit status is the better reason */
+			uv_poll_stop(&w->poll);
+			return;
+		}
+		if (n <= 0) {
+			worker_lost(w, n == 0 ? "it closed its socket" : "its socket failed");
+			return;
+		}
+		if ((size_t)n != sizeof st || st.h.version != GPU_PROTO_VERSION) {
+			worker_lost(w, "it sent a malformed message");
+			return;
+		}
+		st.detail[sizeof st.detail - 1] = '\0';
+		on_status(w, &st);
+	}
+}
+
+/* Start the job's worker; NULL with the reason in err. */
+static struct gpu_worker *worker_start(struct job *j, char *err, size_t errlen)
+{
+	uv_process_options_t o = { 0 };
+	uv_stdio_container_t io[4];
+	struct gpu_hello hello = { { GPU_MSG_HELLO, GPU_PROTO_VERSION }, "", 0, 0 };
+	struct gpu_worker *w;
+	char path[PATH_MAX];
+	char *args[3];
+	int sv[2], rc;
+
+	if (worker_path(path, sizeof path) < 0) {
+		snprintf(err, errlen, "device memory: no GPU worker at %s", path);
+		return NULL;
+	}
+	w = calloc(1, sizeof *w);
+	if (!w) {
+		snprintf(err, errlen, "device memory: out of memory");
+		return NULL;
+	}
+	if (socketpair(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0, sv) < 0) {
+		snprintf(err, errlen, "device memory: socketpair: %s", strerror(errno));
+		free(w);
+		return NULL;
+	}
+	args[0] = path;
+	args[1] = "--worker";
+	args[2] = NULL;
+	io[0].flags = UV_IGNORE;
+	io[1].flags = UV_INHERIT_FD;
+	io[1].data.fd = 2; /* its stdout and stderr go where commd's log goes */
+	io[2].flags = UV_INHERIT_FD;
+	io[2].data.fd = 2;
+	io[GPU_WORKER_FD].flags = UV_INHERIT_FD;
+	io[GPU_WORKER_FD].data.fd = sv[1];
+	o.file = path;
+	o.args = args;
+	o.stdio = io;
+	o.stdio_count = 4;
+	o.exit_cb = on_worker_exit;
+	w->proc.data = w;
+	rc = uv_spawn(gpu_loop, &w->proc, &o);
+	close(sv[1]);
+	if (rc < 0) {
+		snprintf(err, errlen, "device memory: cannot start %s: %s", path, uv_strerror(rc));
+		close(sv[0]);
+		free(w);
+		return NULL;
+	}
+	fcntl(sv[0], F_SETFL, fcntl(sv[0], F_GETFL) | O_NONBLOCK);
+	w->fd = sv[0];
+	w->alive = 1;
+	w->handles = 2; /* the process and the poll */
+	w->refs = 1;    /* the job's */
+	w->job = j;
+	snprintf(w->job_name, sizeof w->job_name, "%s", j->name);
+	TAILQ_INIT(&w->outq);
+	TAILQ_INIT(&w->opening);
+	uv_poll_init(gpu_loop, &w->poll, w->fd);
+	w->poll.data = w;
+	TAILQ_INSERT_TAIL(&workers, w, link);
+	update_poll(w);
+	snprintf(hello.job, sizeof hello.job, "%s", j->name);
+	hello.world = (uint32_t)j->world;
+	worker_send(w, &hello, sizeof hello, -1);
+	log_info("job %s: gpu worker started (pid %d)", j->name, w->proc.pid);
+	return w;
+}
+
+/* --- device memory --------------------------------------------------------------- */
+
+comm_result_t gpu_mem_register(struct conn *c, const Commpb__RegisterMem *r, int fd,
+			       uint64_t req_id, char *err, size_t errlen)
+{
+	int vmm = r->kind == COMMPB__MEM_KIND__MEM_CUDA_VMM;
+	struct gpu_mem_open mo = { { GPU_MSG_MEM_OPEN, GPU_PROTO_VERSION }, 0, 0, 0, 0, { 0 },
+				   "" };
+	struct gpu_worker *w;
+	comm_result_t rc;
+	struct mem *m;
+
+	if (c->version < 3) {
+		rc = COMM_ERR_VERSION;
+		snprintf(err, errlen, "mem register: device memory needs protocol 3, the "
+			 "connection speaks %u", c->version);
+		goto fail;
+	}
+	rc = COMM_ERR_INVALID_ARG;
+	if (r->size == 0) {
+		snprintf(err, errlen, "mem register: device memory of 0 bytes");
+		goto fail;
+	}
+	if (!vmm && r->cuda_handle.len != GPU_HANDLE_BYTES) {
+		snprintf(err, errlen, "mem register: a CUDA IPC handle has %d bytes, not %zu",
+			 GPU_HANDLE_BYTES, r->cuda_handle.len);
+		goto fail;
+	}
+	if (vmm != (fd >= 0)) {
+		snprintf(err, errlen, "mem register: %s", vmm ? "VMM memory comes with its fd"
+							: "CUDA IPC memory comes with no fd");
+		goto fail;
+	}
+	if (!*r->gpu_uuid || strlen(r->gpu_uuid) >= sizeof mo.uuid) {
+		snprintf(err, errlen, "mem register: device memory needs its GPU's UUID");
+		goto fail;
+	}
+	if (c->nmems >= MEM_MAX_PER_CONN) {
+		rc = COMM_ERR_NO_MEMORY;
+		snprintf(err, errlen, "mem register: already %d registrations on this connection",
+			 c->nmems);
+		goto fail;
+	}
+	if (srv.gpu_state == GPU_NONE) {
+		rc = COMM_ERR_UNSUPPORTED;
+		snprintf(err, errlen, "device memory: no GPU here (%s)", srv.gpu_info);
+		goto fail;
+	}
+	w = c->job->gpu;
+	if (w && w->refused) {
+		rc = COMM_ERR_UNSUPPORTED;
+		snprintf(err, errlen, "device memory: %s", w->reason);
+		goto fail;
+	}
+	if (w && w->fd < 0) {
+		rc = COMM_ERR_ABORTED;
+		snprintf(err, errlen, "device memory: the job's gpu worker is gone (%s)", w->reason);
+		goto fail;
+	}
+	if (!w) {
+		w = c->job->gpu = worker_start(c->job, err, errlen);
+		if (!w) {
+			rc = COMM_ERR_UNSUPPORTED;
+			goto fail;
+		}
+	}
+	m = calloc(1, sizeof *m);
+	if (!m) {
+		rc = COMM_ERR_NO_MEMORY;
+		snprintf(err, errlen, "mem register: out of memory");
+		goto fail;
+	}
+	m->id = c->next_mem_id++;
+	m->size = r->size;
+	m->refs = 2; /* the connection's, and the opening's until the worker answers */
+	m->job = c->job;
+	m->kind = (int)r->kind;
+	m->gpu_id = ++srv.next_gpu_mem;
+	m->gw = w;
+	m->conn = c;
+	m->reply_id = req_id;
+	m->unanswered = 1;
+	snprintf(m->uuid, sizeof m->uuid, "%s", r->gpu_uuid);
+	w->refs++;
+	c->job->mem_bytes += m->size;
+	TAILQ_INSERT_TAIL(&c->mems, m, link);
+	c->nmems++;
+	TAILQ_INSERT_TAIL(&w->opening, m, gpu_link);
+	mo.id = m->gpu_id;
+	mo.kind = vmm ? GPU_MEM_VMM : GPU_MEM_IPC;
+	mo.rank = c->rank;
+	mo.size = r->size;
+	if (!vmm)
+		memcpy(mo.handle, r->cuda_handle.data, GPU_HANDLE_BYTES);
+	snprintf(mo.uuid, sizeof mo.uuid, "%s", r->gpu_uuid);
+	if (worker_send(w, &mo, sizeof mo, fd) < 0 && m->unanswered)
+		open_failed(w, m, COMM_ERR_NO_MEMORY, "device memory: out of memory");
+	return COMM_INPROGRESS;
+fail:
+	if (fd >= 0)
+		close(fd);
+	return rc;
+}
+
+void gpu_mem_gone(struct mem *m)
+{
+	struct gpu_worker *w = m->gw;
+	struct gpu_mem_close mc = { { GPU_MSG_MEM_CLOSE, GPU_PROTO_VERSION }, m->gpu_id };
+
+	if (m->opened)
+		worker_send(w, &mc, sizeof mc, -1);
+	free(m);
+	worker_put(w);
+}
+
+/* --- ops --------------------------------------------------------------------------- */
+
+int gpu_task_on_device(const struct task *t, char *err, size_t errlen)
+{
+	int dev = 0, host = 0;
+
+	for (int i = 0; i < t->nops; i++) {
+		const struct bufspec *b[2] = { &t->ops[i]->send, &t->ops[i]->recv };
+
+		for (int k = 0; k < 2; k++) {
+			if (!b[k]->mem)
+				continue;
+			if (b[k]->mem->kind == COMMPB__MEM_KIND__MEM_MEMFD)
+				host = 1;
+			else
+				dev = 1;
+		}
+	}
+	if (dev && host) {
+		snprintf(err, errlen, "%s: the ranks' buffers mix host and device memory; "
+			 "use one kind", op_type_name(t->type));
+		return -1;
+	}
+	return dev;
+}
+
+static void put_buf(const struct bufspec *b, uint64_t *mem, uint64_t *off)
+{
+	*mem = b->mem ? b->mem->gpu_id : 0;
+	*off = b->mem ? b->off : 0;
+}
+
+static void put_event(const struct posted *p, struct gpu_op_rank *gr)
+{
+	if (!p->has_event || gr->has_event)
+		return;
+	memcpy(gr->ready_event, p->ready_event, GPU_HANDLE_BYTES);
+	gr->has_event = 1;
+}
+
+int be_gpu_run(struct task *t)
+{
+	struct gpu_worker *w = t->job->gpu;
+	int n = t->type == T(SEND) ? 1 : t->n;
+	size_t len = sizeof(struct gpu_op) + (size_t)n * sizeof(struct gpu_op_rank);
+	struct gpu_op *op;
+
+	t->status = COMM_ERR_ABORTED;
+	if (!w || w->fd < 0) {
+		snprintf(t->detail, sizeof t->detail, "%s: the job's gpu worker is gone (%.200s)",
+			 op_type_name(t->type), w ? w->reason : "never started");
+		return 1;
+	}
+	if (n > GPU_OP_MAX_RANKS) {
+		t->status = COMM_ERR_UNSUPPORTED;
+		snprintf(t->detail, sizeof t->detail, "%s: device ops span at most %d ranks",
+			 op_type_name(t->type), GPU_OP_MAX_RANKS);
+		return 1;
+	}
+	op = calloc(1, len);
+	if (!op) {
+		t->status = COMM_ERR_NO_MEMORY;
+		snprintf(t->detail, sizeof t->detail, "%s: out of memory", op_type_name(t->type));
+		return 1;
+	}
+	op->h.type = GPU_MSG_OP;
+	op->h.version = GPU_PROTO_VERSION;
+	op->id = (uint64_t)(uintptr_t)t;
+	op->type = (uint32_t)t->type;
+	op->dtype = t->dtype;
+	op->redop = t->redop;
+	op->root = t->root;
+	op->count = t->count;
+	op->n = (uint32_t)n;
+	if (t->type == T(SEND)) {
+		/* the pair: the sender's buffer into the receiver's, after both ranks' work */
+		put_buf(&t->ops[0]->send, &op->rank[0].send_mem, &op->rank[0].send_off);
+		put_buf(&t->ops[1]->recv, &op->rank[0].recv_mem, &op->rank[0].recv_off);
+		put_event(t->ops[0], &op->rank[0]);
+	} else {
+		for (int r = 0; r < n; r++) {
+			put_buf(&t->ops[r]->send, &op->rank[r].send_mem, &op->rank[r].send_off);
+			put_buf(&t->ops[r]->recv, &op->rank[r].recv_mem, &op->rank[r].recv_off);
+			put_event(t->ops[r], &op->rank[r]);
+		}
+	}
+	w->task = t;
+	t->status = COMM_OK;
+	if (worker_send(w, op, len, -1) < 0 && w->task == t) {
+		w->task = NULL;
+		t->status = COMM_ERR_NO_MEMORY;
+		snprintf(t->detail, sizeof t->detail, "%s: out of memory", op_type_name(t->type));
+		free(op);
+		return 1;
+	}
+	free(op);
+	/* worker_send may have lost the worker, which finished t already */
+	return 0;
+}
+
+void gpu_job_failed(struct job *j)
+{
+	struct gpu_worker *w = j->gpu;
+
+	if (w && w->task && w->alive) {
+		log_info("job %s: killing its gpu worker (pid %d), stuck in an op", j->name,
+			 w->proc.pid);
+		uv_process_kill(&w->proc, SIGKILL);
+	}
+}
+
+void gpu_job_gone(struct job *j)
+{
+	struct gpu_worker *w = j->gpu;
+
+	if (!w)
+		return;
+	j->gpu = NULL;
+	w->job = NULL;
+	worker_put(w);
+}
+
+void gpu_stop(void)
+{
+	struct gpu_worker *w, *tmp;
+
+	probe_stop();
+	TAILQ_FOREACH_SAFE(w, &workers, link, tmp) {
+		int busy = w->task || !TAILQ_EMPTY(&w->opening);
+
+		/* an idle worker exits at EOF; a busy one may be stuck in CUDA */
+		if (busy && w->alive)
+			uv_process_kill(&w->proc, SIGKILL);
+		if (busy && w->fd >= 0)
+			worker_lost(w, "commd is shutting down");
+		worker_hangup(w);
+	}
+}

@@ -197,6 +197,7 @@ int job_maybe_free(struct job *j)
 	log_info("job %s: freed (%s, %llu ops, %llu errors)", j->name, job_state_name(j->state),
 		 (unsigned long long)j->ops_completed, (unsigned long long)j->errors);
 	engine_free(j);
+	gpu_job_gone(j);
 	TAILQ_REMOVE(&srv.jobs, j, link);
 	job_free(j);
 	return 1;
@@ -225,6 +226,7 @@ void job_fail(struct job *j, comm_result_t code, const char *fmt, ...)
 	}
 	j->state = JOB_FAILED;
 	engine_fail_pending(j, -1, code, j->fail_detail);
+	gpu_job_failed(j);
 }
 
 void job_detach(struct conn *c, comm_result_t code, const char *why)

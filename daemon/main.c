@@ -17,7 +17,7 @@ static void usage(FILE *f)
 {
 	fprintf(f, "usage: commd [--config FILE] [--socket PATH] [--foreground] [--log-level LEVEL]\n"
 		   "             [--threads N] [--pin-workers yes|no] [--timeout MS]\n"
-		   "             [--topology FILE] [--dump-topology]\n"
+		   "             [--topology FILE] [--dump-topology] [--gpu-worker PATH]\n"
 		   "  --config FILE      read settings from FILE (default %s, if it exists);\n"
 		   "                     its keys are the long flags' names; flags win\n"
 		   "  --socket PATH      listen on this Unix socket (default %s)\n"
@@ -29,8 +29,10 @@ static void usage(FILE *f)
 		   "  --timeout MS       default op deadline for jobs (default 600000)\n"
 		   "  --topology FILE    read the node's topology from FILE instead of discovering it\n"
 		   "  --dump-topology    print the discovered topology in that format and exit\n"
+		   "  --gpu-worker PATH  the GPU worker program (default: commd-gpu beside commd,\n"
+		   "                     else %s/commd-gpu)\n"
 		   "  --version          print the version and exit\n",
-		   CONFIG_DEFAULT_FILE, CONFIG_DEFAULT_SOCKET);
+		   CONFIG_DEFAULT_FILE, CONFIG_DEFAULT_SOCKET, COMMD_PKGLIBEXECDIR);
 }
 
 static void on_signal(uv_signal_t *h, int signum)
@@ -40,6 +42,7 @@ static void on_signal(uv_signal_t *h, int signum)
 	log_info("signal %d: shutting down", signum);
 	notify_send("STOPPING=1");
 	server_stop();
+	gpu_stop();
 }
 
 /* The value flags, by their long names, kept to apply over the config file. */
@@ -60,6 +63,7 @@ int main(int argc, char **argv)
 		{ "timeout", required_argument, NULL, 'T' },
 		{ "topology", required_argument, NULL, 'O' },
 		{ "dump-topology", no_argument, NULL, 'D' },
+		{ "gpu-worker", required_argument, NULL, 'G' },
 		{ "version", no_argument, NULL, 'V' },
 		{ "help", no_argument, NULL, 'h' },
 		{ NULL, 0, NULL, 0 },
@@ -82,6 +86,7 @@ int main(int argc, char **argv)
 		case 'T':
 		case 'P':
 		case 'O':
+		case 'G':
 			if (nflags == (int)(sizeof flags / sizeof flags[0])) {
 				fprintf(stderr, "commd: too many flags\n");
 				return 2;
@@ -149,7 +154,8 @@ int main(int argc, char **argv)
 	signal(SIGPIPE, SIG_IGN);
 	srv.default_timeout_ms = cfg.timeout_ms;
 	srv.start_ms = now_ms();
-	gpu_probe();
+	gpu_probe(loop, cfg.gpu_worker);
+	gpu_probe_wait();
 	if (be_host_start(loop, cfg.threads, cfg.pin_workers) < 0)
 		return 1;
 	if (server_start(loop, cfg.socket) < 0) {

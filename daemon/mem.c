@@ -1,6 +1,7 @@
 /*
- * mem.c: host memory the ranks register: sealed memfds mapped once, named
- * by an id private to the connection, unmapped after the last op on them.
+ * mem.c: memory the ranks register, named by an id private to the
+ * connection: sealed memfds mapped once and unmapped after the last op on
+ * them, and device memory, which the job's GPU worker holds (gpu.c).
  */
 #include <errno.h>
 #include <fcntl.h>
@@ -93,7 +94,7 @@ struct mem *mem_find(struct conn *c, uint64_t id)
 
 	TAILQ_FOREACH(m, &c->mems, link)
 		if (m->id == id)
-			return m;
+			return m->kind == COMMPB__MEM_KIND__MEM_MEMFD || m->opened ? m : NULL;
 	return NULL;
 }
 
@@ -106,6 +107,10 @@ void mem_unref(struct mem *m)
 {
 	if (--m->refs > 0)
 		return;
+	if (m->kind != COMMPB__MEM_KIND__MEM_MEMFD) {
+		gpu_mem_gone(m);
+		return;
+	}
 	munmap(m->addr, m->size);
 	free(m);
 }
@@ -117,5 +122,6 @@ void mem_release(struct conn *c, struct mem *m)
 	if (m->job)
 		m->job->mem_bytes -= m->size;
 	m->job = NULL;
+	m->conn = NULL;
 	mem_unref(m);
 }

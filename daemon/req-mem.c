@@ -1,9 +1,19 @@
-/* req-mem.c: a rank registers a sealed memfd, or frees a registration. */
+/*
+ * req-mem.c: a rank registers a sealed memfd or device memory, or frees a
+ * registration. Device memory is answered once the job's GPU worker has
+ * opened it (gpu.c).
+ */
 #include <stdio.h>
 #include <unistd.h>
 
 #include "commd.h"
 #include "log.h"
+
+/* A memfd or VMM allocation rides with the message; an IPC handle is in it. */
+int req_mem_register_fds(const Commpb__Envelope *env)
+{
+	return env->register_mem->kind == COMMPB__MEM_KIND__MEM_CUDA_IPC ? 0 : 1;
+}
 
 int req_mem_register_exec(struct conn *c, const Commpb__Envelope *env, int *fds, int nfds)
 {
@@ -13,7 +23,12 @@ int req_mem_register_exec(struct conn *c, const Commpb__Envelope *env, int *fds,
 	char err[256] = "";
 	struct mem *m;
 
-	if (r->kind != COMMPB__MEM_KIND__MEM_MEMFD) {
+	if (r->kind == COMMPB__MEM_KIND__MEM_CUDA_IPC || r->kind == COMMPB__MEM_KIND__MEM_CUDA_VMM) {
+		rr.status = gpu_mem_register(c, r, nfds ? fds[0] : -1, env->id, err, sizeof err);
+		if (rr.status == COMM_INPROGRESS)
+			return 0;
+		log_info("job %s rank %d: %s", c->job->name, c->rank, err);
+	} else if (r->kind != COMMPB__MEM_KIND__MEM_MEMFD) {
 		close(fds[0]);
 		rr.status = COMM_ERR_UNSUPPORTED;
 		snprintf(err, sizeof err, "mem register: unknown kind %d", (int)r->kind);

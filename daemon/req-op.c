@@ -5,6 +5,7 @@
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
+#include <string.h>
 
 #include "commd.h"
 #include "dtype.h"
@@ -224,6 +225,13 @@ int op_post(struct conn *c, const Commpb__Op *o, uint64_t req_id, int ring)
 	}
 	/* a refused op is queued all the same: answered in order, and its partners fail */
 	check_op(c, o, p);
+	if (o->ready_event.len == sizeof p->ready_event) {
+		memcpy(p->ready_event, o->ready_event.data, sizeof p->ready_event);
+		p->has_event = 1;
+	} else if (o->ready_event.len) {
+		refuse(p, COMM_ERR_INVALID_ARG, "op %llu: a ready event has %zu bytes, not %zu",
+		       (unsigned long long)p->seq, o->ready_event.len, sizeof p->ready_event);
+	}
 	if (p->coll && j->nleft)
 		refuse(p, COMM_ERR_PEER_LOST, "op %llu (%s): %s", (unsigned long long)p->seq,
 		       op_type_name(p->type), j->left_detail);

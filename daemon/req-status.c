@@ -13,8 +13,8 @@ int req_status_exec(struct conn *c, const Commpb__Envelope *env, int *fds, int n
 	Commpb__Envelope reply = COMMPB__ENVELOPE__INIT;
 	Commpb__StatusReply sr = COMMPB__STATUS_REPLY__INIT;
 	Commpb__JobInfo *infos = NULL, **jobs = NULL;
-	char *backends[] = { "host" };
-	char topo[160];
+	char *backends[] = { "host", "gpu" };
+	char topo[160], nccl[sizeof srv.gpu_info + 32];
 	size_t n = 0, i = 0;
 	struct job *j;
 	int rc;
@@ -61,9 +61,11 @@ int req_status_exec(struct conn *c, const Commpb__Envelope *env, int *fds, int n
 	sr.pid = getpid();
 	sr.uptime_ms = now_ms() - srv.start_ms;
 	sr.socket = (char *)srv.socket_path;
-	sr.n_backends = ARRAY_SIZE(backends);
+	sr.n_backends = srv.gpu_state == GPU_READY ? 2 : 1;
 	sr.backends = backends;
 	sr.gpu = srv.gpu_info;
+	gpu_nccl_line(nccl, sizeof nccl);
+	sr.nccl = nccl;
 	topo_summary(&node_topo, topo, sizeof topo);
 	sr.topology = topo;
 	sr.n_jobs = n;

@@ -15,7 +15,8 @@ static const struct req_type req_table[] = {
 	[COMMPB__ENVELOPE__BODY__NOT_SET] = { "none", 0, 0, NULL },
 	[B(HELLO)] = { "hello", REQ_F_BEFORE_HELLO, 0, req_hello_exec },
 	[B(HELLO_REPLY)] = { "hello_reply", 0, 0, NULL },
-	[B(REGISTER_MEM)] = { "register_mem", REQ_F_RANK, 1, req_mem_register_exec },
+	[B(REGISTER_MEM)] = { "register_mem", REQ_F_RANK, 1, req_mem_register_exec,
+			      req_mem_register_fds },
 	[B(REGISTER_MEM_REPLY)] = { "register_mem_reply", 0, 0, NULL },
 	[B(FREE_MEM)] = { "free_mem", REQ_F_RANK, 0, req_mem_free_exec },
 	[B(FREE_MEM_REPLY)] = { "free_mem_reply", 0, 0, NULL },
@@ -48,7 +49,7 @@ int req_dispatch(struct conn *c, const uint8_t *payload, size_t len)
 {
 	Commpb__Envelope *env = commpb__envelope__unpack(NULL, len, payload);
 	const struct req_type *t;
-	int fds[FRAME_MAX_FDS], nfds = 0, rc = -1;
+	int fds[FRAME_MAX_FDS], nfds = 0, want, rc = -1;
 
 	if (!env) {
 		conn_fail(c, COMM_ERR_PROTOCOL, "protocol: malformed message (%zu bytes)", len);
@@ -76,12 +77,13 @@ int req_dispatch(struct conn *c, const uint8_t *payload, size_t len)
 		conn_fail(c, COMM_ERR_PERMISSION, "%s: not an admin connection", t->name);
 		goto out;
 	}
-	if (c->rd.nfds < t->nfds) {
+	want = t->fds_of ? t->fds_of(env) : t->nfds;
+	if (c->rd.nfds < want) {
 		conn_fail(c, COMM_ERR_PROTOCOL, "protocol: %s needs %d fd%s, got %d", t->name,
-			  t->nfds, t->nfds == 1 ? "" : "s", c->rd.nfds);
+			  want, want == 1 ? "" : "s", c->rd.nfds);
 		goto out;
 	}
-	while (nfds < t->nfds)
+	while (nfds < want)
 		fds[nfds++] = frame_take_fd(&c->rd);
 	rc = t->exec(c, env, fds, nfds);
 out:

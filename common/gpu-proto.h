@@ -1,0 +1,142 @@
+/*
+ * gpu-proto.h: what commd and a job's GPU worker (commd-gpu) say to each
+ * other. commd starts one worker per job that registers device memory and
+ * talks to it over a SOCK_SEQPACKET socketpair (the worker's fd 3): one
+ * message per packet, fixed layouts, both ends built from the same tree
+ * (the version field catches a stale binary). The worker owns every CUDA
+ * and NCCL object of the job, so a CUDA fault or a hung NCCL call takes
+ * down that worker and fails that job, never commd or another job.
+ *
+ * Flow: commd sends HELLO first; the worker answers HELLO_REPLY (status
+ * COMM_OK, or why it cannot serve: no driver, no device) and then serves
+ * MEM_OPEN (answered by MEM_OPENED), MEM_CLOSE (no answer) and OP
+ * (answered by OP_DONE once the results are in the ranks' memory), in the
+ * order they come. commd sends the next OP of a job only after the previous
+ * one's OP_DONE. EOF on the socket: the worker releases everything and
+ * exits 0.
+ *
+ * `commd-gpu --probe` instead prints one line about the node's GPUs
+ * ("2 devices (...)" or "unavailable: why") and exits 0 when a GPU works.
+ */
+#ifndef COMMON_GPU_PROTO_H
+#define COMMON_GPU_PROTO_H
+
+#include <stdint.h>
+#include <stdio.h>
+
+#define GPU_PROTO_VERSION 1
+#define GPU_WORKER_FD 3          /* the worker's end of the socketpair */
+#define GPU_HANDLE_BYTES 64      /* cudaIpcMemHandle_t, cudaIpcEventHandle_t */
+#define GPU_UUID_LEN 48          /* "GPU-" + 36 characters + NUL, rounded up */
+#define GPU_DETAIL 256
+#define GPU_JOB_NAME 256
+#define GPU_OP_MAX_RANKS 256     /* ranks of one job one op may span on a node */
+#define GPU_MSG_MAX (sizeof(struct gpu_op) + GPU_OP_MAX_RANKS * sizeof(struct gpu_op_rank))
+
+enum gpu_msg_type {
+	GPU_MSG_HELLO = 1,       /* commd -> worker: struct gpu_hello */
+	GPU_MSG_HELLO_REPLY = 2, /* worker -> commd: struct gpu_status, id 0 */
+	GPU_MSG_MEM_OPEN = 3,    /* commd -> worker: struct gpu_mem_open (+ 1 fd for VMM) */
+	GPU_MSG_MEM_OPENED = 4,  /* worker -> commd: struct gpu_status, id = the mem's id */
+	GPU_MSG_MEM_CLOSE = 5,   /* commd -> worker: struct gpu_mem_close, no answer */
+	GPU_MSG_OP = 6,          /* commd -> worker: struct gpu_op with n ranks */
+	GPU_MSG_OP_DONE = 7,     /* worker -> commd: struct gpu_status, id = the op's id */
+};
+
+/* Memory kinds, as proto MemKind. */
+enum gpu_mem_kind {
+	GPU_MEM_IPC = 1,         /* handle: cudaIpcMemHandle_t of a cudaMalloc allocation */
+	GPU_MEM_VMM = 2,         /* the packet carries the POSIX fd of a cuMemCreate allocation */
+};
+
+struct gpu_hdr {
+	uint32_t type;           /* enum gpu_msg_type */
+	uint32_t version;        /* GPU_PROTO_VERSION */
+};
+
+struct gpu_hello {
+	struct gpu_hdr h;
+	char job[GPU_JOB_NAME];  /* for the worker's log lines */
+	uint32_t world;
+	uint32_t pad;
+};
+
+/* HELLO_REPLY, MEM_OPENED, OP_DONE. */
+struct gpu_status {
+	struct gpu_hdr h;
+	uint64_t id;
+	int32_t status;          /* comm_result_t */
+	uint32_t pad;
+	char detail[GPU_DETAIL]; /* NUL-terminated; "" when status is COMM_OK */
+};
+
+/*
+ * Open one allocation of a rank. id is commd's, unique in the daemon; ops
+ * name the memory by it. size is the whole allocation's.
+ */
+struct gpu_mem_open {
+	struct gpu_hdr h;
+	uint64_t id;
+	uint32_t kind;           /* enum gpu_mem_kind */
+	int32_t rank;            /* for messages */
+	uint64_t size;
+	uint8_t handle[GPU_HANDLE_BYTES];
+	char uuid[GPU_UUID_LEN]; /* the device the memory lives on */
+};
+
+/* Close it once no op uses it (ops run one at a time, so at once). */
+struct gpu_mem_close {
+	struct gpu_hdr h;
+	uint64_t id;
+};
+
+/*
+ * One rank's part of an op: mem 0 means no buffer. Offsets count from the
+ * start of the allocation (what cudaIpcOpenMemHandle maps), as RegisterMem's
+ * size does.
+ */
+struct gpu_op_rank {
+	uint64_t send_mem, send_off;
+	uint64_t recv_mem, recv_off;
+	uint8_t ready_event[GPU_HANDLE_BYTES]; /* cudaIpcEventHandle_t to wait for */
+	uint32_t has_event;
+	uint32_t pad;
+};
+
+/*
+ * One op over n ranks, with the meaning of the host backend's struct task:
+ * - ALLREDUCE: out[r] = in[0] op in[1] op ... in[n-1], count elements each.
+ * - REDUCE: the same into out[root] only.
+ * - REDUCE_SCATTER: in[r] holds n blocks of count; out[r] = block r reduced.
+ * - ALLGATHER: in[r] holds count; out[r] holds n blocks, block b = in[b].
+ * - BROADCAST: out[r] = in[root] (count elements), for every r with a buffer.
+ * - ALLTOALL: in[s] and out[r] hold n blocks; block s of out[r] = block r of in[s].
+ * - SEND: n is 1, count bytes (dtype UINT8) from in[0] to out[0].
+ * type, dtype and redop carry proto OpType, comm_dtype_t and comm_redop_t
+ * values. Outputs may alias inputs (in place); the results are those of the
+ * inputs as they were before the op. Float reductions over ranks on one
+ * device combine in rank order, like the host backend.
+ */
+struct gpu_op {
+	struct gpu_hdr h;
+	uint64_t id;
+	uint32_t type;
+	uint32_t dtype;
+	uint32_t redop;
+	int32_t root;
+	uint64_t count;          /* elements per rank block */
+	uint32_t n;              /* entries in rank[] */
+	uint32_t pad;
+	struct gpu_op_rank rank[];
+};
+
+/* A device UUID's 16 bytes as nvidia-smi prints them: GPU-8-4-4-4-12 hex digits. */
+static inline void gpu_uuid_format(const unsigned char b[16], char out[GPU_UUID_LEN])
+{
+	snprintf(out, GPU_UUID_LEN,
+		 "GPU-%02x%02x%02x%02x-%02x%02x-%02x%02x-%02x%02x-%02x%02x%02x%02x%02x%02x", b[0],
+		 b[1], b[2], b[3], b[4], b[5], b[6], b[7], b[8], b[9], b[10], b[11], b[12], b[13],
+		 b[14], b[15]);
+}
+
+#endif

@@ -1,0 +1,1335 @@
+/*
+ * gpu-worker.c: commd-gpu, one job's GPU worker. It serves commd on fd 3
+ * (common/gpu-proto.h): opens the ranks' device memory and runs their ops,
+ * with its own kernels on one device and NCCL across several. It owns every
+ * CUDA and NCCL object of the job, so a GPU fault ends this process only.
+ */
+#include <config.h>
+
+#include <errno.h>
+#include <inttypes.h>
+#include <stdarg.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <time.h>
+#include <unistd.h>
+
+#include <cuda.h>
+#include <cudaTypedefs.h>
+#include <cuda_runtime.h>
+#include <nccl.h>
+
+#include "comm.h"
+#include "commd.pb-c.h"
+#include "dtype.h"
+#include "gpu-kernels.h"
+#include "gpu-proto.h"
+#include "gpu-worker.h"
+#include "util.h"
+
+#define T(x) COMMPB__OP_TYPE__OP_##x
+#define MAX_DEVICES 64       /* devices one worker serves; any beyond are not used */
+#define MAX_FDS 4            /* fds a packet may carry (a VMM open has one) */
+#define NCCL_WAIT_MS 60000   /* an NCCL call still in progress after this has hung */
+#define POLL_NS 20000        /* between looks at a stream that NCCL work is on */
+#define SCRATCH_ROUND (2u << 20)
+
+_Static_assert(sizeof(cudaIpcMemHandle_t) == GPU_HANDLE_BYTES, "IPC memory handle size");
+_Static_assert(sizeof(cudaIpcEventHandle_t) == GPU_HANDLE_BYTES, "IPC event handle size");
+
+struct dev {
+	int ready;             /* stream and mark exist */
+	cudaStream_t stream;   /* all the worker's work on this device */
+	cudaEvent_t mark;      /* orders the other devices' streams after this one */
+	uint8_t *scratch;      /* results (or staged inputs) before they go out */
+	size_t scratch_len;
+	char uuid[GPU_UUID_LEN];
+};
+
+struct mem {
+	uint64_t id;
+	uint32_t kind;         /* enum gpu_mem_kind */
+	int dev;
+	int rank;
+	uint8_t *ptr;
+	size_t size;
+	uint8_t handle[GPU_HANDLE_BYTES]; /* IPC: ids opened from one handle share ptr */
+	CUmemGenericAllocationHandle vmm;
+};
+
+struct ipc_event {
+	uint8_t handle[GPU_HANDLE_BYTES];
+	cudaEvent_t ev;
+};
+
+static struct {
+	char job[GPU_JOB_NAME];
+	char no_gpu[GPU_DETAIL]; /* why nothing can be served; "" once a GPU works */
+	char err[GPU_DETAIL];    /* the current request's first failure */
+	int ndev;
+	struct dev dev[MAX_DEVICES];
+	struct mem *mem;
+	size_t nmem, mem_cap;
+	struct ipc_event *ev;
+	size_t nev, ev_cap;
+	int nccl_n;              /* devices in the communicator; 0: none yet */
+	int nccl_dev[MAX_DEVICES];
+	ncclComm_t nccl[MAX_DEVICES];
+	uint64_t ops;
+} w;
+
+/* Driver functions, reached through the runtime: the worker never links libcuda. */
+static struct {
+	PFN_cuGetErrorString_v6000 error_string;
+	PFN_cuMemGetAddressRange_v3020 address_range;
+	PFN_cuMemImportFromShareableHandle_v10020 import;
+	PFN_cuMemAddressReserve_v10020 reserve;
+	PFN_cuMemMap_v10020 map;
+	PFN_cuMemSetAccess_v10020 set_access;
+	PFN_cuMemUnmap_v10020 unmap;
+	PFN_cuMemAddressFree_v10020 address_free;
+	PFN_cuMemRelease_v10020 release;
+} drv;
+
+/* --- messages and errors ---------------------------------------------------- */
+
+static void wlog(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
+static void wlog(const char *fmt, ...)
+{
+	char line[1024];
+	va_list ap;
+
+	va_start(ap, fmt);
+	vsnprintf(line, sizeof line, fmt, ap);
+	va_end(ap);
+	if (w.job[0])
+		fprintf(stderr, "commd-gpu[job %s]: %s\n", w.job, line);
+	else
+		fprintf(stderr, "commd-gpu: %s\n", line);
+}
+
+static _Noreturn void malformed(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
+static _Noreturn void malformed(const char *fmt, ...)
+{
+	char why[256];
+	va_list ap;
+
+	va_start(ap, fmt);
+	vsnprintf(why, sizeof why, fmt, ap);
+	va_end(ap);
+	wlog("malformed packet from commd: %s", why);
+	exit(GPU_WORKER_EXIT_PROTOCOL);
+}
+
+/* Keep the first failure of the current request as its detail. */
+static void fail(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
+static void fail(const char *fmt, ...)
+{
+	va_list ap;
+
+	if (w.err[0])
+		return;
+	va_start(ap, fmt);
+	vsnprintf(w.err, sizeof w.err, fmt, ap);
+	va_end(ap);
+}
+
+/*
+ * 0 when e is cudaSuccess; else -1 with the failure kept. The runtime's
+ * last error is cleared so that a handled failure does not resurface at the
+ * next kernel launch (a sticky one comes back from every call anyway).
+ */
+static int cuda_check(cudaError_t e, const char *call)
+{
+	if (e == cudaSuccess)
+		return 0;
+	(void)cudaGetLastError();
+	fail("%s: %s", call, cudaGetErrorString(e));
+	return -1;
+}
+
+static int cu_check(CUresult r, const char *call)
+{
+	const char *s = NULL;
+
+	if (r == CUDA_SUCCESS)
+		return 0;
+	if (drv.error_string(r, &s) != CUDA_SUCCESS || !s)
+		s = "unknown driver error";
+	fail("%s: %s (%d)", call, s, (int)r);
+	return -1;
+}
+
+/* ncclInProgress is fine: the communicators are nonblocking. */
+static int nccl_check(ncclResult_t r, const char *call)
+{
+	if (r == ncclSuccess || r == ncclInProgress)
+		return 0;
+	fail("%s: %s (%s)", call, ncclGetErrorString(r), ncclGetLastError(NULL));
+	return -1;
+}
+
+static void reply(uint32_t type, uint64_t id, comm_result_t status, const char *detail)
+{
+	struct gpu_status s;
+	ssize_t n;
+
+	memset(&s, 0, sizeof s);
+	s.h.type = type;
+	s.h.version = GPU_PROTO_VERSION;
+	s.id = id;
+	s.status = status;
+	snprintf(s.detail, sizeof s.detail, "%s", status == COMM_OK ? "" : detail);
+	do
+		n = send(GPU_WORKER_FD, &s, sizeof s, MSG_NOSIGNAL);
+	while (n < 0 && errno == EINTR);
+	if (n != (ssize_t)sizeof s) {
+		wlog("send on fd %d: %s", GPU_WORKER_FD, n < 0 ? strerror(errno) : "short");
+		exit(GPU_WORKER_EXIT_PROTOCOL);
+	}
+}
+
+/* --- devices -------------------------------------------------------------------- */
+
+static void versions(char *out, size_t len)
+{
+	int rt = 0, drvv = 0, nccl = 0;
+
+	cudaRuntimeGetVersion(&rt);
+	cudaDriverGetVersion(&drvv);
+	ncclGetVersion(&nccl);
+	if (drvv)
+		snprintf(out, len, "cuda runtime %d, driver %d, nccl %d.%d.%d", rt, drvv,
+			 nccl / 10000, nccl / 100 % 100, nccl % 100);
+	else
+		snprintf(out, len, "cuda runtime %d, nccl %d.%d.%d", rt, nccl / 10000,
+			 nccl / 100 % 100, nccl % 100);
+}
+
+/* The number of devices (at most MAX_DEVICES), or 0 with why there is none. */
+static int gpu_count(char *why, size_t len)
+{
+	char v[128];
+	int n = 0;
+	cudaError_t e = cudaGetDeviceCount(&n);
+
+	if (e == cudaSuccess && n > 0)
+		return n < MAX_DEVICES ? n : MAX_DEVICES;
+	versions(v, sizeof v);
+	snprintf(why, len, "cudaGetDeviceCount: %s (%s)",
+		 e == cudaSuccess ? "no CUDA device" : cudaGetErrorString(e), v);
+	return 0;
+}
+
+static int drv_load(char *why, size_t len)
+{
+	const struct {
+		const char *name;
+		void **fn;
+	} syms[] = {
+		{ "cuGetErrorString", (void **)&drv.error_string },
+		{ "cuMemGetAddressRange", (void **)&drv.address_range },
+		{ "cuMemImportFromShareableHandle", (void **)&drv.import },
+		{ "cuMemAddressReserve", (void **)&drv.reserve },
+		{ "cuMemMap", (void **)&drv.map },
+		{ "cuMemSetAccess", (void **)&drv.set_access },
+		{ "cuMemUnmap", (void **)&drv.unmap },
+		{ "cuMemAddressFree", (void **)&drv.address_free },
+		{ "cuMemRelease", (void **)&drv.release },
+	};
+
+	for (size_t i = 0; i < ARRAY_SIZE(syms); i++) {
+		enum cudaDriverEntryPointQueryResult q = cudaDriverEntryPointSymbolNotFound;
+		cudaError_t e = cudaGetDriverEntryPointByVersion(syms[i].name, syms[i].fn, 12000,
+								 cudaEnableDefault, &q);
+
+		if (e != cudaSuccess || q != cudaDriverEntryPointSuccess || !*syms[i].fn) {
+			snprintf(why, len, "cudaGetDriverEntryPointByVersion: %s: %s (result %d)",
+				 syms[i].name, cudaGetErrorString(e), (int)q);
+			return -1;
+		}
+	}
+	return 0;
+}
+
+/* Find the devices, their UUIDs and the driver functions; -1 with why. */
+static int gpu_open(char *why, size_t len)
+{
+	w.ndev = gpu_count(why, len);
+	if (!w.ndev || drv_load(why, len))
+		return -1;
+	for (int d = 0; d < w.ndev; d++) {
+		struct cudaDeviceProp prop;
+		cudaError_t e = cudaGetDeviceProperties(&prop, d);
+
+		if (e != cudaSuccess) {
+			snprintf(why, len, "cudaGetDeviceProperties: device %d: %s", d,
+				 cudaGetErrorString(e));
+			return -1;
+		}
+		gpu_uuid_format((const unsigned char *)prop.uuid.bytes, w.dev[d].uuid);
+	}
+	return 0;
+}
+
+static int dev_find(const char *uuid)
+{
+	for (int d = 0; d < w.ndev; d++)
+		if (strcmp(w.dev[d].uuid, uuid) == 0)
+			return d;
+	return -1;
+}
+
+/* The device's stream and mark, made on first use. */
+static int dev_ready(int d)
+{
+	struct dev *x = &w.dev[d];
+
+	if (x->ready)
+		return 0;
+	if (cuda_check(cudaSetDevice(d), "cudaSetDevice") ||
+	    cuda_check(cudaStreamCreateWithFlags(&x->stream, cudaStreamNonBlocking),
+		       "cudaStreamCreateWithFlags"))
+		return -1;
+	if (cuda_check(cudaEventCreateWithFlags(&x->mark, cudaEventDisableTiming),
+		       "cudaEventCreateWithFlags")) {
+		cudaStreamDestroy(x->stream);
+		return -1;
+	}
+	x->ready = 1;
+	return 0;
+}
+
+/* At least len bytes of scratch on device d; its stream must be idle. */
+static int scratch(int d, size_t len)
+{
+	struct dev *x = &w.dev[d];
+	void *p = NULL;
+
+	if (len <= x->scratch_len)
+		return 0;
+	len = (len + SCRATCH_ROUND - 1) / SCRATCH_ROUND * SCRATCH_ROUND;
+	if (cuda_check(cudaSetDevice(d), "cudaSetDevice") ||
+	    cuda_check(cudaFree(x->scratch), "cudaFree"))
+		return -1;
+	x->scratch = NULL;
+	x->scratch_len = 0;
+	if (cuda_check(cudaMalloc(&p, len), "cudaMalloc (scratch)"))
+		return -1;
+	x->scratch = p;
+	x->scratch_len = len;
+	return 0;
+}
+
+/* --- memory ----------------------------------------------------------------------- */
+
+static struct mem *mem_find(uint64_t id)
+{
+	for (size_t i = 0; i < w.nmem; i++)
+		if (w.mem[i].id == id)
+			return &w.mem[i];
+	return NULL;
+}
+
+static int mem_open_ipc(struct mem *x)
+{
+	cudaIpcMemHandle_t h;
+	CUdeviceptr base = 0;
+	size_t len = 0;
+	void *p = NULL;
+	int opened = 0, rc = -1;
+
+	/* a process maps a handle once: ids opened from one handle share the mapping */
+	for (size_t i = 0; i < w.nmem && !p; i++)
+		if (w.mem[i].kind == GPU_MEM_IPC && w.mem[i].dev == x->dev &&
+		    memcmp(w.mem[i].handle, x->handle, sizeof x->handle) == 0)
+			p = w.mem[i].ptr;
+	memcpy(&h, x->handle, sizeof h);
+	if (cuda_check(cudaSetDevice(x->dev), "cudaSetDevice"))
+		goto out;
+	if (!p) {
+		if (cuda_check(cudaIpcOpenMemHandle(&p, h, cudaIpcMemLazyEnablePeerAccess),
+			       "cudaIpcOpenMemHandle"))
+			goto out;
+		opened = 1;
+	}
+	if (cu_check(drv.address_range(&base, &len, (CUdeviceptr)(uintptr_t)p),
+		     "cuMemGetAddressRange"))
+		goto out;
+	if (x->size > len) {
+		fail("the allocation is %zu bytes, not %zu", len, x->size);
+		goto out;
+	}
+	x->ptr = p;
+	rc = 0;
+out:
+	if (rc && opened)
+		cudaIpcCloseMemHandle(p);
+	return rc;
+}
+
+static int mem_open_vmm(struct mem *x, int fd)
+{
+	CUmemAccessDesc acc[MAX_DEVICES];
+	CUdeviceptr va = 0;
+	int nacc = 0, imported = 0, mapped = 0, rc = -1;
+
+	if (cuda_check(cudaSetDevice(x->dev), "cudaSetDevice") ||
+	    cu_check(drv.import(&x->vmm, (void *)(uintptr_t)fd,
+				CU_MEM_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR),
+		     "cuMemImportFromShareableHandle"))
+		goto out;
+	imported = 1;
+	if (cu_check(drv.reserve(&va, x->size, 0, 0, 0), "cuMemAddressReserve"))
+		goto out;
+	if (cu_check(drv.map(va, x->size, 0, x->vmm, 0), "cuMemMap"))
+		goto out;
+	mapped = 1;
+	/* every device that can reach it, so that copies and NCCL may run on any */
+	for (int d = 0; d < w.ndev; d++) {
+		int can = d == x->dev;
+
+		if (!can && cudaDeviceCanAccessPeer(&can, d, x->dev) != cudaSuccess) {
+			(void)cudaGetLastError();
+			can = 0;
+		}
+		if (can)
+			acc[nacc++] = (CUmemAccessDesc){
+				.location = { .type = CU_MEM_LOCATION_TYPE_DEVICE, .id = d },
+				.flags = CU_MEM_ACCESS_FLAGS_PROT_READWRITE,
+			};
+	}
+	if (cu_check(drv.set_access(va, x->size, acc, (size_t)nacc), "cuMemSetAccess"))
+		goto out;
+	x->ptr = (uint8_t *)(uintptr_t)va;
+	rc = 0;
+out:
+	if (rc && mapped)
+		drv.unmap(va, x->size);
+	if (rc && va)
+		drv.address_free(va, x->size);
+	if (rc && imported)
+		drv.release(x->vmm);
+	return rc;
+}
+
+/* Open m (fd: its VMM allocation, or -1) into the table; the detail says why not. */
+static comm_result_t mem_open(const struct gpu_mem_open *m, int fd)
+{
+	struct mem x = { .id = m->id, .kind = m->kind, .rank = m->rank, .size = m->size };
+	char uuid[GPU_UUID_LEN];
+	int rc;
+
+	memcpy(uuid, m->uuid, sizeof uuid);
+	uuid[sizeof uuid - 1] = '\0';
+	memcpy(x.handle, m->handle, sizeof x.handle);
+	if (mem_find(m->id)) {
+		fail("mem %" PRIu64 " is open already", m->id);
+		return COMM_ERR_INVALID_ARG;
+	}
+	x.dev = dev_find(uuid);
+	if (x.dev < 0) {
+		fail("no device %s on this node", uuid);
+		return COMM_ERR_NOT_FOUND;
+	}
+	if (m->size == 0 || m->size > SIZE_MAX / 2) {
+		fail("size %" PRIu64 " is out of range", m->size);
+		return COMM_ERR_INVALID_ARG;
+	}
+	if (m->kind == GPU_MEM_IPC) {
+		rc = mem_open_ipc(&x);
+	} else if (m->kind == GPU_MEM_VMM) {
+		if (fd < 0)
+			fail("a VMM allocation comes with its fd, this one has none");
+		rc = fd < 0 ? -1 : mem_open_vmm(&x, fd);
+	} else {
+		fail("unknown memory kind %u", m->kind);
+		rc = -1;
+	}
+	if (rc)
+		return COMM_ERR_INVALID_ARG;
+	if (w.nmem == w.mem_cap) {
+		size_t cap = w.mem_cap ? 2 * w.mem_cap : 64;
+		struct mem *grown = realloc(w.mem, cap * sizeof *grown);
+
+		if (!grown) {
+			fail("out of memory");
+			return COMM_ERR_NO_MEMORY;
+		}
+		w.mem = grown;
+		w.mem_cap = cap;
+	}
+	w.mem[w.nmem++] = x;
+	return COMM_OK;
+}
+
+/* Unmap x, which is no longer in the table; failures are logged. */
+static void mem_release(const struct mem *x)
+{
+	w.err[0] = '\0';
+	if (x->kind == GPU_MEM_IPC) {
+		for (size_t i = 0; i < w.nmem; i++)
+			if (w.mem[i].ptr == x->ptr)
+				return; /* another id still uses the mapping */
+		if (!cuda_check(cudaSetDevice(x->dev), "cudaSetDevice"))
+			cuda_check(cudaIpcCloseMemHandle(x->ptr), "cudaIpcCloseMemHandle");
+	} else {
+		CUdeviceptr va = (CUdeviceptr)(uintptr_t)x->ptr;
+
+		cu_check(drv.unmap(va, x->size), "cuMemUnmap");
+		cu_check(drv.address_free(va, x->size), "cuMemAddressFree");
+		cu_check(drv.release(x->vmm), "cuMemRelease");
+	}
+	if (w.err[0])
+		wlog("mem close: mem %" PRIu64 " of rank %d: %s", x->id, x->rank, w.err);
+}
+
+/*
+ * The client's event behind handle, opened (on the device of the rank that
+ * recorded it) once and kept while the worker lives; NULL on failure.
+ */
+static cudaEvent_t event_open(const uint8_t *handle, int dev)
+{
+	cudaIpcEventHandle_t h;
+	cudaEvent_t ev;
+
+	for (size_t i = 0; i < w.nev; i++)
+		if (memcmp(w.ev[i].handle, handle, GPU_HANDLE_BYTES) == 0)
+			return w.ev[i].ev;
+	if (w.nev == w.ev_cap) {
+		size_t cap = w.ev_cap ? 2 * w.ev_cap : 16;
+		struct ipc_event *grown = realloc(w.ev, cap * sizeof *grown);
+
+		if (!grown) {
+			fail("out of memory");
+			return NULL;
+		}
+		w.ev = grown;
+		w.ev_cap = cap;
+	}
+	memcpy(&h, handle, sizeof h);
+	if (cuda_check(cudaSetDevice(dev), "cudaSetDevice") ||
+	    cuda_check(cudaIpcOpenEventHandle(&ev, h), "cudaIpcOpenEventHandle"))
+		return NULL;
+	memcpy(w.ev[w.nev].handle, handle, GPU_HANDLE_BYTES);
+	w.ev[w.nev++].ev = ev;
+	return ev;
+}
+
+/* --- NCCL ------------------------------------------------------------------------- */
+
+/* -1 when a communicator failed (the detail says how), 1 while one is busy, else 0. */
+static int nccl_state(const char *what)
+{
+	int busy = 0;
+
+	for (int i = 0; i < w.nccl_n; i++) {
+		ncclResult_t st = ncclSuccess, r = ncclCommGetAsyncError(w.nccl[i], &st);
+
+		if (r != ncclSuccess)
+			st = r;
+		if (st == ncclInProgress) {
+			busy = 1;
+		} else if (st != ncclSuccess) {
+			fail("%s: device %d: %s (%s)", what, w.nccl_dev[i], ncclGetErrorString(st),
+			     ncclGetLastError(w.nccl[i]));
+			return -1;
+		}
+	}
+	return busy;
+}
+
+/* Wait until no communicator is in progress, at most NCCL_WAIT_MS. */
+static int nccl_settle(const char *what)
+{
+	uint64_t deadline = now_ms() + NCCL_WAIT_MS;
+	struct timespec pause = { 0, POLL_NS };
+	int st;
+
+	while ((st = nccl_state(what)) > 0) {
+		if (now_ms() > deadline) {
+			fail("%s: still in progress after %d s", what, NCCL_WAIT_MS / 1000);
+			return -1;
+		}
+		nanosleep(&pause, NULL);
+	}
+	return st;
+}
+
+static void nccl_abort(void)
+{
+	for (int i = 0; i < w.nccl_n; i++)
+		ncclCommAbort(w.nccl[i]);
+	w.nccl_n = 0;
+}
+
+/* Finalize (all, then wait: they finish together) and destroy the communicator. */
+static int nccl_close(void)
+{
+	int rc = 0;
+
+	for (int i = 0; i < w.nccl_n && !rc; i++)
+		rc = nccl_check(ncclCommFinalize(w.nccl[i]), "ncclCommFinalize");
+	if (rc || nccl_settle("ncclCommFinalize")) {
+		nccl_abort();
+		return -1;
+	}
+	for (int i = 0; i < w.nccl_n; i++)
+		ncclCommDestroy(w.nccl[i]);
+	w.nccl_n = 0;
+	return 0;
+}
+
+/* One NCCL rank per device in devs[0..k), in this process; kept while devs stay. */
+static int nccl_ready(const int *devs, int k)
+{
+	ncclUniqueId id;
+	ncclResult_t r = ncclSuccess;
+
+	if (k == w.nccl_n && memcmp(devs, w.nccl_dev, (size_t)k * sizeof *devs) == 0)
+		return 0;
+	if ((w.nccl_n && nccl_close()) || nccl_check(ncclGetUniqueId(&id), "ncclGetUniqueId") ||
+	    nccl_check(ncclGroupStart(), "ncclGroupStart"))
+		return -1;
+	for (int i = 0; i < k && (r == ncclSuccess || r == ncclInProgress); i++) {
+		ncclConfig_t cfg = NCCL_CONFIG_INITIALIZER;
+
+		cfg.blocking = 0;
+		if (cuda_check(cudaSetDevice(devs[i]), "cudaSetDevice"))
+			break;
+		r = ncclCommInitRankConfig(&w.nccl[i], k, id, i, &cfg);
+		if (r == ncclSuccess || r == ncclInProgress)
+			w.nccl_dev[w.nccl_n++] = devs[i];
+	}
+	nccl_check(r, "ncclCommInitRankConfig");
+	if (nccl_check(ncclGroupEnd(), "ncclGroupEnd") || w.nccl_n != k ||
+	    nccl_settle("ncclCommInitRankConfig"))
+		return -1;
+	return 0;
+}
+
+/* The type NCCL combines the accumulators in: unsigned where the sum wraps. */
+static ncclDataType_t nccl_type(int dtype, int redop)
+{
+	int wraps = redop != COMM_MIN && redop != COMM_MAX;
+
+	switch (dtype) {
+	case COMM_INT8:
+		return wraps ? ncclUint8 : ncclInt8;
+	case COMM_UINT8:
+		return ncclUint8;
+	case COMM_INT32:
+		return wraps ? ncclUint32 : ncclInt32;
+	case COMM_UINT32:
+		return ncclUint32;
+	case COMM_INT64:
+		return wraps ? ncclUint64 : ncclInt64;
+	case COMM_UINT64:
+		return ncclUint64;
+	case COMM_FLOAT64:
+		return ncclFloat64;
+	default:
+		return ncclFloat32; /* float32, and float16 and bfloat16's accumulators */
+	}
+}
+
+static ncclRedOp_t nccl_op(int redop)
+{
+	switch (redop) {
+	case COMM_PROD:
+		return ncclProd;
+	case COMM_MIN:
+		return ncclMin;
+	case COMM_MAX:
+		return ncclMax;
+	default:
+		return ncclSum; /* AVG divides afterwards, as on one device */
+	}
+}
+
+/* --- ops --------------------------------------------------------------------------- */
+
+/* Which ranks' buffers an op needs: none, any that are given, root's, every rank's. */
+enum need { NEED_NONE, NEED_ANY, NEED_ROOT, NEED_ALL };
+
+static const struct op_spec {
+	const char *name;
+	uint8_t in, out;               /* enum need */
+	uint8_t in_blocks, out_blocks; /* 1: the buffer holds n blocks of count */
+	uint8_t reduce;
+} specs[] = {
+	[T(ALLREDUCE)] = { "all-reduce", NEED_ALL, NEED_ANY, 0, 0, 1 },
+	[T(REDUCE_SCATTER)] = { "reduce-scatter", NEED_ALL, NEED_ALL, 1, 0, 1 },
+	[T(ALLGATHER)] = { "all-gather", NEED_ALL, NEED_ANY, 0, 1, 0 },
+	[T(BROADCAST)] = { "broadcast", NEED_ROOT, NEED_ANY, 0, 0, 0 },
+	[T(REDUCE)] = { "reduce", NEED_ALL, NEED_ROOT, 0, 0, 1 },
+	[T(ALLTOALL)] = { "all-to-all", NEED_ALL, NEED_ALL, 1, 1, 0 },
+	[T(SEND)] = { "send", NEED_ALL, NEED_ALL, 0, 0, 0 },
+};
+
+/* An op resolved to pointers: NULL where a rank's buffer is absent or unused. */
+struct plan {
+	const struct gpu_op *op;
+	const struct op_spec *spec;
+	int n;
+	size_t block, in_len, out_len; /* bytes: one block, one input, one output */
+	uint8_t *in[GPU_OP_MAX_RANKS], *out[GPU_OP_MAX_RANKS];
+	int in_dev[GPU_OP_MAX_RANKS], out_dev[GPU_OP_MAX_RANKS];
+	int used[MAX_DEVICES];         /* devices whose stream the op runs on */
+	int nccl;                      /* NCCL work is queued */
+};
+
+/* Check and resolve rank r's input (out 0) or output buffer. */
+static int plan_buf(struct plan *p, int r, int out)
+{
+	const struct gpu_op_rank *x = &p->op->rank[r];
+	const char *what = out ? "recv" : "send";
+	uint64_t id = out ? x->recv_mem : x->send_mem, off = out ? x->recv_off : x->send_off;
+	size_t len = out ? p->out_len : p->in_len;
+	int need = out ? p->spec->out : p->spec->in;
+	int must = need == NEED_ALL || (need == NEED_ROOT && r == p->op->root);
+	const struct mem *m;
+
+	(out ? p->out : p->in)[r] = NULL;
+	(out ? p->out_dev : p->in_dev)[r] = -1;
+	if (!id) {
+		if (must)
+			fail("rank %d has no %s buffer", r, what);
+		return must ? -1 : 0;
+	}
+	m = mem_find(id);
+	if (!m) {
+		fail("rank %d: %s mem %" PRIu64 " is not open", r, what, id);
+		return -1;
+	}
+	if (off > m->size || len > m->size - off) {
+		fail("rank %d: %s buffer: %zu bytes at offset %" PRIu64 " overrun mem %" PRIu64
+		     " of %zu bytes", r, what, len, off, id, m->size);
+		return -1;
+	}
+	if (!must && need != NEED_ANY)
+		return 0;
+	(out ? p->out : p->in)[r] = m->ptr + off;
+	(out ? p->out_dev : p->in_dev)[r] = m->dev;
+	p->used[m->dev] = 1;
+	return 0;
+}
+
+/* Check op (commd did already: this is the second line) and resolve it into p. */
+static int plan_op(struct plan *p, const struct gpu_op *op, size_t nranks)
+{
+	size_t es = dtype_size((int)op->dtype);
+
+	memset(p->used, 0, sizeof p->used);
+	p->op = op;
+	p->n = (int)op->n;
+	p->nccl = 0;
+	if (op->n < 1 || op->n > GPU_OP_MAX_RANKS || op->n != nranks) {
+		fail("%u ranks in a packet that holds %zu (at most %d)", op->n, nranks,
+		     GPU_OP_MAX_RANKS);
+		return -1;
+	}
+	if (op->type == T(SEND) && op->n != 1) {
+		fail("a send spans 1 rank, not %u", op->n);
+		return -1;
+	}
+	if (!dtype_valid((int)op->dtype) || !redop_valid((int)op->redop)) {
+		fail("dtype %u or redop %u is not one of comm.h's", op->dtype, op->redop);
+		return -1;
+	}
+	if ((p->spec->in == NEED_ROOT || p->spec->out == NEED_ROOT) &&
+	    (op->root < 0 || op->root >= p->n)) {
+		fail("root %d is not one of %d ranks", op->root, p->n);
+		return -1;
+	}
+	if (mul_overflow_size(op->count, es, &p->block) ||
+	    mul_overflow_size(p->block, p->spec->in_blocks ? op->n : 1, &p->in_len) ||
+	    mul_overflow_size(p->block, p->spec->out_blocks ? op->n : 1, &p->out_len) ||
+	    p->in_len > SIZE_MAX / 2 || p->out_len > SIZE_MAX / 2) {
+		fail("count %" PRIu64 " is too large", op->count);
+		return -1;
+	}
+	for (int r = 0; r < p->n; r++)
+		if (plan_buf(p, r, 0) || plan_buf(p, r, 1))
+			return -1;
+	return 0;
+}
+
+/* Make every used stream wait for the client's events of all ranks. */
+static int plan_wait_events(const struct plan *p)
+{
+	int first = 0;
+
+	while (first < w.ndev - 1 && !p->used[first])
+		first++;
+	for (int r = 0; r < p->n; r++) {
+		int home = p->in_dev[r] >= 0 ? p->in_dev[r] : p->out_dev[r];
+		cudaEvent_t ev;
+
+		if (!p->op->rank[r].has_event)
+			continue;
+		ev = event_open(p->op->rank[r].ready_event, home >= 0 ? home : first);
+		if (!ev)
+			return -1;
+		/* every stream: a copy on one device may read a buffer on another */
+		for (int d = 0; d < w.ndev; d++)
+			if (p->used[d] && cuda_check(cudaStreamWaitEvent(w.dev[d].stream, ev, 0),
+						     "cudaStreamWaitEvent"))
+				return -1;
+	}
+	return 0;
+}
+
+/* Order every used stream after what all of them have queued so far. */
+static int plan_join(const struct plan *p)
+{
+	for (int d = 0; d < w.ndev; d++)
+		if (p->used[d] && (cuda_check(cudaSetDevice(d), "cudaSetDevice") ||
+				   cuda_check(cudaEventRecord(w.dev[d].mark, w.dev[d].stream),
+					      "cudaEventRecord")))
+			return -1;
+	for (int d = 0; d < w.ndev; d++)
+		for (int e = 0; e < w.ndev; e++)
+			if (d != e && p->used[d] && p->used[e] &&
+			    cuda_check(cudaStreamWaitEvent(w.dev[d].stream, w.dev[e].mark, 0),
+				       "cudaStreamWaitEvent"))
+				return -1;
+	return 0;
+}
+
+static int copy(int d, void *dst, const void *src, size_t len)
+{
+	if (dst == src || !len)
+		return 0;
+	if (cuda_check(cudaSetDevice(d), "cudaSetDevice") ||
+	    cuda_check(cudaMemcpyAsync(dst, src, len, cudaMemcpyDefault, w.dev[d].stream),
+		       "cudaMemcpyAsync"))
+		return -1;
+	return 0;
+}
+
+/* Combine the inputs that live on device d, in rank order, into its scratch. */
+static int reduce_on(const struct plan *p, int d, enum gk_mode mode, size_t elems, void *out,
+		     const void *in_acc)
+{
+	struct gk_inputs in;
+	int k = 0;
+
+	if (mode == GK_FINISH)
+		in.p[k++] = in_acc;
+	else
+		for (int r = 0; r < p->n; r++)
+			if (p->in_dev[r] == d)
+				in.p[k++] = p->in[r];
+	if (cuda_check(cudaSetDevice(d), "cudaSetDevice") ||
+	    cuda_check(gk_reduce(mode, (int)p->op->dtype, (int)p->op->redop, out, &in, k, elems,
+				 mode == GK_FINISH ? p->n : k, w.dev[d].stream),
+		       "reduce kernel"))
+		return -1;
+	return 0;
+}
+
+static int nccl_allreduce(struct plan *p, const int *devs, int k, size_t elems)
+{
+	ncclDataType_t type = nccl_type((int)p->op->dtype, (int)p->op->redop);
+	ncclRedOp_t op = nccl_op((int)p->op->redop);
+	int rc = 0;
+
+	if (nccl_ready(devs, k) || nccl_check(ncclGroupStart(), "ncclGroupStart"))
+		return -1;
+	for (int i = 0; i < k && !rc; i++) {
+		struct dev *x = &w.dev[devs[i]];
+
+		rc = cuda_check(cudaSetDevice(devs[i]), "cudaSetDevice") ||
+		     nccl_check(ncclAllReduce(x->scratch, x->scratch, elems, type, op, w.nccl[i],
+					      x->stream),
+				"ncclAllReduce");
+	}
+	if (nccl_check(ncclGroupEnd(), "ncclGroupEnd") || rc)
+		return -1;
+	p->nccl = 1;
+	/* nonblocking: only once settled is the work on the streams, ahead of ours */
+	return nccl_settle("ncclAllReduce");
+}
+
+/*
+ * All-reduce, reduce and reduce-scatter: each device combines its ranks'
+ * inputs into its scratch; across devices NCCL all-reduces those partials
+ * (kept as accumulators so float16 rounds once) and each device finishes
+ * its copy. Every output is then copied from its rank's device's result.
+ */
+static int op_reduce(struct plan *p)
+{
+	int rs = p->op->type == T(REDUCE_SCATTER);
+	size_t elems = p->op->count * (rs ? (size_t)p->n : 1), fin = p->in_len;
+	size_t acc = gk_acc_size((int)p->op->dtype) * elems, res = 0;
+	int devs[MAX_DEVICES], k = 0;
+
+	for (int d = 0; d < w.ndev; d++)
+		for (int r = 0; r < p->n; r++)
+			if (p->in_dev[r] == d) {
+				devs[k++] = d;
+				break;
+			}
+	if (k == 1) {
+		struct dev *x = &w.dev[devs[0]];
+
+		if (scratch(devs[0], fin) || reduce_on(p, devs[0], GK_FINAL, elems, x->scratch, NULL))
+			return -1;
+	} else {
+		res = acc;
+		for (int i = 0; i < k; i++)
+			if (scratch(devs[i], acc + fin) ||
+			    reduce_on(p, devs[i], GK_PARTIAL, elems, w.dev[devs[i]].scratch, NULL))
+				return -1;
+		if (nccl_allreduce(p, devs, k, elems))
+			return -1;
+		for (int i = 0; i < k; i++) {
+			struct dev *x = &w.dev[devs[i]];
+
+			if (reduce_on(p, devs[i], GK_FINISH, elems, x->scratch + res, x->scratch))
+				return -1;
+		}
+	}
+	for (int r = 0; r < p->n; r++) {
+		int d = p->in_dev[r];
+
+		if (p->out[r] && copy(d, p->out[r], w.dev[d].scratch + res + (rs ? r * p->block : 0),
+				      p->out_len))
+			return -1;
+	}
+	return 0;
+}
+
+/* Where rank r's output starts when its input sits in it as the op's in-place form. */
+static uintptr_t in_place_out(const struct plan *p, int r)
+{
+	switch (p->op->type) {
+	case T(ALLGATHER):
+		return (uintptr_t)p->in[r] - (size_t)r * p->block;
+	case T(ALLTOALL):
+		return 0; /* no overlap is safe */
+	default:
+		return (uintptr_t)p->in[r];
+	}
+}
+
+/*
+ * Whether an output overlaps an input other than in the in-place form, where
+ * the one overlapping copy is a no-op and the others never touch an input.
+ */
+static int needs_staging(const struct plan *p)
+{
+	for (int a = 0; a < p->n; a++) {
+		uintptr_t o = (uintptr_t)p->out[a];
+
+		for (int b = 0; b < p->n && o; b++) {
+			uintptr_t i = (uintptr_t)p->in[b];
+
+			if (!i || o >= i + p->in_len || i >= o + p->out_len)
+				continue;
+			if (a != b || o != in_place_out(p, a))
+				return 1;
+		}
+	}
+	return 0;
+}
+
+/* Copy every input into its device's scratch first, for outputs that alias them. */
+static int stage_inputs(struct plan *p)
+{
+	size_t at[MAX_DEVICES] = { 0 };
+
+	for (int r = 0; r < p->n; r++)
+		if (p->in[r])
+			at[p->in_dev[r]] += p->in_len;
+	for (int d = 0; d < w.ndev; d++)
+		if (at[d] && scratch(d, at[d]))
+			return -1;
+	memset(at, 0, sizeof at);
+	for (int r = 0; r < p->n; r++) {
+		int d = p->in_dev[r];
+		uint8_t *dst;
+
+		if (!p->in[r])
+			continue;
+		dst = w.dev[d].scratch + at[d];
+		if (copy(d, dst, p->in[r], p->in_len))
+			return -1;
+		p->in[r] = dst;
+		at[d] += p->in_len;
+	}
+	return plan_join(p);
+}
+
+/* All-gather, broadcast, all-to-all and send: copies on the receiver's device. */
+static int op_copy(struct plan *p)
+{
+	size_t blk = p->block;
+	int rc = 0;
+
+	if (needs_staging(p) && stage_inputs(p))
+		return -1;
+	for (int r = 0; r < p->n && !rc; r++) {
+		if (!p->out[r])
+			continue;
+		switch (p->op->type) {
+		case T(ALLGATHER):
+			for (int b = 0; b < p->n && !rc; b++)
+				rc = copy(p->out_dev[r], p->out[r] + b * blk, p->in[b], blk);
+			break;
+		case T(ALLTOALL):
+			for (int s = 0; s < p->n && !rc; s++)
+				rc = copy(p->out_dev[r], p->out[r] + s * blk, p->in[s] + r * blk, blk);
+			break;
+		case T(BROADCAST):
+			rc = copy(p->out_dev[r], p->out[r], p->in[p->op->root], blk);
+			break;
+		default:
+			rc = copy(p->out_dev[r], p->out[r], p->in[r], blk);
+		}
+	}
+	return rc;
+}
+
+/* Wait for the op's streams; with NCCL work on them, watch the communicator too. */
+static int streams_wait(const struct plan *p)
+{
+	struct timespec pause = { 0, POLL_NS };
+
+	for (int d = 0; d < w.ndev; d++) {
+		cudaError_t e;
+
+		if (!p->used[d])
+			continue;
+		if (!p->nccl) {
+			if (cuda_check(cudaStreamSynchronize(w.dev[d].stream), "cudaStreamSynchronize"))
+				return -1;
+			continue;
+		}
+		while ((e = cudaStreamQuery(w.dev[d].stream)) == cudaErrorNotReady) {
+			if (nccl_state("ncclAllReduce") < 0)
+				return -1;
+			nanosleep(&pause, NULL);
+		}
+		if (cuda_check(e, "cudaStreamQuery"))
+			return -1;
+	}
+	return 0;
+}
+
+static int op_run(struct plan *p)
+{
+	if (!p->block)
+		return 0;
+	for (int d = 0; d < w.ndev; d++)
+		if (p->used[d] && dev_ready(d))
+			return -1;
+	if (plan_wait_events(p) || (p->spec->reduce ? op_reduce(p) : op_copy(p)))
+		return -1;
+	return streams_wait(p);
+}
+
+/* --- requests ----------------------------------------------------------------------- */
+
+static void on_hello(const struct gpu_hello *m)
+{
+	memcpy(w.job, m->job, sizeof w.job);
+	w.job[sizeof w.job - 1] = '\0';
+	if (gpu_open(w.no_gpu, sizeof w.no_gpu)) {
+		wlog("no GPU to serve: %s", w.no_gpu);
+		reply(GPU_MSG_HELLO_REPLY, 0, COMM_ERR_UNSUPPORTED, w.no_gpu);
+		return;
+	}
+	wlog("serving %u ranks on %d device%s", m->world, w.ndev, w.ndev == 1 ? "" : "s");
+	reply(GPU_MSG_HELLO_REPLY, 0, COMM_OK, "");
+}
+
+/* fd: the VMM allocation's, or -1; closed before the answer, so commd may count on it. */
+static void on_mem_open(const struct gpu_mem_open *m, int fd)
+{
+	char detail[GPU_DETAIL];
+	comm_result_t rc;
+
+	w.err[0] = '\0';
+	if (w.no_gpu[0]) {
+		if (fd >= 0)
+			close(fd);
+		reply(GPU_MSG_MEM_OPENED, m->id, COMM_ERR_UNSUPPORTED, w.no_gpu);
+		return;
+	}
+	rc = mem_open(m, fd);
+	if (fd >= 0)
+		close(fd);
+	snprintf(detail, sizeof detail, "mem open: rank %d: %s", m->rank, w.err);
+	if (rc != COMM_OK)
+		wlog("%s", detail);
+	reply(GPU_MSG_MEM_OPENED, m->id, rc, detail);
+}
+
+static void on_mem_close(const struct gpu_mem_close *m)
+{
+	struct mem *x = mem_find(m->id), gone;
+
+	if (!x) {
+		if (!w.no_gpu[0])
+			wlog("mem close: mem %" PRIu64 " is not open", m->id);
+		return;
+	}
+	gone = *x;
+	*x = w.mem[--w.nmem];
+	mem_release(&gone);
+}
+
+static void on_op(const struct gpu_op *op, size_t nranks)
+{
+	static struct plan p;
+	char detail[GPU_DETAIL];
+	comm_result_t rc = COMM_OK;
+
+	w.err[0] = '\0';
+	if (w.no_gpu[0]) {
+		reply(GPU_MSG_OP_DONE, op->id, COMM_ERR_UNSUPPORTED, w.no_gpu);
+		return;
+	}
+	p.spec = op->type < ARRAY_SIZE(specs) ? &specs[op->type] : NULL;
+	if (!p.spec || !p.spec->name) {
+		fail("op type %u is not served by the GPU worker", op->type);
+		rc = COMM_ERR_INVALID_ARG;
+	} else if (plan_op(&p, op, nranks)) {
+		rc = COMM_ERR_INVALID_ARG;
+	} else if (op_run(&p)) {
+		rc = COMM_ERR_ABORTED;
+	}
+	snprintf(detail, sizeof detail, "%s %" PRIu64 ": %s",
+		 p.spec && p.spec->name ? p.spec->name : "op", op->id, w.err);
+	reply(GPU_MSG_OP_DONE, op->id, rc, detail);
+	if (rc == COMM_ERR_INVALID_ARG)
+		wlog("%s", detail);
+	if (rc == COMM_ERR_ABORTED) {
+		/* a CUDA error may be sticky: this process can serve nothing more */
+		wlog("%s; exiting", detail);
+		nccl_abort();
+		exit(GPU_WORKER_EXIT_DEVICE);
+	}
+	w.ops++;
+}
+
+/* Free everything the worker holds, at EOF: commd is done with the job. */
+static void release_all(void)
+{
+	if (w.nccl_n && nccl_close())
+		wlog("release: %s", w.err);
+	while (w.nmem) {
+		struct mem gone = w.mem[--w.nmem];
+
+		mem_release(&gone);
+	}
+	for (size_t i = 0; i < w.nev; i++)
+		cudaEventDestroy(w.ev[i].ev);
+	for (int d = 0; d < w.ndev; d++) {
+		struct dev *x = &w.dev[d];
+
+		if (!x->ready)
+			continue;
+		cudaSetDevice(d);
+		cudaStreamDestroy(x->stream);
+		cudaEventDestroy(x->mark);
+		cudaFree(x->scratch);
+	}
+	free(w.mem);
+	free(w.ev);
+}
+
+/* --- the loop ------------------------------------------------------------------------- */
+
+/* One packet into buf and its fds; 0 at EOF. Exits when the socket fails. */
+static size_t recv_packet(void *buf, int *fds, int *nfds)
+{
+	union {
+		struct cmsghdr h;
+		char b[CMSG_SPACE(MAX_FDS * sizeof(int))];
+	} ctl;
+	struct iovec iov = { .iov_base = buf, .iov_len = GPU_MSG_MAX };
+	struct msghdr msg = { .msg_iov = &iov, .msg_iovlen = 1, .msg_control = ctl.b,
+			      .msg_controllen = sizeof ctl.b };
+	ssize_t n;
+
+	do
+		n = recvmsg(GPU_WORKER_FD, &msg, MSG_CMSG_CLOEXEC);
+	while (n < 0 && errno == EINTR);
+	if (n < 0) {
+		wlog("recvmsg on fd %d: %s", GPU_WORKER_FD, strerror(errno));
+		exit(GPU_WORKER_EXIT_PROTOCOL);
+	}
+	*nfds = 0;
+	for (struct cmsghdr *c = CMSG_FIRSTHDR(&msg); c; c = CMSG_NXTHDR(&msg, c)) {
+		size_t k = (c->cmsg_len - CMSG_LEN(0)) / sizeof(int);
+
+		if (c->cmsg_level != SOL_SOCKET || c->cmsg_type != SCM_RIGHTS)
+			continue;
+		for (size_t i = 0; i < k && *nfds < MAX_FDS; i++)
+			memcpy(&fds[(*nfds)++], CMSG_DATA(c) + i * sizeof(int), sizeof(int));
+	}
+	if (msg.msg_flags & MSG_TRUNC)
+		malformed("longer than %zu bytes", GPU_MSG_MAX);
+	if (msg.msg_flags & MSG_CTRUNC)
+		malformed("more than %d fds", MAX_FDS);
+	return (size_t)n;
+}
+
+/* Exit unless buf holds a whole message that commd may send now. */
+static void check_packet(const struct gpu_hdr *h, size_t len, int hello_seen)
+{
+	static const size_t size[] = {
+		[GPU_MSG_HELLO] = sizeof(struct gpu_hello),
+		[GPU_MSG_MEM_OPEN] = sizeof(struct gpu_mem_open),
+		[GPU_MSG_MEM_CLOSE] = sizeof(struct gpu_mem_close),
+		[GPU_MSG_OP] = sizeof(struct gpu_op),
+	};
+	size_t want;
+
+	if (len < sizeof *h)
+		malformed("%zu bytes, shorter than a header", len);
+	if (h->version != GPU_PROTO_VERSION)
+		malformed("version %u, this worker speaks %d", h->version, GPU_PROTO_VERSION);
+	if (h->type >= ARRAY_SIZE(size) || !size[h->type])
+		malformed("type %u is not one commd sends", h->type);
+	want = size[h->type];
+	if (h->type == GPU_MSG_OP ? len < want || (len - want) % sizeof(struct gpu_op_rank)
+				  : len != want)
+		malformed("type %u of %zu bytes, expected %zu%s", h->type, len, want,
+			  h->type == GPU_MSG_OP ? " plus whole ranks" : "");
+	if (!hello_seen && h->type != GPU_MSG_HELLO)
+		malformed("type %u before hello", h->type);
+	if (hello_seen && h->type == GPU_MSG_HELLO)
+		malformed("a second hello");
+}
+
+static int serve(void)
+{
+	uint8_t *buf = malloc(GPU_MSG_MAX);
+	int hello_seen = 0;
+
+	if (!buf) {
+		wlog("out of memory");
+		return GPU_WORKER_EXIT_PROTOCOL;
+	}
+	for (;;) {
+		int fds[MAX_FDS], nfds;
+		size_t len = recv_packet(buf, fds, &nfds);
+		const struct gpu_hdr *h = (const struct gpu_hdr *)buf;
+		int vmm_fd = -1;
+
+		if (len == 0)
+			break;
+		check_packet(h, len, hello_seen);
+		/* a VMM open's one fd is its allocation; any other fd is closed unused */
+		if (h->type == GPU_MSG_MEM_OPEN && nfds == 1 &&
+		    ((const struct gpu_mem_open *)buf)->kind == GPU_MEM_VMM)
+			vmm_fd = fds[--nfds];
+		for (int i = 0; i < nfds; i++)
+			close(fds[i]);
+		switch (h->type) {
+		case GPU_MSG_HELLO:
+			on_hello((const struct gpu_hello *)buf);
+			hello_seen = 1;
+			break;
+		case GPU_MSG_MEM_OPEN:
+			on_mem_open((const struct gpu_mem_open *)buf, vmm_fd);
+			break;
+		case GPU_MSG_MEM_CLOSE:
+			on_mem_close((const struct gpu_mem_close *)buf);
+			break;
+		default:
+			on_op((const struct gpu_op *)buf,
+			      (len - sizeof(struct gpu_op)) / sizeof(struct gpu_op_rank));
+		}
+	}
+	if (!w.no_gpu[0] && hello_seen)
+		wlog("commd closed the socket after %" PRIu64 " ops; releasing", w.ops);
+	release_all();
+	free(buf);
+	return GPU_WORKER_EXIT_OK;
+}
+
+/* --- command line ------------------------------------------------------------------------ */
+
+/* Whether a context starts on device d; else the failing call, its error in *e. */
+static const char *dev_try(int d, struct cudaDeviceProp *prop, cudaError_t *e)
+{
+	if ((*e = cudaGetDeviceProperties(prop, d)) != cudaSuccess)
+		return "cudaGetDeviceProperties";
+	if ((*e = cudaSetDevice(d)) != cudaSuccess)
+		return "cudaSetDevice";
+	if ((*e = cudaFree(NULL)) != cudaSuccess)
+		return "cudaFree";
+	return NULL;
+}
+
+/* One line on the node's GPUs; 0 when at least one works. */
+static int probe(void)
+{
+	char why[GPU_DETAIL], v[128], names[1024] = "";
+	int n = gpu_count(why, sizeof why), ok = 0;
+	size_t at = 0;
+
+	for (int d = 0; d < n && at < sizeof names; d++) {
+		struct cudaDeviceProp prop;
+		cudaError_t e;
+		const char *call = dev_try(d, &prop, &e);
+
+		if (!call)
+			ok++;
+		else if (!ok)
+			snprintf(why, sizeof why, "device %d: %s: %s", d, call, cudaGetErrorString(e));
+		if (call)
+			at += (size_t)snprintf(names + at, sizeof names - at, "%sunusable (%s: %s)",
+					       d ? ", " : "", call, cudaGetErrorString(e));
+		else
+			at += (size_t)snprintf(names + at, sizeof names - at, "%s%s", d ? ", " : "",
+					       prop.name);
+	}
+	if (!ok) {
+		printf("unavailable: %s\n", why);
+		return GPU_WORKER_EXIT_NO_GPU;
+	}
+	versions(v, sizeof v);
+	printf("%d device%s: %s (%s)\n", n, n == 1 ? "" : "s", names, v);
+	return GPU_WORKER_EXIT_OK;
+}
+
+static void usage(FILE *f)
+{
+	fprintf(f, "usage: commd-gpu [--worker | --probe | --version | --help]\n"
+		   "  --worker   serve commd on fd %d (the default; commd starts it so)\n"
+		   "  --probe    print one line on this node's GPUs; exit 0 if one works\n",
+		GPU_WORKER_FD);
+}
+
+int main(int argc, char **argv)
+{
+	const char *a = argc > 1 ? argv[1] : "--worker";
+
+	if (argc > 2) {
+		usage(stderr);
+		return GPU_WORKER_EXIT_USAGE;
+	}
+	if (strcmp(a, "--worker") == 0)
+		return serve();
+	if (strcmp(a, "--probe") == 0)
+		return probe();
+	if (strcmp(a, "--version") == 0) {
+		printf("commd-gpu %s\n", COMMD_VERSION);
+		return GPU_WORKER_EXIT_OK;
+	}
+	if (strcmp(a, "--help") == 0) {
+		usage(stdout);
+		return GPU_WORKER_EXIT_OK;
+	}
+	usage(stderr);
+	return GPU_WORKER_EXIT_USAGE;
+}

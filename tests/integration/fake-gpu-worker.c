@@ -1,0 +1,145 @@
+/*
+ * fake-gpu-worker.c: a stand-in for commd-gpu that speaks its protocol
+ * (common/gpu-proto.h) without a GPU, so that test-gpu-plumbing can drive
+ * commd's side of device memory on any machine: the registrations and ops
+ * commd forwards, the answers it relays, and what it does when a worker
+ * refuses, crashes or hangs. It moves no data and claims none: every
+ * message it gets is written to $FAKE_GPU_LOG for the test to check.
+ *
+ * $FAKE_GPU_MODE: ok (default: answer everything with success), refuse
+ * (the hello says no device), crash (SIGKILL itself on an op), hang (never
+ * answer an op), noprobe (--probe says unavailable).
+ */
+#include <errno.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+#include "comm.h"
+#include "gpu-proto.h"
+
+static const char *mode = "ok";
+static FILE *wlog;
+
+static void say(struct gpu_hdr h, uint64_t id, int status, const char *detail)
+{
+	struct gpu_status st = { { 0, GPU_PROTO_VERSION }, id, status, 0, "" };
+
+	st.h.type = h.type;
+	snprintf(st.detail, sizeof st.detail, "%s", detail);
+	if (send(GPU_WORKER_FD, &st, sizeof st, MSG_NOSIGNAL) != (ssize_t)sizeof st)
+		exit(5);
+}
+
+static void answer(uint32_t type, uint64_t id, int refused)
+{
+	struct gpu_hdr h = { type, GPU_PROTO_VERSION };
+
+	say(h, id, refused ? COMM_ERR_UNSUPPORTED : COMM_OK, refused ? "fake: no device" : "");
+}
+
+/* Read one packet (and the fd it carries, or -1); its length, 0 at EOF. */
+static ssize_t next(void *buf, size_t len, int *fd)
+{
+	union {
+		char b[CMSG_SPACE(sizeof(int))];
+		struct cmsghdr align;
+	} u;
+	struct iovec iov = { buf, len };
+	struct msghdr mh = { 0 };
+	struct cmsghdr *cm;
+	ssize_t n;
+
+	mh.msg_iov = &iov;
+	mh.msg_iovlen = 1;
+	mh.msg_control = u.b;
+	mh.msg_controllen = sizeof u.b;
+	do
+		n = recvmsg(GPU_WORKER_FD, &mh, MSG_CMSG_CLOEXEC);
+	while (n < 0 && errno == EINTR);
+	*fd = -1;
+	cm = CMSG_FIRSTHDR(&mh);
+	if (n > 0 && cm && cm->cmsg_type == SCM_RIGHTS)
+		memcpy(fd, CMSG_DATA(cm), sizeof(int));
+	return n;
+}
+
+static void log_op(const struct gpu_op *op)
+{
+	fprintf(wlog, "op type %u dtype %u redop %u root %d count %llu n %u\n", op->type,
+		op->dtype, op->redop, op->root, (unsigned long long)op->count, op->n);
+	for (uint32_t r = 0; r < op->n; r++) {
+		const struct gpu_op_rank *k = &op->rank[r];
+
+		fprintf(wlog, "rank %u send %llu+%llu recv %llu+%llu event %s%02x\n", r,
+			(unsigned long long)k->send_mem, (unsigned long long)k->send_off,
+			(unsigned long long)k->recv_mem, (unsigned long long)k->recv_off,
+			k->has_event ? "" : "none ", k->ready_event[0]);
+	}
+}
+
+int main(int argc, char **argv)
+{
+	static union {
+		struct gpu_hdr h;
+		struct gpu_mem_open mo;
+		struct gpu_mem_close mc;
+		struct gpu_op op;
+		uint8_t raw[GPU_MSG_MAX];
+	} m;
+	const char *path = getenv("FAKE_GPU_LOG");
+	int refused, fd;
+	ssize_t n;
+
+	if (getenv("FAKE_GPU_MODE"))
+		mode = getenv("FAKE_GPU_MODE");
+	if (argc == 2 && !strcmp(argv[1], "--probe")) {
+		if (!strcmp(mode, "noprobe")) {
+			printf("unavailable: fake: no driver\n");
+			return 1;
+		}
+		printf("1 device(s): Fake GPU (cuda runtime 0, driver 0, nccl 9.9.9)\n");
+		return 0;
+	}
+	wlog = fopen(path ? path : "/dev/null", "a");
+	if (!wlog)
+		return 4;
+	setvbuf(wlog, NULL, _IOLBF, 0);
+	refused = !strcmp(mode, "refuse");
+	while ((n = next(&m, sizeof m, &fd)) > 0) {
+		switch (m.h.type) {
+		case GPU_MSG_HELLO:
+			fprintf(wlog, "hello\n");
+			answer(GPU_MSG_HELLO_REPLY, 0, refused);
+			break;
+		case GPU_MSG_MEM_OPEN:
+			fprintf(wlog, "open %llu kind %u rank %d size %llu uuid %s fd %s\n",
+				(unsigned long long)m.mo.id, m.mo.kind, m.mo.rank,
+				(unsigned long long)m.mo.size, m.mo.uuid, fd >= 0 ? "yes" : "no");
+			answer(GPU_MSG_MEM_OPENED, m.mo.id, refused);
+			break;
+		case GPU_MSG_MEM_CLOSE:
+			fprintf(wlog, "close %llu\n", (unsigned long long)m.mc.id);
+			break;
+		case GPU_MSG_OP:
+			log_op(&m.op);
+			if (!strcmp(mode, "crash"))
+				raise(SIGKILL);
+			if (!strcmp(mode, "hang"))
+				for (;;)
+					pause();
+			answer(GPU_MSG_OP_DONE, m.op.id, refused);
+			break;
+		default:
+			fprintf(wlog, "unknown %u\n", m.h.type);
+			return 3;
+		}
+		if (fd >= 0)
+			close(fd);
+	}
+	fprintf(wlog, "eof\n");
+	return 0;
+}

@@ -1,0 +1,502 @@
+/*
+ * test-gpu-plumbing: commd's side of device memory, on any machine. commd
+ * runs with --gpu-worker naming fake-gpu-worker, which speaks the worker
+ * protocol without a GPU and logs what it gets; raw ranks register device
+ * memory and post ops by hand. Checked: what commd forwards (mem kinds,
+ * handles, fds, the op's buffers and ready event), the answers it relays,
+ * a host/device mix refused, frees reaching the worker, a worker that
+ * refuses, crashes or hangs failing only its job (a host job beside it
+ * runs on), shutdown with a hung worker, and no fd left behind. Then the
+ * real no-GPU path: commd with its own commd-gpu on a machine without a
+ * GPU says so in status and refuses device memory with the reason.
+ */
+#include <errno.h>
+#include <fcntl.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include "check.h"
+#include "harness.h"
+#include "raw.h"
+
+static struct th_daemon d;
+static char logpath[256];
+
+#define UUID "GPU-11111111-2222-3333-4444-555555555555"
+
+/* A raw rank of a 1-rank job, speaking protocol up to vmax. */
+struct rank {
+	int fd;
+	struct frame_reader rd;
+};
+
+static void open_rank(struct rank *k, const char *job, uint32_t vmax, uint32_t timeout_ms)
+{
+	Commpb__Envelope env = COMMPB__ENVELOPE__INIT, *reply;
+	Commpb__Hello h = COMMPB__HELLO__INIT;
+
+	k->fd = raw_connect(d.sock);
+	frame_reader_init(&k->rd);
+	h.version_min = 1;
+	h.version_max = vmax;
+	h.job = (char *)job;
+	h.rank = 0;
+	h.world_size = 1;
+	h.timeout_ms = timeout_ms;
+	env.body_case = COMMPB__ENVELOPE__BODY_HELLO;
+	env.hello = &h;
+	raw_send(k->fd, &env, NULL, 0);
+	reply = raw_recv(k->fd, &k->rd);
+	REQUIRE(reply && reply->body_case == COMMPB__ENVELOPE__BODY_HELLO_REPLY &&
+			reply->hello_reply->status == COMM_OK,
+		"hello of job %s", job);
+	commpb__envelope__free_unpacked(reply, NULL);
+}
+
+static void close_rank(struct rank *k)
+{
+	close(k->fd);
+	frame_reader_free(&k->rd);
+}
+
+/*
+ * Register device memory: kind, handle of hlen bytes (IPC) or fd (VMM, -1:
+ * none sent). The status; mem id and detail when asked for.
+ */
+static int reg_dev(struct rank *k, Commpb__MemKind kind, size_t hlen, int fd, uint64_t size,
+		   uint64_t *mem_id, char *detail, size_t dlen)
+{
+	Commpb__Envelope env = COMMPB__ENVELOPE__INIT, *reply;
+	Commpb__RegisterMem reg = COMMPB__REGISTER_MEM__INIT;
+	uint8_t handle[64];
+	int status;
+
+	memset(handle, 0xab, sizeof handle);
+	reg.kind = kind;
+	reg.size = size;
+	reg.cuda_handle.data = handle;
+	reg.cuda_handle.len = hlen;
+	reg.gpu_uuid = UUID;
+	reg.buffer_id = 77;
+	env.body_case = COMMPB__ENVELOPE__BODY_REGISTER_MEM;
+	env.register_mem = &reg;
+	raw_send(k->fd, &env, fd >= 0 ? &fd : NULL, fd >= 0);
+	reply = raw_recv(k->fd, &k->rd);
+	if (!reply || reply->body_case != COMMPB__ENVELOPE__BODY_REGISTER_MEM_REPLY) {
+		if (reply)
+			commpb__envelope__free_unpacked(reply, NULL);
+		return -1;
+	}
+	status = reply->register_mem_reply->status;
+	if (mem_id)
+		*mem_id = reply->register_mem_reply->mem_id;
+	if (detail)
+		snprintf(detail, dlen, "%s", reply->register_mem_reply->detail);
+	commpb__envelope__free_unpacked(reply, NULL);
+	return status;
+}
+
+/* Post an allreduce of 16 float32 from (smem, soff) to (rmem, roff); its OpDone status. */
+static int allreduce(struct rank *k, uint64_t seq, uint64_t smem, uint64_t soff, uint64_t rmem,
+		     uint64_t roff, int event, char *detail, size_t dlen)
+{
+	Commpb__Envelope env = COMMPB__ENVELOPE__INIT, *reply;
+	Commpb__Op op = COMMPB__OP__INIT;
+	Commpb__BufRef s = COMMPB__BUF_REF__INIT, r = COMMPB__BUF_REF__INIT;
+	uint8_t ev[64];
+	int status;
+
+	memset(ev, 0x5c, sizeof ev);
+	s.mem_id = smem;
+	s.offset = soff;
+	r.mem_id = rmem;
+	r.offset = roff;
+	op.seq = seq;
+	op.type = COMMPB__OP_TYPE__OP_ALLREDUCE;
+	op.send = &s;
+	op.recv = &r;
+	op.count = 16;
+	op.dtype = COMM_FLOAT32;
+	op.redop = COMM_SUM;
+	if (event) {
+		op.ready_event.data = ev;
+		op.ready_event.len = sizeof ev;
+	}
+	env.body_case = COMMPB__ENVELOPE__BODY_OP;
+	env.op = &op;
+	raw_send(k->fd, &env, NULL, 0);
+	reply = raw_recv(k->fd, &k->rd);
+	if (!reply || reply->body_case != COMMPB__ENVELOPE__BODY_OP_DONE) {
+		if (reply)
+			commpb__envelope__free_unpacked(reply, NULL);
+		return -1;
+	}
+	status = reply->op_done->status;
+	if (detail)
+		snprintf(detail, dlen, "%s", reply->op_done->detail);
+	commpb__envelope__free_unpacked(reply, NULL);
+	return status;
+}
+
+/* The daemon's status reply (the caller frees it). */
+static Commpb__Envelope *status(void)
+{
+	Commpb__Envelope env = COMMPB__ENVELOPE__INIT, *reply;
+	Commpb__Hello h = COMMPB__HELLO__INIT;
+	Commpb__StatusRequest sr = COMMPB__STATUS_REQUEST__INIT;
+	struct frame_reader rd;
+	int fd = raw_connect(d.sock);
+
+	frame_reader_init(&rd);
+	h.version_min = 1;
+	h.version_max = PROTO_VERSION;
+	h.role = COMMPB__ROLE__ROLE_ADMIN;
+	env.body_case = COMMPB__ENVELOPE__BODY_HELLO;
+	env.hello = &h;
+	raw_send(fd, &env, NULL, 0);
+	reply = raw_recv(fd, &rd);
+	REQUIRE(reply && reply->body_case == COMMPB__ENVELOPE__BODY_HELLO_REPLY, "admin hello");
+	commpb__envelope__free_unpacked(reply, NULL);
+	env.body_case = COMMPB__ENVELOPE__BODY_STATUS_REQUEST;
+	env.status_request = &sr;
+	raw_send(fd, &env, NULL, 0);
+	reply = raw_recv(fd, &rd);
+	REQUIRE(reply && reply->body_case == COMMPB__ENVELOPE__BODY_STATUS_REPLY, "status reply");
+	close(fd);
+	frame_reader_free(&rd);
+	return reply;
+}
+
+/* Whether the worker's log has a line starting with want (within 3 s). */
+static int logged(const char *want)
+{
+	char line[512];
+
+	for (int i = 0; i < 60; i++) {
+		FILE *f = fopen(logpath, "r");
+
+		while (f && fgets(line, sizeof line, f))
+			if (!strncmp(line, want, strlen(want))) {
+				fclose(f);
+				return 1;
+			}
+		if (f)
+			fclose(f);
+		usleep(50 * 1000);
+	}
+	return 0;
+}
+
+/* The daemon's open fds once the admin connections of status() have closed. */
+static int quiet_fds(void)
+{
+	int n = th_count_fds(d.pid), prev = -1;
+
+	for (int i = 0; i < 40 && n != prev; i++) {
+		usleep(50 * 1000);
+		prev = n;
+		n = th_count_fds(d.pid);
+	}
+	return n;
+}
+
+static void start(const char *mode, int fake)
+{
+	setenv("FAKE_GPU_MODE", mode, 1);
+	unlink(logpath);
+	REQUIRE((fake ? th_daemon_start(&d, "--gpu-worker", getenv("FAKE_GPU_WORKER"), NULL)
+		      : th_daemon_start(&d, NULL)) == 0,
+		"daemon start (%s)", mode);
+}
+
+/* A 2-rank host job beside the device one: exact all-reduce. */
+static int host_rank(int r, int n, void *arg)
+{
+	comm_t *c;
+	int32_t *buf;
+	int bad = 0;
+
+	if (th_join(&c, r, n) < 0)
+		return 1;
+	buf = comm_mem_alloc(c, 1024 * sizeof *buf);
+	if (!buf)
+		return th_bail(c);
+	for (int i = 0; i < 1024; i++)
+		buf[i] = r * 1000 + i;
+	if (comm_allreduce(c, buf, buf, 1024, COMM_INT32, COMM_SUM, NULL) != COMM_OK)
+		return th_bail(c);
+	for (int i = 0; i < 1024; i++)
+		bad += buf[i] != 1000 + 2 * i;
+	comm_mem_free(c, buf);
+	return th_leave(c, r) || bad;
+}
+
+static void test_forwarding(void)
+{
+	struct rank k, old;
+	uint64_t a = 0, b = 0, h = 0;
+	char detail[256], want[256];
+	Commpb__Envelope *st;
+	int fds0, p[2], mfd;
+
+	start("ok", 1);
+	st = status();
+	CHECK(!strcmp(st->status_reply->gpu,
+		      "1 device(s): Fake GPU (cuda runtime 0, driver 0, nccl 9.9.9)"),
+	      "status gpu: %s", st->status_reply->gpu);
+	CHECK(!strcmp(st->status_reply->nccl, "available (nccl 9.9.9)"), "status nccl: %s",
+	      st->status_reply->nccl);
+	CHECK(st->status_reply->n_backends == 2 && !strcmp(st->status_reply->backends[1], "gpu"),
+	      "gpu backend not listed");
+	commpb__envelope__free_unpacked(st, NULL);
+	fds0 = quiet_fds();
+
+	open_rank(&k, "dev", PROTO_VERSION, 0);
+	CHECK(reg_dev(&k, COMMPB__MEM_KIND__MEM_CUDA_IPC, 64, -1, 4096, &a, detail,
+		      sizeof detail) == COMM_OK,
+	      "IPC registration: %s", detail);
+	CHECK(logged("hello"), "the worker got no hello");
+	CHECK(logged("open 1 kind 1 rank 0 size 4096 uuid " UUID " fd no"),
+	      "the worker did not get the IPC mem");
+	REQUIRE(pipe(p) == 0, "pipe");
+	CHECK(reg_dev(&k, COMMPB__MEM_KIND__MEM_CUDA_VMM, 0, p[0], 8192, &b, detail,
+		      sizeof detail) == COMM_OK,
+	      "VMM registration: %s", detail);
+	close(p[0]);
+	close(p[1]);
+	CHECK(logged("open 2 kind 2 rank 0 size 8192 uuid " UUID " fd yes"),
+	      "the worker did not get the VMM mem with its fd");
+	CHECK(a != b && a && b, "mem ids %llu %llu", (unsigned long long)a, (unsigned long long)b);
+
+	/* an op on device memory reaches the worker whole, and its answer comes back */
+	CHECK(allreduce(&k, 1, a, 0, b, 128, 1, detail, sizeof detail) == COMM_OK,
+	      "device allreduce: %s", detail);
+	CHECK(logged("op type 1 dtype 8 redop 0 root 0 count 16 n 1"), "op header not forwarded");
+	CHECK(logged("rank 0 send 1+0 recv 2+128 event 5c"), "op buffers or event not forwarded");
+	CHECK(allreduce(&k, 2, a, 64, a, 64, 0, detail, sizeof detail) == COMM_OK,
+	      "in-place device allreduce without event: %s", detail);
+	CHECK(logged("rank 0 send 1+64 recv 1+64 event none"), "in-place op not forwarded");
+	/* past the end of the allocation: commd refuses it before the worker sees it */
+	CHECK(allreduce(&k, 3, a, 4096 - 32, a, 0, 0, detail, sizeof detail) ==
+		      COMM_ERR_INVALID_ARG && strstr(detail, "past the end"),
+	      "overrun not refused: %s", detail);
+
+	/* host and device buffers in one op */
+	mfd = memfd_create("gpu-plumbing", MFD_CLOEXEC | MFD_ALLOW_SEALING);
+	REQUIRE(mfd >= 0 && ftruncate(mfd, 4096) == 0 && fcntl(mfd, F_ADD_SEALS, F_SEAL_SHRINK) == 0,
+		"memfd");
+	REQUIRE(raw_register_fd(k.fd, &k.rd, mfd, 4096, &h) == COMM_OK, "register memfd");
+	close(mfd);
+	CHECK(allreduce(&k, 4, h, 0, a, 0, 0, detail, sizeof detail) == COMM_ERR_UNSUPPORTED &&
+		      strstr(detail, "mix host and device"),
+	      "host/device mix: %s", detail);
+
+	/* bad registrations */
+	CHECK(reg_dev(&k, COMMPB__MEM_KIND__MEM_CUDA_IPC, 10, -1, 4096, NULL, detail,
+		      sizeof detail) == COMM_ERR_INVALID_ARG &&
+		      strstr(detail, "64 bytes"),
+	      "short IPC handle: %s", detail);
+	CHECK(reg_dev(&k, COMMPB__MEM_KIND__MEM_CUDA_IPC, 64, -1, 0, NULL, detail,
+		      sizeof detail) == COMM_ERR_INVALID_ARG,
+	      "0-byte device memory: %s", detail);
+	open_rank(&old, "dev-v2", 2, 0);
+	CHECK(reg_dev(&old, COMMPB__MEM_KIND__MEM_CUDA_IPC, 64, -1, 4096, NULL, detail,
+		      sizeof detail) == COMM_ERR_VERSION && strstr(detail, "protocol 3"),
+	      "device memory on a version 2 connection: %s", detail);
+	close_rank(&old);
+
+	/* a free reaches the worker */
+	{
+		Commpb__Envelope env = COMMPB__ENVELOPE__INIT, *reply;
+		Commpb__FreeMem fm = COMMPB__FREE_MEM__INIT;
+
+		fm.mem_id = a;
+		env.body_case = COMMPB__ENVELOPE__BODY_FREE_MEM;
+		env.free_mem = &fm;
+		raw_send(k.fd, &env, NULL, 0);
+		reply = raw_recv(k.fd, &k.rd);
+		CHECK(reply && reply->body_case == COMMPB__ENVELOPE__BODY_FREE_MEM_REPLY &&
+			      reply->free_mem_reply->status == COMM_OK,
+		      "free of device memory");
+		if (reply)
+			commpb__envelope__free_unpacked(reply, NULL);
+	}
+	CHECK(logged("close 1"), "the worker was not told to close mem 1");
+	snprintf(want, sizeof want, "op %llu: send buffer: no mem id %llu", 5ULL,
+		 (unsigned long long)a);
+	CHECK(allreduce(&k, 5, a, 0, b, 0, 0, detail, sizeof detail) == COMM_ERR_NOT_FOUND &&
+		      !strcmp(detail, want),
+	      "freed device mem still usable: %s", detail);
+
+	/* VMM memory with no fd: a protocol error */
+	CHECK(reg_dev(&k, COMMPB__MEM_KIND__MEM_CUDA_VMM, 0, -1, 4096, NULL, NULL, 0) == -1,
+	      "VMM registration without its fd answered");
+	CHECK(raw_closed_by_daemon(k.fd), "VMM without fd: connection kept");
+	close_rank(&k);
+	CHECK(logged("close 2"), "the closed rank's mem was not closed in the worker");
+	CHECK(logged("eof"), "the worker of a finished job was not let go");
+	th_check_baseline(&d, fds0, "device memory forwarding");
+	CHECK(th_daemon_stop(&d) == 0, "daemon stop");
+}
+
+/* mode: crash or hang. The device job fails; a host job beside it runs. */
+static void test_bad_worker(const char *mode)
+{
+	struct rank k;
+	uint64_t a = 0;
+	char detail[256];
+	int fds0, rc, hang = !strcmp(mode, "hang");
+
+	start(mode, 1);
+	fds0 = quiet_fds();
+	open_rank(&k, "dev", PROTO_VERSION, hang ? 1500 : 0);
+	CHECK(reg_dev(&k, COMMPB__MEM_KIND__MEM_CUDA_IPC, 64, -1, 4096, &a, detail,
+		      sizeof detail) == COMM_OK,
+	      "%s: registration: %s", mode, detail);
+	rc = allreduce(&k, 1, a, 0, a, 0, 0, detail, sizeof detail);
+	if (hang)
+		CHECK(rc == COMM_ERR_TIMEOUT && strstr(detail, "did not finish it within 1500 ms"),
+		      "hung worker: %d %s", rc, detail);
+	else
+		CHECK(rc == COMM_ERR_ABORTED && strstr(detail, "gpu worker of job dev") &&
+			      strstr(detail, "signal 9"),
+		      "crashed worker: %d %s", rc, detail);
+	CHECK(reg_dev(&k, COMMPB__MEM_KIND__MEM_CUDA_IPC, 64, -1, 4096, NULL, detail,
+		      sizeof detail) != COMM_OK,
+	      "%s: registration after the worker died succeeded", mode);
+	CHECK(th_run_ranks(&d, "host", 2, host_rank, NULL) == 0, "%s: host job beside failed", mode);
+	CHECK(th_daemon_alive(&d), "%s: daemon died", mode);
+	close_rank(&k);
+	th_check_baseline(&d, fds0, mode);
+	CHECK(th_daemon_stop(&d) == 0, "daemon stop");
+}
+
+/* SIGTERM while a worker hangs in an op: commd answers the op and exits 0. */
+static void test_shutdown_hung(void)
+{
+	Commpb__Envelope env = COMMPB__ENVELOPE__INIT, *reply;
+	Commpb__Op op = COMMPB__OP__INIT;
+	Commpb__BufRef s = COMMPB__BUF_REF__INIT;
+	struct timespec t0;
+	struct rank k;
+	uint64_t a = 0;
+	int st = -1;
+
+	start("hang", 1);
+	open_rank(&k, "dev", PROTO_VERSION, 0);
+	REQUIRE(reg_dev(&k, COMMPB__MEM_KIND__MEM_CUDA_IPC, 64, -1, 4096, &a, NULL, 0) == COMM_OK,
+		"registration");
+	s.mem_id = a;
+	op.seq = 1;
+	op.type = COMMPB__OP_TYPE__OP_ALLREDUCE;
+	op.send = &s;
+	op.recv = &s;
+	op.count = 4;
+	op.dtype = COMM_INT32;
+	env.body_case = COMMPB__ENVELOPE__BODY_OP;
+	env.op = &op;
+	raw_send(k.fd, &env, NULL, 0);
+	CHECK(logged("op type 1"), "the op did not reach the worker");
+	clock_gettime(CLOCK_MONOTONIC, &t0);
+	kill(d.pid, SIGTERM);
+	reply = raw_recv(k.fd, &k.rd);
+	if (reply) {
+		CHECK(reply->body_case == COMMPB__ENVELOPE__BODY_OP_DONE &&
+			      reply->op_done->status != COMM_OK,
+		      "the hung op was not failed at shutdown");
+		commpb__envelope__free_unpacked(reply, NULL);
+	}
+	for (int i = 0; i < 100 && waitpid(d.pid, &st, WNOHANG) == 0; i++)
+		usleep(50 * 1000);
+	CHECK(WIFEXITED(st) && WEXITSTATUS(st) == 0, "commd with a hung worker: status %#x", st);
+	CHECK(th_secs_since(&t0) < 5, "shutdown took %.1f s", th_secs_since(&t0));
+	close_rank(&k);
+	th_daemon_cleanup(&d);
+}
+
+/* A worker whose hello says no device; then a probe that says no GPU at all. */
+static void test_refusals(void)
+{
+	struct rank k;
+	Commpb__Envelope *st;
+	char detail[256];
+
+	start("refuse", 1);
+	open_rank(&k, "dev", PROTO_VERSION, 0);
+	CHECK(reg_dev(&k, COMMPB__MEM_KIND__MEM_CUDA_IPC, 64, -1, 4096, NULL, detail,
+		      sizeof detail) == COMM_ERR_UNSUPPORTED &&
+		      !strcmp(detail, "fake: no device"),
+	      "refusing worker: %s", detail);
+	CHECK(reg_dev(&k, COMMPB__MEM_KIND__MEM_CUDA_IPC, 64, -1, 4096, NULL, detail,
+		      sizeof detail) == COMM_ERR_UNSUPPORTED &&
+		      strstr(detail, "fake: no device"),
+	      "second registration on a refusing worker: %s", detail);
+	close_rank(&k);
+	CHECK(th_daemon_stop(&d) == 0, "daemon stop");
+
+	start("noprobe", 1);
+	st = status();
+	CHECK(!strcmp(st->status_reply->nccl, "unavailable (fake: no driver)"), "nccl: %s",
+	      st->status_reply->nccl);
+	CHECK(st->status_reply->n_backends == 1, "gpu backend listed without a GPU");
+	commpb__envelope__free_unpacked(st, NULL);
+	open_rank(&k, "dev", PROTO_VERSION, 0);
+	CHECK(reg_dev(&k, COMMPB__MEM_KIND__MEM_CUDA_IPC, 64, -1, 4096, NULL, detail,
+		      sizeof detail) == COMM_ERR_UNSUPPORTED &&
+		      !strcmp(detail, "device memory: no GPU here (unavailable: fake: no driver)"),
+	      "no GPU: %s", detail);
+	close_rank(&k);
+	CHECK(!logged("hello"), "a worker was started on a node without a GPU");
+	CHECK(th_daemon_stop(&d) == 0, "daemon stop");
+}
+
+/* commd's own worker (or none) on this machine: where no GPU works, it says so. */
+static void test_this_machine(void)
+{
+	Commpb__Envelope *st;
+	struct rank k;
+	char detail[256];
+
+	start("ok", 0);
+	st = status();
+	printf("# this machine: gpu: %s; nccl: %s\n", st->status_reply->gpu,
+	       st->status_reply->nccl);
+	if (!strncmp(st->status_reply->gpu, "unavailable: ", 13)) {
+		CHECK(!strncmp(st->status_reply->nccl, "unavailable (", 13) &&
+			      strlen(st->status_reply->nccl) > 15,
+		      "nccl line without a reason: %s", st->status_reply->nccl);
+		open_rank(&k, "dev", PROTO_VERSION, 0);
+		CHECK(reg_dev(&k, COMMPB__MEM_KIND__MEM_CUDA_IPC, 64, -1, 4096, NULL, detail,
+			      sizeof detail) == COMM_ERR_UNSUPPORTED &&
+			      strstr(detail, "no GPU here (unavailable: "),
+		      "device memory without a GPU: %s", detail);
+		close_rank(&k);
+	}
+	commpb__envelope__free_unpacked(st, NULL);
+	CHECK(th_run_ranks(&d, "host", 2, host_rank, NULL) == 0, "host job failed");
+	CHECK(th_daemon_stop(&d) == 0, "daemon stop");
+}
+
+int main(void)
+{
+	char dir[] = "/tmp/test-gpu-plumbing.XXXXXX";
+
+	REQUIRE(getenv("FAKE_GPU_WORKER"), "FAKE_GPU_WORKER is not set");
+	REQUIRE(mkdtemp(dir), "mkdtemp");
+	snprintf(logpath, sizeof logpath, "%s/worker.log", dir);
+	setenv("FAKE_GPU_LOG", logpath, 1);
+	test_forwarding();
+	test_bad_worker("crash");
+	test_bad_worker("hang");
+	test_shutdown_hung();
+	test_refusals();
+	test_this_machine();
+	unlink(logpath);
+	rmdir(dir);
+	return CHECK_EXIT();
+}
