@@ -17,8 +17,11 @@ struct rank {
 	comm_t *c;
 	int rank;
 	int n;
-	char *sendbuf;      /* each bufbytes, from comm_mem_alloc */
+	char *sendbuf;      /* each bytes, from comm_mem_alloc (--device: cudaMalloc) */
 	char *recvbuf;
+	size_t bytes;
+	char *hsend;        /* --device: host copies of sendbuf and recvbuf */
+	char *hrecv;
 	double *times;      /* iters, comm memory: the slowest rank's times */
 	uint64_t *wrong;    /* comm memory: the wrong elements of all ranks */
 	double *mine;       /* iters: this rank's times */
@@ -65,6 +68,57 @@ static double median(double *v, int n)
 {
 	qsort(v, (size_t)n, sizeof *v, cmp_double);
 	return n % 2 ? v[n / 2] : (v[n / 2 - 1] + v[n / 2]) / 2;
+}
+
+/* --device: where device pointer p of a buffer is mirrored on the host. */
+static char *mirror(struct rank *r, const char *p)
+{
+	if (p >= r->sendbuf && p < r->sendbuf + r->bytes)
+		return r->hsend + (p - r->sendbuf);
+	return r->hrecv + (p - r->recvbuf);
+}
+
+/*
+ * Poison out (when checking) and fill in for bc; device memory through its
+ * host mirror.
+ */
+static int fill(struct rank *r, const struct bench_case *bc, char *in, char *out,
+		size_t outbytes)
+{
+	size_t es = comm_dtype_size(bc->dtype), inlen = bc->count;
+	char why[256];
+
+	if (!r->o->device) {
+		if (r->o->check)
+			memset(out, 0xa5, outbytes);
+		bench_fill(bc, in);
+		return 0;
+	}
+	if (bench_ops[bc->op].split && bc->op != OP_ALLGATHER)
+		inlen *= (size_t)r->n;
+	if (bc->op == OP_BROADCAST && r->rank != 0)
+		inlen = 0;
+	bench_fill(bc, mirror(r, in));
+	if ((r->o->check && bench_gpu_memset(out, 0xa5, outbytes, why, sizeof why) < 0) ||
+	    (inlen && bench_gpu_copy(in, mirror(r, in), inlen * es, why, sizeof why) < 0)) {
+		fprintf(stderr, "commbench: rank %d: %s\n", r->rank, why);
+		return -1;
+	}
+	return 0;
+}
+
+/* The op's output where the host can read it: device memory copied back. */
+static const char *result(struct rank *r, const char *out, size_t outbytes)
+{
+	char why[256];
+
+	if (!r->o->device)
+		return out;
+	if (bench_gpu_copy(mirror(r, out), out, outbytes, why, sizeof why) < 0) {
+		fprintf(stderr, "commbench: rank %d: %s\n", r->rank, why);
+		return NULL;
+	}
+	return mirror(r, out);
 }
 
 /* Post op and wait for it. */
@@ -146,16 +200,14 @@ static int measure(struct rank *r, struct bench_case *bc, int inplace, int own,
 	comm_result_t rc;
 	long long first;
 	char *in, *out;
+	const char *got;
 	double t0;
 
 	buffers(r, bc, inplace, &in, &out, &outlen);
 	for (int i = 0; i < o->warmup + o->iters; i++) {
 		bc->seq = o->reference ? 0 : r->seq++;
-		if (i == 0 || (o->check && !o->reference)) {
-			if (o->check)
-				memset(out, 0xa5, outlen * es);
-			bench_fill(bc, in);
-		}
+		if ((i == 0 || (o->check && !o->reference)) && fill(r, bc, in, out, outlen * es) < 0)
+			return -1;
 		rc = comm_barrier(r->c, NULL);
 		if (rc != COMM_OK)
 			return fail(r, "barrier", rc);
@@ -166,9 +218,12 @@ static int measure(struct rank *r, struct bench_case *bc, int inplace, int own,
 		if (rc != COMM_OK)
 			return fail(r, bench_ops[bc->op].name, rc);
 		if (o->check && (!o->reference || i == o->warmup + o->iters - 1)) {
-			w = bench_verify(bc, out, &first);
+			got = result(r, out, outlen * es);
+			if (!got)
+				return -1;
+			w = bench_verify(bc, got, &first);
 			if (w)
-				report(r, bc, out, w, first, inplace ? "in-place" : "out-of-place");
+				report(r, bc, got, w, first, inplace ? "in-place" : "out-of-place");
 			wrong += w;
 		}
 	}
@@ -348,8 +403,36 @@ static void print_banner(struct rank *r, const int64_t *pids)
 	printf("#  dtype %s redop %s; time: median over iterations of the slowest rank; "
 	       "GB = 1e9 B\n#\n# Using ranks\n", o->dtype < 0 ? "all" : bench_dtype_name(o->dtype),
 	       o->redop < 0 ? "all" : bench_redop_name(o->redop));
-	for (int i = 0; i < r->n; i++)
-		printf("#  Rank %2d Pid %7lld on %s (host memory)\n", i, (long long)pids[i], host);
+	for (int i = 0; i < r->n; i++) {
+		if (o->device)
+			printf("#  Rank %2d Pid %7lld on %s device %d\n", i, (long long)pids[i], host,
+			       i % o->ndev);
+		else
+			printf("#  Rank %2d Pid %7lld on %s (host memory)\n", i, (long long)pids[i],
+			       host);
+	}
+}
+
+/* --device: the buffers on device rank % ndev, and their host mirrors. */
+static int setup_device(struct rank *r)
+{
+	int dev = r->rank % r->o->ndev;
+	void *a, *b;
+	char why[256];
+
+	r->hsend = malloc(r->bytes);
+	r->hrecv = malloc(r->bytes);
+	if (!r->hsend || !r->hrecv) {
+		fprintf(stderr, "commbench: rank %d: out of memory\n", r->rank);
+		return -1;
+	}
+	if (bench_gpu_alloc(dev, r->bytes, &a, &b, why, sizeof why) < 0) {
+		fprintf(stderr, "commbench: rank %d: --device: %s\n", r->rank, why);
+		return -1;
+	}
+	r->sendbuf = a;
+	r->recvbuf = b;
+	return 0;
 }
 
 /* Allocate the buffers; gather the ranks' pids for the banner. */
@@ -362,9 +445,14 @@ static int setup(struct rank *r)
 
 	if (bytes < 64)
 		bytes = 64;
+	r->bytes = bytes;
 	r->mine = calloc((size_t)o->iters, sizeof *r->mine);
-	r->sendbuf = comm_mem_alloc(r->c, bytes);
-	r->recvbuf = comm_mem_alloc(r->c, bytes);
+	if (o->device && setup_device(r) < 0)
+		return -1;
+	if (!o->device) {
+		r->sendbuf = comm_mem_alloc(r->c, bytes);
+		r->recvbuf = comm_mem_alloc(r->c, bytes);
+	}
 	r->times = comm_mem_alloc(r->c, (size_t)o->iters * sizeof *r->times);
 	r->wrong = comm_mem_alloc(r->c, sizeof *r->wrong);
 	pids = comm_mem_alloc(r->c, (size_t)r->n * sizeof *pids);
@@ -381,6 +469,16 @@ static int setup(struct rank *r)
 		print_banner(r, pids);
 	comm_mem_free(r->c, pids);
 	return 0;
+}
+
+/* After the comm is gone, which had the device buffers registered. */
+static void free_device(struct rank *r)
+{
+	if (!r->o->device)
+		return;
+	bench_gpu_free(r->sendbuf, r->recvbuf);
+	free(r->hsend);
+	free(r->hrecv);
 }
 
 int bench_rank_main(const struct bench_opts *o, int rank)
@@ -414,9 +512,11 @@ int bench_rank_main(const struct bench_opts *o, int rank)
 	fflush(stdout);
 	if (err) {
 		comm_abort(r.c);
+		free_device(&r);
 		return 1;
 	}
 	rc = comm_finalize(r.c);
+	free_device(&r);
 	if (rc != COMM_OK) {
 		fprintf(stderr, "commbench: rank %d: comm_finalize: %s (%s)\n", rank,
 			comm_result_name(rc), comm_strerror(rc));

@@ -35,6 +35,8 @@ struct bench_opts {
 	int inplace_only;
 	int json;
 	int reference;
+	int device;             /* --device: buffers in device memory */
+	int ndev;               /* with --device: the node's devices; rank r uses r % ndev */
 	size_t ref_elements;    /* float32 per rank in --reference */
 	const char *socket;     /* NULL: the library's default */
 	char job[64];
@@ -92,5 +94,18 @@ uint64_t bench_verify(const struct bench_case *c, const void *out, long long *fi
 /* Print element i of out and its expected value into buf. */
 void bench_describe(const struct bench_case *c, const void *out, long long i, char *buf,
 		    size_t len);
+
+/*
+ * Device memory for --device (bench-gpu.c). The probe runs CUDA in a child
+ * and returns the number of devices (0: none, with why); -1 when commbench
+ * was built without CUDA. The others return 0, or -1 with why.
+ */
+int bench_gpu_probe(char *why, size_t len);
+/* Two buffers of bytes on device dev (made current), zeroed. */
+int bench_gpu_alloc(int dev, size_t bytes, void **a, void **b, char *why, size_t len);
+void bench_gpu_free(void *a, void *b);
+int bench_gpu_memset(void *p, int byte, size_t len, char *why, size_t whylen);
+/* Copy len bytes, either way between host and device (synchronous). */
+int bench_gpu_copy(void *dst, const void *src, size_t len, char *why, size_t whylen);
 
 #endif

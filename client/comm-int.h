@@ -49,6 +49,8 @@ struct comm_request {
 	size_t recv_bytes;
 	int unsent;                 /* posted in a group that has not ended yet */
 	int ring;                   /* posted in the ring: answered in its slot */
+	int device;                 /* names device memory: goes on the socket, never the ring */
+	struct gpu_event *event;    /* its ready event (gpu.c), pooled again at req_finish */
 };
 
 /* An op of an open group, sent at comm_group_end. */
@@ -82,6 +84,8 @@ struct comm {
 	int ring_efd;               /* wakes commd */
 	int spin_us;                /* how long a wait spins before it sleeps */
 	uint8_t ring_busy[RING_SLOTS]; /* slot holds an op not answered yet */
+	struct gpu *gpu;            /* device memory state (gpu.c); NULL until a pointer needs it */
+	void *stream;               /* cudaStream_t device ops follow; NULL: the legacy stream */
 	char last_error[256];
 };
 
@@ -119,6 +123,31 @@ void ring_complete(comm_request_t *r, comm_result_t rc, const char *detail);
  * the socket. Returns when r is done, the comm broke, or timeout_ms passed.
  */
 void ring_wait(comm_request_t *r, int timeout_ms);
+
+/* gpu.c: device buffers; without CUDA in the build every pointer is host memory */
+/*
+ * Where p (in no segment) lives: *dev the device ordinal of device memory,
+ * -1 for host memory (also managed or host-registered memory, and always
+ * when there is no driver or device, which the comm then remembers).
+ */
+comm_result_t gpu_locate(comm_t *c, const char *op, const char *which, const void *p, int *dev);
+/*
+ * Name device buffer p of len bytes for commd as (mem id, offset), its
+ * allocation registered once and again whenever the allocation at that
+ * address changed.
+ */
+comm_result_t gpu_bufref(comm_t *c, const char *op, const char *which, const void *p,
+			 size_t len, int dev, Commpb__BufRef *ref);
+/*
+ * Record a pooled event on the comm's stream for r, an op on device memory
+ * of device dev, and put its IPC handle in *ready (valid while r lives).
+ */
+comm_result_t gpu_ready_event(comm_t *c, const char *op, comm_request_t *r, int dev,
+			      ProtobufCBinaryData *ready);
+/* Give r's event back to its pool (r was answered, failed, or never sent). */
+void gpu_req_release(comm_request_t *r);
+/* Forget the device registrations (tell_daemon: FreeMem each) and free the state. */
+void gpu_free_all(comm_t *c, int tell_daemon);
 
 /* req.c */
 comm_request_t *req_new(comm_t *c);

@@ -318,6 +318,7 @@ static int connect_to(const char *path, char *err, size_t errlen)
 
 static void comm_free(comm_t *c)
 {
+	gpu_free_all(c, 0);
 	ring_detach(c);
 	free(c->group);
 	req_free_all(c);
@@ -423,6 +424,7 @@ COMM_API comm_result_t comm_finalize(comm_t *c)
 		if (rrc != COMM_OK && rc == COMM_OK)
 			rc = rrc;
 	}
+	gpu_free_all(c, 1);
 	env.body_case = COMMPB__ENVELOPE__BODY_LEAVE;
 	env.leave = &leave;
 	if (c->broken == COMM_OK)

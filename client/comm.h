@@ -120,7 +120,8 @@ comm_result_t comm_mem_free(comm_t *comm, void *ptr);
 
 /*
  * Collectives. Buffers from comm_mem_alloc are used in place; any other host
- * pointer is staged through shared memory (one copy each way). With req NULL
+ * pointer is staged through shared memory (one copy each way); device
+ * memory is used in place (see "Device memory" below). With req NULL
  * the call blocks until the result is in place; otherwise *req receives a
  * request to pass to comm_wait or comm_test. sendbuf == recvbuf (all-reduce),
  * recvbuf == sendbuf + rank * recvcount (reduce-scatter) and
@@ -175,6 +176,42 @@ comm_result_t comm_barrier(comm_t *comm, comm_request_t **req);
  */
 comm_result_t comm_group_start(comm_t *comm);
 comm_result_t comm_group_end(comm_t *comm);
+
+/*
+ * Device memory. Built with CUDA and talking to commd protocol 3 or later,
+ * the collectives and send/recv take device buffers: from cudaMalloc, or
+ * from cuMemCreate with the POSIX fd handle type (as PyTorch's expandable
+ * segments). A buffer lies inside one allocation, and an op's send and recv
+ * buffers are both host or both device memory (COMM_ERR_UNSUPPORTED
+ * otherwise). Managed and host-registered memory count as host memory.
+ * libcomm registers an allocation with commd when an op first names it,
+ * again when the allocation at that address changed, and keeps a bounded
+ * number registered; freed ones are dropped at the next registration.
+ *
+ * An op on device memory follows the work enqueued on the comm's stream
+ * before the op was posted: libcomm records an event there and commd starts
+ * the op once it has completed. comm_wait and comm_test are unchanged: the
+ * op is done when its results are in the buffers.
+ */
+
+/*
+ * The stream (a cudaStream_t; NULL: the legacy default stream, the initial
+ * choice) that later ops on device memory follow. It must stay valid while
+ * the comm uses it. Without CUDA in the build a non-NULL stream is
+ * COMM_ERR_UNSUPPORTED.
+ */
+comm_result_t comm_set_stream(comm_t *comm, void *stream);
+
+/*
+ * Order the work enqueued on stream (a cudaStream_t) after req from now on,
+ * then free req; returns the op's result. In this version commd gives the
+ * stream no event yet, so the call waits for req on the host, as
+ * comm_wait(req, -1) does, and returns: work enqueued on stream after it
+ * returns sees the results. A host-only request is simply waited for.
+ * Without CUDA in the build a non-NULL stream is COMM_ERR_UNSUPPORTED and
+ * req stays valid.
+ */
+comm_result_t comm_stream_wait(comm_request_t *req, void *stream);
 
 /*
  * Wait for a request; timeout_ms -1 waits without limit. Returns the op's

@@ -54,6 +54,7 @@ static const struct option long_opts[] = {
 	{ "socket", required_argument, NULL, OPT_SOCKET },
 	{ "spawn-daemon", no_argument, NULL, OPT_SPAWN },
 	{ "reference", no_argument, NULL, OPT_REFERENCE },
+	{ "device", no_argument, NULL, 'G' },
 	{ "help", no_argument, NULL, 'h' },
 	{ NULL, 0, NULL, 0 },
 };
@@ -63,7 +64,7 @@ static void usage(FILE *f)
 	fprintf(f,
 		"usage: commbench [-n RANKS] [-o OP] [-d DTYPE] [-r REDOP] [-b MIN] [-e MAX]\n"
 		"                 [-f FACTOR] [-w WARMUP] [-i ITERS] [-c 0|1] [--inplace]\n"
-		"                 [--json] [--socket PATH] [--spawn-daemon] [--reference]\n"
+		"                 [--json] [--socket PATH] [--spawn-daemon] [--reference] [-G]\n"
 		"\n"
 		"Measure commd's collectives as nccl-tests does, with RANKS forked ranks.\n"
 		"\n"
@@ -87,6 +88,8 @@ static void usage(FILE *f)
 		"  --reference       the reference run's lines: all-reduce and reduce-scatter\n"
 		"                    of 104857600 float32 per rank, or -e MAX bytes of them\n"
 		"                    (default -w 1 -i 3; the time is each rank's median)\n"
+		"  -G, --device      buffers in device memory: cudaMalloc on device\n"
+		"                    rank %% (number of devices); -c 1 checks a copy back\n"
 		"  -h, --help        print this help\n"
 		"\n"
 		"For all-reduce, broadcast, reduce and send/recv the size is each rank's\n"
@@ -97,7 +100,7 @@ static void usage(FILE *f)
 		"With -c 1 each rank fills its inputs before every iteration and checks\n"
 		"its outputs after it, outside the timed call.\n"
 		"Exit status: 0 when every op ran and every value was right, 1 otherwise,\n"
-		"2 on bad usage.\n",
+		"2 on bad usage (and for --device when built without CUDA).\n",
 		MAX_RANKS);
 }
 
@@ -189,7 +192,7 @@ static int parse_opts(int argc, char **argv, struct bench_opts *o, int *spawn)
 {
 	int c, warmup = -1, iters = -1, max_given = 0;
 
-	while ((c = getopt_long(argc, argv, "n:o:d:r:b:e:f:w:i:c:h", long_opts, NULL)) != -1) {
+	while ((c = getopt_long(argc, argv, "n:o:d:r:b:e:f:w:i:c:hG", long_opts, NULL)) != -1) {
 		switch (c) {
 		case OPT_INPLACE:
 			o->inplace_only = 1;
@@ -205,6 +208,9 @@ static int parse_opts(int argc, char **argv, struct bench_opts *o, int *spawn)
 			break;
 		case OPT_REFERENCE:
 			o->reference = 1;
+			break;
+		case 'G':
+			o->device = 1;
 			break;
 		case 'h':
 			usage(stdout);
@@ -428,6 +434,19 @@ int main(int argc, char **argv)
 	rc = parse_opts(argc, argv, &o, &spawn);
 	if (rc)
 		return rc;
+	if (o.device) {
+		char why[256];
+
+		o.ndev = bench_gpu_probe(why, sizeof why);
+		if (o.ndev < 0) {
+			fprintf(stderr, "commbench: --device: %s\n", why);
+			return 2;
+		}
+		if (o.ndev == 0) {
+			fprintf(stderr, "commbench: --device: no usable GPU: %s\n", why);
+			return 1;
+		}
+	}
 	if (!o.socket && getenv("COMM_SOCKET") && *getenv("COMM_SOCKET"))
 		o.socket = getenv("COMM_SOCKET");
 	snprintf(o.job, sizeof o.job, "commbench-%d-%lld", (int)getpid(), (long long)time(NULL));

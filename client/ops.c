@@ -1,6 +1,7 @@
 /*
  * ops.c: the collectives. Each names its buffers by (mem id, offset) in the
- * segments shared with commd; other pointers are staged through a segment.
+ * segments shared with commd or in device allocations registered with it;
+ * other host pointers are staged through a segment.
  */
 #include <stdio.h>
 #include <stdlib.h>
@@ -23,30 +24,129 @@ struct opdesc {
 	int peer;
 };
 
-/*
- * Name p (len bytes) for the daemon; when it is not in a segment, stage it
- * through a new block of stage_len >= len bytes.
- */
-static comm_result_t bufref(comm_t *c, const struct opdesc *d, const void *p, size_t len,
-			    size_t stage_len, const char *which, Commpb__BufRef *ref,
-			    void **stage)
+/* Where a buffer lives. */
+enum where { IN_NONE, IN_SEGMENT, IN_HOST, IN_DEVICE };
+
+struct buf {
+	enum where where;
+	int dev;                    /* IN_DEVICE: its device */
+};
+
+static const char *where_name(enum where w)
 {
-	*stage = NULL;
+	return w == IN_DEVICE ? "device memory" : "host memory";
+}
+
+/*
+ * Find where p (len bytes) lives; a segment's pointer is named in *ref at
+ * once and never reaches CUDA. like: p's twin (send == recv) already found.
+ */
+static comm_result_t locate(comm_t *c, const struct opdesc *d, const void *p, size_t len,
+			    const char *which, const struct buf *like, struct buf *b,
+			    Commpb__BufRef *ref)
+{
+	comm_result_t rc;
+
+	b->where = IN_NONE;
+	b->dev = -1;
 	if (len == 0)
 		return COMM_OK;
 	if (!p)
 		return comm_set_error(c, COMM_ERR_INVALID_ARG, "%s: %s buffer is NULL", d->name,
 				      which);
-	if (mem_lookup(c, p, len, &ref->mem_id, &ref->offset))
+	if (mem_lookup(c, p, len, &ref->mem_id, &ref->offset)) {
+		b->where = IN_SEGMENT;
 		return COMM_OK;
+	}
 	if (mem_owned(c, p))
 		return comm_set_error(c, COMM_ERR_INVALID_ARG,
 				      "%s: %s buffer of %zu bytes runs past its allocation", d->name,
 				      which, len);
-	*stage = comm_mem_alloc(c, stage_len);
-	if (!*stage)
+	if (like && (like->where == IN_HOST || like->where == IN_DEVICE)) {
+		*b = *like;
+		return COMM_OK;
+	}
+	rc = gpu_locate(c, d->name, which, p, &b->dev);
+	if (rc != COMM_OK)
+		return rc;
+	b->where = b->dev >= 0 ? IN_DEVICE : IN_HOST;
+	return COMM_OK;
+}
+
+/* Stage a host pointer through a new block of len bytes, named in *ref. */
+static comm_result_t stage(comm_t *c, size_t len, Commpb__BufRef *ref, void **block)
+{
+	*block = comm_mem_alloc(c, len);
+	if (!*block)
 		return COMM_ERR_NO_MEMORY;
-	mem_lookup(c, *stage, stage_len, &ref->mem_id, &ref->offset);
+	mem_lookup(c, *block, len, &ref->mem_id, &ref->offset);
+	return COMM_OK;
+}
+
+/*
+ * Name both buffers of d for r: segments as they are, other host pointers
+ * staged, device memory registered (with the ready event in op).
+ */
+static comm_result_t name_buffers(comm_t *c, const struct opdesc *d, comm_request_t *r,
+				  Commpb__Op *op)
+{
+	int same = d->recv == d->send;
+	struct buf sb, rb;
+	comm_result_t rc;
+
+	rc = locate(c, d, d->send, d->send_bytes, "send", NULL, &sb, op->send);
+	if (rc != COMM_OK)
+		return rc;
+	rc = locate(c, d, d->recv, d->recv_bytes, "recv", same ? &sb : NULL, &rb, op->recv);
+	if (rc != COMM_OK)
+		return rc;
+	if ((sb.where == IN_DEVICE && rb.where != IN_NONE && rb.where != IN_DEVICE) ||
+	    (rb.where == IN_DEVICE && sb.where != IN_NONE && sb.where != IN_DEVICE))
+		return comm_set_error(c, COMM_ERR_UNSUPPORTED,
+				      "%s: send buffer is %s and recv buffer %s; use one kind",
+				      d->name, where_name(sb.where), where_name(rb.where));
+	if (sb.where == IN_DEVICE || rb.where == IN_DEVICE) {
+		int dev = sb.where == IN_DEVICE ? sb.dev : rb.dev;
+
+		if (c->version < 3)
+			return comm_set_error(c, COMM_ERR_UNSUPPORTED,
+					      "device buffers need commd protocol 3, it speaks %u",
+					      c->version);
+		if (sb.where == IN_DEVICE && rb.where == IN_DEVICE && sb.dev != rb.dev)
+			return comm_set_error(c, COMM_ERR_UNSUPPORTED,
+					      "%s: send buffer is on device %d and recv buffer on "
+					      "device %d; use one device",
+					      d->name, sb.dev, rb.dev);
+		if (sb.where == IN_DEVICE)
+			rc = gpu_bufref(c, d->name, "send", d->send, d->send_bytes, dev, op->send);
+		if (rc == COMM_OK && rb.where == IN_DEVICE)
+			rc = gpu_bufref(c, d->name, "recv", d->recv, d->recv_bytes, dev, op->recv);
+		if (rc == COMM_OK)
+			rc = gpu_ready_event(c, d->name, r, dev, &op->ready_event);
+		r->device = 1;
+		return rc;
+	}
+	/* send == recv on a staged pointer: one block, big enough for both */
+	if (sb.where == IN_HOST) {
+		rc = stage(c, same && d->recv_bytes > d->send_bytes ? d->recv_bytes : d->send_bytes,
+			   op->send, &r->stage_send);
+		if (rc != COMM_OK)
+			return rc;
+	}
+	if (same && r->stage_send) {
+		r->stage_recv = r->stage_send;
+		*op->recv = *op->send;
+	} else if (rb.where == IN_HOST) {
+		rc = stage(c, d->recv_bytes, op->recv, &r->stage_recv);
+		if (rc != COMM_OK)
+			return rc;
+	}
+	if (r->stage_send)
+		memcpy(r->stage_send, d->send, d->send_bytes);
+	if (r->stage_recv) {
+		r->user_recv = d->recv;
+		r->recv_bytes = d->recv_bytes;
+	}
 	return COMM_OK;
 }
 
@@ -103,33 +203,14 @@ static comm_result_t submit(comm_t *c, const struct opdesc *d, comm_request_t **
 	r = req_new(c);
 	if (!r)
 		return comm_set_error(c, COMM_ERR_NO_MEMORY, "%s: out of memory", d->name);
-	/* send == recv on a staged pointer: one block, big enough for both */
-	rc = bufref(c, d, d->send, d->send_bytes,
-		    d->recv == d->send && d->recv_bytes > d->send_bytes ? d->recv_bytes
-									  : d->send_bytes,
-		    "send", &sref, &r->stage_send);
+	op.send = &sref;
+	op.recv = &rref;
+	rc = name_buffers(c, d, r, &op);
 	if (rc != COMM_OK)
 		goto fail;
-	if (d->recv == d->send && r->stage_send) {
-		r->stage_recv = r->stage_send;
-		rref = sref;
-	} else {
-		rc = bufref(c, d, d->recv, d->recv_bytes, d->recv_bytes, "recv", &rref,
-			    &r->stage_recv);
-		if (rc != COMM_OK)
-			goto fail;
-	}
-	if (r->stage_send)
-		memcpy(r->stage_send, d->send, d->send_bytes);
-	if (r->stage_recv) {
-		r->user_recv = d->recv;
-		r->recv_bytes = d->recv_bytes;
-	}
 	r->seq = c->next_seq++;
 	op.seq = r->seq;
 	op.type = d->type;
-	op.send = &sref;
-	op.recv = &rref;
 	op.count = d->count;
 	op.dtype = (uint32_t)d->dtype;
 	op.redop = (uint32_t)d->redop;

@@ -52,6 +52,7 @@ comm_result_t req_finish(comm_request_t *r)
 	if (rc == COMM_OK && r->stage_recv)
 		memcpy(r->user_recv, r->stage_recv, r->recv_bytes);
 	unstage(r);
+	gpu_req_release(r);
 	req_unlink(r);
 	free(r);
 	return rc;

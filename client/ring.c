@@ -91,7 +91,8 @@ int ring_post(comm_t *c, const Commpb__Op *op, comm_request_t *r)
 	struct ring_slot *s;
 	uint64_t one = 1;
 
-	if (!h || c->ring_busy[op->seq % RING_SLOTS])
+	/* a device op carries its ready event, which a slot has no room for */
+	if (!h || r->device || c->ring_busy[op->seq % RING_SLOTS])
 		return 0;
 	s = ring_slot(h, op->seq);
 	s->seq = op->seq;

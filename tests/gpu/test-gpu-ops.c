@@ -1,0 +1,461 @@
+/*
+ * test-gpu-ops.c: every op x dtype x reduction on cudaMalloc buffers through
+ * the real commd and its GPU worker, with 1, 2 and 4 ranks (rank r on device
+ * r % devices), in place and out of place, each compared element by element
+ * with the same op on host buffers in the same job. Exits 77 without a GPU.
+ */
+#include <cuda_runtime.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include "check.h"
+#include "comm.h"
+#include "harness.h"
+#include "plan.h"
+#include "ref.h"
+
+/*
+ * Inputs: integers half over their whole range (SUM and PROD wrap), floats
+ * small multiples of 0.25 (float16, bfloat16: 0.5) in -2..2, whose sums,
+ * products, extremes and averages over 1, 2 or 4 ranks are exact in any
+ * order and precision. The device result must be the host path's:
+ * integers exactly; float32 and float64 within 1e-5 relative, float16 and
+ * bfloat16 within 1e-2 (absolute below 1).
+ */
+#define TOL_FLOAT 1e-5
+#define TOL_HALF 1e-2
+#define MEDIUM 65537
+
+enum kind { AR, RS, AG, BC, RD, A2A, P2P, BARRIER };
+enum place { OOP, INPLACE };
+
+struct tcase {
+	enum kind kind;
+	comm_dtype_t dt;
+	comm_redop_t op;
+	size_t count;    /* per-rank block */
+	int root;
+	enum place place;
+	size_t offset;   /* of the device buffers in their allocations, in bytes */
+};
+
+/* One side (host or device) of a case: allocations and the op's pointers. */
+struct side {
+	char *sbase, *rbase; /* rbase NULL in place */
+	char *send, *recv;
+};
+
+/* A case on one rank: sizes, roles and both sides. */
+struct run {
+	const struct tcase *t;
+	uint32_t seed;
+	int r, n;
+	size_t es, sn, rn;   /* element size, send and recv elements */
+	size_t slen, rlen;   /* allocation bytes, guards included */
+	int s_in, r_out;     /* send holds input; recv receives output */
+	struct side h, d;
+};
+
+static int ndev;          /* devices, found before the ranks are forked */
+static char *arena[2];    /* a rank's device allocations, reused across cases */
+static size_t arena_len;
+
+static int reduces(enum kind k)
+{
+	return k == AR || k == RS || k == RD;
+}
+
+static const char *describe(const struct tcase *t, int n, char *buf, size_t len)
+{
+	static const char *const names[] = { "allreduce", "reduce-scatter", "all-gather",
+					     "broadcast", "reduce",         "all-to-all",
+					     "send/recv", "barrier" };
+
+	char root[24] = "";
+
+	if (t->kind == BC || t->kind == RD)
+		snprintf(root, sizeof root, " root=%d", t->root % n);
+	snprintf(buf, len, "device %s %s%s%s n=%d count=%zu%s%s offset=%zu", names[t->kind],
+		 ref_dtype_name(t->dt), reduces(t->kind) ? " " : "",
+		 reduces(t->kind) ? ref_op_name(t->op) : "", n, t->count, root,
+		 t->place == INPLACE ? " in-place" : "", t->offset);
+	return buf;
+}
+
+/*
+ * Element idx of rank r's input, as raw bits: integers half over their
+ * whole range, floats (all four) small multiples of 0.25 or 0.5.
+ */
+static uint64_t gen(const struct tcase *t, uint32_t seed, int r, size_t idx)
+{
+	uint64_t h = ref_hash(seed, r, idx);
+	int fp = t->dt == COMM_FLOAT16 || t->dt == COMM_BFLOAT16 || t->dt == COMM_FLOAT32 ||
+		 t->dt == COMM_FLOAT64;
+
+	return !fp && (h & 1) ? ref_mix(h) : ref_small(t->dt, h >> 1);
+}
+
+static double tolerance(comm_dtype_t dt)
+{
+	if (dt == COMM_FLOAT16 || dt == COMM_BFLOAT16)
+		return TOL_HALF;
+	return dt == COMM_FLOAT32 || dt == COMM_FLOAT64 ? TOL_FLOAT : 0;
+}
+
+static int cuda_ok(cudaError_t e, int r, const char *what)
+{
+	if (e == cudaSuccess)
+		return 1;
+	fprintf(stderr, "rank %d: %s: %s\n", r, what, cudaGetErrorString(e));
+	return 0;
+}
+
+/* The rank's device, and device allocations of at least len bytes each. */
+static int arena_get(int r, size_t len)
+{
+	static int dev = -1;
+
+	if (dev < 0) {
+		if (!cuda_ok(cudaSetDevice(r % ndev), r, "cudaSetDevice"))
+			return -1;
+		dev = r % ndev;
+	}
+	if (len <= arena_len)
+		return 0;
+	for (int i = 0; i < 2; i++) {
+		if (arena[i])
+			cudaFree(arena[i]);
+		arena[i] = NULL;
+		if (!cuda_ok(cudaMalloc((void **)&arena[i], len), r, "cudaMalloc"))
+			return -1;
+	}
+	arena_len = len;
+	return 0;
+}
+
+/* Point s's send and recv into its allocations as the case's layout says. */
+static void layout(const struct run *x, struct side *s)
+{
+	size_t block = x->t->count * x->es;
+
+	s->send = s->sbase;
+	s->recv = s->rbase ? s->rbase : s->sbase;
+	if (!s->rbase && x->t->kind == RS)
+		s->recv = s->sbase + (size_t)x->r * block;
+	if (!s->rbase && x->t->kind == AG)
+		s->send = s->sbase + (size_t)x->r * block;
+}
+
+static void sizes(struct run *x, const struct tcase *t, uint32_t seed, int r, int n)
+{
+	size_t all = (size_t)n * t->count, sb, rb;
+	int root = t->root % n;
+
+	memset(x, 0, sizeof *x);
+	x->t = t;
+	x->seed = seed;
+	x->r = r;
+	x->n = n;
+	x->es = comm_dtype_size(t->dt);
+	x->sn = t->kind == RS || t->kind == A2A ? all : t->kind == BARRIER ? 0 : t->count;
+	x->rn = t->kind == AG || t->kind == A2A ? all : t->kind == BARRIER ? 0 : t->count;
+	x->s_in = t->kind != BC || r == root;
+	x->r_out = t->kind != RD || r == root;
+	sb = x->sn * x->es;
+	rb = x->rn * x->es;
+	x->slen = (t->place == INPLACE && rb > sb ? rb : sb) + REF_GUARD;
+	x->rlen = t->place == INPLACE ? 0 : rb + REF_GUARD;
+}
+
+/* Both sides allocated, poisoned and given the inputs; -1 on failure. */
+static int setup(comm_t *c, struct run *x)
+{
+	size_t sb = x->sn * x->es;
+	char *in = malloc(sb + 1);
+	int ok;
+
+	if (!in || arena_get(x->r, x->t->offset + (x->slen > x->rlen ? x->slen : x->rlen)) < 0) {
+		free(in);
+		return -1;
+	}
+	x->h.sbase = comm_mem_alloc(c, x->slen);
+	x->h.rbase = x->rlen ? comm_mem_alloc(c, x->rlen) : NULL;
+	if (!x->h.sbase || (x->rlen && !x->h.rbase)) {
+		fprintf(stderr, "rank %d: comm_mem_alloc: %s\n", x->r, comm_last_error(c));
+		free(in);
+		return -1;
+	}
+	x->d.sbase = arena[0] + x->t->offset;
+	x->d.rbase = x->rlen ? arena[1] + x->t->offset : NULL;
+	layout(x, &x->h);
+	layout(x, &x->d);
+	memset(x->h.sbase, REF_POISON, x->slen);
+	if (x->rlen)
+		memset(x->h.rbase, REF_POISON, x->rlen);
+	for (size_t i = 0; i < x->sn; i++)
+		ref_store(x->t->dt, gen(x->t, x->seed, x->r, i), in + i * x->es);
+	if (x->s_in)
+		memcpy(x->h.send, in, sb);
+	ok = cuda_ok(cudaMemset(x->d.sbase, REF_POISON, x->slen), x->r, "cudaMemset") &&
+	     (!x->rlen ||
+	      cuda_ok(cudaMemset(x->d.rbase, REF_POISON, x->rlen), x->r, "cudaMemset")) &&
+	     (!x->s_in || !sb ||
+	      cuda_ok(cudaMemcpy(x->d.send, in, sb, cudaMemcpyHostToDevice), x->r, "cudaMemcpy"));
+	free(in);
+	return ok ? 0 : -1;
+}
+
+static comm_result_t post(comm_t *c, const struct run *x, const struct side *s)
+{
+	const struct tcase *t = x->t;
+	int root = t->root % x->n;
+	comm_result_t rc, rc2;
+
+	switch (t->kind) {
+	case AR:
+		return comm_allreduce(c, s->send, s->recv, t->count, t->dt, t->op, NULL);
+	case RS:
+		return comm_reduce_scatter(c, s->send, s->recv, t->count, t->dt, t->op, NULL);
+	case AG:
+		return comm_allgather(c, s->send, s->recv, t->count, t->dt, NULL);
+	case BC:
+		return comm_broadcast(c, s->send, s->recv, t->count, t->dt, root, NULL);
+	case RD:
+		return comm_reduce(c, s->send, s->recv, t->count, t->dt, t->op, root, NULL);
+	case A2A:
+		return comm_alltoall(c, s->send, s->recv, t->count, t->dt, NULL);
+	case P2P:
+		rc = comm_group_start(c);
+		if (rc == COMM_OK)
+			rc = comm_send(c, s->send, t->count, t->dt, (x->r + 1) % x->n, NULL);
+		if (rc == COMM_OK)
+			rc = comm_recv(c, s->recv, t->count, t->dt, (x->r + x->n - 1) % x->n, NULL);
+		rc2 = comm_group_end(c);
+		return rc != COMM_OK ? rc : rc2;
+	default:
+		return comm_barrier(c, NULL);
+	}
+}
+
+/* The device's bytes at p (len of them) in a new host buffer, NULL on failure. */
+static char *fetch(const struct run *x, const char *p, size_t len)
+{
+	char *h = malloc(len + 1);
+
+	if (h && cuda_ok(cudaMemcpy(h, p, len, cudaMemcpyDeviceToHost), x->r, "cudaMemcpy"))
+		return h;
+	free(h);
+	return NULL;
+}
+
+/* Compare the device side with the host side; 0 when all is well. */
+static int check(const struct run *x)
+{
+	const struct tcase *t = x->t;
+	size_t sb = x->sn * x->es, rb = x->rn * x->es;
+	size_t soff = (size_t)(x->h.send - x->h.sbase), roff;
+	char *ds = fetch(x, x->d.sbase, x->slen), *dr = x->rlen ? fetch(x, x->d.rbase, x->rlen) : NULL;
+	const char *dsend, *drecv, *hrecv = x->h.recv, *dend;
+	char what[200], g[48], w[48];
+	int bad = 0;
+
+	describe(t, x->n, what, sizeof what);
+	if (!ds || (x->rlen && !dr)) {
+		free(ds);
+		free(dr);
+		return 1;
+	}
+	roff = (size_t)(x->h.recv - (x->rlen ? x->h.rbase : x->h.sbase));
+	dsend = ds + soff;
+	drecv = (dr ? dr : ds) + roff;
+	for (size_t j = 0; x->r_out && j < x->rn; j++) {
+		uint64_t got = ref_load(t->dt, drecv + j * x->es);
+		uint64_t want = ref_load(t->dt, hrecv + j * x->es);
+
+		if (!ref_near(t->dt, got, want, tolerance(t->dt))) {
+			ref_str(t->dt, got, g, sizeof g);
+			ref_str(t->dt, want, w, sizeof w);
+			fprintf(stderr, "rank %d: %s: element %zu of %zu is %s on the device, %s on "
+					"the host\n",
+				x->r, what, j, x->rn, g, w);
+			bad = 1;
+			break;
+		}
+	}
+	/* inputs stay unless in place (a non-root's reduce input always) */
+	if (x->s_in && (t->place == OOP || !x->r_out)) {
+		for (size_t i = 0; i < x->sn; i++) {
+			uint64_t in = gen(t, x->seed, x->r, i);
+
+			if (memcmp(dsend + i * x->es, &in, x->es) != 0) {
+				fprintf(stderr, "rank %d: %s: device input element %zu was changed\n",
+					x->r, what, i);
+				bad = 1;
+				break;
+			}
+		}
+	}
+	if (t->place == OOP && !x->r_out && !ref_all_bytes(drecv, rb, REF_POISON)) {
+		fprintf(stderr, "rank %d: %s: the non-root device recvbuf was written\n", x->r,
+			what);
+		bad = 1;
+	}
+	if (t->place == OOP && !x->s_in && !ref_all_bytes(dsend, sb, REF_POISON)) {
+		fprintf(stderr, "rank %d: %s: the non-root device sendbuf was written\n", x->r,
+			what);
+		bad = 1;
+	}
+	dend = ds + x->slen - REF_GUARD;
+	if (!ref_guard_ok(dend) || (dr && !ref_guard_ok(dr + x->rlen - REF_GUARD))) {
+		fprintf(stderr, "rank %d: %s: written past the end of a device buffer\n", x->r,
+			what);
+		bad = 1;
+	}
+	free(ds);
+	free(dr);
+	return bad;
+}
+
+/* th_plan's run: the op on host buffers, then on device buffers, compared. */
+static int run_case(comm_t *c, const void *tc, uint32_t seed, int r, int n)
+{
+	const struct tcase *t = tc;
+	struct run x;
+	comm_result_t rc;
+	char what[200];
+	int bad = -1;
+
+	alarm(TH_WATCHDOG_S);
+	sizes(&x, t, seed, r, n);
+	if (setup(c, &x) < 0)
+		goto out;
+	rc = post(c, &x, &x.h);
+	if (rc == COMM_OK)
+		rc = post(c, &x, &x.d);
+	if (rc != COMM_OK) {
+		fprintf(stderr, "rank %d: %s: %s: %s\n", r, describe(t, n, what, sizeof what),
+			comm_result_name(rc), comm_last_error(c));
+		goto out;
+	}
+	bad = check(&x);
+out:
+	comm_mem_free(c, x.h.sbase);
+	comm_mem_free(c, x.h.rbase);
+	return bad;
+}
+
+static const char *describe_any(const void *t, int n, char *buf, size_t len)
+{
+	return describe(t, n, buf, len);
+}
+
+static void add(struct th_plan *p, enum kind k, comm_dtype_t dt, comm_redop_t op, size_t count,
+		enum place pl)
+{
+	static unsigned k_all;
+	struct tcase *t;
+
+	p->case_size = sizeof(struct tcase);
+	t = th_plan_add(p);
+	k_all++;
+	*t = (struct tcase){ k, dt, op, count, (int)(k_all % 5), pl, (k_all % 4) * 256 };
+}
+
+static int has_inplace(enum kind k)
+{
+	return k != P2P && k != BARRIER;
+}
+
+/* Every op x dtype x reduction at a small count, and a medium count of a few. */
+static void test_world(const struct th_daemon *d, int n)
+{
+	static const comm_dtype_t medium[] = { COMM_INT8, COMM_INT64, COMM_FLOAT16,
+					       COMM_BFLOAT16, COMM_FLOAT32, COMM_FLOAT64 };
+	struct th_plan p = { .world = n };
+	char title[64];
+
+	snprintf(title, sizeof title, "device buffers, n=%d", n);
+	p.title = title;
+	for (int k = AR; k <= P2P; k++) {
+		for (int pl = OOP; pl <= (has_inplace((enum kind)k) ? INPLACE : OOP); pl++) {
+			for (int i = 0; i < REF_NDTYPES; i++) {
+				for (int o = 0; o < (reduces((enum kind)k) ? REF_NREDOPS : 1); o++)
+					add(&p, (enum kind)k, ref_dtypes[i], ref_redops[o], 7,
+					    (enum place)pl);
+			}
+			for (size_t i = 0; i < sizeof medium / sizeof medium[0]; i++)
+				add(&p, (enum kind)k, medium[i], ref_redops[i % REF_NREDOPS], MEDIUM,
+				    (enum place)pl);
+		}
+	}
+	add(&p, BARRIER, COMM_UINT8, COMM_SUM, 0, OOP);
+	snprintf(p.job, sizeof p.job, "gpu-ops-%d", n);
+	p.seed = 1000u * (uint32_t)n + 1;
+	p.seed_step = 1;
+	p.run = run_case;
+	p.describe = describe_any;
+	th_plan_run(d, &p);
+}
+
+/*
+ * The number of devices, asked in a child: CUDA initialised in this process
+ * would not work in the ranks it forks. 0 with why printed when none.
+ */
+static int count_devices(void)
+{
+	int p[2], n = 0, st;
+	char msg[256] = "";
+	ssize_t k;
+	pid_t pid;
+
+	REQUIRE(pipe(p) == 0, "pipe");
+	fflush(NULL);
+	pid = fork();
+	REQUIRE(pid >= 0, "fork");
+	if (pid == 0) {
+		cudaError_t e = cudaGetDeviceCount(&n);
+
+		if (e != cudaSuccess)
+			snprintf(msg, sizeof msg, "-cudaGetDeviceCount: %s", cudaGetErrorString(e));
+		else
+			snprintf(msg, sizeof msg, "%d", n);
+		(void)!write(p[1], msg, strlen(msg));
+		_exit(0);
+	}
+	close(p[1]);
+	k = read(p[0], msg, sizeof msg - 1);
+	close(p[0]);
+	waitpid(pid, &st, 0);
+	msg[k > 0 ? k : 0] = '\0';
+	n = msg[0] == '-' || k <= 0 ? 0 : atoi(msg);
+	if (n < 1)
+		printf("skip: no usable GPU (%s)\n",
+		       k <= 0 ? "the probe died" : msg[0] == '-' ? msg + 1 : "no devices");
+	return n;
+}
+
+int main(void)
+{
+	struct th_daemon d;
+	struct timespec t0;
+
+	setvbuf(stdout, NULL, _IOLBF, 0);
+	ndev = count_devices();
+	if (ndev < 1)
+		return 77;
+	printf("%d device(s); rank r uses device r %% %d\n", ndev, ndev);
+	setenv("COMM_TIMEOUT", "60000", 1);
+	clock_gettime(CLOCK_MONOTONIC, &t0);
+	REQUIRE(th_daemon_start(&d, NULL) == 0, "commd did not start");
+	test_world(&d, 1);
+	test_world(&d, 2);
+	test_world(&d, 4);
+	CHECK(th_daemon_alive(&d), "commd died during the tests");
+	CHECK(th_daemon_stop(&d) == 0, "commd did not stop cleanly");
+	printf("%s: %.1f s in all\n", check_failures ? "FAIL" : "ok", th_secs_since(&t0));
+	return CHECK_EXIT();
+}
