@@ -140,7 +140,8 @@ comm_result_t gpu_bufref(comm_t *c, const char *op, const char *which, const voi
 			 size_t len, int dev, Commpb__BufRef *ref);
 /*
  * Record a pooled event on the comm's stream for r, an op on device memory
- * of device dev, and put its IPC handle in *ready (valid while r lives).
+ * of device dev, and put its IPC handle in *ready (valid while r lives);
+ * *ready stays empty when nothing on the stream is still running.
  */
 comm_result_t gpu_ready_event(comm_t *c, const char *op, comm_request_t *r, int dev,
 			      ProtobufCBinaryData *ready);

@@ -189,8 +189,8 @@ comm_result_t comm_group_end(comm_t *comm);
  * number registered; freed ones are dropped at the next registration.
  *
  * An op on device memory follows the work enqueued on the comm's stream
- * before the op was posted: libcomm records an event there and commd starts
- * the op once it has completed. comm_wait and comm_test are unchanged: the
+ * before the op was posted: libcomm records an event there (unless that work
+ * has all finished already) and commd starts the op once it has completed. comm_wait and comm_test are unchanged: the
  * op is done when its results are in the buffers.
  */
 
