@@ -16,6 +16,7 @@
 #include <unistd.h>
 
 #include "check.h"
+#include "gpu-count.h"
 #include "comm.h"
 #include "harness.h"
 #include "raw.h"
@@ -567,40 +568,6 @@ static int rank_outstanding(int r, int n, void *arg)
 }
 
 /* --- main -------------------------------------------------------------------- */
-
-/* The number of devices, asked in a child (CUDA does not survive fork); 0: none. */
-static int count_devices(void)
-{
-	int p[2], n = 0, st;
-	char msg[256] = "";
-	ssize_t k;
-	pid_t pid;
-
-	REQUIRE(pipe(p) == 0, "pipe");
-	fflush(NULL);
-	pid = fork();
-	REQUIRE(pid >= 0, "fork");
-	if (pid == 0) {
-		cudaError_t e = cudaGetDeviceCount(&n);
-
-		if (e != cudaSuccess)
-			snprintf(msg, sizeof msg, "-cudaGetDeviceCount: %s", cudaGetErrorString(e));
-		else
-			snprintf(msg, sizeof msg, "%d", n);
-		(void)!write(p[1], msg, strlen(msg));
-		_exit(0);
-	}
-	close(p[1]);
-	k = read(p[0], msg, sizeof msg - 1);
-	close(p[0]);
-	waitpid(pid, &st, 0);
-	msg[k > 0 ? k : 0] = '\0';
-	n = msg[0] == '-' || k <= 0 ? 0 : atoi(msg);
-	if (n < 1)
-		printf("skip: no usable GPU (%s)\n",
-		       k <= 0 ? "the probe died" : msg[0] == '-' ? msg + 1 : "no devices");
-	return n;
-}
 
 static void run(const char *job, int n, th_rank_fn fn, const char *what)
 {

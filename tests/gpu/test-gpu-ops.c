@@ -13,6 +13,7 @@
 #include <unistd.h>
 
 #include "check.h"
+#include "gpu-count.h"
 #include "comm.h"
 #include "harness.h"
 #include "plan.h"
@@ -399,43 +400,6 @@ static void test_world(const struct th_daemon *d, int n)
 	p.run = run_case;
 	p.describe = describe_any;
 	th_plan_run(d, &p);
-}
-
-/*
- * The number of devices, asked in a child: CUDA initialised in this process
- * would not work in the ranks it forks. 0 with why printed when none.
- */
-static int count_devices(void)
-{
-	int p[2], n = 0, st;
-	char msg[256] = "";
-	ssize_t k;
-	pid_t pid;
-
-	REQUIRE(pipe(p) == 0, "pipe");
-	fflush(NULL);
-	pid = fork();
-	REQUIRE(pid >= 0, "fork");
-	if (pid == 0) {
-		cudaError_t e = cudaGetDeviceCount(&n);
-
-		if (e != cudaSuccess)
-			snprintf(msg, sizeof msg, "-cudaGetDeviceCount: %s", cudaGetErrorString(e));
-		else
-			snprintf(msg, sizeof msg, "%d", n);
-		(void)!write(p[1], msg, strlen(msg));
-		_exit(0);
-	}
-	close(p[1]);
-	k = read(p[0], msg, sizeof msg - 1);
-	close(p[0]);
-	waitpid(pid, &st, 0);
-	msg[k > 0 ? k : 0] = '\0';
-	n = msg[0] == '-' || k <= 0 ? 0 : atoi(msg);
-	if (n < 1)
-		printf("skip: no usable GPU (%s)\n",
-		       k <= 0 ? "the probe died" : msg[0] == '-' ? msg + 1 : "no devices");
-	return n;
 }
 
 int main(void)
