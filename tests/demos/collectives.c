@@ -1,14 +1,98 @@
 /*
  * collectives.c: the reference run's collectives through commd. Run as
- * `commrun -n 4 tests/demos/collectives`; each rank prints the before and
- * after lines of ../shared/reference/reference-run.txt and checks its values.
+ * `commrun -n 4 tests/demos/collectives [--device]`; each rank prints the
+ * before and after lines of ../shared/reference/reference-run.txt and checks
+ * its values. With --device the tensors live in GPU memory (rank r on device
+ * r mod the device count) and the lines end in `, device='cuda:N'` as the
+ * reference's do; it exits 77 where no GPU works (or CUDA is not built in).
  */
+#include <config.h>
+
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
+#ifdef HAVE_CUDA
+#include <cuda_runtime.h>
+#endif
+
 #include "comm.h"
+
+/* Where the ranks' tensors live: the host, or device `dev`. */
+static int on_device, dev;
+static char suffix[32];
+
+#ifdef HAVE_CUDA
+/* Use device rank mod count; 0, or 77 (skip) with why when there is none. */
+static int device_open(int rank)
+{
+	int n = 0;
+	cudaError_t e = cudaGetDeviceCount(&n);
+
+	if (e != cudaSuccess || n < 1) {
+		fprintf(stderr, "Rank %d: --device: no usable GPU (%s)\n", rank,
+			e != cudaSuccess ? cudaGetErrorString(e) : "no devices");
+		return 77;
+	}
+	dev = rank % n;
+	snprintf(suffix, sizeof suffix, ", device='cuda:%d'", dev);
+	return cudaSetDevice(dev) == cudaSuccess ? 0 : 1;
+}
+
+static void *tensor_alloc(comm_t *c, size_t bytes)
+{
+	void *p = NULL;
+
+	if (!on_device)
+		return comm_mem_alloc(c, bytes);
+	return cudaMalloc(&p, bytes) == cudaSuccess ? p : NULL;
+}
+
+/* Copy between the host view and the tensor (the same memory on the host). */
+static void put(void *t, const void *h, size_t bytes)
+{
+	if (on_device)
+		cudaMemcpy(t, h, bytes, cudaMemcpyHostToDevice);
+}
+
+static void get(void *h, const void *t, size_t bytes)
+{
+	if (on_device)
+		cudaMemcpy(h, t, bytes, cudaMemcpyDeviceToHost);
+}
+
+static void tensor_free(void *t, void *h)
+{
+	if (!on_device)
+		return;
+	cudaFree(t);
+	free(h);
+}
+#else
+static int device_open(int rank)
+{
+	fprintf(stderr, "Rank %d: --device: built without CUDA\n", rank);
+	return 77;
+}
+
+static void *tensor_alloc(comm_t *c, size_t bytes)
+{
+	return comm_mem_alloc(c, bytes);
+}
+
+static void put(void *t, const void *h, size_t bytes)
+{
+}
+
+static void get(void *h, const void *t, size_t bytes)
+{
+}
+
+static void tensor_free(void *t, void *h)
+{
+}
+#endif
 
 /* Format like torch prints a small float tensor: tensor([ 6., 10.]). */
 static char *tensor_str(const float *v, int n, char *buf, size_t len)
@@ -30,7 +114,7 @@ static char *tensor_str(const float *v, int n, char *buf, size_t len)
 	for (int i = 0; i < n && i < 64 && off < len; i++)
 		off += (size_t)snprintf(buf + off, len - off, "%s%*s", i ? ", " : "", width,
 					items[i]);
-	snprintf(buf + off, len > off ? len - off : 0, "])");
+	snprintf(buf + off, len > off ? len - off : 0, "]%s)", suffix);
 	return buf;
 }
 
@@ -54,26 +138,40 @@ static int check(int rank, const char *what, const float *got, const float *want
 	return 0;
 }
 
-int main(void)
+int main(int argc, char **argv)
 {
 	char a[512], b[512];
 	comm_t *c;
-	comm_result_t rc = comm_init(&c, NULL);
-	float *in, *out, *one, *want;
+	comm_result_t rc;
+	float *in, *out, *one, *want, *t_in, *t_out, *t_one;
 	int r, n, bad = 0;
+	size_t row;
 
+	on_device = argc == 2 && !strcmp(argv[1], "--device");
+	if (argc > 1 && !on_device) {
+		fprintf(stderr, "usage: collectives [--device]\n");
+		return 2;
+	}
+	if (on_device && (bad = device_open(atoi(getenv("COMM_RANK") ? getenv("COMM_RANK") : "0"))))
+		return bad;
+	rc = comm_init(&c, NULL);
 	if (rc != COMM_OK) {
 		fprintf(stderr, "comm_init: %s\n", comm_strerror(rc));
 		return 1;
 	}
 	r = comm_rank(c);
 	n = comm_size(c);
-	in = comm_mem_alloc(c, (size_t)n * sizeof *in);
-	out = comm_mem_alloc(c, (size_t)n * sizeof *out);
-	one = comm_mem_alloc(c, sizeof *one);
+	row = (size_t)n * sizeof *in;
+	/* t_*: the tensors the ops take; in, out, one: what the host prints and checks */
+	t_in = tensor_alloc(c, row);
+	t_out = tensor_alloc(c, row);
+	t_one = tensor_alloc(c, sizeof *one);
+	in = on_device ? malloc(row) : t_in;
+	out = on_device ? malloc(row) : t_out;
+	one = on_device ? malloc(sizeof *one) : t_one;
 	want = calloc((size_t)n, sizeof *want);
-	if (!in || !out || !one || !want)
-		return fail(c, "comm_mem_alloc", COMM_ERR_NO_MEMORY);
+	if (!t_in || !t_out || !t_one || !in || !out || !one || !want)
+		return fail(c, "allocating the tensors", COMM_ERR_NO_MEMORY);
 	/* rank r holds [r, r+1, ...]; the sum over ranks of element i is n*i + n(n-1)/2 */
 	for (int i = 0; i < n; i++) {
 		in[i] = (float)(r + i);
@@ -81,29 +179,36 @@ int main(void)
 	}
 
 	printf("Rank %d [before all-reduce]: %s\n", r, tensor_str(in, n, a, sizeof a));
-	memcpy(out, in, (size_t)n * sizeof *in);
-	rc = comm_allreduce(c, out, out, (size_t)n, COMM_FLOAT32, COMM_SUM, NULL);
+	memcpy(out, in, row);
+	put(t_in, in, row);
+	put(t_out, out, row);
+	rc = comm_allreduce(c, t_out, t_out, (size_t)n, COMM_FLOAT32, COMM_SUM, NULL);
 	if (rc != COMM_OK)
 		return fail(c, "all-reduce", rc);
+	get(out, t_out, row);
 	printf("Rank %d [after all-reduce]: %s\n", r, tensor_str(out, n, a, sizeof a));
 	bad |= check(r, "all-reduce", out, want, n);
 
 	one[0] = 0;
+	put(t_one, one, sizeof *one);
 	printf("Rank %d [before reduce-scatter]: input = %s, output = %s\n", r,
 	       tensor_str(in, n, a, sizeof a), tensor_str(one, 1, b, sizeof b));
-	rc = comm_reduce_scatter(c, in, one, 1, COMM_FLOAT32, COMM_SUM, NULL);
+	rc = comm_reduce_scatter(c, t_in, t_one, 1, COMM_FLOAT32, COMM_SUM, NULL);
 	if (rc != COMM_OK)
 		return fail(c, "reduce-scatter", rc);
+	get(one, t_one, sizeof *one);
 	printf("Rank %d [after reduce-scatter]: input = %s, output = %s\n", r,
 	       tensor_str(in, n, a, sizeof a), tensor_str(one, 1, b, sizeof b));
 	bad |= check(r, "reduce-scatter", one, &want[r], 1);
 
-	memcpy(out, in, (size_t)n * sizeof *in);
+	memcpy(out, in, row);
+	put(t_out, out, row);
 	printf("Rank %d [before all-gather]: input = %s, output = %s\n", r,
 	       tensor_str(one, 1, a, sizeof a), tensor_str(out, n, b, sizeof b));
-	rc = comm_allgather(c, one, out, 1, COMM_FLOAT32, NULL);
+	rc = comm_allgather(c, t_one, t_out, 1, COMM_FLOAT32, NULL);
 	if (rc != COMM_OK)
 		return fail(c, "all-gather", rc);
+	get(out, t_out, row);
 	printf("Rank %d [after all-gather]: input = %s, output = %s\n", r,
 	       tensor_str(one, 1, a, sizeof a), tensor_str(out, n, b, sizeof b));
 	bad |= check(r, "all-gather", out, want, n);
@@ -113,18 +218,22 @@ int main(void)
 		out[i] = (float)(r + i);
 		want[i] = (float)i;
 	}
+	put(t_out, out, row);
 	printf("Rank %d [before broadcast]: %s\n", r, tensor_str(out, n, a, sizeof a));
-	rc = comm_broadcast(c, out, out, (size_t)n, COMM_FLOAT32, 0, NULL);
+	rc = comm_broadcast(c, t_out, t_out, (size_t)n, COMM_FLOAT32, 0, NULL);
 	if (rc != COMM_OK)
 		return fail(c, "broadcast", rc);
+	get(out, t_out, row);
 	printf("Rank %d [after broadcast]: %s\n", r, tensor_str(out, n, a, sizeof a));
 	bad |= check(r, "broadcast", out, want, n);
 
 	/* reduce: the all-reduce's sums, on rank 0 only */
-	memset(out, 0, (size_t)n * sizeof *out);
-	rc = comm_reduce(c, in, out, (size_t)n, COMM_FLOAT32, COMM_SUM, 0, NULL);
+	memset(out, 0, row);
+	put(t_out, out, row);
+	rc = comm_reduce(c, t_in, t_out, (size_t)n, COMM_FLOAT32, COMM_SUM, 0, NULL);
 	if (rc != COMM_OK)
 		return fail(c, "reduce", rc);
+	get(out, t_out, row);
 	printf("Rank %d [after reduce to rank 0]: input = %s, output = %s\n", r,
 	       tensor_str(in, n, a, sizeof a), tensor_str(out, n, b, sizeof b));
 	for (int i = 0; i < n; i++)
@@ -136,9 +245,11 @@ int main(void)
 		in[i] = (float)(n * r + i);
 		want[i] = (float)(n * i + r);
 	}
-	rc = comm_alltoall(c, in, out, 1, COMM_FLOAT32, NULL);
+	put(t_in, in, row);
+	rc = comm_alltoall(c, t_in, t_out, 1, COMM_FLOAT32, NULL);
 	if (rc != COMM_OK)
 		return fail(c, "all-to-all", rc);
+	get(out, t_out, row);
 	printf("Rank %d [after all-to-all]: input = %s, output = %s\n", r,
 	       tensor_str(in, n, a, sizeof a), tensor_str(out, n, b, sizeof b));
 	bad |= check(r, "all-to-all", out, want, n);
@@ -150,6 +261,10 @@ int main(void)
 
 	free(want);
 	rc = comm_finalize(c);
+	/* device tensors outlive the comm that had them registered, as in torch */
+	tensor_free(t_in, in);
+	tensor_free(t_out, out);
+	tensor_free(t_one, one);
 	if (rc != COMM_OK) {
 		fprintf(stderr, "Rank %d: comm_finalize: %s\n", r, comm_strerror(rc));
 		return 1;

@@ -2,7 +2,8 @@
 # test-collectives-demo.sh: `commrun -n 4 collectives` against a real commd
 # prints exactly the reference run's collective lines (the host-memory
 # spelling: tensor([...]) without a device), then broadcast, reduce,
-# all-to-all and barrier lines in the same style.
+# all-to-all and barrier lines in the same style; where a GPU works, again
+# with the tensors in device memory, each line naming its device.
 set -u
 . "$(dirname "$0")/../lib/daemon.sh"
 daemon_start commd-demo
@@ -61,5 +62,24 @@ if ! diff <(sort "$dir/want") <(sort "$dir/out"); then
 	echo "FAIL: output differs from the reference lines"; exit 1
 fi
 cat "$dir/out"
+
+# The same on device memory where a GPU works: every tensor says its device
+# (as the reference's lines do), and without that the lines are the same.
+if "$COMMRUN" -n 4 --socket "$sock" "$COMM_DEMOS/collectives" --device >"$dir/dout" 2>"$dir/derr"; then
+	tensors=$(grep -o 'tensor(' "$dir/dout" | wc -l)
+	devices=$(grep -oE "\], device='cuda:[0-9]+'\)" "$dir/dout" | wc -l)
+	if [ "$tensors" != "$devices" ] || [ "$tensors" = 0 ]; then
+		echo "FAIL: --device: $tensors tensors, $devices with their device"; cat "$dir/dout"; exit 1
+	fi
+	if ! diff <(sort "$dir/want") <(sed -E "s/\], device='cuda:[0-9]+'\)/])/g" "$dir/dout" | sort); then
+		echo "FAIL: --device: output differs from the reference lines"; exit 1
+	fi
+	cat "$dir/dout"
+	echo "ok: the same on device memory"
+elif grep -qE -- "--device: (no usable GPU|built without CUDA)" "$dir/derr"; then
+	echo "note: the device run is skipped: $(grep -m1 -E -- '--device: ' "$dir/derr")"
+else
+	echo "FAIL: the demo failed on device memory"; cat "$dir/derr" "$dir/commd.log"; exit 1
+fi
 daemon_stop
 echo "ok: the reference collectives, exactly"
