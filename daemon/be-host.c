@@ -65,7 +65,20 @@ static void copy_out(struct task *t, size_t off, const uint8_t *src, size_t n)
 			memcpy(t->out[r] + off, src, n);
 }
 
-/* Do elements [lo, hi) of t's index space, chunk by chunk through tmp. */
+/* The first output's bytes at off, or NULL when no rank has an output. */
+static uint8_t *first_out(const struct task *t, size_t off)
+{
+	for (int r = 0; r < t->n; r++)
+		if (t->out[r])
+			return t->out[r] + off;
+	return NULL;
+}
+
+/*
+ * Do elements [lo, hi) of t's index space, chunk by chunk: a reduction goes
+ * into an output while still in cache (or into tmp when outputs share
+ * memory with inputs), copies straight from input to output.
+ */
 static void run_range(struct task *t, size_t lo, size_t hi, uint8_t *tmp, const void **src)
 {
 	size_t es = t->esize, chunk = CHUNK_BYTES / es;
@@ -79,20 +92,24 @@ static void run_range(struct task *t, size_t lo, size_t hi, uint8_t *tmp, const 
 		switch (t->type) {
 		case T(ALLREDUCE):
 		case T(REDUCE):
+		case T(REDUCE_SCATTER): {
+			uint8_t *dst = t->type == T(REDUCE_SCATTER) ? t->out[b] + o * es
+				     : t->type == T(REDUCE)	    ? t->out[t->root] + lo * es
+								    : first_out(t, lo * es);
+
 			for (int r = 0; r < t->n; r++)
 				src[r] = t->in[r] + lo * es;
-			reduce_n(t->dtype, t->redop, tmp, src, t->n, n);
-			if (t->type == T(REDUCE))
-				memcpy(t->out[t->root] + lo * es, tmp, n * es);
-			else
-				copy_out(t, lo * es, tmp, n * es);
+			if (!t->direct || !dst)
+				dst = tmp;
+			reduce_n(t->dtype, t->redop, dst, src, t->n, n);
+			if (t->type == T(ALLREDUCE))
+				copy_out(t, lo * es, dst, n * es);
+			else if (dst == tmp)
+				memcpy(t->type == T(REDUCE) ? t->out[t->root] + lo * es
+							    : t->out[b] + o * es,
+				       tmp, n * es);
 			break;
-		case T(REDUCE_SCATTER):
-			for (int r = 0; r < t->n; r++)
-				src[r] = t->in[r] + lo * es;
-			reduce_n(t->dtype, t->redop, tmp, src, t->n, n);
-			memcpy(t->out[b] + o * es, tmp, n * es);
-			break;
+		}
 		case T(ALLGATHER):
 			copy_out(t, lo * es, t->in[b] + o * es, n * es);
 			break;
@@ -182,17 +199,20 @@ static int overlaps(const uint8_t *a, size_t alen, const uint8_t *b, size_t blen
 /*
  * Outputs may alias inputs only in the in-place layouts (see comm.h); any
  * other overlap would let one chunk overwrite what another still reads.
+ * *any: whether any output overlaps any input at all.
  */
-static int needs_snapshot(const struct task *t, size_t inlen, size_t outlen)
+static int needs_snapshot(const struct task *t, size_t inlen, size_t outlen, int *any)
 {
 	size_t block = t->count * t->esize;
 
+	*any = 0;
 	for (int a = 0; a < t->n; a++) {
 		for (int b = 0; b < t->n; b++) {
 			const uint8_t *expect = NULL;
 
 			if (!t->out[a] || !t->in[b] || !overlaps(t->out[a], outlen, t->in[b], inlen))
 				continue;
+			*any = 1;
 			if (a != b)
 				return 1;
 			switch (t->type) {
@@ -257,14 +277,17 @@ static int run_part(struct task *t, size_t i, uint8_t *tmp)
 int be_host_run(struct task *t)
 {
 	size_t block = t->count * t->esize, inlen = block, outlen = block;
+	int any;
 
 	if (t->type == T(REDUCE_SCATTER) || t->type == T(ALLTOALL))
 		inlen *= (size_t)t->n;
 	if (t->type == T(ALLGATHER) || t->type == T(ALLTOALL))
 		outlen *= (size_t)t->n;
 	/* an unsafe overlap: copy the inputs aside first, off the loop thread if large */
-	if (needs_snapshot(t, inlen, outlen))
+	if (needs_snapshot(t, inlen, outlen, &any))
 		t->snap_len = inlen;
+	/* reductions then go straight into an output, which no input shares */
+	t->direct = !any || t->snap_len;
 	if ((inlen + outlen) * (size_t)t->n < INLINE_BYTES || pool.nthreads == 0) {
 		t->parts = 1;
 		if (run_part(t, 0, pool.inline_tmp) < 0)
