@@ -106,6 +106,8 @@ comm_result_t comm_pump(comm_t *c, int timeout_ms);
 int mem_lookup(comm_t *c, const void *p, size_t len, uint64_t *mem_id, uint64_t *off);
 /* Whether p lies in a segment at all (even if p+len runs past its end). */
 int mem_owned(comm_t *c, const void *p);
+/* Tell commd to drop registration mem_id (FreeMem), unless the comm is broken. */
+void mem_forget(comm_t *c, uint64_t mem_id);
 void mem_free_all(comm_t *c);
 
 /* ring.c */

@@ -236,16 +236,8 @@ static void dev_leave(comm_t *c, struct dev_save *s)
 
 static void mem_unregister(comm_t *c, struct dmem *m, int tell_daemon)
 {
-	Commpb__Envelope env = COMMPB__ENVELOPE__INIT, *reply = NULL;
-	Commpb__FreeMem fm = COMMPB__FREE_MEM__INIT;
-
-	if (tell_daemon && c->broken == COMM_OK) {
-		fm.mem_id = m->mem_id;
-		env.body_case = COMMPB__ENVELOPE__BODY_FREE_MEM;
-		env.free_mem = &fm;
-		if (comm_call(c, &env, NULL, 0, &reply) == COMM_OK)
-			commpb__envelope__free_unpacked(reply, NULL);
-	}
+	if (tell_daemon)
+		mem_forget(c, m->mem_id);
 	free(m);
 }
 

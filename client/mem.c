@@ -82,19 +82,25 @@ fail:
 	return NULL;
 }
 
-/* Unregister and unmap a segment (the daemon keeps it while ops use it). */
-static void seg_free(comm_t *c, struct seg *s, int tell_daemon)
+void mem_forget(comm_t *c, uint64_t mem_id)
 {
 	Commpb__Envelope env = COMMPB__ENVELOPE__INIT, *reply = NULL;
 	Commpb__FreeMem fm = COMMPB__FREE_MEM__INIT;
 
-	if (tell_daemon && c->broken == COMM_OK) {
-		fm.mem_id = s->mem_id;
-		env.body_case = COMMPB__ENVELOPE__BODY_FREE_MEM;
-		env.free_mem = &fm;
-		if (comm_call(c, &env, NULL, 0, &reply) == COMM_OK)
-			commpb__envelope__free_unpacked(reply, NULL);
-	}
+	if (c->broken != COMM_OK)
+		return;
+	fm.mem_id = mem_id;
+	env.body_case = COMMPB__ENVELOPE__BODY_FREE_MEM;
+	env.free_mem = &fm;
+	if (comm_call(c, &env, NULL, 0, &reply) == COMM_OK)
+		commpb__envelope__free_unpacked(reply, NULL);
+}
+
+/* Unregister and unmap a segment (the daemon keeps it while ops use it). */
+static void seg_free(comm_t *c, struct seg *s, int tell_daemon)
+{
+	if (tell_daemon)
+		mem_forget(c, s->mem_id);
 	while (s->blocks) {
 		struct block *b = s->blocks;
 

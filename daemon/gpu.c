@@ -23,6 +23,7 @@
 
 #include "commd.h"
 #include "gpu-proto.h"
+#include "gpu-worker.h"
 #include "log.h"
 #include "util.h"
 
@@ -352,7 +353,10 @@ static void on_worker_exit(uv_process_t *p, int64_t status, int sig)
 	if (sig)
 		snprintf(why, sizeof why, "killed by signal %d (%s)", sig, strsignal(sig));
 	else
-		snprintf(why, sizeof why, "exited with status %lld", (long long)status);
+		snprintf(why, sizeof why, "exited with status %lld%s", (long long)status,
+			 status == GPU_WORKER_EXIT_PROTOCOL ? " (a malformed message, or its socket failed)"
+			 : status == GPU_WORKER_EXIT_DEVICE ? " (a CUDA or NCCL error)"
+							     : "");
 	/* an exit after EOF is the normal end; anything else fails the job */
 	if (w->fd >= 0)
 		worker_lost(w, why);
