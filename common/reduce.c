@@ -169,6 +169,92 @@ DEF_FLOAT(f64, double)
 
 #define ROW(tag) { tag##_sum, tag##_prod, tag##_min, tag##_max, tag##_avg }
 
+/*
+ * Accumulate one input into acc (AVG: its SUM), and AVG's division on its
+ * own: for combining partial results, as the daemons of a job spread over
+ * several nodes do.
+ */
+typedef void (*acc_fn)(void *acc, const void *in, size_t count);
+typedef void (*div_fn)(void *buf, size_t count, int n);
+
+#define DEF_ACC_NATIVE(tag, T, S)                                              \
+	static void tag##_acc(void *acc, const void *in, size_t count)         \
+	{                                                                      \
+		tag##_a1(acc, in, count);                                      \
+	}
+#define DEF_DIV_NATIVE(tag, T, S)                                              \
+	static void tag##_div(void *buf, size_t count, int n)                  \
+	{                                                                      \
+		FIN_DIV(T, S, (T *)buf, count, n);                             \
+	}
+#define DEF_ACC_HALF(tag, LOAD, STORE, OP)                                     \
+	static void tag##_acc(void *acc, const void *in, size_t count)         \
+	{                                                                      \
+		uint16_t *a = acc;                                             \
+		const uint16_t *b = in;                                        \
+		for (size_t i = 0; i < count; i++)                             \
+			a[i] = STORE(OP(LOAD(a[i]), LOAD(b[i])));              \
+	}
+#define DEF_DIV_HALF(tag, LOAD, STORE)                                         \
+	static void tag##_div(void *buf, size_t count, int n)                  \
+	{                                                                      \
+		uint16_t *a = buf;                                             \
+		for (size_t i = 0; i < count; i++)                             \
+			a[i] = STORE(LOAD(a[i]) / (float)n);                   \
+	}
+
+#define DEF_ACC_INT(tag, U, S)                                                 \
+	DEF_ACC_NATIVE(tag##_sum, U, S)                                        \
+	DEF_ACC_NATIVE(tag##_prod, U, S)                                       \
+	DEF_ACC_NATIVE(tag##_min, S, S)                                        \
+	DEF_ACC_NATIVE(tag##_max, S, S)                                        \
+	DEF_ACC_NATIVE(tag##_avg, U, S)                                        \
+	DEF_DIV_NATIVE(tag, U, S)
+#define DEF_ACC_FLOAT(tag, T) DEF_ACC_INT(tag, T, T)
+#define DEF_ACC_FLOAT16(tag, LOAD, STORE)                                      \
+	DEF_ACC_HALF(tag##_sum, LOAD, STORE, OP_SUM)                           \
+	DEF_ACC_HALF(tag##_prod, LOAD, STORE, OP_PROD)                         \
+	DEF_ACC_HALF(tag##_min, LOAD, STORE, OP_MIN)                           \
+	DEF_ACC_HALF(tag##_max, LOAD, STORE, OP_MAX)                           \
+	DEF_ACC_HALF(tag##_avg, LOAD, STORE, OP_SUM)                           \
+	DEF_DIV_HALF(tag, LOAD, STORE)
+
+DEF_ACC_INT(i8, uint8_t, int8_t)
+DEF_ACC_INT(u8, uint8_t, uint8_t)
+DEF_ACC_INT(i32, uint32_t, int32_t)
+DEF_ACC_INT(u32, uint32_t, uint32_t)
+DEF_ACC_INT(i64, uint64_t, int64_t)
+DEF_ACC_INT(u64, uint64_t, uint64_t)
+DEF_ACC_FLOAT16(f16, half_to_float, float_to_half)
+DEF_ACC_FLOAT16(bf16, bf16_to_float, float_to_bf16)
+DEF_ACC_FLOAT(f32, float)
+DEF_ACC_FLOAT(f64, double)
+
+#define ACC_ROW(tag) { tag##_sum_acc, tag##_prod_acc, tag##_min_acc, tag##_max_acc, tag##_avg_acc }
+#define DTYPES(X)                                                              \
+	[COMM_INT8] = X(i8), [COMM_UINT8] = X(u8), [COMM_INT32] = X(i32),      \
+	[COMM_UINT32] = X(u32), [COMM_INT64] = X(i64), [COMM_UINT64] = X(u64), \
+	[COMM_FLOAT16] = X(f16), [COMM_BFLOAT16] = X(bf16), [COMM_FLOAT32] = X(f32), \
+	[COMM_FLOAT64] = X(f64)
+#define DIV_OF(tag) tag##_div
+
+static const acc_fn acc_table[][COMM_AVG + 1] = { DTYPES(ACC_ROW) };
+static const div_fn div_table[] = { DTYPES(DIV_OF) };
+
+void reduce_acc(comm_dtype_t dtype, comm_redop_t op, void *acc, const void *in, size_t count)
+{
+	if ((unsigned)dtype >= sizeof(acc_table) / sizeof(acc_table[0]) || (unsigned)op > COMM_AVG)
+		return;
+	acc_table[dtype][op](acc, in, count);
+}
+
+void reduce_div(comm_dtype_t dtype, void *buf, size_t count, int n)
+{
+	if (n < 1 || (unsigned)dtype >= sizeof(div_table) / sizeof(div_table[0]))
+		return;
+	div_table[dtype](buf, count, n);
+}
+
 static const reduce_fn table[][COMM_AVG + 1] = {
 	[COMM_INT8] = ROW(i8),
 	[COMM_UINT8] = ROW(u8),

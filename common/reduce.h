@@ -20,4 +20,14 @@
 void reduce_n(comm_dtype_t dtype, comm_redop_t op, void *out, const void *const *in, int n,
 	      size_t count);
 
+/*
+ * acc[i] = acc[i] op in[i] for i < count; AVG accumulates the SUM (finish
+ * with reduce_div). Integer SUM and PROD wrap; float16 and bfloat16 widen,
+ * combine and round at each call. in must not overlap acc.
+ */
+void reduce_acc(comm_dtype_t dtype, comm_redop_t op, void *acc, const void *in, size_t count);
+
+/* buf[i] /= n as reduce_n's AVG divides its sum (integers toward zero). */
+void reduce_div(comm_dtype_t dtype, void *buf, size_t count, int n);
+
 #endif
