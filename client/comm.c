@@ -241,8 +241,27 @@ static const char *job_from_env(char *buf, size_t len)
 	return NULL;
 }
 
+/*
+ * The root daemon of a job on several nodes: COMM_ROOT, else under torchrun
+ * with ranks on other nodes too, MASTER_ADDR:COMM_ROOT_PORT (default 29600).
+ */
+static const char *root_from_env(char *buf, size_t len)
+{
+	const char *v = getenv("COMM_ROOT"), *local = getenv("LOCAL_WORLD_SIZE");
+	const char *world = getenv("WORLD_SIZE"), *master = getenv("MASTER_ADDR");
+	const char *port = getenv("COMM_ROOT_PORT");
+
+	if (v)
+		return v;
+	if (!local || !world || !master || !*master || atoi(local) >= atoi(world))
+		return "";
+	snprintf(buf, len, "%s:%s", master, port && *port ? port : "29600");
+	return buf;
+}
+
 static comm_result_t resolve_config(const comm_config_t *in, comm_config_t *out, char *jobbuf,
-				    size_t joblen, char *err, size_t errlen)
+				    size_t joblen, char *rootbuf, size_t rootlen, char *err,
+				    size_t errlen)
 {
 	static const char *const rank_vars[] = { "COMM_RANK", "RANK", "OMPI_COMM_WORLD_RANK",
 						 "PMI_RANK", "SLURM_PROCID", NULL };
@@ -276,6 +295,8 @@ static comm_result_t resolve_config(const comm_config_t *in, comm_config_t *out,
 					 : "init: no world size: set COMM_WORLD_SIZE");
 		return COMM_ERR_INVALID_ARG;
 	}
+	if (!out->root)
+		out->root = root_from_env(rootbuf, rootlen);
 	if (out->timeout_ms == 0 && env_int(timeout_vars, &out->timeout_ms) < 0) {
 		snprintf(err, errlen, "init: COMM_TIMEOUT is not a number of milliseconds");
 		return COMM_ERR_INVALID_ARG;
@@ -334,7 +355,7 @@ COMM_API comm_result_t comm_init(comm_t **out, const comm_config_t *config)
 	Commpb__Envelope env = COMMPB__ENVELOPE__INIT, *reply = NULL;
 	Commpb__Hello hello = COMMPB__HELLO__INIT;
 	comm_config_t cfg;
-	char jobbuf[256];
+	char jobbuf[256], rootbuf[300];
 	comm_result_t rc;
 	comm_t *c;
 
@@ -349,8 +370,8 @@ COMM_API comm_result_t comm_init(comm_t **out, const comm_config_t *config)
 	c->next_id = 1;
 	c->next_seq = 1;
 	frame_reader_init(&c->rd);
-	rc = resolve_config(config, &cfg, jobbuf, sizeof jobbuf, c->last_error,
-			    sizeof c->last_error);
+	rc = resolve_config(config, &cfg, jobbuf, sizeof jobbuf, rootbuf, sizeof rootbuf,
+			    c->last_error, sizeof c->last_error);
 	if (rc != COMM_OK)
 		goto out;
 	c->fd = connect_to(cfg.socket, c->last_error, sizeof c->last_error);
@@ -367,6 +388,7 @@ COMM_API comm_result_t comm_init(comm_t **out, const comm_config_t *config)
 	hello.rank = cfg.rank;
 	hello.world_size = cfg.world_size;
 	hello.timeout_ms = (uint32_t)cfg.timeout_ms;
+	hello.root = (char *)cfg.root;
 	env.body_case = COMMPB__ENVELOPE__BODY_HELLO;
 	env.hello = &hello;
 	rc = comm_call(c, &env, NULL, 0, &reply);

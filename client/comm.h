@@ -70,8 +70,17 @@ typedef struct comm_request comm_request_t;
 /*
  * How to join a job. A field left unset (NULL string, rank or world_size -1,
  * timeout_ms 0) is taken from the environment: COMM_SOCKET, COMM_JOB,
- * COMM_TOKEN, COMM_RANK, COMM_WORLD_SIZE, COMM_TIMEOUT (milliseconds); then
- * from the launcher's own variables (torchrun, Open MPI, Slurm).
+ * COMM_TOKEN, COMM_RANK, COMM_WORLD_SIZE, COMM_TIMEOUT (milliseconds),
+ * COMM_ROOT; then from the launcher's own variables (torchrun, Open MPI,
+ * Slurm).
+ *
+ * A job whose ranks run on several nodes names a root: the peer listener
+ * (commd --peer-listen) of one node's daemon, as host:port. Every rank
+ * connects to its own node's daemon and gives the same root; the root
+ * forms the job once the daemons hold all world_size ranks. Under torchrun
+ * with ranks on several nodes (LOCAL_WORLD_SIZE < WORLD_SIZE) and no
+ * COMM_ROOT, the root is MASTER_ADDR on port COMM_ROOT_PORT (default 29600).
+ * root "" or unset: the job is on this node's daemon alone.
  */
 typedef struct {
 	const char *socket;     /* daemon socket; default /run/commd/commd.sock */
@@ -80,10 +89,11 @@ typedef struct {
 	int rank;               /* 0 .. world_size-1 */
 	int world_size;         /* number of ranks in the job */
 	int timeout_ms;         /* op deadline in the daemon; default 10 minutes */
+	const char *root;       /* ranks on several nodes: the root daemon's host:port */
 } comm_config_t;
 
 #define COMM_CONFIG_INIT                                                       \
-	{ NULL, NULL, NULL, -1, -1, 0 }
+	{ NULL, NULL, NULL, -1, -1, 0, NULL }
 
 /* An all-unset config, as COMM_CONFIG_INIT. */
 comm_config_t comm_config_default(void);

@@ -43,8 +43,8 @@ static void print_jobs_text(const Commpb__StatusReply *s)
 	}
 	if (s->jobs_omitted)
 		printf("(%u more jobs not shown)\n", s->jobs_omitted);
-	printf("%-24s %5s %6s %-9s %10s %8s %10s %10s %7s\n", "JOB", "UID", "RANKS", "STATE",
-	       "OPS", "PENDING", "MOVED", "MEMORY", "ERRORS");
+	printf("%-24s %5s %6s %5s %-9s %10s %8s %10s %10s %7s\n", "JOB", "UID", "RANKS", "NODES",
+	       "STATE", "OPS", "PENDING", "MOVED", "MEMORY", "ERRORS");
 	for (size_t i = 0; i < s->n_jobs; i++) {
 		const Commpb__JobInfo *j = s->jobs[i];
 		char ranks[32];
@@ -52,10 +52,43 @@ static void print_jobs_text(const Commpb__StatusReply *s)
 		snprintf(ranks, sizeof ranks, "%d/%d", j->joined, j->world_size);
 		human_bytes(j->bytes_moved, moved, sizeof moved);
 		human_bytes(j->mem_registered, mem, sizeof mem);
-		printf("%-24s %5u %6s %-9s %10" PRIu64 " %8" PRIu64 " %10s %10s %7" PRIu64 "\n",
-		       j->name, j->uid, ranks, j->state, j->ops_completed, j->ops_pending, moved,
-		       mem, j->errors);
+		printf("%-24s %5u %6s %5d %-9s %10" PRIu64 " %8" PRIu64 " %10s %10s %7" PRIu64 "\n",
+		       j->name, j->uid, ranks, j->nodes ? j->nodes : 1, j->state, j->ops_completed,
+		       j->ops_pending, moved, mem, j->errors);
 	}
+}
+
+static void print_peers_text(const Commpb__StatusReply *s)
+{
+	printf("%-24s %-22s %-7s %9s %5s  %s\n", "PEER", "ADDRESS", "ROLE", "RTT", "JOBS", "STATE");
+	for (size_t i = 0; i < s->n_peers; i++) {
+		const Commpb__PeerInfo *p = s->peers[i];
+		char rtt[16] = "-";
+
+		if (p->rtt_us)
+			snprintf(rtt, sizeof rtt, "%u us", p->rtt_us);
+		printf("%-24s %-22s %-7s %9s %5u  %s\n", p->node, p->address, p->role, rtt, p->jobs,
+		       p->state);
+	}
+}
+
+static void print_peers_json(const Commpb__StatusReply *s)
+{
+	printf("[");
+	for (size_t i = 0; i < s->n_peers; i++) {
+		const Commpb__PeerInfo *p = s->peers[i];
+
+		printf("%s{\"node\": ", i ? ", " : "");
+		ctl_json_str(p->node);
+		printf(", \"address\": ");
+		ctl_json_str(p->address);
+		printf(", \"role\": ");
+		ctl_json_str(p->role);
+		printf(", \"state\": ");
+		ctl_json_str(p->state);
+		printf(", \"rtt_us\": %u, \"jobs\": %u}", p->rtt_us, p->jobs);
+	}
+	printf("]");
 }
 
 static void print_jobs_json(const Commpb__StatusReply *s)
@@ -71,9 +104,11 @@ static void print_jobs_json(const Commpb__StatusReply *s)
 		ctl_json_str(j->state);
 		printf(", \"ops_completed\": %" PRIu64 ", \"ops_pending\": %" PRIu64
 		       ", \"bytes_moved\": %" PRIu64 ", \"mem_registered\": %" PRIu64
-		       ", \"errors\": %" PRIu64 "}",
+		       ", \"errors\": %" PRIu64 ", \"nodes\": %d, \"root\": ",
 		       j->ops_completed, j->ops_pending, j->bytes_moved, j->mem_registered,
-		       j->errors);
+		       j->errors, j->nodes ? j->nodes : 1);
+		ctl_json_str(j->root);
+		printf("}");
 	}
 	printf("]");
 }
@@ -106,6 +141,12 @@ int ctl_status(struct ctl *ctl, int argc, char **argv)
 		ctl_json_str(s->nccl);
 		printf(", \"topology\": ");
 		ctl_json_str(s->topology);
+		printf(", \"node\": ");
+		ctl_json_str(s->node);
+		printf(", \"peer_listen\": ");
+		ctl_json_str(s->peer_listen);
+		printf(", \"peers\": ");
+		print_peers_json(s);
 		printf(", \"worker_threads\": %u, \"connections\": %" PRIu64
 		       ", \"ops_completed\": %" PRIu64 ", \"bytes_moved\": %" PRIu64
 		       ", \"errors\": %" PRIu64 ", \"jobs_omitted\": %u, \"jobs\": ",
@@ -126,10 +167,17 @@ int ctl_status(struct ctl *ctl, int argc, char **argv)
 		printf("gpu:         %s\n", s->gpu);
 		printf("nccl:        %s\n", s->nccl);
 		printf("topology:    %s\n", s->topology);
+		printf("node:        %s\n", s->node);
+		printf("peers:       %zu%s%s\n", s->n_peers,
+		       *s->peer_listen ? ", listening on " : " (no peer listener)", s->peer_listen);
 		printf("connections: %" PRIu64 "\n", s->connections);
 		printf("ops:         %" PRIu64 " completed, %s moved, %" PRIu64 " errors\n",
 		       s->ops_completed, moved, s->errors);
 		printf("jobs:        %zu\n", s->n_jobs + s->jobs_omitted);
+		if (s->n_peers) {
+			printf("\n");
+			print_peers_text(s);
+		}
 		if (s->n_jobs) {
 			printf("\n");
 			print_jobs_text(s);

@@ -74,6 +74,7 @@ struct config {
 	char socket[108];      /* sun_path's size */
 	char topology[4096];   /* "" : discover */
 	char gpu_worker[4096]; /* "" : commd-gpu beside commd, else in pkglibexecdir */
+	char peer_listen[256]; /* host:port for other daemons; "": none */
 	int log_level;
 	int threads;
 	int pin_workers;       /* bind worker i to core i */
@@ -139,6 +140,88 @@ void gpu_job_failed(struct job *j);
 void gpu_job_gone(struct job *j);
 /* "available (nccl X.Y.Z)" or "unavailable (why)", for status. */
 void gpu_nccl_line(char *buf, size_t len);
+
+/* --- peer.c: the control plane between daemons (TCP) ----------------------- */
+
+#define PEER_DEADLINE_MS 3000  /* a peer silent this long is lost */
+
+struct peer;
+
+/* A node of a job that spans daemons, as the root's table has it. */
+struct dist_node {
+	char name[128];
+	uint8_t *ucx;          /* its daemon's UCX worker address */
+	size_t ucx_len;
+	uint32_t slot;         /* its tag slot for the job */
+	int nranks;
+	int *ranks;            /* ascending */
+};
+
+/* A job whose ranks are spread over several daemons (Hello.root). */
+struct dist {
+	char root[256];        /* the root daemon's host:port */
+	struct peer *peer;     /* the connection to it; NULL once lost */
+	uint64_t key;          /* the root's name for the formed job; 0 while forming */
+	uint32_t slot;         /* our tag slot for the job (net.c) */
+	int remote;            /* the failure came from the root: not sent back */
+	int nnodes;            /* 0 while forming */
+	int self;              /* our index in nodes */
+	struct dist_node *nodes;
+	int *node_of;          /* by rank: its node's index */
+	uint32_t **sent;       /* [a][b], a here: messages rank a sent to rank b */
+	uint32_t **rcvd;       /* [b][a], b here: messages rank b received from rank a */
+};
+
+/* Listen for other daemons on listen_addr (host:port; "" none). 0 or -1. */
+int peer_start(uv_loop_t *loop, const char *listen_addr);
+/* Close the listener and every peer connection (daemon shutdown). */
+void peer_stop(void);
+/* Free what peer_stop left, once the loop has run its close callbacks. */
+void peer_free_all(void);
+/* Heartbeats, connect deadlines and the root's forming deadlines. */
+void peer_tick(uint64_t now);
+/* Make j a job formed by root (host:port): 0, or -1 with err. */
+int peer_job_new(struct job *j, const char *root, char *err, size_t errlen);
+/* The job's local ranks changed while it forms: tell the root. */
+void peer_job_update(struct job *j);
+/* j failed here: tell the root, which tells the other members. */
+void peer_job_failed(struct job *j);
+/* Rank r (here) left j cleanly: the other members learn it through the root. */
+void peer_rank_left(struct job *j, int r);
+/* j is freed here: the root forgets this member; free j->dist. */
+void peer_job_gone(struct job *j);
+/* Whether rank r of j is on this daemon (always, for a one-daemon job). */
+int dist_local(const struct job *j, int r);
+/* Whether j's ranks are on more than one daemon. */
+int dist_spans(const struct job *j);
+const char *peer_node_name(void);
+const char *peer_listen_addr(void);
+/* Fill out[0..max-1] (and their state strings) for status; returns how many. */
+int peer_status(Commpb__PeerInfo **out, int max, char (*state)[192]);
+
+/* --- net.c: the data plane between daemons (UCX) --------------------------- */
+
+/* Start UCX and its thread; without UCX (or when it fails) jobs stay on one node. */
+void net_start(uv_loop_t *loop);
+void net_stop(void);
+/* Whether cross-node jobs can run, and why not. */
+int net_available(void);
+const char *net_why(void);
+/* This daemon's UCX worker address (NULL, 0 without UCX). */
+const void *net_address(size_t *len);
+/* A tag slot for a new job, and giving it back (its late messages are drained). */
+uint32_t net_slot_alloc(void);
+void net_slot_free(uint32_t slot);
+/*
+ * Run t across the daemons of its job: a collective (every node runs it) or
+ * one half of a send/recv whose partner is on another node. Always
+ * asynchronous: engine_task_done(t) follows on the loop thread.
+ */
+void be_net_run(struct task *t);
+/* The job failed: its tasks on the data plane stop and finish with its error. */
+void net_job_failed(struct job *j);
+/* Stop t (it cannot finish): it finishes with code and detail. */
+void net_task_cancel(struct task *t, comm_result_t code, const char *detail);
 
 /* --- topo.c, topo-discover.c: the node's GPUs, NICs, NUMA nodes, PCIe tree --- */
 
@@ -395,6 +478,8 @@ struct job {
 	uint64_t errors;
 	uint64_t mem_bytes;
 	struct gpu_worker *gpu; /* its GPU worker, once it registered device memory */
+	struct dist *dist;      /* spread over several daemons, or NULL */
+	int tasks_out;          /* tasks on a backend (the running one, remote send/recv) */
 };
 
 /* Attach c as a rank of the job named in hello, creating the job. */
@@ -500,6 +585,11 @@ struct task {
 	comm_result_t status;  /* COMM_OK unless the backend failed */
 	char detail[256];      /* why, when it failed */
 	int gpu;               /* on device memory: runs on the job's GPU worker */
+	int net;               /* across daemons: runs on the data plane (net.c) */
+	uint64_t cseq;         /* net: the collective's number, or the message's index */
+	int peer;              /* net send/recv: the rank on the other node */
+	int local;             /* net send/recv: the rank here */
+	struct net_task *nt;   /* net: the data plane's state */
 	uint64_t started_ms;
 	size_t parts;
 	size_t next_part;      /* guarded by the pool lock */

@@ -48,6 +48,8 @@ int config_set(struct config *cfg, const char *key, const char *val, char *err, 
 		return set_path(cfg->socket, sizeof cfg->socket, key, val, err, errlen);
 	if (!strcmp(key, "topology"))
 		return set_path(cfg->topology, sizeof cfg->topology, key, val, err, errlen);
+	if (!strcmp(key, "peer-listen"))
+		return set_path(cfg->peer_listen, sizeof cfg->peer_listen, key, val, err, errlen);
 	if (!strcmp(key, "gpu-worker"))
 		return set_path(cfg->gpu_worker, sizeof cfg->gpu_worker, key, val, err, errlen);
 	if (!strcmp(key, "log-level")) {

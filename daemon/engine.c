@@ -154,7 +154,7 @@ static struct posted *unit_last(struct job *j, int r)
  */
 static int finished(const struct job *j, const struct posted *p)
 {
-	if (!p->done)
+	if (!p->done || p->running)
 		return 0;
 	if (p->coll)
 		return p->cseq < j->next_coll || j->nleft;
@@ -195,41 +195,57 @@ static struct posted *unit_coll(struct job *j, int r, uint64_t cseq)
 	return NULL;
 }
 
-/* Compare every rank's collective with rank 0's; on disagreement fill detail. */
+/*
+ * Compare the collective of every rank here with the first one's (rank 0 on
+ * one node); on disagreement fill detail.
+ */
 static int disagree(struct job *j, struct posted **ops, char *detail, size_t len)
 {
-	const struct posted *a = ops[0];
+	const struct posted *a = NULL;
+	int ra = -1;
 
-	for (int r = 1; r < j->world; r++) {
+	for (int r = 0; r < j->world; r++) {
 		const struct posted *b = ops[r];
-		unsigned long long seq = (unsigned long long)a->cseq;
-		const char *name = op_type_name(a->type);
+		unsigned long long seq;
+		const char *name;
 
+		if (!b)
+			continue;
+		if (!a) {
+			a = b;
+			ra = r;
+			continue;
+		}
+		seq = (unsigned long long)a->cseq;
+		name = op_type_name(a->type);
 		if (a->type != b->type) {
 			snprintf(detail, len,
-				 "collective %llu: type: rank 0 posted %s, rank %d posted %s", seq,
-				 name, r, op_type_name(b->type));
+				 "collective %llu: type: rank %d posted %s, rank %d posted %s", seq,
+				 ra, name, r, op_type_name(b->type));
 			return 1;
 		}
 		if (a->count != b->count) {
-			snprintf(detail, len, "collective %llu: %s count: rank 0 has %llu, rank %d has %llu",
-				 seq, name, (unsigned long long)a->count, r,
+			snprintf(detail, len,
+				 "collective %llu: %s count: rank %d has %llu, rank %d has %llu", seq,
+				 name, ra, (unsigned long long)a->count, r,
 				 (unsigned long long)b->count);
 			return 1;
 		}
 		if (a->dtype != b->dtype) {
-			snprintf(detail, len, "collective %llu: %s dtype: rank 0 has %s, rank %d has %s",
-				 seq, name, dtype_name((int)a->dtype), r, dtype_name((int)b->dtype));
+			snprintf(detail, len, "collective %llu: %s dtype: rank %d has %s, rank %d has %s",
+				 seq, name, ra, dtype_name((int)a->dtype), r,
+				 dtype_name((int)b->dtype));
 			return 1;
 		}
 		if (op_reduces(a->type) && a->redop != b->redop) {
-			snprintf(detail, len, "collective %llu: %s redop: rank 0 has %s, rank %d has %s",
-				 seq, name, redop_name((int)a->redop), r, redop_name((int)b->redop));
+			snprintf(detail, len, "collective %llu: %s redop: rank %d has %s, rank %d has %s",
+				 seq, name, ra, redop_name((int)a->redop), r,
+				 redop_name((int)b->redop));
 			return 1;
 		}
 		if (op_has_root(a->type) && a->root != b->root) {
-			snprintf(detail, len, "collective %llu: %s root: rank 0 has %d, rank %d has %d",
-				 seq, name, a->root, r, b->root);
+			snprintf(detail, len, "collective %llu: %s root: rank %d has %d, rank %d has %d",
+				 seq, name, ra, a->root, r, b->root);
 			return 1;
 		}
 	}
@@ -272,25 +288,34 @@ static uint8_t *buf_addr(const struct bufspec *b)
 	return b->mem ? b->mem->addr + b->off : NULL;
 }
 
-/* The task of collective ops[0..world-1]; NULL when memory ran out. */
-static struct task *coll_task(struct job *j, struct posted **ops)
+/*
+ * The task of collective ops[0..world-1] (NULL for ranks on other nodes,
+ * whose in and out stay NULL); NULL when memory ran out.
+ */
+static struct task *coll_task(struct job *j, struct posted **ops, int nlocal)
 {
-	struct task *t = task_new(j, j->world, j->world);
+	struct task *t = task_new(j, nlocal, j->world);
+	const struct posted *a = NULL;
+	int i = 0;
 
 	if (!t)
 		return NULL;
-	t->type = ops[0]->type;
-	t->dtype = ops[0]->dtype;
-	t->redop = ops[0]->redop;
-	t->root = ops[0]->root;
-	t->count = ops[0]->count;
-	t->esize = dtype_size((int)t->dtype);
 	for (int r = 0; r < j->world; r++) {
-		t->ops[r] = ops[r];
+		if (!ops[r])
+			continue;
+		a = a ? a : ops[r];
+		t->ops[i++] = ops[r];
 		t->in[r] = buf_addr(&ops[r]->send);
 		t->out[r] = buf_addr(&ops[r]->recv);
 		t->bytes += ops[r]->recv.len;
 	}
+	t->type = a->type;
+	t->dtype = a->dtype;
+	t->redop = a->redop;
+	t->root = a->root;
+	t->count = a->count;
+	t->cseq = a->cseq;
+	t->esize = dtype_size((int)t->dtype);
 	return t;
 }
 
@@ -304,8 +329,19 @@ static void start(struct job *j, struct task *t)
 
 	for (int i = 0; i < t->nops; i++)
 		t->ops[i]->running = 1;
-	j->running = t;
+	if (!t->net || t->peer < 0)
+		j->running = t; /* one collective or local send at a time */
+	j->tasks_out++;
 	t->started_ms = now_ms();
+	if (t->net) {
+		if (dev)
+			snprintf(t->detail, sizeof t->detail,
+				 "device memory across daemons is not supported yet");
+		if (dev && t->status == COMM_OK)
+			t->status = COMM_ERR_UNSUPPORTED;
+		be_net_run(t);
+		return;
+	}
 	if (dev < 0) {
 		t->status = COMM_ERR_UNSUPPORTED;
 		done = 1;
@@ -317,23 +353,49 @@ static void start(struct job *j, struct task *t)
 		engine_task_done(t);
 }
 
+/*
+ * Across daemons every node runs every collective, failed or not, so that
+ * the nodes agree on its outcome: the data plane swaps each node's verdict
+ * (status, and the op as its first rank has it) before any data.
+ */
+static void start_net_collective(struct job *j, struct posted **ops, int nlocal,
+				 comm_result_t code, const char *detail)
+{
+	struct task *t = coll_task(j, ops, nlocal);
+
+	if (!t) {
+		job_fail(j, COMM_ERR_NO_MEMORY, "engine: out of memory");
+		return;
+	}
+	t->net = 1;
+	t->peer = -1;
+	t->status = code;
+	if (code != COMM_OK)
+		snprintf(t->detail, sizeof t->detail, "%s", detail);
+	start(j, t);
+}
+
 /* Try the next collective; 1 when something happened. */
 static int try_collective(struct job *j)
 {
 	struct posted **ops = j->scratch_ops;
 	comm_result_t code = COMM_ERR_MISMATCH;
 	char detail[256];
-	int bad = -1, rc = 0;
+	int bad = -1, rc = 0, nlocal = 0;
 	struct task *t;
 
 	for (int r = 0; r < j->world; r++) {
 		if (j->left[r]) /* none can run: engine_rank_left failed them */
 			goto out;
+		ops[r] = NULL;
+		if (!dist_local(j, r))
+			continue;
 		ops[r] = unit_coll(j, r, j->next_coll);
 		if (!ops[r])
 			goto out;
 		if (ops[r]->done && bad < 0)
 			bad = r;
+		nlocal++;
 	}
 	rc = 1;
 	j->next_coll++;
@@ -344,18 +406,26 @@ static int try_collective(struct job *j)
 			 (unsigned long long)ops[bad]->cseq, bad, ops[bad]->detail);
 	} else if (disagree(j, ops, detail, sizeof detail)) {
 		log_info("job %s: %s", j->name, detail);
+	} else if (dist_spans(j)) {
+		start_net_collective(j, ops, nlocal, COMM_OK, "");
+		goto out;
 	} else if (ops[0]->type == COMMPB__OP_TYPE__OP_BARRIER || ops[0]->count == 0) {
 		for (int r = 0; r < j->world; r++)
 			set_done(ops[r], COMM_OK, "");
 		j->ops_completed++;
 		srv.ops_completed++;
 		goto out;
-	} else if ((t = coll_task(j, ops))) {
+	} else if ((t = coll_task(j, ops, nlocal))) {
 		start(j, t);
 		goto out;
 	} else {
 		code = COMM_ERR_NO_MEMORY;
 		snprintf(detail, sizeof detail, "engine: out of memory");
+	}
+	if (dist_spans(j)) {
+		/* the other nodes fail it too, with this detail */
+		start_net_collective(j, ops, nlocal, code, detail);
+		goto out;
 	}
 	j->errors++;
 	for (int r = 0; r < j->world; r++)
@@ -436,9 +506,47 @@ static int pair(struct job *j, int a, struct posted *s)
 }
 
 /*
+ * Start p, a send or recv whose partner is on another daemon, on the data
+ * plane (refused ones too: the partner learns why). The k-th send from a to
+ * b meets the k-th recv on b from a: each side counts its own.
+ */
+static void start_net_p2p(struct job *j, struct posted *p)
+{
+	int send = p->type == COMMPB__OP_TYPE__OP_SEND;
+	uint32_t *count = send ? &j->dist->sent[p->rank][p->peer] : &j->dist->rcvd[p->rank][p->peer];
+	struct task *t = task_new(j, 1, 1);
+
+	p->matched = 1;
+	if (!t) {
+		set_done(p, COMM_ERR_NO_MEMORY, "engine: out of memory");
+		return;
+	}
+	t->type = p->type;
+	t->ops[0] = p;
+	t->net = 1;
+	t->peer = p->peer;
+	t->local = p->rank;
+	t->cseq = ++*count;
+	t->dtype = COMM_UINT8;
+	t->esize = 1;
+	t->in[0] = send ? buf_addr(&p->send) : NULL;
+	t->out[0] = send ? NULL : buf_addr(&p->recv);
+	t->count = send ? p->send.len : p->recv.len;
+	t->bytes = t->count;
+	if (p->done) {
+		t->status = p->status;
+		snprintf(t->detail, sizeof t->detail, "%s from rank %d to rank %d: refused on rank %d: %.180s",
+			 send ? "send" : "recv", send ? p->rank : p->peer, send ? p->peer : p->rank,
+			 p->rank, p->detail);
+	}
+	start(j, t);
+}
+
+/*
  * Pair a send with its recv; 1 when something happened. The k-th send from
  * a to b pairs with the k-th recv on b from a: once a send to b finds no
- * recv, later sends to b wait too (blocked, for this pass).
+ * recv, later sends to b wait too (blocked, for this pass). A send or recv
+ * whose partner is on another daemon goes to the data plane at once.
  */
 static int try_p2p(struct job *j)
 {
@@ -450,8 +558,14 @@ static int try_p2p(struct job *j)
 
 		memset(blocked, 0, (size_t)j->world);
 		UNIT_FOREACH(s, j, a, last) {
-			if (s->type != COMMPB__OP_TYPE__OP_SEND || s->matched || s->peer < 0 ||
-			    blocked[s->peer])
+			if (op_is_collective(s->type) || s->matched || s->peer < 0)
+				continue;
+			if (!dist_local(j, s->peer)) {
+				start_net_p2p(j, s);
+				rc = 1;
+				break;
+			}
+			if (s->type != COMMPB__OP_TYPE__OP_SEND || blocked[s->peer])
 				continue;
 			if ((rc = pair(j, a, s)))
 				break;
@@ -470,7 +584,9 @@ static void finish_task(struct task *t)
 			     : *t->detail ? t->detail
 					  : "host backend: out of memory";
 
-	j->running = NULL;
+	if (j->running == t)
+		j->running = NULL;
+	j->tasks_out--;
 	if (code == COMM_OK && j->state != JOB_READY) {
 		code = j->fail_code;
 		detail = j->fail_detail;
@@ -487,7 +603,8 @@ static void finish_task(struct task *t)
 		struct posted *p = t->ops[i];
 
 		p->running = 0;
-		set_done(p, code, detail);
+		if (!p->done || p->status == COMM_OK) /* a refused op keeps its reason */
+			set_done(p, code, detail);
 		if (j->state != JOB_READY) {
 			/* everything else was answered when the job failed */
 			reply(j, p, code, detail);
@@ -557,14 +674,15 @@ void engine_check_deadline(struct job *j, uint64_t now)
 
 	if (j->state != JOB_READY)
 		return;
-	/* a host task always ends; a GPU worker can hang in CUDA or NCCL */
+	/* a host task always ends; a GPU worker can hang, a peer node can be late */
 	if (j->running) {
 		struct task *t = j->running;
 
-		if (t->gpu && now - t->started_ms >= j->timeout_ms)
-			job_fail(j, COMM_ERR_TIMEOUT,
-				 "op %llu (%s): the GPU worker did not finish it within %u ms",
+		if ((t->gpu || t->net) && now - t->started_ms >= j->timeout_ms)
+			job_fail(j, COMM_ERR_TIMEOUT, "op %llu (%s): %s within %u ms",
 				 (unsigned long long)t->ops[0]->seq, op_type_name(t->ops[0]->type),
+				 t->gpu ? "the GPU worker did not finish it"
+					: "the other daemons did not all run it",
 				 j->timeout_ms);
 		return;
 	}
@@ -581,7 +699,7 @@ void engine_check_deadline(struct job *j, uint64_t now)
 		int missing = 0;
 
 		for (int r = 0; r < j->world && n < sizeof who; r++) {
-			if (unit_coll(j, r, oldest->cseq))
+			if (!dist_local(j, r) || unit_coll(j, r, oldest->cseq))
 				continue;
 			n += (size_t)snprintf(who + n, sizeof who - n, "%s%d", n ? ", " : "", r);
 			missing++;

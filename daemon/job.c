@@ -45,6 +45,7 @@ static int printable(const char *s)
 
 static void job_free(struct job *j)
 {
+	peer_job_gone(j);
 	free(j->ranks);
 	free(j->posted);
 	free(j->next_post);
@@ -123,6 +124,10 @@ comm_result_t job_join(struct conn *c, const Commpb__Hello *h, char *err, size_t
 		snprintf(err, errlen, "join: rank %d is not in 0..%d", h->rank, h->world_size - 1);
 		return COMM_ERR_INVALID_ARG;
 	}
+	if (strlen(h->root) > 255) {
+		snprintf(err, errlen, "join: root address over 255 bytes");
+		return COMM_ERR_INVALID_ARG;
+	}
 	j = job_find(h->job, c->uid);
 	if (j) {
 		/* The same answer whether the uid or the token is wrong. */
@@ -141,6 +146,11 @@ comm_result_t job_join(struct conn *c, const Commpb__Hello *h, char *err, size_t
 				 j->name, j->world, h->rank, h->world_size);
 			return COMM_ERR_INVALID_ARG;
 		}
+		if (strcmp(j->dist ? j->dist->root : "", h->root)) {
+			snprintf(err, errlen, "join: job %s: rank %d names root '%s', the job has '%s'",
+				 j->name, h->rank, h->root, j->dist ? j->dist->root : "");
+			return COMM_ERR_INVALID_ARG;
+		}
 		if (j->ranks[h->rank]) {
 			snprintf(err, errlen, "join: job %s: rank %d has already joined (pid %d)",
 				 j->name, h->rank, (int)j->ranks[h->rank]->pid);
@@ -149,6 +159,10 @@ comm_result_t job_join(struct conn *c, const Commpb__Hello *h, char *err, size_t
 	} else if (!(j = job_new(c, h))) {
 		snprintf(err, errlen, "join: out of memory");
 		return COMM_ERR_NO_MEMORY;
+	} else if (*h->root && peer_job_new(j, h->root, err, errlen) < 0) {
+		TAILQ_REMOVE(&srv.jobs, j, link);
+		job_free(j);
+		return COMM_ERR_DAEMON_UNREACHABLE;
 	}
 	j->ranks[h->rank] = c;
 	j->joined++;
@@ -157,7 +171,9 @@ comm_result_t job_join(struct conn *c, const Commpb__Hello *h, char *err, size_t
 	c->rank = h->rank;
 	log_debug("job %s: rank %d joined (pid %d), %d of %d", j->name, h->rank, (int)c->pid,
 		  j->joined, j->world);
-	if (j->joined == j->world)
+	if (j->dist)
+		peer_job_update(j); /* the root forms it */
+	else if (j->joined == j->world)
 		j->state = JOB_READY;
 	return COMM_OK;
 }
@@ -192,7 +208,7 @@ void job_announce(struct job *j)
 
 int job_maybe_free(struct job *j)
 {
-	if (j->attached > 0 || j->running)
+	if (j->attached > 0 || j->tasks_out)
 		return 0;
 	log_info("job %s: freed (%s, %llu ops, %llu errors)", j->name, job_state_name(j->state),
 		 (unsigned long long)j->ops_completed, (unsigned long long)j->errors);
@@ -218,6 +234,7 @@ void job_fail(struct job *j, comm_result_t code, const char *fmt, ...)
 	log_info("job %s: failed: %s: %s", j->name, comm_result_name(code), j->fail_detail);
 	if (j->state == JOB_FORMING) {
 		j->state = JOB_FAILED;
+		peer_job_failed(j);
 		job_answer_hellos(j, code, j->fail_detail);
 		for (int r = 0; r < j->world; r++)
 			if (j->ranks[r])
@@ -225,8 +242,10 @@ void job_fail(struct job *j, comm_result_t code, const char *fmt, ...)
 		return;
 	}
 	j->state = JOB_FAILED;
+	peer_job_failed(j);
 	engine_fail_pending(j, -1, code, j->fail_detail);
 	gpu_job_failed(j);
+	net_job_failed(j);
 }
 
 void job_detach(struct conn *c, comm_result_t code, const char *why)
@@ -249,6 +268,7 @@ void job_detach(struct conn *c, comm_result_t code, const char *why)
 		/* its slot is free again: a restarted rank may take it */
 		j->joined--;
 		log_debug("job %s: rank %d left before the job formed", j->name, r);
+		peer_job_update(j);
 	} else if (code == COMM_OK && j->state == JOB_READY && TAILQ_EMPTY(&j->posted[r])) {
 		/* a clean leave: only what needs this rank fails */
 		if (!j->nleft++)
@@ -256,6 +276,7 @@ void job_detach(struct conn *c, comm_result_t code, const char *why)
 				 (int)c->pid, why);
 		j->left[r] = 1;
 		log_debug("job %s: rank %d (pid %d) %s", j->name, r, (int)c->pid, why);
+		peer_rank_left(j, r);
 		engine_rank_left(j, r);
 	} else {
 		job_fail(j, code == COMM_OK ? COMM_ERR_PEER_LOST : code, "rank %d (pid %d): %s", r,
@@ -272,7 +293,8 @@ void job_check_deadlines(uint64_t now)
 
 	TAILQ_FOREACH_SAFE(j, &srv.jobs, link, tmp) {
 		if (j->state == JOB_FORMING) {
-			if (now - j->created_ms >= j->timeout_ms) {
+			/* a job formed by a root times out there (peer_tick) */
+			if (!j->dist && now - j->created_ms >= j->timeout_ms) {
 				int n = 0, missing = j->world - j->joined;
 
 				for (int r = 0; r < j->world && n < 100; r++)

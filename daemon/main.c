@@ -18,6 +18,7 @@ static void usage(FILE *f)
 	fprintf(f, "usage: commd [--config FILE] [--socket PATH] [--foreground] [--log-level LEVEL]\n"
 		   "             [--threads N] [--pin-workers yes|no] [--timeout MS]\n"
 		   "             [--topology FILE] [--dump-topology] [--gpu-worker PATH]\n"
+		   "             [--peer-listen HOST:PORT]\n"
 		   "  --config FILE      read settings from FILE (default %s, if it exists);\n"
 		   "                     its keys are the long flags' names; flags win\n"
 		   "  --socket PATH      listen on this Unix socket (default %s)\n"
@@ -31,6 +32,9 @@ static void usage(FILE *f)
 		   "  --dump-topology    print the discovered topology in that format and exit\n"
 		   "  --gpu-worker PATH  the GPU worker program (default: commd-gpu beside commd,\n"
 		   "                     else %s/commd-gpu)\n"
+		   "  --peer-listen HOST:PORT  listen for other daemons there (TCP), so that jobs\n"
+		   "                     naming this daemon as their root (COMM_ROOT) can span\n"
+		   "                     nodes (default: none)\n"
 		   "  --version          print the version and exit\n",
 		   CONFIG_DEFAULT_FILE, CONFIG_DEFAULT_SOCKET, COMMD_PKGLIBEXECDIR);
 }
@@ -43,6 +47,8 @@ static void on_signal(uv_signal_t *h, int signum)
 	notify_send("STOPPING=1");
 	server_stop();
 	gpu_stop();
+	peer_stop();
+	net_stop();
 }
 
 /* The value flags, by their long names, kept to apply over the config file. */
@@ -64,6 +70,7 @@ int main(int argc, char **argv)
 		{ "topology", required_argument, NULL, 'O' },
 		{ "dump-topology", no_argument, NULL, 'D' },
 		{ "gpu-worker", required_argument, NULL, 'G' },
+		{ "peer-listen", required_argument, NULL, 'L' },
 		{ "version", no_argument, NULL, 'V' },
 		{ "help", no_argument, NULL, 'h' },
 		{ NULL, 0, NULL, 0 },
@@ -87,6 +94,7 @@ int main(int argc, char **argv)
 		case 'P':
 		case 'O':
 		case 'G':
+		case 'L':
 			if (nflags == (int)(sizeof flags / sizeof flags[0])) {
 				fprintf(stderr, "commd: too many flags\n");
 				return 2;
@@ -158,7 +166,9 @@ int main(int argc, char **argv)
 	gpu_probe_wait();
 	if (be_host_start(loop, cfg.threads, cfg.pin_workers) < 0)
 		return 1;
-	if (server_start(loop, cfg.socket) < 0) {
+	net_start(loop);
+	if (peer_start(loop, cfg.peer_listen) < 0 || server_start(loop, cfg.socket) < 0) {
+		net_stop();
 		be_host_stop();
 		return 1;
 	}
@@ -180,6 +190,7 @@ int main(int argc, char **argv)
 
 	be_host_stop();
 	uv_run(loop, UV_RUN_DEFAULT); /* close callbacks */
+	peer_free_all();
 	uv_loop_close(loop);
 	log_info("stopped");
 	return 0;

@@ -7,13 +7,16 @@
 
 /* Most jobs one reply lists: with 255-byte names they still fit one frame. */
 #define STATUS_MAX_JOBS 150
+#define STATUS_MAX_PEERS 32
 
 int req_status_exec(struct conn *c, const Commpb__Envelope *env, int *fds, int nfds)
 {
 	Commpb__Envelope reply = COMMPB__ENVELOPE__INIT;
 	Commpb__StatusReply sr = COMMPB__STATUS_REPLY__INIT;
 	Commpb__JobInfo *infos = NULL, **jobs = NULL;
-	char *backends[] = { "host", "gpu" };
+	char *backends[3] = { "host" };
+	Commpb__PeerInfo pinfo[STATUS_MAX_PEERS], *peers[STATUS_MAX_PEERS];
+	char pstate[STATUS_MAX_PEERS][192];
 	char topo[160], nccl[sizeof srv.gpu_info + 32];
 	size_t n = 0, i = 0;
 	struct job *j;
@@ -55,14 +58,26 @@ int req_status_exec(struct conn *c, const Commpb__Envelope *env, int *fds, int n
 		ji->uid = j->uid;
 		ji->ops_pending = pending;
 		ji->mem_registered = j->mem_bytes;
+		ji->nodes = j->dist ? j->dist->nnodes : 1;
+		ji->root = j->dist ? j->dist->root : (char *)"";
 		jobs[i++] = ji;
 	}
 	sr.version = COMMD_VERSION;
 	sr.pid = getpid();
 	sr.uptime_ms = now_ms() - srv.start_ms;
 	sr.socket = (char *)srv.socket_path;
-	sr.n_backends = srv.gpu_state == GPU_READY ? 2 : 1;
+	sr.n_backends = 1;
+	if (srv.gpu_state == GPU_READY)
+		backends[sr.n_backends++] = "gpu";
+	if (net_available())
+		backends[sr.n_backends++] = "net";
 	sr.backends = backends;
+	for (int k = 0; k < STATUS_MAX_PEERS; k++)
+		peers[k] = &pinfo[k];
+	sr.n_peers = (size_t)peer_status(peers, STATUS_MAX_PEERS, pstate);
+	sr.peers = peers;
+	sr.peer_listen = (char *)peer_listen_addr();
+	sr.node = (char *)peer_node_name();
 	sr.gpu = srv.gpu_info;
 	gpu_nccl_line(nccl, sizeof nccl);
 	sr.nccl = nccl;

@@ -54,6 +54,7 @@ static void on_tick(uv_timer_t *t)
 		uv_poll_start(&srv.listen_poll, UV_READABLE, on_accept);
 	}
 	job_check_deadlines(now_ms());
+	peer_tick(now_ms());
 }
 
 /* Make the socket's directory (as /run/commd) when it is missing. */

@@ -1,0 +1,1361 @@
+/*
+ * net.c: the data plane between daemons, over UCX tag messages (not RMA,
+ * which UCX emulates slowly over TCP). One thread owns the UCX worker and
+ * runs every cross-node task as a small state machine: it posts a step's
+ * sends and receives, and when they have all completed, works on what came
+ * and posts the next step. So a task that waits for a late node holds up
+ * no other job.
+ *
+ * Collectives are hierarchical: the node's ranks are combined in place
+ * here, the nodes run a ring (reduce-scatter, all-gather) or a direct
+ * exchange (broadcast, reduce, all-to-all), and the result is written into
+ * the ranks' memory. Every collective starts with each node's verdict
+ * (status and the op as its first rank has it) sent to every other node,
+ * so that all of them fail an op together or run it together. A send/recv
+ * goes from the sender's daemon to the receiver's: a header (status,
+ * size), then the data, received straight into the rank's buffer.
+ *
+ * Tags (64 bits) are in the receiver's namespace: its slot for the job,
+ * then for a collective the sending node, the collective's number and the
+ * step; for a send/recv the two ranks, the message's index and whether it
+ * is the header or the data.
+ */
+#include <config.h>
+
+#include <errno.h>
+#include <pthread.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/epoll.h>
+#include <sys/eventfd.h>
+#include <unistd.h>
+
+#include "commd.h"
+#include "dtype.h"
+#include "log.h"
+#include "reduce.h"
+#include "util.h"
+
+#ifdef HAVE_UCX
+#include <ucp/api/ucp.h>
+
+#define SLOTS 65536
+#define SLOT_QUARANTINE_MS 30000 /* a freed slot's late messages are drained this long */
+#define CANCEL_FORCE_MS 10000    /* a stopped task's sends get this long, then the ep goes */
+#define HDR_MAGIC 0x636f6d6du
+#define SPIN 64                  /* progress calls before sleeping on the worker */
+
+#define TAG_SLOT(s) ((uint64_t)(s) << 48)
+#define TAG_SLOT_MASK (0xffffull << 48)
+#define TAG_COLL(slot, node, cseq, step)                                       \
+	(TAG_SLOT(slot) | (uint64_t)(node) << 39 | ((uint64_t)(cseq) & 0xffffff) << 15 | \
+	 ((uint64_t)(step) & 0x7fff))
+#define TAG_P2P(slot, src, dst, idx, data)                                     \
+	(TAG_SLOT(slot) | 1ull << 47 | (uint64_t)(src) << 35 | (uint64_t)(dst) << 23 | \
+	 ((uint64_t)(idx) & 0x3fffff) << 1 | (uint64_t)(data))
+
+/* A node's verdict on a collective, or a send's header. Same layout everywhere. */
+struct hdr {
+	uint32_t magic;
+	int32_t status;
+	uint32_t type, dtype, redop;
+	int32_t root;
+	uint64_t count;
+	int32_t first_rank;
+	int32_t pad;
+	char detail[200];
+};
+
+struct nreq {
+	void *h;
+	int recv;
+	size_t want;             /* recv: the bytes that must arrive */
+};
+
+/* An endpoint to another daemon's worker, made once and shared by its jobs. */
+struct nep {
+	TAILQ_ENTRY(nep) link;
+	uint8_t *addr;
+	size_t len;
+	ucp_ep_h ep;
+	int dead;
+	char why[128];
+};
+
+enum { S_START, S_VERDICT, S_RS, S_RS_ACC, S_AG, S_AG_DONE, S_RD, S_FINISH, S_P2P_DATA,
+       S_P2P_END };
+
+struct net_task {
+	TAILQ_ENTRY(net_task) link;
+	struct task *t;
+	struct job *j;
+	const struct dist *d;
+	int nn, me;
+	struct nep **ep;          /* [nn], NULL for me */
+	struct nreq *reqs;
+	int nreq, cap;
+	int state, s, tagstep;
+	comm_result_t status;
+	char detail[256];
+	/* set by the loop thread, under N.lock */
+	int cancel;
+	comm_result_t cancel_code;
+	char cancel_detail[256];
+	/* the net thread's view of the cancel */
+	int stopping;
+	uint64_t stop_ms;
+	int fatal;                /* the nodes may now disagree: the job must fail */
+	struct hdr out, *in;      /* in: [nn] */
+	uint8_t *nb, *sbuf, *rbuf;
+	size_t nb_len, piece_max;
+	int first;                /* the lowest rank here */
+	int nlocal;
+	const uint8_t **lin;      /* the local ranks' inputs, in rank order */
+};
+
+struct discard {
+	TAILQ_ENTRY(discard) link;
+	void *h;
+	void *buf;
+};
+
+struct dead_slot {
+	TAILQ_ENTRY(dead_slot) link;
+	uint32_t slot;
+	uint64_t until_ms;
+};
+
+static struct {
+	int available;
+	char why[160];
+	ucp_context_h ctx;
+	ucp_worker_h worker;
+	void *addr;
+	size_t addr_len;
+	pthread_t thread;
+	int running;
+	int wake_fd, worker_fd, ep_fd;
+	pthread_mutex_t lock;
+	TAILQ_HEAD(, net_task) submitted, active, done;
+	TAILQ_HEAD(, dead_slot) dead;     /* under lock */
+	uint8_t *slot_used;               /* under lock */
+	uint32_t next_slot;
+	int stop;
+	uv_async_t async;
+	/* net thread only */
+	TAILQ_HEAD(, nep) eps;
+	TAILQ_HEAD(, discard) discards;
+	uint64_t last_drain_ms;
+} N = {
+	.lock = PTHREAD_MUTEX_INITIALIZER,
+	.submitted = TAILQ_HEAD_INITIALIZER(N.submitted),
+	.active = TAILQ_HEAD_INITIALIZER(N.active),
+	.done = TAILQ_HEAD_INITIALIZER(N.done),
+	.dead = TAILQ_HEAD_INITIALIZER(N.dead),
+	.eps = TAILQ_HEAD_INITIALIZER(N.eps),
+	.discards = TAILQ_HEAD_INITIALIZER(N.discards),
+	.wake_fd = -1,
+	.ep_fd = -1,
+};
+
+static void wake(void)
+{
+	uint64_t one = 1;
+
+	if (N.wake_fd < 0)
+		return;
+	if (write(N.wake_fd, &one, sizeof one) < 0 && errno != EAGAIN)
+		log_warn("net: wake: %s", strerror(errno));
+}
+
+/* --- endpoints ------------------------------------------------------------------ */
+
+static void on_ep_error(void *arg, ucp_ep_h ep, ucs_status_t status)
+{
+	struct nep *e = arg;
+
+	(void)ep;
+	e->dead = 1;
+	snprintf(e->why, sizeof e->why, "%s", ucs_status_string(status));
+	log_info("net: endpoint to a peer failed: %s", e->why);
+}
+
+static struct nep *ep_get(const uint8_t *addr, size_t len, char *err, size_t errlen)
+{
+	ucp_ep_params_t p = { 0 };
+	struct nep *e;
+	ucs_status_t st;
+
+	TAILQ_FOREACH(e, &N.eps, link)
+		if (!e->dead && e->len == len && !memcmp(e->addr, addr, len))
+			return e;
+	if (!(e = calloc(1, sizeof *e)) || !(e->addr = malloc(len))) {
+		free(e);
+		snprintf(err, errlen, "out of memory");
+		return NULL;
+	}
+	memcpy(e->addr, addr, len);
+	e->len = len;
+	p.field_mask = UCP_EP_PARAM_FIELD_REMOTE_ADDRESS | UCP_EP_PARAM_FIELD_ERR_HANDLING_MODE |
+		       UCP_EP_PARAM_FIELD_ERR_HANDLER;
+	p.address = (const ucp_address_t *)e->addr;
+	p.err_mode = UCP_ERR_HANDLING_MODE_PEER;
+	p.err_handler.cb = on_ep_error;
+	p.err_handler.arg = e;
+	if ((st = ucp_ep_create(N.worker, &p, &e->ep)) != UCS_OK) {
+		snprintf(err, errlen, "UCX endpoint: %s", ucs_status_string(st));
+		free(e->addr);
+		free(e);
+		return NULL;
+	}
+	TAILQ_INSERT_TAIL(&N.eps, e, link);
+	return e;
+}
+
+/* Close an endpoint for good: every request on it completes with an error. */
+static void ep_kill(struct nep *e, const char *why)
+{
+	ucp_request_param_t rp = { .op_attr_mask = UCP_OP_ATTR_FIELD_FLAGS,
+				   .flags = UCP_EP_CLOSE_FLAG_FORCE };
+	void *r;
+
+	if (e->dead && !e->ep)
+		return;
+	e->dead = 1;
+	if (!*e->why)
+		snprintf(e->why, sizeof e->why, "%s", why);
+	if (e->ep) {
+		r = ucp_ep_close_nbx(e->ep, &rp);
+		if (UCS_PTR_IS_PTR(r)) {
+			while (ucp_request_check_status(r) == UCS_INPROGRESS)
+				ucp_worker_progress(N.worker);
+			ucp_request_free(r);
+		}
+		e->ep = NULL;
+	}
+}
+
+/* --- requests ---------------------------------------------------------------------- */
+
+static int add_req(struct net_task *nt, void *h, int recv, size_t want)
+{
+	if (nt->nreq == nt->cap) {
+		int cap = nt->cap ? nt->cap * 2 : 8;
+		struct nreq *r = realloc(nt->reqs, (size_t)cap * sizeof *r);
+
+		if (!r)
+			return -1;
+		nt->reqs = r;
+		nt->cap = cap;
+	}
+	nt->reqs[nt->nreq++] = (struct nreq){ h, recv, want };
+	return 0;
+}
+
+static void fail(struct net_task *nt, comm_result_t code, const char *fmt, ...)
+	__attribute__((format(printf, 3, 4)));
+static void fail(struct net_task *nt, comm_result_t code, const char *fmt, ...)
+{
+	va_list ap;
+
+	if (nt->status != COMM_OK)
+		return;
+	nt->status = code;
+	va_start(ap, fmt);
+	vsnprintf(nt->detail, sizeof nt->detail, fmt, ap);
+	va_end(ap);
+}
+
+static const char *node_name(const struct net_task *nt, int k)
+{
+	return nt->d->nodes[k].name;
+}
+
+static void post_send(struct net_task *nt, int k, uint64_t tag, const void *buf, size_t len)
+{
+	ucp_request_param_t rp = { 0 };
+	struct nep *e = nt->ep[k];
+	void *r;
+
+	if (nt->status != COMM_OK)
+		return;
+	if (e->dead) {
+		nt->fatal = 1;
+		fail(nt, COMM_ERR_PEER_LOST, "node %s: %s", node_name(nt, k), e->why);
+		return;
+	}
+	r = ucp_tag_send_nbx(e->ep, buf, len, tag, &rp);
+	if (UCS_PTR_IS_ERR(r) && (nt->fatal = 1))
+		fail(nt, COMM_ERR_PEER_LOST, "send to node %s: %s", node_name(nt, k),
+		     ucs_status_string(UCS_PTR_STATUS(r)));
+	else if (r && add_req(nt, r, 0, 0) < 0)
+		fail(nt, COMM_ERR_NO_MEMORY, "net: out of memory");
+}
+
+static void post_recv(struct net_task *nt, uint64_t tag, void *buf, size_t len)
+{
+	/* always a request: reap reads the length that arrived from it */
+	ucp_request_param_t rp = { .op_attr_mask = UCP_OP_ATTR_FLAG_NO_IMM_CMPL };
+	void *r;
+
+	if (nt->status != COMM_OK)
+		return;
+	r = ucp_tag_recv_nbx(N.worker, buf, len, tag, ~0ull, &rp);
+	if (UCS_PTR_IS_ERR(r) && (nt->fatal = 1))
+		fail(nt, COMM_ERR_INTERNAL, "UCX receive: %s", ucs_status_string(UCS_PTR_STATUS(r)));
+	else if (add_req(nt, r, 1, len) < 0)
+		fail(nt, COMM_ERR_NO_MEMORY, "net: out of memory");
+}
+
+/*
+ * Reap the task's completed requests; 1 when none is left. An error fails
+ * the task (a recv that was cancelled is not an error of its own).
+ */
+static int reap(struct net_task *nt)
+{
+	for (int i = 0; i < nt->nreq;) {
+		struct nreq *q = &nt->reqs[i];
+		ucp_tag_recv_info_t info = { 0 };
+		ucs_status_t st = q->recv ? ucp_tag_recv_request_test(q->h, &info)
+					  : ucp_request_check_status(q->h);
+
+		if (st == UCS_INPROGRESS) {
+			i++;
+			continue;
+		}
+		if (st == UCS_ERR_CANCELED)
+			;
+		else if (st != UCS_OK && (nt->fatal = 1))
+			fail(nt, COMM_ERR_PEER_LOST, "UCX %s: %s", q->recv ? "receive" : "send",
+			     ucs_status_string(st));
+		else if (q->recv && info.length != q->want)
+			fail(nt, COMM_ERR_MISMATCH, "%zu bytes arrived from another node, %zu expected",
+			     info.length, q->want);
+		ucp_request_free(q->h);
+		*q = nt->reqs[--nt->nreq];
+	}
+	return nt->nreq == 0;
+}
+
+/* --- collectives ---------------------------------------------------------------------- */
+
+static int prev_node(const struct net_task *nt)
+{
+	return (nt->me + nt->nn - 1) % nt->nn;
+}
+
+static int next_node(const struct net_task *nt)
+{
+	return (nt->me + 1) % nt->nn;
+}
+
+static int mod(int a, int n)
+{
+	return ((a % n) + n) % n;
+}
+
+/* Elements of piece k of an all-reduce: the count split as evenly as it goes. */
+static void ar_piece(const struct net_task *nt, int k, size_t *off, size_t *len)
+{
+	size_t base = nt->t->count / (size_t)nt->nn, rem = nt->t->count % (size_t)nt->nn;
+
+	*off = ((size_t)k * base + ((size_t)k < rem ? (size_t)k : rem)) * nt->t->esize;
+	*len = (base + ((size_t)k < rem)) * nt->t->esize;
+}
+
+static int by_blocks(const struct net_task *nt)
+{
+	return nt->t->type != COMMPB__OP_TYPE__OP_ALLREDUCE;
+}
+
+/* Bytes of piece k: an all-reduce's slice, or the blocks of node k's ranks. */
+static size_t piece_bytes(const struct net_task *nt, int k)
+{
+	size_t off, len;
+
+	if (by_blocks(nt))
+		return (size_t)nt->d->nodes[k].nranks * nt->t->count * nt->t->esize;
+	ar_piece(nt, k, &off, &len);
+	return len;
+}
+
+/* Send piece k of nb to the next node (packed when it is several blocks). */
+static void send_piece(struct net_task *nt, int k, uint64_t tag)
+{
+	size_t bl = nt->t->count * nt->t->esize, off, len;
+	const struct dist_node *dn = &nt->d->nodes[k];
+
+	if (!by_blocks(nt)) {
+		ar_piece(nt, k, &off, &len);
+		post_send(nt, next_node(nt), tag, nt->nb + off, len);
+		return;
+	}
+	for (int i = 0; i < dn->nranks; i++)
+		memcpy(nt->sbuf + (size_t)i * bl, nt->nb + (size_t)dn->ranks[i] * bl, bl);
+	post_send(nt, next_node(nt), tag, nt->sbuf, (size_t)dn->nranks * bl);
+}
+
+/* Combine (acc) or store the packed piece k that arrived in rbuf into nb. */
+static void take_piece(struct net_task *nt, int k, int acc)
+{
+	struct task *t = nt->t;
+	size_t bl = t->count * t->esize, off, len;
+	const struct dist_node *dn = &nt->d->nodes[k];
+	comm_redop_t op = (comm_redop_t)t->redop;
+
+	if (!by_blocks(nt)) {
+		ar_piece(nt, k, &off, &len);
+		if (acc)
+			reduce_acc((comm_dtype_t)t->dtype, op, nt->nb + off, nt->rbuf, len / t->esize);
+		else
+			memcpy(nt->nb + off, nt->rbuf, len);
+		return;
+	}
+	for (int i = 0; i < dn->nranks; i++) {
+		uint8_t *dst = nt->nb + (size_t)dn->ranks[i] * bl;
+
+		if (acc)
+			reduce_acc((comm_dtype_t)t->dtype, op, dst, nt->rbuf + (size_t)i * bl, t->count);
+		else
+			memcpy(dst, nt->rbuf + (size_t)i * bl, bl);
+	}
+}
+
+static uint64_t ctag(const struct net_task *nt, int to, int step)
+{
+	return TAG_COLL(nt->d->nodes[to].slot, nt->me, nt->t->cseq, step);
+}
+
+static uint64_t ctag_from(const struct net_task *nt, int from, int step)
+{
+	return TAG_COLL(nt->d->slot, from, nt->t->cseq, step);
+}
+
+/* The node's ranks combined into nb (AVG: their sum; the division comes last). */
+static void local_reduce(struct net_task *nt, size_t elems)
+{
+	struct task *t = nt->t;
+	comm_redop_t op = t->redop == COMM_AVG ? COMM_SUM : (comm_redop_t)t->redop;
+
+	reduce_n((comm_dtype_t)t->dtype, op, nt->nb, (const void *const *)nt->lin, nt->nlocal,
+		 elems);
+}
+
+static int root_node(const struct net_task *nt)
+{
+	return nt->d->node_of[nt->t->root];
+}
+
+static size_t round_up(size_t n)
+{
+	return n ? n : 1;
+}
+
+/* Buffers for the data phase, made before the verdicts so a shortage is one. */
+static int alloc_buffers(struct net_task *nt)
+{
+	struct task *t = nt->t;
+	size_t bl = t->count * t->esize, need_nb = 0, piece = 0;
+
+	for (int k = 0; k < nt->nn; k++)
+		if (piece_bytes(nt, k) > piece)
+			piece = piece_bytes(nt, k);
+	switch (t->type) {
+	case COMMPB__OP_TYPE__OP_ALLREDUCE:
+		need_nb = bl;
+		break;
+	case COMMPB__OP_TYPE__OP_REDUCE_SCATTER:
+	case COMMPB__OP_TYPE__OP_ALLGATHER:
+		need_nb = bl * (size_t)nt->j->world;
+		break;
+	case COMMPB__OP_TYPE__OP_REDUCE:
+		need_nb = bl;
+		piece = nt->me == root_node(nt) ? bl : 0;
+		break;
+	case COMMPB__OP_TYPE__OP_ALLTOALL:
+		/* sbuf: what goes to every node, packed; rbuf: what comes from each */
+		need_nb = 0;
+		piece = bl * (size_t)nt->nlocal * (size_t)nt->j->world;
+		break;
+	default: /* broadcast: received straight into the first rank's buffer */
+		piece = 0;
+		break;
+	}
+	nt->nb_len = need_nb;
+	nt->piece_max = piece;
+	if (need_nb && !(nt->nb = malloc(need_nb)))
+		return -1;
+	if (piece && (!(nt->sbuf = malloc(round_up(piece))) || !(nt->rbuf = malloc(round_up(piece)))))
+		return -1;
+	return 0;
+}
+
+/* Every node's verdict against node 0's: the first difference, as one node would say it. */
+static void judge(struct net_task *nt)
+{
+	const struct hdr *a = &nt->in[0];
+	const char *name = op_type_name((Commpb__OpType)a->type);
+	unsigned long long seq = (unsigned long long)nt->t->cseq;
+
+	for (int k = 0; k < nt->nn; k++) {
+		if (nt->in[k].status != COMM_OK) {
+			nt->status = (comm_result_t)nt->in[k].status;
+			snprintf(nt->detail, sizeof nt->detail, "%s", nt->in[k].detail);
+			return;
+		}
+	}
+	for (int k = 1; k < nt->nn; k++) {
+		const struct hdr *b = &nt->in[k];
+		int ra = a->first_rank, rb = b->first_rank;
+
+		if (a->type != b->type)
+			fail(nt, COMM_ERR_MISMATCH, "collective %llu: type: rank %d posted %s, rank %d posted %s",
+			     seq, ra, name, rb, op_type_name((Commpb__OpType)b->type));
+		else if (a->count != b->count)
+			fail(nt, COMM_ERR_MISMATCH, "collective %llu: %s count: rank %d has %llu, rank %d has %llu",
+			     seq, name, ra, (unsigned long long)a->count, rb,
+			     (unsigned long long)b->count);
+		else if (a->dtype != b->dtype)
+			fail(nt, COMM_ERR_MISMATCH, "collective %llu: %s dtype: rank %d has %s, rank %d has %s",
+			     seq, name, ra, dtype_name((int)a->dtype), rb, dtype_name((int)b->dtype));
+		else if (op_reduces((Commpb__OpType)a->type) && a->redop != b->redop)
+			fail(nt, COMM_ERR_MISMATCH, "collective %llu: %s redop: rank %d has %s, rank %d has %s",
+			     seq, name, ra, redop_name((int)a->redop), rb, redop_name((int)b->redop));
+		else if ((a->type == COMMPB__OP_TYPE__OP_BROADCAST ||
+			  a->type == COMMPB__OP_TYPE__OP_REDUCE) && a->root != b->root)
+			fail(nt, COMM_ERR_MISMATCH, "collective %llu: %s root: rank %d has %d, rank %d has %d",
+			     seq, name, ra, a->root, rb, b->root);
+	}
+}
+
+/* Copy nb (or part of it) to every local rank's output. */
+static void write_out(struct net_task *nt)
+{
+	struct task *t = nt->t;
+	size_t bl = t->count * t->esize;
+
+	for (int r = 0; r < nt->j->world; r++) {
+		if (!t->out[r] || !dist_local(nt->j, r))
+			continue;
+		switch (t->type) {
+		case COMMPB__OP_TYPE__OP_ALLREDUCE:
+			memcpy(t->out[r], nt->nb, bl);
+			break;
+		case COMMPB__OP_TYPE__OP_REDUCE_SCATTER:
+			memmove(t->out[r], nt->nb + (size_t)r * bl, bl);
+			break;
+		case COMMPB__OP_TYPE__OP_ALLGATHER:
+			memmove(t->out[r], nt->nb, bl * (size_t)nt->j->world);
+			break;
+		default:
+			break;
+		}
+	}
+}
+
+static void alltoall_post(struct net_task *nt)
+{
+	struct task *t = nt->t;
+	size_t bl = t->count * t->esize, so = 0, ro = 0;
+	const struct dist_node *mine = &nt->d->nodes[nt->me];
+
+	/* pack everything first: in place, the outputs are the inputs */
+	for (int k = 0; k < nt->nn; k++) {
+		const struct dist_node *dn = &nt->d->nodes[k];
+		size_t start = so;
+
+		for (int i = 0; i < mine->nranks; i++)
+			for (int x = 0; x < dn->nranks; x++, so += bl)
+				memcpy(nt->sbuf + so, t->in[mine->ranks[i]] + (size_t)dn->ranks[x] * bl,
+				       bl);
+		if (k != nt->me)
+			post_send(nt, k, ctag(nt, k, 1), nt->sbuf + start, so - start);
+	}
+	for (int k = 0; k < nt->nn; k++) {
+		size_t len = (size_t)nt->d->nodes[k].nranks * (size_t)mine->nranks * bl;
+
+		if (k != nt->me)
+			post_recv(nt, ctag_from(nt, k, 1), nt->rbuf + ro, len);
+		ro += len;
+	}
+}
+
+static void alltoall_finish(struct net_task *nt)
+{
+	struct task *t = nt->t;
+	size_t bl = t->count * t->esize, ro = 0, so = 0;
+	const struct dist_node *mine = &nt->d->nodes[nt->me];
+
+	for (int k = 0; k < nt->nn; k++) {
+		const struct dist_node *dn = &nt->d->nodes[k];
+		const uint8_t *src;
+
+		if (k == nt->me) {
+			/* our own blocks: where alltoall_post packed them for "node me" */
+			for (int kk = 0; kk < k; kk++)
+				so += (size_t)mine->nranks * (size_t)nt->d->nodes[kk].nranks * bl;
+			src = nt->sbuf + so;
+			/* packed by sender i, then receiver x: the same order as a remote node's */
+		} else {
+			src = nt->rbuf + ro;
+		}
+		for (int i = 0; i < dn->nranks; i++)
+			for (int x = 0; x < mine->nranks; x++, src += bl)
+				memcpy(t->out[mine->ranks[x]] + (size_t)dn->ranks[i] * bl, src, bl);
+		ro += (size_t)dn->nranks * (size_t)mine->nranks * bl;
+	}
+}
+
+/* Run the collective's next step; 1 when it is finished (nt->status says how). */
+static int coll_step(struct net_task *nt)
+{
+	struct task *t = nt->t;
+	int nn = nt->nn, me = nt->me, k;
+	size_t bl = t->count * t->esize;
+
+	switch (nt->state) {
+	case S_START:
+		nt->out.magic = HDR_MAGIC;
+		nt->out.status = t->status;
+		nt->out.type = t->type;
+		nt->out.dtype = t->dtype;
+		nt->out.redop = t->redop;
+		nt->out.root = t->root;
+		nt->out.count = t->count;
+		nt->out.first_rank = nt->first;
+		snprintf(nt->out.detail, sizeof nt->out.detail, "%.199s", t->detail);
+		if (t->status == COMM_OK && alloc_buffers(nt) < 0) {
+			nt->out.status = COMM_ERR_NO_MEMORY;
+			snprintf(nt->out.detail, sizeof nt->out.detail,
+				 "collective %llu: node %s is out of memory for it",
+				 (unsigned long long)t->cseq, node_name(nt, me));
+		}
+		nt->in[me] = nt->out;
+		for (k = 0; k < nn; k++) {
+			if (k == me)
+				continue;
+			post_send(nt, k, ctag(nt, k, 0), &nt->out, sizeof nt->out);
+			post_recv(nt, ctag_from(nt, k, 0), &nt->in[k], sizeof nt->in[k]);
+		}
+		nt->state = S_VERDICT;
+		return 0;
+	case S_VERDICT:
+		for (k = 0; k < nn; k++)
+			if (nt->in[k].magic != HDR_MAGIC) {
+				fail(nt, COMM_ERR_PROTOCOL, "collective %llu: a bad header from node %s",
+				     (unsigned long long)t->cseq, node_name(nt, k));
+				return 1;
+			}
+		judge(nt);
+		if (nt->status != COMM_OK || t->type == COMMPB__OP_TYPE__OP_BARRIER || !t->count)
+			return 1;
+		nt->s = 0;
+		switch (t->type) {
+		case COMMPB__OP_TYPE__OP_ALLREDUCE:
+		case COMMPB__OP_TYPE__OP_REDUCE_SCATTER:
+			local_reduce(nt, nt->nb_len / t->esize);
+			nt->state = S_RS;
+			return coll_step(nt);
+		case COMMPB__OP_TYPE__OP_ALLGATHER:
+			for (int r = 0; r < nt->j->world; r++)
+				if (t->in[r])
+					memcpy(nt->nb + (size_t)r * bl, t->in[r], bl);
+			nt->state = S_AG;
+			return coll_step(nt);
+		case COMMPB__OP_TYPE__OP_BROADCAST: {
+			int rn = root_node(nt);
+			uint8_t *dst = NULL;
+
+			if (me == rn) {
+				for (k = 0; k < nn; k++)
+					if (k != me)
+						post_send(nt, k, ctag(nt, k, 1), t->in[t->root], bl);
+			} else {
+				dst = t->out[nt->first];
+				post_recv(nt, ctag_from(nt, rn, 1), dst, bl);
+			}
+			nt->state = S_FINISH;
+			return 0;
+		}
+		case COMMPB__OP_TYPE__OP_REDUCE:
+			local_reduce(nt, t->count);
+			if (me != root_node(nt)) {
+				post_send(nt, root_node(nt), ctag(nt, root_node(nt), 1), nt->nb, bl);
+				nt->state = S_FINISH;
+				return 0;
+			}
+			nt->s = -1;
+			nt->state = S_RD;
+			return coll_step(nt);
+		case COMMPB__OP_TYPE__OP_ALLTOALL:
+			alltoall_post(nt);
+			nt->state = S_FINISH;
+			return 0;
+		default:
+			fail(nt, COMM_ERR_INTERNAL, "net: op type %d", (int)t->type);
+			return 1;
+		}
+	case S_RS_ACC:
+		take_piece(nt, mod(me - nt->s - 2, nn), 1);
+		nt->s++;
+		/* fall through */
+	case S_RS:
+		if (nt->s == nn - 1) {
+			if (t->type == COMMPB__OP_TYPE__OP_REDUCE_SCATTER) {
+				if (t->redop == COMM_AVG)
+					for (int i = 0; i < nt->d->nodes[me].nranks; i++)
+						reduce_div((comm_dtype_t)t->dtype,
+							   nt->nb + (size_t)nt->d->nodes[me].ranks[i] * bl,
+							   t->count, nt->j->world);
+				write_out(nt);
+				return 1;
+			}
+			nt->s = 0;
+			nt->state = S_AG;
+			return coll_step(nt);
+		}
+		send_piece(nt, mod(me - nt->s - 1, nn), ctag(nt, next_node(nt), 1 + nt->s));
+		post_recv(nt, ctag_from(nt, prev_node(nt), 1 + nt->s), nt->rbuf,
+			  piece_bytes(nt, mod(me - nt->s - 2, nn)));
+		nt->state = S_RS_ACC;
+		return 0;
+	case S_AG_DONE:
+		take_piece(nt, mod(me - nt->s - 1, nn), 0);
+		nt->s++;
+		/* fall through */
+	case S_AG:
+		if (nt->s == nn - 1) {
+			if (t->redop == COMM_AVG && t->type == COMMPB__OP_TYPE__OP_ALLREDUCE)
+				reduce_div((comm_dtype_t)t->dtype, nt->nb, t->count, nt->j->world);
+			write_out(nt);
+			return 1;
+		}
+		send_piece(nt, mod(me - nt->s, nn), ctag(nt, next_node(nt), nn + nt->s));
+		post_recv(nt, ctag_from(nt, prev_node(nt), nn + nt->s), nt->rbuf,
+			  piece_bytes(nt, mod(me - nt->s - 1, nn)));
+		nt->state = S_AG_DONE;
+		return 0;
+	case S_RD:
+		/* the root's node: its own partial, then the others' in node order */
+		if (nt->s >= 0)
+			reduce_acc((comm_dtype_t)t->dtype, (comm_redop_t)t->redop, nt->nb, nt->rbuf,
+				   t->count);
+		for (k = nt->s + 1; k < nn && k == me; k++)
+			;
+		if (k >= nn) {
+			if (t->redop == COMM_AVG)
+				reduce_div((comm_dtype_t)t->dtype, nt->nb, t->count, nt->j->world);
+			memcpy(t->out[t->root], nt->nb, bl);
+			return 1;
+		}
+		nt->s = k;
+		post_recv(nt, ctag_from(nt, k, 1), nt->rbuf, bl);
+		return 0;
+	case S_FINISH:
+		if (t->type == COMMPB__OP_TYPE__OP_BROADCAST) {
+			const uint8_t *src = me == root_node(nt) ? t->in[t->root] : t->out[nt->first];
+
+			for (int r = 0; r < nt->j->world; r++)
+				if (t->out[r] && t->out[r] != src && dist_local(nt->j, r))
+					memcpy(t->out[r], src, bl);
+		} else if (t->type == COMMPB__OP_TYPE__OP_ALLTOALL) {
+			alltoall_finish(nt);
+		}
+		return 1;
+	}
+	return 1;
+}
+
+/* --- send/recv ------------------------------------------------------------------------- */
+
+static int p2p_step(struct net_task *nt)
+{
+	struct task *t = nt->t;
+	int send = t->type == COMMPB__OP_TYPE__OP_SEND;
+	int src = send ? t->local : t->peer, dst = send ? t->peer : t->local;
+	int pn = nt->d->node_of[t->peer];
+	uint32_t slot = send ? nt->d->nodes[pn].slot : nt->d->slot;
+
+	switch (nt->state) {
+	case S_START:
+		if (send) {
+			nt->out.magic = HDR_MAGIC;
+			nt->out.status = t->status;
+			nt->out.count = t->status == COMM_OK ? t->count : 0;
+			snprintf(nt->out.detail, sizeof nt->out.detail, "%.199s", t->detail);
+			post_send(nt, pn, TAG_P2P(slot, src, dst, t->cseq, 0), &nt->out, sizeof nt->out);
+			if (t->status == COMM_OK && t->count)
+				post_send(nt, pn, TAG_P2P(slot, src, dst, t->cseq, 1), t->in[0], t->count);
+			nt->state = S_P2P_END;
+		} else {
+			post_recv(nt, TAG_P2P(slot, src, dst, t->cseq, 0), &nt->in[0], sizeof nt->in[0]);
+			nt->state = S_P2P_DATA;
+		}
+		return 0;
+	case S_P2P_DATA: {
+		const struct hdr *h = &nt->in[0];
+
+		if (h->magic != HDR_MAGIC) {
+			fail(nt, COMM_ERR_PROTOCOL, "recv from rank %d: a bad header", src);
+			return 1;
+		}
+		if (h->status != COMM_OK) {
+			nt->status = (comm_result_t)h->status;
+			snprintf(nt->detail, sizeof nt->detail, "%s", h->detail);
+			return 1;
+		}
+		if (h->count != t->count || t->status != COMM_OK) {
+			/* take the data anyway, so it does not linger */
+			if (h->count && (nt->rbuf = malloc(h->count)))
+				post_recv(nt, TAG_P2P(slot, src, dst, t->cseq, 1), nt->rbuf, h->count);
+			if (t->status == COMM_OK)
+				fail(nt, COMM_ERR_MISMATCH,
+				     "send from rank %d to rank %d: %llu bytes sent, %zu expected", src,
+				     dst, (unsigned long long)h->count, t->count);
+			else
+				fail(nt, t->status, "%s", t->detail);
+			nt->state = S_P2P_END;
+			return 0;
+		}
+		if (t->count)
+			post_recv(nt, TAG_P2P(slot, src, dst, t->cseq, 1), t->out[0], t->count);
+		nt->state = S_P2P_END;
+		return 0;
+	}
+	default:
+		return 1;
+	}
+}
+
+/* --- the thread ---------------------------------------------------------------------------- */
+
+static void task_release(struct net_task *nt)
+{
+	free(nt->nb);
+	free(nt->sbuf);
+	free(nt->rbuf);
+	nt->nb = nt->sbuf = nt->rbuf = NULL;
+}
+
+static void finish(struct net_task *nt)
+{
+	pthread_mutex_lock(&N.lock);
+	TAILQ_REMOVE(&N.active, nt, link);
+	TAILQ_INSERT_TAIL(&N.done, nt, link);
+	pthread_mutex_unlock(&N.lock);
+	task_release(nt);
+	uv_async_send(&N.async);
+}
+
+static void start_task(struct net_task *nt)
+{
+	struct task *t = nt->t;
+	char err[160];
+
+	for (int k = 0; k < nt->nn; k++) {
+		const struct dist_node *dn = &nt->d->nodes[k];
+
+		if (k == nt->me)
+			continue;
+		if (t->peer >= 0 && k != nt->d->node_of[t->peer])
+			continue;
+		if (!(nt->ep[k] = ep_get(dn->ucx, dn->ucx_len, err, sizeof err))) {
+			fail(nt, COMM_ERR_INTERNAL, "node %s: %s", dn->name, err);
+			finish(nt);
+			return;
+		}
+	}
+	if ((t->peer >= 0 ? p2p_step(nt) : coll_step(nt)) || (nt->nreq == 0 && nt->status != COMM_OK))
+		finish(nt);
+}
+
+/* Advance nt if its step has completed; stopping tasks wind down. */
+static void advance(struct net_task *nt, uint64_t now)
+{
+	if (nt->cancel)
+		fail(nt, nt->cancel_code, "%s", nt->cancel_detail);
+	if (nt->status != COMM_OK && !nt->stopping) {
+		/* what is still to come from the others will not be waited for */
+		nt->stopping = 1;
+		nt->stop_ms = now;
+		for (int i = 0; i < nt->nreq; i++)
+			if (nt->reqs[i].recv)
+				ucp_request_cancel(N.worker, nt->reqs[i].h);
+	}
+	if (nt->stopping && nt->nreq && (N.stop || now - nt->stop_ms >= CANCEL_FORCE_MS)) {
+		/* sends to a node that neither takes them nor fails: give up on it */
+		for (int k = 0; k < nt->nn; k++)
+			if (nt->ep[k])
+				ep_kill(nt->ep[k], "a stopped op's sends did not finish");
+	}
+	if (!reap(nt))
+		return;
+	if (nt->status != COMM_OK) {
+		finish(nt);
+		return;
+	}
+	if (nt->t->peer >= 0 ? p2p_step(nt) : coll_step(nt)) {
+		finish(nt);
+		return;
+	}
+	if (nt->nreq == 0 && nt->status != COMM_OK)
+		finish(nt);
+}
+
+/* Late messages to freed slots: received and thrown away. */
+static void drain(uint64_t now)
+{
+	struct dead_slot *ds, *dt;
+	struct discard *dc, *dct;
+
+	TAILQ_FOREACH_SAFE(dc, &N.discards, link, dct) {
+		if (ucp_request_check_status(dc->h) == UCS_INPROGRESS)
+			continue;
+		ucp_request_free(dc->h);
+		free(dc->buf);
+		TAILQ_REMOVE(&N.discards, dc, link);
+		free(dc);
+	}
+	pthread_mutex_lock(&N.lock);
+	TAILQ_FOREACH_SAFE(ds, &N.dead, link, dt) {
+		ucp_tag_recv_info_t info;
+		ucp_tag_message_h m;
+
+		while ((m = ucp_tag_probe_nb(N.worker, TAG_SLOT(ds->slot), TAG_SLOT_MASK, 1, &info))) {
+			ucp_request_param_t rp = { .op_attr_mask = UCP_OP_ATTR_FLAG_NO_IMM_CMPL };
+			struct discard *d = calloc(1, sizeof *d);
+
+			if (d)
+				d->buf = malloc(info.length ? info.length : 1);
+			if (!d || !d->buf) {
+				free(d);
+				break;
+			}
+			d->h = ucp_tag_msg_recv_nbx(N.worker, d->buf, info.length, m, &rp);
+			if (UCS_PTR_IS_ERR(d->h)) {
+				free(d->buf);
+				free(d);
+				continue;
+			}
+			TAILQ_INSERT_TAIL(&N.discards, d, link);
+		}
+		if (now >= ds->until_ms) {
+			N.slot_used[ds->slot] = 0;
+			TAILQ_REMOVE(&N.dead, ds, link);
+			free(ds);
+		}
+	}
+	pthread_mutex_unlock(&N.lock);
+}
+
+static void *net_thread(void *arg)
+{
+	struct epoll_event ev;
+	int idle = 0;
+
+	(void)arg;
+	while (1) {
+		struct net_task *nt, *tmp;
+		uint64_t now = now_ms();
+		int did = 0;
+
+		pthread_mutex_lock(&N.lock);
+		if (N.stop && TAILQ_EMPTY(&N.active) && TAILQ_EMPTY(&N.submitted)) {
+			pthread_mutex_unlock(&N.lock);
+			break;
+		}
+		while ((nt = TAILQ_FIRST(&N.submitted))) {
+			TAILQ_REMOVE(&N.submitted, nt, link);
+			TAILQ_INSERT_TAIL(&N.active, nt, link);
+			pthread_mutex_unlock(&N.lock);
+			start_task(nt);
+			did = 1;
+			pthread_mutex_lock(&N.lock);
+		}
+		pthread_mutex_unlock(&N.lock);
+		while (ucp_worker_progress(N.worker))
+			did = 1;
+		TAILQ_FOREACH_SAFE(nt, &N.active, link, tmp) {
+			int before = nt->nreq;
+
+			advance(nt, now);
+			did |= nt->nreq != before;
+		}
+		if (now - N.last_drain_ms >= 100) {
+			N.last_drain_ms = now;
+			drain(now);
+		}
+		if (did || (!TAILQ_EMPTY(&N.active) && ++idle < SPIN)) {
+			if (did)
+				idle = 0;
+			continue;
+		}
+		idle = 0;
+		if (ucp_worker_arm(N.worker) == UCS_ERR_BUSY)
+			continue;
+		if (epoll_wait(N.ep_fd, &ev, 1, 100) > 0 && ev.data.fd == N.wake_fd) {
+			uint64_t v;
+
+			if (read(N.wake_fd, &v, sizeof v) < 0 && errno != EAGAIN)
+				log_warn("net: wake: %s", strerror(errno));
+		}
+	}
+	return NULL;
+}
+
+/* --- the loop thread's side ----------------------------------------------------------------- */
+
+static void on_done(uv_async_t *h)
+{
+	struct net_task *nt;
+
+	(void)h;
+	while (1) {
+		struct task *t;
+
+		pthread_mutex_lock(&N.lock);
+		nt = TAILQ_FIRST(&N.done);
+		if (nt)
+			TAILQ_REMOVE(&N.done, nt, link);
+		pthread_mutex_unlock(&N.lock);
+		if (!nt)
+			break;
+		t = nt->t;
+		t->status = nt->status;
+		if (nt->status != COMM_OK)
+			snprintf(t->detail, sizeof t->detail, "%s", nt->detail);
+		/* data went astray: the other nodes may wait for what never comes */
+		if (nt->fatal && t->job->state == JOB_READY)
+			job_fail(t->job, nt->status, "%s", nt->detail);
+		t->nt = NULL;
+		free(nt->reqs);
+		free(nt->ep);
+		free(nt->in);
+		free(nt->lin);
+		free(nt);
+		engine_task_done(t);
+	}
+}
+
+void be_net_run(struct task *t)
+{
+	struct job *j = t->job;
+	struct net_task *nt = calloc(1, sizeof *nt);
+	int nn = j->dist->nnodes;
+
+	if (!nt || !(nt->ep = calloc((size_t)nn, sizeof *nt->ep)) ||
+	    !(nt->in = calloc((size_t)nn, sizeof *nt->in)) ||
+	    !(nt->lin = calloc((size_t)j->world, sizeof *nt->lin))) {
+		if (nt) {
+			free(nt->ep);
+			free(nt->in);
+		}
+		free(nt);
+		/* the other nodes wait for this one: the job cannot go on */
+		t->status = COMM_ERR_NO_MEMORY;
+		snprintf(t->detail, sizeof t->detail, "net: out of memory");
+		engine_task_done(t);
+		job_fail(j, COMM_ERR_NO_MEMORY, "net: out of memory");
+		return;
+	}
+	nt->t = t;
+	nt->j = j;
+	nt->d = j->dist;
+	nt->nn = nn;
+	nt->me = j->dist->self;
+	nt->first = -1;
+	for (int r = 0; r < j->world; r++) {
+		if (!dist_local(j, r) || t->peer >= 0)
+			continue;
+		if (nt->first < 0)
+			nt->first = r;
+		nt->lin[nt->nlocal++] = t->in[r];
+	}
+	t->nt = nt;
+	if (!N.available) {
+		nt->status = COMM_ERR_UNSUPPORTED;
+		snprintf(nt->detail, sizeof nt->detail, "no data plane between daemons: %s", N.why);
+		pthread_mutex_lock(&N.lock);
+		TAILQ_INSERT_TAIL(&N.done, nt, link);
+		pthread_mutex_unlock(&N.lock);
+		uv_async_send(&N.async);
+		return;
+	}
+	pthread_mutex_lock(&N.lock);
+	TAILQ_INSERT_TAIL(&N.submitted, nt, link);
+	pthread_mutex_unlock(&N.lock);
+	wake();
+}
+
+static void cancel_locked(struct net_task *nt, comm_result_t code, const char *detail)
+{
+	if (nt->cancel)
+		return;
+	nt->cancel = 1;
+	nt->cancel_code = code;
+	snprintf(nt->cancel_detail, sizeof nt->cancel_detail, "%s", detail);
+}
+
+void net_task_cancel(struct task *t, comm_result_t code, const char *detail)
+{
+	pthread_mutex_lock(&N.lock);
+	if (t->nt)
+		cancel_locked(t->nt, code, detail);
+	pthread_mutex_unlock(&N.lock);
+	wake();
+}
+
+void net_job_failed(struct job *j)
+{
+	struct net_task *nt;
+
+	if (!j->dist || !N.running)
+		return;
+	pthread_mutex_lock(&N.lock);
+	TAILQ_FOREACH(nt, &N.submitted, link)
+		if (nt->j == j)
+			cancel_locked(nt, j->fail_code, j->fail_detail);
+	TAILQ_FOREACH(nt, &N.active, link)
+		if (nt->j == j)
+			cancel_locked(nt, j->fail_code, j->fail_detail);
+	pthread_mutex_unlock(&N.lock);
+	wake();
+}
+
+uint32_t net_slot_alloc(void)
+{
+	uint32_t s = 0;
+
+	if (!N.slot_used)
+		return 0;
+	pthread_mutex_lock(&N.lock);
+	for (uint32_t i = 0; i < SLOTS; i++) {
+		s = (N.next_slot + i) % SLOTS;
+		if (!N.slot_used[s])
+			break;
+	}
+	N.slot_used[s] = 1;
+	N.next_slot = s + 1;
+	pthread_mutex_unlock(&N.lock);
+	return s;
+}
+
+void net_slot_free(uint32_t slot)
+{
+	struct dead_slot *ds;
+
+	if (!N.slot_used)
+		return;
+	ds = calloc(1, sizeof *ds);
+	pthread_mutex_lock(&N.lock);
+	if (ds) {
+		ds->slot = slot;
+		ds->until_ms = now_ms() + SLOT_QUARANTINE_MS;
+		TAILQ_INSERT_TAIL(&N.dead, ds, link);
+	} else {
+		N.slot_used[slot] = 0;
+	}
+	pthread_mutex_unlock(&N.lock);
+}
+
+const void *net_address(size_t *len)
+{
+	*len = N.available ? N.addr_len : 0;
+	return N.available ? N.addr : NULL;
+}
+
+void net_start(uv_loop_t *loop)
+{
+	ucp_params_t cp = { 0 };
+	ucp_worker_params_t wp = { 0 };
+	ucp_config_t *cfg = NULL;
+	struct epoll_event ev = { .events = EPOLLIN };
+	ucp_address_t *a = NULL;
+	ucs_status_t st;
+
+	uv_async_init(loop, &N.async, on_done);
+	if (!(N.slot_used = calloc(SLOTS, 1))) {
+		snprintf(N.why, sizeof N.why, "out of memory");
+		return;
+	}
+	N.slot_used[0] = 1; /* 0: no slot */
+	N.next_slot = 1;
+	if ((st = ucp_config_read(NULL, NULL, &cfg)) != UCS_OK)
+		goto ucx_fail;
+	cp.field_mask = UCP_PARAM_FIELD_FEATURES;
+	cp.features = UCP_FEATURE_TAG | UCP_FEATURE_WAKEUP;
+	st = ucp_init(&cp, cfg, &N.ctx);
+	ucp_config_release(cfg);
+	if (st != UCS_OK)
+		goto ucx_fail;
+	wp.field_mask = UCP_WORKER_PARAM_FIELD_THREAD_MODE;
+	wp.thread_mode = UCS_THREAD_MODE_SINGLE;
+	if ((st = ucp_worker_create(N.ctx, &wp, &N.worker)) != UCS_OK)
+		goto ucx_fail;
+	if ((st = ucp_worker_get_address(N.worker, &a, &N.addr_len)) != UCS_OK)
+		goto ucx_fail;
+	if (!(N.addr = malloc(N.addr_len))) {
+		ucp_worker_release_address(N.worker, a);
+		st = UCS_ERR_NO_MEMORY;
+		goto ucx_fail;
+	}
+	memcpy(N.addr, a, N.addr_len);
+	ucp_worker_release_address(N.worker, a);
+	if ((st = ucp_worker_get_efd(N.worker, &N.worker_fd)) != UCS_OK)
+		goto ucx_fail;
+	N.wake_fd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
+	N.ep_fd = epoll_create1(EPOLL_CLOEXEC);
+	if (N.wake_fd < 0 || N.ep_fd < 0) {
+		snprintf(N.why, sizeof N.why, "eventfd/epoll: %s", strerror(errno));
+		goto fail;
+	}
+	ev.data.fd = N.wake_fd;
+	epoll_ctl(N.ep_fd, EPOLL_CTL_ADD, N.wake_fd, &ev);
+	ev.data.fd = N.worker_fd;
+	epoll_ctl(N.ep_fd, EPOLL_CTL_ADD, N.worker_fd, &ev);
+	if (pthread_create(&N.thread, NULL, net_thread, NULL) != 0) {
+		snprintf(N.why, sizeof N.why, "cannot start its thread");
+		goto fail;
+	}
+	N.running = 1;
+	N.available = 1;
+	log_info("net: UCX %s data plane ready (%zu-byte worker address)", ucp_get_version_string(),
+		 N.addr_len);
+	return;
+ucx_fail:
+	snprintf(N.why, sizeof N.why, "UCX: %s", ucs_status_string(st));
+fail:
+	log_warn("net: no data plane between daemons: %s", N.why);
+}
+
+static void close_async(uv_handle_t *h)
+{
+	(void)h;
+}
+
+void net_stop(void)
+{
+	struct nep *e;
+
+	if (N.running) {
+		pthread_mutex_lock(&N.lock);
+		N.stop = 1;
+		/* jobs were failed before: their tasks are stopping */
+		pthread_mutex_unlock(&N.lock);
+		wake();
+		pthread_join(N.thread, NULL);
+		N.running = 0;
+		on_done(&N.async);
+	}
+	while (!TAILQ_EMPTY(&N.discards) || !TAILQ_EMPTY(&N.dead)) {
+		struct discard *dc = TAILQ_FIRST(&N.discards);
+		struct dead_slot *ds = TAILQ_FIRST(&N.dead);
+
+		if (dc) {
+			ucp_request_cancel(N.worker, dc->h);
+			while (ucp_request_check_status(dc->h) == UCS_INPROGRESS)
+				ucp_worker_progress(N.worker);
+			ucp_request_free(dc->h);
+			free(dc->buf);
+			TAILQ_REMOVE(&N.discards, dc, link);
+			free(dc);
+		} else {
+			TAILQ_REMOVE(&N.dead, ds, link);
+			free(ds);
+		}
+	}
+	while ((e = TAILQ_FIRST(&N.eps))) {
+		ep_kill(e, "commd is stopping");
+		TAILQ_REMOVE(&N.eps, e, link);
+		free(e->addr);
+		free(e);
+	}
+	if (N.worker)
+		ucp_worker_destroy(N.worker);
+	if (N.ctx)
+		ucp_cleanup(N.ctx);
+	N.worker = NULL;
+	N.ctx = NULL;
+	if (N.wake_fd >= 0)
+		close(N.wake_fd);
+	if (N.ep_fd >= 0)
+		close(N.ep_fd);
+	N.wake_fd = N.ep_fd = -1;
+	free(N.addr);
+	N.addr = NULL;
+	N.available = 0;
+	free(N.slot_used);
+	N.slot_used = NULL;
+	if (!uv_is_closing((uv_handle_t *)&N.async))
+		uv_close((uv_handle_t *)&N.async, close_async);
+}
+
+int net_available(void)
+{
+	return N.available;
+}
+
+const char *net_why(void)
+{
+	return N.why;
+}
+
+#else /* !HAVE_UCX */
+
+void net_start(uv_loop_t *loop)
+{
+	(void)loop;
+}
+
+void net_stop(void)
+{
+}
+
+int net_available(void)
+{
+	return 0;
+}
+
+const char *net_why(void)
+{
+	return "commd was built without UCX";
+}
+
+const void *net_address(size_t *len)
+{
+	*len = 0;
+	return NULL;
+}
+
+uint32_t net_slot_alloc(void)
+{
+	return 0;
+}
+
+void net_slot_free(uint32_t slot)
+{
+	(void)slot;
+}
+
+void be_net_run(struct task *t)
+{
+	t->status = COMM_ERR_UNSUPPORTED;
+	snprintf(t->detail, sizeof t->detail, "no data plane between daemons: %s", net_why());
+	engine_task_done(t);
+}
+
+void net_job_failed(struct job *j)
+{
+	(void)j;
+}
+
+void net_task_cancel(struct task *t, comm_result_t code, const char *detail)
+{
+	(void)t;
+	(void)code;
+	(void)detail;
+}
+
+#endif
