@@ -163,6 +163,7 @@ struct dist {
 	struct peer *peer;     /* the connection to it; NULL once lost */
 	uint64_t key;          /* the root's name for the formed job; 0 while forming */
 	uint32_t slot;         /* our tag slot for the job (net.c) */
+	int slot_freed;        /* given back: what still comes to it is drained */
 	int remote;            /* the failure came from the root: not sent back */
 	int nnodes;            /* 0 while forming */
 	int self;              /* our index in nodes */

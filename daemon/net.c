@@ -1113,6 +1113,14 @@ void net_job_failed(struct job *j)
 
 	if (!j->dist || !N.running)
 		return;
+	/*
+	 * Nothing more is received for the job: what the other nodes still
+	 * send it (their sends wait for a receiver) is drained from now on.
+	 */
+	if (!j->dist->slot_freed) {
+		j->dist->slot_freed = 1;
+		net_slot_free(j->dist->slot);
+	}
 	pthread_mutex_lock(&N.lock);
 	TAILQ_FOREACH(nt, &N.submitted, link)
 		if (nt->j == j)

@@ -542,7 +542,8 @@ static void root_join(struct peer *p, const Commpb__PeerJoin *jn)
 			return;
 		}
 		snprintf(r->name, sizeof r->name, "%s", jn->job);
-		memcpy(r->token, jn->token.data, jn->token.len);
+		if (jn->token.len)
+			memcpy(r->token, jn->token.data, jn->token.len);
 		r->token_len = jn->token.len;
 		r->world = jn->world_size;
 		r->timeout_ms = jn->timeout_ms ? jn->timeout_ms : srv.default_timeout_ms;
@@ -704,7 +705,8 @@ static void member_formed(struct job *j, const Commpb__PeerFormed *f)
 			job_fail(j, COMM_ERR_NO_MEMORY, "join: out of memory");
 			return;
 		}
-		memcpy(dn->ucx, pn->ucx_address.data, pn->ucx_address.len);
+		if (pn->ucx_address.len)
+			memcpy(dn->ucx, pn->ucx_address.data, pn->ucx_address.len);
 		dn->ucx_len = pn->ucx_address.len;
 		dn->nranks = (int)pn->n_ranks;
 		for (size_t k = 0; k < pn->n_ranks; k++) {
@@ -823,7 +825,8 @@ static void peer_msg(struct peer *p, const Commpb__PeerMsg *m)
 			peer_lost(p, "out of memory");
 			return;
 		}
-		memcpy(p->ucx, h->ucx_address.data, h->ucx_address.len);
+		if (h->ucx_address.len)
+			memcpy(p->ucx, h->ucx_address.data, h->ucx_address.len);
 		p->ucx_len = h->ucx_address.len;
 		peer_up(p);
 		return;
@@ -1019,7 +1022,8 @@ void peer_job_gone(struct job *j)
 		m.leave = &lv;
 		peer_send(d->peer, &m);
 	}
-	net_slot_free(d->slot);
+	if (!d->slot_freed)
+		net_slot_free(d->slot);
 	dist_free_tables(d, j->world);
 	free(d->node_of);
 	free(d);
