@@ -237,6 +237,20 @@ static void ep_kill(struct nep *e, const char *why)
 	}
 }
 
+/*
+ * An endpoint that failed is closed at once (outside UCX's callback, as
+ * UCX asks): its requests complete with the error, and nothing more runs
+ * on its transport. It stays listed, dead, so that tasks see why.
+ */
+static void close_failed_eps(void)
+{
+	struct nep *e;
+
+	TAILQ_FOREACH(e, &N.eps, link)
+		if (e->dead && e->ep)
+			ep_kill(e, e->why);
+}
+
 /* --- requests ---------------------------------------------------------------------- */
 
 static int add_req(struct net_task *nt, void *h, int recv, size_t want)
@@ -977,6 +991,7 @@ static void *net_thread(void *arg)
 		pthread_mutex_unlock(&N.lock);
 		while (ucp_worker_progress(N.worker))
 			did = 1;
+		close_failed_eps();
 		TAILQ_FOREACH_SAFE(nt, &N.active, link, tmp) {
 			int before = nt->nreq;
 
@@ -1192,6 +1207,13 @@ void net_start(uv_loop_t *loop)
 	N.next_slot = 1;
 	if ((st = ucp_config_read(NULL, NULL, &cfg)) != UCS_OK)
 		goto ucx_fail;
+	/*
+	 * UCX 1.13's tcp transport can complete a zero-copy send twice when its
+	 * peer dies (an assertion, and commd with it): copy instead, unless the
+	 * operator says otherwise.
+	 */
+	if (!getenv("UCX_ZCOPY_THRESH"))
+		ucp_config_modify(cfg, "ZCOPY_THRESH", "inf");
 	cp.field_mask = UCP_PARAM_FIELD_FEATURES;
 	cp.features = UCP_FEATURE_TAG | UCP_FEATURE_WAKEUP;
 	st = ucp_init(&cp, cfg, &N.ctx);
