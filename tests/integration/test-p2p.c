@@ -35,34 +35,6 @@ static uint64_t msg_seed(int tag, int from, int to, int round)
 		       ((uint64_t)(unsigned)to << 24) ^ (uint64_t)(unsigned)round);
 }
 
-static void fill(void *p, size_t bytes, uint64_t seed)
-{
-	uint8_t *b = p;
-
-	for (size_t i = 0; i < bytes; i += 8) {
-		uint64_t v = ref_mix(seed + i);
-
-		memcpy(b + i, &v, bytes - i < 8 ? bytes - i : 8);
-	}
-}
-
-/* The first byte of p that fill(p, bytes, seed) would not have written, or bytes. */
-static size_t first_diff(const void *p, size_t bytes, uint64_t seed)
-{
-	const uint8_t *b = p;
-
-	for (size_t i = 0; i < bytes; i += 8) {
-		uint64_t v = ref_mix(seed + i);
-		size_t n = bytes - i < 8 ? bytes - i : 8;
-
-		if (memcmp(b + i, &v, n) != 0)
-			for (size_t k = 0; k < n; k++)
-				if (b[i + k] != ((const uint8_t *)&v)[k])
-					return i + k;
-	}
-	return bytes;
-}
-
 /* A buffer of bytes (+ REF_GUARD poisoned bytes): comm_mem_alloc'd or malloc'd. */
 struct buf {
 	char *p;
@@ -90,10 +62,10 @@ static void buf_put(comm_t *c, struct buf *b)
 	b->p = NULL;
 }
 
-/* Whether b holds fill(seed) and its guard is intact; prints why not. */
+/* Whether b holds ref_fill(seed) and its guard is intact; prints why not. */
 static int buf_check(const struct buf *b, uint64_t seed, int r, const char *what)
 {
-	size_t at = first_diff(b->p, b->len, seed);
+	size_t at = ref_first_diff(b->p, b->len, seed);
 
 	if (at != b->len) {
 		fprintf(stderr, "rank %d: %s: byte %zu of %zu is wrong\n", r, what, at, b->len);
@@ -221,7 +193,7 @@ static int rank_order(int r, int n, void *arg)
 			if (buf_get(c, &b[k], bytes, (k + r + round) % 2, r) < 0)
 				return th_bail(c);
 			if (r == 0)
-				fill(b[k].p, bytes, msg_seed(round, 0, 1, k));
+				ref_fill(b[k].p, bytes, msg_seed(round, 0, 1, k));
 			if (!async) {
 				req[k] = NULL;
 				continue;
@@ -321,7 +293,7 @@ static int rank_mismatch(int r, int n, void *arg)
 	bad |= ar;
 	/* the same bytes in another dtype match: 4 int64 against 8 int32 */
 	if (r == 0) {
-		fill(b.p, 32, msg_seed(2, 0, 1, 0));
+		ref_fill(b.p, 32, msg_seed(2, 0, 1, 0));
 		OK_OR_BAIL(comm_send(c, b.p, 4, COMM_INT64, 1, NULL));
 		OK_OR_BAIL(comm_send(c, b.p, 16, COMM_INT8, 1, NULL));
 	} else if (r == 1) {
@@ -359,7 +331,7 @@ static int rank_self(int r, int n, void *arg)
 			if (buf_get(c, &s[k], (count + (size_t)k) * 4, zc, r) < 0 ||
 			    buf_get(c, &d[k], (count + (size_t)k) * 4, !zc, r) < 0)
 				return th_bail(c);
-			fill(s[k].p, s[k].len, msg_seed(10 + round, r, r, k));
+			ref_fill(s[k].p, s[k].len, msg_seed(10 + round, r, r, k));
 		}
 		/* two messages to self: the first send pairs with the first recv */
 		OK_OR_BAIL(comm_group_start(c));
@@ -412,7 +384,7 @@ static int rank_ring(int r, int n, void *arg)
 		if (buf_get(c, &s, count * es, round % 2, r) < 0 ||
 		    buf_get(c, &d, count * es, round % 3 != 0, r) < 0)
 			return th_bail(c);
-		fill(s.p, s.len, msg_seed(20, r, next, round));
+		ref_fill(s.p, s.len, msg_seed(20, r, next, round));
 		OK_OR_BAIL(comm_group_start(c));
 		if (round % 4 == 1) {
 			OK_OR_BAIL(comm_recv(c, d.p, count, dt, prev, async ? &rreq : NULL));
@@ -453,7 +425,7 @@ static int rank_exchange(int r, int n, void *arg)
 		if (buf_get(c, &s, count * 8, round % 2, r) < 0 ||
 		    buf_get(c, &d, count * 8, round % 3 == 0, r) < 0)
 			return th_bail(c);
-		fill(s.p, s.len, msg_seed(30, r, peer, round));
+		ref_fill(s.p, s.len, msg_seed(30, r, peer, round));
 		if (r % 2 == 0) {
 			OK_OR_BAIL(comm_send(c, s.p, count, COMM_UINT64, peer, NULL));
 			OK_OR_BAIL(comm_recv(c, d.p, count, COMM_UINT64, peer, NULL));
@@ -488,7 +460,7 @@ static int rank_large(int r, int n, void *arg)
 		    buf_get(c, &d, (size_t)BIG * 8, m == 0 || m == 3, r) < 0)
 			return th_bail(c);
 		/* one way, blocking */
-		fill(s.p, s.len, msg_seed(40 + m, 0, 1, 0));
+		ref_fill(s.p, s.len, msg_seed(40 + m, 0, 1, 0));
 		if (r == 0) {
 			OK_OR_BAIL(comm_send(c, s.p, BIG, COMM_FLOAT64, 1, NULL));
 		} else {
@@ -497,7 +469,7 @@ static int rank_large(int r, int n, void *arg)
 			bad |= buf_check(&d, msg_seed(40 + m, 0, 1, 0), r, what);
 		}
 		/* both ways at once in a group */
-		fill(s.p, s.len, msg_seed(50 + m, r, peer, 0));
+		ref_fill(s.p, s.len, msg_seed(50 + m, r, peer, 0));
 		memset(d.p, REF_POISON, d.len);
 		OK_OR_BAIL(comm_group_start(c));
 		OK_OR_BAIL(comm_send(c, s.p, BIG, COMM_FLOAT64, peer, NULL));
@@ -617,8 +589,8 @@ static int rank_behind(int r, int n, void *arg)
 				       fold(COMM_FLOAT32, COMM_SUM, 82, n, i), r,
 				       "small all-reduce posted behind it");
 	} else if (r == 0) {
-		fill(s.p, s.len, msg_seed(90, 0, 1, 0));
-		fill(s2.p, s2.len, msg_seed(90, 0, 1, 1));
+		ref_fill(s.p, s.len, msg_seed(90, 0, 1, 0));
+		ref_fill(s2.p, s2.len, msg_seed(90, 0, 1, 1));
 		OK_OR_BAIL(comm_send(c, s.p, BIG, COMM_FLOAT32, peer, &req));
 		OK_OR_BAIL(comm_send(c, s2.p, 7, COMM_FLOAT32, peer, NULL));
 		OK_OR_BAIL(comm_wait(req, -1));
@@ -665,7 +637,7 @@ static int rank_one_sided(int r, int n, void *arg)
 		if (buf_get(c, &b[k], (size_t)(1 + 100 * k) * 4, 1, r) < 0)
 			return th_bail(c);
 		if (r == 0)
-			fill(b[k].p, b[k].len, msg_seed(95, 0, 1, k));
+			ref_fill(b[k].p, b[k].len, msg_seed(95, 0, 1, k));
 	}
 	if (r == o->grouped) {
 		while (!__atomic_load_n(&o->posted, __ATOMIC_ACQUIRE))
@@ -1240,7 +1212,7 @@ static int rank_early_leave(int r, int n, void *arg)
 
 		if (buf_get(c, &s, count * 4, k % 2, r) < 0 || buf_get(c, &d, count * 4, 1, r) < 0)
 			return th_bail(c);
-		fill(s.p, s.len, msg_seed(60, r, peer, k));
+		ref_fill(s.p, s.len, msg_seed(60, r, peer, k));
 		if ((r == 1) == (k % 2 == 0)) {
 			OK_OR_BAIL(comm_send(c, s.p, count, COMM_UINT32, peer, NULL));
 			OK_OR_BAIL(comm_recv(c, d.p, count, COMM_UINT32, peer, NULL));
@@ -1263,7 +1235,7 @@ static int rank_early_leave(int r, int n, void *arg)
 	rc = comm_send(c, s.p, 4, COMM_FLOAT32, 0, NULL);
 	bad |= !want_rc(c, r, "send to rank 0 after it left", rc, COMM_ERR_PEER_LOST);
 	/* and the two of them still can talk */
-	fill(s.p, 64, msg_seed(61, r, peer, 0));
+	ref_fill(s.p, 64, msg_seed(61, r, peer, 0));
 	OK_OR_BAIL(comm_group_start(c));
 	OK_OR_BAIL(comm_send(c, s.p, 16, COMM_FLOAT32, peer, NULL));
 	OK_OR_BAIL(comm_recv(c, d.p, 16, COMM_FLOAT32, peer, NULL));
@@ -1290,7 +1262,7 @@ static int rank_group_wait(int r, int n, void *arg)
 	    buf_get(c, &d, 28, 1, r) < 0)
 		return th_bail(c);
 	if (r == 0)
-		fill(b.p, b.len, msg_seed(70, 0, 1, 0));
+		ref_fill(b.p, b.len, msg_seed(70, 0, 1, 0));
 	for (size_t i = 0; i < 7; i++)
 		ref_store(COMM_INT32, val(COMM_INT32, 77, r, i), s.p + 4 * i);
 	OK_OR_BAIL(comm_group_start(c));

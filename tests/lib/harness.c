@@ -2,9 +2,11 @@
  * harness.c: start the real daemon for a test, fork ranks against it, and
  * require a clean stop.
  */
+#include <arpa/inet.h>
 #include <dirent.h>
 #include <errno.h>
 #include <fcntl.h>
+#include <netinet/in.h>
 #include <poll.h>
 #include <signal.h>
 #include <stdarg.h>
@@ -52,17 +54,44 @@ void th_daemon_dump_log(const struct th_daemon *d)
 	fclose(f);
 }
 
-int th_daemon_start(struct th_daemon *d, ...)
+int th_free_port(void)
+{
+	struct sockaddr_in sa = { .sin_family = AF_INET,
+				  .sin_addr.s_addr = htonl(INADDR_LOOPBACK) };
+	socklen_t len = sizeof sa;
+	int fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0), port = -1;
+
+	if (fd < 0) {
+		perror("harness: socket");
+		return -1;
+	}
+	if (bind(fd, (struct sockaddr *)&sa, sizeof sa) < 0 ||
+	    getsockname(fd, (struct sockaddr *)&sa, &len) < 0)
+		perror("harness: a free port");
+	else
+		port = ntohs(sa.sin_port);
+	close(fd);
+	return port;
+}
+
+/* th_daemon_start's work; peer: --peer-listen at a free port of 127.0.0.1. */
+static int daemon_vstart(struct th_daemon *d, int peer, va_list ap)
 {
 	struct sockaddr_un sa = { .sun_family = AF_UNIX };
 	char notify[192], *argv[MAX_ARGS], *wrap = NULL, buf[256];
 	const char *commd = getenv("COMMD"), *wrapper = getenv("COMMD_WRAPPER");
 	struct timespec t0;
 	int argc = 0, limit_ms = wrapper && *wrapper ? 60000 : 10000;
-	va_list ap;
 
 	memset(d, 0, sizeof *d);
 	d->notify_fd = -1;
+	if (peer) {
+		int port = th_free_port();
+
+		if (port < 0)
+			return -1;
+		snprintf(d->peer, sizeof d->peer, "127.0.0.1:%d", port);
+	}
 	if (!commd)
 		commd = "./daemon/commd";
 	snprintf(d->dir, sizeof d->dir, "/tmp/commd-test-XXXXXX");
@@ -93,10 +122,12 @@ int th_daemon_start(struct th_daemon *d, ...)
 	argv[argc++] = "debug";
 	argv[argc++] = "--socket";
 	argv[argc++] = d->sock;
-	va_start(ap, d);
+	if (peer) {
+		argv[argc++] = "--peer-listen";
+		argv[argc++] = d->peer;
+	}
 	for (char *a; (a = va_arg(ap, char *)) && argc < MAX_ARGS - 1;)
 		argv[argc++] = a;
-	va_end(ap);
 	argv[argc] = NULL;
 
 	d->pid = fork();
@@ -143,9 +174,43 @@ int th_daemon_start(struct th_daemon *d, ...)
 	return -1;
 }
 
+int th_daemon_start(struct th_daemon *d, ...)
+{
+	va_list ap;
+	int rc;
+
+	va_start(ap, d);
+	rc = daemon_vstart(d, 0, ap);
+	va_end(ap);
+	return rc;
+}
+
+int th_daemon_start_peer(struct th_daemon *d, ...)
+{
+	va_list ap;
+	int rc;
+
+	va_start(ap, d);
+	rc = daemon_vstart(d, 1, ap);
+	va_end(ap);
+	return rc;
+}
+
 int th_daemon_alive(const struct th_daemon *d)
 {
-	return d->pid > 0 && waitpid(d->pid, NULL, WNOHANG) == 0;
+	int status = 0;
+	pid_t w;
+
+	if (d->pid <= 0)
+		return 0;
+	w = waitpid(d->pid, &status, WNOHANG);
+	if (w == d->pid && WIFSIGNALED(status))
+		fprintf(stderr, "harness: commd (pid %d, %s) was killed by signal %d (%s)\n",
+			(int)d->pid, d->dir, WTERMSIG(status), strsignal(WTERMSIG(status)));
+	else if (w == d->pid)
+		fprintf(stderr, "harness: commd (pid %d, %s) exited with status %d\n",
+			(int)d->pid, d->dir, WEXITSTATUS(status));
+	return w == 0;
 }
 
 /* Lines of the log that report an error of the daemon itself. */
@@ -227,8 +292,9 @@ int th_daemon_stop(struct th_daemon *d)
 	return rc;
 }
 
-int th_ranks_start(struct th_ranks *rs, const struct th_daemon *d, const char *job, int n,
-		   th_rank_fn fn, void *arg)
+int th_ranks_start_nodes(struct th_ranks *rs, const struct th_daemon *const *ds,
+			 const int *daemon_of_rank, const char *root, const char *job, int n,
+			 th_rank_fn fn, void *arg)
 {
 	char token[64];
 
@@ -248,7 +314,11 @@ int th_ranks_start(struct th_ranks *rs, const struct th_daemon *d, const char *j
 		if (pid == 0) {
 			char buf[32];
 
-			setenv("COMM_SOCKET", d->sock, 1);
+			setenv("COMM_SOCKET", ds[daemon_of_rank ? daemon_of_rank[r] : 0]->sock, 1);
+			if (root)
+				setenv("COMM_ROOT", root, 1);
+			else
+				unsetenv("COMM_ROOT");
 			setenv("COMM_JOB", job, 1);
 			setenv("COMM_TOKEN", token, 1);
 			snprintf(buf, sizeof buf, "%d", r);
@@ -260,6 +330,12 @@ int th_ranks_start(struct th_ranks *rs, const struct th_daemon *d, const char *j
 		rs->pids[r] = pid;
 	}
 	return 0;
+}
+
+int th_ranks_start(struct th_ranks *rs, const struct th_daemon *d, const char *job, int n,
+		   th_rank_fn fn, void *arg)
+{
+	return th_ranks_start_nodes(rs, &d, NULL, NULL, job, n, fn, arg);
 }
 
 int th_ranks_wait(struct th_ranks *rs)
@@ -293,6 +369,16 @@ int th_run_ranks(const struct th_daemon *d, const char *job, int n, th_rank_fn f
 	struct th_ranks rs;
 
 	if (th_ranks_start(&rs, d, job, n, fn, arg) < 0)
+		return n;
+	return th_ranks_wait(&rs);
+}
+
+int th_run_ranks_nodes(const struct th_daemon *const *ds, const int *daemon_of_rank,
+		       const char *root, const char *job, int n, th_rank_fn fn, void *arg)
+{
+	struct th_ranks rs;
+
+	if (th_ranks_start_nodes(&rs, ds, daemon_of_rank, root, job, n, fn, arg) < 0)
 		return n;
 	return th_ranks_wait(&rs);
 }

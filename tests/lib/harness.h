@@ -16,6 +16,7 @@ struct th_daemon {
 	char dir[128];
 	char sock[192];
 	char log[192];
+	char peer[64];          /* --peer-listen address "HOST:PORT"; "" when none */
 	pid_t pid;
 	int notify_fd;
 };
@@ -26,13 +27,18 @@ struct th_daemon {
  * Returns 0, or -1 with the reason printed.
  */
 int th_daemon_start(struct th_daemon *d, ...);
+/*
+ * th_daemon_start that also listens for other daemons on a free port of
+ * 127.0.0.1 (--peer-listen); d->peer holds the address, for COMM_ROOT.
+ */
+int th_daemon_start_peer(struct th_daemon *d, ...);
 /* SIGTERM; requires exit status 0 and no "error:" line in the log. 0 or -1. */
 int th_daemon_stop(struct th_daemon *d);
 /* Remove the temp dir of a daemon that is gone (killed by the test). */
 void th_daemon_cleanup(struct th_daemon *d);
 /* Print the daemon's log to stderr (for a failing test). */
 void th_daemon_dump_log(const struct th_daemon *d);
-/* Whether the daemon process is still alive. */
+/* Whether the daemon process is still alive; when not, says how it ended (once). */
 int th_daemon_alive(const struct th_daemon *d);
 
 typedef int (*th_rank_fn)(int rank, int size, void *arg);
@@ -44,14 +50,27 @@ struct th_ranks {
 
 /*
  * Fork n processes with COMM_SOCKET, COMM_JOB=job, COMM_TOKEN, COMM_RANK
- * and COMM_WORLD_SIZE set; each exits with fn's return value.
+ * and COMM_WORLD_SIZE set (COMM_ROOT unset); each exits with fn's return value.
  */
 int th_ranks_start(struct th_ranks *rs, const struct th_daemon *d, const char *job, int n,
 		   th_rank_fn fn, void *arg);
+/*
+ * th_ranks_start for a job over several daemons: rank r connects to
+ * ds[daemon_of_rank[r]] and every rank has COMM_ROOT=root (the peer-listen
+ * address of one of them; NULL leaves COMM_ROOT unset).
+ */
+int th_ranks_start_nodes(struct th_ranks *rs, const struct th_daemon *const *ds,
+			 const int *daemon_of_rank, const char *root, const char *job, int n,
+			 th_rank_fn fn, void *arg);
 /* Wait for all; returns how many failed (non-zero exit or a signal). */
 int th_ranks_wait(struct th_ranks *rs);
 /* Both of the above. */
 int th_run_ranks(const struct th_daemon *d, const char *job, int n, th_rank_fn fn, void *arg);
+int th_run_ranks_nodes(const struct th_daemon *const *ds, const int *daemon_of_rank,
+		       const char *root, const char *job, int n, th_rank_fn fn, void *arg);
+
+/* A TCP port of 127.0.0.1 free a moment ago (bound to port 0, then closed); -1 on failure. */
+int th_free_port(void);
 
 /*
  * In a rank: comm_init from the environment and check rank and size, with

@@ -59,7 +59,11 @@ void th_plan_run(const struct th_daemon *d, struct th_plan *p)
 	REQUIRE(p->failed != MAP_FAILED, "mmap");
 	p->ran = p->failed + (p->n ? p->n : 1);
 	clock_gettime(CLOCK_MONOTONIC, &t0);
-	failed = th_run_ranks(d, p->job, p->world, rank_plan, p);
+	if (p->ds)
+		failed = th_run_ranks_nodes(p->ds, p->daemon_of_rank, p->root, p->job, p->world,
+					    rank_plan, p);
+	else
+		failed = th_run_ranks(d, p->job, p->world, rank_plan, p);
 	for (int i = 0; i < p->n; i++) {
 		const char *st = p->failed[i] ? "FAIL" : p->ran[i] == p->world ? "ok" : "not run";
 

@@ -24,6 +24,10 @@ struct th_plan {
 	size_t case_size;
 	th_case_run run;
 	th_case_describe describe;
+	/* a job over several daemons (th_ranks_start_nodes); ds NULL: all on one */
+	const struct th_daemon *const *ds;
+	const int *daemon_of_rank;
+	const char *root;
 	int n, cap;
 	void *cases;
 	int *failed;            /* ranks that found case i wrong (shared with the ranks) */
@@ -33,9 +37,10 @@ struct th_plan {
 /* A new zeroed case at the end of p (exits when out of memory). */
 void *th_plan_add(struct th_plan *p);
 /*
- * Run every case of p in one job of p->world ranks; print "ok/FAIL: case"
- * lines and "== title: ok, N cases, T s"; CHECK that nothing failed. Frees
- * the cases and leaves p zeroed but for what the caller set up to reuse.
+ * Run every case of p in one job of p->world ranks on d (or, with p->ds
+ * set, over those daemons); print "ok/FAIL: case" lines and
+ * "== title: ok, N cases, T s"; CHECK that nothing failed. Frees the cases
+ * and leaves p zeroed but for what the caller set up to reuse.
  */
 void th_plan_run(const struct th_daemon *d, struct th_plan *p);
 

@@ -355,7 +355,34 @@ void ref_str(comm_dtype_t dt, uint64_t v, char *buf, size_t len)
 	}
 }
 
-/* --- guarded buffers -------------------------------------------------------- */
+/* --- message bytes and guarded buffers --------------------------------------- */
+
+void ref_fill(void *p, size_t bytes, uint64_t seed)
+{
+	uint8_t *b = p;
+
+	for (size_t i = 0; i < bytes; i += 8) {
+		uint64_t v = ref_mix(seed + i);
+
+		memcpy(b + i, &v, bytes - i < 8 ? bytes - i : 8);
+	}
+}
+
+size_t ref_first_diff(const void *p, size_t bytes, uint64_t seed)
+{
+	const uint8_t *b = p;
+
+	for (size_t i = 0; i < bytes; i += 8) {
+		uint64_t v = ref_mix(seed + i);
+		size_t n = bytes - i < 8 ? bytes - i : 8;
+
+		if (memcmp(b + i, &v, n) != 0)
+			for (size_t k = 0; k < n; k++)
+				if (b[i + k] != ((const uint8_t *)&v)[k])
+					return i + k;
+	}
+	return bytes;
+}
 
 void *ref_buf_alloc(comm_t *c, int zc, size_t bytes)
 {

@@ -74,6 +74,11 @@ int ref_near(comm_dtype_t dt, uint64_t got, uint64_t want, double tol);
 /* The dt element v for a message: "%d", "%.9g", "1.5 (0x3e00)", ... */
 void ref_str(comm_dtype_t dt, uint64_t v, char *buf, size_t len);
 
+/* Fill bytes at p with bytes drawn from seed (ref_mix of seed + offset). */
+void ref_fill(void *p, size_t bytes, uint64_t seed);
+/* The first byte of p that ref_fill(p, bytes, seed) would not have written, or bytes. */
+size_t ref_first_diff(const void *p, size_t bytes, uint64_t seed);
+
 /* bytes from comm_mem_alloc when zc, else from malloc; NULL on failure. */
 void *ref_buf_alloc(comm_t *c, int zc, size_t bytes);
 /* Free p from ref_buf_alloc(c, zc, ...); NULL is ignored. */

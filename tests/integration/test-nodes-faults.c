@@ -1,0 +1,320 @@
+/*
+ * test-nodes-faults.c: jobs over two daemons when things go wrong: a root
+ * address where nothing listens, and a member daemon killed under a running
+ * job. The surviving daemon fails what spanned the dead one, serves a new
+ * job and stops cleanly.
+ */
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <sys/wait.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "check.h"
+#include "comm.h"
+#include "harness.h"
+#include "opcase.h"
+
+#define N 4
+#define LOOP_COUNT (16u << 20)  /* float32: a 64 MiB all-reduce */
+#define KILL_LIMIT_MS 5000      /* ops spanning a dead daemon fail within this */
+#define CONNECT_LIMIT_MS 8000   /* commd's connect timeout to a root (5 s) and some slack */
+#define PROGRESS_LIMIT_MS 60000 /* for the looping job to run two all-reduces */
+
+static struct th_daemon da, db; /* A, the root, and B */
+
+static long mono_ms(void)
+{
+	struct timespec t;
+
+	clock_gettime(CLOCK_MONOTONIC, &t);
+	return t.tv_sec * 1000 + t.tv_nsec / 1000000;
+}
+
+/* What each rank saw, shared between the ranks and the test. */
+struct seen {
+	long kill_ms;              /* when B was killed (0: not yet) */
+	long start_ms[N];          /* first all-reduce posted */
+	int iters[N];              /* all-reduces finished */
+	int rc[N];                 /* the failed op's result (or comm_init's) */
+	long err_ms[N];            /* when it failed */
+	int done[N];               /* the rank is out of its loop */
+	char detail[N][200];
+};
+
+static struct seen *seen_new(void)
+{
+	struct seen *s = mmap(NULL, sizeof *s, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_ANONYMOUS,
+			      -1, 0);
+
+	REQUIRE(s != MAP_FAILED, "mmap");
+	memset(s, 0, sizeof *s);
+	return s;
+}
+
+static void seen_note(struct seen *s, int r, comm_result_t rc, const char *detail)
+{
+	s->rc[r] = rc;
+	s->err_ms[r] = mono_ms();
+	snprintf(s->detail[r], sizeof s->detail[r], "%s", detail);
+	__atomic_store_n(&s->done[r], 1, __ATOMIC_RELEASE);
+}
+
+/* --- a root where nothing listens --------------------------------------------- */
+
+static int rank_noroot(int r, int n, void *arg)
+{
+	struct seen *s = arg;
+	comm_result_t rc;
+	comm_t *c = NULL;
+
+	alarm(TH_WATCHDOG_S);
+	s->start_ms[r] = mono_ms();
+	rc = comm_init(&c, NULL);
+	seen_note(s, r, rc, rc == COMM_OK ? "" : comm_last_error(NULL));
+	if (rc == COMM_OK)
+		comm_abort(c);
+	return 0;
+}
+
+static void test_noroot(int fds0)
+{
+	struct seen *s = seen_new();
+	const struct th_daemon *ds[1] = { &da };
+	char root[64];
+	int port = th_free_port(), failed;
+
+	REQUIRE(port > 0, "no free port");
+	snprintf(root, sizeof root, "127.0.0.1:%d", port);
+	failed = th_run_ranks_nodes(ds, NULL, root, "faults-noroot", 2, rank_noroot, s);
+	CHECK(failed == 0, "no root: %d ranks failed", failed);
+	for (int r = 0; r < 2; r++) {
+		long ms = s->err_ms[r] - s->start_ms[r];
+		int ok = (s->rc[r] == COMM_ERR_PEER_LOST ||
+			  s->rc[r] == COMM_ERR_DAEMON_UNREACHABLE) &&
+			 ms <= CONNECT_LIMIT_MS && *s->detail[r];
+
+		printf("%s: rank %d on A, COMM_ROOT=%s where nothing listens: comm_init gave %s "
+		       "after %ld ms: \"%s\"\n",
+		       ok ? "ok" : "FAIL", r, root, comm_result_name((comm_result_t)s->rc[r]), ms,
+		       s->detail[r]);
+		CHECK(s->rc[r] == COMM_ERR_PEER_LOST || s->rc[r] == COMM_ERR_DAEMON_UNREACHABLE,
+		      "no root: rank %d: comm_init gave %s, expected COMM_ERR_PEER_LOST or "
+		      "COMM_ERR_DAEMON_UNREACHABLE",
+		      r, comm_result_name((comm_result_t)s->rc[r]));
+		CHECK(ms <= CONNECT_LIMIT_MS, "no root: rank %d: comm_init took %ld ms, limit %d",
+		      r, ms, CONNECT_LIMIT_MS);
+		CHECK(*s->detail[r], "no root: rank %d: comm_last_error is empty", r);
+	}
+	CHECK(th_daemon_alive(&da), "commd A died after a job named a root that is not there");
+	th_check_baseline(&da, fds0, "a job named a root that is not there");
+	printf("%s: commd A alive, fds back to %d, no memfd mapped\n",
+	       check_failures ? "FAIL" : "ok", fds0);
+	fflush(stdout);
+	munmap(s, sizeof *s);
+}
+
+/* --- daemon B killed under a job ------------------------------------------------- */
+
+/* Ranks loop on a 64 MiB float32 all-reduce (exact: sum of 1..n) until one fails. */
+static int rank_loop(int r, int n, void *arg)
+{
+	struct seen *s = arg;
+	float *in, *out, want = (float)(n * (n + 1) / 2);
+	size_t probe[3] = { 0, LOOP_COUNT / 2 + 1, LOOP_COUNT - 1 };
+	comm_result_t rc;
+	comm_t *c;
+
+	setenv("COMM_TIMEOUT", "20000", 1); /* a hang fails in 20 s, a 64 MiB op needs far less */
+	if (th_join(&c, r, n) < 0) {
+		seen_note(s, r, COMM_ERR_INTERNAL, "comm_init failed (see above)");
+		return 1;
+	}
+	in = comm_mem_alloc(c, LOOP_COUNT * sizeof *in);
+	out = comm_mem_alloc(c, LOOP_COUNT * sizeof *out);
+	if (!in || !out) {
+		fprintf(stderr, "rank %d: comm_mem_alloc: %s\n", r, comm_last_error(c));
+		seen_note(s, r, COMM_ERR_NO_MEMORY, "comm_mem_alloc failed");
+		return th_bail(c);
+	}
+	for (size_t i = 0; i < LOOP_COUNT; i++)
+		in[i] = (float)(r + 1);
+	s->start_ms[r] = mono_ms();
+	for (;;) {
+		long k = __atomic_load_n(&s->kill_ms, __ATOMIC_ACQUIRE);
+
+		alarm(TH_WATCHDOG_S);
+		if (k && mono_ms() - k > 2 * KILL_LIMIT_MS) {
+			seen_note(s, r, COMM_OK, "all-reduces still succeed long after the kill");
+			return th_bail(c);
+		}
+		rc = comm_allreduce(c, in, out, LOOP_COUNT, COMM_FLOAT32, COMM_SUM, NULL);
+		if (rc != COMM_OK)
+			break;
+		for (int i = 0; i < 3; i++) {
+			if (out[probe[i]] != want) {
+				fprintf(stderr,
+					"rank %d: all-reduce %d: element %zu is %g, not %g\n", r,
+					s->iters[r], probe[i], (double)out[probe[i]],
+					(double)want);
+				seen_note(s, r, COMM_OK, "wrong values");
+				return th_bail(c);
+			}
+		}
+		__atomic_fetch_add(&s->iters[r], 1, __ATOMIC_RELEASE);
+	}
+	seen_note(s, r, rc, comm_last_error(c));
+	alarm(20); /* leaving must not hang either */
+	comm_finalize(c);
+	return 0;
+}
+
+/* Wait until every rank finished two all-reduces (or one gave up); 1 when they did. */
+static int wait_progress(struct seen *s)
+{
+	long t0 = mono_ms();
+
+	while (mono_ms() - t0 < PROGRESS_LIMIT_MS) {
+		int ready = 1;
+
+		for (int r = 0; r < N; r++) {
+			if (__atomic_load_n(&s->done[r], __ATOMIC_ACQUIRE))
+				return 0;
+			ready &= __atomic_load_n(&s->iters[r], __ATOMIC_ACQUIRE) >= 2;
+		}
+		if (ready)
+			return 1;
+		usleep(2000);
+	}
+	return 0;
+}
+
+static void test_kill_member(void)
+{
+	static const int of[N] = { 0, 0, 1, 1 };
+	const struct th_daemon *ds[2] = { &da, &db };
+	struct seen *s = seen_new();
+	struct th_ranks rs;
+	long per_op;
+	int failed, it;
+
+	REQUIRE(th_ranks_start_nodes(&rs, ds, of, da.peer, "faults-kill", N, rank_loop, s) == 0,
+		"fork");
+	if (wait_progress(s)) {
+		/* kill B about half way through an all-reduce */
+		it = __atomic_load_n(&s->iters[0], __ATOMIC_ACQUIRE);
+		per_op = (mono_ms() - s->start_ms[0]) / (it ? it : 1);
+		while (__atomic_load_n(&s->iters[0], __ATOMIC_ACQUIRE) == it &&
+		       !__atomic_load_n(&s->done[0], __ATOMIC_ACQUIRE))
+			usleep(500);
+		usleep((useconds_t)(per_op / 2) * 1000);
+		printf("ok: 2+2 job over A and B ran %d all-reduces of 64 MiB (%ld ms each); "
+		       "killing B\n",
+		       __atomic_load_n(&s->iters[0], __ATOMIC_ACQUIRE), per_op);
+	} else {
+		CHECK(0, "the 2+2 job over A and B did not run two all-reduces within %d ms",
+		      PROGRESS_LIMIT_MS);
+		printf("FAIL: the 2+2 job over A and B made no progress; killing B anyway\n");
+	}
+	fflush(stdout);
+	__atomic_store_n(&s->kill_ms, mono_ms(), __ATOMIC_RELEASE);
+	kill(db.pid, SIGKILL);
+	waitpid(db.pid, NULL, 0);
+	failed = th_ranks_wait(&rs);
+	CHECK(failed == 0, "killed B: %d ranks failed (see above)", failed);
+	if (!th_daemon_alive(&da)) {
+		CHECK(0, "commd A died when B was killed: its ranks lost their daemon");
+		printf("FAIL: commd A died when B was killed\n");
+	}
+	for (int r = 0; r < N; r++) {
+		long ms = s->err_ms[r] - s->kill_ms;
+		int on_a = of[r] == 0, ok;
+
+		if (!s->done[r]) {
+			CHECK(0, "killed B: rank %d on %c never returned from its loop", r,
+			      on_a ? 'A' : 'B');
+			continue;
+		}
+		/* B's own ranks lost their daemon: any error will do, as long as it comes */
+		ok = s->rc[r] != COMM_OK && ms >= 0 && ms <= KILL_LIMIT_MS &&
+		     (!on_a || s->rc[r] == COMM_ERR_PEER_LOST);
+		printf("%s: rank %d on %c, after %d all-reduces: %s %ld ms after B was killed: "
+		       "\"%s\"%s\n",
+		       ok ? "ok" : "FAIL", r, on_a ? 'A' : 'B', s->iters[r],
+		       comm_result_name((comm_result_t)s->rc[r]), ms, s->detail[r],
+		       on_a ? " (want COMM_ERR_PEER_LOST)" : " (any error)");
+		CHECK(s->rc[r] != COMM_OK, "killed B: rank %d: %s", r, s->detail[r]);
+		CHECK(ms >= 0, "killed B: rank %d failed %ld ms before the kill", r, -ms);
+		CHECK(ms <= KILL_LIMIT_MS,
+		      "killed B: rank %d failed %ld ms after the kill, limit %d", r, ms,
+		      KILL_LIMIT_MS);
+		if (on_a)
+			CHECK(s->rc[r] == COMM_ERR_PEER_LOST,
+			      "killed B: rank %d on A got %s, expected COMM_ERR_PEER_LOST", r,
+			      comm_result_name((comm_result_t)s->rc[r]));
+	}
+	fflush(stdout);
+	th_daemon_cleanup(&db);
+	munmap(s, sizeof *s);
+}
+
+/* --- A goes on alone ----------------------------------------------------------------- */
+
+static int rank_after(int r, int n, void *arg)
+{
+	static const struct oc_case cases[] = {
+		{ OC_AR, COMM_FLOAT32, COMM_SUM, 7, 0, OC_ZC, OC_OOP, 0, 0 },
+		{ OC_AR, COMM_INT32, COMM_SUM, 1u << 20, 0, OC_ZC, OC_OOP, 0, 0 },
+		{ OC_AR, COMM_FLOAT16, COMM_SUM, 4097, 0, OC_STAGED, OC_INPLACE, 0, 0 },
+	};
+	comm_t *c;
+	int bad = 0;
+
+	if (th_join(&c, r, n) < 0)
+		return 1;
+	for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
+		int rc = oc_run_case(c, &cases[i], 0xafe00001u + (uint32_t)i * 131, r, n);
+
+		if (rc < 0)
+			return th_bail(c);
+		bad |= rc;
+	}
+	return th_leave(c, r) | bad;
+}
+
+int main(void)
+{
+	struct timespec t0;
+	int fds0, failed;
+
+	setenv("COMM_TIMEOUT", "60000", 1);
+	clock_gettime(CLOCK_MONOTONIC, &t0);
+	REQUIRE(th_daemon_start_peer(&da, "--threads", "2", NULL) == 0,
+		"commd A (with --peer-listen) did not start");
+	if (th_daemon_start_peer(&db, "--threads", "2", NULL) < 0) {
+		CHECK(0, "commd B (with --peer-listen) did not start");
+		th_daemon_stop(&da);
+		return CHECK_EXIT();
+	}
+	printf("commd A: peers %s; commd B: peers %s\n", da.peer, db.peer);
+	fds0 = th_count_fds(da.pid);
+	test_noroot(fds0);
+	test_kill_member();
+	if (!th_daemon_alive(&da)) {
+		th_daemon_dump_log(&da);
+		th_daemon_cleanup(&da);
+		printf("FAIL: %.1f s in all\n", th_secs_since(&t0));
+		return CHECK_EXIT();
+	}
+	failed = th_run_ranks(&da, "faults-after", 2, rank_after, NULL);
+	CHECK(failed == 0, "a 2-rank job on A after B died: %d ranks failed", failed);
+	printf("%s: a new 2-rank job on A alone: all-reduces of 7, 1 Mi and 4097 elements\n",
+	       failed ? "FAIL" : "ok");
+	CHECK(th_daemon_alive(&da), "commd A died");
+	CHECK(th_daemon_stop(&da) == 0, "commd A did not stop cleanly");
+	printf("%s: %.1f s in all\n", check_failures ? "FAIL" : "ok", th_secs_since(&t0));
+	return CHECK_EXIT();
+}
