@@ -13,19 +13,12 @@
 
 #include "check.h"
 #include "comm.h"
+#include "barrier.h"
 #include "harness.h"
 #include "ref.h"
 
 #define BIG 1000003          /* the large count: worker threads */
 #define NOUT 300             /* outstanding requests per rank */
-
-static int64_t now_ns(void)
-{
-	struct timespec t;
-
-	clock_gettime(CLOCK_MONOTONIC, &t);
-	return (int64_t)t.tv_sec * 1000000000 + t.tv_nsec;
-}
 
 /* --- message contents: bytes from a seed ---------------------------------- */
 
@@ -486,69 +479,21 @@ static int rank_large(int r, int n, void *arg)
 
 /* --- barrier ------------------------------------------------------------------- */
 
-#define BARRIER_ROUNDS 6
-
-/* enter[round][rank] and leave[round][rank], CLOCK_MONOTONIC ns, shared with the ranks. */
-struct stamps {
-	int64_t enter[BARRIER_ROUNDS][8];
-	int64_t leave[BARRIER_ROUNDS][8];
-};
-
-static int rank_barrier(int r, int n, void *arg)
-{
-	struct stamps *st = arg;
-	comm_t *c;
-
-	if (th_join(&c, r, n) < 0)
-		return 1;
-	for (int round = 0; round < BARRIER_ROUNDS; round++) {
-		comm_request_t *req = NULL;
-
-		/* a different rank comes last each round */
-		usleep((useconds_t)((r + round) % n) * 25000);
-		st->enter[round][r] = now_ns();
-		if (round % 2) {
-			OK_OR_BAIL(comm_barrier(c, &req));
-			OK_OR_BAIL(comm_wait(req, -1));
-		} else {
-			OK_OR_BAIL(comm_barrier(c, NULL));
-		}
-		st->leave[round][r] = now_ns();
-	}
-	return th_leave(c, r);
-}
-
 static void test_barrier(const struct th_daemon *d, int n)
 {
-	struct stamps *st = mmap(NULL, sizeof *st, PROT_READ | PROT_WRITE,
-				 MAP_SHARED | MAP_ANONYMOUS, -1, 0);
+	struct th_barrier *st = th_barrier_new();
 	char what[96];
-	int early = 0;
+	int early;
 
-	REQUIRE(st != MAP_FAILED, "mmap");
-	memset(st, 0, sizeof *st);
+	REQUIRE(st != NULL, "mmap");
 	snprintf(what, sizeof what, "barrier n=%d, %d rounds, ranks arrive 25 ms apart", n,
-		 BARRIER_ROUNDS);
-	run_job(d, n, rank_barrier, st, what);
-	for (int round = 0; round < BARRIER_ROUNDS; round++) {
-		int64_t last_in = 0;
-
-		for (int r = 0; r < n; r++)
-			last_in = st->enter[round][r] > last_in ? st->enter[round][r] : last_in;
-		for (int r = 0; r < n; r++) {
-			if (st->leave[round][r] && st->leave[round][r] < last_in) {
-				fprintf(stderr,
-					"barrier round %d: rank %d left %.3f ms before the last "
-					"rank entered\n",
-					round, r, (double)(last_in - st->leave[round][r]) / 1e6);
-				early++;
-			}
-		}
-	}
+		 TH_BARRIER_ROUNDS);
+	run_job(d, n, th_barrier_rank, st, what);
+	early = th_barrier_early(st, n);
 	CHECK(early == 0, "barrier n=%d: %d ranks left before the last one entered", n, early);
 	printf("%s: barrier n=%d: nobody leaves before the last rank entered\n",
 	       early ? "FAIL" : "ok", n);
-	munmap(st, sizeof *st);
+	th_barrier_free(st);
 }
 
 /* --- an op posted while the one before runs on the worker threads --------------- */
