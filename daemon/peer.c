@@ -1075,9 +1075,21 @@ int peer_start(uv_loop_t *loop, const char *listen_addr)
 		return -1;
 	}
 	P.listening = 1;
-	snprintf(P.listen_addr, sizeof P.listen_addr, "%s", listen_addr);
+	if (!strcmp(port, "0")) {
+		/* port 0: the kernel's choice, which status then shows */
+		struct sockaddr_storage ss;
+		int len = sizeof ss;
+
+		if (uv_tcp_getsockname(&P.listener, (struct sockaddr *)&ss, &len) == 0)
+			snprintf(port, sizeof port, "%d",
+				 ntohs(ss.ss_family == AF_INET6
+					       ? ((struct sockaddr_in6 *)&ss)->sin6_port
+					       : ((struct sockaddr_in *)&ss)->sin_port));
+	}
+	snprintf(P.listen_addr, sizeof P.listen_addr, "%s%.200s%s:%s", strchr(host, ':') ? "[" : "",
+		 host, strchr(host, ':') ? "]" : "", port);
 	snprintf(P.node, sizeof P.node, "%s:%s", hn, port);
-	log_info("peer listener on %s (node %s)", listen_addr, P.node);
+	log_info("peer listener on %s (node %s)", P.listen_addr, P.node);
 	return 0;
 }
 
