@@ -45,7 +45,15 @@
 #define SLOT_QUARANTINE_MS 30000 /* a freed slot's late messages are drained this long */
 #define CANCEL_FORCE_MS 10000    /* a stopped task's sends get this long, then the ep goes */
 #define HDR_MAGIC 0x636f6d6du
-#define SPIN 64                  /* progress calls before sleeping on the worker */
+#define SPIN_US 50               /* polling after the last event, before sleeping */
+/*
+ * All-reduces up to this: verdict and data in one message, one round trip.
+ * The verdict buffers are nodes x HSLOT: kept under malloc's mmap threshold,
+ * since mapping and unmapping them each op made later large ops 4x slower.
+ */
+#define SMALL_BYTES 16384
+#define HSLOT (sizeof(struct hdr) + SMALL_BYTES)
+#define ANY_LENGTH ((size_t)-1)
 
 #define TAG_SLOT(s) ((uint64_t)(s) << 48)
 #define TAG_SLOT_MASK (0xffffull << 48)
@@ -71,7 +79,8 @@ struct hdr {
 struct nreq {
 	void *h;
 	int recv;
-	size_t want;             /* recv: the bytes that must arrive */
+	size_t want;             /* recv: the bytes that must arrive, or ANY_LENGTH */
+	size_t *got;             /* recv: where to put the bytes that did, or NULL */
 };
 
 /* An endpoint to another daemon's worker, made once and shared by its jobs. */
@@ -108,6 +117,9 @@ struct net_task {
 	uint64_t stop_ms;
 	int fatal;                /* the nodes may now disagree: the job must fail */
 	struct hdr out, *in;      /* in: [nn] */
+	uint8_t *hbuf;            /* [nn] slots of HSLOT: each node's verdict (and data) */
+	size_t *hlen;             /* [nn]: the bytes of each that arrived */
+	int small;                /* an all-reduce whose data rode with the verdicts */
 	uint8_t *nb, *sbuf, *rbuf;
 	size_t nb_len, piece_max;
 	int first;                /* the lowest rank here */
@@ -253,7 +265,7 @@ static void close_failed_eps(void)
 
 /* --- requests ---------------------------------------------------------------------- */
 
-static int add_req(struct net_task *nt, void *h, int recv, size_t want)
+static int add_req(struct net_task *nt, void *h, int recv, size_t want, size_t *got)
 {
 	if (nt->nreq == nt->cap) {
 		int cap = nt->cap ? nt->cap * 2 : 8;
@@ -264,7 +276,7 @@ static int add_req(struct net_task *nt, void *h, int recv, size_t want)
 		nt->reqs = r;
 		nt->cap = cap;
 	}
-	nt->reqs[nt->nreq++] = (struct nreq){ h, recv, want };
+	nt->reqs[nt->nreq++] = (struct nreq){ h, recv, want, got };
 	return 0;
 }
 
@@ -304,11 +316,12 @@ static void post_send(struct net_task *nt, int k, uint64_t tag, const void *buf,
 	if (UCS_PTR_IS_ERR(r) && (nt->fatal = 1))
 		fail(nt, COMM_ERR_PEER_LOST, "send to node %s: %s", node_name(nt, k),
 		     ucs_status_string(UCS_PTR_STATUS(r)));
-	else if (r && add_req(nt, r, 0, 0) < 0)
+	else if (r && add_req(nt, r, 0, 0, NULL) < 0)
 		fail(nt, COMM_ERR_NO_MEMORY, "net: out of memory");
 }
 
-static void post_recv(struct net_task *nt, uint64_t tag, void *buf, size_t len)
+static void post_recv_any(struct net_task *nt, uint64_t tag, void *buf, size_t len,
+			  size_t want, size_t *got)
 {
 	/* always a request: reap reads the length that arrived from it */
 	ucp_request_param_t rp = { .op_attr_mask = UCP_OP_ATTR_FLAG_NO_IMM_CMPL };
@@ -319,8 +332,13 @@ static void post_recv(struct net_task *nt, uint64_t tag, void *buf, size_t len)
 	r = ucp_tag_recv_nbx(N.worker, buf, len, tag, ~0ull, &rp);
 	if (UCS_PTR_IS_ERR(r) && (nt->fatal = 1))
 		fail(nt, COMM_ERR_INTERNAL, "UCX receive: %s", ucs_status_string(UCS_PTR_STATUS(r)));
-	else if (add_req(nt, r, 1, len) < 0)
+	else if (add_req(nt, r, 1, want, got) < 0)
 		fail(nt, COMM_ERR_NO_MEMORY, "net: out of memory");
+}
+
+static void post_recv(struct net_task *nt, uint64_t tag, void *buf, size_t len)
+{
+	post_recv_any(nt, tag, buf, len, len, NULL);
 }
 
 /*
@@ -344,9 +362,11 @@ static int reap(struct net_task *nt)
 		else if (st != UCS_OK && (nt->fatal = 1))
 			fail(nt, COMM_ERR_PEER_LOST, "UCX %s: %s", q->recv ? "receive" : "send",
 			     ucs_status_string(st));
-		else if (q->recv && info.length != q->want)
+		else if (q->recv && q->want != ANY_LENGTH && info.length != q->want)
 			fail(nt, COMM_ERR_MISMATCH, "%zu bytes arrived from another node, %zu expected",
 			     info.length, q->want);
+		else if (q->got)
+			*q->got = info.length;
 		ucp_request_free(q->h);
 		*q = nt->reqs[--nt->nreq];
 	}
@@ -479,6 +499,8 @@ static int alloc_buffers(struct net_task *nt)
 	switch (t->type) {
 	case COMMPB__OP_TYPE__OP_ALLREDUCE:
 		need_nb = bl;
+		if (bl <= SMALL_BYTES)
+			piece = bl; /* small_allreduce combines in sbuf */
 		break;
 	case COMMPB__OP_TYPE__OP_REDUCE_SCATTER:
 	case COMMPB__OP_TYPE__OP_ALLGATHER:
@@ -622,6 +644,37 @@ static void alltoall_finish(struct net_task *nt)
 	}
 }
 
+/*
+ * Every node's partial came with its verdict: combine them in node order
+ * (the same order on every node, so every node gets the same bits).
+ */
+static int small_allreduce(struct net_task *nt)
+{
+	struct task *t = nt->t;
+	size_t bl = t->count * t->esize;
+	uint8_t *acc = nt->sbuf;
+
+	for (int k = 0; k < nt->nn; k++) {
+		if (nt->hlen[k] != sizeof(struct hdr) + bl) {
+			nt->fatal = 1;
+			fail(nt, COMM_ERR_PROTOCOL, "collective %llu: %zu bytes from node %s, %zu expected",
+			     (unsigned long long)t->cseq, nt->hlen[k], node_name(nt, k),
+			     sizeof(struct hdr) + bl);
+			return 1;
+		}
+		if (k == 0)
+			memcpy(acc, nt->hbuf + sizeof(struct hdr), bl);
+		else
+			reduce_acc((comm_dtype_t)t->dtype, (comm_redop_t)t->redop, acc,
+				   nt->hbuf + (size_t)k * HSLOT + sizeof(struct hdr), t->count);
+	}
+	memcpy(nt->nb, acc, bl);
+	if (t->redop == COMM_AVG)
+		reduce_div((comm_dtype_t)t->dtype, nt->nb, t->count, nt->j->world);
+	write_out(nt);
+	return 1;
+}
+
 /* Run the collective's next step; 1 when it is finished (nt->status says how). */
 static int coll_step(struct net_task *nt)
 {
@@ -640,31 +693,52 @@ static int coll_step(struct net_task *nt)
 		nt->out.count = t->count;
 		nt->out.first_rank = nt->first;
 		snprintf(nt->out.detail, sizeof nt->out.detail, "%.199s", t->detail);
+		if (!(nt->hbuf = malloc((size_t)nn * HSLOT)) ||
+		    !(nt->hlen = calloc((size_t)nn, sizeof *nt->hlen))) {
+			fail(nt, COMM_ERR_NO_MEMORY, "net: out of memory");
+			nt->fatal = 1;
+			return 1;
+		}
 		if (t->status == COMM_OK && alloc_buffers(nt) < 0) {
 			nt->out.status = COMM_ERR_NO_MEMORY;
 			snprintf(nt->out.detail, sizeof nt->out.detail,
 				 "collective %llu: node %s is out of memory for it",
 				 (unsigned long long)t->cseq, node_name(nt, me));
 		}
-		nt->in[me] = nt->out;
+		/* a small all-reduce: this node's partial rides with its verdict */
+		nt->small = nt->out.status == COMM_OK && t->type == COMMPB__OP_TYPE__OP_ALLREDUCE &&
+			    bl && bl <= SMALL_BYTES;
+		memcpy(nt->hbuf + (size_t)me * HSLOT, &nt->out, sizeof nt->out);
+		nt->hlen[me] = sizeof nt->out;
+		if (nt->small) {
+			local_reduce(nt, t->count);
+			memcpy(nt->hbuf + (size_t)me * HSLOT + sizeof nt->out, nt->nb, bl);
+			nt->hlen[me] += bl;
+		}
 		for (k = 0; k < nn; k++) {
 			if (k == me)
 				continue;
-			post_send(nt, k, ctag(nt, k, 0), &nt->out, sizeof nt->out);
-			post_recv(nt, ctag_from(nt, k, 0), &nt->in[k], sizeof nt->in[k]);
+			post_send(nt, k, ctag(nt, k, 0), nt->hbuf + (size_t)me * HSLOT, nt->hlen[me]);
+			post_recv_any(nt, ctag_from(nt, k, 0), nt->hbuf + (size_t)k * HSLOT, HSLOT,
+				      ANY_LENGTH, &nt->hlen[k]);
 		}
 		nt->state = S_VERDICT;
 		return 0;
 	case S_VERDICT:
-		for (k = 0; k < nn; k++)
-			if (nt->in[k].magic != HDR_MAGIC) {
+		for (k = 0; k < nn; k++) {
+			if (nt->hlen[k] >= sizeof nt->in[k])
+				memcpy(&nt->in[k], nt->hbuf + (size_t)k * HSLOT, sizeof nt->in[k]);
+			if (nt->hlen[k] < sizeof nt->in[k] || nt->in[k].magic != HDR_MAGIC) {
 				fail(nt, COMM_ERR_PROTOCOL, "collective %llu: a bad header from node %s",
 				     (unsigned long long)t->cseq, node_name(nt, k));
 				return 1;
 			}
+		}
 		judge(nt);
 		if (nt->status != COMM_OK || t->type == COMMPB__OP_TYPE__OP_BARRIER || !t->count)
 			return 1;
+		if (nt->small)
+			return small_allreduce(nt);
 		nt->s = 0;
 		switch (t->type) {
 		case COMMPB__OP_TYPE__OP_ALLREDUCE:
@@ -850,7 +924,10 @@ static void task_release(struct net_task *nt)
 	free(nt->nb);
 	free(nt->sbuf);
 	free(nt->rbuf);
-	nt->nb = nt->sbuf = nt->rbuf = NULL;
+	free(nt->hbuf);
+	free(nt->hlen);
+	nt->nb = nt->sbuf = nt->rbuf = nt->hbuf = NULL;
+	nt->hlen = NULL;
 }
 
 static void finish(struct net_task *nt)
@@ -967,7 +1044,7 @@ static void drain(uint64_t now)
 static void *net_thread(void *arg)
 {
 	struct epoll_event ev;
-	int idle = 0;
+	uint64_t last_us = 0;
 
 	(void)arg;
 	while (1) {
@@ -1002,12 +1079,13 @@ static void *net_thread(void *arg)
 			N.last_drain_ms = now;
 			drain(now);
 		}
-		if (did || (!TAILQ_EMPTY(&N.active) && ++idle < SPIN)) {
-			if (did)
-				idle = 0;
+		/* poll a little after each event: the next step's answer is often near */
+		if (did) {
+			last_us = now_us();
 			continue;
 		}
-		idle = 0;
+		if (!TAILQ_EMPTY(&N.active) && now_us() - last_us < SPIN_US)
+			continue;
 		if (ucp_worker_arm(N.worker) == UCS_ERR_BUSY)
 			continue;
 		if (epoll_wait(N.ep_fd, &ev, 1, 100) > 0 && ev.data.fd == N.wake_fd) {
