@@ -396,7 +396,11 @@ static void print_banner(struct rank *r, const int64_t *pids)
 	char host[256] = "?";
 
 	gethostname(host, sizeof host - 1);
-	printf("# commbench: %d ranks, commd at %s, job %s\n", r->n, sock, o->job);
+	if (o->nsockets > 1)
+		printf("# commbench: %d ranks over %d daemons (%s), root %s, job %s\n", r->n,
+		       o->nsockets, sock, o->root, o->job);
+	else
+		printf("# commbench: %d ranks, commd at %s, job %s\n", r->n, sock, o->job);
 	printf("#  minBytes %zu maxBytes %zu step: %zu(factor) warmup iters: %d iters: %d "
 	       "validation: %d\n", o->min_bytes, o->max_bytes, o->factor, o->warmup, o->iters,
 	       o->check);
@@ -407,6 +411,9 @@ static void print_banner(struct rank *r, const int64_t *pids)
 		if (o->device)
 			printf("#  Rank %2d Pid %7lld on %s device %d\n", i, (long long)pids[i], host,
 			       i % o->ndev);
+		else if (o->nsockets > 1)
+			printf("#  Rank %2d Pid %7lld on %s (host memory) via %s\n", i,
+			       (long long)pids[i], host, o->sockets[bench_daemon_of(o, i)]);
 		else
 			printf("#  Rank %2d Pid %7lld on %s (host memory)\n", i, (long long)pids[i],
 			       host);
@@ -481,6 +488,11 @@ static void free_device(struct rank *r)
 	free(r->hrecv);
 }
 
+int bench_daemon_of(const struct bench_opts *o, int rank)
+{
+	return (int)((long)rank * o->nsockets / o->nranks);
+}
+
 int bench_rank_main(const struct bench_opts *o, int rank)
 {
 	comm_config_t cfg = comm_config_default();
@@ -488,7 +500,8 @@ int bench_rank_main(const struct bench_opts *o, int rank)
 	comm_result_t rc;
 	int err = 0;
 
-	cfg.socket = o->socket;
+	cfg.socket = o->nsockets ? o->sockets[bench_daemon_of(o, rank)] : o->socket;
+	cfg.root = o->root;
 	cfg.job = o->job;
 	cfg.rank = rank;
 	cfg.world_size = o->nranks;

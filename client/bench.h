@@ -21,6 +21,8 @@ enum bench_op {
 	NOPS,
 };
 
+#define BENCH_MAX_DAEMONS 16
+
 struct bench_opts {
 	int nranks;
 	int op;                 /* an enum bench_op, or -1 for all of them */
@@ -39,6 +41,10 @@ struct bench_opts {
 	int ndev;               /* with --device: the node's devices; rank r uses r % ndev */
 	size_t ref_elements;    /* float32 per rank in --reference */
 	const char *socket;     /* NULL: the library's default */
+	/* --socket A,B,...: ranks in blocks over several daemons, joined by --root */
+	char *sockets[BENCH_MAX_DAEMONS];
+	int nsockets;
+	const char *root;       /* the root daemon's host:port, or NULL */
 	char job[64];
 };
 
@@ -57,6 +63,8 @@ double bench_bus_factor(int op, int n);
 
 /* Run rank's part of the benchmark; the process's exit status. */
 int bench_rank_main(const struct bench_opts *o, int rank);
+/* With --socket A,B,...: the index of rank's daemon (equal blocks of ranks). */
+int bench_daemon_of(const struct bench_opts *o, int rank);
 
 /* The dtype's names: nccl-tests' ("float") and libcomm's ("float32"). */
 const char *bench_dtype_name(comm_dtype_t dtype);

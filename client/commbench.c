@@ -28,7 +28,7 @@
 #define READY_MS 10000 /* for a spawned commd to accept */
 #define GRACE_MS 10000 /* after a rank fails, for the others */
 
-enum { OPT_INPLACE = 256, OPT_JSON, OPT_SOCKET, OPT_SPAWN, OPT_REFERENCE };
+enum { OPT_INPLACE = 256, OPT_JSON, OPT_SOCKET, OPT_SPAWN, OPT_REFERENCE, OPT_ROOT };
 
 struct daemon {
 	pid_t pid;           /* 0: none, or reaped */
@@ -53,6 +53,7 @@ static const struct option long_opts[] = {
 	{ "json", no_argument, NULL, OPT_JSON },
 	{ "socket", required_argument, NULL, OPT_SOCKET },
 	{ "spawn-daemon", no_argument, NULL, OPT_SPAWN },
+	{ "root", required_argument, NULL, OPT_ROOT },
 	{ "reference", no_argument, NULL, OPT_REFERENCE },
 	{ "device", no_argument, NULL, 'G' },
 	{ "help", no_argument, NULL, 'h' },
@@ -64,7 +65,8 @@ static void usage(FILE *f)
 	fprintf(f,
 		"usage: commbench [-n RANKS] [-o OP] [-d DTYPE] [-r REDOP] [-b MIN] [-e MAX]\n"
 		"                 [-f FACTOR] [-w WARMUP] [-i ITERS] [-c 0|1] [--inplace]\n"
-		"                 [--json] [--socket PATH] [--spawn-daemon] [--reference] [-G]\n"
+		"                 [--json] [--socket PATH[,PATH...] --root HOST:PORT]\n"
+		"                 [--spawn-daemon] [--reference] [-G]\n"
 		"\n"
 		"Measure commd's collectives as nccl-tests does, with RANKS forked ranks.\n"
 		"\n"
@@ -83,6 +85,10 @@ static void usage(FILE *f)
 		"  --inplace         only the in-place half of the table\n"
 		"  --json            one JSON object a line for each op, size and placement\n"
 		"  --socket PATH     commd's socket (default $COMM_SOCKET, else the library's)\n"
+		"  --socket A,B,...  several daemons (nodes): ranks in equal blocks, the first\n"
+		"                    on A; with --root, the job's root daemon (its\n"
+		"                    --peer-listen address)\n"
+		"  --root HOST:PORT  the job's root daemon (a job over several daemons)\n"
 		"  --spawn-daemon    start a commd on a temp socket for the run ($COMMD, else\n"
 		"                    the one beside commbench, else in PATH)\n"
 		"  --reference       the reference run's lines: all-reduce and reduce-scatter\n"
@@ -188,6 +194,28 @@ static int parse_opt(int c, const char *arg, struct bench_opts *o, int *warmup, 
 }
 
 /* 0, or 2 (usage) with a message. */
+/* --socket A,B,...: one daemon a block of ranks. */
+static int split_sockets(struct bench_opts *o)
+{
+	char *list = strdup(o->socket), *save = NULL, *tok;
+
+	if (!list)
+		return -1;
+	for (tok = strtok_r(list, ",", &save); tok; tok = strtok_r(NULL, ",", &save)) {
+		if (o->nsockets == BENCH_MAX_DAEMONS) {
+			fprintf(stderr, "commbench: --socket: at most %d daemons\n", BENCH_MAX_DAEMONS);
+			return -1;
+		}
+		o->sockets[o->nsockets++] = tok; /* lives as long as the process */
+	}
+	if (o->nsockets > o->nranks) {
+		fprintf(stderr, "commbench: --socket: %d daemons for %d ranks\n", o->nsockets,
+			o->nranks);
+		return -1;
+	}
+	return 0;
+}
+
 static int parse_opts(int argc, char **argv, struct bench_opts *o, int *spawn)
 {
 	int c, warmup = -1, iters = -1, max_given = 0;
@@ -205,6 +233,9 @@ static int parse_opts(int argc, char **argv, struct bench_opts *o, int *spawn)
 			break;
 		case OPT_SPAWN:
 			*spawn = 1;
+			break;
+		case OPT_ROOT:
+			o->root = optarg;
 			break;
 		case OPT_REFERENCE:
 			o->reference = 1;
@@ -233,6 +264,12 @@ static int parse_opts(int argc, char **argv, struct bench_opts *o, int *spawn)
 	if (o->min_bytes > o->max_bytes) {
 		fprintf(stderr, "commbench: -b %zu is larger than -e %zu\n", o->min_bytes,
 			o->max_bytes);
+		return 2;
+	}
+	if (o->socket && strchr(o->socket, ',') && split_sockets(o) < 0)
+		return 2;
+	if (o->nsockets > 1 && !o->root) {
+		fprintf(stderr, "commbench: --socket with several daemons needs --root\n");
 		return 2;
 	}
 	if (!max_given)

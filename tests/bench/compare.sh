@@ -8,7 +8,7 @@ usage() {
 	cat <<'EOF'
 usage: bash tests/bench/compare.sh [--build DIR] [--no-install] [--quick]
            [--rounds N] [--out FILE] [--report FILE] [--peers LIST] [--timeout SEC] [--keep]
-           [--allreduce-sizes LIST] [--sizes LIST]
+           [--allreduce-sizes LIST] [--sizes LIST] [--nodes N]
 
   --build DIR   build directory with daemon/commd and client/commbench
                 (default: $BUILD, else build-ci or build under the repository;
@@ -19,7 +19,12 @@ usage: bash tests/bench/compare.sh [--build DIR] [--no-install] [--quick]
                 median over the rounds (default 3; 1 with --quick)
   --out FILE    where the raw JSON lines go (default /tmp/commd-compare-DATE.jsonl)
   --report FILE print the table of the JSON lines of an earlier run, run nothing
-  --peers LIST  comma list out of openmpi,openmpi-ucx,mpich,gloo (default: all)
+  --peers LIST  comma list out of openmpi,openmpi-ucx,mpich,gloo,openmpi-tcp
+                (default: all but openmpi-tcp; with --nodes: openmpi-tcp)
+  --nodes N     commd as N daemons on this machine (peer listeners on
+                loopback), the ranks in equal blocks over them, joined by a
+                root: the path of a job over N nodes. The peer is then Open
+                MPI forced over TCP (pml ob1, btl tcp,self); no targets
   --timeout SEC limit of one benchmark run (one op at one size), default 300
   --keep        keep the work dir (binaries, logs)
   --allreduce-sizes LIST, --sizes LIST
@@ -37,7 +42,8 @@ quick=0
 rounds=
 report=
 out=
-peers=openmpi,openmpi-ucx,mpich,gloo
+peers=
+nodes=1
 limit=300
 keep=0
 ranks=4
@@ -59,12 +65,15 @@ while [ $# -gt 0 ]; do
 	--keep) keep=1 ;;
 	--allreduce-sizes) ar_sizes=${2:?}; ar_set=1; shift ;;
 	--sizes) coll_sizes=${2:?}; coll_set=1; shift ;;
+	--nodes) nodes=${2:?}; shift ;;
 	-h | --help) usage ;;
 	*) echo "compare.sh: unknown argument $1" >&2; usage ;;
 	esac
 	shift
 done
 [ -n "$rounds" ] || { [ "$quick" = 1 ] && rounds=1 || rounds=3; }
+case $nodes in '' | *[!0-9]* | 0) echo "compare.sh: --nodes wants a positive number" >&2; usage ;; esac
+[ -n "$peers" ] || { [ "$nodes" -gt 1 ] && peers=openmpi-tcp || peers=openmpi,openmpi-ucx,mpich,gloo; }
 case $rounds in '' | *[!0-9]* | 0) echo "compare.sh: --rounds wants a positive number" >&2; usage ;; esac
 if [ "$quick" = 1 ]; then
 	[ -n "${ar_set:-}" ] || ar_sizes=8,64K,1M
@@ -74,11 +83,11 @@ fi
 if [ -x /usr/bin/python3 ]; then py=/usr/bin/python3; else py=python3; fi
 
 work=$(mktemp -d /tmp/commd-compare.XXXXXX)
-daemon_pid=
+daemon_pids=()
 cleanup() {
-	if [ -n "$daemon_pid" ]; then
-		kill -TERM "$daemon_pid" 2>/dev/null || true
-		wait "$daemon_pid" 2>/dev/null || true
+	if [ ${#daemon_pids[@]} -gt 0 ]; then
+		kill -TERM "${daemon_pids[@]}" 2>/dev/null || true
+		wait "${daemon_pids[@]}" 2>/dev/null || true
 	fi
 	if [ "$keep" = 1 ]; then echo "work dir kept: $work" >&2; else rm -rf "$work"; fi
 }
@@ -134,7 +143,7 @@ have_peer() {
 	case ,$peers, in *,$1,*) return 0 ;; esac
 	return 1
 }
-if have_peer openmpi || have_peer openmpi-ucx; then
+if have_peer openmpi || have_peer openmpi-ucx || have_peer openmpi-tcp; then
 	mpicc.openmpi -O2 -o "$work/mpi-bench-openmpi" "$bench_src/mpi-bench.c" 2>"$work/cc-openmpi.log" ||
 		note "openmpi: mpicc.openmpi failed: $(head -1 "$work/cc-openmpi.log")"
 fi
@@ -212,23 +221,36 @@ run_round() {
 	"$work/membw" 400 2 5 | sed "s/^{/{\"round\":$round,/" >>"$out" || note "membw failed in round $round"
 
 	if [ "$have_commd" = 1 ]; then
-		echo "commd ($build)" >&2
-		sock=$work/commd.sock
-		rm -f "$sock"
-		"$commd" --foreground --config /dev/null --socket "$sock" >"$work/commd.log" 2>&1 &
-		daemon_pid=$!
-		for _ in $(seq 100); do
-			[ -S "$sock" ] && break
-			sleep 0.1
+		echo "commd ($build, $nodes daemon(s))" >&2
+		socks=
+		root_addr=
+		for d in $(seq "$nodes"); do
+			sock=$work/commd-$d.sock
+			rm -f "$sock"
+			listen=()
+			[ "$nodes" -gt 1 ] && listen=(--peer-listen 127.0.0.1:0)
+			"$commd" --foreground --config /dev/null --socket "$sock" "${listen[@]}" \
+				>"$work/commd-$d.log" 2>&1 &
+			daemon_pids+=($!)
+			for _ in $(seq 100); do
+				json=$("$build/client/commctl" --socket "$sock" status --json 2>/dev/null) && break
+				sleep 0.1
+			done
+			[ -n "$root_addr" ] || root_addr=$(printf '%s' "$json" | sed -n 's/.*"peer_listen": "\([^"]*\)".*/\1/p')
+			socks=${socks:+$socks,}$sock
 		done
 		if [ -S "$sock" ]; then
-			run_all commd "$commbench" -n "$ranks" --socket "$sock"
+			if [ "$nodes" -gt 1 ]; then
+				run_all commd "$commbench" -n "$ranks" --socket "$socks" --root "$root_addr"
+			else
+				run_all commd "$commbench" -n "$ranks" --socket "$sock"
+			fi
 		else
-			note "commd: the daemon did not start: $(tail -1 "$work/commd.log")"
+			note "commd: the daemon did not start: $(tail -1 "$work/commd-$nodes.log")"
 		fi
-		kill -TERM "$daemon_pid" 2>/dev/null || true
-		wait "$daemon_pid" 2>/dev/null || note "commd: the daemon exited non-zero"
-		daemon_pid=
+		kill -TERM "${daemon_pids[@]}" 2>/dev/null || true
+		wait "${daemon_pids[@]}" 2>/dev/null || note "commd: a daemon exited non-zero"
+		daemon_pids=()
 	fi
 
 	if have_peer openmpi && [ -x "$work/mpi-bench-openmpi" ]; then
@@ -240,6 +262,11 @@ run_round() {
 		echo "openmpi-ucx (pml ucx)" >&2
 		run_all openmpi-ucx "${ompi_run[@]}" --mca pml ucx --mca pml_ucx_tls any --mca pml_ucx_devices any \
 			"$work/mpi-bench-openmpi" --bench openmpi-ucx
+	fi
+	if have_peer openmpi-tcp && [ -x "$work/mpi-bench-openmpi" ]; then
+		echo "openmpi-tcp (pml ob1, btl tcp,self)" >&2
+		run_all openmpi-tcp "${ompi_run[@]}" --mca pml ob1 --mca btl self,tcp \
+			"$work/mpi-bench-openmpi" --bench openmpi-tcp
 	fi
 	if have_peer mpich && [ -x "$work/mpi-bench-mpich" ]; then
 		echo "mpich" >&2
@@ -267,17 +294,19 @@ cpu=$(awk -F': ' '/^model name/ { print $2; exit }' /proc/cpuinfo)
 		"MPICH $(dpkg-query -W -f='${Version}' mpich 2>/dev/null || echo '?')," \
 		"Gloo $(dpkg-query -W -f='${Version}' libgloo-dev 2>/dev/null || echo '?');" \
 		"$ranks ranks, float32 sum, out of place"
+	[ "$nodes" -gt 1 ] && echo "commd: $nodes daemons on this machine joined by a root (loopback), $((ranks / nodes)) ranks each; Open MPI over TCP"
 	if [ -n "$report" ]; then
 		echo "report of $report (the machine line is this one's)"
 	else
 		echo "run: $(($(date +%s) - start_time)) s, $rounds round(s); raw JSON lines: $out"
 	fi
 } >"$work/header"
-"$py" - "$out" "$work/header" "$notes" "$ranks" "$peers" "$ar_sizes" "$coll_sizes" <<'EOF'
+"$py" - "$out" "$work/header" "$notes" "$ranks" "$peers" "$ar_sizes" "$coll_sizes" "$nodes" <<'EOF'
 import json, sys
 
-out, header, notes, ranks, peers, ar_sizes, coll_sizes = sys.argv[1:]
+out, header, notes, ranks, peers, ar_sizes, coll_sizes, nodes = sys.argv[1:]
 ranks = int(ranks)
+nodes = int(nodes)
 peers = peers.split(",")
 benches = ["commd"] + peers
 
@@ -339,6 +368,8 @@ points += [(op, to_bytes(s)) for op in ("reduce_scatter", "allgather", "broadcas
 
 def target(op, b):
     """(kind, factor): kind 'lat' = commd time <= factor x best peer time."""
+    if nodes > 1:
+        return None
     if op == "allreduce" and b <= 8:
         return ("lat", 2.0)
     if op == "allreduce" and b >= 64 << 20:

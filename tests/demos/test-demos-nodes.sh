@@ -1,0 +1,84 @@
+#!/bin/bash
+# test-demos-nodes.sh: the reference workload over several daemons. Three
+# commds on this machine (peer listeners on loopback, ports of the kernel's
+# choice) stand for three nodes; the collectives demo and the three
+# training demos run with their 4 ranks split 2+2, 1+3 and 2+1+1 (ranks 0
+# and 3 on one daemon), each job rooted at another daemon, and every rank's
+# output must equal, byte for byte, the same rank's output when all four ran
+# on one daemon. Then commctl status on a member lists the root as a peer.
+set -u
+: "${COMMD:=./daemon/commd}" "${COMMCTL:=./client/commctl}" "${COMM_DEMOS:=./tests/demos}"
+
+dir=$(mktemp -d /tmp/commd-nodes-XXXXXX)
+pids=()
+trap 'kill "${pids[@]}" 2>/dev/null; rm -rf "$dir"' EXIT
+
+fail() {
+	echo "FAIL: $*"
+	for x in a b c; do echo "--- commd $x"; tail -30 "$dir/$x.log"; done
+	exit 1
+}
+
+declare -A addr
+for x in a b c; do
+	"$COMMD" --foreground --config /dev/null --socket "$dir/$x.sock" \
+		--peer-listen 127.0.0.1:0 2>"$dir/$x.log" &
+	pids+=($!)
+done
+for x in a b c; do
+	for _ in $(seq 500); do
+		json=$("$COMMCTL" --socket "$dir/$x.sock" status --json 2>/dev/null) && break
+		sleep 0.02
+	done
+	addr[$x]=$(printf '%s' "$json" | sed -n 's/.*"peer_listen": "\([^"]*\)".*/\1/p')
+	case "${addr[$x]}" in 127.0.0.1:[1-9]*) ;; *) fail "commd $x: no peer listener in status: $json" ;; esac
+done
+
+# run PROG NAME ROOT D0 D1 D2 D3: ranks 0-3 on those daemons, outputs in $dir/NAME.r
+run() {
+	local prog=$1 name=$2 root=$3 r rpids=()
+	shift 3
+	for r in 0 1 2 3; do
+		local d=${1}; shift
+		COMM_SOCKET=$dir/$d.sock COMM_ROOT=$root COMM_JOB=$name-$$ COMM_TOKEN=t-$$ \
+			COMM_RANK=$r COMM_WORLD_SIZE=4 timeout 120 "$COMM_DEMOS/$prog" \
+			>"$dir/$name.$r" 2>&1 &
+		rpids+=($!)
+	done
+	for r in 0 1 2 3; do
+		wait "${rpids[$r]}" || fail "$name: rank $r failed: $(tail -3 "$dir/$name.$r")"
+	done
+}
+
+n=0
+for prog in collectives data_parallel tensor_parallel pipeline_parallel; do
+	run "$prog" "$prog-one" "" a a a a
+	for split in "2+2 ${addr[a]} a a b b" "1+3 ${addr[c]} a b b b" "2+1+1 ${addr[b]} a b c a"; do
+		set -- $split
+		name=$prog-$1
+		run "$prog" "$name" "$2" "$3" "$4" "$5" "$6"
+		for r in 0 1 2 3; do
+			cmp -s "$dir/$prog-one.$r" "$dir/$name.$r" ||
+				fail "$prog split $1 (root $2): rank $r differs from one daemon:
+$(diff "$dir/$prog-one.$r" "$dir/$name.$r" | head -10)"
+		done
+		echo "ok: $prog split $1 over daemons ($3 $4 $5 $6, root $2): 4 ranks' output as on one daemon"
+		n=$((n + 1))
+	done
+done
+
+status=$("$COMMCTL" --socket "$dir/b.sock" status) || fail "status on b"
+echo "$status" | grep -q "^peers: " || fail "no peers line: $status"
+echo "$status" | grep -E "^[^ ]+ +${addr[a]} +root " >/dev/null ||
+	fail "b does not list ${addr[a]} as a root: $status"
+echo "ok: commctl status on a member lists the root daemon as a peer"
+
+for i in 0 1 2; do
+	kill -TERM "${pids[$i]}"
+	wait "${pids[$i]}" || fail "commd $i did not exit cleanly"
+done
+pids=()
+for x in a b c; do
+	if grep -q " error: " "$dir/$x.log"; then fail "commd $x logged errors"; fi
+done
+echo "PASS: $n demo runs over several daemons"
