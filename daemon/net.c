@@ -46,6 +46,8 @@
 #define CANCEL_FORCE_MS 10000    /* a stopped task's sends get this long, then the ep goes */
 #define HDR_MAGIC 0x636f6d6du
 #define SPIN_US 50               /* polling after the last event, before sleeping */
+#define BUF_CACHE_MAX (1ull << 30) /* staging buffers kept for the next ops */
+#define BUF_IDLE_MS 5000         /* and given back after this long with no op */
 /*
  * All-reduces up to this: verdict and data in one message, one round trip.
  * The verdict buffers are nodes x HSLOT: kept under malloc's mmap threshold,
@@ -122,6 +124,7 @@ struct net_task {
 	int small;                /* an all-reduce whose data rode with the verdicts */
 	uint8_t *nb, *sbuf, *rbuf;
 	size_t nb_len, piece_max;
+	size_t nb_cap, sbuf_cap, rbuf_cap; /* the staging buffers' sizes (buf_get) */
 	int first;                /* the lowest rank here */
 	int nlocal;
 	const uint8_t **lin;      /* the local ranks' inputs, in rank order */
@@ -131,6 +134,13 @@ struct discard {
 	TAILQ_ENTRY(discard) link;
 	void *h;
 	void *buf;
+};
+
+/* A staging buffer kept for reuse: fresh pages fault, and faults are dear on a VM. */
+struct cbuf {
+	TAILQ_ENTRY(cbuf) link;
+	void *p;
+	size_t size;
 };
 
 struct dead_slot {
@@ -160,6 +170,9 @@ static struct {
 	TAILQ_HEAD(, nep) eps;
 	TAILQ_HEAD(, discard) discards;
 	uint64_t last_drain_ms;
+	TAILQ_HEAD(cbuf_head, cbuf) cache; /* most recently returned first */
+	size_t cached;
+	uint64_t last_task_ms;
 } N = {
 	.lock = PTHREAD_MUTEX_INITIALIZER,
 	.submitted = TAILQ_HEAD_INITIALIZER(N.submitted),
@@ -168,6 +181,7 @@ static struct {
 	.dead = TAILQ_HEAD_INITIALIZER(N.dead),
 	.eps = TAILQ_HEAD_INITIALIZER(N.eps),
 	.discards = TAILQ_HEAD_INITIALIZER(N.discards),
+	.cache = TAILQ_HEAD_INITIALIZER(N.cache),
 	.wake_fd = -1,
 	.ep_fd = -1,
 };
@@ -261,6 +275,63 @@ static void close_failed_eps(void)
 	TAILQ_FOREACH(e, &N.eps, link)
 		if (e->dead && e->ep)
 			ep_kill(e, e->why);
+}
+
+/* --- staging buffers (net thread only) --------------------------------------------- */
+
+/* The smallest cached buffer of at least size bytes, else a new one; *cap: its size. */
+static void *buf_get(size_t size, size_t *cap)
+{
+	struct cbuf *c, *best = NULL;
+	void *p;
+
+	TAILQ_FOREACH(c, &N.cache, link)
+		if (c->size >= size && (!best || c->size < best->size))
+			best = c;
+	if (best) {
+		TAILQ_REMOVE(&N.cache, best, link);
+		N.cached -= best->size;
+		p = best->p;
+		*cap = best->size;
+		free(best);
+		return p;
+	}
+	*cap = size;
+	return malloc(size);
+}
+
+static void buf_put(void *p, size_t cap)
+{
+	struct cbuf *c;
+
+	if (!p)
+		return;
+	if (cap > BUF_CACHE_MAX || !(c = malloc(sizeof *c))) {
+		free(p);
+		return;
+	}
+	c->p = p;
+	c->size = cap;
+	TAILQ_INSERT_HEAD(&N.cache, c, link);
+	N.cached += cap;
+	while (N.cached > BUF_CACHE_MAX && (c = TAILQ_LAST(&N.cache, cbuf_head))) {
+		TAILQ_REMOVE(&N.cache, c, link);
+		N.cached -= c->size;
+		free(c->p);
+		free(c);
+	}
+}
+
+static void buf_trim(void)
+{
+	struct cbuf *c;
+
+	while ((c = TAILQ_FIRST(&N.cache))) {
+		TAILQ_REMOVE(&N.cache, c, link);
+		free(c->p);
+		free(c);
+	}
+	N.cached = 0;
 }
 
 /* --- requests ---------------------------------------------------------------------- */
@@ -521,9 +592,10 @@ static int alloc_buffers(struct net_task *nt)
 	}
 	nt->nb_len = need_nb;
 	nt->piece_max = piece;
-	if (need_nb && !(nt->nb = malloc(need_nb)))
+	if (need_nb && !(nt->nb = buf_get(need_nb, &nt->nb_cap)))
 		return -1;
-	if (piece && (!(nt->sbuf = malloc(round_up(piece))) || !(nt->rbuf = malloc(round_up(piece)))))
+	if (piece && (!(nt->sbuf = buf_get(round_up(piece), &nt->sbuf_cap)) ||
+		      !(nt->rbuf = buf_get(round_up(piece), &nt->rbuf_cap))))
 		return -1;
 	return 0;
 }
@@ -896,7 +968,7 @@ static int p2p_step(struct net_task *nt)
 		}
 		if (h->count != t->count || t->status != COMM_OK) {
 			/* take the data anyway, so it does not linger */
-			if (h->count && (nt->rbuf = malloc(h->count)))
+			if (h->count && (nt->rbuf = buf_get(h->count, &nt->rbuf_cap)))
 				post_recv(nt, TAG_P2P(slot, src, dst, t->cseq, 1), nt->rbuf, h->count);
 			if (t->status == COMM_OK)
 				fail(nt, COMM_ERR_MISMATCH,
@@ -921,9 +993,9 @@ static int p2p_step(struct net_task *nt)
 
 static void task_release(struct net_task *nt)
 {
-	free(nt->nb);
-	free(nt->sbuf);
-	free(nt->rbuf);
+	buf_put(nt->nb, nt->nb_cap);
+	buf_put(nt->sbuf, nt->sbuf_cap);
+	buf_put(nt->rbuf, nt->rbuf_cap);
 	free(nt->hbuf);
 	free(nt->hlen);
 	nt->nb = nt->sbuf = nt->rbuf = nt->hbuf = NULL;
@@ -1079,6 +1151,10 @@ static void *net_thread(void *arg)
 			N.last_drain_ms = now;
 			drain(now);
 		}
+		if (!TAILQ_EMPTY(&N.active))
+			N.last_task_ms = now;
+		else if (N.cached && now - N.last_task_ms >= BUF_IDLE_MS)
+			buf_trim();
 		/* poll a little after each event: the next step's answer is often near */
 		if (did) {
 			last_us = now_us();
@@ -1355,6 +1431,7 @@ void net_stop(void)
 		wake();
 		pthread_join(N.thread, NULL);
 		N.running = 0;
+		buf_trim();
 		on_done(&N.async);
 	}
 	while (!TAILQ_EMPTY(&N.discards) || !TAILQ_EMPTY(&N.dead)) {
