@@ -221,6 +221,8 @@ void net_slot_free(uint32_t slot);
 void be_net_run(struct task *t);
 /* The job failed: its tasks on the data plane stop and finish with its error. */
 void net_job_failed(struct job *j);
+/* The control plane lost the daemon at this UCX address: its endpoint goes now. */
+void net_peer_lost(const void *addr, size_t len);
 /* Stop t (it cannot finish): it finishes with code and detail. */
 void net_task_cancel(struct task *t, comm_result_t code, const char *detail);
 

@@ -43,7 +43,7 @@
 
 #define SLOTS 65536
 #define SLOT_QUARANTINE_MS 30000 /* a freed slot's late messages are drained this long */
-#define CANCEL_FORCE_MS 10000    /* a stopped task's sends get this long, then the ep goes */
+#define CANCEL_FORCE_MS 2000     /* a stopped task's sends get this long, then the ep goes */
 #define HDR_MAGIC 0x636f6d6du
 #define SPIN_US 50               /* polling after the last event, before sleeping */
 #define BUF_CACHE_MAX (1ull << 30) /* staging buffers kept for the next ops */
@@ -143,6 +143,13 @@ struct cbuf {
 	size_t size;
 };
 
+/* The UCX address of a daemon the control plane lost: its endpoint goes. */
+struct dead_peer {
+	TAILQ_ENTRY(dead_peer) link;
+	size_t len;
+	uint8_t addr[];
+};
+
 struct dead_slot {
 	TAILQ_ENTRY(dead_slot) link;
 	uint32_t slot;
@@ -162,6 +169,7 @@ static struct {
 	pthread_mutex_t lock;
 	TAILQ_HEAD(, net_task) submitted, active, done;
 	TAILQ_HEAD(, dead_slot) dead;     /* under lock */
+	TAILQ_HEAD(, dead_peer) lost;     /* under lock */
 	uint8_t *slot_used;               /* under lock */
 	uint32_t next_slot;
 	int stop;
@@ -179,6 +187,7 @@ static struct {
 	.active = TAILQ_HEAD_INITIALIZER(N.active),
 	.done = TAILQ_HEAD_INITIALIZER(N.done),
 	.dead = TAILQ_HEAD_INITIALIZER(N.dead),
+	.lost = TAILQ_HEAD_INITIALIZER(N.lost),
 	.eps = TAILQ_HEAD_INITIALIZER(N.eps),
 	.discards = TAILQ_HEAD_INITIALIZER(N.discards),
 	.cache = TAILQ_HEAD_INITIALIZER(N.cache),
@@ -270,7 +279,20 @@ static void ep_kill(struct nep *e, const char *why)
  */
 static void close_failed_eps(void)
 {
+	struct dead_peer *dp;
 	struct nep *e;
+
+	pthread_mutex_lock(&N.lock);
+	while ((dp = TAILQ_FIRST(&N.lost))) {
+		TAILQ_REMOVE(&N.lost, dp, link);
+		TAILQ_FOREACH(e, &N.eps, link)
+			if (!e->dead && e->len == dp->len && !memcmp(e->addr, dp->addr, dp->len)) {
+				e->dead = 1;
+				snprintf(e->why, sizeof e->why, "its daemon was lost");
+			}
+		free(dp);
+	}
+	pthread_mutex_unlock(&N.lock);
 
 	TAILQ_FOREACH(e, &N.eps, link)
 		if (e->dead && e->ep)
@@ -1276,6 +1298,20 @@ void net_task_cancel(struct task *t, comm_result_t code, const char *detail)
 	wake();
 }
 
+void net_peer_lost(const void *addr, size_t len)
+{
+	struct dead_peer *dp;
+
+	if (!N.running || !len || !(dp = malloc(sizeof *dp + len)))
+		return;
+	dp->len = len;
+	memcpy(dp->addr, addr, len);
+	pthread_mutex_lock(&N.lock);
+	TAILQ_INSERT_TAIL(&N.lost, dp, link);
+	pthread_mutex_unlock(&N.lock);
+	wake();
+}
+
 void net_job_failed(struct job *j)
 {
 	struct net_task *nt;
@@ -1451,6 +1487,12 @@ void net_stop(void)
 			free(ds);
 		}
 	}
+	while (!TAILQ_EMPTY(&N.lost)) {
+		struct dead_peer *dp = TAILQ_FIRST(&N.lost);
+
+		TAILQ_REMOVE(&N.lost, dp, link);
+		free(dp);
+	}
 	while ((e = TAILQ_FIRST(&N.eps))) {
 		ep_kill(e, "commd is stopping");
 		TAILQ_REMOVE(&N.eps, e, link);
@@ -1534,6 +1576,12 @@ void be_net_run(struct task *t)
 void net_job_failed(struct job *j)
 {
 	(void)j;
+}
+
+void net_peer_lost(const void *addr, size_t len)
+{
+	(void)addr;
+	(void)len;
 }
 
 void net_task_cancel(struct task *t, comm_result_t code, const char *detail)

@@ -914,6 +914,8 @@ static void peer_lost(struct peer *p, const char *fmt, ...)
 	p->state = P_LOST;
 	p->since_ms = now_ms();
 	log_info("peer %s (%s): lost: %s", *p->node ? p->node : "?", p->addr, p->why);
+	if (p->ucx_len)
+		net_peer_lost(p->ucx, p->ucx_len);
 	if (p->handle_open) {
 		uv_read_stop((uv_stream_t *)&p->tcp);
 		uv_close((uv_handle_t *)&p->tcp, on_closed);
