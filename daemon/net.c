@@ -118,6 +118,8 @@ struct net_task {
 	int stopping;
 	uint64_t stop_ms;
 	int fatal;                /* the nodes may now disagree: the job must fail */
+	comm_result_t deferred;   /* a recv's error, once the data it refused is drained */
+	char deferred_detail[256];
 	struct hdr out, *in;      /* in: [nn] */
 	uint8_t *hbuf;            /* [nn] slots of HSLOT: each node's verdict (and data) */
 	size_t *hlen;             /* [nn]: the bytes of each that arrived */
@@ -989,15 +991,20 @@ static int p2p_step(struct net_task *nt)
 			return 1;
 		}
 		if (h->count != t->count || t->status != COMM_OK) {
-			/* take the data anyway, so it does not linger */
+			/*
+			 * Take the data anyway, so the sender's send ends and nothing
+			 * lingers; the error stands once it is in (failing now would
+			 * cancel this receive).
+			 */
 			if (h->count && (nt->rbuf = buf_get(h->count, &nt->rbuf_cap)))
 				post_recv(nt, TAG_P2P(slot, src, dst, t->cseq, 1), nt->rbuf, h->count);
+			nt->deferred = t->status == COMM_OK ? COMM_ERR_MISMATCH : t->status;
 			if (t->status == COMM_OK)
-				fail(nt, COMM_ERR_MISMATCH,
-				     "send from rank %d to rank %d: %llu bytes sent, %zu expected", src,
-				     dst, (unsigned long long)h->count, t->count);
+				snprintf(nt->deferred_detail, sizeof nt->deferred_detail,
+					 "send from rank %d to rank %d: %llu bytes sent, %zu expected", src,
+					 dst, (unsigned long long)h->count, t->count);
 			else
-				fail(nt, t->status, "%s", t->detail);
+				snprintf(nt->deferred_detail, sizeof nt->deferred_detail, "%s", t->detail);
 			nt->state = S_P2P_END;
 			return 0;
 		}
@@ -1007,6 +1014,8 @@ static int p2p_step(struct net_task *nt)
 		return 0;
 	}
 	default:
+		if (nt->deferred != COMM_OK)
+			fail(nt, nt->deferred, "%s", nt->deferred_detail);
 		return 1;
 	}
 }
@@ -1469,6 +1478,27 @@ void net_stop(void)
 		N.running = 0;
 		buf_trim();
 		on_done(&N.async);
+	}
+	/* what was sent to jobs that are gone: taken, so UCX has nothing unmatched left */
+	for (int i = 0; N.worker && i < 100000; i++) {
+		ucp_request_param_t rp = { .op_attr_mask = UCP_OP_ATTR_FLAG_NO_IMM_CMPL };
+		ucp_tag_recv_info_t info;
+		ucp_tag_message_h m;
+		void *buf, *r;
+
+		while (ucp_worker_progress(N.worker))
+			;
+		if (!(m = ucp_tag_probe_nb(N.worker, 0, 0, 1, &info)))
+			break;
+		if (!(buf = malloc(info.length ? info.length : 1)))
+			break;
+		r = ucp_tag_msg_recv_nbx(N.worker, buf, info.length, m, &rp);
+		if (UCS_PTR_IS_PTR(r)) {
+			while (ucp_request_check_status(r) == UCS_INPROGRESS)
+				ucp_worker_progress(N.worker);
+			ucp_request_free(r);
+		}
+		free(buf);
 	}
 	while (!TAILQ_EMPTY(&N.discards) || !TAILQ_EMPTY(&N.dead)) {
 		struct discard *dc = TAILQ_FIRST(&N.discards);
