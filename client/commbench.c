@@ -194,6 +194,13 @@ static int parse_opt(int c, const char *arg, struct bench_opts *o, int *warmup, 
 }
 
 /* 0, or 2 (usage) with a message. */
+static char *socket_list; /* o->sockets point into it, for the whole run */
+
+static void free_socket_list(void)
+{
+	free(socket_list);
+}
+
 /* --socket A,B,...: one daemon a block of ranks. */
 static int split_sockets(struct bench_opts *o)
 {
@@ -201,12 +208,14 @@ static int split_sockets(struct bench_opts *o)
 
 	if (!list)
 		return -1;
+	socket_list = list;
+	atexit(free_socket_list);
 	for (tok = strtok_r(list, ",", &save); tok; tok = strtok_r(NULL, ",", &save)) {
 		if (o->nsockets == BENCH_MAX_DAEMONS) {
 			fprintf(stderr, "commbench: --socket: at most %d daemons\n", BENCH_MAX_DAEMONS);
 			return -1;
 		}
-		o->sockets[o->nsockets++] = tok; /* lives as long as the process */
+		o->sockets[o->nsockets++] = tok;
 	}
 	if (o->nsockets > o->nranks) {
 		fprintf(stderr, "commbench: --socket: %d daemons for %d ranks\n", o->nsockets,
