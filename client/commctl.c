@@ -17,12 +17,17 @@
 
 static const struct {
 	const char *name;
+	const char *args;
+	int max_args;
 	int (*run)(struct ctl *, int, char **);
 	const char *help;
 } commands[] = {
-	{ "status", ctl_status, "the daemon, its backends, its jobs and counters" },
-	{ "jobs", ctl_jobs, "one line per job: ranks, state, ops, bytes, errors" },
-	{ "topo", ctl_topo, "the node's GPUs and NICs and how they connect (nvidia-smi topo -m)" },
+	{ "status", "", 0, ctl_status,
+	  "the daemon, its backends, peers, jobs, their oldest ops in flight, counters" },
+	{ "jobs", "[JOB]", 1, ctl_jobs,
+	  "one line per job; with JOB, every op in flight in it: which ranks posted\n"
+	  "                 it and which never did (what a hang waits for)" },
+	{ "topo", "", 0, ctl_topo, "the node's GPUs and NICs and how they connect (nvidia-smi topo -m)" },
 };
 
 static void usage(FILE *f)
@@ -33,7 +38,7 @@ static void usage(FILE *f)
 		   "  --json         machine-readable output\n"
 		   "commands:\n");
 	for (size_t i = 0; i < sizeof commands / sizeof commands[0]; i++)
-		fprintf(f, "  %-8s %s\n", commands[i].name, commands[i].help);
+		fprintf(f, "  %-6s %-8s %s\n", commands[i].name, commands[i].args, commands[i].help);
 }
 
 int ctl_connect(struct ctl *ctl)
@@ -181,12 +186,17 @@ int main(int argc, char **argv)
 		return 2;
 	}
 	for (size_t i = 0; i < sizeof commands / sizeof commands[0]; i++) {
+		char *args[1];
+		int nargs = 0;
+
 		if (strcmp(argv[optind], commands[i].name) != 0)
 			continue;
-		/* flags may also follow the command */
+		/* flags may also follow the command, between its arguments */
 		for (int a = optind + 1; a < argc; a++) {
 			if (strcmp(argv[a], "--json") == 0) {
 				ctl.json = 1;
+			} else if (argv[a][0] != '-' && nargs < commands[i].max_args) {
+				args[nargs++] = argv[a];
 			} else {
 				fprintf(stderr, "commctl: %s: unknown argument '%s'\n",
 					commands[i].name, argv[a]);
@@ -195,7 +205,7 @@ int main(int argc, char **argv)
 		}
 		if (ctl_connect(&ctl) < 0)
 			return 1;
-		rc = commands[i].run(&ctl, argc - optind, argv + optind);
+		rc = commands[i].run(&ctl, nargs, args);
 		close(ctl.fd);
 		return rc;
 	}

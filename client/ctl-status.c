@@ -4,11 +4,12 @@
 
 #include "ctl.h"
 
-static Commpb__Envelope *fetch(struct ctl *ctl)
+static Commpb__Envelope *fetch(struct ctl *ctl, const char *job)
 {
 	Commpb__Envelope env = COMMPB__ENVELOPE__INIT, *reply;
 	Commpb__StatusRequest req = COMMPB__STATUS_REQUEST__INIT;
 
+	req.job = (char *)(job ? job : "");
 	env.body_case = COMMPB__ENVELOPE__BODY_STATUS_REQUEST;
 	env.status_request = &req;
 	reply = ctl_call(ctl, &env);
@@ -55,6 +56,34 @@ static void print_jobs_text(const Commpb__StatusReply *s)
 		printf("%-24s %5u %6s %5d %-9s %10" PRIu64 " %8" PRIu64 " %10s %10s %7" PRIu64 "\n",
 		       j->name, j->uid, ranks, j->nodes ? j->nodes : 1, j->state, j->ops_completed,
 		       j->ops_pending, moved, mem, j->errors);
+	}
+}
+
+static void print_inflight_text(const Commpb__StatusReply *s)
+{
+	for (size_t i = 0; i < s->n_jobs; i++) {
+		const Commpb__JobInfo *j = s->jobs[i];
+
+		if (!j->n_inflight)
+			continue;
+		printf("\nops in flight in %s (oldest first; %s):\n", j->name,
+		       j->nodes > 1 ? "the ranks of this daemon" : "every rank");
+		printf("  %6s %-15s %10s %-9s %9s %-10s %-10s %s\n", "COLL", "TYPE", "COUNT", "DTYPE",
+		       "WAITED", "POSTED", "MISSING", "STATE");
+		for (size_t k = 0; k < j->n_inflight; k++) {
+			const Commpb__OpInFlight *o = j->inflight[k];
+			char coll[24] = "-", waited[24];
+
+			if (o->collective)
+				snprintf(coll, sizeof coll, "%" PRIu64, o->collective);
+			snprintf(waited, sizeof waited, "%.1f s", (double)o->waited_ms / 1000);
+			printf("  %6s %-15s %10" PRIu64 " %-9s %9s %-10s %-10s %s (%s)\n", coll, o->type,
+			       o->count, o->dtype, waited, o->posted, *o->missing ? o->missing : "-",
+			       o->state, o->detail);
+		}
+		if (j->inflight_omitted)
+			printf("  (and %u more; commctl jobs %s shows up to 100)\n", j->inflight_omitted,
+			       j->name);
 	}
 }
 
@@ -108,14 +137,34 @@ static void print_jobs_json(const Commpb__StatusReply *s)
 		       j->ops_completed, j->ops_pending, j->bytes_moved, j->mem_registered,
 		       j->errors, j->nodes ? j->nodes : 1);
 		ctl_json_str(j->root);
-		printf("}");
+		printf(", \"inflight_omitted\": %u, \"inflight\": [", j->inflight_omitted);
+		for (size_t k = 0; k < j->n_inflight; k++) {
+			const Commpb__OpInFlight *o = j->inflight[k];
+
+			printf("%s{\"collective\": %" PRIu64 ", \"type\": ", k ? ", " : "",
+			       o->collective);
+			ctl_json_str(o->type);
+			printf(", \"count\": %" PRIu64 ", \"dtype\": ", o->count);
+			ctl_json_str(o->dtype);
+			printf(", \"bytes\": %" PRIu64 ", \"waited_ms\": %" PRIu64 ", \"posted\": ",
+			       o->bytes, o->waited_ms);
+			ctl_json_str(o->posted);
+			printf(", \"missing\": ");
+			ctl_json_str(o->missing);
+			printf(", \"state\": ");
+			ctl_json_str(o->state);
+			printf(", \"detail\": ");
+			ctl_json_str(o->detail);
+			printf("}");
+		}
+		printf("]}");
 	}
 	printf("]");
 }
 
 int ctl_status(struct ctl *ctl, int argc, char **argv)
 {
-	Commpb__Envelope *reply = fetch(ctl);
+	Commpb__Envelope *reply = fetch(ctl, NULL);
 	const Commpb__StatusReply *s;
 	uint64_t up;
 	char moved[32];
@@ -181,6 +230,7 @@ int ctl_status(struct ctl *ctl, int argc, char **argv)
 		if (s->n_jobs) {
 			printf("\n");
 			print_jobs_text(s);
+			print_inflight_text(s);
 		}
 	}
 	commpb__envelope__free_unpacked(reply, NULL);
@@ -189,15 +239,22 @@ int ctl_status(struct ctl *ctl, int argc, char **argv)
 
 int ctl_jobs(struct ctl *ctl, int argc, char **argv)
 {
-	Commpb__Envelope *reply = fetch(ctl);
+	const char *job = argc > 0 ? argv[0] : NULL;
+	Commpb__Envelope *reply;
 
-	if (!reply)
+	if (!(reply = fetch(ctl, job)))
 		return 1;
+	if (job && !reply->status_reply->n_jobs) {
+		fprintf(stderr, "commctl: no job named %s\n", job);
+		commpb__envelope__free_unpacked(reply, NULL);
+		return 1;
+	}
 	if (ctl->json) {
 		print_jobs_json(reply->status_reply);
 		printf("\n");
 	} else {
 		print_jobs_text(reply->status_reply);
+		print_inflight_text(reply->status_reply);
 	}
 	commpb__envelope__free_unpacked(reply, NULL);
 	return 0;

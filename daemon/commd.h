@@ -567,6 +567,19 @@ int op_reduces(Commpb__OpType t);
 void engine_free(struct job *j);
 const char *op_type_name(Commpb__OpType t);
 
+/* An op in flight for status, with room for its strings. */
+struct inflight {
+	Commpb__OpInFlight pb;
+	char type[24], dtype[16], posted[96], missing[96], state[128], detail[96];
+};
+
+/*
+ * j's ops in flight, oldest first, into out[0..max-1]: collectives by number
+ * with the ranks here that posted each and those that did not, and each
+ * send and recv. Returns how many; *omitted: how many more there were.
+ */
+int engine_inflight(struct job *j, struct inflight *out, int max, uint32_t *omitted);
+
 /* --- be-host.c: collectives on host memory by the daemon's threads --------- */
 
 struct task {

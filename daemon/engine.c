@@ -719,3 +719,174 @@ void engine_check_deadline(struct job *j, uint64_t now)
 			 j->timeout_ms);
 	}
 }
+
+/* "0-2,5": the ranks whose flag is set, as far as len allows ("..." past it). */
+static void rank_list(const uint8_t *set, int n, char *buf, size_t len)
+{
+	size_t off = 0;
+
+	buf[0] = 0;
+	for (int r = 0; r < n; r++) {
+		int e = r;
+		int w;
+
+		if (!set[r])
+			continue;
+		while (e + 1 < n && set[e + 1])
+			e++;
+		w = e > r ? snprintf(buf + off, len - off, "%s%d-%d", off ? "," : "", r, e)
+			  : snprintf(buf + off, len - off, "%s%d", off ? "," : "", r);
+		if (w < 0 || (size_t)w >= len - off) {
+			snprintf(buf + (len > 4 ? len - 4 : 0), len > 4 ? 4 : len, "...");
+			return;
+		}
+		off += (size_t)w;
+		r = e;
+	}
+}
+
+static const char *running_state(const struct job *j)
+{
+	const struct task *t = j->running;
+
+	return t->gpu ? "running on the GPU worker" : t->net ? "running across daemons" : "running";
+}
+
+static struct inflight *inflight_add(struct inflight *out, int max, int *n, uint32_t *omitted)
+{
+	if (*n == max) {
+		(*omitted)++;
+		return NULL;
+	}
+	memset(&out[*n], 0, sizeof out[*n]);
+	commpb__op_in_flight__init(&out[*n].pb);
+	return &out[(*n)++];
+}
+
+static void inflight_fill(struct inflight *f, const struct posted *p, uint64_t waited)
+{
+	uint64_t bytes = p->send.len > p->recv.len ? p->send.len : p->recv.len;
+
+	snprintf(f->type, sizeof f->type, "%s", op_type_name(p->type));
+	snprintf(f->dtype, sizeof f->dtype, "%s", dtype_name((int)p->dtype));
+	f->pb.count = p->count;
+	f->pb.bytes = bytes;
+	f->pb.waited_ms = waited;
+}
+
+static int by_waited(const void *a, const void *b)
+{
+	const struct inflight *x = a, *y = b;
+
+	return x->pb.waited_ms < y->pb.waited_ms ? 1 : x->pb.waited_ms > y->pb.waited_ms ? -1 : 0;
+}
+
+int engine_inflight(struct job *j, struct inflight *out, int max, uint32_t *omitted)
+{
+	struct posted **cur = calloc((size_t)j->world, sizeof *cur);
+	uint8_t *set = calloc((size_t)j->world, 1), *miss = calloc((size_t)j->world, 1);
+	uint64_t now = now_ms(), cmin = UINT64_MAX, cmax = 0;
+	int n = 0;
+
+	*omitted = 0;
+	if (!cur || !set || !miss) {
+		free(cur);
+		free(set);
+		free(miss);
+		return 0;
+	}
+	/* collectives: by number, each with the ranks here that posted it and not */
+	for (int r = 0; r < j->world; r++) {
+		struct posted *p;
+
+		TAILQ_FOREACH(p, &j->posted[r], link) {
+			if (!p->coll)
+				continue;
+			cmin = p->cseq < cmin ? p->cseq : cmin;
+			cmax = p->cseq > cmax ? p->cseq : cmax;
+		}
+		cur[r] = TAILQ_FIRST(&j->posted[r]);
+	}
+	for (uint64_t c = cmin; c <= cmax && cmin != UINT64_MAX; c++) {
+		const struct posted *first = NULL;
+		uint64_t oldest = now;
+		struct inflight *f;
+		int any_missing = 0;
+
+		for (int r = 0; r < j->world; r++) {
+			struct posted *p = cur[r];
+
+			set[r] = miss[r] = 0;
+			while (p && (!p->coll || p->cseq < c))
+				p = TAILQ_NEXT(p, link);
+			cur[r] = p;
+			if (p && p->cseq == c) {
+				set[r] = 1;
+				first = first ? first : p;
+				oldest = p->posted_ms < oldest ? p->posted_ms : oldest;
+			} else if (j->ranks[r] && dist_local(j, r) && j->next_cseq[r] <= c) {
+				miss[r] = 1;
+				any_missing++;
+			}
+		}
+		if (!first || !(f = inflight_add(out, max, &n, omitted)))
+			continue;
+		inflight_fill(f, first, now - oldest);
+		f->pb.collective = c;
+		rank_list(set, j->world, f->posted, sizeof f->posted);
+		rank_list(miss, j->world, f->missing, sizeof f->missing);
+		if (j->running && j->running->peer < 0 && j->running->nops &&
+		    j->running->ops[0]->coll && j->running->ops[0]->cseq == c)
+			snprintf(f->state, sizeof f->state, "%s", running_state(j));
+		else if (any_missing)
+			snprintf(f->state, sizeof f->state, "waiting for rank%s %s",
+				 any_missing > 1 ? "s" : "", f->missing);
+		else if (dist_spans(j))
+			snprintf(f->state, sizeof f->state, "every rank here posted it: queued");
+		else
+			snprintf(f->state, sizeof f->state, "queued");
+		snprintf(f->detail, sizeof f->detail, "op %llu of rank %d",
+			 (unsigned long long)first->seq, first->rank);
+	}
+	/* sends and recvs: each on its own */
+	for (int r = 0; r < j->world; r++) {
+		struct posted *p;
+
+		TAILQ_FOREACH(p, &j->posted[r], link) {
+			struct inflight *f;
+			int send = p->type == COMMPB__OP_TYPE__OP_SEND;
+
+			if (p->coll || p->answered || !(f = inflight_add(out, max, &n, omitted)))
+				continue;
+			inflight_fill(f, p, now - p->posted_ms);
+			snprintf(f->posted, sizeof f->posted, "%d", r);
+			if (p->done && !p->running) {
+				snprintf(f->state, sizeof f->state, "done: answered after the ops before it");
+			} else if (p->running) {
+				snprintf(f->state, sizeof f->state, "%s", p->peer >= 0 && !dist_local(j, p->peer)
+									    ? "running across daemons"
+									    : "running");
+			} else {
+				snprintf(f->missing, sizeof f->missing, "%d", p->peer);
+				snprintf(f->state, sizeof f->state, "waiting for rank %d's %s", p->peer,
+					 send ? "recv" : "send");
+			}
+			snprintf(f->detail, sizeof f->detail, "op %llu: rank %d -> rank %d",
+				 (unsigned long long)p->seq, send ? r : p->peer, send ? p->peer : r);
+		}
+	}
+	qsort(out, (size_t)n, sizeof *out, by_waited);
+	for (int i = 0; i < n; i++) {
+		/* the strings are in the entry itself: point at them once it stays put */
+		out[i].pb.type = out[i].type;
+		out[i].pb.dtype = out[i].dtype;
+		out[i].pb.posted = out[i].posted;
+		out[i].pb.missing = out[i].missing;
+		out[i].pb.state = out[i].state;
+		out[i].pb.detail = out[i].detail;
+	}
+	free(cur);
+	free(set);
+	free(miss);
+	return n;
+}

@@ -1,5 +1,6 @@
 /* req-status.c: what commctl status shows: the daemon, its backends, its jobs. */
 #include <stdlib.h>
+#include <string.h>
 #include <unistd.h>
 
 #include "commd.h"
@@ -8,12 +9,28 @@
 /* Most jobs one reply lists: with 255-byte names they still fit one frame. */
 #define STATUS_MAX_JOBS 150
 #define STATUS_MAX_PEERS 32
+/*
+ * Ops in flight one reply lists: for one job asked by name, and over all
+ * jobs (4 a job at most, none past 50 jobs), so the reply fits one frame.
+ */
+#define STATUS_INFLIGHT_ONE 100
+#define STATUS_INFLIGHT_ALL 60
+#define STATUS_INFLIGHT_PER_JOB 4
+
+static int wanted(const struct job *j, const char *name)
+{
+	return !*name || !strcmp(j->name, name);
+}
 
 int req_status_exec(struct conn *c, const Commpb__Envelope *env, int *fds, int nfds)
 {
 	Commpb__Envelope reply = COMMPB__ENVELOPE__INIT;
 	Commpb__StatusReply sr = COMMPB__STATUS_REPLY__INIT;
 	Commpb__JobInfo *infos = NULL, **jobs = NULL;
+	const char *name = env->status_request->job;
+	struct inflight *inflight = NULL;
+	Commpb__OpInFlight **ifp = NULL;
+	int ninfl = 0, budget;
 	char *backends[3] = { "host" };
 	Commpb__PeerInfo pinfo[STATUS_MAX_PEERS], *peers[STATUS_MAX_PEERS];
 	char pstate[STATUS_MAX_PEERS][192];
@@ -23,7 +40,8 @@ int req_status_exec(struct conn *c, const Commpb__Envelope *env, int *fds, int n
 	int rc;
 
 	TAILQ_FOREACH(j, &srv.jobs, link)
-		n++;
+		n += wanted(j, name);
+	budget = *name ? STATUS_INFLIGHT_ONE : n <= 50 ? STATUS_INFLIGHT_ALL : 0;
 	if (n > STATUS_MAX_JOBS) {
 		sr.jobs_omitted = (uint32_t)(n - STATUS_MAX_JOBS);
 		n = STATUS_MAX_JOBS;
@@ -31,9 +49,13 @@ int req_status_exec(struct conn *c, const Commpb__Envelope *env, int *fds, int n
 	if (n) {
 		infos = calloc(n, sizeof *infos);
 		jobs = calloc(n, sizeof *jobs);
-		if (!infos || !jobs) {
+		inflight = budget ? calloc((size_t)budget, sizeof *inflight) : NULL;
+		ifp = budget ? calloc((size_t)budget, sizeof *ifp) : NULL;
+		if (!infos || !jobs || (budget && (!inflight || !ifp))) {
 			free(infos);
 			free(jobs);
+			free(inflight);
+			free(ifp);
 			conn_fail(c, COMM_ERR_NO_MEMORY, "status: out of memory");
 			return -1;
 		}
@@ -44,6 +66,8 @@ int req_status_exec(struct conn *c, const Commpb__Envelope *env, int *fds, int n
 
 		if (i == n)
 			break;
+		if (!wanted(j, name))
+			continue;
 		ji = &infos[i];
 		commpb__job_info__init(ji);
 		for (int r = 0; r < j->world; r++)
@@ -60,6 +84,20 @@ int req_status_exec(struct conn *c, const Commpb__Envelope *env, int *fds, int n
 		ji->mem_registered = j->mem_bytes;
 		ji->nodes = j->dist ? j->dist->nnodes : 1;
 		ji->root = j->dist ? j->dist->root : (char *)"";
+		if (budget > ninfl) {
+			int room = budget - ninfl, got;
+
+			if (!*name && room > STATUS_INFLIGHT_PER_JOB)
+				room = STATUS_INFLIGHT_PER_JOB;
+			got = engine_inflight(j, inflight + ninfl, room, &ji->inflight_omitted);
+			for (int k = 0; k < got; k++)
+				ifp[ninfl + k] = &inflight[ninfl + k].pb;
+			ji->inflight = ifp + ninfl;
+			ji->n_inflight = (size_t)got;
+			ninfl += got;
+		} else {
+			ji->inflight_omitted = (uint32_t)pending;
+		}
 		jobs[i++] = ji;
 	}
 	sr.version = COMMD_VERSION;
@@ -96,5 +134,7 @@ int req_status_exec(struct conn *c, const Commpb__Envelope *env, int *fds, int n
 	rc = conn_send(c, &reply);
 	free(infos);
 	free(jobs);
+	free(inflight);
+	free(ifp);
 	return rc;
 }

@@ -1,6 +1,8 @@
 /*
  * test-ctl.c: commctl against a real daemon with a job running: status and
- * jobs, as text and JSON, and its errors.
+ * jobs, as text and JSON, and its errors; and a job that hangs, which
+ * `commctl jobs JOB` explains: the op, the ranks that posted it, the rank
+ * that never did.
  */
 #include <stdio.h>
 #include <stdlib.h>
@@ -32,6 +34,47 @@ static int rank_hold(int rank, int n, void *arg)
 	while (read(hold[0], &ch, 1) > 0)
 		;
 	return comm_finalize(c) == COMM_OK ? 0 : 1;
+}
+
+/*
+ * hang-job: a hang to diagnose. Ranks 0 and 1 post an all-reduce of 1000
+ * float32 that rank 2 holds back until go1; then rank 0 posts a send that
+ * rank 1 does not receive until go2. Each phase is announced on hang_ready.
+ */
+static int hang_ready[2], go1[2], go2[2];
+
+static int rank_hang(int rank, int n, void *arg)
+{
+	float *buf = calloc(1000, sizeof *buf);
+	comm_request_t *req = NULL;
+	char ch;
+	comm_t *c;
+	int rc = 0;
+
+	if (!buf || comm_init(&c, NULL) != COMM_OK)
+		return 1;
+	if (rank < 2) {
+		rc |= comm_allreduce(c, buf, buf, 1000, COMM_FLOAT32, COMM_SUM, &req) != COMM_OK;
+		rc |= write(hang_ready[1], "x", 1) != 1;
+		rc |= comm_wait(req, -1) != COMM_OK;
+	} else {
+		rc |= write(hang_ready[1], "x", 1) != 1;
+		rc |= read(go1[0], &ch, 1) != 1;
+		rc |= comm_allreduce(c, buf, buf, 1000, COMM_FLOAT32, COMM_SUM, NULL) != COMM_OK;
+	}
+	if (rank == 0) {
+		rc |= comm_send(c, buf, 10, COMM_FLOAT32, 1, &req) != COMM_OK;
+		rc |= write(hang_ready[1], "x", 1) != 1;
+		rc |= comm_wait(req, -1) != COMM_OK;
+	} else {
+		rc |= write(hang_ready[1], "x", 1) != 1;
+		if (rank == 1) {
+			rc |= read(go2[0], &ch, 1) != 1;
+			rc |= comm_recv(c, buf, 10, COMM_FLOAT32, 0, NULL) != COMM_OK;
+		}
+	}
+	free(buf);
+	return rc | (comm_finalize(c) != COMM_OK);
 }
 
 /* Run commctl with args; returns its exit status, output in out. */
@@ -104,6 +147,49 @@ int main(void)
 	snprintf(args, sizeof args, "--socket %s status --bogus", d.sock);
 	CHECK(ctl(out, sizeof out, args) == 2, "stray argument accepted: %s", out);
 	CHECK(ctl(out, sizeof out, "--help") == 0 && strstr(out, "status"), "help: %s", out);
+
+	/* what a hang waits for: the op, who posted it, who never did */
+	{
+		struct th_ranks hr;
+
+		REQUIRE(pipe(hang_ready) == 0 && pipe(go1) == 0 && pipe(go2) == 0, "pipes");
+		REQUIRE(th_ranks_start(&hr, &d, "hang-job", 3, rank_hang, NULL) == 0, "hang ranks");
+		for (int i = 0; i < 3; i++)
+			REQUIRE(read(hang_ready[0], &ch, 1) == 1, "hang rank %d not ready", i);
+		usleep(300 * 1000);
+		snprintf(args, sizeof args, "--socket %s jobs hang-job", d.sock);
+		CHECK(ctl(out, sizeof out, args) == 0, "jobs hang-job: %s", out);
+		printf("%s", out);
+		CHECK(strstr(out, "ops in flight in hang-job") && strstr(out, "allreduce") &&
+			      strstr(out, "1000") && strstr(out, "float32") &&
+			      strstr(out, " 0-1 ") && strstr(out, "waiting for rank 2"),
+		      "the all-reduce that rank 2 holds back is not shown:\n%s", out);
+		snprintf(args, sizeof args, "--socket %s jobs hang-job --json", d.sock);
+		CHECK(ctl(out, sizeof out, args) == 0 &&
+			      strstr(out, "\"collective\": 1, \"type\": \"allreduce\"") &&
+			      strstr(out, "\"posted\": \"0-1\"") && strstr(out, "\"missing\": \"2\""),
+		      "jobs hang-job --json:\n%s", out);
+		snprintf(args, sizeof args, "--socket %s status", d.sock);
+		CHECK(ctl(out, sizeof out, args) == 0 && strstr(out, "waiting for rank 2"),
+		      "status does not show the waiting all-reduce:\n%s", out);
+		CHECK(write(go1[1], "x", 1) == 1, "go1");
+		for (int i = 0; i < 3; i++)
+			REQUIRE(read(hang_ready[0], &ch, 1) == 1, "hang rank %d not ready again", i);
+		usleep(300 * 1000);
+		snprintf(args, sizeof args, "--socket %s jobs hang-job", d.sock);
+		CHECK(ctl(out, sizeof out, args) == 0 && strstr(out, "send") &&
+			      strstr(out, "waiting for rank 1's recv") &&
+			      strstr(out, "rank 0 -> rank 1") && !strstr(out, "allreduce       "),
+		      "the send that rank 1 does not receive yet:\n%s", out);
+		printf("%s", out);
+		CHECK(write(go2[1], "x", 1) == 1, "go2");
+		CHECK(th_ranks_wait(&hr) == 0, "hang ranks failed");
+		snprintf(args, sizeof args, "--socket %s jobs no-such-job", d.sock);
+		CHECK(ctl(out, sizeof out, args) == 1 && strstr(out, "no job named no-such-job"),
+		      "jobs of an unknown job: %s", out);
+		snprintf(args, sizeof args, "--socket %s jobs a b", d.sock);
+		CHECK(ctl(out, sizeof out, args) == 2, "jobs with two names accepted: %s", out);
+	}
 
 	close(hold[1]);
 	CHECK(th_ranks_wait(&rs) == 0, "ranks failed");
