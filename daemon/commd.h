@@ -53,6 +53,9 @@ struct server {
 	uint64_t errors;
 	uint32_t default_timeout_ms;
 	int stopping;
+	int draining;          /* SIGTERM: no new ops; those in flight may finish */
+	uint64_t drain_until_ms;
+	uint32_t drain_ms;     /* the drain budget */
 	int accept_paused;     /* out of fds: the tick re-arms the listener */
 	int gpu_state;         /* GPU_PROBING, GPU_READY or GPU_NONE */
 	char gpu_info[256];    /* commd-gpu --probe's line, or why there is none */
@@ -62,6 +65,13 @@ struct server {
 extern struct server srv;
 
 int server_start(uv_loop_t *loop, const char *path);
+/*
+ * SIGTERM: stop accepting, refuse new joins and ops (COMM_ERR_SHUTDOWN), let
+ * the ops in flight finish for up to srv.drain_ms, then server_shutdown.
+ */
+void server_drain(void);
+/* Fail what is left with COMM_ERR_SHUTDOWN, close everything, stop the backends. */
+void server_shutdown(void);
 /* Stop accepting, close every connection and the listener. */
 void server_stop(void);
 
@@ -79,6 +89,7 @@ struct config {
 	int threads;
 	int pin_workers;       /* bind worker i to core i */
 	uint32_t timeout_ms;
+	uint32_t drain_ms;     /* SIGTERM: how long ops in flight may take to finish */
 };
 
 /* The defaults: the socket above, log level info, a thread a core, 10 minutes. */

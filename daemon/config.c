@@ -25,6 +25,7 @@ void config_init(struct config *cfg)
 	cfg->threads = cores < 1 ? 1 : cores > 1024 ? 1024 : (int)cores;
 	cfg->pin_workers = 1;
 	cfg->timeout_ms = DEFAULT_TIMEOUT_MS;
+	cfg->drain_ms = 2000;
 }
 
 static int set_path(char *dst, size_t len, const char *key, const char *val, char *err,
@@ -48,8 +49,16 @@ int config_set(struct config *cfg, const char *key, const char *val, char *err, 
 		return set_path(cfg->socket, sizeof cfg->socket, key, val, err, errlen);
 	if (!strcmp(key, "topology"))
 		return set_path(cfg->topology, sizeof cfg->topology, key, val, err, errlen);
-	if (!strcmp(key, "peer-listen"))
+	if (!strcmp(key, "peer-listen")) {
+		const char *colon = strrchr(val, ':');
+
+		if (!colon || colon == val || parse_long_in(colon + 1, 0, 65535, &v) < 0) {
+			snprintf(err, errlen, "%s: '%.200s' is not HOST:PORT (port 0..65535)", key,
+				 val);
+			return -1;
+		}
 		return set_path(cfg->peer_listen, sizeof cfg->peer_listen, key, val, err, errlen);
+	}
 	if (!strcmp(key, "gpu-worker"))
 		return set_path(cfg->gpu_worker, sizeof cfg->gpu_worker, key, val, err, errlen);
 	if (!strcmp(key, "log-level")) {
@@ -87,6 +96,15 @@ int config_set(struct config *cfg, const char *key, const char *val, char *err, 
 			return -1;
 		}
 		cfg->timeout_ms = (uint32_t)v;
+		return 0;
+	}
+	if (!strcmp(key, "drain-timeout")) {
+		if (parse_long_in(val, 0, 600000, &v) < 0) {
+			snprintf(err, errlen, "%s: '%.200s' is not in 0..600000 (milliseconds)", key,
+				 val);
+			return -1;
+		}
+		cfg->drain_ms = (uint32_t)v;
 		return 0;
 	}
 	snprintf(err, errlen, "unknown key '%.200s'", key);

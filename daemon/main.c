@@ -18,7 +18,7 @@ static void usage(FILE *f)
 	fprintf(f, "usage: commd [--config FILE] [--socket PATH] [--foreground] [--log-level LEVEL]\n"
 		   "             [--threads N] [--pin-workers yes|no] [--timeout MS]\n"
 		   "             [--topology FILE] [--dump-topology] [--gpu-worker PATH]\n"
-		   "             [--peer-listen HOST:PORT]\n"
+		   "             [--peer-listen HOST:PORT] [--drain-timeout MS]\n"
 		   "  --config FILE      read settings from FILE (default %s, if it exists);\n"
 		   "                     its keys are the long flags' names; flags win\n"
 		   "  --socket PATH      listen on this Unix socket (default %s)\n"
@@ -35,6 +35,8 @@ static void usage(FILE *f)
 		   "  --peer-listen HOST:PORT  listen for other daemons there (TCP), so that jobs\n"
 		   "                     naming this daemon as their root (COMM_ROOT) can span\n"
 		   "                     nodes (default: none)\n"
+		   "  --drain-timeout MS on SIGTERM, how long ops in flight may take to finish;\n"
+		   "                     new ops and joins are refused meanwhile (default 2000)\n"
 		   "  --version          print the version and exit\n",
 		   CONFIG_DEFAULT_FILE, CONFIG_DEFAULT_SOCKET, COMMD_PKGLIBEXECDIR);
 }
@@ -43,12 +45,14 @@ static void on_signal(uv_signal_t *h, int signum)
 {
 	if (srv.stopping)
 		return;
+	if (srv.draining) {
+		log_info("signal %d again: stopping now", signum);
+		server_shutdown();
+		return;
+	}
 	log_info("signal %d: shutting down", signum);
 	notify_send("STOPPING=1");
-	server_stop();
-	gpu_stop();
-	peer_stop();
-	net_stop();
+	server_drain();
 }
 
 /* The value flags, by their long names, kept to apply over the config file. */
@@ -71,6 +75,7 @@ int main(int argc, char **argv)
 		{ "dump-topology", no_argument, NULL, 'D' },
 		{ "gpu-worker", required_argument, NULL, 'G' },
 		{ "peer-listen", required_argument, NULL, 'L' },
+		{ "drain-timeout", required_argument, NULL, 'R' },
 		{ "version", no_argument, NULL, 'V' },
 		{ "help", no_argument, NULL, 'h' },
 		{ NULL, 0, NULL, 0 },
@@ -95,6 +100,7 @@ int main(int argc, char **argv)
 		case 'O':
 		case 'G':
 		case 'L':
+		case 'R':
 			if (nflags == (int)(sizeof flags / sizeof flags[0])) {
 				fprintf(stderr, "commd: too many flags\n");
 				return 2;
@@ -161,6 +167,7 @@ int main(int argc, char **argv)
 	}
 	signal(SIGPIPE, SIG_IGN);
 	srv.default_timeout_ms = cfg.timeout_ms;
+	srv.drain_ms = cfg.drain_ms;
 	srv.start_ms = now_ms();
 	gpu_probe(loop, cfg.gpu_worker);
 	gpu_probe_wait();

@@ -46,6 +46,12 @@ int req_hello_exec(struct conn *c, const Commpb__Envelope *env, int *fds, int nf
 		conn_fail(c, COMM_ERR_INVALID_ARG, "hello: unknown role %d", (int)h->role);
 		return -1;
 	}
+	if (srv.draining) {
+		hr.status = COMM_ERR_SHUTDOWN;
+		hr.detail = "join: commd is shutting down";
+		conn_send(c, &reply);
+		return -1;
+	}
 	rc = job_join(c, h, err, sizeof err);
 	if (rc != COMM_OK) {
 		hr.status = rc;

@@ -232,7 +232,10 @@ int op_post(struct conn *c, const Commpb__Op *o, uint64_t req_id, int ring)
 		refuse(p, COMM_ERR_INVALID_ARG, "op %llu: a ready event has %zu bytes, not %zu",
 		       (unsigned long long)p->seq, o->ready_event.len, sizeof p->ready_event);
 	}
-	if (p->coll && j->nleft)
+	if (srv.draining)
+		refuse(p, COMM_ERR_SHUTDOWN, "op %llu (%s): commd is shutting down: no new ops",
+		       (unsigned long long)p->seq, op_type_name(p->type));
+	else if (p->coll && j->nleft)
 		refuse(p, COMM_ERR_PEER_LOST, "op %llu (%s): %s", (unsigned long long)p->seq,
 		       op_type_name(p->type), j->left_detail);
 	else if (!p->coll && p->peer >= 0 && j->left[p->peer])

@@ -55,6 +55,26 @@ static void on_tick(uv_timer_t *t)
 	}
 	job_check_deadlines(now_ms());
 	peer_tick(now_ms());
+	if (srv.draining && !srv.stopping) {
+		uint64_t left = 0, unsent = 0;
+		struct conn *c;
+		struct job *j;
+
+		TAILQ_FOREACH(j, &srv.jobs, link) {
+			left += (uint64_t)j->tasks_out;
+			for (int r = 0; r < j->world; r++)
+				left += j->nposted[r];
+		}
+		/* and the answers are out of the door before the connections close */
+		TAILQ_FOREACH(c, &srv.conns, link)
+			unsent += c->wq_bytes;
+		if ((!left && !unsent) || now_ms() >= srv.drain_until_ms) {
+			if (left)
+				log_info("drain: %llu ops still in flight after %u ms: failing them",
+					 (unsigned long long)left, srv.drain_ms);
+			server_shutdown();
+		}
+	}
 }
 
 /* Make the socket's directory (as /run/commd) when it is missing. */
@@ -131,6 +151,39 @@ int server_start(uv_loop_t *loop, const char *path)
 	return 0;
 }
 
+static void close_listener(void)
+{
+	if (srv.listen_fd < 0)
+		return;
+	uv_close((uv_handle_t *)&srv.listen_poll, NULL);
+	close(srv.listen_fd);
+	unlink(srv.socket_path);
+	srv.listen_fd = -1;
+}
+
+void server_drain(void)
+{
+	uint64_t left = 0;
+	struct job *j;
+
+	TAILQ_FOREACH(j, &srv.jobs, link)
+		for (int r = 0; r < j->world; r++)
+			left += j->nposted[r];
+	srv.draining = 1;
+	srv.drain_until_ms = now_ms() + srv.drain_ms;
+	close_listener();
+	log_info("drain: %llu ops in flight get up to %u ms to finish; no new ops or joins",
+		 (unsigned long long)left, srv.drain_ms);
+}
+
+void server_shutdown(void)
+{
+	server_stop();
+	gpu_stop();
+	peer_stop();
+	net_stop();
+}
+
 void server_stop(void)
 {
 	struct job *j;
@@ -141,12 +194,7 @@ void server_stop(void)
 		job_fail(j, COMM_ERR_SHUTDOWN, "commd is shutting down");
 	conn_close_all();
 	ring_stop();
-	if (srv.listen_fd >= 0) {
-		uv_close((uv_handle_t *)&srv.listen_poll, NULL);
-		close(srv.listen_fd);
-		unlink(srv.socket_path);
-		srv.listen_fd = -1;
-	}
+	close_listener();
 	uv_close((uv_handle_t *)&srv.tick, NULL);
 	uv_close((uv_handle_t *)&srv.sig_term, NULL);
 	uv_close((uv_handle_t *)&srv.sig_int, NULL);

@@ -19,6 +19,8 @@ pin-workers = no
 timeout = 1500
 log-level = debug
 topology = $fix/nvlink-pair.topo
+peer-listen = 127.0.0.1:0
+drain-timeout = 1234
 EOF
 "$COMMD" --foreground --config "$tmp/commd.conf" 2>"$tmp/commd.log" &
 pid=$!
@@ -30,7 +32,10 @@ grep -q "^topology:    2 GPUs, 1 NIC, 1 NUMA node, NVLink yes\$" "$tmp/status" |
 	bad "topology key not used: $(cat "$tmp/status")"
 grep -q "3 worker threads," "$tmp/commd.log" || bad "threads or pin-workers key not used: $(cat "$tmp/commd.log")"
 grep -q " debug: " "$tmp/commd.log" || bad "log-level key not used: no debug lines"
+grep -q "^peers:       0, listening on 127.0.0.1:[1-9]" "$tmp/status" ||
+	bad "peer-listen key not used: $(cat "$tmp/status")"
 kill -TERM "$pid"; wait "$pid" || bad "commd did not exit cleanly"
+grep -q "up to 1234 ms to finish" "$tmp/commd.log" || bad "drain-timeout key not used: $(tail -3 "$tmp/commd.log")"
 
 # the job deadline from the file: rank 0 of a job of 2 whose rank 1 never
 # comes fails its join after 1.5 s, not the 10-minute default
@@ -70,6 +75,8 @@ check_bad "threads zero" 1 "threads: '0' is not in 1..1024" 'threads = 0'
 check_bad "threads not a number" 1 "threads: '2x'" 'threads = 2x'
 check_bad "timeout too long" 1 "timeout: '86400001' is not in" 'timeout = 86400001'
 check_bad "pin-workers" 1 "pin-workers: 'maybe' is not yes or no" 'pin-workers = maybe'
+check_bad "drain-timeout" 1 "drain-timeout: '-1' is not in 0..600000" 'drain-timeout = -1'
+check_bad "peer-listen" 1 "peer-listen: '127.0.0.1' is not HOST:PORT" 'peer-listen = 127.0.0.1'
 check_bad "log level" 3 "unknown level 'loud'" $'threads = 1\n\nlog-level = loud'
 check_bad "section" 2 "has no sections" $'[commd]\nthreads = 1'
 check_bad "not key = value" 2 "not a 'key = value' line" $'threads = 1\njust words'

@@ -481,6 +481,82 @@ static int rank_daemon_dies(int rank, int n, void *arg)
 	return 0;
 }
 
+/*
+ * SIGTERM drains: an all-reduce of 128 MiB a rank that both ranks posted
+ * before the signal finishes, right, within the drain budget (20 s here;
+ * first touches of fresh pages are slow on a VM); the next op is refused.
+ */
+#define DRAIN_COUNT (32u << 20)
+static int drain_pipe[2];
+
+static int rank_drain(int rank, int n, void *arg)
+{
+	comm_t *c = join(rank);
+	comm_request_t *req;
+	comm_result_t rc;
+	float *v;
+	int v2 = 1;
+
+	if (!c || !(v = comm_mem_alloc(c, DRAIN_COUNT * sizeof *v)))
+		return 1;
+	for (size_t i = 0; i < DRAIN_COUNT; i++)
+		v[i] = (float)(rank + 1);
+	if (comm_allreduce(c, v, v, DRAIN_COUNT, COMM_FLOAT32, COMM_SUM, &req) != COMM_OK)
+		return 1;
+	usleep(50 * 1000); /* commd has it by now */
+	if (write(drain_pipe[1], "x", 1) != 1)
+		return 1;
+	if ((rc = comm_wait(req, -1)) != COMM_OK) {
+		fprintf(stderr, "rank %d: the op in flight at SIGTERM: %s (%s)\n", rank,
+			comm_result_name(rc), comm_last_error(c));
+		return 1;
+	}
+	for (size_t i = 0; i < DRAIN_COUNT; i += 4099)
+		if (v[i] != 3.0f) {
+			fprintf(stderr, "rank %d: element %zu is %g, want 3\n", rank, i, v[i]);
+			return 1;
+		}
+	rc = comm_allreduce(c, &v2, &v2, 1, COMM_INT32, COMM_SUM, NULL);
+	if (rc != COMM_ERR_SHUTDOWN && rc != COMM_ERR_DAEMON_UNREACHABLE) {
+		fprintf(stderr, "rank %d: an op after SIGTERM: %s, want SHUTDOWN\n", rank,
+			comm_result_name(rc));
+		return 1;
+	}
+	return 0;
+}
+
+static void test_drain(void)
+{
+	struct th_daemon d3;
+	struct th_ranks rs;
+	char line[512], ch;
+	int status, drained = 0;
+	FILE *f;
+
+	REQUIRE(pipe(drain_pipe) == 0, "pipe");
+	REQUIRE(th_daemon_start(&d3, "--drain-timeout", "20000", NULL) == 0, "drain daemon");
+	REQUIRE(th_ranks_start(&rs, &d3, "draining", 2, rank_drain, NULL) == 0, "ranks");
+	for (int i = 0; i < 2; i++)
+		REQUIRE(read(drain_pipe[0], &ch, 1) == 1, "rank %d did not post", i);
+	kill(d3.pid, SIGTERM);
+	CHECK(th_ranks_wait(&rs) == 0, "the op in flight at SIGTERM did not finish right");
+	REQUIRE(waitpid(d3.pid, &status, 0) == d3.pid, "waitpid");
+	CHECK(WIFEXITED(status) && WEXITSTATUS(status) == 0, "drained commd: status 0x%x", status);
+	if ((f = fopen(d3.log, "r"))) {
+		while (fgets(line, sizeof line, f))
+			drained |= strstr(line, "drain: 2 ops in flight") != NULL;
+		fclose(f);
+	}
+	CHECK(drained, "no 'drain: 2 ops in flight' in the log: SIGTERM came too late");
+	if (!drained)
+		th_daemon_dump_log(&d3);
+	th_daemon_cleanup(&d3);
+	close(drain_pipe[0]);
+	close(drain_pipe[1]);
+	printf("ok: SIGTERM with a 128 MiB all-reduce in flight: it finishes right, the next op "
+	       "gets SHUTDOWN, exit 0\n");
+}
+
 static void test_daemon_killed(void)
 {
 	comm_result_t unreachable = COMM_ERR_DAEMON_UNREACHABLE, shutdown = COMM_ERR_SHUTDOWN;
@@ -488,7 +564,7 @@ static void test_daemon_killed(void)
 	struct th_ranks rs;
 	int status;
 
-	/* SIGTERM: the waiting rank is told the daemon is shutting down; exit 0 */
+	/* SIGTERM: after the drain, the waiting rank is told the daemon is shutting down */
 	REQUIRE(th_daemon_start(&d2, NULL) == 0, "third daemon");
 	REQUIRE(th_ranks_start(&rs, &d2, "stopping", 2, rank_daemon_dies, &shutdown) == 0, "ranks");
 	usleep(500 * 1000);
@@ -561,5 +637,6 @@ int main(void)
 
 	CHECK(th_daemon_stop(&d) == 0, "daemon stop");
 	test_daemon_killed();
+	test_drain();
 	return CHECK_EXIT();
 }
