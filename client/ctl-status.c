@@ -190,7 +190,7 @@ int ctl_status(struct ctl *ctl, int argc, char **argv)
 		ctl_json_str(s->nccl);
 		printf(", \"topology\": ");
 		ctl_json_str(s->topology);
-		printf(", \"node\": ");
+		printf(", \"own_jobs_only\": %s, \"node\": ", s->own_jobs_only ? "true" : "false");
 		ctl_json_str(s->node);
 		printf(", \"peer_listen\": ");
 		ctl_json_str(s->peer_listen);
@@ -222,7 +222,8 @@ int ctl_status(struct ctl *ctl, int argc, char **argv)
 		printf("connections: %" PRIu64 "\n", s->connections);
 		printf("ops:         %" PRIu64 " completed, %s moved, %" PRIu64 " errors\n",
 		       s->ops_completed, moved, s->errors);
-		printf("jobs:        %zu\n", s->n_jobs + s->jobs_omitted);
+		printf("jobs:        %zu%s\n", s->n_jobs + s->jobs_omitted,
+		       s->own_jobs_only ? " (yours only: you are not root or in commd's admin group)" : "");
 		if (s->n_peers) {
 			printf("\n");
 			print_peers_text(s);

@@ -56,6 +56,8 @@ struct server {
 	int draining;          /* SIGTERM: no new ops; those in flight may finish */
 	uint64_t drain_until_ms;
 	uint32_t drain_ms;     /* the drain budget */
+	int admin_gid;         /* members see every job in status; -1: root alone */
+	char admin_group[64];
 	int accept_paused;     /* out of fds: the tick re-arms the listener */
 	int gpu_state;         /* GPU_PROBING, GPU_READY or GPU_NONE */
 	char gpu_info[256];    /* commd-gpu --probe's line, or why there is none */
@@ -85,6 +87,7 @@ struct config {
 	char topology[4096];   /* "" : discover */
 	char gpu_worker[4096]; /* "" : commd-gpu beside commd, else in pkglibexecdir */
 	char peer_listen[256]; /* host:port for other daemons; "": none */
+	char admin_group[64];  /* "" : root alone sees every job */
 	int log_level;
 	int threads;
 	int pin_workers;       /* bind worker i to core i */
@@ -333,6 +336,7 @@ struct conn {
 	uint32_t version;      /* the protocol version agreed at hello */
 	uint64_t hello_id;     /* envelope id of the hello, echoed when the job forms */
 	int role;              /* COMMPB__ROLE__ROLE_RANK or _ADMIN */
+	int admin;             /* -1 unknown; 1: root or in the admin group (sees all jobs) */
 	struct job *job;       /* the job this rank belongs to, or NULL */
 	int rank;
 	TAILQ_HEAD(, mem) mems;
@@ -341,6 +345,8 @@ struct conn {
 	struct ring *ring;     /* the rank's submission ring, or NULL */
 };
 
+/* Whether c's user is root or in the admin group (looked up once). */
+int conn_is_admin(struct conn *c);
 /* Take ownership of an accepted socket and start reading from it. */
 int conn_open(int fd);
 /* Detach from the job (failing it), release memory, close the socket. */

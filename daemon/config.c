@@ -59,6 +59,8 @@ int config_set(struct config *cfg, const char *key, const char *val, char *err, 
 		}
 		return set_path(cfg->peer_listen, sizeof cfg->peer_listen, key, val, err, errlen);
 	}
+	if (!strcmp(key, "admin-group"))
+		return set_path(cfg->admin_group, sizeof cfg->admin_group, key, val, err, errlen);
 	if (!strcmp(key, "gpu-worker"))
 		return set_path(cfg->gpu_worker, sizeof cfg->gpu_worker, key, val, err, errlen);
 	if (!strcmp(key, "log-level")) {

@@ -3,6 +3,8 @@
  * queue for replies, and an orderly close that releases what it held.
  */
 #include <errno.h>
+#include <grp.h>
+#include <pwd.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -28,6 +30,24 @@ static void set_events(struct conn *c, int events)
 	uv_poll_start(&c->poll, events, on_io);
 }
 
+int conn_is_admin(struct conn *c)
+{
+	char buf[4096];
+	struct passwd pw, *pwp = NULL;
+	gid_t groups[256];
+	int n = 256;
+
+	if (c->admin >= 0)
+		return c->admin;
+	c->admin = c->uid == 0 || (srv.admin_gid >= 0 && c->gid == (gid_t)srv.admin_gid);
+	/* a member of the group by its supplementary groups, as the group file says */
+	if (!c->admin && srv.admin_gid >= 0 && getpwuid_r(c->uid, &pw, buf, sizeof buf, &pwp) == 0 &&
+	    pwp && getgrouplist(pw.pw_name, pw.pw_gid, groups, &n) >= 0)
+		for (int i = 0; i < n && !c->admin; i++)
+			c->admin = groups[i] == (gid_t)srv.admin_gid;
+	return c->admin;
+}
+
 int conn_open(int fd)
 {
 	struct conn *c = calloc(1, sizeof *c);
@@ -48,6 +68,7 @@ int conn_open(int fd)
 	c->uid = cred.uid;
 	c->gid = cred.gid;
 	c->rank = -1;
+	c->admin = -1;
 	c->next_mem_id = 1;
 	frame_reader_init(&c->rd);
 	TAILQ_INIT(&c->wq);

@@ -3,6 +3,7 @@
  * notifications and the event loop.
  */
 #include <getopt.h>
+#include <grp.h>
 #include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -18,7 +19,7 @@ static void usage(FILE *f)
 	fprintf(f, "usage: commd [--config FILE] [--socket PATH] [--foreground] [--log-level LEVEL]\n"
 		   "             [--threads N] [--pin-workers yes|no] [--timeout MS]\n"
 		   "             [--topology FILE] [--dump-topology] [--gpu-worker PATH]\n"
-		   "             [--peer-listen HOST:PORT] [--drain-timeout MS]\n"
+		   "             [--peer-listen HOST:PORT] [--drain-timeout MS] [--admin-group GROUP]\n"
 		   "  --config FILE      read settings from FILE (default %s, if it exists);\n"
 		   "                     its keys are the long flags' names; flags win\n"
 		   "  --socket PATH      listen on this Unix socket (default %s)\n"
@@ -37,6 +38,8 @@ static void usage(FILE *f)
 		   "                     nodes (default: none)\n"
 		   "  --drain-timeout MS on SIGTERM, how long ops in flight may take to finish;\n"
 		   "                     new ops and joins are refused meanwhile (default 2000)\n"
+		   "  --admin-group GROUP  its members (and root) see every job in commctl status;\n"
+		   "                     others see their own jobs only (default: root alone)\n"
 		   "  --version          print the version and exit\n",
 		   CONFIG_DEFAULT_FILE, CONFIG_DEFAULT_SOCKET, COMMD_PKGLIBEXECDIR);
 }
@@ -76,6 +79,7 @@ int main(int argc, char **argv)
 		{ "gpu-worker", required_argument, NULL, 'G' },
 		{ "peer-listen", required_argument, NULL, 'L' },
 		{ "drain-timeout", required_argument, NULL, 'R' },
+		{ "admin-group", required_argument, NULL, 'A' },
 		{ "version", no_argument, NULL, 'V' },
 		{ "help", no_argument, NULL, 'h' },
 		{ NULL, 0, NULL, 0 },
@@ -101,6 +105,7 @@ int main(int argc, char **argv)
 		case 'G':
 		case 'L':
 		case 'R':
+		case 'A':
 			if (nflags == (int)(sizeof flags / sizeof flags[0])) {
 				fprintf(stderr, "commd: too many flags\n");
 				return 2;
@@ -168,6 +173,17 @@ int main(int argc, char **argv)
 	signal(SIGPIPE, SIG_IGN);
 	srv.default_timeout_ms = cfg.timeout_ms;
 	srv.drain_ms = cfg.drain_ms;
+	srv.admin_gid = -1;
+	if (*cfg.admin_group) {
+		struct group *g = getgrnam(cfg.admin_group);
+
+		if (!g) {
+			fprintf(stderr, "commd: admin-group: no group named '%s'\n", cfg.admin_group);
+			return 2;
+		}
+		srv.admin_gid = (int)g->gr_gid;
+		snprintf(srv.admin_group, sizeof srv.admin_group, "%s", cfg.admin_group);
+	}
 	srv.start_ms = now_ms();
 	gpu_probe(loop, cfg.gpu_worker);
 	gpu_probe_wait();

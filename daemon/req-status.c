@@ -17,9 +17,10 @@
 #define STATUS_INFLIGHT_ALL 60
 #define STATUS_INFLIGHT_PER_JOB 4
 
-static int wanted(const struct job *j, const char *name)
+/* Every job for an admin; for anyone else, their own jobs only. */
+static int wanted(const struct job *j, const char *name, const struct conn *c)
 {
-	return !*name || !strcmp(j->name, name);
+	return (!*name || !strcmp(j->name, name)) && (c->admin || j->uid == c->uid);
 }
 
 int req_status_exec(struct conn *c, const Commpb__Envelope *env, int *fds, int nfds)
@@ -39,8 +40,9 @@ int req_status_exec(struct conn *c, const Commpb__Envelope *env, int *fds, int n
 	struct job *j;
 	int rc;
 
+	conn_is_admin(c);
 	TAILQ_FOREACH(j, &srv.jobs, link)
-		n += wanted(j, name);
+		n += wanted(j, name, c);
 	budget = *name ? STATUS_INFLIGHT_ONE : n <= 50 ? STATUS_INFLIGHT_ALL : 0;
 	if (n > STATUS_MAX_JOBS) {
 		sr.jobs_omitted = (uint32_t)(n - STATUS_MAX_JOBS);
@@ -66,7 +68,7 @@ int req_status_exec(struct conn *c, const Commpb__Envelope *env, int *fds, int n
 
 		if (i == n)
 			break;
-		if (!wanted(j, name))
+		if (!wanted(j, name, c))
 			continue;
 		ji = &infos[i];
 		commpb__job_info__init(ji);
@@ -112,7 +114,9 @@ int req_status_exec(struct conn *c, const Commpb__Envelope *env, int *fds, int n
 	sr.backends = backends;
 	for (int k = 0; k < STATUS_MAX_PEERS; k++)
 		peers[k] = &pinfo[k];
-	sr.n_peers = (size_t)peer_status(peers, STATUS_MAX_PEERS, pstate);
+	/* the other daemons and their addresses are for admins */
+	sr.n_peers = c->admin ? (size_t)peer_status(peers, STATUS_MAX_PEERS, pstate) : 0;
+	sr.own_jobs_only = !c->admin;
 	sr.peers = peers;
 	sr.peer_listen = (char *)peer_listen_addr();
 	sr.node = (char *)peer_node_name();

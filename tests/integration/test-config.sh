@@ -77,6 +77,10 @@ check_bad "timeout too long" 1 "timeout: '86400001' is not in" 'timeout = 864000
 check_bad "pin-workers" 1 "pin-workers: 'maybe' is not yes or no" 'pin-workers = maybe'
 check_bad "drain-timeout" 1 "drain-timeout: '-1' is not in 0..600000" 'drain-timeout = -1'
 check_bad "peer-listen" 1 "peer-listen: '127.0.0.1' is not HOST:PORT" 'peer-listen = 127.0.0.1'
+timeout 10 "$COMMD" --foreground --config /dev/null --socket "$tmp/g.sock" --admin-group no-such-grp \
+	2>"$tmp/g.err"
+[ $? = 2 ] && grep -q "admin-group: no group named 'no-such-grp'" "$tmp/g.err" ||
+	bad "an unknown admin group: $(cat "$tmp/g.err")"
 check_bad "log level" 3 "unknown level 'loud'" $'threads = 1\n\nlog-level = loud'
 check_bad "section" 2 "has no sections" $'[commd]\nthreads = 1'
 check_bad "not key = value" 2 "not a 'key = value' line" $'threads = 1\njust words'

@@ -7,6 +7,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -97,6 +98,25 @@ static int ctl(char *out, size_t len, const char *args)
 	return WIFEXITED(status) ? WEXITSTATUS(status) : -1;
 }
 
+/* commctl as uid 65534 (nobody) with the gid REGID names: setpriv --clear-groups. */
+static int ctl_as(char *out, size_t len, const char *regid, const char *args)
+{
+	char cmd[600];
+	const char *bin = getenv("COMMCTL") ? getenv("COMMCTL") : "./client/commctl";
+	FILE *p;
+	size_t n;
+	int status;
+
+	snprintf(cmd, sizeof cmd, "setpriv --reuid=65534 %s --clear-groups %s %s 2>&1", regid, bin,
+		 args);
+	if (!(p = popen(cmd, "r")))
+		return -1;
+	n = fread(out, 1, len - 1, p);
+	out[n] = '\0';
+	status = pclose(p);
+	return WIFEXITED(status) ? WEXITSTATUS(status) : -1;
+}
+
 int main(void)
 {
 	struct th_daemon d;
@@ -104,7 +124,8 @@ int main(void)
 	char out[8192], args[512];
 	char ch;
 
-	REQUIRE(th_daemon_start(&d, NULL) == 0, "daemon start");
+	REQUIRE(th_daemon_start(&d, "--admin-group", "daemon", NULL) == 0, "daemon start");
+	chmod(d.dir, 0755); /* other users reach the socket (it is 0666) */
 	REQUIRE(pipe(hold) == 0 && pipe(ready) == 0, "pipes");
 	REQUIRE(th_ranks_start(&rs, &d, "ctl-job", 2, rank_hold, NULL) == 0, "ranks");
 	close(hold[0]);
@@ -137,6 +158,31 @@ int main(void)
 	snprintf(args, sizeof args, "--socket %s jobs", d.sock);
 	CHECK(ctl(out, sizeof out, args) == 0 && strstr(out, "ctl-job") && strstr(out, "2/2"),
 	      "jobs:\n%s", out);
+
+	/* another user sees its own jobs only, and no peers; the admin group sees all */
+	if (system("setpriv --reuid=65534 --regid=65534 --clear-groups true 2>/dev/null") == 0) {
+		snprintf(args, sizeof args, "--socket %s status", d.sock);
+		CHECK(ctl_as(out, sizeof out, "--regid=65534", args) == 0 &&
+			      strstr(out, "jobs:        0 (yours only") && !strstr(out, "ctl-job"),
+		      "uid 65534 sees root's job:\n%s", out);
+		snprintf(args, sizeof args, "--socket %s status --json", d.sock);
+		CHECK(ctl_as(out, sizeof out, "--regid=65534", args) == 0 &&
+			      strstr(out, "\"own_jobs_only\": true") && strstr(out, "\"jobs\": []"),
+		      "uid 65534, json:\n%s", out);
+		snprintf(args, sizeof args, "--socket %s jobs ctl-job", d.sock);
+		CHECK(ctl_as(out, sizeof out, "--regid=65534", args) == 1 && strstr(out, "no job named"),
+		      "uid 65534 reads root's job by name:\n%s", out);
+		snprintf(args, sizeof args, "--socket %s status", d.sock);
+		CHECK(ctl_as(out, sizeof out, "--regid=1", args) == 0 && strstr(out, "ctl-job") &&
+			      !strstr(out, "yours only"),
+		      "a member of the admin group (daemon) does not see every job:\n%s", out);
+		printf("ok: uid 65534 sees its own jobs only; in the admin group, every job\n");
+	} else {
+		printf("skipped: setpriv cannot change the uid here\n");
+	}
+	snprintf(args, sizeof args, "--socket %s status --json", d.sock);
+	CHECK(ctl(out, sizeof out, args) == 0 && strstr(out, "\"own_jobs_only\": false"),
+	      "root's status is restricted:\n%s", out);
 
 	/* errors: no daemon, unknown command, stray argument */
 	CHECK(ctl(out, sizeof out, "--socket /nonexistent/sock status") == 1 &&
