@@ -90,30 +90,6 @@ static int run_split_job(const struct split *sp, th_rank_fn fn, void *arg, const
 
 /* --- send and recv between daemons ----------------------------------------- */
 
-static uint64_t msg_seed(int tag, int from, int to, int round)
-{
-	return ref_mix(((uint64_t)(unsigned)tag << 48) ^ ((uint64_t)(unsigned)from << 36) ^
-		       ((uint64_t)(unsigned)to << 24) ^ (uint64_t)(unsigned)round);
-}
-
-/* Whether b's recv block holds ref_fill(rseed) and its send block still sseed; printed. */
-static int msg_check(const struct ref_bufs *b, size_t bytes, uint64_t sseed, uint64_t rseed,
-		     int r, const char *what)
-{
-	size_t at = ref_first_diff(b->rbase, bytes, rseed);
-	int bad = 0;
-
-	if (at != bytes) {
-		fprintf(stderr, "rank %d: %s: byte %zu of %zu received is wrong\n", r, what, at,
-			bytes);
-		bad = 1;
-	}
-	if (ref_first_diff(b->sbase, bytes, sseed) != bytes) {
-		fprintf(stderr, "rank %d: %s: the send buffer was changed\n", r, what);
-		bad = 1;
-	}
-	return bad | ref_bufs_check(b, 0, r, what);
-}
 
 #define OK_OR_BAIL(call)                                                       \
 	do {                                                                   \
@@ -134,7 +110,7 @@ static int msg_check(const struct ref_bufs *b, size_t bytes, uint64_t sseed, uin
  */
 static int rank_ring(int r, int n, void *arg)
 {
-	int next = (r + 1) % n, prev = (r + n - 1) % n, bad = 0;
+	int bad = 0, rc;
 	comm_t *c;
 
 	if (th_join(&c, r, n) < 0)
@@ -143,34 +119,11 @@ static int rank_ring(int r, int n, void *arg)
 		comm_dtype_t dt = ref_dtypes[round % REF_NDTYPES];
 		size_t es = comm_dtype_size(dt);
 		size_t count = round % 10 == 9 ? (4u << 20) / es : 1 + (size_t)round * 7919 % 5000;
-		size_t bytes = count * es;
-		int async = round >= RING_ROUNDS - RING_ASYNC_ROUNDS;
-		uint64_t sseed = msg_seed(1, r, next, round), rseed = msg_seed(1, prev, r, round);
-		comm_request_t *sreq = NULL, *rreq = NULL;
-		struct ref_bufs b;
-		char what[96];
 
-		if (ref_bufs_alloc(c, &b, bytes + REF_GUARD, round % 2, bytes + REF_GUARD,
-				   round % 3 != 0, r) < 0)
+		rc = ref_ring_round(c, r, n, 1, round, dt, count, round >= RING_ROUNDS - RING_ASYNC_ROUNDS);
+		if (rc < 0)
 			return th_bail(c);
-		ref_fill(b.sbase, bytes, sseed);
-		OK_OR_BAIL(comm_group_start(c));
-		if (round % 4 == 1) {
-			OK_OR_BAIL(comm_recv(c, b.rbase, count, dt, prev, async ? &rreq : NULL));
-			OK_OR_BAIL(comm_send(c, b.sbase, count, dt, next, async ? &sreq : NULL));
-		} else {
-			OK_OR_BAIL(comm_send(c, b.sbase, count, dt, next, async ? &sreq : NULL));
-			OK_OR_BAIL(comm_recv(c, b.rbase, count, dt, prev, async ? &rreq : NULL));
-		}
-		OK_OR_BAIL(comm_group_end(c));
-		if (async) {
-			OK_OR_BAIL(comm_wait(rreq, -1));
-			OK_OR_BAIL(comm_wait(sreq, -1));
-		}
-		snprintf(what, sizeof what, "ring round %d (%zu x %d bytes%s)", round, count,
-			 (int)es, async ? ", requests" : "");
-		bad |= msg_check(&b, bytes, sseed, rseed, r, what);
-		ref_bufs_free(c, &b);
+		bad |= rc;
 	}
 	return th_leave(c, r) | bad;
 }
@@ -190,7 +143,7 @@ static int rank_exchange(int r, int n, void *arg)
 		return 1;
 	for (int v = 0; v < 8; v++) {
 		int recv_first = v & 1, zc = !(v & 2), async = v & 4;
-		uint64_t sseed = msg_seed(2, r, peer, v), rseed = msg_seed(2, peer, r, v);
+		uint64_t sseed = ref_msg_seed(2, r, peer, v), rseed = ref_msg_seed(2, peer, r, v);
 		comm_request_t *sreq = NULL, *rreq = NULL;
 		struct ref_bufs b;
 		char what[128];
@@ -215,7 +168,7 @@ static int rank_exchange(int r, int n, void *arg)
 		snprintf(what, sizeof what, "4 MiB both ways with rank %d, %s first, %s%s", peer,
 			 recv_first ? "recv" : "send", zc ? "zero-copy" : "staged",
 			 async ? ", requests" : "");
-		bad |= msg_check(&b, bytes, sseed, rseed, r, what);
+		bad |= ref_msg_check(&b, bytes, sseed, rseed, r, what);
 		ref_bufs_free(c, &b);
 	}
 	return th_leave(c, r) | bad;
@@ -702,7 +655,7 @@ static int rank_p2p_sizes(int r, int n, void *arg)
 			long t0 = mono_ms();
 
 			if ((r == b) == m->from_b) {
-				ref_fill(rb.sbase, m->sent, msg_seed(3, r, peer, k));
+				ref_fill(rb.sbase, m->sent, ref_msg_seed(3, r, peer, k));
 				rc = comm_send(c, rb.sbase, m->sent, COMM_UINT8, peer, NULL);
 			} else {
 				rc = comm_recv(c, rb.rbase, m->want, COMM_UINT8, peer, NULL);
@@ -712,7 +665,7 @@ static int rank_p2p_sizes(int r, int n, void *arg)
 		/* each again, sent as expected */
 		for (int k = 0; k < NP2P && !bad; k++) {
 			const struct p2p_msg *m = &p2p_msgs[k];
-			uint64_t seed = msg_seed(4, m->from_b ? b : a, m->from_b ? a : b, k);
+			uint64_t seed = ref_msg_seed(4, m->from_b ? b : a, m->from_b ? a : b, k);
 
 			if ((r == b) == m->from_b) {
 				ref_fill(rb.sbase, m->want, seed);
@@ -820,14 +773,14 @@ static int rank_leave(int r, int n, void *arg)
 		rc = comm_allreduce(c, b.sbase, b.rbase, 4, COMM_FLOAT32, COMM_SUM, NULL);
 	note(&fj->o[0][r], rc, mono_ms() - __atomic_load_n(&fj->left_ms, __ATOMIC_ACQUIRE), c);
 	if (r == 0 || r == 2) {
-		uint64_t sseed = msg_seed(4, r, peer, 0), rseed = msg_seed(4, peer, r, 0);
+		uint64_t sseed = ref_msg_seed(4, r, peer, 0), rseed = ref_msg_seed(4, peer, r, 0);
 
 		ref_fill(b.sbase, 64, sseed);
 		OK_OR_BAIL(comm_group_start(c));
 		OK_OR_BAIL(comm_send(c, b.sbase, 64, COMM_UINT8, peer, NULL));
 		OK_OR_BAIL(comm_recv(c, b.rbase, 64, COMM_UINT8, peer, NULL));
 		OK_OR_BAIL(comm_group_end(c));
-		bad = msg_check(&b, 64, sseed, rseed, r, "a message after the leave");
+		bad = ref_msg_check(&b, 64, sseed, rseed, r, "a message after the leave");
 		fj->o[1][r].then_bad = bad;
 	}
 	ref_bufs_free(c, &b);

@@ -22,11 +22,6 @@
 
 /* --- message contents: bytes from a seed ---------------------------------- */
 
-static uint64_t msg_seed(int tag, int from, int to, int round)
-{
-	return ref_mix(((uint64_t)(unsigned)tag << 48) ^ ((uint64_t)(unsigned)from << 36) ^
-		       ((uint64_t)(unsigned)to << 24) ^ (uint64_t)(unsigned)round);
-}
 
 /* A buffer of bytes (+ REF_GUARD poisoned bytes): comm_mem_alloc'd or malloc'd. */
 struct buf {
@@ -186,7 +181,7 @@ static int rank_order(int r, int n, void *arg)
 			if (buf_get(c, &b[k], bytes, (k + r + round) % 2, r) < 0)
 				return th_bail(c);
 			if (r == 0)
-				ref_fill(b[k].p, bytes, msg_seed(round, 0, 1, k));
+				ref_fill(b[k].p, bytes, ref_msg_seed(round, 0, 1, k));
 			if (!async) {
 				req[k] = NULL;
 				continue;
@@ -212,7 +207,7 @@ static int rank_order(int r, int n, void *arg)
 			}
 			snprintf(what, sizeof what, "round %d message %d (%zu bytes)", round, k,
 				 b[k].len);
-			bad |= buf_check(&b[k], msg_seed(round, 0, 1, k), r, what);
+			bad |= buf_check(&b[k], ref_msg_seed(round, 0, 1, k), r, what);
 		}
 		for (int k = 0; k < NMSG; k++)
 			buf_put(c, &b[k]);
@@ -286,17 +281,17 @@ static int rank_mismatch(int r, int n, void *arg)
 	bad |= ar;
 	/* the same bytes in another dtype match: 4 int64 against 8 int32 */
 	if (r == 0) {
-		ref_fill(b.p, 32, msg_seed(2, 0, 1, 0));
+		ref_fill(b.p, 32, ref_msg_seed(2, 0, 1, 0));
 		OK_OR_BAIL(comm_send(c, b.p, 4, COMM_INT64, 1, NULL));
 		OK_OR_BAIL(comm_send(c, b.p, 16, COMM_INT8, 1, NULL));
 	} else if (r == 1) {
 		OK_OR_BAIL(comm_recv(c, b.p, 8, COMM_INT32, 0, NULL));
 		b.len = 32;
-		bad |= buf_check(&b, msg_seed(2, 0, 1, 0), r, "4 int64 received as 8 int32");
+		bad |= buf_check(&b, ref_msg_seed(2, 0, 1, 0), r, "4 int64 received as 8 int32");
 		memset(b.p, REF_POISON, 64 + REF_GUARD);
 		OK_OR_BAIL(comm_recv(c, b.p, 8, COMM_FLOAT16, 0, NULL));
 		b.len = 16;
-		bad |= buf_check(&b, msg_seed(2, 0, 1, 0), r, "16 int8 received as 8 float16");
+		bad |= buf_check(&b, ref_msg_seed(2, 0, 1, 0), r, "16 int8 received as 8 float16");
 	}
 	ar = check_allreduce(c, r, n, 12, "the matching send/recv");
 	if (ar < 0)
@@ -324,7 +319,7 @@ static int rank_self(int r, int n, void *arg)
 			if (buf_get(c, &s[k], (count + (size_t)k) * 4, zc, r) < 0 ||
 			    buf_get(c, &d[k], (count + (size_t)k) * 4, !zc, r) < 0)
 				return th_bail(c);
-			ref_fill(s[k].p, s[k].len, msg_seed(10 + round, r, r, k));
+			ref_fill(s[k].p, s[k].len, ref_msg_seed(10 + round, r, r, k));
 		}
 		/* two messages to self: the first send pairs with the first recv */
 		OK_OR_BAIL(comm_group_start(c));
@@ -344,8 +339,8 @@ static int rank_self(int r, int n, void *arg)
 
 			snprintf(what, sizeof what, "self message %d of %zu floats", k,
 				 count + (size_t)k);
-			bad |= buf_check(&d[k], msg_seed(10 + round, r, r, k), r, what);
-			bad |= buf_check(&s[k], msg_seed(10 + round, r, r, k), r,
+			bad |= buf_check(&d[k], ref_msg_seed(10 + round, r, r, k), r, what);
+			bad |= buf_check(&s[k], ref_msg_seed(10 + round, r, r, k), r,
 					 "self-send input");
 			buf_put(c, &s[k]);
 			buf_put(c, &d[k]);
@@ -361,42 +356,19 @@ static int rank_self(int r, int n, void *arg)
 
 static int rank_ring(int r, int n, void *arg)
 {
-	int next = (r + 1) % n, prev = (r + n - 1) % n, bad = 0;
+	int bad = 0, rc;
 	comm_t *c;
 
 	if (th_join(&c, r, n) < 0)
 		return 1;
 	for (int round = 0; round < RING_ROUNDS + RING_ASYNC_ROUNDS; round++) {
 		comm_dtype_t dt = ref_dtypes[round % REF_NDTYPES];
-		size_t count = 1 + (size_t)round * 7919 % 3000, es = comm_dtype_size(dt);
-		int async = round >= RING_ROUNDS;
-		comm_request_t *sreq = NULL, *rreq = NULL;
-		struct buf s, d;
-		char what[96];
 
-		if (buf_get(c, &s, count * es, round % 2, r) < 0 ||
-		    buf_get(c, &d, count * es, round % 3 != 0, r) < 0)
+		rc = ref_ring_round(c, r, n, 20, round, dt, 1 + (size_t)round * 7919 % 3000,
+				    round >= RING_ROUNDS);
+		if (rc < 0)
 			return th_bail(c);
-		ref_fill(s.p, s.len, msg_seed(20, r, next, round));
-		OK_OR_BAIL(comm_group_start(c));
-		if (round % 4 == 1) {
-			OK_OR_BAIL(comm_recv(c, d.p, count, dt, prev, async ? &rreq : NULL));
-			OK_OR_BAIL(comm_send(c, s.p, count, dt, next, async ? &sreq : NULL));
-		} else {
-			OK_OR_BAIL(comm_send(c, s.p, count, dt, next, async ? &sreq : NULL));
-			OK_OR_BAIL(comm_recv(c, d.p, count, dt, prev, async ? &rreq : NULL));
-		}
-		OK_OR_BAIL(comm_group_end(c));
-		if (async) {
-			/* the recv first: requests complete in posting order either way */
-			OK_OR_BAIL(comm_wait(rreq, -1));
-			OK_OR_BAIL(comm_wait(sreq, -1));
-		}
-		snprintf(what, sizeof what, "ring round %d (%zu x %d bytes%s)", round, count,
-			 (int)es, async ? ", requests" : "");
-		bad |= buf_check(&d, msg_seed(20, prev, r, round), r, what);
-		buf_put(c, &s);
-		buf_put(c, &d);
+		bad |= rc;
 	}
 	return th_leave(c, r) | bad;
 }
@@ -418,7 +390,7 @@ static int rank_exchange(int r, int n, void *arg)
 		if (buf_get(c, &s, count * 8, round % 2, r) < 0 ||
 		    buf_get(c, &d, count * 8, round % 3 == 0, r) < 0)
 			return th_bail(c);
-		ref_fill(s.p, s.len, msg_seed(30, r, peer, round));
+		ref_fill(s.p, s.len, ref_msg_seed(30, r, peer, round));
 		if (r % 2 == 0) {
 			OK_OR_BAIL(comm_send(c, s.p, count, COMM_UINT64, peer, NULL));
 			OK_OR_BAIL(comm_recv(c, d.p, count, COMM_UINT64, peer, NULL));
@@ -427,7 +399,7 @@ static int rank_exchange(int r, int n, void *arg)
 			OK_OR_BAIL(comm_send(c, s.p, count, COMM_UINT64, peer, NULL));
 		}
 		snprintf(what, sizeof what, "exchange round %d (%zu uint64)", round, count);
-		bad |= buf_check(&d, msg_seed(30, peer, r, round), r, what);
+		bad |= buf_check(&d, ref_msg_seed(30, peer, r, round), r, what);
 		buf_put(c, &s);
 		buf_put(c, &d);
 	}
@@ -453,24 +425,24 @@ static int rank_large(int r, int n, void *arg)
 		    buf_get(c, &d, (size_t)BIG * 8, m == 0 || m == 3, r) < 0)
 			return th_bail(c);
 		/* one way, blocking */
-		ref_fill(s.p, s.len, msg_seed(40 + m, 0, 1, 0));
+		ref_fill(s.p, s.len, ref_msg_seed(40 + m, 0, 1, 0));
 		if (r == 0) {
 			OK_OR_BAIL(comm_send(c, s.p, BIG, COMM_FLOAT64, 1, NULL));
 		} else {
 			OK_OR_BAIL(comm_recv(c, d.p, BIG, COMM_FLOAT64, 0, NULL));
 			snprintf(what, sizeof what, "%d float64 from rank 0, %s", BIG, modes[m]);
-			bad |= buf_check(&d, msg_seed(40 + m, 0, 1, 0), r, what);
+			bad |= buf_check(&d, ref_msg_seed(40 + m, 0, 1, 0), r, what);
 		}
 		/* both ways at once in a group */
-		ref_fill(s.p, s.len, msg_seed(50 + m, r, peer, 0));
+		ref_fill(s.p, s.len, ref_msg_seed(50 + m, r, peer, 0));
 		memset(d.p, REF_POISON, d.len);
 		OK_OR_BAIL(comm_group_start(c));
 		OK_OR_BAIL(comm_send(c, s.p, BIG, COMM_FLOAT64, peer, NULL));
 		OK_OR_BAIL(comm_recv(c, d.p, BIG, COMM_FLOAT64, peer, NULL));
 		OK_OR_BAIL(comm_group_end(c));
 		snprintf(what, sizeof what, "%d float64 both ways in a group, %s", BIG, modes[m]);
-		bad |= buf_check(&d, msg_seed(50 + m, peer, r, 0), r, what);
-		bad |= buf_check(&s, msg_seed(50 + m, r, peer, 0), r, "large send input");
+		bad |= buf_check(&d, ref_msg_seed(50 + m, peer, r, 0), r, what);
+		bad |= buf_check(&s, ref_msg_seed(50 + m, r, peer, 0), r, "large send input");
 		buf_put(c, &s);
 		buf_put(c, &d);
 	}
@@ -534,8 +506,8 @@ static int rank_behind(int r, int n, void *arg)
 				       fold(COMM_FLOAT32, COMM_SUM, 82, n, i), r,
 				       "small all-reduce posted behind it");
 	} else if (r == 0) {
-		ref_fill(s.p, s.len, msg_seed(90, 0, 1, 0));
-		ref_fill(s2.p, s2.len, msg_seed(90, 0, 1, 1));
+		ref_fill(s.p, s.len, ref_msg_seed(90, 0, 1, 0));
+		ref_fill(s2.p, s2.len, ref_msg_seed(90, 0, 1, 1));
 		OK_OR_BAIL(comm_send(c, s.p, BIG, COMM_FLOAT32, peer, &req));
 		OK_OR_BAIL(comm_send(c, s2.p, 7, COMM_FLOAT32, peer, NULL));
 		OK_OR_BAIL(comm_wait(req, -1));
@@ -543,8 +515,8 @@ static int rank_behind(int r, int n, void *arg)
 		OK_OR_BAIL(comm_recv(c, d.p, BIG, COMM_FLOAT32, peer, &req));
 		OK_OR_BAIL(comm_recv(c, d2.p, 7, COMM_FLOAT32, peer, NULL));
 		OK_OR_BAIL(comm_wait(req, -1));
-		bad |= buf_check(&d, msg_seed(90, 0, 1, 0), r, "large recv");
-		bad |= buf_check(&d2, msg_seed(90, 0, 1, 1), r, "small recv posted behind it");
+		bad |= buf_check(&d, ref_msg_seed(90, 0, 1, 0), r, "large recv");
+		bad |= buf_check(&d2, ref_msg_seed(90, 0, 1, 1), r, "small recv posted behind it");
 	}
 	buf_put(c, &s);
 	buf_put(c, &d);
@@ -582,7 +554,7 @@ static int rank_one_sided(int r, int n, void *arg)
 		if (buf_get(c, &b[k], (size_t)(1 + 100 * k) * 4, 1, r) < 0)
 			return th_bail(c);
 		if (r == 0)
-			ref_fill(b[k].p, b[k].len, msg_seed(95, 0, 1, k));
+			ref_fill(b[k].p, b[k].len, ref_msg_seed(95, 0, 1, k));
 	}
 	if (r == o->grouped) {
 		while (!__atomic_load_n(&o->posted, __ATOMIC_ACQUIRE))
@@ -617,7 +589,7 @@ static int rank_one_sided(int r, int n, void *arg)
 		snprintf(what, sizeof what, "message %d, %s", k,
 			 r == o->grouped ? "grouped here" : "grouped on the sender");
 		if (r == 1)
-			bad |= buf_check(&b[k], msg_seed(95, 0, 1, k), r, what);
+			bad |= buf_check(&b[k], ref_msg_seed(95, 0, 1, k), r, what);
 		buf_put(c, &b[k]);
 	}
 	return th_leave(c, r) | bad;
@@ -1157,7 +1129,7 @@ static int rank_early_leave(int r, int n, void *arg)
 
 		if (buf_get(c, &s, count * 4, k % 2, r) < 0 || buf_get(c, &d, count * 4, 1, r) < 0)
 			return th_bail(c);
-		ref_fill(s.p, s.len, msg_seed(60, r, peer, k));
+		ref_fill(s.p, s.len, ref_msg_seed(60, r, peer, k));
 		if ((r == 1) == (k % 2 == 0)) {
 			OK_OR_BAIL(comm_send(c, s.p, count, COMM_UINT32, peer, NULL));
 			OK_OR_BAIL(comm_recv(c, d.p, count, COMM_UINT32, peer, NULL));
@@ -1166,7 +1138,7 @@ static int rank_early_leave(int r, int n, void *arg)
 			OK_OR_BAIL(comm_send(c, s.p, count, COMM_UINT32, peer, NULL));
 		}
 		snprintf(what, sizeof what, "message %d after rank 0 left", k);
-		bad |= buf_check(&d, msg_seed(60, peer, r, k), r, what);
+		bad |= buf_check(&d, ref_msg_seed(60, peer, r, k), r, what);
 		buf_put(c, &s);
 		buf_put(c, &d);
 	}
@@ -1180,12 +1152,12 @@ static int rank_early_leave(int r, int n, void *arg)
 	rc = comm_send(c, s.p, 4, COMM_FLOAT32, 0, NULL);
 	bad |= !want_rc(c, r, "send to rank 0 after it left", rc, COMM_ERR_PEER_LOST);
 	/* and the two of them still can talk */
-	ref_fill(s.p, 64, msg_seed(61, r, peer, 0));
+	ref_fill(s.p, 64, ref_msg_seed(61, r, peer, 0));
 	OK_OR_BAIL(comm_group_start(c));
 	OK_OR_BAIL(comm_send(c, s.p, 16, COMM_FLOAT32, peer, NULL));
 	OK_OR_BAIL(comm_recv(c, d.p, 16, COMM_FLOAT32, peer, NULL));
 	OK_OR_BAIL(comm_group_end(c));
-	bad |= buf_check(&d, msg_seed(61, peer, r, 0), r, "a group exchange after the failures");
+	bad |= buf_check(&d, ref_msg_seed(61, peer, r, 0), r, "a group exchange after the failures");
 	buf_put(c, &s);
 	buf_put(c, &d);
 	return th_leave(c, r) | bad;
@@ -1207,7 +1179,7 @@ static int rank_group_wait(int r, int n, void *arg)
 	    buf_get(c, &d, 28, 1, r) < 0)
 		return th_bail(c);
 	if (r == 0)
-		ref_fill(b.p, b.len, msg_seed(70, 0, 1, 0));
+		ref_fill(b.p, b.len, ref_msg_seed(70, 0, 1, 0));
 	for (size_t i = 0; i < 7; i++)
 		ref_store(COMM_INT32, val(COMM_INT32, 77, r, i), s.p + 4 * i);
 	OK_OR_BAIL(comm_group_start(c));
@@ -1232,7 +1204,7 @@ static int rank_group_wait(int r, int n, void *arg)
 	OK_OR_BAIL(comm_wait(req, -1));
 	OK_OR_BAIL(comm_wait(areq, -1));
 	if (r == 1)
-		bad |= buf_check(&b, msg_seed(70, 0, 1, 0), r, "recv waited after the group");
+		bad |= buf_check(&b, ref_msg_seed(70, 0, 1, 0), r, "recv waited after the group");
 	for (size_t i = 0; i < 7; i++)
 		if (!elem_ok(COMM_INT32, d.p, i, fold(COMM_INT32, COMM_SUM, 77, n, i), r,
 			     "all-reduce waited after the group"))

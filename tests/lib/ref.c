@@ -480,3 +480,74 @@ void ref_bufs_free(comm_t *c, struct ref_bufs *b)
 	ref_buf_free(c, b->rzc, b->rbase);
 	b->canary = b->sbase = b->rbase = NULL;
 }
+
+uint64_t ref_msg_seed(int tag, int from, int to, int round)
+{
+	return ref_mix(((uint64_t)(unsigned)tag << 48) ^ ((uint64_t)(unsigned)from << 36) ^
+		       ((uint64_t)(unsigned)to << 24) ^ (uint64_t)(unsigned)round);
+}
+
+int ref_msg_check(const struct ref_bufs *b, size_t bytes, uint64_t sseed, uint64_t rseed, int r,
+		  const char *what)
+{
+	size_t at = ref_first_diff(b->rbase, bytes, rseed);
+	int bad = 0;
+
+	if (at != bytes) {
+		fprintf(stderr, "rank %d: %s: byte %zu of %zu received is wrong\n", r, what, at,
+			bytes);
+		bad = 1;
+	}
+	if (ref_first_diff(b->sbase, bytes, sseed) != bytes) {
+		fprintf(stderr, "rank %d: %s: the send buffer was changed\n", r, what);
+		bad = 1;
+	}
+	return bad | ref_bufs_check(b, 0, r, what);
+}
+
+/* Run call; on failure print it for rank r and return -1 from the caller. */
+#define RING_OK(call)                                                          \
+	do {                                                                   \
+		comm_result_t rc_ = (call);                                    \
+		if (rc_ != COMM_OK) {                                          \
+			fprintf(stderr, "rank %d: %s: %s (%s)\n", r, #call,    \
+				comm_result_name(rc_), comm_last_error(c));    \
+			ref_bufs_free(c, &b);                                  \
+			return -1;                                             \
+		}                                                              \
+	} while (0)
+
+int ref_ring_round(comm_t *c, int r, int n, int tag, int round, comm_dtype_t dt, size_t count,
+		   int async)
+{
+	int next = (r + 1) % n, prev = (r + n - 1) % n, bad;
+	size_t bytes = count * comm_dtype_size(dt);
+	uint64_t sseed = ref_msg_seed(tag, r, next, round), rseed = ref_msg_seed(tag, prev, r, round);
+	comm_request_t *sreq = NULL, *rreq = NULL;
+	struct ref_bufs b;
+	char what[96];
+
+	if (ref_bufs_alloc(c, &b, bytes + REF_GUARD, round % 2, bytes + REF_GUARD, round % 3 != 0,
+			   r) < 0)
+		return -1;
+	ref_fill(b.sbase, bytes, sseed);
+	RING_OK(comm_group_start(c));
+	if (round % 4 == 1) {
+		RING_OK(comm_recv(c, b.rbase, count, dt, prev, async ? &rreq : NULL));
+		RING_OK(comm_send(c, b.sbase, count, dt, next, async ? &sreq : NULL));
+	} else {
+		RING_OK(comm_send(c, b.sbase, count, dt, next, async ? &sreq : NULL));
+		RING_OK(comm_recv(c, b.rbase, count, dt, prev, async ? &rreq : NULL));
+	}
+	RING_OK(comm_group_end(c));
+	if (async) {
+		/* the recv first: requests complete in posting order either way */
+		RING_OK(comm_wait(rreq, -1));
+		RING_OK(comm_wait(sreq, -1));
+	}
+	snprintf(what, sizeof what, "ring round %d (%zu x %d bytes%s)", round, count,
+		 (int)comm_dtype_size(dt), async ? ", requests" : "");
+	bad = ref_msg_check(&b, bytes, sseed, rseed, r, what);
+	ref_bufs_free(c, &b);
+	return bad;
+}

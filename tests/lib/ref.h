@@ -117,4 +117,21 @@ int ref_bufs_check(const struct ref_bufs *b, int inplace, int r, const char *wha
 /* Free b's allocations and canary; b is left empty. */
 void ref_bufs_free(comm_t *c, struct ref_bufs *b);
 
+/* The seed of the message tag from rank from to rank to in a round. */
+uint64_t ref_msg_seed(int tag, int from, int to, int round);
+/*
+ * Whether b's recv block holds ref_fill(rseed) and its send block still
+ * sseed (bytes each), guards intact; prints why not for rank r. 0 or 1.
+ */
+int ref_msg_check(const struct ref_bufs *b, size_t bytes, uint64_t sseed, uint64_t rseed, int r,
+		  const char *what);
+/*
+ * One round of a ring in a group: rank r sends count dt to r+1 and receives
+ * from r-1 (messages seeded by tag and round); zero-copy or staged, send or
+ * recv first, blocking or with requests (async), all by round. 0; 1 when the
+ * data was wrong; -1 when an op failed (printed: the caller bails).
+ */
+int ref_ring_round(comm_t *c, int r, int n, int tag, int round, comm_dtype_t dt, size_t count,
+		   int async);
+
 #endif
