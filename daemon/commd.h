@@ -57,6 +57,13 @@ struct server {
 	uint64_t drain_until_ms;
 	uint32_t drain_ms;     /* the drain budget */
 	int admin_gid;         /* members see every job in status; -1: root alone */
+	struct limits {        /* config: refusals past them are clear errors */
+		uint32_t conns;        /* connections at once */
+		uint32_t conns_per_uid;
+		uint32_t handshake_ms; /* from accept to the hello */
+		uint32_t frame_ms;     /* a frame begun must be whole within this */
+		uint64_t job_mem;      /* host memory one job may register, bytes */
+	} lim;
 	char admin_group[64];
 	int accept_paused;     /* out of fds: the tick re-arms the listener */
 	int gpu_state;         /* GPU_PROBING, GPU_READY or GPU_NONE */
@@ -93,6 +100,7 @@ struct config {
 	int pin_workers;       /* bind worker i to core i */
 	uint32_t timeout_ms;
 	uint32_t drain_ms;     /* SIGTERM: how long ops in flight may take to finish */
+	struct limits lim;
 };
 
 /* The defaults: the socket above, log level info, a thread a core, 10 minutes. */
@@ -337,6 +345,8 @@ struct conn {
 	uint64_t hello_id;     /* envelope id of the hello, echoed when the job forms */
 	int role;              /* COMMPB__ROLE__ROLE_RANK or _ADMIN */
 	int admin;             /* -1 unknown; 1: root or in the admin group (sees all jobs) */
+	uint64_t opened_ms;
+	uint64_t partial_ms;   /* when the frame now half read began, 0: none */
 	struct job *job;       /* the job this rank belongs to, or NULL */
 	int rank;
 	TAILQ_HEAD(, mem) mems;
@@ -353,6 +363,8 @@ int conn_open(int fd);
 void conn_close(struct conn *c, const char *why);
 /* Close every connection (daemon shutdown). */
 void conn_close_all(void);
+/* Close connections past their handshake or partial-frame deadline. */
+void conn_check_deadlines(uint64_t now);
 /*
  * Close c on the next turn of the loop, not now: for failures found while
  * another connection's request is being served (a full write queue).

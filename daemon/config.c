@@ -26,6 +26,33 @@ void config_init(struct config *cfg)
 	cfg->pin_workers = 1;
 	cfg->timeout_ms = DEFAULT_TIMEOUT_MS;
 	cfg->drain_ms = 2000;
+	cfg->lim.conns = 4096;
+	cfg->lim.conns_per_uid = 1024;
+	cfg->lim.handshake_ms = 10000;
+	cfg->lim.frame_ms = 10000;
+	cfg->lim.job_mem = (uint64_t)sysconf(_SC_PHYS_PAGES) * (uint64_t)sysconf(_SC_PAGESIZE);
+}
+
+/* Bytes, with an optional K, M, G or T (powers of 1024); -1 if it is not that. */
+static int parse_size(const char *s, uint64_t *out)
+{
+	static const char units[] = "KMGT";
+	unsigned long long v;
+	char *end;
+
+	errno = 0;
+	v = strtoull(s, &end, 10);
+	if (errno || end == s || *s == '-')
+		return -1;
+	if (*end) {
+		const char *u = strchr(units, *end);
+
+		if (!u || end[1] || v > (UINT64_MAX >> (10 * (u - units + 1))))
+			return -1;
+		v <<= 10 * (u - units + 1);
+	}
+	*out = v;
+	return 0;
 }
 
 static int set_path(char *dst, size_t len, const char *key, const char *val, char *err,
@@ -98,6 +125,31 @@ int config_set(struct config *cfg, const char *key, const char *val, char *err, 
 			return -1;
 		}
 		cfg->timeout_ms = (uint32_t)v;
+		return 0;
+	}
+	if (!strcmp(key, "max-connections") || !strcmp(key, "max-connections-per-uid")) {
+		if (parse_long_in(val, 1, 1000000, &v) < 0) {
+			snprintf(err, errlen, "%s: '%.200s' is not in 1..1000000", key, val);
+			return -1;
+		}
+		*(strstr(key, "uid") ? &cfg->lim.conns_per_uid : &cfg->lim.conns) = (uint32_t)v;
+		return 0;
+	}
+	if (!strcmp(key, "handshake-timeout") || !strcmp(key, "frame-timeout")) {
+		if (parse_long_in(val, 1, 3600000, &v) < 0) {
+			snprintf(err, errlen, "%s: '%.200s' is not in 1..3600000 (milliseconds)", key,
+				 val);
+			return -1;
+		}
+		*(key[0] == 'h' ? &cfg->lim.handshake_ms : &cfg->lim.frame_ms) = (uint32_t)v;
+		return 0;
+	}
+	if (!strcmp(key, "max-job-memory")) {
+		if (parse_size(val, &cfg->lim.job_mem) < 0 || !cfg->lim.job_mem) {
+			snprintf(err, errlen, "%s: '%.200s' is not a size (bytes, or with K M G T)",
+				 key, val);
+			return -1;
+		}
 		return 0;
 	}
 	if (!strcmp(key, "drain-timeout")) {

@@ -14,6 +14,7 @@
 
 #include "commd.h"
 #include "log.h"
+#include "util.h"
 
 static uint64_t next_conn_id = 1;
 static TAILQ_HEAD(, conn) doomed = TAILQ_HEAD_INITIALIZER(doomed);
@@ -75,12 +76,44 @@ int conn_open(int fd)
 	TAILQ_INIT(&c->mems);
 	uv_poll_init(srv.loop, &c->poll, fd);
 	c->poll.data = c;
+	c->opened_ms = now_ms();
 	TAILQ_INSERT_TAIL(&srv.conns, c, link);
 	srv.nconns++;
 	set_events(c, UV_READABLE);
 	log_debug("conn %llu: pid %d uid %d connected", (unsigned long long)c->id, (int)c->pid,
 		  (int)c->uid);
+	if (srv.nconns > srv.lim.conns) {
+		conn_fail(c, COMM_ERR_BUSY, "commd has %u connections already (max-connections)",
+			  srv.lim.conns);
+	} else {
+		struct conn *o;
+		uint32_t mine = 0;
+
+		TAILQ_FOREACH(o, &srv.conns, link)
+			mine += o->uid == c->uid && !o->closing;
+		if (mine > srv.lim.conns_per_uid)
+			conn_fail(c, COMM_ERR_BUSY,
+				  "uid %d has %u connections to commd already (max-connections-per-uid)",
+				  (int)c->uid, srv.lim.conns_per_uid);
+	}
 	return 0;
+}
+
+void conn_check_deadlines(uint64_t now)
+{
+	struct conn *c, *tmp;
+
+	TAILQ_FOREACH_SAFE(c, &srv.conns, link, tmp) {
+		if (c->closing || c->doomed)
+			continue;
+		if (!c->hello_done && now - c->opened_ms >= srv.lim.handshake_ms)
+			conn_fail(c, COMM_ERR_TIMEOUT, "no hello within %u ms (handshake-timeout)",
+				  srv.lim.handshake_ms);
+		else if (c->partial_ms && now - c->partial_ms >= srv.lim.frame_ms)
+			conn_fail(c, COMM_ERR_TIMEOUT,
+				  "a message begun %llu ms ago is still not whole (frame-timeout)",
+				  (unsigned long long)(now - c->partial_ms));
+	}
 }
 
 static void on_closed(uv_handle_t *h)
@@ -271,6 +304,11 @@ static void on_readable(struct conn *c)
 			conn_fail(c, COMM_ERR_PROTOCOL, "protocol: fds sent with a message that takes none");
 			return;
 		}
+		/* a message half here: the frame-timeout clock runs until it is whole */
+		if (!c->rd.len)
+			c->partial_ms = 0;
+		else if (!c->partial_ms)
+			c->partial_ms = now_ms();
 	}
 }
 

@@ -20,6 +20,8 @@ static void usage(FILE *f)
 		   "             [--threads N] [--pin-workers yes|no] [--timeout MS]\n"
 		   "             [--topology FILE] [--dump-topology] [--gpu-worker PATH]\n"
 		   "             [--peer-listen HOST:PORT] [--drain-timeout MS] [--admin-group GROUP]\n"
+		   "             [--max-connections N] [--max-connections-per-uid N]\n"
+		   "             [--handshake-timeout MS] [--frame-timeout MS] [--max-job-memory SIZE]\n"
 		   "  --config FILE      read settings from FILE (default %s, if it exists);\n"
 		   "                     its keys are the long flags' names; flags win\n"
 		   "  --socket PATH      listen on this Unix socket (default %s)\n"
@@ -40,6 +42,12 @@ static void usage(FILE *f)
 		   "                     new ops and joins are refused meanwhile (default 2000)\n"
 		   "  --admin-group GROUP  its members (and root) see every job in commctl status;\n"
 		   "                     others see their own jobs only (default: root alone)\n"
+		   "  --max-connections N, --max-connections-per-uid N  connections at once, in all\n"
+		   "                     and of one user (default 4096, 1024); past them refused\n"
+		   "  --handshake-timeout MS  a connection must say hello within this (10000)\n"
+		   "  --frame-timeout MS a message begun must arrive whole within this (10000)\n"
+		   "  --max-job-memory SIZE  host memory one job may register (K M G T;\n"
+		   "                     default: the machine's memory)\n"
 		   "  --version          print the version and exit\n",
 		   CONFIG_DEFAULT_FILE, CONFIG_DEFAULT_SOCKET, COMMD_PKGLIBEXECDIR);
 }
@@ -80,6 +88,11 @@ int main(int argc, char **argv)
 		{ "peer-listen", required_argument, NULL, 'L' },
 		{ "drain-timeout", required_argument, NULL, 'R' },
 		{ "admin-group", required_argument, NULL, 'A' },
+		{ "max-connections", required_argument, NULL, 'm' },
+		{ "max-connections-per-uid", required_argument, NULL, 'u' },
+		{ "handshake-timeout", required_argument, NULL, 'H' },
+		{ "frame-timeout", required_argument, NULL, 'F' },
+		{ "max-job-memory", required_argument, NULL, 'M' },
 		{ "version", no_argument, NULL, 'V' },
 		{ "help", no_argument, NULL, 'h' },
 		{ NULL, 0, NULL, 0 },
@@ -106,6 +119,11 @@ int main(int argc, char **argv)
 		case 'L':
 		case 'R':
 		case 'A':
+		case 'm':
+		case 'u':
+		case 'H':
+		case 'F':
+		case 'M':
 			if (nflags == (int)(sizeof flags / sizeof flags[0])) {
 				fprintf(stderr, "commd: too many flags\n");
 				return 2;
@@ -173,6 +191,7 @@ int main(int argc, char **argv)
 	signal(SIGPIPE, SIG_IGN);
 	srv.default_timeout_ms = cfg.timeout_ms;
 	srv.drain_ms = cfg.drain_ms;
+	srv.lim = cfg.lim;
 	srv.admin_gid = -1;
 	if (*cfg.admin_group) {
 		struct group *g = getgrnam(cfg.admin_group);

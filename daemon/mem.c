@@ -58,6 +58,14 @@ comm_result_t mem_register(struct conn *c, int fd, uint64_t size, struct mem **o
 			 (unsigned long long)size, (long long)st.st_size);
 		goto out;
 	}
+	if (c->job->mem_bytes + size > srv.lim.job_mem) {
+		rc = COMM_ERR_NO_MEMORY;
+		snprintf(err, errlen,
+			 "mem register: job %s would hold %llu bytes, over %llu (max-job-memory)",
+			 c->job->name, (unsigned long long)(c->job->mem_bytes + size),
+			 (unsigned long long)srv.lim.job_mem);
+		goto out;
+	}
 	m = calloc(1, sizeof *m);
 	if (!m) {
 		rc = COMM_ERR_NO_MEMORY;

@@ -54,6 +54,7 @@ static void on_tick(uv_timer_t *t)
 		uv_poll_start(&srv.listen_poll, UV_READABLE, on_accept);
 	}
 	job_check_deadlines(now_ms());
+	conn_check_deadlines(now_ms());
 	peer_tick(now_ms());
 	if (srv.draining && !srv.stopping) {
 		uint64_t left = 0, unsent = 0;

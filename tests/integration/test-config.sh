@@ -77,6 +77,9 @@ check_bad "timeout too long" 1 "timeout: '86400001' is not in" 'timeout = 864000
 check_bad "pin-workers" 1 "pin-workers: 'maybe' is not yes or no" 'pin-workers = maybe'
 check_bad "drain-timeout" 1 "drain-timeout: '-1' is not in 0..600000" 'drain-timeout = -1'
 check_bad "peer-listen" 1 "peer-listen: '127.0.0.1' is not HOST:PORT" 'peer-listen = 127.0.0.1'
+check_bad "max-job-memory" 1 "max-job-memory: '12Q' is not a size" 'max-job-memory = 12Q'
+check_bad "handshake-timeout" 1 "handshake-timeout: '0' is not in 1..3600000" 'handshake-timeout = 0'
+check_bad "max-connections" 1 "max-connections-per-uid: 'many' is not in" 'max-connections-per-uid = many'
 timeout 10 "$COMMD" --foreground --config /dev/null --socket "$tmp/g.sock" --admin-group no-such-grp \
 	2>"$tmp/g.err"
 [ $? = 2 ] && grep -q "admin-group: no group named 'no-such-grp'" "$tmp/g.err" ||
