@@ -49,6 +49,7 @@ struct peer {
 	char addr[256];        /* outgoing: as the job named it; incoming: ip:port */
 	char node[128];        /* from its hello */
 	char why[160];         /* P_LOST: what happened */
+	char broken[160];      /* a write failed: lost on the next tick, not in the middle of a send */
 	uint8_t *ucx;          /* its UCX worker address */
 	size_t ucx_len;
 	uint8_t *rbuf;
@@ -74,6 +75,7 @@ struct rjob {
 	uint8_t token[TOKEN_MAX];
 	size_t token_len;
 	int world;
+	uint32_t uid;          /* jobs of different users never merge */
 	uint32_t timeout_ms;
 	uint64_t created_ms;
 	uint64_t key;          /* 0 until formed */
@@ -132,25 +134,32 @@ static void on_written(uv_write_t *w, int status)
 	free(w);
 }
 
+/*
+ * Queue a frame. A failure marks the peer broken (peer_tick loses it), since
+ * callers are often walking the jobs that losing it would change.
+ */
 static void write_frame(struct peer *p, uint8_t *frame, size_t len)
 {
 	uv_write_t *w = malloc(sizeof *w);
 	uv_buf_t b = uv_buf_init((char *)frame, (unsigned)len);
 
-	if (!w) {
+	if (*p->broken || !w) {
 		free(frame);
-		peer_lost(p, "out of memory");
+		free(w);
+		if (!*p->broken)
+			snprintf(p->broken, sizeof p->broken, "out of memory");
 		return;
 	}
 	w->data = frame;
 	if (uv_write(w, (uv_stream_t *)&p->tcp, &b, 1, on_written) < 0) {
 		free(frame);
 		free(w);
-		peer_lost(p, "write failed");
+		snprintf(p->broken, sizeof p->broken, "write failed");
 		return;
 	}
 	if (p->tcp.write_queue_size > PEER_WQ_MAX)
-		peer_lost(p, "%zu bytes unsent: the peer does not read", p->tcp.write_queue_size);
+		snprintf(p->broken, sizeof p->broken, "%zu bytes unsent: the peer does not read",
+			 p->tcp.write_queue_size);
 }
 
 static void peer_send(struct peer *p, const Commpb__PeerMsg *m)
@@ -174,7 +183,7 @@ static void peer_send(struct peer *p, const Commpb__PeerMsg *m)
 
 		if (!f) {
 			free(frame);
-			peer_lost(p, "out of memory");
+			snprintf(p->broken, sizeof p->broken, "out of memory");
 			return;
 		}
 		f->buf = uv_buf_init((char *)frame, (unsigned)(len + 4));
@@ -197,14 +206,15 @@ static void send_hello(struct peer *p)
 	peer_send(p, &m);
 }
 
-static void send_fail(struct peer *p, const char *job, uint64_t key, comm_result_t code,
-		      const char *detail)
+static void send_fail(struct peer *p, const char *job, uint64_t key, uint32_t slot,
+		      comm_result_t code, const char *detail)
 {
 	Commpb__PeerMsg m = COMMPB__PEER_MSG__INIT;
 	Commpb__PeerFail f = COMMPB__PEER_FAIL__INIT;
 
 	f.job = (char *)job;
 	f.key = key;
+	f.slot = slot;
 	f.status = code;
 	f.detail = (char *)detail;
 	m.body_case = COMMPB__PEER_MSG__BODY_FAIL;
@@ -412,22 +422,38 @@ static void on_accept(uv_stream_t *server, int status)
 
 /* --- the root's side -------------------------------------------------------------- */
 
-static struct rjob *rjob_find(const char *name, uint64_t key)
+/* A job forming under name for uid, to join. */
+static struct rjob *rjob_forming(const char *name, uint32_t uid)
 {
 	struct rjob *r;
 
 	TAILQ_FOREACH(r, &P.rjobs, link)
-		if (key ? r->key == key : !strcmp(r->name, name) && !r->key && !r->failed)
+		if (!r->key && !r->failed && r->uid == uid && !strcmp(r->name, name))
 			return r;
 	return NULL;
 }
 
-static int rjob_member(const struct rjob *r, const struct peer *p)
+/* Member p's entry in r: by its slot for the job (any slot: -1). */
+static int rjob_member(const struct rjob *r, const struct peer *p, int64_t slot)
 {
 	for (int i = 0; i < r->nm; i++)
-		if (r->m[i].p == p)
+		if (r->m[i].p == p && (slot < 0 || r->m[i].slot == (uint32_t)slot))
 			return i;
 	return -1;
+}
+
+/* The job member p names: by the root's key once formed, else by its own slot. */
+static struct rjob *rjob_of(const struct peer *p, uint64_t key, uint32_t slot, int *i)
+{
+	struct rjob *r;
+
+	TAILQ_FOREACH(r, &P.rjobs, link) {
+		if (key ? r->key != key : r->key != 0)
+			continue;
+		if ((*i = rjob_member(r, p, key ? -1 : (int64_t)slot)) >= 0)
+			return r;
+	}
+	return NULL;
 }
 
 static void rjob_free(struct rjob *r)
@@ -467,7 +493,7 @@ static void rjob_fail(struct rjob *r, const struct peer *skip, comm_result_t cod
 	log_info("job %s: failed at the root: %s", r->name, detail);
 	for (int i = 0; i < r->nm; i++)
 		if (r->m[i].p != skip)
-			send_fail(r->m[i].p, r->name, r->key, code, detail);
+			send_fail(r->m[i].p, r->name, r->key, r->m[i].slot, code, detail);
 }
 
 static int cmp_lowest_rank(const void *a, const void *b)
@@ -494,6 +520,16 @@ static void rjob_form(struct rjob *r)
 		free(np);
 		rjob_fail(r, NULL, COMM_ERR_NO_MEMORY, "join: the root ran out of memory");
 		return;
+	}
+	for (int i = 0; i < r->nm && r->nm > 1; i++) {
+		if (!r->m[i].p->ucx_len) {
+			free(nodes);
+			free(np);
+			rjob_fail(r, NULL, COMM_ERR_UNSUPPORTED,
+				  "join: job %s spans %d daemons, and node %s has no UCX data plane",
+				  r->name, r->nm, r->m[i].p->node);
+			return;
+		}
 	}
 	while (!r->key)
 		if (getrandom(&r->key, sizeof r->key, 0) != sizeof r->key)
@@ -527,18 +563,20 @@ static void rjob_form(struct rjob *r)
 
 static void root_join(struct peer *p, const Commpb__PeerJoin *jn)
 {
-	struct rjob *r = rjob_find(jn->job, 0);
+	struct rjob *r = rjob_forming(jn->job, jn->uid);
 	int i, total = 0, *ranks;
 
 	if (jn->world_size < 1 || jn->world_size > WORLD_MAX || !*jn->job ||
 	    strlen(jn->job) > JOB_NAME_MAX || jn->token.len > TOKEN_MAX ||
 	    jn->n_ranks > (size_t)jn->world_size) {
-		send_fail(p, jn->job, 0, COMM_ERR_INVALID_ARG, "join: malformed join from a member");
+		send_fail(p, jn->job, 0, jn->slot, COMM_ERR_INVALID_ARG,
+			  "join: malformed join from a member");
 		return;
 	}
 	if (!r) {
 		if (!(r = calloc(1, sizeof *r))) {
-			send_fail(p, jn->job, 0, COMM_ERR_NO_MEMORY, "join: the root ran out of memory");
+			send_fail(p, jn->job, 0, jn->slot, COMM_ERR_NO_MEMORY,
+				  "join: the root ran out of memory");
 			return;
 		}
 		snprintf(r->name, sizeof r->name, "%s", jn->job);
@@ -546,27 +584,32 @@ static void root_join(struct peer *p, const Commpb__PeerJoin *jn)
 			memcpy(r->token, jn->token.data, jn->token.len);
 		r->token_len = jn->token.len;
 		r->world = jn->world_size;
+		r->uid = jn->uid;
 		r->timeout_ms = jn->timeout_ms ? jn->timeout_ms : srv.default_timeout_ms;
+		if (r->timeout_ms > TIMEOUT_MAX_MS)
+			r->timeout_ms = TIMEOUT_MAX_MS;
 		r->created_ms = now_ms();
 		TAILQ_INSERT_TAIL(&P.rjobs, r, link);
 		log_info("job %s: forming at the root, %d ranks", r->name, r->world);
 	}
 	if (!const_time_eq(r->token, r->token_len, jn->token.data, jn->token.len)) {
-		send_fail(p, jn->job, 0, COMM_ERR_PERMISSION,
+		send_fail(p, jn->job, 0, jn->slot, COMM_ERR_PERMISSION,
 			  "join: job %s: permission denied by the root daemon");
 		return;
 	}
 	if (r->world != jn->world_size) {
-		send_fail(p, jn->job, 0, COMM_ERR_INVALID_ARG, "join: world size differs from the root's");
+		send_fail(p, jn->job, 0, jn->slot, COMM_ERR_INVALID_ARG,
+			  "join: world size differs from the root's");
 		return;
 	}
-	if ((i = rjob_member(r, p)) < 0) {
+	if ((i = rjob_member(r, p, jn->slot)) < 0) {
 		struct rmember *nm = realloc(r->m, (size_t)(r->nm + 1) * sizeof *nm);
 
 		if (!nm || r->nm >= 256) {
 			if (nm)
 				r->m = nm;
-			send_fail(p, jn->job, 0, COMM_ERR_NO_MEMORY, "join: too many nodes (256 at most)");
+			send_fail(p, jn->job, 0, jn->slot, COMM_ERR_NO_MEMORY,
+				  "join: too many nodes (256 at most)");
 			return;
 		}
 		r->m = nm;
@@ -623,11 +666,11 @@ static void root_msg(struct peer *p, const Commpb__PeerMsg *m)
 		root_join(p, m->join);
 		break;
 	case COMMPB__PEER_MSG__BODY_FAIL:
-		if ((r = rjob_find(m->fail->job, m->fail->key)) && rjob_member(r, p) >= 0)
+		if ((r = rjob_of(p, m->fail->key, m->fail->slot, &i)))
 			rjob_fail(r, p, (comm_result_t)m->fail->status, "%s", m->fail->detail);
 		break;
 	case COMMPB__PEER_MSG__BODY_RANK_LEFT:
-		if ((r = rjob_find("", m->rank_left->key)) && rjob_member(r, p) >= 0) {
+		if (m->rank_left->key && (r = rjob_of(p, m->rank_left->key, 0, &i))) {
 			Commpb__PeerMsg out = *m;
 
 			for (i = 0; i < r->nm; i++)
@@ -636,7 +679,7 @@ static void root_msg(struct peer *p, const Commpb__PeerMsg *m)
 		}
 		break;
 	case COMMPB__PEER_MSG__BODY_LEAVE:
-		if ((r = rjob_find(m->leave->job, m->leave->key)) && (i = rjob_member(r, p)) >= 0)
+		if ((r = rjob_of(p, m->leave->key, m->leave->slot, &i)))
 			rjob_drop_member(r, i);
 		break;
 	default:
@@ -647,13 +690,14 @@ static void root_msg(struct peer *p, const Commpb__PeerMsg *m)
 
 /* --- the member's side ------------------------------------------------------------- */
 
-static struct job *member_job(const struct peer *p, const char *name, uint64_t key)
+/* Our job the root names: by its key once formed, else by our slot for it. */
+static struct job *member_job(const struct peer *p, uint64_t key, uint32_t slot)
 {
 	struct job *j;
 
 	TAILQ_FOREACH(j, &srv.jobs, link)
 		if (j->dist && j->dist->peer == p &&
-		    (key ? j->dist->key == key : !j->dist->key && !strcmp(j->name, name)))
+		    (key ? j->dist->key == key : !j->dist->key && j->dist->slot == slot))
 			return j;
 	return NULL;
 }
@@ -682,7 +726,8 @@ static void member_formed(struct job *j, const Commpb__PeerFormed *f)
 	struct dist *d = j->dist;
 	int self = (int)f->self, n = (int)f->n_nodes, count = 0;
 
-	if (n < 1 || self >= n || j->state != JOB_FORMING) {
+	d->key = f->key; /* a failure from here on names the formed job */
+	if (f->n_nodes < 1 || f->n_nodes > 256 || f->self >= f->n_nodes || j->state != JOB_FORMING) {
 		job_fail(j, COMM_ERR_PROTOCOL, "join: the root sent a bad table");
 		return;
 	}
@@ -699,6 +744,10 @@ static void member_formed(struct job *j, const Commpb__PeerFormed *f)
 
 		snprintf(dn->name, sizeof dn->name, "%s", pn->node);
 		dn->slot = pn->slot;
+		if (n > 1 && !pn->ucx_address.len) {
+			job_fail(j, COMM_ERR_PROTOCOL, "join: node %.100s has no UCX address", pn->node);
+			return;
+		}
 		dn->ucx = malloc(pn->ucx_address.len + 1);
 		dn->ranks = malloc((pn->n_ranks + 1) * sizeof *dn->ranks);
 		if (!dn->ucx || !dn->ranks) {
@@ -727,7 +776,6 @@ static void member_formed(struct job *j, const Commpb__PeerFormed *f)
 		return;
 	}
 	d->self = self;
-	d->key = f->key;
 	if (!(d->sent = calloc((size_t)j->world, sizeof *d->sent)) ||
 	    !(d->rcvd = calloc((size_t)j->world, sizeof *d->rcvd))) {
 		job_fail(j, COMM_ERR_NO_MEMORY, "join: out of memory");
@@ -768,14 +816,15 @@ static void member_msg(struct peer *p, const Commpb__PeerMsg *m)
 
 	switch (m->body_case) {
 	case COMMPB__PEER_MSG__BODY_FORMED:
-		if ((j = member_job(p, m->formed->job, 0)))
+		if (m->formed->self < m->formed->n_nodes &&
+		    (j = member_job(p, 0, m->formed->nodes[m->formed->self]->slot)))
 			member_formed(j, m->formed);
 		break;
 	case COMMPB__PEER_MSG__BODY_FAIL:
-		if ((j = member_job(p, m->fail->job, m->fail->key))) {
+		if ((j = member_job(p, m->fail->key, m->fail->slot))) {
 			comm_result_t code = (comm_result_t)m->fail->status;
 
-			if (code == COMM_OK || code >= COMM_INPROGRESS)
+			if (code <= COMM_OK || code >= COMM_INPROGRESS)
 				code = COMM_ERR_PEER_LOST;
 			j->dist->remote = 1;
 			job_fail(j, code, "%s", m->fail->detail);
@@ -784,7 +833,7 @@ static void member_msg(struct peer *p, const Commpb__PeerMsg *m)
 	case COMMPB__PEER_MSG__BODY_RANK_LEFT: {
 		const Commpb__PeerRankLeft *rl = m->rank_left;
 
-		if ((j = member_job(p, "", rl->key)) && j->state == JOB_READY && rl->rank >= 0 &&
+		if (rl->key && (j = member_job(p, rl->key, 0)) && j->state == JOB_READY && rl->rank >= 0 &&
 		    rl->rank < j->world && !j->left[rl->rank] && !j->ranks[rl->rank]) {
 			if (!j->nleft++)
 				snprintf(j->left_detail, sizeof j->left_detail, "%s", rl->detail);
@@ -922,7 +971,7 @@ static void peer_lost(struct peer *p, const char *fmt, ...)
 	}
 	/* its jobs fail; a root tells the other members */
 	TAILQ_FOREACH_SAFE(r, &P.rjobs, link, rt) {
-		int i = rjob_member(r, p);
+		int i = rjob_member(r, p, -1);
 
 		if (i < 0)
 			continue;
@@ -953,7 +1002,12 @@ int peer_job_new(struct job *j, const char *root, char *err, size_t errlen)
 	}
 	snprintf(d->root, sizeof d->root, "%s", root);
 	d->slot = net_slot_alloc();
+	d->slot_freed = !d->slot; /* 0: none taken, none to give back */
 	j->dist = d;
+	if (!d->slot && net_available()) {
+		snprintf(err, errlen, "join: all %d tag slots of the data plane are in use", 65535);
+		return -1;
+	}
 	if (!(d->peer = peer_to_root(root, err, errlen)))
 		return -1;
 	return 0;
@@ -979,6 +1033,7 @@ void peer_job_update(struct job *j)
 	jn.ranks = ranks;
 	jn.n_ranks = n;
 	jn.slot = j->dist->slot;
+	jn.uid = (uint32_t)j->uid;
 	m.body_case = COMMPB__PEER_MSG__BODY_JOIN;
 	m.join = &jn;
 	peer_send(j->dist->peer, &m);
@@ -990,7 +1045,7 @@ void peer_job_failed(struct job *j)
 
 	if (!d || d->remote || !d->peer)
 		return;
-	send_fail(d->peer, j->name, d->key, j->fail_code, j->fail_detail);
+	send_fail(d->peer, j->name, d->key, d->slot, j->fail_code, j->fail_detail);
 }
 
 void peer_rank_left(struct job *j, int r)
@@ -1020,6 +1075,7 @@ void peer_job_gone(struct job *j)
 	if (d->peer) {
 		lv.job = j->name;
 		lv.key = d->key;
+		lv.slot = d->slot;
 		m.body_case = COMMPB__PEER_MSG__BODY_LEAVE;
 		m.leave = &lv;
 		peer_send(d->peer, &m);
@@ -1127,6 +1183,8 @@ void peer_tick(uint64_t now)
 	struct job *j;
 
 	TAILQ_FOREACH_SAFE(p, &P.peers, link, pt) {
+		if (*p->broken && p->state != P_LOST)
+			peer_lost(p, "%s", p->broken);
 		switch (p->state) {
 		case P_CONNECTING:
 			if (now - p->since_ms >= CONNECT_MS)
@@ -1227,7 +1285,7 @@ int peer_status(Commpb__PeerInfo **out, int max, char (*state)[192])
 		pi->state = state[n];
 		pi->rtt_us = p->rtt_us;
 		TAILQ_FOREACH(r, &P.rjobs, link)
-			jobs += rjob_member(r, p) >= 0;
+			jobs += rjob_member(r, p, -1) >= 0;
 		TAILQ_FOREACH(j, &srv.jobs, link)
 			jobs += j->dist && j->dist->peer == p;
 		pi->jobs = jobs;
