@@ -268,6 +268,7 @@ static void on_readable(struct conn *c)
 		const uint8_t *payload;
 		size_t len;
 		long n = frame_reader_recv(&c->rd, c->fd);
+		int whole = 0;
 
 		if (n == -EAGAIN || n == -EWOULDBLOCK)
 			return;
@@ -297,6 +298,7 @@ static void on_readable(struct conn *c)
 				return;
 			}
 			frame_consume(&c->rd, len);
+			whole = 1;
 			if (c->doomed)
 				return;
 		}
@@ -304,10 +306,10 @@ static void on_readable(struct conn *c)
 			conn_fail(c, COMM_ERR_PROTOCOL, "protocol: fds sent with a message that takes none");
 			return;
 		}
-		/* a message half here: the frame-timeout clock runs until it is whole */
+		/* a message half here: the frame-timeout clock runs until one is whole */
 		if (!c->rd.len)
 			c->partial_ms = 0;
-		else if (!c->partial_ms)
+		else if (whole || !c->partial_ms)
 			c->partial_ms = now_ms();
 	}
 }

@@ -548,7 +548,7 @@ static void start_net_p2p(struct job *j, struct posted *p)
  * recv, later sends to b wait too (blocked, for this pass). A send or recv
  * whose partner is on another daemon goes to the data plane at once.
  */
-static int try_p2p(struct job *j)
+static int try_p2p(struct job *j, int remote_only)
 {
 	uint8_t *blocked = j->scratch_blocked;
 	int rc = 0;
@@ -565,7 +565,7 @@ static int try_p2p(struct job *j)
 				rc = 1;
 				break;
 			}
-			if (s->type != COMMPB__OP_TYPE__OP_SEND || blocked[s->peer])
+			if (remote_only || s->type != COMMPB__OP_TYPE__OP_SEND || blocked[s->peer])
 				continue;
 			if ((rc = pair(j, a, s)))
 				break;
@@ -635,7 +635,13 @@ void engine_kick(struct job *j)
 	/* retiring a finished unit brings the next one to the head: try again */
 	while (j->state == JOB_READY) {
 		retire(j);
-		if (j->running || (!try_collective(j) && !try_p2p(j)))
+		/*
+		 * While a collective runs across daemons (it may wait long for the
+		 * others), sends and recvs with other daemons still start: their
+		 * partners may need them before they reach the collective.
+		 */
+		if (j->running ? !(j->running->net && try_p2p(j, 1))
+			       : !try_collective(j) && !try_p2p(j, 0))
 			break;
 	}
 	j->kicking = 0;
@@ -785,7 +791,7 @@ int engine_inflight(struct job *j, struct inflight *out, int max, uint32_t *omit
 {
 	struct posted **cur = calloc((size_t)j->world, sizeof *cur);
 	uint8_t *set = calloc((size_t)j->world, 1), *miss = calloc((size_t)j->world, 1);
-	uint64_t now = now_ms(), cmin = UINT64_MAX, cmax = 0;
+	uint64_t now = now_ms(), cmin = UINT64_MAX;
 	int n = 0;
 
 	*omitted = 0;
@@ -803,12 +809,13 @@ int engine_inflight(struct job *j, struct inflight *out, int max, uint32_t *omit
 			if (!p->coll)
 				continue;
 			cmin = p->cseq < cmin ? p->cseq : cmin;
-			cmax = p->cseq > cmax ? p->cseq : cmax;
 		}
 		cur[r] = TAILQ_FIRST(&j->posted[r]);
 	}
-	for (uint64_t c = cmin; c <= cmax && cmin != UINT64_MAX; c++) {
+	/* from one collective number posted to the next (cursors only move forward) */
+	for (uint64_t c = cmin; c != UINT64_MAX;) {
 		const struct posted *first = NULL;
+		uint64_t next = UINT64_MAX;
 		uint64_t oldest = now;
 		struct inflight *f;
 		int any_missing = 0;
@@ -820,7 +827,15 @@ int engine_inflight(struct job *j, struct inflight *out, int max, uint32_t *omit
 			while (p && (!p->coll || p->cseq < c))
 				p = TAILQ_NEXT(p, link);
 			cur[r] = p;
+			if (p && p->cseq > c && p->cseq < next)
+				next = p->cseq;
 			if (p && p->cseq == c) {
+				const struct posted *q = TAILQ_NEXT(p, link);
+
+				while (q && !q->coll)
+					q = TAILQ_NEXT(q, link);
+				if (q && q->cseq < next)
+					next = q->cseq;
 				set[r] = 1;
 				first = first ? first : p;
 				oldest = p->posted_ms < oldest ? p->posted_ms : oldest;
@@ -829,14 +844,15 @@ int engine_inflight(struct job *j, struct inflight *out, int max, uint32_t *omit
 				any_missing++;
 			}
 		}
+		c = next;
 		if (!first || !(f = inflight_add(out, max, &n, omitted)))
 			continue;
 		inflight_fill(f, first, now - oldest);
-		f->pb.collective = c;
+		f->pb.collective = first->cseq;
 		rank_list(set, j->world, f->posted, sizeof f->posted);
 		rank_list(miss, j->world, f->missing, sizeof f->missing);
 		if (j->running && j->running->peer < 0 && j->running->nops &&
-		    j->running->ops[0]->coll && j->running->ops[0]->cseq == c)
+		    j->running->ops[0]->coll && j->running->ops[0]->cseq == first->cseq)
 			snprintf(f->state, sizeof f->state, "%s", running_state(j));
 		else if (any_missing)
 			snprintf(f->state, sizeof f->state, "waiting for rank%s %s",

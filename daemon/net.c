@@ -83,6 +83,7 @@ struct nreq {
 	int recv;
 	size_t want;             /* recv: the bytes that must arrive, or ANY_LENGTH */
 	size_t *got;             /* recv: where to put the bytes that did, or NULL */
+	int node;                /* send: the node it goes to */
 };
 
 /* An endpoint to another daemon's worker, made once and shared by its jobs. */
@@ -360,7 +361,7 @@ static void buf_trim(void)
 
 /* --- requests ---------------------------------------------------------------------- */
 
-static int add_req(struct net_task *nt, void *h, int recv, size_t want, size_t *got)
+static int add_req(struct net_task *nt, void *h, int recv, size_t want, size_t *got, int node)
 {
 	if (nt->nreq == nt->cap) {
 		int cap = nt->cap ? nt->cap * 2 : 8;
@@ -371,7 +372,7 @@ static int add_req(struct net_task *nt, void *h, int recv, size_t want, size_t *
 		nt->reqs = r;
 		nt->cap = cap;
 	}
-	nt->reqs[nt->nreq++] = (struct nreq){ h, recv, want, got };
+	nt->reqs[nt->nreq++] = (struct nreq){ h, recv, want, got, node };
 	return 0;
 }
 
@@ -411,8 +412,14 @@ static void post_send(struct net_task *nt, int k, uint64_t tag, const void *buf,
 	if (UCS_PTR_IS_ERR(r) && (nt->fatal = 1))
 		fail(nt, COMM_ERR_PEER_LOST, "send to node %s: %s", node_name(nt, k),
 		     ucs_status_string(UCS_PTR_STATUS(r)));
-	else if (r && add_req(nt, r, 0, 0, NULL) < 0)
+	else if (r && add_req(nt, r, 0, 0, NULL, k) < 0) {
+		/* UCX reads buf until the send ends: wait for it here rather than lose it */
+		while (ucp_request_check_status(r) == UCS_INPROGRESS)
+			ucp_worker_progress(N.worker);
+		ucp_request_free(r);
+		nt->fatal = 1;
 		fail(nt, COMM_ERR_NO_MEMORY, "net: out of memory");
+	}
 }
 
 static void post_recv_any(struct net_task *nt, uint64_t tag, void *buf, size_t len,
@@ -427,8 +434,14 @@ static void post_recv_any(struct net_task *nt, uint64_t tag, void *buf, size_t l
 	r = ucp_tag_recv_nbx(N.worker, buf, len, tag, ~0ull, &rp);
 	if (UCS_PTR_IS_ERR(r) && (nt->fatal = 1))
 		fail(nt, COMM_ERR_INTERNAL, "UCX receive: %s", ucs_status_string(UCS_PTR_STATUS(r)));
-	else if (add_req(nt, r, 1, want, got) < 0)
+	else if (add_req(nt, r, 1, want, got, -1) < 0) {
+		ucp_request_cancel(N.worker, r);
+		while (ucp_request_check_status(r) == UCS_INPROGRESS)
+			ucp_worker_progress(N.worker);
+		ucp_request_free(r);
+		nt->fatal = 1;
 		fail(nt, COMM_ERR_NO_MEMORY, "net: out of memory");
+	}
 }
 
 static void post_recv(struct net_task *nt, uint64_t tag, void *buf, size_t len)
@@ -624,6 +637,12 @@ static int alloc_buffers(struct net_task *nt)
 	return 0;
 }
 
+/* A status from another daemon, as one of ours (a value we never send: a protocol error). */
+static comm_result_t remote_status(int32_t st)
+{
+	return st >= COMM_OK && st < COMM_INPROGRESS ? (comm_result_t)st : COMM_ERR_PROTOCOL;
+}
+
 /* Every node's verdict against node 0's: the first difference, as one node would say it. */
 static void judge(struct net_task *nt)
 {
@@ -633,7 +652,7 @@ static void judge(struct net_task *nt)
 
 	for (int k = 0; k < nt->nn; k++) {
 		if (nt->in[k].status != COMM_OK) {
-			nt->status = (comm_result_t)nt->in[k].status;
+			nt->status = remote_status(nt->in[k].status);
 			snprintf(nt->detail, sizeof nt->detail, "%s", nt->in[k].detail);
 			return;
 		}
@@ -824,6 +843,7 @@ static int coll_step(struct net_task *nt)
 		for (k = 0; k < nn; k++) {
 			if (nt->hlen[k] >= sizeof nt->in[k])
 				memcpy(&nt->in[k], nt->hbuf + (size_t)k * HSLOT, sizeof nt->in[k]);
+			nt->in[k].detail[sizeof nt->in[k].detail - 1] = 0;
 			if (nt->hlen[k] < sizeof nt->in[k] || nt->in[k].magic != HDR_MAGIC) {
 				fail(nt, COMM_ERR_PROTOCOL, "collective %llu: a bad header from node %s",
 				     (unsigned long long)t->cseq, node_name(nt, k));
@@ -985,8 +1005,9 @@ static int p2p_step(struct net_task *nt)
 			fail(nt, COMM_ERR_PROTOCOL, "recv from rank %d: a bad header", src);
 			return 1;
 		}
+		nt->in[0].detail[sizeof nt->in[0].detail - 1] = 0;
 		if (h->status != COMM_OK) {
-			nt->status = (comm_result_t)h->status;
+			nt->status = remote_status(h->status);
 			snprintf(nt->detail, sizeof nt->detail, "%s", h->detail);
 			return 1;
 		}
@@ -1056,6 +1077,7 @@ static void start_task(struct net_task *nt)
 		if (t->peer >= 0 && k != nt->d->node_of[t->peer])
 			continue;
 		if (!(nt->ep[k] = ep_get(dn->ucx, dn->ucx_len, err, sizeof err))) {
+			nt->fatal = 1; /* the others wait for this node */
 			fail(nt, COMM_ERR_INTERNAL, "node %s: %s", dn->name, err);
 			finish(nt);
 			return;
@@ -1068,8 +1090,19 @@ static void start_task(struct net_task *nt)
 /* Advance nt if its step has completed; stopping tasks wind down. */
 static void advance(struct net_task *nt, uint64_t now)
 {
-	if (nt->cancel)
-		fail(nt, nt->cancel_code, "%s", nt->cancel_detail);
+	if (nt->status == COMM_OK) {
+		comm_result_t code = COMM_OK;
+		char detail[256];
+
+		pthread_mutex_lock(&N.lock);
+		if (nt->cancel) {
+			code = nt->cancel_code;
+			snprintf(detail, sizeof detail, "%s", nt->cancel_detail);
+		}
+		pthread_mutex_unlock(&N.lock);
+		if (code != COMM_OK)
+			fail(nt, code, "%s", detail);
+	}
 	if (nt->status != COMM_OK && !nt->stopping) {
 		/* what is still to come from the others will not be waited for */
 		nt->stopping = 1;
@@ -1079,10 +1112,10 @@ static void advance(struct net_task *nt, uint64_t now)
 				ucp_request_cancel(N.worker, nt->reqs[i].h);
 	}
 	if (nt->stopping && nt->nreq && (N.stop || now - nt->stop_ms >= CANCEL_FORCE_MS)) {
-		/* sends to a node that neither takes them nor fails: give up on it */
-		for (int k = 0; k < nt->nn; k++)
-			if (nt->ep[k])
-				ep_kill(nt->ep[k], "a stopped op's sends did not finish");
+		/* a send to a node that neither takes it nor fails: give up on that node */
+		for (int i = 0; i < nt->nreq; i++)
+			if (!nt->reqs[i].recv && nt->ep[nt->reqs[i].node])
+				ep_kill(nt->ep[nt->reqs[i].node], "a stopped op's sends did not finish");
 	}
 	if (!reap(nt))
 		return;
@@ -1354,12 +1387,17 @@ uint32_t net_slot_alloc(void)
 		return 0;
 	pthread_mutex_lock(&N.lock);
 	for (uint32_t i = 0; i < SLOTS; i++) {
-		s = (N.next_slot + i) % SLOTS;
-		if (!N.slot_used[s])
+		uint32_t t = (N.next_slot + i) % SLOTS;
+
+		if (!N.slot_used[t]) {
+			s = t;
 			break;
+		}
 	}
-	N.slot_used[s] = 1;
-	N.next_slot = s + 1;
+	if (s) {
+		N.slot_used[s] = 1;
+		N.next_slot = s + 1;
+	}
 	pthread_mutex_unlock(&N.lock);
 	return s;
 }

@@ -135,6 +135,16 @@ int req_status_exec(struct conn *c, const Commpb__Envelope *env, int *fds, int n
 	reply.id = env->id;
 	reply.body_case = COMMPB__ENVELOPE__BODY_STATUS_REPLY;
 	reply.status_reply = &sr;
+	/* long names and roots can still overflow a frame: ops in flight go first, then jobs */
+	for (size_t k = sr.n_jobs; k-- > 0 &&
+	     commpb__envelope__get_packed_size(&reply) > FRAME_MAX - 64;) {
+		sr.jobs[k]->inflight_omitted += (uint32_t)sr.jobs[k]->n_inflight;
+		sr.jobs[k]->n_inflight = 0;
+	}
+	while (sr.n_jobs && commpb__envelope__get_packed_size(&reply) > FRAME_MAX - 64) {
+		sr.n_jobs--;
+		sr.jobs_omitted++;
+	}
 	rc = conn_send(c, &reply);
 	free(infos);
 	free(jobs);
