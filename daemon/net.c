@@ -111,7 +111,7 @@ struct net_task {
 	int state, s, tagstep;
 	comm_result_t status;
 	char detail[256];
-	/* set by the loop thread, under N.lock */
+	/* set by the loop thread: code and detail first, then cancel (release) */
 	int cancel;
 	comm_result_t cancel_code;
 	char cancel_detail[256];
@@ -126,7 +126,7 @@ struct net_task {
 	size_t *hlen;             /* [nn]: the bytes of each that arrived */
 	int small;                /* an all-reduce whose data rode with the verdicts */
 	uint8_t *nb, *sbuf, *rbuf;
-	size_t nb_len, piece_max;
+	size_t nb_len;
 	size_t nb_cap, sbuf_cap, rbuf_cap; /* the staging buffers' sizes (buf_get) */
 	int first;                /* the lowest rank here */
 	int nlocal;
@@ -628,7 +628,6 @@ static int alloc_buffers(struct net_task *nt)
 		break;
 	}
 	nt->nb_len = need_nb;
-	nt->piece_max = piece;
 	if (need_nb && !(nt->nb = buf_get(need_nb, &nt->nb_cap)))
 		return -1;
 	if (piece && (!(nt->sbuf = buf_get(round_up(piece), &nt->sbuf_cap)) ||
@@ -1090,19 +1089,9 @@ static void start_task(struct net_task *nt)
 /* Advance nt if its step has completed; stopping tasks wind down. */
 static void advance(struct net_task *nt, uint64_t now)
 {
-	if (nt->status == COMM_OK) {
-		comm_result_t code = COMM_OK;
-		char detail[256];
-
-		pthread_mutex_lock(&N.lock);
-		if (nt->cancel) {
-			code = nt->cancel_code;
-			snprintf(detail, sizeof detail, "%s", nt->cancel_detail);
-		}
-		pthread_mutex_unlock(&N.lock);
-		if (code != COMM_OK)
-			fail(nt, code, "%s", detail);
-	}
+	/* acquire: cancel_code and cancel_detail were written before cancel */
+	if (nt->status == COMM_OK && __atomic_load_n(&nt->cancel, __ATOMIC_ACQUIRE))
+		fail(nt, nt->cancel_code, "%s", nt->cancel_detail);
 	if (nt->status != COMM_OK && !nt->stopping) {
 		/* what is still to come from the others will not be waited for */
 		nt->stopping = 1;
@@ -1326,9 +1315,9 @@ static void cancel_locked(struct net_task *nt, comm_result_t code, const char *d
 {
 	if (nt->cancel)
 		return;
-	nt->cancel = 1;
 	nt->cancel_code = code;
 	snprintf(nt->cancel_detail, sizeof nt->cancel_detail, "%s", detail);
+	__atomic_store_n(&nt->cancel, 1, __ATOMIC_RELEASE);
 }
 
 void net_task_cancel(struct task *t, comm_result_t code, const char *detail)
