@@ -10,6 +10,8 @@
 void frame_reader_init(struct frame_reader *r)
 {
 	memset(r, 0, sizeof *r);
+	r->max_len = FRAME_MAX;
+	r->max_fds = FRAME_MAX_FDS;
 }
 
 void frame_reader_free(struct frame_reader *r)
@@ -17,7 +19,7 @@ void frame_reader_free(struct frame_reader *r)
 	for (int i = 0; i < r->nfds; i++)
 		close(r->fds[i]);
 	free(r->buf);
-	memset(r, 0, sizeof *r);
+	frame_reader_init(r);
 }
 
 static int reserve(struct frame_reader *r, size_t extra)
@@ -46,10 +48,14 @@ int frame_reader_feed(struct frame_reader *r, const void *data, size_t len)
 	return 0;
 }
 
-/* Queue the fds of one control message; on overflow close them all. */
+/*
+ * Queue the fds of one recvmsg; past max_fds or the queue, close them all:
+ * -EPROTO, or -EMFILE when the kernel could not give us all that came
+ * (truncated below our buffer's room: we are out of fds).
+ */
 static int queue_fds(struct frame_reader *r, struct msghdr *msg)
 {
-	int bad = (msg->msg_flags & MSG_CTRUNC) != 0;
+	int nfds0 = r->nfds, got = 0;
 
 	for (struct cmsghdr *c = CMSG_FIRSTHDR(msg); c; c = CMSG_NXTHDR(msg, c)) {
 		int n, *fds;
@@ -58,27 +64,30 @@ static int queue_fds(struct frame_reader *r, struct msghdr *msg)
 			continue;
 		n = (int)((c->cmsg_len - CMSG_LEN(0)) / sizeof(int));
 		fds = (int *)CMSG_DATA(c);
-		for (int i = 0; i < n; i++) {
-			if (bad || r->nfds == (int)(sizeof r->fds / sizeof r->fds[0])) {
-				bad = 1;
-				close(fds[i]);
-			} else {
+		for (int i = 0; i < n; i++, got++) {
+			if (r->nfds < FRAME_FDS_CAP)
 				r->fds[r->nfds++] = fds[i];
-			}
+			else
+				close(fds[i]);
 		}
 	}
-	return bad ? -EPROTO : 0;
+	if (!(msg->msg_flags & MSG_CTRUNC) && got <= r->max_fds && nfds0 + got <= FRAME_FDS_CAP)
+		return 0;
+	while (r->nfds > nfds0)
+		close(r->fds[--r->nfds]);
+	return (msg->msg_flags & MSG_CTRUNC) && got < FRAME_FDS_CAP ? -EMFILE : -EPROTO;
 }
 
 long frame_reader_recv(struct frame_reader *r, int sock)
 {
 	union {
 		struct cmsghdr align;
-		char buf[CMSG_SPACE(FRAME_MAX_FDS * sizeof(int))];
+		char buf[CMSG_SPACE(FRAME_FDS_CAP * sizeof(int))];
 	} ctl;
 	struct msghdr msg = { 0 };
 	struct iovec iov;
 	ssize_t n;
+	int rc;
 
 	if (reserve(r, 16384) < 0)
 		return -ENOMEM;
@@ -94,9 +103,8 @@ long frame_reader_recv(struct frame_reader *r, int sock)
 	if (n < 0)
 		return -errno;
 	r->len += (size_t)n;
-	if (queue_fds(r, &msg) < 0)
-		return -EPROTO;
-	return n;
+	rc = queue_fds(r, &msg);
+	return rc < 0 ? rc : n;
 }
 
 enum frame_status frame_next(const struct frame_reader *r, const uint8_t **payload, size_t *len)
@@ -107,7 +115,7 @@ enum frame_status frame_next(const struct frame_reader *r, const uint8_t **paylo
 		return FRAME_MORE;
 	n = (uint32_t)r->buf[0] | (uint32_t)r->buf[1] << 8 | (uint32_t)r->buf[2] << 16 |
 	    (uint32_t)r->buf[3] << 24;
-	if (n > FRAME_MAX)
+	if (n > r->max_len)
 		return FRAME_TOO_BIG;
 	if (r->len - FRAME_HDR < n)
 		return FRAME_MORE;

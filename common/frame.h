@@ -13,7 +13,8 @@
 
 #define FRAME_HDR 4
 #define FRAME_MAX (64 * 1024)  /* largest envelope accepted, in bytes */
-#define FRAME_MAX_FDS 4        /* most fds one recvmsg may carry */
+#define FRAME_MAX_FDS 4        /* most fds one recvmsg may carry, unless the reader says */
+#define FRAME_FDS_CAP 16       /* most fds a reader queues (and its max_fds at most) */
 #define PROTO_VERSION 3 /* 2: the submission ring (RingAttach); 3: device memory */
 #define PROTO_VERSION_MIN 1
 
@@ -26,16 +27,19 @@ struct frame_reader {
 	uint8_t *buf;
 	size_t len;
 	size_t cap;
-	int fds[16];
+	int fds[FRAME_FDS_CAP];
 	int nfds;
+	uint32_t max_len; /* longest envelope taken (FRAME_MAX after init) */
+	int max_fds;      /* most fds one recvmsg may carry (FRAME_MAX_FDS after init) */
 };
 
 enum frame_status {
 	FRAME_OK = 0,       /* a whole frame is there */
 	FRAME_MORE = 1,     /* need more bytes */
-	FRAME_TOO_BIG = -1, /* the length prefix is over FRAME_MAX */
+	FRAME_TOO_BIG = -1, /* the length prefix is over the reader's max_len */
 };
 
+/* An empty reader taking envelopes up to FRAME_MAX and FRAME_MAX_FDS fds a recvmsg. */
 void frame_reader_init(struct frame_reader *r);
 /* Closes queued fds and frees the buffer. */
 void frame_reader_free(struct frame_reader *r);
@@ -43,7 +47,8 @@ void frame_reader_free(struct frame_reader *r);
 /*
  * One recvmsg from sock into r. Returns bytes read (> 0), 0 at end of file,
  * or -errno (-EAGAIN on a non-blocking socket with nothing to read;
- * -EPROTO when more fds came than fit, all of them closed).
+ * -EPROTO when more fds came than max_fds or the queue takes, -EMFILE when the
+ * kernel could not hand them over for want of fds; all of them closed then).
  */
 long frame_reader_recv(struct frame_reader *r, int sock);
 

@@ -22,9 +22,7 @@
 	     (var) = (tvar))
 #endif
 
-#define WQ_MAX_BYTES (16u << 20)  /* write queue per connection before it is dropped */
 #define MEM_MAX_PER_CONN 4096  /* registrations one connection may hold */
-#define OPS_MAX_PER_RANK 65536 /* ops one rank may have posted and not had answered */
 #define TIMEOUT_MAX_MS (24u * 3600 * 1000)
 #define JOB_NAME_MAX 255
 #define TOKEN_MAX 256
@@ -63,9 +61,17 @@ struct server {
 		uint32_t handshake_ms; /* from accept to the hello */
 		uint32_t frame_ms;     /* a frame begun must be whole within this */
 		uint64_t job_mem;      /* host memory one job may register, bytes */
+		uint32_t frame_bytes;  /* longest message a client may send */
+		int fds_per_frame;     /* most fds one message may carry */
+		uint32_t ops_per_rank; /* ops a rank may have posted and not had answered */
+		uint64_t wq_bytes;     /* replies queued to a client that does not read */
 	} lim;
 	char admin_group[64];
-	int accept_paused;     /* out of fds: the tick re-arms the listener */
+	int spare_fd;          /* given up to accept and refuse a client when out of fds */
+	int accept_paused;     /* out of fds, no spare: the tick re-arms the listener */
+	uint64_t shed;         /* connections refused for want of fds, since the last log */
+	uint32_t watchdog_ms;  /* WATCHDOG=1 from the tick twice per this; 0: none asked */
+	uint64_t watchdog_last_ms;
 	int gpu_state;         /* GPU_PROBING, GPU_READY or GPU_NONE */
 	char gpu_info[256];    /* commd-gpu --probe's line, or why there is none */
 	uint64_t next_gpu_mem; /* ids of device memory, unique in the daemon */
@@ -73,7 +79,8 @@ struct server {
 
 extern struct server srv;
 
-int server_start(uv_loop_t *loop, const char *path);
+/* Listen on path: mode 0666, or 0660 and group gid when gid >= 0. */
+int server_start(uv_loop_t *loop, const char *path, int gid);
 /*
  * SIGTERM: stop accepting, refuse new joins and ops (COMM_ERR_SHUTDOWN), let
  * the ops in flight finish for up to srv.drain_ms, then server_shutdown.
@@ -95,6 +102,7 @@ struct config {
 	char gpu_worker[4096]; /* "" : commd-gpu beside commd, else in pkglibexecdir */
 	char peer_listen[256]; /* host:port for other daemons; "": none */
 	char admin_group[64];  /* "" : root alone sees every job */
+	char socket_group[64]; /* "" : the socket is 0666; else 0660 and this group */
 	int log_level;
 	int threads;
 	int pin_workers;       /* bind worker i to core i */
@@ -117,6 +125,11 @@ int config_load(struct config *cfg, const char *path, int must_exist, char *err,
 
 /* Send one sd_notify-style message if NOTIFY_SOCKET is set; 0 or -errno. */
 int notify_send(const char *msg);
+/*
+ * The service manager's watchdog interval (WATCHDOG_USEC, for this pid when
+ * WATCHDOG_PID says) in ms; 0 when it has none.
+ */
+uint32_t notify_watchdog_ms(void);
 
 /* --- gpu.c: device memory and ops, through a GPU worker per job ------------ */
 
@@ -452,6 +465,7 @@ struct mem {
 	uint64_t gpu_id;       /* its name in the worker */
 	struct gpu_worker *gw; /* the worker that has (or is opening) it */
 	struct conn *conn;     /* registered by it, until released */
+	int freed;             /* host memory its rank freed while ops used it */
 	uint64_t reply_id;     /* the RegisterMem request to answer once opened */
 	int unanswered;        /* that request has had no answer yet */
 	int opened;            /* the worker has it open: ops may use it */
@@ -466,7 +480,10 @@ struct mem *mem_find(struct conn *c, uint64_t id);
 void mem_ref(struct mem *m);
 /* Drop a reference; the last one unmaps. */
 void mem_unref(struct mem *m);
-/* Take the mem out of its connection's table and drop that reference. */
+/*
+ * Take the mem out of its connection's table and drop that reference; host
+ * memory that ops still use stays listed (unseen) and charged until they end.
+ */
 void mem_release(struct conn *c, struct mem *m);
 
 /* --- job.c: jobs, their ranks and their lifecycle ------------------------- */

@@ -31,6 +31,10 @@ void config_init(struct config *cfg)
 	cfg->lim.handshake_ms = 10000;
 	cfg->lim.frame_ms = 10000;
 	cfg->lim.job_mem = (uint64_t)sysconf(_SC_PHYS_PAGES) * (uint64_t)sysconf(_SC_PAGESIZE);
+	cfg->lim.frame_bytes = FRAME_MAX;
+	cfg->lim.fds_per_frame = FRAME_MAX_FDS;
+	cfg->lim.ops_per_rank = 65536;
+	cfg->lim.wq_bytes = 16u << 20;
 }
 
 /* Bytes, with an optional K, M, G or T (powers of 1024); -1 if it is not that. */
@@ -88,6 +92,8 @@ int config_set(struct config *cfg, const char *key, const char *val, char *err, 
 	}
 	if (!strcmp(key, "admin-group"))
 		return set_path(cfg->admin_group, sizeof cfg->admin_group, key, val, err, errlen);
+	if (!strcmp(key, "socket-group"))
+		return set_path(cfg->socket_group, sizeof cfg->socket_group, key, val, err, errlen);
 	if (!strcmp(key, "gpu-worker"))
 		return set_path(cfg->gpu_worker, sizeof cfg->gpu_worker, key, val, err, errlen);
 	if (!strcmp(key, "log-level")) {
@@ -148,6 +154,41 @@ int config_set(struct config *cfg, const char *key, const char *val, char *err, 
 		if (parse_size(val, &cfg->lim.job_mem) < 0 || !cfg->lim.job_mem) {
 			snprintf(err, errlen, "%s: '%.200s' is not a size (bytes, or with K M G T)",
 				 key, val);
+			return -1;
+		}
+		return 0;
+	}
+	if (!strcmp(key, "max-frame-size")) {
+		uint64_t b;
+
+		if (parse_size(val, &b) < 0 || b < 1024 || b > FRAME_MAX) {
+			snprintf(err, errlen, "%s: '%.200s' is not a size in 1K..%dK", key, val,
+				 FRAME_MAX >> 10);
+			return -1;
+		}
+		cfg->lim.frame_bytes = (uint32_t)b;
+		return 0;
+	}
+	if (!strcmp(key, "max-fds-per-frame")) {
+		if (parse_long_in(val, 1, FRAME_FDS_CAP, &v) < 0) {
+			snprintf(err, errlen, "%s: '%.200s' is not in 1..%d", key, val, FRAME_FDS_CAP);
+			return -1;
+		}
+		cfg->lim.fds_per_frame = (int)v;
+		return 0;
+	}
+	if (!strcmp(key, "max-ops-per-rank")) {
+		if (parse_long_in(val, 1, 1 << 24, &v) < 0) {
+			snprintf(err, errlen, "%s: '%.200s' is not in 1..%d", key, val, 1 << 24);
+			return -1;
+		}
+		cfg->lim.ops_per_rank = (uint32_t)v;
+		return 0;
+	}
+	if (!strcmp(key, "max-write-queue")) {
+		if (parse_size(val, &cfg->lim.wq_bytes) < 0 || cfg->lim.wq_bytes < 2 * FRAME_MAX) {
+			snprintf(err, errlen, "%s: '%.200s' is not a size of %dK or more", key, val,
+				 2 * FRAME_MAX >> 10);
 			return -1;
 		}
 		return 0;

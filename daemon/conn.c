@@ -3,8 +3,6 @@
  * queue for replies, and an orderly close that releases what it held.
  */
 #include <errno.h>
-#include <grp.h>
-#include <pwd.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -33,19 +31,23 @@ static void set_events(struct conn *c, int events)
 
 int conn_is_admin(struct conn *c)
 {
-	char buf[4096];
-	struct passwd pw, *pwp = NULL;
-	gid_t groups[256];
-	int n = 256;
+	gid_t some[64], *groups = some;
+	socklen_t len = sizeof some;
 
 	if (c->admin >= 0)
 		return c->admin;
 	c->admin = c->uid == 0 || (srv.admin_gid >= 0 && c->gid == (gid_t)srv.admin_gid);
-	/* a member of the group by its supplementary groups, as the group file says */
-	if (!c->admin && srv.admin_gid >= 0 && getpwuid_r(c->uid, &pw, buf, sizeof buf, &pwp) == 0 &&
-	    pwp && getgrouplist(pw.pw_name, pw.pw_gid, groups, &n) >= 0)
-		for (int i = 0; i < n && !c->admin; i++)
-			c->admin = groups[i] == (gid_t)srv.admin_gid;
+	if (c->admin || srv.admin_gid < 0)
+		return c->admin;
+	/* or a member by the supplementary groups the process had when it connected */
+	if (getsockopt(c->fd, SOL_SOCKET, SO_PEERGROUPS, groups, &len) < 0 &&
+	    (errno != ERANGE || !(groups = malloc(len)) ||
+	     getsockopt(c->fd, SOL_SOCKET, SO_PEERGROUPS, groups, &len) < 0))
+		len = 0;
+	for (size_t i = 0; i < len / sizeof *groups && !c->admin; i++)
+		c->admin = groups[i] == (gid_t)srv.admin_gid;
+	if (groups != some)
+		free(groups);
 	return c->admin;
 }
 
@@ -72,6 +74,8 @@ int conn_open(int fd)
 	c->admin = -1;
 	c->next_mem_id = 1;
 	frame_reader_init(&c->rd);
+	c->rd.max_len = srv.lim.frame_bytes;
+	c->rd.max_fds = srv.lim.fds_per_frame;
 	TAILQ_INIT(&c->wq);
 	TAILQ_INIT(&c->mems);
 	uv_poll_init(srv.loop, &c->poll, fd);
@@ -217,10 +221,11 @@ int conn_send(struct conn *c, const Commpb__Envelope *env)
 		log_warn("conn %llu: reply could not be packed", (unsigned long long)c->id);
 		return -1;
 	}
-	if (c->wq_bytes + len > WQ_MAX_BYTES) {
+	if (c->wq_bytes + len > srv.lim.wq_bytes) {
 		free(data);
-		log_warn("conn %llu (pid %d): write queue over %u bytes: the client does not "
-			 "read its replies", (unsigned long long)c->id, (int)c->pid, WQ_MAX_BYTES);
+		log_warn("conn %llu (pid %d): write queue over max-write-queue (%llu bytes): the "
+			 "client does not read its replies", (unsigned long long)c->id, (int)c->pid,
+			 (unsigned long long)srv.lim.wq_bytes);
 		conn_doom(c, "write queue full");
 		return -1;
 	}
@@ -272,9 +277,15 @@ static void on_readable(struct conn *c)
 
 		if (n == -EAGAIN || n == -EWOULDBLOCK)
 			return;
+		if (n == -EMFILE) {
+			conn_fail(c, COMM_ERR_BUSY, "commd is out of file descriptors: the fds of "
+				  "this message were lost; try again later");
+			return;
+		}
 		if (n == -EPROTO) {
-			conn_fail(c, COMM_ERR_PROTOCOL, "protocol: more than %d fds in one message",
-				  FRAME_MAX_FDS);
+			conn_fail(c, COMM_ERR_PROTOCOL,
+				  "protocol: more than %d fds in one message (max-fds-per-frame)",
+				  c->rd.max_fds);
 			return;
 		}
 		if (n <= 0) {
@@ -288,8 +299,8 @@ static void on_readable(struct conn *c)
 				break;
 			if (st == FRAME_TOO_BIG) {
 				conn_fail(c, COMM_ERR_PROTOCOL,
-					  "protocol: frame length over the limit of %d bytes",
-					  FRAME_MAX);
+					  "protocol: frame length over the limit of %u bytes "
+					  "(max-frame-size)", c->rd.max_len);
 				return;
 			}
 			if (req_dispatch(c, payload, len) < 0 || c->closing) {

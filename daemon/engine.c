@@ -99,8 +99,24 @@ void engine_post(struct conn *c, struct posted *p)
 		engine_kick(j);
 }
 
+/*
+ * What op p answers when its job failed for detail: the op first, as
+ * engine_rank_left words it, unless detail names an op itself (a deadline).
+ */
+static const char *failed_op_detail(const struct posted *p, const char *detail, char *buf,
+				    size_t len)
+{
+	if (strncmp(detail, "op ", 3) == 0)
+		return detail;
+	snprintf(buf, len, "op %llu (%s): %s", (unsigned long long)p->seq, op_type_name(p->type),
+		 detail);
+	return buf;
+}
+
 void engine_fail_pending(struct job *j, int only, comm_result_t code, const char *detail)
 {
+	char buf[320];
+
 	for (int r = 0; r < j->world; r++) {
 		struct posted *p, *tmp;
 
@@ -109,7 +125,7 @@ void engine_fail_pending(struct job *j, int only, comm_result_t code, const char
 		TAILQ_FOREACH_SAFE(p, &j->posted[r], link, tmp) {
 			if (p->running)
 				continue;
-			reply(j, p, code, detail);
+			reply(j, p, code, failed_op_detail(p, detail, buf, sizeof buf));
 			TAILQ_REMOVE(&j->posted[r], p, link);
 			posted_free(j, p);
 		}
@@ -578,6 +594,7 @@ static int try_p2p(struct job *j, int remote_only)
 /* The op on the workers is finished: mark its ops done (failed if the job failed). */
 static void finish_task(struct task *t)
 {
+	char buf[320];
 	struct job *j = t->job;
 	comm_result_t code = t->status;
 	const char *detail = code == COMM_OK ? ""
@@ -607,7 +624,9 @@ static void finish_task(struct task *t)
 			set_done(p, code, detail);
 		if (j->state != JOB_READY) {
 			/* everything else was answered when the job failed */
-			reply(j, p, code, detail);
+			reply(j, p, code,
+			      detail == j->fail_detail ? failed_op_detail(p, detail, buf, sizeof buf)
+						       : detail);
 			TAILQ_REMOVE(&j->posted[p->rank], p, link);
 			posted_free(j, p);
 		}

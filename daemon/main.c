@@ -22,9 +22,13 @@ static void usage(FILE *f)
 		   "             [--peer-listen HOST:PORT] [--drain-timeout MS] [--admin-group GROUP]\n"
 		   "             [--max-connections N] [--max-connections-per-uid N]\n"
 		   "             [--handshake-timeout MS] [--frame-timeout MS] [--max-job-memory SIZE]\n"
+		   "             [--max-frame-size SIZE] [--max-fds-per-frame N] [--max-ops-per-rank N]\n"
+		   "             [--max-write-queue SIZE] [--socket-group GROUP]\n"
 		   "  --config FILE      read settings from FILE (default %s, if it exists);\n"
 		   "                     its keys are the long flags' names; flags win\n"
 		   "  --socket PATH      listen on this Unix socket (default %s)\n"
+		   "  --socket-group GROUP  the socket is 0660 and this group's; others cannot\n"
+		   "                     connect (default: 0666, anyone may)\n"
 		   "  --foreground       stay in the foreground, log to stderr (default: daemonize\n"
 		   "                     and log to syslog)\n"
 		   "  --log-level LEVEL  error, warn, info (default) or debug\n"
@@ -48,6 +52,11 @@ static void usage(FILE *f)
 		   "  --frame-timeout MS a message begun must arrive whole within this (10000)\n"
 		   "  --max-job-memory SIZE  host memory one job may register (K M G T;\n"
 		   "                     default: the machine's memory)\n"
+		   "  --max-frame-size SIZE  longest message a client may send (1K..64K; 64K)\n"
+		   "  --max-fds-per-frame N  most fds one message may carry (1..16; 4)\n"
+		   "  --max-ops-per-rank N   ops a rank may have in flight (65536)\n"
+		   "  --max-write-queue SIZE replies queued to a client that does not read them\n"
+		   "                     before it is dropped (16M)\n"
 		   "  --version          print the version and exit\n",
 		   CONFIG_DEFAULT_FILE, CONFIG_DEFAULT_SOCKET, COMMD_PKGLIBEXECDIR);
 }
@@ -66,6 +75,18 @@ static void on_signal(uv_signal_t *h, int signum)
 	server_drain();
 }
 
+/* The gid of the group a config key names; -1, said on stderr, when there is none. */
+static int group_id(const char *key, const char *name)
+{
+	struct group *g = getgrnam(name);
+
+	if (!g) {
+		fprintf(stderr, "commd: %s: no group named '%s'\n", key, name);
+		return -1;
+	}
+	return (int)g->gr_gid;
+}
+
 /* The value flags, by their long names, kept to apply over the config file. */
 struct flag_val {
 	const char *key;
@@ -80,31 +101,40 @@ int main(int argc, char **argv)
 		{ "foreground", no_argument, NULL, 'f' },
 		{ "log-level", required_argument, NULL, 'l' },
 		{ "threads", required_argument, NULL, 't' },
-		{ "pin-workers", required_argument, NULL, 'P' },
+		/* 'k': a config key of the same name */
+		{ "pin-workers", required_argument, NULL, 'k' },
 		{ "timeout", required_argument, NULL, 'T' },
-		{ "topology", required_argument, NULL, 'O' },
+		{ "topology", required_argument, NULL, 'k' },
 		{ "dump-topology", no_argument, NULL, 'D' },
-		{ "gpu-worker", required_argument, NULL, 'G' },
-		{ "peer-listen", required_argument, NULL, 'L' },
-		{ "drain-timeout", required_argument, NULL, 'R' },
-		{ "admin-group", required_argument, NULL, 'A' },
-		{ "max-connections", required_argument, NULL, 'm' },
-		{ "max-connections-per-uid", required_argument, NULL, 'u' },
-		{ "handshake-timeout", required_argument, NULL, 'H' },
-		{ "frame-timeout", required_argument, NULL, 'F' },
-		{ "max-job-memory", required_argument, NULL, 'M' },
+		{ "gpu-worker", required_argument, NULL, 'k' },
+		{ "peer-listen", required_argument, NULL, 'k' },
+		{ "drain-timeout", required_argument, NULL, 'k' },
+		{ "admin-group", required_argument, NULL, 'k' },
+		{ "socket-group", required_argument, NULL, 'k' },
+		{ "max-connections", required_argument, NULL, 'k' },
+		{ "max-connections-per-uid", required_argument, NULL, 'k' },
+		{ "handshake-timeout", required_argument, NULL, 'k' },
+		{ "frame-timeout", required_argument, NULL, 'k' },
+		{ "max-job-memory", required_argument, NULL, 'k' },
+		{ "max-frame-size", required_argument, NULL, 'k' },
+		{ "max-fds-per-frame", required_argument, NULL, 'k' },
+		{ "max-ops-per-rank", required_argument, NULL, 'k' },
+		{ "max-write-queue", required_argument, NULL, 'k' },
 		{ "version", no_argument, NULL, 'V' },
 		{ "help", no_argument, NULL, 'h' },
 		{ NULL, 0, NULL, 0 },
 	};
-	struct flag_val flags[16];
+	struct flag_val flags[32];
 	static struct config cfg; /* the server keeps pointers into it */
 	const char *cfg_file = NULL;
-	int nflags = 0, dump_topo = 0, foreground = 0, opt, idx;
+	int nflags = 0, dump_topo = 0, foreground = 0, socket_gid = -1, opt, idx;
 	char status[512], err[512], summary[160];
 	uv_loop_t *loop = uv_default_loop();
 
 	while ((opt = getopt_long(argc, argv, "s:fl:t:T:Vh", opts, &idx)) != -1) {
+		const char *key = opt == 'k' ? opts[idx].name : NULL;
+
+
 		switch (opt) {
 		case 'c':
 			cfg_file = optarg;
@@ -113,24 +143,14 @@ int main(int argc, char **argv)
 		case 'l':
 		case 't':
 		case 'T':
-		case 'P':
-		case 'O':
-		case 'G':
-		case 'L':
-		case 'R':
-		case 'A':
-		case 'm':
-		case 'u':
-		case 'H':
-		case 'F':
-		case 'M':
+		case 'k':
 			if (nflags == (int)(sizeof flags / sizeof flags[0])) {
 				fprintf(stderr, "commd: too many flags\n");
 				return 2;
 			}
-			for (idx = 0; opts[idx].val != opt; idx++)
+			for (idx = 0; !key && opts[idx].val != opt; idx++)
 				;
-			flags[nflags++] = (struct flag_val){ opts[idx].name, optarg };
+			flags[nflags++] = (struct flag_val){ key ? key : opts[idx].name, optarg };
 			break;
 		case 'f':
 			foreground = 1;
@@ -193,23 +213,17 @@ int main(int argc, char **argv)
 	srv.drain_ms = cfg.drain_ms;
 	srv.lim = cfg.lim;
 	srv.admin_gid = -1;
-	if (*cfg.admin_group) {
-		struct group *g = getgrnam(cfg.admin_group);
-
-		if (!g) {
-			fprintf(stderr, "commd: admin-group: no group named '%s'\n", cfg.admin_group);
-			return 2;
-		}
-		srv.admin_gid = (int)g->gr_gid;
-		snprintf(srv.admin_group, sizeof srv.admin_group, "%s", cfg.admin_group);
-	}
+	if ((*cfg.socket_group && (socket_gid = group_id("socket-group", cfg.socket_group)) < 0) ||
+	    (*cfg.admin_group && (srv.admin_gid = group_id("admin-group", cfg.admin_group)) < 0))
+		return 2;
+	snprintf(srv.admin_group, sizeof srv.admin_group, "%s", cfg.admin_group);
 	srv.start_ms = now_ms();
 	gpu_probe(loop, cfg.gpu_worker);
 	gpu_probe_wait();
 	if (be_host_start(loop, cfg.threads, cfg.pin_workers) < 0)
 		return 1;
 	net_start(loop);
-	if (peer_start(loop, cfg.peer_listen) < 0 || server_start(loop, cfg.socket) < 0) {
+	if (peer_start(loop, cfg.peer_listen) < 0 || server_start(loop, cfg.socket, socket_gid) < 0) {
 		net_stop();
 		be_host_stop();
 		return 1;
@@ -227,6 +241,8 @@ int main(int argc, char **argv)
 	snprintf(status, sizeof status, "READY=1\nMAINPID=%d\nSTATUS=serving %s (host backend)",
 		 (int)getpid(), cfg.socket);
 	notify_send(status);
+	if ((srv.watchdog_ms = notify_watchdog_ms()))
+		log_info("watchdog: WATCHDOG=1 every %u ms while the loop runs", srv.watchdog_ms / 2);
 
 	uv_run(loop, UV_RUN_DEFAULT);
 

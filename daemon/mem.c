@@ -86,6 +86,7 @@ comm_result_t mem_register(struct conn *c, int fd, uint64_t size, struct mem **o
 	m->size = size;
 	m->refs = 1;
 	m->job = c->job;
+	m->conn = c;
 	c->job->mem_bytes += size;
 	TAILQ_INSERT_TAIL(&c->mems, m, link);
 	c->nmems++;
@@ -101,7 +102,7 @@ struct mem *mem_find(struct conn *c, uint64_t id)
 	struct mem *m;
 
 	TAILQ_FOREACH(m, &c->mems, link)
-		if (m->id == id)
+		if (m->id == id && !m->freed)
 			return m->kind == COMMPB__MEM_KIND__MEM_MEMFD || m->opened ? m : NULL;
 	return NULL;
 }
@@ -109,6 +110,17 @@ struct mem *mem_find(struct conn *c, uint64_t id)
 void mem_ref(struct mem *m)
 {
 	m->refs++;
+}
+
+/* Out of its connection's table, and no longer charged to its job. */
+static void unlist(struct mem *m)
+{
+	TAILQ_REMOVE(&m->conn->mems, m, link);
+	m->conn->nmems--;
+	if (m->job)
+		m->job->mem_bytes -= m->size;
+	m->job = NULL;
+	m->conn = NULL;
 }
 
 void mem_unref(struct mem *m)
@@ -119,17 +131,28 @@ void mem_unref(struct mem *m)
 		gpu_mem_gone(m);
 		return;
 	}
+	if (m->conn) /* freed while ops used it: it leaves the table with the last of them */
+		unlist(m);
 	munmap(m->addr, m->size);
 	free(m);
 }
 
 void mem_release(struct conn *c, struct mem *m)
 {
-	TAILQ_REMOVE(&c->mems, m, link);
-	c->nmems--;
-	if (m->job)
-		m->job->mem_bytes -= m->size;
-	m->job = NULL;
-	m->conn = NULL;
+	if (m->freed) {
+		/* its owner's reference went with the FreeMem; the ops keep theirs */
+		unlist(m);
+		return;
+	}
+	if (m->refs > 1 && m->kind == COMMPB__MEM_KIND__MEM_MEMFD && !c->closing) {
+		/*
+		 * Ops still use it: mapped, charged to the job (max-job-memory)
+		 * and in the table, out of mem_find's sight, until they end.
+		 */
+		m->freed = 1;
+		m->refs--;
+		return;
+	}
+	unlist(m);
 	mem_unref(m);
 }

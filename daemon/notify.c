@@ -34,3 +34,18 @@ int notify_send(const char *msg)
 	close(fd);
 	return rc;
 }
+
+uint32_t notify_watchdog_ms(void)
+{
+	const char *usec = getenv("WATCHDOG_USEC"), *pid = getenv("WATCHDOG_PID");
+	unsigned long long v;
+	char *end;
+
+	if (!usec || !*usec || (pid && *pid && strtol(pid, NULL, 10) != (long)getpid()))
+		return 0;
+	errno = 0;
+	v = strtoull(usec, &end, 10);
+	if (errno || *end || v == 0)
+		return 0;
+	return v / 1000 > UINT32_MAX ? UINT32_MAX : v / 1000 ? (uint32_t)(v / 1000) : 1;
+}

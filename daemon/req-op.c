@@ -30,9 +30,9 @@ static void refuse(struct posted *p, comm_result_t code, const char *fmt, ...)
 	p->status = code;
 }
 
-/* Resolve a buffer reference of len bytes into out; refuses p on failure. */
+/* Resolve a buffer reference of len bytes of es-byte elements into out; refuses p on failure. */
 static void resolve(struct conn *c, struct posted *p, const Commpb__BufRef *ref, uint64_t len,
-		    const char *which, struct bufspec *out)
+		    size_t es, const char *which, struct bufspec *out)
 {
 	unsigned long long seq = (unsigned long long)p->seq;
 	struct mem *m;
@@ -48,6 +48,13 @@ static void resolve(struct conn *c, struct posted *p, const Commpb__BufRef *ref,
 	if (!m) {
 		refuse(p, COMM_ERR_NOT_FOUND, "op %llu: %s buffer: no mem id %llu", seq, which,
 		       (unsigned long long)ref->mem_id);
+		return;
+	}
+	/* the kernels work on whole elements: a buffer must start on one */
+	if (ref->offset % es) {
+		refuse(p, COMM_ERR_INVALID_ARG,
+		       "op %llu: %s buffer: offset %llu is not a multiple of the element size (%zu)",
+		       seq, which, (unsigned long long)ref->offset, es);
 		return;
 	}
 	if (__builtin_add_overflow(ref->offset, len, &end) || end > m->size) {
@@ -132,8 +139,8 @@ static void check_op(struct conn *c, const Commpb__Op *o, struct posted *p)
 		refuse(p, COMM_ERR_INVALID_ARG, "op %llu: unknown op type %d", seq, (int)o->type);
 		return;
 	}
-	resolve(c, p, o->send, sendlen, "send", &p->send);
-	resolve(c, p, o->recv, recvlen, "recv", &p->recv);
+	resolve(c, p, o->send, sendlen, es, "send", &p->send);
+	resolve(c, p, o->recv, recvlen, es, "recv", &p->recv);
 }
 
 /* A group is posted whole: ops of one group id, the last one marked. */
@@ -189,9 +196,10 @@ int op_post(struct conn *c, const Commpb__Op *o, uint64_t req_id, int ring)
 	}
 	if (check_group(c, o) < 0)
 		return -1;
-	if (j->nposted[c->rank] >= OPS_MAX_PER_RANK) {
-		conn_fail(c, COMM_ERR_NO_MEMORY, "op %llu: %d ops already in flight on rank %d",
-			  (unsigned long long)o->seq, OPS_MAX_PER_RANK, c->rank);
+	if (j->nposted[c->rank] >= srv.lim.ops_per_rank) {
+		conn_fail(c, COMM_ERR_NO_MEMORY,
+			  "op %llu: %u ops already in flight on rank %d (max-ops-per-rank)",
+			  (unsigned long long)o->seq, srv.lim.ops_per_rank, c->rank);
 		return -1;
 	}
 	p = calloc(1, sizeof *p);
@@ -218,8 +226,13 @@ int op_post(struct conn *c, const Commpb__Op *o, uint64_t req_id, int ring)
 	if (p->coll)
 		p->cseq = j->next_cseq[c->rank]++;
 	if (j->state == JOB_FAILED) {
-		/* the job has failed: answer at once, nothing will run */
-		op_answer(c, p, j->fail_code, j->fail_detail);
+		char detail[320];
+
+		/* the job has failed: answer at once, nothing will run; the op first, as engine.c */
+		snprintf(detail, sizeof detail, "op %llu (%s): %s", (unsigned long long)p->seq,
+			 op_type_name(p->type), j->fail_detail);
+		op_answer(c, p, j->fail_code,
+			  strncmp(j->fail_detail, "op ", 3) ? detail : j->fail_detail);
 		free(p);
 		return 0;
 	}

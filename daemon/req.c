@@ -2,6 +2,8 @@
  * req.c: the dispatch table and the checks every request passes, in one
  * place and in order: unpack, known type, handshake, role, fd count.
  */
+#include <stdarg.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <unistd.h>
 
@@ -45,6 +47,29 @@ unsigned req_table_size(void)
 	return ARRAY_SIZE(req_table);
 }
 
+/* Answer env with an Error and keep the connection as it was. */
+static void refuse(struct conn *c, const Commpb__Envelope *env, comm_result_t code,
+		   const char *fmt, ...) __attribute__((format(printf, 4, 5)));
+static void refuse(struct conn *c, const Commpb__Envelope *env, comm_result_t code,
+		   const char *fmt, ...)
+{
+	Commpb__Envelope reply = COMMPB__ENVELOPE__INIT;
+	Commpb__Error err = COMMPB__ERROR__INIT;
+	char detail[256];
+	va_list ap;
+
+	va_start(ap, fmt);
+	vsnprintf(detail, sizeof detail, fmt, ap);
+	va_end(ap);
+	log_info("conn %llu (pid %d): %s", (unsigned long long)c->id, (int)c->pid, detail);
+	err.status = code;
+	err.detail = detail;
+	reply.id = env->id;
+	reply.body_case = COMMPB__ENVELOPE__BODY_ERROR;
+	reply.error = &err;
+	conn_send(c, &reply);
+}
+
 int req_dispatch(struct conn *c, const uint8_t *payload, size_t len)
 {
 	Commpb__Envelope *env = commpb__envelope__unpack(NULL, len, payload);
@@ -56,6 +81,17 @@ int req_dispatch(struct conn *c, const uint8_t *payload, size_t len)
 		return -1;
 	}
 	t = req_find(env->body_case);
+	if (env->body_case == COMMPB__ENVELOPE__BODY__NOT_SET) {
+		/* a type this daemon does not know: a newer client's, most likely */
+		char what[32] = "none given";
+
+		if (env->base.n_unknown_fields)
+			snprintf(what, sizeof what, "field %u", env->base.unknown_fields[0].tag);
+		conn_fail(c, COMM_ERR_VERSION,
+			  "protocol: unknown message type (%s): commd %s speaks protocol %d..%d",
+			  what, COMMD_VERSION, PROTO_VERSION_MIN, PROTO_VERSION);
+		goto out;
+	}
 	if (!t || !t->name || !t->exec) {
 		conn_fail(c, COMM_ERR_PROTOCOL, "protocol: unexpected message type %d%s%s",
 			  (int)env->body_case, t && t->name ? " " : "", t && t->name ? t->name : "");
@@ -66,7 +102,14 @@ int req_dispatch(struct conn *c, const uint8_t *payload, size_t len)
 		goto out;
 	}
 	if (c->hello_done && (t->flags & REQ_F_BEFORE_HELLO)) {
-		conn_fail(c, COMM_ERR_PROTOCOL, "protocol: %s twice", t->name);
+		/* refused, not closed: the connection keeps its job and rank */
+		if (c->job)
+			refuse(c, env, COMM_ERR_PROTOCOL,
+			       "protocol: %s twice (rank %d of job %s already)", t->name, c->rank,
+			       c->job->name);
+		else
+			refuse(c, env, COMM_ERR_PROTOCOL, "protocol: %s twice", t->name);
+		rc = 0;
 		goto out;
 	}
 	if ((t->flags & REQ_F_RANK) && (c->role != COMMPB__ROLE__ROLE_RANK || !c->job)) {

@@ -5,6 +5,7 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
@@ -19,9 +20,45 @@
 
 struct server srv = {
 	.listen_fd = -1,
+	.spare_fd = -1,
 	.conns = TAILQ_HEAD_INITIALIZER(srv.conns),
 	.jobs = TAILQ_HEAD_INITIALIZER(srv.jobs),
 };
+
+/*
+ * Out of fds: give up the spare one to accept a client, tell it why it is
+ * refused, and take the spare back. The listener stays armed, so a burst of
+ * clients is answered, not left waiting in the backlog. 1: one refused; 0:
+ * none waiting; -1: no spare fd.
+ */
+static int shed(void)
+{
+	Commpb__Envelope env = COMMPB__ENVELOPE__INIT;
+	Commpb__Error err = COMMPB__ERROR__INIT;
+	uint8_t *frame;
+	size_t len;
+	int fd;
+
+	if (srv.spare_fd < 0)
+		return -1;
+	close(srv.spare_fd);
+	fd = accept4(srv.listen_fd, NULL, NULL, SOCK_NONBLOCK | SOCK_CLOEXEC);
+	if (fd >= 0) {
+		err.status = COMM_ERR_BUSY;
+		err.detail = "commd is out of file descriptors (its fd limit): try again later";
+		env.body_case = COMMPB__ENVELOPE__BODY_ERROR;
+		env.error = &err;
+		if ((len = frame_pack(&env, &frame)) > 0) {
+			if (send(fd, frame, len, MSG_DONTWAIT | MSG_NOSIGNAL) < 0)
+				log_debug("shed: %s", strerror(errno));
+			free(frame);
+		}
+		close(fd);
+		srv.shed++;
+	}
+	srv.spare_fd = open("/dev/null", O_RDONLY | O_CLOEXEC);
+	return fd >= 0;
+}
 
 static void on_accept(uv_poll_t *h, int status, int events)
 {
@@ -32,11 +69,17 @@ static void on_accept(uv_poll_t *h, int status, int events)
 			if (errno == EINTR)
 				continue;
 			if (errno == EMFILE || errno == ENFILE) {
-				/* out of fds: stop accepting until the next tick, not spin */
-				log_warn("accept: %s: not accepting for %d ms", strerror(errno),
-					 TICK_MS);
-				uv_poll_stop(&srv.listen_poll);
-				srv.accept_paused = 1;
+				int rc = shed();
+
+				if (rc > 0)
+					continue;
+				if (rc < 0) {
+					/* no spare either: stop accepting until the next tick, not spin */
+					log_warn("accept: out of file descriptors, no spare: not "
+						 "accepting for %d ms", TICK_MS);
+					uv_poll_stop(&srv.listen_poll);
+					srv.accept_paused = 1;
+				}
 			} else if (errno != EAGAIN && errno != EWOULDBLOCK) {
 				log_warn("accept: %s", strerror(errno));
 			}
@@ -49,6 +92,18 @@ static void on_accept(uv_poll_t *h, int status, int events)
 
 static void on_tick(uv_timer_t *t)
 {
+	/* from the loop itself: a stalled loop stops the pings, and systemd acts */
+	if (srv.watchdog_ms && now_ms() - srv.watchdog_last_ms >= srv.watchdog_ms / 2) {
+		notify_send("WATCHDOG=1");
+		srv.watchdog_last_ms = now_ms();
+	}
+	if (srv.shed) {
+		log_warn("out of file descriptors: refused %llu connection%s",
+			 (unsigned long long)srv.shed, srv.shed == 1 ? "" : "s");
+		srv.shed = 0;
+	}
+	if (srv.spare_fd < 0 && srv.listen_fd >= 0)
+		srv.spare_fd = open("/dev/null", O_RDONLY | O_CLOEXEC);
 	if (srv.accept_paused && srv.listen_fd >= 0) {
 		srv.accept_paused = 0;
 		uv_poll_start(&srv.listen_poll, UV_READABLE, on_accept);
@@ -123,7 +178,7 @@ static int clear_stale(const char *path)
 	return 0;
 }
 
-int server_start(uv_loop_t *loop, const char *path)
+int server_start(uv_loop_t *loop, const char *path, int gid)
 {
 	struct sockaddr_un sa = { .sun_family = AF_UNIX };
 
@@ -138,13 +193,15 @@ int server_start(uv_loop_t *loop, const char *path)
 	strcpy(sa.sun_path, path);
 	srv.listen_fd = socket(AF_UNIX, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
 	if (srv.listen_fd < 0 || bind(srv.listen_fd, (struct sockaddr *)&sa, sizeof sa) < 0 ||
-	    chmod(path, 0666) < 0 || listen(srv.listen_fd, 512) < 0) {
+	    (gid >= 0 && chown(path, (uid_t)-1, (gid_t)gid) < 0) ||
+	    chmod(path, gid >= 0 ? 0660 : 0666) < 0 || listen(srv.listen_fd, 512) < 0) {
 		log_error("listen: %s: %s", path, strerror(errno));
 		if (srv.listen_fd >= 0)
 			close(srv.listen_fd);
 		srv.listen_fd = -1;
 		return -1;
 	}
+	srv.spare_fd = open("/dev/null", O_RDONLY | O_CLOEXEC);
 	uv_poll_init(loop, &srv.listen_poll, srv.listen_fd);
 	uv_poll_start(&srv.listen_poll, UV_READABLE, on_accept);
 	uv_timer_init(loop, &srv.tick);
@@ -160,6 +217,9 @@ static void close_listener(void)
 	close(srv.listen_fd);
 	unlink(srv.socket_path);
 	srv.listen_fd = -1;
+	if (srv.spare_fd >= 0)
+		close(srv.spare_fd);
+	srv.spare_fd = -1;
 }
 
 void server_drain(void)

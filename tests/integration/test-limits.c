@@ -1,12 +1,14 @@
 /*
- * test-limits.c: commd's limits, each set low by its flag, each refusal a
- * clear error to whoever passed it, and the daemon serving on: connections
- * in all and per uid, the handshake and partial-frame deadlines, and the
- * host memory one job may register.
+ * test-limits.c: the limits that no row of the reliability matrix
+ * (test-matrix-*) sets, each set low by its flag, each refusal a clear error
+ * naming the key, and the daemon serving on: connections per uid, message
+ * size, fds per message, ops in flight per rank.
  */
+#include <fcntl.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/mman.h>
 #include <unistd.h>
 
 #include "check.h"
@@ -66,84 +68,114 @@ static void test_connections(void)
 	}
 	close(fd);
 	printf("ok: once they close, a new connection is served\n");
-
-	/* --max-connections 2 on another daemon: the 3rd is refused */
-	{
-		struct th_daemon d2;
-
-		REQUIRE(th_daemon_start(&d2, "--max-connections", "2", NULL) == 0, "daemon 2");
-		fds[0] = raw_connect(d2.sock);
-		fds[1] = raw_connect(d2.sock);
-		usleep(100 * 1000);
-		fd = raw_connect(d2.sock);
-		CHECK(error_of(fd, detail, sizeof detail) == COMM_ERR_BUSY &&
-			      strstr(detail, "(max-connections)"),
-		      "a 3rd connection: '%s'", detail);
-		close(fd);
-		close(fds[0]);
-		close(fds[1]);
-		CHECK(th_daemon_stop(&d2) == 0, "daemon 2 stop");
-		printf("ok: max-connections 2: the 3rd is refused: %s\n", detail);
-	}
 }
 
-static void test_deadlines(void)
+/* A hello of `bytes` bytes (a long job name), sent raw; the Error's status and detail. */
+static int big_hello(size_t bytes, char *detail, size_t len)
+{
+	Commpb__Envelope env = COMMPB__ENVELOPE__INIT;
+	Commpb__Hello h = COMMPB__HELLO__INIT;
+	char *name = malloc(bytes);
+	int fd = raw_connect(d.sock), st;
+
+	REQUIRE(name, "malloc");
+	memset(name, 'x', bytes - 1);
+	name[bytes - 1] = '\0';
+	h.version_min = 1;
+	h.version_max = 3;
+	h.job = name;
+	h.world_size = 1;
+	env.body_case = COMMPB__ENVELOPE__BODY_HELLO;
+	env.hello = &h;
+	raw_send(fd, &env, NULL, 0);
+	st = error_of(fd, detail, len);
+	close(fd);
+	free(name);
+	return st;
+}
+
+/* --max-frame-size 4K: a 5000-byte message is refused before it is read, naming the key. */
+static void test_frame_size(void)
 {
 	char detail[256];
-	int fd;
 
-	/* --handshake-timeout 400: a connection that says nothing */
-	fd = raw_connect(d.sock);
-	CHECK(error_of(fd, detail, sizeof detail) == COMM_ERR_TIMEOUT &&
-		      strstr(detail, "handshake-timeout"),
-	      "a silent connection: '%s'", detail);
-	close(fd);
-	printf("ok: a connection silent past the handshake deadline is closed: %s\n", detail);
-
-	/* --frame-timeout 400: two bytes of a length, then nothing */
-	fd = raw_connect(d.sock);
-	{
-		struct frame_reader r;
-
-		frame_reader_init(&r);
-		raw_hello(fd, &r, "limits-frame", 1, 3, COMM_OK);
-		frame_reader_free(&r);
-	}
-	CHECK(write(fd, "\x10\x00", 2) == 2, "write");
-	CHECK(error_of(fd, detail, sizeof detail) == COMM_ERR_TIMEOUT &&
-		      strstr(detail, "frame-timeout"),
-	      "half a frame: '%s'", detail);
-	close(fd);
-	printf("ok: half a message left past the frame deadline closes it: %s\n", detail);
+	CHECK(big_hello(5000, detail, sizeof detail) == COMM_ERR_PROTOCOL &&
+		      strstr(detail, "max-frame-size"),
+	      "a 5000-byte hello: '%s'", detail);
+	/* 3000 bytes pass the frame limit, and meet the job name's */
+	CHECK(big_hello(3000, detail, sizeof detail) != COMM_ERR_PROTOCOL ||
+		      !strstr(detail, "max-frame-size"),
+	      "a 3000-byte hello refused for its size: '%s'", detail);
+	printf("ok: max-frame-size 4K: a 5000-byte message is refused\n");
 }
 
-/*
- * --max-job-memory 160M: libcomm registers a 64 MiB segment at the start; 48
- * MiB fit in it, 120 MiB more would be a second segment past the limit.
- */
-static int rank_memory(int rank, int n, void *arg)
+/* --max-fds-per-frame 1: a registration carrying two fds is a protocol error, both closed. */
+static void test_fds_per_frame(void)
 {
+	Commpb__Envelope env = COMMPB__ENVELOPE__INIT;
+	Commpb__RegisterMem rm = COMMPB__REGISTER_MEM__INIT;
+	struct frame_reader r;
+	char detail[256];
+	int fd = raw_connect(d.sock), m[2];
+
+	frame_reader_init(&r);
+	raw_hello(fd, &r, "limits-fds", 1, 3, COMM_OK);
+	frame_reader_free(&r);
+	for (int i = 0; i < 2; i++) {
+		m[i] = memfd_create("two", MFD_CLOEXEC | MFD_ALLOW_SEALING);
+		REQUIRE(m[i] >= 0 && ftruncate(m[i], 4096) == 0 &&
+				fcntl(m[i], F_ADD_SEALS, F_SEAL_SHRINK) == 0,
+			"memfd");
+	}
+	rm.kind = COMMPB__MEM_KIND__MEM_MEMFD;
+	rm.size = 4096;
+	env.body_case = COMMPB__ENVELOPE__BODY_REGISTER_MEM;
+	env.register_mem = &rm;
+	raw_send(fd, &env, m, 2);
+	CHECK(error_of(fd, detail, sizeof detail) == COMM_ERR_PROTOCOL &&
+		      strstr(detail, "max-fds-per-frame"),
+	      "two fds with max-fds-per-frame 1: '%s'", detail);
+	close(fd);
+	close(m[0]);
+	close(m[1]);
+	printf("ok: max-fds-per-frame 1: a message with two fds is refused\n");
+}
+
+/* --max-ops-per-rank 100: rank 0's 101st op in flight is refused; rank 1 hears PEER_LOST. */
+#define OPS_CAP 100
+static int rank_flood(int rank, int n, void *arg)
+{
+	comm_request_t *reqs[OPS_CAP + 1];
+	comm_result_t rc;
 	comm_t *c;
-	void *a, *b;
 
 	if (th_join(&c, rank, n) < 0)
 		return 1;
-	a = comm_mem_alloc(c, 48u << 20);
-	b = a ? comm_mem_alloc(c, 120u << 20) : NULL;
-	if (!a || b) {
-		fprintf(stderr, "rank %d: 48 MiB %s, then 120 MiB %s (want: yes, then refused)\n",
-			rank, a ? "allocated" : "refused", b ? "allocated" : "refused");
+	if (rank == 1) {
+		int v;
+
+		/* a recv that rank 0 never matches: it waits until rank 0 is gone */
+		rc = comm_recv(c, &v, 1, COMM_INT32, 0, NULL);
+		if (rc != COMM_ERR_PEER_LOST) {
+			fprintf(stderr, "rank 1: flooded peer: got %s, want PEER_LOST\n",
+				comm_result_name(rc));
+			return 1;
+		}
+		return 0;
+	}
+	for (int i = 0; i <= OPS_CAP; i++)
+		if (comm_allreduce(c, NULL, NULL, 0, COMM_INT32, COMM_SUM, &reqs[i]) != COMM_OK)
+			break;
+	rc = comm_wait(reqs[OPS_CAP], -1);
+	if (rc != COMM_ERR_NO_MEMORY || !strstr(comm_last_error(c), "max-ops-per-rank")) {
+		fprintf(stderr, "rank 0: op %d: got %s (%s), want NO_MEMORY\n", OPS_CAP + 1,
+			comm_result_name(rc), comm_last_error(c));
 		return 1;
 	}
-	if (!strstr(comm_last_error(c), "max-job-memory")) {
-		fprintf(stderr, "rank %d: the refusal does not name the limit: %s\n", rank,
-			comm_last_error(c));
-		return 1;
-	}
-	printf("ok: max-job-memory 160M: 48 MiB, then 120 MiB more refused: %s\n",
+	printf("ok: max-ops-per-rank %d: the next op is refused: %s\n", OPS_CAP,
 	       comm_last_error(c));
 	fflush(stdout);
-	return th_leave(c, rank);
+	return 0;
 }
 
 static int rank_ok(int rank, int n, void *arg)
@@ -164,16 +196,16 @@ int main(void)
 {
 	int fds0;
 
-	REQUIRE(th_daemon_start(&d, "--max-connections-per-uid", "3", "--handshake-timeout",
-				"400", "--frame-timeout", "400", "--max-job-memory", "160M",
-				NULL) == 0,
+	REQUIRE(th_daemon_start(&d, "--max-connections-per-uid", "3", "--max-frame-size", "4K",
+				"--max-fds-per-frame", "1", "--max-ops-per-rank", "100", NULL) == 0,
 		"daemon start");
 	CHECK(th_run_ranks(&d, "warm-up", 2, rank_ok, NULL) == 0, "warm-up job");
 	usleep(200 * 1000);
 	fds0 = th_count_fds(d.pid);
 	test_connections();
-	test_deadlines();
-	CHECK(th_run_ranks(&d, "limits-mem", 1, rank_memory, NULL) == 0, "memory limit");
+	test_frame_size();
+	test_fds_per_frame();
+	CHECK(th_run_ranks(&d, "limits-ops", 2, rank_flood, NULL) == 0, "ops in flight cap");
 	CHECK(th_run_ranks(&d, "after", 2, rank_ok, NULL) == 0, "a job after the refusals");
 	printf("ok: a 2-rank job runs after every refusal\n");
 	th_check_baseline(&d, fds0, "the refusals");
