@@ -17,7 +17,8 @@ void frame_reader_init(struct frame_reader *r)
 void frame_reader_free(struct frame_reader *r)
 {
 	for (int i = 0; i < r->nfds; i++)
-		close(r->fds[i]);
+		if (r->fds[i] >= 0)
+			close(r->fds[i]);
 	free(r->buf);
 	frame_reader_init(r);
 }
@@ -49,13 +50,14 @@ int frame_reader_feed(struct frame_reader *r, const void *data, size_t len)
 }
 
 /*
- * Queue the fds of one recvmsg; past max_fds or the queue, close them all:
- * -EPROTO, or -EMFILE when the kernel could not give us all that came
- * (truncated below our buffer's room: we are out of fds).
+ * Queue the fds of one recvmsg. Past max_fds or the queue, close them all:
+ * -EPROTO. Truncated below our buffer's room, the kernel could not give us
+ * all that came (we are out of fds): close what did come and queue one
+ * FRAME_FD_LOST in their place.
  */
 static int queue_fds(struct frame_reader *r, struct msghdr *msg)
 {
-	int nfds0 = r->nfds, got = 0;
+	int nfds0 = r->nfds, got = 0, lost;
 
 	for (struct cmsghdr *c = CMSG_FIRSTHDR(msg); c; c = CMSG_NXTHDR(msg, c)) {
 		int n, *fds;
@@ -71,11 +73,15 @@ static int queue_fds(struct frame_reader *r, struct msghdr *msg)
 				close(fds[i]);
 		}
 	}
+	lost = (msg->msg_flags & MSG_CTRUNC) && got < FRAME_FDS_CAP;
 	if (!(msg->msg_flags & MSG_CTRUNC) && got <= r->max_fds && nfds0 + got <= FRAME_FDS_CAP)
 		return 0;
 	while (r->nfds > nfds0)
 		close(r->fds[--r->nfds]);
-	return (msg->msg_flags & MSG_CTRUNC) && got < FRAME_FDS_CAP ? -EMFILE : -EPROTO;
+	if (!lost || r->nfds == FRAME_FDS_CAP)
+		return -EPROTO;
+	r->fds[r->nfds++] = FRAME_FD_LOST;
+	return 0;
 }
 
 long frame_reader_recv(struct frame_reader *r, int sock)

@@ -12,9 +12,10 @@
 #include "commd.pb-c.h"
 
 #define FRAME_HDR 4
-#define FRAME_MAX (64 * 1024)  /* largest envelope accepted, in bytes */
+#define FRAME_MAX (64 * 1024)  /* largest envelope ever, in bytes (a reader may take less) */
 #define FRAME_MAX_FDS 4        /* most fds one recvmsg may carry, unless the reader says */
 #define FRAME_FDS_CAP 16       /* most fds a reader queues (and its max_fds at most) */
+#define FRAME_FD_LOST (-2)     /* queued in place of fds the kernel could not give us */
 #define PROTO_VERSION 3 /* 2: the submission ring (RingAttach); 3: device memory */
 #define PROTO_VERSION_MIN 1
 
@@ -47,8 +48,10 @@ void frame_reader_free(struct frame_reader *r);
 /*
  * One recvmsg from sock into r. Returns bytes read (> 0), 0 at end of file,
  * or -errno (-EAGAIN on a non-blocking socket with nothing to read;
- * -EPROTO when more fds came than max_fds or the queue takes, -EMFILE when the
- * kernel could not hand them over for want of fds; all of them closed then).
+ * -EPROTO when more fds came than max_fds or the queue takes, all of them
+ * closed). Fds the kernel could not hand over for want of fds (the process
+ * at its limit) are queued as one FRAME_FD_LOST, for the frame that wanted
+ * them to be refused alone.
  */
 long frame_reader_recv(struct frame_reader *r, int sock);
 
@@ -61,7 +64,7 @@ enum frame_status frame_next(const struct frame_reader *r, const uint8_t **paylo
 /* Drop the frame at the front whose payload is len bytes. */
 void frame_consume(struct frame_reader *r, size_t len);
 
-/* Hand the oldest queued fd to the caller (who then owns it); -1 if none. */
+/* Hand the oldest queued fd to the caller (who then owns it), or FRAME_FD_LOST; -1 if none. */
 int frame_take_fd(struct frame_reader *r);
 
 /*

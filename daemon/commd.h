@@ -54,7 +54,7 @@ struct server {
 	int draining;          /* SIGTERM: no new ops; those in flight may finish */
 	uint64_t drain_until_ms;
 	uint32_t drain_ms;     /* the drain budget */
-	int admin_gid;         /* members see every job in status; -1: root alone */
+	int64_t admin_gid;     /* members see every job in status; -1: root alone */
 	struct limits {        /* config: refusals past them are clear errors */
 		uint32_t conns;        /* connections at once */
 		uint32_t conns_per_uid;
@@ -80,7 +80,7 @@ struct server {
 extern struct server srv;
 
 /* Listen on path: mode 0666, or 0660 and group gid when gid >= 0. */
-int server_start(uv_loop_t *loop, const char *path, int gid);
+int server_start(uv_loop_t *loop, const char *path, int64_t gid);
 /*
  * SIGTERM: stop accepting, refuse new joins and ops (COMM_ERR_SHUTDOWN), let
  * the ops in flight finish for up to srv.drain_ms, then server_shutdown.
@@ -386,9 +386,12 @@ void conn_check_deadlines(uint64_t now);
 void conn_doom(struct conn *c, const char *why);
 /* Pack env and queue it; fds are not sent (replies carry none). 0 or -1. */
 int conn_send(struct conn *c, const Commpb__Envelope *env);
-/* Send an Error envelope and close once it has been written. */
+/* Send an Error envelope (if the socket takes it now) and close. */
 void conn_fail(struct conn *c, comm_result_t code, const char *fmt, ...)
 	__attribute__((format(printf, 3, 4)));
+/* Send an Error envelope answering request id; the connection stays as it was. */
+void conn_error(struct conn *c, uint64_t id, comm_result_t code, const char *fmt, ...)
+	__attribute__((format(printf, 4, 5)));
 
 /* --- req.c: the dispatch table --------------------------------------------- */
 
@@ -464,7 +467,7 @@ struct mem {
 	int kind;              /* Commpb__MemKind */
 	uint64_t gpu_id;       /* its name in the worker */
 	struct gpu_worker *gw; /* the worker that has (or is opening) it */
-	struct conn *conn;     /* registered by it, until released */
+	struct conn *conn;     /* registered by it; freed host memory keeps it until its ops end */
 	int freed;             /* host memory its rank freed while ops used it */
 	uint64_t reply_id;     /* the RegisterMem request to answer once opened */
 	int unanswered;        /* that request has had no answer yet */
@@ -478,7 +481,7 @@ comm_result_t mem_register(struct conn *c, int fd, uint64_t size, struct mem **o
 			   size_t errlen);
 struct mem *mem_find(struct conn *c, uint64_t id);
 void mem_ref(struct mem *m);
-/* Drop a reference; the last one unmaps. */
+/* Drop a reference; the last one unmaps (and unlists a freed mem from its connection). */
 void mem_unref(struct mem *m);
 /*
  * Take the mem out of its connection's table and drop that reference; host

@@ -208,6 +208,35 @@ static int flush(struct conn *c)
 	return 0;
 }
 
+/*
+ * Out of memory for a reply to request id, which the client would wait for
+ * forever: tell it so (a frame on the stack, when nothing is queued before
+ * it, if the socket takes it now) and close on the next turn.
+ */
+static void lost_reply(struct conn *c, uint64_t id)
+{
+	Commpb__Envelope env = COMMPB__ENVELOPE__INIT;
+	Commpb__Error err = COMMPB__ERROR__INIT;
+	uint8_t frame[FRAME_HDR + 128];
+	size_t n, off = 0;
+
+	log_warn("conn %llu (pid %d): out of memory: a reply was lost, closing",
+		 (unsigned long long)c->id, (int)c->pid);
+	err.status = COMM_ERR_NO_MEMORY;
+	err.detail = "commd is out of memory: a reply was lost";
+	env.id = id;
+	env.body_case = COMMPB__ENVELOPE__BODY_ERROR;
+	env.error = &err;
+	n = commpb__envelope__get_packed_size(&env);
+	if (TAILQ_EMPTY(&c->wq) && n <= sizeof frame - FRAME_HDR) {
+		for (int i = 0; i < FRAME_HDR; i++)
+			frame[i] = (uint8_t)(n >> 8 * i); /* little-endian, as frame_pack */
+		commpb__envelope__pack(&env, frame + FRAME_HDR);
+		frame_send_some(c->fd, frame, FRAME_HDR + n, &off, NULL, 0);
+	}
+	conn_doom(c, "out of memory: a reply was lost");
+}
+
 int conn_send(struct conn *c, const Commpb__Envelope *env)
 {
 	struct wbuf *w;
@@ -217,6 +246,10 @@ int conn_send(struct conn *c, const Commpb__Envelope *env)
 	if (c->closing || c->doomed)
 		return -1;
 	len = frame_pack(env, &data);
+	if (len == 0 && commpb__envelope__get_packed_size(env) <= FRAME_MAX) {
+		lost_reply(c, env->id);
+		return -1;
+	}
 	if (len == 0) {
 		log_warn("conn %llu: reply could not be packed", (unsigned long long)c->id);
 		return -1;
@@ -232,6 +265,7 @@ int conn_send(struct conn *c, const Commpb__Envelope *env)
 	w = calloc(1, sizeof *w);
 	if (!w) {
 		free(data);
+		lost_reply(c, env->id);
 		return -1;
 	}
 	w->data = data;
@@ -245,23 +279,42 @@ int conn_send(struct conn *c, const Commpb__Envelope *env)
 	return 0;
 }
 
-void conn_fail(struct conn *c, comm_result_t code, const char *fmt, ...)
+/* Log detail and send it in an Error answering request id (0: none in particular). */
+static void send_error(struct conn *c, uint64_t id, comm_result_t code, const char *detail)
 {
 	Commpb__Envelope env = COMMPB__ENVELOPE__INIT;
 	Commpb__Error err = COMMPB__ERROR__INIT;
+
+	log_info("conn %llu (pid %d): %s", (unsigned long long)c->id, (int)c->pid, detail);
+	err.status = code;
+	err.detail = (char *)detail;
+	env.id = id;
+	env.body_case = COMMPB__ENVELOPE__BODY_ERROR;
+	env.error = &err;
+	/* Best effort: the reply goes out if the socket takes it now. */
+	conn_send(c, &env);
+}
+
+void conn_error(struct conn *c, uint64_t id, comm_result_t code, const char *fmt, ...)
+{
 	char detail[256];
 	va_list ap;
 
 	va_start(ap, fmt);
 	vsnprintf(detail, sizeof detail, fmt, ap);
 	va_end(ap);
-	log_info("conn %llu (pid %d): %s", (unsigned long long)c->id, (int)c->pid, detail);
-	err.status = code;
-	err.detail = detail;
-	env.body_case = COMMPB__ENVELOPE__BODY_ERROR;
-	env.error = &err;
-	/* Best effort: the reply goes out if the socket takes it now. */
-	conn_send(c, &env);
+	send_error(c, id, code, detail);
+}
+
+void conn_fail(struct conn *c, comm_result_t code, const char *fmt, ...)
+{
+	char detail[256];
+	va_list ap;
+
+	va_start(ap, fmt);
+	vsnprintf(detail, sizeof detail, fmt, ap);
+	va_end(ap);
+	send_error(c, 0, code, detail);
 	if (!c->closing)
 		conn_close(c, detail);
 }
@@ -277,15 +330,15 @@ static void on_readable(struct conn *c)
 
 		if (n == -EAGAIN || n == -EWOULDBLOCK)
 			return;
-		if (n == -EMFILE) {
-			conn_fail(c, COMM_ERR_BUSY, "commd is out of file descriptors: the fds of "
-				  "this message were lost; try again later");
+		if (n == -ENOMEM) {
+			conn_fail(c, COMM_ERR_NO_MEMORY,
+				  "commd is out of memory: no room to read this message");
 			return;
 		}
 		if (n == -EPROTO) {
 			conn_fail(c, COMM_ERR_PROTOCOL,
-				  "protocol: more than %d fds in one message (max-fds-per-frame)",
-				  c->rd.max_fds);
+				  "protocol: more than %d fds in one message (max-fds-per-frame), or "
+				  "more than %d waiting", c->rd.max_fds, FRAME_FDS_CAP);
 			return;
 		}
 		if (n <= 0) {

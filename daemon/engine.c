@@ -815,6 +815,9 @@ int engine_inflight(struct job *j, struct inflight *out, int max, uint32_t *omit
 
 	*omitted = 0;
 	if (!cur || !set || !miss) {
+		/* out of memory: none listed, so every op posted counts as left out */
+		for (int r = 0; r < j->world; r++)
+			*omitted += j->nposted[r];
 		free(cur);
 		free(set);
 		free(miss);

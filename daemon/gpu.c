@@ -691,7 +691,6 @@ comm_result_t gpu_mem_register(struct conn *c, const Commpb__RegisterMem *r, int
 	m->gpu_id = ++srv.next_gpu_mem;
 	m->gw = w;
 	m->conn = c;
-	m->job = c->job;
 	m->reply_id = req_id;
 	m->unanswered = 1;
 	snprintf(m->uuid, sizeof m->uuid, "%s", r->gpu_uuid);

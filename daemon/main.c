@@ -56,7 +56,7 @@ static void usage(FILE *f)
 		   "  --max-fds-per-frame N  most fds one message may carry (1..16; 4)\n"
 		   "  --max-ops-per-rank N   ops a rank may have in flight (65536)\n"
 		   "  --max-write-queue SIZE replies queued to a client that does not read them\n"
-		   "                     before it is dropped (16M)\n"
+		   "                     before it is dropped (128K or more; 16M)\n"
 		   "  --version          print the version and exit\n",
 		   CONFIG_DEFAULT_FILE, CONFIG_DEFAULT_SOCKET, COMMD_PKGLIBEXECDIR);
 }
@@ -71,12 +71,13 @@ static void on_signal(uv_signal_t *h, int signum)
 		return;
 	}
 	log_info("signal %d: shutting down", signum);
-	notify_send("STOPPING=1");
+	/* the listener is closed first: after STOPPING=1 no connection is taken */
 	server_drain();
+	notify_send("STOPPING=1");
 }
 
-/* The gid of the group a config key names; -1, said on stderr, when there is none. */
-static int group_id(const char *key, const char *name)
+/* The gid of the group a config key names in *gid; -1, said on stderr, when there is none. */
+static int group_id(const char *key, const char *name, gid_t *gid)
 {
 	struct group *g = getgrnam(name);
 
@@ -84,7 +85,8 @@ static int group_id(const char *key, const char *name)
 		fprintf(stderr, "commd: %s: no group named '%s'\n", key, name);
 		return -1;
 	}
-	return (int)g->gr_gid;
+	*gid = g->gr_gid;
+	return 0;
 }
 
 /* The value flags, by their long names, kept to apply over the config file. */
@@ -127,7 +129,8 @@ int main(int argc, char **argv)
 	struct flag_val flags[32];
 	static struct config cfg; /* the server keeps pointers into it */
 	const char *cfg_file = NULL;
-	int nflags = 0, dump_topo = 0, foreground = 0, socket_gid = -1, opt, idx;
+	int nflags = 0, dump_topo = 0, foreground = 0, opt, idx;
+	gid_t socket_gid = 0, admin_gid = 0;
 	char status[512], err[512], summary[160];
 	uv_loop_t *loop = uv_default_loop();
 
@@ -200,6 +203,10 @@ int main(int argc, char **argv)
 	} else {
 		topo_discover(&node_topo);
 	}
+	/* before detaching, while stderr still reaches whoever started commd */
+	if ((*cfg.socket_group && group_id("socket-group", cfg.socket_group, &socket_gid) < 0) ||
+	    (*cfg.admin_group && group_id("admin-group", cfg.admin_group, &admin_gid) < 0))
+		return 2;
 	if (!foreground) {
 		/* detached: no terminal, nothing of the caller's kept open; log to syslog */
 		if (daemon(0, 0) < 0) {
@@ -212,10 +219,7 @@ int main(int argc, char **argv)
 	srv.default_timeout_ms = cfg.timeout_ms;
 	srv.drain_ms = cfg.drain_ms;
 	srv.lim = cfg.lim;
-	srv.admin_gid = -1;
-	if ((*cfg.socket_group && (socket_gid = group_id("socket-group", cfg.socket_group)) < 0) ||
-	    (*cfg.admin_group && (srv.admin_gid = group_id("admin-group", cfg.admin_group)) < 0))
-		return 2;
+	srv.admin_gid = *cfg.admin_group ? (int64_t)admin_gid : -1;
 	snprintf(srv.admin_group, sizeof srv.admin_group, "%s", cfg.admin_group);
 	srv.start_ms = now_ms();
 	gpu_probe(loop, cfg.gpu_worker);
@@ -223,7 +227,7 @@ int main(int argc, char **argv)
 	if (be_host_start(loop, cfg.threads, cfg.pin_workers) < 0)
 		return 1;
 	net_start(loop);
-	if (peer_start(loop, cfg.peer_listen) < 0 || server_start(loop, cfg.socket, socket_gid) < 0) {
+	if (peer_start(loop, cfg.peer_listen) < 0 || server_start(loop, cfg.socket, *cfg.socket_group ? (int64_t)socket_gid : -1) < 0) {
 		net_stop();
 		be_host_stop();
 		return 1;
@@ -242,7 +246,8 @@ int main(int argc, char **argv)
 		 (int)getpid(), cfg.socket);
 	notify_send(status);
 	if ((srv.watchdog_ms = notify_watchdog_ms()))
-		log_info("watchdog: WATCHDOG=1 every %u ms while the loop runs", srv.watchdog_ms / 2);
+		log_info("watchdog: WATCHDOG=1 every %u ms while the loop runs (its tick is 100 ms)",
+			 srv.watchdog_ms / 2 < 100 ? 100 : srv.watchdog_ms / 2);
 
 	uv_run(loop, UV_RUN_DEFAULT);
 

@@ -9,13 +9,18 @@
 
 #include "commd.h"
 
+/*
+ * One socket for the daemon's life, opened by the first message (READY=1, at
+ * start): at the fd limit the watchdog pings still go out.
+ */
+static int notify_fd = -1;
+
 int notify_send(const char *msg)
 {
 	const char *path = getenv("NOTIFY_SOCKET");
 	struct sockaddr_un sa = { .sun_family = AF_UNIX };
 	size_t plen;
 	socklen_t salen;
-	int fd, rc = 0;
 
 	if (!path || !*path)
 		return 0;
@@ -26,13 +31,13 @@ int notify_send(const char *msg)
 	if (path[0] == '@')
 		sa.sun_path[0] = '\0'; /* abstract namespace */
 	salen = (socklen_t)(offsetof(struct sockaddr_un, sun_path) + plen);
-	fd = socket(AF_UNIX, SOCK_DGRAM | SOCK_CLOEXEC, 0);
-	if (fd < 0)
+	if (notify_fd < 0 && (notify_fd = socket(AF_UNIX, SOCK_DGRAM | SOCK_CLOEXEC, 0)) < 0)
 		return -errno;
-	if (sendto(fd, msg, strlen(msg), MSG_NOSIGNAL, (struct sockaddr *)&sa, salen) < 0)
-		rc = -errno;
-	close(fd);
-	return rc;
+	/* never block the loop: a manager that stops reading misses the message */
+	if (sendto(notify_fd, msg, strlen(msg), MSG_NOSIGNAL | MSG_DONTWAIT, (struct sockaddr *)&sa,
+		   salen) < 0)
+		return -errno;
+	return 0;
 }
 
 uint32_t notify_watchdog_ms(void)

@@ -2,7 +2,6 @@
  * req.c: the dispatch table and the checks every request passes, in one
  * place and in order: unpack, known type, handshake, role, fd count.
  */
-#include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <unistd.h>
@@ -47,26 +46,32 @@ unsigned req_table_size(void)
 	return ARRAY_SIZE(req_table);
 }
 
-/* Answer env with an Error and keep the connection as it was. */
-static void refuse(struct conn *c, const Commpb__Envelope *env, comm_result_t code,
-		   const char *fmt, ...) __attribute__((format(printf, 4, 5)));
-static void refuse(struct conn *c, const Commpb__Envelope *env, comm_result_t code,
-		   const char *fmt, ...)
+/*
+ * The fds of env were lost to commd's fd limit: refuse it with BUSY in its
+ * own reply, so the rank may try again later and its job goes on.
+ */
+static void refuse_lost_fds(struct conn *c, const Commpb__Envelope *env, const char *name)
 {
+	static char detail[] = "commd is out of file descriptors: the fd of this request was "
+			       "lost; try again later";
 	Commpb__Envelope reply = COMMPB__ENVELOPE__INIT;
-	Commpb__Error err = COMMPB__ERROR__INIT;
-	char detail[256];
-	va_list ap;
+	Commpb__RegisterMemReply rr = COMMPB__REGISTER_MEM_REPLY__INIT;
+	Commpb__RingAttachReply ra = COMMPB__RING_ATTACH_REPLY__INIT;
 
-	va_start(ap, fmt);
-	vsnprintf(detail, sizeof detail, fmt, ap);
-	va_end(ap);
-	log_info("conn %llu (pid %d): %s", (unsigned long long)c->id, (int)c->pid, detail);
-	err.status = code;
-	err.detail = detail;
+	log_warn("conn %llu (pid %d): %s: its fd was lost to the fd limit", (unsigned long long)c->id,
+		 (int)c->pid, name);
 	reply.id = env->id;
-	reply.body_case = COMMPB__ENVELOPE__BODY_ERROR;
-	reply.error = &err;
+	if (env->body_case == B(REGISTER_MEM)) {
+		rr.status = COMM_ERR_BUSY;
+		rr.detail = detail;
+		reply.body_case = B(REGISTER_MEM_REPLY);
+		reply.register_mem_reply = &rr;
+	} else {
+		ra.status = COMM_ERR_BUSY;
+		ra.detail = detail;
+		reply.body_case = B(RING_ATTACH_REPLY);
+		reply.ring_attach_reply = &ra;
+	}
 	conn_send(c, &reply);
 }
 
@@ -104,11 +109,11 @@ int req_dispatch(struct conn *c, const uint8_t *payload, size_t len)
 	if (c->hello_done && (t->flags & REQ_F_BEFORE_HELLO)) {
 		/* refused, not closed: the connection keeps its job and rank */
 		if (c->job)
-			refuse(c, env, COMM_ERR_PROTOCOL,
+			conn_error(c, env->id, COMM_ERR_PROTOCOL,
 			       "protocol: %s twice (rank %d of job %s already)", t->name, c->rank,
 			       c->job->name);
 		else
-			refuse(c, env, COMM_ERR_PROTOCOL, "protocol: %s twice", t->name);
+			conn_error(c, env->id, COMM_ERR_PROTOCOL, "protocol: %s twice", t->name);
 		rc = 0;
 		goto out;
 	}
@@ -121,6 +126,12 @@ int req_dispatch(struct conn *c, const uint8_t *payload, size_t len)
 		goto out;
 	}
 	want = t->fds_of ? t->fds_of(env) : t->nfds;
+	if (want > 0 && c->rd.nfds > 0 && c->rd.fds[0] == FRAME_FD_LOST) {
+		frame_take_fd(&c->rd);
+		refuse_lost_fds(c, env, t->name);
+		rc = 0;
+		goto out;
+	}
 	if (c->rd.nfds < want) {
 		conn_fail(c, COMM_ERR_PROTOCOL, "protocol: %s needs %d fd%s, got %d", t->name,
 			  want, want == 1 ? "" : "s", c->rd.nfds);

@@ -178,7 +178,7 @@ static int clear_stale(const char *path)
 	return 0;
 }
 
-int server_start(uv_loop_t *loop, const char *path, int gid)
+int server_start(uv_loop_t *loop, const char *path, int64_t gid)
 {
 	struct sockaddr_un sa = { .sun_family = AF_UNIX };
 

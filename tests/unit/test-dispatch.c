@@ -32,6 +32,10 @@ void conn_fail(struct conn *c, comm_result_t code, const char *fmt, ...)
 {
 }
 
+void conn_error(struct conn *c, uint64_t id, comm_result_t code, const char *fmt, ...)
+{
+}
+
 int conn_send(struct conn *c, const Commpb__Envelope *env)
 {
 	return 0;
