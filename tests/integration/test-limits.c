@@ -178,20 +178,6 @@ static int rank_flood(int rank, int n, void *arg)
 	return 0;
 }
 
-static int rank_ok(int rank, int n, void *arg)
-{
-	comm_t *c;
-	int v = rank + 1;
-
-	if (th_join(&c, rank, n) < 0)
-		return 1;
-	if (comm_allreduce(c, &v, &v, 1, COMM_INT32, COMM_SUM, NULL) != COMM_OK || v != 3) {
-		fprintf(stderr, "rank %d: all-reduce after the refusals\n", rank);
-		return th_bail(c);
-	}
-	return th_leave(c, rank);
-}
-
 int main(void)
 {
 	int fds0;
@@ -199,14 +185,14 @@ int main(void)
 	REQUIRE(th_daemon_start(&d, "--max-connections-per-uid", "3", "--max-frame-size", "4K",
 				"--max-fds-per-frame", "1", "--max-ops-per-rank", "100", NULL) == 0,
 		"daemon start");
-	CHECK(th_run_ranks(&d, "warm-up", 2, rank_ok, NULL) == 0, "warm-up job");
+	CHECK(th_run_ranks(&d, "warm-up", 2, th_rank_sum, NULL) == 0, "warm-up job");
 	usleep(200 * 1000);
 	fds0 = th_count_fds(d.pid);
 	test_connections();
 	test_frame_size();
 	test_fds_per_frame();
 	CHECK(th_run_ranks(&d, "limits-ops", 2, rank_flood, NULL) == 0, "ops in flight cap");
-	CHECK(th_run_ranks(&d, "after", 2, rank_ok, NULL) == 0, "a job after the refusals");
+	CHECK(th_run_ranks(&d, "after", 2, th_rank_sum, NULL) == 0, "a job after the refusals");
 	printf("ok: a 2-rank job runs after every refusal\n");
 	th_check_baseline(&d, fds0, "the refusals");
 	CHECK(th_daemon_stop(&d) == 0, "daemon stop");

@@ -13,6 +13,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/prctl.h>
 #include <sys/socket.h>
 #include <sys/un.h>
 #include <sys/wait.h>
@@ -75,7 +76,7 @@ int th_free_port(void)
 }
 
 /* th_daemon_start's work; peer: --peer-listen at a free port of 127.0.0.1. */
-static int daemon_vstart(struct th_daemon *d, int peer, va_list ap)
+static int daemon_start_args(struct th_daemon *d, int peer, const char *const *args)
 {
 	struct sockaddr_un sa = { .sun_family = AF_UNIX };
 	char notify[192], *argv[MAX_ARGS], *wrap = NULL, buf[256];
@@ -126,8 +127,8 @@ static int daemon_vstart(struct th_daemon *d, int peer, va_list ap)
 		argv[argc++] = "--peer-listen";
 		argv[argc++] = d->peer;
 	}
-	for (char *a; (a = va_arg(ap, char *)) && argc < MAX_ARGS - 1;)
-		argv[argc++] = a;
+	for (; args && *args && argc < MAX_ARGS - 1; args++)
+		argv[argc++] = (char *)*args;
 	argv[argc] = NULL;
 
 	d->pid = fork();
@@ -143,6 +144,8 @@ static int daemon_vstart(struct th_daemon *d, int peer, va_list ap)
 			close(fd);
 		}
 		setenv("NOTIFY_SOCKET", notify, 1);
+		/* a test that dies (a failed REQUIRE) leaves no daemon behind */
+		prctl(PR_SET_PDEATHSIG, SIGKILL);
 		execvp(argv[0], argv);
 		fprintf(stderr, "harness: exec %s: %s\n", argv[0], strerror(errno));
 		_exit(127);
@@ -174,6 +177,17 @@ static int daemon_vstart(struct th_daemon *d, int peer, va_list ap)
 	return -1;
 }
 
+static int daemon_vstart(struct th_daemon *d, int peer, va_list ap)
+{
+	const char *args[MAX_ARGS];
+	int n = 0;
+
+	for (const char *a; (a = va_arg(ap, const char *)) && n < MAX_ARGS - 1;)
+		args[n++] = a;
+	args[n] = NULL;
+	return daemon_start_args(d, peer, args);
+}
+
 int th_daemon_start(struct th_daemon *d, ...)
 {
 	va_list ap;
@@ -183,6 +197,11 @@ int th_daemon_start(struct th_daemon *d, ...)
 	rc = daemon_vstart(d, 0, ap);
 	va_end(ap);
 	return rc;
+}
+
+int th_daemon_startv(struct th_daemon *d, const char *const *args)
+{
+	return daemon_start_args(d, 0, args);
 }
 
 int th_daemon_start_peer(struct th_daemon *d, ...)

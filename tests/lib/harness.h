@@ -27,6 +27,8 @@ struct th_daemon {
  * Returns 0, or -1 with the reason printed.
  */
 int th_daemon_start(struct th_daemon *d, ...);
+/* th_daemon_start with the extra arguments in a NULL-terminated array (NULL: none). */
+int th_daemon_startv(struct th_daemon *d, const char *const *args);
 /*
  * th_daemon_start that also listens for other daemons on a free port of
  * 127.0.0.1 (--peer-listen); d->peer holds the address, for COMM_ROOT.
@@ -81,6 +83,9 @@ int th_join(comm_t **c, int rank, int size);
 int th_leave(comm_t *c, int rank);
 /* Give up after an op failed on this rank (the others' ops then fail too); returns 1. */
 int th_bail(comm_t *c);
+
+/* A rank function: join, all-reduce rank + 1 and check the sum, leave (0 when right). */
+int th_rank_sum(int rank, int size, void *arg);
 
 /* Seconds on CLOCK_MONOTONIC since t0 (taken with clock_gettime). */
 double th_secs_since(const struct timespec *t0);

@@ -40,3 +40,20 @@ int th_bail(comm_t *c)
 	comm_abort(c);
 	return 1;
 }
+
+int th_rank_sum(int rank, int n, void *arg)
+{
+	comm_result_t rc;
+	comm_t *c;
+	int v = rank + 1;
+
+	if (th_join(&c, rank, n) < 0)
+		return 1;
+	rc = comm_allreduce(c, &v, &v, 1, COMM_INT32, COMM_SUM, NULL);
+	if (rc != COMM_OK || v != n * (n + 1) / 2) {
+		fprintf(stderr, "rank %d: all-reduce of rank + 1: %s, %d (want %d)\n", rank,
+			comm_result_name(rc), v, n * (n + 1) / 2);
+		return th_bail(c);
+	}
+	return th_leave(c, rank);
+}
