@@ -95,7 +95,8 @@ Commpb__Envelope *ctl_call(struct ctl *ctl, Commpb__Envelope *env)
 	}
 	rc = frame_send_all(ctl->fd, frame, len, NULL, 0);
 	free(frame);
-	if (rc < 0) {
+	/* a refused connection: commd said why before it closed; read that */
+	if (rc < 0 && rc != -EPIPE && rc != -ECONNRESET) {
 		fprintf(stderr, "commctl: write: %s\n", strerror(-rc));
 		return NULL;
 	}
@@ -115,6 +116,10 @@ Commpb__Envelope *ctl_call(struct ctl *ctl, Commpb__Envelope *env)
 			break;
 		}
 		n = frame_reader_recv(&rd, ctl->fd);
+		if (n <= 0 && rc < 0) {
+			fprintf(stderr, "commctl: write: %s\n", strerror(-rc));
+			break;
+		}
 		if (n <= 0) {
 			fprintf(stderr, "commctl: read: %s\n",
 				n == 0 ? "commd closed the connection" : strerror((int)-n));
