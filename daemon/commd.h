@@ -38,10 +38,12 @@ struct server {
 	uv_loop_t *loop;
 	const char *socket_path;
 	int listen_fd;
+	int activated;         /* listen_fd came from the service manager (LISTEN_FDS) */
 	uv_poll_t listen_poll;
 	uv_timer_t tick;
 	uv_signal_t sig_term;
 	uv_signal_t sig_int;
+	uv_signal_t sig_hup;   /* reload the settings that may change at run time */
 	TAILQ_HEAD(, conn) conns;
 	TAILQ_HEAD(, job) jobs;
 	uint64_t start_ms;
@@ -79,7 +81,10 @@ struct server {
 
 extern struct server srv;
 
-/* Listen on path: mode 0666, or 0660 and group gid when gid >= 0. */
+/*
+ * Listen on the socket the service manager passed (socket activation), else
+ * on path: mode 0666, or 0660 and group gid when gid >= 0.
+ */
 int server_start(uv_loop_t *loop, const char *path, int64_t gid);
 /*
  * SIGTERM: stop accepting, refuse new joins and ops (COMM_ERR_SHUTDOWN), let

@@ -95,6 +95,55 @@ struct flag_val {
 	const char *val;
 };
 
+/* Where the settings come from, kept for SIGHUP: the file, then the flags. */
+static struct {
+	const char *file; /* NULL: the default file, if it exists */
+	struct flag_val flags[32];
+	int nflags;
+} src;
+
+/* Settings from src into cfg; -1 with "where: why" in err. */
+static int load_settings(struct config *cfg, char *err, size_t errlen)
+{
+	char why[448];
+
+	config_init(cfg);
+	if (config_load(cfg, src.file ? src.file : CONFIG_DEFAULT_FILE, src.file != NULL, why,
+			sizeof why) < 0) {
+		snprintf(err, errlen, "config: %s", why);
+		return -1;
+	}
+	for (int i = 0; i < src.nflags; i++)
+		if (config_set(cfg, src.flags[i].key, src.flags[i].val, why, sizeof why) < 0) {
+			snprintf(err, errlen, "--%s", why);
+			return -1;
+		}
+	return 0;
+}
+
+/*
+ * SIGHUP: read the settings again and apply what may change under running
+ * jobs: the log level, the limits (the per-message ones for connections
+ * made from now on), the default op deadline and the drain budget.
+ */
+static void on_hangup(uv_signal_t *h, int signum)
+{
+	struct config cfg;
+	char err[512];
+
+	if (load_settings(&cfg, err, sizeof err) < 0) {
+		log_warn("reload: %s: the settings in force stay", err);
+		return;
+	}
+	log_set_level((enum log_level)cfg.log_level);
+	srv.lim = cfg.lim;
+	srv.default_timeout_ms = cfg.timeout_ms;
+	srv.drain_ms = cfg.drain_ms;
+	log_info("reload: %s: log level, limits, timeout and drain-timeout applied (socket, "
+		 "threads, topology, peers and groups need a restart)",
+		 src.file ? src.file : CONFIG_DEFAULT_FILE);
+}
+
 int main(int argc, char **argv)
 {
 	static const struct option opts[] = {
@@ -126,10 +175,8 @@ int main(int argc, char **argv)
 		{ "help", no_argument, NULL, 'h' },
 		{ NULL, 0, NULL, 0 },
 	};
-	struct flag_val flags[32];
 	static struct config cfg; /* the server keeps pointers into it */
-	const char *cfg_file = NULL;
-	int nflags = 0, dump_topo = 0, foreground = 0, opt, idx;
+	int dump_topo = 0, foreground = 0, opt, idx;
 	gid_t socket_gid = 0, admin_gid = 0;
 	char status[512], err[512], summary[160];
 	uv_loop_t *loop = uv_default_loop();
@@ -140,20 +187,20 @@ int main(int argc, char **argv)
 
 		switch (opt) {
 		case 'c':
-			cfg_file = optarg;
+			src.file = optarg;
 			break;
 		case 's':
 		case 'l':
 		case 't':
 		case 'T':
 		case 'k':
-			if (nflags == (int)(sizeof flags / sizeof flags[0])) {
+			if (src.nflags == (int)(sizeof src.flags / sizeof src.flags[0])) {
 				fprintf(stderr, "commd: too many flags\n");
 				return 2;
 			}
 			for (idx = 0; !key && opts[idx].val != opt; idx++)
 				;
-			flags[nflags++] = (struct flag_val){ key ? key : opts[idx].name, optarg };
+			src.flags[src.nflags++] = (struct flag_val){ key ? key : opts[idx].name, optarg };
 			break;
 		case 'f':
 			foreground = 1;
@@ -177,17 +224,9 @@ int main(int argc, char **argv)
 		usage(stderr);
 		return 2;
 	}
-	config_init(&cfg);
-	if (config_load(&cfg, cfg_file ? cfg_file : CONFIG_DEFAULT_FILE, cfg_file != NULL, err,
-			sizeof err) < 0) {
-		fprintf(stderr, "commd: config: %s\n", err);
+	if (load_settings(&cfg, err, sizeof err) < 0) {
+		fprintf(stderr, "commd: %s\n", err);
 		return 2;
-	}
-	for (int i = 0; i < nflags; i++) {
-		if (config_set(&cfg, flags[i].key, flags[i].val, err, sizeof err) < 0) {
-			fprintf(stderr, "commd: --%s\n", err);
-			return 2;
-		}
 	}
 	log_set_level((enum log_level)cfg.log_level);
 	if (dump_topo) {
@@ -236,14 +275,17 @@ int main(int argc, char **argv)
 	uv_signal_start(&srv.sig_term, on_signal, SIGTERM);
 	uv_signal_init(loop, &srv.sig_int);
 	uv_signal_start(&srv.sig_int, on_signal, SIGINT);
+	uv_signal_init(loop, &srv.sig_hup);
+	uv_signal_start(&srv.sig_hup, on_hangup, SIGHUP);
 
 	log_info("commd %s: pid %d, socket %s, %d worker threads%s, gpu: %s", COMMD_VERSION,
-		 (int)getpid(), cfg.socket, cfg.threads, cfg.pin_workers ? " (pinned)" : "",
+		 (int)getpid(), srv.socket_path, cfg.threads, cfg.pin_workers ? " (pinned)" : "",
 		 srv.gpu_info);
 	topo_summary(&node_topo, summary, sizeof summary);
 	log_info("topology (%s): %s", node_topo.source, summary);
-	snprintf(status, sizeof status, "READY=1\nMAINPID=%d\nSTATUS=serving %s (host backend)",
-		 (int)getpid(), cfg.socket);
+	snprintf(status, sizeof status, "READY=1\nMAINPID=%d\nSTATUS=serving %s: host%s%s, gpu: %s",
+		 (int)getpid(), srv.socket_path, net_available() ? ", net" : "",
+		 srv.gpu_state == GPU_READY ? ", gpu" : "", srv.gpu_info);
 	notify_send(status);
 	if ((srv.watchdog_ms = notify_watchdog_ms()))
 		log_info("watchdog: WATCHDOG=1 every %u ms while the loop runs (its tick is 100 ms)",

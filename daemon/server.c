@@ -4,6 +4,7 @@
  */
 #include <errno.h>
 #include <fcntl.h>
+#include <stddef.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -178,12 +179,58 @@ static int clear_stale(const char *path)
 	return 0;
 }
 
+/*
+ * The listening Unix socket the service manager passed (LISTEN_FDS: socket
+ * activation), made ours: fd 3 with its path in path; 0 when there is none,
+ * -1 when what was passed is not one.
+ */
+static int take_activated(char *path, size_t len)
+{
+	const char *pid = getenv("LISTEN_PID"), *nfds = getenv("LISTEN_FDS");
+	struct sockaddr_un sa;
+	socklen_t sl = sizeof sa, il = sizeof(int);
+	int type = 0, listening = 0, fd = 3;
+	long n = nfds ? strtol(nfds, NULL, 10) : 0;
+
+	if (!pid || strtol(pid, NULL, 10) != (long)getpid() || n < 1)
+		return 0;
+	unsetenv("LISTEN_PID");
+	unsetenv("LISTEN_FDS");
+	unsetenv("LISTEN_FDNAMES");
+	for (int extra = fd + 1; extra < fd + n; extra++)
+		close(extra);
+	if (n > 1)
+		log_warn("listen: %ld sockets passed; serving the first", n);
+	if (getsockopt(fd, SOL_SOCKET, SO_TYPE, &type, &il) < 0 || type != SOCK_STREAM ||
+	    getsockopt(fd, SOL_SOCKET, SO_ACCEPTCONN, &listening, &il) < 0 || !listening ||
+	    getsockname(fd, (struct sockaddr *)&sa, &sl) < 0 || sa.sun_family != AF_UNIX) {
+		log_error("listen: the socket passed (fd 3) is not a listening Unix stream socket");
+		return -1;
+	}
+	fcntl(fd, F_SETFL, fcntl(fd, F_GETFL) | O_NONBLOCK);
+	fcntl(fd, F_SETFD, FD_CLOEXEC);
+	snprintf(path, len, "%.*s", (int)(sl - offsetof(struct sockaddr_un, sun_path)),
+		 sa.sun_path);
+	srv.listen_fd = fd;
+	srv.activated = 1;
+	return 1;
+}
+
 int server_start(uv_loop_t *loop, const char *path, int64_t gid)
 {
+	static char activated_path[sizeof(((struct sockaddr_un *)0)->sun_path) + 1];
 	struct sockaddr_un sa = { .sun_family = AF_UNIX };
+	int rc;
 
 	srv.loop = loop;
 	srv.socket_path = path;
+	if ((rc = take_activated(activated_path, sizeof activated_path)) < 0)
+		return -1;
+	if (rc > 0) {
+		srv.socket_path = activated_path;
+		log_info("listen: %s, passed by the service manager", activated_path);
+		goto serve;
+	}
 	if (strlen(path) >= sizeof sa.sun_path) {
 		log_error("listen: socket path too long: %s", path);
 		return -1;
@@ -201,6 +248,7 @@ int server_start(uv_loop_t *loop, const char *path, int64_t gid)
 		srv.listen_fd = -1;
 		return -1;
 	}
+serve:
 	srv.spare_fd = open("/dev/null", O_RDONLY | O_CLOEXEC);
 	uv_poll_init(loop, &srv.listen_poll, srv.listen_fd);
 	uv_poll_start(&srv.listen_poll, UV_READABLE, on_accept);
@@ -215,7 +263,9 @@ static void close_listener(void)
 		return;
 	uv_close((uv_handle_t *)&srv.listen_poll, NULL);
 	close(srv.listen_fd);
-	unlink(srv.socket_path);
+	/* an activated socket stays the manager's: clients wait there for the next commd */
+	if (!srv.activated)
+		unlink(srv.socket_path);
 	srv.listen_fd = -1;
 	if (srv.spare_fd >= 0)
 		close(srv.spare_fd);
@@ -259,4 +309,5 @@ void server_stop(void)
 	uv_close((uv_handle_t *)&srv.tick, NULL);
 	uv_close((uv_handle_t *)&srv.sig_term, NULL);
 	uv_close((uv_handle_t *)&srv.sig_int, NULL);
+	uv_close((uv_handle_t *)&srv.sig_hup, NULL);
 }

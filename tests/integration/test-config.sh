@@ -1,7 +1,8 @@
 #!/bin/bash
 # test-config.sh: commd's config file: every key takes effect, flags win over
-# the file, the topology key loads a description like --topology, and a bad
-# key, value, section or line stops commd at start naming the file and line.
+# the file, the topology key loads a description like --topology, a bad
+# key, value, section or line stops commd at start naming the file and line,
+# and SIGHUP reloads what may change under running jobs.
 set -u
 . "$(dirname "$0")/../lib/daemon.sh"
 fix=$(cd "$(dirname "$0")/../fixtures" && pwd)
@@ -95,6 +96,41 @@ timeout 10 "$COMMD" --foreground --config "$tmp/none.conf" 2>"$tmp/bad.err" && b
 grep -q "none.conf: No such file" "$tmp/bad.err" || bad "missing --config file: $(cat "$tmp/bad.err")"
 timeout 10 "$COMMD" --foreground --config /dev/null --threads 0 2>"$tmp/bad.err" && bad "--threads 0 accepted"
 grep -q -- "--threads: '0' is not in 1..1024" "$tmp/bad.err" || bad "--threads 0: $(cat "$tmp/bad.err")"
+
+# 4. SIGHUP reloads the log level and the limits; a job waiting meanwhile goes on
+printf 'socket = %s\nlog-level = info\n' "$tmp/hup.sock" >"$tmp/hup.conf"
+"$COMMD" --foreground --config "$tmp/hup.conf" 2>"$tmp/hup.log" &
+pid=$!
+until "$COMMCTL" --socket "$tmp/hup.sock" status >/dev/null 2>&1; do sleep 0.02; done
+# rank 0 of 2 waits for a rank 1 that never comes while the signal lands
+COMM_SOCKET=$tmp/hup.sock COMM_JOB=held COMM_RANK=0 COMM_WORLD_SIZE=2 COMM_TIMEOUT=5000 \
+	"$COMM_DEMOS/collectives" >/dev/null 2>&1 &
+held=$!
+sleep 0.3
+printf 'socket = %s\nlog-level = debug\nmax-connections = 2\n' "$tmp/hup.sock" >"$tmp/hup.conf"
+kill -HUP "$pid"
+for _ in $(seq 100); do grep -q "reload: " "$tmp/hup.log" && break; sleep 0.05; done
+grep -q "reload: $tmp/hup.conf: log level, limits" "$tmp/hup.log" ||
+	bad "SIGHUP: no reload in the log: $(tail -3 "$tmp/hup.log")"
+# the held rank and one commctl fill max-connections 2; a third is refused
+COMM_SOCKET=$tmp/hup.sock COMM_JOB=third COMM_RANK=0 COMM_WORLD_SIZE=2 COMM_TIMEOUT=3000 \
+	"$COMM_DEMOS/collectives" >/dev/null 2>&1 &
+third=$!
+sleep 0.3
+out=$("$COMMCTL" --socket "$tmp/hup.sock" status 2>&1)
+grep -q "max-connections" <<<"$out" || bad "max-connections not reloaded: $out"
+kill "$third" 2>/dev/null; wait "$third" 2>/dev/null
+sleep 0.2
+"$COMMCTL" --socket "$tmp/hup.sock" jobs 2>&1 | grep -q "held" || bad "SIGHUP dropped a waiting job"
+grep -q " debug: " "$tmp/hup.log" || bad "log-level not reloaded: no debug lines"
+# a bad file on SIGHUP: said in the log, the settings in force stay
+echo 'threads = none' >>"$tmp/hup.conf"
+kill -HUP "$pid"
+for _ in $(seq 100); do grep -q "the settings in force stay" "$tmp/hup.log" && break; sleep 0.05; done
+grep -q "reload: config: .*hup.conf:4: threads" "$tmp/hup.log" ||
+	bad "a bad file on SIGHUP: $(tail -2 "$tmp/hup.log")"
+kill "$held" 2>/dev/null; wait "$held" 2>/dev/null
+kill -TERM "$pid"; wait "$pid" || bad "commd did not exit cleanly after SIGHUP"
 
 [ "$fail" = 0 ] && echo "PASS: test-config"
 exit "$fail"
