@@ -18,26 +18,6 @@
 
 static struct th_daemon d;
 
-/* The Error (or reply) commd sends on fd before closing it: its status and detail. */
-static int error_of(int fd, char *detail, size_t len)
-{
-	struct frame_reader r;
-	Commpb__Envelope *env;
-	int status = -1;
-
-	frame_reader_init(&r);
-	detail[0] = 0;
-	env = raw_recv(fd, &r);
-	if (env && env->body_case == COMMPB__ENVELOPE__BODY_ERROR) {
-		status = env->error->status;
-		snprintf(detail, len, "%s", env->error->detail);
-	}
-	if (env)
-		commpb__envelope__free_unpacked(env, NULL);
-	frame_reader_free(&r);
-	return status;
-}
-
 static void test_connections(void)
 {
 	int fds[3], fd;
@@ -48,7 +28,7 @@ static void test_connections(void)
 		fds[i] = raw_connect(d.sock);
 	usleep(100 * 1000);
 	fd = raw_connect(d.sock);
-	CHECK(error_of(fd, detail, sizeof detail) == COMM_ERR_BUSY &&
+	CHECK(raw_error(fd, -1, detail, sizeof detail) == COMM_ERR_BUSY &&
 		      strstr(detail, "max-connections-per-uid"),
 	      "a 4th connection of one uid: '%s'", detail);
 	CHECK(raw_closed_by_daemon(fd), "the 4th connection was not closed");
@@ -88,7 +68,7 @@ static int big_hello(size_t bytes, char *detail, size_t len)
 	env.body_case = COMMPB__ENVELOPE__BODY_HELLO;
 	env.hello = &h;
 	raw_send(fd, &env, NULL, 0);
-	st = error_of(fd, detail, len);
+	st = raw_error(fd, -1, detail, len);
 	close(fd);
 	free(name);
 	return st;
@@ -132,7 +112,7 @@ static void test_fds_per_frame(void)
 	env.body_case = COMMPB__ENVELOPE__BODY_REGISTER_MEM;
 	env.register_mem = &rm;
 	raw_send(fd, &env, m, 2);
-	CHECK(error_of(fd, detail, sizeof detail) == COMM_ERR_PROTOCOL &&
+	CHECK(raw_error(fd, -1, detail, sizeof detail) == COMM_ERR_PROTOCOL &&
 		      strstr(detail, "max-fds-per-frame"),
 	      "two fds with max-fds-per-frame 1: '%s'", detail);
 	close(fd);

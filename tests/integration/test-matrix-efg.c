@@ -492,29 +492,6 @@ static void row_e7(struct th_daemon *d)
 	CHECK(joined(pid, rfd, out, sizeof out) == COMM_ERR_TIMEOUT, "nobody's own job: %s", out);
 }
 
-/* The Error commd sends on fd, if one is waiting (within ms): status, and detail. */
-static int error_on(int fd, int ms, char *detail, size_t len)
-{
-	struct pollfd p = { .fd = fd, .events = POLLIN };
-	struct frame_reader r;
-	Commpb__Envelope *env;
-	int status = -1;
-
-	detail[0] = '\0';
-	if (poll(&p, 1, ms) <= 0)
-		return -1;
-	frame_reader_init(&r);
-	env = raw_recv(fd, &r);
-	if (env && env->body_case == COMMPB__ENVELOPE__BODY_ERROR) {
-		status = env->error->status;
-		snprintf(detail, len, "%s", env->error->detail);
-	}
-	if (env)
-		commpb__envelope__free_unpacked(env, NULL);
-	frame_reader_free(&r);
-	return status;
-}
-
 /* Raise our own fd limit to at least n (or as far as the hard limit goes); the soft limit. */
 static long raise_nofile(long n)
 {
@@ -567,7 +544,7 @@ static void row_f1(struct th_daemon *d)
 	/* a refusal is an Error at once; a served connection hears nothing until its hello */
 	usleep(1000 * 1000);
 	for (int i = 0; i < n; i++) {
-		int st = fds[i] < 0 ? -2 : error_on(fds[i], 0, detail, sizeof detail);
+		int st = fds[i] < 0 ? -2 : raw_error(fds[i], 0, detail, sizeof detail);
 
 		if (st == COMM_ERR_BUSY && strstr(detail, "max-connections"))
 			refused++;
@@ -657,32 +634,6 @@ static void row_f2(struct th_daemon *d)
 		"(deadline %d ms)", F2_CONNS, worst, DEADLINE_MS);
 }
 
-/* Hello as rank `rank` of a world-size job with a token, by hand; the reply's status. */
-static int hello_rank(int fd, struct frame_reader *r, const char *job, const char *token,
-		      int rank, int world)
-{
-	Commpb__Envelope env = COMMPB__ENVELOPE__INIT, *reply;
-	Commpb__Hello h = COMMPB__HELLO__INIT;
-	int st = -1;
-
-	h.version_min = PROTO_VERSION_MIN;
-	h.version_max = PROTO_VERSION;
-	h.job = (char *)job;
-	h.token.data = (uint8_t *)token;
-	h.token.len = strlen(token);
-	h.rank = rank;
-	h.world_size = world;
-	env.body_case = COMMPB__ENVELOPE__BODY_HELLO;
-	env.hello = &h;
-	raw_send(fd, &env, NULL, 0);
-	reply = raw_recv(fd, r);
-	if (reply && reply->body_case == COMMPB__ENVELOPE__BODY_HELLO_REPLY)
-		st = reply->hello_reply->status;
-	if (reply)
-		commpb__envelope__free_unpacked(reply, NULL);
-	return st;
-}
-
 /* F3's rank 1: an all-reduce that must end in PEER_LOST naming rank 0. */
 static int rank_f3(int rank, int n, void *arg)
 {
@@ -731,7 +682,7 @@ static void row_f3(struct th_daemon *d)
 	REQUIRE(th_ranks_start(&rs, d, "f3-job", 1, rank_f3, d) == 0, "rank 1");
 	fd = raw_connect(d->sock);
 	frame_reader_init(&r);
-	CHECK(hello_rank(fd, &r, "f3-job", "f3-token", 0, 2) == COMM_OK, "rank 0's hello");
+	CHECK(raw_hello_rank(fd, &r, "f3-job", "f3-token", 0, 2) == COMM_OK, "rank 0's hello");
 	frame_reader_free(&r);
 	fm.mem_id = 12345;
 	env.body_case = COMMPB__ENVELOPE__BODY_FREE_MEM;
@@ -808,7 +759,7 @@ static void row_f5(struct th_daemon *d)
 	usleep(500 * 1000);
 	for (int i = 0; i < 40; i++) {
 		char det[256];
-		int st = fds[i] < 0 ? -2 : error_on(fds[i], 0, det, sizeof det);
+		int st = fds[i] < 0 ? -2 : raw_error(fds[i], 0, det, sizeof det);
 
 		if (st == COMM_ERR_BUSY && strstr(det, "out of file descriptors")) {
 			refused++;

@@ -1,5 +1,6 @@
 /* raw.c: a hand-made protocol client for the tests (see raw.h). */
 #include <poll.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/socket.h>
@@ -106,4 +107,51 @@ int raw_register_fd(int sock, struct frame_reader *r, int mfd, uint64_t size, ui
 		*mem_id = reply->register_mem_reply->mem_id;
 	commpb__envelope__free_unpacked(reply, NULL);
 	return status;
+}
+
+int raw_error(int fd, int ms, char *detail, size_t len)
+{
+	struct pollfd p = { .fd = fd, .events = POLLIN };
+	struct frame_reader r;
+	Commpb__Envelope *env;
+	int status = -1;
+
+	detail[0] = '\0';
+	if (ms >= 0 && poll(&p, 1, ms) <= 0)
+		return -1;
+	frame_reader_init(&r);
+	env = raw_recv(fd, &r);
+	if (env && env->body_case == COMMPB__ENVELOPE__BODY_ERROR) {
+		status = env->error->status;
+		snprintf(detail, len, "%s", env->error->detail);
+	}
+	if (env)
+		commpb__envelope__free_unpacked(env, NULL);
+	frame_reader_free(&r);
+	return status;
+}
+
+int raw_hello_rank(int fd, struct frame_reader *r, const char *job, const char *token, int rank,
+		   int world)
+{
+	Commpb__Envelope env = COMMPB__ENVELOPE__INIT, *reply;
+	Commpb__Hello h = COMMPB__HELLO__INIT;
+	int st = -1;
+
+	h.version_min = PROTO_VERSION_MIN;
+	h.version_max = PROTO_VERSION;
+	h.job = (char *)job;
+	h.token.data = (uint8_t *)token;
+	h.token.len = strlen(token);
+	h.rank = rank;
+	h.world_size = world;
+	env.body_case = COMMPB__ENVELOPE__BODY_HELLO;
+	env.hello = &h;
+	raw_send(fd, &env, NULL, 0);
+	reply = raw_recv(fd, r);
+	if (reply && reply->body_case == COMMPB__ENVELOPE__BODY_HELLO_REPLY)
+		st = reply->hello_reply->status;
+	if (reply)
+		commpb__envelope__free_unpacked(reply, NULL);
+	return st;
 }

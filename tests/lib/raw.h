@@ -5,6 +5,7 @@
 #ifndef TESTS_RAW_H
 #define TESTS_RAW_H
 
+#include <stddef.h>
 #include <stdint.h>
 
 #include "frame.h"
@@ -23,6 +24,14 @@ int raw_closed_by_daemon(int fd);
  */
 void raw_hello(int fd, struct frame_reader *r, const char *job, uint32_t vmin, uint32_t vmax,
 	       int want);
+/*
+ * The Error commd sends on fd (waiting ms for one to start; -1: raw_recv's
+ * 5 s): its status and detail; -1 when none came (or something else did).
+ */
+int raw_error(int fd, int ms, char *detail, size_t len);
+/* Hello as rank `rank` of a world-rank job with token; the reply's status, or -1. */
+int raw_hello_rank(int fd, struct frame_reader *r, const char *job, const char *token, int rank,
+		   int world);
 /* Register memfd mfd of size bytes; the reply's status, and its mem id in *mem_id if not NULL. */
 int raw_register_fd(int sock, struct frame_reader *r, int mfd, uint64_t size, uint64_t *mem_id);
 
