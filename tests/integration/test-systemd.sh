@@ -11,7 +11,7 @@ COMMD=${COMMD:-./daemon/commd}
 COMMCTL=${COMMCTL:-./client/commctl}
 COMMRUN=${COMMRUN:-./client/commrun}
 DEMOS=${COMM_DEMOS:-./tests/demos}
-src=${srcdir:-.}
+src=$(cd "${srcdir:-.}" && pwd)
 fail=0
 bad() { echo "FAIL: $*"; fail=1; }
 
