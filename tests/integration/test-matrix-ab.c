@@ -560,37 +560,6 @@ static void row_a3(struct th_daemon *d)
 
 /* --- A4: a rank closes its socket with ops pending ------------------------ */
 
-/* Hello as rank of a world-rank job; the reply's status and detail, or -1 without one. */
-static int raw_join(int fd, struct frame_reader *rd, const char *job, const char *token,
-		    int rank, int world, char *detail, size_t len)
-{
-	Commpb__Envelope env = COMMPB__ENVELOPE__INIT, *reply;
-	Commpb__Hello h = COMMPB__HELLO__INIT;
-	int status = -1;
-
-	h.version_min = PROTO_VERSION_MIN;
-	h.version_max = PROTO_VERSION;
-	h.role = COMMPB__ROLE__ROLE_RANK;
-	h.job = (char *)job;
-	h.token.data = (uint8_t *)token;
-	h.token.len = strlen(token);
-	h.rank = rank;
-	h.world_size = world;
-	h.timeout_ms = 60000;
-	env.body_case = COMMPB__ENVELOPE__BODY_HELLO;
-	env.hello = &h;
-	raw_send(fd, &env, NULL, 0);
-	reply = raw_recv(fd, rd);
-	detail[0] = '\0';
-	if (reply && reply->body_case == COMMPB__ENVELOPE__BODY_HELLO_REPLY) {
-		status = reply->hello_reply->status;
-		snprintf(detail, len, "%s", reply->hello_reply->detail);
-	}
-	if (reply)
-		commpb__envelope__free_unpacked(reply, NULL);
-	return status;
-}
-
 /* Post op seq: an all-reduce in place of count int32s at the start of mem_id. */
 static void raw_allreduce(int fd, uint64_t seq, uint64_t mem_id, uint64_t count)
 {
@@ -631,7 +600,7 @@ static int a4_raw_rank(int rank, int n)
 	alarm(TH_WATCHDOG_S);
 	fd = raw_connect(getenv("COMM_SOCKET"));
 	frame_reader_init(&rd);
-	rc = raw_join(fd, &rd, getenv("COMM_JOB"), getenv("COMM_TOKEN"), rank, n, detail,
+	rc = raw_hello_rank(fd, &rd, getenv("COMM_JOB"), getenv("COMM_TOKEN"), rank, n, detail,
 		      sizeof detail);
 	mfd = memfd_create("a4-raw", MFD_CLOEXEC | MFD_ALLOW_SEALING);
 	if (rc != COMM_OK || mfd < 0 || ftruncate(mfd, (off_t)bytes) < 0 ||
@@ -1069,7 +1038,7 @@ static void b5_raw(const struct th_daemon *d, int rank, int world, const char *w
 	int fd = raw_connect(d->sock), st;
 
 	frame_reader_init(&rd);
-	st = raw_join(fd, &rd, "b5-job", "ab-token", rank, world, detail, sizeof detail);
+	st = raw_hello_rank(fd, &rd, "b5-job", "ab-token", rank, world, detail, sizeof detail);
 	CHECK(st == COMM_ERR_INVALID_ARG && strstr(detail, want),
 	      "B5: hello as rank %d of %d: %d (%s), want INVALID_ARG: %s", rank, world, st, detail,
 	      want);

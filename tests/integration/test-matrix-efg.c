@@ -682,7 +682,7 @@ static void row_f3(struct th_daemon *d)
 	REQUIRE(th_ranks_start(&rs, d, "f3-job", 1, rank_f3, d) == 0, "rank 1");
 	fd = raw_connect(d->sock);
 	frame_reader_init(&r);
-	CHECK(raw_hello_rank(fd, &r, "f3-job", "f3-token", 0, 2) == COMM_OK, "rank 0's hello");
+	CHECK(raw_hello_rank(fd, &r, "f3-job", "f3-token", 0, 2, NULL, 0) == COMM_OK, "rank 0's hello");
 	frame_reader_free(&r);
 	fm.mem_id = 12345;
 	env.body_case = COMMPB__ENVELOPE__BODY_FREE_MEM;

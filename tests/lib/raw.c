@@ -132,7 +132,7 @@ int raw_error(int fd, int ms, char *detail, size_t len)
 }
 
 int raw_hello_rank(int fd, struct frame_reader *r, const char *job, const char *token, int rank,
-		   int world)
+		   int world, char *detail, size_t len)
 {
 	Commpb__Envelope env = COMMPB__ENVELOPE__INIT, *reply;
 	Commpb__Hello h = COMMPB__HELLO__INIT;
@@ -149,8 +149,13 @@ int raw_hello_rank(int fd, struct frame_reader *r, const char *job, const char *
 	env.hello = &h;
 	raw_send(fd, &env, NULL, 0);
 	reply = raw_recv(fd, r);
-	if (reply && reply->body_case == COMMPB__ENVELOPE__BODY_HELLO_REPLY)
+	if (detail)
+		detail[0] = '\0';
+	if (reply && reply->body_case == COMMPB__ENVELOPE__BODY_HELLO_REPLY) {
 		st = reply->hello_reply->status;
+		if (detail)
+			snprintf(detail, len, "%s", reply->hello_reply->detail);
+	}
 	if (reply)
 		commpb__envelope__free_unpacked(reply, NULL);
 	return st;

@@ -29,9 +29,12 @@ void raw_hello(int fd, struct frame_reader *r, const char *job, uint32_t vmin, u
  * 5 s): its status and detail; -1 when none came (or something else did).
  */
 int raw_error(int fd, int ms, char *detail, size_t len);
-/* Hello as rank `rank` of a world-rank job with token; the reply's status, or -1. */
+/*
+ * Hello as rank `rank` of a world-rank job with token (the daemon's default
+ * op deadline); the reply's status, or -1, and its detail in detail (if not NULL).
+ */
 int raw_hello_rank(int fd, struct frame_reader *r, const char *job, const char *token, int rank,
-		   int world);
+		   int world, char *detail, size_t len);
 /* Register memfd mfd of size bytes; the reply's status, and its mem id in *mem_id if not NULL. */
 int raw_register_fd(int sock, struct frame_reader *r, int mfd, uint64_t size, uint64_t *mem_id);
 
