@@ -168,8 +168,14 @@ static int daemon_up(struct th_daemon *d, const char *const *args)
 	by->stop = 1;
 	if (th_ranks_wait(&rs) != 0)
 		return -1;
-	for (int i = 0; i < 300 && th_count_memfd_maps(d->pid) != 0; i++)
+	/* once the job's memory is unmapped and commd's fd count holds still for 0.3 s */
+	for (int i = 0, same = 0, last = -1; i < 500 && same < 30; i++) {
+		int fds = th_count_fds(d->pid);
+
+		same = fds == last && th_count_memfd_maps(d->pid) == 0 ? same + 1 : 0;
+		last = fds;
 		usleep(10 * 1000);
+	}
 	return th_count_fds(d->pid);
 }
 
