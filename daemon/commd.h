@@ -91,6 +91,12 @@ int server_start(uv_loop_t *loop, const char *path, int64_t gid);
  * the ops in flight finish for up to srv.drain_ms, then server_shutdown.
  */
 void server_drain(void);
+/*
+ * Tell the service manager head (READY=1, STOPPING=1, ...; NULL: nothing)
+ * with STATUS=, what commd serves and how many jobs and ranks it has, or
+ * how much is left to drain. With no head, only when STATUS= changed.
+ */
+void server_notify(const char *head);
 /* Fail what is left with COMM_ERR_SHUTDOWN, close everything, stop the backends. */
 void server_shutdown(void);
 /* Stop accepting, close every connection and the listener. */

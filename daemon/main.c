@@ -71,9 +71,7 @@ static void on_signal(uv_signal_t *h, int signum)
 		return;
 	}
 	log_info("signal %d: shutting down", signum);
-	/* the listener is closed first: after STOPPING=1 no connection is taken */
-	server_drain();
-	notify_send("STOPPING=1");
+	server_drain(); /* closes the listener, then says STOPPING=1 */
 }
 
 /* The gid of the group a config key names in *gid; -1, said on stderr, when there is none. */
@@ -129,10 +127,15 @@ static int load_settings(struct config *cfg, char *err, size_t errlen)
 static void on_hangup(uv_signal_t *h, int signum)
 {
 	struct config cfg;
-	char err[512];
+	char err[512], msg[64];
 
+	/* RELOADING=1, then READY=1 whether or not the new settings took */
+	snprintf(msg, sizeof msg, "RELOADING=1\nMONOTONIC_USEC=%llu",
+		 (unsigned long long)now_ms() * 1000);
+	notify_send(msg);
 	if (load_settings(&cfg, err, sizeof err) < 0) {
 		log_warn("reload: %s: the settings in force stay", err);
+		server_notify("READY=1");
 		return;
 	}
 	log_set_level((enum log_level)cfg.log_level);
@@ -142,6 +145,7 @@ static void on_hangup(uv_signal_t *h, int signum)
 	log_info("reload: %s: log level, limits, timeout and drain-timeout applied (socket, "
 		 "threads, topology, peers and groups need a restart)",
 		 src.file ? src.file : CONFIG_DEFAULT_FILE);
+	server_notify("READY=1");
 }
 
 int main(int argc, char **argv)
@@ -178,7 +182,7 @@ int main(int argc, char **argv)
 	static struct config cfg; /* the server keeps pointers into it */
 	int dump_topo = 0, foreground = 0, opt, idx;
 	gid_t socket_gid = 0, admin_gid = 0;
-	char status[512], err[512], summary[160];
+	char ready[64], err[512], summary[160];
 	uv_loop_t *loop = uv_default_loop();
 
 	while ((opt = getopt_long(argc, argv, "s:fl:t:T:Vh", opts, &idx)) != -1) {
@@ -283,10 +287,8 @@ int main(int argc, char **argv)
 		 srv.gpu_info);
 	topo_summary(&node_topo, summary, sizeof summary);
 	log_info("topology (%s): %s", node_topo.source, summary);
-	snprintf(status, sizeof status, "READY=1\nMAINPID=%d\nSTATUS=serving %s: host%s%s, gpu: %s",
-		 (int)getpid(), srv.socket_path, net_available() ? ", net" : "",
-		 srv.gpu_state == GPU_READY ? ", gpu" : "", srv.gpu_info);
-	notify_send(status);
+	snprintf(ready, sizeof ready, "READY=1\nMAINPID=%d", (int)getpid());
+	server_notify(ready);
 	if ((srv.watchdog_ms = notify_watchdog_ms()))
 		log_info("watchdog: WATCHDOG=1 every %u ms while the loop runs (its tick is 100 ms)",
 			 srv.watchdog_ms / 2 < 100 ? 100 : srv.watchdog_ms / 2);

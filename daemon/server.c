@@ -91,6 +91,46 @@ static void on_accept(uv_poll_t *h, int status, int events)
 	}
 }
 
+/* Ops posted and not yet answered, over every job. */
+static uint64_t ops_in_flight(void)
+{
+	uint64_t left = 0;
+	struct job *j;
+
+	TAILQ_FOREACH(j, &srv.jobs, link) {
+		left += (uint64_t)j->tasks_out;
+		for (int r = 0; r < j->world; r++)
+			left += j->nposted[r];
+	}
+	return left;
+}
+
+void server_notify(const char *head)
+{
+	static char last[384];
+	char line[384], msg[512];
+	unsigned jobs = 0, ranks = 0;
+	struct job *j;
+
+	TAILQ_FOREACH(j, &srv.jobs, link) {
+		jobs++;
+		ranks += (unsigned)j->attached;
+	}
+	if (srv.draining)
+		snprintf(line, sizeof line, "draining: %llu ops in flight, %u job%s",
+			 (unsigned long long)ops_in_flight(), jobs, jobs == 1 ? "" : "s");
+	else
+		snprintf(line, sizeof line, "serving %s: host%s%s, gpu: %s; %u job%s, %u rank%s",
+			 srv.socket_path, net_available() ? ", net" : "",
+			 srv.gpu_state == GPU_READY ? ", gpu" : "", srv.gpu_info, jobs,
+			 jobs == 1 ? "" : "s", ranks, ranks == 1 ? "" : "s");
+	if (!head && !strcmp(line, last))
+		return;
+	snprintf(last, sizeof last, "%s", line);
+	snprintf(msg, sizeof msg, "%s%sSTATUS=%s", head ? head : "", head ? "\n" : "", line);
+	notify_send(msg);
+}
+
 static void on_tick(uv_timer_t *t)
 {
 	/* from the loop itself: a stalled loop stops the pings, and systemd acts */
@@ -112,16 +152,12 @@ static void on_tick(uv_timer_t *t)
 	job_check_deadlines(now_ms());
 	conn_check_deadlines(now_ms());
 	peer_tick(now_ms());
+	if (!srv.stopping)
+		server_notify(NULL);
 	if (srv.draining && !srv.stopping) {
-		uint64_t left = 0, unsent = 0;
+		uint64_t left = ops_in_flight(), unsent = 0;
 		struct conn *c;
-		struct job *j;
 
-		TAILQ_FOREACH(j, &srv.jobs, link) {
-			left += (uint64_t)j->tasks_out;
-			for (int r = 0; r < j->world; r++)
-				left += j->nposted[r];
-		}
 		/* and the answers are out of the door before the connections close */
 		TAILQ_FOREACH(c, &srv.conns, link)
 			unsent += c->wq_bytes;
@@ -274,17 +310,13 @@ static void close_listener(void)
 
 void server_drain(void)
 {
-	uint64_t left = 0;
-	struct job *j;
-
-	TAILQ_FOREACH(j, &srv.jobs, link)
-		for (int r = 0; r < j->world; r++)
-			left += j->nposted[r];
 	srv.draining = 1;
 	srv.drain_until_ms = now_ms() + srv.drain_ms;
 	close_listener();
 	log_info("drain: %llu ops in flight get up to %u ms to finish; no new ops or joins",
-		 (unsigned long long)left, srv.drain_ms);
+		 (unsigned long long)ops_in_flight(), srv.drain_ms);
+	/* after the listener is closed: once the manager reads this, no client is taken */
+	server_notify("STOPPING=1");
 }
 
 void server_shutdown(void)

@@ -79,7 +79,7 @@ int th_free_port(void)
 static int daemon_start_args(struct th_daemon *d, int peer, const char *const *args)
 {
 	struct sockaddr_un sa = { .sun_family = AF_UNIX };
-	char notify[192], *argv[MAX_ARGS], *wrap = NULL, buf[256];
+	char notify[192], *argv[MAX_ARGS], *wrap = NULL, buf[512];
 	const char *commd = getenv("COMMD"), *wrapper = getenv("COMMD_WRAPPER");
 	struct timespec t0;
 	int argc = 0, limit_ms = wrapper && *wrapper ? 60000 : 10000;
@@ -160,8 +160,10 @@ static int daemon_start_args(struct th_daemon *d, int peer, const char *const *a
 			n = recv(d->notify_fd, buf, sizeof buf - 1, 0);
 			if (n > 0) {
 				buf[n] = '\0';
-				if (strstr(buf, "READY=1"))
+				if (strstr(buf, "READY=1")) {
+					snprintf(d->ready, sizeof d->ready, "%s", buf);
 					return 0;
+				}
 			}
 		}
 		if (!th_daemon_alive(d)) {

@@ -18,7 +18,8 @@ struct th_daemon {
 	char log[192];
 	char peer[64];          /* --peer-listen address "HOST:PORT"; "" when none */
 	pid_t pid;
-	int notify_fd;
+	int notify_fd;          /* the fake NOTIFY_SOCKET, for the messages after READY=1 */
+	char ready[512];        /* the message that said READY=1 */
 };
 
 /*
