@@ -823,7 +823,7 @@ static int notify_wait(int nfd, const char *what, int ms)
  * rank 0 posts it and rank 1 a recv from rank 0 instead, which never match.
  */
 #define G1_COUNT (8u << 20)
-static int g1_posted[2];
+static int g1_posted[2], g1_go[2]; /* each rank: its op is posted; SIGTERM was sent */
 
 static int rank_g1(int rank, int n, void *arg)
 {
@@ -833,6 +833,7 @@ static int rank_g1(int rank, int n, void *arg)
 	comm_t *c;
 	float *v;
 	int one = 1;
+	char go;
 
 	if (th_join(&c, rank, n) < 0)
 		return 1;
@@ -863,6 +864,9 @@ static int rank_g1(int rank, int n, void *arg)
 					(double)v[i], (double)(3 + 2 * (i % 7)));
 				return 1;
 			}
+	/* the next op only once commd has had SIGTERM (the first may end before it) */
+	if (read(g1_go[0], &go, 1) != 1)
+		return 1;
 	rc = comm_allreduce(c, &one, &one, 1, COMM_INT32, COMM_SUM, NULL);
 	if (rc != COMM_ERR_SHUTDOWN && rc != COMM_ERR_DAEMON_UNREACHABLE) {
 		fprintf(stderr, "G1 rank %d: an op after SIGTERM: %s, want SHUTDOWN\n", rank,
@@ -886,7 +890,7 @@ static void row_g1(struct th_daemon *shared)
 	long t0;
 	char ch;
 
-	REQUIRE(pipe(g1_posted) == 0, "pipe");
+	REQUIRE(pipe(g1_posted) == 0 && pipe(g1_go) == 0, "pipe");
 	if (th_daemon_start(&d, "--drain-timeout", "6000", NULL) < 0) {
 		CHECK(0, "commd did not start");
 		return;
@@ -913,6 +917,7 @@ static void row_g1(struct th_daemon *shared)
 	t0 = mx_now_ms();
 	kill(d.pid, SIGTERM);
 	CHECK(notify_wait(d.notify_fd, "STOPPING=1", 2000), "no STOPPING=1 after SIGTERM");
+	REQUIRE(write(g1_go[1], "xxxx", 4) == 4, "pipe");
 	e = try_connect(d.sock, 0);
 	CHECK(e < 0, "a new connection was taken while draining");
 	if (e >= 0)
@@ -927,6 +932,8 @@ static void row_g1(struct th_daemon *shared)
 	th_daemon_cleanup(&d);
 	close(g1_posted[0]);
 	close(g1_posted[1]);
+	close(g1_go[0]);
+	close(g1_go[1]);
 }
 
 /* G2's rank 0: all-reduce alone (rank 1 holds back) and expect DAEMON_UNREACHABLE soon. */
