@@ -1,6 +1,7 @@
 /*
  * config.c: commd's settings. The config file (default /etc/commd/commd.conf,
- * `key = value` lines, `#` or `;` comments, read with inih) sets them first;
+ * `key = value` lines, `#` or `;` comment lines and `;` comments after a
+ * space, each key once, read with inih) sets them first;
  * command-line flags of the same names override it. Both go through
  * config_set, so a value means the same wherever it is written.
  */
@@ -209,6 +210,8 @@ int config_set(struct config *cfg, const char *key, const char *val, char *err, 
 struct load_ctx {
 	struct config *cfg;
 	char err[256];
+	char seen[32][32]; /* the keys set so far: each may be set once */
+	int nseen;
 };
 
 static int on_entry(void *user, const char *section, const char *key, const char *val)
@@ -223,16 +226,26 @@ static int on_entry(void *user, const char *section, const char *key, const char
 			 section);
 		return 0;
 	}
+	/* inih hands an indented line to the key above it again: refused as a repeat */
+	for (int i = 0; i < ctx->nseen; i++)
+		if (!strcmp(ctx->seen[i], key)) {
+			snprintf(ctx->err, sizeof ctx->err,
+				 "%.60s is set twice (an indented line continues the key above)", key);
+			return 0;
+		}
 	if (config_set(ctx->cfg, key, val, err, sizeof err) < 0) {
 		snprintf(ctx->err, sizeof ctx->err, "%s", err);
 		return 0;
 	}
+	/* a known key (config_set took it): there are fewer than 32, none that long */
+	if (ctx->nseen < (int)(sizeof ctx->seen / sizeof ctx->seen[0]))
+		snprintf(ctx->seen[ctx->nseen++], sizeof ctx->seen[0], "%s", key);
 	return 1;
 }
 
 int config_load(struct config *cfg, const char *path, int must_exist, char *err, size_t errlen)
 {
-	struct load_ctx ctx = { cfg, "" };
+	struct load_ctx ctx = { .cfg = cfg };
 	FILE *f = fopen(path, "r");
 	int line;
 

@@ -89,6 +89,9 @@ check_bad "log level" 3 "unknown level 'loud'" $'threads = 1\n\nlog-level = loud
 check_bad "section" 2 "has no sections" $'[commd]\nthreads = 1'
 check_bad "not key = value" 2 "not a 'key = value' line" $'threads = 1\njust words'
 check_bad "empty socket" 1 "socket: '' is empty" 'socket ='
+check_bad "a key twice" 3 "threads is set twice" $'threads = 1\nlog-level = info\nthreads = 2'
+check_bad "an indented line" 2 "threads is set twice" $'threads = 2\n  1'
+check_bad "a # after a value" 1 "threads: '2 # two' is not in" 'threads = 2 # two'
 printf 'topology = %s\n' "$tmp/none.topo" >"$tmp/bad.conf"
 timeout 10 "$COMMD" --foreground --config "$tmp/bad.conf" 2>"$tmp/bad.err" && bad "missing topology file accepted"
 grep -q "none.topo: No such file" "$tmp/bad.err" || bad "missing topology file: $(cat "$tmp/bad.err")"
