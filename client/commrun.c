@@ -74,7 +74,7 @@ static void usage(FILE *f)
 	    "  -n, --np N        number of ranks, 1 to %d\n"
 	    "  --job NAME        job name (default commrun-<pid>-<time>)\n"
 	    "  --socket PATH     commd socket, exported as COMM_SOCKET\n"
-	    "  --timeout MS      op deadline, exported as COMM_TIMEOUT\n"
+	    "  --timeout MS      op deadline (1..86400000), exported as COMM_TIMEOUT\n"
 	    "  --grace SEC       after a rank fails, wait SEC seconds (default %d)\n"
 	    "                    for the others, then SIGTERM them, and SIGKILL\n"
 	    "                    %d seconds later\n"
@@ -348,9 +348,10 @@ static int parse_args(int argc, char **argv, struct opts *o)
 			o->socket = optarg;
 			break;
 		case OPT_TIMEOUT:
-			if (parse_long(optarg, 1, INT_MAX, &v) < 0) {
+			/* commd's range for a deadline: a day at most */
+			if (parse_long(optarg, 1, 86400000, &v) < 0) {
 				fprintf(stderr, "commrun: --timeout: '%s' is not "
-				    "a positive number of ms\n", optarg);
+				    "a number of ms in 1..86400000\n", optarg);
 				return -1;
 			}
 			o->timeout = optarg;

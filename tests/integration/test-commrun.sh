@@ -197,7 +197,7 @@ fi
 expect "help: exit status" $? 0
 grep -q '^usage: commrun' "$dir/out" || fail "help: no usage on stdout"
 for args in "" "-n 0 true" "-n 4097 true" "-n x true" "-n 2" "--bogus -n 1 true" \
-	"-n 1 --grace -1 true" "-n 1 --timeout 0 true" "--job"; do
+	"-n 1 --grace -1 true" "-n 1 --timeout 0 true" "-n 1 --timeout 86400001 true" "--job"; do
 	# shellcheck disable=SC2086
 	"$COMMRUN" $args > "$dir/out" 2> "$dir/err"
 	expect "usage '$args': exit status" $? 2
