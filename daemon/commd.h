@@ -104,7 +104,7 @@ void server_stop(void);
 
 /* --- config.c: settings from the config file, then the flags ------------- */
 
-#define CONFIG_DEFAULT_FILE "/etc/commd/commd.conf"
+#define CONFIG_DEFAULT_FILE COMMD_SYSCONFDIR "/commd/commd.conf"
 #define CONFIG_DEFAULT_SOCKET "/run/commd/commd.sock"
 
 struct config {
