@@ -119,8 +119,12 @@ grep -q "reload: $tmp/hup.conf: log level, limits" "$tmp/hup.log" ||
 COMM_SOCKET=$tmp/hup.sock COMM_JOB=third COMM_RANK=0 COMM_WORLD_SIZE=2 COMM_TIMEOUT=3000 \
 	"$COMM_DEMOS/collectives" >/dev/null 2>&1 &
 third=$!
-sleep 0.3
-out=$("$COMMCTL" --socket "$tmp/hup.sock" status 2>&1)
+# until the third has connected (commctl is served meanwhile), then refused
+for _ in $(seq 50); do
+	out=$("$COMMCTL" --socket "$tmp/hup.sock" status 2>&1)
+	grep -q "max-connections" <<<"$out" && break
+	sleep 0.1
+done
 grep -q "max-connections" <<<"$out" || bad "max-connections not reloaded: $out"
 kill "$third" 2>/dev/null; wait "$third" 2>/dev/null
 sleep 0.2
