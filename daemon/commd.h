@@ -208,7 +208,7 @@ struct dist {
 	char root[256];        /* the root daemon's host:port */
 	struct peer *peer;     /* the connection to it; NULL once lost */
 	uint64_t key;          /* the root's name for the formed job; 0 while forming */
-	uint32_t slot;         /* our tag slot for the job (net.c) */
+	uint32_t slot;         /* our tag slot for the job (net.c); names it to the root */
 	int slot_freed;        /* given back: what still comes to it is drained */
 	int remote;            /* the failure came from the root: not sent back */
 	int nnodes;            /* 0 while forming */

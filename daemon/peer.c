@@ -92,6 +92,7 @@ static struct {
 	char node[128];
 	TAILQ_HEAD(, peer) peers;
 	TAILQ_HEAD(, rjob) rjobs;
+	uint32_t untagged;     /* jobs named without a tag slot (no data plane) */
 } P = { .peers = TAILQ_HEAD_INITIALIZER(P.peers), .rjobs = TAILQ_HEAD_INITIALIZER(P.rjobs) };
 
 static void peer_lost(struct peer *p, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
@@ -442,18 +443,30 @@ static int rjob_member(const struct rjob *r, const struct peer *p, int64_t slot)
 	return -1;
 }
 
-/* The job member p names: by the root's key once formed, else by its own slot. */
+/*
+ * The job member p names: by the root's key once formed, else by its own
+ * slot, which names one incarnation (a member never gives the same slot to
+ * two jobs the root may still remember), formed since or not.
+ */
 static struct rjob *rjob_of(const struct peer *p, uint64_t key, uint32_t slot, int *i)
 {
 	struct rjob *r;
 
 	TAILQ_FOREACH(r, &P.rjobs, link) {
-		if (key ? r->key != key : r->key != 0)
+		if (key && r->key != key)
 			continue;
 		if ((*i = rjob_member(r, p, key ? -1 : (int64_t)slot)) >= 0)
 			return r;
 	}
 	return NULL;
+}
+
+/* A message for a job incarnation that is gone (or never was) here: dropped. */
+static void drop_stale(const struct peer *p, const char *what, const char *job, uint64_t key,
+		       uint32_t slot)
+{
+	log_debug("peer %s: stale %s dropped: job %.100s, key %016llx, slot %u: no such incarnation",
+		  p->node, what, *job ? job : "?", (unsigned long long)key, slot);
 }
 
 static void rjob_free(struct rjob *r)
@@ -668,6 +681,8 @@ static void root_msg(struct peer *p, const Commpb__PeerMsg *m)
 	case COMMPB__PEER_MSG__BODY_FAIL:
 		if ((r = rjob_of(p, m->fail->key, m->fail->slot, &i)))
 			rjob_fail(r, p, (comm_result_t)m->fail->status, "%s", m->fail->detail);
+		else
+			drop_stale(p, "fail", m->fail->job, m->fail->key, m->fail->slot);
 		break;
 	case COMMPB__PEER_MSG__BODY_RANK_LEFT:
 		if (m->rank_left->key && (r = rjob_of(p, m->rank_left->key, 0, &i))) {
@@ -676,11 +691,15 @@ static void root_msg(struct peer *p, const Commpb__PeerMsg *m)
 			for (i = 0; i < r->nm; i++)
 				if (r->m[i].p != p)
 					peer_send(r->m[i].p, &out);
+		} else {
+			drop_stale(p, "rank-left", "", m->rank_left->key, 0);
 		}
 		break;
 	case COMMPB__PEER_MSG__BODY_LEAVE:
 		if ((r = rjob_of(p, m->leave->key, m->leave->slot, &i)))
 			rjob_drop_member(r, i);
+		else
+			drop_stale(p, "leave", m->leave->job, m->leave->key, m->leave->slot);
 		break;
 	default:
 		peer_lost(p, "unexpected message %d from a member", (int)m->body_case);
@@ -815,11 +834,16 @@ static void member_msg(struct peer *p, const Commpb__PeerMsg *m)
 	struct job *j;
 
 	switch (m->body_case) {
-	case COMMPB__PEER_MSG__BODY_FORMED:
-		if (m->formed->self < m->formed->n_nodes &&
-		    (j = member_job(p, 0, m->formed->nodes[m->formed->self]->slot)))
-			member_formed(j, m->formed);
+	case COMMPB__PEER_MSG__BODY_FORMED: {
+		const Commpb__PeerFormed *f = m->formed;
+		uint32_t slot = f->self < f->n_nodes ? f->nodes[f->self]->slot : 0;
+
+		if (f->self < f->n_nodes && (j = member_job(p, 0, slot)))
+			member_formed(j, f);
+		else
+			drop_stale(p, "formed", f->job, f->key, slot);
 		break;
+	}
 	case COMMPB__PEER_MSG__BODY_FAIL:
 		if ((j = member_job(p, m->fail->key, m->fail->slot))) {
 			comm_result_t code = (comm_result_t)m->fail->status;
@@ -828,13 +852,19 @@ static void member_msg(struct peer *p, const Commpb__PeerMsg *m)
 				code = COMM_ERR_PEER_LOST;
 			j->dist->remote = 1;
 			job_fail(j, code, "%s", m->fail->detail);
+		} else {
+			drop_stale(p, "fail", m->fail->job, m->fail->key, m->fail->slot);
 		}
 		break;
 	case COMMPB__PEER_MSG__BODY_RANK_LEFT: {
 		const Commpb__PeerRankLeft *rl = m->rank_left;
 
-		if (rl->key && (j = member_job(p, rl->key, 0)) && j->state == JOB_READY && rl->rank >= 0 &&
-		    rl->rank < j->world && !j->left[rl->rank] && !j->ranks[rl->rank]) {
+		if (!rl->key || !(j = member_job(p, rl->key, 0))) {
+			drop_stale(p, "rank-left", "", rl->key, 0);
+			break;
+		}
+		if (j->state == JOB_READY && rl->rank >= 0 && rl->rank < j->world &&
+		    !j->left[rl->rank] && !j->ranks[rl->rank]) {
 			if (!j->nleft++)
 				snprintf(j->left_detail, sizeof j->left_detail, "%s", rl->detail);
 			j->left[rl->rank] = 1;
@@ -1008,6 +1038,9 @@ int peer_job_new(struct job *j, const char *root, char *err, size_t errlen)
 		snprintf(err, errlen, "join: all %d tag slots of the data plane are in use", 65535);
 		return -1;
 	}
+	/* no data plane (a job on this node alone): a number past the slots names it */
+	if (!d->slot)
+		d->slot = 65536 + P.untagged++ % 0x7fff0000u;
 	if (!(d->peer = peer_to_root(root, err, errlen)))
 		return -1;
 	return 0;

@@ -1,20 +1,26 @@
 /*
  * test-nodes-faults.c: jobs over two daemons when things go wrong: a root
- * address where nothing listens, and a member daemon killed under a running
+ * address where nothing listens, a failed job's messages arriving while a new
+ * incarnation of it runs (H4), and a member daemon killed under a running
  * job. The surviving daemon fails what spanned the dead one, serves a new
  * job and stops cleanly.
  */
+#include <arpa/inet.h>
+#include <netinet/in.h>
+#include <poll.h>
 #include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
+#include <sys/socket.h>
 #include <sys/wait.h>
 #include <time.h>
 #include <unistd.h>
 
 #include "check.h"
 #include "comm.h"
+#include "commd.pb-c.h"
 #include "harness.h"
 #include "opcase.h"
 
@@ -113,6 +119,541 @@ static void test_noroot(int fds0)
 	th_check_baseline(&da, fds0, "a job named a root that is not there");
 	printf("%s: commd A alive, fds back to %d, no memfd mapped\n",
 	       check_failures ? "FAIL" : "ok", fds0);
+	fflush(stdout);
+	munmap(s, sizeof *s);
+}
+
+/* --- H4: a failed incarnation's messages while the next one runs ------------------ */
+
+/*
+ * The test plays the root daemon of job "h4" (commd A and B are its
+ * members): it forms incarnation 1 and fails it, forms incarnation 2 of the
+ * same name and ranks, and sends both daemons incarnation 1's messages
+ * before and while incarnation 2 runs. They must be dropped, logged as stale.
+ */
+
+#define H4_OPS 6                 /* all-reduces before the stale messages, and after */
+#define H4_COUNT (1u << 16)      /* int32 elements */
+#define H4_KEY1 0x4841000000000001ull
+#define H4_KEY2 0x4841000000000002ull
+#define H4_STALE 8               /* stale messages sent to each daemon */
+
+struct h4 {
+	int iters[N];
+	int rc[N];
+	int done[N];
+	int injected;            /* the stale messages were all taken in */
+	char detail[N][200];
+};
+
+/* A frame (4-byte little-endian length, one PeerMsg) to fd; 0 or -1. */
+static int pr_send(int fd, const Commpb__PeerMsg *m)
+{
+	size_t len = commpb__peer_msg__get_packed_size(m), off = 0;
+	uint8_t *f = malloc(len + 4);
+
+	REQUIRE(f, "malloc");
+	f[0] = (uint8_t)len;
+	f[1] = (uint8_t)(len >> 8);
+	f[2] = (uint8_t)(len >> 16);
+	f[3] = (uint8_t)(len >> 24);
+	commpb__peer_msg__pack(m, f + 4);
+	while (off < len + 4) {
+		ssize_t n = send(fd, f + off, len + 4 - off, MSG_NOSIGNAL);
+
+		if (n <= 0)
+			break;
+		off += (size_t)n;
+	}
+	free(f);
+	return off == len + 4 ? 0 : -1;
+}
+
+static int read_full(int fd, uint8_t *b, size_t len)
+{
+	size_t off = 0;
+
+	while (off < len) {
+		ssize_t n = read(fd, b + off, len - off);
+
+		if (n <= 0)
+			return -1;
+		off += (size_t)n;
+	}
+	return 0;
+}
+
+static void pr_ping(int fd, uint64_t v)
+{
+	Commpb__PeerMsg m = COMMPB__PEER_MSG__INIT;
+	Commpb__PeerPing ping = COMMPB__PEER_PING__INIT;
+
+	ping.sent_us = v;
+	m.body_case = COMMPB__PEER_MSG__BODY_PING;
+	m.ping = &ping;
+	pr_send(fd, &m);
+}
+
+/*
+ * The next message from one of fds[n] (its index in *from), answering
+ * pings and pinging every 500 ms to feed the daemons' heartbeat; NULL
+ * after ms. The caller frees it.
+ */
+static Commpb__PeerMsg *pr_next(const int *fds, int n, int *from, int ms)
+{
+	static long pinged;
+	long t0 = mono_ms();
+
+	while (mono_ms() - t0 < ms) {
+		struct pollfd pf[2];
+		int got = 0;
+
+		for (int i = 0; i < n; i++)
+			pf[i] = (struct pollfd){ .fd = fds[i], .events = POLLIN };
+		if (mono_ms() - pinged >= 500) {
+			for (int i = 0; i < n; i++)
+				pr_ping(fds[i], 1);
+			pinged = mono_ms();
+		}
+		if (poll(pf, (nfds_t)n, 300) <= 0)
+			continue;
+		for (int i = 0; i < n && !got; i++) {
+			uint8_t h[4], *b;
+			size_t len;
+			Commpb__PeerMsg *m;
+
+			if (!(pf[i].revents & (POLLIN | POLLHUP | POLLERR)))
+				continue;
+			got = 1;
+			if (read_full(fds[i], h, 4) < 0)
+				return NULL;
+			len = h[0] | (size_t)h[1] << 8 | (size_t)h[2] << 16 | (size_t)h[3] << 24;
+			REQUIRE(len < (1u << 20) && (b = malloc(len + 1)), "peer frame of %zu bytes", len);
+			if (read_full(fds[i], b, len) < 0) {
+				free(b);
+				return NULL;
+			}
+			m = commpb__peer_msg__unpack(NULL, len, b);
+			free(b);
+			REQUIRE(m, "a peer frame that does not unpack");
+			if (m->body_case == COMMPB__PEER_MSG__BODY_PING) {
+				Commpb__PeerMsg out = COMMPB__PEER_MSG__INIT;
+				Commpb__PeerPong pong = COMMPB__PEER_PONG__INIT;
+
+				pong.sent_us = m->ping->sent_us;
+				out.body_case = COMMPB__PEER_MSG__BODY_PONG;
+				out.pong = &pong;
+				pr_send(fds[i], &out);
+			} else if (m->body_case != COMMPB__PEER_MSG__BODY_PONG || m->pong->sent_us != 1) {
+				*from = i;
+				return m;
+			}
+			commpb__peer_msg__free_unpacked(m, NULL);
+		}
+	}
+	return NULL;
+}
+
+/* What each member daemon told the test root. */
+struct h4_member {
+	int fd;
+	uint8_t ucx[1024];
+	size_t ucx_len;
+	char node[128];
+	uint32_t slot;           /* from its join with both of its ranks */
+	int ranks[2];
+	int hello, joined;       /* its hello came; that join came */
+};
+
+/* Note what member i said: its hello, its join with both of its ranks. */
+static void h4_take(struct h4_member *m, int i, const Commpb__PeerMsg *in)
+{
+	if (in->body_case == COMMPB__PEER_MSG__BODY_HELLO) {
+		REQUIRE(in->hello->ucx_address.len <= sizeof m[i].ucx, "ucx address");
+		memcpy(m[i].ucx, in->hello->ucx_address.data, in->hello->ucx_address.len);
+		m[i].ucx_len = in->hello->ucx_address.len;
+		snprintf(m[i].node, sizeof m[i].node, "%s", in->hello->node);
+		m[i].hello = 1;
+	} else if (in->body_case == COMMPB__PEER_MSG__BODY_JOIN && in->join->n_ranks == 2 &&
+		   !strcmp(in->join->job, "h4")) {
+		int a = in->join->ranks[0], b = in->join->ranks[1];
+
+		m[i].slot = in->join->slot;
+		m[i].ranks[0] = a < b ? a : b;
+		m[i].ranks[1] = a < b ? b : a;
+		m[i].joined = 1;
+	}
+}
+
+/* Accept both members and trade hellos; 0 or -1. */
+static int h4_accept(int lfd, struct h4_member *m)
+{
+	Commpb__PeerMsg out = COMMPB__PEER_MSG__INIT;
+	Commpb__PeerHello h = COMMPB__PEER_HELLO__INIT;
+	int fds[2];
+
+	h.version = 1;
+	h.node = "h4-test-root";
+	out.body_case = COMMPB__PEER_MSG__BODY_HELLO;
+	out.hello = &h;
+	for (int i = 0; i < 2; i++) {
+		struct pollfd pf = { .fd = lfd, .events = POLLIN };
+
+		if (poll(&pf, 1, 10000) <= 0 || (m[i].fd = accept(lfd, NULL, NULL)) < 0)
+			return -1;
+		fds[i] = m[i].fd;
+		pr_send(m[i].fd, &out);
+	}
+	while (!m[0].hello || !m[1].hello) {
+		int i;
+		Commpb__PeerMsg *in = pr_next(fds, 2, &i, 10000);
+
+		if (!in)
+			return -1;
+		h4_take(m, i, in);
+		commpb__peer_msg__free_unpacked(in, NULL);
+	}
+	return 0;
+}
+
+/* Wait for each member's join with both of its ranks (from m->joined 0); 0 or -1. */
+static int h4_joins(struct h4_member *m)
+{
+	int fds[2] = { m[0].fd, m[1].fd };
+
+	while (!m[0].joined || !m[1].joined) {
+		int i;
+		Commpb__PeerMsg *in = pr_next(fds, 2, &i, 20000);
+
+		if (!in)
+			return -1;
+		h4_take(m, i, in);
+		commpb__peer_msg__free_unpacked(in, NULL);
+	}
+	return 0;
+}
+
+/* Send PeerFormed with key to both members (slots: theirs for that incarnation). */
+static void h4_form(const struct h4_member *m, uint64_t key, const uint32_t *slots)
+{
+	Commpb__PeerMsg out = COMMPB__PEER_MSG__INIT;
+	Commpb__PeerFormed f = COMMPB__PEER_FORMED__INIT;
+	Commpb__PeerNode nodes[2], *np[2];
+	int32_t ranks[2][2];
+	int first = m[0].ranks[0] < m[1].ranks[0] ? 0 : 1;
+
+	for (int k = 0; k < 2; k++) {
+		const struct h4_member *x = &m[k ? !first : first];
+
+		commpb__peer_node__init(&nodes[k]);
+		nodes[k].node = (char *)x->node;
+		nodes[k].ucx_address.data = (uint8_t *)x->ucx;
+		nodes[k].ucx_address.len = x->ucx_len;
+		nodes[k].slot = slots[k ? !first : first];
+		ranks[k][0] = x->ranks[0];
+		ranks[k][1] = x->ranks[1];
+		nodes[k].ranks = ranks[k];
+		nodes[k].n_ranks = 2;
+		np[k] = &nodes[k];
+	}
+	f.job = "h4";
+	f.key = key;
+	f.nodes = np;
+	f.n_nodes = 2;
+	out.body_case = COMMPB__PEER_MSG__BODY_FORMED;
+	out.formed = &f;
+	for (int i = 0; i < 2; i++) {
+		f.self = (uint32_t)(i == first ? 0 : 1);
+		pr_send(m[i].fd, &out);
+	}
+}
+
+static void h4_fail(int fd, uint64_t key, uint32_t slot, const char *detail)
+{
+	Commpb__PeerMsg out = COMMPB__PEER_MSG__INIT;
+	Commpb__PeerFail f = COMMPB__PEER_FAIL__INIT;
+
+	f.job = "h4";
+	f.key = key;
+	f.slot = slot;
+	f.status = COMM_ERR_PEER_LOST;
+	f.detail = (char *)detail;
+	out.body_case = COMMPB__PEER_MSG__BODY_FAIL;
+	out.fail = &f;
+	pr_send(fd, &out);
+}
+
+static void h4_rank_left(int fd, uint64_t key, int rank)
+{
+	Commpb__PeerMsg out = COMMPB__PEER_MSG__INIT;
+	Commpb__PeerRankLeft rl = COMMPB__PEER_RANK_LEFT__INIT;
+
+	rl.key = key;
+	rl.rank = rank;
+	rl.detail = "h4: a rank of incarnation 1 left";
+	out.body_case = COMMPB__PEER_MSG__BODY_RANK_LEFT;
+	out.rank_left = &rl;
+	pr_send(fd, &out);
+}
+
+/* Incarnation 1 of each member's messages, now stale: 4 per member per call. */
+static void h4_stale(const struct h4_member *m, const uint32_t *old)
+{
+	h4_form(m, H4_KEY1, old);
+	for (int i = 0; i < 2; i++) {
+		h4_fail(m[i].fd, 0, old[i], "h4: stale: incarnation 1 failed while forming");
+		h4_fail(m[i].fd, H4_KEY1, old[i], "h4: stale: incarnation 1 failed");
+		h4_rank_left(m[i].fd, H4_KEY1, m[!i].ranks[0]);
+	}
+}
+
+/* Pump both connections until every rank is done, or ms passed; 1 when all are. */
+static int h4_pump(const struct h4_member *m, struct h4 *s, int ms)
+{
+	int fds[2] = { m[0].fd, m[1].fd };
+	long t0 = mono_ms();
+
+	while (mono_ms() - t0 < ms) {
+		int i, all = 1;
+		Commpb__PeerMsg *in;
+
+		for (int r = 0; r < N; r++)
+			all &= __atomic_load_n(&s->done[r], __ATOMIC_ACQUIRE);
+		if (all)
+			return 1;
+		if ((in = pr_next(fds, 2, &i, 200)))
+			commpb__peer_msg__free_unpacked(in, NULL);
+	}
+	return 0;
+}
+
+/* Both daemons took in everything sent so far: a ping answered by each. */
+static int h4_sync(const struct h4_member *m)
+{
+	int fds[2] = { m[0].fd, m[1].fd }, have[2] = { 0, 0 };
+
+	for (int i = 0; i < 2; i++)
+		pr_ping(m[i].fd, 4804);
+	while (!have[0] || !have[1]) {
+		int i;
+		Commpb__PeerMsg *in = pr_next(fds, 2, &i, 10000);
+
+		if (!in)
+			return -1;
+		if (in->body_case == COMMPB__PEER_MSG__BODY_PONG && in->pong->sent_us == 4804)
+			have[i] = 1;
+		commpb__peer_msg__free_unpacked(in, NULL);
+	}
+	return 0;
+}
+
+static void h4_note(struct h4 *s, int r, comm_result_t rc, const char *detail)
+{
+	s->rc[r] = rc;
+	snprintf(s->detail[r], sizeof s->detail[r], "%s", detail);
+	__atomic_store_n(&s->done[r], 1, __ATOMIC_RELEASE);
+}
+
+/* H4_OPS exact all-reduces of rank + 1 + op, counted in s->iters; the failed op's result. */
+static comm_result_t h4_ops(comm_t *c, struct h4 *s, int r, int n, int32_t *buf)
+{
+	for (int k = 0; k < H4_OPS; k++) {
+		int32_t want = n * (n + 1) / 2 + n * s->iters[r];
+		comm_result_t rc;
+
+		for (size_t i = 0; i < H4_COUNT; i++)
+			buf[i] = r + 1 + s->iters[r];
+		alarm(TH_WATCHDOG_S);
+		if ((rc = comm_allreduce(c, buf, buf, H4_COUNT, COMM_INT32, COMM_SUM, NULL)))
+			return rc;
+		for (size_t i = 0; i < H4_COUNT; i += 4099)
+			if (buf[i] != want) {
+				fprintf(stderr, "rank %d: h4 all-reduce %d: element %zu is %d, not %d\n",
+					r, s->iters[r], i, buf[i], want);
+				return COMM_ERR_INTERNAL;
+			}
+		__atomic_fetch_add(&s->iters[r], 1, __ATOMIC_RELEASE);
+	}
+	return COMM_OK;
+}
+
+/* Incarnation 1: all-reduces until the root fails the job. */
+static int rank_h4_first(int r, int n, void *arg)
+{
+	struct h4 *s = arg;
+	comm_result_t rc;
+	int32_t *buf;
+	comm_t *c;
+
+	if (th_join(&c, r, n) < 0) {
+		h4_note(s, r, COMM_ERR_INTERNAL, "comm_init failed (see above)");
+		return 1;
+	}
+	if (!(buf = comm_mem_alloc(c, H4_COUNT * sizeof *buf))) {
+		h4_note(s, r, COMM_ERR_NO_MEMORY, comm_last_error(c));
+		return th_bail(c);
+	}
+	while ((rc = h4_ops(c, s, r, n, buf)) == COMM_OK)
+		;
+	h4_note(s, r, rc, comm_last_error(c));
+	alarm(20);
+	comm_finalize(c);
+	return 0;
+}
+
+/* Incarnation 2: all-reduces before and after the stale messages, all exact. */
+static int rank_h4_second(int r, int n, void *arg)
+{
+	struct h4 *s = arg;
+	comm_result_t rc;
+	int32_t *buf;
+	comm_t *c;
+
+	if (th_join(&c, r, n) < 0) {
+		h4_note(s, r, COMM_ERR_INTERNAL, "comm_init failed (see above)");
+		return 1;
+	}
+	if (!(buf = comm_mem_alloc(c, H4_COUNT * sizeof *buf))) {
+		h4_note(s, r, COMM_ERR_NO_MEMORY, comm_last_error(c));
+		return th_bail(c);
+	}
+	if ((rc = h4_ops(c, s, r, n, buf)) == COMM_OK) {
+		alarm(TH_WATCHDOG_S);
+		while (!__atomic_load_n(&s->injected, __ATOMIC_ACQUIRE))
+			usleep(1000);
+		rc = h4_ops(c, s, r, n, buf);
+	}
+	if (rc != COMM_OK) {
+		h4_note(s, r, rc, comm_last_error(c));
+		return th_bail(c);
+	}
+	h4_note(s, r, COMM_OK, "");
+	return th_leave(c, r);
+}
+
+/* Lines of d's log that say a stale message was dropped. */
+static int count_stale(const struct th_daemon *d)
+{
+	char line[1024];
+	FILE *f = fopen(d->log, "r");
+	int n = 0;
+
+	if (!f)
+		return -1;
+	while (fgets(line, sizeof line, f))
+		n += strstr(line, "stale") && strstr(line, "dropped") != NULL;
+	fclose(f);
+	return n;
+}
+
+static void test_stale(void)
+{
+	static const int of[N] = { 0, 0, 1, 1 };
+	const struct th_daemon *ds[2] = { &da, &db };
+	struct sockaddr_in sa = { .sin_family = AF_INET };
+	socklen_t salen = sizeof sa;
+	struct h4_member m[2] = { { .fd = -1 }, { .fd = -1 } };
+	struct h4 *s = mmap(NULL, sizeof *s, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_ANONYMOUS,
+			    -1, 0);
+	struct timespec t0;
+	struct th_ranks rs;
+	uint32_t old[2], now[2];
+	char root[64];
+	int lfd, failed, stale0[2] = { count_stale(&da), count_stale(&db) }, ok;
+
+	clock_gettime(CLOCK_MONOTONIC, &t0);
+	REQUIRE(s != MAP_FAILED, "mmap");
+	memset(s, 0, sizeof *s);
+	sa.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+	lfd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+	REQUIRE(lfd >= 0 && bind(lfd, (struct sockaddr *)&sa, sizeof sa) == 0 && listen(lfd, 4) == 0 &&
+			getsockname(lfd, (struct sockaddr *)&sa, &salen) == 0,
+		"the test root's listener");
+	snprintf(root, sizeof root, "127.0.0.1:%d", ntohs(sa.sin_port));
+
+	/* incarnation 1 forms, runs, fails */
+	REQUIRE(th_ranks_start_nodes(&rs, ds, of, root, "h4", N, rank_h4_first, s) == 0, "fork");
+	REQUIRE(h4_accept(lfd, m) == 0, "h4: A and B did not connect to the test root");
+	REQUIRE(h4_joins(m) == 0, "h4: incarnation 1: A and B did not send their joins");
+	old[0] = m[0].slot;
+	old[1] = m[1].slot;
+	h4_form(m, H4_KEY1, old);
+	for (long t = mono_ms(); mono_ms() - t < PROGRESS_LIMIT_MS;) {
+		int all = 1, i;
+		Commpb__PeerMsg *in;
+
+		for (int r = 0; r < N; r++)
+			all &= __atomic_load_n(&s->iters[r], __ATOMIC_ACQUIRE) >= 1 ||
+			       __atomic_load_n(&s->done[r], __ATOMIC_ACQUIRE);
+		if (all)
+			break;
+		if ((in = pr_next((int[]){ m[0].fd, m[1].fd }, 2, &i, 100)))
+			commpb__peer_msg__free_unpacked(in, NULL);
+	}
+	for (int i = 0; i < 2; i++)
+		h4_fail(m[i].fd, H4_KEY1, old[i], "h4: incarnation 1 failed at the test root");
+	CHECK(h4_pump(m, s, PROGRESS_LIMIT_MS), "h4: incarnation 1 did not end when failed");
+	failed = th_ranks_wait(&rs);
+	ok = !failed;
+	for (int r = 0; r < N; r++)
+		ok &= s->done[r] && s->iters[r] >= 1 && s->rc[r] == COMM_ERR_PEER_LOST;
+	printf("%s: h4 incarnation 1 (key %016llx, slots %u and %u): %d all-reduces, then failed "
+	       "by the root: rank 0: %s \"%s\"\n",
+	       ok ? "ok" : "FAIL", H4_KEY1, old[0], old[1], s->iters[0],
+	       comm_result_name((comm_result_t)s->rc[0]), s->detail[0]);
+	CHECK(ok, "h4: incarnation 1 did not run and fail with COMM_ERR_PEER_LOST (%d ranks failed)",
+	      failed);
+
+	/* incarnation 2: same name, user and ranks; incarnation 1's messages around it */
+	memset(s, 0, sizeof *s);
+	m[0].joined = m[1].joined = 0;
+	REQUIRE(th_ranks_start_nodes(&rs, ds, of, root, "h4", N, rank_h4_second, s) == 0, "fork");
+	REQUIRE(h4_joins(m) == 0, "h4: incarnation 2: A and B did not send their joins");
+	now[0] = m[0].slot;
+	now[1] = m[1].slot;
+	CHECK(now[0] != old[0] && now[1] != old[1], "h4: incarnation 2 has the slots of 1");
+	h4_stale(m, old);
+	h4_form(m, H4_KEY2, now);
+	for (long t = mono_ms(); mono_ms() - t < PROGRESS_LIMIT_MS;) {
+		int all = 1, i;
+		Commpb__PeerMsg *in;
+
+		for (int r = 0; r < N; r++)
+			all &= __atomic_load_n(&s->iters[r], __ATOMIC_ACQUIRE) >= H4_OPS ||
+			       __atomic_load_n(&s->done[r], __ATOMIC_ACQUIRE);
+		if (all)
+			break;
+		if ((in = pr_next((int[]){ m[0].fd, m[1].fd }, 2, &i, 100)))
+			commpb__peer_msg__free_unpacked(in, NULL);
+	}
+	h4_stale(m, old);
+	CHECK(h4_sync(m) == 0, "h4: A or B did not answer a ping after the stale messages");
+	__atomic_store_n(&s->injected, 1, __ATOMIC_RELEASE);
+	CHECK(h4_pump(m, s, PROGRESS_LIMIT_MS), "h4: incarnation 2 did not finish");
+	failed = th_ranks_wait(&rs);
+	for (int r = 0; r < N; r++) {
+		ok = s->done[r] && s->rc[r] == COMM_OK && s->iters[r] == 2 * H4_OPS;
+		printf("%s: h4 incarnation 2, rank %d on %c: %d exact all-reduces of %u int32 "
+		       "around 2 x %d stale messages to each daemon%s%s\n",
+		       ok ? "ok" : "FAIL", r, of[r] ? 'B' : 'A', s->iters[r], H4_COUNT, H4_STALE / 2,
+		       ok ? "" : ": ", ok ? "" : s->detail[r]);
+		CHECK(ok, "h4: incarnation 2: rank %d: %s after %d all-reduces: %s", r,
+		      comm_result_name((comm_result_t)s->rc[r]), s->iters[r], s->detail[r]);
+	}
+	CHECK(failed == 0, "h4: incarnation 2: %d ranks failed", failed);
+	for (int i = 0; i < 2; i++) {
+		const struct th_daemon *d = i ? &db : &da;
+		int n = count_stale(d) - stale0[i];
+
+		printf("%s: commd %c logged %d stale messages as dropped (want %d)\n",
+		       n == H4_STALE ? "ok" : "FAIL", 'A' + i, n, H4_STALE);
+		CHECK(n == H4_STALE, "h4: commd %c logged %d stale drops, want %d", 'A' + i, n,
+		      H4_STALE);
+	}
+	for (int i = 0; i < 2; i++)
+		close(m[i].fd);
+	close(lfd);
+	printf("%s: h4 row: %.1f s\n", check_failures ? "FAIL" : "ok", th_secs_since(&t0));
 	fflush(stdout);
 	munmap(s, sizeof *s);
 }
@@ -302,6 +843,7 @@ int main(void)
 	printf("commd A: peers %s; commd B: peers %s\n", da.peer, db.peer);
 	fds0 = th_count_fds(da.pid);
 	test_noroot(fds0);
+	test_stale();
 	test_kill_member();
 	if (!th_daemon_alive(&da)) {
 		th_daemon_dump_log(&da);
