@@ -7,6 +7,7 @@ pkgs=(build-essential autoconf automake libtool pkg-config
       libuv1-dev libprotobuf-c-dev protobuf-c-compiler libinih-dev
       libucx-dev libhwloc-dev libsystemd-dev libcmocka-dev systemd
       groff-base man-db  # test-man.sh renders the man pages
+      python3 python3-numpy python3-torch  # the Python package's tests
       clang libclang-rt-14-dev)  # clang and its libFuzzer: tests/fuzz/fuzz-conn
 missing=()
 for p in "${pkgs[@]}"; do

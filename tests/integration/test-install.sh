@@ -4,8 +4,9 @@
 # header and pkg-config file, the units, the sysusers.d file, the settings
 # file and the man pages are there; a job built with
 # `cc job.c $(pkg-config --cflags --libs comm)` runs 4 ranks under the
-# installed commrun against the installed commd, values checked exactly;
-# the installed commd.conf starts commd as it is and with every default
+# installed commrun against the installed commd, values checked exactly, and
+# so does a Python job with the installed package (where the system's python
+# finds it); the installed commd.conf starts commd as it is and with every default
 # written out, and names every key commd takes. Skips (77) without a C
 # compiler or pkg-config.
 set -u
@@ -34,7 +35,7 @@ vars=$(env -u MAKEFLAGS -u MFLAGS -u MAKELEVEL make -s -C "$top" --no-print-dire
 print-dirs:
 	@echo "sbindir=$(sbindir) bindir=$(bindir) libdir=$(libdir) includedir=$(includedir)"
 	@echo "sysconfdir=$(sysconfdir) mandir=$(mandir) unitdir=$(systemdsystemunitdir)"
-	@echo "sysusersdir=$(sysusersdir)"
+	@echo "sysusersdir=$(sysusersdir) pythondir=$(pythondir) prefix=$(prefix)"
 EOF
 )
 eval "$(sed 's/ /\n/g' <<<"$vars")"
@@ -103,15 +104,43 @@ conf=$root$sysconfdir/commd/commd.conf
 	2>"$tmp/commd.log" &
 pid=$!
 for _ in $(seq 100); do [ -S "$tmp/commd.sock" ] && break; sleep 0.05; done
-out=$("$root$bindir/commrun" -n 4 --socket "$tmp/commd.sock" "$tmp/job" 2>&1)
-n=$(grep -c "sum 10 20 30, gather ok 1" <<<"$out")
-[ "$n" = 4 ] || bad "the installed job under the installed commrun and commd: $out"
+jobout=$("$root$bindir/commrun" -n 4 --socket "$tmp/commd.sock" "$tmp/job" 2>&1)
+n=$(grep -c "sum 10 20 30, gather ok 1" <<<"$jobout")
+[ "$n" = 4 ] || bad "the installed job under the installed commrun and commd: $jobout"
 st=$("$root$bindir/commctl" --socket "$tmp/commd.sock" status 2>&1)
 grep -q "^commd [0-9.]*, pid $pid, " <<<"$st" || bad "the installed commctl status: $st"
+# the Python package, where the system's python finds it, loading the
+# installed libcomm.so.0 through the dynamic linker (LD_LIBRARY_PATH above)
+# shellcheck disable=SC2154 # pythondir and prefix come from print-dirs
+if [ "${PYTHON:-:}" != : ] && [ -z "${SAN_LDFLAGS:-}" ] && "$PYTHON" -c 'import numpy' 2>/dev/null; then
+	[ -e "$root$pythondir/commd/__init__.py" ] || bad "the Python package is not in $pythondir"
+	case $prefix in
+	/usr | /usr/local)
+		"$PYTHON" -c "import sys; sys.exit('$pythondir' not in sys.path)" ||
+			bad "$pythondir is not in $PYTHON's sys.path" ;;
+	esac
+	cat >"$tmp/job.py" <<'EOF'
+import numpy as np
+import commd
+commd.init()
+v = np.arange(3, dtype=np.int64) + commd.get_rank()
+commd.all_reduce(v)
+print(f"rank {commd.get_rank()}: {v.tolist()} from {commd.__file__}")
+commd.finalize()
+EOF
+	out=$(env -u COMMD_LIBCOMM PYTHONPATH="$root$pythondir" PYTHONDONTWRITEBYTECODE=1 \
+		"$root$bindir/commrun" -n 2 --socket "$tmp/commd.sock" "$PYTHON" "$tmp/job.py" 2>&1)
+	[ "$(grep -c "^rank [01]: \[1, 3, 5\] from $root$pythondir/commd/__init__.py$" <<<"$out")" = 2 ] ||
+		bad "a Python job with the installed package: $out"
+	[ $fail -eq 0 ] && echo "ok: python: the installed package in $pythondir ran a 2-rank job"
+else
+	echo "ok: python: skipped (no python with numpy, or an ASan build)"
+fi
+
 kill -TERM $pid
 wait $pid || bad "the installed commd exited $? (log: $(tail -5 "$tmp/commd.log"))"
 pid=
-[ $fail -eq 0 ] && echo "ok: a job built with pkg-config ran 4 ranks on the installed commd: ${out%%$'\n'*}"
+[ $fail -eq 0 ] && echo "ok: a job built with pkg-config ran 4 ranks on the installed commd: ${jobout%%$'\n'*}"
 
 # the settings file: every default written out still starts commd, and it
 # names every key (the long flags of commd --help that take a value)

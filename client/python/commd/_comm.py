@@ -1,0 +1,210 @@
+"""The communicator behind the module's functions: its libcomm handle, a lock
+(libcomm takes none, and ctypes lets other threads run during a call), the
+ops in flight as Work objects and the blocks of comm_mem_alloc in use.
+"""
+import ctypes
+import datetime
+import math
+import sys
+import threading
+import warnings
+import weakref
+
+from ._lib import CommError, Result, last_error, lib
+
+current = None  # the Comm that init() made, None outside init() .. finalize()
+
+
+def need(op):
+    """The current Comm, or a RuntimeError naming op."""
+    if current is None:
+        raise RuntimeError(f"{op}: commd is not initialized; call commd.init() first")
+    return current
+
+
+def _timeout_ms(timeout):
+    if timeout is None:
+        return -1
+    if isinstance(timeout, datetime.timedelta):
+        timeout = timeout.total_seconds()
+    if timeout < 0:
+        raise ValueError(f"wait: timeout {timeout} is negative; None waits without limit")
+    return min(math.ceil(timeout * 1000), 2**31 - 1)
+
+
+class Work:
+    """An op posted with async_op=True. Its arrays or tensors are kept alive
+    until it is done."""
+
+    def __init__(self, comm, op, req, bufs, after):
+        self._comm = comm
+        self._op = op
+        self._req = req
+        self._bufs = bufs
+        self._after = after
+        self._error = None
+
+    def wait(self, timeout=None):
+        """Wait for the op, at most timeout seconds (a number or a timedelta;
+        None: without limit). True once it is done; False when the time ran
+        out, and the op can be waited for again. Raises CommError when the op
+        failed."""
+        ms = _timeout_ms(timeout)
+        with self._comm.lock:
+            if self._req is not None:
+                rc = lib.comm_wait(self._req, ms)
+                if rc == Result.INPROGRESS:
+                    return False
+                self._done(rc)
+        if self._error is not None:
+            raise self._error
+        return True
+
+    def is_completed(self):
+        """Whether the op has finished, successfully or not; does not block."""
+        with self._comm.lock:
+            if self._req is not None:
+                done = ctypes.c_int()
+                rc = lib.comm_test(self._req, ctypes.byref(done))
+                if not done.value:
+                    return False
+                self._done(rc)
+        return True
+
+    def _done(self, rc):
+        """libcomm has freed the request: keep its result, run the op's
+        closing step, let the buffers go. Called with the lock held."""
+        self._req = None
+        self._comm.pending.remove(self)
+        if rc == Result.OK:
+            if self._after:
+                self._after()
+        else:
+            self._error = self._comm.error(self._op, rc)
+        self._bufs = self._after = None
+
+
+class Comm:
+    """A comm_t and what Python keeps beside it."""
+
+    def __init__(self, handle):
+        self.handle = handle
+        self.rank = lib.comm_rank(handle)
+        self.size = lib.comm_size(handle)
+        self.lock = threading.RLock()
+        self.pending = []  # Works not yet known to be done, in posting order
+        self.blocks = {}  # address -> weakref.finalize of a comm_mem_alloc block
+        self.freed = []  # blocks let go while another thread held the lock
+        self.cuda_checked = False
+
+    def error(self, op, rc):
+        return CommError(op, rc, last_error(self.handle))
+
+    def post(self, op, call, bufs, async_op, after=None):
+        """Post op: call(req) makes the libcomm call, req being a
+        comm_request_t ** (None: block until done). bufs: its Bufs; after:
+        run once the op succeeded. A Work with async_op, else None."""
+        with self.lock:
+            self._drain()
+            if any(b.cuda for b in bufs):
+                self._follow_stream(op, bufs)
+            req = ctypes.c_void_p() if async_op else None
+            rc = call(ctypes.byref(req) if async_op else None)
+            if rc != Result.OK:
+                raise self.error(op, rc)
+            if not async_op:
+                if after:
+                    after()
+                return None
+            work = Work(self, op, req, bufs, after)
+            self.pending.append(work)
+            return work
+
+    def _follow_stream(self, op, bufs):
+        """Device memory: the op follows torch's current stream there."""
+        torch = sys.modules["torch"]
+        dev = next(b.obj.device for b in bufs if b.cuda)
+        stream = torch.cuda.current_stream(dev).cuda_stream
+        if not self.cuda_checked:
+            # libcomm built without CUDA takes device pointers for host ones,
+            # but refuses any stream but NULL: ask with one before the first op
+            rc = lib.comm_set_stream(self.handle, stream or 1)
+            if rc != Result.OK:
+                raise self.error(op, rc)
+            self.cuda_checked = True
+        rc = lib.comm_set_stream(self.handle, stream or None)
+        if rc != Result.OK:
+            raise self.error(op, rc)
+
+    def alloc(self, op, nbytes):
+        """A ctypes array over nbytes from comm_mem_alloc, given back to
+        libcomm once the array is gone."""
+        with self.lock:
+            self._drain()
+            ptr = lib.comm_mem_alloc(self.handle, nbytes)
+            if not ptr:
+                # comm_mem_alloc gives no code; its detail says why
+                raise CommError(op, Result.ERR_NO_MEMORY, last_error(self.handle))
+            raw = (ctypes.c_ubyte * nbytes).from_address(ptr)
+            self.blocks[ptr] = weakref.finalize(raw, self._let_go, ptr)
+            return raw
+
+    def _let_go(self, ptr):
+        # runs wherever the last reference went, maybe in a thread that
+        # another one's blocking call keeps from the lock: then later
+        if not self.lock.acquire(blocking=False):
+            self.freed.append(ptr)
+            return
+        try:
+            self._free(ptr)
+        finally:
+            self.lock.release()
+
+    def _free(self, ptr):
+        del self.blocks[ptr]
+        lib.comm_mem_free(self.handle, ptr)
+
+    def _drain(self):
+        while self.freed:
+            self._free(self.freed.pop())
+
+    def _forget_blocks(self, op):
+        """libcomm releases the blocks with the comm: never free them after."""
+        self._drain()
+        for fin in self.blocks.values():
+            fin.detach()
+        if self.blocks:
+            warnings.warn(f"{op}: {len(self.blocks)} arrays from commd.empty()/zeros() are "
+                          "still referenced; their memory goes with the communicator",
+                          ResourceWarning, stacklevel=3)
+        self.blocks.clear()
+
+    def finalize(self):
+        """Wait for the Works not waited for, then comm_finalize. Raises the
+        first of their failures (as comm_finalize returns it)."""
+        with self.lock:
+            first = None
+            for work in list(self.pending):
+                work._done(lib.comm_wait(work._req, -1))
+                if first is None and work._error is not None:
+                    first = work._error
+            self._forget_blocks("finalize")
+            rc = lib.comm_finalize(self.handle)
+            self.handle = None
+        if first is not None:
+            raise CommError("finalize", first.code, f"{first.op}: {first.detail}")
+        if rc != Result.OK:
+            raise CommError("finalize", rc, "")
+
+    def abort(self):
+        """comm_abort; the Works not done fail with COMM_ERR_ABORTED."""
+        with self.lock:
+            for work in list(self.pending):
+                work._req = None
+                self.pending.remove(work)
+                work._error = CommError(work._op, Result.ERR_ABORTED,
+                                        "this rank aborted the communicator")
+                work._bufs = work._after = None
+            self._forget_blocks("abort")
+            lib.comm_abort(self.handle)
+            self.handle = None

@@ -1,0 +1,152 @@
+"""commd as a torch.distributed backend, in Python alone.
+
+    import commd.backend                      # registers the backend "commd"
+    torch.distributed.init_process_group("commd", init_method=..., rank=r, world_size=n)
+
+torch's store (whatever init_method made) gives every rank the same job name
+and token; rank 0 draws them. Then the collectives, send/recv and barrier of
+torch.distributed run through commd.init's communicator. One process group,
+the world: new_group() is refused. Reductions: SUM, PRODUCT, MIN, MAX and AVG.
+all_to_all takes equal blocks. Ops run as commd's async ops; the Work that
+torch gets waits for them.
+"""
+import secrets
+
+import torch
+import torch.distributed as dist
+from torch._C._distributed_c10d import ProcessGroup, Work as _TorchWork
+
+import commd
+
+_REDOPS = {
+    dist.ReduceOp.SUM: commd.ReduceOp.SUM,
+    dist.ReduceOp.PRODUCT: commd.ReduceOp.PRODUCT,
+    dist.ReduceOp.MIN: commd.ReduceOp.MIN,
+    dist.ReduceOp.MAX: commd.ReduceOp.MAX,
+    dist.ReduceOp.AVG: commd.ReduceOp.AVG,
+}
+
+
+def _redop(opts):
+    for theirs, ours in _REDOPS.items():
+        if opts.reduceOp == theirs:
+            return ours
+    raise ValueError(f"commd backend: reduction {opts.reduceOp} is not one of SUM, PRODUCT, "
+                     f"MIN, MAX, AVG")
+
+
+def _one(op, tensors):
+    if len(tensors) != 1:
+        raise ValueError(f"commd backend: {op}: {len(tensors)} tensors, want one per process")
+    return tensors[0]
+
+
+class _Work(_TorchWork):
+    """What torch waits on: commd's Works, then an optional last step."""
+
+    def __init__(self, works, result, after=None):
+        super().__init__()
+        self._works = [w for w in works if w is not None]
+        self._result = result
+        self._after = after
+
+    def wait(self, timeout=None):
+        for w in self._works:
+            w.wait()
+        self._works = []
+        if self._after:
+            self._after()
+            self._after = None
+        return True
+
+    def is_completed(self):
+        return all(w.is_completed() for w in self._works)
+
+    def result(self):
+        return self._result
+
+
+class ProcessGroupCommd(ProcessGroup):
+    """The world of a job, its ops through commd."""
+
+    def __init__(self, rank, size):
+        super().__init__(rank, size)
+
+    def getBackendName(self):
+        return "commd"
+
+    def allreduce(self, tensors, opts=None):
+        t = _one("allreduce", tensors)
+        return _Work([commd.all_reduce(t, _redop(opts), async_op=True)], tensors)
+
+    def allreduce_coalesced(self, tensors, opts=None):
+        return _Work([commd.all_reduce(t, _redop(opts), async_op=True) for t in tensors],
+                     tensors)
+
+    def broadcast(self, tensors, opts=None):
+        t = _one("broadcast", tensors)
+        return _Work([commd.broadcast(t, opts.rootRank, async_op=True)], tensors)
+
+    def reduce(self, tensors, opts=None):
+        t = _one("reduce", tensors)
+        return _Work([commd.reduce(t, opts.rootRank, _redop(opts), async_op=True)], tensors)
+
+    def allgather(self, output_lists, inputs, opts=None):
+        outs, t = _one("allgather", output_lists), _one("allgather", inputs)
+        return _Work([commd.all_gather(outs, t, async_op=True)], output_lists)
+
+    def _allgather_base(self, out, inp, opts=None):
+        return _Work([commd.all_gather(out, inp, async_op=True)], [out])
+
+    def reduce_scatter(self, outputs, input_lists, opts=None):
+        out, ins = _one("reduce_scatter", outputs), _one("reduce_scatter", input_lists)
+        inp = torch.cat([x.reshape(-1) for x in ins])
+        return _Work([commd.reduce_scatter(out, inp, _redop(opts), async_op=True)], outputs)
+
+    def _reduce_scatter_base(self, out, inp, opts=None):
+        return _Work([commd.reduce_scatter(out, inp, _redop(opts), async_op=True)], [out])
+
+    def alltoall_base(self, out, inp, out_splits, in_splits, opts=None):
+        if out_splits or in_splits:
+            raise ValueError("commd backend: all_to_all_single takes equal blocks: no split sizes")
+        return _Work([commd.all_to_all(out, inp, async_op=True)], [out])
+
+    def alltoall(self, outs, ins, opts=None):
+        if len(outs) != self.size() or len(ins) != self.size():
+            raise ValueError(f"commd backend: all_to_all: {len(outs)} outputs and {len(ins)} "
+                             f"inputs, want world_size {self.size()} of each")
+        inp = torch.cat([x.reshape(-1) for x in ins])
+        out = torch.empty_like(inp)
+
+        def copy_out():
+            for k, o in enumerate(outs):
+                n = o.numel()
+                o.copy_(out[k * n:(k + 1) * n].view(o.shape))
+        return _Work([commd.all_to_all(out, inp, async_op=True)], outs, copy_out)
+
+    def send(self, tensors, dst, tag):
+        return _Work([commd.isend(_one("send", tensors), dst)], tensors)
+
+    def recv(self, tensors, src, tag):
+        return _Work([commd.irecv(_one("recv", tensors), src)], tensors)
+
+    def barrier(self, opts=None):
+        return _Work([commd.barrier(async_op=True)], [])
+
+
+def _make(store, rank, size, timeout):
+    if commd.is_initialized():
+        raise RuntimeError("commd backend: one process group (the world) per process: "
+                           "new_group() is not supported")
+    if rank == 0:
+        store.set("commd/job", f"torch-{secrets.token_hex(8)}")
+        store.set("commd/token", secrets.token_hex(16))
+    job = store.get("commd/job").decode()
+    token = store.get("commd/token").decode()
+    ms = int(timeout.total_seconds() * 1000) if timeout else 0
+    commd.init(job=job, token=token, rank=rank, world_size=size,
+               timeout_ms=min(max(ms, 1), 86400000) if ms else None)
+    return ProcessGroupCommd(rank, size)
+
+
+dist.Backend.register_backend("commd", _make)

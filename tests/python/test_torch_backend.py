@@ -1,0 +1,103 @@
+"""torch.distributed with backend="commd": run by every rank of a job under
+commrun (rank and size from COMM_RANK and COMM_WORLD_SIZE, the rendezvous
+through a file store named by argv[1]). Every result is checked against
+values computed here; exits 1 on the first wrong one.
+"""
+import os
+import sys
+
+import torch
+import torch.distributed as dist
+
+import commd.backend  # noqa: F401  registers "commd"
+
+rank = int(os.environ["COMM_RANK"])
+n = int(os.environ["COMM_WORLD_SIZE"])
+dist.init_process_group("commd", init_method=f"file://{sys.argv[1]}", rank=rank, world_size=n)
+checks = 0
+
+
+def check(what, got, want):
+    global checks
+    if not torch.equal(got, want):
+        sys.stdout.write(f"rank {rank}: {what}: got {got.tolist()}, want {want.tolist()}\n")
+        sys.exit(1)
+    checks += 1
+
+
+assert dist.get_backend() == "commd" and dist.get_rank() == rank and dist.get_world_size() == n
+ranks = torch.arange(n, dtype=torch.float32)
+
+# the reference run's collectives
+t = torch.arange(4, dtype=torch.float32) + rank
+dist.all_reduce(t)
+check("all_reduce", t, sum(torch.arange(4, dtype=torch.float32) + r for r in range(n)))
+out = torch.zeros(1)
+dist.reduce_scatter_tensor(out, torch.arange(n, dtype=torch.float32) + rank)
+check("reduce_scatter_tensor", out, torch.tensor([float(n * rank + n * (n - 1) // 2)]))
+gathered = torch.zeros(n)
+dist.all_gather_into_tensor(gathered, torch.tensor([float(rank)]))
+check("all_gather_into_tensor", gathered, ranks)
+
+# every reduction, on float32 and int64
+for op, fold in ((dist.ReduceOp.SUM, sum), (dist.ReduceOp.PRODUCT, lambda v: torch.prod(
+        torch.stack(v), 0)), (dist.ReduceOp.MIN, lambda v: torch.stack(v).min(0).values),
+        (dist.ReduceOp.MAX, lambda v: torch.stack(v).max(0).values)):
+    for dtype in (torch.float32, torch.int64):
+        vals = [torch.tensor([r + 1, 3 - r, 2 * r - 1], dtype=dtype) for r in range(n)]
+        t = vals[rank].clone()
+        dist.all_reduce(t, op=op)
+        check(f"all_reduce {op} {dtype}", t, fold(vals))
+t = torch.full((5,), float(rank))
+dist.all_reduce(t, op=dist.ReduceOp.AVG)
+check("all_reduce AVG", t, torch.full((5,), (n - 1) / 2))
+
+# lists, broadcast, reduce, all_to_all, send/recv, barrier, async
+outs = [torch.zeros(2, 3) for _ in range(n)]
+dist.all_gather(outs, torch.full((2, 3), float(rank)))
+for r in range(n):
+    check(f"all_gather[{r}]", outs[r], torch.full((2, 3), float(r)))
+out = torch.zeros(3)
+dist.reduce_scatter(out, [torch.full((3,), float(rank * 10 + r)) for r in range(n)])
+check("reduce_scatter", out, torch.full((3,), float(sum(q * 10 + rank for q in range(n)))))
+t = torch.arange(6, dtype=torch.float64) * (rank + 1)
+dist.broadcast(t, src=n - 1)
+check("broadcast", t, torch.arange(6, dtype=torch.float64) * n)
+t = torch.full((4,), float(rank + 1))
+dist.reduce(t, dst=0)
+check("reduce", t, torch.full((4,), float(n * (n + 1) // 2)) if rank == 0
+      else torch.full((4,), float(rank + 1)))
+inp = torch.tensor([float(rank * 100 + j) for j in range(n)])
+out = torch.zeros(n)
+dist.all_to_all_single(out, inp)
+check("all_to_all_single", out, torch.tensor([float(i * 100 + rank) for i in range(n)]))
+ins = [torch.full((2,), float(rank * 100 + j)) for j in range(n)]
+outs = [torch.zeros(2) for _ in range(n)]
+dist.all_to_all(outs, ins)
+for i in range(n):
+    check(f"all_to_all[{i}]", outs[i], torch.full((2,), float(i * 100 + rank)))
+if rank % 2 == 0 and rank + 1 < n:
+    dist.send(torch.arange(8, dtype=torch.int32) + rank, dst=rank + 1)
+elif rank % 2 == 1:
+    t = torch.zeros(8, dtype=torch.int32)
+    dist.recv(t, src=rank - 1)
+    check("recv", t, torch.arange(8, dtype=torch.int32) + rank - 1)
+dist.barrier()
+works = [dist.all_reduce(torch.ones(3) * (k + 1), async_op=True) for k in range(3)]
+for w in works:
+    w.wait()
+t = torch.ones(1000)
+w = dist.all_reduce(t, async_op=True)
+w.wait()
+check("async all_reduce", t, torch.full((1000,), float(n)))
+
+# autograd around it: a gradient averaged over ranks, as data parallelism does
+w = torch.full((3,), 1.0, requires_grad=True)
+loss = (w * (rank + 1)).sum()
+loss.backward()
+dist.all_reduce(w.grad, op=dist.ReduceOp.AVG)
+check("averaged gradient", w.grad, torch.full((3,), (n + 1) / 2))
+
+dist.destroy_process_group()
+commd.finalize()
+sys.stdout.write(f"rank {rank}: torch.distributed backend commd: {checks} checks ok\n")
