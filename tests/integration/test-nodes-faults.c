@@ -477,6 +477,21 @@ static comm_result_t h4_ops(comm_t *c, struct h4 *s, int r, int n, int32_t *buf)
 	return COMM_OK;
 }
 
+/* Join and take the op buffer; -1, noted for the test, when either fails. */
+static int h4_join(struct h4 *s, int r, int n, comm_t **c, int32_t **buf)
+{
+	if (th_join(c, r, n) < 0) {
+		h4_note(s, r, COMM_ERR_INTERNAL, "comm_init failed (see above)");
+		return -1;
+	}
+	if (!(*buf = comm_mem_alloc(*c, H4_COUNT * sizeof **buf))) {
+		h4_note(s, r, COMM_ERR_NO_MEMORY, comm_last_error(*c));
+		th_bail(*c);
+		return -1;
+	}
+	return 0;
+}
+
 /* Incarnation 1: all-reduces until the root fails the job. */
 static int rank_h4_first(int r, int n, void *arg)
 {
@@ -485,14 +500,8 @@ static int rank_h4_first(int r, int n, void *arg)
 	int32_t *buf;
 	comm_t *c;
 
-	if (th_join(&c, r, n) < 0) {
-		h4_note(s, r, COMM_ERR_INTERNAL, "comm_init failed (see above)");
+	if (h4_join(s, r, n, &c, &buf) < 0)
 		return 1;
-	}
-	if (!(buf = comm_mem_alloc(c, H4_COUNT * sizeof *buf))) {
-		h4_note(s, r, COMM_ERR_NO_MEMORY, comm_last_error(c));
-		return th_bail(c);
-	}
 	while ((rc = h4_ops(c, s, r, n, buf)) == COMM_OK)
 		;
 	h4_note(s, r, rc, comm_last_error(c));
@@ -509,14 +518,8 @@ static int rank_h4_second(int r, int n, void *arg)
 	int32_t *buf;
 	comm_t *c;
 
-	if (th_join(&c, r, n) < 0) {
-		h4_note(s, r, COMM_ERR_INTERNAL, "comm_init failed (see above)");
+	if (h4_join(s, r, n, &c, &buf) < 0)
 		return 1;
-	}
-	if (!(buf = comm_mem_alloc(c, H4_COUNT * sizeof *buf))) {
-		h4_note(s, r, COMM_ERR_NO_MEMORY, comm_last_error(c));
-		return th_bail(c);
-	}
 	if ((rc = h4_ops(c, s, r, n, buf)) == COMM_OK) {
 		alarm(TH_WATCHDOG_S);
 		while (!__atomic_load_n(&s->injected, __ATOMIC_ACQUIRE))

@@ -79,32 +79,7 @@ fi
 # shared/reference/reference-run.txt's (no device suffix), and rank 0's output
 # before the all-gather as the C demo prints it (the reference shows it
 # half-overwritten by the reduce-scatter: [ 0., 10., 14., 18.]).
-cat >"$dir/reference-lines" <<'WANT'
-Rank 0 [before all-reduce]: tensor([0., 1., 2., 3.])
-Rank 1 [before all-reduce]: tensor([1., 2., 3., 4.])
-Rank 2 [before all-reduce]: tensor([2., 3., 4., 5.])
-Rank 3 [before all-reduce]: tensor([3., 4., 5., 6.])
-Rank 0 [after all-reduce]: tensor([ 6., 10., 14., 18.])
-Rank 1 [after all-reduce]: tensor([ 6., 10., 14., 18.])
-Rank 2 [after all-reduce]: tensor([ 6., 10., 14., 18.])
-Rank 3 [after all-reduce]: tensor([ 6., 10., 14., 18.])
-Rank 0 [before reduce-scatter]: input = tensor([0., 1., 2., 3.]), output = tensor([0.])
-Rank 1 [before reduce-scatter]: input = tensor([1., 2., 3., 4.]), output = tensor([0.])
-Rank 2 [before reduce-scatter]: input = tensor([2., 3., 4., 5.]), output = tensor([0.])
-Rank 3 [before reduce-scatter]: input = tensor([3., 4., 5., 6.]), output = tensor([0.])
-Rank 0 [after reduce-scatter]: input = tensor([0., 1., 2., 3.]), output = tensor([6.])
-Rank 1 [after reduce-scatter]: input = tensor([1., 2., 3., 4.]), output = tensor([10.])
-Rank 2 [after reduce-scatter]: input = tensor([2., 3., 4., 5.]), output = tensor([14.])
-Rank 3 [after reduce-scatter]: input = tensor([3., 4., 5., 6.]), output = tensor([18.])
-Rank 0 [before all-gather]: input = tensor([6.]), output = tensor([0., 1., 2., 3.])
-Rank 1 [before all-gather]: input = tensor([10.]), output = tensor([1., 2., 3., 4.])
-Rank 2 [before all-gather]: input = tensor([14.]), output = tensor([2., 3., 4., 5.])
-Rank 3 [before all-gather]: input = tensor([18.]), output = tensor([3., 4., 5., 6.])
-Rank 0 [after all-gather]: input = tensor([6.]), output = tensor([ 6., 10., 14., 18.])
-Rank 1 [after all-gather]: input = tensor([10.]), output = tensor([ 6., 10., 14., 18.])
-Rank 2 [after all-gather]: input = tensor([14.]), output = tensor([ 6., 10., 14., 18.])
-Rank 3 [after all-gather]: input = tensor([18.]), output = tensor([ 6., 10., 14., 18.])
-WANT
+cp "$srcdir/tests/fixtures/reference-collectives.txt" "$dir/reference-lines"
 
 if ! "$py" - "$dir" "$here" "$BENCH_ELEMENTS" "$SUMMARY_TOL" "$LOSS_TOL" <<'PY'; then
 import re
