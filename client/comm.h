@@ -165,7 +165,8 @@ comm_result_t comm_alltoall(comm_t *comm, const void *sendbuf, void *recvbuf, si
  * receiver's. Sizes (count x dtype size) must agree: a mismatch fails both
  * sides with COMM_ERR_MISMATCH. As in NCCL, a send or recv outside a group
  * blocks the rank's later ops until its partner has posted; exchanges where
- * both sides send first belong in a group. peer == own rank needs a group.
+ * both sides send first belong in a group. peer == own rank needs a group:
+ * outside one it is COMM_ERR_INVALID_ARG.
  */
 comm_result_t comm_send(comm_t *comm, const void *buf, size_t count, comm_dtype_t dtype,
 			int peer, comm_request_t **req);

@@ -372,12 +372,25 @@ COMM_API comm_result_t comm_alltoall(comm_t *c, const void *sendbuf, void *recvb
 	return rc != COMM_OK ? rc : submit(c, &d, req);
 }
 
+/* A send or recv with itself outside a group would wait for itself: refused. */
+static comm_result_t p2p_self(comm_t *c, const struct opdesc *d)
+{
+	if (c && d->peer == c->rank && !c->group_depth)
+		return comm_set_error(c, COMM_ERR_INVALID_ARG,
+				      "%s: peer %d is this rank: outside a group it would wait for "
+				      "itself (comm_group_start)", d->name, d->peer);
+	return COMM_OK;
+}
+
 COMM_API comm_result_t comm_send(comm_t *c, const void *buf, size_t count, comm_dtype_t dtype,
 				 int peer, comm_request_t **req)
 {
 	struct opdesc d = { COMMPB__OP_TYPE__OP_SEND, "send", buf, NULL, count,
 			    0, 0, dtype, COMM_SUM, 0, peer };
 	comm_result_t rc = prepare(c, &d, 1, 0);
+
+	if (rc == COMM_OK)
+		rc = p2p_self(c, &d);
 
 	return rc != COMM_OK ? rc : submit(c, &d, req);
 }
@@ -388,6 +401,9 @@ COMM_API comm_result_t comm_recv(comm_t *c, void *buf, size_t count, comm_dtype_
 	struct opdesc d = { COMMPB__OP_TYPE__OP_RECV, "recv", NULL, buf, count,
 			    0, 0, dtype, COMM_SUM, 0, peer };
 	comm_result_t rc = prepare(c, &d, 0, 1);
+
+	if (rc == COMM_OK)
+		rc = p2p_self(c, &d);
 
 	return rc != COMM_OK ? rc : submit(c, &d, req);
 }

@@ -1047,6 +1047,11 @@ static int rank_invalid(int r, int n, void *arg)
 	WANT_INVALID(comm_recv(c, d, 4, COMM_INT32, n + 5, NULL));
 	WANT_INVALID(comm_recv(c, d, 4, COMM_INT32, -2, NULL));
 	THEN_ALLREDUCE("send/recv to peers out of range");
+	/* itself outside a group: refused at once, not a wait for itself */
+	WANT_INVALID(comm_send(c, s, 4, COMM_INT32, r, NULL));
+	WANT_INVALID(comm_recv(c, d, 4, COMM_INT32, r, &req));
+	bad |= !strstr(comm_last_error(c), "is this rank");
+	THEN_ALLREDUCE("send/recv with itself outside a group");
 	/* in a group: refused when posted, or by comm_group_end, which waits for it */
 	{
 		comm_result_t rc, rc2;

@@ -332,7 +332,9 @@ class TestErrors(unittest.TestCase):
              f"broadcast: src {n} is not a rank of 0..{n - 1}"),
             (commd.reduce, (z(1), -1), ValueError,
              f"reduce: dst -1 is not a rank of 0..{n - 1}"),
-            (commd.send, (z(1), rank()), ValueError, f"send: dst {rank()} is this rank"),
+            (commd.send, (z(1), rank()), commd.CommError,
+             f"send: COMM_ERR_INVALID_ARG: send: peer {rank()} is this rank: outside a group "
+             f"it would wait for itself (comm_group_start)"),
             (commd.all_reduce, (z(1), 9), ValueError, "all_reduce: op 9 is not a ReduceOp"),
             (commd.all_reduce, ([1.0],), TypeError,
              "all_reduce: t is a list; want a numpy array or a torch tensor"),

@@ -233,17 +233,9 @@ def all_to_all(out, inp, async_op=False):
         c.handle, i.ptr, o.ptr, i.count // c.size, i.dtype, req), [o, i], async_op)
 
 
-def _peer(op, c, name, value):
-    value = _rank_arg(op, c, name, value)
-    if value == c.rank:
-        # outside a group libcomm would wait for itself until the timeout
-        raise ValueError(f"{op}: {name} {value} is this rank")
-    return value
-
-
 def _send(op, t, dst, async_op):
     c = _comm.need(op)
-    dst = _peer(op, c, "dst", dst)
+    dst = _rank_arg(op, c, "dst", dst)
     b = buf(op, "t", t)
     return c.post(op, lambda req: lib.comm_send(
         c.handle, b.ptr, b.count, b.dtype, dst, req), [b], async_op)
@@ -251,7 +243,7 @@ def _send(op, t, dst, async_op):
 
 def _recv(op, t, src, async_op):
     c = _comm.need(op)
-    src = _peer(op, c, "src", src)
+    src = _rank_arg(op, c, "src", src)
     b = buf(op, "t", t, writable=True)
     return c.post(op, lambda req: lib.comm_recv(
         c.handle, b.ptr, b.count, b.dtype, src, req), [b], async_op)
