@@ -1053,13 +1053,17 @@ static void task_release(struct net_task *nt)
 	nt->hlen = NULL;
 }
 
+/*
+ * Hand nt to the loop thread, which frees it: once it is on the done list
+ * this thread touches nothing of it (its buffers are given back first).
+ */
 static void finish(struct net_task *nt)
 {
+	task_release(nt);
 	pthread_mutex_lock(&N.lock);
 	TAILQ_REMOVE(&N.active, nt, link);
 	TAILQ_INSERT_TAIL(&N.done, nt, link);
 	pthread_mutex_unlock(&N.lock);
-	task_release(nt);
 	uv_async_send(&N.async);
 }
 
@@ -1086,8 +1090,11 @@ static void start_task(struct net_task *nt)
 		finish(nt);
 }
 
-/* Advance nt if its step has completed; stopping tasks wind down. */
-static void advance(struct net_task *nt, uint64_t now)
+/*
+ * Advance nt if its step has completed; stopping tasks wind down. 1 when nt
+ * finished: it is the loop thread's then, and may be freed already.
+ */
+static int advance(struct net_task *nt, uint64_t now)
 {
 	/* acquire: cancel_code and cancel_detail were written before cancel */
 	if (nt->status == COMM_OK && __atomic_load_n(&nt->cancel, __ATOMIC_ACQUIRE))
@@ -1107,17 +1114,13 @@ static void advance(struct net_task *nt, uint64_t now)
 				ep_kill(nt->ep[nt->reqs[i].node], "a stopped op's sends did not finish");
 	}
 	if (!reap(nt))
-		return;
-	if (nt->status != COMM_OK) {
+		return 0;
+	if (nt->status != COMM_OK || (nt->t->peer >= 0 ? p2p_step(nt) : coll_step(nt)) ||
+	    (nt->nreq == 0 && nt->status != COMM_OK)) {
 		finish(nt);
-		return;
+		return 1;
 	}
-	if (nt->t->peer >= 0 ? p2p_step(nt) : coll_step(nt)) {
-		finish(nt);
-		return;
-	}
-	if (nt->nreq == 0 && nt->status != COMM_OK)
-		finish(nt);
+	return 0;
 }
 
 /* Late messages to freed slots: received and thrown away. */
@@ -1197,8 +1200,10 @@ static void *net_thread(void *arg)
 		TAILQ_FOREACH_SAFE(nt, &N.active, link, tmp) {
 			int before = nt->nreq;
 
-			advance(nt, now);
-			did |= nt->nreq != before;
+			if (advance(nt, now))
+				did = 1; /* and nt is gone */
+			else
+				did |= nt->nreq != before;
 		}
 		if (now - N.last_drain_ms >= 100) {
 			N.last_drain_ms = now;
