@@ -1,10 +1,11 @@
 """torch.distributed with backend="commd": run by every rank of a job under
 commrun (rank and size from COMM_RANK and COMM_WORLD_SIZE, the rendezvous
-through a file store named by argv[1]). Every result is checked against
+through file stores named by argv[1] and argv[1].2). Every result is checked against
 values computed here; exits 1 on the first wrong one.
 """
 import os
 import sys
+import time
 
 import torch
 import torch.distributed as dist
@@ -98,6 +99,35 @@ loss.backward()
 dist.all_reduce(w.grad, op=dist.ReduceOp.AVG)
 check("averaged gradient", w.grad, torch.full((3,), (n + 1) / 2))
 
+# what commd does not take: told at once, the job goes on
+for what, call in (
+        ("unequal reduce_scatter blocks", lambda: dist.reduce_scatter(
+            torch.zeros(2), [torch.zeros(2)] * (n - 1) + [torch.zeros(3)])),
+        ("a send tag", lambda: dist.send(torch.zeros(1), dst=(rank + 1) % n, tag=7))):
+    try:
+        call()
+    except ValueError as e:
+        checks += "commd backend" in str(e)
+    else:
+        sys.stdout.write(f"rank {rank}: {what}: no ValueError\n")
+        sys.exit(1)
+# a list all_to_all's outputs are in place once is_completed() says so
+outs = [torch.zeros(2) for _ in range(n)]
+w = dist.all_to_all(outs, [torch.full((2,), float(rank * 100 + j)) for j in range(n)],
+                    async_op=True)
+while not w.is_completed():
+    time.sleep(0.001)
+for i in range(n):
+    check(f"all_to_all[{i}] after is_completed", outs[i], torch.full((2,), float(i * 100 + rank)))
+
+# a second process group (a new store: torch takes a file store once), once
+# commd has been left
+dist.destroy_process_group()
+commd.finalize()
+dist.init_process_group("commd", init_method=f"file://{sys.argv[1]}.2", rank=rank, world_size=n)
+t = torch.full((2,), float(rank))
+dist.all_reduce(t)
+check("all_reduce in a second process group", t, torch.full((2,), float(n * (n - 1) // 2)))
 dist.destroy_process_group()
 commd.finalize()
 sys.stdout.write(f"rank {rank}: torch.distributed backend commd: {checks} checks ok\n")

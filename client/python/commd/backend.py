@@ -6,10 +6,13 @@
 torch's store (whatever init_method made) gives every rank the same job name
 and token; rank 0 draws them. Then the collectives, send/recv and barrier of
 torch.distributed run through commd.init's communicator. One process group,
-the world: new_group() is refused. Reductions: SUM, PRODUCT, MIN, MAX and AVG.
-all_to_all takes equal blocks. Ops run as commd's async ops; the Work that
-torch gets waits for them.
+the world: new_group() is refused, and after destroy_process_group() call
+commd.finalize() to leave the job (and before init_process_group again).
+Reductions: SUM, PRODUCT, MIN, MAX and AVG. all_to_all takes equal blocks of
+one dtype; send/recv take no tags. Ops run as commd's async ops; the Work
+that torch gets waits for them.
 """
+import time
 import secrets
 
 import torch
@@ -35,6 +38,14 @@ def _redop(opts):
                      f"MIN, MAX, AVG")
 
 
+def _same(op, tensors, like):
+    """Lists must be blocks of like's size and dtype: commd takes equal blocks."""
+    for k, t in enumerate(tensors):
+        if t.numel() != like.numel() or t.dtype != like.dtype:
+            raise ValueError(f"commd backend: {op}: tensor {k} is {t.numel()} x {t.dtype}, "
+                             f"want {like.numel()} x {like.dtype} like the others")
+
+
 def _one(op, tensors):
     if len(tensors) != 1:
         raise ValueError(f"commd backend: {op}: {len(tensors)} tensors, want one per process")
@@ -50,20 +61,37 @@ class _Work(_TorchWork):
         self._result = result
         self._after = after
 
-    def wait(self, timeout=None):
-        for w in self._works:
-            w.wait()
+    def _finish(self):
         self._works = []
         if self._after:
             self._after()
             self._after = None
+
+    def wait(self, timeout=None):
+        """Wait for every op (timeout: a timedelta, or None without limit); a
+        RuntimeError when the time runs out first."""
+        end = None if timeout is None else time.monotonic() + timeout.total_seconds()
+        for w in self._works:
+            left = None if end is None else max(0.0, end - time.monotonic())
+            if not w.wait(left):
+                raise RuntimeError(f"commd backend: an op not done within {timeout}")
+        self._finish()
         return True
 
     def is_completed(self):
-        return all(w.is_completed() for w in self._works)
+        if not all(w.is_completed() for w in self._works):
+            return False
+        self._finish()
+        return True
 
     def result(self):
         return self._result
+
+
+def _no_tag(op, tag):
+    if tag:
+        raise ValueError(f"commd backend: {op}: tag {tag}: commd matches sends and recvs "
+                         f"in order, without tags")
 
 
 class ProcessGroupCommd(ProcessGroup):
@@ -100,6 +128,7 @@ class ProcessGroupCommd(ProcessGroup):
 
     def reduce_scatter(self, outputs, input_lists, opts=None):
         out, ins = _one("reduce_scatter", outputs), _one("reduce_scatter", input_lists)
+        _same("reduce_scatter", ins, out)
         inp = torch.cat([x.reshape(-1) for x in ins])
         return _Work([commd.reduce_scatter(out, inp, _redop(opts), async_op=True)], outputs)
 
@@ -115,6 +144,7 @@ class ProcessGroupCommd(ProcessGroup):
         if len(outs) != self.size() or len(ins) != self.size():
             raise ValueError(f"commd backend: all_to_all: {len(outs)} outputs and {len(ins)} "
                              f"inputs, want world_size {self.size()} of each")
+        _same("all_to_all", ins + outs, ins[0])
         inp = torch.cat([x.reshape(-1) for x in ins])
         out = torch.empty_like(inp)
 
@@ -125,9 +155,11 @@ class ProcessGroupCommd(ProcessGroup):
         return _Work([commd.all_to_all(out, inp, async_op=True)], outs, copy_out)
 
     def send(self, tensors, dst, tag):
+        _no_tag("send", tag)
         return _Work([commd.isend(_one("send", tensors), dst)], tensors)
 
     def recv(self, tensors, src, tag):
+        _no_tag("recv", tag)
         return _Work([commd.irecv(_one("recv", tensors), src)], tensors)
 
     def barrier(self, opts=None):
@@ -136,13 +168,17 @@ class ProcessGroupCommd(ProcessGroup):
 
 def _make(store, rank, size, timeout):
     if commd.is_initialized():
-        raise RuntimeError("commd backend: one process group (the world) per process: "
-                           "new_group() is not supported")
+        raise RuntimeError("commd backend: commd is initialized already: one process group "
+                           "(the world) per process, so no new_group(); after "
+                           "destroy_process_group(), commd.finalize() before a new one")
+    # a store used again (a file store) keeps the last round's keys: each
+    # init_process_group is a round of its own
+    rnd = (store.add("commd/joins", 1) - 1) // size
     if rank == 0:
-        store.set("commd/job", f"torch-{secrets.token_hex(8)}")
-        store.set("commd/token", secrets.token_hex(16))
-    job = store.get("commd/job").decode()
-    token = store.get("commd/token").decode()
+        store.set(f"commd/{rnd}/job", f"torch-{secrets.token_hex(8)}")
+        store.set(f"commd/{rnd}/token", secrets.token_hex(16))
+    job = store.get(f"commd/{rnd}/job").decode()
+    token = store.get(f"commd/{rnd}/token").decode()
     ms = int(timeout.total_seconds() * 1000) if timeout else 0
     commd.init(job=job, token=token, rank=rank, world_size=size,
                timeout_ms=min(max(ms, 1), 86400000) if ms else None)
