@@ -372,10 +372,10 @@ COMM_API comm_result_t comm_alltoall(comm_t *c, const void *sendbuf, void *recvb
 	return rc != COMM_OK ? rc : submit(c, &d, req);
 }
 
-/* A send or recv with itself outside a group would wait for itself: refused. */
+/* A send or recv with itself outside a group would wait for itself: refused (c is checked). */
 static comm_result_t p2p_self(comm_t *c, const struct opdesc *d)
 {
-	if (c && d->peer == c->rank && !c->group_depth)
+	if (d->peer == c->rank && !c->group_depth)
 		return comm_set_error(c, COMM_ERR_INVALID_ARG,
 				      "%s: peer %d is this rank: outside a group it would wait for "
 				      "itself (comm_group_start)", d->name, d->peer);

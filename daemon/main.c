@@ -130,8 +130,7 @@ static void on_hangup(uv_signal_t *h, int signum)
 	char err[512], msg[64];
 
 	/* RELOADING=1, then READY=1 whether or not the new settings took */
-	snprintf(msg, sizeof msg, "RELOADING=1\nMONOTONIC_USEC=%llu",
-		 (unsigned long long)now_ms() * 1000);
+	snprintf(msg, sizeof msg, "RELOADING=1\nMONOTONIC_USEC=%llu", (unsigned long long)now_us());
 	notify_send(msg);
 	if (load_settings(&cfg, err, sizeof err) < 0) {
 		log_warn("reload: %s: the settings in force stay", err);

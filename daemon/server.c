@@ -107,8 +107,9 @@ static uint64_t ops_in_flight(void)
 
 void server_notify(const char *head)
 {
-	static char last[384];
-	char line[384], msg[512];
+	/* room for the longest: a 107-byte socket path and a 255-byte GPU line */
+	static char last[512];
+	char line[512], msg[640];
 	unsigned jobs = 0, ranks = 0;
 	struct job *j;
 

@@ -99,11 +99,22 @@ export LD_LIBRARY_PATH=$root$libdir
 lib=$(ldd "$tmp/job" 2>/dev/null | sed -n 's/.*libcomm.so.* => \([^ ]*\).*/\1/p')
 [ "$lib" = "$root$libdir/libcomm.so.0" ] || bad "the job found libcomm at '$lib', not the installed one"
 
+# serving SOCK LOG: wait up to 30 s for the installed commd to answer on SOCK
+serving() {
+	for _ in $(seq 300); do
+		"$root$bindir/commctl" --socket "$1" status >/dev/null 2>&1 && return 0
+		kill -0 "$pid" 2>/dev/null || break
+		sleep 0.1
+	done
+	bad "the installed commd does not answer on $1: $(tail -5 "$2")"
+	return 1
+}
+
 conf=$root$sysconfdir/commd/commd.conf
 "$root$sbindir/commd" --foreground --config "$conf" --socket "$tmp/commd.sock" \
 	2>"$tmp/commd.log" &
 pid=$!
-for _ in $(seq 100); do [ -S "$tmp/commd.sock" ] && break; sleep 0.05; done
+serving "$tmp/commd.sock" "$tmp/commd.log"
 jobout=$("$root$bindir/commrun" -n 4 --socket "$tmp/commd.sock" "$tmp/job" 2>&1)
 n=$(grep -c "sum 10 20 30, gather ok 1" <<<"$jobout")
 [ "$n" = 4 ] || bad "the installed job under the installed commrun and commd: $jobout"
@@ -120,12 +131,13 @@ if [ "${PYTHON:-:}" != : ] && [ -z "${SAN_LDFLAGS:-}" ] && "$PYTHON" -c 'import 
 			bad "$pythondir is not in $PYTHON's sys.path" ;;
 	esac
 	cat >"$tmp/job.py" <<'EOF'
+import sys
 import numpy as np
 import commd
 commd.init()
 v = np.arange(3, dtype=np.int64) + commd.get_rank()
 commd.all_reduce(v)
-print(f"rank {commd.get_rank()}: {v.tolist()} from {commd.__file__}")
+sys.stdout.write(f"rank {commd.get_rank()}: {v.tolist()} from {commd.__file__}\n")  # one write
 commd.finalize()
 EOF
 	out=$(env -u COMMD_LIBCOMM PYTHONPATH="$root$pythondir" PYTHONDONTWRITEBYTECODE=1 \
@@ -149,9 +161,7 @@ grep -q "^max-write-queue = 16M$" "$tmp/defaults.conf" || bad "uncommenting the 
 "$root$sbindir/commd" --foreground --config "$tmp/defaults.conf" --socket "$tmp/d.sock" \
 	2>"$tmp/defaults.log" &
 pid=$!
-for _ in $(seq 100); do [ -S "$tmp/d.sock" ] && break; sleep 0.05; done
-"$root$bindir/commctl" --socket "$tmp/d.sock" status >/dev/null 2>&1 ||
-	bad "commd with commd.conf's defaults written out does not serve: $(cat "$tmp/defaults.log")"
+serving "$tmp/d.sock" "$tmp/defaults.log"
 kill -TERM $pid
 wait $pid || bad "commd with the defaults exited $?"
 pid=
