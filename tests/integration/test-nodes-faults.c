@@ -1,9 +1,9 @@
 /*
  * test-nodes-faults.c: jobs over two daemons when things go wrong: a root
  * address where nothing listens, a failed job's messages arriving while a new
- * incarnation of it runs (H4), and a member daemon killed under a running
- * job. The surviving daemon fails what spanned the dead one, serves a new
- * job and stops cleanly.
+ * incarnation of it runs (H4), a member's late key-0 fail at a real root, and
+ * a member daemon killed under a running job. The surviving daemon fails what
+ * spanned the dead one, serves a new job and stops cleanly.
  */
 #include <arpa/inet.h>
 #include <netinet/in.h>
@@ -661,6 +661,241 @@ static void test_stale(void)
 	munmap(s, sizeof *s);
 }
 
+/* --- H4 at the root: a member's key-0 fail just after the job formed ------------- */
+
+/*
+ * commd A is the root of job "h4root" (world 4): ranks 0 and 1 on commd B,
+ * ranks 2 and 3 on a member the test plays over raw TCP. Once A sent it
+ * PeerFormed, the fake member sends a key-0 PeerFail naming the job by its
+ * slot, as a member that failed while it thought the job was still forming
+ * does. A must fail the formed job and tell B at once: B's ranks, blocked in
+ * an all-reduce that waits for ranks 2 and 3, fail with that status and
+ * detail well before the job's 30 s deadline, and A logs no stale drop for
+ * it. A key-0 PeerFail with a slot A never saw is dropped as stale.
+ */
+
+#define H4R_SLOT 0xfff1u         /* the fake member's slot (its tag slot on A's worker) */
+#define H4R_BOGUS 0xfff2u        /* a slot A never saw */
+#define H4R_TIMEOUT "30000"      /* the job's deadline (COMM_TIMEOUT) */
+#define H4R_LIMIT_MS 5000        /* B's ranks fail within this of the fake's fail */
+#define H4R_DETAIL "h4root: rank 2 failed on the fake member while the job formed"
+
+/* Ranks 0 and 1 (on B): join, then one all-reduce that cannot finish without 2 and 3. */
+static int rank_h4root(int r, int n, void *arg)
+{
+	struct seen *s = arg;
+	comm_result_t rc;
+	int32_t *buf;
+	comm_t *c;
+
+	if (r >= 2)
+		return 0; /* ranks 2 and 3 are the fake member's */
+	setenv("COMM_TIMEOUT", H4R_TIMEOUT, 1);
+	if (th_join(&c, r, n) < 0) {
+		seen_note(s, r, COMM_ERR_INTERNAL, "comm_init failed (see above)");
+		return 1;
+	}
+	if (!(buf = comm_mem_alloc(c, 16 * sizeof *buf))) {
+		seen_note(s, r, COMM_ERR_NO_MEMORY, comm_last_error(c));
+		return th_bail(c);
+	}
+	for (int i = 0; i < 16; i++)
+		buf[i] = r + 1;
+	alarm(TH_WATCHDOG_S);
+	__atomic_store_n(&s->start_ms[r], mono_ms(), __ATOMIC_RELEASE);
+	rc = comm_allreduce(c, buf, buf, 16, COMM_INT32, COMM_SUM, NULL);
+	seen_note(s, r, rc, rc ? comm_last_error(c) : "the all-reduce finished without ranks 2, 3");
+	alarm(20);
+	comm_finalize(c);
+	return 0;
+}
+
+/* A key-0 PeerFail for "h4root" from the fake member, naming the job by slot. */
+static void h4r_fail(int fd, uint32_t slot, const char *detail)
+{
+	Commpb__PeerMsg out = COMMPB__PEER_MSG__INIT;
+	Commpb__PeerFail f = COMMPB__PEER_FAIL__INIT;
+
+	f.job = "h4root";
+	f.key = 0;
+	f.status = COMM_ERR_PEER_LOST;
+	f.detail = (char *)detail;
+	f.slot = slot;
+	out.body_case = COMMPB__PEER_MSG__BODY_FAIL;
+	out.fail = &f;
+	pr_send(fd, &out);
+}
+
+/* A took in everything the fake member sent so far: a ping answered. 0 or -1. */
+static int h4r_sync(int fd)
+{
+	pr_ping(fd, 4805);
+	for (;;) {
+		int i, got;
+		Commpb__PeerMsg *in = pr_next(&fd, 1, &i, 10000);
+
+		if (!in)
+			return -1;
+		got = in->body_case == COMMPB__PEER_MSG__BODY_PONG && in->pong->sent_us == 4805;
+		commpb__peer_msg__free_unpacked(in, NULL);
+		if (got)
+			return 0;
+	}
+}
+
+/* Lines of d's log with both a and b in them. */
+static int count_log(const struct th_daemon *d, const char *a, const char *b)
+{
+	char line[1024];
+	FILE *f = fopen(d->log, "r");
+	int n = 0;
+
+	if (!f)
+		return -1;
+	while (fgets(line, sizeof line, f))
+		n += strstr(line, a) && strstr(line, b) != NULL;
+	fclose(f);
+	return n;
+}
+
+static void test_stale_root(void)
+{
+	static const int of[N] = { 0, 0, 0, 0 };
+	const struct th_daemon *ds[1] = { &db };
+	struct seen *s = seen_new();
+	Commpb__PeerMsg out = COMMPB__PEER_MSG__INIT, *in;
+	Commpb__PeerHello h = COMMPB__PEER_HELLO__INIT;
+	Commpb__PeerJoin jn = COMMPB__PEER_JOIN__INIT;
+	struct sockaddr_in sa = { .sin_family = AF_INET };
+	struct timespec t0;
+	struct th_ranks rs;
+	uint8_t ucx[1024];
+	size_t ucx_len = 0;
+	uint64_t key = 0;
+	int32_t ranks[2] = { 2, 3 };
+	char token[64], port[16], bogus[32];
+	const char *colon = strrchr(da.peer, ':');
+	long fail_ms;
+	int fd, i, failed, ok, stale0 = count_stale(&da), n;
+
+	clock_gettime(CLOCK_MONOTONIC, &t0);
+	snprintf(bogus, sizeof bogus, "slot %u:", H4R_BOGUS);
+	REQUIRE(colon && (size_t)(colon - da.peer) < sizeof port, "commd A's peer address");
+	snprintf(port, sizeof port, "%s", colon + 1);
+	sa.sin_port = htons((uint16_t)atoi(port));
+	sa.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+	fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+	REQUIRE(fd >= 0 && connect(fd, (struct sockaddr *)&sa, sizeof sa) == 0,
+		"h4root: the fake member could not connect to commd A at %s", da.peer);
+	/* A's hello first; the fake member claims A's own UCX address (B's sends to it wait) */
+	while (!ucx_len) {
+		REQUIRE((in = pr_next(&fd, 1, &i, 10000)), "h4root: no hello from commd A");
+		if (in->body_case == COMMPB__PEER_MSG__BODY_HELLO) {
+			size_t len = in->hello->ucx_address.len;
+
+			REQUIRE(len && len <= sizeof ucx, "h4root: commd A has no UCX address");
+			memcpy(ucx, in->hello->ucx_address.data, len);
+			ucx_len = len;
+		}
+		commpb__peer_msg__free_unpacked(in, NULL);
+	}
+	h.version = 1;
+	h.node = "h4root-fake-member";
+	h.ucx_address.data = ucx;
+	h.ucx_address.len = ucx_len;
+	out.body_case = COMMPB__PEER_MSG__BODY_HELLO;
+	out.hello = &h;
+	pr_send(fd, &out);
+
+	/* ranks 2 and 3 join through the fake member, 0 and 1 through B */
+	snprintf(token, sizeof token, "token-%s-%d", "h4root", (int)getpid());
+	jn.job = "h4root";
+	jn.token.data = (uint8_t *)token;
+	jn.token.len = strlen(token);
+	jn.world_size = N;
+	jn.timeout_ms = (uint32_t)atoi(H4R_TIMEOUT);
+	jn.ranks = ranks;
+	jn.n_ranks = 2;
+	jn.slot = H4R_SLOT;
+	jn.uid = (uint32_t)getuid();
+	out.body_case = COMMPB__PEER_MSG__BODY_JOIN;
+	out.join = &jn;
+	pr_send(fd, &out);
+	REQUIRE(th_ranks_start_nodes(&rs, ds, of, da.peer, "h4root", N, rank_h4root, s) == 0,
+		"fork");
+	while (!key && (in = pr_next(&fd, 1, &i, 20000))) {
+		if (in->body_case == COMMPB__PEER_MSG__BODY_FORMED &&
+		    !strcmp(in->formed->job, "h4root"))
+			key = in->formed->key;
+		else if (in->body_case == COMMPB__PEER_MSG__BODY_FAIL)
+			printf("FAIL: h4root: commd A failed the job while forming: %s\n",
+			       in->fail->detail);
+		commpb__peer_msg__free_unpacked(in, NULL);
+	}
+	CHECK(key != 0, "h4root: commd A did not send the fake member PeerFormed");
+
+	/* B's ranks blocked in their all-reduce; then the fake member's late key-0 fail */
+	for (long t = mono_ms(); key && mono_ms() - t < 20000;) {
+		int posted = 1;
+
+		for (int r = 0; r < 2; r++)
+			posted &= __atomic_load_n(&s->start_ms[r], __ATOMIC_ACQUIRE) != 0 ||
+				  __atomic_load_n(&s->done[r], __ATOMIC_ACQUIRE);
+		if (posted)
+			break;
+		if ((in = pr_next(&fd, 1, &i, 50)))
+			commpb__peer_msg__free_unpacked(in, NULL);
+	}
+	for (long t = mono_ms(); mono_ms() - t < 300;)
+		if ((in = pr_next(&fd, 1, &i, 50)))
+			commpb__peer_msg__free_unpacked(in, NULL);
+	fail_ms = mono_ms();
+	h4r_fail(fd, H4R_SLOT, H4R_DETAIL);
+	for (long t = mono_ms(); mono_ms() - t < 2 * atoi(H4R_TIMEOUT);) {
+		if (__atomic_load_n(&s->done[0], __ATOMIC_ACQUIRE) &&
+		    __atomic_load_n(&s->done[1], __ATOMIC_ACQUIRE))
+			break;
+		if ((in = pr_next(&fd, 1, &i, 50)))
+			commpb__peer_msg__free_unpacked(in, NULL);
+	}
+	failed = th_ranks_wait(&rs);
+	CHECK(failed == 0, "h4root: %d ranks failed (see above)", failed);
+	for (int r = 0; r < 2; r++) {
+		long ms = s->err_ms[r] - fail_ms;
+
+		ok = s->done[r] && s->rc[r] == COMM_ERR_PEER_LOST && ms <= H4R_LIMIT_MS &&
+		     strstr(s->detail[r], H4R_DETAIL);
+		printf("%s: h4root rank %d on B: all-reduce gave %s %ld ms after the fake member's "
+		       "key-0 fail (limit %d, deadline %s): \"%s\"\n",
+		       ok ? "ok" : "FAIL", r, comm_result_name((comm_result_t)s->rc[r]), ms,
+		       H4R_LIMIT_MS, H4R_TIMEOUT, s->detail[r]);
+		CHECK(ok, "h4root: rank %d: %s %ld ms after the key-0 fail, want "
+			  "COMM_ERR_PEER_LOST within %d ms with \"%s\"",
+		      r, comm_result_name((comm_result_t)s->rc[r]), ms, H4R_LIMIT_MS, H4R_DETAIL);
+	}
+	CHECK(h4r_sync(fd) == 0, "h4root: commd A did not answer a ping");
+	n = count_stale(&da) - stale0;
+	printf("%s: commd A logged %d stale drops for the fake member's fail (want 0)\n",
+	       n == 0 ? "ok" : "FAIL", n);
+	CHECK(n == 0, "h4root: commd A logged %d stale drops: the key-0 fail of a formed job", n);
+
+	/* a key-0 fail with a slot A never saw: dropped, said so */
+	h4r_fail(fd, H4R_BOGUS, "h4root: a fail for a slot the root never saw");
+	CHECK(h4r_sync(fd) == 0, "h4root: commd A did not answer a ping");
+	n = count_stale(&da) - stale0;
+	ok = n == 1 && count_log(&da, "stale fail dropped", bogus) == 1;
+	printf("%s: a key-0 fail with slot %u the root never saw: commd A logged %d stale drop "
+	       "(want 1: \"stale fail dropped ... %s\")\n",
+	       ok ? "ok" : "FAIL", H4R_BOGUS, n, bogus);
+	CHECK(ok, "h4root: commd A logged %d stale drops after the unknown slot, want 1 \"%s\"", n,
+	      bogus);
+	close(fd);
+	CHECK(th_daemon_alive(&da) && th_daemon_alive(&db), "h4root: commd A or B died");
+	printf("%s: h4root row: %.1f s\n", check_failures ? "FAIL" : "ok", th_secs_since(&t0));
+	fflush(stdout);
+	munmap(s, sizeof *s);
+}
+
 /* --- daemon B killed under a job ------------------------------------------------- */
 
 /* Ranks loop on a 64 MiB float32 all-reduce (exact: sum of 1..n) until one fails. */
@@ -847,6 +1082,7 @@ int main(void)
 	fds0 = th_count_fds(da.pid);
 	test_noroot(fds0);
 	test_stale();
+	test_stale_root();
 	test_kill_member();
 	if (!th_daemon_alive(&da)) {
 		th_daemon_dump_log(&da);
