@@ -48,6 +48,7 @@ struct seen {
 	int rc[N];                 /* the failed op's result (or comm_init's) */
 	long err_ms[N];            /* when it failed */
 	int done[N];               /* the rank is out of its loop */
+	int injected;              /* H4: the stale messages were all taken in */
 	char detail[N][200];
 };
 
@@ -137,14 +138,6 @@ static void test_noroot(int fds0)
 #define H4_KEY1 0x4841000000000001ull
 #define H4_KEY2 0x4841000000000002ull
 #define H4_STALE 8               /* stale messages sent to each daemon */
-
-struct h4 {
-	int iters[N];
-	int rc[N];
-	int done[N];
-	int injected;            /* the stale messages were all taken in */
-	char detail[N][200];
-};
 
 /* A frame (4-byte little-endian length, one PeerMsg) to fd; 0 or -1. */
 static int pr_send(int fd, const Commpb__PeerMsg *m)
@@ -408,7 +401,7 @@ static void h4_stale(const struct h4_member *m, const uint32_t *old)
 }
 
 /* Pump both connections until every rank is done, or ms passed; 1 when all are. */
-static int h4_pump(const struct h4_member *m, struct h4 *s, int ms)
+static int h4_pump(const struct h4_member *m, struct seen *s, int ms)
 {
 	int fds[2] = { m[0].fd, m[1].fd };
 	long t0 = mono_ms();
@@ -447,15 +440,8 @@ static int h4_sync(const struct h4_member *m)
 	return 0;
 }
 
-static void h4_note(struct h4 *s, int r, comm_result_t rc, const char *detail)
-{
-	s->rc[r] = rc;
-	snprintf(s->detail[r], sizeof s->detail[r], "%s", detail);
-	__atomic_store_n(&s->done[r], 1, __ATOMIC_RELEASE);
-}
-
 /* H4_OPS exact all-reduces of rank + 1 + op, counted in s->iters; the failed op's result. */
-static comm_result_t h4_ops(comm_t *c, struct h4 *s, int r, int n, int32_t *buf)
+static comm_result_t h4_ops(comm_t *c, struct seen *s, int r, int n, int32_t *buf)
 {
 	for (int k = 0; k < H4_OPS; k++) {
 		int32_t want = n * (n + 1) / 2 + n * s->iters[r];
@@ -477,15 +463,15 @@ static comm_result_t h4_ops(comm_t *c, struct h4 *s, int r, int n, int32_t *buf)
 	return COMM_OK;
 }
 
-/* Join and take the op buffer; -1, noted for the test, when either fails. */
-static int h4_join(struct h4 *s, int r, int n, comm_t **c, int32_t **buf)
+/* Join and take an op buffer of count int32s; -1, noted for the test, when either fails. */
+static int join_buf(struct seen *s, int r, int n, comm_t **c, int32_t **buf, size_t count)
 {
 	if (th_join(c, r, n) < 0) {
-		h4_note(s, r, COMM_ERR_INTERNAL, "comm_init failed (see above)");
+		seen_note(s, r, COMM_ERR_INTERNAL, "comm_init failed (see above)");
 		return -1;
 	}
-	if (!(*buf = comm_mem_alloc(*c, H4_COUNT * sizeof **buf))) {
-		h4_note(s, r, COMM_ERR_NO_MEMORY, comm_last_error(*c));
+	if (!(*buf = comm_mem_alloc(*c, count * sizeof **buf))) {
+		seen_note(s, r, COMM_ERR_NO_MEMORY, comm_last_error(*c));
 		th_bail(*c);
 		return -1;
 	}
@@ -495,16 +481,16 @@ static int h4_join(struct h4 *s, int r, int n, comm_t **c, int32_t **buf)
 /* Incarnation 1: all-reduces until the root fails the job. */
 static int rank_h4_first(int r, int n, void *arg)
 {
-	struct h4 *s = arg;
+	struct seen *s = arg;
 	comm_result_t rc;
 	int32_t *buf;
 	comm_t *c;
 
-	if (h4_join(s, r, n, &c, &buf) < 0)
+	if (join_buf(s, r, n, &c, &buf, H4_COUNT) < 0)
 		return 1;
 	while ((rc = h4_ops(c, s, r, n, buf)) == COMM_OK)
 		;
-	h4_note(s, r, rc, comm_last_error(c));
+	seen_note(s, r, rc, comm_last_error(c));
 	alarm(20);
 	comm_finalize(c);
 	return 0;
@@ -513,12 +499,12 @@ static int rank_h4_first(int r, int n, void *arg)
 /* Incarnation 2: all-reduces before and after the stale messages, all exact. */
 static int rank_h4_second(int r, int n, void *arg)
 {
-	struct h4 *s = arg;
+	struct seen *s = arg;
 	comm_result_t rc;
 	int32_t *buf;
 	comm_t *c;
 
-	if (h4_join(s, r, n, &c, &buf) < 0)
+	if (join_buf(s, r, n, &c, &buf, H4_COUNT) < 0)
 		return 1;
 	if ((rc = h4_ops(c, s, r, n, buf)) == COMM_OK) {
 		alarm(TH_WATCHDOG_S);
@@ -527,10 +513,10 @@ static int rank_h4_second(int r, int n, void *arg)
 		rc = h4_ops(c, s, r, n, buf);
 	}
 	if (rc != COMM_OK) {
-		h4_note(s, r, rc, comm_last_error(c));
+		seen_note(s, r, rc, comm_last_error(c));
 		return th_bail(c);
 	}
-	h4_note(s, r, COMM_OK, "");
+	seen_note(s, r, COMM_OK, "");
 	return th_leave(c, r);
 }
 
@@ -556,8 +542,7 @@ static void test_stale(void)
 	struct sockaddr_in sa = { .sin_family = AF_INET };
 	socklen_t salen = sizeof sa;
 	struct h4_member m[2] = { { .fd = -1 }, { .fd = -1 } };
-	struct h4 *s = mmap(NULL, sizeof *s, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_ANONYMOUS,
-			    -1, 0);
+	struct seen *s = seen_new();
 	struct timespec t0;
 	struct th_ranks rs;
 	uint32_t old[2], now[2];
@@ -565,8 +550,6 @@ static void test_stale(void)
 	int lfd, failed, stale0[2] = { count_stale(&da), count_stale(&db) }, ok;
 
 	clock_gettime(CLOCK_MONOTONIC, &t0);
-	REQUIRE(s != MAP_FAILED, "mmap");
-	memset(s, 0, sizeof *s);
 	sa.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
 	lfd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
 	REQUIRE(lfd >= 0 && bind(lfd, (struct sockaddr *)&sa, sizeof sa) == 0 && listen(lfd, 4) == 0 &&
@@ -691,14 +674,8 @@ static int rank_h4root(int r, int n, void *arg)
 	if (r >= 2)
 		return 0; /* ranks 2 and 3 are the fake member's */
 	setenv("COMM_TIMEOUT", H4R_TIMEOUT, 1);
-	if (th_join(&c, r, n) < 0) {
-		seen_note(s, r, COMM_ERR_INTERNAL, "comm_init failed (see above)");
+	if (join_buf(s, r, n, &c, &buf, 16) < 0)
 		return 1;
-	}
-	if (!(buf = comm_mem_alloc(c, 16 * sizeof *buf))) {
-		seen_note(s, r, COMM_ERR_NO_MEMORY, comm_last_error(c));
-		return th_bail(c);
-	}
 	for (int i = 0; i < 16; i++)
 		buf[i] = r + 1;
 	alarm(TH_WATCHDOG_S);
