@@ -49,8 +49,12 @@ struct comm_request {
 	size_t recv_bytes;
 	int unsent;                 /* posted in a group that has not ended yet */
 	int ring;                   /* posted in the ring: answered in its slot */
-	int device;                 /* names device memory: goes on the socket, never the ring */
 	struct gpu_event *event;    /* its ready event (gpu.c), pooled again at req_finish */
+	struct flag_page *flag;     /* its done flag (gpu.c), for comm_stream_wait; or NULL */
+	int flag_slot;
+	int flag_set;               /* libcomm wrote the flag itself (the op failed) */
+	int detached;               /* handed to a stream by comm_stream_wait: libcomm frees it */
+	Commpb__BufRef done_ref;    /* the flag as the Op names it */
 };
 
 /* An op of an open group, sent at comm_group_end. */
@@ -86,6 +90,7 @@ struct comm {
 	uint8_t ring_busy[RING_SLOTS]; /* slot holds an op not answered yet */
 	struct gpu *gpu;            /* device memory state (gpu.c); NULL until a pointer needs it */
 	void *stream;               /* cudaStream_t device ops follow; NULL: the legacy stream */
+	comm_result_t async_error;  /* the first failure of a detached request */
 	char last_error[256];
 };
 
@@ -147,7 +152,20 @@ comm_result_t gpu_bufref(comm_t *c, const char *op, const char *which, const voi
  */
 comm_result_t gpu_ready_event(comm_t *c, const char *op, comm_request_t *r, int dev,
 			      ProtobufCBinaryData *ready);
-/* Give r's event back to its pool (r was answered, failed, or never sent). */
+/*
+ * Give r, an op on device memory of device dev posted with a request, a
+ * done flag from the comm's pool and name it in op; without one (no pool
+ * on this device, no stream memory operations) comm_stream_wait waits on
+ * the host.
+ */
+void gpu_done_flag(comm_t *c, comm_request_t *r, int dev, Commpb__Op *op);
+/*
+ * r was answered or failed: when it failed while a stream waits for its
+ * flag, write the flag from the host so that the stream goes on. Called
+ * wherever a request is marked done.
+ */
+void gpu_req_done(comm_request_t *r);
+/* Give r's event and flag back to their pools (r was answered, failed, or never sent). */
 void gpu_req_release(comm_request_t *r);
 /* Forget the device registrations (tell_daemon: FreeMem each) and free the state. */
 void gpu_free_all(comm_t *c, int tell_daemon);
@@ -158,6 +176,8 @@ comm_request_t *req_new(comm_t *c);
 comm_result_t req_finish(comm_request_t *r);
 /* Fail every outstanding request with rc (the connection is gone). */
 void req_fail_all(comm_t *c, comm_result_t rc);
+/* Finish the detached requests (comm_stream_wait) that are done. */
+void req_reap(comm_t *c);
 void req_free_all(comm_t *c);
 
 #endif

@@ -201,8 +201,9 @@ comm_result_t comm_group_end(comm_t *comm);
  *
  * An op on device memory follows the work enqueued on the comm's stream
  * before the op was posted: libcomm records an event there (unless that work
- * has all finished already) and commd starts the op once it has completed. comm_wait and comm_test are unchanged: the
- * op is done when its results are in the buffers.
+ * has all finished already) and commd starts the op once it has completed.
+ * comm_wait and comm_test are unchanged: the op is done when its results are
+ * in the buffers. comm_stream_wait orders a stream after the op instead.
  */
 
 /*
@@ -215,14 +216,31 @@ comm_result_t comm_set_stream(comm_t *comm, void *stream);
 
 /*
  * Order the work enqueued on stream (a cudaStream_t) after req from now on,
- * then free req; returns the op's result. In this version commd gives the
- * stream no event yet, so the call waits for req on the host, as
- * comm_wait(req, -1) does, and returns: work enqueued on stream after it
- * returns sees the results. A host-only request is simply waited for.
- * Without CUDA in the build a non-NULL stream is COMM_ERR_UNSUPPORTED and
- * req stays valid.
+ * without waiting on the host, then free req. For an op on device memory
+ * posted with a request, while it is still running, libcomm enqueues on
+ * stream a wait for the op's done flag (cuStreamWaitValue32), which commd's
+ * GPU worker writes once the results are in place, and returns COMM_OK at
+ * once: the op's own result then comes from comm_async_error. Otherwise
+ * (a request already finished, a host op, a stream on another device than
+ * the op's buffers, no done flag to be had: no stream memory operations in
+ * the driver, no page for them, a commd older than protocol 4) the call
+ * waits for req on the host, as comm_wait(req, -1) does, and returns the
+ * op's result. Either way work enqueued on stream
+ * after it returns sees the results. Without CUDA in the build a non-NULL
+ * stream is COMM_ERR_UNSUPPORTED and req stays valid.
  */
 comm_result_t comm_stream_wait(comm_request_t *req, void *stream);
+
+/*
+ * The first failure of an op handed to a stream by comm_stream_wait, once
+ * libcomm has seen it (this call reads commd's answers without blocking),
+ * or COMM_OK; it stays the comm's answer from then on, as NCCL's
+ * ncclCommGetAsyncError. The failed op's waiting stream was let go, with
+ * the op's output buffers as the failure left them; comm_last_error said
+ * why when libcomm read the answer (a later failure may have replaced it). libcomm sees answers only inside its calls: a program that
+ * blocks on such a stream while an op may fail should poll this call.
+ */
+comm_result_t comm_async_error(comm_t *comm);
 
 /*
  * Wait for a request; timeout_ms -1 waits without limit. Returns the op's

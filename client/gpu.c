@@ -21,6 +21,7 @@
 #include "gpu-proto.h"
 
 #define CACHE_MAX 64     /* device allocations a comm keeps registered */
+#define FLAG_SLOTS 1024  /* done flags in one device's page */
 #define DRIVER_ABI 12000 /* the driver functions' ABI asked for */
 
 _Static_assert(sizeof(cudaIpcMemHandle_t) == GPU_HANDLE_BYTES, "cudaIpcMemHandle_t size");
@@ -45,6 +46,22 @@ struct gpu_event {
 	uint8_t handle[GPU_HANDLE_BYTES];
 };
 
+/*
+ * A device's done flags: 4-byte words in one allocation registered with
+ * commd. A slot is busy while its request lives; its value only grows, so
+ * a stream waiting for (cyclic) value >= v goes on however late it gets
+ * there.
+ */
+struct flag_page {
+	struct flag_page *next;
+	int dev;
+	uint32_t *ptr;
+	uint64_t mem_id;
+	cudaStream_t stream;        /* non-blocking: lets a failed op's stream go */
+	uint32_t value[FLAG_SLOTS]; /* the last value handed out */
+	uint8_t busy[FLAG_SLOTS];
+};
+
 struct gpu {
 	int ready;                  /* a driver and a device: pointers are asked about */
 	int ndev;
@@ -62,10 +79,13 @@ struct gpu {
 		PFN_cuMemGetAllocationPropertiesFromHandle_v10020 properties;
 		PFN_cuMemExportToShareableHandle_v10020 export_handle;
 		PFN_cuMemRelease_v10020 release;
+		PFN_cuStreamWaitValue32_v11070 wait_value; /* NULL: comm_stream_wait waits on the host */
 	} cu;
 	struct dmem *mems;
 	int nmems;
 	struct gpu_event *events;
+	struct flag_page *flags;
+	int no_flags;               /* a page could not be made: no more tries */
 	char (*uuid)[GPU_UUID_LEN]; /* per device, "" until asked */
 };
 
@@ -145,6 +165,11 @@ static struct gpu *gpu_start(comm_t *c)
 	entry(g, "cuMemGetAllocationPropertiesFromHandle", (void **)&g->cu.properties);
 	entry(g, "cuMemExportToShareableHandle", (void **)&g->cu.export_handle);
 	entry(g, "cuMemRelease", (void **)&g->cu.release);
+	if (cudaGetDriverEntryPointByVersion("cuStreamWaitValue32", (void **)&g->cu.wait_value,
+					     DRIVER_ABI, cudaEnableDefault, NULL) != cudaSuccess) {
+		(void)cudaGetLastError();
+		g->cu.wait_value = NULL;
+	}
 	g->ready = 1;
 	c->gpu = g;
 	return g;
@@ -563,11 +588,112 @@ comm_result_t gpu_ready_event(comm_t *c, const char *op, comm_request_t *r, int 
 	return COMM_OK;
 }
 
+/* Write slot's value from the host, letting go a stream that waits for it. */
+static void flag_release(struct flag_page *f, int slot)
+{
+	cudaError_t e = cudaMemcpyAsync(&f->ptr[slot], &f->value[slot], sizeof *f->ptr,
+					cudaMemcpyHostToDevice, f->stream);
+
+	if (e == cudaSuccess)
+		e = cudaStreamSynchronize(f->stream);
+	if (e != cudaSuccess)
+		(void)cudaGetLastError();
+}
+
+/* A new page of flags on dev, registered with commd; NULL on failure. */
+static struct flag_page *flag_page_new(comm_t *c, int dev)
+{
+	struct gpu *g = c->gpu;
+	struct flag_page *f = calloc(1, sizeof *f);
+	unsigned long long id = 0;
+	struct dev_save save;
+	void *p = NULL;
+	int ok;
+
+	if (!f || dev_enter(c, "done flags", dev, &save) != COMM_OK) {
+		free(f);
+		return NULL;
+	}
+	/* zeroed on the page's own stream, done before the worker may write */
+	ok = cudaMalloc(&p, FLAG_SLOTS * sizeof *f->ptr) == cudaSuccess &&
+	     cudaStreamCreateWithFlags(&f->stream, cudaStreamNonBlocking) == cudaSuccess &&
+	     cudaMemsetAsync(p, 0, FLAG_SLOTS * sizeof *f->ptr, f->stream) == cudaSuccess &&
+	     cudaStreamSynchronize(f->stream) == cudaSuccess;
+	ok = ok && g->cu.pointer_attr(&id, CU_POINTER_ATTRIBUTE_BUFFER_ID,
+				      (CUdeviceptr)(uintptr_t)p) == CUDA_SUCCESS;
+	dev_leave(c, &save);
+	if (ok && mem_register(c, "done flags", "flag", dev, (CUdeviceptr)(uintptr_t)p,
+			       FLAG_SLOTS * sizeof *f->ptr, id, &f->mem_id) == COMM_OK) {
+		f->dev = dev;
+		f->ptr = p;
+		f->next = g->flags;
+		g->flags = f;
+		return f;
+	}
+	if (!ok)
+		(void)cudaGetLastError();
+	if (f->stream)
+		cudaStreamDestroy(f->stream);
+	cudaFree(p);
+	free(f);
+	return NULL;
+}
+
+void gpu_done_flag(comm_t *c, comm_request_t *r, int dev, Commpb__Op *op)
+{
+	struct gpu *g = c->gpu;
+	struct flag_page *f;
+	int slot = -1;
+
+	if (!g->cu.wait_value || g->no_flags)
+		return;
+	for (f = g->flags; f && slot < 0; f = f->next) {
+		if (f->dev != dev)
+			continue;
+		for (int i = 0; i < FLAG_SLOTS && slot < 0; i++)
+			if (!f->busy[i])
+				slot = i;
+		if (slot >= 0)
+			break;
+	}
+	if (slot < 0) {
+		f = flag_page_new(c, dev);
+		if (!f) {
+			g->no_flags = 1;
+			return;
+		}
+		slot = 0;
+	}
+	f->busy[slot] = 1;
+	f->value[slot]++;
+	r->flag = f;
+	r->flag_slot = slot;
+	r->done_ref = (Commpb__BufRef)COMMPB__BUF_REF__INIT;
+	r->done_ref.mem_id = f->mem_id;
+	r->done_ref.offset = (uint64_t)slot * sizeof *f->ptr;
+	op->done = &r->done_ref;
+	op->done_value = f->value[slot];
+}
+
+void gpu_req_done(comm_request_t *r)
+{
+	/* the worker writes the flag only for an op that ran */
+	if (r->flag && r->detached && r->rc != COMM_OK && !r->flag_set) {
+		flag_release(r->flag, r->flag_slot);
+		r->flag_set = 1;
+	}
+}
+
 void gpu_req_release(comm_request_t *r)
 {
 	if (r->event)
 		r->event->busy = 0;
 	r->event = NULL;
+	if (!r->flag)
+		return;
+	gpu_req_done(r);
+	r->flag->busy[r->flag_slot] = 0;
+	r->flag = NULL;
 }
 
 void gpu_free_all(comm_t *c, int tell_daemon)
@@ -589,8 +715,23 @@ void gpu_free_all(comm_t *c, int tell_daemon)
 		cudaEventDestroy(ev->ev);
 		free(ev);
 	}
-	for (comm_request_t *r = c->reqs; r; r = r->next)
+	/* streams still waiting for an op of a comm that goes away go on */
+	for (comm_request_t *r = c->reqs; r; r = r->next) {
+		if (r->flag && r->detached && !r->flag_set)
+			flag_release(r->flag, r->flag_slot);
 		r->event = NULL;
+		r->flag = NULL;
+	}
+	while (g->flags) {
+		struct flag_page *f = g->flags;
+
+		g->flags = f->next;
+		if (tell_daemon)
+			mem_forget(c, f->mem_id);
+		cudaStreamDestroy(f->stream);
+		cudaFree(f->ptr);
+		free(f);
+	}
 	free(g->uuid);
 	free(g);
 	c->gpu = NULL;
@@ -606,10 +747,46 @@ COMM_API comm_result_t comm_set_stream(comm_t *c, void *stream)
 
 COMM_API comm_result_t comm_stream_wait(comm_request_t *r, void *stream)
 {
+	comm_t *c;
+	struct dev_save save;
+	int dev = -1;
+	CUresult e;
+
 	if (!r)
 		return COMM_ERR_INVALID_ARG;
-	/* commd has no completion event for the stream yet: wait on the host */
-	return comm_wait(r, -1);
+	c = r->comm;
+	if (r->unsent)
+		return comm_set_error(c, COMM_ERR_INVALID_ARG,
+				      "stream wait: the request's group has not ended yet");
+	if (r->detached)
+		return comm_set_error(c, COMM_ERR_INVALID_ARG,
+				      "stream wait: the request was handed to a stream already");
+	ring_reap(c);
+	if (c->broken == COMM_OK)
+		comm_pump(c, 0);
+	req_reap(c);
+	/* done already (results in place), or no flag on the stream's device: the host waits */
+	if (r->done || !r->flag)
+		return comm_wait(r, -1);
+	if (cudaStreamGetDevice((cudaStream_t)stream, &dev) != cudaSuccess) {
+		(void)cudaGetLastError();
+		return comm_wait(r, -1);
+	}
+	if (dev != r->flag->dev)
+		return comm_wait(r, -1);
+	if (dev_enter(c, "stream wait", dev, &save) != COMM_OK)
+		return comm_wait(r, -1);
+	e = c->gpu->cu.wait_value((CUstream)stream,
+				  (CUdeviceptr)(uintptr_t)&r->flag->ptr[r->flag_slot],
+				  r->flag->value[r->flag_slot], CU_STREAM_WAIT_VALUE_GEQ);
+	dev_leave(c, &save);
+	if (e != CUDA_SUCCESS) {
+		comm_set_error(c, COMM_ERR_INVALID_ARG, "stream wait: cuStreamWaitValue32: %s",
+			       cu_str(c->gpu, e));
+		return comm_wait(r, -1);
+	}
+	r->detached = 1;
+	return COMM_OK;
 }
 
 #else /* !HAVE_CUDA */
@@ -630,6 +807,14 @@ comm_result_t gpu_ready_event(comm_t *c, const char *op, comm_request_t *r, int 
 			      ProtobufCBinaryData *ready)
 {
 	return comm_set_error(c, COMM_ERR_UNSUPPORTED, "%s: libcomm was built without CUDA", op);
+}
+
+void gpu_done_flag(comm_t *c, comm_request_t *r, int dev, Commpb__Op *op)
+{
+}
+
+void gpu_req_done(comm_request_t *r)
+{
 }
 
 void gpu_req_release(comm_request_t *r)

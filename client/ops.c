@@ -85,10 +85,11 @@ static comm_result_t stage(comm_t *c, size_t len, Commpb__BufRef *ref, void **bl
 
 /*
  * Name both buffers of d for r: segments as they are, other host pointers
- * staged, device memory registered (with the ready event in op).
+ * staged, device memory registered (with the ready event in op, and for an
+ * op posted with a request (async) a done flag for comm_stream_wait).
  */
 static comm_result_t name_buffers(comm_t *c, const struct opdesc *d, comm_request_t *r,
-				  Commpb__Op *op)
+				  Commpb__Op *op, int async)
 {
 	int same = d->recv == d->send;
 	struct buf sb, rb;
@@ -123,7 +124,9 @@ static comm_result_t name_buffers(comm_t *c, const struct opdesc *d, comm_reques
 			rc = gpu_bufref(c, d->name, "recv", d->recv, d->recv_bytes, dev, op->recv);
 		if (rc == COMM_OK)
 			rc = gpu_ready_event(c, d->name, r, dev, &op->ready_event);
-		r->device = 1;
+		/* an op that moves no bytes never reaches the GPU worker: no flag */
+		if (rc == COMM_OK && async && c->version >= 4 && (d->send_bytes || d->recv_bytes))
+			gpu_done_flag(c, r, dev, op);
 		return rc;
 	}
 	/* send == recv on a staged pointer: one block, big enough for both */
@@ -200,12 +203,13 @@ static comm_result_t submit(comm_t *c, const struct opdesc *d, comm_request_t **
 		*req = NULL;
 	if (c->broken != COMM_OK)
 		return c->broken;
+	req_reap(c);
 	r = req_new(c);
 	if (!r)
 		return comm_set_error(c, COMM_ERR_NO_MEMORY, "%s: out of memory", d->name);
 	op.send = &sref;
 	op.recv = &rref;
-	rc = name_buffers(c, d, r, &op);
+	rc = name_buffers(c, d, r, &op, req != NULL);
 	if (rc != COMM_OK)
 		goto fail;
 	r->seq = c->next_seq++;

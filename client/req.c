@@ -52,6 +52,8 @@ comm_result_t req_finish(comm_request_t *r)
 	if (rc == COMM_OK && r->stage_recv)
 		memcpy(r->user_recv, r->stage_recv, r->recv_bytes);
 	unstage(r);
+	if (r->detached && rc != COMM_OK && r->comm->async_error == COMM_OK)
+		r->comm->async_error = rc;
 	gpu_req_release(r);
 	req_unlink(r);
 	free(r);
@@ -64,7 +66,19 @@ void req_fail_all(comm_t *c, comm_result_t rc)
 		if (!r->done) {
 			r->done = 1;
 			r->rc = rc;
+			gpu_req_done(r);
 		}
+	}
+}
+
+void req_reap(comm_t *c)
+{
+	comm_request_t *r = c->reqs, *next;
+
+	for (; r; r = next) {
+		next = r->next;
+		if (r->detached && r->done)
+			req_finish(r);
 	}
 }
 
@@ -81,7 +95,7 @@ void req_free_all(comm_t *c)
 
 COMM_API comm_result_t comm_wait(comm_request_t *r, int timeout_ms)
 {
-	if (!r)
+	if (!r || r->detached)
 		return COMM_ERR_INVALID_ARG;
 	if (r->unsent)
 		return comm_set_error(r->comm, COMM_ERR_INVALID_ARG,
@@ -92,7 +106,7 @@ COMM_API comm_result_t comm_wait(comm_request_t *r, int timeout_ms)
 
 COMM_API comm_result_t comm_test(comm_request_t *r, int *done)
 {
-	if (!r || !done)
+	if (!r || !done || r->detached)
 		return COMM_ERR_INVALID_ARG;
 	if (r->unsent)
 		return comm_set_error(r->comm, COMM_ERR_INVALID_ARG,
@@ -100,6 +114,18 @@ COMM_API comm_result_t comm_test(comm_request_t *r, int *done)
 	ring_reap(r->comm);
 	if (!r->done)
 		comm_pump(r->comm, 0);
+	req_reap(r->comm);
 	*done = r->done;
 	return r->done ? req_finish(r) : COMM_OK;
+}
+
+COMM_API comm_result_t comm_async_error(comm_t *c)
+{
+	if (!c)
+		return COMM_ERR_INVALID_ARG;
+	ring_reap(c);
+	if (c->broken == COMM_OK)
+		comm_pump(c, 0);
+	req_reap(c);
+	return c->async_error;
 }

@@ -91,8 +91,7 @@ int ring_post(comm_t *c, const Commpb__Op *op, comm_request_t *r)
 	struct ring_slot *s;
 	uint64_t one = 1;
 
-	/* a device op carries its ready event, which a slot has no room for */
-	if (!h || r->device || c->ring_busy[op->seq % RING_SLOTS])
+	if (!h || c->ring_busy[op->seq % RING_SLOTS])
 		return 0;
 	s = ring_slot(h, op->seq);
 	s->seq = op->seq;
@@ -108,6 +107,16 @@ int ring_post(comm_t *c, const Commpb__Op *op, comm_request_t *r)
 	s->flags = op->group_last ? RING_F_GROUP_LAST : 0;
 	s->root = op->root;
 	s->peer = op->peer;
+	if (op->ready_event.len == sizeof s->ready_event) {
+		memcpy(s->ready_event, op->ready_event.data, sizeof s->ready_event);
+		s->flags |= RING_F_EVENT;
+	}
+	if (op->done) {
+		s->done_mem = op->done->mem_id;
+		s->done_off = op->done->offset;
+		s->done_value = op->done_value;
+		s->flags |= RING_F_DONE;
+	}
 	RING_STORE_SC(&s->posted, op->seq + 1);
 	atomic_thread_fence(memory_order_seq_cst);
 	c->ring_busy[op->seq % RING_SLOTS] = 1;
@@ -133,6 +142,7 @@ void ring_complete(comm_request_t *r, comm_result_t rc, const char *detail)
 	if (r->rc != COMM_OK)
 		comm_set_error(c, r->rc, "%s", detail);
 	c->ring_busy[r->seq % RING_SLOTS] = 0;
+	gpu_req_done(r);
 }
 
 void ring_reap(comm_t *c)

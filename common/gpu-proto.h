@@ -10,7 +10,8 @@
  * Flow: commd sends HELLO first; the worker answers HELLO_REPLY (status
  * COMM_OK, or why it cannot serve: no driver, no device) and then serves
  * MEM_OPEN (answered by MEM_OPENED), MEM_CLOSE (no answer) and OP
- * (answered by OP_DONE once the results are in the ranks' memory), in the
+ * (answered by OP_DONE once the results are in the ranks' memory and the
+ * op's done flags are written), in the
  * order they come. commd sends the next OP of a job only after the previous
  * one's OP_DONE. EOF on the socket: the worker releases everything and
  * exits 0.
@@ -24,14 +25,15 @@
 #include <stdint.h>
 #include <stdio.h>
 
-#define GPU_PROTO_VERSION 1
+#define GPU_PROTO_VERSION 2
 #define GPU_WORKER_FD 3          /* the worker's end of the socketpair */
 #define GPU_HANDLE_BYTES 64      /* cudaIpcMemHandle_t, cudaIpcEventHandle_t */
 #define GPU_UUID_LEN 48          /* "GPU-" + 36 characters + NUL, rounded up */
 #define GPU_DETAIL 256
 #define GPU_JOB_NAME 256
 #define GPU_OP_MAX_RANKS 256     /* ranks of one job one op may span on a node */
-#define GPU_MSG_MAX (sizeof(struct gpu_op) + GPU_OP_MAX_RANKS * sizeof(struct gpu_op_rank))
+#define GPU_MSG_MAX \
+	(sizeof(struct gpu_op) + GPU_OP_MAX_RANKS * (sizeof(struct gpu_op_rank) + sizeof(struct gpu_flag)))
 
 enum gpu_msg_type {
 	GPU_MSG_HELLO = 1,       /* commd -> worker: struct gpu_hello */
@@ -104,6 +106,17 @@ struct gpu_op_rank {
 };
 
 /*
+ * A rank's done flag (comm_stream_wait): once the op's results are in
+ * place, the worker writes value into the 4 bytes at off in mem from its
+ * stream, so that the rank's stream, waiting for it, goes on.
+ */
+struct gpu_flag {
+	uint64_t mem, off;
+	uint32_t value;
+	uint32_t pad;
+};
+
+/*
  * One op over n ranks, with the meaning of the host backend's struct task:
  * - ALLREDUCE: out[r] = in[0] op in[1] op ... in[n-1], count elements each.
  * - REDUCE: the same into out[root] only.
@@ -126,7 +139,7 @@ struct gpu_op {
 	int32_t root;
 	uint64_t count;          /* elements per rank block */
 	uint32_t n;              /* entries in rank[] */
-	uint32_t pad;
+	uint32_t nflags;         /* struct gpu_flag entries after rank[n] */
 	struct gpu_op_rank rank[];
 };
 

@@ -22,14 +22,17 @@
 #define COMMON_RING_H
 
 #include <stdatomic.h>
+#include <stddef.h>
 #include <stdint.h>
 
 #define RING_MAGIC 0x676e6972u /* "ring" */
-#define RING_VERSION 1
+#define RING_VERSION 2
 #define RING_SLOTS 256         /* ops a rank may have on its ring at once */
 #define RING_DETAIL 372
 
 #define RING_F_GROUP_LAST 1u
+#define RING_F_EVENT 2u        /* ready_event holds the op's (Op.ready_event) */
+#define RING_F_DONE 4u         /* done_* name its done flag (Op.done, done_value) */
 
 /*
  * The ring's words are plain fields shared with another process: access them
@@ -42,7 +45,7 @@
 #define RING_STORE_SC(p, v) atomic_store((_Atomic __typeof__(*(p)) *)(p), (v))
 #define RING_XCHG(p, v) atomic_exchange((_Atomic __typeof__(*(p)) *)(p), (v))
 
-/* 512 bytes: the rank's half and commd's half on separate cache lines. */
+/* 640 bytes: the rank's part and commd's on separate cache lines. */
 struct ring_slot {
 	/* written by the rank */
 	uint64_t posted;       /* seq + 1 once the fields below are filled */
@@ -53,7 +56,10 @@ struct ring_slot {
 	uint64_t recv_mem, recv_off;
 	uint32_t type, dtype, redop, flags;
 	int32_t root, peer;
-	uint8_t pad0[128 - 88];
+	uint64_t done_mem, done_off;
+	uint32_t done_value;
+	uint8_t ready_event[64];
+	uint8_t pad0[256 - 172];
 	/* written by commd */
 	uint64_t done;         /* seq + 1 once status and detail are filled */
 	int32_t status;
@@ -78,7 +84,8 @@ static inline struct ring_slot *ring_slot(void *ring, uint64_t seq)
 	       seq % RING_SLOTS;
 }
 
-_Static_assert(sizeof(struct ring_slot) == 512, "ring slot layout");
+_Static_assert(sizeof(struct ring_slot) == 640, "ring slot layout");
+_Static_assert(offsetof(struct ring_slot, done) == 256, "ring slot: commd's part on its own lines");
 _Static_assert(sizeof(struct ring_hdr) == 192, "ring header layout");
 
 #endif

@@ -596,6 +596,8 @@ struct posted {
 	int ring;              /* posted in the ring: answered in its slot */
 	int has_event;         /* device buffers: wait for ready_event first */
 	uint8_t ready_event[64];
+	struct bufspec done_flag; /* device: written with done_value once the results are in */
+	uint32_t done_value;
 	comm_result_t status;
 	char detail[256];
 };

@@ -63,6 +63,8 @@ static void posted_free(struct job *j, struct posted *p)
 		mem_unref(p->send.mem);
 	if (p->recv.mem)
 		mem_unref(p->recv.mem);
+	if (p->done_flag.mem)
+		mem_unref(p->done_flag.mem);
 	free(p);
 }
 

@@ -13,6 +13,7 @@ namespace {
 
 constexpr unsigned kThreads = 256;
 constexpr size_t kMaxBlocks = 4096; // grid-stride loops cover the rest
+constexpr int kUnroll = 4;          // vectors in flight per thread in direct_kernel
 
 // Conversions between stored and computed types; 16-bit floats round to
 // nearest even when stored, like float_to_half and float_to_bf16.
@@ -63,6 +64,103 @@ __global__ void reduce_kernel(gk_inputs in, int nin, Out *out, size_t count, int
 	}
 }
 
+// 16 bytes of T, loaded and stored at once.
+template <typename T> struct alignas(16) vec16 {
+	T v[16 / sizeof(T)];
+};
+
+// The final value of element i of the inputs (as reduce_kernel's GK_FINAL).
+template <typename T, typename V, typename S, int Op>
+__device__ T final_at(const gk_inputs &in, int nin, size_t i, int navg)
+{
+	V acc = conv<V, T>::go(static_cast<const T *>(in.p[0])[i]);
+
+	for (int j = 1; j < nin; j++)
+		acc = combine<Op>(acc, conv<V, T>::go(static_cast<const T *>(in.p[j])[i]));
+	if (navg > 0)
+		acc = (V)((S)acc / navg);
+	return conv<T, V>::go(acc);
+}
+
+// GK_FINAL into every output, 16 bytes at a time: each thread takes kUnroll
+// vectors a stride apart, loading them all before it combines, so that
+// enough loads are in flight to keep the memory busy. The count % W
+// elements past the last whole vector go to the first threads one each.
+template <typename T, typename V, typename S, int Op>
+__global__ void direct_kernel(gk_inputs in, int nin, gk_outputs out, int nout, size_t count,
+			      int navg)
+{
+	constexpr int W = 16 / sizeof(T);
+	size_t nvec = count / W, stride = (size_t)gridDim.x * blockDim.x;
+	size_t id = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+
+	for (size_t i0 = id; i0 < nvec; i0 += stride * kUnroll) {
+		V acc[kUnroll][W];
+		vec16<T> x[kUnroll] = {};
+
+#pragma unroll
+		for (int u = 0; u < kUnroll; u++)
+			if (i0 + u * stride < nvec)
+				x[u] = static_cast<const vec16<T> *>(in.p[0])[i0 + u * stride];
+#pragma unroll
+		for (int u = 0; u < kUnroll; u++)
+#pragma unroll
+			for (int k = 0; k < W; k++)
+				acc[u][k] = conv<V, T>::go(x[u].v[k]);
+		for (int j = 1; j < nin; j++) {
+#pragma unroll
+			for (int u = 0; u < kUnroll; u++)
+				if (i0 + u * stride < nvec)
+					x[u] = static_cast<const vec16<T> *>(in.p[j])[i0 + u * stride];
+#pragma unroll
+			for (int u = 0; u < kUnroll; u++)
+#pragma unroll
+				for (int k = 0; k < W; k++)
+					acc[u][k] = combine<Op>(acc[u][k], conv<V, T>::go(x[u].v[k]));
+		}
+#pragma unroll
+		for (int u = 0; u < kUnroll; u++) {
+			if (i0 + u * stride >= nvec)
+				continue;
+#pragma unroll
+			for (int k = 0; k < W; k++) {
+				V a = acc[u][k];
+
+				if (navg > 0)
+					a = (V)((S)a / navg);
+				x[u].v[k] = conv<T, V>::go(a);
+			}
+			for (int j = 0; j < nout; j++)
+				static_cast<vec16<T> *>(out.p[j])[i0 + u * stride] = x[u];
+		}
+	}
+	if (id < count - nvec * W) {
+		size_t i = nvec * W + id;
+		T y = final_at<T, V, S, Op>(in, nin, i, navg);
+
+		for (int j = 0; j < nout; j++)
+			static_cast<T *>(out.p[j])[i] = y;
+	}
+}
+
+template <typename T, typename V, typename S, int Op>
+cudaError_t launch_direct(const gk_outputs *out, int nout, const gk_inputs *in, int nin,
+			  size_t count, int navg, cudaStream_t stream)
+{
+	size_t per_block = (size_t)kThreads * kUnroll;
+	size_t blocks = (count / (16 / sizeof(T)) + per_block - 1) / per_block;
+
+	if (count == 0)
+		return cudaSuccess;
+	if (blocks > kMaxBlocks)
+		blocks = kMaxBlocks;
+	if (blocks == 0)
+		blocks = 1;
+	direct_kernel<T, V, S, Op><<<(unsigned)blocks, kThreads, 0, stream>>>(*in, nin, *out, nout,
+									      count, navg);
+	return cudaGetLastError();
+}
+
 template <typename In, typename V, typename S, typename Out, int Op>
 cudaError_t launch(const gk_inputs *in, int nin, void *out, size_t count, int navg,
 		   cudaStream_t stream)
@@ -90,6 +188,24 @@ cudaError_t by_mode(gk_mode mode, int avg, const gk_inputs *in, int nin, void *o
 		return launch<V, V, S, T, COMM_SUM>(in, 1, out, count, avg ? navg : 0, stream);
 	default:
 		return launch<T, V, S, T, Op>(in, nin, out, count, avg ? navg : 0, stream);
+	}
+}
+
+// gk_reduce_direct's op dispatch, with by_op's types.
+template <typename T, typename U, typename S>
+cudaError_t direct_op(int redop, const gk_outputs *out, int nout, const gk_inputs *in, int nin,
+		      size_t count, int navg, cudaStream_t stream)
+{
+	switch (redop) {
+	case COMM_PROD:
+		return launch_direct<T, U, S, COMM_PROD>(out, nout, in, nin, count, 0, stream);
+	case COMM_MIN:
+		return launch_direct<T, S, S, COMM_MIN>(out, nout, in, nin, count, 0, stream);
+	case COMM_MAX:
+		return launch_direct<T, S, S, COMM_MAX>(out, nout, in, nin, count, 0, stream);
+	default:
+		return launch_direct<T, U, S, COMM_SUM>(out, nout, in, nin, count,
+						       redop == COMM_AVG ? navg : 0, stream);
 	}
 }
 
@@ -157,6 +273,42 @@ extern "C" cudaError_t gk_reduce(gk_mode mode, int dtype, int redop, void *out,
 		return by_op<float, float, float>(mode, redop, in, nin, out, count, navg, stream);
 	case COMM_FLOAT64:
 		return by_op<double, double, double>(mode, redop, in, nin, out, count, navg, stream);
+	default:
+		return cudaErrorInvalidValue;
+	}
+}
+
+extern "C" cudaError_t gk_reduce_direct(int dtype, int redop, const gk_outputs *out, int nout,
+					const gk_inputs *in, int nin, size_t count, int navg,
+					cudaStream_t stream)
+{
+	switch (dtype) {
+	case COMM_INT8:
+		return direct_op<int8_t, uint8_t, int8_t>(redop, out, nout, in, nin, count, navg, stream);
+	case COMM_UINT8:
+		return direct_op<uint8_t, uint8_t, uint8_t>(redop, out, nout, in, nin, count, navg,
+							    stream);
+	case COMM_INT32:
+		return direct_op<int32_t, uint32_t, int32_t>(redop, out, nout, in, nin, count, navg,
+							     stream);
+	case COMM_UINT32:
+		return direct_op<uint32_t, uint32_t, uint32_t>(redop, out, nout, in, nin, count, navg,
+							       stream);
+	case COMM_INT64:
+		return direct_op<int64_t, uint64_t, int64_t>(redop, out, nout, in, nin, count, navg,
+							     stream);
+	case COMM_UINT64:
+		return direct_op<uint64_t, uint64_t, uint64_t>(redop, out, nout, in, nin, count, navg,
+							       stream);
+	case COMM_FLOAT16:
+		return direct_op<__half, float, float>(redop, out, nout, in, nin, count, navg, stream);
+	case COMM_BFLOAT16:
+		return direct_op<__nv_bfloat16, float, float>(redop, out, nout, in, nin, count, navg,
+							      stream);
+	case COMM_FLOAT32:
+		return direct_op<float, float, float>(redop, out, nout, in, nin, count, navg, stream);
+	case COMM_FLOAT64:
+		return direct_op<double, double, double>(redop, out, nout, in, nin, count, navg, stream);
 	default:
 		return cudaErrorInvalidValue;
 	}

@@ -17,6 +17,12 @@ struct gk_inputs {
 	const void *p[GPU_OP_MAX_RANKS];
 };
 
+/* Device pointers to the outputs of gk_reduce_direct, by value too. */
+#define GK_MAX_OUT 64
+struct gk_outputs {
+	void *p[GK_MAX_OUT];
+};
+
 enum gk_mode {
 	GK_FINAL,   /* out (dtype) = in[0] op ... op in[nin-1]; AVG divides by navg */
 	GK_PARTIAL, /* out (accumulator type) = the same, AVG left as its SUM */
@@ -41,6 +47,15 @@ size_t gk_acc_size(int dtype);
 cudaError_t gk_reduce(enum gk_mode mode, int dtype, int redop, void *out,
 		      const struct gk_inputs *in, int nin, size_t count, int navg,
 		      cudaStream_t stream);
+
+/*
+ * GK_FINAL straight into nout outputs (1 <= nout <= GK_MAX_OUT), 16 bytes
+ * per thread: every input and output 16-byte aligned, and an output may
+ * alias an input only whole (the same address), as in place.
+ */
+cudaError_t gk_reduce_direct(int dtype, int redop, const struct gk_outputs *out, int nout,
+			     const struct gk_inputs *in, int nin, size_t count, int navg,
+			     cudaStream_t stream);
 
 #ifdef __cplusplus
 }

@@ -35,6 +35,7 @@
 #define MAX_FDS 4            /* fds a packet may carry (a VMM open has one) */
 #define NCCL_WAIT_MS 60000   /* an NCCL call still in progress after this has hung */
 #define POLL_NS 20000        /* between looks at a stream that NCCL work is on */
+#define SPIN_US 200          /* after an op, how long the next is looked for before sleeping */
 #define SCRATCH_ROUND (2u << 20)
 
 _Static_assert(sizeof(cudaIpcMemHandle_t) == GPU_HANDLE_BYTES, "IPC memory handle size");
@@ -92,6 +93,7 @@ static struct {
 	PFN_cuMemUnmap_v10020 unmap;
 	PFN_cuMemAddressFree_v10020 address_free;
 	PFN_cuMemRelease_v10020 release;
+	PFN_cuStreamWriteValue32_v11070 write_value;
 } drv;
 
 /* --- messages and errors ---------------------------------------------------- */
@@ -239,6 +241,7 @@ static int drv_load(char *why, size_t len)
 		{ "cuMemUnmap", (void **)&drv.unmap },
 		{ "cuMemAddressFree", (void **)&drv.address_free },
 		{ "cuMemRelease", (void **)&drv.release },
+		{ "cuStreamWriteValue32", (void **)&drv.write_value },
 	};
 
 	for (size_t i = 0; i < ARRAY_SIZE(syms); i++) {
@@ -680,6 +683,10 @@ struct plan {
 	int in_dev[GPU_OP_MAX_RANKS], out_dev[GPU_OP_MAX_RANKS];
 	int used[MAX_DEVICES];         /* devices whose stream the op runs on */
 	int nccl;                      /* NCCL work is queued */
+	int nflags;                    /* done flags to write once the results are in */
+	const struct gpu_flag *flags;
+	uint8_t *flag[2 * GPU_OP_MAX_RANKS];
+	int flag_dev[2 * GPU_OP_MAX_RANKS];
 };
 
 /* Check and resolve rank r's input (out 0) or output buffer. */
@@ -715,6 +722,30 @@ static int plan_buf(struct plan *p, int r, int out)
 	(out ? p->out : p->in)[r] = m->ptr + off;
 	(out ? p->out_dev : p->in_dev)[r] = m->dev;
 	p->used[m->dev] = 1;
+	return 0;
+}
+
+/* Check and resolve the op's done flags: 4 aligned bytes in an open mem each. */
+static int plan_flags(struct plan *p)
+{
+	for (int i = 0; i < p->nflags; i++) {
+		const struct gpu_flag *f = &p->flags[i];
+		const struct mem *m = mem_find(f->mem);
+
+		if (!m) {
+			fail("done flag %d: mem %" PRIu64 " is not open", i, f->mem);
+			return -1;
+		}
+		if (f->off % sizeof(uint32_t) || f->off > m->size - sizeof(uint32_t) ||
+		    m->size < sizeof(uint32_t)) {
+			fail("done flag %d: offset %" PRIu64 " of mem %" PRIu64
+			     " (%zu bytes) is not 4 aligned bytes inside it", i, f->off, f->mem,
+			     m->size);
+			return -1;
+		}
+		p->flag[i] = m->ptr + f->off;
+		p->flag_dev[i] = m->dev;
+	}
 	return 0;
 }
 
@@ -755,7 +786,9 @@ static int plan_op(struct plan *p, const struct gpu_op *op, size_t nranks)
 	for (int r = 0; r < p->n; r++)
 		if (plan_buf(p, r, 0) || plan_buf(p, r, 1))
 			return -1;
-	return 0;
+	p->nflags = (int)op->nflags;
+	p->flags = (const struct gpu_flag *)&op->rank[op->n];
+	return plan_flags(p);
 }
 
 /* Make every used stream wait for the client's events of all ranks. */
@@ -856,7 +889,72 @@ static int nccl_allreduce(struct plan *p, const int *devs, int k, size_t elems)
 }
 
 /*
- * All-reduce, reduce and reduce-scatter: each device combines its ranks'
+ * Whether the inputs, all on device d, can be combined straight into the
+ * outputs (all-reduce and reduce): every output on d too, every buffer
+ * 16-byte aligned, at most GK_MAX_OUT outputs, and no output overlapping
+ * an input or another output unless it is that buffer whole (in place, or
+ * the same output twice).
+ */
+static int direct_ok(const struct plan *p, int d)
+{
+	int nout = 0;
+
+	if (p->op->type == T(REDUCE_SCATTER))
+		return 0;
+	for (int a = 0; a < p->n; a++) {
+		uintptr_t o = (uintptr_t)p->out[a], i = (uintptr_t)p->in[a];
+
+		if ((i | o) % 16)
+			return 0;
+		if (!o)
+			continue;
+		if (p->out_dev[a] != d || ++nout > GK_MAX_OUT)
+			return 0;
+		for (int b = 0; b < p->n; b++) {
+			uintptr_t x = (uintptr_t)p->out[b];
+
+			i = (uintptr_t)p->in[b];
+			if ((o != i && o < i + p->in_len && i < o + p->out_len) ||
+			    (o != x && x && o < x + p->out_len && x < o + p->out_len))
+				return 0;
+		}
+	}
+	return 1;
+}
+
+/*
+ * One device, direct: its inputs combined into every output at once (one
+ * input: copied), reading each input once and writing each output once.
+ */
+static int reduce_direct(const struct plan *p, int d)
+{
+	struct gk_outputs out;
+	struct gk_inputs in;
+	int nin = 0, nout = 0;
+
+	for (int r = 0; r < p->n; r++) {
+		if (p->in[r])
+			in.p[nin++] = p->in[r];
+		if (p->out[r])
+			out.p[nout++] = p->out[r];
+	}
+	if (nin == 1) {
+		for (int j = 0; j < nout; j++)
+			if (copy(d, out.p[j], in.p[0], p->out_len))
+				return -1;
+		return 0;
+	}
+	if (cuda_check(cudaSetDevice(d), "cudaSetDevice") ||
+	    cuda_check(gk_reduce_direct((int)p->op->dtype, (int)p->op->redop, &out, nout, &in, nin,
+					p->op->count, nin, w.dev[d].stream),
+		       "reduce kernel"))
+		return -1;
+	return 0;
+}
+
+/*
+ * All-reduce, reduce and reduce-scatter: on one device, straight into the
+ * outputs where reduce_direct may; else each device combines its ranks'
  * inputs into its scratch; across devices NCCL all-reduces those partials
  * (kept as accumulators so float16 rounds once) and each device finishes
  * its copy. Every output is then copied from its rank's device's result.
@@ -874,6 +972,8 @@ static int op_reduce(struct plan *p)
 				devs[k++] = d;
 				break;
 			}
+	if (k == 1 && direct_ok(p, devs[0]))
+		return reduce_direct(p, devs[0]);
 	if (k == 1) {
 		struct dev *x = &w.dev[devs[0]];
 
@@ -1021,16 +1121,65 @@ static int streams_wait(const struct plan *p)
 	return 0;
 }
 
+/* The one device every used stream and done flag is on, or -1. */
+static int single_device(const struct plan *p)
+{
+	int d = -1;
+
+	for (int e = 0; e < w.ndev; e++) {
+		if (!p->used[e])
+			continue;
+		if (d >= 0)
+			return -1;
+		d = e;
+	}
+	for (int i = 0; i < p->nflags; i++)
+		if (p->flag_dev[i] != d)
+			return -1;
+	return d;
+}
+
+/*
+ * Write the done flags, from the flags' devices' streams; when wait, then
+ * wait for the writes (the op's own streams are idle already).
+ */
+static int write_flags(const struct plan *p, int wait)
+{
+	for (int i = 0; i < p->nflags; i++) {
+		int d = p->flag_dev[i];
+
+		if (dev_ready(d) || cuda_check(cudaSetDevice(d), "cudaSetDevice") ||
+		    cu_check(drv.write_value((CUstream)w.dev[d].stream,
+					     (CUdeviceptr)(uintptr_t)p->flag[i], p->flags[i].value,
+					     CU_STREAM_WRITE_VALUE_DEFAULT),
+			     "cuStreamWriteValue32"))
+			return -1;
+	}
+	for (int i = 0; wait && i < p->nflags; i++)
+		if (cuda_check(cudaStreamSynchronize(w.dev[p->flag_dev[i]].stream),
+			       "cudaStreamSynchronize"))
+			return -1;
+	return 0;
+}
+
 static int op_run(struct plan *p)
 {
+	int one;
+
 	if (!p->block)
-		return 0;
+		return write_flags(p, 1);
 	for (int d = 0; d < w.ndev; d++)
 		if (p->used[d] && dev_ready(d))
 			return -1;
 	if (plan_wait_events(p) || (p->spec->reduce ? op_reduce(p) : op_copy(p)))
 		return -1;
-	return streams_wait(p);
+	/* on one device the flags follow the op on its stream; else once it is done */
+	one = p->nflags && single_device(p) >= 0;
+	if (one && write_flags(p, 0))
+		return -1;
+	if (streams_wait(p))
+		return -1;
+	return one || !p->nflags ? 0 : write_flags(p, 1);
 }
 
 /* --- requests ----------------------------------------------------------------------- */
@@ -1147,7 +1296,12 @@ static void release_all(void)
 /* --- the loop ------------------------------------------------------------------------- */
 
 /* One packet into buf and its fds; 0 at EOF. Exits when the socket fails. */
-static size_t recv_packet(void *buf, int *fds, int *nfds)
+/*
+ * The next packet, with its fds. For spin_us after the last op the socket
+ * is polled without sleeping: a job's next op usually comes within
+ * microseconds, and a wake-up from sleep costs about as much as the op.
+ */
+static size_t recv_packet(void *buf, int *fds, int *nfds, uint64_t spin_until)
 {
 	union {
 		struct cmsghdr h;
@@ -1159,8 +1313,9 @@ static size_t recv_packet(void *buf, int *fds, int *nfds)
 	ssize_t n;
 
 	do
-		n = recvmsg(GPU_WORKER_FD, &msg, MSG_CMSG_CLOEXEC);
-	while (n < 0 && errno == EINTR);
+		n = recvmsg(GPU_WORKER_FD, &msg,
+			    MSG_CMSG_CLOEXEC | (now_us() < spin_until ? MSG_DONTWAIT : 0));
+	while (n < 0 && (errno == EINTR || errno == EAGAIN));
 	if (n < 0) {
 		wlog("recvmsg on fd %d: %s", GPU_WORKER_FD, strerror(errno));
 		exit(GPU_WORKER_EXIT_PROTOCOL);
@@ -1199,8 +1354,18 @@ static void check_packet(const struct gpu_hdr *h, size_t len, int hello_seen)
 	if (h->type >= ARRAY_SIZE(size) || !size[h->type])
 		malformed("type %u is not one commd sends", h->type);
 	want = size[h->type];
-	if (h->type == GPU_MSG_OP ? len < want || (len - want) % sizeof(struct gpu_op_rank)
-				  : len != want)
+	if (h->type == GPU_MSG_OP && len >= want) {
+		const struct gpu_op *op = (const struct gpu_op *)h;
+
+		/* its done flags last, whole ranks before them; plan_op checks n */
+		if (op->nflags > 2 * GPU_OP_MAX_RANKS)
+			malformed("an op with %u done flags (at most %d)", op->nflags,
+				  2 * GPU_OP_MAX_RANKS);
+		want += op->nflags * sizeof(struct gpu_flag);
+		if (len >= want && (len - want) % sizeof(struct gpu_op_rank) == 0)
+			want = len;
+	}
+	if (len != want)
 		malformed("type %u of %zu bytes, expected %zu%s", h->type, len, want,
 			  h->type == GPU_MSG_OP ? " plus whole ranks" : "");
 	if (!hello_seen && h->type != GPU_MSG_HELLO)
@@ -1212,6 +1377,7 @@ static void check_packet(const struct gpu_hdr *h, size_t len, int hello_seen)
 static int serve(void)
 {
 	uint8_t *buf = malloc(GPU_MSG_MAX);
+	uint64_t spin_until = 0;
 	int hello_seen = 0;
 
 	if (!buf) {
@@ -1220,7 +1386,7 @@ static int serve(void)
 	}
 	for (;;) {
 		int fds[MAX_FDS], nfds;
-		size_t len = recv_packet(buf, fds, &nfds);
+		size_t len = recv_packet(buf, fds, &nfds, spin_until);
 		const struct gpu_hdr *h = (const struct gpu_hdr *)buf;
 		int vmm_fd = -1;
 
@@ -1246,7 +1412,10 @@ static int serve(void)
 			break;
 		default:
 			on_op((const struct gpu_op *)buf,
-			      (len - sizeof(struct gpu_op)) / sizeof(struct gpu_op_rank));
+			      (len - sizeof(struct gpu_op) -
+			       ((const struct gpu_op *)buf)->nflags * sizeof(struct gpu_flag)) /
+				      sizeof(struct gpu_op_rank));
+			spin_until = now_us() + SPIN_US;
 		}
 	}
 	if (!w.no_gpu[0] && hello_seen)

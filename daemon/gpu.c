@@ -733,9 +733,10 @@ int gpu_task_on_device(const struct task *t, char *err, size_t errlen)
 	int dev = 0, host = 0;
 
 	for (int i = 0; i < t->nops; i++) {
-		const struct bufspec *b[2] = { &t->ops[i]->send, &t->ops[i]->recv };
+		const struct bufspec *b[3] = { &t->ops[i]->send, &t->ops[i]->recv,
+					       &t->ops[i]->done_flag };
 
-		for (int k = 0; k < 2; k++) {
+		for (int k = 0; k < 3; k++) {
 			if (!b[k]->mem)
 				continue;
 			if (b[k]->mem->kind == COMMPB__MEM_KIND__MEM_MEMFD)
@@ -766,11 +767,31 @@ static void put_event(const struct posted *p, struct gpu_op_rank *gr)
 	gr->has_event = 1;
 }
 
+/* The done flags of t's ops, after the n ranks of op; returns how many. */
+static uint32_t put_flags(const struct task *t, struct gpu_op *op, int n)
+{
+	struct gpu_flag *f = (struct gpu_flag *)&op->rank[n];
+	uint32_t k = 0;
+
+	for (int i = 0; i < t->nops; i++) {
+		const struct posted *p = t->ops[i];
+
+		if (!p->done_flag.mem)
+			continue;
+		f[k].mem = p->done_flag.mem->gpu_id;
+		f[k].off = p->done_flag.off;
+		f[k].value = p->done_value;
+		k++;
+	}
+	return k;
+}
+
 int be_gpu_run(struct task *t)
 {
 	struct gpu_worker *w = t->job->gpu;
 	int n = t->type == T(SEND) ? 1 : t->n;
-	size_t len = sizeof(struct gpu_op) + (size_t)n * sizeof(struct gpu_op_rank);
+	size_t len = sizeof(struct gpu_op) + (size_t)n * sizeof(struct gpu_op_rank) +
+		     (size_t)t->nops * sizeof(struct gpu_flag);
 	struct gpu_op *op;
 
 	t->status = COMM_ERR_ABORTED;
@@ -812,6 +833,8 @@ int be_gpu_run(struct task *t)
 			put_event(t->ops[r], &op->rank[r]);
 		}
 	}
+	op->nflags = put_flags(t, op, n);
+	len -= ((size_t)t->nops - op->nflags) * sizeof(struct gpu_flag);
 	w->task = t;
 	t->status = COMM_OK;
 	if (worker_send(w, op, len, -1) < 0 && w->task == t) {

@@ -143,6 +143,34 @@ static void check_op(struct conn *c, const Commpb__Op *o, struct posted *p)
 	resolve(c, p, o->recv, recvlen, es, "recv", &p->recv);
 }
 
+/*
+ * The done flag of an op on device memory (protocol 4): 4 bytes of device
+ * memory that the GPU worker writes once the results are in. Only an op
+ * that has device buffers with data reaches the worker, so only such an
+ * op may name one.
+ */
+static void check_done(struct conn *c, const Commpb__Op *o, struct posted *p)
+{
+	unsigned long long seq = (unsigned long long)p->seq;
+	const struct bufspec *data = p->send.mem ? &p->send : &p->recv;
+
+	if (c->version < 4) {
+		refuse(p, COMM_ERR_VERSION, "op %llu: a done flag needs protocol 4, the connection "
+			  "speaks %u", seq, c->version);
+		return;
+	}
+	resolve(c, p, o->done, sizeof(uint32_t), sizeof(uint32_t), "done flag", &p->done_flag);
+	p->done_value = o->done_value;
+	if (p->done)
+		return;
+	if (p->done_flag.mem->kind == COMMPB__MEM_KIND__MEM_MEMFD)
+		refuse(p, COMM_ERR_INVALID_ARG,
+		       "op %llu: the done flag is in host memory; it must be device memory", seq);
+	else if (!data->mem || data->mem->kind == COMMPB__MEM_KIND__MEM_MEMFD)
+		refuse(p, COMM_ERR_INVALID_ARG,
+		       "op %llu: a done flag needs an op that moves device memory", seq);
+}
+
 /* A group is posted whole: ops of one group id, the last one marked. */
 static int check_group(struct conn *c, const Commpb__Op *o)
 {
@@ -245,6 +273,8 @@ int op_post(struct conn *c, const Commpb__Op *o, uint64_t req_id, int ring)
 		refuse(p, COMM_ERR_INVALID_ARG, "op %llu: a ready event has %zu bytes, not %zu",
 		       (unsigned long long)p->seq, o->ready_event.len, sizeof p->ready_event);
 	}
+	if (o->done)
+		check_done(c, o, p);
 	if (srv.draining)
 		refuse(p, COMM_ERR_SHUTDOWN, "op %llu (%s): commd is shutting down: no new ops",
 		       (unsigned long long)p->seq, op_type_name(p->type));

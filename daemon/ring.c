@@ -139,6 +139,7 @@ static int take(struct conn *c, const struct ring_slot *s)
 	struct ring_slot o;
 	Commpb__Op op = COMMPB__OP__INIT;
 	Commpb__BufRef send = COMMPB__BUF_REF__INIT, recv = COMMPB__BUF_REF__INIT;
+	Commpb__BufRef done = COMMPB__BUF_REF__INIT;
 
 	memcpy(&o, s, offsetof(struct ring_slot, pad0));
 	op.seq = o.seq;
@@ -156,6 +157,16 @@ static int take(struct conn *c, const struct ring_slot *s)
 	op.peer = o.peer;
 	op.group = o.group;
 	op.group_last = (o.flags & RING_F_GROUP_LAST) != 0;
+	if (o.flags & RING_F_EVENT) {
+		op.ready_event.data = o.ready_event;
+		op.ready_event.len = sizeof o.ready_event;
+	}
+	if (o.flags & RING_F_DONE) {
+		done.mem_id = o.done_mem;
+		done.offset = o.done_off;
+		op.done = &done;
+		op.done_value = o.done_value;
+	}
 	return op_post(c, &op, 0, 1);
 }
 

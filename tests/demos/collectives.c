@@ -18,28 +18,13 @@
 #endif
 
 #include "comm.h"
+#include "demo-device.h"
 
 /* Where the ranks' tensors live: the host, or device `dev`. */
 static int on_device, dev;
 static char suffix[32];
 
 #ifdef HAVE_CUDA
-/* Use device rank mod count; 0, or 77 (skip) with why when there is none. */
-static int device_open(int rank)
-{
-	int n = 0;
-	cudaError_t e = cudaGetDeviceCount(&n);
-
-	if (e != cudaSuccess || n < 1) {
-		fprintf(stderr, "Rank %d: --device: no usable GPU (%s)\n", rank,
-			e != cudaSuccess ? cudaGetErrorString(e) : "no devices");
-		return 77;
-	}
-	dev = rank % n;
-	snprintf(suffix, sizeof suffix, ", device='cuda:%d'", dev);
-	return cudaSetDevice(dev) == cudaSuccess ? 0 : 1;
-}
-
 static void *tensor_alloc(comm_t *c, size_t bytes)
 {
 	void *p = NULL;
@@ -70,12 +55,6 @@ static void tensor_free(void *t, void *h)
 	free(h);
 }
 #else
-static int device_open(int rank)
-{
-	fprintf(stderr, "Rank %d: --device: built without CUDA\n", rank);
-	return 77;
-}
-
 static void *tensor_alloc(comm_t *c, size_t bytes)
 {
 	return comm_mem_alloc(c, bytes);
@@ -152,8 +131,10 @@ int main(int argc, char **argv)
 		fprintf(stderr, "usage: collectives [--device]\n");
 		return 2;
 	}
-	if (on_device && (bad = device_open(atoi(getenv("COMM_RANK") ? getenv("COMM_RANK") : "0"))))
+	if (on_device && (bad = demo_device_open(&dev)))
 		return bad;
+	if (on_device)
+		snprintf(suffix, sizeof suffix, ", device='cuda:%d'", dev);
 	rc = comm_init(&c, NULL);
 	if (rc != COMM_OK) {
 		fprintf(stderr, "comm_init: %s\n", comm_strerror(rc));

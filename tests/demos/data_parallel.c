@@ -5,13 +5,19 @@
  * batch of 128 and all-reduces the gradients (AVG) before each SGD step.
  * Checks that the parameters are bitwise the same on every rank after each
  * step and, on rank 0, equal to one process training on the whole batch.
+ * With --device the gradients and losses are all-reduced in GPU memory
+ * (copied there after the backward pass and back before the step): the
+ * lines are the host run's, bit for bit.
  */
+#include <config.h>
+
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
 #include "comm.h"
+#include "demo-device.h"
 #include "mlp.h"
 
 #define STEPS 2
@@ -75,16 +81,47 @@ static int check_unsplit(struct mlp *ref, const struct mlp *m, const float *x, c
 	return bad;
 }
 
-int main(void)
+/* All-reduce (AVG) count floats of buf in place, through device memory d when not NULL. */
+static comm_result_t allreduce_avg(comm_t *c, float *buf, float *d, size_t count)
+{
+#ifdef HAVE_CUDA
+	if (d) {
+		size_t bytes = count * sizeof *buf;
+		cudaError_t e = cudaMemcpy(d, buf, bytes, cudaMemcpyHostToDevice);
+		comm_result_t rc = COMM_ERR_INTERNAL;
+
+		if (e == cudaSuccess) {
+			rc = comm_allreduce(c, d, d, count, COMM_FLOAT32, COMM_AVG, NULL);
+			if (rc == COMM_OK && (e = cudaMemcpy(buf, d, bytes, cudaMemcpyDeviceToHost)))
+				rc = COMM_ERR_INTERNAL;
+		}
+		if (e != cudaSuccess)
+			fprintf(stderr, "[data_parallelism] Rank %d: cudaMemcpy: %s\n", comm_rank(c),
+				cudaGetErrorString(e));
+		return rc;
+	}
+#endif
+	return comm_allreduce(c, buf, buf, count, COMM_FLOAT32, COMM_AVG, NULL);
+}
+
+int main(int argc, char **argv)
 {
 	size_t wn = (size_t)MLP_DIM * MLP_DIM, count = MLP_LAYERS * wn;
 	float *x = NULL, *t = NULL, *grad, *ref_grad = NULL, *lossbuf;
 	struct mlp m, ref = { 0 };
 	uint64_t *hashes;
+	float *d_grad = NULL, *d_loss = NULL; /* --device: where the all-reduces run */
+	int on_device = argc == 2 && !strcmp(argv[1], "--device"), dev = 0;
 	comm_result_t rc;
 	int r, n, rows, bad = 0;
 	comm_t *c;
 
+	if (argc > 1 && !on_device) {
+		fprintf(stderr, "usage: data_parallel [--device]\n");
+		return 2;
+	}
+	if (on_device && (bad = demo_device_open(&dev)))
+		return bad;
 	c = mlp_join("data_parallelism");
 	if (!c)
 		return 1;
@@ -104,6 +141,11 @@ int main(void)
 	lossbuf = comm_mem_alloc(c, sizeof *lossbuf);
 	if (!grad || !hashes || !lossbuf)
 		return fail(c, "comm_mem_alloc", COMM_ERR_NO_MEMORY);
+#ifdef HAVE_CUDA
+	if (on_device && (cudaMalloc((void **)&d_grad, count * sizeof *grad) != cudaSuccess ||
+			  cudaMalloc((void **)&d_loss, sizeof *lossbuf) != cudaSuccess))
+		return fail(c, "cudaMalloc", COMM_ERR_NO_MEMORY);
+#endif
 	x = malloc((size_t)MLP_BATCH * MLP_DIM * sizeof *x);
 	t = malloc((size_t)MLP_BATCH * MLP_DIM * sizeof *t);
 	if (!x || !t || mlp_init(&m) < 0)
@@ -120,7 +162,7 @@ int main(void)
 
 		if (isnan(loss))
 			return fail(c, "forward and backward", COMM_ERR_NO_MEMORY);
-		rc = comm_allreduce(c, grad, grad, count, COMM_FLOAT32, COMM_AVG, NULL);
+		rc = allreduce_avg(c, grad, d_grad, count);
 		if (rc != COMM_OK)
 			return fail(c, "all-reduce of the gradients", rc);
 		mlp_sgd(&m, grad, MLP_LR);
@@ -144,13 +186,17 @@ int main(void)
 			}
 		}
 		lossbuf[0] = loss;
-		rc = comm_allreduce(c, lossbuf, lossbuf, 1, COMM_FLOAT32, COMM_AVG, NULL);
+		rc = allreduce_avg(c, lossbuf, d_loss, 1);
 		if (rc != COMM_OK)
 			return fail(c, "all-reduce of the losses", rc);
 		if (r == 0)
 			bad |= check_unsplit(&ref, &m, x, t, ref_grad, step, lossbuf[0]);
 	}
 
+#ifdef HAVE_CUDA
+	cudaFree(d_grad);
+	cudaFree(d_loss);
+#endif
 	free(ref_grad);
 	mlp_free(&ref);
 	mlp_free(&m);

@@ -1,7 +1,8 @@
 #!/bin/bash
 # test-training-demos.sh: the reference run's three parallel-training demos
 # under `commrun -n 4` against a real commd: each exits 0 (it checks its own
-# numbers against the unsplit model) and prints the reference's lines.
+# numbers against the unsplit model) and prints the reference's lines; where
+# a GPU works, data_parallel --device prints the same lines.
 set -u
 . "$(dirname "$0")/../lib/daemon.sh"
 daemon_start commd-train
@@ -51,6 +52,19 @@ for r in 0 1 2 3; do
 done
 unique "$out" "step = 0," "params = "
 unique "$out" "step = 1," "params = "
+
+# The gradients all-reduced in GPU memory where a GPU works: the very same lines.
+if "$COMMRUN" -n 4 --socket "$sock" "$COMM_DEMOS/data_parallel" --device \
+	>"$dir/dp-device.out" 2>"$dir/dp-device.err"; then
+	if ! diff <(sort "$out") <(sort "$dir/dp-device.out"); then
+		echo "FAIL: data_parallel --device: lines differ from the host run's"; exit 1
+	fi
+	echo "ok: data_parallel --device prints the host run's lines, bit for bit"
+elif grep -qE -- "--device: (no usable GPU|built without CUDA)" "$dir/dp-device.err"; then
+	echo "note: data_parallel --device is skipped: $(grep -m1 -E -- '--device: ' "$dir/dp-device.err")"
+else
+	echo "FAIL: data_parallel --device failed"; cat "$dir/dp-device.err" "$dir/commd.log"; exit 1
+fi
 
 run tensor_parallel
 out=$dir/tensor_parallel.out

@@ -8,6 +8,7 @@
 #include <cuda.h>
 #include <cudaTypedefs.h>
 #include <cuda_runtime.h>
+#include <poll.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -567,6 +568,119 @@ static int rank_outstanding(int r, int n, void *arg)
 	return bad;
 }
 
+/* --- comm_stream_wait without the host ---------------------------------------- */
+
+#define NOWAIT_COUNT 4096
+#define NOWAIT_LIMIT_MS 20000   /* a rank waiting longer than this has hung */
+
+static int go[2];               /* rank 0 tells rank 1 to post: a pipe */
+
+/* Rank 1: wait for rank 0's byte; 1 when it never came. */
+static int wait_go(void)
+{
+	struct pollfd pf = { go[0], POLLIN, 0 };
+	char b;
+
+	return poll(&pf, 1, NOWAIT_LIMIT_MS) != 1 || read(go[0], &b, 1) != 1;
+}
+
+/* Wait for stream s to go idle, polling comm_async_error; the stream's last answer. */
+static cudaError_t stream_idle(comm_t *c, cudaStream_t s, comm_result_t *async)
+{
+	cudaError_t e = cudaErrorNotReady;
+
+	for (int ms = 0; ms < NOWAIT_LIMIT_MS && e == cudaErrorNotReady; ms++) {
+		*async = comm_async_error(c);
+		e = cudaStreamQuery(s);
+		if (e == cudaErrorNotReady)
+			usleep(1000);
+	}
+	return e;
+}
+
+/*
+ * Rank 0 posts an all-reduce with a request, hands it to its stream with
+ * comm_stream_wait and enqueues a copy of the result behind it; only then
+ * does it let rank 1 post. Were comm_stream_wait to wait on the host, rank
+ * 1 would never post and rank 0 would hang. Then the same with rank 1
+ * posting a different count: the op fails, rank 0's stream is let go and
+ * comm_async_error says MISMATCH.
+ */
+static int rank_nowait(int r, int n, void *arg)
+{
+	size_t bytes = NOWAIT_COUNT * sizeof(int32_t);
+	int32_t *buf = NULL, *h = NULL;
+	comm_request_t *req = NULL;
+	comm_result_t rc, async = COMM_OK;
+	cudaStream_t s = NULL;
+	comm_t *c;
+	int bad = 0;
+
+	/* pinned: a copy into pageable memory would hold the host until the stream ran */
+	if (use_device(r) || cuda_bad(cudaMallocHost((void **)&h, bytes), r, "cudaMallocHost") ||
+	    cuda_bad(cudaMalloc((void **)&buf, bytes), r, "cudaMalloc") ||
+	    cuda_bad(cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking), r, "cudaStreamCreate"))
+		return 1;
+	for (int i = 0; i < NOWAIT_COUNT; i++)
+		h[i] = (r + 1) * i;
+	if (cuda_bad(cudaMemcpy(buf, h, bytes, cudaMemcpyHostToDevice), r, "cudaMemcpy") ||
+	    th_join(&c, r, n) < 0)
+		return 1;
+	if (r == 1) {
+		if (wait_go())
+			return FAIL(r, "rank 0 never let rank 1 post: comm_stream_wait blocked");
+		rc = comm_allreduce(c, buf, buf, NOWAIT_COUNT, COMM_INT32, COMM_SUM, NULL);
+		if (op_bad(c, rc, r, "all-reduce"))
+			return th_bail(c);
+		if (wait_go())
+			return FAIL(r, "rank 0 never let rank 1 post the mismatched op");
+		rc = comm_allreduce(c, buf, buf, NOWAIT_COUNT - 1, COMM_INT32, COMM_SUM, NULL);
+		if (rc != COMM_ERR_MISMATCH)
+			bad |= FAIL(r, "mismatched all-reduce: %s, expected MISMATCH",
+				    comm_result_name(rc));
+		comm_finalize(c);
+		return bad;
+	}
+	rc = comm_allreduce(c, buf, buf, NOWAIT_COUNT, COMM_INT32, COMM_SUM, &req);
+	if (rc == COMM_OK)
+		rc = comm_stream_wait(req, s);
+	if (op_bad(c, rc, r, "comm_stream_wait") ||
+	    cuda_bad(cudaMemcpyAsync(h, buf, bytes, cudaMemcpyDeviceToHost, s), r, "copy back"))
+		return th_bail(c);
+	if (cudaStreamQuery(s) != cudaErrorNotReady)
+		bad |= FAIL(r, "the stream ran on before rank 1 posted the op");
+	if (write(go[1], "g", 1) != 1)
+		return FAIL(r, "pipe");
+	if (cuda_bad(stream_idle(c, s, &async), r, "the stream behind the op"))
+		return th_bail(c);
+	for (int i = 0; i < NOWAIT_COUNT && !bad; i++)
+		if (h[i] != 3 * i)
+			bad |= FAIL(r, "element %d is %d, expected %d", i, h[i], 3 * i);
+	if (async != COMM_OK)
+		bad |= FAIL(r, "comm_async_error: %s", comm_result_name(async));
+
+	/* a failing op lets the stream go, and comm_async_error tells */
+	rc = comm_allreduce(c, buf, buf, NOWAIT_COUNT, COMM_INT32, COMM_SUM, &req);
+	if (rc == COMM_OK)
+		rc = comm_stream_wait(req, s);
+	if (op_bad(c, rc, r, "comm_stream_wait on the mismatched op"))
+		return th_bail(c);
+	if (write(go[1], "g", 1) != 1)
+		return FAIL(r, "pipe");
+	if (stream_idle(c, s, &async) != cudaSuccess)
+		bad |= FAIL(r, "the stream behind the failed op was never let go");
+	if (async != COMM_ERR_MISMATCH || !strstr(comm_last_error(c), "count"))
+		bad |= FAIL(r, "comm_async_error after the failed op: %s (%s), expected MISMATCH",
+			    comm_result_name(async), comm_last_error(c));
+	if (comm_async_error(c) != async)
+		bad |= FAIL(r, "comm_async_error did not stay");
+	comm_finalize(c);
+	cudaStreamDestroy(s);
+	cudaFree(buf);
+	cudaFreeHost(h);
+	return bad;
+}
+
 /* --- main -------------------------------------------------------------------- */
 
 static void run(const char *job, int n, th_rank_fn fn, const char *what)
@@ -591,6 +705,10 @@ int main(void)
 	run("gpu-stream", 2, rank_stream,
 	    "stream order: an op follows a memset held back on its stream (legacy and own "
 	    "stream, comm_stream_wait)");
+	REQUIRE(pipe(go) == 0, "pipe");
+	run("gpu-nowait", 2, rank_nowait,
+	    "comm_stream_wait returns before the op can run; the stream waits, then sees the "
+	    "result; a failed op lets the stream go and comm_async_error says MISMATCH");
 	run("gpu-realloc", 2, rank_realloc,
 	    "cudaFree and cudaMalloc between ops: right results, bounded registered memory");
 	run("gpu-vmm", 2, rank_vmm,

@@ -79,6 +79,12 @@ static void log_op(const struct gpu_op *op)
 			(unsigned long long)k->recv_mem, (unsigned long long)k->recv_off,
 			k->has_event ? "" : "none ", k->ready_event[0]);
 	}
+	for (uint32_t i = 0; i < op->nflags; i++) {
+		const struct gpu_flag *f = (const struct gpu_flag *)&op->rank[op->n] + i;
+
+		fprintf(wlog, "flag %llu+%llu value %u\n", (unsigned long long)f->mem,
+			(unsigned long long)f->off, f->value);
+	}
 }
 
 int main(int argc, char **argv)

@@ -101,9 +101,13 @@ static int reg_dev(struct rank *k, Commpb__MemKind kind, size_t hlen, int fd, ui
 	return status;
 }
 
-/* Post an allreduce of 16 float32 from (smem, soff) to (rmem, roff); its OpDone status. */
+/*
+ * Post an allreduce of 16 float32 from (smem, soff) to (rmem, roff), with a
+ * ready event when event is set and the done flag done (value seq + 1000)
+ * when it is not NULL; its OpDone status.
+ */
 static int allreduce(struct rank *k, uint64_t seq, uint64_t smem, uint64_t soff, uint64_t rmem,
-		     uint64_t roff, int event, char *detail, size_t dlen)
+		     uint64_t roff, int event, Commpb__BufRef *done, char *detail, size_t dlen)
 {
 	Commpb__Envelope env = COMMPB__ENVELOPE__INIT, *reply;
 	Commpb__Op op = COMMPB__OP__INIT;
@@ -127,6 +131,8 @@ static int allreduce(struct rank *k, uint64_t seq, uint64_t smem, uint64_t soff,
 		op.ready_event.data = ev;
 		op.ready_event.len = sizeof ev;
 	}
+	op.done = done;
+	op.done_value = done ? (uint32_t)seq + 1000 : 0;
 	env.body_case = COMMPB__ENVELOPE__BODY_OP;
 	env.op = &op;
 	raw_send(k->fd, &env, NULL, 0);
@@ -239,7 +245,7 @@ static int host_rank(int r, int n, void *arg)
 static void test_forwarding(void)
 {
 	struct rank k, old;
-	uint64_t a = 0, b = 0, h = 0;
+	uint64_t a = 0, b = 0, h = 0, v3 = 0;
 	char detail[256], want[256];
 	Commpb__Envelope *st;
 	int fds0, p[2], mfd;
@@ -275,15 +281,15 @@ static void test_forwarding(void)
 	CHECK(a != b && a && b, "mem ids %llu %llu", (unsigned long long)a, (unsigned long long)b);
 
 	/* an op on device memory reaches the worker whole, and its answer comes back */
-	CHECK(allreduce(&k, 1, a, 0, b, 128, 1, detail, sizeof detail) == COMM_OK,
+	CHECK(allreduce(&k, 1, a, 0, b, 128, 1, NULL, detail, sizeof detail) == COMM_OK,
 	      "device allreduce: %s", detail);
 	CHECK(logged("op type 1 dtype 8 redop 0 root 0 count 16 n 1"), "op header not forwarded");
 	CHECK(logged("rank 0 send 1+0 recv 2+128 event 5c"), "op buffers or event not forwarded");
-	CHECK(allreduce(&k, 2, a, 64, a, 64, 0, detail, sizeof detail) == COMM_OK,
+	CHECK(allreduce(&k, 2, a, 64, a, 64, 0, NULL, detail, sizeof detail) == COMM_OK,
 	      "in-place device allreduce without event: %s", detail);
 	CHECK(logged("rank 0 send 1+64 recv 1+64 event none"), "in-place op not forwarded");
 	/* past the end of the allocation: commd refuses it before the worker sees it */
-	CHECK(allreduce(&k, 3, a, 4096 - 32, a, 0, 0, detail, sizeof detail) ==
+	CHECK(allreduce(&k, 3, a, 4096 - 32, a, 0, 0, NULL, detail, sizeof detail) ==
 		      COMM_ERR_INVALID_ARG && strstr(detail, "past the end"),
 	      "overrun not refused: %s", detail);
 
@@ -293,9 +299,51 @@ static void test_forwarding(void)
 		"memfd");
 	REQUIRE(raw_register_fd(k.fd, &k.rd, mfd, 4096, &h) == COMM_OK, "register memfd");
 	close(mfd);
-	CHECK(allreduce(&k, 4, h, 0, a, 0, 0, detail, sizeof detail) == COMM_ERR_UNSUPPORTED &&
+	CHECK(allreduce(&k, 4, h, 0, a, 0, 0, NULL, detail, sizeof detail) == COMM_ERR_UNSUPPORTED &&
 		      strstr(detail, "mix host and device"),
 	      "host/device mix: %s", detail);
+
+	/* a done flag (comm_stream_wait) reaches the worker; bad ones are refused */
+	{
+		Commpb__BufRef f = COMMPB__BUF_REF__INIT;
+
+		f.mem_id = a;
+		f.offset = 256;
+		CHECK(allreduce(&k, 5, a, 0, b, 128, 0, &f, detail, sizeof detail) == COMM_OK,
+		      "op with a done flag: %s", detail);
+		CHECK(logged("flag 1+256 value 1005"), "done flag not forwarded");
+		f.mem_id = h;
+		f.offset = 0;
+		CHECK(allreduce(&k, 6, a, 0, b, 128, 0, &f, detail, sizeof detail) ==
+			      COMM_ERR_INVALID_ARG && strstr(detail, "done flag is in host memory"),
+		      "done flag in host memory: %s", detail);
+		f.mem_id = a;
+		f.offset = 2;
+		CHECK(allreduce(&k, 7, a, 0, b, 128, 0, &f, detail, sizeof detail) ==
+			      COMM_ERR_INVALID_ARG && strstr(detail, "done flag buffer: offset 2 is not"),
+		      "misaligned done flag: %s", detail);
+		f.offset = 4096;
+		CHECK(allreduce(&k, 8, a, 0, b, 128, 0, &f, detail, sizeof detail) ==
+			      COMM_ERR_INVALID_ARG && strstr(detail, "done flag buffer: offset 4096 + 4"),
+		      "done flag past the end: %s", detail);
+		f.offset = 256;
+		CHECK(allreduce(&k, 9, h, 0, h, 64, 0, &f, detail, sizeof detail) ==
+			      COMM_ERR_INVALID_ARG && strstr(detail, "needs an op that moves device"),
+		      "done flag on a host op: %s", detail);
+		CHECK(!logged("value 1006") && !logged("value 1007") && !logged("value 1008") &&
+			      !logged("value 1009"),
+		      "a refused done flag reached the worker");
+		/* a version 3 connection knows no done flags */
+		open_rank(&old, "dev-v3", 3, 0);
+		CHECK(reg_dev(&old, COMMPB__MEM_KIND__MEM_CUDA_IPC, 64, -1, 4096, &v3, detail,
+			      sizeof detail) == COMM_OK,
+		      "registration on a version 3 connection: %s", detail);
+		f.mem_id = v3;
+		CHECK(allreduce(&old, 1, v3, 0, v3, 0, 0, &f, detail, sizeof detail) ==
+			      COMM_ERR_VERSION && strstr(detail, "needs protocol 4"),
+		      "done flag on a version 3 connection: %s", detail);
+		close_rank(&old);
+	}
 
 	/* bad registrations */
 	CHECK(reg_dev(&k, COMMPB__MEM_KIND__MEM_CUDA_IPC, 10, -1, 4096, NULL, detail,
@@ -328,9 +376,9 @@ static void test_forwarding(void)
 			commpb__envelope__free_unpacked(reply, NULL);
 	}
 	CHECK(logged("close 1"), "the worker was not told to close mem 1");
-	snprintf(want, sizeof want, "op %llu: send buffer: no mem id %llu", 5ULL,
+	snprintf(want, sizeof want, "op %llu: send buffer: no mem id %llu", 10ULL,
 		 (unsigned long long)a);
-	CHECK(allreduce(&k, 5, a, 0, b, 0, 0, detail, sizeof detail) == COMM_ERR_NOT_FOUND &&
+	CHECK(allreduce(&k, 10, a, 0, b, 0, 0, NULL, detail, sizeof detail) == COMM_ERR_NOT_FOUND &&
 		      !strcmp(detail, want),
 	      "freed device mem still usable: %s", detail);
 
@@ -359,7 +407,7 @@ static void test_bad_worker(const char *mode)
 	CHECK(reg_dev(&k, COMMPB__MEM_KIND__MEM_CUDA_IPC, 64, -1, 4096, &a, detail,
 		      sizeof detail) == COMM_OK,
 	      "%s: registration: %s", mode, detail);
-	rc = allreduce(&k, 1, a, 0, a, 0, 0, detail, sizeof detail);
+	rc = allreduce(&k, 1, a, 0, a, 0, 0, NULL, detail, sizeof detail);
 	if (hang)
 		CHECK(rc == COMM_ERR_TIMEOUT && strstr(detail, "did not finish it within 1500 ms"),
 		      "hung worker: %d %s", rc, detail);

@@ -5,6 +5,10 @@
 
 # daemon_start PREFIX [COMMD ARGS]: sets $dir, $sock and $pid; removes $dir at exit
 daemon_start() {
+	local b
+	for b in "$COMMD" "$COMMCTL"; do
+		[ -x "$b" ] || { echo "FAIL: no program $b (set COMMD and COMMCTL)"; exit 1; }
+	done
 	dir=$(mktemp -d "/tmp/$1-XXXXXX")
 	shift
 	sock=$dir/commd.sock

@@ -3,7 +3,8 @@
 # `import commd.backend`: 4 ranks under commrun run test_torch_backend.py
 # (the collectives, every reduction, lists, all_to_all, send/recv, barrier,
 # async ops and an averaged gradient, each checked exactly) against a real
-# commd. Skips without a python3 that has torch.
+# commd, and again on CUDA tensors where torch sees a GPU. Skips without a
+# python3 that has torch.
 set -u
 . "${srcdir:-.}/tests/python/env.sh" torch.distributed
 . "$srcdir/tests/lib/daemon.sh"
@@ -18,5 +19,19 @@ if [ $rc != 0 ] || [ "$ok" != 4 ]; then
 	exit 1
 fi
 cat "$dir/out"
+# The same checks on CUDA tensors where torch sees a GPU.
+if "$py" -c 'import sys, torch; sys.exit(not torch.cuda.is_available())' 2>/dev/null; then
+	COMMD_TEST_DEVICE=cuda timeout 300 "$COMMRUN" -n 4 --socket "$sock" --timeout 30000 \
+		"$py" "$srcdir/tests/python/test_torch_backend.py" "$dir/cstore" >"$dir/cout" 2>&1
+	rc=$?
+	ok=$(grep -c '^rank [0-9]: torch.distributed backend commd: [0-9]* checks ok$' "$dir/cout")
+	if [ $rc != 0 ] || [ "$ok" != 4 ]; then
+		echo "FAIL: torch.distributed over commd on CUDA tensors (commrun exit $rc)"
+		cat "$dir/cout" "$dir/commd.log"; exit 1
+	fi
+	echo "ok: the same checks on CUDA tensors"
+else
+	echo "note: no GPU for torch: the checks on CUDA tensors are skipped"
+fi
 daemon_stop
 echo "ok: $py: torch.distributed backend \"commd\", 4 ranks, every check exact"

@@ -1,7 +1,8 @@
 """torch.distributed with backend="commd": run by every rank of a job under
 commrun (rank and size from COMM_RANK and COMM_WORLD_SIZE, the rendezvous
 through file stores named by argv[1] and argv[1].2). Every result is checked against
-values computed here; exits 1 on the first wrong one.
+values computed here; exits 1 on the first wrong one. With COMMD_TEST_DEVICE
+set (cuda, cuda:0) every tensor is made there: the same checks on device memory.
 """
 import os
 import sys
@@ -12,6 +13,8 @@ import torch.distributed as dist
 
 import commd.backend  # noqa: F401  registers "commd"
 
+if os.environ.get("COMMD_TEST_DEVICE"):
+    torch.set_default_device(os.environ["COMMD_TEST_DEVICE"])
 rank = int(os.environ["COMM_RANK"])
 n = int(os.environ["COMM_WORLD_SIZE"])
 dist.init_process_group("commd", init_method=f"file://{sys.argv[1]}", rank=rank, world_size=n)
