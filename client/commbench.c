@@ -18,6 +18,7 @@
 #include <unistd.h>
 
 #include "bench.h"
+#include "util.h"
 
 #ifndef COMMD_SBINDIR
 #define COMMD_SBINDIR "/usr/local/sbin"
@@ -110,40 +111,6 @@ static void usage(FILE *f)
 		MAX_RANKS);
 }
 
-static int parse_int(const char *s, long min, long max, int *out)
-{
-	char *end;
-	long v;
-
-	errno = 0;
-	v = strtol(s, &end, 10);
-	if (errno != 0 || end == s || *end != '\0' || v < min || v > max)
-		return -1;
-	*out = (int)v;
-	return 0;
-}
-
-/* A byte count with an optional K, M or G (powers of 1024). */
-static int parse_size(const char *s, size_t *out)
-{
-	unsigned long long v, mul = 1;
-	char *end;
-
-	errno = 0;
-	v = strtoull(s, &end, 10);
-	if (errno != 0 || end == s || *s == '-')
-		return -1;
-	switch (*end) {
-	case 'K': case 'k': mul = 1ULL << 10; end++; break;
-	case 'M': case 'm': mul = 1ULL << 20; end++; break;
-	case 'G': case 'g': mul = 1ULL << 30; end++; break;
-	}
-	if (*end != '\0' || v > (1ULL << 40) / mul)
-		return -1;
-	*out = (size_t)(v * mul);
-	return 0;
-}
-
 static int parse_op(const char *s)
 {
 	if (!strcmp(s, "all"))
@@ -161,7 +128,7 @@ static int parse_opt(int c, const char *arg, struct bench_opts *o, int *warmup, 
 
 	switch (c) {
 	case 'n':
-		return parse_int(arg, 1, MAX_RANKS, &o->nranks);
+		return parse_int_in(arg, 1, MAX_RANKS, &o->nranks);
 	case 'o':
 		o->op = parse_op(arg);
 		return o->op == -2 ? -1 : 0;
@@ -172,24 +139,24 @@ static int parse_opt(int c, const char *arg, struct bench_opts *o, int *warmup, 
 		o->redop = bench_redop_parse(arg);
 		return o->redop == -2 ? -1 : 0;
 	case 'b':
-		return parse_size(arg, &o->min_bytes);
+		return parse_bytes(arg, &o->min_bytes);
 	case 'e':
 		o->ref_elements = 0;
-		if (parse_size(arg, &o->max_bytes) < 0)
+		if (parse_bytes(arg, &o->max_bytes) < 0)
 			return -1;
 		o->ref_elements = o->max_bytes / 4;
 		return 0;
 	case 'f':
-		if (parse_int(arg, 2, 1024, &v) < 0)
+		if (parse_int_in(arg, 2, 1024, &v) < 0)
 			return -1;
 		o->factor = (size_t)v;
 		return 0;
 	case 'w':
-		return parse_int(arg, 0, 100000, warmup);
+		return parse_int_in(arg, 0, 100000, warmup);
 	case 'i':
-		return parse_int(arg, 1, 100000, iters);
+		return parse_int_in(arg, 1, 100000, iters);
 	default:
-		return parse_int(arg, 0, 1, &o->check);
+		return parse_int_in(arg, 0, 1, &o->check);
 	}
 }
 

@@ -49,3 +49,33 @@ int parse_long_in(const char *s, long min, long max, long *out)
 	*out = v;
 	return 0;
 }
+
+int parse_int_in(const char *s, int min, int max, int *out)
+{
+	long v;
+
+	if (parse_long_in(s, min, max, &v) < 0)
+		return -1;
+	*out = (int)v;
+	return 0;
+}
+
+int parse_bytes(const char *s, size_t *out)
+{
+	unsigned long long v, mul = 1;
+	char *end;
+
+	errno = 0;
+	v = strtoull(s, &end, 10);
+	if (errno != 0 || end == s || *s == '-')
+		return -1;
+	switch (*end) {
+	case 'K': case 'k': mul = 1ULL << 10; end++; break;
+	case 'M': case 'm': mul = 1ULL << 20; end++; break;
+	case 'G': case 'g': mul = 1ULL << 30; end++; break;
+	}
+	if (*end != '\0' || v > (1ULL << 40) / mul)
+		return -1;
+	*out = (size_t)(v * mul);
+	return 0;
+}

@@ -19,6 +19,8 @@
 #include <cuda_runtime.h>
 #include <nccl.h>
 
+#include "util.h"
+
 #define MAX_DEV 64
 #define MAX_REPORTS 8
 
@@ -699,40 +701,6 @@ static void usage(FILE *f)
 		"or a wrong value, 2 on bad usage, 77 without a usable GPU.\n");
 }
 
-static int parse_int(const char *s, long min, long max, int *out)
-{
-	char *end;
-	long v;
-
-	errno = 0;
-	v = strtol(s, &end, 10);
-	if (errno != 0 || end == s || *end != '\0' || v < min || v > max)
-		return -1;
-	*out = (int)v;
-	return 0;
-}
-
-/* A byte count with an optional K, M or G (powers of 1024), as commbench reads it. */
-static int parse_size(const char *s, size_t *out)
-{
-	unsigned long long v, mul = 1;
-	char *end;
-
-	errno = 0;
-	v = strtoull(s, &end, 10);
-	if (errno != 0 || end == s || *s == '-')
-		return -1;
-	switch (*end) {
-	case 'K': case 'k': mul = 1ULL << 10; end++; break;
-	case 'M': case 'm': mul = 1ULL << 20; end++; break;
-	case 'G': case 'g': mul = 1ULL << 30; end++; break;
-	}
-	if (*end != '\0' || v > (1ULL << 40) / mul)
-		return -1;
-	*out = (size_t)(v * mul);
-	return 0;
-}
-
 /* Index of s in a table of names (any of up to 3 per entry); -1 for "all", -2 if unknown. */
 static int parse_name(const char *s, int what)
 {
@@ -777,19 +745,19 @@ static int parse_opts(int argc, char **argv, struct opts *o)
 
 	while ((c = getopt_long(argc, argv, "g:o:d:r:b:e:f:w:i:c:h", long_opts, NULL)) != -1) {
 		switch (c) {
-		case 'g': bad = parse_int(optarg, 1, MAX_DEV, &o->ngpu); break;
+		case 'g': bad = parse_int_in(optarg, 1, MAX_DEV, &o->ngpu); break;
 		case 'o': bad = (o->op = parse_name(optarg, 'o')) == -2; break;
 		case 'd': bad = (o->dtype = parse_name(optarg, 'd')) == -2; break;
 		case 'r': bad = (o->redop = parse_name(optarg, 'r')) == -2; break;
-		case 'b': bad = parse_size(optarg, &o->min_bytes); break;
-		case 'e': bad = parse_size(optarg, &o->max_bytes); break;
+		case 'b': bad = parse_bytes(optarg, &o->min_bytes); break;
+		case 'e': bad = parse_bytes(optarg, &o->max_bytes); break;
 		case 'f':
-			bad = parse_int(optarg, 2, 1024, &v);
+			bad = parse_int_in(optarg, 2, 1024, &v);
 			o->factor = (size_t)v;
 			break;
-		case 'w': bad = parse_int(optarg, 0, 100000, &o->warmup); break;
-		case 'i': bad = parse_int(optarg, 1, 100000, &o->iters); break;
-		case 'c': bad = parse_int(optarg, 0, 1, &o->check); break;
+		case 'w': bad = parse_int_in(optarg, 0, 100000, &o->warmup); break;
+		case 'i': bad = parse_int_in(optarg, 1, 100000, &o->iters); break;
+		case 'c': bad = parse_int_in(optarg, 0, 1, &o->check); break;
 		case 'P': o->inplace_only = 1; continue;
 		case 'J': o->json = 1; continue;
 		case 'h': usage(stdout); exit(0);
