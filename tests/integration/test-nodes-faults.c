@@ -1,7 +1,8 @@
 /*
  * test-nodes-faults.c: jobs over two daemons when things go wrong: a root
  * address where nothing listens, a failed job's messages arriving while a new
- * incarnation of it runs (H4), a member's late key-0 fail at a real root, and
+ * incarnation of it runs (H4; again on a daemon without a data plane), a
+ * member's late key-0 fail at a real root, and
  * a member daemon killed under a running job. The surviving daemon fails what
  * spanned the dead one, serves a new job and stops cleanly.
  */
@@ -278,8 +279,8 @@ static void h4_take(struct h4_member *m, int i, const Commpb__PeerMsg *in)
 	}
 }
 
-/* Accept both members and trade hellos; 0 or -1. */
-static int h4_accept(int lfd, struct h4_member *m)
+/* Accept the nm members (1 or 2) and trade hellos; 0 or -1. */
+static int h4_accept(int lfd, struct h4_member *m, int nm)
 {
 	Commpb__PeerMsg out = COMMPB__PEER_MSG__INIT;
 	Commpb__PeerHello h = COMMPB__PEER_HELLO__INIT;
@@ -289,7 +290,7 @@ static int h4_accept(int lfd, struct h4_member *m)
 	h.node = "h4-test-root";
 	out.body_case = COMMPB__PEER_MSG__BODY_HELLO;
 	out.hello = &h;
-	for (int i = 0; i < 2; i++) {
+	for (int i = 0; i < nm; i++) {
 		struct pollfd pf = { .fd = lfd, .events = POLLIN };
 
 		if (poll(&pf, 1, 10000) <= 0 || (m[i].fd = accept(lfd, NULL, NULL)) < 0)
@@ -297,9 +298,9 @@ static int h4_accept(int lfd, struct h4_member *m)
 		fds[i] = m[i].fd;
 		pr_send(m[i].fd, &out);
 	}
-	while (!m[0].hello || !m[1].hello) {
+	while (!m[0].hello || !m[nm - 1].hello) {
 		int i;
-		Commpb__PeerMsg *in = pr_next(fds, 2, &i, 10000);
+		Commpb__PeerMsg *in = pr_next(fds, nm, &i, 10000);
 
 		if (!in)
 			return -1;
@@ -310,13 +311,13 @@ static int h4_accept(int lfd, struct h4_member *m)
 }
 
 /* Wait for each member's join with both of its ranks (from m->joined 0); 0 or -1. */
-static int h4_joins(struct h4_member *m)
+static int h4_joins(struct h4_member *m, int nm)
 {
-	int fds[2] = { m[0].fd, m[1].fd };
+	int fds[2] = { m[0].fd, m[nm - 1].fd };
 
-	while (!m[0].joined || !m[1].joined) {
+	while (!m[0].joined || !m[nm - 1].joined) {
 		int i;
-		Commpb__PeerMsg *in = pr_next(fds, 2, &i, 20000);
+		Commpb__PeerMsg *in = pr_next(fds, nm, &i, 20000);
 
 		if (!in)
 			return -1;
@@ -326,16 +327,16 @@ static int h4_joins(struct h4_member *m)
 	return 0;
 }
 
-/* Send PeerFormed with key to both members (slots: theirs for that incarnation). */
-static void h4_form(const struct h4_member *m, uint64_t key, const uint32_t *slots)
+/* Send PeerFormed with key to the nm members (slots: theirs for that incarnation). */
+static void h4_form(const struct h4_member *m, int nm, uint64_t key, const uint32_t *slots)
 {
 	Commpb__PeerMsg out = COMMPB__PEER_MSG__INIT;
 	Commpb__PeerFormed f = COMMPB__PEER_FORMED__INIT;
 	Commpb__PeerNode nodes[2], *np[2];
 	int32_t ranks[2][2];
-	int first = m[0].ranks[0] < m[1].ranks[0] ? 0 : 1;
+	int first = nm == 1 || m[0].ranks[0] < m[1].ranks[0] ? 0 : 1;
 
-	for (int k = 0; k < 2; k++) {
+	for (int k = 0; k < nm; k++) {
 		const struct h4_member *x = &m[k ? !first : first];
 
 		commpb__peer_node__init(&nodes[k]);
@@ -352,10 +353,10 @@ static void h4_form(const struct h4_member *m, uint64_t key, const uint32_t *slo
 	f.job = "h4";
 	f.key = key;
 	f.nodes = np;
-	f.n_nodes = 2;
+	f.n_nodes = (size_t)nm;
 	out.body_case = COMMPB__PEER_MSG__BODY_FORMED;
 	out.formed = &f;
-	for (int i = 0; i < 2; i++) {
+	for (int i = 0; i < nm; i++) {
 		f.self = (uint32_t)(i == first ? 0 : 1);
 		pr_send(m[i].fd, &out);
 	}
@@ -390,46 +391,46 @@ static void h4_rank_left(int fd, uint64_t key, int rank)
 }
 
 /* Incarnation 1 of each member's messages, now stale: 4 per member per call. */
-static void h4_stale(const struct h4_member *m, const uint32_t *old)
+static void h4_stale(const struct h4_member *m, int nm, const uint32_t *old)
 {
-	h4_form(m, H4_KEY1, old);
-	for (int i = 0; i < 2; i++) {
+	h4_form(m, nm, H4_KEY1, old);
+	for (int i = 0; i < nm; i++) {
 		h4_fail(m[i].fd, 0, old[i], "h4: stale: incarnation 1 failed while forming");
 		h4_fail(m[i].fd, H4_KEY1, old[i], "h4: stale: incarnation 1 failed");
-		h4_rank_left(m[i].fd, H4_KEY1, m[!i].ranks[0]);
+		h4_rank_left(m[i].fd, H4_KEY1, nm == 2 ? m[!i].ranks[0] : m[i].ranks[1]);
 	}
 }
 
-/* Pump both connections until every rank is done, or ms passed; 1 when all are. */
-static int h4_pump(const struct h4_member *m, struct seen *s, int ms)
+/* Pump the connections until each of n ranks is done, or ms passed; 1 when all are. */
+static int h4_pump(const struct h4_member *m, int nm, struct seen *s, int n, int ms)
 {
-	int fds[2] = { m[0].fd, m[1].fd };
+	int fds[2] = { m[0].fd, m[nm - 1].fd };
 	long t0 = mono_ms();
 
 	while (mono_ms() - t0 < ms) {
 		int i, all = 1;
 		Commpb__PeerMsg *in;
 
-		for (int r = 0; r < N; r++)
+		for (int r = 0; r < n; r++)
 			all &= __atomic_load_n(&s->done[r], __ATOMIC_ACQUIRE);
 		if (all)
 			return 1;
-		if ((in = pr_next(fds, 2, &i, 200)))
+		if ((in = pr_next(fds, nm, &i, 200)))
 			commpb__peer_msg__free_unpacked(in, NULL);
 	}
 	return 0;
 }
 
-/* Both daemons took in everything sent so far: a ping answered by each. */
-static int h4_sync(const struct h4_member *m)
+/* The members took in everything sent so far: a ping answered by each. */
+static int h4_sync(const struct h4_member *m, int nm)
 {
-	int fds[2] = { m[0].fd, m[1].fd }, have[2] = { 0, 0 };
+	int fds[2] = { m[0].fd, m[nm - 1].fd }, have[2] = { 0, nm < 2 };
 
-	for (int i = 0; i < 2; i++)
+	for (int i = 0; i < nm; i++)
 		pr_ping(m[i].fd, 4804);
 	while (!have[0] || !have[1]) {
 		int i;
-		Commpb__PeerMsg *in = pr_next(fds, 2, &i, 10000);
+		Commpb__PeerMsg *in = pr_next(fds, nm, &i, 10000);
 
 		if (!in)
 			return -1;
@@ -520,6 +521,39 @@ static int rank_h4_second(int r, int n, void *arg)
 	return th_leave(c, r);
 }
 
+/* The test root's listener on loopback, its address in root; the fd. */
+static int h4_listen(char *root, size_t len)
+{
+	struct sockaddr_in sa = { .sin_family = AF_INET };
+	socklen_t salen = sizeof sa;
+	int lfd;
+
+	sa.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+	lfd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+	REQUIRE(lfd >= 0 && bind(lfd, (struct sockaddr *)&sa, sizeof sa) == 0 && listen(lfd, 4) == 0 &&
+			getsockname(lfd, (struct sockaddr *)&sa, &salen) == 0,
+		"the test root's listener");
+	snprintf(root, len, "127.0.0.1:%d", ntohs(sa.sin_port));
+	return lfd;
+}
+
+/* Pump the members until each of n ranks did iters all-reduces or is done (bounded). */
+static void h4_until(const struct h4_member *m, int nm, struct seen *s, int n, int iters)
+{
+	for (long t = mono_ms(); mono_ms() - t < PROGRESS_LIMIT_MS;) {
+		int all = 1, i;
+		Commpb__PeerMsg *in;
+
+		for (int r = 0; r < n; r++)
+			all &= __atomic_load_n(&s->iters[r], __ATOMIC_ACQUIRE) >= iters ||
+			       __atomic_load_n(&s->done[r], __ATOMIC_ACQUIRE);
+		if (all)
+			break;
+		if ((in = pr_next((int[]){ m[0].fd, m[nm - 1].fd }, nm, &i, 100)))
+			commpb__peer_msg__free_unpacked(in, NULL);
+	}
+}
+
 /* Lines of d's log that say a stale message was dropped. */
 static int count_stale(const struct th_daemon *d)
 {
@@ -539,8 +573,6 @@ static void test_stale(void)
 {
 	static const int of[N] = { 0, 0, 1, 1 };
 	const struct th_daemon *ds[2] = { &da, &db };
-	struct sockaddr_in sa = { .sin_family = AF_INET };
-	socklen_t salen = sizeof sa;
 	struct h4_member m[2] = { { .fd = -1 }, { .fd = -1 } };
 	struct seen *s = seen_new();
 	struct timespec t0;
@@ -550,35 +582,19 @@ static void test_stale(void)
 	int lfd, failed, stale0[2] = { count_stale(&da), count_stale(&db) }, ok;
 
 	clock_gettime(CLOCK_MONOTONIC, &t0);
-	sa.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-	lfd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
-	REQUIRE(lfd >= 0 && bind(lfd, (struct sockaddr *)&sa, sizeof sa) == 0 && listen(lfd, 4) == 0 &&
-			getsockname(lfd, (struct sockaddr *)&sa, &salen) == 0,
-		"the test root's listener");
-	snprintf(root, sizeof root, "127.0.0.1:%d", ntohs(sa.sin_port));
+	lfd = h4_listen(root, sizeof root);
 
 	/* incarnation 1 forms, runs, fails */
 	REQUIRE(th_ranks_start_nodes(&rs, ds, of, root, "h4", N, rank_h4_first, s) == 0, "fork");
-	REQUIRE(h4_accept(lfd, m) == 0, "h4: A and B did not connect to the test root");
-	REQUIRE(h4_joins(m) == 0, "h4: incarnation 1: A and B did not send their joins");
+	REQUIRE(h4_accept(lfd, m, 2) == 0, "h4: A and B did not connect to the test root");
+	REQUIRE(h4_joins(m, 2) == 0, "h4: incarnation 1: A and B did not send their joins");
 	old[0] = m[0].slot;
 	old[1] = m[1].slot;
-	h4_form(m, H4_KEY1, old);
-	for (long t = mono_ms(); mono_ms() - t < PROGRESS_LIMIT_MS;) {
-		int all = 1, i;
-		Commpb__PeerMsg *in;
-
-		for (int r = 0; r < N; r++)
-			all &= __atomic_load_n(&s->iters[r], __ATOMIC_ACQUIRE) >= 1 ||
-			       __atomic_load_n(&s->done[r], __ATOMIC_ACQUIRE);
-		if (all)
-			break;
-		if ((in = pr_next((int[]){ m[0].fd, m[1].fd }, 2, &i, 100)))
-			commpb__peer_msg__free_unpacked(in, NULL);
-	}
+	h4_form(m, 2, H4_KEY1, old);
+	h4_until(m, 2, s, N, 1);
 	for (int i = 0; i < 2; i++)
 		h4_fail(m[i].fd, H4_KEY1, old[i], "h4: incarnation 1 failed at the test root");
-	CHECK(h4_pump(m, s, PROGRESS_LIMIT_MS), "h4: incarnation 1 did not end when failed");
+	CHECK(h4_pump(m, 2, s, N, PROGRESS_LIMIT_MS), "h4: incarnation 1 did not end when failed");
 	failed = th_ranks_wait(&rs);
 	ok = !failed;
 	for (int r = 0; r < N; r++)
@@ -594,28 +610,17 @@ static void test_stale(void)
 	memset(s, 0, sizeof *s);
 	m[0].joined = m[1].joined = 0;
 	REQUIRE(th_ranks_start_nodes(&rs, ds, of, root, "h4", N, rank_h4_second, s) == 0, "fork");
-	REQUIRE(h4_joins(m) == 0, "h4: incarnation 2: A and B did not send their joins");
+	REQUIRE(h4_joins(m, 2) == 0, "h4: incarnation 2: A and B did not send their joins");
 	now[0] = m[0].slot;
 	now[1] = m[1].slot;
 	CHECK(now[0] != old[0] && now[1] != old[1], "h4: incarnation 2 has the slots of 1");
-	h4_stale(m, old);
-	h4_form(m, H4_KEY2, now);
-	for (long t = mono_ms(); mono_ms() - t < PROGRESS_LIMIT_MS;) {
-		int all = 1, i;
-		Commpb__PeerMsg *in;
-
-		for (int r = 0; r < N; r++)
-			all &= __atomic_load_n(&s->iters[r], __ATOMIC_ACQUIRE) >= H4_OPS ||
-			       __atomic_load_n(&s->done[r], __ATOMIC_ACQUIRE);
-		if (all)
-			break;
-		if ((in = pr_next((int[]){ m[0].fd, m[1].fd }, 2, &i, 100)))
-			commpb__peer_msg__free_unpacked(in, NULL);
-	}
-	h4_stale(m, old);
-	CHECK(h4_sync(m) == 0, "h4: A or B did not answer a ping after the stale messages");
+	h4_stale(m, 2, old);
+	h4_form(m, 2, H4_KEY2, now);
+	h4_until(m, 2, s, N, H4_OPS);
+	h4_stale(m, 2, old);
+	CHECK(h4_sync(m, 2) == 0, "h4: A or B did not answer a ping after the stale messages");
 	__atomic_store_n(&s->injected, 1, __ATOMIC_RELEASE);
-	CHECK(h4_pump(m, s, PROGRESS_LIMIT_MS), "h4: incarnation 2 did not finish");
+	CHECK(h4_pump(m, 2, s, N, PROGRESS_LIMIT_MS), "h4: incarnation 2 did not finish");
 	failed = th_ranks_wait(&rs);
 	for (int r = 0; r < N; r++) {
 		ok = s->done[r] && s->rc[r] == COMM_OK && s->iters[r] == 2 * H4_OPS;
@@ -641,6 +646,81 @@ static void test_stale(void)
 	close(lfd);
 	printf("%s: h4 row: %.1f s\n", check_failures ? "FAIL" : "ok", th_secs_since(&t0));
 	fflush(stdout);
+	munmap(s, sizeof *s);
+}
+
+/* --- H4 without a data plane ----------------------------------------------------- */
+
+/*
+ * A commd whose UCX found no transport (UCX_TLS=bogus) has no data plane;
+ * its jobs that name a root still get a number from its tag slots (a build
+ * without UCX numbers them past the slots, 65536 and up), another for each
+ * incarnation. The test plays the root of job "h4" with both ranks on such
+ * a commd: incarnation 1 forms, runs and fails; incarnation 2 gets another
+ * number, and incarnation 1's PeerFormed, PeerFail (key-0 and keyed) and
+ * PeerRankLeft, sent before it forms and while it runs, are dropped as
+ * stale while its all-reduces (on the one node) stay exact.
+ */
+static void test_stale_nodata(void)
+{
+	static const int of[2] = { 0, 0 };
+	struct th_daemon dn;
+	const struct th_daemon *ds[1] = { &dn };
+	struct h4_member m[1] = { { .fd = -1 } };
+	struct seen *s = seen_new();
+	struct th_ranks rs;
+	uint32_t old[1], now[1];
+	char root[64];
+	int lfd, failed, n, ok;
+
+	setenv("UCX_TLS", "bogus", 1);
+	n = th_daemon_start_peer(&dn, "--threads", "2", NULL);
+	unsetenv("UCX_TLS");
+	REQUIRE(n == 0, "commd without a data plane did not start");
+	lfd = h4_listen(root, sizeof root);
+
+	REQUIRE(th_ranks_start_nodes(&rs, ds, of, root, "h4", 2, rank_h4_first, s) == 0, "fork");
+	REQUIRE(h4_accept(lfd, m, 1) == 0, "h4 (no data plane): the member did not connect");
+	REQUIRE(h4_joins(m, 1) == 0, "h4 (no data plane): incarnation 1: no join");
+	old[0] = m[0].slot;
+	h4_form(m, 1, H4_KEY1, old);
+	h4_until(m, 1, s, 2, 1);
+	h4_fail(m[0].fd, H4_KEY1, old[0], "h4: incarnation 1 failed at the test root");
+	CHECK(h4_pump(m, 1, s, 2, PROGRESS_LIMIT_MS), "h4 (no data plane): incarnation 1 went on");
+	failed = th_ranks_wait(&rs);
+	ok = !failed && s->rc[0] == COMM_ERR_PEER_LOST && s->rc[1] == COMM_ERR_PEER_LOST &&
+	     s->iters[0] >= 1 && old[0] != 0;
+	printf("%s: h4 without a data plane: incarnation 1 numbered %u, %d all-reduces, then "
+	       "failed by the root\n", ok ? "ok" : "FAIL", old[0], s->iters[0]);
+	CHECK(ok, "h4 (no data plane): incarnation 1 (number %u): %s, %s after %d all-reduces",
+	      old[0], comm_result_name((comm_result_t)s->rc[0]),
+	      comm_result_name((comm_result_t)s->rc[1]), s->iters[0]);
+
+	memset(s, 0, sizeof *s);
+	m[0].joined = 0;
+	REQUIRE(th_ranks_start_nodes(&rs, ds, of, root, "h4", 2, rank_h4_second, s) == 0, "fork");
+	REQUIRE(h4_joins(m, 1) == 0, "h4 (no data plane): incarnation 2: no join");
+	now[0] = m[0].slot;
+	h4_stale(m, 1, old);
+	h4_form(m, 1, H4_KEY2, now);
+	h4_until(m, 1, s, 2, H4_OPS);
+	h4_stale(m, 1, old);
+	CHECK(h4_sync(m, 1) == 0, "h4 (no data plane): no pong after the stale messages");
+	__atomic_store_n(&s->injected, 1, __ATOMIC_RELEASE);
+	CHECK(h4_pump(m, 1, s, 2, PROGRESS_LIMIT_MS), "h4 (no data plane): incarnation 2 hung");
+	failed = th_ranks_wait(&rs);
+	n = count_stale(&dn);
+	ok = !failed && now[0] != 0 && now[0] != old[0] && n == H4_STALE;
+	for (int r = 0; r < 2; r++)
+		ok &= s->done[r] && s->rc[r] == COMM_OK && s->iters[r] == 2 * H4_OPS;
+	printf("%s: h4 without a data plane: incarnation 2 numbered %u, %d and %d exact "
+	       "all-reduces around 2 x 4 stale messages, %d logged as dropped (want %d)\n",
+	       ok ? "ok" : "FAIL", now[0], s->iters[0], s->iters[1], n, H4_STALE);
+	CHECK(ok, "h4 (no data plane): incarnation 2 (number %u after %u): rank 0 %s \"%s\", "
+	      "%d drops", now[0], old[0], comm_result_name((comm_result_t)s->rc[0]), s->detail[0], n);
+	close(m[0].fd);
+	close(lfd);
+	CHECK(th_daemon_stop(&dn) == 0, "commd without a data plane did not stop cleanly");
 	munmap(s, sizeof *s);
 }
 
@@ -1059,6 +1139,7 @@ int main(void)
 	fds0 = th_count_fds(da.pid);
 	test_noroot(fds0);
 	test_stale();
+	test_stale_nodata();
 	test_stale_root();
 	test_kill_member();
 	if (!th_daemon_alive(&da)) {
