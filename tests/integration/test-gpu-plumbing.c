@@ -16,6 +16,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/eventfd.h>
 #include <sys/mman.h>
 #include <sys/wait.h>
 #include <unistd.h>
@@ -23,6 +24,7 @@
 #include "check.h"
 #include "harness.h"
 #include "raw.h"
+#include "ring.h"
 
 static struct th_daemon d;
 static char logpath[256];
@@ -393,6 +395,78 @@ static void test_forwarding(void)
 	CHECK(th_daemon_stop(&d) == 0, "daemon stop");
 }
 
+/*
+ * A device op posted in the submission ring, as libcomm posts it: its ready
+ * event and done flag reach the worker as from an Op message, and the
+ * answer comes back in the slot.
+ */
+static void test_ring_device(void)
+{
+	size_t bytes = (RING_BYTES + 4095) / 4096 * 4096;
+	struct rank k;
+	uint64_t a = 0, seg = 0, one = 1;
+	char detail[256], want[128];
+	struct ring_hdr *h;
+	struct ring_slot *sl;
+	uint8_t *mem;
+	int mfd, efd;
+
+	start("ok", 1);
+	open_rank(&k, "dev-ring", PROTO_VERSION, 0);
+	REQUIRE(reg_dev(&k, COMMPB__MEM_KIND__MEM_CUDA_IPC, 64, -1, 4096, &a, detail,
+			sizeof detail) == COMM_OK,
+		"IPC registration: %s", detail);
+	mfd = memfd_create("gpu-plumbing-ring", MFD_CLOEXEC | MFD_ALLOW_SEALING);
+	REQUIRE(mfd >= 0 && ftruncate(mfd, (off_t)bytes) == 0 &&
+			fcntl(mfd, F_ADD_SEALS, F_SEAL_SHRINK) == 0,
+		"memfd");
+	mem = mmap(NULL, bytes, PROT_READ | PROT_WRITE, MAP_SHARED, mfd, 0);
+	REQUIRE(mem != MAP_FAILED, "mmap");
+	REQUIRE(raw_register_fd(k.fd, &k.rd, mfd, bytes, &seg) == COMM_OK, "register the ring's memfd");
+	close(mfd);
+	h = (struct ring_hdr *)mem;
+	h->magic = RING_MAGIC;
+	h->version = RING_VERSION;
+	h->nslots = RING_SLOTS;
+	h->slot_size = sizeof(struct ring_slot);
+	efd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
+	REQUIRE(efd >= 0, "eventfd");
+	REQUIRE(raw_ring_attach(k.fd, &k.rd, seg, 0, RING_SLOTS, efd, detail, sizeof detail) ==
+			COMM_OK,
+		"ring attach: %s", detail);
+
+	sl = ring_slot(mem, 1);
+	sl->seq = 1;
+	sl->type = COMMPB__OP_TYPE__OP_ALLREDUCE;
+	sl->count = 16;
+	sl->dtype = COMM_FLOAT32;
+	sl->redop = COMM_SUM;
+	sl->send_mem = sl->recv_mem = sl->done_mem = a;
+	sl->recv_off = 1024;
+	sl->done_off = 512;
+	sl->done_value = 77;
+	memset(sl->ready_event, 0x5c, sizeof sl->ready_event);
+	sl->flags = RING_F_EVENT | RING_F_DONE;
+	RING_STORE_SC(&sl->posted, 2);
+	CHECK(write(efd, &one, sizeof one) == sizeof one, "eventfd write");
+	for (int ms = 0; ms < 5000 && RING_LOAD(&sl->done) != 2; ms++)
+		usleep(1000);
+	CHECK(RING_LOAD(&sl->done) == 2 && sl->status == COMM_OK,
+	      "device op in the ring: no answer in its slot (done %llu, status %d)",
+	      (unsigned long long)sl->done, sl->status);
+	snprintf(want, sizeof want, "rank 0 send %llu+0 recv %llu+1024 event 5c",
+		 (unsigned long long)a, (unsigned long long)a);
+	CHECK(logged(want), "the ring's device op did not reach the worker with its event");
+	snprintf(want, sizeof want, "flag %llu+512 value 77", (unsigned long long)a);
+	CHECK(logged(want), "the ring's done flag did not reach the worker");
+	printf("%s: a device op in the ring reached the worker with its ready event and done "
+	       "flag; answered in its slot\n", check_failures ? "FAIL" : "ok");
+	close_rank(&k);
+	munmap(mem, bytes);
+	close(efd);
+	CHECK(th_daemon_stop(&d) == 0, "daemon stop");
+}
+
 /* mode: crash or hang. The device job fails; a host job beside it runs. */
 static void test_bad_worker(const char *mode)
 {
@@ -541,6 +615,7 @@ int main(void)
 	snprintf(logpath, sizeof logpath, "%s/worker.log", dir);
 	setenv("FAKE_GPU_LOG", logpath, 1);
 	test_forwarding();
+	test_ring_device();
 	test_bad_worker("crash");
 	test_bad_worker("hang");
 	test_shutdown_hung();

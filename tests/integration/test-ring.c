@@ -518,33 +518,7 @@ static void raw_rank_close(struct raw_rank *k)
 static int raw_attach(struct raw_rank *k, uint64_t mem_id, uint64_t off, uint32_t slots,
 		      int fd, char *detail, size_t len)
 {
-	Commpb__Envelope env = COMMPB__ENVELOPE__INIT, *reply;
-	Commpb__RingAttach ra = COMMPB__RING_ATTACH__INIT;
-	Commpb__BufRef ref = COMMPB__BUF_REF__INIT;
-	int status = -1;
-
-	ref.mem_id = mem_id;
-	ref.offset = off;
-	ra.ring = &ref;
-	ra.slots = slots;
-	ra.slot_size = sizeof(struct ring_slot);
-	env.id = 42;
-	env.body_case = COMMPB__ENVELOPE__BODY_RING_ATTACH;
-	env.ring_attach = &ra;
-	raw_send(k->fd, &env, &fd, 1);
-	reply = raw_recv(k->fd, &k->rd);
-	snprintf(detail, len, "no reply");
-	if (reply && reply->body_case == COMMPB__ENVELOPE__BODY_RING_ATTACH_REPLY) {
-		status = reply->ring_attach_reply->status;
-		snprintf(detail, len, "%s", reply->ring_attach_reply->detail);
-		CHECK(reply->id == 42, "ring attach reply: id %llu, want 42",
-		      (unsigned long long)reply->id);
-	} else if (reply) {
-		snprintf(detail, len, "message type %d", (int)reply->body_case);
-	}
-	if (reply)
-		commpb__envelope__free_unpacked(reply, NULL);
-	return status;
+	return raw_ring_attach(k->fd, &k->rd, mem_id, off, slots, fd, detail, len);
 }
 
 /*

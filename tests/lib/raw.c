@@ -10,6 +10,7 @@
 #include "check.h"
 #include "comm.h"
 #include "raw.h"
+#include "ring.h"
 
 int raw_connect(const char *sock)
 {
@@ -159,4 +160,36 @@ int raw_hello_rank(int fd, struct frame_reader *r, const char *job, const char *
 	if (reply)
 		commpb__envelope__free_unpacked(reply, NULL);
 	return st;
+}
+
+int raw_ring_attach(int sock, struct frame_reader *r, uint64_t mem_id, uint64_t off,
+		    uint32_t slots, int efd, char *detail, size_t len)
+{
+	Commpb__Envelope env = COMMPB__ENVELOPE__INIT, *reply;
+	Commpb__RingAttach ra = COMMPB__RING_ATTACH__INIT;
+	Commpb__BufRef ref = COMMPB__BUF_REF__INIT;
+	int status = -1;
+
+	ref.mem_id = mem_id;
+	ref.offset = off;
+	ra.ring = &ref;
+	ra.slots = slots;
+	ra.slot_size = sizeof(struct ring_slot);
+	env.id = 42;
+	env.body_case = COMMPB__ENVELOPE__BODY_RING_ATTACH;
+	env.ring_attach = &ra;
+	raw_send(sock, &env, &efd, 1);
+	reply = raw_recv(sock, r);
+	snprintf(detail, len, "no reply");
+	if (reply && reply->body_case == COMMPB__ENVELOPE__BODY_RING_ATTACH_REPLY) {
+		status = reply->ring_attach_reply->status;
+		snprintf(detail, len, "%s", reply->ring_attach_reply->detail);
+		CHECK(reply->id == 42, "ring attach reply: id %llu, want 42",
+		      (unsigned long long)reply->id);
+	} else if (reply) {
+		snprintf(detail, len, "message type %d", (int)reply->body_case);
+	}
+	if (reply)
+		commpb__envelope__free_unpacked(reply, NULL);
+	return status;
 }

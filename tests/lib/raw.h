@@ -37,5 +37,11 @@ int raw_hello_rank(int fd, struct frame_reader *r, const char *job, const char *
 		   int world, char *detail, size_t len);
 /* Register memfd mfd of size bytes; the reply's status, and its mem id in *mem_id if not NULL. */
 int raw_register_fd(int sock, struct frame_reader *r, int mfd, uint64_t size, uint64_t *mem_id);
+/*
+ * RingAttach of a ring of slots slots at (mem_id, off), waking commd through
+ * efd; the reply's status (-1: no RingAttachReply) and its detail.
+ */
+int raw_ring_attach(int sock, struct frame_reader *r, uint64_t mem_id, uint64_t off,
+		    uint32_t slots, int efd, char *detail, size_t len);
 
 #endif
