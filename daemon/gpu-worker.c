@@ -8,6 +8,7 @@
 
 #include <errno.h>
 #include <inttypes.h>
+#include <sched.h>
 #include <stdarg.h>
 #include <stdint.h>
 #include <stdio.h>
@@ -1312,10 +1313,14 @@ static size_t recv_packet(void *buf, int *fds, int *nfds, uint64_t spin_until)
 			      .msg_controllen = sizeof ctl.b };
 	ssize_t n;
 
-	do
+	for (;;) {
 		n = recvmsg(GPU_WORKER_FD, &msg,
 			    MSG_CMSG_CLOEXEC | (now_us() < spin_until ? MSG_DONTWAIT : 0));
-	while (n < 0 && (errno == EINTR || errno == EAGAIN));
+		if (n >= 0 || (errno != EINTR && errno != EAGAIN))
+			break;
+		if (errno == EAGAIN)
+			sched_yield(); /* polling: let anything runnable on this core go first */
+	}
 	if (n < 0) {
 		wlog("recvmsg on fd %d: %s", GPU_WORKER_FD, strerror(errno));
 		exit(GPU_WORKER_EXIT_PROTOCOL);
