@@ -1,8 +1,10 @@
 /*
  * test-gpu-ops.c: every op x dtype x reduction on cudaMalloc buffers through
  * the real commd and its GPU worker, with 1, 2 and 4 ranks (rank r on device
- * r % devices), in place and out of place, each compared element by element
- * with the same op on host buffers in the same job. Exits 77 without a GPU.
+ * r % devices), in place and out of place, at offsets on and off 16 bytes
+ * (the worker's direct and staged paths), and a float32 all-reduce of
+ * 64 MiB and 3 elements, each compared element by element with the same op
+ * on host buffers in the same job. Exits 77 without a GPU.
  */
 #include <cuda_runtime.h>
 #include <stdint.h>
@@ -30,6 +32,7 @@
 #define TOL_FLOAT 1e-5
 #define TOL_HALF 1e-2
 #define MEDIUM 65537
+#define LARGE ((64u << 20) / 4 + 3) /* float32: past one pass of the direct kernel's grid, and a tail */
 
 enum kind { AR, RS, AG, BC, RD, A2A, P2P, BARRIER };
 enum place { OOP, INPLACE };
@@ -363,7 +366,9 @@ static void add(struct th_plan *p, enum kind k, comm_dtype_t dt, comm_redop_t op
 	p->case_size = sizeof(struct tcase);
 	t = th_plan_add(p);
 	k_all++;
-	*t = (struct tcase){ k, dt, op, count, (int)(k_all % 5), pl, (k_all % 4) * 256 };
+	/* every third case one element off 16 bytes: the worker's aligned and unaligned paths */
+	*t = (struct tcase){ k, dt, op, count, (int)(k_all % 5), pl,
+			     (k_all % 4) * 256 + (k_all % 3 ? 0 : comm_dtype_size(dt)) };
 }
 
 static int has_inplace(enum kind k)
@@ -393,6 +398,8 @@ static void test_world(const struct th_daemon *d, int n)
 				    (enum place)pl);
 		}
 	}
+	add(&p, AR, COMM_FLOAT32, COMM_SUM, LARGE, OOP);
+	add(&p, AR, COMM_FLOAT32, COMM_SUM, LARGE, INPLACE);
 	add(&p, BARRIER, COMM_UINT8, COMM_SUM, 0, OOP);
 	snprintf(p.job, sizeof p.job, "gpu-ops-%d", n);
 	p.seed = 1000u * (uint32_t)n + 1;
