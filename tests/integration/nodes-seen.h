@@ -1,0 +1,57 @@
+/*
+ * nodes-seen.h: what the ranks of the two-daemon fault tests saw, shared
+ * with the test process (test-nodes-faults.c, test-nodes-stale.c).
+ */
+#ifndef TESTS_NODES_SEEN_H
+#define TESTS_NODES_SEEN_H
+
+#include <stdio.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <time.h>
+
+#include "check.h"
+#include "comm.h"
+
+#define N 4                     /* ranks of the jobs over two daemons */
+#define PROGRESS_LIMIT_MS 60000 /* for a job to make the progress a test waits for */
+
+static inline long mono_ms(void)
+{
+	struct timespec t;
+
+	clock_gettime(CLOCK_MONOTONIC, &t);
+	return t.tv_sec * 1000 + t.tv_nsec / 1000000;
+}
+
+/* What each rank saw, shared between the ranks and the test. */
+struct seen {
+	long kill_ms;              /* when B was killed (0: not yet) */
+	long start_ms[N];          /* first all-reduce posted */
+	int iters[N];              /* all-reduces finished */
+	int rc[N];                 /* the failed op's result (or comm_init's) */
+	long err_ms[N];            /* when it failed */
+	int done[N];               /* the rank is out of its loop */
+	int injected;              /* H4: the stale messages were all taken in */
+	char detail[N][200];
+};
+
+static inline struct seen *seen_new(void)
+{
+	struct seen *s = mmap(NULL, sizeof *s, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_ANONYMOUS,
+			      -1, 0);
+
+	REQUIRE(s != MAP_FAILED, "mmap");
+	memset(s, 0, sizeof *s);
+	return s;
+}
+
+static inline void seen_note(struct seen *s, int r, comm_result_t rc, const char *detail)
+{
+	s->rc[r] = rc;
+	s->err_ms[r] = mono_ms();
+	snprintf(s->detail[r], sizeof s->detail[r], "%s", detail);
+	__atomic_store_n(&s->done[r], 1, __ATOMIC_RELEASE);
+}
+
+#endif
