@@ -1,6 +1,7 @@
 /*
- * nodes-seen.h: what the ranks of the two-daemon fault tests saw, shared
- * with the test process (test-nodes-faults.c, test-nodes-stale.c).
+ * nodes-seen.h: for the two-daemon fault tests (test-nodes-faults.c,
+ * test-nodes-stale.c): their two daemons, and what their ranks saw, shared
+ * with the test process.
  */
 #ifndef TESTS_NODES_SEEN_H
 #define TESTS_NODES_SEEN_H
@@ -12,6 +13,7 @@
 
 #include "check.h"
 #include "comm.h"
+#include "harness.h"
 
 #define N 4                     /* ranks of the jobs over two daemons */
 #define PROGRESS_LIMIT_MS 60000 /* for a job to make the progress a test waits for */
@@ -52,6 +54,19 @@ static inline void seen_note(struct seen *s, int r, comm_result_t rc, const char
 	s->err_ms[r] = mono_ms();
 	snprintf(s->detail[r], sizeof s->detail[r], "%s", detail);
 	__atomic_store_n(&s->done[r], 1, __ATOMIC_RELEASE);
+}
+
+/* Start commd A and B, each with a peer listener; -1 (a failed check) if either did not. */
+static inline int nodes_start(struct th_daemon *a, struct th_daemon *b)
+{
+	REQUIRE(th_daemon_start_peer(a, "--threads", "2", NULL) == 0,
+		"commd A (with --peer-listen) did not start");
+	if (th_daemon_start_peer(b, "--threads", "2", NULL) < 0) {
+		CHECK(0, "commd B (with --peer-listen) did not start");
+		th_daemon_stop(a);
+		return -1;
+	}
+	return 0;
 }
 
 #endif

@@ -858,13 +858,8 @@ int main(void)
 
 	setenv("COMM_TIMEOUT", "60000", 1);
 	clock_gettime(CLOCK_MONOTONIC, &t0);
-	REQUIRE(th_daemon_start_peer(&da, "--threads", "2", NULL) == 0,
-		"commd A (with --peer-listen) did not start");
-	if (th_daemon_start_peer(&db, "--threads", "2", NULL) < 0) {
-		CHECK(0, "commd B (with --peer-listen) did not start");
-		th_daemon_stop(&da);
+	if (nodes_start(&da, &db) < 0)
 		return CHECK_EXIT();
-	}
 	test_stale();
 	test_stale_nodata();
 	test_stale_root();
