@@ -163,7 +163,8 @@ static void h4_take(struct h4_member *m, int i, const Commpb__PeerMsg *in)
 {
 	if (in->body_case == COMMPB__PEER_MSG__BODY_HELLO) {
 		REQUIRE(in->hello->ucx_address.len <= sizeof m[i].ucx, "ucx address");
-		memcpy(m[i].ucx, in->hello->ucx_address.data, in->hello->ucx_address.len);
+		if (in->hello->ucx_address.len) /* none from a daemon without a data plane */
+			memcpy(m[i].ucx, in->hello->ucx_address.data, in->hello->ucx_address.len);
 		m[i].ucx_len = in->hello->ucx_address.len;
 		snprintf(m[i].node, sizeof m[i].node, "%s", in->hello->node);
 		m[i].hello = 1;
