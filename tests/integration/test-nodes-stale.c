@@ -790,6 +790,10 @@ static void test_stale_root(void)
 		commpb__peer_msg__free_unpacked(in, NULL);
 	}
 	CHECK(key != 0, "h4root: commd A did not send the fake member PeerFormed");
+	if (!key) {
+		th_daemon_dump_log(&da);
+		th_daemon_dump_log(&db);
+	}
 
 	/* B's ranks blocked in their all-reduce; then the fake member's late key-0 fail */
 	for (long t = mono_ms(); key && mono_ms() - t < 20000;) {

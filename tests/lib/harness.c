@@ -443,13 +443,17 @@ void th_check_baseline(const struct th_daemon *d, int fds0, const char *after)
 {
 	int fds = -1, maps = -1;
 
+	/*
+	 * Fewer fds than at the baseline is no leak: commd's start-up GPU probe
+	 * (a child and its pipe) may still have been running when it was taken.
+	 */
 	for (int i = 0; i < 300; i++) {
 		fds = th_count_fds(d->pid);
 		maps = th_count_memfd_maps(d->pid);
-		if (fds == fds0 && maps == 0)
+		if (fds <= fds0 && maps == 0)
 			break;
 		usleep(10 * 1000);
 	}
-	CHECK(fds == fds0, "after %s: daemon has %d fds, had %d", after, fds, fds0);
+	CHECK(fds <= fds0, "after %s: daemon has %d fds, had %d", after, fds, fds0);
 	CHECK(maps == 0, "after %s: daemon still maps %d memfds", after, maps);
 }

@@ -96,8 +96,8 @@ int th_count_fds(pid_t pid);
 /* Count the shared memfd mappings of a process (from /proc/PID/maps). */
 int th_count_memfd_maps(pid_t pid);
 /*
- * CHECK that the daemon is back (within 3 s) to fds0 open fds and no memfd
- * mapped, after the part of the test named by after.
+ * CHECK that the daemon is back (within 3 s) to at most fds0 open fds and no
+ * memfd mapped, after the part of the test named by after.
  */
 void th_check_baseline(const struct th_daemon *d, int fds0, const char *after);
 
