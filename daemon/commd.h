@@ -180,6 +180,8 @@ int gpu_task_on_device(const struct task *t, char *err, size_t errlen);
  * when it failed at once (t->status and t->detail say why).
  */
 int be_gpu_run(struct task *t);
+/* The oldest (newest: the newest) op on the job's worker, or NULL. */
+struct task *gpu_job_task(struct job *j, int newest);
 /* The job failed: a worker stuck in an op is killed, so the op ends. */
 void gpu_job_failed(struct job *j);
 /* The job is freed: its worker goes once its device memory is closed. */
@@ -673,7 +675,7 @@ struct task {
 	size_t next_part;      /* guarded by the pool lock */
 	size_t parts_left;     /* guarded by the pool lock */
 	uint64_t bytes;
-	TAILQ_ENTRY(task) link;
+	TAILQ_ENTRY(task) link; /* on the host pool's queues, or on its GPU worker's */
 };
 
 /* nthreads workers, each pinned to a core of its own when pin_workers. */

@@ -393,8 +393,57 @@ static void start_net_collective(struct job *j, struct posted **ops, int nlocal,
 	start(j, t);
 }
 
-/* Try the next collective; 1 when something happened. */
-static int try_collective(struct job *j)
+/*
+ * Rank r's collective number cseq, when it is the op right after those of
+ * r's that are running (on the GPU worker), in a unit of its own.
+ */
+static struct posted *next_coll_behind(struct job *j, int r, uint64_t cseq)
+{
+	struct posted *p = TAILQ_FIRST(&j->posted[r]);
+
+	while (p && p->running)
+		p = TAILQ_NEXT(p, link);
+	return p && !p->group && p->coll && p->cseq == cseq ? p : NULL;
+}
+
+/* Whether op p moves only device memory (and moves some). */
+static int posted_on_device(const struct posted *p)
+{
+	const struct bufspec *b[2] = { &p->send, &p->recv };
+	int dev = 0;
+
+	for (int k = 0; k < 2; k++) {
+		if (!b[k]->mem)
+			continue;
+		if (b[k]->mem->kind == COMMPB__MEM_KIND__MEM_MEMFD)
+			return 0;
+		dev = 1;
+	}
+	return dev;
+}
+
+/*
+ * Whether the collective in ops may start while device ops run: when it
+ * is one too, and will surely run. The worker runs a job's ops in order on
+ * its streams, so the next one is queued behind the last without a gap.
+ */
+static int may_queue_behind(struct job *j, struct posted **ops)
+{
+	char detail[256];
+
+	if (dist_spans(j) || ops[0]->type == COMMPB__OP_TYPE__OP_BARRIER || !ops[0]->count)
+		return 0;
+	for (int r = 0; r < j->world; r++)
+		if (!ops[r] || ops[r]->done || !posted_on_device(ops[r]))
+			return 0;
+	return !disagree(j, ops, detail, sizeof detail);
+}
+
+/*
+ * Try the next collective; 1 when something happened. behind_gpu: device
+ * ops are running; only a device collective may start behind them.
+ */
+static int try_collective(struct job *j, int behind_gpu)
 {
 	struct posted **ops = j->scratch_ops;
 	comm_result_t code = COMM_ERR_MISMATCH;
@@ -408,13 +457,16 @@ static int try_collective(struct job *j)
 		ops[r] = NULL;
 		if (!dist_local(j, r))
 			continue;
-		ops[r] = unit_coll(j, r, j->next_coll);
+		ops[r] = behind_gpu ? next_coll_behind(j, r, j->next_coll)
+				    : unit_coll(j, r, j->next_coll);
 		if (!ops[r])
 			goto out;
 		if (ops[r]->done && bad < 0)
 			bad = r;
 		nlocal++;
 	}
+	if (behind_gpu && !may_queue_behind(j, ops))
+		goto out;
 	rc = 1;
 	j->next_coll++;
 	if (bad >= 0) {
@@ -603,8 +655,8 @@ static void finish_task(struct task *t)
 			     : *t->detail ? t->detail
 					  : "host backend: out of memory";
 
-	if (j->running == t)
-		j->running = NULL;
+	if (j->running == t) /* device ops queued before t may still run */
+		j->running = t->gpu ? gpu_job_task(j, 1) : NULL;
 	j->tasks_out--;
 	if (code == COMM_OK && j->state != JOB_READY) {
 		code = j->fail_code;
@@ -661,8 +713,9 @@ void engine_kick(struct job *j)
 		 * others), sends and recvs with other daemons still start: their
 		 * partners may need them before they reach the collective.
 		 */
-		if (j->running ? !(j->running->net && try_p2p(j, 1))
-			       : !try_collective(j) && !try_p2p(j, 0))
+		if (j->running ? !(j->running->net && try_p2p(j, 1)) &&
+					 !(j->running->gpu && try_collective(j, 1))
+			       : !try_collective(j, 0) && !try_p2p(j, 0))
 			break;
 	}
 	j->kicking = 0;
@@ -703,7 +756,9 @@ void engine_check_deadline(struct job *j, uint64_t now)
 		return;
 	/* a host task always ends; a GPU worker can hang, a peer node can be late */
 	if (j->running) {
-		struct task *t = j->running;
+		struct task *t = j->running->gpu ? gpu_job_task(j, 0) : NULL;
+
+		t = t ? t : j->running; /* the oldest: device ops queue behind each other */
 
 		if ((t->gpu || t->net) && now - t->started_ms >= j->timeout_ms)
 			job_fail(j, COMM_ERR_TIMEOUT, "op %llu (%s): %s within %u ms",
@@ -875,8 +930,7 @@ int engine_inflight(struct job *j, struct inflight *out, int max, uint32_t *omit
 		f->pb.collective = first->cseq;
 		rank_list(set, j->world, f->posted, sizeof f->posted);
 		rank_list(miss, j->world, f->missing, sizeof f->missing);
-		if (j->running && j->running->peer < 0 && j->running->nops &&
-		    j->running->ops[0]->coll && j->running->ops[0]->cseq == first->cseq)
+		if (first->running && j->running) /* or queued on the GPU worker behind it */
 			snprintf(f->state, sizeof f->state, "%s", running_state(j));
 		else if (any_missing)
 			snprintf(f->state, sizeof f->state, "waiting for rank%s %s",

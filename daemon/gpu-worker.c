@@ -37,6 +37,8 @@
 #define NCCL_WAIT_MS 60000   /* an NCCL call still in progress after this has hung */
 #define POLL_NS 20000        /* between looks at a stream that NCCL work is on */
 #define SPIN_US 200          /* after an op, how long the next is looked for before sleeping */
+#define MAX_QUEUED 64        /* ops on the streams not answered yet, at most */
+#define QUEUED_SPIN_US 3     /* with ops queued: how long the oldest is watched between looks at the socket */
 #define SCRATCH_ROUND (2u << 20)
 
 _Static_assert(sizeof(cudaIpcMemHandle_t) == GPU_HANDLE_BYTES, "IPC memory handle size");
@@ -67,6 +69,14 @@ struct ipc_event {
 	cudaEvent_t ev;
 };
 
+/* An op queued on one device's stream, answered once its event has passed. */
+struct queued {
+	uint64_t id;
+	const char *name;
+	cudaEvent_t ev;        /* made on first use, on dev; again when dev changes */
+	int dev;
+};
+
 static struct {
 	char job[GPU_JOB_NAME];
 	char no_gpu[GPU_DETAIL]; /* why nothing can be served; "" once a GPU works */
@@ -80,6 +90,9 @@ static struct {
 	int nccl_n;              /* devices in the communicator; 0: none yet */
 	int nccl_dev[MAX_DEVICES];
 	ncclComm_t nccl[MAX_DEVICES];
+	struct queued q[MAX_QUEUED]; /* a ring: nq of them from qhead, oldest first */
+	size_t qhead, nq;
+	uint64_t spin_until;     /* now_us() before which the socket is polled */
 	uint64_t ops;
 } w;
 
@@ -307,7 +320,7 @@ static int dev_ready(int d)
 	return 0;
 }
 
-/* At least len bytes of scratch on device d; its stream must be idle. */
+/* At least len bytes of scratch on device d (ops queued before may still use the old). */
 static int scratch(int d, size_t len)
 {
 	struct dev *x = &w.dev[d];
@@ -317,6 +330,7 @@ static int scratch(int d, size_t len)
 		return 0;
 	len = (len + SCRATCH_ROUND - 1) / SCRATCH_ROUND * SCRATCH_ROUND;
 	if (cuda_check(cudaSetDevice(d), "cudaSetDevice") ||
+	    cuda_check(cudaStreamSynchronize(x->stream), "cudaStreamSynchronize") ||
 	    cuda_check(cudaFree(x->scratch), "cudaFree"))
 		return -1;
 	x->scratch = NULL;
@@ -1163,24 +1177,88 @@ static int write_flags(const struct plan *p, int wait)
 	return 0;
 }
 
-static int op_run(struct plan *p)
+/* Queue p's work on the streams it uses. */
+static int op_launch(struct plan *p)
 {
-	int one;
-
-	if (!p->block)
-		return write_flags(p, 1);
 	for (int d = 0; d < w.ndev; d++)
 		if (p->used[d] && dev_ready(d))
 			return -1;
-	if (plan_wait_events(p) || (p->spec->reduce ? op_reduce(p) : op_copy(p)))
+	return plan_wait_events(p) || (p->spec->reduce ? op_reduce(p) : op_copy(p)) ? -1 : 0;
+}
+
+/* Run p on several devices (or none) and wait for it; then write its flags. */
+static int op_run(struct plan *p)
+{
+	if (!p->block)
+		return write_flags(p, 1);
+	if (op_launch(p) || streams_wait(p))
 		return -1;
-	/* on one device the flags follow the op on its stream; else once it is done */
-	one = p->nflags && single_device(p) >= 0;
-	if (one && write_flags(p, 0))
+	return p->nflags ? write_flags(p, 1) : 0;
+}
+
+/*
+ * Queue p, all on device d, behind the ops before it: its flags follow its
+ * work on the stream, and an event marks its end; reap answers it.
+ */
+static int op_queue(struct plan *p, int d)
+{
+	struct queued *q = &w.q[(w.qhead + w.nq) % MAX_QUEUED];
+
+	if (op_launch(p) || (p->nflags && write_flags(p, 0)))
 		return -1;
-	if (streams_wait(p))
+	if (q->ev && q->dev != d) {
+		cudaEventDestroy(q->ev);
+		q->ev = NULL;
+	}
+	if (!q->ev && (cuda_check(cudaSetDevice(d), "cudaSetDevice") ||
+		       cuda_check(cudaEventCreateWithFlags(&q->ev, cudaEventDisableTiming),
+				  "cudaEventCreateWithFlags")))
 		return -1;
-	return one || !p->nflags ? 0 : write_flags(p, 1);
+	q->dev = d;
+	if (cuda_check(cudaEventRecord(q->ev, w.dev[d].stream), "cudaEventRecord"))
+		return -1;
+	q->id = p->op->id;
+	q->name = p->spec->name;
+	w.nq++;
+	return 0;
+}
+
+/* A device op failed: answer it, and end (a CUDA error may be sticky). */
+static _Noreturn void op_aborted(const char *name, uint64_t id)
+{
+	char detail[GPU_DETAIL];
+
+	snprintf(detail, sizeof detail, "%s %" PRIu64 ": %.200s", name, id, w.err);
+	reply(GPU_MSG_OP_DONE, id, COMM_ERR_ABORTED, detail);
+	wlog("%s; exiting", detail);
+	nccl_abort();
+	exit(GPU_WORKER_EXIT_DEVICE);
+}
+
+/*
+ * Answer the queued ops that have finished, oldest first, waiting until at
+ * most keep are left. Commd counts on answers in the order it sent the ops.
+ */
+static void reap(size_t keep)
+{
+	while (w.nq) {
+		struct queued *q = &w.q[w.qhead];
+		int wait = w.nq > keep;
+		cudaError_t e = wait ? cudaEventSynchronize(q->ev) : cudaEventQuery(q->ev);
+
+		if (e == cudaErrorNotReady)
+			return;
+		w.qhead = (w.qhead + 1) % MAX_QUEUED;
+		w.nq--;
+		if (e != cudaSuccess) {
+			w.err[0] = '\0';
+			cuda_check(e, wait ? "cudaEventSynchronize" : "cudaEventQuery");
+			op_aborted(q->name, q->id);
+		}
+		reply(GPU_MSG_OP_DONE, q->id, COMM_OK, "");
+		w.spin_until = now_us() + SPIN_US; /* the job's next op tends to follow */
+		w.ops++;
+	}
 }
 
 /* --- requests ----------------------------------------------------------------------- */
@@ -1234,11 +1312,17 @@ static void on_mem_close(const struct gpu_mem_close *m)
 	mem_release(&gone);
 }
 
+/*
+ * An op on one device is queued behind the ones before it and answered by
+ * reap; any other is run and answered here, after those before it.
+ */
 static void on_op(const struct gpu_op *op, size_t nranks)
 {
 	static struct plan p;
 	char detail[GPU_DETAIL];
 	comm_result_t rc = COMM_OK;
+	const char *name;
+	int d;
 
 	w.err[0] = '\0';
 	if (w.no_gpu[0]) {
@@ -1246,25 +1330,26 @@ static void on_op(const struct gpu_op *op, size_t nranks)
 		return;
 	}
 	p.spec = op->type < ARRAY_SIZE(specs) ? &specs[op->type] : NULL;
+	name = p.spec && p.spec->name ? p.spec->name : "op";
 	if (!p.spec || !p.spec->name) {
 		fail("op type %u is not served by the GPU worker", op->type);
 		rc = COMM_ERR_INVALID_ARG;
 	} else if (plan_op(&p, op, nranks)) {
 		rc = COMM_ERR_INVALID_ARG;
-	} else if (op_run(&p)) {
-		rc = COMM_ERR_ABORTED;
+	} else if (p.block && (d = single_device(&p)) >= 0) {
+		reap(MAX_QUEUED - 1);
+		if (!op_queue(&p, d))
+			return;
+		reap(0); /* answers the ops before it first (reap keeps w.err) */
+		op_aborted(name, op->id);
 	}
-	snprintf(detail, sizeof detail, "%s %" PRIu64 ": %s",
-		 p.spec && p.spec->name ? p.spec->name : "op", op->id, w.err);
+	reap(0);
+	if (rc == COMM_OK && op_run(&p))
+		op_aborted(name, op->id);
+	snprintf(detail, sizeof detail, "%s %" PRIu64 ": %s", name, op->id, w.err);
 	reply(GPU_MSG_OP_DONE, op->id, rc, detail);
 	if (rc == COMM_ERR_INVALID_ARG)
 		wlog("%s", detail);
-	if (rc == COMM_ERR_ABORTED) {
-		/* a CUDA error may be sticky: this process can serve nothing more */
-		wlog("%s; exiting", detail);
-		nccl_abort();
-		exit(GPU_WORKER_EXIT_DEVICE);
-	}
 	w.ops++;
 }
 
@@ -1280,6 +1365,9 @@ static void release_all(void)
 	}
 	for (size_t i = 0; i < w.nev; i++)
 		cudaEventDestroy(w.ev[i].ev);
+	for (size_t i = 0; i < MAX_QUEUED; i++)
+		if (w.q[i].ev)
+			cudaEventDestroy(w.q[i].ev);
 	for (int d = 0; d < w.ndev; d++) {
 		struct dev *x = &w.dev[d];
 
@@ -1296,13 +1384,14 @@ static void release_all(void)
 
 /* --- the loop ------------------------------------------------------------------------- */
 
-/* One packet into buf and its fds; 0 at EOF. Exits when the socket fails. */
 /*
- * The next packet, with its fds. For spin_us after the last op the socket
- * is polled without sleeping: a job's next op usually comes within
+ * The next packet into buf, with its fds; 0 at EOF. Exits when the socket
+ * fails. While ops are queued, and for SPIN_US after the last op came or
+ * was answered, the socket is polled without sleeping (queued ops are
+ * answered between looks): a job's next op usually comes within
  * microseconds, and a wake-up from sleep costs about as much as the op.
  */
-static size_t recv_packet(void *buf, int *fds, int *nfds, uint64_t spin_until)
+static size_t recv_packet(void *buf, int *fds, int *nfds)
 {
 	union {
 		struct cmsghdr h;
@@ -1314,12 +1403,24 @@ static size_t recv_packet(void *buf, int *fds, int *nfds, uint64_t spin_until)
 	ssize_t n;
 
 	for (;;) {
-		n = recvmsg(GPU_WORKER_FD, &msg,
-			    MSG_CMSG_CLOEXEC | (now_us() < spin_until ? MSG_DONTWAIT : 0));
+		/* with ops queued, their ends are looked for between looks at the socket */
+		int poll = w.nq || now_us() < w.spin_until;
+
+		n = recvmsg(GPU_WORKER_FD, &msg, MSG_CMSG_CLOEXEC | (poll ? MSG_DONTWAIT : 0));
 		if (n >= 0 || (errno != EINTR && errno != EAGAIN))
 			break;
-		if (errno == EAGAIN)
+		if (errno != EAGAIN)
+			continue;
+		if (w.nq) { /* spinning, as cudaStreamSynchronize would */
+			uint64_t until = now_us() + QUEUED_SPIN_US;
+			size_t nq = w.nq;
+
+			do
+				reap(MAX_QUEUED);
+			while (w.nq == nq && now_us() < until);
+		} else {
 			sched_yield(); /* polling: let anything runnable on this core go first */
+		}
 	}
 	if (n < 0) {
 		wlog("recvmsg on fd %d: %s", GPU_WORKER_FD, strerror(errno));
@@ -1382,7 +1483,6 @@ static void check_packet(const struct gpu_hdr *h, size_t len, int hello_seen)
 static int serve(void)
 {
 	uint8_t *buf = malloc(GPU_MSG_MAX);
-	uint64_t spin_until = 0;
 	int hello_seen = 0;
 
 	if (!buf) {
@@ -1391,7 +1491,7 @@ static int serve(void)
 	}
 	for (;;) {
 		int fds[MAX_FDS], nfds;
-		size_t len = recv_packet(buf, fds, &nfds, spin_until);
+		size_t len = recv_packet(buf, fds, &nfds);
 		const struct gpu_hdr *h = (const struct gpu_hdr *)buf;
 		int vmm_fd = -1;
 
@@ -1420,9 +1520,11 @@ static int serve(void)
 			      (len - sizeof(struct gpu_op) -
 			       ((const struct gpu_op *)buf)->nflags * sizeof(struct gpu_flag)) /
 				      sizeof(struct gpu_op_rank));
-			spin_until = now_us() + SPIN_US;
+			w.spin_until = now_us() + SPIN_US;
 		}
+		reap(MAX_QUEUED);
 	}
+	reap(0);
 	if (!w.no_gpu[0] && hello_seen)
 		wlog("commd closed the socket after %" PRIu64 " ops; releasing", w.ops);
 	release_all();

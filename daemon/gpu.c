@@ -49,7 +49,7 @@ struct gpu_worker {
 	int handles;           /* libuv handles not yet closed */
 	int refused;           /* its hello said no: reason says why */
 	char reason[GPU_DETAIL];
-	struct task *task;     /* the op it runs, or NULL */
+	TAILQ_HEAD(task_q, task) tasks; /* the ops sent to it, oldest first: it answers in order */
 	TAILQ_HEAD(, gpu_pkt) outq;
 	TAILQ_HEAD(, mem) opening; /* mems waiting for MEM_OPENED */
 };
@@ -320,7 +320,7 @@ static void open_failed(struct gpu_worker *w, struct mem *m, comm_result_t code,
 static void worker_lost(struct gpu_worker *w, const char *why)
 {
 	char detail[GPU_DETAIL + 64];
-	struct task *t = w->task;
+	struct task *t;
 
 	if (!*w->reason || !w->refused)
 		snprintf(w->reason, sizeof w->reason, "%s", why);
@@ -331,10 +331,10 @@ static void worker_lost(struct gpu_worker *w, const char *why)
 		open_failed(w, TAILQ_FIRST(&w->opening), COMM_ERR_ABORTED, detail);
 	if (w->job)
 		job_fail(w->job, COMM_ERR_ABORTED, "%s", detail);
-	if (t) {
+	while ((t = TAILQ_FIRST(&w->tasks))) {
 		struct job *j = t->job;
 
-		w->task = NULL;
+		TAILQ_REMOVE(&w->tasks, t, link);
 		/* killed because the job failed (a deadline): that is the reason */
 		t->status = j->state == JOB_FAILED ? j->fail_code : COMM_ERR_ABORTED;
 		snprintf(t->detail, sizeof t->detail, "%.250s",
@@ -491,12 +491,12 @@ static void on_status(struct gpu_worker *w, const struct gpu_status *st)
 		mem_unref(m); /* the opening's reference; closed when the rest go */
 		return;
 	case GPU_MSG_OP_DONE:
-		t = w->task;
+		t = TAILQ_FIRST(&w->tasks);
 		if (!t || (uint64_t)(uintptr_t)t != st->id) {
-			worker_lost(w, "it answered an op it was not running");
+			worker_lost(w, "it answered an op other than its oldest");
 			return;
 		}
-		w->task = NULL;
+		TAILQ_REMOVE(&w->tasks, t, link);
 		t->status = st->status;
 		snprintf(t->detail, sizeof t->detail, "%s", st->detail);
 		engine_task_done(t);
@@ -600,6 +600,7 @@ static struct gpu_worker *worker_start(struct job *j, char *err, size_t errlen)
 	snprintf(w->job_name, sizeof w->job_name, "%s", j->name);
 	TAILQ_INIT(&w->outq);
 	TAILQ_INIT(&w->opening);
+	TAILQ_INIT(&w->tasks);
 	uv_poll_init(gpu_loop, &w->poll, w->fd);
 	w->poll.data = w;
 	TAILQ_INSERT_TAIL(&workers, w, link);
@@ -835,10 +836,10 @@ int be_gpu_run(struct task *t)
 	}
 	op->nflags = put_flags(t, op, n);
 	len -= ((size_t)t->nops - op->nflags) * sizeof(struct gpu_flag);
-	w->task = t;
+	TAILQ_INSERT_TAIL(&w->tasks, t, link);
 	t->status = COMM_OK;
-	if (worker_send(w, op, len, -1) < 0 && w->task == t) {
-		w->task = NULL;
+	if (worker_send(w, op, len, -1) < 0 && TAILQ_LAST(&w->tasks, task_q) == t) {
+		TAILQ_REMOVE(&w->tasks, t, link);
 		t->status = COMM_ERR_NO_MEMORY;
 		snprintf(t->detail, sizeof t->detail, "%s: out of memory", op_type_name(t->type));
 		free(op);
@@ -849,11 +850,20 @@ int be_gpu_run(struct task *t)
 	return 0;
 }
 
+struct task *gpu_job_task(struct job *j, int newest)
+{
+	struct gpu_worker *w = j->gpu;
+
+	if (!w)
+		return NULL;
+	return newest ? TAILQ_LAST(&w->tasks, task_q) : TAILQ_FIRST(&w->tasks);
+}
+
 void gpu_job_failed(struct job *j)
 {
 	struct gpu_worker *w = j->gpu;
 
-	if (w && w->task && w->alive) {
+	if (w && !TAILQ_EMPTY(&w->tasks) && w->alive) {
 		log_info("job %s: killing its gpu worker (pid %d), stuck in an op", j->name,
 			 w->proc.pid);
 		uv_process_kill(&w->proc, SIGKILL);
@@ -877,7 +887,7 @@ void gpu_stop(void)
 
 	probe_stop();
 	TAILQ_FOREACH_SAFE(w, &workers, link, tmp) {
-		int busy = w->task || !TAILQ_EMPTY(&w->opening);
+		int busy = !TAILQ_EMPTY(&w->tasks) || !TAILQ_EMPTY(&w->opening);
 
 		/* an idle worker exits at EOF; a busy one may be stuck in CUDA */
 		if (busy && w->alive)

@@ -8,9 +8,12 @@
  *
  * $FAKE_GPU_MODE: ok (default: answer everything with success), refuse
  * (the hello says no device), crash (SIGKILL itself on an op), hang (never
- * answer an op), noprobe (--probe says unavailable).
+ * answer an op), noprobe (--probe says unavailable), queue (hold the
+ * answers until 3 ops are held, or no message came for half a second, as
+ * a worker holds ops queued on its stream; then answer them in order).
  */
 #include <errno.h>
+#include <poll.h>
 #include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -21,8 +24,13 @@
 #include "comm.h"
 #include "gpu-proto.h"
 
+#define QUEUE_HOLD 3        /* queue mode: answers held until this many ops */
+#define QUEUE_PAUSE_MS 500  /* or until nothing came for this long */
+
 static const char *mode = "ok";
 static FILE *wlog;
+static uint64_t held[QUEUE_HOLD];
+static int nheld;
 
 static void say(struct gpu_hdr h, uint64_t id, int status, const char *detail)
 {
@@ -65,6 +73,15 @@ static ssize_t next(void *buf, size_t len, int *fd)
 	if (n > 0 && cm && cm->cmsg_type == SCM_RIGHTS)
 		memcpy(fd, CMSG_DATA(cm), sizeof(int));
 	return n;
+}
+
+/* queue mode: answer the held ops, oldest first. */
+static void release(const char *why)
+{
+	fprintf(wlog, "answered %d op%s %s\n", nheld, nheld == 1 ? "" : "s", why);
+	for (int i = 0; i < nheld; i++)
+		answer(GPU_MSG_OP_DONE, held[i], 0);
+	nheld = 0;
 }
 
 static void log_op(const struct gpu_op *op)
@@ -115,7 +132,13 @@ int main(int argc, char **argv)
 		return 4;
 	setvbuf(wlog, NULL, _IOLBF, 0);
 	refused = !strcmp(mode, "refuse");
-	while ((n = next(&m, sizeof m, &fd)) > 0) {
+	for (;;) {
+		struct pollfd pf = { GPU_WORKER_FD, POLLIN, 0 };
+
+		if (nheld && poll(&pf, 1, QUEUE_PAUSE_MS) == 0)
+			release("after a pause");
+		if ((n = next(&m, sizeof m, &fd)) <= 0)
+			break;
 		switch (m.h.type) {
 		case GPU_MSG_HELLO:
 			fprintf(wlog, "hello\n");
@@ -137,6 +160,12 @@ int main(int argc, char **argv)
 			if (!strcmp(mode, "hang"))
 				for (;;)
 					pause();
+			if (!strcmp(mode, "queue")) {
+				held[nheld++] = m.op.id;
+				if (nheld == QUEUE_HOLD)
+					release("at once");
+				break;
+			}
 			answer(GPU_MSG_OP_DONE, m.op.id, refused);
 			break;
 		default:

@@ -103,19 +103,38 @@ static int reg_dev(struct rank *k, Commpb__MemKind kind, size_t hlen, int fd, ui
 	return status;
 }
 
+/* The next OpDone's status (and seq, detail when not NULL); -1 for anything else. */
+static int op_reply(struct rank *k, uint64_t *seq, char *detail, size_t dlen)
+{
+	Commpb__Envelope *reply = raw_recv(k->fd, &k->rd);
+	int status;
+
+	if (!reply || reply->body_case != COMMPB__ENVELOPE__BODY_OP_DONE) {
+		if (reply)
+			commpb__envelope__free_unpacked(reply, NULL);
+		return -1;
+	}
+	if (seq)
+		*seq = reply->op_done->seq;
+	status = reply->op_done->status;
+	if (detail)
+		snprintf(detail, dlen, "%s", reply->op_done->detail);
+	commpb__envelope__free_unpacked(reply, NULL);
+	return status;
+}
+
 /*
  * Post an allreduce of 16 float32 from (smem, soff) to (rmem, roff), with a
  * ready event when event is set and the done flag done (value seq + 1000)
- * when it is not NULL; its OpDone status.
+ * when it is not NULL.
  */
-static int allreduce(struct rank *k, uint64_t seq, uint64_t smem, uint64_t soff, uint64_t rmem,
-		     uint64_t roff, int event, Commpb__BufRef *done, char *detail, size_t dlen)
+static void post_allreduce(struct rank *k, uint64_t seq, uint64_t smem, uint64_t soff,
+			   uint64_t rmem, uint64_t roff, int event, Commpb__BufRef *done)
 {
-	Commpb__Envelope env = COMMPB__ENVELOPE__INIT, *reply;
+	Commpb__Envelope env = COMMPB__ENVELOPE__INIT;
 	Commpb__Op op = COMMPB__OP__INIT;
 	Commpb__BufRef s = COMMPB__BUF_REF__INIT, r = COMMPB__BUF_REF__INIT;
 	uint8_t ev[64];
-	int status;
 
 	memset(ev, 0x5c, sizeof ev);
 	s.mem_id = smem;
@@ -138,17 +157,14 @@ static int allreduce(struct rank *k, uint64_t seq, uint64_t smem, uint64_t soff,
 	env.body_case = COMMPB__ENVELOPE__BODY_OP;
 	env.op = &op;
 	raw_send(k->fd, &env, NULL, 0);
-	reply = raw_recv(k->fd, &k->rd);
-	if (!reply || reply->body_case != COMMPB__ENVELOPE__BODY_OP_DONE) {
-		if (reply)
-			commpb__envelope__free_unpacked(reply, NULL);
-		return -1;
-	}
-	status = reply->op_done->status;
-	if (detail)
-		snprintf(detail, dlen, "%s", reply->op_done->detail);
-	commpb__envelope__free_unpacked(reply, NULL);
-	return status;
+}
+
+/* post_allreduce, and its OpDone status. */
+static int allreduce(struct rank *k, uint64_t seq, uint64_t smem, uint64_t soff, uint64_t rmem,
+		     uint64_t roff, int event, Commpb__BufRef *done, char *detail, size_t dlen)
+{
+	post_allreduce(k, seq, smem, soff, rmem, roff, event, done);
+	return op_reply(k, NULL, detail, dlen);
 }
 
 /* The daemon's status reply (the caller frees it). */
@@ -395,6 +411,71 @@ static void test_forwarding(void)
 	CHECK(th_daemon_stop(&d) == 0, "daemon stop");
 }
 
+/* The fake worker's "answered ..." lines, each ended by '|'. */
+static void answered(char *out, size_t len)
+{
+	FILE *f = fopen(logpath, "r");
+	char line[256];
+	size_t at = 0;
+
+	out[0] = '\0';
+	while (f && fgets(line, sizeof line, f) && at < len)
+		if (!strncmp(line, "answered", 8))
+			at += (size_t)snprintf(out + at, len - at, "%.*s|",
+					       (int)strcspn(line, "\n"), line);
+	if (f)
+		fclose(f);
+}
+
+/*
+ * commd sends a job's device ops to its worker without waiting for the
+ * answer to the one before (the worker queues them on its stream), relays
+ * the answers in order, and lets no host op, nor a device op after one,
+ * past them.
+ */
+static void test_queued(void)
+{
+	struct rank k;
+	uint64_t a = 0, h = 0, seq = 0;
+	char detail[256], got[256];
+	int fds0, mfd, rc;
+
+	start("queue", 1);
+	fds0 = quiet_fds();
+	open_rank(&k, "dev-queue", PROTO_VERSION, 0);
+	REQUIRE(reg_dev(&k, COMMPB__MEM_KIND__MEM_CUDA_IPC, 64, -1, 4096, &a, detail,
+			sizeof detail) == COMM_OK,
+		"IPC registration: %s", detail);
+	mfd = memfd_create("gpu-plumbing-queue", MFD_CLOEXEC | MFD_ALLOW_SEALING);
+	REQUIRE(mfd >= 0 && ftruncate(mfd, 4096) == 0 && fcntl(mfd, F_ADD_SEALS, F_SEAL_SHRINK) == 0,
+		"memfd");
+	REQUIRE(raw_register_fd(k.fd, &k.rd, mfd, 4096, &h) == COMM_OK, "register memfd");
+	close(mfd);
+	for (uint64_t i = 1; i <= 3; i++)
+		post_allreduce(&k, i, a, 64 * i, a, 2048 + 64 * i, 0, NULL);
+	/* 4: device, 5: host, 6: device */
+	post_allreduce(&k, 4, a, 0, a, 2048, 0, NULL);
+	post_allreduce(&k, 5, h, 0, h, 64, 0, NULL);
+	post_allreduce(&k, 6, a, 0, a, 2048, 0, NULL);
+	for (uint64_t i = 1; i <= 6; i++) {
+		rc = op_reply(&k, &seq, detail, sizeof detail);
+		CHECK(rc == COMM_OK && seq == i, "op %llu: answered op %llu with %d (%s)",
+		      (unsigned long long)i, (unsigned long long)seq, rc, detail);
+	}
+	answered(got, sizeof got);
+	CHECK(!strcmp(got, "answered 3 ops at once|answered 1 op after a pause|"
+			   "answered 1 op after a pause|"),
+	      "the worker's answers: %s (want 3 ops queued at once, then the ops before "
+	      "and after the host op alone)", got);
+	close_rank(&k);
+	CHECK(logged("eof"), "the worker of a finished job was not let go");
+	th_check_baseline(&d, fds0, "queued device ops");
+	CHECK(th_daemon_stop(&d) == 0, "daemon stop");
+	printf("%s: device ops went to the worker before the one ahead was answered, were "
+	       "answered in order, and no host op or later device op got past them\n",
+	       check_failures ? "FAIL" : "ok");
+}
+
 /*
  * A device op posted in the submission ring, as libcomm posts it: its ready
  * event and done flag reach the worker as from an Op message, and the
@@ -616,6 +697,7 @@ int main(void)
 	setenv("FAKE_GPU_LOG", logpath, 1);
 	test_forwarding();
 	test_ring_device();
+	test_queued();
 	test_bad_worker("crash");
 	test_bad_worker("hang");
 	test_shutdown_hung();
