@@ -25,6 +25,7 @@ struct rank {
 	double *times;      /* iters, comm memory: the slowest rank's times */
 	uint64_t *wrong;    /* comm memory: the wrong elements of all ranks */
 	double *mine;       /* iters: this rank's times */
+	comm_request_t **reqs; /* -P: 2 per op (a send and a recv) */
 	unsigned seq;       /* iterations so far: seeds the data */
 	int reports;
 	double bw_sum;      /* busbw over the table's measurements */
@@ -121,34 +122,40 @@ static const char *result(struct rank *r, const char *out, size_t outbytes)
 	return mirror(r, out);
 }
 
-/* Post op and wait for it. */
+/*
+ * Post op; req NULL: and wait for it, else its requests go to req[0] and
+ * (send/recv) req[1], which stays NULL for the others.
+ */
 static comm_result_t post(struct rank *r, const struct bench_case *bc, const void *in,
-			  void *out)
+			  void *out, comm_request_t **req)
 {
+	comm_request_t **req1 = req ? &req[1] : NULL;
 	comm_t *c = r->c;
 	comm_result_t rc, rc2;
 
+	if (req)
+		req[1] = NULL;
 	switch (bc->op) {
 	case OP_ALLREDUCE:
-		return comm_allreduce(c, in, out, bc->count, bc->dtype, bc->redop, NULL);
+		return comm_allreduce(c, in, out, bc->count, bc->dtype, bc->redop, req);
 	case OP_REDUCE_SCATTER:
-		return comm_reduce_scatter(c, in, out, bc->count, bc->dtype, bc->redop, NULL);
+		return comm_reduce_scatter(c, in, out, bc->count, bc->dtype, bc->redop, req);
 	case OP_ALLGATHER:
-		return comm_allgather(c, in, out, bc->count, bc->dtype, NULL);
+		return comm_allgather(c, in, out, bc->count, bc->dtype, req);
 	case OP_BROADCAST:
-		return comm_broadcast(c, in, out, bc->count, bc->dtype, 0, NULL);
+		return comm_broadcast(c, in, out, bc->count, bc->dtype, 0, req);
 	case OP_REDUCE:
-		return comm_reduce(c, in, out, bc->count, bc->dtype, bc->redop, 0, NULL);
+		return comm_reduce(c, in, out, bc->count, bc->dtype, bc->redop, 0, req);
 	case OP_ALLTOALL:
-		return comm_alltoall(c, in, out, bc->count, bc->dtype, NULL);
+		return comm_alltoall(c, in, out, bc->count, bc->dtype, req);
 	default:
 		rc = comm_group_start(c);
 		if (rc != COMM_OK)
 			return rc;
-		rc = comm_send(c, in, bc->count, bc->dtype, (r->rank + 1) % r->n, NULL);
+		rc = comm_send(c, in, bc->count, bc->dtype, (r->rank + 1) % r->n, req);
 		if (rc == COMM_OK)
 			rc = comm_recv(c, out, bc->count, bc->dtype, (r->rank + r->n - 1) % r->n,
-				       NULL);
+				       req1);
 		rc2 = comm_group_end(c);
 		return rc != COMM_OK ? rc : rc2;
 	}
@@ -186,46 +193,94 @@ static void report(struct rank *r, const struct bench_case *bc, const char *out,
 		(unsigned long long)wrong, what);
 }
 
+/* Add the wrong elements of out (outbytes) to *wrong; -1 when it cannot be read. */
+static int check(struct rank *r, const struct bench_case *bc, const char *out, size_t outbytes,
+		 int inplace, uint64_t *wrong)
+{
+	const char *got = result(r, out, outbytes);
+	long long first;
+	uint64_t w;
+
+	if (!got)
+		return -1;
+	w = bench_verify(bc, got, &first);
+	if (w)
+		report(r, bc, got, w, first, inplace ? "in-place" : "out-of-place");
+	*wrong += w;
+	return 0;
+}
+
+/*
+ * -P: k ops posted back to back with requests after a barrier, then all
+ * waited for, as nccl-tests times them; *each: the whole over k.
+ */
+static int post_many(struct rank *r, const struct bench_case *bc, const void *in, void *out,
+		     int k, double *each)
+{
+	comm_result_t rc = comm_barrier(r->c, NULL), rc2;
+	int posted = 0;
+	double t0;
+
+	if (rc != COMM_OK)
+		return fail(r, "barrier", rc);
+	t0 = now();
+	while (posted < k && rc == COMM_OK)
+		if ((rc = post(r, bc, in, out, &r->reqs[2 * posted])) == COMM_OK)
+			posted++;
+	for (int i = 0; i < 2 * posted; i++)
+		if (r->reqs[i] && (rc2 = comm_wait(r->reqs[i], -1)) != COMM_OK && rc == COMM_OK)
+			rc = rc2;
+	*each = (now() - t0) / k;
+	return rc == COMM_OK ? 0 : fail(r, bench_ops[bc->op].name, rc);
+}
+
 /*
  * warmup + iters runs of bc with a barrier before each; fill and check
- * outside the timed call. res: the median of the slowest rank's times and
- * the wrong elements of all ranks. own: time on this rank's median instead.
+ * outside the timed call (-P: both once, and the iterations back to back,
+ * then one more run to check). res: the median of the slowest rank's
+ * times and the wrong elements of all ranks. own: time on this rank's
+ * median instead.
  */
 static int measure(struct rank *r, struct bench_case *bc, int inplace, int own,
 		   struct result *res)
 {
 	const struct bench_opts *o = r->o;
 	size_t es = comm_dtype_size(bc->dtype), outlen;
-	uint64_t wrong = 0, w;
+	int runs = o->pipeline ? 0 : o->warmup + o->iters;
+	uint64_t wrong = 0;
 	comm_result_t rc;
-	long long first;
 	char *in, *out;
-	const char *got;
-	double t0;
+	double t0, each;
 
 	buffers(r, bc, inplace, &in, &out, &outlen);
-	for (int i = 0; i < o->warmup + o->iters; i++) {
+	if (o->pipeline) {
 		bc->seq = o->reference ? 0 : r->seq++;
-		if ((i == 0 || (o->check && !o->reference)) && fill(r, bc, in, out, outlen * es) < 0)
+		if (fill(r, bc, in, out, outlen * es) < 0 ||
+		    (o->warmup && post_many(r, bc, in, out, o->warmup, &each)) ||
+		    post_many(r, bc, in, out, o->iters, &each))
+			return -1;
+		for (int i = 0; i < o->iters; i++)
+			r->mine[i] = each;
+		if (o->check) /* the inputs may have changed in place: once more, blocking */
+			runs = o->warmup + o->iters + 1;
+	}
+	for (int i = o->pipeline ? runs - 1 : 0; i < runs; i++) {
+		bc->seq = o->reference ? 0 : r->seq++;
+		if ((i == 0 || o->pipeline || (o->check && !o->reference)) &&
+		    fill(r, bc, in, out, outlen * es) < 0)
 			return -1;
 		rc = comm_barrier(r->c, NULL);
 		if (rc != COMM_OK)
 			return fail(r, "barrier", rc);
 		t0 = now();
-		rc = post(r, bc, in, out);
-		if (i >= o->warmup)
+		rc = post(r, bc, in, out, NULL);
+		if (i >= o->warmup && i - o->warmup < o->iters)
 			r->mine[i - o->warmup] = now() - t0;
 		if (rc != COMM_OK)
 			return fail(r, bench_ops[bc->op].name, rc);
-		if (o->check && (!o->reference || i == o->warmup + o->iters - 1)) {
-			got = result(r, out, outlen * es);
-			if (!got)
-				return -1;
-			w = bench_verify(bc, got, &first);
-			if (w)
-				report(r, bc, got, w, first, inplace ? "in-place" : "out-of-place");
-			wrong += w;
-		}
+		if (o->check && (!o->reference || i == runs - 1) &&
+		    check(r, bc, out, outlen * es, inplace, &wrong) < 0)
+			return -1;
 	}
 	memcpy(r->times, r->mine, (size_t)o->iters * sizeof *r->times);
 	rc = comm_allreduce(r->c, r->times, r->times, (size_t)o->iters, COMM_FLOAT64, COMM_MAX,
@@ -404,9 +459,11 @@ static void print_banner(struct rank *r, const int64_t *pids)
 	printf("#  minBytes %zu maxBytes %zu step: %zu(factor) warmup iters: %d iters: %d "
 	       "validation: %d\n", o->min_bytes, o->max_bytes, o->factor, o->warmup, o->iters,
 	       o->check);
-	printf("#  dtype %s redop %s; time: median over iterations of the slowest rank; "
-	       "GB = 1e9 B\n#\n# Using ranks\n", o->dtype < 0 ? "all" : bench_dtype_name(o->dtype),
-	       o->redop < 0 ? "all" : bench_redop_name(o->redop));
+	printf("#  dtype %s redop %s; time: %s of the slowest rank; GB = 1e9 B\n#\n"
+	       "# Using ranks\n", o->dtype < 0 ? "all" : bench_dtype_name(o->dtype),
+	       o->redop < 0 ? "all" : bench_redop_name(o->redop),
+	       o->pipeline ? "iterations back to back, the whole / iters"
+			   : "median over iterations");
 	for (int i = 0; i < r->n; i++) {
 		if (o->device)
 			printf("#  Rank %2d Pid %7lld on %s device %d\n", i, (long long)pids[i], host,
@@ -454,6 +511,12 @@ static int setup(struct rank *r)
 		bytes = 64;
 	r->bytes = bytes;
 	r->mine = calloc((size_t)o->iters, sizeof *r->mine);
+	if (o->pipeline &&
+	    !(r->reqs = calloc(2 * (size_t)(o->iters > o->warmup ? o->iters : o->warmup),
+			       sizeof *r->reqs))) {
+		fprintf(stderr, "commbench: rank %d: out of memory\n", r->rank);
+		return -1;
+	}
 	if (o->device && setup_device(r) < 0)
 		return -1;
 	if (!o->device) {
@@ -522,6 +585,7 @@ int bench_rank_main(const struct bench_opts *o, int rank)
 		if (o->op < 0 || o->op == op)
 			err = run_dtypes(&r, op);
 	free(r.mine);
+	free(r.reqs);
 	fflush(stdout);
 	if (err) {
 		comm_abort(r.c);

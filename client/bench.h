@@ -38,6 +38,7 @@ struct bench_opts {
 	int json;
 	int reference;
 	int device;             /* --device: buffers in device memory */
+	int pipeline;           /* -P: each size's iterations posted back to back */
 	int ndev;               /* with --device: the node's devices; rank r uses r % ndev */
 	size_t ref_elements;    /* float32 per rank in --reference */
 	const char *socket;     /* NULL: the library's default */

@@ -57,6 +57,7 @@ static const struct option long_opts[] = {
 	{ "root", required_argument, NULL, OPT_ROOT },
 	{ "reference", no_argument, NULL, OPT_REFERENCE },
 	{ "device", no_argument, NULL, 'G' },
+	{ "pipeline", no_argument, NULL, 'P' },
 	{ "help", no_argument, NULL, 'h' },
 	{ NULL, 0, NULL, 0 },
 };
@@ -67,7 +68,7 @@ static void usage(FILE *f)
 		"usage: commbench [-n RANKS] [-o OP] [-d DTYPE] [-r REDOP] [-b MIN] [-e MAX]\n"
 		"                 [-f FACTOR] [-w WARMUP] [-i ITERS] [-c 0|1] [--inplace]\n"
 		"                 [--json] [--socket PATH[,PATH...] --root HOST:PORT]\n"
-		"                 [--spawn-daemon] [--reference] [-G]\n"
+		"                 [--spawn-daemon] [--reference] [-G] [-P]\n"
 		"\n"
 		"Measure commd's collectives as nccl-tests does, with RANKS forked ranks.\n"
 		"\n"
@@ -97,15 +98,21 @@ static void usage(FILE *f)
 		"                    (default -w 1 -i 3; the time is each rank's median)\n"
 		"  -G, --device      buffers in device memory: cudaMalloc on device\n"
 		"                    rank %% (number of devices); -c 1 checks a copy back\n"
+		"  -P, --pipeline    post each size's ITERS ops back to back with requests and\n"
+		"                    wait for them all (nccl-tests' timing): the time is the\n"
+		"                    whole over ITERS, of the slowest rank; -c 1 checks one\n"
+		"                    more run, blocking\n"
 		"  -h, --help        print this help\n"
 		"\n"
 		"For all-reduce, broadcast, reduce and send/recv the size is each rank's\n"
 		"buffer; for reduce-scatter, all-gather and all-to-all the full buffer of n\n"
 		"blocks (count is then per rank). Time is the median over iterations of the\n"
-		"slowest rank; algbw = size / time (GB = 1e9 B), busbw = algbw x 2(n-1)/n\n"
-		"(all-reduce), (n-1)/n (reduce-scatter, all-gather, all-to-all) or 1.\n"
+		"slowest rank (-P: the whole over ITERS); algbw = size / time (GB = 1e9 B),\n"
+		"busbw = algbw x 2(n-1)/n (all-reduce), (n-1)/n (reduce-scatter,\n"
+		"all-gather, all-to-all) or 1.\n"
 		"With -c 1 each rank fills its inputs before every iteration and checks\n"
-		"its outputs after it, outside the timed call.\n"
+		"its outputs after it, outside the timed call (-P: fills once before the\n"
+		"warm-up, then fills and checks one more, blocking run).\n"
 		"Exit status: 0 when every op ran and every value was right, 1 otherwise,\n"
 		"2 on bad usage (and for --device when built without CUDA).\n",
 		MAX_RANKS);
@@ -196,7 +203,7 @@ static int parse_opts(int argc, char **argv, struct bench_opts *o, int *spawn)
 {
 	int c, warmup = -1, iters = -1, max_given = 0;
 
-	while ((c = getopt_long(argc, argv, "n:o:d:r:b:e:f:w:i:c:hG", long_opts, NULL)) != -1) {
+	while ((c = getopt_long(argc, argv, "n:o:d:r:b:e:f:w:i:c:hGP", long_opts, NULL)) != -1) {
 		switch (c) {
 		case OPT_INPLACE:
 			o->inplace_only = 1;
@@ -218,6 +225,9 @@ static int parse_opts(int argc, char **argv, struct bench_opts *o, int *spawn)
 			break;
 		case 'G':
 			o->device = 1;
+			break;
+		case 'P':
+			o->pipeline = 1;
 			break;
 		case 'h':
 			usage(stdout);

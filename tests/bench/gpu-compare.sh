@@ -9,7 +9,10 @@
 # commd alone: through the submission ring, and on the socket with COMM_RING=0)
 # and tests/bench/nccl-bench on one GPU (a 1-rank communicator);
 # prints them side by side, then commd's 1 rank against NCCL: out of place
-# (in place, NCCL's 1-rank all-reduce launches nothing). Binaries from
+# (in place, NCCL's 1-rank all-reduce launches nothing). Each op is timed
+# alone (blocking), then again with -P: the iterations back to back, as
+# nccl-tests times them (commd queues a job's device ops on its stream
+# behind each other). Binaries from
 # DIR, or from $COMMD, $COMMD_GPU, $COMMBENCH, $NCCL_BENCH (a carried bin dir);
 # WARMUP and ITERS (default 10 and 50) for every run. Exit 77 without a GPU.
 set -eu
@@ -88,6 +91,9 @@ sizes() {
 sizes commd1 "$COMMBENCH" --socket "$sock" -G -n 1
 sizes commd4 "$COMMBENCH" --socket "$sock" -G -n 4
 sizes nccl "$NCCL_BENCH" -g 1
+sizes commd1p "$COMMBENCH" --socket "$sock" -G -n 1 -P
+sizes commd4p "$COMMBENCH" --socket "$sock" -G -n 4 -P
+sizes ncclp "$NCCL_BENCH" -g 1 -P
 
 # merge FILE...: the rows of the first file's sizes found in every file, joined
 merge() {
@@ -97,20 +103,26 @@ merge() {
 		if (all) print s } }' "$@"
 }
 
+# table HOW C1 C4 NCCL: the three side by side; then (one rank's busbw is 0:
+# 2(n-1)/n) commd's 1 rank against NCCL by time and algbw
+table() {
+	echo "#"
+	echo "# all-reduce float32 sum, out of place, -w $W -i $I -c 0, $1; time (us), busbw (GB/s)"
+	printf '#%11s  %18s  %18s  %18s\n' "" "commd -G 1 rank" "commd -G 4 ranks" "nccl 1 GPU"
+	printf '#%11s  %9s %8s  %9s %8s  %9s %8s\n' size time busbw time busbw time busbw
+	merge "$tmp/$2.rows" "$tmp/$3.rows" "$tmp/$4.rows" |
+		awk '{ printf "%12s  %9s %8s  %9s %8s  %9s %8s\n", $1, $2, $4, $5, $7, $8, $10 }'
+	echo "#"
+	echo "# $1: commd -G 1 rank against nccl 1 GPU: time (us), algbw (GB/s), commd / nccl"
+	printf '#%11s  %9s %9s %9s  %8s %8s  %6s\n' size commd nccl diff commd nccl ratio
+	merge "$tmp/$2.rows" "$tmp/$4.rows" |
+		awk '{ printf "%12s  %9.2f %9.2f %9.2f  %8.2f %8.2f  %6.2f\n",
+			$1, $2, $5, $2 - $5, $3, $6, ($5 > 0 ? $2 / $5 : 0) }'
+}
+
 echo "# commd-gpu --probe: $("$COMMD_GPU" --probe 2>&1 | head -1)"
-echo "# all-reduce float32 sum, out of place, -w $W -i $I -c 0; time (us), busbw (GB/s)"
-printf '#%11s  %18s  %18s  %18s\n' "" "commd -G 1 rank" "commd -G 4 ranks" "nccl 1 GPU"
-printf '#%11s  %9s %8s  %9s %8s  %9s %8s\n' size time busbw time busbw time busbw
-merge "$tmp/commd1.rows" "$tmp/commd4.rows" "$tmp/nccl.rows" |
-	awk '{ printf "%12s  %9s %8s  %9s %8s  %9s %8s\n", $1, $2, $4, $5, $7, $8, $10 }'
 grep -hv '^#' "$tmp/host.txt" "$tmp/host_socket.txt" | awk '{ t[NR] = $6 }
 	END { printf "# host memory, 1 rank, 8 B (the round trip to commd alone): %s us through" \
 		" the submission ring, %s us on the socket (COMM_RING=0)\n", t[1], t[2] }'
-
-# One rank's busbw is 0 (2(n-1)/n): algbw compares the bandwidth instead.
-echo "#"
-echo "# commd -G 1 rank against nccl 1 GPU: time (us), algbw (GB/s), commd time / nccl time"
-printf '#%11s  %9s %9s %9s  %8s %8s  %6s\n' size commd nccl diff commd nccl ratio
-merge "$tmp/commd1.rows" "$tmp/nccl.rows" |
-	awk '{ printf "%12s  %9.2f %9.2f %9.2f  %8.2f %8.2f  %6.2f\n",
-		$1, $2, $5, $2 - $5, $3, $6, ($5 > 0 ? $2 / $5 : 0) }'
+table "each op alone (median)" commd1 commd4 nccl
+table "back to back (-P, whole / iters)" commd1p commd4p ncclp

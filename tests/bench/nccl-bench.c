@@ -72,6 +72,7 @@ struct opts {
 	int op, dtype, redop;   /* -1: all */
 	size_t min_bytes, max_bytes, factor;
 	int warmup, iters, check, inplace_only, json;
+	int pipeline;           /* -P: iterations launched back to back */
 };
 
 /* The communicator and every device's buffers. */
@@ -493,30 +494,63 @@ static int cmp_double(const void *x, const void *y)
 	return (a > d) - (a < d);
 }
 
+static int sync_all(struct bench *b)
+{
+	for (int r = 0; r < b->n; r++)
+		if (!cuda_ok(cudaStreamSynchronize(b->stream[r]), "cudaStreamSynchronize", r))
+			return -1;
+	return 0;
+}
+
+/* -P: k launches back to back, then every stream synchronized; *each: the whole / k. */
+static int launch_many(struct bench *b, struct bench_case *c, int inplace, int k, double *each)
+{
+	double t0 = now();
+
+	for (int i = 0; i < k; i++)
+		if (launch(b, c, inplace) < 0)
+			return -1;
+	if (sync_all(b) < 0)
+		return -1;
+	*each = (now() - t0) / k;
+	return 0;
+}
+
 /*
  * warmup + iters runs; each timed from its launch until every stream is
- * idle. Fill and check outside the timed part. *time: the median (s).
+ * idle. Fill and check outside the timed part (-P: the runs back to back
+ * after one fill, then one more run filled and checked). *time: the
+ * median (s).
  */
 static int measure(struct bench *b, struct bench_case *c, int inplace, double *time_s,
 		   uint64_t *wrong)
 {
 	const struct opts *o = b->o;
 	size_t es = dtypes[c->dt].size, outlen;
+	int runs = o->pipeline ? 0 : o->warmup + o->iters;
 	char *in, *out;
-	double t0;
+	double t0, each;
 
 	*wrong = 0;
-	for (int i = 0; i < o->warmup + o->iters; i++) {
+	if (o->pipeline) {
 		c->seq = b->seq++;
-		if ((i == 0 || o->check) && fill(b, c, inplace) < 0)
+		if (fill(b, c, inplace) < 0 ||
+		    (o->warmup && launch_many(b, c, inplace, o->warmup, &each) < 0) ||
+		    launch_many(b, c, inplace, o->iters, &each) < 0)
+			return -1;
+		for (int i = 0; i < o->iters; i++)
+			b->times[i] = each;
+		if (o->check) /* the inputs may have changed in place: once more, alone */
+			runs = o->warmup + o->iters + 1;
+	}
+	for (int i = o->pipeline ? runs - 1 : 0; i < runs; i++) {
+		c->seq = b->seq++;
+		if ((i == 0 || o->pipeline || o->check) && fill(b, c, inplace) < 0)
 			return -1;
 		t0 = now();
-		if (launch(b, c, inplace) < 0)
+		if (launch(b, c, inplace) < 0 || sync_all(b) < 0)
 			return -1;
-		for (int r = 0; r < b->n; r++)
-			if (!cuda_ok(cudaStreamSynchronize(b->stream[r]), "cudaStreamSynchronize", r))
-				return -1;
-		if (i >= o->warmup)
+		if (i >= o->warmup && i - o->warmup < o->iters)
 			b->times[i - o->warmup] = now() - t0;
 		for (int r = 0; o->check && r < b->n; r++) {
 			buffers(b, c, r, inplace, &in, &out, &outlen);
@@ -669,6 +703,7 @@ static void usage(FILE *f)
 	fprintf(f,
 		"usage: nccl-bench [-g GPUS] [-o OP] [-d DTYPE] [-r REDOP] [-b MIN] [-e MAX]\n"
 		"                  [-f FACTOR] [-w WARMUP] [-i ITERS] [-c 0|1] [--inplace] [--json]\n"
+		"                  [-P]\n"
 		"\n"
 		"The direct NCCL baseline for commbench -G: one process, one NCCL rank per\n"
 		"GPU (ncclCommInitAll), buffers from cudaMalloc; commbench's sizes, table and\n"
@@ -689,13 +724,17 @@ static void usage(FILE *f)
 		"  -c 0|1            check every result, each iteration (default 1)\n"
 		"  --inplace         only the in-place half of the table\n"
 		"  --json            one JSON object a line (\"bench\":\"nccl\"), as commbench's\n"
+		"  -P, --pipeline    launch each size's ITERS ops back to back, then synchronize\n"
+		"                    (nccl-tests' timing): the time is the whole over ITERS;\n"
+		"                    -c 1 checks one more run\n"
 		"  -h, --help        print this help\n"
 		"\n"
 		"Sizes as commbench's: for reduce-scatter, all-gather and all-to-all the full\n"
 		"buffer of n blocks (count is then per rank), else each rank's buffer. Time is\n"
 		"the median over iterations of one op launched on every GPU in a group until\n"
-		"every GPU's stream is idle; algbw = size / time (GB = 1e9 B), busbw = algbw x\n"
-		"2(n-1)/n (all-reduce), (n-1)/n (reduce-scatter, all-gather, all-to-all) or 1.\n"
+		"every GPU's stream is idle (-P: the whole over ITERS); algbw = size / time\n"
+		"(GB = 1e9 B), busbw = algbw x 2(n-1)/n (all-reduce), (n-1)/n\n"
+		"(reduce-scatter, all-gather, all-to-all) or 1.\n"
 		"-c 1 checks every output element against a host reference (exact for the\n"
 		"integers; for the floats within 2 n eps of it). Exit status: 0, 1 on an error\n"
 		"or a wrong value, 2 on bad usage, 77 without a usable GPU.\n");
@@ -736,14 +775,15 @@ static int parse_opts(int argc, char **argv, struct opts *o)
 		{ "warmup_iters", required_argument, NULL, 'w' },
 		{ "iters", required_argument, NULL, 'i' },
 		{ "check", required_argument, NULL, 'c' },
-		{ "inplace", no_argument, NULL, 'P' },
+		{ "inplace", no_argument, NULL, 'I' },
+		{ "pipeline", no_argument, NULL, 'P' },
 		{ "json", no_argument, NULL, 'J' },
 		{ "help", no_argument, NULL, 'h' },
 		{ NULL, 0, NULL, 0 },
 	};
 	int c, v = 0, bad;
 
-	while ((c = getopt_long(argc, argv, "g:o:d:r:b:e:f:w:i:c:h", long_opts, NULL)) != -1) {
+	while ((c = getopt_long(argc, argv, "g:o:d:r:b:e:f:w:i:c:hP", long_opts, NULL)) != -1) {
 		switch (c) {
 		case 'g': bad = parse_int_in(optarg, 1, MAX_DEV, &o->ngpu); break;
 		case 'o': bad = (o->op = parse_name(optarg, 'o')) == -2; break;
@@ -758,7 +798,8 @@ static int parse_opts(int argc, char **argv, struct opts *o)
 		case 'w': bad = parse_int_in(optarg, 0, 100000, &o->warmup); break;
 		case 'i': bad = parse_int_in(optarg, 1, 100000, &o->iters); break;
 		case 'c': bad = parse_int_in(optarg, 0, 1, &o->check); break;
-		case 'P': o->inplace_only = 1; continue;
+		case 'I': o->inplace_only = 1; continue;
+		case 'P': o->pipeline = 1; continue;
 		case 'J': o->json = 1; continue;
 		case 'h': usage(stdout); exit(0);
 		default: usage(stderr); return 2;
@@ -801,9 +842,10 @@ static void print_banner(const struct bench *b)
 	printf(")\n#  minBytes %zu maxBytes %zu step: %zu(factor) warmup iters: %d iters: %d "
 	       "validation: %d\n", o->min_bytes, o->max_bytes, o->factor, o->warmup, o->iters,
 	       o->check);
-	printf("#  dtype %s redop %s; time: median over iterations of launch + every stream "
-	       "synchronized; GB = 1e9 B\n#\n# Using devices\n",
-	       o->dtype < 0 ? "all" : dtypes[o->dtype].name, o->redop < 0 ? "all" : redops[o->redop]);
+	printf("#  dtype %s redop %s; time: %s; GB = 1e9 B\n#\n# Using devices\n",
+	       o->dtype < 0 ? "all" : dtypes[o->dtype].name, o->redop < 0 ? "all" : redops[o->redop],
+	       o->pipeline ? "iterations launched back to back, then synchronized, the whole / iters"
+			   : "median over iterations of launch + every stream synchronized");
 	for (int r = 0; r < b->n; r++) {
 		if (cudaDeviceGetPCIBusId(bus, sizeof bus, r) != cudaSuccess)
 			snprintf(bus, sizeof bus, "?");

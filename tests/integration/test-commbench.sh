@@ -1,6 +1,6 @@
 #!/bin/bash
 # test-commbench.sh: commbench against a real commd: every op x dtype x
-# reduction checked at small sizes on 4 and 3 ranks, its --json and
+# reduction checked at small sizes on 4 and 3 ranks (and with -P), its --json and
 # --reference lines, and that it fails on wrong results and without a daemon.
 set -u
 . "$(dirname "$0")/../lib/daemon.sh"
@@ -59,6 +59,18 @@ for n in 4 3; do
 	grep -q "^# commbench: $n ranks, commd at $sock" "$dir/table$n" ||
 		fail "$n ranks: no banner"
 done
+
+# -P: the iterations back to back with requests, then one more checked.
+"$COMMBENCH" --socket "$sock" -n 4 -P -o all -d all -r all "${small[@]}" >"$dir/tableP" \
+	2>"$dir/errP"
+rc=$?
+[ $rc = 0 ] || fail "-P: exit status $rc: $(head -5 "$dir/errP")"
+got=$(grep -c '^# Wrong values *: 0 OK$' "$dir/tableP")
+[ "$got" = 190 ] || fail "-P: $got tables with no wrong value, want 190"
+got=$(grep -vc '^#' "$dir/tableP")
+[ "$got" = "$(want_rows 4)" ] || fail "-P: $got rows, want $(want_rows 4)"
+grep -q "^#  dtype all redop all; time: iterations back to back, the whole / iters" \
+	"$dir/tableP" || fail "-P: the banner does not say how it times"
 
 # --json: one object per op, size and placement, with exactly these keys.
 if ! "$COMMBENCH" --socket "$sock" --json -o all "${small[@]}" >"$dir/json" 2>"$dir/err"; then
