@@ -103,6 +103,19 @@ static int reg_dev(struct rank *k, Commpb__MemKind kind, size_t hlen, int fd, ui
 	return status;
 }
 
+/* 4096 bytes of host memory (a sealed memfd) registered by k: its mem id. */
+static uint64_t reg_host(struct rank *k)
+{
+	int mfd = memfd_create("gpu-plumbing", MFD_CLOEXEC | MFD_ALLOW_SEALING);
+	uint64_t h = 0;
+
+	REQUIRE(mfd >= 0 && ftruncate(mfd, 4096) == 0 && fcntl(mfd, F_ADD_SEALS, F_SEAL_SHRINK) == 0,
+		"memfd");
+	REQUIRE(raw_register_fd(k->fd, &k->rd, mfd, 4096, &h) == COMM_OK, "register memfd");
+	close(mfd);
+	return h;
+}
+
 /* The next OpDone's status (and seq, detail when not NULL); -1 for anything else. */
 static int op_reply(struct rank *k, uint64_t *seq, char *detail, size_t dlen)
 {
@@ -266,7 +279,7 @@ static void test_forwarding(void)
 	uint64_t a = 0, b = 0, h = 0, v3 = 0;
 	char detail[256], want[256];
 	Commpb__Envelope *st;
-	int fds0, p[2], mfd;
+	int fds0, p[2];
 
 	start("ok", 1);
 	st = status();
@@ -312,11 +325,7 @@ static void test_forwarding(void)
 	      "overrun not refused: %s", detail);
 
 	/* host and device buffers in one op */
-	mfd = memfd_create("gpu-plumbing", MFD_CLOEXEC | MFD_ALLOW_SEALING);
-	REQUIRE(mfd >= 0 && ftruncate(mfd, 4096) == 0 && fcntl(mfd, F_ADD_SEALS, F_SEAL_SHRINK) == 0,
-		"memfd");
-	REQUIRE(raw_register_fd(k.fd, &k.rd, mfd, 4096, &h) == COMM_OK, "register memfd");
-	close(mfd);
+	h = reg_host(&k);
 	CHECK(allreduce(&k, 4, h, 0, a, 0, 0, NULL, detail, sizeof detail) == COMM_ERR_UNSUPPORTED &&
 		      strstr(detail, "mix host and device"),
 	      "host/device mix: %s", detail);
@@ -438,7 +447,7 @@ static void test_queued(void)
 	struct rank k;
 	uint64_t a = 0, h = 0, seq = 0;
 	char detail[256], got[256];
-	int fds0, mfd, rc;
+	int fds0, rc;
 
 	start("queue", 1);
 	fds0 = quiet_fds();
@@ -446,11 +455,7 @@ static void test_queued(void)
 	REQUIRE(reg_dev(&k, COMMPB__MEM_KIND__MEM_CUDA_IPC, 64, -1, 4096, &a, detail,
 			sizeof detail) == COMM_OK,
 		"IPC registration: %s", detail);
-	mfd = memfd_create("gpu-plumbing-queue", MFD_CLOEXEC | MFD_ALLOW_SEALING);
-	REQUIRE(mfd >= 0 && ftruncate(mfd, 4096) == 0 && fcntl(mfd, F_ADD_SEALS, F_SEAL_SHRINK) == 0,
-		"memfd");
-	REQUIRE(raw_register_fd(k.fd, &k.rd, mfd, 4096, &h) == COMM_OK, "register memfd");
-	close(mfd);
+	h = reg_host(&k);
 	for (uint64_t i = 1; i <= 3; i++)
 		post_allreduce(&k, i, a, 64 * i, a, 2048 + 64 * i, 0, NULL);
 	/* 4: device, 5: host, 6: device */
