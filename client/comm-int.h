@@ -50,12 +50,11 @@ struct comm_request {
 	int unsent;                 /* posted in a group that has not ended yet */
 	int ring;                   /* posted in the ring: answered in its slot */
 	struct gpu_event *event;    /* its ready event (gpu.c), pooled again at req_finish */
-	int flag_dev;               /* an op moving memory of device flag_dev - 1; 0: not */
-	struct flag_page *flag;     /* its done flag (gpu.c), from comm_stream_wait; or NULL */
+	struct flag_page *flag;     /* its done flag (gpu.c), for comm_stream_wait; or NULL */
 	int flag_slot;
 	int flag_set;               /* libcomm wrote the flag itself (the op failed) */
 	int detached;               /* handed to a stream by comm_stream_wait: libcomm frees it */
-	Commpb__BufRef done_ref;    /* the flag as StreamWait names it */
+	Commpb__BufRef done_ref;    /* the flag as the Op names it */
 };
 
 /* An op of an open group, sent at comm_group_end. */
@@ -153,6 +152,13 @@ comm_result_t gpu_bufref(comm_t *c, const char *op, const char *which, const voi
  */
 comm_result_t gpu_ready_event(comm_t *c, const char *op, comm_request_t *r, int dev,
 			      ProtobufCBinaryData *ready);
+/*
+ * Give r, an op on device memory of device dev posted with a request, a
+ * done flag from the comm's pool and name it in op; without one (no pool
+ * on this device, no stream memory operations) comm_stream_wait waits on
+ * the host.
+ */
+void gpu_done_flag(comm_t *c, comm_request_t *r, int dev, Commpb__Op *op);
 /*
  * r was answered or failed: when it failed while a stream waits for its
  * flag, write the flag from the host so that the stream goes on. Called

@@ -217,14 +217,13 @@ comm_result_t comm_set_stream(comm_t *comm, void *stream);
 /*
  * Order the work enqueued on stream (a cudaStream_t) after req from now on,
  * without waiting on the host, then free req. For an op on device memory
- * posted with a request, while it is still running, libcomm takes a done
- * flag, enqueues on stream a wait for it (cuStreamWaitValue32) and tells
- * commd, whose GPU worker writes the flag once the results are in place;
- * it returns COMM_OK at once: the op's own result then comes from
- * comm_async_error. Ops never handed to a stream cost no flag. Otherwise
+ * posted with a request, while it is still running, libcomm enqueues on
+ * stream a wait for the op's done flag (cuStreamWaitValue32), which commd's
+ * GPU worker writes once the results are in place, and returns COMM_OK at
+ * once: the op's own result then comes from comm_async_error. Otherwise
  * (a request already finished, a host op, a stream on another device than
  * the op's buffers, no done flag to be had: no stream memory operations in
- * the driver, no page for them, a commd older than protocol 5) the call
+ * the driver, no page for them, a commd older than protocol 4) the call
  * waits for req on the host, as comm_wait(req, -1) does, and returns the
  * op's result. Either way work enqueued on stream
  * after it returns sees the results. Without CUDA in the build a non-NULL

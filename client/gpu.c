@@ -639,18 +639,14 @@ static struct flag_page *flag_page_new(comm_t *c, int dev)
 	return NULL;
 }
 
-/*
- * A done flag on dev for r, from the comm's pages (a new page when they are
- * full); -1 when none can be had (then the host waits instead).
- */
-static int flag_take(comm_t *c, comm_request_t *r, int dev)
+void gpu_done_flag(comm_t *c, comm_request_t *r, int dev, Commpb__Op *op)
 {
 	struct gpu *g = c->gpu;
 	struct flag_page *f;
 	int slot = -1;
 
 	if (!g->cu.wait_value || g->no_flags)
-		return -1;
+		return;
 	for (f = g->flags; f && slot < 0; f = f->next) {
 		if (f->dev != dev)
 			continue;
@@ -664,7 +660,7 @@ static int flag_take(comm_t *c, comm_request_t *r, int dev)
 		f = flag_page_new(c, dev);
 		if (!f) {
 			g->no_flags = 1;
-			return -1;
+			return;
 		}
 		slot = 0;
 	}
@@ -675,19 +671,13 @@ static int flag_take(comm_t *c, comm_request_t *r, int dev)
 	r->done_ref = (Commpb__BufRef)COMMPB__BUF_REF__INIT;
 	r->done_ref.mem_id = f->mem_id;
 	r->done_ref.offset = (uint64_t)slot * sizeof *f->ptr;
-	return 0;
-}
-
-/* Give back the flag flag_take gave r, which nothing waits for or writes. */
-static void flag_untake(comm_request_t *r)
-{
-	r->flag->busy[r->flag_slot] = 0;
-	r->flag = NULL;
+	op->done = &r->done_ref;
+	op->done_value = f->value[slot];
 }
 
 void gpu_req_done(comm_request_t *r)
 {
-	/* a failed op: the worker may never write it (it may, too: the slot is then retired) */
+	/* the worker writes the flag only for an op that ran */
 	if (r->flag && r->detached && r->rc != COMM_OK && !r->flag_set) {
 		flag_release(r->flag, r->flag_slot);
 		r->flag_set = 1;
@@ -702,8 +692,7 @@ void gpu_req_release(comm_request_t *r)
 	if (!r->flag)
 		return;
 	gpu_req_done(r);
-	/* written by libcomm: the worker may write it too, later; never reuse it */
-	r->flag->busy[r->flag_slot] = r->flag_set ? 2 : 0;
+	r->flag->busy[r->flag_slot] = 0;
 	r->flag = NULL;
 }
 
@@ -758,8 +747,6 @@ COMM_API comm_result_t comm_set_stream(comm_t *c, void *stream)
 
 COMM_API comm_result_t comm_stream_wait(comm_request_t *r, void *stream)
 {
-	Commpb__Envelope env = COMMPB__ENVELOPE__INIT;
-	Commpb__StreamWait sw = COMMPB__STREAM_WAIT__INIT;
 	comm_t *c;
 	struct dev_save save;
 	int dev = -1;
@@ -778,19 +765,17 @@ COMM_API comm_result_t comm_stream_wait(comm_request_t *r, void *stream)
 	if (c->broken == COMM_OK)
 		comm_pump(c, 0);
 	req_reap(c);
-	/* done already (results in place), or no flag to be had: the host waits */
-	if (r->done || !r->flag_dev || c->version < 5)
+	/* done already (results in place), or no flag on the stream's device: the host waits */
+	if (r->done || !r->flag)
 		return comm_wait(r, -1);
 	if (cudaStreamGetDevice((cudaStream_t)stream, &dev) != cudaSuccess) {
 		(void)cudaGetLastError();
 		return comm_wait(r, -1);
 	}
-	if (dev != r->flag_dev - 1 || flag_take(c, r, dev) < 0)
+	if (dev != r->flag->dev)
 		return comm_wait(r, -1);
-	if (dev_enter(c, "stream wait", dev, &save) != COMM_OK) {
-		flag_untake(r);
+	if (dev_enter(c, "stream wait", dev, &save) != COMM_OK)
 		return comm_wait(r, -1);
-	}
 	e = c->gpu->cu.wait_value((CUstream)stream,
 				  (CUdeviceptr)(uintptr_t)&r->flag->ptr[r->flag_slot],
 				  r->flag->value[r->flag_slot], CU_STREAM_WAIT_VALUE_GEQ);
@@ -798,17 +783,10 @@ COMM_API comm_result_t comm_stream_wait(comm_request_t *r, void *stream)
 	if (e != CUDA_SUCCESS) {
 		comm_set_error(c, COMM_ERR_INVALID_ARG, "stream wait: cuStreamWaitValue32: %s",
 			       cu_str(c->gpu, e));
-		flag_untake(r);
 		return comm_wait(r, -1);
 	}
-	/* detached first: should the send fail, the failed request lets the stream go */
 	r->detached = 1;
-	sw.seq = r->seq;
-	sw.done = &r->done_ref;
-	sw.done_value = r->flag->value[r->flag_slot];
-	env.body_case = COMMPB__ENVELOPE__BODY_STREAM_WAIT;
-	env.stream_wait = &sw;
-	return comm_send_env(c, &env);
+	return COMM_OK;
 }
 
 #else /* !HAVE_CUDA */
@@ -829,6 +807,10 @@ comm_result_t gpu_ready_event(comm_t *c, const char *op, comm_request_t *r, int 
 			      ProtobufCBinaryData *ready)
 {
 	return comm_set_error(c, COMM_ERR_UNSUPPORTED, "%s: libcomm was built without CUDA", op);
+}
+
+void gpu_done_flag(comm_t *c, comm_request_t *r, int dev, Commpb__Op *op)
+{
 }
 
 void gpu_req_done(comm_request_t *r)

@@ -125,8 +125,8 @@ static comm_result_t name_buffers(comm_t *c, const struct opdesc *d, comm_reques
 		if (rc == COMM_OK)
 			rc = gpu_ready_event(c, d->name, r, dev, &op->ready_event);
 		/* an op that moves no bytes never reaches the GPU worker: no flag */
-		if (async && (d->send_bytes || d->recv_bytes))
-			r->flag_dev = dev + 1;
+		if (rc == COMM_OK && async && c->version >= 4 && (d->send_bytes || d->recv_bytes))
+			gpu_done_flag(c, r, dev, op);
 		return rc;
 	}
 	/* send == recv on a staged pointer: one block, big enough for both */

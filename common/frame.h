@@ -16,7 +16,7 @@
 #define FRAME_MAX_FDS 4        /* most fds one recvmsg may carry, unless the reader says */
 #define FRAME_FDS_CAP 16       /* most fds a reader queues (and its max_fds at most) */
 #define FRAME_FD_LOST (-2)     /* queued in place of fds the kernel could not give us */
-#define PROTO_VERSION 5 /* 2: the submission ring (RingAttach); 3: device memory; 4: done flags; 5: StreamWait */
+#define PROTO_VERSION 4 /* 2: the submission ring (RingAttach); 3: device memory; 4: done flags */
 #define PROTO_VERSION_MIN 1
 
 /*

@@ -25,7 +25,7 @@
 #include <stdint.h>
 #include <stdio.h>
 
-#define GPU_PROTO_VERSION 3
+#define GPU_PROTO_VERSION 2
 #define GPU_WORKER_FD 3          /* the worker's end of the socketpair */
 #define GPU_HANDLE_BYTES 64      /* cudaIpcMemHandle_t, cudaIpcEventHandle_t */
 #define GPU_UUID_LEN 48          /* "GPU-" + 36 characters + NUL, rounded up */
@@ -43,7 +43,6 @@ enum gpu_msg_type {
 	GPU_MSG_MEM_CLOSE = 5,   /* commd -> worker: struct gpu_mem_close, no answer */
 	GPU_MSG_OP = 6,          /* commd -> worker: struct gpu_op with n ranks */
 	GPU_MSG_OP_DONE = 7,     /* worker -> commd: struct gpu_status, id = the op's id */
-	GPU_MSG_FLAG = 8,        /* commd -> worker: struct gpu_flag_write, no answer */
 };
 
 /* Memory kinds, as proto MemKind. */
@@ -87,7 +86,7 @@ struct gpu_mem_open {
 	char uuid[GPU_UUID_LEN]; /* the device the memory lives on */
 };
 
-/* Sent once no op uses the mem (commd has its answers): close it at once. */
+/* Close it once no op uses it (ops run one at a time, so at once). */
 struct gpu_mem_close {
 	struct gpu_hdr h;
 	uint64_t id;
@@ -115,16 +114,6 @@ struct gpu_flag {
 	uint64_t mem, off;
 	uint32_t value;
 	uint32_t pad;
-};
-
-/*
- * A done flag named after its op was sent (proto StreamWait): write it from
- * the stream of its mem's device, behind what is queued there now (every
- * op commd sent before this).
- */
-struct gpu_flag_write {
-	struct gpu_hdr h;
-	struct gpu_flag flag;
 };
 
 /*

@@ -180,12 +180,6 @@ int gpu_task_on_device(const struct task *t, char *err, size_t errlen);
  * when it failed at once (t->status and t->detail say why).
  */
 int be_gpu_run(struct task *t);
-/*
- * Have the job's worker write value into the 4 bytes at off of device
- * memory m, behind what it has queued on m's device (StreamWait). Nothing
- * when the worker is gone: the job failed, and the rank writes it.
- */
-void gpu_flag_write(struct job *j, const struct mem *m, uint64_t off, uint32_t value);
 /* The oldest (newest: the newest) op on the job's worker, or NULL. */
 struct task *gpu_job_task(struct job *j, int newest);
 /* The job failed: a worker stuck in an op is killed, so the op ends. */
@@ -446,7 +440,6 @@ int req_mem_register_fds(const Commpb__Envelope *env);
 int req_mem_free_exec(struct conn *c, const Commpb__Envelope *env, int *fds, int nfds);
 int req_op_exec(struct conn *c, const Commpb__Envelope *env, int *fds, int nfds);
 int req_leave_exec(struct conn *c, const Commpb__Envelope *env, int *fds, int nfds);
-int req_stream_wait_exec(struct conn *c, const Commpb__Envelope *env, int *fds, int nfds);
 int req_abort_exec(struct conn *c, const Commpb__Envelope *env, int *fds, int nfds);
 int req_status_exec(struct conn *c, const Commpb__Envelope *env, int *fds, int nfds);
 int req_topo_exec(struct conn *c, const Commpb__Envelope *env, int *fds, int nfds);

@@ -1307,9 +1307,6 @@ static void on_mem_close(const struct gpu_mem_close *m)
 			wlog("mem close: mem %" PRIu64 " is not open", m->id);
 		return;
 	}
-	/* no op uses it, but a done flag write may still be queued there */
-	if (w.dev[x->dev].ready && cudaStreamSynchronize(w.dev[x->dev].stream) != cudaSuccess)
-		(void)cudaGetLastError();
 	gone = *x;
 	*x = w.mem[--w.nmem];
 	mem_release(&gone);
@@ -1354,26 +1351,6 @@ static void on_op(const struct gpu_op *op, size_t nranks)
 	if (rc == COMM_ERR_INVALID_ARG)
 		wlog("%s", detail);
 	w.ops++;
-}
-
-/* A done flag from StreamWait: written behind what is queued on its device. */
-static void on_flag(const struct gpu_flag_write *m)
-{
-	struct plan p = { .nflags = 1, .flags = &m->flag };
-
-	w.err[0] = '\0';
-	if (w.no_gpu[0])
-		return;
-	if (plan_flags(&p)) {
-		wlog("done flag: %s", w.err); /* commd checked it: a bug, not the rank's */
-		return;
-	}
-	if (write_flags(&p, 0)) {
-		reap(0);
-		wlog("done flag: %s; exiting", w.err);
-		nccl_abort();
-		exit(GPU_WORKER_EXIT_DEVICE);
-	}
 }
 
 /* Free everything the worker holds, at EOF: commd is done with the job. */
@@ -1473,7 +1450,6 @@ static void check_packet(const struct gpu_hdr *h, size_t len, int hello_seen)
 		[GPU_MSG_MEM_OPEN] = sizeof(struct gpu_mem_open),
 		[GPU_MSG_MEM_CLOSE] = sizeof(struct gpu_mem_close),
 		[GPU_MSG_OP] = sizeof(struct gpu_op),
-		[GPU_MSG_FLAG] = sizeof(struct gpu_flag_write),
 	};
 	size_t want;
 
@@ -1538,9 +1514,6 @@ static int serve(void)
 			break;
 		case GPU_MSG_MEM_CLOSE:
 			on_mem_close((const struct gpu_mem_close *)buf);
-			break;
-		case GPU_MSG_FLAG:
-			on_flag((const struct gpu_flag_write *)buf);
 			break;
 		default:
 			on_op((const struct gpu_op *)buf,

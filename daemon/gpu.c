@@ -850,24 +850,6 @@ int be_gpu_run(struct task *t)
 	return 0;
 }
 
-void gpu_flag_write(struct job *j, const struct mem *m, uint64_t off, uint32_t value)
-{
-	struct gpu_worker *w = j->gpu;
-	struct gpu_flag_write fw;
-
-	if (!w || w->fd < 0)
-		return;
-	memset(&fw, 0, sizeof fw);
-	fw.h.type = GPU_MSG_FLAG;
-	fw.h.version = GPU_PROTO_VERSION;
-	fw.flag.mem = m->gpu_id;
-	fw.flag.off = off;
-	fw.flag.value = value;
-	if (worker_send(w, &fw, sizeof fw, -1) < 0)
-		job_fail(j, COMM_ERR_NO_MEMORY, "gpu worker of job %s: out of memory for a done flag",
-			 j->name);
-}
-
 struct task *gpu_job_task(struct job *j, int newest)
 {
 	struct gpu_worker *w = j->gpu;

@@ -300,56 +300,6 @@ int req_op_exec(struct conn *c, const Commpb__Envelope *env, int *fds, int nfds)
 	return 0;
 }
 
-/*
- * StreamWait: the rank's stream waits for op seq's done flag. An op not
- * started yet takes the flag with it to the worker; for one running there,
- * finished or answered, the worker writes it behind what it has queued.
- * A flag that is not 4 aligned bytes of this rank's device memory, or an
- * op not posted, is a protocol error: the rank's stream would never go.
- */
-int req_stream_wait_exec(struct conn *c, const Commpb__Envelope *env, int *fds, int nfds)
-{
-	const Commpb__StreamWait *sw = env->stream_wait;
-	unsigned long long seq = (unsigned long long)sw->seq;
-	struct job *j = c->job;
-	struct posted *p;
-	struct mem *m;
-	uint64_t off;
-
-	if (c->version < 5) {
-		conn_fail(c, COMM_ERR_VERSION, "protocol: StreamWait needs protocol 5, the "
-			  "connection speaks %u", c->version);
-		return -1;
-	}
-	ring_drain(c); /* the op may still be in the ring */
-	if (c->closing || c->doomed)
-		return 0;
-	m = sw->done ? mem_find(c, sw->done->mem_id) : NULL;
-	off = sw->done ? sw->done->offset : 0;
-	if (!m || m->kind == COMMPB__MEM_KIND__MEM_MEMFD || off % sizeof(uint32_t) ||
-	    m->size < sizeof(uint32_t) || off > m->size - sizeof(uint32_t)) {
-		conn_fail(c, COMM_ERR_PROTOCOL, "protocol: StreamWait for op %llu: the done flag "
-			  "is not 4 aligned bytes of this rank's device memory", seq);
-		return -1;
-	}
-	if (!sw->seq || sw->seq >= j->next_post[c->rank]) {
-		conn_fail(c, COMM_ERR_PROTOCOL, "protocol: StreamWait for op %llu, which was not "
-			  "posted", seq);
-		return -1;
-	}
-	TAILQ_FOREACH(p, &j->posted[c->rank], link)
-		if (p->seq == sw->seq)
-			break;
-	if (p && !p->running && !p->done && !p->done_flag.mem) {
-		mem_ref(m);
-		p->done_flag = (struct bufspec){ .mem = m, .off = off, .len = sizeof(uint32_t) };
-		p->done_value = sw->done_value;
-		return 0;
-	}
-	gpu_flag_write(j, m, off, sw->done_value);
-	return 0;
-}
-
 int req_leave_exec(struct conn *c, const Commpb__Envelope *env, int *fds, int nfds)
 {
 	log_debug("job %s: rank %d leaves", c->job->name, c->rank);

@@ -32,7 +32,6 @@ static const struct req_type req_table[] = {
 	[B(TOPO_REPLY)] = { "topo_reply", 0, 0, NULL },
 	[B(RING_ATTACH)] = { "ring_attach", REQ_F_RANK, 1, req_ring_attach_exec },
 	[B(RING_ATTACH_REPLY)] = { "ring_attach_reply", 0, 0, NULL },
-	[B(STREAM_WAIT)] = { "stream_wait", REQ_F_RANK, 0, req_stream_wait_exec },
 };
 
 const struct req_type *req_find(unsigned body_case)

@@ -111,7 +111,6 @@ int main(int argc, char **argv)
 		struct gpu_mem_open mo;
 		struct gpu_mem_close mc;
 		struct gpu_op op;
-		struct gpu_flag_write fw;
 		uint8_t raw[GPU_MSG_MAX];
 	} m;
 	const char *path = getenv("FAKE_GPU_LOG");
@@ -153,11 +152,6 @@ int main(int argc, char **argv)
 			break;
 		case GPU_MSG_MEM_CLOSE:
 			fprintf(wlog, "close %llu\n", (unsigned long long)m.mc.id);
-			break;
-		case GPU_MSG_FLAG:
-			fprintf(wlog, "flag-write %llu+%llu value %u\n",
-				(unsigned long long)m.fw.flag.mem, (unsigned long long)m.fw.flag.off,
-				m.fw.flag.value);
 			break;
 		case GPU_MSG_OP:
 			log_op(&m.op);

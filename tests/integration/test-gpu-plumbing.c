@@ -481,110 +481,6 @@ static void test_queued(void)
 	       check_failures ? "FAIL" : "ok");
 }
 
-/* A StreamWait from k: op seq's done flag at (mem, off), value. */
-static void stream_wait(struct rank *k, uint64_t seq, uint64_t mem, uint64_t off, uint32_t value)
-{
-	Commpb__Envelope env = COMMPB__ENVELOPE__INIT;
-	Commpb__StreamWait sw = COMMPB__STREAM_WAIT__INIT;
-	Commpb__BufRef f = COMMPB__BUF_REF__INIT;
-
-	f.mem_id = mem;
-	f.offset = off;
-	sw.seq = seq;
-	sw.done = &f;
-	sw.done_value = value;
-	env.body_case = COMMPB__ENVELOPE__BODY_STREAM_WAIT;
-	env.stream_wait = &sw;
-	raw_send(k->fd, &env, NULL, 0);
-}
-
-/* The line number of the first log line starting with want, or 0. */
-static int log_line(const char *want)
-{
-	FILE *f = fopen(logpath, "r");
-	char line[512];
-	int n = 0, at = 0;
-
-	while (f && !at && fgets(line, sizeof line, f))
-		if (++n && !strncmp(line, want, strlen(want)))
-			at = n;
-	if (f)
-		fclose(f);
-	return at;
-}
-
-/*
- * StreamWait, the done flag comm_stream_wait names after posting: an op
- * not started yet takes it to the worker; for one the worker runs, or has
- * answered, the worker gets it on its own, after the op. A bad one closes
- * the connection.
- */
-static void test_stream_wait(void)
-{
-	struct rank k;
-	uint64_t a = 0, h = 0, seq = 0;
-	char detail[256];
-	int fds0, rc, op_b;
-
-	start("queue", 1);
-	fds0 = quiet_fds();
-	open_rank(&k, "dev-sw", PROTO_VERSION, 0);
-	REQUIRE(reg_dev(&k, COMMPB__MEM_KIND__MEM_CUDA_IPC, 64, -1, 4096, &a, detail,
-			sizeof detail) == COMM_OK,
-		"IPC registration: %s", detail);
-	h = reg_host(&k);
-	/* 1: device, held by the worker; 2: host, waits for it; 3: device, waits for 2 */
-	post_allreduce(&k, 1, a, 0, a, 2048, 0, NULL);
-	post_allreduce(&k, 2, h, 0, h, 64, 0, NULL);
-	post_allreduce(&k, 3, a, 64, a, 2112, 0, NULL);
-	stream_wait(&k, 1, a, 512, 101);
-	stream_wait(&k, 3, a, 516, 103);
-	CHECK(logged("flag-write 1+512 value 101"), "the running op's flag did not reach the worker");
-	for (uint64_t i = 1; i <= 3; i++) {
-		rc = op_reply(&k, &seq, detail, sizeof detail);
-		CHECK(rc == COMM_OK && seq == i, "op %llu: answered op %llu with %d (%s)",
-		      (unsigned long long)i, (unsigned long long)seq, rc, detail);
-	}
-	op_b = log_line("rank 0 send 1+64 recv 1+2112");
-	CHECK(op_b && log_line("flag 1+516 value 103") == op_b + 1,
-	      "the waiting op did not take its flag to the worker");
-	CHECK(!log_line("flag-write 1+516"), "the waiting op's flag was written apart from it");
-	/* answered already: the worker writes it at once */
-	stream_wait(&k, 1, a, 520, 104);
-	CHECK(logged("flag-write 1+520 value 104"), "an answered op's flag did not reach the worker");
-	/* bad ones: in host memory, misaligned, for an op not posted */
-	stream_wait(&k, 2, h, 0, 105);
-	CHECK(raw_closed_by_daemon(k.fd), "a done flag in host memory: connection kept");
-	close_rank(&k);
-	open_rank(&k, "dev-sw2", PROTO_VERSION, 0);
-	REQUIRE(reg_dev(&k, COMMPB__MEM_KIND__MEM_CUDA_IPC, 64, -1, 4096, &a, detail,
-			sizeof detail) == COMM_OK,
-		"IPC registration: %s", detail);
-	CHECK(allreduce(&k, 1, a, 0, a, 2048, 0, NULL, detail, sizeof detail) == COMM_OK,
-	      "op 1: %s", detail);
-	stream_wait(&k, 1, a, 514, 106);
-	CHECK(raw_closed_by_daemon(k.fd), "a misaligned done flag: connection kept");
-	close_rank(&k);
-	open_rank(&k, "dev-sw3", PROTO_VERSION, 0);
-	REQUIRE(reg_dev(&k, COMMPB__MEM_KIND__MEM_CUDA_IPC, 64, -1, 4096, &a, detail,
-			sizeof detail) == COMM_OK,
-		"IPC registration: %s", detail);
-	stream_wait(&k, 1, a, 512, 107);
-	CHECK(raw_closed_by_daemon(k.fd), "a flag for an op not posted: connection kept");
-	close_rank(&k);
-	open_rank(&k, "dev-sw4", 4, 0);
-	stream_wait(&k, 1, a, 512, 108);
-	CHECK(raw_closed_by_daemon(k.fd), "StreamWait on a version 4 connection: kept");
-	close_rank(&k);
-	CHECK(!logged("flag-write 1+514") && !log_line("flag-write 1+512 value 107"),
-	      "a refused flag reached the worker");
-	th_check_baseline(&d, fds0, "stream waits");
-	CHECK(th_daemon_stop(&d) == 0, "daemon stop");
-	printf("%s: a done flag named after its op was posted goes with the op when it had not "
-	       "started, to the worker behind it when it had; bad ones close the connection\n",
-	       check_failures ? "FAIL" : "ok");
-}
-
 /*
  * A device op posted in the submission ring, as libcomm posts it: its ready
  * event and done flag reach the worker as from an Op message, and the
@@ -807,7 +703,6 @@ int main(void)
 	test_forwarding();
 	test_ring_device();
 	test_queued();
-	test_stream_wait();
 	test_bad_worker("crash");
 	test_bad_worker("hang");
 	test_shutdown_hung();

@@ -22,7 +22,6 @@ HANDLER(req_abort_exec)
 HANDLER(req_status_exec)
 HANDLER(req_topo_exec)
 HANDLER(req_ring_attach_exec)
-HANDLER(req_stream_wait_exec)
 
 int req_mem_register_fds(const Commpb__Envelope *env)
 {
