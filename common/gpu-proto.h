@@ -11,9 +11,10 @@
  * COMM_OK, or why it cannot serve: no driver, no device) and then serves
  * MEM_OPEN (answered by MEM_OPENED), MEM_CLOSE (no answer) and OP
  * (answered by OP_DONE once the results are in the ranks' memory and the
- * op's done flags are written), in the
- * order they come. commd sends the next OP of a job only after the previous
- * one's OP_DONE. EOF on the socket: the worker releases everything and
+ * op's done flags are written), in the order they come. commd may send
+ * the next OPs of a job before the earlier ones are answered: the worker
+ * queues those on one device behind each other and answers the OPs in the
+ * order they came. EOF on the socket: the worker releases everything and
  * exits 0.
  *
  * `commd-gpu --probe` instead prints one line about the node's GPUs
@@ -86,7 +87,7 @@ struct gpu_mem_open {
 	char uuid[GPU_UUID_LEN]; /* the device the memory lives on */
 };
 
-/* Close it once no op uses it (ops run one at a time, so at once). */
+/* Sent once no op uses the mem (commd has its answers): close it at once. */
 struct gpu_mem_close {
 	struct gpu_hdr h;
 	uint64_t id;

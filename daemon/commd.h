@@ -536,7 +536,7 @@ struct job {
 	uint8_t *left;                 /* per rank: left cleanly (comm_finalize) */
 	int nleft;
 	char left_detail[160];         /* who left first, for the ops that needed them */
-	struct task *running;
+	struct task *running;          /* the task started last, while it runs (device ops queue) */
 	int kicking;                   /* engine_kick is on the stack */
 	uint64_t ops_completed;
 	uint64_t bytes_moved;
@@ -544,7 +544,7 @@ struct job {
 	uint64_t mem_bytes;
 	struct gpu_worker *gpu; /* its GPU worker, once it registered device memory */
 	struct dist *dist;      /* spread over several daemons, or NULL */
-	int tasks_out;          /* tasks on a backend (the running one, remote send/recv) */
+	int tasks_out;          /* tasks on a backend (running, queued on the GPU worker, remote send/recv) */
 };
 
 /* Attach c as a rank of the job named in hello, creating the job. */

@@ -348,7 +348,7 @@ static void start(struct job *j, struct task *t)
 	for (int i = 0; i < t->nops; i++)
 		t->ops[i]->running = 1;
 	if (!t->net || t->peer < 0)
-		j->running = t; /* one collective or local send at a time */
+		j->running = t; /* one at a time, but device collectives queue behind it */
 	j->tasks_out++;
 	t->started_ms = now_ms();
 	if (t->net) {

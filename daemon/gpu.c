@@ -331,6 +331,11 @@ static void worker_lost(struct gpu_worker *w, const char *why)
 		open_failed(w, TAILQ_FIRST(&w->opening), COMM_ERR_ABORTED, detail);
 	if (w->job)
 		job_fail(w->job, COMM_ERR_ABORTED, "%s", detail);
+	/*
+	 * Hang up first: finishing a task may close a mem, and a MEM_CLOSE sent
+	 * to the dead worker would come back here and finish (and free) the rest.
+	 */
+	worker_hangup(w);
 	while ((t = TAILQ_FIRST(&w->tasks))) {
 		struct job *j = t->job;
 
@@ -341,7 +346,6 @@ static void worker_lost(struct gpu_worker *w, const char *why)
 			 j->state == JOB_FAILED ? j->fail_detail : detail);
 		engine_task_done(t);
 	}
-	worker_hangup(w);
 }
 
 static void on_worker_exit(uv_process_t *p, int64_t status, int sig)

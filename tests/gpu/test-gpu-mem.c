@@ -694,6 +694,69 @@ static void run(const char *job, int n, th_rank_fn fn, const char *what)
 	printf("%s: %s, n=%d, %.1f s\n", failed ? "FAIL" : "ok", what, n, th_secs_since(&t0));
 }
 
+/* --- a chain of ops through one stream ---------------------------------------- */
+
+#define CHAIN_OPS 8
+#define CHAIN_COUNT (1 << 18)
+
+/*
+ * CHAIN_OPS all-reduces in place on one buffer, each posted with a request
+ * and handed to the comm's stream: every op after the first follows the
+ * stream's wait for the one before (its ready event waits for that flag),
+ * while commd queues it on the worker right behind that one: a flag written
+ * behind the next op would hold both forever. The buffer starts at 1: it
+ * ends at n^CHAIN_OPS.
+ */
+static int rank_chain(int r, int n, void *arg)
+{
+	size_t bytes = CHAIN_COUNT * sizeof(int32_t);
+	int32_t *buf = NULL, *h = malloc(bytes), want = 1;
+	cudaStream_t s = NULL;
+	comm_request_t *req;
+	comm_result_t rc = COMM_OK, async = COMM_OK;
+	comm_t *c;
+	int bad = 0;
+
+	for (int i = 0; i < CHAIN_OPS; i++)
+		want *= n;
+	for (size_t i = 0; h && i < CHAIN_COUNT; i++)
+		h[i] = 1;
+	if (!h || use_device(r) ||
+	    cuda_bad(cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking), r, "cudaStreamCreate") ||
+	    cuda_bad(cudaMalloc((void **)&buf, bytes), r, "cudaMalloc") ||
+	    cuda_bad(cudaMemcpy(buf, h, bytes, cudaMemcpyHostToDevice), r, "cudaMemcpy") ||
+	    th_join(&c, r, n) < 0)
+		return 1;
+	if (op_bad(c, comm_set_stream(c, s), r, "comm_set_stream"))
+		return th_bail(c);
+	for (int i = 0; i < CHAIN_OPS && rc == COMM_OK; i++) {
+		rc = comm_allreduce(c, buf, buf, CHAIN_COUNT, COMM_INT32, COMM_SUM, &req);
+		if (rc == COMM_OK)
+			rc = comm_stream_wait(req, s);
+	}
+	if (op_bad(c, rc, r, "chained all-reduce") ||
+	    cuda_bad(cudaMemcpyAsync(h, buf, bytes, cudaMemcpyDeviceToHost, s), r, "copy back"))
+		return th_bail(c);
+	if (stream_idle(c, s, &async) == cudaErrorNotReady)
+		return FAIL(r, "the stream never went on after the chain (a flag that waits "
+			       "for the op after it?)");
+	if (cuda_bad(cudaStreamSynchronize(s), r, "cudaStreamSynchronize"))
+		return th_bail(c);
+	if (async != COMM_OK)
+		bad = FAIL(r, "chain: comm_async_error says %s", comm_result_name(async));
+	for (size_t i = 0; i < CHAIN_COUNT; i++)
+		if (h[i] != want) {
+			bad = FAIL(r, "chain: element %zu is %d, expected %d", i, h[i], want);
+			break;
+		}
+	comm_set_stream(c, NULL);
+	bad |= th_leave(c, r);
+	cudaFree(buf);
+	cudaStreamDestroy(s);
+	free(h);
+	return bad;
+}
+
 int main(void)
 {
 	setvbuf(stdout, NULL, _IOLBF, 0);
@@ -709,6 +772,8 @@ int main(void)
 	run("gpu-nowait", 2, rank_nowait,
 	    "comm_stream_wait returns before the op can run; the stream waits, then sees the "
 	    "result; a failed op lets the stream go and comm_async_error says MISMATCH");
+	run("gpu-chain", 2, rank_chain,
+	    "8 all-reduces in place, each handed to the stream the next one follows");
 	run("gpu-realloc", 2, rank_realloc,
 	    "cudaFree and cudaMalloc between ops: right results, bounded registered memory");
 	run("gpu-vmm", 2, rank_vmm,
