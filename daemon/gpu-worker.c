@@ -320,7 +320,7 @@ static int dev_ready(int d)
 	return 0;
 }
 
-/* At least len bytes of scratch on device d (ops queued before may still use the old). */
+/* At least len bytes of scratch on device d, after the ops queued there (they may use the old). */
 static int scratch(int d, size_t len)
 {
 	struct dev *x = &w.dev[d];
