@@ -87,7 +87,8 @@ for line in open(sys.argv[1]):
     o = json.loads(line)
     assert list(o) == keys, line
     assert o["bench"] == "commd" and o["dtype"] == "float32" and o["ranks"] == 4, line
-    assert o["wrong"] == 0 and o["time_us"] > 0 and o["algbw_gbs"] > 0, line
+    # algbw has 6 decimals: 8 B over more than 16 ms (a slow run) prints 0.000000
+    assert o["wrong"] == 0 and o["time_us"] > 0 and o["algbw_gbs"] >= 0, line
     assert o["redop"] == ("sum" if o["op"] in ("allreduce", "reduce_scatter", "reduce")
                           else "none"), line
     blocks = 4 if o["op"] in ("reduce_scatter", "allgather", "alltoall") else 1

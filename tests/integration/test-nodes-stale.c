@@ -821,6 +821,10 @@ static void test_stale_root(void)
 	}
 	failed = th_ranks_wait(&rs);
 	CHECK(failed == 0, "h4root: %d ranks failed (see above)", failed);
+	if (failed && key) { /* formed for the fake member: what did A tell B? */
+		th_daemon_dump_log(&da);
+		th_daemon_dump_log(&db);
+	}
 	for (int r = 0; r < 2; r++) {
 		long ms = s->err_ms[r] - fail_ms;
 
