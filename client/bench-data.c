@@ -29,16 +29,6 @@ struct cur {
 	unsigned q; /* (g + seq) mod 5 */
 };
 
-const struct bench_op_info bench_ops[NOPS] = {
-	[OP_ALLREDUCE] = { "allreduce", 1, 0, 1 },
-	[OP_REDUCE_SCATTER] = { "reduce_scatter", 1, 1, 1 },
-	[OP_ALLGATHER] = { "allgather", 0, 1, 1 },
-	[OP_BROADCAST] = { "broadcast", 0, 0, 1 },
-	[OP_REDUCE] = { "reduce", 1, 0, 1 },
-	[OP_ALLTOALL] = { "alltoall", 0, 1, 0 },
-	[OP_SENDRECV] = { "sendrecv", 0, 0, 0 },
-};
-
 static const struct {
 	const char *nccl; /* printed in the table */
 	const char *json; /* printed by --json */
@@ -57,20 +47,6 @@ static const struct {
 };
 
 static const char *const redops[] = { "sum", "prod", "min", "max", "avg" };
-
-double bench_bus_factor(int op, int n)
-{
-	switch (op) {
-	case OP_ALLREDUCE:
-		return 2.0 * (n - 1) / n;
-	case OP_REDUCE_SCATTER:
-	case OP_ALLGATHER:
-	case OP_ALLTOALL:
-		return (double)(n - 1) / n;
-	default:
-		return 1.0;
-	}
-}
 
 const char *bench_dtype_name(comm_dtype_t dtype)
 {

@@ -329,20 +329,10 @@ static void print_json(struct rank *r, const struct bench_case *bc, size_t bytes
 
 static void print_head(struct rank *r, const struct bench_case *bc)
 {
-	const char *half = "     time   algbw   busbw  #wrong", *both = r->o->inplace_only ? "" : half;
-
 	printf("#\n# %s %s", bench_ops[bc->op].name, bench_dtype_name(bc->dtype));
 	printf("%s%s\n#\n", bench_ops[bc->op].reduces ? " " : "",
 	       bench_ops[bc->op].reduces ? bench_redop_name(bc->redop) : "");
-	if (r->o->inplace_only)
-		printf("#%51s%*s\n", "", 10 + 12, "in-place");
-	else
-		printf("#%51s%*s%*s\n", "", 10 + 12, "out-of-place", 11 + 12 + 8, "in-place");
-	printf("#%11s  %12s  %8s  %6s  %6s%s%s\n", "size", "count", "type", "redop", "root", both,
-	       half);
-	half = "     (us)  (GB/s)  (GB/s)        ";
-	printf("#%11s  %12s  %8s  %6s  %6s%s%s\n", "(B)", "(elements)", "", "", "",
-	       r->o->inplace_only ? "" : half, half);
+	bench_print_columns(r->o->inplace_only);
 }
 
 /* Every size of op: one table, or one JSON line per measurement. */

@@ -8,18 +8,8 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#include "bench-table.h"
 #include "comm.h"
-
-enum bench_op {
-	OP_ALLREDUCE,
-	OP_REDUCE_SCATTER,
-	OP_ALLGATHER,
-	OP_BROADCAST,
-	OP_REDUCE,
-	OP_ALLTOALL,
-	OP_SENDRECV,
-	NOPS,
-};
 
 #define BENCH_MAX_DAEMONS 16
 
@@ -48,19 +38,6 @@ struct bench_opts {
 	const char *root;       /* the root daemon's host:port, or NULL */
 	char job[64];
 };
-
-/* What one operation is, for the tables and the checks. */
-struct bench_op_info {
-	const char *name;       /* as -o spells it and --json prints it */
-	int reduces;            /* takes a comm_redop_t */
-	int split;              /* size is n blocks: count per rank = size / elem / n */
-	int inplace;            /* has an in-place form */
-};
-
-extern const struct bench_op_info bench_ops[NOPS];
-
-/* busbw / algbw for op on n ranks, as nccl-tests counts it. */
-double bench_bus_factor(int op, int n);
 
 /* Run rank's part of the benchmark; the process's exit status. */
 int bench_rank_main(const struct bench_opts *o, int rank);

@@ -19,25 +19,12 @@
 #include <cuda_runtime.h>
 #include <nccl.h>
 
+#include "bench-table.h"
 #include "util.h"
 
 #define MAX_DEV 64
 #define MAX_REPORTS 8
 
-/* commbench's ops, in its order (client/bench-data.c). */
-enum { OP_ALLREDUCE, OP_REDUCE_SCATTER, OP_ALLGATHER, OP_BROADCAST, OP_REDUCE, OP_ALLTOALL,
-       OP_SENDRECV, NOPS };
-
-static const struct {
-	const char *name;
-	int reduces;    /* takes a redop */
-	int split;      /* size is n blocks: count per rank = size / elem / n */
-	int inplace;    /* has an in-place form */
-} ops[NOPS] = {
-	{ "allreduce", 1, 0, 1 },  { "reduce_scatter", 1, 1, 1 }, { "allgather", 0, 1, 1 },
-	{ "broadcast", 0, 0, 1 },  { "reduce", 1, 0, 1 },         { "alltoall", 0, 1, 0 },
-	{ "sendrecv", 0, 0, 0 },
-};
 
 enum kind { K_INT, K_UINT, K_HALF, K_BF16, K_FLOAT, K_DOUBLE };
 
@@ -385,7 +372,7 @@ static uint64_t verify(struct bench *b, const struct bench_case *c, int r, const
 	}
 	if (wrong && b->reports++ < MAX_REPORTS)
 		fprintf(stderr, "nccl-bench: rank %d: %s count %zu %s: %llu wrong, element %lld is "
-			"%.9g, expected %.9g\n", r, ops[c->op].name, c->count, dtypes[c->dt].json,
+			"%.9g, expected %.9g\n", r, bench_ops[c->op].name, c->count, dtypes[c->dt].json,
 			(unsigned long long)wrong, first, got, want);
 	return wrong;
 }
@@ -417,13 +404,14 @@ static int fill(struct bench *b, const struct bench_case *c, int inplace)
 
 	for (int r = 0; r < b->n; r++) {
 		buffers(b, c, r, inplace, &in, &out, &outlen);
-		inlen = ops[c->op].split && c->op != OP_ALLGATHER ? c->count * (size_t)c->n : c->count;
+		inlen = bench_ops[c->op].split && c->op != OP_ALLGATHER ? c->count * (size_t)c->n
+								       : c->count;
 		if (!cuda_ok(cudaSetDevice(r), "cudaSetDevice", r) ||
 		    (b->o->check && !cuda_ok(cudaMemset(out, 0xa5, outlen * es), "cudaMemset", r)))
 			return -1;
 		if (c->op == OP_BROADCAST && r != 0)
 			continue;
-		span_fill(c, ops[c->op].reduces ? RED : c->op == OP_BROADCAST ? 0 : r, r, 0, inlen,
+		span_fill(c, bench_ops[c->op].reduces ? RED : c->op == OP_BROADCAST ? 0 : r, r, 0, inlen,
 			  b->hbuf);
 		if (!cuda_ok(cudaMemcpy(in, b->hbuf, inlen * es, cudaMemcpyHostToDevice),
 			     "cudaMemcpy", r))
@@ -480,7 +468,7 @@ static int launch(struct bench *b, const struct bench_case *c, int inplace)
 		}
 	}
 	if (rc != ncclSuccess) {
-		nccl_ok(rc, ops[c->op].name);
+		nccl_ok(rc, bench_ops[c->op].name);
 		ncclGroupEnd();
 		return -1;
 	}
@@ -566,36 +554,11 @@ static int measure(struct bench *b, struct bench_case *c, int inplace, double *t
 	return 0;
 }
 
-/* nccl-tests' busbw / algbw, as commbench counts it. */
-static double bus_factor(int op, int n)
-{
-	switch (op) {
-	case OP_ALLREDUCE:
-		return 2.0 * (n - 1) / n;
-	case OP_REDUCE_SCATTER:
-	case OP_ALLGATHER:
-	case OP_ALLTOALL:
-		return (double)(n - 1) / n;
-	default:
-		return 1.0;
-	}
-}
-
 static void print_head(const struct bench *b, const struct bench_case *c)
 {
-	const char *half = "     time   algbw   busbw  #wrong", *both = b->o->inplace_only ? "" : half;
-
-	printf("#\n# %s %s%s%s\n#\n", ops[c->op].name, dtypes[c->dt].name,
-	       ops[c->op].reduces ? " " : "", ops[c->op].reduces ? redops[c->red] : "");
-	if (b->o->inplace_only)
-		printf("#%51s%*s\n", "", 10 + 12, "in-place");
-	else
-		printf("#%51s%*s%*s\n", "", 10 + 12, "out-of-place", 11 + 12 + 8, "in-place");
-	printf("#%11s  %12s  %8s  %6s  %6s%s%s\n", "size", "count", "type", "redop", "root", both,
-	       half);
-	half = "     (us)  (GB/s)  (GB/s)        ";
-	printf("#%11s  %12s  %8s  %6s  %6s%s%s\n", "(B)", "(elements)", "", "", "",
-	       b->o->inplace_only ? "" : half, half);
+	printf("#\n# %s %s%s%s\n#\n", bench_ops[c->op].name, dtypes[c->dt].name,
+	       bench_ops[c->op].reduces ? " " : "", bench_ops[c->op].reduces ? redops[c->red] : "");
+	bench_print_columns(b->o->inplace_only);
 }
 
 /* Every size of c's op, dtype and redop: one table, or JSON lines. */
@@ -603,9 +566,9 @@ static int run_op(struct bench *b, struct bench_case *c, double *bw_sum, int *bw
 		  uint64_t *wrong_sum)
 {
 	const struct opts *o = b->o;
-	size_t es = dtypes[c->dt].size, blocks = ops[c->op].split ? (size_t)b->n : 1;
+	size_t es = dtypes[c->dt].size, blocks = bench_ops[c->op].split ? (size_t)b->n : 1;
 	size_t size = o->min_bytes, bytes, last = 0;
-	double t[2] = { 0, 0 }, algbw, f = bus_factor(c->op, b->n);
+	double t[2] = { 0, 0 }, algbw, f = bench_bus_factor(c->op, b->n);
 	uint64_t w[2] = { 0, 0 };
 	int ran[2] = { 0, 0 };
 	char ts[32];
@@ -617,7 +580,7 @@ static int run_op(struct bench *b, struct bench_case *c, double *bw_sum, int *bw
 		bytes = c->count * es * blocks;
 		if (c->count > 0 && bytes != last) {
 			for (int ip = o->inplace_only; ip < 2; ip++) {
-				ran[ip] = ip == 0 || ops[c->op].inplace;
+				ran[ip] = ip == 0 || bench_ops[c->op].inplace;
 				if (!ran[ip])
 					continue;
 				if (measure(b, c, ip, &t[ip], &w[ip]) < 0)
@@ -629,14 +592,14 @@ static int run_op(struct bench *b, struct bench_case *c, double *bw_sum, int *bw
 					       "\"count\":%zu,\"dtype\":\"%s\",\"redop\":\"%s\","
 					       "\"ranks\":%d,\"inplace\":%s,\"time_us\":%.3f,"
 					       "\"algbw_gbs\":%.6f,\"busbw_gbs\":%.6f,\"wrong\":%llu}\n",
-					       ops[c->op].name, bytes, c->count, dtypes[c->dt].json,
-					       ops[c->op].reduces ? redops[c->red] : "none", b->n,
+					       bench_ops[c->op].name, bytes, c->count, dtypes[c->dt].json,
+					       bench_ops[c->op].reduces ? redops[c->red] : "none", b->n,
 					       ip ? "true" : "false", t[ip] * 1e6, algbw, algbw * f,
 					       (unsigned long long)w[ip]);
 			}
 			if (!o->json) {
 				printf("%12zu  %12zu  %8s  %6s  %6d", bytes, c->count,
-				       dtypes[c->dt].name, ops[c->op].reduces ? redops[c->red] : "none",
+				       dtypes[c->dt].name, bench_ops[c->op].reduces ? redops[c->red] : "none",
 				       c->op == OP_BROADCAST || c->op == OP_REDUCE ? 0 : -1);
 				for (int ip = o->inplace_only; ip < 2; ip++) {
 					double us = t[ip] * 1e6;
@@ -675,7 +638,7 @@ static int run_all(struct bench *b)
 
 		if (o->op >= 0 && o->op != op)
 			continue;
-		if (!ops[op].reduces)
+		if (!bench_ops[op].reduces)
 			r1 = r0;
 		for (int d = d0; d <= d1; d++) {
 			for (int red = r0; red <= r1; red++) {
@@ -747,7 +710,7 @@ static int parse_name(const char *s, int what)
 		return -1;
 	if (what == 'o') {
 		for (int i = 0; i < NOPS; i++)
-			if (!strcmp(s, ops[i].name))
+			if (!strcmp(s, bench_ops[i].name))
 				return i;
 	} else if (what == 'd') {
 		for (int i = 0; i < NDTYPES; i++)
