@@ -47,6 +47,7 @@ _Static_assert(sizeof(cudaIpcEventHandle_t) == GPU_HANDLE_BYTES, "IPC event hand
 struct dev {
 	int ready;             /* stream and mark exist */
 	cudaStream_t stream;   /* all the worker's work on this device */
+	cudaStream_t flags;    /* queued ops' done flags, each after its op's event */
 	cudaEvent_t mark;      /* orders the other devices' streams after this one */
 	uint8_t *scratch;      /* results (or staged inputs) before they go out */
 	size_t scratch_len;
@@ -73,8 +74,10 @@ struct ipc_event {
 struct queued {
 	uint64_t id;
 	const char *name;
-	cudaEvent_t ev;        /* made on first use, on dev; again when dev changes */
+	cudaEvent_t ev;        /* the op's end; made on first use, on dev; again when dev changes */
+	cudaEvent_t fev;       /* its flags written (on the flag stream), when it has flags */
 	int dev;
+	int flagged;
 };
 
 static struct {
@@ -311,8 +314,14 @@ static int dev_ready(int d)
 	    cuda_check(cudaStreamCreateWithFlags(&x->stream, cudaStreamNonBlocking),
 		       "cudaStreamCreateWithFlags"))
 		return -1;
+	if (cuda_check(cudaStreamCreateWithFlags(&x->flags, cudaStreamNonBlocking),
+		       "cudaStreamCreateWithFlags")) {
+		cudaStreamDestroy(x->stream);
+		return -1;
+	}
 	if (cuda_check(cudaEventCreateWithFlags(&x->mark, cudaEventDisableTiming),
 		       "cudaEventCreateWithFlags")) {
+		cudaStreamDestroy(x->flags);
 		cudaStreamDestroy(x->stream);
 		return -1;
 	}
@@ -1155,16 +1164,17 @@ static int single_device(const struct plan *p)
 }
 
 /*
- * Write the done flags, from the flags' devices' streams; when wait, then
- * wait for the writes (the op's own streams are idle already).
+ * Write the done flags on the streams given (each flag's device's), then
+ * wait for the writes when wait (the op's own streams are idle already).
  */
-static int write_flags(const struct plan *p, int wait)
+static int write_flags(const struct plan *p, int flag_stream, int wait)
 {
 	for (int i = 0; i < p->nflags; i++) {
-		int d = p->flag_dev[i];
+		struct dev *x = &w.dev[p->flag_dev[i]];
 
-		if (dev_ready(d) || cuda_check(cudaSetDevice(d), "cudaSetDevice") ||
-		    cu_check(drv.write_value((CUstream)w.dev[d].stream,
+		if (dev_ready(p->flag_dev[i]) ||
+		    cuda_check(cudaSetDevice(p->flag_dev[i]), "cudaSetDevice") ||
+		    cu_check(drv.write_value((CUstream)(flag_stream ? x->flags : x->stream),
 					     (CUdeviceptr)(uintptr_t)p->flag[i], p->flags[i].value,
 					     CU_STREAM_WRITE_VALUE_DEFAULT),
 			     "cuStreamWriteValue32"))
@@ -1190,32 +1200,49 @@ static int op_launch(struct plan *p)
 static int op_run(struct plan *p)
 {
 	if (!p->block)
-		return write_flags(p, 1);
+		return write_flags(p, 0, 1);
 	if (op_launch(p) || streams_wait(p))
 		return -1;
-	return p->nflags ? write_flags(p, 1) : 0;
+	return p->nflags ? write_flags(p, 0, 1) : 0;
+}
+
+/* The queued slot's event ev (or fev) on device d, made on first use. */
+static int queued_event(cudaEvent_t *ev, int d)
+{
+	return !*ev && (cuda_check(cudaSetDevice(d), "cudaSetDevice") ||
+			cuda_check(cudaEventCreateWithFlags(ev, cudaEventDisableTiming),
+				   "cudaEventCreateWithFlags"));
 }
 
 /*
- * Queue p, all on device d, behind the ops before it: its flags follow its
- * work on the stream, and an event marks its end; reap answers it.
+ * Queue p, all on device d, behind the ops before it; an event marks its
+ * end. Its done flags are written on the device's flag stream once that
+ * event passed, so the next op on the stream does not wait for them, and a
+ * second event marks them written. reap answers it once they are.
  */
 static int op_queue(struct plan *p, int d)
 {
 	struct queued *q = &w.q[(w.qhead + w.nq) % MAX_QUEUED];
 
-	if (op_launch(p) || (p->nflags && write_flags(p, 0)))
+	if (op_launch(p))
 		return -1;
-	if (q->ev && q->dev != d) {
-		cudaEventDestroy(q->ev);
-		q->ev = NULL;
+	if (q->dev != d) {
+		if (q->ev)
+			cudaEventDestroy(q->ev);
+		if (q->fev)
+			cudaEventDestroy(q->fev);
+		q->ev = q->fev = NULL;
 	}
-	if (!q->ev && (cuda_check(cudaSetDevice(d), "cudaSetDevice") ||
-		       cuda_check(cudaEventCreateWithFlags(&q->ev, cudaEventDisableTiming),
-				  "cudaEventCreateWithFlags")))
-		return -1;
 	q->dev = d;
-	if (cuda_check(cudaEventRecord(q->ev, w.dev[d].stream), "cudaEventRecord"))
+	if (queued_event(&q->ev, d) ||
+	    cuda_check(cudaEventRecord(q->ev, w.dev[d].stream), "cudaEventRecord"))
+		return -1;
+	q->flagged = p->nflags > 0;
+	if (q->flagged &&
+	    (queued_event(&q->fev, d) ||
+	     cuda_check(cudaStreamWaitEvent(w.dev[d].flags, q->ev, 0), "cudaStreamWaitEvent") ||
+	     write_flags(p, 1, 0) ||
+	     cuda_check(cudaEventRecord(q->fev, w.dev[d].flags), "cudaEventRecord")))
 		return -1;
 	q->id = p->op->id;
 	q->name = p->spec->name;
@@ -1243,8 +1270,9 @@ static void reap(size_t keep)
 {
 	while (w.nq) {
 		struct queued *q = &w.q[w.qhead];
+		cudaEvent_t ev = q->flagged ? q->fev : q->ev;
 		int wait = w.nq > keep;
-		cudaError_t e = wait ? cudaEventSynchronize(q->ev) : cudaEventQuery(q->ev);
+		cudaError_t e = wait ? cudaEventSynchronize(ev) : cudaEventQuery(ev);
 
 		if (e == cudaErrorNotReady)
 			return;
@@ -1365,9 +1393,12 @@ static void release_all(void)
 	}
 	for (size_t i = 0; i < w.nev; i++)
 		cudaEventDestroy(w.ev[i].ev);
-	for (size_t i = 0; i < MAX_QUEUED; i++)
+	for (size_t i = 0; i < MAX_QUEUED; i++) {
 		if (w.q[i].ev)
 			cudaEventDestroy(w.q[i].ev);
+		if (w.q[i].fev)
+			cudaEventDestroy(w.q[i].fev);
+	}
 	for (int d = 0; d < w.ndev; d++) {
 		struct dev *x = &w.dev[d];
 
@@ -1375,6 +1406,7 @@ static void release_all(void)
 			continue;
 		cudaSetDevice(d);
 		cudaStreamDestroy(x->stream);
+		cudaStreamDestroy(x->flags);
 		cudaEventDestroy(x->mark);
 		cudaFree(x->scratch);
 	}
