@@ -237,7 +237,7 @@ static int post_many(struct rank *r, const struct bench_case *bc, const void *in
 /*
  * warmup + iters runs of bc with a barrier before each; fill and check
  * outside the timed call (-P: both once, and the iterations back to back,
- * then one more run to check). res: the median of the slowest rank's
+ * their outputs checked out of place; then one more run to check). res: the median of the slowest rank's
  * times and the wrong elements of all ranks. own: time on this rank's
  * median instead.
  */
@@ -261,7 +261,11 @@ static int measure(struct rank *r, struct bench_case *bc, int inplace, int own,
 			return -1;
 		for (int i = 0; i < o->iters; i++)
 			r->mine[i] = each;
-		if (o->check) /* the inputs may have changed in place: once more, blocking */
+		/* out of place the inputs are as filled: the last iteration's outputs are checked */
+		if (o->check && !inplace && !o->reference &&
+		    check(r, bc, out, outlen * es, inplace, &wrong) < 0)
+			return -1;
+		if (o->check) /* in place the inputs changed: once more, blocking */
 			runs = o->warmup + o->iters + 1;
 	}
 	for (int i = o->pipeline ? runs - 1 : 0; i < runs; i++) {
