@@ -44,6 +44,7 @@
 #define SLOTS 65536
 #define SLOT_QUARANTINE_MS 30000 /* a freed slot's late messages are drained this long */
 #define CANCEL_FORCE_MS 2000     /* a stopped task's sends get this long, then the ep goes */
+#define CLOSE_WAIT_MS 1000       /* at stop, endpoints closing with a flush get this long */
 #define HDR_MAGIC 0x636f6d6du
 #define SPIN_US 50               /* polling after the last event, before sleeping */
 #define BUF_CACHE_MAX (1ull << 30) /* staging buffers kept for the next ops */
@@ -80,19 +81,30 @@ struct hdr {
 
 struct nreq {
 	void *h;
+	const void *buf;         /* what it reads (send) or fills (recv) */
 	int recv;
 	size_t want;             /* recv: the bytes that must arrive, or ANY_LENGTH */
 	size_t *got;             /* recv: where to put the bytes that did, or NULL */
 	int node;                /* send: the node it goes to */
 };
 
-/* An endpoint to another daemon's worker, made once and shared by its jobs. */
+/*
+ * An endpoint to another daemon's worker, made once and shared by its jobs.
+ * Once the control plane lost its daemon (dead, lost) nothing new is sent
+ * on it, but it is closed only once no send is on it (busy), and then with
+ * a flush (closing): the link may come back, and UCX 1.13's tcp transport
+ * crashed the daemon in its progress when the link of an endpoint closed by
+ * force came back. One that UCX failed itself (failed) is closed by force at
+ * once, as UCX asks.
+ */
 struct nep {
 	TAILQ_ENTRY(nep) link;
 	uint8_t *addr;
 	size_t len;
 	ucp_ep_h ep;
-	int dead;
+	int dead, failed, lost;
+	int busy;                /* sends on it not ended yet (tasks' and leftovers') */
+	void *closing;           /* its flush close, until that ends */
 	char why[128];
 };
 
@@ -139,6 +151,20 @@ struct discard {
 	void *buf;
 };
 
+/*
+ * A stopped task's requests that neither ended nor failed (sends a lost
+ * node never took), with the staging buffers they use: kept until UCX ends
+ * them, so that the task can finish without closing an endpoint by force.
+ */
+struct leftover {
+	TAILQ_ENTRY(leftover) link;
+	int n;
+	void **h;
+	struct nep **ep;          /* [n]: a send's endpoint, NULL for a recv */
+	uint8_t *bufs[4];
+	size_t caps[4];           /* 0: not from the cache (freed, not put back) */
+};
+
 /* A staging buffer kept for reuse: fresh pages fault, and faults are dear on a VM. */
 struct cbuf {
 	TAILQ_ENTRY(cbuf) link;
@@ -180,6 +206,7 @@ static struct {
 	/* net thread only */
 	TAILQ_HEAD(, nep) eps;
 	TAILQ_HEAD(, discard) discards;
+	TAILQ_HEAD(, leftover) leftovers;
 	uint64_t last_drain_ms;
 	TAILQ_HEAD(cbuf_head, cbuf) cache; /* most recently returned first */
 	size_t cached;
@@ -193,6 +220,7 @@ static struct {
 	.lost = TAILQ_HEAD_INITIALIZER(N.lost),
 	.eps = TAILQ_HEAD_INITIALIZER(N.eps),
 	.discards = TAILQ_HEAD_INITIALIZER(N.discards),
+	.leftovers = TAILQ_HEAD_INITIALIZER(N.leftovers),
 	.cache = TAILQ_HEAD_INITIALIZER(N.cache),
 	.wake_fd = -1,
 	.ep_fd = -1,
@@ -215,7 +243,7 @@ static void on_ep_error(void *arg, ucp_ep_h ep, ucs_status_t status)
 	struct nep *e = arg;
 
 	(void)ep;
-	e->dead = 1;
+	e->dead = e->failed = 1;
 	snprintf(e->why, sizeof e->why, "%s", ucs_status_string(status));
 	log_info("net: endpoint to a peer failed: %s", e->why);
 }
@@ -259,26 +287,39 @@ static void ep_kill(struct nep *e, const char *why)
 				   .flags = UCP_EP_CLOSE_FLAG_FORCE };
 	void *r;
 
-	if (e->dead && !e->ep)
-		return;
 	e->dead = 1;
 	if (!*e->why)
 		snprintf(e->why, sizeof e->why, "%s", why);
-	if (e->ep) {
-		r = ucp_ep_close_nbx(e->ep, &rp);
-		if (UCS_PTR_IS_PTR(r)) {
-			while (ucp_request_check_status(r) == UCS_INPROGRESS)
-				ucp_worker_progress(N.worker);
-			ucp_request_free(r);
-		}
-		e->ep = NULL;
+	if (!e->ep || e->closing)
+		return;
+	r = ucp_ep_close_nbx(e->ep, &rp);
+	if (UCS_PTR_IS_PTR(r)) {
+		while (ucp_request_check_status(r) == UCS_INPROGRESS)
+			ucp_worker_progress(N.worker);
+		ucp_request_free(r);
 	}
+	e->ep = NULL;
+}
+
+/* Close an idle endpoint with a flush: ends when its peer answers, or UCX fails it. */
+static void ep_close_gently(struct nep *e)
+{
+	ucp_request_param_t rp = { 0 };
+	void *r = ucp_ep_close_nbx(e->ep, &rp);
+
+	log_debug("net: closing an idle endpoint to a lost daemon (%s)",
+		  UCS_PTR_IS_PTR(r) ? "under way" : "done");
+	if (UCS_PTR_IS_PTR(r))
+		e->closing = r;
+	else
+		e->ep = NULL;
 }
 
 /*
- * An endpoint that failed is closed at once (outside UCX's callback, as
- * UCX asks): its requests complete with the error, and nothing more runs
- * on its transport. It stays listed, dead, so that tasks see why.
+ * Endpoints whose daemon the control plane lost stop taking sends, and are
+ * closed gently once idle; one that UCX failed is closed at once (outside
+ * UCX's callback, as UCX asks): its requests complete with the error. Each
+ * stays listed, dead, so that tasks see why.
  */
 static void close_failed_eps(void)
 {
@@ -290,16 +331,21 @@ static void close_failed_eps(void)
 		TAILQ_REMOVE(&N.lost, dp, link);
 		TAILQ_FOREACH(e, &N.eps, link)
 			if (!e->dead && e->len == dp->len && !memcmp(e->addr, dp->addr, dp->len)) {
-				e->dead = 1;
+				e->dead = e->lost = 1;
 				snprintf(e->why, sizeof e->why, "its daemon was lost");
 			}
 		free(dp);
 	}
 	pthread_mutex_unlock(&N.lock);
 
-	TAILQ_FOREACH(e, &N.eps, link)
-		if (e->dead && e->ep)
+	TAILQ_FOREACH(e, &N.eps, link) {
+		if (!e->ep || e->closing)
+			continue;
+		if (e->failed)
 			ep_kill(e, e->why);
+		else if (e->lost && !e->busy)
+			ep_close_gently(e);
+	}
 }
 
 /* --- staging buffers (net thread only) --------------------------------------------- */
@@ -361,7 +407,8 @@ static void buf_trim(void)
 
 /* --- requests ---------------------------------------------------------------------- */
 
-static int add_req(struct net_task *nt, void *h, int recv, size_t want, size_t *got, int node)
+static int add_req(struct net_task *nt, void *h, const void *buf, int recv, size_t want,
+		   size_t *got, int node)
 {
 	if (nt->nreq == nt->cap) {
 		int cap = nt->cap ? nt->cap * 2 : 8;
@@ -372,7 +419,9 @@ static int add_req(struct net_task *nt, void *h, int recv, size_t want, size_t *
 		nt->reqs = r;
 		nt->cap = cap;
 	}
-	nt->reqs[nt->nreq++] = (struct nreq){ h, recv, want, got, node };
+	nt->reqs[nt->nreq++] = (struct nreq){ h, buf, recv, want, got, node };
+	if (!recv)
+		nt->ep[node]->busy++;
 	return 0;
 }
 
@@ -412,7 +461,7 @@ static void post_send(struct net_task *nt, int k, uint64_t tag, const void *buf,
 	if (UCS_PTR_IS_ERR(r) && (nt->fatal = 1))
 		fail(nt, COMM_ERR_PEER_LOST, "send to node %s: %s", node_name(nt, k),
 		     ucs_status_string(UCS_PTR_STATUS(r)));
-	else if (r && add_req(nt, r, 0, 0, NULL, k) < 0) {
+	else if (r && add_req(nt, r, buf, 0, 0, NULL, k) < 0) {
 		/* UCX reads buf until the send ends: wait for it here rather than lose it */
 		while (ucp_request_check_status(r) == UCS_INPROGRESS)
 			ucp_worker_progress(N.worker);
@@ -434,7 +483,7 @@ static void post_recv_any(struct net_task *nt, uint64_t tag, void *buf, size_t l
 	r = ucp_tag_recv_nbx(N.worker, buf, len, tag, ~0ull, &rp);
 	if (UCS_PTR_IS_ERR(r) && (nt->fatal = 1))
 		fail(nt, COMM_ERR_INTERNAL, "UCX receive: %s", ucs_status_string(UCS_PTR_STATUS(r)));
-	else if (add_req(nt, r, 1, want, got, -1) < 0) {
+	else if (add_req(nt, r, buf, 1, want, got, -1) < 0) {
 		ucp_request_cancel(N.worker, r);
 		while (ucp_request_check_status(r) == UCS_INPROGRESS)
 			ucp_worker_progress(N.worker);
@@ -475,6 +524,8 @@ static int reap(struct net_task *nt)
 			     info.length, q->want);
 		else if (q->got)
 			*q->got = info.length;
+		if (!q->recv)
+			nt->ep[q->node]->busy--;
 		ucp_request_free(q->h);
 		*q = nt->reqs[--nt->nreq];
 	}
@@ -1090,12 +1141,103 @@ static void start_task(struct net_task *nt)
 		finish(nt);
 }
 
+/* Whether buf lies in one of nt's staging buffers (not in a rank's memory, nor in nt). */
+static int staged(const struct net_task *nt, const void *buf)
+{
+	const uint8_t *b = buf;
+
+	return (nt->nb && b >= nt->nb && b < nt->nb + nt->nb_cap) ||
+	       (nt->sbuf && b >= nt->sbuf && b < nt->sbuf + nt->sbuf_cap) ||
+	       (nt->rbuf && b >= nt->rbuf && b < nt->rbuf + nt->rbuf_cap) ||
+	       (nt->hbuf && b >= nt->hbuf && b < nt->hbuf + (size_t)nt->nn * HSLOT);
+}
+
+/*
+ * Hand a stopping task's requests, and the staging buffers they use, to a
+ * leftover that outlives the task. 0, or -1 when one of them uses memory
+ * the task does not own (a rank's buffer, the task's own header).
+ */
+static int leftover_take(struct net_task *nt)
+{
+	struct leftover *lo;
+
+	for (int i = 0; i < nt->nreq; i++)
+		if (!staged(nt, nt->reqs[i].buf))
+			return -1;
+	if (!(lo = calloc(1, sizeof *lo)) || !(lo->h = calloc((size_t)nt->nreq, sizeof *lo->h)) ||
+	    !(lo->ep = calloc((size_t)nt->nreq, sizeof *lo->ep))) {
+		if (lo)
+			free(lo->h);
+		free(lo);
+		return -1;
+	}
+	for (int i = 0; i < nt->nreq; i++) {
+		lo->h[i] = nt->reqs[i].h;
+		lo->ep[i] = nt->reqs[i].recv ? NULL : nt->ep[nt->reqs[i].node];
+	}
+	lo->n = nt->nreq;
+	lo->bufs[0] = nt->nb, lo->caps[0] = nt->nb_cap;
+	lo->bufs[1] = nt->sbuf, lo->caps[1] = nt->sbuf_cap;
+	lo->bufs[2] = nt->rbuf, lo->caps[2] = nt->rbuf_cap;
+	lo->bufs[3] = nt->hbuf; /* not from the cache */
+	nt->nb = nt->sbuf = nt->rbuf = nt->hbuf = NULL;
+	nt->nreq = 0;
+	TAILQ_INSERT_TAIL(&N.leftovers, lo, link);
+	return 0;
+}
+
+/* Free what UCX has ended of the leftovers; all of them when force (commd is stopping). */
+static void leftovers_reap(int force)
+{
+	struct leftover *lo, *tmp;
+
+	TAILQ_FOREACH_SAFE(lo, &N.leftovers, link, tmp) {
+		for (int i = 0; i < lo->n;) {
+			if (!force && ucp_request_check_status(lo->h[i]) == UCS_INPROGRESS) {
+				i++;
+				continue;
+			}
+			if (force) { /* the endpoints are closed: what is left ends, or the worker goes */
+				ucp_request_cancel(N.worker, lo->h[i]);
+				for (int k = 0; k < 1000 && ucp_request_check_status(lo->h[i]) ==
+								UCS_INPROGRESS; k++)
+					ucp_worker_progress(N.worker);
+			}
+			if (lo->ep[i])
+				lo->ep[i]->busy--;
+			ucp_request_free(lo->h[i]);
+			lo->h[i] = lo->h[lo->n - 1];
+			lo->ep[i] = lo->ep[--lo->n];
+		}
+		if (lo->n)
+			continue;
+		for (int b = 0; b < 3; b++)
+			buf_put(lo->bufs[b], lo->caps[b]);
+		free(lo->bufs[3]);
+		free(lo->h);
+		free(lo->ep);
+		TAILQ_REMOVE(&N.leftovers, lo, link);
+		free(lo);
+	}
+}
+
+/* Whether every send nt still waits for is to a node that is gone. */
+static int sends_to_dead_only(const struct net_task *nt)
+{
+	for (int i = 0; i < nt->nreq; i++)
+		if (!nt->reqs[i].recv && !nt->ep[nt->reqs[i].node]->dead)
+			return 0;
+	return 1;
+}
+
 /*
  * Advance nt if its step has completed; stopping tasks wind down. 1 when nt
  * finished: it is the loop thread's then, and may be freed already.
  */
 static int advance(struct net_task *nt, uint64_t now)
 {
+	int idle;
+
 	/* acquire: cancel_code and cancel_detail were written before cancel */
 	if (nt->status == COMM_OK && __atomic_load_n(&nt->cancel, __ATOMIC_ACQUIRE))
 		fail(nt, nt->cancel_code, "%s", nt->cancel_detail);
@@ -1107,13 +1249,24 @@ static int advance(struct net_task *nt, uint64_t now)
 			if (nt->reqs[i].recv)
 				ucp_request_cancel(N.worker, nt->reqs[i].h);
 	}
-	if (nt->stopping && nt->nreq && (N.stop || now - nt->stop_ms >= CANCEL_FORCE_MS)) {
-		/* a send to a node that neither takes it nor fails: give up on that node */
-		for (int i = 0; i < nt->nreq; i++)
-			if (!nt->reqs[i].recv && nt->ep[nt->reqs[i].node])
-				ep_kill(nt->ep[nt->reqs[i].node], "a stopped op's sends did not finish");
+	idle = reap(nt);
+	if (!idle && nt->stopping &&
+	    (N.stop || now - nt->stop_ms >= CANCEL_FORCE_MS || sends_to_dead_only(nt))) {
+		/*
+		 * Requests a node neither ends nor fails: left to UCX, with their
+		 * buffers, where the task owns those; else that node is given up
+		 */
+		if (!N.stop && leftover_take(nt) == 0) {
+			idle = 1;
+		} else {
+			for (int i = 0; i < nt->nreq; i++)
+				if (!nt->reqs[i].recv && nt->ep[nt->reqs[i].node])
+					ep_kill(nt->ep[nt->reqs[i].node],
+						"a stopped op's sends did not finish");
+			idle = reap(nt);
+		}
 	}
-	if (!reap(nt))
+	if (!idle)
 		return 0;
 	if (nt->status != COMM_OK || (nt->t->peer >= 0 ? p2p_step(nt) : coll_step(nt)) ||
 	    (nt->nreq == 0 && nt->status != COMM_OK)) {
@@ -1123,11 +1276,22 @@ static int advance(struct net_task *nt, uint64_t now)
 	return 0;
 }
 
-/* Late messages to freed slots: received and thrown away. */
+/* Late messages to freed slots: received and thrown away. Leftovers and closes that ended: freed. */
 static void drain(uint64_t now)
 {
 	struct dead_slot *ds, *dt;
 	struct discard *dc, *dct;
+	struct nep *e;
+
+	leftovers_reap(0);
+	TAILQ_FOREACH(e, &N.eps, link)
+		if (e->closing && ucp_request_check_status(e->closing) != UCS_INPROGRESS) {
+			log_debug("net: an endpoint to a lost daemon closed: %s",
+				  ucs_status_string(ucp_request_check_status(e->closing)));
+			ucp_request_free(e->closing);
+			e->closing = NULL;
+			e->ep = NULL;
+		}
 
 	TAILQ_FOREACH_SAFE(dc, &N.discards, link, dct) {
 		if (ucp_request_check_status(dc->h) == UCS_INPROGRESS)
@@ -1499,6 +1663,7 @@ static void close_async(uv_handle_t *h)
 void net_stop(void)
 {
 	struct nep *e;
+	int stuck = 0;
 
 	if (N.running) {
 		pthread_mutex_lock(&N.lock);
@@ -1555,15 +1720,43 @@ void net_stop(void)
 		TAILQ_REMOVE(&N.lost, dp, link);
 		free(dp);
 	}
-	while ((e = TAILQ_FIRST(&N.eps))) {
+	/* closes under way (a flush cannot be forced): the peers get a while to answer */
+	for (uint64_t t0 = now_ms(); N.worker && now_ms() - t0 < CLOSE_WAIT_MS;) {
+		int open = 0;
+
+		ucp_worker_progress(N.worker);
+		TAILQ_FOREACH(e, &N.eps, link)
+			if (e->closing && ucp_request_check_status(e->closing) != UCS_INPROGRESS) {
+				ucp_request_free(e->closing);
+				e->closing = NULL;
+				e->ep = NULL;
+			} else if (e->closing) {
+				open++;
+			}
+		if (!open)
+			break;
+	}
+	TAILQ_FOREACH(e, &N.eps, link) {
+		if (e->closing) {
+			/* UCX asserts on an endpoint still closing when its worker goes */
+			log_warn("net: an endpoint to a lost daemon is still closing: UCX is left "
+				 "for the exit to release");
+			stuck = 1;
+			ucp_request_free(e->closing);
+			e->closing = NULL;
+			e->ep = NULL;
+		}
 		ep_kill(e, "commd is stopping");
+	}
+	leftovers_reap(1);
+	while ((e = TAILQ_FIRST(&N.eps))) {
 		TAILQ_REMOVE(&N.eps, e, link);
 		free(e->addr);
 		free(e);
 	}
-	if (N.worker)
+	if (N.worker && !stuck)
 		ucp_worker_destroy(N.worker);
-	if (N.ctx)
+	if (N.ctx && !stuck)
 		ucp_cleanup(N.ctx);
 	N.worker = NULL;
 	N.ctx = NULL;
