@@ -45,6 +45,8 @@
 #define SLOT_QUARANTINE_MS 30000 /* a freed slot's late messages are drained this long */
 #define CANCEL_FORCE_MS 2000     /* a stopped task's sends get this long, then the ep goes */
 #define CLOSE_WAIT_MS 1000       /* at stop, endpoints closing with a flush get this long */
+/* a leftover's sends are ended by force before the receiver's slot could be used again */
+#define LEFTOVER_MAX_MS (SLOT_QUARANTINE_MS - 5000)
 #define HDR_MAGIC 0x636f6d6du
 #define SPIN_US 50               /* polling after the last event, before sleeping */
 #define BUF_CACHE_MAX (1ull << 30) /* staging buffers kept for the next ops */
@@ -158,6 +160,7 @@ struct discard {
  */
 struct leftover {
 	TAILQ_ENTRY(leftover) link;
+	uint64_t since_ms;
 	int n;
 	void **h;
 	struct nep **ep;          /* [n]: a send's endpoint, NULL for a recv */
@@ -1146,18 +1149,21 @@ static int staged(const struct net_task *nt, const void *buf)
 {
 	const uint8_t *b = buf;
 
-	return (nt->nb && b >= nt->nb && b < nt->nb + nt->nb_cap) ||
-	       (nt->sbuf && b >= nt->sbuf && b < nt->sbuf + nt->sbuf_cap) ||
-	       (nt->rbuf && b >= nt->rbuf && b < nt->rbuf + nt->rbuf_cap) ||
-	       (nt->hbuf && b >= nt->hbuf && b < nt->hbuf + (size_t)nt->nn * HSLOT);
+	/* the end itself too: an empty piece's send may point there */
+	return (nt->nb && b >= nt->nb && b <= nt->nb + nt->nb_cap) ||
+	       (nt->sbuf && b >= nt->sbuf && b <= nt->sbuf + nt->sbuf_cap) ||
+	       (nt->rbuf && b >= nt->rbuf && b <= nt->rbuf + nt->rbuf_cap) ||
+	       (nt->hbuf && b >= nt->hbuf && b <= nt->hbuf + (size_t)nt->nn * HSLOT);
 }
 
 /*
  * Hand a stopping task's requests, and the staging buffers they use, to a
  * leftover that outlives the task. 0, or -1 when one of them uses memory
- * the task does not own (a rank's buffer, the task's own header).
+ * the task does not own (a rank's buffer, the task's own header). A send
+ * handed over may never arrive: the job must fail (fatal), as when its
+ * endpoint is closed by force.
  */
-static int leftover_take(struct net_task *nt)
+static int leftover_take(struct net_task *nt, uint64_t now)
 {
 	struct leftover *lo;
 
@@ -1174,7 +1180,9 @@ static int leftover_take(struct net_task *nt)
 	for (int i = 0; i < nt->nreq; i++) {
 		lo->h[i] = nt->reqs[i].h;
 		lo->ep[i] = nt->reqs[i].recv ? NULL : nt->ep[nt->reqs[i].node];
+		nt->fatal |= !nt->reqs[i].recv;
 	}
+	lo->since_ms = now;
 	lo->n = nt->nreq;
 	lo->bufs[0] = nt->nb, lo->caps[0] = nt->nb_cap;
 	lo->bufs[1] = nt->sbuf, lo->caps[1] = nt->sbuf_cap;
@@ -1186,12 +1194,19 @@ static int leftover_take(struct net_task *nt)
 	return 0;
 }
 
-/* Free what UCX has ended of the leftovers; all of them when force (commd is stopping). */
-static void leftovers_reap(int force)
+/*
+ * Free what UCX has ended of the leftovers; all of them when force (commd
+ * is stopping). Sends left too long: their endpoints are closed by force.
+ */
+static void leftovers_reap(int force, uint64_t now)
 {
 	struct leftover *lo, *tmp;
 
 	TAILQ_FOREACH_SAFE(lo, &N.leftovers, link, tmp) {
+		if (!force && now - lo->since_ms >= LEFTOVER_MAX_MS)
+			for (int i = 0; i < lo->n; i++)
+				if (lo->ep[i])
+					ep_kill(lo->ep[i], "sends of a stopped op not taken in time");
 		for (int i = 0; i < lo->n;) {
 			if (!force && ucp_request_check_status(lo->h[i]) == UCS_INPROGRESS) {
 				i++;
@@ -1256,7 +1271,7 @@ static int advance(struct net_task *nt, uint64_t now)
 		 * Requests a node neither ends nor fails: left to UCX, with their
 		 * buffers, where the task owns those; else that node is given up
 		 */
-		if (!N.stop && leftover_take(nt) == 0) {
+		if (!N.stop && leftover_take(nt, now) == 0) {
 			idle = 1;
 		} else {
 			for (int i = 0; i < nt->nreq; i++)
@@ -1283,7 +1298,7 @@ static void drain(uint64_t now)
 	struct discard *dc, *dct;
 	struct nep *e;
 
-	leftovers_reap(0);
+	leftovers_reap(0, now);
 	TAILQ_FOREACH(e, &N.eps, link)
 		if (e->closing && ucp_request_check_status(e->closing) != UCS_INPROGRESS) {
 			log_debug("net: an endpoint to a lost daemon closed: %s",
@@ -1748,7 +1763,8 @@ void net_stop(void)
 		}
 		ep_kill(e, "commd is stopping");
 	}
-	leftovers_reap(1);
+	leftovers_reap(1, now_ms());
+	buf_trim(); /* the leftovers' buffers went back to the cache */
 	while ((e = TAILQ_FIRST(&N.eps))) {
 		TAILQ_REMOVE(&N.eps, e, link);
 		free(e->addr);
