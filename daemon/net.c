@@ -1770,12 +1770,14 @@ void net_stop(void)
 		free(e->addr);
 		free(e);
 	}
-	if (N.worker && !stuck)
-		ucp_worker_destroy(N.worker);
-	if (N.ctx && !stuck)
-		ucp_cleanup(N.ctx);
-	N.worker = NULL;
-	N.ctx = NULL;
+	if (!stuck) { /* else kept, reachable, for the exit to release */
+		if (N.worker)
+			ucp_worker_destroy(N.worker);
+		if (N.ctx)
+			ucp_cleanup(N.ctx);
+		N.worker = NULL;
+		N.ctx = NULL;
+	}
 	if (N.wake_fd >= 0)
 		close(N.wake_fd);
 	if (N.ep_fd >= 0)
