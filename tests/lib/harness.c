@@ -75,7 +75,33 @@ int th_free_port(void)
 	return port;
 }
 
-/* th_daemon_start's work; peer: --peer-listen at a free port of 127.0.0.1. */
+/*
+ * The address the daemon's peer listener took, from its log line "peer
+ * listener on HOST:PORT (...)", into d->peer. 0 or -1.
+ */
+static int learn_peer(struct th_daemon *d)
+{
+	char line[1024];
+	FILE *f = fopen(d->log, "r");
+	int rc = -1;
+
+	if (!f)
+		return -1;
+	while (rc && fgets(line, sizeof line, f)) {
+		const char *p = strstr(line, "peer listener on ");
+
+		if (p && sscanf(p + strlen("peer listener on "), "%63s", d->peer) == 1)
+			rc = 0;
+	}
+	fclose(f);
+	return rc;
+}
+
+/*
+ * th_daemon_start's work; peer: --peer-listen on 127.0.0.1, at a port the
+ * kernel picks when the daemon binds (one picked before could be taken by
+ * then by another test running beside this one).
+ */
 static int daemon_start_args(struct th_daemon *d, int peer, const char *const *args)
 {
 	struct sockaddr_un sa = { .sun_family = AF_UNIX };
@@ -86,13 +112,6 @@ static int daemon_start_args(struct th_daemon *d, int peer, const char *const *a
 
 	memset(d, 0, sizeof *d);
 	d->notify_fd = -1;
-	if (peer) {
-		int port = th_free_port();
-
-		if (port < 0)
-			return -1;
-		snprintf(d->peer, sizeof d->peer, "127.0.0.1:%d", port);
-	}
 	if (!commd)
 		commd = "./daemon/commd";
 	snprintf(d->dir, sizeof d->dir, "/tmp/commd-test-XXXXXX");
@@ -125,7 +144,7 @@ static int daemon_start_args(struct th_daemon *d, int peer, const char *const *a
 	argv[argc++] = d->sock;
 	if (peer) {
 		argv[argc++] = "--peer-listen";
-		argv[argc++] = d->peer;
+		argv[argc++] = "127.0.0.1:0";
 	}
 	for (; args && *args && argc < MAX_ARGS - 1; args++)
 		argv[argc++] = (char *)*args;
@@ -162,6 +181,12 @@ static int daemon_start_args(struct th_daemon *d, int peer, const char *const *a
 				buf[n] = '\0';
 				if (strstr(buf, "READY=1")) {
 					snprintf(d->ready, sizeof d->ready, "%s", buf);
+					if (peer && learn_peer(d) < 0) {
+						fprintf(stderr, "harness: commd logged no peer "
+								"listener\n");
+						th_daemon_dump_log(d);
+						return -1;
+					}
 					return 0;
 				}
 			}
