@@ -1170,10 +1170,10 @@ static int single_device(const struct plan *p)
 static int write_flags(const struct plan *p, int flag_stream, int wait)
 {
 	for (int i = 0; i < p->nflags; i++) {
-		struct dev *x = &w.dev[p->flag_dev[i]];
+		int d = p->flag_dev[i];
+		struct dev *x = &w.dev[d];
 
-		if (dev_ready(p->flag_dev[i]) ||
-		    cuda_check(cudaSetDevice(p->flag_dev[i]), "cudaSetDevice") ||
+		if (dev_ready(d) || cuda_check(cudaSetDevice(d), "cudaSetDevice") ||
 		    cu_check(drv.write_value((CUstream)(flag_stream ? x->flags : x->stream),
 					     (CUdeviceptr)(uintptr_t)p->flag[i], p->flags[i].value,
 					     CU_STREAM_WRITE_VALUE_DEFAULT),

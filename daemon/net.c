@@ -318,6 +318,26 @@ static void ep_close_gently(struct nep *e)
 		e->ep = NULL;
 }
 
+/* The endpoint's flush close is over for us: its request freed (UCX ends it, or the worker). */
+static void ep_close_release(struct nep *e)
+{
+	ucp_request_free(e->closing);
+	e->closing = NULL;
+	e->ep = NULL;
+}
+
+/* Whether e's flush close is under way still; released once it ended. */
+static int ep_closing(struct nep *e)
+{
+	ucs_status_t st;
+
+	if (!e->closing || (st = ucp_request_check_status(e->closing)) == UCS_INPROGRESS)
+		return e->closing != NULL;
+	log_debug("net: an endpoint to a lost daemon closed: %s", ucs_status_string(st));
+	ep_close_release(e);
+	return 0;
+}
+
 /*
  * Endpoints whose daemon the control plane lost stop taking sends, and are
  * closed gently once idle; one that UCX failed is closed at once (outside
@@ -1300,13 +1320,7 @@ static void drain(uint64_t now)
 
 	leftovers_reap(0, now);
 	TAILQ_FOREACH(e, &N.eps, link)
-		if (e->closing && ucp_request_check_status(e->closing) != UCS_INPROGRESS) {
-			log_debug("net: an endpoint to a lost daemon closed: %s",
-				  ucs_status_string(ucp_request_check_status(e->closing)));
-			ucp_request_free(e->closing);
-			e->closing = NULL;
-			e->ep = NULL;
-		}
+		ep_closing(e);
 
 	TAILQ_FOREACH_SAFE(dc, &N.discards, link, dct) {
 		if (ucp_request_check_status(dc->h) == UCS_INPROGRESS)
@@ -1741,13 +1755,7 @@ void net_stop(void)
 
 		ucp_worker_progress(N.worker);
 		TAILQ_FOREACH(e, &N.eps, link)
-			if (e->closing && ucp_request_check_status(e->closing) != UCS_INPROGRESS) {
-				ucp_request_free(e->closing);
-				e->closing = NULL;
-				e->ep = NULL;
-			} else if (e->closing) {
-				open++;
-			}
+			open += ep_closing(e);
 		if (!open)
 			break;
 	}
@@ -1757,9 +1765,7 @@ void net_stop(void)
 			log_warn("net: an endpoint to a lost daemon is still closing: UCX is left "
 				 "for the exit to release");
 			stuck = 1;
-			ucp_request_free(e->closing);
-			e->closing = NULL;
-			e->ep = NULL;
+			ep_close_release(e);
 		}
 		ep_kill(e, "commd is stopping");
 	}
