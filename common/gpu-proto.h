@@ -9,13 +9,21 @@
  *
  * Flow: commd sends HELLO first; the worker answers HELLO_REPLY (status
  * COMM_OK, or why it cannot serve: no driver, no device) and then serves
- * MEM_OPEN (answered by MEM_OPENED), MEM_CLOSE (no answer) and OP
- * (answered by OP_DONE once the results are in the ranks' memory and the
- * op's done flags are written), in the order they come. commd may send
- * the next OPs of a job before the earlier ones are answered: the worker
- * queues those on one device behind each other and answers the OPs in the
- * order they came. EOF on the socket: the worker releases everything and
- * exits 0.
+ * MEM_OPEN (answered by MEM_OPENED), MEM_CLOSE (no answer), WORLD (no
+ * answer) and OP (answered by OP_DONE once the results are in the ranks'
+ * memory and the op's done flags are written), in the order they come.
+ * commd may send the next OPs of a job before the earlier ones are
+ * answered: the worker queues those on one device behind each other and
+ * answers the OPs in the order they came. EOF on the socket: the worker
+ * releases everything and exits 0.
+ *
+ * A job spread over several daemons has a worker on each node, and one
+ * NCCL communicator across them, one NCCL rank per node (its index in the
+ * job's node order). Node 0's worker makes the ncclUniqueId when its hello
+ * says the job spans nodes, and sends it in NCCL_ID after HELLO_REPLY; the
+ * daemons pass it on with their verdicts on each device collective
+ * (net.c), and each daemon sends its worker WORLD (the id, and every
+ * rank's node) before its first op across nodes.
  *
  * `commd-gpu --probe` instead prints one line about the node's GPUs
  * ("2 devices (...)" or "unavailable: why") and exits 0 when a GPU works.
@@ -26,13 +34,16 @@
 #include <stdint.h>
 #include <stdio.h>
 
-#define GPU_PROTO_VERSION 2
+#define GPU_PROTO_VERSION 3
 #define GPU_WORKER_FD 3          /* the worker's end of the socketpair */
 #define GPU_HANDLE_BYTES 64      /* cudaIpcMemHandle_t, cudaIpcEventHandle_t */
 #define GPU_UUID_LEN 48          /* "GPU-" + 36 characters + NUL, rounded up */
 #define GPU_DETAIL 256
 #define GPU_JOB_NAME 256
 #define GPU_OP_MAX_RANKS 256     /* ranks of one job one op may span on a node */
+#define GPU_WORLD_MAX_RANKS 4096 /* ranks of a job whose device ops span nodes */
+#define GPU_NCCL_ID_BYTES 128    /* ncclUniqueId */
+/* the longest message: an op (a WORLD message is shorter, gpu-worker.c checks) */
 #define GPU_MSG_MAX \
 	(sizeof(struct gpu_op) + GPU_OP_MAX_RANKS * (sizeof(struct gpu_op_rank) + sizeof(struct gpu_flag)))
 
@@ -44,6 +55,8 @@ enum gpu_msg_type {
 	GPU_MSG_MEM_CLOSE = 5,   /* commd -> worker: struct gpu_mem_close, no answer */
 	GPU_MSG_OP = 6,          /* commd -> worker: struct gpu_op with n ranks */
 	GPU_MSG_OP_DONE = 7,     /* worker -> commd: struct gpu_status, id = the op's id */
+	GPU_MSG_WORLD = 8,       /* commd -> worker: struct gpu_world with world nodes */
+	GPU_MSG_NCCL_ID = 9,     /* worker -> commd: struct gpu_nccl_id, after HELLO_REPLY */
 };
 
 /* Memory kinds, as proto MemKind. */
@@ -61,6 +74,8 @@ struct gpu_hello {
 	struct gpu_hdr h;
 	char job[GPU_JOB_NAME];  /* for the worker's log lines */
 	uint32_t world;
+	uint32_t nnodes;         /* the job's daemons (1: this one only) */
+	uint32_t node;           /* this daemon's index among them */
 	uint32_t pad;
 };
 
@@ -71,6 +86,26 @@ struct gpu_status {
 	int32_t status;          /* comm_result_t */
 	uint32_t pad;
 	char detail[GPU_DETAIL]; /* NUL-terminated; "" when status is COMM_OK */
+};
+
+/* NCCL_ID: node 0's id for the job's communicator, or (status) why there is none. */
+struct gpu_nccl_id {
+	struct gpu_status st;
+	uint8_t nccl_id[GPU_NCCL_ID_BYTES];
+};
+
+/*
+ * The job over several nodes, sent once before its first op across them:
+ * world ranks, node_of[r] the node of rank r, and node 0's ncclUniqueId.
+ */
+struct gpu_world {
+	struct gpu_hdr h;
+	uint32_t world;
+	uint32_t nnodes;
+	uint32_t node;
+	uint32_t pad;
+	uint8_t nccl_id[GPU_NCCL_ID_BYTES];
+	uint16_t node_of[];
 };
 
 /*
@@ -103,7 +138,7 @@ struct gpu_op_rank {
 	uint64_t recv_mem, recv_off;
 	uint8_t ready_event[GPU_HANDLE_BYTES]; /* cudaIpcEventHandle_t to wait for */
 	uint32_t has_event;
-	uint32_t pad;
+	uint32_t grank;          /* the rank's number in the job (ops across nodes) */
 };
 
 /*
@@ -130,6 +165,11 @@ struct gpu_flag {
  * values. Outputs may alias inputs (in place); the results are those of the
  * inputs as they were before the op. Float reductions over ranks on one
  * device combine in rank order, like the host backend.
+ *
+ * world > 0: an op across nodes, after WORLD. rank[] holds this node's
+ * ranks, each with its grank; n above stands for world (blocks, AVG's
+ * divisor), and root is a grank. Every node's worker gets the op, and NCCL
+ * carries what crosses nodes. SEND is not one of these.
  */
 struct gpu_op {
 	struct gpu_hdr h;
@@ -141,6 +181,8 @@ struct gpu_op {
 	uint64_t count;          /* elements per rank block */
 	uint32_t n;              /* entries in rank[] */
 	uint32_t nflags;         /* struct gpu_flag entries after rank[n] */
+	uint32_t world;          /* 0: the ranks are all on this node */
+	uint32_t pad;
 	struct gpu_op_rank rank[];
 };
 

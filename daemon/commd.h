@@ -180,6 +180,11 @@ int gpu_task_on_device(const struct task *t, char *err, size_t errlen);
  * when it failed at once (t->status and t->detail say why).
  */
 int be_gpu_run(struct task *t);
+/*
+ * A device op across daemons, before its verdicts: fail t (status, detail)
+ * when this node cannot run its part on the job's worker.
+ */
+void gpu_net_check(struct task *t);
 /* The oldest (newest: the newest) op on the job's worker, or NULL. */
 struct task *gpu_job_task(struct job *j, int newest);
 /* The job failed: a worker stuck in an op is killed, so the op ends. */
@@ -217,6 +222,8 @@ struct dist {
 	int self;              /* our index in nodes */
 	struct dist_node *nodes;
 	int *node_of;          /* by rank: its node's index */
+	uint8_t nccl_id[128];  /* the job's NCCL communicator's (gpu-proto.h), once has_nccl_id */
+	int has_nccl_id;
 	uint32_t **sent;       /* [a][b], a here: messages rank a sent to rank b */
 	uint32_t **rcvd;       /* [b][a], b here: messages rank b received from rank a */
 };
@@ -666,6 +673,7 @@ struct task {
 	char detail[256];      /* why, when it failed */
 	int gpu;               /* on device memory: runs on the job's GPU worker */
 	int net;               /* across daemons: runs on the data plane (net.c) */
+	int device;            /* net, on device memory: after the verdicts, on the GPU worker */
 	uint64_t cseq;         /* net: the collective's number, or the message's index */
 	int peer;              /* net send/recv: the rank on the other node */
 	int local;             /* net send/recv: the rank here */

@@ -352,11 +352,11 @@ static void start(struct job *j, struct task *t)
 	j->tasks_out++;
 	t->started_ms = now_ms();
 	if (t->net) {
-		if (dev)
-			snprintf(t->detail, sizeof t->detail,
-				 "device memory across daemons is not supported yet");
-		if (dev && t->status == COMM_OK)
+		t->device = dev > 0;
+		if (dev < 0 && t->status == COMM_OK)
 			t->status = COMM_ERR_UNSUPPORTED;
+		else if (dev > 0 && t->status == COMM_OK)
+			gpu_net_check(t);
 		be_net_run(t);
 		return;
 	}

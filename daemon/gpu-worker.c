@@ -43,6 +43,9 @@
 
 _Static_assert(sizeof(cudaIpcMemHandle_t) == GPU_HANDLE_BYTES, "IPC memory handle size");
 _Static_assert(sizeof(cudaIpcEventHandle_t) == GPU_HANDLE_BYTES, "IPC event handle size");
+_Static_assert(sizeof(ncclUniqueId) == GPU_NCCL_ID_BYTES, "NCCL id size");
+_Static_assert(sizeof(struct gpu_world) + GPU_WORLD_MAX_RANKS * sizeof(uint16_t) <= GPU_MSG_MAX,
+	       "a WORLD message fits a packet");
 
 struct dev {
 	int ready;             /* stream and mark exist */
@@ -93,6 +96,13 @@ static struct {
 	int nccl_n;              /* devices in the communicator; 0: none yet */
 	int nccl_dev[MAX_DEVICES];
 	ncclComm_t nccl[MAX_DEVICES];
+	/* a job over several nodes (WORLD): one NCCL rank per node, on device wdev */
+	uint32_t world, nnodes, node;
+	uint16_t node_of[GPU_WORLD_MAX_RANKS];
+	int lidx[GPU_WORLD_MAX_RANKS]; /* the current op's: a rank's index in it, or -1 */
+	uint8_t nccl_id[GPU_NCCL_ID_BYTES];
+	ncclComm_t wcomm;        /* NULL until the first op across nodes */
+	int wdev;
 	struct queued q[MAX_QUEUED]; /* a ring: nq of them from qhead, oldest first */
 	size_t qhead, nq;
 	uint64_t spin_until;     /* now_us() before which the socket is polled */
@@ -191,24 +201,32 @@ static int nccl_check(ncclResult_t r, const char *call)
 	return -1;
 }
 
-static void reply(uint32_t type, uint64_t id, comm_result_t status, const char *detail)
+/* Send a status (or one that starts with one), filled in; exits when the socket fails. */
+static void send_status(struct gpu_status *s, size_t len, uint32_t type, uint64_t id,
+			comm_result_t status, const char *detail)
 {
-	struct gpu_status s;
 	ssize_t n;
 
-	memset(&s, 0, sizeof s);
-	s.h.type = type;
-	s.h.version = GPU_PROTO_VERSION;
-	s.id = id;
-	s.status = status;
-	snprintf(s.detail, sizeof s.detail, "%s", status == COMM_OK ? "" : detail);
+	s->h.type = type;
+	s->h.version = GPU_PROTO_VERSION;
+	s->id = id;
+	s->status = status;
+	snprintf(s->detail, sizeof s->detail, "%s", status == COMM_OK ? "" : detail);
 	do
-		n = send(GPU_WORKER_FD, &s, sizeof s, MSG_NOSIGNAL);
+		n = send(GPU_WORKER_FD, s, len, MSG_NOSIGNAL);
 	while (n < 0 && errno == EINTR);
-	if (n != (ssize_t)sizeof s) {
+	if (n != (ssize_t)len) {
 		wlog("send on fd %d: %s", GPU_WORKER_FD, n < 0 ? strerror(errno) : "short");
 		exit(GPU_WORKER_EXIT_PROTOCOL);
 	}
+}
+
+static void reply(uint32_t type, uint64_t id, comm_result_t status, const char *detail)
+{
+	struct gpu_status s;
+
+	memset(&s, 0, sizeof s);
+	send_status(&s, sizeof s, type, id, status, detail);
 }
 
 /* --- devices -------------------------------------------------------------------- */
@@ -548,23 +566,30 @@ static cudaEvent_t event_open(const uint8_t *handle, int dev)
 
 /* --- NCCL ------------------------------------------------------------------------- */
 
-/* -1 when a communicator failed (the detail says how), 1 while one is busy, else 0. */
+/* -1 when comm failed (the detail says how), 1 while it is busy, else 0. */
+static int comm_state(ncclComm_t comm, int dev, const char *what)
+{
+	ncclResult_t st = ncclSuccess, r = ncclCommGetAsyncError(comm, &st);
+
+	if (r != ncclSuccess)
+		st = r;
+	if (st == ncclInProgress)
+		return 1;
+	if (st == ncclSuccess)
+		return 0;
+	fail("%s: device %d: %s (%s)", what, dev, ncclGetErrorString(st), ncclGetLastError(comm));
+	return -1;
+}
+
+/* The same over every communicator: the devices' here, and the one across nodes. */
 static int nccl_state(const char *what)
 {
-	int busy = 0;
+	int busy = w.wcomm ? comm_state(w.wcomm, w.wdev, what) : 0;
 
-	for (int i = 0; i < w.nccl_n; i++) {
-		ncclResult_t st = ncclSuccess, r = ncclCommGetAsyncError(w.nccl[i], &st);
+	for (int i = 0; i < w.nccl_n && busy >= 0; i++) {
+		int st = comm_state(w.nccl[i], w.nccl_dev[i], what);
 
-		if (r != ncclSuccess)
-			st = r;
-		if (st == ncclInProgress) {
-			busy = 1;
-		} else if (st != ncclSuccess) {
-			fail("%s: device %d: %s (%s)", what, w.nccl_dev[i], ncclGetErrorString(st),
-			     ncclGetLastError(w.nccl[i]));
-			return -1;
-		}
+		busy = st < 0 ? st : busy | st;
 	}
 	return busy;
 }
@@ -591,6 +616,9 @@ static void nccl_abort(void)
 	for (int i = 0; i < w.nccl_n; i++)
 		ncclCommAbort(w.nccl[i]);
 	w.nccl_n = 0;
+	if (w.wcomm)
+		ncclCommAbort(w.wcomm);
+	w.wcomm = NULL;
 }
 
 /* Finalize (all, then wait: they finish together) and destroy the communicator. */
@@ -702,6 +730,9 @@ struct plan {
 	const struct gpu_op *op;
 	const struct op_spec *spec;
 	int n;
+	int world;                     /* op->world: the ranks here are some of world */
+	int nall;                      /* ranks in all: world, or n */
+	int wdev;                      /* world: the device the op runs on */
 	size_t block, in_len, out_len; /* bytes: one block, one input, one output */
 	uint8_t *in[GPU_OP_MAX_RANKS], *out[GPU_OP_MAX_RANKS];
 	int in_dev[GPU_OP_MAX_RANKS], out_dev[GPU_OP_MAX_RANKS];
@@ -721,7 +752,8 @@ static int plan_buf(struct plan *p, int r, int out)
 	uint64_t id = out ? x->recv_mem : x->send_mem, off = out ? x->recv_off : x->send_off;
 	size_t len = out ? p->out_len : p->in_len;
 	int need = out ? p->spec->out : p->spec->in;
-	int must = need == NEED_ALL || (need == NEED_ROOT && r == p->op->root);
+	int grank = p->world ? (int)p->op->rank[r].grank : r;
+	int must = need == NEED_ALL || (need == NEED_ROOT && grank == p->op->root);
 	const struct mem *m;
 
 	(out ? p->out : p->in)[r] = NULL;
@@ -773,6 +805,50 @@ static int plan_flags(struct plan *p)
 	return 0;
 }
 
+/*
+ * An op across nodes: its ranks' granks index lidx, and everything it
+ * touches here is on one device (wdev), the one the job's NCCL rank of
+ * this node is on. A node whose ranks give no buffer uses that device too.
+ */
+static int plan_world(struct plan *p)
+{
+	int d = -1;
+
+	if (!w.world || p->op->world != w.world) {
+		fail("an op across %u ranks, but WORLD said %u", p->op->world, w.world);
+		return -1;
+	}
+	for (uint32_t g = 0; g < w.world; g++)
+		w.lidx[g] = -1;
+	for (int r = 0; r < p->n; r++) {
+		uint32_t g = p->op->rank[r].grank;
+
+		if (g >= w.world || w.node_of[g] != w.node || w.lidx[g] >= 0) {
+			fail("rank %u is not one of this node's, or twice in the op", g);
+			return -1;
+		}
+		w.lidx[g] = r;
+	}
+	for (int e = 0; e < w.ndev; e++) {
+		if (!p->used[e])
+			continue;
+		if (d >= 0) {
+			fail("across nodes, a node's ranks use one device; these use %d and %d", d, e);
+			return -1;
+		}
+		d = e;
+	}
+	if (d < 0)
+		d = w.wcomm ? w.wdev : w.nmem ? w.mem[0].dev : 0;
+	if (w.wcomm && d != w.wdev) {
+		fail("across nodes, a node's ranks use one device: device %d, then %d", w.wdev, d);
+		return -1;
+	}
+	p->wdev = d;
+	p->used[d] = 1;
+	return 0;
+}
+
 /* Check op (commd did already: this is the second line) and resolve it into p. */
 static int plan_op(struct plan *p, const struct gpu_op *op, size_t nranks)
 {
@@ -781,14 +857,20 @@ static int plan_op(struct plan *p, const struct gpu_op *op, size_t nranks)
 	memset(p->used, 0, sizeof p->used);
 	p->op = op;
 	p->n = (int)op->n;
+	p->world = (int)op->world;
+	p->nall = p->world ? p->world : p->n;
 	p->nccl = 0;
 	if (op->n < 1 || op->n > GPU_OP_MAX_RANKS || op->n != nranks) {
 		fail("%u ranks in a packet that holds %zu (at most %d)", op->n, nranks,
 		     GPU_OP_MAX_RANKS);
 		return -1;
 	}
-	if (op->type == T(SEND) && op->n != 1) {
-		fail("a send spans 1 rank, not %u", op->n);
+	if (op->type == T(SEND) && (op->n != 1 || op->world)) {
+		fail("a send spans 1 rank on this node, not %u of %u", op->n, op->world);
+		return -1;
+	}
+	if (op->world && op->world < op->n) {
+		fail("%u ranks of a world of %u", op->n, op->world);
 		return -1;
 	}
 	if (!dtype_valid((int)op->dtype) || !redop_valid((int)op->redop)) {
@@ -796,13 +878,13 @@ static int plan_op(struct plan *p, const struct gpu_op *op, size_t nranks)
 		return -1;
 	}
 	if ((p->spec->in == NEED_ROOT || p->spec->out == NEED_ROOT) &&
-	    (op->root < 0 || op->root >= p->n)) {
-		fail("root %d is not one of %d ranks", op->root, p->n);
+	    (op->root < 0 || op->root >= p->nall)) {
+		fail("root %d is not one of %d ranks", op->root, p->nall);
 		return -1;
 	}
 	if (mul_overflow_size(op->count, es, &p->block) ||
-	    mul_overflow_size(p->block, p->spec->in_blocks ? op->n : 1, &p->in_len) ||
-	    mul_overflow_size(p->block, p->spec->out_blocks ? op->n : 1, &p->out_len) ||
+	    mul_overflow_size(p->block, p->spec->in_blocks ? (size_t)p->nall : 1, &p->in_len) ||
+	    mul_overflow_size(p->block, p->spec->out_blocks ? (size_t)p->nall : 1, &p->out_len) ||
 	    p->in_len > SIZE_MAX / 2 || p->out_len > SIZE_MAX / 2) {
 		fail("count %" PRIu64 " is too large", op->count);
 		return -1;
@@ -812,7 +894,7 @@ static int plan_op(struct plan *p, const struct gpu_op *op, size_t nranks)
 			return -1;
 	p->nflags = (int)op->nflags;
 	p->flags = (const struct gpu_flag *)&op->rank[op->n];
-	return plan_flags(p);
+	return plan_flags(p) || (p->world && plan_world(p)) ? -1 : 0;
 }
 
 /* Make every used stream wait for the client's events of all ranks. */
@@ -883,7 +965,7 @@ static int reduce_on(const struct plan *p, int d, enum gk_mode mode, size_t elem
 				in.p[k++] = p->in[r];
 	if (cuda_check(cudaSetDevice(d), "cudaSetDevice") ||
 	    cuda_check(gk_reduce(mode, (int)p->op->dtype, (int)p->op->redop, out, &in, k, elems,
-				 mode == GK_FINISH ? p->n : k, w.dev[d].stream),
+				 mode == GK_FINISH ? p->nall : k, w.dev[d].stream),
 		       "reduce kernel"))
 		return -1;
 	return 0;
@@ -1119,6 +1201,189 @@ static int op_copy(struct plan *p)
 	return rc;
 }
 
+/* --- ops across nodes: this node's part, NCCL between the nodes ----------------------- */
+
+/* The communicator across nodes on device d, made (by every node at once) on first use. */
+static int world_comm(int d)
+{
+	ncclConfig_t cfg = NCCL_CONFIG_INITIALIZER;
+	ncclUniqueId id;
+
+	if (w.wcomm)
+		return 0;
+	cfg.blocking = 0;
+	memcpy(&id, w.nccl_id, sizeof id);
+	if (cuda_check(cudaSetDevice(d), "cudaSetDevice") ||
+	    nccl_check(ncclCommInitRankConfig(&w.wcomm, (int)w.nnodes, id, (int)w.node, &cfg),
+		       "ncclCommInitRankConfig (across nodes)"))
+		return -1;
+	w.wdev = d;
+	wlog("NCCL rank %u of %u nodes on device %d", w.node, w.nnodes, d);
+	return nccl_settle("ncclCommInitRankConfig (across nodes)");
+}
+
+/* The NCCL calls since world_begin are issued: wait until they are on the stream. */
+static int world_end(struct plan *p, const char *what)
+{
+	p->nccl = 1;
+	return nccl_check(ncclGroupEnd(), "ncclGroupEnd") || nccl_settle(what) ? -1 : 0;
+}
+
+static int world_begin(const struct plan *p)
+{
+	return world_comm(p->wdev) || cuda_check(cudaSetDevice(p->wdev), "cudaSetDevice") ||
+			       nccl_check(ncclGroupStart(), "ncclGroupStart")
+		       ? -1
+		       : 0;
+}
+
+/*
+ * All-reduce, reduce and reduce-scatter: this node's inputs combined into
+ * accumulators, which NCCL all-reduces (reduces to the root's node); each
+ * node finishes its copy and writes its ranks' outputs (reduce-scatter:
+ * each rank's block). AVG divides by the whole world.
+ */
+static int world_reduce(struct plan *p)
+{
+	int rs = p->op->type == T(REDUCE_SCATTER), rd = p->op->type == T(REDUCE);
+	int d = p->wdev, home = rd ? w.node_of[p->op->root] : -1, rc;
+	size_t elems = p->op->count * (rs ? (size_t)p->nall : 1);
+	size_t acc = gk_acc_size((int)p->op->dtype) * elems;
+	struct dev *x = &w.dev[d];
+	ncclDataType_t type = nccl_type((int)p->op->dtype, (int)p->op->redop);
+	ncclRedOp_t op = nccl_op((int)p->op->redop);
+
+	if (scratch(d, acc + p->in_len) || reduce_on(p, d, GK_PARTIAL, elems, x->scratch, NULL) ||
+	    world_begin(p))
+		return -1;
+	rc = rd ? nccl_check(ncclReduce(x->scratch, x->scratch, elems, type, op, home, w.wcomm,
+					x->stream), "ncclReduce")
+		: nccl_check(ncclAllReduce(x->scratch, x->scratch, elems, type, op, w.wcomm,
+					   x->stream), "ncclAllReduce");
+	if (world_end(p, rd ? "ncclReduce" : "ncclAllReduce") || rc)
+		return -1;
+	if (rd && home != (int)w.node)
+		return 0;
+	if (reduce_on(p, d, GK_FINISH, elems, x->scratch + acc, x->scratch))
+		return -1;
+	for (int r = 0; r < p->n; r++)
+		if (p->out[r] &&
+		    copy(d, p->out[r], x->scratch + acc + (rs ? p->op->rank[r].grank * p->block : 0),
+			 p->out_len))
+			return -1;
+	return 0;
+}
+
+/* Broadcast: from the root's input on its node, into scratch on the others. */
+static int world_broadcast(struct plan *p)
+{
+	int d = p->wdev, home = w.node_of[p->op->root], rc;
+	uint8_t *buf;
+
+	if (home == (int)w.node) {
+		if (needs_staging(p) && stage_inputs(p))
+			return -1;
+		buf = p->in[w.lidx[p->op->root]];
+	} else {
+		if (scratch(d, p->block))
+			return -1;
+		buf = w.dev[d].scratch;
+	}
+	if (world_begin(p))
+		return -1;
+	rc = nccl_check(ncclBroadcast(buf, buf, p->block, ncclUint8, home, w.wcomm,
+				      w.dev[d].stream), "ncclBroadcast");
+	if (world_end(p, "ncclBroadcast") || rc)
+		return -1;
+	for (int r = 0; r < p->n; r++)
+		if (p->out[r] && copy(d, p->out[r], buf, p->block))
+			return -1;
+	return 0;
+}
+
+/*
+ * All-gather: every block into place in scratch, this node's from its
+ * ranks, the others' broadcast from their nodes (one broadcast per run of
+ * ranks on one node); then the whole to each rank.
+ */
+static int world_allgather(struct plan *p)
+{
+	int d = p->wdev, rc = 0;
+	uint8_t *all;
+
+	if (scratch(d, p->out_len))
+		return -1;
+	all = w.dev[d].scratch;
+	for (int r = 0; r < p->n; r++)
+		if (copy(d, all + p->op->rank[r].grank * p->block, p->in[r], p->block))
+			return -1;
+	if (world_begin(p))
+		return -1;
+	for (int g = 0, e; g < p->nall && !rc; g = e) {
+		for (e = g + 1; e < p->nall && w.node_of[e] == w.node_of[g]; e++)
+			;
+		rc = nccl_check(ncclBroadcast(all + g * p->block, all + g * p->block,
+					      (size_t)(e - g) * p->block, ncclUint8, w.node_of[g],
+					      w.wcomm, w.dev[d].stream), "ncclBroadcast");
+	}
+	if (world_end(p, "ncclBroadcast") || rc)
+		return -1;
+	for (int r = 0; r < p->n; r++)
+		if (p->out[r] && copy(d, p->out[r], all, p->out_len))
+			return -1;
+	return 0;
+}
+
+/*
+ * All-to-all: blocks between this node's ranks are copied; the others go
+ * by NCCL send and receive, issued in (sender, receiver) order on every
+ * node, so that each pair of nodes matches them up.
+ */
+static int world_alltoall(struct plan *p)
+{
+	int d = p->wdev, rc = 0;
+	size_t blk = p->block;
+
+	if (needs_staging(p) && stage_inputs(p))
+		return -1;
+	for (int s = 0; s < p->n; s++)
+		for (int r = 0; r < p->n; r++)
+			if (copy(d, p->out[r] + p->op->rank[s].grank * blk,
+				 p->in[s] + p->op->rank[r].grank * blk, blk))
+				return -1;
+	if (world_begin(p))
+		return -1;
+	for (int gs = 0; gs < p->nall && !rc; gs++) {
+		for (int gr = 0; gr < p->nall && !rc; gr++) {
+			int ls = w.lidx[gs], lr = w.lidx[gr];
+
+			if (ls >= 0 && lr < 0)
+				rc = nccl_check(ncclSend(p->in[ls] + gr * blk, blk, ncclUint8,
+							 w.node_of[gr], w.wcomm, w.dev[d].stream),
+						"ncclSend");
+			else if (ls < 0 && lr >= 0)
+				rc = nccl_check(ncclRecv(p->out[lr] + gs * blk, blk, ncclUint8,
+							 w.node_of[gs], w.wcomm, w.dev[d].stream),
+						"ncclRecv");
+		}
+	}
+	return world_end(p, "ncclSend/ncclRecv") || rc ? -1 : 0;
+}
+
+static int op_world(struct plan *p)
+{
+	switch (p->op->type) {
+	case T(BROADCAST):
+		return world_broadcast(p);
+	case T(ALLGATHER):
+		return world_allgather(p);
+	case T(ALLTOALL):
+		return world_alltoall(p);
+	default:
+		return world_reduce(p);
+	}
+}
+
 /* Wait for the op's streams; with NCCL work on them, watch the communicator too. */
 static int streams_wait(const struct plan *p)
 {
@@ -1193,7 +1458,11 @@ static int op_launch(struct plan *p)
 	for (int d = 0; d < w.ndev; d++)
 		if (p->used[d] && dev_ready(d))
 			return -1;
-	return plan_wait_events(p) || (p->spec->reduce ? op_reduce(p) : op_copy(p)) ? -1 : 0;
+	if (plan_wait_events(p))
+		return -1;
+	if (p->world)
+		return op_world(p);
+	return p->spec->reduce ? op_reduce(p) : op_copy(p);
 }
 
 /* Run p on several devices (or none) and wait for it; then write its flags. */
@@ -1291,6 +1560,23 @@ static void reap(size_t keep)
 
 /* --- requests ----------------------------------------------------------------------- */
 
+/* Node 0 of a job over several nodes: the id of its communicator, to commd. */
+static void send_nccl_id(void)
+{
+	struct gpu_nccl_id m;
+	ncclUniqueId id;
+	ncclResult_t r = ncclGetUniqueId(&id);
+
+	memset(&m, 0, sizeof m);
+	memcpy(m.nccl_id, &id, sizeof m.nccl_id);
+	w.err[0] = '\0';
+	nccl_check(r, "ncclGetUniqueId");
+	if (r != ncclSuccess)
+		wlog("%s", w.err);
+	send_status(&m.st, sizeof m, GPU_MSG_NCCL_ID, 0, r == ncclSuccess ? COMM_OK : COMM_ERR_INTERNAL,
+		    w.err);
+}
+
 static void on_hello(const struct gpu_hello *m)
 {
 	memcpy(w.job, m->job, sizeof w.job);
@@ -1302,6 +1588,25 @@ static void on_hello(const struct gpu_hello *m)
 	}
 	wlog("serving %u ranks on %d device%s", m->world, w.ndev, w.ndev == 1 ? "" : "s");
 	reply(GPU_MSG_HELLO_REPLY, 0, COMM_OK, "");
+	if (m->nnodes > 1 && m->node == 0)
+		send_nccl_id();
+}
+
+/* The job's nodes; its communicator across them is made at its first op. */
+static void on_world(const struct gpu_world *m)
+{
+	if (w.world)
+		malformed("a second WORLD");
+	if (m->nnodes < 2 || m->nnodes > m->world || m->node >= m->nnodes)
+		malformed("WORLD: node %u of %u nodes, %u ranks", m->node, m->nnodes, m->world);
+	for (uint32_t r = 0; r < m->world; r++)
+		if (m->node_of[r] >= m->nnodes)
+			malformed("WORLD: rank %u on node %u of %u", r, m->node_of[r], m->nnodes);
+	w.world = m->world;
+	w.nnodes = m->nnodes;
+	w.node = m->node;
+	memcpy(w.node_of, m->node_of, m->world * sizeof *m->node_of);
+	memcpy(w.nccl_id, m->nccl_id, sizeof w.nccl_id);
 }
 
 /* fd: the VMM allocation's, or -1; closed before the answer, so commd may count on it. */
@@ -1364,7 +1669,7 @@ static void on_op(const struct gpu_op *op, size_t nranks)
 		rc = COMM_ERR_INVALID_ARG;
 	} else if (plan_op(&p, op, nranks)) {
 		rc = COMM_ERR_INVALID_ARG;
-	} else if (p.block && (d = single_device(&p)) >= 0) {
+	} else if (p.block && !p.world && (d = single_device(&p)) >= 0) {
 		reap(MAX_QUEUED - 1);
 		if (!op_queue(&p, d))
 			return;
@@ -1386,6 +1691,9 @@ static void release_all(void)
 {
 	if (w.nccl_n && nccl_close())
 		wlog("release: %s", w.err);
+	/* the other nodes' workers may be gone: nothing to finalize with */
+	if (w.wcomm)
+		ncclCommAbort(w.wcomm);
 	while (w.nmem) {
 		struct mem gone = w.mem[--w.nmem];
 
@@ -1482,6 +1790,7 @@ static void check_packet(const struct gpu_hdr *h, size_t len, int hello_seen)
 		[GPU_MSG_MEM_OPEN] = sizeof(struct gpu_mem_open),
 		[GPU_MSG_MEM_CLOSE] = sizeof(struct gpu_mem_close),
 		[GPU_MSG_OP] = sizeof(struct gpu_op),
+		[GPU_MSG_WORLD] = sizeof(struct gpu_world),
 	};
 	size_t want;
 
@@ -1502,6 +1811,13 @@ static void check_packet(const struct gpu_hdr *h, size_t len, int hello_seen)
 		want += op->nflags * sizeof(struct gpu_flag);
 		if (len >= want && (len - want) % sizeof(struct gpu_op_rank) == 0)
 			want = len;
+	}
+	if (h->type == GPU_MSG_WORLD && len >= want) {
+		const struct gpu_world *m = (const struct gpu_world *)h;
+
+		if (m->world > GPU_WORLD_MAX_RANKS)
+			malformed("WORLD of %u ranks (at most %d)", m->world, GPU_WORLD_MAX_RANKS);
+		want += m->world * sizeof(uint16_t);
 	}
 	if (len != want)
 		malformed("type %u of %zu bytes, expected %zu%s", h->type, len, want,
@@ -1546,6 +1862,9 @@ static int serve(void)
 			break;
 		case GPU_MSG_MEM_CLOSE:
 			on_mem_close((const struct gpu_mem_close *)buf);
+			break;
+		case GPU_MSG_WORLD:
+			on_world((const struct gpu_world *)buf);
 			break;
 		default:
 			on_op((const struct gpu_op *)buf,

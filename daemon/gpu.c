@@ -49,6 +49,8 @@ struct gpu_worker {
 	int handles;           /* libuv handles not yet closed */
 	int refused;           /* its hello said no: reason says why */
 	char reason[GPU_DETAIL];
+	int world_sent;        /* WORLD went: ops across nodes may follow */
+	char no_id[GPU_DETAIL]; /* node 0 of a job over nodes: why NCCL_ID brought no id */
 	TAILQ_HEAD(task_q, task) tasks; /* the ops sent to it, oldest first: it answers in order */
 	TAILQ_HEAD(, gpu_pkt) outq;
 	TAILQ_HEAD(, mem) opening; /* mems waiting for MEM_OPENED */
@@ -494,6 +496,16 @@ static void on_status(struct gpu_worker *w, const struct gpu_status *st)
 		reply_register(m, COMM_OK, "");
 		mem_unref(m); /* the opening's reference; closed when the rest go */
 		return;
+	case GPU_MSG_NCCL_ID:
+		if (st->status != COMM_OK) {
+			snprintf(w->no_id, sizeof w->no_id, "%s", st->detail);
+			log_info("gpu worker of job %s: no NCCL id: %s", w->job_name, w->no_id);
+		} else if (w->job && w->job->dist) {
+			memcpy(w->job->dist->nccl_id, ((const struct gpu_nccl_id *)st)->nccl_id,
+			       GPU_NCCL_ID_BYTES);
+			w->job->dist->has_nccl_id = 1;
+		}
+		return;
 	case GPU_MSG_OP_DONE:
 		t = TAILQ_FIRST(&w->tasks);
 		if (!t || (uint64_t)(uintptr_t)t != st->id) {
@@ -523,8 +535,12 @@ static void on_worker_io(uv_poll_t *h, int status, int events)
 		return;
 	}
 	while (w->fd >= 0 && (events & UV_READABLE)) {
-		struct gpu_status st;
-		ssize_t n = recv(w->fd, &st, sizeof st, MSG_DONTWAIT | MSG_TRUNC);
+		union {
+			struct gpu_status st;
+			struct gpu_nccl_id id;
+		} m;
+		struct gpu_status *st = &m.st;
+		ssize_t n = recv(w->fd, &m, sizeof m, MSG_DONTWAIT | MSG_TRUNC);
 
 		if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK || errno == EINTR))
 			return;
@@ -537,12 +553,13 @@ static void on_worker_io(uv_poll_t *h, int status, int events)
 			worker_lost(w, n == 0 ? "it closed its socket" : "its socket failed");
 			return;
 		}
-		if ((size_t)n != sizeof st || st.h.version != GPU_PROTO_VERSION) {
+		if ((size_t)n != (st->h.type == GPU_MSG_NCCL_ID ? sizeof m.id : sizeof m.st) ||
+		    st->h.version != GPU_PROTO_VERSION) {
 			worker_lost(w, "it sent a malformed message");
 			return;
 		}
-		st.detail[sizeof st.detail - 1] = '\0';
-		on_status(w, &st);
+		st->detail[sizeof st->detail - 1] = '\0';
+		on_status(w, st);
 	}
 }
 
@@ -551,7 +568,7 @@ static struct gpu_worker *worker_start(struct job *j, char *err, size_t errlen)
 {
 	uv_process_options_t o = { 0 };
 	uv_stdio_container_t io[4];
-	struct gpu_hello hello = { { GPU_MSG_HELLO, GPU_PROTO_VERSION }, "", 0, 0 };
+	struct gpu_hello hello = { { GPU_MSG_HELLO, GPU_PROTO_VERSION }, "", 0, 1, 0, 0 };
 	struct gpu_worker *w;
 	char path[PATH_MAX];
 	char *args[3];
@@ -611,6 +628,10 @@ static struct gpu_worker *worker_start(struct job *j, char *err, size_t errlen)
 	update_poll(w);
 	snprintf(hello.job, sizeof hello.job, "%s", j->name);
 	hello.world = (uint32_t)j->world;
+	if (j->dist && j->dist->nnodes > 1) {
+		hello.nnodes = (uint32_t)j->dist->nnodes;
+		hello.node = (uint32_t)j->dist->self;
+	}
 	worker_send(w, &hello, sizeof hello, -1);
 	log_info("job %s: gpu worker started (pid %d)", j->name, w->proc.pid);
 	return w;
@@ -791,10 +812,70 @@ static uint32_t put_flags(const struct task *t, struct gpu_op *op, int n)
 	return k;
 }
 
+void gpu_net_check(struct task *t)
+{
+	const struct job *j = t->job;
+	const struct gpu_worker *w = j->gpu;
+	const char *name = op_type_name(t->type);
+
+	t->status = COMM_ERR_UNSUPPORTED;
+	if (t->peer >= 0) {
+		snprintf(t->detail, sizeof t->detail,
+			 "%s: device memory across daemons is not supported yet", name);
+		return;
+	}
+	if (j->world > GPU_WORLD_MAX_RANKS) {
+		snprintf(t->detail, sizeof t->detail,
+			 "%s: device ops across daemons span at most %d ranks", name,
+			 GPU_WORLD_MAX_RANKS);
+		return;
+	}
+	t->status = COMM_ERR_ABORTED;
+	if (!w || w->fd < 0 || w->refused) {
+		snprintf(t->detail, sizeof t->detail, "%s: the job's gpu worker is gone (%.200s)",
+			 name, w ? w->reason : "never started");
+		return;
+	}
+	if (j->dist->self == 0 && !j->dist->has_nccl_id) {
+		snprintf(t->detail, sizeof t->detail,
+			 "%s: the gpu worker of node 0 has no NCCL id (%.180s)", name,
+			 w->no_id[0] ? w->no_id : "device memory came before the job formed");
+		return;
+	}
+	t->status = COMM_OK;
+}
+
+/* The job's nodes and NCCL id to w, once, before its first op across nodes. */
+static int world_send(struct gpu_worker *w, const struct job *j)
+{
+	const struct dist *d = j->dist;
+	size_t len = sizeof(struct gpu_world) + (size_t)j->world * sizeof(uint16_t);
+	struct gpu_world *m;
+	int rc;
+
+	if (w->world_sent)
+		return 0;
+	m = calloc(1, len);
+	if (!m)
+		return -1;
+	m->h.type = GPU_MSG_WORLD;
+	m->h.version = GPU_PROTO_VERSION;
+	m->world = (uint32_t)j->world;
+	m->nnodes = (uint32_t)d->nnodes;
+	m->node = (uint32_t)d->self;
+	memcpy(m->nccl_id, d->nccl_id, GPU_NCCL_ID_BYTES);
+	for (int r = 0; r < j->world; r++)
+		m->node_of[r] = (uint16_t)d->node_of[r];
+	rc = worker_send(w, m, len, -1);
+	free(m);
+	w->world_sent = rc == 0;
+	return rc;
+}
+
 int be_gpu_run(struct task *t)
 {
 	struct gpu_worker *w = t->job->gpu;
-	int n = t->type == T(SEND) ? 1 : t->n;
+	int n = t->type == T(SEND) ? 1 : t->net ? t->nops : t->n;
 	size_t len = sizeof(struct gpu_op) + (size_t)n * sizeof(struct gpu_op_rank) +
 		     (size_t)t->nops * sizeof(struct gpu_flag);
 	struct gpu_op *op;
@@ -803,6 +884,11 @@ int be_gpu_run(struct task *t)
 	if (!w || w->fd < 0) {
 		snprintf(t->detail, sizeof t->detail, "%s: the job's gpu worker is gone (%.200s)",
 			 op_type_name(t->type), w ? w->reason : "never started");
+		return 1;
+	}
+	if (t->net && (!t->job->dist->has_nccl_id || world_send(w, t->job) < 0)) {
+		snprintf(t->detail, sizeof t->detail, "%s: %s", op_type_name(t->type),
+			 t->job->dist->has_nccl_id ? "out of memory" : "node 0 sent no NCCL id");
 		return 1;
 	}
 	if (n > GPU_OP_MAX_RANKS) {
@@ -826,6 +912,7 @@ int be_gpu_run(struct task *t)
 	op->root = t->root;
 	op->count = t->count;
 	op->n = (uint32_t)n;
+	op->world = t->net ? (uint32_t)t->n : 0;
 	if (t->type == T(SEND)) {
 		/* the pair: the sender's buffer into the receiver's, after both ranks' work */
 		put_buf(&t->ops[0]->send, &op->rank[0].send_mem, &op->rank[0].send_off);
@@ -836,6 +923,7 @@ int be_gpu_run(struct task *t)
 			put_buf(&t->ops[r]->send, &op->rank[r].send_mem, &op->rank[r].send_off);
 			put_buf(&t->ops[r]->recv, &op->rank[r].recv_mem, &op->rank[r].recv_off);
 			put_event(t->ops[r], &op->rank[r]);
+			op->rank[r].grank = (uint32_t)t->ops[r]->rank;
 		}
 	}
 	op->nflags = put_flags(t, op, n);

@@ -77,8 +77,9 @@ struct hdr {
 	int32_t root;
 	uint64_t count;
 	int32_t first_rank;
-	int32_t pad;
+	int32_t device;          /* the ranks' buffers are device memory: NCCL moves the data */
 	char detail[200];
+	uint8_t nccl_id[128];    /* device, from node 0: the job's NCCL communicator's id */
 };
 
 struct nreq {
@@ -133,7 +134,7 @@ struct net_task {
 	int stopping;
 	uint64_t stop_ms;
 	int fatal;                /* the nodes may now disagree: the job must fail */
-	comm_result_t deferred;   /* a recv's error, once the data it refused is drained */
+	comm_result_t deferred;   /* a recv's error, once the data it refused is drained; a refused send's */
 	char deferred_detail[256];
 	struct hdr out, *in;      /* in: [nn] */
 	uint8_t *hbuf;            /* [nn] slots of HSLOT: each node's verdict (and data) */
@@ -751,6 +752,11 @@ static void judge(struct net_task *nt)
 			  a->type == COMMPB__OP_TYPE__OP_REDUCE) && a->root != b->root)
 			fail(nt, COMM_ERR_MISMATCH, "collective %llu: %s root: rank %d has %d, rank %d has %d",
 			     seq, name, ra, a->root, rb, b->root);
+		else if (a->device != b->device)
+			fail(nt, COMM_ERR_MISMATCH,
+			     "collective %llu: %s buffers: rank %d's are %s memory, rank %d's %s memory",
+			     seq, name, ra, a->device ? "device" : "host", rb,
+			     b->device ? "device" : "host");
 	}
 }
 
@@ -880,6 +886,9 @@ static int coll_step(struct net_task *nt)
 		nt->out.root = t->root;
 		nt->out.count = t->count;
 		nt->out.first_rank = nt->first;
+		nt->out.device = t->device;
+		if (t->device && me == 0)
+			memcpy(nt->out.nccl_id, nt->d->nccl_id, sizeof nt->out.nccl_id);
 		snprintf(nt->out.detail, sizeof nt->out.detail, "%.199s", t->detail);
 		if (!(nt->hbuf = malloc((size_t)nn * HSLOT)) ||
 		    !(nt->hlen = calloc((size_t)nn, sizeof *nt->hlen))) {
@@ -887,7 +896,7 @@ static int coll_step(struct net_task *nt)
 			nt->fatal = 1;
 			return 1;
 		}
-		if (t->status == COMM_OK && alloc_buffers(nt) < 0) {
+		if (t->status == COMM_OK && !t->device && alloc_buffers(nt) < 0) {
 			nt->out.status = COMM_ERR_NO_MEMORY;
 			snprintf(nt->out.detail, sizeof nt->out.detail,
 				 "collective %llu: node %s is out of memory for it",
@@ -895,7 +904,7 @@ static int coll_step(struct net_task *nt)
 		}
 		/* a small all-reduce: this node's partial rides with its verdict */
 		nt->small = nt->out.status == COMM_OK && t->type == COMMPB__OP_TYPE__OP_ALLREDUCE &&
-			    bl && bl <= SMALL_BYTES;
+			    !t->device && bl && bl <= SMALL_BYTES;
 		memcpy(nt->hbuf + (size_t)me * HSLOT, &nt->out, sizeof nt->out);
 		nt->hlen[me] = sizeof nt->out;
 		if (nt->small) {
@@ -924,7 +933,9 @@ static int coll_step(struct net_task *nt)
 			}
 		}
 		judge(nt);
-		if (nt->status != COMM_OK || t->type == COMMPB__OP_TYPE__OP_BARRIER || !t->count)
+		/* device memory: the job's GPU workers run it next, with NCCL (on_done) */
+		if (nt->status != COMM_OK || t->type == COMMPB__OP_TYPE__OP_BARRIER || !t->count ||
+		    t->device)
 			return 1;
 		if (nt->small)
 			return small_allreduce(nt);
@@ -1065,6 +1076,9 @@ static int p2p_step(struct net_task *nt)
 			post_send(nt, pn, TAG_P2P(slot, src, dst, t->cseq, 0), &nt->out, sizeof nt->out);
 			if (t->status == COMM_OK && t->count)
 				post_send(nt, pn, TAG_P2P(slot, src, dst, t->cseq, 1), t->in[0], t->count);
+			/* refused here: the receiver is told, and the send fails too */
+			nt->deferred = t->status;
+			snprintf(nt->deferred_detail, sizeof nt->deferred_detail, "%s", t->detail);
 			nt->state = S_P2P_END;
 		} else {
 			post_recv(nt, TAG_P2P(slot, src, dst, t->cseq, 0), &nt->in[0], sizeof nt->in[0]);
@@ -1449,13 +1463,20 @@ static void on_done(uv_async_t *h)
 		/* data went astray: the other nodes may wait for what never comes */
 		if (nt->fatal && t->job->state == JOB_READY)
 			job_fail(t->job, nt->status, "%s", nt->detail);
+		if (t->device && t->status == COMM_OK && !t->job->dist->has_nccl_id) {
+			memcpy(t->job->dist->nccl_id, nt->in[0].nccl_id, sizeof t->job->dist->nccl_id);
+			t->job->dist->has_nccl_id = 1;
+		}
 		t->nt = NULL;
 		free(nt->reqs);
 		free(nt->ep);
 		free(nt->in);
 		free(nt->lin);
 		free(nt);
-		engine_task_done(t);
+		/* every node agreed to run it on device memory: each worker does its part */
+		t->gpu = t->device && t->peer < 0 && t->status == COMM_OK;
+		if (!t->gpu || be_gpu_run(t))
+			engine_task_done(t);
 	}
 }
 

@@ -4,7 +4,13 @@
  * r % devices), in place and out of place, at offsets on and off 16 bytes
  * (the worker's direct and staged paths), and a float32 all-reduce of
  * 64 MiB and 3 elements, each compared element by element with the same op
- * on host buffers in the same job. Exits 77 without a GPU.
+ * on host buffers in the same job. Then the same over three daemons on this
+ * machine (--peer-listen), 4 ranks split 2+2, 1+3 and 2+1+1, where each
+ * daemon's GPU worker is an NCCL rank of its own (NCCL_HOSTID set per
+ * daemon, so that NCCL treats them as separate hosts on one GPU): every
+ * collective; send/recv of device memory across daemons is refused
+ * (COMM_ERR_UNSUPPORTED), so only its refusal is checked there. With the
+ * argument "nodes" only that part runs. Exits 77 without a GPU.
  */
 #include <cuda_runtime.h>
 #include <stdint.h>
@@ -63,6 +69,8 @@ struct run {
 	int s_in, r_out;     /* send holds input; recv receives output */
 	struct side h, d;
 };
+
+#define NNODES 3
 
 static int ndev;          /* devices, found before the ranks are forked */
 static char *arena[2];    /* a rank's device allocations, reused across cases */
@@ -376,17 +384,36 @@ static int has_inplace(enum kind k)
 	return k != P2P && k != BARRIER;
 }
 
-/* Every op x dtype x reduction at a small count, and a medium count of a few. */
-static void test_world(const struct th_daemon *d, int n)
+/* Ranks over daemons: rank r on daemon of[r]; COMM_ROOT is daemon root's. */
+struct split {
+	const char *name;
+	int of[4];
+	int root;
+};
+
+/*
+ * Every op x dtype x reduction at a small count, and a medium count of a
+ * few; over the daemons ds as sp says when sp is given (no send/recv).
+ */
+static void test_world(const struct th_daemon *d, int n, const struct th_daemon *const *ds,
+		       const struct split *sp)
 {
 	static const comm_dtype_t medium[] = { COMM_INT8, COMM_INT64, COMM_FLOAT16,
 					       COMM_BFLOAT16, COMM_FLOAT32, COMM_FLOAT64 };
 	struct th_plan p = { .world = n };
 	char title[64];
 
-	snprintf(title, sizeof title, "device buffers, n=%d", n);
+	if (sp)
+		snprintf(title, sizeof title, "device buffers, n=%d over daemons %s", n, sp->name);
+	else
+		snprintf(title, sizeof title, "device buffers, n=%d", n);
 	p.title = title;
-	for (int k = AR; k <= P2P; k++) {
+	if (sp) {
+		p.ds = ds;
+		p.daemon_of_rank = sp->of;
+		p.root = ds[sp->root]->peer;
+	}
+	for (int k = AR; k <= (sp ? A2A : P2P); k++) {
 		for (int pl = OOP; pl <= (has_inplace((enum kind)k) ? INPLACE : OOP); pl++) {
 			for (int i = 0; i < REF_NDTYPES; i++) {
 				for (int o = 0; o < (reduces((enum kind)k) ? REF_NREDOPS : 1); o++)
@@ -401,7 +428,7 @@ static void test_world(const struct th_daemon *d, int n)
 	add(&p, AR, COMM_FLOAT32, COMM_SUM, LARGE, OOP);
 	add(&p, AR, COMM_FLOAT32, COMM_SUM, LARGE, INPLACE);
 	add(&p, BARRIER, COMM_UINT8, COMM_SUM, 0, OOP);
-	snprintf(p.job, sizeof p.job, "gpu-ops-%d", n);
+	snprintf(p.job, sizeof p.job, "gpu-ops-%d%s%s", n, sp ? "-" : "", sp ? sp->name : "");
 	p.seed = 1000u * (uint32_t)n + 1;
 	p.seed_step = 1;
 	p.run = run_case;
@@ -409,8 +436,83 @@ static void test_world(const struct th_daemon *d, int n)
 	th_plan_run(d, &p);
 }
 
-int main(void)
+/* A device send from rank 0 to rank 3, on another daemon: refused on both, clearly. */
+static int rank_p2p_refused(int r, int n, void *arg)
 {
+	comm_t *c;
+	void *buf = NULL;
+	comm_result_t rc = COMM_OK;
+	int bad = 0;
+
+	(void)arg;
+	if (th_join(&c, r, n) || !cuda_ok(cudaSetDevice(r % ndev), r, "cudaSetDevice") ||
+	    !cuda_ok(cudaMalloc(&buf, 64), r, "cudaMalloc"))
+		return 1;
+	if (r == 0)
+		rc = comm_send(c, buf, 16, COMM_FLOAT32, 3, NULL);
+	else if (r == 3)
+		rc = comm_recv(c, buf, 16, COMM_FLOAT32, 0, NULL);
+	if ((r == 0 || r == 3) && (rc != COMM_ERR_UNSUPPORTED ||
+				   !strstr(comm_last_error(c), "across daemons"))) {
+		printf("rank %d: a device send across daemons: %s (%s), expected COMM_ERR_UNSUPPORTED\n",
+		       r, comm_strerror(rc), comm_last_error(c));
+		bad = 1;
+	}
+	/* the job goes on; and rank 0 stays until rank 3's recv has its answer */
+	if (comm_barrier(c, NULL) != COMM_OK) {
+		printf("rank %d: the barrier after it: %s\n", r, comm_last_error(c));
+		bad = 1;
+	}
+	cudaFree(buf);
+	return th_leave(c, r) | bad;
+}
+
+/*
+ * Three daemons, each its own NCCL host; every collective over three
+ * splits of 4 ranks, and a send across daemons refused.
+ */
+static void test_nodes(void)
+{
+	static const struct split splits[] = {
+		{ "2+2", { 0, 0, 1, 1 }, 0 },
+		{ "1+3", { 0, 1, 1, 1 }, 1 },
+		{ "2+1+1", { 0, 1, 2, 0 }, 2 },
+	};
+	static struct th_daemon node[NNODES];
+	static const struct th_daemon *const ds[NNODES] = { &node[0], &node[1], &node[2] };
+	int started = 0;
+
+	/* NCCL between the daemons' workers goes over loopback sockets */
+	setenv("NCCL_SOCKET_IFNAME", "lo", 0);
+	setenv("NCCL_IB_DISABLE", "1", 0);
+	for (; started < NNODES; started++) {
+		char host[32];
+
+		snprintf(host, sizeof host, "commd-test-node-%c", 'A' + started);
+		setenv("NCCL_HOSTID", host, 1);
+		if (th_daemon_start_peer(&node[started], NULL) < 0)
+			break;
+	}
+	unsetenv("NCCL_HOSTID");
+	CHECK(started == NNODES, "commd %c (with --peer-listen) did not start", 'A' + started);
+	if (started == NNODES) {
+		for (size_t i = 0; i < sizeof splits / sizeof splits[0]; i++)
+			test_world(NULL, 4, ds, &splits[i]);
+		CHECK(th_run_ranks_nodes(ds, splits[0].of, node[0].peer, "gpu-p2p-refused", 4,
+					 rank_p2p_refused, NULL) == 0,
+		      "a device send across daemons was not refused clearly");
+	}
+	for (int i = 0; i < started; i++) {
+		CHECK(th_daemon_alive(&node[i]), "commd %c died during the tests", 'A' + i);
+		if (check_failures)
+			th_daemon_dump_log(&node[i]);
+		CHECK(th_daemon_stop(&node[i]) == 0, "commd %c did not stop cleanly", 'A' + i);
+	}
+}
+
+int main(int argc, char **argv)
+{
+	int nodes_only = argc > 1 && strcmp(argv[1], "nodes") == 0;
 	struct th_daemon d;
 	struct timespec t0;
 
@@ -421,12 +523,15 @@ int main(void)
 	printf("%d device(s); rank r uses device r %% %d\n", ndev, ndev);
 	setenv("COMM_TIMEOUT", "60000", 1);
 	clock_gettime(CLOCK_MONOTONIC, &t0);
-	REQUIRE(th_daemon_start(&d, NULL) == 0, "commd did not start");
-	test_world(&d, 1);
-	test_world(&d, 2);
-	test_world(&d, 4);
-	CHECK(th_daemon_alive(&d), "commd died during the tests");
-	CHECK(th_daemon_stop(&d) == 0, "commd did not stop cleanly");
+	if (!nodes_only) {
+		REQUIRE(th_daemon_start(&d, NULL) == 0, "commd did not start");
+		test_world(&d, 1, NULL, NULL);
+		test_world(&d, 2, NULL, NULL);
+		test_world(&d, 4, NULL, NULL);
+		CHECK(th_daemon_alive(&d), "commd died during the tests");
+		CHECK(th_daemon_stop(&d) == 0, "commd did not stop cleanly");
+	}
+	test_nodes();
 	printf("%s: %.1f s in all\n", check_failures ? "FAIL" : "ok", th_secs_since(&t0));
 	return CHECK_EXIT();
 }
