@@ -1237,18 +1237,29 @@ static int world_begin(const struct plan *p)
 		       : 0;
 }
 
+/* The end of the run of ranks from g on that are on one node. */
+static int run_end(const struct plan *p, int g)
+{
+	int e = g + 1;
+
+	while (e < p->nall && w.node_of[e] == w.node_of[g])
+		e++;
+	return e;
+}
+
 /*
  * All-reduce, reduce and reduce-scatter: this node's inputs combined into
- * accumulators, which NCCL all-reduces (reduces to the root's node); each
- * node finishes its copy and writes its ranks' outputs (reduce-scatter:
+ * accumulators, which NCCL all-reduces (reduces to the root's node; for a
+ * reduce-scatter, each run of ranks' blocks to their node, in one group);
+ * each node finishes its copy and writes its ranks' outputs (reduce-scatter:
  * each rank's block). AVG divides by the whole world.
  */
 static int world_reduce(struct plan *p)
 {
 	int rs = p->op->type == T(REDUCE_SCATTER), rd = p->op->type == T(REDUCE);
-	int d = p->wdev, home = rd ? w.node_of[p->op->root] : -1, rc;
+	int d = p->wdev, home = rd ? w.node_of[p->op->root] : -1, rc = 0;
 	size_t elems = p->op->count * (rs ? (size_t)p->nall : 1);
-	size_t acc = gk_acc_size((int)p->op->dtype) * elems;
+	size_t asz = gk_acc_size((int)p->op->dtype), acc = asz * elems;
 	struct dev *x = &w.dev[d];
 	ncclDataType_t type = nccl_type((int)p->op->dtype, (int)p->op->redop);
 	ncclRedOp_t op = nccl_op((int)p->op->redop);
@@ -1256,11 +1267,20 @@ static int world_reduce(struct plan *p)
 	if (scratch(d, acc + p->in_len) || reduce_on(p, d, GK_PARTIAL, elems, x->scratch, NULL) ||
 	    world_begin(p))
 		return -1;
-	rc = rd ? nccl_check(ncclReduce(x->scratch, x->scratch, elems, type, op, home, w.wcomm,
-					x->stream), "ncclReduce")
-		: nccl_check(ncclAllReduce(x->scratch, x->scratch, elems, type, op, w.wcomm,
-					   x->stream), "ncclAllReduce");
-	if (world_end(p, rd ? "ncclReduce" : "ncclAllReduce") || rc)
+	if (rd)
+		rc = nccl_check(ncclReduce(x->scratch, x->scratch, elems, type, op, home, w.wcomm,
+					   x->stream), "ncclReduce");
+	else if (!rs)
+		rc = nccl_check(ncclAllReduce(x->scratch, x->scratch, elems, type, op, w.wcomm,
+					      x->stream), "ncclAllReduce");
+	for (int g = 0, e; rs && g < p->nall && !rc; g = e) {
+		uint8_t *at = x->scratch + (size_t)g * p->op->count * asz;
+
+		e = run_end(p, g);
+		rc = nccl_check(ncclReduce(at, at, (size_t)(e - g) * p->op->count, type, op,
+					   w.node_of[g], w.wcomm, x->stream), "ncclReduce");
+	}
+	if (world_end(p, rd || rs ? "ncclReduce" : "ncclAllReduce") || rc)
 		return -1;
 	if (rd && home != (int)w.node)
 		return 0;
@@ -1320,8 +1340,7 @@ static int world_allgather(struct plan *p)
 	if (world_begin(p))
 		return -1;
 	for (int g = 0, e; g < p->nall && !rc; g = e) {
-		for (e = g + 1; e < p->nall && w.node_of[e] == w.node_of[g]; e++)
-			;
+		e = run_end(p, g);
 		rc = nccl_check(ncclBroadcast(all + g * p->block, all + g * p->block,
 					      (size_t)(e - g) * p->block, ncclUint8, w.node_of[g],
 					      w.wcomm, w.dev[d].stream), "ncclBroadcast");

@@ -3,7 +3,9 @@
  * tests/bench/gpu-compare.sh). One process drives one NCCL rank per GPU
  * (ncclCommInitAll), with commbench's options, sizes, table and busbw
  * factors. Each op is timed from its launch until every GPU's stream is
- * idle: what a blocking commd op costs. Exit status 0, 1 on an error or a
+ * idle: what a blocking commd op costs. With --hosts N instead, N processes
+ * are one NCCL rank each, each its own NCCL host (NCCL_HOSTID), as commd's
+ * daemons on one machine are to each other (tests/bench/gpu-nodes.sh). Exit status 0, 1 on an error or a
  * wrong value, 2 on bad usage, 77 without a usable GPU.
  */
 #include <errno.h>
@@ -13,6 +15,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <strings.h>
+#include <sys/wait.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -56,6 +59,7 @@ static const ncclRedOp_t nccl_redops[NREDOPS] = { ncclSum, ncclProd, ncclMin, nc
 
 struct opts {
 	int ngpu;               /* 0: every visible GPU */
+	int hosts;              /* --hosts: processes, one NCCL rank and host each; 0: one process */
 	int op, dtype, redop;   /* -1: all */
 	size_t min_bytes, max_bytes, factor;
 	int warmup, iters, check, inplace_only, json;
@@ -65,7 +69,10 @@ struct opts {
 /* The communicator and every device's buffers. */
 struct bench {
 	const struct opts *o;
-	int n;
+	int n;                  /* ranks in this process */
+	int rank0;              /* the rank of its first (--hosts: of its one) */
+	int nranks;             /* ranks in all */
+	int dev[MAX_DEV];       /* each rank's device */
 	ncclComm_t comm[MAX_DEV];
 	cudaStream_t stream[MAX_DEV];
 	char *send[MAX_DEV], *recv[MAX_DEV];
@@ -377,23 +384,24 @@ static uint64_t verify(struct bench *b, const struct bench_case *c, int r, const
 	return wrong;
 }
 
-/* The op's input and output on rank r for a placement; *outlen in elements. */
-static void buffers(struct bench *b, const struct bench_case *c, int r, int inplace, char **in,
+/* The op's input and output on this process's rank l for a placement; *outlen in elements. */
+static void buffers(struct bench *b, const struct bench_case *c, int l, int inplace, char **in,
 		    char **out, size_t *outlen)
 {
 	size_t blk = c->count * dtypes[c->dt].size;
+	int r = b->rank0 + l;
 
 	*outlen = c->op == OP_ALLGATHER || c->op == OP_ALLTOALL ? c->count * (size_t)c->n
 								: c->count;
-	*in = b->send[r];
-	*out = b->recv[r];
+	*in = b->send[l];
+	*out = b->recv[l];
 	if (!inplace)
 		return;
-	*in = b->recv[r];
+	*in = b->recv[l];
 	if (c->op == OP_REDUCE_SCATTER)
-		*out = b->recv[r] + (size_t)r * blk;
+		*out = b->recv[l] + (size_t)r * blk;
 	else if (c->op == OP_ALLGATHER)
-		*in = b->recv[r] + (size_t)r * blk;
+		*in = b->recv[l] + (size_t)r * blk;
 }
 
 /* Poison every output (when checking) and fill every input, then wait for the GPUs. */
@@ -402,24 +410,26 @@ static int fill(struct bench *b, const struct bench_case *c, int inplace)
 	size_t es = dtypes[c->dt].size, inlen, outlen;
 	char *in, *out;
 
-	for (int r = 0; r < b->n; r++) {
-		buffers(b, c, r, inplace, &in, &out, &outlen);
+	for (int l = 0; l < b->n; l++) {
+		int r = b->rank0 + l, d = b->dev[l];
+
+		buffers(b, c, l, inplace, &in, &out, &outlen);
 		inlen = bench_ops[c->op].split && c->op != OP_ALLGATHER ? c->count * (size_t)c->n
 								       : c->count;
-		if (!cuda_ok(cudaSetDevice(r), "cudaSetDevice", r) ||
-		    (b->o->check && !cuda_ok(cudaMemset(out, 0xa5, outlen * es), "cudaMemset", r)))
+		if (!cuda_ok(cudaSetDevice(d), "cudaSetDevice", d) ||
+		    (b->o->check && !cuda_ok(cudaMemset(out, 0xa5, outlen * es), "cudaMemset", d)))
 			return -1;
 		if (c->op == OP_BROADCAST && r != 0)
 			continue;
 		span_fill(c, bench_ops[c->op].reduces ? RED : c->op == OP_BROADCAST ? 0 : r, r, 0, inlen,
 			  b->hbuf);
 		if (!cuda_ok(cudaMemcpy(in, b->hbuf, inlen * es, cudaMemcpyHostToDevice),
-			     "cudaMemcpy", r))
+			     "cudaMemcpy", d))
 			return -1;
 	}
-	for (int r = 0; r < b->n; r++)
-		if (!cuda_ok(cudaSetDevice(r), "cudaSetDevice", r) ||
-		    !cuda_ok(cudaDeviceSynchronize(), "cudaDeviceSynchronize", r))
+	for (int l = 0; l < b->n; l++)
+		if (!cuda_ok(cudaSetDevice(b->dev[l]), "cudaSetDevice", b->dev[l]) ||
+		    !cuda_ok(cudaDeviceSynchronize(), "cudaDeviceSynchronize", b->dev[l]))
 			return -1;
 	return 0;
 }
@@ -433,11 +443,12 @@ static int launch(struct bench *b, const struct bench_case *c, int inplace)
 	ncclResult_t rc = ncclGroupStart();
 	char *in, *out;
 
-	for (int r = 0; r < b->n && rc == ncclSuccess; r++) {
-		ncclComm_t cm = b->comm[r];
-		cudaStream_t s = b->stream[r];
+	for (int l = 0; l < b->n && rc == ncclSuccess; l++) {
+		ncclComm_t cm = b->comm[l];
+		cudaStream_t s = b->stream[l];
+		int r = b->rank0 + l;
 
-		buffers(b, c, r, inplace, &in, &out, &outlen);
+		buffers(b, c, l, inplace, &in, &out, &outlen);
 		switch (c->op) {
 		case OP_ALLREDUCE:
 			rc = ncclAllReduce(in, out, k, t, red, cm, s);
@@ -455,16 +466,16 @@ static int launch(struct bench *b, const struct bench_case *c, int inplace)
 			rc = ncclReduce(in, out, k, t, red, 0, cm, s);
 			break;
 		case OP_ALLTOALL:
-			for (int j = 0; j < b->n && rc == ncclSuccess; j++) {
+			for (int j = 0; j < c->n && rc == ncclSuccess; j++) {
 				rc = ncclSend(in + (size_t)j * blk, k, t, j, cm, s);
 				if (rc == ncclSuccess)
 					rc = ncclRecv(out + (size_t)j * blk, k, t, j, cm, s);
 			}
 			break;
 		default:
-			rc = ncclSend(in, k, t, (r + 1) % b->n, cm, s);
+			rc = ncclSend(in, k, t, (r + 1) % c->n, cm, s);
 			if (rc == ncclSuccess)
-				rc = ncclRecv(out, k, t, (r + b->n - 1) % b->n, cm, s);
+				rc = ncclRecv(out, k, t, (r + c->n - 1) % c->n, cm, s);
 		}
 	}
 	if (rc != ncclSuccess) {
@@ -484,8 +495,8 @@ static int cmp_double(const void *x, const void *y)
 
 static int sync_all(struct bench *b)
 {
-	for (int r = 0; r < b->n; r++)
-		if (!cuda_ok(cudaStreamSynchronize(b->stream[r]), "cudaStreamSynchronize", r))
+	for (int l = 0; l < b->n; l++)
+		if (!cuda_ok(cudaStreamSynchronize(b->stream[l]), "cudaStreamSynchronize", b->dev[l]))
 			return -1;
 	return 0;
 }
@@ -540,12 +551,12 @@ static int measure(struct bench *b, struct bench_case *c, int inplace, double *t
 			return -1;
 		if (i >= o->warmup && i - o->warmup < o->iters)
 			b->times[i - o->warmup] = now() - t0;
-		for (int r = 0; o->check && r < b->n; r++) {
-			buffers(b, c, r, inplace, &in, &out, &outlen);
+		for (int l = 0; o->check && l < b->n; l++) {
+			buffers(b, c, l, inplace, &in, &out, &outlen);
 			if (!cuda_ok(cudaMemcpy(b->hbuf, out, outlen * es, cudaMemcpyDeviceToHost),
-				     "cudaMemcpy", r))
+				     "cudaMemcpy", b->dev[l]))
 				return -1;
-			*wrong += verify(b, c, r, b->hbuf);
+			*wrong += verify(b, c, b->rank0 + l, b->hbuf);
 		}
 	}
 	qsort(b->times, (size_t)o->iters, sizeof *b->times, cmp_double);
@@ -566,9 +577,9 @@ static int run_op(struct bench *b, struct bench_case *c, double *bw_sum, int *bw
 		  uint64_t *wrong_sum)
 {
 	const struct opts *o = b->o;
-	size_t es = dtypes[c->dt].size, blocks = bench_ops[c->op].split ? (size_t)b->n : 1;
+	size_t es = dtypes[c->dt].size, blocks = bench_ops[c->op].split ? (size_t)c->n : 1;
 	size_t size = o->min_bytes, bytes, last = 0;
-	double t[2] = { 0, 0 }, algbw, f = bench_bus_factor(c->op, b->n);
+	double t[2] = { 0, 0 }, algbw, f = bench_bus_factor(c->op, c->n);
 	uint64_t w[2] = { 0, 0 };
 	int ran[2] = { 0, 0 };
 	char ts[32];
@@ -593,7 +604,7 @@ static int run_op(struct bench *b, struct bench_case *c, double *bw_sum, int *bw
 					       "\"ranks\":%d,\"inplace\":%s,\"time_us\":%.3f,"
 					       "\"algbw_gbs\":%.6f,\"busbw_gbs\":%.6f,\"wrong\":%llu}\n",
 					       bench_ops[c->op].name, bytes, c->count, dtypes[c->dt].json,
-					       bench_ops[c->op].reduces ? redops[c->red] : "none", b->n,
+					       bench_ops[c->op].reduces ? redops[c->red] : "none", c->n,
 					       ip ? "true" : "false", t[ip] * 1e6, algbw, algbw * f,
 					       (unsigned long long)w[ip]);
 			}
@@ -642,7 +653,7 @@ static int run_all(struct bench *b)
 			r1 = r0;
 		for (int d = d0; d <= d1; d++) {
 			for (int red = r0; red <= r1; red++) {
-				struct bench_case c = { op, d, red, b->n, 0, 0 };
+				struct bench_case c = { op, d, red, b->nranks, 0, 0 };
 				double bw_sum = 0;
 				int bw_n = 0;
 				uint64_t wrong_sum = 0;
@@ -666,13 +677,17 @@ static void usage(FILE *f)
 	fprintf(f,
 		"usage: nccl-bench [-g GPUS] [-o OP] [-d DTYPE] [-r REDOP] [-b MIN] [-e MAX]\n"
 		"                  [-f FACTOR] [-w WARMUP] [-i ITERS] [-c 0|1] [--inplace] [--json]\n"
-		"                  [-P]\n"
+		"                  [-P] [--hosts N]\n"
 		"\n"
 		"The direct NCCL baseline for commbench -G: one process, one NCCL rank per\n"
 		"GPU (ncclCommInitAll), buffers from cudaMalloc; commbench's sizes, table and\n"
 		"busbw factors.\n"
 		"\n"
 		"  -g GPUS           ranks: devices 0 .. GPUS-1 (default every visible GPU)\n"
+		"  --hosts N         instead N processes, rank h on device h mod GPUs, each with\n"
+		"                    NCCL_HOSTID of its own, so NCCL joins them as separate\n"
+		"                    hosts (sockets); rank 0 prints the table. Time with -c 0:\n"
+		"                    the ranks fill their buffers each on its own\n"
 		"  -o OP             allreduce, reduce_scatter, allgather, broadcast, reduce,\n"
 		"                    alltoall (grouped ncclSend/ncclRecv), sendrecv (a ring)\n"
 		"                    or all (default allreduce)\n"
@@ -741,6 +756,7 @@ static int parse_opts(int argc, char **argv, struct opts *o)
 		{ "inplace", no_argument, NULL, 'I' },
 		{ "pipeline", no_argument, NULL, 'P' },
 		{ "json", no_argument, NULL, 'J' },
+		{ "hosts", required_argument, NULL, 'H' },
 		{ "help", no_argument, NULL, 'h' },
 		{ NULL, 0, NULL, 0 },
 	};
@@ -764,6 +780,7 @@ static int parse_opts(int argc, char **argv, struct opts *o)
 		case 'I': o->inplace_only = 1; continue;
 		case 'P': o->pipeline = 1; continue;
 		case 'J': o->json = 1; continue;
+		case 'H': bad = parse_int_in(optarg, 2, MAX_DEV, &o->hosts); break;
 		case 'h': usage(stdout); exit(0);
 		default: usage(stderr); return 2;
 		}
@@ -774,6 +791,10 @@ static int parse_opts(int argc, char **argv, struct opts *o)
 	}
 	if (optind != argc) {
 		fprintf(stderr, "nccl-bench: unexpected argument '%s'\n", argv[optind]);
+		return 2;
+	}
+	if (o->hosts && o->ngpu) {
+		fprintf(stderr, "nccl-bench: -g and --hosts: one or the other\n");
 		return 2;
 	}
 	if (o->min_bytes > o->max_bytes) {
@@ -798,30 +819,32 @@ static void print_banner(const struct bench *b)
 
 	gethostname(host, sizeof host - 1);
 	ncclGetVersion(&v);
-	printf("# nccl-bench: NCCL %d.%d.%d, %d GPU%s (", v / 10000, v / 100 % 100, v % 100, b->n,
-	       b->n == 1 ? "" : "s");
-	for (int r = 0; r < b->n; r++)
+	if (o->hosts)
+		printf("# nccl-bench: NCCL %d.%d.%d, %d processes, each an NCCL host of its own (%s)\n",
+		       v / 10000, v / 100 % 100, v % 100, o->hosts, dev_name(b->dev[0], &p));
+	else
+		printf("# nccl-bench: NCCL %d.%d.%d, %d GPU%s (", v / 10000, v / 100 % 100, v % 100,
+		       b->n, b->n == 1 ? "" : "s");
+	for (int r = 0; r < b->n && !o->hosts; r++)
 		printf("%s%s", r ? ", " : "", dev_name(r, &p));
-	printf(")\n#  minBytes %zu maxBytes %zu step: %zu(factor) warmup iters: %d iters: %d "
-	       "validation: %d\n", o->min_bytes, o->max_bytes, o->factor, o->warmup, o->iters,
-	       o->check);
+	printf("%s#  minBytes %zu maxBytes %zu step: %zu(factor) warmup iters: %d iters: %d "
+	       "validation: %d\n", o->hosts ? "" : ")\n", o->min_bytes, o->max_bytes, o->factor,
+	       o->warmup, o->iters, o->check);
 	printf("#  dtype %s redop %s; time: %s; GB = 1e9 B\n#\n# Using devices\n",
 	       o->dtype < 0 ? "all" : dtypes[o->dtype].name, o->redop < 0 ? "all" : redops[o->redop],
 	       o->pipeline ? "iterations launched back to back, then synchronized, the whole / iters"
 			   : "median over iterations of launch + every stream synchronized");
-	for (int r = 0; r < b->n; r++) {
-		if (cudaDeviceGetPCIBusId(bus, sizeof bus, r) != cudaSuccess)
+	for (int l = 0; l < b->n; l++) {
+		if (cudaDeviceGetPCIBusId(bus, sizeof bus, b->dev[l]) != cudaSuccess)
 			snprintf(bus, sizeof bus, "?");
-		printf("#  Rank %2d Pid %7d on %s device %d [%s] %s\n", r, (int)getpid(), host, r,
-		       bus, dev_name(r, &p));
+		printf("#  Rank %2d Pid %7d on %s device %d [%s] %s\n", b->rank0 + l, (int)getpid(),
+		       host, b->dev[l], bus, dev_name(b->dev[l], &p));
 	}
 }
 
-/* The communicator, streams and buffers; 0, or -1 with a message. */
-static int setup(struct bench *b)
+/* The communicator (id: --hosts'), streams and buffers; 0, or -1 with a message. */
+static int setup(struct bench *b, ncclUniqueId id)
 {
-	int devs[MAX_DEV];
-
 	b->bytes = b->o->max_bytes < 64 ? 64 : b->o->max_bytes;
 	b->times = calloc((size_t)b->o->iters, sizeof *b->times);
 	b->hbuf = malloc(b->bytes);
@@ -829,18 +852,21 @@ static int setup(struct bench *b)
 		fprintf(stderr, "nccl-bench: out of memory\n");
 		return -1;
 	}
-	for (int r = 0; r < b->n; r++) {
-		devs[r] = r;
-		if (!cuda_ok(cudaSetDevice(r), "cudaSetDevice", r) ||
-		    !cuda_ok(cudaStreamCreateWithFlags(&b->stream[r], cudaStreamNonBlocking),
-			     "cudaStreamCreate", r) ||
-		    !cuda_ok(cudaMalloc((void **)&b->send[r], b->bytes), "cudaMalloc", r) ||
-		    !cuda_ok(cudaMalloc((void **)&b->recv[r], b->bytes), "cudaMalloc", r) ||
-		    !cuda_ok(cudaMemset(b->send[r], 0, b->bytes), "cudaMemset", r) ||
-		    !cuda_ok(cudaMemset(b->recv[r], 0, b->bytes), "cudaMemset", r))
+	for (int l = 0; l < b->n; l++) {
+		int d = b->dev[l];
+
+		if (!cuda_ok(cudaSetDevice(d), "cudaSetDevice", d) ||
+		    !cuda_ok(cudaStreamCreateWithFlags(&b->stream[l], cudaStreamNonBlocking),
+			     "cudaStreamCreate", d) ||
+		    !cuda_ok(cudaMalloc((void **)&b->send[l], b->bytes), "cudaMalloc", d) ||
+		    !cuda_ok(cudaMalloc((void **)&b->recv[l], b->bytes), "cudaMalloc", d) ||
+		    !cuda_ok(cudaMemset(b->send[l], 0, b->bytes), "cudaMemset", d) ||
+		    !cuda_ok(cudaMemset(b->recv[l], 0, b->bytes), "cudaMemset", d))
 			return -1;
 	}
-	if (nccl_ok(ncclCommInitAll(b->comm, b->n, devs), "ncclCommInitAll"))
+	if (b->o->hosts ? nccl_ok(ncclCommInitRank(&b->comm[0], b->nranks, id, b->rank0),
+				  "ncclCommInitRank")
+			: nccl_ok(ncclCommInitAll(b->comm, b->n, b->dev), "ncclCommInitAll"))
 		return 0;
 	memset(b->comm, 0, sizeof b->comm);
 	return -1;
@@ -851,7 +877,7 @@ static void teardown(struct bench *b)
 	for (int r = 0; r < b->n; r++) {
 		if (b->comm[r])
 			ncclCommDestroy(b->comm[r]);
-		cudaSetDevice(r);
+		cudaSetDevice(b->dev[r]);
 		if (b->send[r])
 			cudaFree(b->send[r]);
 		if (b->recv[r])
@@ -863,6 +889,65 @@ static void teardown(struct bench *b)
 	free(b->hbuf);
 }
 
+/*
+ * --hosts N: start ranks 1 .. N-1 as child processes (before any CUDA call:
+ * a forked CUDA context does not work), each with its own NCCL_HOSTID and
+ * its stdout on /dev/null; this process, rank 0, makes the NCCL id and
+ * hands it to them over a pipe. *rank: the caller's. 0, or -1.
+ */
+static int spawn_hosts(int hosts, int *rank, ncclUniqueId *id, pid_t *kids)
+{
+	char hostid[32];
+	int p[2], ok = 1;
+
+	if (pipe(p) < 0) {
+		fprintf(stderr, "nccl-bench: pipe: %s\n", strerror(errno));
+		return -1;
+	}
+	fflush(NULL);
+	for (int h = 1; h < hosts; h++) {
+		pid_t pid = fork();
+
+		if (pid < 0) {
+			fprintf(stderr, "nccl-bench: fork: %s\n", strerror(errno));
+			ok = 0;
+			break;
+		}
+		if (pid == 0) {
+			close(p[1]);
+			*rank = h;
+			snprintf(hostid, sizeof hostid, "nccl-bench-host-%d", h);
+			setenv("NCCL_HOSTID", hostid, 1);
+			if (!freopen("/dev/null", "w", stdout) ||
+			    read(p[0], id, sizeof *id) != (ssize_t)sizeof *id)
+				_exit(1); /* rank 0 failed first, and says why */
+			close(p[0]);
+			return 0;
+		}
+		kids[h] = pid;
+	}
+	close(p[0]);
+	*rank = 0;
+	setenv("NCCL_HOSTID", "nccl-bench-host-0", 1);
+	ok = ok && nccl_ok(ncclGetUniqueId(id), "ncclGetUniqueId");
+	for (int h = 1; h < hosts && ok; h++) /* each read takes one whole id: PIPE_BUF */
+		ok = write(p[1], id, sizeof *id) == (ssize_t)sizeof *id;
+	close(p[1]);
+	return ok ? 0 : -1;
+}
+
+/* --hosts: rank 0 waits for the others; 1 when one failed. */
+static int wait_hosts(int hosts, const pid_t *kids)
+{
+	int bad = 0, st;
+
+	for (int h = 1; h < hosts; h++)
+		if (kids[h] > 0 && (waitpid(kids[h], &st, 0) < 0 || !WIFEXITED(st) ||
+				    WEXITSTATUS(st) != 0))
+			bad = 1;
+	return bad;
+}
+
 int main(int argc, char **argv)
 {
 	struct opts o = {
@@ -870,12 +955,19 @@ int main(int argc, char **argv)
 		.max_bytes = 64 << 20, .factor = 2, .warmup = 5, .iters = 20, .check = 1,
 	};
 	struct bench b = { .o = &o };
-	int ndev = 0, rc;
+	pid_t kids[MAX_DEV] = { 0 };
+	ncclUniqueId id;
+	int ndev = 0, rc, rank = 0;
 	cudaError_t e;
 
 	rc = parse_opts(argc, argv, &o);
 	if (rc)
 		return rc;
+	memset(&id, 0, sizeof id);
+	if (o.hosts && spawn_hosts(o.hosts, &rank, &id, kids) < 0) {
+		wait_hosts(o.hosts, kids);
+		return 1;
+	}
 	e = cudaGetDeviceCount(&ndev);
 	if (e != cudaSuccess || ndev < 1) {
 		fprintf(stderr, "nccl-bench: no usable GPU: cudaGetDeviceCount: %s\n",
@@ -887,8 +979,12 @@ int main(int argc, char **argv)
 			ndev == 1 ? "" : "s");
 		return 2;
 	}
-	b.n = o.ngpu ? o.ngpu : ndev < MAX_DEV ? ndev : MAX_DEV;
-	rc = setup(&b);
+	b.n = o.hosts ? 1 : o.ngpu ? o.ngpu : ndev < MAX_DEV ? ndev : MAX_DEV;
+	b.rank0 = rank;
+	b.nranks = o.hosts ? o.hosts : b.n;
+	for (int l = 0; l < b.n; l++)
+		b.dev[l] = (rank + l) % ndev;
+	rc = setup(&b, id);
 	if (!rc) {
 		if (!o.json)
 			print_banner(&b);
@@ -896,6 +992,8 @@ int main(int argc, char **argv)
 	}
 	fflush(stdout);
 	teardown(&b);
+	if (o.hosts && rank == 0 && wait_hosts(o.hosts, kids))
+		rc = 1;
 	if (rc)
 		return 1;
 	if (b.wrong_all)

@@ -1,0 +1,103 @@
+#!/bin/bash
+# gpu-nodes.sh: device collectives across two commd daemons on this machine
+# against NCCL across two processes, each pair joined the same way: every
+# daemon's GPU worker (and every nccl-bench process) has an NCCL_HOSTID of
+# its own, so NCCL treats them as two hosts and moves the data over sockets
+# on loopback (NCCL_SOCKET_IFNAME=lo), as between nodes without InfiniBand.
+#
+#   bash tests/bench/gpu-nodes.sh [--build DIR]    (default $BUILD, else .)
+#
+# Runs with -c 0, 1 rank per daemon against nccl-bench --hosts 2: all-reduce
+# of float32 from 8 B to 1 GiB (factor 8), each op alone (median), then
+# every op at 64 MiB back to back (-P); prints them side by side. On one GPU
+# the two processes of each pair also share the GPU by time slices, which
+# sets the small-size times of both. Binaries from DIR, or from $COMMD,
+# $COMMD_GPU, $COMMBENCH, $NCCL_BENCH; WARMUP and ITERS (default 5 and 20).
+# Exit 77 without a GPU.
+set -eu
+
+build=${BUILD:-.}
+while [ $# -gt 0 ]; do
+	case $1 in
+	--build) build=$2; shift 2 ;;
+	--build=*) build=${1#--build=}; shift ;;
+	*) echo "usage: gpu-nodes.sh [--build DIR]" >&2; exit 2 ;;
+	esac
+done
+COMMD=${COMMD:-$build/daemon/commd}
+COMMD_GPU=${COMMD_GPU:-$(dirname "$COMMD")/commd-gpu}
+COMMBENCH=${COMMBENCH:-$build/client/commbench}
+NCCL_BENCH=${NCCL_BENCH:-$build/tests/bench/nccl-bench}
+W=${WARMUP:-5} I=${ITERS:-20}
+for b in "$COMMD" "$COMMBENCH" "$COMMD_GPU" "$NCCL_BENCH"; do
+	[ -x "$b" ] && continue
+	echo "gpu-nodes.sh: no $b (--build DIR, or set COMMD ...)" >&2
+	case $b in "$COMMD_GPU" | "$NCCL_BENCH") exit 77 ;; *) exit 1 ;; esac # no CUDA: a skip
+done
+export NCCL_SOCKET_IFNAME=${NCCL_SOCKET_IFNAME:-lo} NCCL_IB_DISABLE=${NCCL_IB_DISABLE:-1}
+
+tmp=$(mktemp -d /tmp/gpu-nodes-XXXXXX)
+pids=()
+trap 'for p in "${pids[@]}"; do kill "$p" 2>/dev/null; done; rm -rf "$tmp"' EXIT
+
+rc=0
+"$NCCL_BENCH" -g 1 -b 8 -e 8 -w 0 -i 1 >/dev/null 2>"$tmp/probe" || rc=$?
+if [ "$rc" != 0 ]; then
+	cat "$tmp/probe" >&2
+	exit "$rc"
+fi
+
+# Two daemons, peer listeners on free ports (read back from their logs).
+peer=()
+for d in a b; do
+	NCCL_HOSTID=gpu-nodes-$d "$COMMD" --foreground --config /dev/null --socket "$tmp/$d.sock" \
+		--gpu-worker "$COMMD_GPU" --peer-listen 127.0.0.1:0 2>"$tmp/$d.log" &
+	pids+=($!)
+	for t in $(seq 100); do
+		p=$(sed -n 's/.*peer listener on \([^ ]*\).*/\1/p' "$tmp/$d.log" | head -1)
+		[ -n "$p" ] && [ -S "$tmp/$d.sock" ] && break
+		if [ "$t" = 100 ]; then
+			cat "$tmp/$d.log" >&2
+			exit 1
+		fi
+		sleep 0.1
+	done
+	peer+=("$p")
+done
+
+run() {
+	local name=$1
+	shift
+	if ! "$@" >"$tmp/$name.txt" 2>"$tmp/$name.err"; then
+		echo "gpu-nodes.sh: $name failed: $*" >&2
+		cat "$tmp/$name.err" "$tmp/a.log" "$tmp/b.log" >&2
+		exit 1
+	fi
+}
+commd=("$COMMBENCH" -G --socket "$tmp/a.sock,$tmp/b.sock" --root "${peer[0]}" -n 2)
+nccl=("$NCCL_BENCH" --hosts 2)
+ar=(-o allreduce -b 8 -e 1G -f 8 -w "$W" -i "$I" -c 0)
+run commd_ar "${commd[@]}" "${ar[@]}"
+run nccl_ar "${nccl[@]}" "${ar[@]}"
+for op in allreduce reduce_scatter allgather broadcast reduce alltoall; do
+	one=(-o "$op" -b 64M -e 64M -w "$W" -i "$I" -c 0 -P)
+	run "commd_$op" "${commd[@]}" "${one[@]}"
+	run "nccl_$op" "${nccl[@]}" "${one[@]}"
+done
+
+rows() { grep -hv '^#' "$@" | awk 'NF { print $1, $6, $8 }'; }
+echo "# commd-gpu --probe: $("$COMMD_GPU" --probe 2>&1 | head -1)"
+echo "# 2 daemons x 1 rank (commbench -G) against 2 NCCL processes (nccl-bench --hosts 2),"
+echo "# each an NCCL host of its own, -c 0; time (us), busbw (GB/s)"
+echo "#"
+echo "# all-reduce float32 sum, out of place, each op alone (median of $I)"
+printf '#%11s  %10s %8s  %10s %8s  %10s\n' size commd busbw nccl busbw "commd-nccl"
+join <(rows "$tmp/commd_ar.txt" | sort -k1,1) <(rows "$tmp/nccl_ar.txt" | sort -k1,1) | sort -n |
+	awk '{ printf "%12s  %10.1f %8.2f  %10.1f %8.2f  %10.1f\n", $1, $2, $3, $4, $5, $2 - $4 }'
+echo "#"
+echo "# every op, float32 (sum), 64 MiB, out of place, back to back (-P)"
+printf '#%15s  %10s %8s  %10s %8s\n' op commd busbw nccl busbw
+for op in allreduce reduce_scatter allgather broadcast reduce alltoall; do
+	paste <(rows "$tmp/commd_$op.txt" | head -1) <(rows "$tmp/nccl_$op.txt" | head -1) |
+		awk -v op="$op" '{ printf "%16s  %10.1f %8.2f  %10.1f %8.2f\n", op, $2, $3, $5, $6 }'
+done
