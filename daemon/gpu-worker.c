@@ -1,8 +1,10 @@
 /*
  * gpu-worker.c: commd-gpu, one job's GPU worker. It serves commd on fd 3
  * (common/gpu-proto.h): opens the ranks' device memory and runs their ops,
- * with its own kernels on one device and NCCL across several. It owns every
- * CUDA and NCCL object of the job, so a GPU fault ends this process only.
+ * with its own kernels on one device, NCCL across several, and (a job over
+ * several daemons) NCCL across the nodes' workers, one NCCL rank per node.
+ * It owns every CUDA and NCCL object of the job, so a GPU fault ends this
+ * process only.
  */
 #include <config.h>
 
