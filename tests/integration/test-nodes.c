@@ -2,7 +2,8 @@
  * test-nodes.c: jobs whose ranks are spread over three commd daemons
  * (--peer-listen, COMM_ROOT): test-ops' cases over three splits of four
  * ranks, send/recv rings and 4 MiB exchanges between daemons, barriers, a
- * job on one daemon beside a job that spans it; and, over 2+2 and 2+1+1,
+ * job on one daemon beside a job that spans it, all-reduces of 9-21 MB
+ * (the pipelined ring's chunks and slots); and, over 2+2 and 2+1+1,
  * collectives whose ranks disagree between daemons or that one daemon
  * refuses, send/recv sizes that differ, and a rank that leaves: every rank
  * told, and the job goes on.
@@ -27,6 +28,13 @@
 #define NNODES 3
 #define BIG_NODES 300007     /* the large count: 1.2 MB of float32, 2.4 MB of float64 */
 #define XCHG_COUNT (1u << 20) /* float32 in a 4 MiB exchange */
+/*
+ * All-reduces whose pipelined ring (net.c) has many 1 MiB chunks a slice,
+ * more than its 8 receive slots over the hops, and a last chunk cut short.
+ */
+#define RING_BIG_INT32 5000011   /* 20 MB */
+#define RING_BIG_FLOAT64 2621447 /* 21 MB */
+#define RING_BIG_UINT8 9437189   /* 9 MB */
 
 static struct th_daemon node[NNODES];
 static const struct th_daemon *const nodes[NNODES] = { &node[0], &node[1], &node[2] };
@@ -210,6 +218,11 @@ static void test_split(const struct split *sp)
 	oc_plan_run(NULL, &p, "nodes");
 	snprintf(title, sizeof title, "in place and staged, n=4, %s", where);
 	oc_add_place_mode(&p, N, &o);
+	oc_plan_run(NULL, &p, "nodes");
+	snprintf(title, sizeof title, "all-reduce of 9-21 MB (the pipelined ring), n=4, %s", where);
+	oc_add(&p, &o, OC_AR, COMM_INT32, COMM_SUM, RING_BIG_INT32, 0, OC_ZC, OC_OOP, 0);
+	oc_add(&p, &o, OC_AR, COMM_FLOAT64, COMM_AVG, RING_BIG_FLOAT64, 0, OC_ZC, OC_INPLACE, 0);
+	oc_add(&p, &o, OC_AR, COMM_UINT8, COMM_MAX, RING_BIG_UINT8, 0, OC_STAGED, OC_OOP, 0);
 	oc_plan_run(NULL, &p, "nodes");
 	run_split_job(sp, rank_ring, NULL,
 		      "ring in groups: 40 rounds of every dtype up to 4 MiB, the last 10 with "
