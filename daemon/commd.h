@@ -224,6 +224,7 @@ struct dist {
 	int *node_of;          /* by rank: its node's index */
 	uint8_t nccl_id[128];  /* the job's NCCL communicator's (gpu-proto.h), once has_nccl_id */
 	int has_nccl_id;
+	char nccl_dev[48];     /* the device of this node's NCCL rank (a UUID), "" until known */
 	uint32_t **sent;       /* [a][b], a here: messages rank a sent to rank b */
 	uint32_t **rcvd;       /* [b][a], b here: messages rank b received from rank a */
 };

@@ -1690,6 +1690,10 @@ static void on_op(const struct gpu_op *op, size_t nranks)
 		rc = COMM_ERR_INVALID_ARG;
 	} else if (plan_op(&p, op, nranks)) {
 		rc = COMM_ERR_INVALID_ARG;
+		if (p.world) { /* the other nodes' workers wait for this one: end, so the job fails */
+			reap(0);
+			op_aborted(name, op->id);
+		}
 	} else if (p.block && !p.world && (d = single_device(&p)) >= 0) {
 		reap(MAX_QUEUED - 1);
 		if (!op_queue(&p, d))

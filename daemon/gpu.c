@@ -553,7 +553,8 @@ static void on_worker_io(uv_poll_t *h, int status, int events)
 			worker_lost(w, n == 0 ? "it closed its socket" : "its socket failed");
 			return;
 		}
-		if ((size_t)n != (st->h.type == GPU_MSG_NCCL_ID ? sizeof m.id : sizeof m.st) ||
+		if ((size_t)n < sizeof st->h ||
+		    (size_t)n != (st->h.type == GPU_MSG_NCCL_ID ? sizeof m.id : sizeof m.st) ||
 		    st->h.version != GPU_PROTO_VERSION) {
 			worker_lost(w, "it sent a malformed message");
 			return;
@@ -812,11 +813,43 @@ static uint32_t put_flags(const struct task *t, struct gpu_op *op, int n)
 	return k;
 }
 
+/*
+ * The device all of t's buffers are on (done flags aside: each is written
+ * on its own device), "" when it has none; NULL with why in t->detail
+ * when they are on several.
+ */
+static const char *task_device(struct task *t)
+{
+	const char *dev = "";
+
+	for (int i = 0; i < t->nops; i++) {
+		const struct bufspec *b[2] = { &t->ops[i]->send, &t->ops[i]->recv };
+
+		for (int k = 0; k < 2; k++) {
+			if (!b[k]->mem)
+				continue;
+			if (*dev && strcmp(dev, b[k]->mem->uuid)) {
+				snprintf(t->detail, sizeof t->detail,
+					 "%s: across daemons a node's ranks use one device, these use "
+					 "%.60s and %.60s", op_type_name(t->type), dev, b[k]->mem->uuid);
+				return NULL;
+			}
+			dev = b[k]->mem->uuid;
+		}
+	}
+	return dev;
+}
+
+/*
+ * Everything that could make this node's worker refuse its part is checked
+ * here, before the verdicts: once they agree, the other nodes' workers are
+ * in NCCL calls that wait for this one.
+ */
 void gpu_net_check(struct task *t)
 {
-	const struct job *j = t->job;
+	struct job *j = t->job;
 	const struct gpu_worker *w = j->gpu;
-	const char *name = op_type_name(t->type);
+	const char *name = op_type_name(t->type), *dev;
 
 	t->status = COMM_ERR_UNSUPPORTED;
 	if (t->peer >= 0) {
@@ -824,10 +857,18 @@ void gpu_net_check(struct task *t)
 			 "%s: device memory across daemons is not supported yet", name);
 		return;
 	}
-	if (j->world > GPU_WORLD_MAX_RANKS) {
+	if (j->world > GPU_WORLD_MAX_RANKS || t->nops > GPU_OP_MAX_RANKS) {
 		snprintf(t->detail, sizeof t->detail,
-			 "%s: device ops across daemons span at most %d ranks", name,
-			 GPU_WORLD_MAX_RANKS);
+			 "%s: device ops across daemons span at most %d ranks, %d on a node", name,
+			 GPU_WORLD_MAX_RANKS, GPU_OP_MAX_RANKS);
+		return;
+	}
+	if (!(dev = task_device(t)))
+		return;
+	if (*dev && j->dist->nccl_dev[0] && strcmp(dev, j->dist->nccl_dev)) {
+		snprintf(t->detail, sizeof t->detail,
+			 "%s: across daemons a node's ranks use one device: %.60s, then %.60s", name,
+			 j->dist->nccl_dev, dev);
 		return;
 	}
 	t->status = COMM_ERR_ABORTED;
@@ -842,6 +883,8 @@ void gpu_net_check(struct task *t)
 			 w->no_id[0] ? w->no_id : "device memory came before the job formed");
 		return;
 	}
+	if (*dev)
+		snprintf(j->dist->nccl_dev, sizeof j->dist->nccl_dev, "%s", dev);
 	t->status = COMM_OK;
 }
 
@@ -868,8 +911,8 @@ static int world_send(struct gpu_worker *w, const struct job *j)
 		m->node_of[r] = (uint16_t)d->node_of[r];
 	rc = worker_send(w, m, len, -1);
 	free(m);
-	w->world_sent = rc == 0;
-	return rc;
+	w->world_sent = rc == 0 && w->fd >= 0; /* worker_send may have lost it */
+	return w->world_sent ? 0 : -1;
 }
 
 int be_gpu_run(struct task *t)
@@ -888,7 +931,9 @@ int be_gpu_run(struct task *t)
 	}
 	if (t->net && (!t->job->dist->has_nccl_id || world_send(w, t->job) < 0)) {
 		snprintf(t->detail, sizeof t->detail, "%s: %s", op_type_name(t->type),
-			 t->job->dist->has_nccl_id ? "out of memory" : "node 0 sent no NCCL id");
+			 !t->job->dist->has_nccl_id ? "node 0 sent no NCCL id"
+			 : w->fd < 0		    ? "the job's gpu worker is gone"
+						    : "out of memory");
 		return 1;
 	}
 	if (n > GPU_OP_MAX_RANKS) {

@@ -1638,8 +1638,19 @@ static void on_done(uv_async_t *h)
 		free(nt);
 		/* every node agreed to run it on device memory: each worker does its part */
 		t->gpu = t->device && t->peer < 0 && t->status == COMM_OK;
-		if (!t->gpu || be_gpu_run(t))
+		if (!t->gpu) {
 			engine_task_done(t);
+		} else if (be_gpu_run(t)) {
+			/* the other nodes' workers wait in NCCL for this one's: fail them now */
+			struct job *j = t->job;
+			comm_result_t code = t->status;
+			char why[256];
+
+			snprintf(why, sizeof why, "%s", t->detail);
+			engine_task_done(t);
+			if (j->state == JOB_READY)
+				job_fail(j, code, "%s", why);
+		}
 	}
 }
 

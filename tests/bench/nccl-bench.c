@@ -14,7 +14,9 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <signal.h>
 #include <strings.h>
+#include <sys/prctl.h>
 #include <sys/wait.h>
 #include <time.h>
 #include <unistd.h>
@@ -889,13 +891,46 @@ static void teardown(struct bench *b)
 	free(b->hbuf);
 }
 
+static pid_t host_kids[MAX_DEV]; /* --hosts: rank 0's children, by rank */
+static int host_n;
+
+static void kill_hosts(void)
+{
+	for (int h = 1; h < host_n; h++)
+		if (host_kids[h] > 0)
+			kill(host_kids[h], SIGKILL);
+}
+
+/*
+ * Rank 0: a rank that failed leaves the others waiting in NCCL for it
+ * forever: end them all. (Its status stays for wait_hosts: WNOWAIT.) One
+ * that found no GPU (77) is left alone: rank 0 finds none either and says so.
+ */
+static void on_child(int sig)
+{
+	siginfo_t si;
+
+	(void)sig;
+	for (int h = 1; h < host_n; h++) {
+		memset(&si, 0, sizeof si);
+		if (host_kids[h] <= 0 ||
+		    waitid(P_PID, (id_t)host_kids[h], &si, WEXITED | WNOHANG | WNOWAIT) < 0 ||
+		    !si.si_pid ||
+		    (si.si_code == CLD_EXITED && (si.si_status == 0 || si.si_status == 77)))
+			continue;
+		kill_hosts();
+		_exit(1);
+	}
+}
+
 /*
  * --hosts N: start ranks 1 .. N-1 as child processes (before any CUDA call:
  * a forked CUDA context does not work), each with its own NCCL_HOSTID and
  * its stdout on /dev/null; this process, rank 0, makes the NCCL id and
- * hands it to them over a pipe. *rank: the caller's. 0, or -1.
+ * hands it to them over a pipe. The children die with rank 0, and rank 0
+ * ends them all when one fails. *rank: the caller's. 0, or -1.
  */
-static int spawn_hosts(int hosts, int *rank, ncclUniqueId *id, pid_t *kids)
+static int spawn_hosts(int hosts, int *rank, ncclUniqueId *id)
 {
 	char hostid[32];
 	int p[2], ok = 1;
@@ -915,6 +950,7 @@ static int spawn_hosts(int hosts, int *rank, ncclUniqueId *id, pid_t *kids)
 		}
 		if (pid == 0) {
 			close(p[1]);
+			prctl(PR_SET_PDEATHSIG, SIGKILL);
 			*rank = h;
 			snprintf(hostid, sizeof hostid, "nccl-bench-host-%d", h);
 			setenv("NCCL_HOSTID", hostid, 1);
@@ -924,8 +960,10 @@ static int spawn_hosts(int hosts, int *rank, ncclUniqueId *id, pid_t *kids)
 			close(p[0]);
 			return 0;
 		}
-		kids[h] = pid;
+		host_kids[h] = pid;
+		host_n = h + 1;
 	}
+	signal(SIGCHLD, on_child);
 	close(p[0]);
 	*rank = 0;
 	setenv("NCCL_HOSTID", "nccl-bench-host-0", 1);
@@ -936,14 +974,17 @@ static int spawn_hosts(int hosts, int *rank, ncclUniqueId *id, pid_t *kids)
 	return ok ? 0 : -1;
 }
 
-/* --hosts: rank 0 waits for the others; 1 when one failed. */
-static int wait_hosts(int hosts, const pid_t *kids)
+/* --hosts: rank 0 waits for the others (failed: ends them first); 1 when one failed. */
+static int wait_hosts(int failed)
 {
 	int bad = 0, st;
 
-	for (int h = 1; h < hosts; h++)
-		if (kids[h] > 0 && (waitpid(kids[h], &st, 0) < 0 || !WIFEXITED(st) ||
-				    WEXITSTATUS(st) != 0))
+	signal(SIGCHLD, SIG_DFL);
+	if (failed)
+		kill_hosts();
+	for (int h = 1; h < host_n; h++)
+		if (host_kids[h] > 0 && (waitpid(host_kids[h], &st, 0) < 0 || !WIFEXITED(st) ||
+					 WEXITSTATUS(st) != 0))
 			bad = 1;
 	return bad;
 }
@@ -955,7 +996,6 @@ int main(int argc, char **argv)
 		.max_bytes = 64 << 20, .factor = 2, .warmup = 5, .iters = 20, .check = 1,
 	};
 	struct bench b = { .o = &o };
-	pid_t kids[MAX_DEV] = { 0 };
 	ncclUniqueId id;
 	int ndev = 0, rc, rank = 0;
 	cudaError_t e;
@@ -964,14 +1004,16 @@ int main(int argc, char **argv)
 	if (rc)
 		return rc;
 	memset(&id, 0, sizeof id);
-	if (o.hosts && spawn_hosts(o.hosts, &rank, &id, kids) < 0) {
-		wait_hosts(o.hosts, kids);
+	if (o.hosts && spawn_hosts(o.hosts, &rank, &id) < 0) {
+		wait_hosts(1);
 		return 1;
 	}
 	e = cudaGetDeviceCount(&ndev);
 	if (e != cudaSuccess || ndev < 1) {
 		fprintf(stderr, "nccl-bench: no usable GPU: cudaGetDeviceCount: %s\n",
 			e != cudaSuccess ? cudaGetErrorString(e) : "no devices");
+		if (o.hosts && rank == 0)
+			wait_hosts(0);
 		return 77;
 	}
 	if (o.ngpu > ndev) {
@@ -992,7 +1034,7 @@ int main(int argc, char **argv)
 	}
 	fflush(stdout);
 	teardown(&b);
-	if (o.hosts && rank == 0 && wait_hosts(o.hosts, kids))
+	if (o.hosts && rank == 0 && wait_hosts(rc != 0))
 		rc = 1;
 	if (rc)
 		return 1;

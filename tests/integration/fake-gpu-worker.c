@@ -6,11 +6,16 @@
  * refuses, crashes or hangs. It moves no data and claims none: every
  * message it gets is written to $FAKE_GPU_LOG for the test to check.
  *
+ * A hello that says the job spans daemons and this is node 0 gets a fake
+ * NCCL id (FAKE_NCCL_ID) after the reply, as commd-gpu sends its real one;
+ * WORLD and every op's world and ranks' granks are logged.
+ *
  * $FAKE_GPU_MODE: ok (default: answer everything with success), refuse
  * (the hello says no device), crash (SIGKILL itself on an op), hang (never
  * answer an op), noprobe (--probe says unavailable), queue (hold the
  * answers until 3 ops are held, or no message came for half a second, as
- * a worker holds ops queued on its stream; then answer them in order).
+ * a worker holds ops queued on its stream; then answer them in order),
+ * noid (node 0 of a job over daemons: NCCL_ID says there is no id).
  */
 #include <errno.h>
 #include <poll.h>
@@ -26,6 +31,7 @@
 
 #define QUEUE_HOLD 3        /* queue mode: answers held until this many ops */
 #define QUEUE_PAUSE_MS 500  /* or until nothing came for this long */
+#define FAKE_NCCL_ID "fake-nccl-id"
 
 static const char *mode = "ok";
 static FILE *wlog;
@@ -84,17 +90,44 @@ static void release(const char *why)
 	nheld = 0;
 }
 
+/* Node 0 of a job over daemons: the id (noid mode: why there is none). */
+static void send_id(void)
+{
+	struct gpu_nccl_id m;
+
+	memset(&m, 0, sizeof m);
+	m.st.h.type = GPU_MSG_NCCL_ID;
+	m.st.h.version = GPU_PROTO_VERSION;
+	if (!strcmp(mode, "noid")) {
+		m.st.status = COMM_ERR_INTERNAL;
+		snprintf(m.st.detail, sizeof m.st.detail, "fake: ncclGetUniqueId failed");
+	} else {
+		memcpy(m.nccl_id, FAKE_NCCL_ID, sizeof FAKE_NCCL_ID);
+	}
+	if (send(GPU_WORKER_FD, &m, sizeof m, MSG_NOSIGNAL) != (ssize_t)sizeof m)
+		exit(5);
+}
+
+static void log_world(const struct gpu_world *w)
+{
+	fprintf(wlog, "world %u ranks %u nodes node %u id %.*s nodes of ranks", w->world,
+		w->nnodes, w->node, (int)sizeof FAKE_NCCL_ID - 1, (const char *)w->nccl_id);
+	for (uint32_t r = 0; r < w->world; r++)
+		fprintf(wlog, " %u", w->node_of[r]);
+	fprintf(wlog, "\n");
+}
+
 static void log_op(const struct gpu_op *op)
 {
-	fprintf(wlog, "op type %u dtype %u redop %u root %d count %llu n %u\n", op->type,
-		op->dtype, op->redop, op->root, (unsigned long long)op->count, op->n);
+	fprintf(wlog, "op type %u dtype %u redop %u root %d count %llu n %u world %u\n", op->type,
+		op->dtype, op->redop, op->root, (unsigned long long)op->count, op->n, op->world);
 	for (uint32_t r = 0; r < op->n; r++) {
 		const struct gpu_op_rank *k = &op->rank[r];
 
-		fprintf(wlog, "rank %u send %llu+%llu recv %llu+%llu event %s%02x\n", r,
+		fprintf(wlog, "rank %u send %llu+%llu recv %llu+%llu event %s%02x grank %u\n", r,
 			(unsigned long long)k->send_mem, (unsigned long long)k->send_off,
 			(unsigned long long)k->recv_mem, (unsigned long long)k->recv_off,
-			k->has_event ? "" : "none ", k->ready_event[0]);
+			k->has_event ? "" : "none ", k->ready_event[0], k->grank);
 	}
 	for (uint32_t i = 0; i < op->nflags; i++) {
 		const struct gpu_flag *f = (const struct gpu_flag *)&op->rank[op->n] + i;
@@ -108,6 +141,8 @@ int main(int argc, char **argv)
 {
 	static union {
 		struct gpu_hdr h;
+		struct gpu_hello hello;
+		struct gpu_world world;
 		struct gpu_mem_open mo;
 		struct gpu_mem_close mc;
 		struct gpu_op op;
@@ -141,8 +176,13 @@ int main(int argc, char **argv)
 			break;
 		switch (m.h.type) {
 		case GPU_MSG_HELLO:
-			fprintf(wlog, "hello\n");
+			fprintf(wlog, "hello nodes %u node %u\n", m.hello.nnodes, m.hello.node);
 			answer(GPU_MSG_HELLO_REPLY, 0, refused);
+			if (!refused && m.hello.nnodes > 1 && m.hello.node == 0)
+				send_id();
+			break;
+		case GPU_MSG_WORLD:
+			log_world(&m.world);
 			break;
 		case GPU_MSG_MEM_OPEN:
 			fprintf(wlog, "open %llu kind %u rank %d size %llu uuid %s fd %s\n",

@@ -6,7 +6,9 @@
  * handles, fds, the op's buffers and ready event), the answers it relays,
  * a host/device mix refused, frees reaching the worker, a worker that
  * refuses, crashes or hangs failing only its job (a host job beside it
- * runs on), shutdown with a hung worker, and no fd left behind. Then the
+ * runs on), shutdown with a hung worker, no fd left behind, and a job over
+ * two daemons (the NCCL id's way to every worker, and what is refused
+ * before any worker sees it). Then the
  * real no-GPU path: commd with its own commd-gpu on a machine without a
  * GPU says so in status and refuses device memory with the reason.
  */
@@ -30,6 +32,9 @@ static struct th_daemon d;
 static char logpath[256];
 
 #define UUID "GPU-11111111-2222-3333-4444-555555555555"
+#define UUID2 "GPU-66666666-7777-8888-9999-000000000000"
+
+static const char *reg_uuid = UUID; /* the device reg_dev names */
 
 /* A raw rank of a 1-rank job, speaking protocol up to vmax. */
 struct rank {
@@ -83,7 +88,7 @@ static int reg_dev(struct rank *k, Commpb__MemKind kind, size_t hlen, int fd, ui
 	reg.size = size;
 	reg.cuda_handle.data = handle;
 	reg.cuda_handle.len = hlen;
-	reg.gpu_uuid = UUID;
+	reg.gpu_uuid = (char *)reg_uuid;
 	reg.buffer_id = 77;
 	env.body_case = COMMPB__ENVELOPE__BODY_REGISTER_MEM;
 	env.register_mem = &reg;
@@ -692,6 +697,162 @@ static void test_this_machine(void)
 	CHECK(th_daemon_stop(&d) == 0, "daemon stop");
 }
 
+/* --- a job over two daemons ------------------------------------------------------- */
+
+/* Rank r of a 2-rank job over daemons (root: the root's peer address): the hello only. */
+static void join_send(struct rank *k, const struct th_daemon *dd, const char *job, int r,
+		      const char *root)
+{
+	Commpb__Envelope env = COMMPB__ENVELOPE__INIT;
+	Commpb__Hello h = COMMPB__HELLO__INIT;
+
+	k->fd = raw_connect(dd->sock);
+	frame_reader_init(&k->rd);
+	h.version_min = 1;
+	h.version_max = PROTO_VERSION;
+	h.job = (char *)job;
+	h.rank = r;
+	h.world_size = 2;
+	h.root = (char *)root;
+	env.body_case = COMMPB__ENVELOPE__BODY_HELLO;
+	env.hello = &h;
+	raw_send(k->fd, &env, NULL, 0);
+}
+
+/* ... and its reply, once both ranks joined. */
+static void join_wait(struct rank *k, const char *job)
+{
+	Commpb__Envelope *reply = raw_recv(k->fd, &k->rd);
+
+	REQUIRE(reply && reply->body_case == COMMPB__ENVELOPE__BODY_HELLO_REPLY &&
+			reply->hello_reply->status == COMM_OK,
+		"hello of job %s over two daemons", job);
+	commpb__envelope__free_unpacked(reply, NULL);
+}
+
+/* Post a send to (or a recv from) peer of 16 bytes at mem. */
+static void post_p2p(struct rank *k, uint64_t seq, int send, uint64_t mem, int peer)
+{
+	Commpb__Envelope env = COMMPB__ENVELOPE__INIT;
+	Commpb__Op op = COMMPB__OP__INIT;
+	Commpb__BufRef b = COMMPB__BUF_REF__INIT;
+
+	b.mem_id = mem;
+	op.seq = seq;
+	op.type = send ? COMMPB__OP_TYPE__OP_SEND : COMMPB__OP_TYPE__OP_RECV;
+	if (send)
+		op.send = &b;
+	else
+		op.recv = &b;
+	op.count = 16;
+	op.dtype = COMM_UINT8;
+	op.peer = peer;
+	env.body_case = COMMPB__ENVELOPE__BODY_OP;
+	env.op = &op;
+	raw_send(k->fd, &env, NULL, 0);
+}
+
+/* Both ranks' OpDone: each status want, each detail holding has (NULL: any). */
+static void both_done(struct rank *k, int want, const char *has, const char *what)
+{
+	char detail[2][256];
+
+	for (int r = 0; r < 2; r++) {
+		int st = op_reply(&k[r], NULL, detail[r], sizeof detail[r]);
+
+		CHECK(st == want && (!has || strstr(detail[r], has)),
+		      "%s: rank %d got %d (%s), expected %d with \"%s\"", what, r, st, detail[r], want,
+		      has ? has : "");
+	}
+}
+
+/*
+ * Device memory across daemons, on two daemons with fake workers: node
+ * 0's worker hands commd an NCCL id, the verdicts carry it to node 1,
+ * both workers get WORLD with it and the op with each rank's grank;
+ * refused before any worker sees them: buffers of device memory on one
+ * node and host memory on the other, two devices on one node, a send
+ * between daemons; the job goes on after each. Then a node 0 whose worker
+ * has no id: the op fails on both nodes, saying so.
+ */
+static void test_across_daemons(void)
+{
+	struct th_daemon nd[2];
+	struct rank k[2];
+	uint64_t dev[2], host, dev2, seq = 1;
+	char job[32];
+
+	for (int round = 0; round < 2; round++) {
+		snprintf(job, sizeof job, "dev-nodes-%d", round);
+		unlink(logpath);
+		for (int n = 0; n < 2; n++) {
+			setenv("FAKE_GPU_MODE", round && n == 0 ? "noid" : "ok", 1);
+			REQUIRE(th_daemon_start_peer(&nd[n], "--gpu-worker", getenv("FAKE_GPU_WORKER"),
+						     NULL) == 0, "daemon %d with a peer listener", n);
+		}
+		for (int r = 0; r < 2; r++)
+			join_send(&k[r], &nd[r], job, r, nd[0].peer);
+		for (int r = 0; r < 2; r++)
+			join_wait(&k[r], job);
+		for (int r = 0; r < 2; r++)
+			REQUIRE(reg_dev(&k[r], COMMPB__MEM_KIND__MEM_CUDA_IPC, 64, -1, 4096, &dev[r],
+					NULL, 0) == COMM_OK, "register device memory on node %d", r);
+		CHECK(logged("hello nodes 2 node 0") && logged("hello nodes 2 node 1"),
+		      "the workers were not told the job spans 2 nodes");
+		seq = 1;
+		if (round) {
+			for (int r = 0; r < 2; r++)
+				post_allreduce(&k[r], seq, dev[r], 0, dev[r], 64, 0, NULL);
+			both_done(k, COMM_ERR_ABORTED, "fake: ncclGetUniqueId failed",
+				  "node 0's worker has no NCCL id");
+			CHECK(!logged("world"), "a worker got WORLD without an id");
+		} else {
+			for (int r = 0; r < 2; r++)
+				post_allreduce(&k[r], seq, dev[r], 0, dev[r], 64, 0, NULL);
+			both_done(k, COMM_OK, NULL, "device all-reduce over two daemons");
+			CHECK(logged("world 2 ranks 2 nodes node 0 id fake-nccl-id nodes of ranks 0 1") &&
+				      logged("world 2 ranks 2 nodes node 1 id fake-nccl-id nodes of ranks 0 1"),
+			      "WORLD with node 0's id did not reach both workers");
+			CHECK(logged("op type 1 dtype 8 redop 0 root 0 count 16 n 1 world 2"),
+			      "the op did not reach the workers as an op across nodes");
+			CHECK(logged("rank 0 send 1+0 recv 1+64 event none 00 grank 0") &&
+				      logged("rank 0 send 1+0 recv 1+64 event none 00 grank 1"),
+			      "the ranks' granks did not reach the workers");
+			/* host memory on node 1: refused on both, by the verdicts */
+			host = reg_host(&k[1]);
+			seq++;
+			post_allreduce(&k[0], seq, dev[0], 0, dev[0], 64, 0, NULL);
+			post_allreduce(&k[1], seq, host, 0, host, 64, 0, NULL);
+			both_done(k, COMM_ERR_MISMATCH, "host memory", "device on one node, host on the other");
+			/* two devices on node 0 */
+			reg_uuid = UUID2;
+			REQUIRE(reg_dev(&k[0], COMMPB__MEM_KIND__MEM_CUDA_IPC, 64, -1, 4096, &dev2, NULL,
+					0) == COMM_OK, "register memory on a second device");
+			reg_uuid = UUID;
+			seq++;
+			post_allreduce(&k[0], seq, dev[0], 0, dev2, 64, 0, NULL);
+			post_allreduce(&k[1], seq, dev[1], 0, dev[1], 64, 0, NULL);
+			both_done(k, COMM_ERR_UNSUPPORTED, "use one device", "two devices on one node");
+			/* a send between daemons */
+			seq++;
+			post_p2p(&k[0], seq, 1, dev[0], 1);
+			post_p2p(&k[1], seq, 0, dev[1], 0);
+			both_done(k, COMM_ERR_UNSUPPORTED, "across daemons", "a device send between daemons");
+			/* and the job goes on */
+			seq++;
+			for (int r = 0; r < 2; r++)
+				post_allreduce(&k[r], seq, dev[r], 0, dev[r], 64, 0, NULL);
+			both_done(k, COMM_OK, NULL, "a device all-reduce after the refusals");
+		}
+		printf("%s: device memory over two daemons%s\n", check_failures ? "FAIL" : "ok",
+		       round ? ", node 0's worker without an NCCL id" : ": id, WORLD, granks, refusals");
+		for (int r = 0; r < 2; r++)
+			close_rank(&k[r]);
+		for (int n = 0; n < 2; n++)
+			CHECK(th_daemon_stop(&nd[n]) == 0, "daemon %d did not stop cleanly", n);
+	}
+}
+
 int main(void)
 {
 	char dir[] = "/tmp/test-gpu-plumbing.XXXXXX";
@@ -707,6 +868,7 @@ int main(void)
 	test_bad_worker("hang");
 	test_shutdown_hung();
 	test_refusals();
+	test_across_daemons();
 	test_this_machine();
 	unlink(logpath);
 	rmdir(dir);
