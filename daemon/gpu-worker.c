@@ -1231,6 +1231,17 @@ static int world_end(struct plan *p, const char *what)
 	return nccl_check(ncclGroupEnd(), "ncclGroupEnd") || nccl_settle(what) ? -1 : 0;
 }
 
+/* world_end, rc: a call that failed since world_begin; then src (len bytes) to every output. */
+static int world_end_out(struct plan *p, const char *what, int rc, const uint8_t *src, size_t len)
+{
+	if (world_end(p, what) || rc)
+		return -1;
+	for (int r = 0; r < p->n; r++)
+		if (p->out[r] && copy(p->wdev, p->out[r], src, len))
+			return -1;
+	return 0;
+}
+
 static int world_begin(const struct plan *p)
 {
 	return world_comm(p->wdev) || cuda_check(cudaSetDevice(p->wdev), "cudaSetDevice") ||
@@ -1315,12 +1326,7 @@ static int world_broadcast(struct plan *p)
 		return -1;
 	rc = nccl_check(ncclBroadcast(buf, buf, p->block, ncclUint8, home, w.wcomm,
 				      w.dev[d].stream), "ncclBroadcast");
-	if (world_end(p, "ncclBroadcast") || rc)
-		return -1;
-	for (int r = 0; r < p->n; r++)
-		if (p->out[r] && copy(d, p->out[r], buf, p->block))
-			return -1;
-	return 0;
+	return world_end_out(p, "ncclBroadcast", rc, buf, p->block);
 }
 
 /*
@@ -1347,12 +1353,7 @@ static int world_allgather(struct plan *p)
 					      (size_t)(e - g) * p->block, ncclUint8, w.node_of[g],
 					      w.wcomm, w.dev[d].stream), "ncclBroadcast");
 	}
-	if (world_end(p, "ncclBroadcast") || rc)
-		return -1;
-	for (int r = 0; r < p->n; r++)
-		if (p->out[r] && copy(d, p->out[r], all, p->out_len))
-			return -1;
-	return 0;
+	return world_end_out(p, "ncclBroadcast", rc, all, p->out_len);
 }
 
 /*

@@ -17,36 +17,13 @@
 # WARMUP and ITERS (default 10 and 50) for every run. Exit 77 without a GPU.
 set -eu
 
-build=${BUILD:-.}
-while [ $# -gt 0 ]; do
-	case $1 in
-	--build) build=$2; shift 2 ;;
-	--build=*) build=${1#--build=}; shift ;;
-	*) echo "usage: gpu-compare.sh [--build DIR]" >&2; exit 2 ;;
-	esac
-done
-COMMD=${COMMD:-$build/daemon/commd}
-COMMD_GPU=${COMMD_GPU:-$(dirname "$COMMD")/commd-gpu}
-COMMBENCH=${COMMBENCH:-$build/client/commbench}
-NCCL_BENCH=${NCCL_BENCH:-$build/tests/bench/nccl-bench}
+name=gpu-compare.sh
+. "$(dirname "$0")/gpu-bins.sh"
 W=${WARMUP:-10} I=${ITERS:-50}
-for b in "$COMMD" "$COMMBENCH" "$COMMD_GPU" "$NCCL_BENCH"; do
-	[ -x "$b" ] && continue
-	echo "gpu-compare.sh: no $b (--build DIR, or set COMMD ...)" >&2
-	case $b in "$COMMD_GPU" | "$NCCL_BENCH") exit 77 ;; *) exit 1 ;; esac # no CUDA: a skip
-done
 
 tmp=$(mktemp -d /tmp/gpu-compare-XXXXXX)
 pid=
 trap '[ -z "$pid" ] || kill "$pid" 2>/dev/null; rm -rf "$tmp"' EXIT
-
-# A GPU at all? nccl-bench says why not (and exits 77).
-rc=0
-"$NCCL_BENCH" -g 1 -b 8 -e 8 -w 0 -i 1 >/dev/null 2>"$tmp/probe" || rc=$?
-if [ "$rc" != 0 ]; then
-	cat "$tmp/probe" >&2
-	exit "$rc"
-fi
 
 sock=$tmp/commd.sock
 "$COMMD" --foreground --config /dev/null --socket "$sock" --gpu-worker "$COMMD_GPU" \

@@ -16,36 +16,14 @@
 # Exit 77 without a GPU.
 set -eu
 
-build=${BUILD:-.}
-while [ $# -gt 0 ]; do
-	case $1 in
-	--build) build=$2; shift 2 ;;
-	--build=*) build=${1#--build=}; shift ;;
-	*) echo "usage: gpu-nodes.sh [--build DIR]" >&2; exit 2 ;;
-	esac
-done
-COMMD=${COMMD:-$build/daemon/commd}
-COMMD_GPU=${COMMD_GPU:-$(dirname "$COMMD")/commd-gpu}
-COMMBENCH=${COMMBENCH:-$build/client/commbench}
-NCCL_BENCH=${NCCL_BENCH:-$build/tests/bench/nccl-bench}
+name=gpu-nodes.sh
+. "$(dirname "$0")/gpu-bins.sh"
 W=${WARMUP:-5} I=${ITERS:-20}
-for b in "$COMMD" "$COMMBENCH" "$COMMD_GPU" "$NCCL_BENCH"; do
-	[ -x "$b" ] && continue
-	echo "gpu-nodes.sh: no $b (--build DIR, or set COMMD ...)" >&2
-	case $b in "$COMMD_GPU" | "$NCCL_BENCH") exit 77 ;; *) exit 1 ;; esac # no CUDA: a skip
-done
 export NCCL_SOCKET_IFNAME=${NCCL_SOCKET_IFNAME:-lo} NCCL_IB_DISABLE=${NCCL_IB_DISABLE:-1}
 
 tmp=$(mktemp -d /tmp/gpu-nodes-XXXXXX)
 pids=()
 trap 'for p in "${pids[@]}"; do kill "$p" 2>/dev/null; done; rm -rf "$tmp"' EXIT
-
-rc=0
-"$NCCL_BENCH" -g 1 -b 8 -e 8 -w 0 -i 1 >/dev/null 2>"$tmp/probe" || rc=$?
-if [ "$rc" != 0 ]; then
-	cat "$tmp/probe" >&2
-	exit "$rc"
-fi
 
 # Two daemons, peer listeners on free ports (read back from their logs).
 peer=()
