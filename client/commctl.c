@@ -25,8 +25,9 @@ static const struct {
 	{ "status", "", 0, ctl_status,
 	  "the daemon, its backends, peers, jobs, their oldest ops in flight, counters" },
 	{ "jobs", "[JOB]", 1, ctl_jobs,
-	  "one line per job; with JOB, every op in flight in it: which ranks posted\n"
-	  "                 it and which never did (what a hang waits for)" },
+	  "one line per job, and each job's GPU worker (over several daemons: its\n"
+	  "                 NCCL rank and device); with JOB, every op in flight in it:\n"
+	  "                 which ranks posted it and which never did (what a hang waits for)" },
 	{ "topo", "", 0, ctl_topo, "the node's GPUs and NICs and how they connect (nvidia-smi topo -m)" },
 };
 

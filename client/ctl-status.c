@@ -57,6 +57,14 @@ static void print_jobs_text(const Commpb__StatusReply *s)
 		       j->name, j->uid, ranks, j->nodes ? j->nodes : 1, j->state, j->ops_completed,
 		       j->ops_pending, moved, mem, j->errors);
 	}
+	for (size_t i = 0, first = 1; i < s->n_jobs; i++) {
+		if (!*s->jobs[i]->gpu)
+			continue;
+		if (first)
+			printf("\ngpu workers:\n");
+		first = 0;
+		printf("  %-24s %s\n", s->jobs[i]->name, s->jobs[i]->gpu);
+	}
 }
 
 static void print_inflight_text(const Commpb__StatusReply *s)
@@ -137,6 +145,8 @@ static void print_jobs_json(const Commpb__StatusReply *s)
 		       j->ops_completed, j->ops_pending, j->bytes_moved, j->mem_registered,
 		       j->errors, j->nodes ? j->nodes : 1);
 		ctl_json_str(j->root);
+		printf(", \"gpu\": ");
+		ctl_json_str(j->gpu);
 		printf(", \"inflight_omitted\": %u, \"inflight\": [", j->inflight_omitted);
 		for (size_t k = 0; k < j->n_inflight; k++) {
 			const Commpb__OpInFlight *o = j->inflight[k];

@@ -191,6 +191,11 @@ struct task *gpu_job_task(struct job *j, int newest);
 void gpu_job_failed(struct job *j);
 /* The job is freed: its worker goes once its device memory is closed. */
 void gpu_job_gone(struct job *j);
+/*
+ * The job's GPU worker in one line, for status: "" when it has none, else
+ * its pid (or why it is gone) and, over several daemons, its NCCL rank.
+ */
+void gpu_job_line(const struct job *j, char *buf, size_t len);
 /* "available (nccl X.Y.Z)" or "unavailable (why)", for status. */
 void gpu_nccl_line(char *buf, size_t len);
 

@@ -996,6 +996,32 @@ struct task *gpu_job_task(struct job *j, int newest)
 	return newest ? TAILQ_LAST(&w->tasks, task_q) : TAILQ_FIRST(&w->tasks);
 }
 
+void gpu_job_line(const struct job *j, char *buf, size_t len)
+{
+	const struct gpu_worker *w = j->gpu;
+	const struct dist *d = j->dist;
+	size_t at;
+
+	*buf = '\0';
+	if (!w)
+		return;
+	if (w->refused || w->fd < 0)
+		at = (size_t)snprintf(buf, len, "worker gone: %s", w->reason);
+	else
+		at = (size_t)snprintf(buf, len, "worker pid %d", w->proc.pid);
+	if (!d || d->nnodes < 2 || at >= len)
+		return;
+	if (d->self == 0 && !d->has_nccl_id)
+		snprintf(buf + at, len - at, "; across %d nodes, no NCCL id: %s", d->nnodes,
+			 w->no_id[0] ? w->no_id : "device memory came before the job formed");
+	else if (d->nccl_dev[0])
+		snprintf(buf + at, len - at, "; across %d nodes: NCCL rank %d on %s", d->nnodes,
+			 d->self, d->nccl_dev);
+	else
+		snprintf(buf + at, len - at, "; across %d nodes: NCCL rank %d, no device op yet",
+			 d->nnodes, d->self);
+}
+
 void gpu_job_failed(struct job *j)
 {
 	struct gpu_worker *w = j->gpu;

@@ -16,6 +16,7 @@
 #define STATUS_INFLIGHT_ONE 100
 #define STATUS_INFLIGHT_ALL 60
 #define STATUS_INFLIGHT_PER_JOB 4
+#define GPU_LINE 256 /* a job's gpu line */
 
 /* Every job for an admin; for anyone else, their own jobs only. */
 static int wanted(const struct job *j, const char *name, const struct conn *c)
@@ -28,6 +29,7 @@ int req_status_exec(struct conn *c, const Commpb__Envelope *env, int *fds, int n
 	Commpb__Envelope reply = COMMPB__ENVELOPE__INIT;
 	Commpb__StatusReply sr = COMMPB__STATUS_REPLY__INIT;
 	Commpb__JobInfo *infos = NULL, **jobs = NULL;
+	char (*gpul)[GPU_LINE] = NULL;
 	const char *name = env->status_request->job;
 	struct inflight *inflight = NULL;
 	Commpb__OpInFlight **ifp = NULL;
@@ -51,11 +53,13 @@ int req_status_exec(struct conn *c, const Commpb__Envelope *env, int *fds, int n
 	if (n) {
 		infos = calloc(n, sizeof *infos);
 		jobs = calloc(n, sizeof *jobs);
+		gpul = calloc(n, sizeof *gpul);
 		inflight = budget ? calloc((size_t)budget, sizeof *inflight) : NULL;
 		ifp = budget ? calloc((size_t)budget, sizeof *ifp) : NULL;
-		if (!infos || !jobs || (budget && (!inflight || !ifp))) {
+		if (!infos || !jobs || !gpul || (budget && (!inflight || !ifp))) {
 			free(infos);
 			free(jobs);
+			free(gpul);
 			free(inflight);
 			free(ifp);
 			conn_fail(c, COMM_ERR_NO_MEMORY, "status: out of memory");
@@ -86,6 +90,8 @@ int req_status_exec(struct conn *c, const Commpb__Envelope *env, int *fds, int n
 		ji->mem_registered = j->mem_bytes;
 		ji->nodes = j->dist ? j->dist->nnodes : 1;
 		ji->root = j->dist ? j->dist->root : (char *)"";
+		gpu_job_line(j, gpul[i], sizeof gpul[i]);
+		ji->gpu = gpul[i];
 		if (budget > ninfl) {
 			int room = budget - ninfl, got;
 
@@ -148,6 +154,7 @@ int req_status_exec(struct conn *c, const Commpb__Envelope *env, int *fds, int n
 	rc = conn_send(c, &reply);
 	free(infos);
 	free(jobs);
+	free(gpul);
 	free(inflight);
 	free(ifp);
 	return rc;

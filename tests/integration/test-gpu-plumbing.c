@@ -185,14 +185,14 @@ static int allreduce(struct rank *k, uint64_t seq, uint64_t smem, uint64_t soff,
 	return op_reply(k, NULL, detail, dlen);
 }
 
-/* The daemon's status reply (the caller frees it). */
-static Commpb__Envelope *status(void)
+/* Daemon dd's status reply (the caller frees it). */
+static Commpb__Envelope *status_of(const struct th_daemon *dd)
 {
 	Commpb__Envelope env = COMMPB__ENVELOPE__INIT, *reply;
 	Commpb__Hello h = COMMPB__HELLO__INIT;
 	Commpb__StatusRequest sr = COMMPB__STATUS_REQUEST__INIT;
 	struct frame_reader rd;
-	int fd = raw_connect(d.sock);
+	int fd = raw_connect(dd->sock);
 
 	frame_reader_init(&rd);
 	h.version_min = 1;
@@ -212,6 +212,30 @@ static Commpb__Envelope *status(void)
 	close(fd);
 	frame_reader_free(&rd);
 	return reply;
+}
+
+static Commpb__Envelope *status(void)
+{
+	return status_of(&d);
+}
+
+/* Whether daemon dd's status shows job's GPU worker line holding want. */
+static int gpu_line_has(const struct th_daemon *dd, const char *job, const char *want)
+{
+	Commpb__Envelope *st = status_of(dd);
+	int found = 0;
+
+	for (size_t i = 0; i < st->status_reply->n_jobs; i++) {
+		const Commpb__JobInfo *j = st->status_reply->jobs[i];
+
+		if (!strcmp(j->name, job)) {
+			found = strstr(j->gpu, want) != NULL;
+			if (!found)
+				printf("job %s's gpu line: \"%s\", no \"%s\"\n", job, j->gpu, want);
+		}
+	}
+	commpb__envelope__free_unpacked(st, NULL);
+	return found;
 }
 
 /* Whether the worker's log has a line starting with want (within 3 s). */
@@ -805,6 +829,9 @@ static void test_across_daemons(void)
 				post_allreduce(&k[r], seq, dev[r], 0, dev[r], 64, 0, NULL);
 			both_done(k, COMM_ERR_ABORTED, "fake: ncclGetUniqueId failed",
 				  "node 0's worker has no NCCL id");
+			CHECK(gpu_line_has(&nd[0], job,
+					   "across 2 nodes, no NCCL id: fake: ncclGetUniqueId failed"),
+			      "status does not say that node 0 has no NCCL id");
 			CHECK(!logged("world"), "a worker got WORLD without an id");
 		} else {
 			for (int r = 0; r < 2; r++)
@@ -815,6 +842,10 @@ static void test_across_daemons(void)
 			      "WORLD with node 0's id did not reach both workers");
 			CHECK(logged("op type 1 dtype 8 redop 0 root 0 count 16 n 1 world 2"),
 			      "the op did not reach the workers as an op across nodes");
+			CHECK(gpu_line_has(&nd[0], job, "across 2 nodes: NCCL rank 0 on " UUID) &&
+				      gpu_line_has(&nd[1], job, "across 2 nodes: NCCL rank 1 on " UUID) &&
+				      gpu_line_has(&nd[1], job, "worker pid "),
+			      "status does not show each node's NCCL rank and device");
 			CHECK(logged("rank 0 send 1+0 recv 1+64 event none 00 grank 0") &&
 				      logged("rank 0 send 1+0 recv 1+64 event none 00 grank 1"),
 			      "the ranks' granks did not reach the workers");
