@@ -807,6 +807,21 @@ static int plan_flags(struct plan *p)
 	return 0;
 }
 
+/* The one device p's buffers are on; -1: none, -2: several. */
+static int used_device(const struct plan *p)
+{
+	int d = -1;
+
+	for (int e = 0; e < w.ndev; e++) {
+		if (!p->used[e])
+			continue;
+		if (d >= 0)
+			return -2;
+		d = e;
+	}
+	return d;
+}
+
 /*
  * An op across nodes: its ranks' granks index lidx, and everything it
  * touches here is on one device (wdev), the one the job's NCCL rank of
@@ -814,7 +829,7 @@ static int plan_flags(struct plan *p)
  */
 static int plan_world(struct plan *p)
 {
-	int d = -1;
+	int d;
 
 	if (!w.world || p->op->world != w.world) {
 		fail("an op across %u ranks, but WORLD said %u", p->op->world, w.world);
@@ -831,14 +846,9 @@ static int plan_world(struct plan *p)
 		}
 		w.lidx[g] = r;
 	}
-	for (int e = 0; e < w.ndev; e++) {
-		if (!p->used[e])
-			continue;
-		if (d >= 0) {
-			fail("across nodes, a node's ranks use one device; these use %d and %d", d, e);
-			return -1;
-		}
-		d = e;
+	if ((d = used_device(p)) == -2) {
+		fail("across nodes, a node's ranks use one device; these use several");
+		return -1;
 	}
 	if (d < 0)
 		d = w.wcomm ? w.wdev : w.nmem ? w.mem[0].dev : 0;
@@ -1435,15 +1445,10 @@ static int streams_wait(const struct plan *p)
 /* The one device every used stream and done flag is on, or -1. */
 static int single_device(const struct plan *p)
 {
-	int d = -1;
+	int d = used_device(p);
 
-	for (int e = 0; e < w.ndev; e++) {
-		if (!p->used[e])
-			continue;
-		if (d >= 0)
-			return -1;
-		d = e;
-	}
+	if (d < 0)
+		return -1;
 	for (int i = 0; i < p->nflags; i++)
 		if (p->flag_dev[i] != d)
 			return -1;

@@ -840,6 +840,12 @@ static const char *task_device(struct task *t)
 	return dev;
 }
 
+/* Node 0 of a job over daemons: why its worker gave no NCCL id. */
+static const char *no_id_why(const struct gpu_worker *w)
+{
+	return w->no_id[0] ? w->no_id : "device memory came before the job formed";
+}
+
 /*
  * Everything that could make this node's worker refuse its part is checked
  * here, before the verdicts: once they agree, the other nodes' workers are
@@ -879,8 +885,7 @@ void gpu_net_check(struct task *t)
 	}
 	if (j->dist->self == 0 && !j->dist->has_nccl_id) {
 		snprintf(t->detail, sizeof t->detail,
-			 "%s: the gpu worker of node 0 has no NCCL id (%.180s)", name,
-			 w->no_id[0] ? w->no_id : "device memory came before the job formed");
+			 "%s: the gpu worker of node 0 has no NCCL id (%.180s)", name, no_id_why(w));
 		return;
 	}
 	if (*dev)
@@ -1013,7 +1018,7 @@ void gpu_job_line(const struct job *j, char *buf, size_t len)
 		return;
 	if (d->self == 0 && !d->has_nccl_id)
 		snprintf(buf + at, len - at, "; across %d nodes, no NCCL id: %s", d->nnodes,
-			 w->no_id[0] ? w->no_id : "device memory came before the job formed");
+			 no_id_why(w));
 	else if (d->nccl_dev[0])
 		snprintf(buf + at, len - at, "; across %d nodes: NCCL rank %d on %s", d->nnodes,
 			 d->self, d->nccl_dev);

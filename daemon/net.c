@@ -3,22 +3,25 @@
  * which UCX emulates slowly over TCP). One thread owns the UCX worker and
  * runs every cross-node task as a small state machine: it posts a step's
  * sends and receives, and when they have all completed, works on what came
- * and posts the next step. So a task that waits for a late node holds up
- * no other job.
+ * and posts the next step (an all-reduce's ring works on each chunk as it
+ * comes). So a task that waits for a late node holds up no other job.
  *
  * Collectives are hierarchical: the node's ranks are combined in place
  * here, the nodes run a ring (reduce-scatter, all-gather; an all-reduce's
  * both, pipelined in chunks) or a direct exchange (broadcast, reduce,
- * all-to-all), and the result is written into the ranks' memory. Every collective starts with each node's verdict
- * (status and the op as its first rank has it) sent to every other node,
- * so that all of them fail an op together or run it together. A send/recv
- * goes from the sender's daemon to the receiver's: a header (status,
- * size), then the data, received straight into the rank's buffer.
+ * all-to-all), and the result is written into the ranks' memory. Every
+ * collective starts with each node's verdict (status and the op as its
+ * first rank has it) sent to every other node, so that all of them fail an
+ * op together or run it together. On device memory the verdicts are all
+ * there is here (node 0's carries the job's NCCL id); the GPU workers then
+ * run it with NCCL (gpu.c). A send/recv goes from the sender's daemon to
+ * the receiver's: a header (status, size), then the data, received
+ * straight into the rank's buffer.
  *
  * Tags (64 bits) are in the receiver's namespace: its slot for the job,
  * then for a collective the sending node, the collective's number and the
- * step (an all-reduce's ring: its hop and chunk); for a send/recv the two ranks, the message's index and whether it
- * is the header or the data.
+ * step (an all-reduce's ring: its hop and chunk); for a send/recv the two
+ * ranks, the message's index and whether it is the header or the data.
  */
 #include <config.h>
 
