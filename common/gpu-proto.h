@@ -23,7 +23,9 @@
  * says the job spans nodes, and sends it in NCCL_ID after HELLO_REPLY; the
  * daemons pass it on with their verdicts on each device collective
  * (net.c), and each daemon sends its worker WORLD (the id, and every
- * rank's node) before its first op across nodes.
+ * rank's node) before its first op across nodes. A send or recv across
+ * nodes is not one of these: commd stages it through host memory it shares
+ * with the worker (GPU_MEM_HOST), and the worker only copies.
  *
  * `commd-gpu --probe` instead prints one line about the node's GPUs
  * ("2 devices (...)" or "unavailable: why") and exits 0 when a GPU works.
@@ -34,7 +36,7 @@
 #include <stdint.h>
 #include <stdio.h>
 
-#define GPU_PROTO_VERSION 3
+#define GPU_PROTO_VERSION 4
 #define GPU_WORKER_FD 3          /* the worker's end of the socketpair */
 #define GPU_HANDLE_BYTES 64      /* cudaIpcMemHandle_t, cudaIpcEventHandle_t */
 #define GPU_UUID_LEN 48          /* "GPU-" + 36 characters + NUL, rounded up */
@@ -63,6 +65,12 @@ enum gpu_msg_type {
 enum gpu_mem_kind {
 	GPU_MEM_IPC = 1,         /* handle: cudaIpcMemHandle_t of a cudaMalloc allocation */
 	GPU_MEM_VMM = 2,         /* the packet carries the POSIX fd of a cuMemCreate allocation */
+	/*
+	 * commd's host memory: the packet carries a memfd, which the worker maps
+	 * and pins. A staging buffer for a send or recv of device memory across
+	 * daemons (no uuid, rank: the rank it serves first).
+	 */
+	GPU_MEM_HOST = 3,
 };
 
 struct gpu_hdr {
@@ -160,7 +168,8 @@ struct gpu_flag {
  * - ALLGATHER: in[r] holds count; out[r] holds n blocks, block b = in[b].
  * - BROADCAST: out[r] = in[root] (count elements), for every r with a buffer.
  * - ALLTOALL: in[s] and out[r] hold n blocks; block s of out[r] = block r of in[s].
- * - SEND: n is 1, count bytes (dtype UINT8) from in[0] to out[0].
+ * - SEND: n is 1, count bytes (dtype UINT8) from in[0] to out[0]. One of
+ *   them may be host memory (GPU_MEM_HOST): a staging copy.
  * type, dtype and redop carry proto OpType, comm_dtype_t and comm_redop_t
  * values. Outputs may alias inputs (in place); the results are those of the
  * inputs as they were before the op. Float reductions over ranks on one

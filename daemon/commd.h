@@ -147,6 +147,7 @@ uint32_t notify_watchdog_ms(void);
 enum { GPU_PROBING, GPU_READY, GPU_NONE };
 
 struct gpu_worker;
+struct gpu_stage;
 struct mem;
 struct task;
 
@@ -185,7 +186,20 @@ int be_gpu_run(struct task *t);
  * when this node cannot run its part on the job's worker.
  */
 void gpu_net_check(struct task *t);
-/* The oldest (newest: the newest) op on the job's worker, or NULL. */
+/*
+ * A send or recv of device memory across daemons (t->net, t->peer >= 0),
+ * staged through host memory: a send is copied out by the worker, then
+ * goes to the data plane; a recv goes to the data plane first.
+ */
+void gpu_p2p_start(struct task *t);
+/*
+ * Such a recv came in: 1 when the worker copies it into the rank's buffer
+ * (engine_task_done follows), 0 when it is done (failed, t->status says).
+ */
+int gpu_p2p_received(struct task *t);
+/* Give back t's staging buffer (t->stage). */
+void gpu_stage_put(struct task *t);
+/* The oldest (newest: the newest) op on the job's worker, staging copies aside, or NULL. */
 struct task *gpu_job_task(struct job *j, int newest);
 /* The job failed: a worker stuck in an op is killed, so the op ends. */
 void gpu_job_failed(struct job *j);
@@ -684,6 +698,7 @@ struct task {
 	int peer;              /* net send/recv: the rank on the other node */
 	int local;             /* net send/recv: the rank here */
 	struct net_task *nt;   /* net: the data plane's state */
+	struct gpu_stage *stage; /* net send/recv on device memory: its host staging buffer */
 	uint64_t started_ms;
 	size_t parts;
 	size_t next_part;      /* guarded by the pool lock */

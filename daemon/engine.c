@@ -294,6 +294,8 @@ static struct task *task_new(struct job *j, int nops, int n)
 
 static void task_free(struct task *t)
 {
+	if (t->stage)
+		gpu_stage_put(t);
 	free(t->snapshot);
 	free(t->ops);
 	free(t->in);
@@ -357,7 +359,10 @@ static void start(struct job *j, struct task *t)
 			t->status = COMM_ERR_UNSUPPORTED;
 		else if (dev > 0 && t->status == COMM_OK)
 			gpu_net_check(t);
-		be_net_run(t);
+		if (t->device && t->peer >= 0)
+			gpu_p2p_start(t);
+		else
+			be_net_run(t);
 		return;
 	}
 	if (dev < 0) {

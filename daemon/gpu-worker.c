@@ -16,6 +16,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/mman.h>
 #include <sys/socket.h>
 #include <time.h>
 #include <unistd.h>
@@ -62,7 +63,8 @@ struct dev {
 struct mem {
 	uint64_t id;
 	uint32_t kind;         /* enum gpu_mem_kind */
-	int dev;
+	int dev;               /* -1: host memory (GPU_MEM_HOST) */
+	int pinned;            /* host memory cudaHostRegister took */
 	int rank;
 	uint8_t *ptr;
 	size_t size;
@@ -463,7 +465,31 @@ out:
 	return rc;
 }
 
-/* Open m (fd: its VMM allocation, or -1) into the table; the detail says why not. */
+/*
+ * Map commd's staging buffer and pin it, so that copies to and from it are
+ * DMA that does not hold up the stream; unpinned it still works, slower.
+ */
+static int mem_open_host(struct mem *x, int fd)
+{
+	void *p = mmap(NULL, x->size, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+	cudaError_t e;
+
+	if (p == MAP_FAILED) {
+		fail("mmap of %zu bytes: %s", x->size, strerror(errno));
+		return -1;
+	}
+	x->ptr = p;
+	e = cudaHostRegister(p, x->size, cudaHostRegisterPortable);
+	x->pinned = e == cudaSuccess;
+	if (!x->pinned) {
+		(void)cudaGetLastError();
+		wlog("staging buffer of %zu bytes not pinned (%s): copies are slower",
+		     x->size, cudaGetErrorString(e));
+	}
+	return 0;
+}
+
+/* Open m (fd: its VMM allocation or host memory, or -1) into the table; the detail says why not. */
 static comm_result_t mem_open(const struct gpu_mem_open *m, int fd)
 {
 	struct mem x = { .id = m->id, .kind = m->kind, .rank = m->rank, .size = m->size };
@@ -477,8 +503,8 @@ static comm_result_t mem_open(const struct gpu_mem_open *m, int fd)
 		fail("mem %" PRIu64 " is open already", m->id);
 		return COMM_ERR_INVALID_ARG;
 	}
-	x.dev = dev_find(uuid);
-	if (x.dev < 0) {
+	x.dev = m->kind == GPU_MEM_HOST ? -1 : dev_find(uuid);
+	if (x.dev < 0 && m->kind != GPU_MEM_HOST) {
 		fail("no device %s on this node", uuid);
 		return COMM_ERR_NOT_FOUND;
 	}
@@ -492,6 +518,10 @@ static comm_result_t mem_open(const struct gpu_mem_open *m, int fd)
 		if (fd < 0)
 			fail("a VMM allocation comes with its fd, this one has none");
 		rc = fd < 0 ? -1 : mem_open_vmm(&x, fd);
+	} else if (m->kind == GPU_MEM_HOST) {
+		if (fd < 0)
+			fail("host memory comes with its memfd, this one has none");
+		rc = fd < 0 ? -1 : mem_open_host(&x, fd);
 	} else {
 		fail("unknown memory kind %u", m->kind);
 		rc = -1;
@@ -517,7 +547,11 @@ static comm_result_t mem_open(const struct gpu_mem_open *m, int fd)
 static void mem_release(const struct mem *x)
 {
 	w.err[0] = '\0';
-	if (x->kind == GPU_MEM_IPC) {
+	if (x->kind == GPU_MEM_HOST) {
+		if (x->pinned)
+			cuda_check(cudaHostUnregister(x->ptr), "cudaHostUnregister");
+		munmap(x->ptr, x->size);
+	} else if (x->kind == GPU_MEM_IPC) {
 		for (size_t i = 0; i < w.nmem; i++)
 			if (w.mem[i].ptr == x->ptr)
 				return; /* another id still uses the mapping */
@@ -777,9 +811,14 @@ static int plan_buf(struct plan *p, int r, int out)
 	}
 	if (!must && need != NEED_ANY)
 		return 0;
+	if (m->dev < 0 && p->op->type != T(SEND)) {
+		fail("rank %d: %s mem %" PRIu64 " is host memory, which only a send copies", r, what, id);
+		return -1;
+	}
 	(out ? p->out : p->in)[r] = m->ptr + off;
 	(out ? p->out_dev : p->in_dev)[r] = m->dev;
-	p->used[m->dev] = 1;
+	if (m->dev >= 0)
+		p->used[m->dev] = 1;
 	return 0;
 }
 
@@ -790,8 +829,9 @@ static int plan_flags(struct plan *p)
 		const struct gpu_flag *f = &p->flags[i];
 		const struct mem *m = mem_find(f->mem);
 
-		if (!m) {
-			fail("done flag %d: mem %" PRIu64 " is not open", i, f->mem);
+		if (!m || m->dev < 0) {
+			fail("done flag %d: mem %" PRIu64 " is %s", i, f->mem,
+			     m ? "host memory" : "not open");
 			return -1;
 		}
 		if (f->off % sizeof(uint32_t) || f->off > m->size - sizeof(uint32_t) ||
@@ -850,8 +890,12 @@ static int plan_world(struct plan *p)
 		fail("across nodes, a node's ranks use one device; these use several");
 		return -1;
 	}
+	if (d < 0 && w.wcomm)
+		d = w.wdev;
+	for (size_t i = 0; d < 0 && i < w.nmem; i++)
+		d = w.mem[i].dev; /* a staging buffer's is -1 */
 	if (d < 0)
-		d = w.wcomm ? w.wdev : w.nmem ? w.mem[0].dev : 0;
+		d = 0;
 	if (w.wcomm && d != w.wdev) {
 		fail("across nodes, a node's ranks use one device: device %d, then %d", w.wdev, d);
 		return -1;
@@ -904,6 +948,10 @@ static int plan_op(struct plan *p, const struct gpu_op *op, size_t nranks)
 	for (int r = 0; r < p->n; r++)
 		if (plan_buf(p, r, 0) || plan_buf(p, r, 1))
 			return -1;
+	if (op->type == T(SEND) && p->block && p->in_dev[0] < 0 && p->out_dev[0] < 0) {
+		fail("a send from host memory to host memory");
+		return -1;
+	}
 	p->nflags = (int)op->nflags;
 	p->flags = (const struct gpu_flag *)&op->rank[op->n];
 	return plan_flags(p) || (p->world && plan_world(p)) ? -1 : 0;
@@ -1206,8 +1254,9 @@ static int op_copy(struct plan *p)
 		case T(BROADCAST):
 			rc = copy(p->out_dev[r], p->out[r], p->in[p->op->root], blk);
 			break;
-		default:
-			rc = copy(p->out_dev[r], p->out[r], p->in[r], blk);
+		default: /* a send: on the receiver's device, or the sender's (staging) */
+			rc = copy(p->out_dev[r] >= 0 ? p->out_dev[r] : p->in_dev[r], p->out[r],
+				  p->in[r], blk);
 		}
 	}
 	return rc;
@@ -1877,9 +1926,10 @@ static int serve(void)
 		if (len == 0)
 			break;
 		check_packet(h, len, hello_seen);
-		/* a VMM open's one fd is its allocation; any other fd is closed unused */
+		/* a VMM or host open's one fd is its memory; any other fd is closed unused */
 		if (h->type == GPU_MSG_MEM_OPEN && nfds == 1 &&
-		    ((const struct gpu_mem_open *)buf)->kind == GPU_MEM_VMM)
+		    (((const struct gpu_mem_open *)buf)->kind == GPU_MEM_VMM ||
+		     ((const struct gpu_mem_open *)buf)->kind == GPU_MEM_HOST))
 			vmm_fd = fds[--nfds];
 		for (int i = 0; i < nfds; i++)
 			close(fds[i]);

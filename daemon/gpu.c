@@ -18,6 +18,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/mman.h>
 #include <sys/socket.h>
 #include <unistd.h>
 
@@ -29,12 +30,31 @@
 
 #define T(x) COMMPB__OP_TYPE__OP_##x
 #define GPU_PROBE_TIMEOUT_S 60 /* a driver's first initialisation can take seconds */
+#define STAGE_MIN (64u << 10)  /* a staging buffer's smallest size */
+#define STAGE_IDLE_MAX 8       /* idle staging buffers a worker keeps, */
+#define STAGE_IDLE_BYTES (256ull << 20) /* and the bytes they may hold */
 
 struct gpu_pkt {
 	TAILQ_ENTRY(gpu_pkt) link;
 	int fd;                /* rides with the packet, or -1; closed once sent */
 	size_t len;
 	uint8_t data[];
+};
+
+/*
+ * Host memory shared with the worker (a memfd it maps and pins), where a
+ * send or recv of device memory across daemons passes through.
+ */
+struct gpu_stage {
+	TAILQ_ENTRY(gpu_stage) link;
+	struct gpu_worker *w;
+	uint64_t gpu_id;       /* its mem id in the worker */
+	uint8_t *p;
+	size_t cap;
+	int busy;              /* a task has it */
+	int answered;          /* MEM_OPENED came */
+	int gone;              /* given back before it came: freed when it does */
+	char failed[GPU_DETAIL]; /* why the worker could not open it; "" */
 };
 
 struct gpu_worker {
@@ -54,6 +74,9 @@ struct gpu_worker {
 	TAILQ_HEAD(task_q, task) tasks; /* the ops sent to it, oldest first: it answers in order */
 	TAILQ_HEAD(, gpu_pkt) outq;
 	TAILQ_HEAD(, mem) opening; /* mems waiting for MEM_OPENED */
+	TAILQ_HEAD(, gpu_stage) stages;
+	int stages_idle;
+	size_t stage_idle_bytes;
 };
 
 static TAILQ_HEAD(, gpu_worker) workers = TAILQ_HEAD_INITIALIZER(workers);
@@ -247,10 +270,19 @@ void gpu_nccl_line(char *buf, size_t len)
 
 /* --- a worker's lifetime ------------------------------------------------------- */
 
+static void stage_free(struct gpu_worker *w, struct gpu_stage *g)
+{
+	TAILQ_REMOVE(&w->stages, g, link);
+	munmap(g->p, g->cap);
+	free(g);
+}
+
 static void worker_free_maybe(struct gpu_worker *w)
 {
 	if (w->refs > 0 || w->alive || w->handles > 0)
 		return;
+	while (!TAILQ_EMPTY(&w->stages))
+		stage_free(w, TAILQ_FIRST(&w->stages)); /* idle all: each busy one holds a ref */
 	while (!TAILQ_EMPTY(&w->outq)) {
 		struct gpu_pkt *k = TAILQ_FIRST(&w->outq);
 
@@ -458,6 +490,154 @@ static int worker_send(struct gpu_worker *w, const void *data, size_t len, int f
 	return 0;
 }
 
+/* --- staging: device memory sent or received across daemons ---------------------- */
+
+/*
+ * A send or recv of device memory whose partner is on another daemon goes
+ * through host memory here, so that the data plane moves it like any
+ * other (and the other side may be host memory). A send: the worker copies
+ * the rank's buffer into a staging buffer (the rank's done flag is written
+ * then: its buffer may be reused), and the data plane sends that. A recv:
+ * the data plane receives into a staging buffer, and the worker copies it
+ * into the rank's buffer. These are local copies, which never wait for
+ * another node: they may run before, between or after the job's device
+ * collectives in any order without a deadlock.
+ */
+
+static void stage_close(struct gpu_worker *w, struct gpu_stage *g)
+{
+	struct gpu_mem_close mc = { { GPU_MSG_MEM_CLOSE, GPU_PROTO_VERSION }, g->gpu_id };
+
+	if (w->fd >= 0 && !g->failed[0])
+		worker_send(w, &mc, sizeof mc, -1);
+	stage_free(w, g);
+}
+
+/* MEM_OPENED for a staging buffer: 1 when st was one. */
+static int stage_opened(struct gpu_worker *w, const struct gpu_status *st)
+{
+	struct gpu_stage *g;
+
+	TAILQ_FOREACH(g, &w->stages, link)
+		if (g->gpu_id == st->id)
+			break;
+	if (!g)
+		return 0;
+	g->answered = 1;
+	if (st->status != COMM_OK) {
+		snprintf(g->failed, sizeof g->failed, "%s", st->detail);
+		log_info("gpu worker of job %s: staging buffer: %s", w->job_name, g->failed);
+	}
+	if (g->gone)
+		stage_close(w, g);
+	return 1;
+}
+
+/* Give t a staging buffer of len bytes, new or idle; -1 with why in t->detail. */
+static int stage_get(struct gpu_worker *w, struct task *t, size_t len)
+{
+	struct gpu_mem_open mo = { { GPU_MSG_MEM_OPEN, GPU_PROTO_VERSION }, 0, GPU_MEM_HOST, 0, 0,
+				   { 0 }, "" };
+	struct gpu_stage *g, *best = NULL;
+	size_t cap = STAGE_MIN;
+	int fd;
+
+	TAILQ_FOREACH(g, &w->stages, link)
+		if (!g->busy && !g->failed[0] && g->cap >= len && (!best || g->cap < best->cap))
+			best = g;
+	if (best) {
+		w->stages_idle--;
+		w->stage_idle_bytes -= best->cap;
+		g = best;
+		goto got;
+	}
+	while (cap < len && cap <= SIZE_MAX / 4)
+		cap *= 2;
+	if (cap < len) {
+		snprintf(t->detail, sizeof t->detail, "%s: %zu bytes is too large",
+			 op_type_name(t->type), len);
+		return -1;
+	}
+	g = calloc(1, sizeof *g);
+	fd = memfd_create("commd-stage", MFD_CLOEXEC);
+	if (!g || fd < 0 || ftruncate(fd, (off_t)cap) < 0 ||
+	    (g->p = mmap(NULL, cap, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0)) == MAP_FAILED) {
+		snprintf(t->detail, sizeof t->detail, "%s: a staging buffer of %zu bytes: %s",
+			 op_type_name(t->type), cap, strerror(errno));
+		if (fd >= 0)
+			close(fd);
+		free(g);
+		return -1;
+	}
+	g->w = w;
+	g->cap = cap;
+	g->gpu_id = ++srv.next_gpu_mem;
+	TAILQ_INSERT_TAIL(&w->stages, g, link);
+	mo.id = g->gpu_id;
+	mo.rank = t->local;
+	mo.size = cap;
+	/* its answer is not waited for: an op on a buffer the worker could not open fails */
+	if (worker_send(w, &mo, sizeof mo, fd) < 0) {
+		snprintf(t->detail, sizeof t->detail, "%s: %s", op_type_name(t->type),
+			 w->fd < 0 ? "the job's gpu worker is gone" : "out of memory");
+		stage_free(w, g);
+		return -1;
+	}
+got:
+	g->busy = 1;
+	w->refs++; /* the worker (and so the mapping) stays while the task has it */
+	t->stage = g;
+	return 0;
+}
+
+void gpu_stage_put(struct task *t)
+{
+	struct gpu_stage *g = t->stage;
+	struct gpu_worker *w = g->w;
+
+	t->stage = NULL;
+	g->busy = 0;
+	if (w->fd >= 0 && !g->failed[0] && w->stages_idle < STAGE_IDLE_MAX &&
+	    w->stage_idle_bytes + g->cap <= STAGE_IDLE_BYTES) {
+		w->stages_idle++;
+		w->stage_idle_bytes += g->cap;
+	} else if (w->fd >= 0 && !g->answered) {
+		g->gone = 1; /* its MEM_OPENED is still to come */
+	} else {
+		stage_close(w, g);
+	}
+	worker_put(w);
+}
+
+/* The worker staged a send (or failed to): the data plane sends it, or tells the receiver why not. */
+static void staged_send(struct task *t)
+{
+	if (t->status == COMM_OK)
+		t->in[0] = t->stage->p;
+	be_net_run(t);
+}
+
+void gpu_p2p_start(struct task *t)
+{
+	int send = t->type == T(SEND);
+
+	if (t->status == COMM_OK && stage_get(t->job->gpu, t, t->count) < 0)
+		t->status = COMM_ERR_NO_MEMORY;
+	if (t->status == COMM_OK && send) {
+		if (be_gpu_run(t))
+			staged_send(t);
+		return;
+	}
+	if (t->status == COMM_OK)
+		t->out[0] = t->stage->p;
+	be_net_run(t);
+}
+
+int gpu_p2p_received(struct task *t)
+{
+	return t->status == COMM_OK && t->stage && !be_gpu_run(t);
+}
+
 static struct mem *find_opening(struct gpu_worker *w, uint64_t id)
 {
 	struct mem *m;
@@ -482,6 +662,8 @@ static void on_status(struct gpu_worker *w, const struct gpu_status *st)
 		}
 		return;
 	case GPU_MSG_MEM_OPENED:
+		if (stage_opened(w, st))
+			return;
 		m = find_opening(w, st->id);
 		if (!m) {
 			worker_lost(w, "it answered a mem it was not opening");
@@ -515,7 +697,13 @@ static void on_status(struct gpu_worker *w, const struct gpu_status *st)
 		TAILQ_REMOVE(&w->tasks, t, link);
 		t->status = st->status;
 		snprintf(t->detail, sizeof t->detail, "%s", st->detail);
-		engine_task_done(t);
+		if (t->stage && t->stage->failed[0] && t->status != COMM_OK)
+			snprintf(t->detail, sizeof t->detail, "%s: staging buffer: %.200s",
+				 op_type_name(t->type), t->stage->failed);
+		if (t->net && t->type == T(SEND)) /* staged: the data plane sends it, or why not */
+			staged_send(t);
+		else
+			engine_task_done(t);
 		return;
 	default:
 		worker_lost(w, "it sent a message of an unknown type");
@@ -623,6 +811,7 @@ static struct gpu_worker *worker_start(struct job *j, char *err, size_t errlen)
 	TAILQ_INIT(&w->outq);
 	TAILQ_INIT(&w->opening);
 	TAILQ_INIT(&w->tasks);
+	TAILQ_INIT(&w->stages);
 	uv_poll_init(gpu_loop, &w->poll, w->fd);
 	w->poll.data = w;
 	TAILQ_INSERT_TAIL(&workers, w, link);
@@ -857,12 +1046,16 @@ void gpu_net_check(struct task *t)
 	const struct gpu_worker *w = j->gpu;
 	const char *name = op_type_name(t->type), *dev;
 
-	t->status = COMM_ERR_UNSUPPORTED;
-	if (t->peer >= 0) {
-		snprintf(t->detail, sizeof t->detail,
-			 "%s: device memory across daemons is not supported yet", name);
+	t->status = COMM_ERR_ABORTED;
+	if (!w || w->fd < 0 || w->refused) {
+		snprintf(t->detail, sizeof t->detail, "%s: the job's gpu worker is gone (%.200s)",
+			 name, w ? w->reason : "never started");
 		return;
 	}
+	t->status = COMM_OK;
+	if (t->peer >= 0) /* staged through host memory (gpu_p2p_start): no NCCL */
+		return;
+	t->status = COMM_ERR_UNSUPPORTED;
 	if (j->world > GPU_WORLD_MAX_RANKS || t->nops > GPU_OP_MAX_RANKS) {
 		snprintf(t->detail, sizeof t->detail,
 			 "%s: device ops across daemons span at most %d ranks, %d on a node", name,
@@ -878,11 +1071,6 @@ void gpu_net_check(struct task *t)
 		return;
 	}
 	t->status = COMM_ERR_ABORTED;
-	if (!w || w->fd < 0 || w->refused) {
-		snprintf(t->detail, sizeof t->detail, "%s: the job's gpu worker is gone (%.200s)",
-			 name, w ? w->reason : "never started");
-		return;
-	}
 	if (j->dist->self == 0 && !j->dist->has_nccl_id) {
 		snprintf(t->detail, sizeof t->detail,
 			 "%s: the gpu worker of node 0 has no NCCL id (%.180s)", name, no_id_why(w));
@@ -923,7 +1111,8 @@ static int world_send(struct gpu_worker *w, const struct job *j)
 int be_gpu_run(struct task *t)
 {
 	struct gpu_worker *w = t->job->gpu;
-	int n = t->type == T(SEND) ? 1 : t->net ? t->nops : t->n;
+	int world = t->net && t->peer < 0; /* NCCL across nodes; a net send/recv is staged */
+	int n = t->net ? (world ? t->nops : 1) : t->type == T(SEND) ? 1 : t->n;
 	size_t len = sizeof(struct gpu_op) + (size_t)n * sizeof(struct gpu_op_rank) +
 		     (size_t)t->nops * sizeof(struct gpu_flag);
 	struct gpu_op *op;
@@ -934,7 +1123,7 @@ int be_gpu_run(struct task *t)
 			 op_type_name(t->type), w ? w->reason : "never started");
 		return 1;
 	}
-	if (t->net && (!t->job->dist->has_nccl_id || world_send(w, t->job) < 0)) {
+	if (world && (!t->job->dist->has_nccl_id || world_send(w, t->job) < 0)) {
 		snprintf(t->detail, sizeof t->detail, "%s: %s", op_type_name(t->type),
 			 !t->job->dist->has_nccl_id ? "node 0 sent no NCCL id"
 			 : w->fd < 0		    ? "the job's gpu worker is gone"
@@ -956,14 +1145,27 @@ int be_gpu_run(struct task *t)
 	op->h.type = GPU_MSG_OP;
 	op->h.version = GPU_PROTO_VERSION;
 	op->id = (uint64_t)(uintptr_t)t;
-	op->type = (uint32_t)t->type;
+	op->type = world || !t->net ? (uint32_t)t->type : T(SEND); /* staging: a copy */
 	op->dtype = t->dtype;
 	op->redop = t->redop;
 	op->root = t->root;
 	op->count = t->count;
 	op->n = (uint32_t)n;
-	op->world = t->net ? (uint32_t)t->n : 0;
-	if (t->type == T(SEND)) {
+	op->world = world ? (uint32_t)t->n : 0;
+	if (t->net && !world) {
+		/* staging: the rank's buffer into the staging buffer, or back */
+		const struct posted *p = t->ops[0];
+		struct gpu_op_rank *x = &op->rank[0];
+
+		if (t->type == T(SEND)) {
+			put_buf(&p->send, &x->send_mem, &x->send_off);
+			x->recv_mem = t->stage->gpu_id;
+		} else {
+			x->send_mem = t->stage->gpu_id;
+			put_buf(&p->recv, &x->recv_mem, &x->recv_off);
+		}
+		put_event(p, x);
+	} else if (t->type == T(SEND)) {
 		/* the pair: the sender's buffer into the receiver's, after both ranks' work */
 		put_buf(&t->ops[0]->send, &op->rank[0].send_mem, &op->rank[0].send_off);
 		put_buf(&t->ops[1]->recv, &op->rank[0].recv_mem, &op->rank[0].recv_off);
@@ -995,10 +1197,15 @@ int be_gpu_run(struct task *t)
 struct task *gpu_job_task(struct job *j, int newest)
 {
 	struct gpu_worker *w = j->gpu;
+	struct task *t;
 
 	if (!w)
 		return NULL;
-	return newest ? TAILQ_LAST(&w->tasks, task_q) : TAILQ_FIRST(&w->tasks);
+	/* a staging copy is a send's or recv's: never the job's running op */
+	for (t = newest ? TAILQ_LAST(&w->tasks, task_q) : TAILQ_FIRST(&w->tasks); t && t->stage;
+	     t = newest ? TAILQ_PREV(t, task_q, link) : TAILQ_NEXT(t, link))
+		;
+	return t;
 }
 
 void gpu_job_line(const struct job *j, char *buf, size_t len)

@@ -16,7 +16,8 @@
  * there is here (node 0's carries the job's NCCL id); the GPU workers then
  * run it with NCCL (gpu.c). A send/recv goes from the sender's daemon to
  * the receiver's: a header (status, size), then the data, received
- * straight into the rank's buffer.
+ * straight into the rank's buffer (device memory: into a staging buffer,
+ * which the GPU worker copies from, gpu.c).
  *
  * Tags (64 bits) are in the receiver's namespace: its slot for the job,
  * then for a collective the sending node, the collective's number and the
@@ -1629,7 +1630,7 @@ static void on_done(uv_async_t *h)
 		/* data went astray: the other nodes may wait for what never comes */
 		if (nt->fatal && t->job->state == JOB_READY)
 			job_fail(t->job, nt->status, "%s", nt->detail);
-		if (t->device && t->status == COMM_OK && !t->job->dist->has_nccl_id) {
+		if (t->device && t->peer < 0 && t->status == COMM_OK && !t->job->dist->has_nccl_id) {
 			memcpy(t->job->dist->nccl_id, nt->in[0].nccl_id, sizeof t->job->dist->nccl_id);
 			t->job->dist->has_nccl_id = 1;
 		}
@@ -1641,7 +1642,10 @@ static void on_done(uv_async_t *h)
 		free(nt);
 		/* every node agreed to run it on device memory: each worker does its part */
 		t->gpu = t->device && t->peer < 0 && t->status == COMM_OK;
-		if (!t->gpu) {
+		if (t->device && t->type == COMMPB__OP_TYPE__OP_RECV) {
+			if (!gpu_p2p_received(t))
+				engine_task_done(t);
+		} else if (!t->gpu) {
 			engine_task_done(t);
 		} else if (be_gpu_run(t)) {
 			/* the other nodes' workers wait in NCCL for this one's: fail them now */

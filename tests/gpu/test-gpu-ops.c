@@ -8,9 +8,10 @@
  * machine (--peer-listen), 4 ranks split 2+2, 1+3 and 2+1+1, where each
  * daemon's GPU worker is an NCCL rank of its own (NCCL_HOSTID set per
  * daemon, so that NCCL treats them as separate hosts on one GPU): every
- * collective; send/recv of device memory across daemons is refused
- * (COMM_ERR_UNSUPPORTED), so only its refusal is checked there. With the
- * argument "nodes" only that part runs. Exits 77 without a GPU.
+ * collective and a ring of sends (staged through host memory across
+ * daemons), and sends between device memory on one daemon and host memory
+ * on another, both ways. With the argument "nodes" only that part runs.
+ * Exits 77 without a GPU.
  */
 #include <cuda_runtime.h>
 #include <stdint.h>
@@ -393,7 +394,7 @@ struct split {
 
 /*
  * Every op x dtype x reduction at a small count, and a medium count of a
- * few; over the daemons ds as sp says when sp is given (no send/recv).
+ * few; over the daemons ds as sp says when sp is given.
  */
 static void test_world(const struct th_daemon *d, int n, const struct th_daemon *const *ds,
 		       const struct split *sp)
@@ -413,7 +414,7 @@ static void test_world(const struct th_daemon *d, int n, const struct th_daemon 
 		p.daemon_of_rank = sp->of;
 		p.root = ds[sp->root]->peer;
 	}
-	for (int k = AR; k <= (sp ? A2A : P2P); k++) {
+	for (int k = AR; k <= P2P; k++) {
 		for (int pl = OOP; pl <= (has_inplace((enum kind)k) ? INPLACE : OOP); pl++) {
 			for (int i = 0; i < REF_NDTYPES; i++) {
 				for (int o = 0; o < (reduces((enum kind)k) ? REF_NREDOPS : 1); o++)
@@ -436,40 +437,72 @@ static void test_world(const struct th_daemon *d, int n, const struct th_daemon 
 	th_plan_run(d, &p);
 }
 
-/* A device send from rank 0 to rank 3, on another daemon: refused on both, clearly. */
-static int rank_p2p_refused(int r, int n, void *arg)
+#define MIXED_BYTES ((1u << 20) + 3)
+
+/*
+ * Rank 0 (node 0) sends MIXED_BYTES from device memory to rank 3's host
+ * memory on another daemon, and rank 3 sends back from host memory into
+ * rank 0's device memory; each byte checked.
+ */
+static int rank_p2p_mixed(int r, int n, void *arg)
 {
 	comm_t *c;
-	void *buf = NULL;
+	unsigned char *host = NULL, *dev = NULL;
 	comm_result_t rc = COMM_OK;
-	int bad = 0;
+	size_t bad = MIXED_BYTES;
+	int fail = 0;
 
 	(void)arg;
-	if (th_join(&c, r, n) || !cuda_ok(cudaSetDevice(r % ndev), r, "cudaSetDevice") ||
-	    !cuda_ok(cudaMalloc(&buf, 64), r, "cudaMalloc"))
+	if (th_join(&c, r, n))
 		return 1;
-	if (r == 0)
-		rc = comm_send(c, buf, 16, COMM_FLOAT32, 3, NULL);
-	else if (r == 3)
-		rc = comm_recv(c, buf, 16, COMM_FLOAT32, 0, NULL);
-	if ((r == 0 || r == 3) && (rc != COMM_ERR_UNSUPPORTED ||
-				   !strstr(comm_last_error(c), "across daemons"))) {
-		printf("rank %d: a device send across daemons: %s (%s), expected COMM_ERR_UNSUPPORTED\n",
-		       r, comm_strerror(rc), comm_last_error(c));
-		bad = 1;
+	if (r == 0 || r == 3) {
+		host = malloc(MIXED_BYTES);
+		if (!host || !cuda_ok(cudaSetDevice(r % ndev), r, "cudaSetDevice") ||
+		    !cuda_ok(cudaMalloc((void **)&dev, MIXED_BYTES), r, "cudaMalloc"))
+			return 1;
 	}
-	/* the job goes on; and rank 0 stays until rank 3's recv has its answer */
+	if (r == 0) {
+		for (size_t i = 0; i < MIXED_BYTES; i++)
+			host[i] = (unsigned char)(i * 13 + 1);
+		if (!cuda_ok(cudaMemcpy(dev, host, MIXED_BYTES, cudaMemcpyHostToDevice), r,
+			     "cudaMemcpy"))
+			return 1;
+		rc = comm_send(c, dev, MIXED_BYTES, COMM_UINT8, 3, NULL);
+		if (rc == COMM_OK && cuda_ok(cudaMemset(dev, 0, MIXED_BYTES), r, "cudaMemset"))
+			rc = comm_recv(c, dev, MIXED_BYTES, COMM_UINT8, 3, NULL);
+		if (rc == COMM_OK &&
+		    cuda_ok(cudaMemcpy(host, dev, MIXED_BYTES, cudaMemcpyDeviceToHost), r, "cudaMemcpy"))
+			for (size_t i = 0; i < MIXED_BYTES && bad == MIXED_BYTES; i++)
+				if (host[i] != (unsigned char)(i * 5 + 2))
+					bad = i;
+	} else if (r == 3) {
+		memset(host, 0, MIXED_BYTES);
+		rc = comm_recv(c, host, MIXED_BYTES, COMM_UINT8, 0, NULL);
+		for (size_t i = 0; rc == COMM_OK && i < MIXED_BYTES && bad == MIXED_BYTES; i++)
+			if (host[i] != (unsigned char)(i * 13 + 1))
+				bad = i;
+		for (size_t i = 0; i < MIXED_BYTES; i++)
+			host[i] = (unsigned char)(i * 5 + 2);
+		if (rc == COMM_OK)
+			rc = comm_send(c, host, MIXED_BYTES, COMM_UINT8, 0, NULL);
+	}
+	if (rc != COMM_OK || bad != MIXED_BYTES) {
+		printf("rank %d: device and host memory across daemons: %s (%s), byte %zu wrong\n", r,
+		       comm_strerror(rc), comm_last_error(c), bad);
+		fail = 1;
+	}
 	if (comm_barrier(c, NULL) != COMM_OK) {
 		printf("rank %d: the barrier after it: %s\n", r, comm_last_error(c));
-		bad = 1;
+		fail = 1;
 	}
-	cudaFree(buf);
-	return th_leave(c, r) | bad;
+	cudaFree(dev);
+	free(host);
+	return th_leave(c, r) | fail;
 }
 
 /*
- * Three daemons, each its own NCCL host; every collective over three
- * splits of 4 ranks, and a send across daemons refused.
+ * Three daemons, each its own NCCL host; every op over three splits of
+ * 4 ranks, and sends between device and host memory across daemons.
  */
 static void test_nodes(void)
 {
@@ -498,9 +531,9 @@ static void test_nodes(void)
 	if (started == NNODES) {
 		for (size_t i = 0; i < sizeof splits / sizeof splits[0]; i++)
 			test_world(NULL, 4, ds, &splits[i]);
-		CHECK(th_run_ranks_nodes(ds, splits[0].of, node[0].peer, "gpu-p2p-refused", 4,
-					 rank_p2p_refused, NULL) == 0,
-		      "a device send across daemons was not refused clearly");
+		CHECK(th_run_ranks_nodes(ds, splits[0].of, node[0].peer, "gpu-p2p-mixed", 4,
+					 rank_p2p_mixed, NULL) == 0,
+		      "sends between device and host memory across daemons failed");
 	}
 	for (int i = 0; i < started; i++) {
 		CHECK(th_daemon_alive(&node[i]), "commd %c died during the tests", 'A' + i);

@@ -5,6 +5,10 @@
  * commd forwards, the answers it relays, and what it does when a worker
  * refuses, crashes or hangs. It moves no data and claims none: every
  * message it gets is written to $FAKE_GPU_LOG for the test to check.
+ * The one exception is memory that comes with an fd it can map (a "VMM"
+ * allocation the test made of a memfd, and commd's staging buffers): a
+ * send op between two such is really copied, so that a test can check the
+ * data of a device send across daemons end to end.
  *
  * A hello that says the job spans daemons and this is node 0 gets a fake
  * NCCL id (FAKE_NCCL_ID) after the reply, as commd-gpu sends its real one;
@@ -23,17 +27,26 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/mman.h>
 #include <sys/socket.h>
 #include <unistd.h>
 
 #include "comm.h"
+#include "commd.pb-c.h"
 #include "gpu-proto.h"
 
 #define QUEUE_HOLD 3        /* queue mode: answers held until this many ops */
 #define QUEUE_PAUSE_MS 500  /* or until nothing came for this long */
 #define FAKE_NCCL_ID "fake-nccl-id"
 
+#define MAX_MAPS 64
+
 static const char *mode = "ok";
+static struct map {
+	uint64_t id;
+	uint8_t *p;
+	size_t size;
+} maps[MAX_MAPS];
 static FILE *wlog;
 static uint64_t held[QUEUE_HOLD];
 static int nheld;
@@ -137,6 +150,61 @@ static void log_op(const struct gpu_op *op)
 	}
 }
 
+static struct map *map_find(uint64_t id)
+{
+	for (int i = 0; i < MAX_MAPS; i++)
+		if (maps[i].p && maps[i].id == id)
+			return &maps[i];
+	return NULL;
+}
+
+/* Map an open's fd when it can be (an eventfd cannot). */
+static void map_add(const struct gpu_mem_open *mo, int fd)
+{
+	void *p;
+
+	if (fd < 0 || mo->size == 0)
+		return;
+	p = mmap(NULL, mo->size, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+	if (p == MAP_FAILED)
+		return;
+	for (int i = 0; i < MAX_MAPS; i++) {
+		if (!maps[i].p) {
+			maps[i] = (struct map){ mo->id, p, mo->size };
+			return;
+		}
+	}
+	munmap(p, mo->size);
+}
+
+static void map_drop(uint64_t id)
+{
+	struct map *m = map_find(id);
+
+	if (m) {
+		munmap(m->p, m->size);
+		m->p = NULL;
+	}
+}
+
+/* A send between two mapped mems: copy it, as commd-gpu would on the device. */
+static void copy_send(const struct gpu_op *op)
+{
+	const struct gpu_op_rank *k = &op->rank[0];
+	struct map *a = map_find(k->send_mem), *b = map_find(k->recv_mem);
+
+	if (op->type != COMMPB__OP_TYPE__OP_SEND || op->n != 1 || op->world || !a || !b)
+		return;
+	if (k->send_off > a->size || op->count > a->size - k->send_off ||
+	    k->recv_off > b->size || op->count > b->size - k->recv_off) {
+		fprintf(wlog, "copy out of bounds\n");
+		exit(6);
+	}
+	memcpy(b->p + k->recv_off, a->p + k->send_off, op->count);
+	fprintf(wlog, "copied %llu bytes from %llu to %llu\n", (unsigned long long)op->count,
+		(unsigned long long)k->send_mem, (unsigned long long)k->recv_mem);
+}
+
 int main(int argc, char **argv)
 {
 	static union {
@@ -188,10 +256,13 @@ int main(int argc, char **argv)
 			fprintf(wlog, "open %llu kind %u rank %d size %llu uuid %s fd %s\n",
 				(unsigned long long)m.mo.id, m.mo.kind, m.mo.rank,
 				(unsigned long long)m.mo.size, m.mo.uuid, fd >= 0 ? "yes" : "no");
+			if (!refused)
+				map_add(&m.mo, fd);
 			answer(GPU_MSG_MEM_OPENED, m.mo.id, refused);
 			break;
 		case GPU_MSG_MEM_CLOSE:
 			fprintf(wlog, "close %llu\n", (unsigned long long)m.mc.id);
+			map_drop(m.mc.id);
 			break;
 		case GPU_MSG_OP:
 			log_op(&m.op);
@@ -206,6 +277,8 @@ int main(int argc, char **argv)
 					release("at once");
 				break;
 			}
+			if (!refused)
+				copy_send(&m.op);
 			answer(GPU_MSG_OP_DONE, m.op.id, refused);
 			break;
 		default:

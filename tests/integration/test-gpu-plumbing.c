@@ -7,8 +7,9 @@
  * a host/device mix refused, frees reaching the worker, a worker that
  * refuses, crashes or hangs failing only its job (a host job beside it
  * runs on), shutdown with a hung worker, no fd left behind, and a job over
- * two daemons (the NCCL id's way to every worker, and what is refused
- * before any worker sees it). Then the
+ * two daemons (the NCCL id's way to every worker, what is refused before
+ * any worker sees it, and sends between them staged through host memory,
+ * which the fake worker copies for real: the data is checked). Then the
  * real no-GPU path: commd with its own commd-gpu on a machine without a
  * GPU says so in status and refuses device memory with the reason.
  */
@@ -108,17 +109,46 @@ static int reg_dev(struct rank *k, Commpb__MemKind kind, size_t hlen, int fd, ui
 	return status;
 }
 
-/* 4096 bytes of host memory (a sealed memfd) registered by k: its mem id. */
-static uint64_t reg_host(struct rank *k)
+/* size bytes of host memory (a sealed memfd) registered by k: its mem id; mapped here into *map. */
+static uint64_t reg_host_map(struct rank *k, size_t size, uint8_t **map)
 {
 	int mfd = memfd_create("gpu-plumbing", MFD_CLOEXEC | MFD_ALLOW_SEALING);
 	uint64_t h = 0;
 
-	REQUIRE(mfd >= 0 && ftruncate(mfd, 4096) == 0 && fcntl(mfd, F_ADD_SEALS, F_SEAL_SHRINK) == 0,
+	REQUIRE(mfd >= 0 && ftruncate(mfd, (off_t)size) == 0 &&
+			fcntl(mfd, F_ADD_SEALS, F_SEAL_SHRINK) == 0,
 		"memfd");
-	REQUIRE(raw_register_fd(k->fd, &k->rd, mfd, 4096, &h) == COMM_OK, "register memfd");
+	if (map)
+		REQUIRE((*map = mmap(NULL, size, PROT_READ | PROT_WRITE, MAP_SHARED, mfd, 0)) !=
+				MAP_FAILED, "mmap");
+	REQUIRE(raw_register_fd(k->fd, &k->rd, mfd, size, &h) == COMM_OK, "register memfd");
 	close(mfd);
 	return h;
+}
+
+/*
+ * size bytes of "device memory" the fake worker can reach: a memfd
+ * registered as a VMM allocation (the worker maps its fd), mapped here too.
+ */
+static uint64_t reg_fake_dev(struct rank *k, size_t size, uint8_t **map)
+{
+	int mfd = memfd_create("gpu-plumbing-dev", MFD_CLOEXEC);
+	uint64_t id = 0;
+
+	REQUIRE(mfd >= 0 && ftruncate(mfd, (off_t)size) == 0 &&
+			(*map = mmap(NULL, size, PROT_READ | PROT_WRITE, MAP_SHARED, mfd, 0)) !=
+				MAP_FAILED,
+		"memfd");
+	REQUIRE(reg_dev(k, COMMPB__MEM_KIND__MEM_CUDA_VMM, 0, mfd, size, &id, NULL, 0) == COMM_OK,
+		"register a memfd as device memory");
+	close(mfd);
+	return id;
+}
+
+/* 4096 bytes of host memory (a sealed memfd) registered by k: its mem id. */
+static uint64_t reg_host(struct rank *k)
+{
+	return reg_host_map(k, 4096, NULL);
 }
 
 /* The next OpDone's status (and seq, detail when not NULL); -1 for anything else. */
@@ -754,8 +784,8 @@ static void join_wait(struct rank *k, const char *job)
 	commpb__envelope__free_unpacked(reply, NULL);
 }
 
-/* Post a send to (or a recv from) peer of 16 bytes at mem. */
-static void post_p2p(struct rank *k, uint64_t seq, int send, uint64_t mem, int peer)
+/* Post a send to (or a recv from) peer of count bytes at mem. */
+static void post_p2p(struct rank *k, uint64_t seq, int send, uint64_t mem, int peer, size_t count)
 {
 	Commpb__Envelope env = COMMPB__ENVELOPE__INIT;
 	Commpb__Op op = COMMPB__OP__INIT;
@@ -768,7 +798,7 @@ static void post_p2p(struct rank *k, uint64_t seq, int send, uint64_t mem, int p
 		op.send = &b;
 	else
 		op.recv = &b;
-	op.count = 16;
+	op.count = count;
 	op.dtype = COMM_UINT8;
 	op.peer = peer;
 	env.body_case = COMMPB__ENVELOPE__BODY_OP;
@@ -790,13 +820,80 @@ static void both_done(struct rank *k, int want, const char *has, const char *wha
 	}
 }
 
+/* How many lines of the worker log hold want. */
+static int logged_times(const char *want)
+{
+	FILE *f = fopen(logpath, "r");
+	char line[512];
+	int n = 0;
+
+	if (!f)
+		return 0;
+	while (fgets(line, sizeof line, f))
+		n += strstr(line, want) != NULL;
+	fclose(f);
+	return n;
+}
+
+/*
+ * Sends between the two daemons' ranks staged through host memory: device
+ * to device both ways, small and larger than a staging buffer's first
+ * size, device to host and host to device; every byte checked. Then a
+ * small one again, which reuses a staging buffer on each node: 2 made on
+ * each, 4 in all.
+ */
+static void staged_p2p(struct rank *k, uint64_t *seq)
+{
+	static const struct {
+		int dev_src, dev_dst, from;
+		size_t count;
+	} cases[] = {
+		{ 1, 1, 0, 16 }, { 1, 1, 1, 300000 }, { 1, 0, 0, 4096 }, { 0, 1, 1, 4096 },
+		{ 1, 1, 0, 100 },
+	};
+	uint8_t *map[2];
+	uint64_t mem[2];
+
+	for (size_t c = 0; c < sizeof cases / sizeof cases[0]; c++) {
+		int from = cases[c].from, to = 1 - from;
+		size_t n = cases[c].count, size = n < 4096 ? 4096 : n, bad = n;
+		char what[96];
+
+		for (int side = 0; side < 2; side++) {
+			int r = side ? to : from, dev = side ? cases[c].dev_dst : cases[c].dev_src;
+
+			mem[r] = dev ? reg_fake_dev(&k[r], size, &map[r])
+				     : reg_host_map(&k[r], size, &map[r]);
+		}
+		for (size_t i = 0; i < n; i++)
+			map[from][i] = (uint8_t)(i * 7 + c + 1);
+		memset(map[to], 0, size);
+		snprintf(what, sizeof what, "a send of %zu bytes from %s on node %d to %s on node %d",
+			 n, cases[c].dev_src ? "device" : "host", from,
+			 cases[c].dev_dst ? "device" : "host", to);
+		++*seq;
+		post_p2p(&k[from], *seq, 1, mem[from], to, n);
+		post_p2p(&k[to], *seq, 0, mem[to], from, n);
+		both_done(k, COMM_OK, NULL, what);
+		for (size_t i = 0; i < n && bad == n; i++)
+			if (map[to][i] != (uint8_t)(i * 7 + c + 1))
+				bad = i;
+		CHECK(bad == n, "%s: byte %zu is %u, sent %u", what, bad, bad < n ? map[to][bad] : 0,
+		      (uint8_t)(bad * 7 + c + 1));
+		for (int r = 0; r < 2; r++)
+			munmap(map[r], size);
+	}
+	CHECK(logged_times(" kind 3 ") == 4, "%d staging buffers opened, expected 4 (2 a node)",
+	      logged_times(" kind 3 "));
+}
+
 /*
  * Device memory across daemons, on two daemons with fake workers: node
  * 0's worker hands commd an NCCL id, the verdicts carry it to node 1,
  * both workers get WORLD with it and the op with each rank's grank;
  * refused before any worker sees them: buffers of device memory on one
- * node and host memory on the other, two devices on one node, a send
- * between daemons; the job goes on after each. Then a node 0 whose worker
+ * node and host memory on the other, two devices on one node; the job
+ * goes on after each. Sends between them, staged (staged_p2p). Then a node 0 whose worker
  * has no id: the op fails on both nodes, saying so.
  */
 static void test_across_daemons(void)
@@ -864,11 +961,7 @@ static void test_across_daemons(void)
 			post_allreduce(&k[0], seq, dev[0], 0, dev2, 64, 0, NULL);
 			post_allreduce(&k[1], seq, dev[1], 0, dev[1], 64, 0, NULL);
 			both_done(k, COMM_ERR_UNSUPPORTED, "use one device", "two devices on one node");
-			/* a send between daemons */
-			seq++;
-			post_p2p(&k[0], seq, 1, dev[0], 1);
-			post_p2p(&k[1], seq, 0, dev[1], 0);
-			both_done(k, COMM_ERR_UNSUPPORTED, "across daemons", "a device send between daemons");
+			staged_p2p(k, &seq);
 			/* and the job goes on */
 			seq++;
 			for (int r = 0; r < 2; r++)
@@ -876,7 +969,7 @@ static void test_across_daemons(void)
 			both_done(k, COMM_OK, NULL, "a device all-reduce after the refusals");
 		}
 		printf("%s: device memory over two daemons%s\n", check_failures ? "FAIL" : "ok",
-		       round ? ", node 0's worker without an NCCL id" : ": id, WORLD, granks, refusals");
+		       round ? ", node 0's worker without an NCCL id" : ": id, WORLD, granks, refusals, staged sends");
 		for (int r = 0; r < 2; r++)
 			close_rank(&k[r]);
 		for (int n = 0; n < 2; n++)
