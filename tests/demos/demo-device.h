@@ -35,4 +35,45 @@ static inline int demo_device_open(int *dev)
 #endif
 }
 
+/* n bytes of device memory, or NULL (printed why). */
+static inline void *demo_alloc(size_t n)
+{
+#ifdef HAVE_CUDA
+	void *p = NULL;
+	cudaError_t e = cudaMalloc(&p, n);
+
+	if (e == cudaSuccess)
+		return p;
+	fprintf(stderr, "cudaMalloc of %zu bytes: %s\n", n, cudaGetErrorString(e));
+#else
+	(void)n;
+#endif
+	return NULL;
+}
+
+static inline void demo_free(void *p)
+{
+#ifdef HAVE_CUDA
+	cudaFree(p);
+#else
+	(void)p;
+#endif
+}
+
+/* Copy n bytes to the device (to_dev) or from it: 0, or -1 (printed why). */
+static inline int demo_copy(void *dst, const void *src, size_t n, int to_dev)
+{
+#ifdef HAVE_CUDA
+	cudaError_t e = cudaMemcpy(dst, src, n, to_dev ? cudaMemcpyHostToDevice
+						       : cudaMemcpyDeviceToHost);
+
+	if (e == cudaSuccess)
+		return 0;
+	fprintf(stderr, "cudaMemcpy of %zu bytes: %s\n", n, cudaGetErrorString(e));
+#else
+	(void)dst, (void)src, (void)n, (void)to_dev;
+#endif
+	return -1;
+}
+
 #endif

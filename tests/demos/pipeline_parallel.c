@@ -7,12 +7,17 @@
  *
  * Four layers over n ranks: rank r gets 4 / n layers, the first 4 % n ranks
  * one more (so 3 ranks hold 2, 1, 1); more ranks than layers is refused.
+ * With --device the micro-batches are sent and received in GPU memory
+ * (rank r on device r mod the device count); the output is the same.
  */
+#include <config.h>
+
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
 #include "comm.h"
+#include "demo-device.h"
 #include "mlp.h"
 
 #define MICRO_BATCHES 4
@@ -36,16 +41,40 @@ static int first_layer(int r, int n)
 	return r * base + (r < extra ? r : extra);
 }
 
-int main(void)
+/* Send (or receive) count floats of buf, through device memory d when not NULL. */
+static comm_result_t pass_on(comm_t *c, int send, float *buf, float *d, size_t count, int peer)
 {
+	comm_result_t rc;
+
+	if (!d)
+		return send ? comm_send(c, buf, count, COMM_FLOAT32, peer, NULL)
+			    : comm_recv(c, buf, count, COMM_FLOAT32, peer, NULL);
+	if (send && demo_copy(d, buf, count * sizeof *buf, 1))
+		return COMM_ERR_INTERNAL;
+	rc = send ? comm_send(c, d, count, COMM_FLOAT32, peer, NULL)
+		  : comm_recv(c, d, count, COMM_FLOAT32, peer, NULL);
+	if (rc == COMM_OK && !send && demo_copy(buf, d, count * sizeof *buf, 0))
+		return COMM_ERR_INTERNAL;
+	return rc;
+}
+
+int main(int argc, char **argv)
+{
+	int on_device = argc == 2 && !strcmp(argv[1], "--device"), dev = 0;
 	int r, n, first, last, rows = MLP_BATCH / MICRO_BATCHES, bad = 0;
 	size_t an = (size_t)MLP_BATCH * MLP_DIM, mn = (size_t)rows * MLP_DIM;
-	float *x, *out = NULL, *want = NULL, *buf;
+	float *x, *out = NULL, *want = NULL, *buf, *d_buf = NULL;
 	struct mlp m;
 	comm_result_t rc;
 	char s[64];
 	comm_t *c;
 
+	if (argc > 1 && !on_device) {
+		fprintf(stderr, "usage: pipeline_parallel [--device]\n");
+		return 2;
+	}
+	if (on_device && (bad = demo_device_open(&dev)))
+		return bad;
 	c = mlp_join("pipeline_parallelism");
 	if (!c)
 		return 1;
@@ -64,6 +93,8 @@ int main(void)
 	buf = comm_mem_alloc(c, mn * sizeof *buf);
 	if (!buf)
 		return fail(c, "comm_mem_alloc", COMM_ERR_NO_MEMORY);
+	if (on_device && !(d_buf = demo_alloc(mn * sizeof *buf)))
+		return fail(c, "cudaMalloc", COMM_ERR_NO_MEMORY);
 	x = malloc(an * sizeof *x);
 	if (!x || mlp_init(&m) < 0)
 		return fail(c, "malloc", COMM_ERR_NO_MEMORY);
@@ -79,7 +110,7 @@ int main(void)
 		if (r == 0) {
 			memcpy(buf, x + k * mn, mn * sizeof *buf);
 		} else {
-			rc = comm_recv(c, buf, mn, COMM_FLOAT32, r - 1, NULL);
+			rc = pass_on(c, 0, buf, d_buf, mn, r - 1);
 			if (rc != COMM_OK)
 				return fail(c, "recv", rc);
 			printf("[pipeline_parallelism] Rank %d: received %s from rank %d\n", r,
@@ -90,7 +121,7 @@ int main(void)
 		if (r < n - 1) {
 			printf("[pipeline_parallelism] Rank %d: sending %s to rank %d\n", r,
 			       mlp_summary(s, sizeof s, rows, MLP_DIM, buf), r + 1);
-			rc = comm_send(c, buf, mn, COMM_FLOAT32, r + 1, NULL);
+			rc = pass_on(c, 1, buf, d_buf, mn, r + 1);
 			if (rc != COMM_OK)
 				return fail(c, "send", rc);
 		} else {
@@ -115,6 +146,7 @@ int main(void)
 		}
 	}
 
+	demo_free(d_buf);
 	free(want);
 	free(out);
 	mlp_free(&m);

@@ -2,10 +2,26 @@
 # test-training-demos.sh: the reference run's three parallel-training demos
 # under `commrun -n 4` against a real commd: each exits 0 (it checks its own
 # numbers against the unsplit model) and prints the reference's lines; where
-# a GPU works, data_parallel --device prints the same lines.
+# a GPU works, data_parallel --device and pipeline_parallel --device print
+# the same lines.
 set -u
 . "$(dirname "$0")/../lib/daemon.sh"
 daemon_start commd-train
+
+# same_on_device NAME: where a GPU works, NAME --device prints NAME's lines
+same_on_device() {
+	if "$COMMRUN" -n 4 --socket "$sock" "$COMM_DEMOS/$1" --device \
+		>"$dir/$1-device.out" 2>"$dir/$1-device.err"; then
+		if ! diff <(sort "$dir/$1.out") <(sort "$dir/$1-device.out"); then
+			echo "FAIL: $1 --device: lines differ from the host run's"; exit 1
+		fi
+		echo "ok: $1 --device prints the host run's lines, bit for bit"
+	elif grep -qE -- "--device: (no usable GPU|built without CUDA)" "$dir/$1-device.err"; then
+		echo "note: $1 --device is skipped: $(grep -m1 -E -- '--device: ' "$dir/$1-device.err")"
+	else
+		echo "FAIL: $1 --device failed"; cat "$dir/$1-device.err" "$dir/commd.log"; exit 1
+	fi
+}
 
 # run NAME: the demo's stdout in $dir/NAME.out; fails the test if it fails
 run() {
@@ -54,17 +70,7 @@ unique "$out" "step = 0," "params = "
 unique "$out" "step = 1," "params = "
 
 # The gradients all-reduced in GPU memory where a GPU works: the very same lines.
-if "$COMMRUN" -n 4 --socket "$sock" "$COMM_DEMOS/data_parallel" --device \
-	>"$dir/dp-device.out" 2>"$dir/dp-device.err"; then
-	if ! diff <(sort "$out") <(sort "$dir/dp-device.out"); then
-		echo "FAIL: data_parallel --device: lines differ from the host run's"; exit 1
-	fi
-	echo "ok: data_parallel --device prints the host run's lines, bit for bit"
-elif grep -qE -- "--device: (no usable GPU|built without CUDA)" "$dir/dp-device.err"; then
-	echo "note: data_parallel --device is skipped: $(grep -m1 -E -- '--device: ' "$dir/dp-device.err")"
-else
-	echo "FAIL: data_parallel --device failed"; cat "$dir/dp-device.err" "$dir/commd.log"; exit 1
-fi
+same_on_device data_parallel
 
 run tensor_parallel
 out=$dir/tensor_parallel.out
@@ -93,6 +99,8 @@ for r in 1 2 3; do
 done
 expect "$out" 1 \
 	"^\[pipeline_parallelism\] Rank 3: pipeline produced outputs 128x1024\[$sum\$"
+# the micro-batches sent and received in GPU memory
+same_on_device pipeline_parallel
 
 daemon_stop
 echo "ok: data, tensor and pipeline parallel training match the unsplit model"
