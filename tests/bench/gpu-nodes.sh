@@ -8,8 +8,10 @@
 #   bash tests/bench/gpu-nodes.sh [--build DIR]    (default $BUILD, else .)
 #
 # Runs with -c 0, 1 rank per daemon against nccl-bench --hosts 2: all-reduce
-# of float32 from 8 B to 1 GiB (factor 8), each op alone (median), then
-# every op at 64 MiB back to back (-P); prints them side by side. On one GPU
+# of float32 from 8 B to 1 GiB (factor 8) and send/recv (a ring of the 2
+# ranks, staged through host memory by commd) from 8 B to 1 GiB (factor
+# 64), each op alone (median), then every collective at 64 MiB back to
+# back (-P); prints them side by side. On one GPU
 # the two processes of each pair also share the GPU by time slices, which
 # sets the small-size times of both. Binaries from DIR, or from $COMMD,
 # $COMMD_GPU, $COMMBENCH, $NCCL_BENCH; WARMUP and ITERS (default 5 and 20).
@@ -55,8 +57,11 @@ run() {
 commd=("$COMMBENCH" -G --socket "$tmp/a.sock,$tmp/b.sock" --root "${peer[0]}" -n 2)
 nccl=("$NCCL_BENCH" --hosts 2)
 ar=(-o allreduce -b 8 -e 1G -f 8 -w "$W" -i "$I" -c 0)
+sr=(-o sendrecv -b 8 -e 1G -f 64 -w "$W" -i "$I" -c 0)
 run commd_ar "${commd[@]}" "${ar[@]}"
 run nccl_ar "${nccl[@]}" "${ar[@]}"
+run commd_sr "${commd[@]}" "${sr[@]}"
+run nccl_sr "${nccl[@]}" "${sr[@]}"
 for op in allreduce reduce_scatter allgather broadcast reduce alltoall; do
 	one=(-o "$op" -b 64M -e 64M -w "$W" -i "$I" -c 0 -P)
 	run "commd_$op" "${commd[@]}" "${one[@]}"
@@ -67,11 +72,20 @@ rows() { grep -hv '^#' "$@" | awk 'NF { print $1, $6, $8 }'; }
 echo "# commd-gpu --probe: $("$COMMD_GPU" --probe 2>&1 | head -1)"
 echo "# 2 daemons x 1 rank (commbench -G) against 2 NCCL processes (nccl-bench --hosts 2),"
 echo "# each an NCCL host of its own, -c 0; time (us), busbw (GB/s)"
+# side NAME: commd's and NCCL's rows of NAME joined by size
+side() {
+	printf '#%11s  %10s %8s  %10s %8s  %10s\n' size commd busbw nccl busbw "commd-nccl"
+	join <(rows "$tmp/commd_$1.txt" | sort -k1,1) <(rows "$tmp/nccl_$1.txt" | sort -k1,1) |
+		sort -n |
+		awk '{ printf "%12s  %10.1f %8.2f  %10.1f %8.2f  %10.1f\n", $1, $2, $3, $4, $5, $2 - $4 }'
+}
 echo "#"
 echo "# all-reduce float32 sum, out of place, each op alone (median of $I)"
-printf '#%11s  %10s %8s  %10s %8s  %10s\n' size commd busbw nccl busbw "commd-nccl"
-join <(rows "$tmp/commd_ar.txt" | sort -k1,1) <(rows "$tmp/nccl_ar.txt" | sort -k1,1) | sort -n |
-	awk '{ printf "%12s  %10.1f %8.2f  %10.1f %8.2f  %10.1f\n", $1, $2, $3, $4, $5, $2 - $4 }'
+side ar
+echo "#"
+echo "# send/recv, a ring of the 2 ranks, each op alone (median of $I); commd stages"
+echo "# device memory through host memory between daemons, NCCL sends it over its sockets"
+side sr
 echo "#"
 echo "# every op, float32 (sum), 64 MiB, out of place, back to back (-P)"
 printf '#%15s  %10s %8s  %10s %8s\n' op commd busbw nccl busbw
