@@ -201,6 +201,8 @@ int gpu_p2p_received(struct task *t);
 void gpu_stage_put(struct task *t);
 /* The oldest (newest: the newest) op on the job's worker, staging copies aside, or NULL. */
 struct task *gpu_job_task(struct job *j, int newest);
+/* The oldest op on the job's worker when it is a staging copy, else NULL. */
+struct task *gpu_job_copy(struct job *j);
 /* The job failed: a worker stuck in an op is killed, so the op ends. */
 void gpu_job_failed(struct job *j);
 /* The job is freed: its worker goes once its device memory is closed. */

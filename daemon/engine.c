@@ -754,15 +754,23 @@ void engine_rank_left(struct job *j, int gone)
 void engine_check_deadline(struct job *j, uint64_t now)
 {
 	struct posted *oldest = NULL;
+	struct task *t;
 	char who[160] = "";
 	size_t n = 0;
 
 	if (j->state != JOB_READY)
 		return;
+	/* a send's or recv's copy to or from a staging buffer: the worker can hang in it too */
+	if ((t = gpu_job_copy(j)) && now - t->started_ms >= j->timeout_ms) {
+		job_fail(j, COMM_ERR_TIMEOUT, "op %llu (%s): the GPU worker did not copy it %s a "
+			 "staging buffer within %u ms", (unsigned long long)t->ops[0]->seq,
+			 op_type_name(t->type), t->type == COMMPB__OP_TYPE__OP_SEND ? "into" : "out of",
+			 j->timeout_ms);
+		return;
+	}
 	/* a host task always ends; a GPU worker can hang, a peer node can be late */
 	if (j->running) {
-		struct task *t = j->running->gpu ? gpu_job_task(j, 0) : NULL;
-
+		t = j->running->gpu ? gpu_job_task(j, 0) : NULL;
 		t = t ? t : j->running; /* the oldest: device ops queue behind each other */
 
 		if ((t->gpu || t->net) && now - t->started_ms >= j->timeout_ms)

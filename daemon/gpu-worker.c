@@ -465,6 +465,8 @@ out:
 	return rc;
 }
 
+static void mem_release(const struct mem *x);
+
 /*
  * Map commd's staging buffer and pin it, so that copies to and from it are
  * DMA that does not hold up the stream; unpinned it still works, slower.
@@ -533,6 +535,7 @@ static comm_result_t mem_open(const struct gpu_mem_open *m, int fd)
 		struct mem *grown = realloc(w.mem, cap * sizeof *grown);
 
 		if (!grown) {
+			mem_release(&x); /* clears w.err: the reason comes after */
 			fail("out of memory");
 			return COMM_ERR_NO_MEMORY;
 		}

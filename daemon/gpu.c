@@ -64,7 +64,7 @@ struct gpu_worker {
 	uv_process_t proc;
 	uv_poll_t poll;
 	int fd;                /* commd's end of the socketpair, -1 once closed */
-	int refs;              /* the job's, and one per device mem it has */
+	int refs;              /* the job's, one per device mem it has, one per busy staging buffer */
 	int alive;             /* the process has not exited */
 	int handles;           /* libuv handles not yet closed */
 	int refused;           /* its hello said no: reason says why */
@@ -527,6 +527,11 @@ static int stage_opened(struct gpu_worker *w, const struct gpu_status *st)
 	if (st->status != COMM_OK) {
 		snprintf(g->failed, sizeof g->failed, "%s", st->detail);
 		log_info("gpu worker of job %s: staging buffer: %s", w->job_name, g->failed);
+		if (!g->busy && !g->gone) { /* idle already: of no use */
+			w->stages_idle--;
+			w->stage_idle_bytes -= g->cap;
+			g->gone = 1;
+		}
 	}
 	if (g->gone)
 		stage_close(w, g);
@@ -543,7 +548,8 @@ static int stage_get(struct gpu_worker *w, struct task *t, size_t len)
 	int fd;
 
 	TAILQ_FOREACH(g, &w->stages, link)
-		if (!g->busy && !g->failed[0] && g->cap >= len && (!best || g->cap < best->cap))
+		if (!g->busy && !g->gone && !g->failed[0] && g->cap >= len &&
+		    (!best || g->cap < best->cap))
 			best = g;
 	if (best) {
 		w->stages_idle--;
@@ -551,13 +557,13 @@ static int stage_get(struct gpu_worker *w, struct task *t, size_t len)
 		g = best;
 		goto got;
 	}
-	while (cap < len && cap <= SIZE_MAX / 4)
-		cap *= 2;
-	if (cap < len) {
+	if (len > SIZE_MAX - STAGE_MIN) {
 		snprintf(t->detail, sizeof t->detail, "%s: %zu bytes is too large",
 			 op_type_name(t->type), len);
 		return -1;
 	}
+	if (len > cap) /* a multiple of STAGE_MIN: the next op of this size reuses it */
+		cap = (len + STAGE_MIN - 1) / STAGE_MIN * STAGE_MIN;
 	g = calloc(1, sizeof *g);
 	fd = memfd_create("commd-stage", MFD_CLOEXEC);
 	if (!g || fd < 0 || ftruncate(fd, (off_t)cap) < 0 ||
@@ -609,9 +615,17 @@ void gpu_stage_put(struct task *t)
 	worker_put(w);
 }
 
-/* The worker staged a send (or failed to): the data plane sends it, or tells the receiver why not. */
+/*
+ * The worker staged a send (or failed to): the data plane sends it, or
+ * tells the receiver why not; unless the job failed meanwhile (the other
+ * nodes know, and nothing would cancel it there).
+ */
 static void staged_send(struct task *t)
 {
+	if (t->job->state != JOB_READY) {
+		engine_task_done(t);
+		return;
+	}
 	if (t->status == COMM_OK)
 		t->in[0] = t->stage->p;
 	be_net_run(t);
@@ -624,6 +638,7 @@ void gpu_p2p_start(struct task *t)
 	if (t->status == COMM_OK && stage_get(t->job->gpu, t, t->count) < 0)
 		t->status = COMM_ERR_NO_MEMORY;
 	if (t->status == COMM_OK && send) {
+		t->started_ms = now_ms(); /* the worker's deadline counts from here */
 		if (be_gpu_run(t))
 			staged_send(t);
 		return;
@@ -635,7 +650,10 @@ void gpu_p2p_start(struct task *t)
 
 int gpu_p2p_received(struct task *t)
 {
-	return t->status == COMM_OK && t->stage && !be_gpu_run(t);
+	if (t->status != COMM_OK || !t->stage)
+		return 0;
+	t->started_ms = now_ms(); /* the worker's deadline counts from here */
+	return !be_gpu_run(t);
 }
 
 static struct mem *find_opening(struct gpu_worker *w, uint64_t id)
@@ -1206,6 +1224,13 @@ struct task *gpu_job_task(struct job *j, int newest)
 	     t = newest ? TAILQ_PREV(t, task_q, link) : TAILQ_NEXT(t, link))
 		;
 	return t;
+}
+
+struct task *gpu_job_copy(struct job *j)
+{
+	struct task *t = j->gpu ? TAILQ_FIRST(&j->gpu->tasks) : NULL;
+
+	return t && t->stage ? t : NULL;
 }
 
 void gpu_job_line(const struct job *j, char *buf, size_t len)

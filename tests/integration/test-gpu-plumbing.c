@@ -9,7 +9,8 @@
  * runs on), shutdown with a hung worker, no fd left behind, and a job over
  * two daemons (the NCCL id's way to every worker, what is refused before
  * any worker sees it, and sends between them staged through host memory,
- * which the fake worker copies for real: the data is checked). Then the
+ * which the fake worker copies for real: the data is checked; a worker
+ * hung in such a copy fails the job at its deadline). Then the
  * real no-GPU path: commd with its own commd-gpu on a machine without a
  * GPU says so in status and refuses device memory with the reason.
  */
@@ -753,9 +754,12 @@ static void test_this_machine(void)
 
 /* --- a job over two daemons ------------------------------------------------------- */
 
-/* Rank r of a 2-rank job over daemons (root: the root's peer address): the hello only. */
+/*
+ * Rank r of a 2-rank job over daemons (root: the root's peer address), its
+ * deadline timeout_ms (0: the default): the hello only.
+ */
 static void join_send(struct rank *k, const struct th_daemon *dd, const char *job, int r,
-		      const char *root)
+		      const char *root, uint32_t timeout_ms)
 {
 	Commpb__Envelope env = COMMPB__ENVELOPE__INIT;
 	Commpb__Hello h = COMMPB__HELLO__INIT;
@@ -768,6 +772,7 @@ static void join_send(struct rank *k, const struct th_daemon *dd, const char *jo
 	h.rank = r;
 	h.world_size = 2;
 	h.root = (char *)root;
+	h.timeout_ms = timeout_ms;
 	env.body_case = COMMPB__ENVELOPE__BODY_HELLO;
 	env.hello = &h;
 	raw_send(k->fd, &env, NULL, 0);
@@ -912,7 +917,7 @@ static void test_across_daemons(void)
 						     NULL) == 0, "daemon %d with a peer listener", n);
 		}
 		for (int r = 0; r < 2; r++)
-			join_send(&k[r], &nd[r], job, r, nd[0].peer);
+			join_send(&k[r], &nd[r], job, r, nd[0].peer, 0);
 		for (int r = 0; r < 2; r++)
 			join_wait(&k[r], job);
 		for (int r = 0; r < 2; r++)
@@ -977,6 +982,51 @@ static void test_across_daemons(void)
 	}
 }
 
+/*
+ * A worker that hangs in a send's copy into its staging buffer: the job
+ * fails at its deadline, saying so, on both ranks; the hung worker is
+ * killed and its daemon stops cleanly.
+ */
+static void test_staged_hang(void)
+{
+	struct th_daemon nd[2];
+	struct rank k[2];
+	uint64_t mem[2];
+	uint8_t *map[2];
+	char detail[2][256];
+	int st[2];
+
+	unlink(logpath);
+	for (int n = 0; n < 2; n++) {
+		setenv("FAKE_GPU_MODE", n == 0 ? "hang" : "ok", 1);
+		REQUIRE(th_daemon_start_peer(&nd[n], "--gpu-worker", getenv("FAKE_GPU_WORKER"),
+					     NULL) == 0, "daemon %d with a peer listener", n);
+	}
+	for (int r = 0; r < 2; r++)
+		join_send(&k[r], &nd[r], "dev-nodes-hang", r, nd[0].peer, 1500);
+	for (int r = 0; r < 2; r++)
+		join_wait(&k[r], "dev-nodes-hang");
+	for (int r = 0; r < 2; r++)
+		mem[r] = reg_fake_dev(&k[r], 4096, &map[r]);
+	post_p2p(&k[0], 1, 1, mem[0], 1, 16);
+	usleep(700 * 1000); /* so that the receiver's own deadline comes later */
+	post_p2p(&k[1], 1, 0, mem[1], 0, 16);
+	for (int r = 0; r < 2; r++)
+		st[r] = op_reply(&k[r], NULL, detail[r], sizeof detail[r]);
+	CHECK(st[0] == COMM_ERR_TIMEOUT && strstr(detail[0], "did not copy it into a staging buffer"),
+	      "rank 0, its worker hung in the copy: %d (%s)", st[0], detail[0]);
+	CHECK(st[1] != COMM_OK && st[1] != -1, "rank 1, the receiver: %d (%s)", st[1], detail[1]);
+	printf("%s: a worker hung in a staging copy fails the job at its deadline\n",
+	       check_failures ? "FAIL" : "ok");
+	for (int r = 0; r < 2; r++) {
+		munmap(map[r], 4096);
+		close_rank(&k[r]);
+	}
+	for (int n = 0; n < 2; n++)
+		CHECK(th_daemon_stop(&nd[n]) == 0, "daemon %d did not stop cleanly", n);
+	setenv("FAKE_GPU_MODE", "ok", 1);
+}
+
 int main(void)
 {
 	char dir[] = "/tmp/test-gpu-plumbing.XXXXXX";
@@ -993,6 +1043,7 @@ int main(void)
 	test_shutdown_hung();
 	test_refusals();
 	test_across_daemons();
+	test_staged_hang();
 	test_this_machine();
 	unlink(logpath);
 	rmdir(dir);
