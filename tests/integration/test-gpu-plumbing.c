@@ -985,10 +985,12 @@ static void test_across_daemons(void)
 /*
  * A worker that hangs in a send's copy into its staging buffer: the job
  * fails at its deadline, saying so, on both ranks; the hung worker is
- * killed and its daemon stops cleanly.
+ * killed and its daemon stops cleanly. One that crashes in it: the job
+ * fails at once (ABORTED, the signal named) on both.
  */
-static void test_staged_hang(void)
+static void test_staged_fault(const char *mode)
 {
+	int hang = !strcmp(mode, "hang");
 	struct th_daemon nd[2];
 	struct rank k[2];
 	uint64_t mem[2];
@@ -998,14 +1000,14 @@ static void test_staged_hang(void)
 
 	unlink(logpath);
 	for (int n = 0; n < 2; n++) {
-		setenv("FAKE_GPU_MODE", n == 0 ? "hang" : "ok", 1);
+		setenv("FAKE_GPU_MODE", n == 0 ? mode : "ok", 1);
 		REQUIRE(th_daemon_start_peer(&nd[n], "--gpu-worker", getenv("FAKE_GPU_WORKER"),
 					     NULL) == 0, "daemon %d with a peer listener", n);
 	}
 	for (int r = 0; r < 2; r++)
-		join_send(&k[r], &nd[r], "dev-nodes-hang", r, nd[0].peer, 1500);
+		join_send(&k[r], &nd[r], mode, r, nd[0].peer, hang ? 1500 : 60000);
 	for (int r = 0; r < 2; r++)
-		join_wait(&k[r], "dev-nodes-hang");
+		join_wait(&k[r], mode);
 	for (int r = 0; r < 2; r++)
 		mem[r] = reg_fake_dev(&k[r], 4096, &map[r]);
 	post_p2p(&k[0], 1, 1, mem[0], 1, 16);
@@ -1013,11 +1015,16 @@ static void test_staged_hang(void)
 	post_p2p(&k[1], 1, 0, mem[1], 0, 16);
 	for (int r = 0; r < 2; r++)
 		st[r] = op_reply(&k[r], NULL, detail[r], sizeof detail[r]);
-	CHECK(st[0] == COMM_ERR_TIMEOUT && strstr(detail[0], "did not copy it into a staging buffer"),
-	      "rank 0, its worker hung in the copy: %d (%s)", st[0], detail[0]);
+	if (hang)
+		CHECK(st[0] == COMM_ERR_TIMEOUT &&
+			      strstr(detail[0], "did not copy it into a staging buffer"),
+		      "rank 0, its worker hung in the copy: %d (%s)", st[0], detail[0]);
+	else
+		CHECK(st[0] == COMM_ERR_ABORTED && strstr(detail[0], "signal 9"),
+		      "rank 0, its worker crashed in the copy: %d (%s)", st[0], detail[0]);
 	CHECK(st[1] != COMM_OK && st[1] != -1, "rank 1, the receiver: %d (%s)", st[1], detail[1]);
-	printf("%s: a worker hung in a staging copy fails the job at its deadline\n",
-	       check_failures ? "FAIL" : "ok");
+	printf("%s: a worker %s in a staging copy fails the job%s\n", check_failures ? "FAIL" : "ok",
+	       hang ? "hung" : "crashed", hang ? " at its deadline" : "");
 	for (int r = 0; r < 2; r++) {
 		munmap(map[r], 4096);
 		close_rank(&k[r]);
@@ -1043,7 +1050,8 @@ int main(void)
 	test_shutdown_hung();
 	test_refusals();
 	test_across_daemons();
-	test_staged_hang();
+	test_staged_fault("hang");
+	test_staged_fault("crash");
 	test_this_machine();
 	unlink(logpath);
 	rmdir(dir);
