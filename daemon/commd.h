@@ -719,5 +719,11 @@ int be_host_threads(void);
  */
 int be_host_run(struct task *t);
 void engine_task_done(struct task *t);
+/*
+ * A device collective across daemons whose verdicts agreed: hand it to the
+ * job's GPU worker (be_gpu_run), then let the next one start behind it. 1
+ * when the worker could not take it: t is still the caller's.
+ */
+int engine_gpu_handoff(struct task *t);
 
 #endif

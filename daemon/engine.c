@@ -428,19 +428,28 @@ static int posted_on_device(const struct posted *p)
 }
 
 /*
- * Whether the collective in ops may start while device ops run: when it
- * is one too, and will surely run. The worker runs a job's ops in order on
- * its streams, so the next one is queued behind the last without a gap.
+ * Whether the collective in ops (this node's ranks') may start while device
+ * ops run: when it is one too, and will surely run here. The worker runs a
+ * job's ops in order on its streams, so the next one is queued behind the
+ * last without a gap. Across daemons its verdicts are swapped meanwhile
+ * (the other nodes may still refuse it, all together); it reaches the
+ * worker after the one ahead did, since it starts only once that one is
+ * there, so every node's worker gets them in the same order.
  */
 static int may_queue_behind(struct job *j, struct posted **ops)
 {
+	const struct posted *a = NULL;
 	char detail[256];
 
-	if (dist_spans(j) || ops[0]->type == COMMPB__OP_TYPE__OP_BARRIER || !ops[0]->count)
-		return 0;
-	for (int r = 0; r < j->world; r++)
+	for (int r = 0; r < j->world; r++) {
+		if (!dist_local(j, r))
+			continue;
 		if (!ops[r] || ops[r]->done || !posted_on_device(ops[r]))
 			return 0;
+		a = a ? a : ops[r];
+	}
+	if (!a || a->type == COMMPB__OP_TYPE__OP_BARRIER || !a->count)
+		return 0;
 	return !disagree(j, ops, detail, sizeof detail);
 }
 
@@ -661,7 +670,7 @@ static void finish_task(struct task *t)
 					  : "host backend: out of memory";
 
 	if (j->running == t) /* device ops queued before t may still run */
-		j->running = t->gpu ? gpu_job_task(j, 1) : NULL;
+		j->running = gpu_job_task(j, 1);
 	j->tasks_out--;
 	if (code == COMM_OK && j->state != JOB_READY) {
 		code = j->fail_code;
@@ -691,6 +700,21 @@ static void finish_task(struct task *t)
 		}
 	}
 	task_free(t);
+}
+
+int engine_gpu_handoff(struct task *t)
+{
+	struct job *j = t->job;
+	int rc;
+
+	j->tasks_out++; /* a worker lost on the way finishes t at once, which could free j */
+	rc = be_gpu_run(t);
+	j->tasks_out--;
+	if (!rc && j->state == JOB_READY)
+		engine_kick(j); /* the next device collective may start behind it */
+	else if (!rc)
+		job_maybe_free(j);
+	return rc;
 }
 
 void engine_task_done(struct task *t)

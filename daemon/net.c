@@ -1647,7 +1647,7 @@ static void on_done(uv_async_t *h)
 				engine_task_done(t);
 		} else if (!t->gpu) {
 			engine_task_done(t);
-		} else if (be_gpu_run(t)) {
+		} else if (engine_gpu_handoff(t)) {
 			/* the other nodes' workers wait in NCCL for this one's: fail them now */
 			struct job *j = t->job;
 			comm_result_t code = t->status;

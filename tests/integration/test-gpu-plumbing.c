@@ -983,6 +983,55 @@ static void test_across_daemons(void)
 }
 
 /*
+ * Device collectives across daemons queue as on one node: the next one's
+ * verdicts are swapped while the one ahead is on the worker, and it goes
+ * to the worker before that one is answered. Both workers hold their
+ * answers (queue mode) until 3 ops came: with 4 all-reduces posted back to
+ * back, each must get the first 3 before answering any.
+ */
+static void test_queued_nodes(void)
+{
+	struct th_daemon nd[2];
+	struct rank k[2];
+	uint64_t dev[2], seq;
+	char detail[256];
+
+	unlink(logpath);
+	setenv("FAKE_GPU_MODE", "queue", 1);
+	for (int n = 0; n < 2; n++)
+		REQUIRE(th_daemon_start_peer(&nd[n], "--gpu-worker", getenv("FAKE_GPU_WORKER"),
+					     NULL) == 0, "daemon %d with a peer listener", n);
+	setenv("FAKE_GPU_MODE", "ok", 1);
+	for (int r = 0; r < 2; r++)
+		join_send(&k[r], &nd[r], "dev-nodes-queue", r, nd[0].peer, 0);
+	for (int r = 0; r < 2; r++)
+		join_wait(&k[r], "dev-nodes-queue");
+	for (int r = 0; r < 2; r++)
+		REQUIRE(reg_dev(&k[r], COMMPB__MEM_KIND__MEM_CUDA_IPC, 64, -1, 4096, &dev[r], NULL,
+				0) == COMM_OK, "register device memory on node %d", r);
+	for (uint64_t i = 1; i <= 4; i++)
+		for (int r = 0; r < 2; r++)
+			post_allreduce(&k[r], i, dev[r], 64 * i, dev[r], 2048 + 64 * i, 0, NULL);
+	for (uint64_t i = 1; i <= 4; i++) {
+		for (int r = 0; r < 2; r++) {
+			int rc = op_reply(&k[r], &seq, detail, sizeof detail);
+
+			CHECK(rc == COMM_OK && seq == i, "rank %d, op %llu: answered op %llu with %d (%s)",
+			      r, (unsigned long long)i, (unsigned long long)seq, rc, detail);
+		}
+	}
+	CHECK(logged_times("answered 3 ops at once") == 2,
+	      "%d of the 2 workers got 3 device ops across daemons before answering one",
+	      logged_times("answered 3 ops at once"));
+	printf("%s: device collectives across daemons queue on both workers, answered in order\n",
+	       check_failures ? "FAIL" : "ok");
+	for (int r = 0; r < 2; r++)
+		close_rank(&k[r]);
+	for (int n = 0; n < 2; n++)
+		CHECK(th_daemon_stop(&nd[n]) == 0, "daemon %d did not stop cleanly", n);
+}
+
+/*
  * A worker that hangs in a send's copy into its staging buffer: the job
  * fails at its deadline, saying so, on both ranks; the hung worker is
  * killed and its daemon stops cleanly. One that crashes in it: the job
@@ -1050,6 +1099,7 @@ int main(void)
 	test_shutdown_hung();
 	test_refusals();
 	test_across_daemons();
+	test_queued_nodes();
 	test_staged_fault("hang");
 	test_staged_fault("crash");
 	test_this_machine();
