@@ -400,13 +400,15 @@ static void start_net_collective(struct job *j, struct posted **ops, int nlocal,
 
 /*
  * Rank r's collective number cseq, when it is the op right after those of
- * r's that are running (on the GPU worker), in a unit of its own.
+ * r's that are running (on the GPU worker), in a unit of its own. Not
+ * behind a send or recv with another daemon: its data (and a device recv's
+ * copy into place) may come after anything queued now.
  */
 static struct posted *next_coll_behind(struct job *j, int r, uint64_t cseq)
 {
 	struct posted *p = TAILQ_FIRST(&j->posted[r]);
 
-	while (p && p->running)
+	while (p && p->running && (p->coll || dist_local(j, p->peer)))
 		p = TAILQ_NEXT(p, link);
 	return p && !p->group && p->coll && p->cseq == cseq ? p : NULL;
 }
@@ -707,6 +709,11 @@ int engine_gpu_handoff(struct task *t)
 	struct job *j = t->job;
 	int rc;
 
+	if (j->state != JOB_READY) { /* failed meanwhile: its worker may be gone, or about to be */
+		t->status = j->fail_code;
+		snprintf(t->detail, sizeof t->detail, "%s", j->fail_detail);
+		return 1;
+	}
 	j->tasks_out++; /* a worker lost on the way finishes t at once, which could free j */
 	rc = be_gpu_run(t);
 	j->tasks_out--;
@@ -794,8 +801,9 @@ void engine_check_deadline(struct job *j, uint64_t now)
 	}
 	/* a host task always ends; a GPU worker can hang, a peer node can be late */
 	if (j->running) {
-		t = j->running->gpu ? gpu_job_task(j, 0) : NULL;
-		t = t ? t : j->running; /* the oldest: device ops queue behind each other */
+		/* the oldest: device ops queue behind each other (the newest may be swapping verdicts) */
+		t = gpu_job_task(j, 0);
+		t = t ? t : j->running;
 
 		if ((t->gpu || t->net) && now - t->started_ms >= j->timeout_ms)
 			job_fail(j, COMM_ERR_TIMEOUT, "op %llu (%s): %s within %u ms",

@@ -1649,14 +1649,9 @@ static void on_done(uv_async_t *h)
 			engine_task_done(t);
 		} else if (engine_gpu_handoff(t)) {
 			/* the other nodes' workers wait in NCCL for this one's: fail them now */
-			struct job *j = t->job;
-			comm_result_t code = t->status;
-			char why[256];
-
-			snprintf(why, sizeof why, "%s", t->detail);
-			engine_task_done(t);
-			if (j->state == JOB_READY)
-				job_fail(j, code, "%s", why);
+			if (t->job->state == JOB_READY)
+				job_fail(t->job, t->status, "%s", t->detail);
+			engine_task_done(t); /* last: it may free the job */
 		}
 	}
 }
