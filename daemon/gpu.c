@@ -631,6 +631,13 @@ static void staged_send(struct task *t)
 	be_net_run(t);
 }
 
+/* Copy t's data to (send) or from its staging buffer on the worker; 1 when that failed at once. */
+static int stage_copy(struct task *t)
+{
+	t->started_ms = now_ms(); /* the worker's deadline counts from here */
+	return be_gpu_run(t);
+}
+
 void gpu_p2p_start(struct task *t)
 {
 	int send = t->type == T(SEND);
@@ -638,8 +645,7 @@ void gpu_p2p_start(struct task *t)
 	if (t->status == COMM_OK && stage_get(t->job->gpu, t, t->count) < 0)
 		t->status = COMM_ERR_NO_MEMORY;
 	if (t->status == COMM_OK && send) {
-		t->started_ms = now_ms(); /* the worker's deadline counts from here */
-		if (be_gpu_run(t))
+		if (stage_copy(t))
 			staged_send(t);
 		return;
 	}
@@ -650,10 +656,7 @@ void gpu_p2p_start(struct task *t)
 
 int gpu_p2p_received(struct task *t)
 {
-	if (t->status != COMM_OK || !t->stage)
-		return 0;
-	t->started_ms = now_ms(); /* the worker's deadline counts from here */
-	return !be_gpu_run(t);
+	return t->status == COMM_OK && t->stage && !stage_copy(t);
 }
 
 static struct mem *find_opening(struct gpu_worker *w, uint64_t id)
