@@ -1,7 +1,8 @@
 /*
  * test-gpu-worker.c: commd-gpu ($COMMD_GPU) over a real socketpair: its
  * replies, the packets that make it exit, the fds it must not keep; where a
- * GPU works, real ops on IPC and VMM memory checked against reduce_n.
+ * GPU works, real ops on IPC and VMM memory checked against reduce_n, and
+ * copies to and from host memory (commd's staging buffers).
  */
 #include <config.h>
 
@@ -676,6 +677,70 @@ static void test_gpu_requests(struct worker *wk, const char *uuid)
 		 (struct trank[]){ TR(0, 1, 1, 0, 4096), TR(3, 1, 1, 0, 4096) }, -1);
 }
 
+/*
+ * Host memory commd shares (GPU_MEM_HOST, a memfd), as it stages a send or
+ * recv across daemons: copies from it into IPC and VMM memory and back,
+ * every byte checked; host to host, and host memory in a collective,
+ * refused; a closed one is not open any more.
+ */
+static void test_gpu_staging(struct worker *wk)
+{
+	const size_t size = 256u << 10, n1 = 100000, n2 = 50001;
+	struct gpu_mem_open m = mem_msg(3000, GPU_MEM_HOST, size, "");
+	struct gpu_op_rank x = { 0 };
+	uint8_t *host, *got = malloc(n1);
+	struct gpu_status s;
+	size_t bad;
+	int mfd = memfd_create("test-gpu-staging", MFD_CLOEXEC);
+
+	REQUIRE(got && mfd >= 0 && ftruncate(mfd, (off_t)size) == 0, "memfd");
+	host = mmap(NULL, size, PROT_READ | PROT_WRITE, MAP_SHARED, mfd, 0);
+	REQUIRE(host != MAP_FAILED, "mmap");
+	for (size_t i = 0; i < n1; i++)
+		host[i] = (uint8_t)(i * 31 + 7);
+	s = mem_open(wk, &m, mfd);
+	close(mfd);
+	REQUIRE(s.status == COMM_OK, "host memory open: %d %s", s.status, s.detail);
+	/* host into device (IPC), as a recv's copy into place */
+	x = (struct gpu_op_rank){ .send_mem = 3000, .recv_mem = al[0].id, .recv_off = 4096 };
+	s = op_run(wk, next_op++, T(SEND), COMM_UINT8, 0, 0, n1, 1, 1, &x);
+	CHECK(s.status == COMM_OK, "host to device: %d %s", s.status, s.detail);
+	CUDA_REQ(cudaMemcpy(got, al[0].dev + 4096, n1, cudaMemcpyDeviceToHost));
+	for (bad = 0; bad < n1 && got[bad] == host[bad]; bad++)
+		;
+	CHECK(bad == n1, "host to device: byte %zu differs", bad);
+	/* device (VMM) into host, as a send's copy out */
+	for (size_t i = 0; i < n2; i++)
+		got[i] = (uint8_t)(i * 17 + 3);
+	CUDA_REQ(cudaMemcpy(al[NALLOC - 1].dev + 8, got, n2, cudaMemcpyHostToDevice));
+	x = (struct gpu_op_rank){ .send_mem = al[NALLOC - 1].id, .send_off = 8, .recv_mem = 3000,
+				  .recv_off = 1000 };
+	s = op_run(wk, next_op++, T(SEND), COMM_UINT8, 0, 0, n2, 1, 1, &x);
+	CHECK(s.status == COMM_OK, "device to host: %d %s", s.status, s.detail);
+	for (bad = 0; bad < n2 && host[1000 + bad] == got[bad]; bad++)
+		;
+	CHECK(bad == n2, "device to host: byte %zu differs", bad);
+	x = (struct gpu_op_rank){ .send_mem = 3000, .recv_mem = 3000, .recv_off = 128 << 10 };
+	s = op_run(wk, next_op++, T(SEND), COMM_UINT8, 0, 0, 64, 1, 1, &x);
+	CHECK(s.status == COMM_ERR_INVALID_ARG && strstr(s.detail, "host memory to host memory"),
+	      "host to host: %d %s", s.status, s.detail);
+	x = (struct gpu_op_rank){ .send_mem = 3000, .recv_mem = al[0].id };
+	s = op_run(wk, next_op++, T(ALLREDUCE), COMM_FLOAT32, COMM_SUM, 0, 16, 1, 1, &x);
+	CHECK(s.status == COMM_ERR_INVALID_ARG && strstr(s.detail, "host memory"),
+	      "host memory in an all-reduce: %d %s", s.status, s.detail);
+	m.id = 3001;
+	s = mem_open(wk, &m, -1);
+	CHECK(s.status == COMM_ERR_INVALID_ARG && strstr(s.detail, "memfd"),
+	      "host memory without its memfd: %d %s", s.status, s.detail);
+	mem_close(wk, 3000);
+	x = (struct gpu_op_rank){ .send_mem = 3000, .recv_mem = al[0].id };
+	s = op_run(wk, next_op++, T(SEND), COMM_UINT8, 0, 0, 64, 1, 1, &x);
+	CHECK(s.status == COMM_ERR_INVALID_ARG && strstr(s.detail, "not open"),
+	      "closed host memory: %d %s", s.status, s.detail);
+	munmap(host, size);
+	free(got);
+}
+
 static void test_gpu(void)
 {
 	struct worker wk;
@@ -692,6 +757,7 @@ static void test_gpu(void)
 	gpu_setup(&wk, uuid);
 	test_gpu_ops(&wk);
 	test_gpu_requests(&wk, uuid);
+	test_gpu_staging(&wk);
 	rc = worker_stop(&wk);
 	CHECK(rc == GPU_WORKER_EXIT_OK, "exit %d after EOF", rc);
 	CHECK(!worker_logged(&wk, "exiting", 0), "the worker hit a CUDA error");
