@@ -1240,7 +1240,8 @@ void gpu_job_line(const struct job *j, char *buf, size_t len)
 {
 	const struct gpu_worker *w = j->gpu;
 	const struct dist *d = j->dist;
-	size_t at;
+	const struct gpu_stage *g;
+	size_t at, n = 0, bytes = 0;
 
 	*buf = '\0';
 	if (!w)
@@ -1249,17 +1250,27 @@ void gpu_job_line(const struct job *j, char *buf, size_t len)
 		at = (size_t)snprintf(buf, len, "worker gone: %s", w->reason);
 	else
 		at = (size_t)snprintf(buf, len, "worker pid %d", w->proc.pid);
-	if (!d || d->nnodes < 2 || at >= len)
-		return;
-	if (d->self == 0 && !d->has_nccl_id)
-		snprintf(buf + at, len - at, "; across %d nodes, no NCCL id: %s", d->nnodes,
-			 no_id_why(w));
-	else if (d->nccl_dev[0])
-		snprintf(buf + at, len - at, "; across %d nodes: NCCL rank %d on %s", d->nnodes,
-			 d->self, d->nccl_dev);
-	else
-		snprintf(buf + at, len - at, "; across %d nodes: NCCL rank %d, no device op yet",
-			 d->nnodes, d->self);
+	if (d && d->nnodes > 1 && at < len) {
+		if (d->self == 0 && !d->has_nccl_id)
+			at += (size_t)snprintf(buf + at, len - at, "; across %d nodes, no NCCL id: %s",
+					       d->nnodes, no_id_why(w));
+		else if (d->nccl_dev[0])
+			at += (size_t)snprintf(buf + at, len - at,
+					       "; across %d nodes: NCCL rank %d on %s", d->nnodes,
+					       d->self, d->nccl_dev);
+		else
+			at += (size_t)snprintf(buf + at, len - at,
+					       "; across %d nodes: NCCL rank %d, no device op yet",
+					       d->nnodes, d->self);
+	}
+	/* host memory it holds pinned for sends and recvs across daemons */
+	TAILQ_FOREACH(g, &w->stages, link) {
+		n++;
+		bytes += g->cap;
+	}
+	if (n && at < len)
+		snprintf(buf + at, len - at, "; %zu staging buffer%s (%zu KiB), %d idle", n,
+			 n == 1 ? "" : "s", bytes >> 10, w->stages_idle);
 }
 
 void gpu_job_failed(struct job *j)

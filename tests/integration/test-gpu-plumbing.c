@@ -892,6 +892,14 @@ static void staged_p2p(struct rank *k, uint64_t *seq)
 	      logged_times(" kind 3 "));
 }
 
+/* Status on node n shows its 2 idle staging buffers: 64 KiB and 320 KiB (300,000 rounded). */
+static void staged_status(const struct th_daemon *nd, const char *job)
+{
+	for (int n = 0; n < 2; n++)
+		CHECK(gpu_line_has(&nd[n], job, "; 2 staging buffers (384 KiB), 2 idle"),
+		      "status on node %d does not show its 2 idle staging buffers", n);
+}
+
 /*
  * Device memory across daemons, on two daemons with fake workers: node
  * 0's worker hands commd an NCCL id, the verdicts carry it to node 1,
@@ -967,6 +975,7 @@ static void test_across_daemons(void)
 			post_allreduce(&k[1], seq, dev[1], 0, dev[1], 64, 0, NULL);
 			both_done(k, COMM_ERR_UNSUPPORTED, "use one device", "two devices on one node");
 			staged_p2p(k, &seq);
+			staged_status(nd, job);
 			/* and the job goes on */
 			seq++;
 			for (int r = 0; r < 2; r++)
