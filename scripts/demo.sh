@@ -7,7 +7,8 @@ set -euo pipefail
 top=$(cd "$(dirname "$0")/.." && pwd)
 cd "$top"
 bash scripts/install-deps.sh
-[ -x configure ] || autoreconf -fi >/dev/null
+# autoreconf's chatter only when it fails
+[ -x configure ] || out=$(autoreconf -fi 2>&1) || { echo "$out" >&2; exit 1; }
 mkdir -p build
 cd build
 [ -f Makefile ] || ../configure -q
@@ -25,7 +26,7 @@ until ./client/commctl --socket "$sock" status >/dev/null 2>&1; do
 	kill -0 "$pid" 2>/dev/null || { cat "$dir/commd.log"; exit 1; }
 	sleep 0.05
 done
-./client/commctl --socket "$sock" topo | sed -n '1,/^NIC Legend/p;/^  NIC/p'
+./client/commctl --socket "$sock" topo | sed -n '1,/^NIC Legend/p;/^NIC Legend/{n;p;};/^  NIC/p'
 echo
 ./client/commrun -n 4 --socket "$sock" ./tests/demos/collectives
 ./client/commbench -n 4 --socket "$sock" --reference
