@@ -271,14 +271,14 @@ int main(int argc, char **argv)
 			if (!strcmp(mode, "hang"))
 				for (;;)
 					pause();
+			if (!refused)
+				copy_send(&m.op);
 			if (!strcmp(mode, "queue")) {
 				held[nheld++] = m.op.id;
 				if (nheld == QUEUE_HOLD)
 					release("at once");
 				break;
 			}
-			if (!refused)
-				copy_send(&m.op);
 			answer(GPU_MSG_OP_DONE, m.op.id, refused);
 			break;
 		default:

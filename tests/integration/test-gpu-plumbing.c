@@ -845,7 +845,7 @@ static int logged_times(const char *want)
  * to device both ways, small and larger than a staging buffer's first
  * size, device to host and host to device; every byte checked. Then a
  * small one again, which reuses a staging buffer on each node: 2 made on
- * each, 4 in all.
+ * each, 4 in all. Then sizes that differ: the receiver says so.
  */
 static void staged_p2p(struct rank *k, uint64_t *seq)
 {
@@ -858,6 +858,8 @@ static void staged_p2p(struct rank *k, uint64_t *seq)
 	};
 	uint8_t *map[2];
 	uint64_t mem[2];
+	char why[2][256];
+	int st[2];
 
 	for (size_t c = 0; c < sizeof cases / sizeof cases[0]; c++) {
 		int from = cases[c].from, to = 1 - from;
@@ -890,6 +892,20 @@ static void staged_p2p(struct rank *k, uint64_t *seq)
 	}
 	CHECK(logged_times(" kind 3 ") == 4, "%d staging buffers opened, expected 4 (2 a node)",
 	      logged_times(" kind 3 "));
+	/* 100 bytes sent to a recv of 200: the receiver's MISMATCH names both; both return */
+	for (int r = 0; r < 2; r++)
+		mem[r] = reg_fake_dev(&k[r], 4096, &map[r]);
+	++*seq;
+	post_p2p(&k[0], *seq, 1, mem[0], 1, 100);
+	post_p2p(&k[1], *seq, 0, mem[1], 0, 200);
+	for (int r = 0; r < 2; r++)
+		st[r] = op_reply(&k[r], NULL, why[r], sizeof why[r]);
+	CHECK(st[1] == COMM_ERR_MISMATCH && strstr(why[1], "100 bytes sent, 200 expected"),
+	      "a staged send of 100 bytes to a recv of 200: the receiver got %d (%s)", st[1], why[1]);
+	CHECK(st[0] == COMM_OK || st[0] == COMM_ERR_MISMATCH,
+	      "a staged send of 100 bytes to a recv of 200: the sender got %d (%s)", st[0], why[0]);
+	for (int r = 0; r < 2; r++)
+		munmap(map[r], 4096);
 }
 
 /* Status on node n shows its 2 idle staging buffers: 64 KiB and 320 KiB (300,000 rounded). */
