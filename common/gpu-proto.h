@@ -13,9 +13,10 @@
  * answer) and OP (answered by OP_DONE once the results are in the ranks'
  * memory and the op's done flags are written), in the order they come.
  * commd may send the next OPs of a job before the earlier ones are
- * answered: the worker queues those on one device behind each other and
- * answers the OPs in the order they came. EOF on the socket: the worker
- * releases everything and exits 0.
+ * answered: the worker queues those on one device behind each other (an
+ * op across nodes runs once those before it are done) and answers the OPs
+ * in the order they came. EOF on the socket: the worker releases
+ * everything and exits 0.
  *
  * A job spread over several daemons has a worker on each node, and one
  * NCCL communicator across them, one NCCL rank per node (its index in the
