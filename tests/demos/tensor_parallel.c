@@ -5,13 +5,17 @@
  * computes its slice of the layer's output for the batch of 128, and the
  * slices are all-gathered into the whole activation for the next layer.
  * Checks that every rank ends with the same activations, equal to the
- * unsplit model's.
+ * unsplit model's. With --device the activations are all-gathered in GPU
+ * memory (rank r on device r mod the device count); the output is the same.
  */
+#include <config.h>
+
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
 #include "comm.h"
+#include "demo-device.h"
 #include "mlp.h"
 
 /* max |ours - unsplit| / max |unsplit|. Each output element sums over the
@@ -26,10 +30,30 @@ static int fail(comm_t *c, const char *what, comm_result_t rc)
 	return 1;
 }
 
-int main(void)
+/*
+ * All-gather block floats from each rank, ours at gathered + r * block,
+ * through device memory d when not NULL.
+ */
+static comm_result_t gather(comm_t *c, float *gathered, float *d, size_t block)
 {
+	size_t r = (size_t)comm_rank(c), bytes = block * sizeof *gathered;
+	comm_result_t rc;
+
+	if (!d)
+		return comm_allgather(c, gathered + r * block, gathered, block, COMM_FLOAT32, NULL);
+	if (demo_copy(d + r * block, gathered + r * block, bytes, 1))
+		return COMM_ERR_INTERNAL;
+	rc = comm_allgather(c, d + r * block, d, block, COMM_FLOAT32, NULL);
+	if (rc == COMM_OK && demo_copy(gathered, d, bytes * (size_t)comm_size(c), 0))
+		return COMM_ERR_INTERNAL;
+	return rc;
+}
+
+int main(int argc, char **argv)
+{
+	int on_device = argc == 2 && !strcmp(argv[1], "--device"), dev = 0;
 	size_t an = (size_t)MLP_BATCH * MLP_DIM;
-	float *slices[MLP_LAYERS] = { 0 }, *x, *act, *want, *gathered;
+	float *slices[MLP_LAYERS] = { 0 }, *x, *act, *want, *gathered, *d_gathered = NULL;
 	uint64_t *hashes;
 	struct mlp m;
 	comm_result_t rc;
@@ -39,6 +63,12 @@ int main(void)
 	char s[64];
 	comm_t *c;
 
+	if (argc > 1 && !on_device) {
+		fprintf(stderr, "usage: tensor_parallel [--device]\n");
+		return 2;
+	}
+	if (on_device && (bad = demo_device_open(&dev)))
+		return bad;
 	c = mlp_join("tensor_parallelism");
 	if (!c)
 		return 1;
@@ -58,6 +88,8 @@ int main(void)
 	hashes = comm_mem_alloc(c, (size_t)n * sizeof *hashes);
 	if (!gathered || !hashes)
 		return fail(c, "comm_mem_alloc", COMM_ERR_NO_MEMORY);
+	if (on_device && !(d_gathered = demo_alloc(an * sizeof *gathered)))
+		return fail(c, "cudaMalloc", COMM_ERR_NO_MEMORY);
 	x = malloc(an * sizeof *x);
 	act = malloc(an * sizeof *act);
 	want = malloc(an * sizeof *want);
@@ -82,8 +114,7 @@ int main(void)
 		/* our 128 x cols slice, in place for the all-gather */
 		mlp_matmul(MLP_BATCH, cols, MLP_DIM, act, MLP_DIM, slices[l], cols,
 			   gathered + (size_t)r * block, cols);
-		rc = comm_allgather(c, gathered + (size_t)r * block, gathered, block, COMM_FLOAT32,
-				    NULL);
+		rc = gather(c, gathered, d_gathered, block);
 		if (rc != COMM_OK)
 			return fail(c, "all-gather of the activations", rc);
 		/* rank q's block holds columns q * cols.. of every row: interleave */
@@ -123,6 +154,7 @@ int main(void)
 
 	for (int l = 0; l < MLP_LAYERS; l++)
 		free(slices[l]);
+	demo_free(d_gathered);
 	mlp_free(&m);
 	free(want);
 	free(act);

@@ -5,10 +5,9 @@
 # training demos run with their 4 ranks split 2+2, 1+3 and 2+1+1 (ranks 0
 # and 3 on one daemon), each job rooted at another daemon, and every rank's
 # output must equal, byte for byte, the same rank's output when all four ran
-# on one daemon. Where a GPU works, the same for the demos that take
-# --device (collectives, data_parallel, pipeline_parallel: its sends
-# between daemons staged through host memory); without one they exit 77 and
-# that part is skipped. Then commctl status on a member lists the root as a
+# on one daemon. Where a GPU works, the same for all four with --device
+# (pipeline_parallel's sends between daemons staged through host memory);
+# without one they exit 77 and that part is skipped. Then commctl status on a member lists the root as a
 # peer.
 set -u
 : "${COMMD:=./daemon/commd}" "${COMMCTL:=./client/commctl}" "${COMM_DEMOS:=./tests/demos}"
@@ -69,12 +68,8 @@ run() {
 n=0
 for mode in host device; do
 	args=()
-	progs="collectives data_parallel tensor_parallel pipeline_parallel"
-	if [ $mode = device ]; then
-		args=(--device)
-		progs="collectives data_parallel pipeline_parallel"
-	fi
-	for prog in $progs; do
+	[ $mode = device ] && args=(--device)
+	for prog in collectives data_parallel tensor_parallel pipeline_parallel; do
 		run "$prog" "$prog-$mode-one" "" a a a a
 		if [ $? -eq 77 ]; then
 			echo "note: --device over daemons is skipped: $(head -1 "$dir/$prog-$mode-one.0")"

@@ -2,8 +2,7 @@
 # test-training-demos.sh: the reference run's three parallel-training demos
 # under `commrun -n 4` against a real commd: each exits 0 (it checks its own
 # numbers against the unsplit model) and prints the reference's lines; where
-# a GPU works, data_parallel --device and pipeline_parallel --device print
-# the same lines.
+# a GPU works, each of them with --device prints the same lines.
 set -u
 . "$(dirname "$0")/../lib/daemon.sh"
 daemon_start commd-train
@@ -80,6 +79,8 @@ for r in 0 1 2 3; do
 		"^\[tensor_parallelism\] Rank $r: forward pass produced activations 128x1024\[$sum\$"
 done
 unique "$out" . "activations "
+# the activations all-gathered in GPU memory
+same_on_device tensor_parallel
 
 run pipeline_parallel
 out=$dir/pipeline_parallel.out
