@@ -13,10 +13,6 @@
 #include <stdlib.h>
 #include <string.h>
 
-#ifdef HAVE_CUDA
-#include <cuda_runtime.h>
-#endif
-
 #include "comm.h"
 #include "demo-device.h"
 
@@ -24,54 +20,31 @@
 static int on_device, dev;
 static char suffix[32];
 
-#ifdef HAVE_CUDA
 static void *tensor_alloc(comm_t *c, size_t bytes)
 {
-	void *p = NULL;
-
-	if (!on_device)
-		return comm_mem_alloc(c, bytes);
-	return cudaMalloc(&p, bytes) == cudaSuccess ? p : NULL;
+	return on_device ? demo_alloc(bytes) : comm_mem_alloc(c, bytes);
 }
 
 /* Copy between the host view and the tensor (the same memory on the host). */
 static void put(void *t, const void *h, size_t bytes)
 {
 	if (on_device)
-		cudaMemcpy(t, h, bytes, cudaMemcpyHostToDevice);
+		demo_copy(t, h, bytes, 1);
 }
 
 static void get(void *h, const void *t, size_t bytes)
 {
 	if (on_device)
-		cudaMemcpy(h, t, bytes, cudaMemcpyDeviceToHost);
+		demo_copy(h, t, bytes, 0);
 }
 
 static void tensor_free(void *t, void *h)
 {
 	if (!on_device)
 		return;
-	cudaFree(t);
+	demo_free(t);
 	free(h);
 }
-#else
-static void *tensor_alloc(comm_t *c, size_t bytes)
-{
-	return comm_mem_alloc(c, bytes);
-}
-
-static void put(void *t, const void *h, size_t bytes)
-{
-}
-
-static void get(void *h, const void *t, size_t bytes)
-{
-}
-
-static void tensor_free(void *t, void *h)
-{
-}
-#endif
 
 /* Format like torch prints a small float tensor: tensor([ 6., 10.]). */
 static char *tensor_str(const float *v, int n, char *buf, size_t len)

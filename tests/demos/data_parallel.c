@@ -84,24 +84,17 @@ static int check_unsplit(struct mlp *ref, const struct mlp *m, const float *x, c
 /* All-reduce (AVG) count floats of buf in place, through device memory d when not NULL. */
 static comm_result_t allreduce_avg(comm_t *c, float *buf, float *d, size_t count)
 {
-#ifdef HAVE_CUDA
-	if (d) {
-		size_t bytes = count * sizeof *buf;
-		cudaError_t e = cudaMemcpy(d, buf, bytes, cudaMemcpyHostToDevice);
-		comm_result_t rc = COMM_ERR_INTERNAL;
+	size_t bytes = count * sizeof *buf;
+	comm_result_t rc;
 
-		if (e == cudaSuccess) {
-			rc = comm_allreduce(c, d, d, count, COMM_FLOAT32, COMM_AVG, NULL);
-			if (rc == COMM_OK && (e = cudaMemcpy(buf, d, bytes, cudaMemcpyDeviceToHost)))
-				rc = COMM_ERR_INTERNAL;
-		}
-		if (e != cudaSuccess)
-			fprintf(stderr, "[data_parallelism] Rank %d: cudaMemcpy: %s\n", comm_rank(c),
-				cudaGetErrorString(e));
-		return rc;
-	}
-#endif
-	return comm_allreduce(c, buf, buf, count, COMM_FLOAT32, COMM_AVG, NULL);
+	if (!d)
+		return comm_allreduce(c, buf, buf, count, COMM_FLOAT32, COMM_AVG, NULL);
+	if (demo_copy(d, buf, bytes, 1))
+		return COMM_ERR_INTERNAL;
+	rc = comm_allreduce(c, d, d, count, COMM_FLOAT32, COMM_AVG, NULL);
+	if (rc == COMM_OK && demo_copy(buf, d, bytes, 0))
+		return COMM_ERR_INTERNAL;
+	return rc;
 }
 
 int main(int argc, char **argv)
@@ -141,11 +134,9 @@ int main(int argc, char **argv)
 	lossbuf = comm_mem_alloc(c, sizeof *lossbuf);
 	if (!grad || !hashes || !lossbuf)
 		return fail(c, "comm_mem_alloc", COMM_ERR_NO_MEMORY);
-#ifdef HAVE_CUDA
-	if (on_device && (cudaMalloc((void **)&d_grad, count * sizeof *grad) != cudaSuccess ||
-			  cudaMalloc((void **)&d_loss, sizeof *lossbuf) != cudaSuccess))
+	if (on_device && (!(d_grad = demo_alloc(count * sizeof *grad)) ||
+			  !(d_loss = demo_alloc(sizeof *lossbuf))))
 		return fail(c, "cudaMalloc", COMM_ERR_NO_MEMORY);
-#endif
 	x = malloc((size_t)MLP_BATCH * MLP_DIM * sizeof *x);
 	t = malloc((size_t)MLP_BATCH * MLP_DIM * sizeof *t);
 	if (!x || !t || mlp_init(&m) < 0)
@@ -193,10 +184,8 @@ int main(int argc, char **argv)
 			bad |= check_unsplit(&ref, &m, x, t, ref_grad, step, lossbuf[0]);
 	}
 
-#ifdef HAVE_CUDA
-	cudaFree(d_grad);
-	cudaFree(d_loss);
-#endif
+	demo_free(d_grad);
+	demo_free(d_loss);
 	free(ref_grad);
 	mlp_free(&ref);
 	mlp_free(&m);
