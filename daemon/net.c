@@ -3,12 +3,12 @@
  * which UCX emulates slowly over TCP). One thread owns the UCX worker and
  * runs every cross-node task as a small state machine: it posts a step's
  * sends and receives, and when they have all completed, works on what came
- * and posts the next step (an all-reduce's ring works on each chunk as it
- * comes). So a task that waits for a late node holds up no other job.
+ * and posts the next step (a ring works on each chunk as it comes). So a
+ * task that waits for a late node holds up no other job.
  *
  * Collectives are hierarchical: the node's ranks are combined in place
- * here, the nodes run a ring (reduce-scatter, all-gather; an all-reduce's
- * both, pipelined in chunks) or a direct exchange (broadcast, reduce,
+ * here, the nodes run a ring pipelined in chunks (reduce-scatter,
+ * all-gather; an all-reduce's both) or a direct exchange (broadcast, reduce,
  * all-to-all), and the result is written into the ranks' memory. Every
  * collective starts with each node's verdict (status and the op as its
  * first rank has it) sent to every other node, so that all of them fail an
@@ -21,8 +21,8 @@
  *
  * Tags (64 bits) are in the receiver's namespace: its slot for the job,
  * then for a collective the sending node, the collective's number and the
- * step (an all-reduce's ring: its hop and chunk); for a send/recv the two
- * ranks, the message's index and whether it is the header or the data.
+ * step (a ring's: its hop and chunk); for a send/recv the two ranks, the
+ * message's index and whether it is the header or the data.
  */
 #include <config.h>
 
@@ -63,9 +63,9 @@
 #define SMALL_BYTES 16384
 #define HSLOT (sizeof(struct hdr) + SMALL_BYTES)
 /*
- * A larger all-reduce's ring moves each node's slice in chunks, pipelined:
- * a chunk that arrived and was combined goes on to the next node at once.
- * Chunks of at least RING_CHUNK_MIN, at most RING_CHUNKS a slice (the tag
+ * A ring moves each node's piece in chunks, pipelined: a chunk that
+ * arrived and was taken in goes on to the next node at once. Chunks of
+ * at least RING_CHUNK_MIN, at most RING_CHUNKS a piece (the tag
  * has 6 bits for it), at most RING_WINDOW received at once (rbuf's slots).
  * Smaller chunks cost more than they overlapped over UCX's tcp transport:
  * 128 KiB ones made 1-16 MiB all-reduces 10-20% slower on a 2-core VM.
@@ -80,7 +80,7 @@
 #define TAG_COLL(slot, node, cseq, step)                                       \
 	(TAG_SLOT(slot) | (uint64_t)(node) << 39 | ((uint64_t)(cseq) & 0xffffff) << 15 | \
 	 ((uint64_t)(step) & 0x7fff))
-/* an all-reduce's ring: hop h (from 0) and chunk c; steps 0 and 1 are the verdict and data */
+/* a ring's hop h (from 0) and chunk c; steps 0 and 1 are the verdict and the others' data */
 #define RING_STEP(h, c) (((uint64_t)(h) + 1) << 6 | (uint64_t)(c))
 #define TAG_P2P(slot, src, dst, idx, data)                                     \
 	(TAG_SLOT(slot) | 1ull << 47 | (uint64_t)(src) << 35 | (uint64_t)(dst) << 23 | \
@@ -129,10 +129,9 @@ struct nep {
 	char why[128];
 };
 
-enum { S_START, S_VERDICT, S_RING, S_RS, S_RS_ACC, S_AG, S_AG_DONE, S_RD, S_FINISH,
-       S_P2P_DATA, S_P2P_END };
+enum { S_START, S_VERDICT, S_RING, S_RD, S_FINISH, S_P2P_DATA, S_P2P_END };
 
-/* A slot of rbuf for one chunk of an all-reduce's ring. */
+/* A slot of rbuf for one chunk of a ring. */
 enum { SLOT_FREE, SLOT_POSTED, SLOT_ARRIVED };
 struct ring_slot {
 	int h, c, state;
@@ -147,7 +146,7 @@ struct net_task {
 	struct nep **ep;          /* [nn], NULL for me */
 	struct nreq *reqs;
 	int nreq, cap;
-	int state, s, tagstep;
+	int state, s;            /* s: a reduce's next node (S_RD) */
 	comm_result_t status;
 	char detail[256];
 	/* set by the loop thread: code and detail first, then cancel (release) */
@@ -165,19 +164,19 @@ struct net_task {
 	size_t *hlen;             /* [nn]: the bytes of each that arrived */
 	int small;                /* an all-reduce whose data rode with the verdicts */
 	uint8_t *nb, *sbuf, *rbuf;
-	size_t nb_len;
 	size_t nb_cap, sbuf_cap, rbuf_cap; /* the staging buffers' sizes (buf_get) */
 	int first;                /* the lowest rank here */
 	int nlocal;
 	const uint8_t **lin;      /* the local ranks' inputs, in rank order */
-	/* an all-reduce's pipelined ring (S_RING) */
+	/* a pipelined ring (S_RING): an all-reduce's, a reduce-scatter's, an all-gather's */
 	struct ring_slot *slots;  /* [nslots], chunk bytes each in rbuf */
 	int nslots;
 	size_t chunk;
-	int hops;                 /* 2 (nn - 1): reduce-scatter, then all-gather */
+	int h0, hops;             /* its hops are h0 .. hops - 1 of an all-reduce's (ring_alloc) */
 	int next_h, next_c;       /* the next chunk to receive */
 	int left;                 /* chunks still to receive and take in */
 	uint64_t *sent;           /* [hops]: bit c once hop h's send of chunk c ended */
+	int *pos;                 /* reduce-scatter, all-gather: each rank's block in nb (node-major) */
 };
 
 struct discard {
@@ -616,66 +615,52 @@ static int mod(int a, int n)
 	return ((a % n) + n) % n;
 }
 
-/* Bytes of slice k of an all-reduce: the count split as evenly as it goes. */
-static void ar_piece(const struct net_task *nt, int k, size_t *off, size_t *len)
+/*
+ * Piece k of the ring, the part of nb that node k ends up with: an
+ * all-reduce's k-th slice of the count, split as evenly as it goes; a
+ * reduce-scatter's or all-gather's blocks of node k's ranks (nb holds the
+ * blocks node by node, so each node's are together).
+ */
+static void ring_piece(const struct net_task *nt, int k, size_t *off, size_t *len)
 {
 	size_t base = nt->t->count / (size_t)nt->nn, rem = nt->t->count % (size_t)nt->nn;
+	size_t bl = nt->t->count * nt->t->esize;
 
+	if (nt->t->type != COMMPB__OP_TYPE__OP_ALLREDUCE) {
+		*off = (size_t)nt->pos[nt->d->nodes[k].ranks[0]] * bl;
+		*len = (size_t)nt->d->nodes[k].nranks * bl;
+		return;
+	}
 	*off = ((size_t)k * base + ((size_t)k < rem ? (size_t)k : rem)) * nt->t->esize;
 	*len = (base + ((size_t)k < rem)) * nt->t->esize;
 }
 
-/* Chunk c of slice k: where it is in nb, and its bytes. */
-static void ar_chunk(const struct net_task *nt, int k, int c, size_t *off, size_t *len)
+/* Chunk c of piece k: where it is in nb, and its bytes. */
+static void ring_chunk(const struct net_task *nt, int k, int c, size_t *off, size_t *len)
 {
 	size_t po, pl, at = (size_t)c * nt->chunk;
 
-	ar_piece(nt, k, &po, &pl);
+	ring_piece(nt, k, &po, &pl);
 	*off = po + at;
 	*len = pl - at < nt->chunk ? pl - at : nt->chunk;
 }
 
-static int ar_nchunks(const struct net_task *nt, int k)
+static int ring_nchunks(const struct net_task *nt, int k)
 {
 	size_t po, pl;
 
-	ar_piece(nt, k, &po, &pl);
+	ring_piece(nt, k, &po, &pl);
 	return (int)((pl + nt->chunk - 1) / nt->chunk);
 }
 
-/* Bytes of piece k of a reduce-scatter or all-gather: the blocks of node k's ranks. */
-static size_t piece_bytes(const struct net_task *nt, int k)
+/* The rank after the run of ranks from r whose blocks follow each other in nb. */
+static int run_end(const struct net_task *nt, int r)
 {
-	return (size_t)nt->d->nodes[k].nranks * nt->t->count * nt->t->esize;
-}
+	int e = r + 1;
 
-/* Send piece k of nb to the next node, packed. */
-static void send_piece(struct net_task *nt, int k, uint64_t tag)
-{
-	size_t bl = nt->t->count * nt->t->esize;
-	const struct dist_node *dn = &nt->d->nodes[k];
-
-	for (int i = 0; i < dn->nranks; i++)
-		memcpy(nt->sbuf + (size_t)i * bl, nt->nb + (size_t)dn->ranks[i] * bl, bl);
-	post_send(nt, next_node(nt), tag, nt->sbuf, (size_t)dn->nranks * bl);
-}
-
-/* Combine (acc) or store the packed piece k that arrived in rbuf into nb. */
-static void take_piece(struct net_task *nt, int k, int acc)
-{
-	struct task *t = nt->t;
-	size_t bl = t->count * t->esize;
-	const struct dist_node *dn = &nt->d->nodes[k];
-	comm_redop_t op = (comm_redop_t)t->redop;
-
-	for (int i = 0; i < dn->nranks; i++) {
-		uint8_t *dst = nt->nb + (size_t)dn->ranks[i] * bl;
-
-		if (acc)
-			reduce_acc((comm_dtype_t)t->dtype, op, dst, nt->rbuf + (size_t)i * bl, t->count);
-		else
-			memcpy(dst, nt->rbuf + (size_t)i * bl, bl);
-	}
+	while (e < nt->j->world && nt->pos[e] == nt->pos[e - 1] + 1)
+		e++;
+	return e;
 }
 
 static uint64_t ctag(const struct net_task *nt, int to, int step)
@@ -688,14 +673,20 @@ static uint64_t ctag_from(const struct net_task *nt, int from, int step)
 	return TAG_COLL(nt->d->slot, from, nt->t->cseq, step);
 }
 
-/* The node's ranks combined into nb (AVG: their sum; the division comes last). */
-static void local_reduce(struct net_task *nt, size_t elems)
+/*
+ * The node's ranks' inputs from byte off on, elems of them, combined into
+ * dst (AVG: their sum; the division comes last).
+ */
+static void local_reduce(struct net_task *nt, uint8_t *dst, size_t off, size_t elems)
 {
 	struct task *t = nt->t;
 	comm_redop_t op = t->redop == COMM_AVG ? COMM_SUM : (comm_redop_t)t->redop;
 
-	reduce_n((comm_dtype_t)t->dtype, op, nt->nb, (const void *const *)nt->lin, nt->nlocal,
-		 elems);
+	for (int i = 0; i < nt->nlocal; i++)
+		nt->lin[i] += off;
+	reduce_n((comm_dtype_t)t->dtype, op, dst, (const void *const *)nt->lin, nt->nlocal, elems);
+	for (int i = 0; i < nt->nlocal; i++)
+		nt->lin[i] -= off;
 }
 
 static int root_node(const struct net_task *nt)
@@ -718,18 +709,36 @@ static int ring_send_piece(const struct net_task *nt, int h)
 	return mod(nt->me - h - 1, nt->nn);
 }
 
-/* The ring's chunk size, its slots in rbuf and its send marks. */
+/*
+ * The ring's hops, chunk size, slots in rbuf and send marks. An
+ * all-reduce's ring has 2 (nn - 1) hops: reduce-scatter, then all-gather;
+ * a reduce-scatter's is the first half, an all-gather's the second.
+ */
 static int ring_alloc(struct net_task *nt)
 {
-	size_t es = nt->t->esize, po, pl;
+	size_t es = nt->t->esize, po, pl, most = 0;
+	int nn = nt->nn;
 
-	ar_piece(nt, 0, &po, &pl); /* the largest: the first slices take the remainder */
-	nt->chunk = (pl + RING_CHUNKS - 1) / RING_CHUNKS;
+	if (nt->t->type != COMMPB__OP_TYPE__OP_ALLREDUCE) {
+		/* each rank's block in nb: node by node, in rank order within a node */
+		if (!(nt->pos = calloc((size_t)nt->j->world, sizeof *nt->pos)))
+			return -1;
+		for (int k = 0, at = 0; k < nn; k++)
+			for (int i = 0; i < nt->d->nodes[k].nranks; i++)
+				nt->pos[nt->d->nodes[k].ranks[i]] = at++;
+	}
+	for (int k = 0; k < nn; k++) {
+		ring_piece(nt, k, &po, &pl);
+		most = pl > most ? pl : most;
+	}
+	nt->chunk = (most + RING_CHUNKS - 1) / RING_CHUNKS;
 	nt->chunk = nt->chunk < RING_CHUNK_MIN ? RING_CHUNK_MIN : (nt->chunk + es - 1) / es * es;
-	nt->hops = 2 * (nt->nn - 1);
+	nt->h0 = nt->t->type == COMMPB__OP_TYPE__OP_ALLGATHER ? nn - 1 : 0;
+	nt->hops = nt->t->type == COMMPB__OP_TYPE__OP_REDUCE_SCATTER ? nn - 1 : 2 * (nn - 1);
+	nt->next_h = nt->h0;
 	nt->left = 0;
-	for (int h = 0; h < nt->hops; h++)
-		nt->left += ar_nchunks(nt, ring_recv_piece(nt, h));
+	for (int h = nt->h0; h < nt->hops; h++)
+		nt->left += ring_nchunks(nt, ring_recv_piece(nt, h));
 	nt->nslots = nt->left < RING_WINDOW ? nt->left : RING_WINDOW;
 	if (!(nt->slots = calloc((size_t)round_up((size_t)nt->nslots), sizeof *nt->slots)) ||
 	    !(nt->sent = calloc((size_t)nt->hops, sizeof *nt->sent)) ||
@@ -753,12 +762,12 @@ static void ring_post(struct net_task *nt, int recv, uint64_t tag, void *buf, si
 		ring_ended(nt, 0, id);
 }
 
-/* Hop h's send of chunk c: of the slice this node has just combined (or, at hop 0, its own). */
+/* Hop h's send of chunk c: of the piece this node has just taken in (or, at hop h0, its own). */
 static void ring_send(struct net_task *nt, int h, int c)
 {
 	size_t off, len;
 
-	ar_chunk(nt, ring_send_piece(nt, h), c, &off, &len);
+	ring_chunk(nt, ring_send_piece(nt, h), c, &off, &len);
 	ring_post(nt, 0, ctag(nt, next_node(nt), RING_STEP(h, c)), nt->nb + off, len,
 		  h * RING_CHUNKS + c);
 }
@@ -773,7 +782,7 @@ static void ring_post_recvs(struct net_task *nt)
 		if (sl->state != SLOT_FREE)
 			continue;
 		while (nt->next_h < nt->hops &&
-		       nt->next_c >= ar_nchunks(nt, ring_recv_piece(nt, nt->next_h))) {
+		       nt->next_c >= ring_nchunks(nt, ring_recv_piece(nt, nt->next_h))) {
 			nt->next_h++;
 			nt->next_c = 0;
 		}
@@ -782,7 +791,7 @@ static void ring_post_recvs(struct net_task *nt)
 		sl->h = nt->next_h;
 		sl->c = nt->next_c++;
 		sl->state = SLOT_POSTED;
-		ar_chunk(nt, ring_recv_piece(nt, sl->h), sl->c, &off, &len);
+		ring_chunk(nt, ring_recv_piece(nt, sl->h), sl->c, &off, &len);
 		ring_post(nt, 1, ctag_from(nt, prev_node(nt), RING_STEP(sl->h, sl->c)),
 			  nt->rbuf + (size_t)i * nt->chunk, len, i);
 	}
@@ -791,9 +800,9 @@ static void ring_post_recvs(struct net_task *nt)
 /*
  * Take in the chunks that arrived: combined into nb in the reduce-scatter
  * hops (h < nn - 1), stored in the all-gather ones, and sent on at once
- * for the next hop. A store waits until the send that read that place in
- * nb, nn - 1 hops before, has ended. 1 once every chunk is in and every
- * send has ended (or the task failed).
+ * for the next hop. In an all-reduce, a store waits until the send that
+ * read that place in nb, nn - 1 hops before, has ended. 1 once every chunk
+ * is in and every send has ended (or the task failed).
  */
 static int ring_step(struct net_task *nt)
 {
@@ -807,9 +816,9 @@ static int ring_step(struct net_task *nt)
 		size_t off, len;
 
 		if (sl->state != SLOT_ARRIVED ||
-		    (h >= nn - 1 && !(nt->sent[h + 1 - nn] >> c & 1)))
+		    (h + 1 - nn >= nt->h0 && !(nt->sent[h + 1 - nn] >> c & 1)))
 			continue;
-		ar_chunk(nt, ring_recv_piece(nt, h), c, &off, &len);
+		ring_chunk(nt, ring_recv_piece(nt, h), c, &off, &len);
 		if (h < nn - 1)
 			reduce_acc((comm_dtype_t)t->dtype, (comm_redop_t)t->redop, nt->nb + off, src,
 				   len / t->esize);
@@ -824,23 +833,32 @@ static int ring_step(struct net_task *nt)
 	return nt->status != COMM_OK || (nt->left == 0 && nt->nreq == 0);
 }
 
+/* Start the ring, nb ready: the first hop's sends of this node's own piece, and receives. */
+static void ring_start(struct net_task *nt)
+{
+	nt->state = S_RING;
+	for (int c = 0; c < ring_nchunks(nt, ring_send_piece(nt, nt->h0)); c++)
+		ring_send(nt, nt->h0, c);
+	ring_post_recvs(nt);
+}
+
 /* Buffers for the data phase, made before the verdicts so a shortage is one. */
 static int alloc_buffers(struct net_task *nt)
 {
 	struct task *t = nt->t;
 	size_t bl = t->count * t->esize, need_nb = 0, piece = 0;
+	int ring = 0;
 
-	for (int k = 0; k < nt->nn; k++)
-		if (piece_bytes(nt, k) > piece)
-			piece = piece_bytes(nt, k);
 	switch (t->type) {
 	case COMMPB__OP_TYPE__OP_ALLREDUCE:
 		need_nb = bl;
 		piece = bl <= SMALL_BYTES ? bl : 0; /* small_allreduce combines in sbuf; else the ring */
+		ring = bl > SMALL_BYTES;
 		break;
 	case COMMPB__OP_TYPE__OP_REDUCE_SCATTER:
 	case COMMPB__OP_TYPE__OP_ALLGATHER:
 		need_nb = bl * (size_t)nt->j->world;
+		ring = bl > 0;
 		break;
 	case COMMPB__OP_TYPE__OP_REDUCE:
 		need_nb = bl;
@@ -855,15 +873,12 @@ static int alloc_buffers(struct net_task *nt)
 		piece = 0;
 		break;
 	}
-	nt->nb_len = need_nb;
 	if (need_nb && !(nt->nb = buf_get(need_nb, &nt->nb_cap)))
 		return -1;
 	if (piece && (!(nt->sbuf = buf_get(round_up(piece), &nt->sbuf_cap)) ||
 		      !(nt->rbuf = buf_get(round_up(piece), &nt->rbuf_cap))))
 		return -1;
-	if (t->type == COMMPB__OP_TYPE__OP_ALLREDUCE && bl > SMALL_BYTES)
-		return ring_alloc(nt);
-	return 0;
+	return ring ? ring_alloc(nt) : 0;
 }
 
 /* A status from another daemon, as one of ours (a value we never send: a protocol error). */
@@ -929,10 +944,15 @@ static void write_out(struct net_task *nt)
 			memcpy(t->out[r], nt->nb, bl);
 			break;
 		case COMMPB__OP_TYPE__OP_REDUCE_SCATTER:
-			memmove(t->out[r], nt->nb + (size_t)r * bl, bl);
+			memcpy(t->out[r], nt->nb + (size_t)nt->pos[r] * bl, bl);
 			break;
 		case COMMPB__OP_TYPE__OP_ALLGATHER:
-			memmove(t->out[r], nt->nb, bl * (size_t)nt->j->world);
+			/* back in rank order: in runs of ranks whose blocks follow each other */
+			for (int a = 0, e; a < nt->j->world; a = e) {
+				e = run_end(nt, a);
+				memcpy(t->out[r] + (size_t)a * bl, nt->nb + (size_t)nt->pos[a] * bl,
+				       (size_t)(e - a) * bl);
+			}
 			break;
 		default:
 			break;
@@ -1063,7 +1083,7 @@ static int coll_step(struct net_task *nt)
 		memcpy(nt->hbuf + (size_t)me * HSLOT, &nt->out, sizeof nt->out);
 		nt->hlen[me] = sizeof nt->out;
 		if (nt->small) {
-			local_reduce(nt, t->count);
+			local_reduce(nt, nt->nb, 0, t->count);
 			memcpy(nt->hbuf + (size_t)me * HSLOT + sizeof nt->out, nt->nb, bl);
 			nt->hlen[me] += bl;
 		}
@@ -1094,25 +1114,26 @@ static int coll_step(struct net_task *nt)
 			return 1;
 		if (nt->small)
 			return small_allreduce(nt);
-		nt->s = 0;
 		switch (t->type) {
 		case COMMPB__OP_TYPE__OP_ALLREDUCE:
-			local_reduce(nt, t->count);
-			nt->state = S_RING;
-			for (int c = 0; c < ar_nchunks(nt, ring_send_piece(nt, 0)); c++)
-				ring_send(nt, 0, c);
-			ring_post_recvs(nt);
+			local_reduce(nt, nt->nb, 0, t->count);
+			ring_start(nt);
 			return 0;
 		case COMMPB__OP_TYPE__OP_REDUCE_SCATTER:
-			local_reduce(nt, nt->nb_len / t->esize);
-			nt->state = S_RS;
-			return coll_step(nt);
+			/* every rank's block, combined over the node's ranks, to its place in nb */
+			for (int r = 0, e; r < nt->j->world; r = e) {
+				e = run_end(nt, r);
+				local_reduce(nt, nt->nb + (size_t)nt->pos[r] * bl, (size_t)r * bl,
+					     (size_t)(e - r) * t->count);
+			}
+			ring_start(nt);
+			return 0;
 		case COMMPB__OP_TYPE__OP_ALLGATHER:
 			for (int r = 0; r < nt->j->world; r++)
-				if (t->in[r])
-					memcpy(nt->nb + (size_t)r * bl, t->in[r], bl);
-			nt->state = S_AG;
-			return coll_step(nt);
+				if (t->in[r] && dist_local(nt->j, r))
+					memcpy(nt->nb + (size_t)nt->pos[r] * bl, t->in[r], bl);
+			ring_start(nt);
+			return 0;
 		case COMMPB__OP_TYPE__OP_BROADCAST: {
 			int rn = root_node(nt);
 			uint8_t *dst = NULL;
@@ -1129,7 +1150,7 @@ static int coll_step(struct net_task *nt)
 			return 0;
 		}
 		case COMMPB__OP_TYPE__OP_REDUCE:
-			local_reduce(nt, t->count);
+			local_reduce(nt, nt->nb, 0, t->count);
 			if (me != root_node(nt)) {
 				post_send(nt, root_node(nt), ctag(nt, root_node(nt), 1), nt->nb, bl);
 				nt->state = S_FINISH;
@@ -1146,39 +1167,6 @@ static int coll_step(struct net_task *nt)
 			fail(nt, COMM_ERR_INTERNAL, "net: op type %d", (int)t->type);
 			return 1;
 		}
-	case S_RS_ACC:
-		take_piece(nt, mod(me - nt->s - 2, nn), 1);
-		nt->s++;
-		/* fall through */
-	case S_RS:
-		if (nt->s == nn - 1) {
-			if (t->redop == COMM_AVG)
-				for (int i = 0; i < nt->d->nodes[me].nranks; i++)
-					reduce_div((comm_dtype_t)t->dtype,
-						   nt->nb + (size_t)nt->d->nodes[me].ranks[i] * bl,
-						   t->count, nt->j->world);
-			write_out(nt);
-			return 1;
-		}
-		send_piece(nt, mod(me - nt->s - 1, nn), ctag(nt, next_node(nt), 1 + nt->s));
-		post_recv(nt, ctag_from(nt, prev_node(nt), 1 + nt->s), nt->rbuf,
-			  piece_bytes(nt, mod(me - nt->s - 2, nn)));
-		nt->state = S_RS_ACC;
-		return 0;
-	case S_AG_DONE:
-		take_piece(nt, mod(me - nt->s - 1, nn), 0);
-		nt->s++;
-		/* fall through */
-	case S_AG:
-		if (nt->s == nn - 1) {
-			write_out(nt);
-			return 1;
-		}
-		send_piece(nt, mod(me - nt->s, nn), ctag(nt, next_node(nt), nn + nt->s));
-		post_recv(nt, ctag_from(nt, prev_node(nt), nn + nt->s), nt->rbuf,
-			  piece_bytes(nt, mod(me - nt->s - 1, nn)));
-		nt->state = S_AG_DONE;
-		return 0;
 	case S_RD:
 		/* the root's node: its own partial, then the others' in node order */
 		if (nt->s >= 0)
@@ -1293,10 +1281,12 @@ static void task_release(struct net_task *nt)
 	free(nt->hlen);
 	free(nt->slots);
 	free(nt->sent);
+	free(nt->pos);
 	nt->nb = nt->sbuf = nt->rbuf = nt->hbuf = NULL;
 	nt->hlen = NULL;
 	nt->slots = NULL;
 	nt->sent = NULL;
+	nt->pos = NULL;
 }
 
 /*
@@ -1460,8 +1450,14 @@ static int advance(struct net_task *nt, uint64_t now)
 	if (nt->status == COMM_OK && nt->state == S_RING) {
 		if (!ring_step(nt) || nt->status != COMM_OK)
 			return 0; /* a failure: stopped and ended on the next turn */
-		if (nt->t->redop == COMM_AVG)
-			reduce_div((comm_dtype_t)nt->t->dtype, nt->nb, nt->t->count, nt->j->world);
+		if (nt->t->redop == COMM_AVG && nt->t->type != COMMPB__OP_TYPE__OP_ALLGATHER) {
+			size_t off = 0, len = nt->t->count * nt->t->esize; /* an all-reduce's: all nb */
+
+			if (nt->t->type == COMMPB__OP_TYPE__OP_REDUCE_SCATTER)
+				ring_piece(nt, nt->me, &off, &len); /* this node's ranks' blocks */
+			reduce_div((comm_dtype_t)nt->t->dtype, nt->nb + off, len / nt->t->esize,
+				   nt->j->world);
+		}
 		write_out(nt);
 		finish(nt);
 		return 1;

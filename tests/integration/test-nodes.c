@@ -35,6 +35,14 @@
 #define RING_BIG_INT32 5000011   /* 20 MB */
 #define RING_BIG_FLOAT64 2621447 /* 21 MB */
 #define RING_BIG_UINT8 9437189   /* 9 MB */
+/*
+ * Reduce-scatters and all-gathers whose rings have pieces of 1 to 3 ranks'
+ * blocks (so of several sizes), in up to 15 chunks, some cut short.
+ */
+#define RING_RS_INT32 1250003    /* 5 MB a block */
+#define RING_RS_FLOAT32 786433   /* 3 MB */
+#define RING_AG_UINT8 2359297    /* 2.25 MB */
+#define RING_AG_INT32 786433     /* 3 MB */
 
 static struct th_daemon node[NNODES];
 static const struct th_daemon *const nodes[NNODES] = { &node[0], &node[1], &node[2] };
@@ -223,6 +231,13 @@ static void test_split(const struct split *sp)
 	oc_add(&p, &o, OC_AR, COMM_INT32, COMM_SUM, RING_BIG_INT32, 0, OC_ZC, OC_OOP, 0);
 	oc_add(&p, &o, OC_AR, COMM_FLOAT64, COMM_AVG, RING_BIG_FLOAT64, 0, OC_ZC, OC_INPLACE, 0);
 	oc_add(&p, &o, OC_AR, COMM_UINT8, COMM_MAX, RING_BIG_UINT8, 0, OC_STAGED, OC_OOP, 0);
+	oc_plan_run(NULL, &p, "nodes");
+	snprintf(title, sizeof title, "reduce-scatter and all-gather of 9-20 MB (their rings), n=4, %s",
+		 where);
+	oc_add(&p, &o, OC_RS, COMM_INT32, COMM_SUM, RING_RS_INT32, 0, OC_ZC, OC_OOP, 0);
+	oc_add(&p, &o, OC_RS, COMM_FLOAT32, COMM_AVG, RING_RS_FLOAT32, 0, OC_ZC, OC_INPLACE, 0);
+	oc_add(&p, &o, OC_AG, COMM_UINT8, COMM_SUM, RING_AG_UINT8, 0, OC_STAGED, OC_OOP, 0);
+	oc_add(&p, &o, OC_AG, COMM_INT32, COMM_SUM, RING_AG_INT32, 0, OC_ZC, OC_INPLACE, 0);
 	oc_plan_run(NULL, &p, "nodes");
 	run_split_job(sp, rank_ring, NULL,
 		      "ring in groups: 40 rounds of every dtype up to 4 MiB, the last 10 with "
