@@ -119,6 +119,7 @@ struct config {
 	int pin_workers;       /* bind worker i to core i */
 	uint32_t timeout_ms;
 	uint32_t drain_ms;     /* SIGTERM: how long ops in flight may take to finish */
+	int net_spin_us;       /* net_set_spin's; -1: auto */
 	struct limits lim;
 };
 
@@ -287,6 +288,17 @@ int net_available(void);
 const char *net_why(void);
 /* This daemon's UCX worker address (NULL, 0 without UCX). */
 const void *net_address(size_t *len);
+/*
+ * How long the data plane's thread polls after its last event while an op
+ * across daemons is in flight, before it sleeps (net-spin-us): us, or with
+ * us < 0 (auto) NET_SPIN_LONG_US on NET_SPIN_CORES cores or more, else
+ * NET_SPIN_SHORT_US. Returns what it set. Any thread, any time.
+ */
+#define NET_SPIN_CORES 8
+#define NET_SPIN_LONG_US 500
+#define NET_SPIN_SHORT_US 50
+#define NET_SPIN_MAX_US 100000
+int net_set_spin(int us);
 /* A tag slot for a new job, and giving it back (its late messages are drained). */
 uint32_t net_slot_alloc(void);
 void net_slot_free(uint32_t slot);

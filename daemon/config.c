@@ -27,6 +27,7 @@ void config_init(struct config *cfg)
 	cfg->pin_workers = 1;
 	cfg->timeout_ms = DEFAULT_TIMEOUT_MS;
 	cfg->drain_ms = 2000;
+	cfg->net_spin_us = -1;
 	cfg->lim.conns = 4096;
 	cfg->lim.conns_per_uid = 1024;
 	cfg->lim.handshake_ms = 10000;
@@ -201,6 +202,19 @@ int config_set(struct config *cfg, const char *key, const char *val, char *err, 
 			return -1;
 		}
 		cfg->drain_ms = (uint32_t)v;
+		return 0;
+	}
+	if (!strcmp(key, "net-spin-us")) {
+		if (!strcmp(val, "auto")) {
+			cfg->net_spin_us = -1;
+			return 0;
+		}
+		if (parse_long_in(val, 0, NET_SPIN_MAX_US, &v) < 0) {
+			snprintf(err, errlen, "%s: '%.200s' is not auto or in 0..%d (microseconds)",
+				 key, val, NET_SPIN_MAX_US);
+			return -1;
+		}
+		cfg->net_spin_us = (int)v;
 		return 0;
 	}
 	snprintf(err, errlen, "unknown key '%.200s'", key);

@@ -24,6 +24,7 @@ static void usage(FILE *f)
 		   "             [--handshake-timeout MS] [--frame-timeout MS] [--max-job-memory SIZE]\n"
 		   "             [--max-frame-size SIZE] [--max-fds-per-frame N] [--max-ops-per-rank N]\n"
 		   "             [--max-write-queue SIZE] [--socket-group GROUP]\n"
+		   "             [--net-spin-us auto|US]\n"
 		   "  --config FILE      read settings from FILE (default %s, if it exists);\n"
 		   "                     its keys are the long flags' names; flags win\n"
 		   "  --socket PATH      listen on this Unix socket (default %s)\n"
@@ -57,8 +58,12 @@ static void usage(FILE *f)
 		   "  --max-ops-per-rank N   ops a rank may have in flight (65536)\n"
 		   "  --max-write-queue SIZE replies queued to a client that does not read them\n"
 		   "                     before it is dropped (128K or more; 16M)\n"
+		   "  --net-spin-us auto|US  while an op across daemons is in flight, how long\n"
+		   "                     the data plane polls after its last event before it\n"
+		   "                     sleeps (0..%d; auto: %d on %d cores or more, else %d)\n"
 		   "  --version          print the version and exit\n",
-		   CONFIG_DEFAULT_FILE, CONFIG_DEFAULT_SOCKET, COMMD_PKGLIBEXECDIR);
+		   CONFIG_DEFAULT_FILE, CONFIG_DEFAULT_SOCKET, COMMD_PKGLIBEXECDIR, NET_SPIN_MAX_US,
+		   NET_SPIN_LONG_US, NET_SPIN_CORES, NET_SPIN_SHORT_US);
 }
 
 static void on_signal(uv_signal_t *h, int signum)
@@ -122,7 +127,8 @@ static int load_settings(struct config *cfg, char *err, size_t errlen)
 /*
  * SIGHUP: read the settings again and apply what may change under running
  * jobs: the log level, the limits (the per-message ones for connections
- * made from now on), the default op deadline and the drain budget.
+ * made from now on), the default op deadline, the drain budget and the
+ * data plane's polling.
  */
 static void on_hangup(uv_signal_t *h, int signum)
 {
@@ -141,9 +147,9 @@ static void on_hangup(uv_signal_t *h, int signum)
 	srv.lim = cfg.lim;
 	srv.default_timeout_ms = cfg.timeout_ms;
 	srv.drain_ms = cfg.drain_ms;
-	log_info("reload: %s: log level, limits, timeout and drain-timeout applied (socket, "
-		 "threads, topology, peers and groups need a restart)",
-		 src.file ? src.file : CONFIG_DEFAULT_FILE);
+	log_info("reload: %s: log level, limits, timeout, drain-timeout and net-spin-us (%d us) "
+		 "applied (socket, threads, topology, peers and groups need a restart)",
+		 src.file ? src.file : CONFIG_DEFAULT_FILE, net_set_spin(cfg.net_spin_us));
 	server_notify("READY=1");
 }
 
@@ -163,6 +169,7 @@ int main(int argc, char **argv)
 		{ "gpu-worker", required_argument, NULL, 'k' },
 		{ "peer-listen", required_argument, NULL, 'k' },
 		{ "drain-timeout", required_argument, NULL, 'k' },
+		{ "net-spin-us", required_argument, NULL, 'k' },
 		{ "admin-group", required_argument, NULL, 'k' },
 		{ "socket-group", required_argument, NULL, 'k' },
 		{ "max-connections", required_argument, NULL, 'k' },
@@ -268,6 +275,7 @@ int main(int argc, char **argv)
 	gpu_probe_wait();
 	if (be_host_start(loop, cfg.threads, cfg.pin_workers) < 0)
 		return 1;
+	net_set_spin(cfg.net_spin_us);
 	net_start(loop);
 	if (peer_start(loop, cfg.peer_listen) < 0 || server_start(loop, cfg.socket, *cfg.socket_group ? (int64_t)socket_gid : -1) < 0) {
 		net_stop();

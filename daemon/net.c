@@ -52,7 +52,6 @@
 /* a leftover's sends are ended by force before the receiver's slot could be used again */
 #define LEFTOVER_MAX_MS (SLOT_QUARANTINE_MS - 5000)
 #define HDR_MAGIC 0x636f6d6du
-#define SPIN_US 50               /* polling after the last event, before sleeping */
 #define BUF_CACHE_MAX (1ull << 30) /* staging buffers kept for the next ops */
 #define BUF_IDLE_MS 5000         /* and given back after this long with no op */
 /*
@@ -243,6 +242,7 @@ static struct {
 	TAILQ_HEAD(, discard) discards;
 	TAILQ_HEAD(, leftover) leftovers;
 	uint64_t last_drain_ms;
+	int spin_us;                      /* polling after the last event, before sleeping */
 	TAILQ_HEAD(cbuf_head, cbuf) cache; /* most recently returned first */
 	size_t cached;
 	uint64_t last_task_ms;
@@ -1588,7 +1588,8 @@ static void *net_thread(void *arg)
 			last_us = now_us();
 			continue;
 		}
-		if (!TAILQ_EMPTY(&N.active) && now_us() - last_us < SPIN_US)
+		if (!TAILQ_EMPTY(&N.active) &&
+		    now_us() - last_us < (uint64_t)__atomic_load_n(&N.spin_us, __ATOMIC_RELAXED))
 			continue;
 		if (ucp_worker_arm(N.worker) == UCS_ERR_BUSY)
 			continue;
@@ -1806,6 +1807,14 @@ const void *net_address(size_t *len)
 	return N.available ? N.addr : NULL;
 }
 
+int net_set_spin(int us)
+{
+	if (us < 0) /* auto: spin long only where a core for it is likely spare */
+		us = sysconf(_SC_NPROCESSORS_ONLN) >= NET_SPIN_CORES ? NET_SPIN_LONG_US : NET_SPIN_SHORT_US;
+	__atomic_store_n(&N.spin_us, us, __ATOMIC_RELAXED);
+	return us;
+}
+
 void net_start(uv_loop_t *loop)
 {
 	ucp_params_t cp = { 0 };
@@ -1868,8 +1877,8 @@ void net_start(uv_loop_t *loop)
 	}
 	N.running = 1;
 	N.available = 1;
-	log_info("net: UCX %s data plane ready (%zu-byte worker address)", ucp_get_version_string(),
-		 N.addr_len);
+	log_info("net: UCX %s data plane ready (%zu-byte worker address; polls %d us after an event)",
+		 ucp_get_version_string(), N.addr_len, N.spin_us);
 	return;
 ucx_fail:
 	snprintf(N.why, sizeof N.why, "UCX: %s", ucs_status_string(st));
@@ -2026,6 +2035,11 @@ const void *net_address(size_t *len)
 {
 	*len = 0;
 	return NULL;
+}
+
+int net_set_spin(int us)
+{
+	return us < 0 ? 0 : us;
 }
 
 uint32_t net_slot_alloc(void)

@@ -22,6 +22,7 @@ log-level = debug
 topology = $fix/nvlink-pair.topo
 peer-listen = 127.0.0.1:0
 drain-timeout = 1234
+net-spin-us = 700
 EOF
 "$COMMD" --foreground --config "$tmp/commd.conf" 2>"$tmp/commd.log" &
 pid=$!
@@ -33,6 +34,8 @@ grep -q "^topology:    2 GPUs, 1 NIC, 1 NUMA node, NVLink yes\$" "$tmp/status" |
 	bad "topology key not used: $(cat "$tmp/status")"
 grep -q "3 worker threads," "$tmp/commd.log" || bad "threads or pin-workers key not used: $(cat "$tmp/commd.log")"
 grep -q " debug: " "$tmp/commd.log" || bad "log-level key not used: no debug lines"
+grep -q "data plane ready .*polls 700 us after an event" "$tmp/commd.log" ||
+	bad "net-spin-us key not used: $(grep "net: " "$tmp/commd.log")"
 grep -q "^peers:       0, listening on 127.0.0.1:[1-9]" "$tmp/status" ||
 	bad "peer-listen key not used: $(cat "$tmp/status")"
 kill -TERM "$pid"; wait "$pid" || bad "commd did not exit cleanly"
@@ -54,8 +57,13 @@ grep -q "timed out" "$tmp/rank.err" || bad "lonely rank: no timeout: $(cat "$tmp
 kill -TERM "$pid"; wait "$pid" || bad "commd did not exit cleanly"
 
 # 2. flags override the file
-daemon_start commd-config --config "$tmp/commd.conf" --threads 1 --log-level info --pin-workers yes
+daemon_start commd-config --config "$tmp/commd.conf" --threads 1 --log-level info --pin-workers yes \
+	--net-spin-us auto
 grep -q "1 worker threads (pinned)" "$dir/commd.log" || bad "--threads or --pin-workers does not override the file"
+# auto: 500 us on 8 cores or more, else 50
+[ "$(nproc)" -ge 8 ] && spin=500 || spin=50
+grep -q "polls $spin us after an event" "$dir/commd.log" ||
+	bad "--net-spin-us auto on $(nproc) cores: $(grep "net: " "$dir/commd.log")"
 grep -q " debug: " "$dir/commd.log" && bad "--log-level does not override the file"
 [ -S "$tmp/from-file.sock" ] && bad "--socket does not override the file"
 daemon_stop
@@ -77,6 +85,8 @@ check_bad "threads not a number" 1 "threads: '2x'" 'threads = 2x'
 check_bad "timeout too long" 1 "timeout: '86400001' is not in" 'timeout = 86400001'
 check_bad "pin-workers" 1 "pin-workers: 'maybe' is not yes or no" 'pin-workers = maybe'
 check_bad "drain-timeout" 1 "drain-timeout: '-1' is not in 0..600000" 'drain-timeout = -1'
+check_bad "net-spin-us" 1 "net-spin-us: 'fast' is not auto or in 0..100000" 'net-spin-us = fast'
+check_bad "net-spin-us too long" 1 "net-spin-us: '100001' is not auto" 'net-spin-us = 100001'
 check_bad "peer-listen" 1 "peer-listen: '127.0.0.1' is not HOST:PORT" 'peer-listen = 127.0.0.1'
 check_bad "max-job-memory" 1 "max-job-memory: '12Q' is not a size" 'max-job-memory = 12Q'
 check_bad "handshake-timeout" 1 "handshake-timeout: '0' is not in 1..3600000" 'handshake-timeout = 0'
@@ -100,7 +110,7 @@ grep -q "none.conf: No such file" "$tmp/bad.err" || bad "missing --config file: 
 timeout 10 "$COMMD" --foreground --config /dev/null --threads 0 2>"$tmp/bad.err" && bad "--threads 0 accepted"
 grep -q -- "--threads: '0' is not in 1..1024" "$tmp/bad.err" || bad "--threads 0: $(cat "$tmp/bad.err")"
 
-# 4. SIGHUP reloads the log level and the limits; a job waiting meanwhile goes on
+# 4. SIGHUP reloads the log level, the limits and net-spin-us; a job waiting meanwhile goes on
 printf 'socket = %s\nlog-level = info\n' "$tmp/hup.sock" >"$tmp/hup.conf"
 "$COMMD" --foreground --config "$tmp/hup.conf" 2>"$tmp/hup.log" &
 pid=$!
@@ -110,11 +120,12 @@ COMM_SOCKET=$tmp/hup.sock COMM_JOB=held COMM_RANK=0 COMM_WORLD_SIZE=2 COMM_TIMEO
 	"$COMM_DEMOS/collectives" >/dev/null 2>&1 &
 held=$!
 sleep 0.3
-printf 'socket = %s\nlog-level = debug\nmax-connections = 2\n' "$tmp/hup.sock" >"$tmp/hup.conf"
+printf 'socket = %s\nlog-level = debug\nmax-connections = 2\nnet-spin-us = 0\n' "$tmp/hup.sock" \
+	>"$tmp/hup.conf"
 kill -HUP "$pid"
 for _ in $(seq 100); do grep -q "reload: " "$tmp/hup.log" && break; sleep 0.05; done
-grep -q "reload: $tmp/hup.conf: log level, limits" "$tmp/hup.log" ||
-	bad "SIGHUP: no reload in the log: $(tail -3 "$tmp/hup.log")"
+grep -q "reload: $tmp/hup.conf: log level, limits, .* net-spin-us (0 us) applied" "$tmp/hup.log" ||
+	bad "SIGHUP: no reload (with net-spin-us 0) in the log: $(tail -3 "$tmp/hup.log")"
 # the held rank and one commctl fill max-connections 2; a third is refused
 COMM_SOCKET=$tmp/hup.sock COMM_JOB=third COMM_RANK=0 COMM_WORLD_SIZE=2 COMM_TIMEOUT=3000 \
 	"$COMM_DEMOS/collectives" >/dev/null 2>&1 &
@@ -134,7 +145,7 @@ grep -q " debug: " "$tmp/hup.log" || bad "log-level not reloaded: no debug lines
 echo 'threads = none' >>"$tmp/hup.conf"
 kill -HUP "$pid"
 for _ in $(seq 100); do grep -q "the settings in force stay" "$tmp/hup.log" && break; sleep 0.05; done
-grep -q "reload: config: .*hup.conf:4: threads" "$tmp/hup.log" ||
+grep -q "reload: config: .*hup.conf:5: threads" "$tmp/hup.log" ||
 	bad "a bad file on SIGHUP: $(tail -2 "$tmp/hup.log")"
 kill "$held" 2>/dev/null; wait "$held" 2>/dev/null
 kill -TERM "$pid"; wait "$pid" || bad "commd did not exit cleanly after SIGHUP"
