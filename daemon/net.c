@@ -12,9 +12,9 @@
  * all-to-all), and the result is written into the ranks' memory. Every
  * collective starts with each node's verdict (status and the op as its
  * first rank has it) sent to every other node, so that all of them fail an
- * op together or run it together. On device memory the verdicts are all
- * there is here (node 0's carries the job's NCCL id); the GPU workers then
- * run it with NCCL (gpu.c). A send/recv goes from the sender's daemon to
+ * op together or run it together; a small op's data rides with it. On
+ * device memory the verdicts are all there is here (node 0's carries the
+ * job's NCCL id); the GPU workers then run it with NCCL (gpu.c). A send/recv goes from the sender's daemon to
  * the receiver's: a header (status, size), then the data, received
  * straight into the rank's buffer (device memory: into a staging buffer,
  * which the GPU worker copies from, gpu.c).
@@ -55,8 +55,8 @@
 #define BUF_CACHE_MAX (1ull << 30) /* staging buffers kept for the next ops */
 #define BUF_IDLE_MS 5000         /* and given back after this long with no op */
 /*
- * All-reduces up to this: verdict and data in one message, one round trip.
- * The verdict buffers are nodes x HSLOT: kept under malloc's mmap threshold,
+ * Ops whose data a node sends is up to this (is_small): verdict and data in
+ * one message, one round trip. The verdict buffers are nodes x HSLOT: kept under malloc's mmap threshold,
  * since mapping and unmapping them each op made later large ops 4x slower.
  */
 #define SMALL_BYTES 16384
@@ -161,7 +161,7 @@ struct net_task {
 	struct hdr out, *in;      /* in: [nn] */
 	uint8_t *hbuf;            /* [nn] slots of HSLOT: each node's verdict (and data) */
 	size_t *hlen;             /* [nn]: the bytes of each that arrived */
-	int small;                /* an all-reduce whose data rode with the verdicts */
+	int small;                /* its data rides with the verdicts (is_small) */
 	uint8_t *nb, *sbuf, *rbuf;
 	size_t nb_cap, sbuf_cap, rbuf_cap; /* the staging buffers' sizes (buf_get) */
 	int first;                /* the lowest rank here */
@@ -852,8 +852,7 @@ static int alloc_buffers(struct net_task *nt)
 	switch (t->type) {
 	case COMMPB__OP_TYPE__OP_ALLREDUCE:
 		need_nb = bl;
-		piece = bl <= SMALL_BYTES ? bl : 0; /* small_allreduce combines in sbuf; else the ring */
-		ring = bl > SMALL_BYTES;
+		ring = bl > 0;
 		break;
 	case COMMPB__OP_TYPE__OP_REDUCE_SCATTER:
 	case COMMPB__OP_TYPE__OP_ALLGATHER:
@@ -1014,33 +1013,144 @@ static void alltoall_finish(struct net_task *nt)
 }
 
 /*
- * Every node's partial came with its verdict: combine them in node order
- * (the same order on every node, so every node gets the same bits).
+ * Whether the op's data rides with the verdicts (one message to each node,
+ * one round trip): an all-reduce, reduce or broadcast of up to SMALL_BYTES
+ * a rank, a reduce-scatter or all-gather of up to SMALL_BYTES in all. The
+ * same answer on every node that agrees on the op.
  */
-static int small_allreduce(struct net_task *nt)
+static int is_small(const struct net_task *nt)
+{
+	const struct task *t = nt->t;
+	size_t bl = t->count * t->esize;
+
+	if (t->device || !bl)
+		return 0;
+	switch (t->type) {
+	case COMMPB__OP_TYPE__OP_ALLREDUCE:
+	case COMMPB__OP_TYPE__OP_REDUCE:
+	case COMMPB__OP_TYPE__OP_BROADCAST:
+		return bl <= SMALL_BYTES;
+	case COMMPB__OP_TYPE__OP_REDUCE_SCATTER:
+	case COMMPB__OP_TYPE__OP_ALLGATHER:
+		return bl <= SMALL_BYTES / (size_t)nt->j->world;
+	default:
+		return 0;
+	}
+}
+
+/*
+ * The bytes node k sends with its verdict on a small op: its ranks'
+ * combined inputs (all-reduce, reduce, reduce-scatter: every rank's block),
+ * its ranks' blocks (all-gather), the root's buffer (broadcast, the root's
+ * node alone).
+ */
+static size_t small_len(const struct net_task *nt, int k)
+{
+	const struct task *t = nt->t;
+	size_t bl = t->count * t->esize;
+
+	switch (t->type) {
+	case COMMPB__OP_TYPE__OP_REDUCE_SCATTER:
+		return bl * (size_t)nt->j->world;
+	case COMMPB__OP_TYPE__OP_ALLGATHER:
+		return bl * (size_t)nt->d->nodes[k].nranks;
+	case COMMPB__OP_TYPE__OP_BROADCAST:
+		return k == root_node(nt) ? bl : 0;
+	default:
+		return bl;
+	}
+}
+
+static const uint8_t *small_data(const struct net_task *nt, int k)
+{
+	return nt->hbuf + (size_t)k * HSLOT + sizeof(struct hdr);
+}
+
+/* This node's part of a small op, after its verdict in hbuf. */
+static void small_pack(struct net_task *nt)
+{
+	struct task *t = nt->t;
+	uint8_t *dst = nt->hbuf + (size_t)nt->me * HSLOT + sizeof(struct hdr);
+	size_t bl = t->count * t->esize;
+	const struct dist_node *mine = &nt->d->nodes[nt->me];
+
+	switch (t->type) {
+	case COMMPB__OP_TYPE__OP_ALLGATHER:
+		for (int i = 0; i < mine->nranks; i++)
+			memcpy(dst + (size_t)i * bl, t->in[mine->ranks[i]], bl);
+		break;
+	case COMMPB__OP_TYPE__OP_BROADCAST:
+		if (nt->me == root_node(nt))
+			memcpy(dst, t->in[t->root], bl);
+		break;
+	default:
+		local_reduce(nt, dst, 0, small_len(nt, nt->me) / t->esize);
+		break;
+	}
+	nt->hlen[nt->me] += small_len(nt, nt->me);
+}
+
+/*
+ * Every node's data at byte off, elems of them, combined into dst in node
+ * order (the same order on every node, so every node gets the same bits).
+ */
+static void small_combine(struct net_task *nt, uint8_t *dst, size_t off, size_t elems)
+{
+	struct task *t = nt->t;
+
+	memcpy(dst, small_data(nt, 0) + off, elems * t->esize);
+	for (int k = 1; k < nt->nn; k++)
+		reduce_acc((comm_dtype_t)t->dtype, (comm_redop_t)t->redop, dst, small_data(nt, k) + off,
+			   elems);
+	if (t->redop == COMM_AVG)
+		reduce_div((comm_dtype_t)t->dtype, dst, elems, nt->j->world);
+}
+
+/* Every node's data came with its verdict: the results, into the ranks' memory. */
+static int small_finish(struct net_task *nt)
 {
 	struct task *t = nt->t;
 	size_t bl = t->count * t->esize;
-	uint8_t *acc = nt->sbuf;
+	const uint8_t *first = NULL;
 
 	for (int k = 0; k < nt->nn; k++) {
-		if (nt->hlen[k] != sizeof(struct hdr) + bl) {
+		if (nt->hlen[k] != sizeof(struct hdr) + small_len(nt, k)) {
 			nt->fatal = 1;
 			fail(nt, COMM_ERR_PROTOCOL, "collective %llu: %zu bytes from node %s, %zu expected",
 			     (unsigned long long)t->cseq, nt->hlen[k], node_name(nt, k),
-			     sizeof(struct hdr) + bl);
+			     sizeof(struct hdr) + small_len(nt, k));
 			return 1;
 		}
-		if (k == 0)
-			memcpy(acc, nt->hbuf + sizeof(struct hdr), bl);
-		else
-			reduce_acc((comm_dtype_t)t->dtype, (comm_redop_t)t->redop, acc,
-				   nt->hbuf + (size_t)k * HSLOT + sizeof(struct hdr), t->count);
 	}
-	memcpy(nt->nb, acc, bl);
-	if (t->redop == COMM_AVG)
-		reduce_div((comm_dtype_t)t->dtype, nt->nb, t->count, nt->j->world);
-	write_out(nt);
+	for (int r = 0; r < nt->j->world; r++) {
+		if (!t->out[r] || !dist_local(nt->j, r))
+			continue;
+		switch (t->type) {
+		case COMMPB__OP_TYPE__OP_ALLREDUCE:
+			/* combined once, copied to the node's other ranks */
+			if (first)
+				memcpy(t->out[r], first, bl);
+			else
+				small_combine(nt, t->out[r], 0, t->count);
+			first = t->out[r];
+			break;
+		case COMMPB__OP_TYPE__OP_REDUCE:
+			small_combine(nt, t->out[r], 0, t->count); /* r is the root */
+			break;
+		case COMMPB__OP_TYPE__OP_REDUCE_SCATTER:
+			small_combine(nt, t->out[r], (size_t)r * bl, t->count);
+			break;
+		case COMMPB__OP_TYPE__OP_ALLGATHER:
+			for (int k = 0; k < nt->nn; k++)
+				for (int i = 0; i < nt->d->nodes[k].nranks; i++)
+					memcpy(t->out[r] + (size_t)nt->d->nodes[k].ranks[i] * bl,
+					       small_data(nt, k) + (size_t)i * bl, bl);
+			break;
+		default: /* broadcast */
+			memcpy(t->out[r], small_data(nt, root_node(nt)), bl);
+			break;
+		}
+	}
 	return 1;
 }
 
@@ -1071,22 +1181,18 @@ static int coll_step(struct net_task *nt)
 			nt->fatal = 1;
 			return 1;
 		}
-		if (t->status == COMM_OK && !t->device && alloc_buffers(nt) < 0) {
+		/* a small op: this node's data rides with its verdict, and needs no buffers */
+		nt->small = t->status == COMM_OK && is_small(nt);
+		if (t->status == COMM_OK && !t->device && !nt->small && alloc_buffers(nt) < 0) {
 			nt->out.status = COMM_ERR_NO_MEMORY;
 			snprintf(nt->out.detail, sizeof nt->out.detail,
 				 "collective %llu: node %s is out of memory for it",
 				 (unsigned long long)t->cseq, node_name(nt, me));
 		}
-		/* a small all-reduce: this node's partial rides with its verdict */
-		nt->small = nt->out.status == COMM_OK && t->type == COMMPB__OP_TYPE__OP_ALLREDUCE &&
-			    !t->device && bl && bl <= SMALL_BYTES;
 		memcpy(nt->hbuf + (size_t)me * HSLOT, &nt->out, sizeof nt->out);
 		nt->hlen[me] = sizeof nt->out;
-		if (nt->small) {
-			local_reduce(nt, nt->nb, 0, t->count);
-			memcpy(nt->hbuf + (size_t)me * HSLOT + sizeof nt->out, nt->nb, bl);
-			nt->hlen[me] += bl;
-		}
+		if (nt->small)
+			small_pack(nt);
 		for (k = 0; k < nn; k++) {
 			if (k == me)
 				continue;
@@ -1113,7 +1219,7 @@ static int coll_step(struct net_task *nt)
 		    t->device)
 			return 1;
 		if (nt->small)
-			return small_allreduce(nt);
+			return small_finish(nt);
 		switch (t->type) {
 		case COMMPB__OP_TYPE__OP_ALLREDUCE:
 			local_reduce(nt, nt->nb, 0, t->count);

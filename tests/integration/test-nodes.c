@@ -232,6 +232,19 @@ static void test_split(const struct split *sp)
 	oc_add(&p, &o, OC_AR, COMM_FLOAT64, COMM_AVG, RING_BIG_FLOAT64, 0, OC_ZC, OC_INPLACE, 0);
 	oc_add(&p, &o, OC_AR, COMM_UINT8, COMM_MAX, RING_BIG_UINT8, 0, OC_STAGED, OC_OOP, 0);
 	oc_plan_run(NULL, &p, "nodes");
+	/* 16 KiB a rank (all-reduce, reduce, broadcast) or in all (reduce-scatter, all-gather) */
+	snprintf(title, sizeof title, "each op at and past the 16 KiB data-with-the-verdict limit, "
+		 "n=4, %s", where);
+	for (size_t extra = 0; extra < 2; extra++) {
+		oc_add(&p, &o, OC_AR, COMM_FLOAT32, COMM_SUM, 4096 + extra, 0, OC_ZC, OC_INPLACE, 0);
+		oc_add(&p, &o, OC_RD, COMM_FLOAT64, COMM_AVG, 2048 + extra, 0, OC_ZC, OC_OOP, 0);
+		oc_add(&p, &o, OC_BC, COMM_INT32, COMM_SUM, 4096 + extra, 0, OC_ZC, OC_INPLACE, 0);
+		oc_add(&p, &o, OC_RS, COMM_INT8, COMM_MIN, 4096 + extra, 0, OC_ZC, OC_OOP, 0);
+		oc_add(&p, &o, OC_RS, COMM_FLOAT32, COMM_AVG, 1024 + extra, 0, OC_STAGED, OC_INPLACE, 0);
+		oc_add(&p, &o, OC_AG, COMM_UINT8, COMM_SUM, 4096 + extra, 0, OC_ZC, OC_INPLACE, 0);
+		oc_add(&p, &o, OC_AG, COMM_BFLOAT16, COMM_SUM, 2048 + extra, 0, OC_STAGED, OC_OOP, 0);
+	}
+	oc_plan_run(NULL, &p, "nodes");
 	snprintf(title, sizeof title, "reduce-scatter and all-gather of 9-20 MB (their rings), n=4, %s",
 		 where);
 	oc_add(&p, &o, OC_RS, COMM_INT32, COMM_SUM, RING_RS_INT32, 0, OC_ZC, OC_OOP, 0);
