@@ -1,6 +1,8 @@
 /*
  * commrun.c: the launcher. Starts N ranks of a program on this node with the
- * COMM_* environment libcomm reads, forwards signals to them and waits.
+ * COMM_* environment libcomm reads, forwards signals to them and waits. A
+ * job over several nodes is one commrun a node, each given the world size,
+ * its first rank and the root daemon.
  */
 #include <errno.h>
 #include <getopt.h>
@@ -21,7 +23,7 @@
 #define KILL_DELAY_MS 5000 /* from SIGTERM to SIGKILL */
 #define TOKEN_BYTES 16
 
-enum { OPT_JOB = 256, OPT_SOCKET, OPT_TIMEOUT, OPT_GRACE };
+enum { OPT_JOB = 256, OPT_SOCKET, OPT_TIMEOUT, OPT_GRACE, OPT_ROOT, OPT_WORLD, OPT_FIRST };
 
 /* What happens to the ranks still running; each phase has a deadline. */
 enum phase {
@@ -33,6 +35,9 @@ enum phase {
 
 struct opts {
 	int nranks;
+	int world;           /* 0: nranks */
+	int first;           /* the global rank of local rank 0 */
+	const char *root;    /* exported as COMM_ROOT */
 	const char *job;
 	const char *socket;
 	const char *timeout; /* checked, passed on as given */
@@ -43,6 +48,7 @@ struct opts {
 struct run {
 	pid_t *pids;      /* per rank; 0 once reaped or never started */
 	int nranks;
+	int first;        /* the job's rank of pids[0]'s, for messages */
 	int running;      /* ranks started and not yet reaped */
 	int failed;       /* a rank has failed: status is set */
 	int status;       /* commrun's exit status */
@@ -59,6 +65,9 @@ static const struct option long_opts[] = {
 	{ "socket", required_argument, NULL, OPT_SOCKET },
 	{ "timeout", required_argument, NULL, OPT_TIMEOUT },
 	{ "grace", required_argument, NULL, OPT_GRACE },
+	{ "root", required_argument, NULL, OPT_ROOT },
+	{ "world", required_argument, NULL, OPT_WORLD },
+	{ "first-rank", required_argument, NULL, OPT_FIRST },
 	{ "help", no_argument, NULL, 'h' },
 	{ NULL, 0, NULL, 0 },
 };
@@ -67,22 +76,30 @@ static void usage(FILE *f)
 {
 	fprintf(f,
 	    "usage: commrun -n N [--job NAME] [--socket PATH] [--timeout MS]\n"
-	    "               [--grace SEC] PROG [ARGS...]\n"
+	    "               [--grace SEC] [--root HOST:PORT --world W --first-rank R]\n"
+	    "               PROG [ARGS...]\n"
 	    "\n"
 	    "Start N ranks of PROG on this node and wait for them.\n"
 	    "\n"
-	    "  -n, --np N        number of ranks, 1 to %d\n"
+	    "  -n, --np N        number of ranks here, 1 to %d\n"
 	    "  --job NAME        job name (default commrun-<pid>-<time>)\n"
 	    "  --socket PATH     commd socket, exported as COMM_SOCKET\n"
 	    "  --timeout MS      op deadline (1..86400000), exported as COMM_TIMEOUT\n"
 	    "  --grace SEC       after a rank fails, wait SEC seconds (default %d)\n"
 	    "                    for the others, then SIGTERM them, and SIGKILL\n"
 	    "                    %d seconds later\n"
+	    "  --root HOST:PORT  the job's root daemon (its --peer-listen address),\n"
+	    "                    exported as COMM_ROOT: a job over several nodes\n"
+	    "  --world W         ranks of the job on every node together (default N)\n"
+	    "  --first-rank R    the job's rank of this node's first rank (default 0):\n"
+	    "                    the ranks here are R to R+N-1\n"
 	    "  -h, --help        print this help\n"
 	    "  --                end of options\n"
 	    "\n"
 	    "Each rank gets COMM_RANK, COMM_WORLD_SIZE, COMM_JOB, COMM_TOKEN\n"
 	    "(random, unless already set), LOCAL_RANK and LOCAL_WORLD_SIZE.\n"
+	    "A job with ranks elsewhere (W above N) needs the same --job and\n"
+	    "COMM_TOKEN on every node: commrun then wants both given.\n"
 	    "SIGINT, SIGTERM, SIGHUP, SIGUSR1 and SIGUSR2 are forwarded to the\n"
 	    "ranks (a SIGINT typed at the terminal reaches them already and is\n"
 	    "not sent twice). Ranks get SIGKILL if commrun itself dies.\n"
@@ -151,13 +168,14 @@ static int set_env(const char *name, const char *value)
 
 /* In the child: finish the rank's environment and exec PROG. */
 static void __attribute__((noreturn))
-exec_rank(int rank, char **argv, const sigset_t *mask, pid_t parent)
+exec_rank(int rank, int first, char **argv, const sigset_t *mask, pid_t parent)
 {
-	char buf[16];
+	char buf[16], local[16];
 
-	snprintf(buf, sizeof buf, "%d", rank);
-	if (setenv("COMM_RANK", buf, 1) < 0 || setenv("LOCAL_RANK", buf, 1) < 0) {
-		fprintf(stderr, "commrun: rank %d: setenv: %s\n", rank,
+	snprintf(buf, sizeof buf, "%d", first + rank);
+	snprintf(local, sizeof local, "%d", rank);
+	if (setenv("COMM_RANK", buf, 1) < 0 || setenv("LOCAL_RANK", local, 1) < 0) {
+		fprintf(stderr, "commrun: rank %d: setenv: %s\n", first + rank,
 		    strerror(errno));
 		_exit(127);
 	}
@@ -206,10 +224,10 @@ static void report(struct run *run, int rank, int status)
 		sig = WTERMSIG(status);
 		name = sigabbrev_np(sig);
 		fprintf(stderr, "commrun: rank %d killed by signal %d (%s%s)\n",
-		    rank, sig, name ? "SIG" : "", name ? name : "unknown");
+		    run->first + rank, sig, name ? "SIG" : "", name ? name : "unknown");
 		fail(run, 128 + sig);
 	} else {
-		fprintf(stderr, "commrun: rank %d exited with status %d\n", rank,
+		fprintf(stderr, "commrun: rank %d exited with status %d\n", run->first + rank,
 		    WEXITSTATUS(status));
 		fail(run, 1);
 	}
@@ -364,6 +382,24 @@ static int parse_args(int argc, char **argv, struct opts *o)
 			}
 			o->grace_ms = (int64_t)v * 1000;
 			break;
+		case OPT_ROOT:
+			if (*optarg == '\0' || !strchr(optarg, ':')) {
+				fprintf(stderr, "commrun: --root: '%s' is not "
+				    "HOST:PORT\n", optarg);
+				return -1;
+			}
+			o->root = optarg;
+			break;
+		case OPT_WORLD:
+		case OPT_FIRST:
+			if (parse_long(optarg, c == OPT_WORLD, INT_MAX - MAX_RANKS, &v) < 0) {
+				fprintf(stderr, "commrun: %s: '%s' is not a number "
+				    "from %d\n", c == OPT_WORLD ? "--world" :
+				    "--first-rank", optarg, c == OPT_WORLD);
+				return -1;
+			}
+			*(c == OPT_WORLD ? &o->world : &o->first) = (int)v;
+			break;
 		case ':':
 			fprintf(stderr, "commrun: option '%s' needs an argument\n",
 			    argv[optind - 1]);
@@ -384,6 +420,20 @@ static int parse_args(int argc, char **argv, struct opts *o)
 	}
 	if (optind >= argc) {
 		fprintf(stderr, "commrun: missing program\n");
+		return -1;
+	}
+	if (!o->world)
+		o->world = o->nranks;
+	if (o->first + o->nranks > o->world) {
+		fprintf(stderr, "commrun: ranks %d to %d are not all in a world "
+		    "of %d\n", o->first, o->first + o->nranks - 1, o->world);
+		return -1;
+	}
+	/* the other nodes' commruns must name the same job with the same token */
+	if (o->world > o->nranks && (!o->job || !getenv("COMM_TOKEN"))) {
+		fprintf(stderr, "commrun: a world of %d with %d ranks here: give "
+		    "--job and set COMM_TOKEN, the same on every node\n",
+		    o->world, o->nranks);
 		return -1;
 	}
 	o->argv = argv + optind;
@@ -411,9 +461,13 @@ static int setup_env(const struct opts *o, pid_t self)
 		return -1;
 	if (o->timeout != NULL && set_env("COMM_TIMEOUT", o->timeout) < 0)
 		return -1;
+	if (o->root != NULL && set_env("COMM_ROOT", o->root) < 0)
+		return -1;
+	snprintf(buf, sizeof buf, "%d", o->world);
+	if (set_env("COMM_WORLD_SIZE", buf) < 0)
+		return -1;
 	snprintf(buf, sizeof buf, "%d", o->nranks);
-	if (set_env("COMM_WORLD_SIZE", buf) < 0 ||
-	    set_env("LOCAL_WORLD_SIZE", buf) < 0)
+	if (set_env("LOCAL_WORLD_SIZE", buf) < 0)
 		return -1;
 	return 0;
 }
@@ -439,6 +493,7 @@ int main(int argc, char **argv)
 		return 1;
 
 	run.nranks = o.nranks;
+	run.first = o.first;
 	run.grace_ms = o.grace_ms;
 	run.pids = calloc(o.nranks, sizeof *run.pids);
 	if (run.pids == NULL) {
@@ -460,14 +515,14 @@ int main(int argc, char **argv)
 	for (r = 0; r < run.nranks; r++) {
 		pid = fork();
 		if (pid < 0) {
-			fprintf(stderr, "commrun: fork: rank %d: %s\n", r,
+			fprintf(stderr, "commrun: fork: rank %d: %s\n", o.first + r,
 			    strerror(errno));
 			fail(&run, 1);
 			run.deadline = now_ms(); /* SIGTERM the rest at once */
 			break;
 		}
 		if (pid == 0)
-			exec_rank(r, o.argv, &oldmask, self);
+			exec_rank(r, o.first, o.argv, &oldmask, self);
 		run.pids[r] = pid;
 		run.running++;
 	}

@@ -110,7 +110,7 @@ int main(int argc, char **argv)
 		snprintf(suffix, sizeof suffix, ", device='cuda:%d'", dev);
 	rc = comm_init(&c, NULL);
 	if (rc != COMM_OK) {
-		fprintf(stderr, "comm_init: %s\n", comm_strerror(rc));
+		fprintf(stderr, "comm_init: %s: %s\n", comm_strerror(rc), comm_last_error(NULL));
 		return 1;
 	}
 	r = comm_rank(c);

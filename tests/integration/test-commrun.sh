@@ -73,6 +73,28 @@ for r in 0 1 2 3; do
 done
 expect "env: distinct tokens" "$(printf %s "$tokens" | sort -u | wc -l)" 1
 
+# One node's part of a job over several: ranks from --first-rank, the
+# world from --world, LOCAL_* this node's, COMM_ROOT from --root.
+out=$(COMM_TOKEN=shared "$COMMRUN" -n 2 --world 5 --first-rank 3 --root host-a:29600 --job big \
+	sh -c 'echo "$COMM_RANK $LOCAL_RANK $COMM_WORLD_SIZE $LOCAL_WORLD_SIZE $COMM_ROOT $COMM_JOB $COMM_TOKEN"' |
+	sort)
+expect "node part: exit status" $? 0
+expect "node part: env" "$out" "3 0 5 2 host-a:29600 big shared
+4 1 5 2 host-a:29600 big shared"
+COMM_TOKEN=shared "$COMMRUN" -n 2 --world 4 --first-rank 2 --job big sh -c 'exit $LOCAL_RANK' 2>"$dir/err"
+expect "node part: the failed rank's name" "$(cat "$dir/err")" "commrun: rank 3 exited with status 1"
+# without a job name or token given, the nodes' commruns could not agree
+env -u COMM_TOKEN "$COMMRUN" -n 2 --world 4 --job big true 2>"$dir/err"
+expect "node part without COMM_TOKEN: exit status" $? 2
+grep -q "give --job and set COMM_TOKEN, the same on every node" "$dir/err" ||
+	fail "node part without COMM_TOKEN: $(cat "$dir/err")"
+COMM_TOKEN=shared "$COMMRUN" -n 2 --world 4 true 2>"$dir/err"
+expect "node part without --job: exit status" $? 2
+COMM_TOKEN=shared "$COMMRUN" -n 2 --world 4 --first-rank 3 --job big true 2>"$dir/err"
+expect "ranks past the world: exit status" $? 2
+expect "ranks past the world: message" "$(head -1 "$dir/err")" \
+	"commrun: ranks 3 to 4 are not all in a world of 4"
+
 # Defaults: a generated job name, a fresh token per run, the environment's
 # COMM_TOKEN and COMM_SOCKET kept, no COMM_TIMEOUT.
 out=$(env -u COMM_TOKEN -u COMM_TIMEOUT COMM_SOCKET=/keep.sock "$COMMRUN" -n2 \
@@ -197,7 +219,8 @@ fi
 expect "help: exit status" $? 0
 grep -q '^usage: commrun' "$dir/out" || fail "help: no usage on stdout"
 for args in "" "-n 0 true" "-n 4097 true" "-n x true" "-n 2" "--bogus -n 1 true" \
-	"-n 1 --grace -1 true" "-n 1 --timeout 0 true" "-n 1 --timeout 86400001 true" "--job"; do
+	"-n 1 --grace -1 true" "-n 1 --timeout 0 true" "-n 1 --timeout 86400001 true" "--job" \
+	"-n 1 --world 0 true" "-n 1 --first-rank -1 true" "-n 1 --root nohost true" "-n 1 --root"; do
 	# shellcheck disable=SC2086
 	"$COMMRUN" $args > "$dir/out" 2> "$dir/err"
 	expect "usage '$args': exit status" $? 2
