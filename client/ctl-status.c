@@ -97,14 +97,14 @@ static void print_inflight_text(const Commpb__StatusReply *s)
 
 static void print_peers_text(const Commpb__StatusReply *s)
 {
-	printf("%-24s %-22s %-7s %9s %5s  %s\n", "PEER", "ADDRESS", "ROLE", "RTT", "JOBS", "STATE");
+	printf("%-24s %-22s %-12s %9s %5s  %s\n", "PEER", "ADDRESS", "ROLE", "RTT", "JOBS", "STATE");
 	for (size_t i = 0; i < s->n_peers; i++) {
 		const Commpb__PeerInfo *p = s->peers[i];
 		char rtt[16] = "-";
 
 		if (p->rtt_us)
 			snprintf(rtt, sizeof rtt, "%u us", p->rtt_us);
-		printf("%-24s %-22s %-7s %9s %5u  %s\n", p->node, p->address, p->role, rtt, p->jobs,
+		printf("%-24s %-22s %-12s %9s %5u  %s\n", p->node, p->address, p->role, rtt, p->jobs,
 		       p->state);
 	}
 }

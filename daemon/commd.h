@@ -291,7 +291,8 @@ const void *net_address(size_t *len);
 /*
  * How long the data plane's thread polls after its last event while an op
  * across daemons is in flight, before it sleeps (net-spin-us): us, or with
- * us < 0 (auto) NET_SPIN_LONG_US on NET_SPIN_CORES cores or more, else
+ * us < 0 (auto) NET_SPIN_LONG_US where commd may run on NET_SPIN_CORES
+ * cores or more (its affinity), else
  * NET_SPIN_SHORT_US. Returns what it set. Any thread, any time.
  */
 #define NET_SPIN_CORES 8

@@ -134,6 +134,7 @@ static void on_hangup(uv_signal_t *h, int signum)
 {
 	struct config cfg;
 	char err[512], msg[64];
+	int spin;
 
 	/* RELOADING=1, then READY=1 whether or not the new settings took */
 	snprintf(msg, sizeof msg, "RELOADING=1\nMONOTONIC_USEC=%llu", (unsigned long long)now_us());
@@ -147,9 +148,13 @@ static void on_hangup(uv_signal_t *h, int signum)
 	srv.lim = cfg.lim;
 	srv.default_timeout_ms = cfg.timeout_ms;
 	srv.drain_ms = cfg.drain_ms;
+	spin = net_set_spin(cfg.net_spin_us);
+	/* the default file is read only where it exists */
 	log_info("reload: %s: log level, limits, timeout, drain-timeout and net-spin-us (%d us) "
 		 "applied (socket, threads, topology, peers and groups need a restart)",
-		 src.file ? src.file : CONFIG_DEFAULT_FILE, net_set_spin(cfg.net_spin_us));
+		 src.file ? src.file
+			  : access(CONFIG_DEFAULT_FILE, F_OK) == 0 ? CONFIG_DEFAULT_FILE : "flags only",
+		 spin);
 	server_notify("READY=1");
 }
 

@@ -28,6 +28,7 @@
 
 #include <errno.h>
 #include <pthread.h>
+#include <sched.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -55,8 +56,9 @@
 #define BUF_CACHE_MAX (1ull << 30) /* staging buffers kept for the next ops */
 #define BUF_IDLE_MS 5000         /* and given back after this long with no op */
 /*
- * Ops whose data a node sends is up to this (is_small): verdict and data in
- * one message, one round trip. The verdict buffers are nodes x HSLOT: kept under malloc's mmap threshold,
+ * Ops of up to this much data (a rank's, or a reduce-scatter's or
+ * all-gather's in all; is_small): verdict and data in one message, one
+ * round trip. The verdict buffers are nodes x HSLOT: kept under malloc's mmap threshold,
  * since mapping and unmapping them each op made later large ops 4x slower.
  */
 #define SMALL_BYTES 16384
@@ -733,6 +735,8 @@ static int ring_alloc(struct net_task *nt)
 	}
 	nt->chunk = (most + RING_CHUNKS - 1) / RING_CHUNKS;
 	nt->chunk = nt->chunk < RING_CHUNK_MIN ? RING_CHUNK_MIN : (nt->chunk + es - 1) / es * es;
+	if (most && nt->chunk > most) /* small pieces: slots of their size (whole elements) */
+		nt->chunk = most;
 	nt->h0 = nt->t->type == COMMPB__OP_TYPE__OP_ALLGATHER ? nn - 1 : 0;
 	nt->hops = nt->t->type == COMMPB__OP_TYPE__OP_REDUCE_SCATTER ? nn - 1 : 2 * (nn - 1);
 	nt->next_h = nt->h0;
@@ -762,7 +766,10 @@ static void ring_post(struct net_task *nt, int recv, uint64_t tag, void *buf, si
 		ring_ended(nt, 0, id);
 }
 
-/* Hop h's send of chunk c: of the piece this node has just taken in (or, at hop h0, its own). */
+/*
+ * Hop h's send of chunk c: of the piece this node has just taken in (at
+ * hop h0: its partial of piece me - 1; an all-gather's: its own piece me).
+ */
 static void ring_send(struct net_task *nt, int h, int c)
 {
 	size_t off, len;
@@ -833,7 +840,7 @@ static int ring_step(struct net_task *nt)
 	return nt->status != COMM_OK || (nt->left == 0 && nt->nreq == 0);
 }
 
-/* Start the ring, nb ready: the first hop's sends of this node's own piece, and receives. */
+/* Start the ring, nb ready: the first hop's sends (ring_send), and receives. */
 static void ring_start(struct net_task *nt)
 {
 	nt->state = S_RING;
@@ -1039,12 +1046,11 @@ static int is_small(const struct net_task *nt)
 }
 
 /*
- * The bytes node k sends with its verdict on a small op: its ranks'
- * combined inputs (all-reduce, reduce, reduce-scatter: every rank's block),
- * its ranks' blocks (all-gather), the root's buffer (broadcast, the root's
- * node alone).
+ * The bytes node k contributes to a small op: its ranks' combined inputs
+ * (all-reduce, reduce, reduce-scatter: every rank's block), its ranks'
+ * blocks (all-gather), the root's buffer (broadcast, the root's node alone).
  */
-static size_t small_len(const struct net_task *nt, int k)
+static size_t small_data_len(const struct net_task *nt, int k)
 {
 	const struct task *t = nt->t;
 	size_t bl = t->count * t->esize;
@@ -1059,6 +1065,18 @@ static size_t small_len(const struct net_task *nt, int k)
 	default:
 		return bl;
 	}
+}
+
+/*
+ * What of it node from sends node to with its verdict: all of it, but a
+ * reduce's, which only the root's node takes. (A reduce-scatter's goes
+ * whole to every node, which takes its ranks' blocks: 16 KiB at most.)
+ */
+static size_t small_len(const struct net_task *nt, int from, int to)
+{
+	if (nt->t->type == COMMPB__OP_TYPE__OP_REDUCE && to != root_node(nt))
+		return 0;
+	return small_data_len(nt, from);
 }
 
 static const uint8_t *small_data(const struct net_task *nt, int k)
@@ -1084,10 +1102,9 @@ static void small_pack(struct net_task *nt)
 			memcpy(dst, t->in[t->root], bl);
 		break;
 	default:
-		local_reduce(nt, dst, 0, small_len(nt, nt->me) / t->esize);
+		local_reduce(nt, dst, 0, small_data_len(nt, nt->me) / t->esize);
 		break;
 	}
-	nt->hlen[nt->me] += small_len(nt, nt->me);
 }
 
 /*
@@ -1114,11 +1131,11 @@ static int small_finish(struct net_task *nt)
 	const uint8_t *first = NULL;
 
 	for (int k = 0; k < nt->nn; k++) {
-		if (nt->hlen[k] != sizeof(struct hdr) + small_len(nt, k)) {
+		if (k != nt->me && nt->hlen[k] != sizeof(struct hdr) + small_len(nt, k, nt->me)) {
 			nt->fatal = 1;
 			fail(nt, COMM_ERR_PROTOCOL, "collective %llu: %zu bytes from node %s, %zu expected",
 			     (unsigned long long)t->cseq, nt->hlen[k], node_name(nt, k),
-			     sizeof(struct hdr) + small_len(nt, k));
+			     sizeof(struct hdr) + small_len(nt, k, nt->me));
 			return 1;
 		}
 	}
@@ -1135,7 +1152,8 @@ static int small_finish(struct net_task *nt)
 			first = t->out[r];
 			break;
 		case COMMPB__OP_TYPE__OP_REDUCE:
-			small_combine(nt, t->out[r], 0, t->count); /* r is the root */
+			if (r == t->root) /* on the root's node, which alone got the data */
+				small_combine(nt, t->out[r], 0, t->count);
 			break;
 		case COMMPB__OP_TYPE__OP_REDUCE_SCATTER:
 			small_combine(nt, t->out[r], (size_t)r * bl, t->count);
@@ -1196,7 +1214,8 @@ static int coll_step(struct net_task *nt)
 		for (k = 0; k < nn; k++) {
 			if (k == me)
 				continue;
-			post_send(nt, k, ctag(nt, k, 0), nt->hbuf + (size_t)me * HSLOT, nt->hlen[me]);
+			post_send(nt, k, ctag(nt, k, 0), nt->hbuf + (size_t)me * HSLOT,
+				  sizeof nt->out + (nt->small ? small_len(nt, me, k) : 0));
 			post_recv_any(nt, ctag_from(nt, k, 0), nt->hbuf + (size_t)k * HSLOT, HSLOT,
 				      ANY_LENGTH, &nt->hlen[k]);
 		}
@@ -1915,8 +1934,15 @@ const void *net_address(size_t *len)
 
 int net_set_spin(int us)
 {
-	if (us < 0) /* auto: spin long only where a core for it is likely spare */
-		us = sysconf(_SC_NPROCESSORS_ONLN) >= NET_SPIN_CORES ? NET_SPIN_LONG_US : NET_SPIN_SHORT_US;
+	cpu_set_t cpus;
+	int cores = 1;
+
+	/* auto: spin long only where a core for it is likely spare (of those commd may use) */
+	if (us < 0) {
+		if (sched_getaffinity(0, sizeof cpus, &cpus) == 0)
+			cores = CPU_COUNT(&cpus);
+		us = cores >= NET_SPIN_CORES ? NET_SPIN_LONG_US : NET_SPIN_SHORT_US;
+	}
 	__atomic_store_n(&N.spin_us, us, __ATOMIC_RELAXED);
 	return us;
 }
@@ -1984,7 +2010,7 @@ void net_start(uv_loop_t *loop)
 	N.running = 1;
 	N.available = 1;
 	log_info("net: UCX %s data plane ready (%zu-byte worker address; polls %d us after an event)",
-		 ucp_get_version_string(), N.addr_len, N.spin_us);
+		 ucp_get_version_string(), N.addr_len, __atomic_load_n(&N.spin_us, __ATOMIC_RELAXED));
 	return;
 ucx_fail:
 	snprintf(N.why, sizeof N.why, "UCX: %s", ucs_status_string(st));

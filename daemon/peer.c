@@ -22,7 +22,8 @@
 #include "log.h"
 #include "util.h"
 
-#define PEER_VERSION 1
+/* 2: a small op's data rides with its verdict; reduce-scatter and all-gather rings in chunks */
+#define PEER_VERSION 2
 #define PEER_FRAME_MAX (1u << 20)
 #define PEER_WQ_MAX (64u << 20)  /* unsent bytes before a peer is dropped */
 #define PING_MS 1000
@@ -767,6 +768,10 @@ static void member_formed(struct job *j, const Commpb__PeerFormed *f)
 			job_fail(j, COMM_ERR_PROTOCOL, "join: node %.100s has no UCX address", pn->node);
 			return;
 		}
+		if (!pn->n_ranks) { /* the root drops a member whose ranks all left */
+			job_fail(j, COMM_ERR_PROTOCOL, "join: the root sent a bad table");
+			return;
+		}
 		dn->ucx = malloc(pn->ucx_address.len + 1);
 		dn->ranks = malloc((pn->n_ranks + 1) * sizeof *dn->ranks);
 		if (!dn->ucx || !dn->ranks) {
@@ -1299,7 +1304,11 @@ int peer_status(Commpb__PeerInfo **out, int max, char (*state)[192])
 		commpb__peer_info__init(pi);
 		pi->node = *p->node ? p->node : (char *)"?";
 		pi->address = p->addr;
-		pi->role = p->outgoing ? (char *)"root" : (char *)"member";
+		/* a root that holds ranks of its job too reaches its own listener: both ends here */
+		if (*p->node && !strcmp(p->node, P.node))
+			pi->role = p->outgoing ? (char *)"root(self)" : (char *)"member(self)";
+		else
+			pi->role = p->outgoing ? (char *)"root" : (char *)"member";
 		switch (p->state) {
 		case P_CONNECTING:
 			snprintf(state[n], sizeof state[n], "connecting");

@@ -7,10 +7,13 @@
 # output must equal, byte for byte, the same rank's output when all four ran
 # on one daemon. Where a GPU works, the same for all four with --device
 # (pipeline_parallel's sends between daemons staged through host memory);
-# without one they exit 77 and that part is skipped. Then commctl status on a member lists the root as a
-# peer.
+# without one they exit 77 and that part is skipped. The collectives demo
+# started by two commruns (--world, --first-rank, --root) prints the same.
+# Then commctl status on a member lists the root as a peer, and the root
+# marks its link to itself.
 set -u
 : "${COMMD:=./daemon/commd}" "${COMMCTL:=./client/commctl}" "${COMM_DEMOS:=./tests/demos}"
+: "${COMMRUN:=./client/commrun}"
 
 dir=$(mktemp -d /tmp/commd-nodes-XXXXXX)
 pids=()
@@ -90,11 +93,34 @@ $(diff "$dir/$prog-$mode-one.$r" "$dir/$name.$r" | head -10)"
 	done
 done
 
+# one commrun a node: ranks 0-1 on c, 2-3 on b, rooted at a (which holds none)
+crpids=()
+for half in "c 0" "b 2"; do
+	set -- $half
+	COMM_TOKEN=cr-$$ timeout 120 "$COMMRUN" -n 2 --world 4 --first-rank "$2" --root "${addr[a]}" \
+		--job commrun-$$ --socket "$dir/$1.sock" \
+		sh -c 'exec "$0" >"$1.$COMM_RANK" 2>&1' "$COMM_DEMOS/collectives" "$dir/commrun" &
+	crpids+=($!)
+done
+for p in "${crpids[@]}"; do wait "$p" || fail "a commrun over daemons failed: $(cat "$dir"/commrun.*)"; done
+for r in 0 1 2 3; do
+	cmp -s "$dir/collectives-host-one.$r" "$dir/commrun.$r" ||
+		fail "collectives by two commruns: rank $r differs from one daemon:
+$(diff "$dir/collectives-host-one.$r" "$dir/commrun.$r" | head -10)"
+done
+echo "ok: collectives by two commruns (-n 2 --world 4 --first-rank 0 and 2 --root) over daemons c and b: 4 ranks' output as on one daemon"
+
 status=$("$COMMCTL" --socket "$dir/b.sock" status) || fail "status on b"
 echo "$status" | grep -q "^peers: " || fail "no peers line: $status"
 echo "$status" | grep -E "^[^ ]+ +${addr[a]} +root " >/dev/null ||
 	fail "b does not list ${addr[a]} as a root: $status"
 echo "ok: commctl status on a member lists the root daemon as a peer"
+# a, root of jobs it held ranks of, reached its own listener: both ends marked
+status=$("$COMMCTL" --socket "$dir/a.sock" status) || fail "status on a"
+echo "$status" | grep -E "^[^ ]+ +${addr[a]} +root\(self\) " >/dev/null &&
+	echo "$status" | grep -E " member\(self\) " >/dev/null ||
+	fail "a does not mark its link to itself: $status"
+echo "ok: commctl status on the root marks its link to its own listener root(self) and member(self)"
 
 for i in 0 1 2; do
 	kill -TERM "${pids[$i]}"

@@ -2,7 +2,8 @@
  * test-nodes-stale.c: messages of a job incarnation that is gone (reliability
  * row H4), at two real member daemons A and B: a failed job's messages
  * arriving while a new incarnation of it runs, the same on a daemon without
- * a data plane, and a member's late key-0 fail at a real root.
+ * a data plane, and a member's late key-0 fail at a real root; and a peer
+ * that speaks an older peer protocol, refused.
  */
 #include <arpa/inet.h>
 #include <netinet/in.h>
@@ -23,6 +24,8 @@
 #include "nodes-seen.h"
 
 static struct th_daemon da, db; /* two member daemons; A is the root in the last row */
+
+#define PEER_VERSION 2 /* the daemons' peer protocol (peer.c) */
 
 /* --- H4: a failed incarnation's messages while the next one runs ------------------ */
 
@@ -196,7 +199,7 @@ static int h4_accept(int lfd, struct h4_member *m, int nm)
 	Commpb__PeerHello h = COMMPB__PEER_HELLO__INIT;
 	int fds[2];
 
-	h.version = 1;
+	h.version = PEER_VERSION;
 	h.node = "h4-test-root";
 	out.body_case = COMMPB__PEER_MSG__BODY_HELLO;
 	out.hello = &h;
@@ -773,7 +776,7 @@ static void test_stale_root(void)
 		}
 		commpb__peer_msg__free_unpacked(in, NULL);
 	}
-	h.version = 1;
+	h.version = PEER_VERSION;
 	h.node = "h4root-fake-member";
 	h.ucx_address.data = ucx;
 	h.ucx_address.len = ucx_len;
@@ -878,6 +881,52 @@ static void test_stale_root(void)
 	munmap(s, sizeof *s);
 }
 
+/* --- a peer of another protocol version ------------------------------------------ */
+
+/*
+ * A daemon of the last release connects to A's listener: A says why in its
+ * log and closes the link, rather than run a job whose data both sides
+ * would frame differently.
+ */
+static void test_old_version(void)
+{
+	Commpb__PeerMsg out = COMMPB__PEER_MSG__INIT, *in;
+	Commpb__PeerHello h = COMMPB__PEER_HELLO__INIT;
+	struct sockaddr_in sa = { .sin_family = AF_INET };
+	const char *colon = strrchr(da.peer, ':');
+	int fd, closed = 0;
+
+	REQUIRE(colon, "commd A's peer address");
+	sa.sin_port = htons((uint16_t)atoi(colon + 1));
+	sa.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+	fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+	REQUIRE(fd >= 0 && connect(fd, (struct sockaddr *)&sa, sizeof sa) == 0,
+		"old version: could not connect to commd A at %s", da.peer);
+	h.version = PEER_VERSION - 1;
+	h.node = "old-release";
+	out.body_case = COMMPB__PEER_MSG__BODY_HELLO;
+	out.hello = &h;
+	pr_send(fd, &out);
+	/* A's own hello may come first; then EOF */
+	for (int i = 0; i < 10 && !closed; i++) {
+		struct pollfd pf = { .fd = fd, .events = POLLIN };
+
+		if (poll(&pf, 1, 5000) != 1)
+			break;
+		if (!(in = pr_read(fd)))
+			closed = 1;
+		else
+			commpb__peer_msg__free_unpacked(in, NULL);
+	}
+	close(fd);
+	CHECK(closed, "old version: commd A kept the link of a peer speaking protocol %d",
+	      PEER_VERSION - 1);
+	CHECK(count_log(&da, "it speaks peer protocol 1,", "we speak 2") == 1,
+	      "old version: commd A did not log why it dropped the peer");
+	CHECK(th_daemon_alive(&da), "old version: commd A died");
+	printf("ok: a peer speaking protocol %d is dropped, the log says why\n", PEER_VERSION - 1);
+}
+
 int main(void)
 {
 	struct timespec t0;
@@ -889,6 +938,7 @@ int main(void)
 	test_stale();
 	test_stale_nodata();
 	test_stale_root();
+	test_old_version();
 	CHECK(th_daemon_alive(&da) && th_daemon_alive(&db), "commd A or B died");
 	CHECK(th_daemon_stop(&db) == 0, "commd B did not stop cleanly");
 	CHECK(th_daemon_stop(&da) == 0, "commd A did not stop cleanly");
