@@ -8,8 +8,9 @@
  *
  * Collectives are hierarchical: the node's ranks are combined in place
  * here, the nodes run a ring pipelined in chunks (reduce-scatter,
- * all-gather; an all-reduce's both) or a direct exchange (broadcast, reduce,
- * all-to-all), and the result is written into the ranks' memory. Every
+ * all-gather; an all-reduce's both), a chain pipelined the same way
+ * (broadcast, reduce) or a direct exchange (all-to-all), and the result is
+ * written into the ranks' memory. Every
  * collective starts with each node's verdict (status and the op as its
  * first rank has it) sent to every other node, so that all of them fail an
  * op together or run it together; a small op's data rides with it. On
@@ -130,7 +131,7 @@ struct nep {
 	char why[128];
 };
 
-enum { S_START, S_VERDICT, S_RING, S_RD, S_FINISH, S_P2P_DATA, S_P2P_END };
+enum { S_START, S_VERDICT, S_RING, S_FINISH, S_P2P_DATA, S_P2P_END };
 
 /* A slot of rbuf for one chunk of a ring. */
 enum { SLOT_FREE, SLOT_POSTED, SLOT_ARRIVED };
@@ -147,7 +148,7 @@ struct net_task {
 	struct nep **ep;          /* [nn], NULL for me */
 	struct nreq *reqs;
 	int nreq, cap;
-	int state, s;            /* s: a reduce's next node (S_RD) */
+	int state;
 	comm_result_t status;
 	char detail[256];
 	/* set by the loop thread: code and detail first, then cancel (release) */
@@ -169,11 +170,17 @@ struct net_task {
 	int first;                /* the lowest rank here */
 	int nlocal;
 	const uint8_t **lin;      /* the local ranks' inputs, in rank order */
-	/* a pipelined ring (S_RING): an all-reduce's, a reduce-scatter's, an all-gather's */
-	struct ring_slot *slots;  /* [nslots], chunk bytes each in rbuf */
+	/*
+	 * A pipelined ring or chain (S_RING, ring_alloc): an all-reduce's, a
+	 * reduce-scatter's, an all-gather's ring; a broadcast's or reduce's chain
+	 */
+	uint8_t *data;            /* what it works on: nb, or a broadcast's rank buffer */
+	int from, to;             /* the nodes it receives from and sends to */
+	struct ring_slot *slots;  /* [nslots], chunk bytes each in rbuf (a broadcast's: in data) */
 	int nslots;
 	size_t chunk;
-	int h0, hops;             /* its hops are h0 .. hops - 1 of an all-reduce's (ring_alloc) */
+	int h0, hops;             /* the hops it receives: h0 .. hops - 1 */
+	int send0, send_end;      /* its first sends' hop (-1: none); no send of hop send_end */
 	int next_h, next_c;       /* the next chunk to receive */
 	int left;                 /* chunks still to receive and take in */
 	uint64_t *sent;           /* [hops]: bit c once hop h's send of chunk c ended */
@@ -621,20 +628,29 @@ static int mod(int a, int n)
  * Piece k of the ring, the part of nb that node k ends up with: an
  * all-reduce's k-th slice of the count, split as evenly as it goes; a
  * reduce-scatter's or all-gather's blocks of node k's ranks (nb holds the
- * blocks node by node, so each node's are together).
+ * blocks node by node, so each node's are together). A chain's one piece
+ * is the whole buffer.
  */
 static void ring_piece(const struct net_task *nt, int k, size_t *off, size_t *len)
 {
 	size_t base = nt->t->count / (size_t)nt->nn, rem = nt->t->count % (size_t)nt->nn;
 	size_t bl = nt->t->count * nt->t->esize;
 
-	if (nt->t->type != COMMPB__OP_TYPE__OP_ALLREDUCE) {
+	switch (nt->t->type) {
+	case COMMPB__OP_TYPE__OP_ALLREDUCE:
+		*off = ((size_t)k * base + ((size_t)k < rem ? (size_t)k : rem)) * nt->t->esize;
+		*len = (base + ((size_t)k < rem)) * nt->t->esize;
+		break;
+	case COMMPB__OP_TYPE__OP_REDUCE_SCATTER:
+	case COMMPB__OP_TYPE__OP_ALLGATHER:
 		*off = (size_t)nt->pos[nt->d->nodes[k].ranks[0]] * bl;
 		*len = (size_t)nt->d->nodes[k].nranks * bl;
-		return;
+		break;
+	default:
+		*off = 0;
+		*len = bl;
+		break;
 	}
-	*off = ((size_t)k * base + ((size_t)k < rem ? (size_t)k : rem)) * nt->t->esize;
-	*len = (base + ((size_t)k < rem)) * nt->t->esize;
 }
 
 /* Chunk c of piece k: where it is in nb, and its bytes. */
@@ -714,20 +730,46 @@ static int ring_send_piece(const struct net_task *nt, int h)
 /*
  * The ring's hops, chunk size, slots in rbuf and send marks. An
  * all-reduce's ring has 2 (nn - 1) hops: reduce-scatter, then all-gather;
- * a reduce-scatter's is the first half, an all-gather's the second.
+ * a reduce-scatter's is the first half, an all-gather's the second. Each
+ * node receives those hops from the node before it and sends them to the
+ * next. A chain's hop h goes from its h-th node to the next: a
+ * broadcast's from the root's node on along the ring, a reduce's back
+ * along the ring to the root's node; each node receives one hop and sends
+ * the next, but the first, which only sends, and the last.
  */
 static int ring_alloc(struct net_task *nt)
 {
 	size_t es = nt->t->esize, po, pl, most = 0;
-	int nn = nt->nn;
+	int nn = nt->nn, rn = nt->t->root >= 0 ? root_node(nt) : 0, at;
 
-	if (nt->t->type != COMMPB__OP_TYPE__OP_ALLREDUCE) {
+	nt->from = prev_node(nt);
+	nt->to = next_node(nt);
+	nt->h0 = nt->t->type == COMMPB__OP_TYPE__OP_ALLGATHER ? nn - 1 : 0;
+	nt->hops = nt->t->type == COMMPB__OP_TYPE__OP_REDUCE_SCATTER ? nn - 1 : 2 * (nn - 1);
+	nt->send0 = nt->h0;
+	nt->send_end = nt->hops;
+	if (nt->t->type == COMMPB__OP_TYPE__OP_BROADCAST ||
+	    nt->t->type == COMMPB__OP_TYPE__OP_REDUCE) {
+		if (nt->t->type == COMMPB__OP_TYPE__OP_BROADCAST) {
+			at = mod(nt->me - rn, nn); /* from the root's node, the first */
+		} else {
+			at = mod(rn - 1 - nt->me, nn); /* to the root's node, the last */
+			nt->from = next_node(nt);
+			nt->to = prev_node(nt);
+		}
+		nt->h0 = at ? at - 1 : 0;
+		nt->hops = at; /* the first node receives nothing */
+		nt->send0 = at ? -1 : 0;
+		nt->send_end = nn - 1;
+	}
+	if (nt->t->type == COMMPB__OP_TYPE__OP_REDUCE_SCATTER ||
+	    nt->t->type == COMMPB__OP_TYPE__OP_ALLGATHER) {
 		/* each rank's block in nb: node by node, in rank order within a node */
 		if (!(nt->pos = calloc((size_t)nt->j->world, sizeof *nt->pos)))
 			return -1;
-		for (int k = 0, at = 0; k < nn; k++)
+		for (int k = 0, b = 0; k < nn; k++)
 			for (int i = 0; i < nt->d->nodes[k].nranks; i++)
-				nt->pos[nt->d->nodes[k].ranks[i]] = at++;
+				nt->pos[nt->d->nodes[k].ranks[i]] = b++;
 	}
 	for (int k = 0; k < nn; k++) {
 		ring_piece(nt, k, &po, &pl);
@@ -737,21 +779,22 @@ static int ring_alloc(struct net_task *nt)
 	nt->chunk = nt->chunk < RING_CHUNK_MIN ? RING_CHUNK_MIN : (nt->chunk + es - 1) / es * es;
 	if (most && nt->chunk > most) /* small pieces: slots of their size (whole elements) */
 		nt->chunk = most;
-	nt->h0 = nt->t->type == COMMPB__OP_TYPE__OP_ALLGATHER ? nn - 1 : 0;
-	nt->hops = nt->t->type == COMMPB__OP_TYPE__OP_REDUCE_SCATTER ? nn - 1 : 2 * (nn - 1);
 	nt->next_h = nt->h0;
 	nt->left = 0;
 	for (int h = nt->h0; h < nt->hops; h++)
 		nt->left += ring_nchunks(nt, ring_recv_piece(nt, h));
 	nt->nslots = nt->left < RING_WINDOW ? nt->left : RING_WINDOW;
 	if (!(nt->slots = calloc((size_t)round_up((size_t)nt->nslots), sizeof *nt->slots)) ||
-	    !(nt->sent = calloc((size_t)nt->hops, sizeof *nt->sent)) ||
+	    !(nt->sent = calloc(round_up((size_t)nt->send_end), sizeof *nt->sent)))
+		return -1;
+	/* a broadcast's chunks arrive in place */
+	if (nt->t->type != COMMPB__OP_TYPE__OP_BROADCAST &&
 	    !(nt->rbuf = buf_get(round_up((size_t)nt->nslots * nt->chunk), &nt->rbuf_cap)))
 		return -1;
 	return 0;
 }
 
-/* Post a ring chunk's send (to the next node) or receive; id: what ring_ended gets. */
+/* Post a ring chunk's send (to node to) or receive; id: what ring_ended gets. */
 static void ring_post(struct net_task *nt, int recv, uint64_t tag, void *buf, size_t len, int id)
 {
 	int before = nt->nreq;
@@ -759,7 +802,7 @@ static void ring_post(struct net_task *nt, int recv, uint64_t tag, void *buf, si
 	if (recv)
 		post_recv(nt, tag, buf, len);
 	else
-		post_send(nt, next_node(nt), tag, buf, len);
+		post_send(nt, nt->to, tag, buf, len);
 	if (nt->nreq > before)
 		nt->reqs[nt->nreq - 1].ring = id;
 	else if (!recv && nt->status == COMM_OK) /* sent at once */
@@ -775,7 +818,7 @@ static void ring_send(struct net_task *nt, int h, int c)
 	size_t off, len;
 
 	ring_chunk(nt, ring_send_piece(nt, h), c, &off, &len);
-	ring_post(nt, 0, ctag(nt, next_node(nt), RING_STEP(h, c)), nt->nb + off, len,
+	ring_post(nt, 0, ctag(nt, nt->to, RING_STEP(h, c)), nt->data + off, len,
 		  h * RING_CHUNKS + c);
 }
 
@@ -799,22 +842,24 @@ static void ring_post_recvs(struct net_task *nt)
 		sl->c = nt->next_c++;
 		sl->state = SLOT_POSTED;
 		ring_chunk(nt, ring_recv_piece(nt, sl->h), sl->c, &off, &len);
-		ring_post(nt, 1, ctag_from(nt, prev_node(nt), RING_STEP(sl->h, sl->c)),
-			  nt->rbuf + (size_t)i * nt->chunk, len, i);
+		ring_post(nt, 1, ctag_from(nt, nt->from, RING_STEP(sl->h, sl->c)),
+			  nt->rbuf ? nt->rbuf + (size_t)i * nt->chunk : nt->data + off, len, i);
 	}
 }
 
 /*
  * Take in the chunks that arrived: combined into nb in the reduce-scatter
- * hops (h < nn - 1), stored in the all-gather ones, and sent on at once
- * for the next hop. In an all-reduce, a store waits until the send that
- * read that place in nb, nn - 1 hops before, has ended. 1 once every chunk
- * is in and every send has ended (or the task failed).
+ * hops (h < nn - 1) and a reduce's, stored in the all-gather ones (a
+ * broadcast's arrived in place), and sent on at once for the next hop. In
+ * an all-reduce, a store waits until the send that read that place in nb,
+ * nn - 1 hops before, has ended. 1 once every chunk is in and every send
+ * has ended (or the task failed).
  */
 static int ring_step(struct net_task *nt)
 {
 	struct task *t = nt->t;
-	int nn = nt->nn;
+	int nn = nt->nn, chain = t->type == COMMPB__OP_TYPE__OP_BROADCAST ||
+				 t->type == COMMPB__OP_TYPE__OP_REDUCE;
 
 	for (int i = 0; i < nt->nslots && nt->status == COMM_OK; i++) {
 		struct ring_slot *sl = &nt->slots[i];
@@ -823,29 +868,34 @@ static int ring_step(struct net_task *nt)
 		size_t off, len;
 
 		if (sl->state != SLOT_ARRIVED ||
-		    (h + 1 - nn >= nt->h0 && !(nt->sent[h + 1 - nn] >> c & 1)))
+		    (t->type == COMMPB__OP_TYPE__OP_ALLREDUCE && h >= nn - 1 &&
+		     !(nt->sent[h + 1 - nn] >> c & 1)))
 			continue;
 		ring_chunk(nt, ring_recv_piece(nt, h), c, &off, &len);
-		if (h < nn - 1)
-			reduce_acc((comm_dtype_t)t->dtype, (comm_redop_t)t->redop, nt->nb + off, src,
+		if (t->type == COMMPB__OP_TYPE__OP_BROADCAST)
+			;
+		else if (t->type == COMMPB__OP_TYPE__OP_REDUCE || (!chain && h < nn - 1))
+			reduce_acc((comm_dtype_t)t->dtype, (comm_redop_t)t->redop, nt->data + off, src,
 				   len / t->esize);
 		else
-			memcpy(nt->nb + off, src, len);
+			memcpy(nt->data + off, src, len);
 		sl->state = SLOT_FREE;
 		nt->left--;
-		if (h + 1 < nt->hops)
+		if (h + 1 < nt->send_end)
 			ring_send(nt, h + 1, c);
 	}
 	ring_post_recvs(nt);
 	return nt->status != COMM_OK || (nt->left == 0 && nt->nreq == 0);
 }
 
-/* Start the ring, nb ready: the first hop's sends (ring_send), and receives. */
+/* Start the ring, data ready (nb unless set): the first hop's sends (ring_send), and receives. */
 static void ring_start(struct net_task *nt)
 {
 	nt->state = S_RING;
-	for (int c = 0; c < ring_nchunks(nt, ring_send_piece(nt, nt->h0)); c++)
-		ring_send(nt, nt->h0, c);
+	if (!nt->data)
+		nt->data = nt->nb;
+	for (int c = 0; nt->send0 >= 0 && c < ring_nchunks(nt, ring_send_piece(nt, nt->send0)); c++)
+		ring_send(nt, nt->send0, c);
 	ring_post_recvs(nt);
 }
 
@@ -868,15 +918,17 @@ static int alloc_buffers(struct net_task *nt)
 		break;
 	case COMMPB__OP_TYPE__OP_REDUCE:
 		need_nb = bl;
-		piece = nt->me == root_node(nt) ? bl : 0;
+		ring = bl > 0;
 		break;
 	case COMMPB__OP_TYPE__OP_ALLTOALL:
 		/* sbuf: what goes to every node, packed; rbuf: what comes from each */
 		need_nb = 0;
 		piece = bl * (size_t)nt->nlocal * (size_t)nt->j->world;
 		break;
-	default: /* broadcast: received straight into the first rank's buffer */
-		piece = 0;
+	case COMMPB__OP_TYPE__OP_BROADCAST: /* received straight into the first rank's buffer */
+		ring = bl > 0;
+		break;
+	default:
 		break;
 	}
 	if (need_nb && !(nt->nb = buf_get(need_nb, &nt->nb_cap)))
@@ -951,6 +1003,14 @@ static void write_out(struct net_task *nt)
 			break;
 		case COMMPB__OP_TYPE__OP_REDUCE_SCATTER:
 			memcpy(t->out[r], nt->nb + (size_t)nt->pos[r] * bl, bl);
+			break;
+		case COMMPB__OP_TYPE__OP_REDUCE:
+			if (r == t->root) /* on the root's node, the chain's last */
+				memcpy(t->out[r], nt->nb, bl);
+			break;
+		case COMMPB__OP_TYPE__OP_BROADCAST:
+			if (t->out[r] != nt->data) /* the buffer the chain filled or sent from */
+				memcpy(t->out[r], nt->data, bl);
 			break;
 		case COMMPB__OP_TYPE__OP_ALLGATHER:
 			/* back in rank order: in runs of ranks whose blocks follow each other */
@@ -1259,31 +1319,15 @@ static int coll_step(struct net_task *nt)
 					memcpy(nt->nb + (size_t)nt->pos[r] * bl, t->in[r], bl);
 			ring_start(nt);
 			return 0;
-		case COMMPB__OP_TYPE__OP_BROADCAST: {
-			int rn = root_node(nt);
-			uint8_t *dst = NULL;
-
-			if (me == rn) {
-				for (k = 0; k < nn; k++)
-					if (k != me)
-						post_send(nt, k, ctag(nt, k, 1), t->in[t->root], bl);
-			} else {
-				dst = t->out[nt->first];
-				post_recv(nt, ctag_from(nt, rn, 1), dst, bl);
-			}
-			nt->state = S_FINISH;
+		case COMMPB__OP_TYPE__OP_BROADCAST:
+			/* the root's buffer, or the one the chain fills */
+			nt->data = me == root_node(nt) ? t->in[t->root] : t->out[nt->first];
+			ring_start(nt);
 			return 0;
-		}
 		case COMMPB__OP_TYPE__OP_REDUCE:
 			local_reduce(nt, nt->nb, 0, t->count);
-			if (me != root_node(nt)) {
-				post_send(nt, root_node(nt), ctag(nt, root_node(nt), 1), nt->nb, bl);
-				nt->state = S_FINISH;
-				return 0;
-			}
-			nt->s = -1;
-			nt->state = S_RD;
-			return coll_step(nt);
+			ring_start(nt);
+			return 0;
 		case COMMPB__OP_TYPE__OP_ALLTOALL:
 			alltoall_post(nt);
 			nt->state = S_FINISH;
@@ -1292,32 +1336,8 @@ static int coll_step(struct net_task *nt)
 			fail(nt, COMM_ERR_INTERNAL, "net: op type %d", (int)t->type);
 			return 1;
 		}
-	case S_RD:
-		/* the root's node: its own partial, then the others' in node order */
-		if (nt->s >= 0)
-			reduce_acc((comm_dtype_t)t->dtype, (comm_redop_t)t->redop, nt->nb, nt->rbuf,
-				   t->count);
-		for (k = nt->s + 1; k < nn && k == me; k++)
-			;
-		if (k >= nn) {
-			if (t->redop == COMM_AVG)
-				reduce_div((comm_dtype_t)t->dtype, nt->nb, t->count, nt->j->world);
-			memcpy(t->out[t->root], nt->nb, bl);
-			return 1;
-		}
-		nt->s = k;
-		post_recv(nt, ctag_from(nt, k, 1), nt->rbuf, bl);
-		return 0;
 	case S_FINISH:
-		if (t->type == COMMPB__OP_TYPE__OP_BROADCAST) {
-			const uint8_t *src = me == root_node(nt) ? t->in[t->root] : t->out[nt->first];
-
-			for (int r = 0; r < nt->j->world; r++)
-				if (t->out[r] && t->out[r] != src && dist_local(nt->j, r))
-					memcpy(t->out[r], src, bl);
-		} else if (t->type == COMMPB__OP_TYPE__OP_ALLTOALL) {
-			alltoall_finish(nt);
-		}
+		alltoall_finish(nt);
 		return 1;
 	}
 	return 1;
@@ -1575,8 +1595,9 @@ static int advance(struct net_task *nt, uint64_t now)
 	if (nt->status == COMM_OK && nt->state == S_RING) {
 		if (!ring_step(nt) || nt->status != COMM_OK)
 			return 0; /* a failure: stopped and ended on the next turn */
-		if (nt->t->redop == COMM_AVG && nt->t->type != COMMPB__OP_TYPE__OP_ALLGATHER) {
-			size_t off = 0, len = nt->t->count * nt->t->esize; /* an all-reduce's: all nb */
+		if (nt->t->redop == COMM_AVG && op_reduces((Commpb__OpType)nt->t->type) &&
+		    (nt->t->type != COMMPB__OP_TYPE__OP_REDUCE || nt->me == root_node(nt))) {
+			size_t off = 0, len = nt->t->count * nt->t->esize; /* all nb */
 
 			if (nt->t->type == COMMPB__OP_TYPE__OP_REDUCE_SCATTER)
 				ring_piece(nt, nt->me, &off, &len); /* this node's ranks' blocks */

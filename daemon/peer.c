@@ -22,7 +22,7 @@
 #include "log.h"
 #include "util.h"
 
-/* 2: a small op's data rides with its verdict; reduce-scatter and all-gather rings in chunks */
+/* 2: small ops' data with the verdicts; RS/AG rings and broadcast/reduce chains in chunks */
 #define PEER_VERSION 2
 #define PEER_FRAME_MAX (1u << 20)
 #define PEER_WQ_MAX (64u << 20)  /* unsent bytes before a peer is dropped */

@@ -37,7 +37,9 @@
 #define RING_BIG_UINT8 9437189   /* 9 MB */
 /*
  * Reduce-scatters and all-gathers whose rings have pieces of 1 to 3 ranks'
- * blocks (so of several sizes), in up to 15 chunks, some cut short.
+ * blocks (so of several sizes), in up to 15 chunks, some cut short; and
+ * broadcasts and reduces whose chains (every root in turn) move 9-21 MB in
+ * chunks, more than their 8 receive slots.
  */
 #define RING_RS_INT32 1250003    /* 5 MB a block */
 #define RING_RS_FLOAT32 786433   /* 3 MB */
@@ -245,8 +247,12 @@ static void test_split(const struct split *sp)
 		oc_add(&p, &o, OC_AG, COMM_BFLOAT16, COMM_SUM, 2048 + extra, 0, OC_STAGED, OC_OOP, 0);
 	}
 	oc_plan_run(NULL, &p, "nodes");
-	snprintf(title, sizeof title, "reduce-scatter and all-gather of 9-20 MB (their rings), n=4, %s",
-		 where);
+	snprintf(title, sizeof title, "reduce-scatter, all-gather, broadcast and reduce of 9-21 MB "
+		 "(their rings and chains), n=4, %s", where);
+	oc_add(&p, &o, OC_BC, COMM_INT32, COMM_SUM, RING_BIG_INT32, 0, OC_ZC, OC_OOP, 0);
+	oc_add(&p, &o, OC_BC, COMM_UINT8, COMM_SUM, RING_BIG_UINT8, 0, OC_STAGED, OC_INPLACE, 0);
+	oc_add(&p, &o, OC_RD, COMM_FLOAT64, COMM_AVG, RING_BIG_FLOAT64, 0, OC_ZC, OC_OOP, 0);
+	oc_add(&p, &o, OC_RD, COMM_UINT8, COMM_MAX, RING_BIG_UINT8, 0, OC_ZC, OC_INPLACE, 0);
 	oc_add(&p, &o, OC_RS, COMM_INT32, COMM_SUM, RING_RS_INT32, 0, OC_ZC, OC_OOP, 0);
 	oc_add(&p, &o, OC_RS, COMM_FLOAT32, COMM_AVG, RING_RS_FLOAT32, 0, OC_ZC, OC_INPLACE, 0);
 	oc_add(&p, &o, OC_AG, COMM_UINT8, COMM_SUM, RING_AG_UINT8, 0, OC_STAGED, OC_OOP, 0);
