@@ -19,6 +19,7 @@
 #include <unistd.h>
 
 #define MAX_RANKS 4096
+#define MAX_WORLD 4096 /* ranks of a job, on every node together (commd's WORLD_MAX) */
 #define DEFAULT_GRACE 10 /* seconds after the first failure */
 #define KILL_DELAY_MS 5000 /* from SIGTERM to SIGKILL */
 #define TOKEN_BYTES 16
@@ -392,10 +393,12 @@ static int parse_args(int argc, char **argv, struct opts *o)
 			break;
 		case OPT_WORLD:
 		case OPT_FIRST:
-			if (parse_long(optarg, c == OPT_WORLD, INT_MAX - MAX_RANKS, &v) < 0) {
+			/* commd's largest job */
+			if (parse_long(optarg, c == OPT_WORLD, MAX_WORLD - (c == OPT_FIRST), &v) < 0) {
 				fprintf(stderr, "commrun: %s: '%s' is not a number "
-				    "from %d\n", c == OPT_WORLD ? "--world" :
-				    "--first-rank", optarg, c == OPT_WORLD);
+				    "from %d to %d\n", c == OPT_WORLD ? "--world" :
+				    "--first-rank", optarg, c == OPT_WORLD,
+				    MAX_WORLD - (c == OPT_FIRST));
 				return -1;
 			}
 			*(c == OPT_WORLD ? &o->world : &o->first) = (int)v;
@@ -436,6 +439,9 @@ static int parse_args(int argc, char **argv, struct opts *o)
 		    o->world, o->nranks);
 		return -1;
 	}
+	if (o->world > o->nranks && !o->root && !getenv("COMM_ROOT"))
+		fprintf(stderr, "commrun: note: no --root: the job's other %d ranks "
+		    "must join on this node's daemon\n", o->world - o->nranks);
 	o->argv = argv + optind;
 	return 0;
 }

@@ -183,7 +183,7 @@ struct net_task {
 	int send0, send_end;      /* its first sends' hop (-1: none); no send of hop send_end */
 	int next_h, next_c;       /* the next chunk to receive */
 	int left;                 /* chunks still to receive and take in */
-	uint64_t *sent;           /* [hops]: bit c once hop h's send of chunk c ended */
+	uint64_t *sent;           /* [send_end]: bit c once hop h's send of chunk c ended */
 	int *pos;                 /* reduce-scatter, all-gather: each rank's block in nb (node-major) */
 };
 
@@ -740,7 +740,7 @@ static int ring_send_piece(const struct net_task *nt, int h)
 static int ring_alloc(struct net_task *nt)
 {
 	size_t es = nt->t->esize, po, pl, most = 0;
-	int nn = nt->nn, rn = nt->t->root >= 0 ? root_node(nt) : 0, at;
+	int nn = nt->nn, at;
 
 	nt->from = prev_node(nt);
 	nt->to = next_node(nt);
@@ -750,10 +750,11 @@ static int ring_alloc(struct net_task *nt)
 	nt->send_end = nt->hops;
 	if (nt->t->type == COMMPB__OP_TYPE__OP_BROADCAST ||
 	    nt->t->type == COMMPB__OP_TYPE__OP_REDUCE) {
+		/* a root the engine checked: only these two ops have one */
 		if (nt->t->type == COMMPB__OP_TYPE__OP_BROADCAST) {
-			at = mod(nt->me - rn, nn); /* from the root's node, the first */
+			at = mod(nt->me - root_node(nt), nn); /* from the root's node, the first */
 		} else {
-			at = mod(rn - 1 - nt->me, nn); /* to the root's node, the last */
+			at = mod(root_node(nt) - 1 - nt->me, nn); /* to the root's node, the last */
 			nt->from = next_node(nt);
 			nt->to = prev_node(nt);
 		}
@@ -863,7 +864,7 @@ static int ring_step(struct net_task *nt)
 
 	for (int i = 0; i < nt->nslots && nt->status == COMM_OK; i++) {
 		struct ring_slot *sl = &nt->slots[i];
-		const uint8_t *src = nt->rbuf + (size_t)i * nt->chunk;
+		const uint8_t *src = nt->rbuf ? nt->rbuf + (size_t)i * nt->chunk : NULL;
 		int h = sl->h, c = sl->c;
 		size_t off, len;
 

@@ -81,8 +81,12 @@ out=$(COMM_TOKEN=shared "$COMMRUN" -n 2 --world 5 --first-rank 3 --root host-a:2
 expect "node part: exit status" $? 0
 expect "node part: env" "$out" "3 0 5 2 host-a:29600 big shared
 4 1 5 2 host-a:29600 big shared"
-COMM_TOKEN=shared "$COMMRUN" -n 2 --world 4 --first-rank 2 --job big sh -c 'exit $LOCAL_RANK' 2>"$dir/err"
-expect "node part: the failed rank's name" "$(cat "$dir/err")" "commrun: rank 3 exited with status 1"
+env -u COMM_ROOT COMM_TOKEN=shared "$COMMRUN" -n 2 --world 4 --first-rank 2 --job big \
+	sh -c 'exit $LOCAL_RANK' 2>"$dir/err"
+expect "node part: the failed rank's name" "$(tail -1 "$dir/err")" "commrun: rank 3 exited with status 1"
+# no root: said, since the other ranks must then come to this daemon
+expect "node part without a root: the note" "$(head -1 "$dir/err")" \
+	"commrun: note: no --root: the job's other 2 ranks must join on this node's daemon"
 # without a job name or token given, the nodes' commruns could not agree
 env -u COMM_TOKEN "$COMMRUN" -n 2 --world 4 --job big true 2>"$dir/err"
 expect "node part without COMM_TOKEN: exit status" $? 2
@@ -220,7 +224,8 @@ expect "help: exit status" $? 0
 grep -q '^usage: commrun' "$dir/out" || fail "help: no usage on stdout"
 for args in "" "-n 0 true" "-n 4097 true" "-n x true" "-n 2" "--bogus -n 1 true" \
 	"-n 1 --grace -1 true" "-n 1 --timeout 0 true" "-n 1 --timeout 86400001 true" "--job" \
-	"-n 1 --world 0 true" "-n 1 --first-rank -1 true" "-n 1 --root nohost true" "-n 1 --root"; do
+	"-n 1 --world 0 true" "-n 1 --world 4097 true" "-n 1 --first-rank -1 true" \
+	"-n 1 --root nohost true" "-n 1 --root"; do
 	# shellcheck disable=SC2086
 	"$COMMRUN" $args > "$dir/out" 2> "$dir/err"
 	expect "usage '$args': exit status" $? 2
