@@ -917,6 +917,48 @@ static void staged_status(const struct th_daemon *nd, const char *job)
 }
 
 /*
+ * A host all-reduce over the two daemons, large enough for their ring
+ * (32 KiB of int32), whose root field is junk: only broadcast and reduce
+ * read it, so it must run, and exactly (each rank holds its rank + i).
+ */
+static void junk_root_allreduce(struct rank *k, uint64_t *seq)
+{
+	Commpb__Envelope env = COMMPB__ENVELOPE__INIT;
+	Commpb__Op op = COMMPB__OP__INIT;
+	Commpb__BufRef b[2] = { COMMPB__BUF_REF__INIT, COMMPB__BUF_REF__INIT };
+	enum { COUNT = 8192 };
+	uint8_t *map[2];
+	int32_t *v;
+	int bad = 0;
+
+	++*seq;
+	for (int r = 0; r < 2; r++) {
+		b[r].mem_id = reg_host_map(&k[r], COUNT * sizeof *v, &map[r]);
+		v = (int32_t *)map[r];
+		for (int i = 0; i < COUNT; i++)
+			v[i] = r + i;
+		op.seq = *seq;
+		op.type = COMMPB__OP_TYPE__OP_ALLREDUCE;
+		op.send = op.recv = &b[r];
+		op.count = COUNT;
+		op.dtype = COMM_INT32;
+		op.redop = COMM_SUM;
+		op.root = 1 << 30;
+		env.body_case = COMMPB__ENVELOPE__BODY_OP;
+		env.op = &op;
+		raw_send(k[r].fd, &env, NULL, 0);
+	}
+	both_done(k, COMM_OK, NULL, "a host all-reduce with a junk root field over two daemons");
+	for (int r = 0; r < 2; r++) {
+		v = (int32_t *)map[r];
+		for (int i = 0; i < COUNT; i++)
+			bad += v[i] != 1 + 2 * i;
+		munmap(map[r], COUNT * sizeof *v);
+	}
+	CHECK(!bad, "a host all-reduce with a junk root field: %d wrong values", bad);
+}
+
+/*
  * Device memory across daemons, on two daemons with fake workers: node
  * 0's worker hands commd an NCCL id, the verdicts carry it to node 1,
  * both workers get WORLD with it and the op with each rank's grank;
@@ -992,6 +1034,7 @@ static void test_across_daemons(void)
 			both_done(k, COMM_ERR_UNSUPPORTED, "use one device", "two devices on one node");
 			staged_p2p(k, &seq);
 			staged_status(nd, job);
+			junk_root_allreduce(k, &seq);
 			/* and the job goes on */
 			seq++;
 			for (int r = 0; r < 2; r++)
