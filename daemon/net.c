@@ -904,40 +904,34 @@ static void ring_start(struct net_task *nt)
 static int alloc_buffers(struct net_task *nt)
 {
 	struct task *t = nt->t;
-	size_t bl = t->count * t->esize, need_nb = 0, piece = 0;
-	int ring = 0;
+	size_t bl = t->count * t->esize, need_nb, piece;
 
 	switch (t->type) {
+	case COMMPB__OP_TYPE__OP_ALLTOALL:
+		/* sbuf: what goes to every node, packed; rbuf: what comes from each */
+		piece = bl * (size_t)nt->nlocal * (size_t)nt->j->world;
+		return piece && (!(nt->sbuf = buf_get(piece, &nt->sbuf_cap)) ||
+				 !(nt->rbuf = buf_get(piece, &nt->rbuf_cap))) ? -1 : 0;
 	case COMMPB__OP_TYPE__OP_ALLREDUCE:
+	case COMMPB__OP_TYPE__OP_REDUCE:
 		need_nb = bl;
-		ring = bl > 0;
 		break;
 	case COMMPB__OP_TYPE__OP_REDUCE_SCATTER:
 	case COMMPB__OP_TYPE__OP_ALLGATHER:
 		need_nb = bl * (size_t)nt->j->world;
-		ring = bl > 0;
-		break;
-	case COMMPB__OP_TYPE__OP_REDUCE:
-		need_nb = bl;
-		ring = bl > 0;
-		break;
-	case COMMPB__OP_TYPE__OP_ALLTOALL:
-		/* sbuf: what goes to every node, packed; rbuf: what comes from each */
-		need_nb = 0;
-		piece = bl * (size_t)nt->nlocal * (size_t)nt->j->world;
 		break;
 	case COMMPB__OP_TYPE__OP_BROADCAST: /* received straight into the first rank's buffer */
-		ring = bl > 0;
+		need_nb = 0;
 		break;
-	default:
-		break;
+	default: /* a barrier: verdicts alone */
+		return 0;
 	}
+	/* the others run a ring or a chain */
+	if (!bl)
+		return 0;
 	if (need_nb && !(nt->nb = buf_get(need_nb, &nt->nb_cap)))
 		return -1;
-	if (piece && (!(nt->sbuf = buf_get(round_up(piece), &nt->sbuf_cap)) ||
-		      !(nt->rbuf = buf_get(round_up(piece), &nt->rbuf_cap))))
-		return -1;
-	return ring ? ring_alloc(nt) : 0;
+	return ring_alloc(nt);
 }
 
 /* A status from another daemon, as one of ours (a value we never send: a protocol error). */
