@@ -10,15 +10,15 @@
  * here, the nodes run a ring pipelined in chunks (reduce-scatter,
  * all-gather; an all-reduce's both), a chain pipelined the same way
  * (broadcast, reduce) or a direct exchange (all-to-all), and the result is
- * written into the ranks' memory. Every
- * collective starts with each node's verdict (status and the op as its
- * first rank has it) sent to every other node, so that all of them fail an
- * op together or run it together; a small op's data rides with it. On
+ * written into the ranks' memory. Every collective starts with each node's
+ * verdict (status and the op as its first rank has it) sent to every other
+ * node, so that all of them fail an op together or run it together; a small op's data rides with it. On
  * device memory the verdicts are all there is here (node 0's carries the
- * job's NCCL id); the GPU workers then run it with NCCL (gpu.c). A send/recv goes from the sender's daemon to
- * the receiver's: a header (status, size), then the data, received
- * straight into the rank's buffer (device memory: into a staging buffer,
- * which the GPU worker copies from, gpu.c).
+ * job's NCCL id); the GPU workers then run it with NCCL (gpu.c). A
+ * send/recv goes from the sender's daemon to the receiver's: a header
+ * (status, size), then the data, received straight into the rank's buffer
+ * (device memory: into a staging buffer, which the GPU worker copies from,
+ * gpu.c).
  *
  * Tags (64 bits) are in the receiver's namespace: its slot for the job,
  * then for a collective the sending node, the collective's number and the
@@ -59,8 +59,9 @@
 /*
  * Ops of up to this much data (a rank's, or a reduce-scatter's or
  * all-gather's in all; is_small): verdict and data in one message, one
- * round trip. The verdict buffers are nodes x HSLOT: kept under malloc's mmap threshold,
- * since mapping and unmapping them each op made later large ops 4x slower.
+ * round trip. The verdict buffers are nodes x HSLOT: kept under malloc's
+ * mmap threshold, since mapping and unmapping them each op made later
+ * large ops 4x slower.
  */
 #define SMALL_BYTES 16384
 #define HSLOT (sizeof(struct hdr) + SMALL_BYTES)
@@ -983,12 +984,22 @@ static void judge(struct net_task *nt)
 	}
 }
 
-/* Copy nb (or part of it) to every local rank's output. */
+/*
+ * A ring's or chain's result: an average divided (where it is a result:
+ * all nb, this node's ranks' blocks, the reduce's root's node), then nb or
+ * a broadcast's data (or part of it) to every local rank's output.
+ */
 static void write_out(struct net_task *nt)
 {
 	struct task *t = nt->t;
-	size_t bl = t->count * t->esize;
+	size_t bl = t->count * t->esize, off = 0, len = bl;
 
+	if (t->redop == COMM_AVG && op_reduces((Commpb__OpType)t->type) &&
+	    (t->type != COMMPB__OP_TYPE__OP_REDUCE || nt->me == root_node(nt))) {
+		if (t->type == COMMPB__OP_TYPE__OP_REDUCE_SCATTER)
+			ring_piece(nt, nt->me, &off, &len);
+		reduce_div((comm_dtype_t)t->dtype, nt->nb + off, len / t->esize, nt->j->world);
+	}
 	for (int r = 0; r < nt->j->world; r++) {
 		if (!t->out[r] || !dist_local(nt->j, r))
 			continue;
@@ -1134,7 +1145,8 @@ static size_t small_len(const struct net_task *nt, int from, int to)
 	return small_data_len(nt, from);
 }
 
-static const uint8_t *small_data(const struct net_task *nt, int k)
+/* Node k's data of a small op, after its verdict in hbuf. */
+static uint8_t *small_data(const struct net_task *nt, int k)
 {
 	return nt->hbuf + (size_t)k * HSLOT + sizeof(struct hdr);
 }
@@ -1143,7 +1155,7 @@ static const uint8_t *small_data(const struct net_task *nt, int k)
 static void small_pack(struct net_task *nt)
 {
 	struct task *t = nt->t;
-	uint8_t *dst = nt->hbuf + (size_t)nt->me * HSLOT + sizeof(struct hdr);
+	uint8_t *dst = small_data(nt, nt->me);
 	size_t bl = t->count * t->esize;
 	const struct dist_node *mine = &nt->d->nodes[nt->me];
 
@@ -1590,15 +1602,6 @@ static int advance(struct net_task *nt, uint64_t now)
 	if (nt->status == COMM_OK && nt->state == S_RING) {
 		if (!ring_step(nt) || nt->status != COMM_OK)
 			return 0; /* a failure: stopped and ended on the next turn */
-		if (nt->t->redop == COMM_AVG && op_reduces((Commpb__OpType)nt->t->type) &&
-		    (nt->t->type != COMMPB__OP_TYPE__OP_REDUCE || nt->me == root_node(nt))) {
-			size_t off = 0, len = nt->t->count * nt->t->esize; /* all nb */
-
-			if (nt->t->type == COMMPB__OP_TYPE__OP_REDUCE_SCATTER)
-				ring_piece(nt, nt->me, &off, &len); /* this node's ranks' blocks */
-			reduce_div((comm_dtype_t)nt->t->dtype, nt->nb + off, len / nt->t->esize,
-				   nt->j->world);
-		}
 		write_out(nt);
 		finish(nt);
 		return 1;
