@@ -209,16 +209,23 @@ static void send_hello(struct peer *p)
 }
 
 static void send_fail(struct peer *p, const char *job, uint64_t key, uint32_t slot,
-		      comm_result_t code, const char *detail)
+		      comm_result_t code, const char *fmt, ...) __attribute__((format(printf, 6, 7)));
+static void send_fail(struct peer *p, const char *job, uint64_t key, uint32_t slot,
+		      comm_result_t code, const char *fmt, ...)
 {
 	Commpb__PeerMsg m = COMMPB__PEER_MSG__INIT;
 	Commpb__PeerFail f = COMMPB__PEER_FAIL__INIT;
+	char detail[256];
+	va_list ap;
 
+	va_start(ap, fmt);
+	vsnprintf(detail, sizeof detail, fmt, ap);
+	va_end(ap);
 	f.job = (char *)job;
 	f.key = key;
 	f.slot = slot;
 	f.status = code;
-	f.detail = (char *)detail;
+	f.detail = detail;
 	m.body_case = COMMPB__PEER_MSG__BODY_FAIL;
 	m.fail = &f;
 	peer_send(p, &m);
@@ -242,6 +249,12 @@ static struct peer *peer_new(int outgoing, const char *addr)
 	p->creq.data = p;
 	TAILQ_INSERT_TAIL(&P.peers, p, link);
 	return p;
+}
+
+/* A connection to our listener that never said a hello: not a daemon we know. */
+static int stranger(const struct peer *p)
+{
+	return !p->outgoing && !*p->node;
 }
 
 static void peer_free(struct peer *p)
@@ -507,7 +520,7 @@ static void rjob_fail(struct rjob *r, const struct peer *skip, comm_result_t cod
 	log_info("job %s: failed at the root: %s", r->name, detail);
 	for (int i = 0; i < r->nm; i++)
 		if (r->m[i].p != skip)
-			send_fail(r->m[i].p, r->name, r->key, r->m[i].slot, code, detail);
+			send_fail(r->m[i].p, r->name, r->key, r->m[i].slot, code, "%s", detail);
 }
 
 static int cmp_lowest_rank(const void *a, const void *b)
@@ -577,17 +590,40 @@ static void rjob_form(struct rjob *r)
 
 static void root_join(struct peer *p, const Commpb__PeerJoin *jn)
 {
-	struct rjob *r = rjob_forming(jn->job, jn->uid);
+	struct rjob *r;
 	int i, total = 0, *ranks;
 
-	if (jn->world_size < 1 || jn->world_size > WORLD_MAX || !*jn->job ||
-	    strlen(jn->job) > JOB_NAME_MAX || jn->token.len > TOKEN_MAX ||
-	    jn->n_ranks > (size_t)jn->world_size) {
-		send_fail(p, jn->job, 0, jn->slot, COMM_ERR_INVALID_ARG,
-			  "join: malformed join from a member");
+	if (!*jn->job || strlen(jn->job) > JOB_NAME_MAX) {
+		send_fail(p, "", 0, jn->slot, COMM_ERR_INVALID_ARG,
+			  "join: a job name of %zu bytes from node %s (1..%d)", strlen(jn->job),
+			  p->node, JOB_NAME_MAX);
 		return;
 	}
-	if (!r) {
+	if (jn->world_size < 1 || jn->world_size > WORLD_MAX) {
+		send_fail(p, jn->job, 0, jn->slot, COMM_ERR_INVALID_ARG,
+			  "join: job %s from node %s: world size %d (1..%d)", jn->job, p->node,
+			  jn->world_size, WORLD_MAX);
+		return;
+	}
+	if (jn->token.len > TOKEN_MAX || jn->n_ranks > (size_t)jn->world_size) {
+		send_fail(p, jn->job, 0, jn->slot, COMM_ERR_INVALID_ARG,
+			  "join: job %s from node %s: %zu ranks in a world of %d, a token of %zu "
+			  "bytes (%d at most)",
+			  jn->job, p->node, jn->n_ranks, jn->world_size, jn->token.len, TOKEN_MAX);
+		return;
+	}
+	if (!(r = rjob_forming(jn->job, jn->uid))) {
+		int forming = 0;
+
+		TAILQ_FOREACH(r, &P.rjobs, link)
+			forming += !r->key && rjob_member(r, p, -1) >= 0;
+		if ((uint32_t)forming >= srv.lim.conns) {
+			send_fail(p, jn->job, 0, jn->slot, COMM_ERR_NO_MEMORY,
+				  "join: node %s has %d jobs forming at the root already "
+				  "(max-connections)",
+				  p->node, forming);
+			return;
+		}
 		if (!(r = calloc(1, sizeof *r))) {
 			send_fail(p, jn->job, 0, jn->slot, COMM_ERR_NO_MEMORY,
 				  "join: the root ran out of memory");
@@ -608,12 +644,13 @@ static void root_join(struct peer *p, const Commpb__PeerJoin *jn)
 	}
 	if (!const_time_eq(r->token, r->token_len, jn->token.data, jn->token.len)) {
 		send_fail(p, jn->job, 0, jn->slot, COMM_ERR_PERMISSION,
-			  "join: job %s: permission denied by the root daemon");
+			  "join: job %s: permission denied by the root daemon", jn->job);
 		return;
 	}
 	if (r->world != jn->world_size) {
 		send_fail(p, jn->job, 0, jn->slot, COMM_ERR_INVALID_ARG,
-			  "join: world size differs from the root's");
+			  "join: job %s: world size %d differs from the root's %d", jn->job,
+			  jn->world_size, r->world);
 		return;
 	}
 	if ((i = rjob_member(r, p, jn->slot)) < 0) {
@@ -997,7 +1034,10 @@ static void peer_lost(struct peer *p, const char *fmt, ...)
 	va_end(ap);
 	p->state = P_LOST;
 	p->since_ms = now_ms();
-	log_info("peer %s (%s): lost: %s", *p->node ? p->node : "?", p->addr, p->why);
+	if (stranger(p))
+		log_info("peer listener: %s dropped before its hello: %s", p->addr, p->why);
+	else
+		log_info("peer %s (%s): lost: %s", *p->node ? p->node : "?", p->addr, p->why);
 	if (p->ucx_len)
 		net_peer_lost(p->ucx, p->ucx_len);
 	if (p->handle_open) {
@@ -1083,7 +1123,7 @@ void peer_job_failed(struct job *j)
 
 	if (!d || d->remote || !d->peer)
 		return;
-	send_fail(d->peer, j->name, d->key, d->slot, j->fail_code, j->fail_detail);
+	send_fail(d->peer, j->name, d->key, d->slot, j->fail_code, "%s", j->fail_detail);
 }
 
 void peer_rank_left(struct job *j, int r)
@@ -1246,8 +1286,9 @@ void peer_tick(uint64_t now)
 				peer_send(p, &m);
 			}
 			break;
-		case P_LOST:
-			if (!p->busy && !p->handle_open && now - p->since_ms >= LOST_KEEP_MS)
+		case P_LOST: /* kept a while for status; a stranger that never said hello is not */
+			if (!p->busy && !p->handle_open &&
+			    (now - p->since_ms >= LOST_KEEP_MS || stranger(p)))
 				peer_free(p);
 			break;
 		}
@@ -1301,6 +1342,8 @@ int peer_status(Commpb__PeerInfo **out, int max, char (*state)[192])
 
 		if (n == max)
 			break;
+		if (p->state == P_LOST && stranger(p))
+			continue;
 		commpb__peer_info__init(pi);
 		pi->node = *p->node ? p->node : (char *)"?";
 		pi->address = p->addr;

@@ -20,12 +20,11 @@
 #include "comm.h"
 #include "commd.pb-c.h"
 #include "harness.h"
+#include "peerraw.h"
 
 #include "nodes-seen.h"
 
 static struct th_daemon da, db; /* two member daemons; A is the root in the last row */
-
-#define PEER_VERSION 2 /* the daemons' peer protocol (peer.c) */
 
 /* --- H4: a failed incarnation's messages while the next one runs ------------------ */
 
@@ -41,124 +40,6 @@ static struct th_daemon da, db; /* two member daemons; A is the root in the last
 #define H4_KEY1 0x4841000000000001ull
 #define H4_KEY2 0x4841000000000002ull
 #define H4_STALE 8               /* stale messages sent to each daemon */
-
-/* A frame (4-byte little-endian length, one PeerMsg) to fd; 0 or -1. */
-static int pr_send(int fd, const Commpb__PeerMsg *m)
-{
-	size_t len = commpb__peer_msg__get_packed_size(m), off = 0;
-	uint8_t *f = malloc(len + 4);
-
-	REQUIRE(f, "malloc");
-	f[0] = (uint8_t)len;
-	f[1] = (uint8_t)(len >> 8);
-	f[2] = (uint8_t)(len >> 16);
-	f[3] = (uint8_t)(len >> 24);
-	commpb__peer_msg__pack(m, f + 4);
-	while (off < len + 4) {
-		ssize_t n = send(fd, f + off, len + 4 - off, MSG_NOSIGNAL);
-
-		if (n <= 0)
-			break;
-		off += (size_t)n;
-	}
-	free(f);
-	return off == len + 4 ? 0 : -1;
-}
-
-static int read_full(int fd, uint8_t *b, size_t len)
-{
-	size_t off = 0;
-
-	while (off < len) {
-		ssize_t n = read(fd, b + off, len - off);
-
-		if (n <= 0)
-			return -1;
-		off += (size_t)n;
-	}
-	return 0;
-}
-
-static void pr_ping(int fd, uint64_t v)
-{
-	Commpb__PeerMsg m = COMMPB__PEER_MSG__INIT;
-	Commpb__PeerPing ping = COMMPB__PEER_PING__INIT;
-
-	ping.sent_us = v;
-	m.body_case = COMMPB__PEER_MSG__BODY_PING;
-	m.ping = &ping;
-	pr_send(fd, &m);
-}
-
-/* The next frame on fd, waiting for it; NULL at EOF. The caller frees it. */
-static Commpb__PeerMsg *pr_read(int fd)
-{
-	uint8_t h[4], *b;
-	size_t len;
-	Commpb__PeerMsg *m;
-
-	if (read_full(fd, h, 4) < 0)
-		return NULL;
-	len = h[0] | (size_t)h[1] << 8 | (size_t)h[2] << 16 | (size_t)h[3] << 24;
-	REQUIRE(len < (1u << 20) && (b = malloc(len + 1)), "peer frame of %zu bytes", len);
-	if (read_full(fd, b, len) < 0) {
-		free(b);
-		return NULL;
-	}
-	m = commpb__peer_msg__unpack(NULL, len, b);
-	free(b);
-	REQUIRE(m, "a peer frame that does not unpack");
-	return m;
-}
-
-/*
- * The next message from one of fds[n] (its index in *from), answering
- * pings and pinging every 500 ms to feed the daemons' heartbeat; NULL
- * after ms. The caller frees it.
- */
-static Commpb__PeerMsg *pr_next(const int *fds, int n, int *from, int ms)
-{
-	static long pinged;
-	long t0 = mono_ms();
-
-	while (mono_ms() - t0 < ms) {
-		struct pollfd pf[2];
-		int got = 0;
-
-		for (int i = 0; i < n; i++)
-			pf[i] = (struct pollfd){ .fd = fds[i], .events = POLLIN };
-		if (mono_ms() - pinged >= 500) {
-			for (int i = 0; i < n; i++)
-				pr_ping(fds[i], 1);
-			pinged = mono_ms();
-		}
-		if (poll(pf, (nfds_t)n, 300) <= 0)
-			continue;
-		for (int i = 0; i < n && !got; i++) {
-			Commpb__PeerMsg *m;
-
-			if (!(pf[i].revents & (POLLIN | POLLHUP | POLLERR)))
-				continue;
-			got = 1;
-			if (!(m = pr_read(fds[i])))
-				return NULL;
-			if (m->body_case == COMMPB__PEER_MSG__BODY_PING) {
-				Commpb__PeerMsg out = COMMPB__PEER_MSG__INIT;
-				Commpb__PeerPong pong = COMMPB__PEER_PONG__INIT;
-
-				pong.sent_us = m->ping->sent_us;
-				out.body_case = COMMPB__PEER_MSG__BODY_PONG;
-				out.pong = &pong;
-				pr_send(fds[i], &out);
-			} else if (m->body_case != COMMPB__PEER_MSG__BODY_PONG || m->pong->sent_us != 1) {
-				*from = i;
-				return m;
-			}
-			commpb__peer_msg__free_unpacked(m, NULL);
-		}
-	}
-	return NULL;
-}
 
 /* What each member daemon told the test root. */
 struct h4_member {
@@ -195,21 +76,15 @@ static void h4_take(struct h4_member *m, int i, const Commpb__PeerMsg *in)
 /* Accept the nm members (1 or 2) and trade hellos; 0 or -1. */
 static int h4_accept(int lfd, struct h4_member *m, int nm)
 {
-	Commpb__PeerMsg out = COMMPB__PEER_MSG__INIT;
-	Commpb__PeerHello h = COMMPB__PEER_HELLO__INIT;
 	int fds[2];
 
-	h.version = PEER_VERSION;
-	h.node = "h4-test-root";
-	out.body_case = COMMPB__PEER_MSG__BODY_HELLO;
-	out.hello = &h;
 	for (int i = 0; i < nm; i++) {
 		struct pollfd pf = { .fd = lfd, .events = POLLIN };
 
 		if (poll(&pf, 1, 10000) <= 0 || (m[i].fd = accept(lfd, NULL, NULL)) < 0)
 			return -1;
 		fds[i] = m[i].fd;
-		pr_send(m[i].fd, &out);
+		pr_hello(m[i].fd, PEER_VERSION, "h4-test-root", NULL, 0);
 	}
 	while (!m[0].hello || !m[nm - 1].hello) {
 		int i;
@@ -470,16 +345,7 @@ static void h4_until(const struct h4_member *m, int nm, struct seen *s, int n, i
 /* Lines of d's log that say a stale message was dropped. */
 static int count_stale(const struct th_daemon *d)
 {
-	char line[1024];
-	FILE *f = fopen(d->log, "r");
-	int n = 0;
-
-	if (!f)
-		return -1;
-	while (fgets(line, sizeof line, f))
-		n += strstr(line, "stale") && strstr(line, "dropped") != NULL;
-	fclose(f);
-	return n;
+	return th_log_count(d, "stale", "dropped");
 }
 
 static void test_stale(void)
@@ -696,66 +562,26 @@ static void h4r_fail(int fd, uint32_t slot, const char *detail)
 	pr_send(fd, &out);
 }
 
-/* A took in everything the fake member sent so far: a ping answered. 0 or -1. */
-static int h4r_sync(int fd)
-{
-	pr_ping(fd, 4805);
-	for (;;) {
-		int i, got;
-		Commpb__PeerMsg *in = pr_next(&fd, 1, &i, 10000);
-
-		if (!in)
-			return -1;
-		got = in->body_case == COMMPB__PEER_MSG__BODY_PONG && in->pong->sent_us == 4805;
-		commpb__peer_msg__free_unpacked(in, NULL);
-		if (got)
-			return 0;
-	}
-}
-
-/* Lines of d's log with both a and b in them. */
-static int count_log(const struct th_daemon *d, const char *a, const char *b)
-{
-	char line[1024];
-	FILE *f = fopen(d->log, "r");
-	int n = 0;
-
-	if (!f)
-		return -1;
-	while (fgets(line, sizeof line, f))
-		n += strstr(line, a) && strstr(line, b) != NULL;
-	fclose(f);
-	return n;
-}
-
 static void test_stale_root(void)
 {
 	static const int of[N] = { 0, 0, 0, 0 };
 	const struct th_daemon *ds[1] = { &db };
 	struct seen *s = seen_new();
 	Commpb__PeerMsg out = COMMPB__PEER_MSG__INIT, *in;
-	Commpb__PeerHello h = COMMPB__PEER_HELLO__INIT;
 	Commpb__PeerJoin jn = COMMPB__PEER_JOIN__INIT;
-	struct sockaddr_in sa = { .sin_family = AF_INET };
 	struct timespec t0;
 	struct th_ranks rs;
 	uint8_t ucx[1024];
 	size_t ucx_len = 0;
 	uint64_t key = 0;
 	int32_t ranks[2] = { 2, 3 };
-	char token[64], port[16], bogus[32];
-	const char *colon = strrchr(da.peer, ':');
+	char token[64], bogus[32];
 	long fail_ms;
 	int fd, i, failed, ok, stale0 = count_stale(&da), n;
 
 	clock_gettime(CLOCK_MONOTONIC, &t0);
 	snprintf(bogus, sizeof bogus, "slot %u:", H4R_BOGUS);
-	REQUIRE(colon && (size_t)(colon - da.peer) < sizeof port, "commd A's peer address");
-	snprintf(port, sizeof port, "%s", colon + 1);
-	sa.sin_port = htons((uint16_t)atoi(port));
-	sa.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-	fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
-	REQUIRE(fd >= 0 && connect(fd, (struct sockaddr *)&sa, sizeof sa) == 0,
+	REQUIRE((fd = pr_connect(da.peer)) >= 0,
 		"h4root: the fake member could not connect to commd A at %s", da.peer);
 	/*
 	 * A's hello first; the fake member claims A's own UCX address (B's sends
@@ -776,13 +602,7 @@ static void test_stale_root(void)
 		}
 		commpb__peer_msg__free_unpacked(in, NULL);
 	}
-	h.version = PEER_VERSION;
-	h.node = "h4root-fake-member";
-	h.ucx_address.data = ucx;
-	h.ucx_address.len = ucx_len;
-	out.body_case = COMMPB__PEER_MSG__BODY_HELLO;
-	out.hello = &h;
-	pr_send(fd, &out);
+	pr_hello(fd, PEER_VERSION, "h4root-fake-member", ucx, ucx_len);
 
 	/* ranks 2 and 3 join through the fake member, 0 and 1 through B */
 	snprintf(token, sizeof token, "token-%s-%d", "h4root", (int)getpid());
@@ -858,7 +678,7 @@ static void test_stale_root(void)
 			  "COMM_ERR_PEER_LOST within %d ms with \"%s\"",
 		      r, comm_result_name((comm_result_t)s->rc[r]), ms, H4R_LIMIT_MS, H4R_DETAIL);
 	}
-	CHECK(h4r_sync(fd) == 0, "h4root: commd A did not answer a ping");
+	CHECK(pr_sync(fd) == 0, "h4root: commd A did not answer a ping");
 	n = count_stale(&da) - stale0;
 	printf("%s: commd A logged %d stale drops for the fake member's fail (want 0)\n",
 	       n == 0 ? "ok" : "FAIL", n);
@@ -866,9 +686,9 @@ static void test_stale_root(void)
 
 	/* a key-0 fail with a slot A never saw: dropped, said so */
 	h4r_fail(fd, H4R_BOGUS, "h4root: a fail for a slot the root never saw");
-	CHECK(h4r_sync(fd) == 0, "h4root: commd A did not answer a ping");
+	CHECK(pr_sync(fd) == 0, "h4root: commd A did not answer a ping");
 	n = count_stale(&da) - stale0;
-	ok = n == 1 && count_log(&da, "stale fail dropped", bogus) == 1;
+	ok = n == 1 && th_log_count(&da, "stale fail dropped", bogus) == 1;
 	printf("%s: a key-0 fail with slot %u the root never saw: commd A logged %d stale drop "
 	       "(want 1: \"stale fail dropped ... %s\")\n",
 	       ok ? "ok" : "FAIL", H4R_BOGUS, n, bogus);
@@ -890,23 +710,12 @@ static void test_stale_root(void)
  */
 static void test_old_version(void)
 {
-	Commpb__PeerMsg out = COMMPB__PEER_MSG__INIT, *in;
-	Commpb__PeerHello h = COMMPB__PEER_HELLO__INIT;
-	struct sockaddr_in sa = { .sin_family = AF_INET };
-	const char *colon = strrchr(da.peer, ':');
+	Commpb__PeerMsg *in;
 	int fd, closed = 0;
 
-	REQUIRE(colon, "commd A's peer address");
-	sa.sin_port = htons((uint16_t)atoi(colon + 1));
-	sa.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-	fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
-	REQUIRE(fd >= 0 && connect(fd, (struct sockaddr *)&sa, sizeof sa) == 0,
-		"old version: could not connect to commd A at %s", da.peer);
-	h.version = PEER_VERSION - 1;
-	h.node = "old-release";
-	out.body_case = COMMPB__PEER_MSG__BODY_HELLO;
-	out.hello = &h;
-	pr_send(fd, &out);
+	REQUIRE((fd = pr_connect(da.peer)) >= 0, "old version: could not connect to commd A at %s",
+		da.peer);
+	pr_hello(fd, PEER_VERSION - 1, "old-release", NULL, 0);
 	/* A's own hello may come first; then EOF */
 	for (int i = 0; i < 10 && !closed; i++) {
 		struct pollfd pf = { .fd = fd, .events = POLLIN };
@@ -921,7 +730,7 @@ static void test_old_version(void)
 	close(fd);
 	CHECK(closed, "old version: commd A kept the link of a peer speaking protocol %d",
 	      PEER_VERSION - 1);
-	CHECK(count_log(&da, "it speaks peer protocol 1,", "we speak 2") == 1,
+	CHECK(th_log_count(&da, "it speaks peer protocol 1,", "we speak 2") == 1,
 	      "old version: commd A did not log why it dropped the peer");
 	CHECK(th_daemon_alive(&da), "old version: commd A died");
 	printf("ok: a peer speaking protocol %d is dropped, the log says why\n", PEER_VERSION - 1);

@@ -55,6 +55,20 @@ void th_daemon_dump_log(const struct th_daemon *d)
 	fclose(f);
 }
 
+int th_log_count(const struct th_daemon *d, const char *a, const char *b)
+{
+	char line[2048];
+	FILE *f = fopen(d->log, "r");
+	int n = 0;
+
+	if (!f)
+		return -1;
+	while (fgets(line, sizeof line, f))
+		n += strstr(line, a) && strstr(line, b);
+	fclose(f);
+	return n;
+}
+
 int th_free_port(void)
 {
 	struct sockaddr_in sa = { .sin_family = AF_INET,

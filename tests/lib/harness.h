@@ -41,6 +41,8 @@ int th_daemon_stop(struct th_daemon *d);
 void th_daemon_cleanup(struct th_daemon *d);
 /* Print the daemon's log to stderr (for a failing test). */
 void th_daemon_dump_log(const struct th_daemon *d);
+/* Lines of the daemon's log with both a and b in them; -1 when it cannot be read. */
+int th_log_count(const struct th_daemon *d, const char *a, const char *b);
 /* Whether the daemon process is still alive; when not, says how it ended (once). */
 int th_daemon_alive(const struct th_daemon *d);
 

@@ -52,16 +52,7 @@ long mx_bystander_ops(void)
 
 int mx_log_has(const struct th_daemon *d, const char *s)
 {
-	char line[2048];
-	int found = 0;
-	FILE *f = fopen(d->log, "r");
-
-	if (!f)
-		return 0;
-	while (!found && fgets(line, sizeof line, f))
-		found = strstr(line, s) != NULL;
-	fclose(f);
-	return found;
+	return th_log_count(d, s, "") > 0;
 }
 
 /*
