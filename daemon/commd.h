@@ -315,6 +315,11 @@ void net_job_failed(struct job *j);
 void net_peer_lost(const void *addr, size_t len);
 /* Stop t (it cannot finish): it finishes with code and detail. */
 void net_task_cancel(struct task *t, comm_result_t code, const char *detail);
+/*
+ * What t does now, for status (loop thread): waiting for which nodes to post
+ * it, taking in this node's data, how many of a ring's chunks are in, ...
+ */
+void net_task_state(const struct task *t, char *buf, size_t len);
 
 /* --- topo.c, topo-discover.c: the node's GPUs, NICs, NUMA nodes, PCIe tree --- */
 

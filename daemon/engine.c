@@ -872,11 +872,14 @@ static void rank_list(const uint8_t *set, int n, char *buf, size_t len)
 	}
 }
 
-static const char *running_state(const struct job *j)
+static void running_state(const struct job *j, char *buf, size_t len)
 {
 	const struct task *t = j->running;
 
-	return t->gpu ? "running on the GPU worker" : t->net ? "running across daemons" : "running";
+	if (t->net && !t->gpu)
+		net_task_state(t, buf, len);
+	else
+		snprintf(buf, len, "%s", t->gpu ? "running on the GPU worker" : "running");
 }
 
 static struct inflight *inflight_add(struct inflight *out, int max, int *n, uint32_t *omitted)
@@ -976,7 +979,7 @@ int engine_inflight(struct job *j, struct inflight *out, int max, uint32_t *omit
 		rank_list(set, j->world, f->posted, sizeof f->posted);
 		rank_list(miss, j->world, f->missing, sizeof f->missing);
 		if (first->running && j->running) /* or queued on the GPU worker behind it */
-			snprintf(f->state, sizeof f->state, "%s", running_state(j));
+			running_state(j, f->state, sizeof f->state);
 		else if (any_missing)
 			snprintf(f->state, sizeof f->state, "waiting for rank%s %s",
 				 any_missing > 1 ? "s" : "", f->missing);

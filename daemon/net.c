@@ -108,7 +108,7 @@ struct nreq {
 	int recv;
 	size_t want;             /* recv: the bytes that must arrive, or ANY_LENGTH */
 	size_t *got;             /* recv: where to put the bytes that did, or NULL */
-	int node;                /* send: the node it goes to */
+	int node;                /* the node it goes to or comes from (-1: a ring chunk's recv) */
 	int ring;                /* a ring chunk's: recv, its slot; send, hop * RING_CHUNKS + chunk; else -1 */
 };
 
@@ -133,6 +133,10 @@ struct nep {
 };
 
 enum { S_START, S_VERDICT, S_RING, S_FINISH, S_P2P_DATA, S_P2P_END };
+
+/* What a task is doing, for status (net_task_state). */
+enum { SHOW_START, SHOW_VERDICTS, SHOW_LOCAL, SHOW_RING, SHOW_EXCHANGE, SHOW_WRITE };
+#define NODES_MAX 256 /* a job's nodes (peer.c refuses more): awaited's bits */
 
 /* A slot of rbuf for one chunk of a ring. */
 enum { SLOT_FREE, SLOT_POSTED, SLOT_ARRIVED };
@@ -187,6 +191,14 @@ struct net_task {
 	int left;                 /* chunks still to receive and take in */
 	uint64_t *sent;           /* [send_end]: bit c once hop h's send of chunk c ended */
 	int *pos;                 /* reduce-scatter, all-gather: each rank's block in nb (node-major) */
+	/*
+	 * For status on the loop thread (net_task_state), written here with
+	 * atomics: what it does (release: the fields it names are set), the
+	 * nodes whose message it awaits, and a ring's chunks taken in.
+	 */
+	int show;
+	uint64_t awaited[NODES_MAX / 64];
+	int show_in, show_all;
 };
 
 struct discard {
@@ -537,7 +549,24 @@ static void post_send(struct net_task *nt, int k, uint64_t tag, const void *buf,
 	}
 }
 
-static void post_recv_any(struct net_task *nt, uint64_t tag, void *buf, size_t len,
+static void show(struct net_task *nt, int what)
+{
+	__atomic_store_n(&nt->show, what, __ATOMIC_RELEASE);
+}
+
+/* Whether a message from node k is awaited (for status). */
+static void await_node(struct net_task *nt, int k, int on)
+{
+	uint64_t bit = 1ull << (k % 64);
+
+	if (on)
+		__atomic_or_fetch(&nt->awaited[k / 64], bit, __ATOMIC_RELAXED);
+	else
+		__atomic_and_fetch(&nt->awaited[k / 64], ~bit, __ATOMIC_RELAXED);
+}
+
+/* A receive of a message from node k (-1: a ring's chunk, which status counts instead). */
+static void post_recv_any(struct net_task *nt, int k, uint64_t tag, void *buf, size_t len,
 			  size_t want, size_t *got)
 {
 	/* always a request: reap reads the length that arrived from it */
@@ -549,19 +578,21 @@ static void post_recv_any(struct net_task *nt, uint64_t tag, void *buf, size_t l
 	r = ucp_tag_recv_nbx(N.worker, buf, len, tag, ~0ull, &rp);
 	if (UCS_PTR_IS_ERR(r) && (nt->fatal = 1))
 		fail(nt, COMM_ERR_INTERNAL, "UCX receive: %s", ucs_status_string(UCS_PTR_STATUS(r)));
-	else if (add_req(nt, r, buf, 1, want, got, -1) < 0) {
+	else if (add_req(nt, r, buf, 1, want, got, k) < 0) {
 		ucp_request_cancel(N.worker, r);
 		while (ucp_request_check_status(r) == UCS_INPROGRESS)
 			ucp_worker_progress(N.worker);
 		ucp_request_free(r);
 		nt->fatal = 1;
 		fail(nt, COMM_ERR_NO_MEMORY, "net: out of memory");
+	} else if (k >= 0) {
+		await_node(nt, k, 1);
 	}
 }
 
-static void post_recv(struct net_task *nt, uint64_t tag, void *buf, size_t len)
+static void post_recv(struct net_task *nt, int k, uint64_t tag, void *buf, size_t len)
 {
-	post_recv_any(nt, tag, buf, len, len, NULL);
+	post_recv_any(nt, k, tag, buf, len, len, NULL);
 }
 
 /* A ring chunk's request ended: its slot holds the chunk, or its hop's send of it is done. */
@@ -603,6 +634,8 @@ static int reap(struct net_task *nt)
 			ring_ended(nt, q->recv, q->ring);
 		if (!q->recv)
 			nt->ep[q->node]->busy--;
+		else if (q->node >= 0)
+			await_node(nt, q->node, 0);
 		ucp_request_free(q->h);
 		*q = nt->reqs[--nt->nreq];
 	}
@@ -812,7 +845,7 @@ static void ring_post(struct net_task *nt, int recv, uint64_t tag, void *buf, si
 	int before = nt->nreq;
 
 	if (recv)
-		post_recv(nt, tag, buf, len);
+		post_recv(nt, -1, tag, buf, len);
 	else
 		post_send(nt, nt->to, tag, buf, len);
 	if (nt->nreq > before)
@@ -893,6 +926,7 @@ static int ring_step(struct net_task *nt)
 			memcpy(nt->data + off, src, len);
 		sl->state = SLOT_FREE;
 		nt->left--;
+		__atomic_store_n(&nt->show_in, nt->show_all - nt->left, __ATOMIC_RELAXED);
 		if (h + 1 < nt->send_end)
 			ring_send(nt, h + 1, c);
 	}
@@ -904,6 +938,8 @@ static int ring_step(struct net_task *nt)
 static void ring_start(struct net_task *nt)
 {
 	nt->state = S_RING;
+	nt->show_all = nt->left;
+	show(nt, SHOW_RING);
 	if (!nt->data)
 		nt->data = nt->nb;
 	for (int c = 0; nt->send0 >= 0 && c < ring_nchunks(nt, ring_send_piece(nt, nt->send0)); c++)
@@ -1077,7 +1113,7 @@ static void alltoall_post(struct net_task *nt)
 		size_t len = (size_t)nt->d->nodes[k].nranks * (size_t)mine->nranks * bl;
 
 		if (k != nt->me)
-			post_recv(nt, ctag_from(nt, k, 1), nt->rbuf + ro, len);
+			post_recv(nt, k, ctag_from(nt, k, 1), nt->rbuf + ro, len);
 		ro += len;
 	}
 }
@@ -1299,6 +1335,7 @@ static int coll_step(struct net_task *nt)
 		}
 		memcpy(nt->hbuf + (size_t)me * HSLOT, &nt->out, sizeof nt->out);
 		nt->hlen[me] = sizeof nt->out;
+		show(nt, SHOW_VERDICTS);
 		if (nt->small)
 			small_pack(nt);
 		for (k = 0; k < nn; k++) {
@@ -1306,7 +1343,7 @@ static int coll_step(struct net_task *nt)
 				continue;
 			post_send(nt, k, ctag(nt, k, 0), nt->hbuf + (size_t)me * HSLOT,
 				  sizeof nt->out + (nt->small ? small_len(nt, me, k) : 0));
-			post_recv_any(nt, ctag_from(nt, k, 0), nt->hbuf + (size_t)k * HSLOT, HSLOT,
+			post_recv_any(nt, k, ctag_from(nt, k, 0), nt->hbuf + (size_t)k * HSLOT, HSLOT,
 				      ANY_LENGTH, &nt->hlen[k]);
 		}
 		nt->state = S_VERDICT;
@@ -1329,6 +1366,7 @@ static int coll_step(struct net_task *nt)
 			return 1;
 		if (nt->small)
 			return small_finish(nt);
+		show(nt, SHOW_LOCAL);
 		switch (t->type) {
 		case COMMPB__OP_TYPE__OP_ALLREDUCE:
 			local_reduce(nt, nt->nb, 0, t->count);
@@ -1362,6 +1400,7 @@ static int coll_step(struct net_task *nt)
 			ring_start(nt);
 			return 0;
 		case COMMPB__OP_TYPE__OP_ALLTOALL:
+			show(nt, SHOW_EXCHANGE);
 			alltoall_post(nt);
 			nt->state = S_FINISH;
 			return 0;
@@ -1401,7 +1440,8 @@ static int p2p_step(struct net_task *nt)
 			snprintf(nt->deferred_detail, sizeof nt->deferred_detail, "%s", t->detail);
 			nt->state = S_P2P_END;
 		} else {
-			post_recv(nt, TAG_P2P(slot, src, dst, t->cseq, 0), &nt->in[0], sizeof nt->in[0]);
+			post_recv(nt, pn, TAG_P2P(slot, src, dst, t->cseq, 0), &nt->in[0],
+				  sizeof nt->in[0]);
 			nt->state = S_P2P_DATA;
 		}
 		return 0;
@@ -1425,7 +1465,8 @@ static int p2p_step(struct net_task *nt)
 			 * cancel this receive).
 			 */
 			if (h->count && (nt->rbuf = buf_get(h->count, &nt->rbuf_cap)))
-				post_recv(nt, TAG_P2P(slot, src, dst, t->cseq, 1), nt->rbuf, h->count);
+				post_recv(nt, pn, TAG_P2P(slot, src, dst, t->cseq, 1), nt->rbuf,
+					  h->count);
 			nt->deferred = t->status == COMM_OK ? COMM_ERR_MISMATCH : t->status;
 			if (t->status == COMM_OK)
 				snprintf(nt->deferred_detail, sizeof nt->deferred_detail,
@@ -1437,7 +1478,7 @@ static int p2p_step(struct net_task *nt)
 			return 0;
 		}
 		if (t->count)
-			post_recv(nt, TAG_P2P(slot, src, dst, t->cseq, 1), t->out[0], t->count);
+			post_recv(nt, pn, TAG_P2P(slot, src, dst, t->cseq, 1), t->out[0], t->count);
 		nt->state = S_P2P_END;
 		return 0;
 	}
@@ -1628,6 +1669,7 @@ static int advance(struct net_task *nt, uint64_t now)
 	if (nt->status == COMM_OK && nt->state == S_RING) {
 		if (!ring_step(nt) || nt->status != COMM_OK)
 			return 0; /* a failure: stopped and ended on the next turn */
+		show(nt, SHOW_WRITE);
 		write_out(nt);
 		finish(nt);
 		return 1;
@@ -2187,6 +2229,87 @@ const char *net_why(void)
 	return N.why;
 }
 
+/* Node k's ranks, "2-3,7", as far as len allows (they are sorted). */
+static void node_ranks(const struct dist_node *dn, char *buf, size_t len)
+{
+	size_t off = 0;
+
+	buf[0] = 0;
+	for (int i = 0, e; i < dn->nranks && off < len; i = e + 1) {
+		int w;
+
+		for (e = i; e + 1 < dn->nranks && dn->ranks[e + 1] == dn->ranks[e] + 1; e++)
+			;
+		w = e > i ? snprintf(buf + off, len - off, "%s%d-%d", off ? "," : "", dn->ranks[i],
+				     dn->ranks[e])
+			  : snprintf(buf + off, len - off, "%s%d", off ? "," : "", dn->ranks[i]);
+		if (w < 0)
+			return;
+		off += (size_t)w;
+	}
+}
+
+void net_task_state(const struct task *t, char *buf, size_t len)
+{
+	const struct net_task *nt = t->nt;
+	const struct dist *d = t->job->dist;
+	char names[160] = "", ranks[64] = "";
+	int what, n = 0, one = -1;
+	size_t off = 0;
+
+	if (!nt) {
+		snprintf(buf, len, "running across daemons");
+		return;
+	}
+	what = __atomic_load_n(&nt->show, __ATOMIC_ACQUIRE);
+	for (int k = 0; k < nt->nn; k++) {
+		if (!(__atomic_load_n(&nt->awaited[k / 64], __ATOMIC_RELAXED) >> (k % 64) & 1))
+			continue;
+		if (n++ < 3 && off < sizeof names)
+			off += (size_t)snprintf(names + off, sizeof names - off, "%s%s",
+						off ? ", " : "", d->nodes[k].name);
+		one = k;
+	}
+	if (n > 3)
+		snprintf(names + (off < sizeof names ? off : sizeof names - 1),
+			 sizeof names - (off < sizeof names ? off : sizeof names - 1),
+			 " and %d more", n - 3);
+	if (n == 1)
+		node_ranks(&d->nodes[one], ranks, sizeof ranks);
+	switch (what) {
+	case SHOW_VERDICTS:
+		if (n == 1)
+			snprintf(buf, len, "across daemons: waiting for node %s (ranks %s) to post it",
+				 names, ranks);
+		else if (n)
+			snprintf(buf, len, "across daemons: waiting for nodes %s to post it", names);
+		else
+			snprintf(buf, len, "across daemons: every node posted it");
+		break;
+	case SHOW_LOCAL:
+		snprintf(buf, len, "across daemons: taking in this node's ranks' data");
+		break;
+	case SHOW_RING:
+		snprintf(buf, len, "across daemons: %d of %d chunks in from node %s",
+			 __atomic_load_n(&nt->show_in, __ATOMIC_RELAXED), nt->show_all,
+			 d->nodes[nt->from].name);
+		break;
+	case SHOW_EXCHANGE:
+		if (n)
+			snprintf(buf, len, "across daemons: waiting for data from node%s %s",
+				 n > 1 ? "s" : "", names);
+		else
+			snprintf(buf, len, "across daemons: exchanging data");
+		break;
+	case SHOW_WRITE:
+		snprintf(buf, len, "across daemons: writing the result to this node's ranks");
+		break;
+	default:
+		snprintf(buf, len, "running across daemons");
+		break;
+	}
+}
+
 #else /* !HAVE_UCX */
 
 void net_start(uv_loop_t *loop)
@@ -2245,6 +2368,12 @@ void net_peer_lost(const void *addr, size_t len)
 {
 	(void)addr;
 	(void)len;
+}
+
+void net_task_state(const struct task *t, char *buf, size_t len)
+{
+	(void)t;
+	snprintf(buf, len, "running across daemons");
 }
 
 void net_task_cancel(struct task *t, comm_result_t code, const char *detail)

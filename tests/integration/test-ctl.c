@@ -2,7 +2,8 @@
  * test-ctl.c: commctl against a real daemon with a job running: status and
  * jobs, as text and JSON, and its errors; and a job that hangs, which
  * `commctl jobs JOB` explains: the op, the ranks that posted it, the rank
- * that never did.
+ * that never did; over two daemons, on the one whose ranks all posted it,
+ * the node (and its ranks) it waits for.
  */
 #include <stdio.h>
 #include <stdlib.h>
@@ -115,6 +116,70 @@ static int ctl_as(char *out, size_t len, const char *regid, const char *args)
 	out[n] = '\0';
 	status = pclose(p);
 	return WIFEXITED(status) ? WEXITSTATUS(status) : -1;
+}
+
+/*
+ * span-job over commd A and B, ranks 0-1 on A and 2-3 on B: rank 3 holds
+ * back an all-reduce of 1000 int32 until span_go; each rank checks the sum.
+ */
+static int span_ready[2], span_go[2];
+
+static int rank_span(int rank, int n, void *arg)
+{
+	int32_t buf[1000];
+	char ch;
+	comm_t *c;
+	int rc = 0;
+
+	(void)arg;
+	for (int i = 0; i < 1000; i++)
+		buf[i] = rank * 1000 + i;
+	if (comm_init(&c, NULL) != COMM_OK)
+		return 1;
+	rc |= write(span_ready[1], "x", 1) != 1;
+	if (rank == 3)
+		rc |= read(span_go[0], &ch, 1) != 1;
+	rc |= comm_allreduce(c, buf, buf, 1000, COMM_INT32, COMM_SUM, NULL) != COMM_OK;
+	for (int i = 0; i < 1000; i++)
+		rc |= buf[i] != 1000 * (0 + 1 + 2 + 3) + n * i;
+	return rc | (comm_finalize(c) != COMM_OK);
+}
+
+static void test_span(void)
+{
+	static const int of[4] = { 0, 0, 1, 1 };
+	struct th_daemon a, b;
+	const struct th_daemon *ds[2] = { &a, &b };
+	struct th_ranks rs;
+	char out[8192], args[512], want[160], ch;
+	int seen = 0;
+
+	REQUIRE(th_daemon_start_peer(&a, NULL) == 0 && th_daemon_start_peer(&b, NULL) == 0,
+		"span: commd A and B did not start");
+	REQUIRE(pipe(span_ready) == 0 && pipe(span_go) == 0, "pipes");
+	REQUIRE(th_ranks_start_nodes(&rs, ds, of, a.peer, "span-job", 4, rank_span, NULL) == 0,
+		"span ranks");
+	for (int i = 0; i < 4; i++)
+		REQUIRE(read(span_ready[0], &ch, 1) == 1, "span rank %d not ready", i);
+	/* B's node name is HOST:PORT, its listener's port */
+	snprintf(want, sizeof want, ":%s (ranks 2-3) to post it", strrchr(b.peer, ':') + 1);
+	snprintf(args, sizeof args, "--socket %s jobs span-job", a.sock);
+	for (int i = 0; i < 100 && !seen; i++) {
+		CHECK(ctl(out, sizeof out, args) == 0, "jobs span-job on A: %s", out);
+		seen = strstr(out, "across daemons: waiting for node ") && strstr(out, want);
+		if (!seen)
+			usleep(50 * 1000);
+	}
+	printf("%s", out);
+	CHECK(seen && strstr(out, " 0-1 "), "on A, the all-reduce does not say it waits for node B "
+	      "(\"%s\"):\n%s", want, out);
+	snprintf(args, sizeof args, "--socket %s jobs span-job", b.sock);
+	CHECK(ctl(out, sizeof out, args) == 0 && strstr(out, "waiting for rank 3"),
+	      "on B, the all-reduce does not wait for rank 3:\n%s", out);
+	printf("%s", out);
+	CHECK(write(span_go[1], "x", 1) == 1, "span_go");
+	CHECK(th_ranks_wait(&rs) == 0, "span ranks failed");
+	CHECK(th_daemon_stop(&b) == 0 && th_daemon_stop(&a) == 0, "span: a daemon did not stop");
 }
 
 int main(void)
@@ -236,6 +301,8 @@ int main(void)
 		snprintf(args, sizeof args, "--socket %s jobs a b", d.sock);
 		CHECK(ctl(out, sizeof out, args) == 2, "jobs with two names accepted: %s", out);
 	}
+
+	test_span();
 
 	close(hold[1]);
 	CHECK(th_ranks_wait(&rs) == 0, "ranks failed");
