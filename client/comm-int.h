@@ -75,6 +75,7 @@ struct comm {
 	uint64_t next_id;
 	uint64_t next_seq;
 	struct seg *segs;
+	size_t keep;                /* bytes of emptied segments kept registered (COMM_KEEP_MB) */
 	struct comm_request *reqs;  /* outstanding, oldest first */
 	struct comm_request *reqs_tail;
 	uint64_t await_id;          /* a call waiting for its reply */

@@ -1,7 +1,10 @@
 /*
  * mem.c: comm_mem_alloc. Memory comes from a few large memfd segments,
  * sealed and registered with commd once each; blocks are carved out of them
- * first-fit, so a small allocation costs no system call.
+ * first-fit, so a small allocation costs no system call. Segments emptied
+ * are kept for the next blocks (a staged op's, of the same size as its
+ * last), up to COMM_KEEP_MB in all: making, registering and faulting in a
+ * segment cost far more than the copy a staged op makes.
  */
 #include <errno.h>
 #include <fcntl.h>
@@ -11,6 +14,9 @@
 #include <unistd.h>
 
 #include "comm-int.h"
+#include "util.h"
+
+#define KEEP_MB_DEFAULT 1024
 
 static size_t round_up(size_t n, size_t to)
 {
@@ -134,6 +140,51 @@ static void *seg_take(struct seg *s, size_t size)
 	return NULL;
 }
 
+/* Empty: one block, free. */
+static int seg_empty(const struct seg *s)
+{
+	return !s->blocks->used && !s->blocks->next;
+}
+
+/* Bytes of the empty segments kept, but the first (the list's last, always kept). */
+static size_t idle_bytes(const comm_t *c)
+{
+	size_t n = 0;
+
+	for (const struct seg *s = c->segs; s; s = s->next)
+		if (s->next && seg_empty(s))
+			n += s->size;
+	return n;
+}
+
+/* Give back the empty segments kept (but the first). */
+static void trim_idle(comm_t *c)
+{
+	for (struct seg **sp = &c->segs; *sp;) {
+		struct seg *s = *sp;
+
+		if (s->next && seg_empty(s)) {
+			*sp = s->next;
+			seg_free(c, s, 1);
+		} else {
+			sp = &s->next;
+		}
+	}
+}
+
+static size_t keep_bytes(comm_t *c)
+{
+	const char *v;
+	long mb;
+
+	if (!c->keep) {
+		v = getenv("COMM_KEEP_MB");
+		mb = v && parse_long_in(v, 0, 1L << 30, &mb) == 0 ? mb : KEEP_MB_DEFAULT;
+		c->keep = ((size_t)mb << 20) | 1; /* 1: read (not a whole MiB) */
+	}
+	return c->keep & ~(size_t)1;
+}
+
 COMM_API void *comm_mem_alloc(comm_t *c, size_t bytes)
 {
 	struct seg *s;
@@ -154,6 +205,8 @@ COMM_API void *comm_mem_alloc(comm_t *c, size_t bytes)
 	for (s = c->segs; s; s = s->next)
 		if ((p = seg_take(s, size)))
 			return p;
+	/* the empty ones kept are too small for it: given back first (the job's quota) */
+	trim_idle(c);
 	s = seg_new(c, size > SEG_MIN_BYTES ? round_up(size, 2u << 20) : SEG_MIN_BYTES);
 	if (!s)
 		return NULL;
@@ -195,8 +248,8 @@ COMM_API comm_result_t comm_mem_free(comm_t *c, void *ptr)
 			prev->next = b->next;
 			free(b);
 		}
-		/* Keep the first segment for reuse; give back others once empty. */
-		if (!s->blocks->used && !s->blocks->next && s->next) {
+		/* the first segment is kept; others once empty while they fit in keep */
+		if (s->next && seg_empty(s) && idle_bytes(c) > keep_bytes(c)) {
 			*sp = s->next;
 			seg_free(c, s, 1);
 		}

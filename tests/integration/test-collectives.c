@@ -381,6 +381,99 @@ static void test_staged(const struct th_daemon *d)
 	run_plan(d, &p);
 }
 
+/*
+ * Staging segments kept: two ranks all-reduce malloc'd buffers past the
+ * 64 MiB first segment, so each op stages through a segment of its own.
+ * After each op (a barrier: both ranks are past it), rank 0 counts the
+ * segments commd maps: with COMM_KEEP_MB at its default, the op's
+ * segments stay for the next op of that size (no growth from op to op);
+ * at 0 each is given back at once; at 100, one of an out-of-place op's two
+ * 96 MiB segments; and a larger op first gives back kept ones too small.
+ */
+#define KEEP_COUNT (24u << 20)  /* float32: 96 MiB */
+#define KEEP_LARGER (40u << 20) /* float32: 160 MiB */
+
+struct keep_case {
+	const char *keep_mb;    /* COMM_KEEP_MB; NULL: unset */
+	int oop;
+	int maps[3];            /* commd's memfd maps after ops of KEEP_COUNT, KEEP_COUNT, KEEP_LARGER */
+};
+
+static int keep_step(comm_t *c, const struct keep_case *k, size_t count, int r, int n,
+		     const struct th_daemon *d, int want)
+{
+	float *x = malloc(count * sizeof *x), *y = k->oop ? malloc(count * sizeof *y) : x;
+	int bad = 0, maps;
+
+	if (!x || !y)
+		return 1;
+	for (size_t i = 0; i < count; i += 4096)
+		x[i] = (float)(r + 1);
+	if (comm_allreduce(c, x, y, count, COMM_FLOAT32, COMM_SUM, NULL) != COMM_OK ||
+	    comm_barrier(c, NULL) != COMM_OK)
+		bad = 1;
+	for (size_t i = 0; i < count && !bad; i += 4096)
+		bad = y[i] != (float)(n * (n + 1) / 2);
+	if (r == 0 && !bad && (maps = th_count_memfd_maps(d->pid)) != want) {
+		fprintf(stderr, "COMM_KEEP_MB %s, %s, %zu MiB: commd maps %d segments, want %d\n",
+			k->keep_mb ? k->keep_mb : "unset", k->oop ? "out of place" : "in place",
+			count >> 18, maps, want);
+		bad = 1;
+	}
+	bad |= comm_barrier(c, NULL) != COMM_OK;
+	if (k->oop)
+		free(y);
+	free(x);
+	return bad;
+}
+
+static const struct th_daemon *keep_daemon;
+
+static int rank_keep(int r, int n, void *arg)
+{
+	const struct keep_case *k = arg;
+	comm_t *c;
+	int bad;
+
+	if (th_join(&c, r, n) < 0)
+		return 1;
+	bad = keep_step(c, k, KEEP_COUNT, r, n, keep_daemon, k->maps[0]) ||
+	      keep_step(c, k, KEEP_COUNT, r, n, keep_daemon, k->maps[1]) ||
+	      keep_step(c, k, KEEP_LARGER, r, n, keep_daemon, k->maps[2]);
+	return bad ? th_bail(c) : th_leave(c, r);
+}
+
+static void test_keep(const struct th_daemon *d)
+{
+	/* two ranks: each maps its first segment, and what it keeps */
+	static const struct keep_case cases[] = {
+		{ NULL, 0, { 4, 4, 4 } },   /* one 96 MiB kept; the 160 MiB one replaces it */
+		{ NULL, 1, { 6, 6, 6 } },   /* two kept; too small for 160 MiB: two of those instead */
+		{ "0", 0, { 2, 2, 2 } },    /* none kept */
+		{ "100", 1, { 4, 4, 2 } },  /* one of two; 160 MiB is past 100 MiB */
+	};
+	char job[64];
+
+	keep_daemon = d;
+	for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
+		const struct keep_case *k = &cases[i];
+		int failed;
+
+		if (k->keep_mb)
+			setenv("COMM_KEEP_MB", k->keep_mb, 1);
+		job_name(job, sizeof job, "keep");
+		failed = th_run_ranks(d, job, 2, rank_keep, (void *)k);
+		unsetenv("COMM_KEEP_MB");
+		CHECK(failed == 0, "staging segments kept, COMM_KEEP_MB %s, %s: %d ranks failed",
+		      k->keep_mb ? k->keep_mb : "unset", k->oop ? "out of place" : "in place",
+		      failed);
+		printf("%s: staged all-reduces of 96, 96, 160 MiB, %s, COMM_KEEP_MB %s: commd maps "
+		       "%d, %d, %d segments after them\n",
+		       failed ? "FAIL" : "ok", k->oop ? "out of place" : "in place",
+		       k->keep_mb ? k->keep_mb : "unset", k->maps[0], k->maps[1], k->maps[2]);
+	}
+}
+
 /* --- the reference workload ----------------------------------------------- */
 
 static int check_floats(int r, const char *what, const float *got, const float *want, int n)
@@ -952,6 +1045,7 @@ int main(void)
 	test_other_sizes(&d);
 	test_in_place(&d);
 	test_staged(&d);
+	test_keep(&d);
 	test_outstanding(&d);
 	test_two_jobs(&d);
 	test_mem(&d);
