@@ -179,10 +179,9 @@ struct net_task {
 	 * A pipelined ring or chain (S_RING, ring_alloc): an all-reduce's, a
 	 * reduce-scatter's, an all-gather's ring; a broadcast's or reduce's chain
 	 */
-	uint8_t *data;            /* what it works on: nb, or a rank's buffer (direct) */
-	int direct;               /* chunks arrive straight in data, no rbuf (place_direct) */
+	uint8_t *data;            /* what it works on: nb, or a broadcast's rank buffer */
 	int from, to;             /* the nodes it receives from and sends to */
-	struct ring_slot *slots;  /* [nslots], chunk bytes each in rbuf (direct: in data) */
+	struct ring_slot *slots;  /* [nslots], chunk bytes each in rbuf (a broadcast's: in data) */
 	int nslots;
 	size_t chunk;
 	int h0, hops;             /* the hops it receives: h0 .. hops - 1 */
@@ -798,6 +797,15 @@ static int ring_alloc(struct net_task *nt)
 		nt->send0 = at ? -1 : 0;
 		nt->send_end = nn - 1;
 	}
+	if (nt->t->type == COMMPB__OP_TYPE__OP_REDUCE_SCATTER ||
+	    nt->t->type == COMMPB__OP_TYPE__OP_ALLGATHER) {
+		/* each rank's block in nb: node by node, in rank order within a node */
+		if (!(nt->pos = calloc((size_t)nt->j->world, sizeof *nt->pos)))
+			return -1;
+		for (int k = 0, b = 0; k < nn; k++)
+			for (int i = 0; i < nt->d->nodes[k].nranks; i++)
+				nt->pos[nt->d->nodes[k].ranks[i]] = b++;
+	}
 	for (int k = 0; k < nn; k++) {
 		ring_piece(nt, k, &po, &pl);
 		most = pl > most ? pl : most;
@@ -814,29 +822,11 @@ static int ring_alloc(struct net_task *nt)
 	if (!(nt->slots = calloc((size_t)round_up((size_t)nt->nslots), sizeof *nt->slots)) ||
 	    !(nt->sent = calloc(round_up((size_t)nt->send_end), sizeof *nt->sent)))
 		return -1;
-	if (!nt->direct &&
+	/* a broadcast's chunks arrive in place */
+	if (nt->t->type != COMMPB__OP_TYPE__OP_BROADCAST &&
 	    !(nt->rbuf = buf_get(round_up((size_t)nt->nslots * nt->chunk), &nt->rbuf_cap)))
 		return -1;
 	return 0;
-}
-
-/*
- * Whether the ring's chunks can arrive straight in a rank's buffer rather
- * than through rbuf and nb: a broadcast's, in the first rank's (or the root
- * sends from its own); an all-gather's, in the first rank's output when
- * every node holds a run of ranks in node order (pos[r] == r: the usual
- * case), so that nb's layout is the output's.
- */
-static int place_direct(const struct net_task *nt)
-{
-	if (nt->t->type == COMMPB__OP_TYPE__OP_BROADCAST)
-		return 1;
-	if (nt->t->type != COMMPB__OP_TYPE__OP_ALLGATHER)
-		return 0;
-	for (int r = 0; r < nt->j->world; r++)
-		if (nt->pos[r] != r)
-			return 0;
-	return 1;
 }
 
 /* Post a ring chunk's send (to node to) or receive; id: what ring_ended gets. */
@@ -917,8 +907,8 @@ static int ring_step(struct net_task *nt)
 		     !(nt->sent[h + 1 - nn] >> c & 1)))
 			continue;
 		ring_chunk(nt, ring_recv_piece(nt, h), c, &off, &len);
-		if (nt->direct)
-			; /* it arrived in place */
+		if (t->type == COMMPB__OP_TYPE__OP_BROADCAST)
+			;
 		else if (t->type == COMMPB__OP_TYPE__OP_REDUCE || (!chain && h < nn - 1))
 			reduce_acc((comm_dtype_t)t->dtype, (comm_redop_t)t->redop, nt->data + off, src,
 				   len / t->esize);
@@ -967,7 +957,7 @@ static int alloc_buffers(struct net_task *nt)
 	case COMMPB__OP_TYPE__OP_ALLGATHER:
 		need_nb = bl * (size_t)nt->j->world;
 		break;
-	case COMMPB__OP_TYPE__OP_BROADCAST:
+	case COMMPB__OP_TYPE__OP_BROADCAST: /* received straight into the first rank's buffer */
 		need_nb = 0;
 		break;
 	default: /* a barrier: verdicts alone */
@@ -976,17 +966,6 @@ static int alloc_buffers(struct net_task *nt)
 	/* the others run a ring or a chain */
 	if (!bl)
 		return 0;
-	if (t->type == COMMPB__OP_TYPE__OP_REDUCE_SCATTER ||
-	    t->type == COMMPB__OP_TYPE__OP_ALLGATHER) {
-		/* each rank's block in nb: node by node, in rank order within a node */
-		if (!(nt->pos = calloc((size_t)nt->j->world, sizeof *nt->pos)))
-			return -1;
-		for (int k = 0, b = 0; k < nt->nn; k++)
-			for (int i = 0; i < nt->d->nodes[k].nranks; i++)
-				nt->pos[nt->d->nodes[k].ranks[i]] = b++;
-	}
-	if ((nt->direct = place_direct(nt)))
-		need_nb = 0;
 	if (need_nb && !(nt->nb = buf_get(need_nb, &nt->nb_cap)))
 		return -1;
 	return ring_alloc(nt);
@@ -1076,12 +1055,10 @@ static void write_out(struct net_task *nt)
 				memcpy(t->out[r], nt->data, bl);
 			break;
 		case COMMPB__OP_TYPE__OP_ALLGATHER:
-			if (t->out[r] == nt->data) /* the buffer the ring filled */
-				break;
 			/* back in rank order: in runs of ranks whose blocks follow each other */
 			for (int a = 0, e; a < nt->j->world; a = e) {
 				e = run_end(nt, a);
-				memcpy(t->out[r] + (size_t)a * bl, nt->data + (size_t)nt->pos[a] * bl,
+				memcpy(t->out[r] + (size_t)a * bl, nt->nb + (size_t)nt->pos[a] * bl,
 				       (size_t)(e - a) * bl);
 			}
 			break;
@@ -1382,12 +1359,9 @@ static int coll_step(struct net_task *nt)
 			ring_start(nt);
 			return 0;
 		case COMMPB__OP_TYPE__OP_ALLGATHER:
-			/* the node's blocks to their places: in nb, or the first rank's output */
-			nt->data = nt->direct ? t->out[nt->first] : nt->nb;
 			for (int r = 0; r < nt->j->world; r++)
-				if (t->in[r] && dist_local(nt->j, r) &&
-				    t->in[r] != nt->data + (size_t)nt->pos[r] * bl)
-					memmove(nt->data + (size_t)nt->pos[r] * bl, t->in[r], bl);
+				if (t->in[r] && dist_local(nt->j, r))
+					memcpy(nt->nb + (size_t)nt->pos[r] * bl, t->in[r], bl);
 			ring_start(nt);
 			return 0;
 		case COMMPB__OP_TYPE__OP_BROADCAST:
