@@ -115,6 +115,8 @@ int mem_owned(comm_t *c, const void *p);
 /* Tell commd to drop registration mem_id (FreeMem), unless the comm is broken. */
 void mem_forget(comm_t *c, uint64_t mem_id);
 void mem_free_all(comm_t *c);
+/* COMM_KEEP_MB into c->keep. */
+void mem_init(comm_t *c);
 
 /* ring.c */
 /* Attach a submission ring if commd takes one (COMM_RING=0: never). */

@@ -370,6 +370,7 @@ COMM_API comm_result_t comm_init(comm_t **out, const comm_config_t *config)
 	c->ring_efd = -1;
 	c->next_id = 1;
 	c->next_seq = 1;
+	mem_init(c);
 	frame_reader_init(&c->rd);
 	rc = resolve_config(config, &cfg, jobbuf, sizeof jobbuf, rootbuf, sizeof rootbuf,
 			    c->last_error, sizeof c->last_error);

@@ -172,17 +172,35 @@ static void trim_idle(comm_t *c)
 	}
 }
 
-static size_t keep_bytes(comm_t *c)
+void mem_init(comm_t *c)
 {
-	const char *v;
+	const char *v = getenv("COMM_KEEP_MB");
 	long mb;
 
-	if (!c->keep) {
-		v = getenv("COMM_KEEP_MB");
-		mb = v && parse_long_in(v, 0, 1L << 30, &mb) == 0 ? mb : KEEP_MB_DEFAULT;
-		c->keep = ((size_t)mb << 20) | 1; /* 1: read (not a whole MiB) */
+	if (!v || parse_long_in(v, 0, 1L << 30, &mb) < 0)
+		mb = KEEP_MB_DEFAULT;
+	c->keep = (size_t)mb << 20;
+}
+
+/*
+ * A block of size bytes from a segment in use or the first, else from the
+ * smallest empty one kept that it fits in: a large one kept stays whole for
+ * the op it was made for, rather than take small blocks that would pin it.
+ */
+static void *take(comm_t *c, size_t size)
+{
+	struct seg *best = NULL;
+	void *p;
+
+	for (struct seg *s = c->segs; s; s = s->next) {
+		if (s->next && seg_empty(s)) {
+			if (s->size >= size && (!best || s->size < best->size))
+				best = s;
+		} else if ((p = seg_take(s, size))) {
+			return p;
+		}
 	}
-	return c->keep & ~(size_t)1;
+	return best ? seg_take(best, size) : NULL;
 }
 
 COMM_API void *comm_mem_alloc(comm_t *c, size_t bytes)
@@ -202,9 +220,8 @@ COMM_API void *comm_mem_alloc(comm_t *c, size_t bytes)
 		return NULL;
 	}
 	size = round_up(bytes, SEG_ALIGN);
-	for (s = c->segs; s; s = s->next)
-		if ((p = seg_take(s, size)))
-			return p;
+	if ((p = take(c, size)))
+		return p;
 	/* the empty ones kept are too small for it: given back first (the job's quota) */
 	trim_idle(c);
 	s = seg_new(c, size > SEG_MIN_BYTES ? round_up(size, 2u << 20) : SEG_MIN_BYTES);
@@ -249,7 +266,7 @@ COMM_API comm_result_t comm_mem_free(comm_t *c, void *ptr)
 			free(b);
 		}
 		/* the first segment is kept; others once empty while they fit in keep */
-		if (s->next && seg_empty(s) && idle_bytes(c) > keep_bytes(c)) {
+		if (s->next && seg_empty(s) && idle_bytes(c) > c->keep) {
 			*sp = s->next;
 			seg_free(c, s, 1);
 		}

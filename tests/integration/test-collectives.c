@@ -389,6 +389,8 @@ static void test_staged(const struct th_daemon *d)
  * segments stay for the next op of that size (no growth from op to op);
  * at 0 each is given back at once; at 100, one of an out-of-place op's two
  * 96 MiB segments; and a larger op first gives back kept ones too small.
+ * After each op the rank takes a small comm_mem_alloc block and keeps it:
+ * it must not land in (and pin) a segment kept for the next op.
  */
 #define KEEP_COUNT (24u << 20)  /* float32: 96 MiB */
 #define KEEP_LARGER (40u << 20) /* float32: 160 MiB */
@@ -421,6 +423,7 @@ static int keep_step(comm_t *c, const struct keep_case *k, size_t count, int r, 
 		bad = 1;
 	}
 	bad |= comm_barrier(c, NULL) != COMM_OK;
+	bad |= comm_mem_alloc(c, 4096) == NULL; /* freed at comm_finalize */
 	if (k->oop)
 		free(y);
 	free(x);
