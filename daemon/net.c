@@ -108,7 +108,7 @@ struct nreq {
 	int recv;
 	size_t want;             /* recv: the bytes that must arrive, or ANY_LENGTH */
 	size_t *got;             /* recv: where to put the bytes that did, or NULL */
-	int node;                /* the node it goes to or comes from (-1: a ring chunk's recv) */
+	int node;                /* the node it goes to or comes from (a recv: -1, see post_recv_any) */
 	int ring;                /* a ring chunk's: recv, its slot; send, hop * RING_CHUNKS + chunk; else -1 */
 };
 
@@ -135,7 +135,7 @@ struct nep {
 enum { S_START, S_VERDICT, S_RING, S_FINISH, S_P2P_DATA, S_P2P_END };
 
 /* What a task is doing, for status (net_task_state). */
-enum { SHOW_START, SHOW_VERDICTS, SHOW_LOCAL, SHOW_RING, SHOW_EXCHANGE, SHOW_WRITE };
+enum { SHOW_START, SHOW_VERDICTS, SHOW_LOCAL, SHOW_RING, SHOW_EXCHANGE, SHOW_WRITE, SHOW_STOPPING };
 #define NODES_MAX 256 /* a job's nodes (peer.c refuses more): awaited's bits */
 
 /* A slot of rbuf for one chunk of a ring. */
@@ -564,7 +564,10 @@ static void await_node(struct net_task *nt, int k, int on)
 		__atomic_and_fetch(&nt->awaited[k / 64], ~bit, __ATOMIC_RELAXED);
 }
 
-/* A receive of a message from node k (-1: a ring's chunk, which status counts instead). */
+/*
+ * A receive of a message from node k, which status shows as awaited; -1:
+ * not (a ring's chunk, which it counts instead; a send/recv's).
+ */
 static void post_recv_any(struct net_task *nt, int k, uint64_t tag, void *buf, size_t len,
 			  size_t want, size_t *got)
 {
@@ -1414,7 +1417,7 @@ static int p2p_step(struct net_task *nt)
 			snprintf(nt->deferred_detail, sizeof nt->deferred_detail, "%s", t->detail);
 			nt->state = S_P2P_END;
 		} else {
-			post_recv(nt, pn, TAG_P2P(slot, src, dst, t->cseq, 0), &nt->in[0],
+			post_recv(nt, -1, TAG_P2P(slot, src, dst, t->cseq, 0), &nt->in[0],
 				  sizeof nt->in[0]);
 			nt->state = S_P2P_DATA;
 		}
@@ -1439,7 +1442,7 @@ static int p2p_step(struct net_task *nt)
 			 * cancel this receive).
 			 */
 			if (h->count && (nt->rbuf = buf_get(h->count, &nt->rbuf_cap)))
-				post_recv(nt, pn, TAG_P2P(slot, src, dst, t->cseq, 1), nt->rbuf,
+				post_recv(nt, -1, TAG_P2P(slot, src, dst, t->cseq, 1), nt->rbuf,
 					  h->count);
 			nt->deferred = t->status == COMM_OK ? COMM_ERR_MISMATCH : t->status;
 			if (t->status == COMM_OK)
@@ -1452,7 +1455,7 @@ static int p2p_step(struct net_task *nt)
 			return 0;
 		}
 		if (t->count)
-			post_recv(nt, pn, TAG_P2P(slot, src, dst, t->cseq, 1), t->out[0], t->count);
+			post_recv(nt, -1, TAG_P2P(slot, src, dst, t->cseq, 1), t->out[0], t->count);
 		nt->state = S_P2P_END;
 		return 0;
 	}
@@ -1635,6 +1638,7 @@ static int advance(struct net_task *nt, uint64_t now)
 		/* what is still to come from the others will not be waited for */
 		nt->stopping = 1;
 		nt->stop_ms = now;
+		show(nt, SHOW_STOPPING);
 		for (int i = 0; i < nt->nreq; i++)
 			if (nt->reqs[i].recv)
 				ucp_request_cancel(N.worker, nt->reqs[i].h);
@@ -2264,9 +2268,13 @@ void net_task_state(const struct task *t, char *buf, size_t len)
 		snprintf(buf, len, "across daemons: taking in this node's ranks' data");
 		break;
 	case SHOW_RING:
-		snprintf(buf, len, "across daemons: %d of %d chunks in from node %s",
-			 __atomic_load_n(&nt->show_in, __ATOMIC_RELAXED), nt->show_all,
-			 d->nodes[nt->from].name);
+		if (nt->show_all) /* a chain's first node receives nothing */
+			snprintf(buf, len, "across daemons: %d of %d chunks in from node %s",
+				 __atomic_load_n(&nt->show_in, __ATOMIC_RELAXED), nt->show_all,
+				 d->nodes[nt->from].name);
+		else
+			snprintf(buf, len, "across daemons: sending to node %s",
+				 d->nodes[nt->to].name);
 		break;
 	case SHOW_EXCHANGE:
 		if (n)
@@ -2277,6 +2285,9 @@ void net_task_state(const struct task *t, char *buf, size_t len)
 		break;
 	case SHOW_WRITE:
 		snprintf(buf, len, "across daemons: writing the result to this node's ranks");
+		break;
+	case SHOW_STOPPING:
+		snprintf(buf, len, "across daemons: failed, ending the transfers under way");
 		break;
 	default:
 		snprintf(buf, len, "running across daemons");

@@ -1035,7 +1035,7 @@ static void peer_lost(struct peer *p, const char *fmt, ...)
 	p->state = P_LOST;
 	p->since_ms = now_ms();
 	if (stranger(p))
-		log_info("peer listener: %s dropped before its hello: %s", p->addr, p->why);
+		log_info("peer listener: %s dropped before a hello was accepted: %s", p->addr, p->why);
 	else
 		log_info("peer %s (%s): lost: %s", *p->node ? p->node : "?", p->addr, p->why);
 	if (p->ucx_len)

@@ -53,19 +53,21 @@ static int hello_link(const struct th_daemon *d, const char *node)
 	return fd;
 }
 
+#define DROPPED "dropped before a hello was accepted" /* commd's log line */
+
 /* Send raw bytes on a new link to A; check A drops it within DROP_MS, logging why. */
 static void row_dropped(const char *what, const void *bytes, size_t len, const char *why)
 {
-	int fd = pr_connect(da.peer), before = th_log_count(&da, "dropped before its hello", why);
+	int fd = pr_connect(da.peer), before = th_log_count(&da, DROPPED, why);
 
 	REQUIRE(fd >= 0, "%s: could not connect to commd A at %s", what, da.peer);
 	if (len)
 		pr_send_raw(fd, bytes, len);
 	CHECK(pr_closed_within(fd, DROP_MS), "%s: commd A kept the link %d ms", what, DROP_MS);
 	close(fd);
-	for (int i = 0; i < 50 && th_log_count(&da, "dropped before its hello", why) == before; i++)
+	for (int i = 0; i < 50 && th_log_count(&da, DROPPED, why) == before; i++)
 		usleep(20000);
-	CHECK(th_log_count(&da, "dropped before its hello", why) == before + 1,
+	CHECK(th_log_count(&da, DROPPED, why) == before + 1,
 	      "%s: commd A did not log \"%s\"", what, why);
 	printf("%s: %s: dropped, logged \"%s\"\n", check_failures ? "FAIL" : "ok", what, why);
 }
@@ -134,7 +136,7 @@ static void test_frames(void)
 	CHECK(pr_closed_within(fd, DROP_MS), "a leave before any hello: commd A kept the link");
 	close(fd);
 	usleep(200000);
-	CHECK(th_log_count(&da, "before its hello", "the first message was not a hello") == 1,
+	CHECK(th_log_count(&da, DROPPED, "the first message was not a hello") == 1,
 	      "a leave before any hello: not logged");
 	printf("%s: a leave before any hello: dropped\n", check_failures ? "FAIL" : "ok");
 
