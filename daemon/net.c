@@ -16,9 +16,10 @@
  * device memory the verdicts are all there is here (node 0's carries the
  * job's NCCL id); the GPU workers then run it with NCCL (gpu.c). A
  * send/recv goes from the sender's daemon to the receiver's: a header
- * (status, size), then the data, received straight into the rank's buffer
- * (device memory: into a staging buffer, which the GPU worker copies from,
- * gpu.c).
+ * (status, size), then the data, received into a staging buffer and copied
+ * into the rank's (device memory: into commd's staging buffer, which the
+ * GPU worker copies from, gpu.c). Nothing is received straight into a
+ * rank's memory: see ring_alloc.
  *
  * Tags (64 bits) are in the receiver's namespace: its slot for the job,
  * then for a collective the sending node, the collective's number and the
@@ -181,7 +182,7 @@ struct net_task {
 	 */
 	uint8_t *data;            /* what it works on: nb, or a broadcast's rank buffer */
 	int from, to;             /* the nodes it receives from and sends to */
-	struct ring_slot *slots;  /* [nslots], chunk bytes each in rbuf (a broadcast's: in data) */
+	struct ring_slot *slots;  /* [nslots], chunk bytes each in rbuf */
 	int nslots;
 	size_t chunk;
 	int h0, hops;             /* the hops it receives: h0 .. hops - 1 */
@@ -825,9 +826,13 @@ static int ring_alloc(struct net_task *nt)
 	if (!(nt->slots = calloc((size_t)round_up((size_t)nt->nslots), sizeof *nt->slots)) ||
 	    !(nt->sent = calloc(round_up((size_t)nt->send_end), sizeof *nt->sent)))
 		return -1;
-	/* a broadcast's chunks arrive in place */
-	if (nt->t->type != COMMPB__OP_TYPE__OP_BROADCAST &&
-	    !(nt->rbuf = buf_get(round_up((size_t)nt->nslots * nt->chunk), &nt->rbuf_cap)))
+	/*
+	 * Chunks arrive in rbuf, never straight in a rank's memory: a receive
+	 * UCX has matched cannot be cancelled, and one in a staging buffer can
+	 * be left to UCX (a leftover) when the task stops, where one in a rank's
+	 * memory would hold the task, and its ranks' answer, until UCX ends it.
+	 */
+	if (!(nt->rbuf = buf_get(round_up((size_t)nt->nslots * nt->chunk), &nt->rbuf_cap)))
 		return -1;
 	return 0;
 }
@@ -881,17 +886,17 @@ static void ring_post_recvs(struct net_task *nt)
 		sl->state = SLOT_POSTED;
 		ring_chunk(nt, ring_recv_piece(nt, sl->h), sl->c, &off, &len);
 		ring_post(nt, 1, ctag_from(nt, nt->from, RING_STEP(sl->h, sl->c)),
-			  nt->rbuf ? nt->rbuf + (size_t)i * nt->chunk : nt->data + off, len, i);
+			  nt->rbuf + (size_t)i * nt->chunk, len, i);
 	}
 }
 
 /*
  * Take in the chunks that arrived: combined into nb in the reduce-scatter
  * hops (h < nn - 1) and a reduce's, stored in the all-gather ones (a
- * broadcast's arrived in place), and sent on at once for the next hop. In
- * an all-reduce, a store waits until the send that read that place in nb,
- * nn - 1 hops before, has ended. 1 once every chunk is in and every send
- * has ended (or the task failed).
+ * broadcast's in the rank's buffer it fills), and sent on at once for the
+ * next hop. In an all-reduce, a store waits until the send that read that
+ * place in nb, nn - 1 hops before, has ended. 1 once every chunk is in and
+ * every send has ended (or the task failed).
  */
 static int ring_step(struct net_task *nt)
 {
@@ -901,7 +906,7 @@ static int ring_step(struct net_task *nt)
 
 	for (int i = 0; i < nt->nslots && nt->status == COMM_OK; i++) {
 		struct ring_slot *sl = &nt->slots[i];
-		const uint8_t *src = nt->rbuf ? nt->rbuf + (size_t)i * nt->chunk : NULL;
+		const uint8_t *src = nt->rbuf + (size_t)i * nt->chunk;
 		int h = sl->h, c = sl->c;
 		size_t off, len;
 
@@ -910,9 +915,7 @@ static int ring_step(struct net_task *nt)
 		     !(nt->sent[h + 1 - nn] >> c & 1)))
 			continue;
 		ring_chunk(nt, ring_recv_piece(nt, h), c, &off, &len);
-		if (t->type == COMMPB__OP_TYPE__OP_BROADCAST)
-			;
-		else if (t->type == COMMPB__OP_TYPE__OP_REDUCE || (!chain && h < nn - 1))
+		if (t->type == COMMPB__OP_TYPE__OP_REDUCE || (!chain && h < nn - 1))
 			reduce_acc((comm_dtype_t)t->dtype, (comm_redop_t)t->redop, nt->data + off, src,
 				   len / t->esize);
 		else
@@ -960,7 +963,7 @@ static int alloc_buffers(struct net_task *nt)
 	case COMMPB__OP_TYPE__OP_ALLGATHER:
 		need_nb = bl * (size_t)nt->j->world;
 		break;
-	case COMMPB__OP_TYPE__OP_BROADCAST: /* received straight into the first rank's buffer */
+	case COMMPB__OP_TYPE__OP_BROADCAST: /* copied into the first rank's buffer */
 		need_nb = 0;
 		break;
 	default: /* a barrier: verdicts alone */
@@ -1454,14 +1457,22 @@ static int p2p_step(struct net_task *nt)
 			nt->state = S_P2P_END;
 			return 0;
 		}
+		/* through rbuf, as a ring's chunks (ring_alloc), then into place */
+		if (t->count && !(nt->rbuf = buf_get(t->count, &nt->rbuf_cap))) {
+			nt->fatal = 1; /* the sender's data would linger */
+			fail(nt, COMM_ERR_NO_MEMORY, "recv from rank %d: out of memory", src);
+			return 1;
+		}
 		if (t->count)
-			post_recv(nt, -1, TAG_P2P(slot, src, dst, t->cseq, 1), t->out[0], t->count);
+			post_recv(nt, -1, TAG_P2P(slot, src, dst, t->cseq, 1), nt->rbuf, t->count);
 		nt->state = S_P2P_END;
 		return 0;
 	}
 	default:
 		if (nt->deferred != COMM_OK)
 			fail(nt, nt->deferred, "%s", nt->deferred_detail);
+		else if (!send && t->count && nt->status == COMM_OK)
+			memcpy(t->out[0], nt->rbuf, t->count);
 		return 1;
 	}
 }

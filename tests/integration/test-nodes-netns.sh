@@ -3,10 +3,10 @@
 # its own network namespace, joined by a veth pair, and UCX is held to tcp
 # (namespaces do not hide shared memory from UCX). The collectives demo split
 # 2+2 prints what it prints on one daemon. Then the link is taken down under
-# a loop of all-reduces (a silent partition: no FIN, no RST): every rank
-# gets an error within the peer deadline (heartbeats, TCP_USER_TIMEOUT),
-# both daemons live on, and a new job on each runs; once the link is back a
-# job over both runs again. Exit 77 where
+# a loop of all-reduces, and again under broadcasts (a silent partition: no
+# FIN, no RST): every rank gets an error within the peer deadline
+# (heartbeats, TCP_USER_TIMEOUT), both daemons live on, and a new job on
+# each runs; once the link is back a job over both runs again. Exit 77 where
 # namespaces cannot be made (not root, no ip).
 set -u
 : "${COMMD:=./daemon/commd}" "${COMMCTL:=./client/commctl}" "${COMM_DEMOS:=./tests/demos}"
@@ -92,42 +92,53 @@ done
 	fail "b does not list the root with a round trip: $("$COMMCTL" --socket "$dir/b.sock" status)"
 echo "ok: commctl status on b lists root $root, up, with its heartbeat round trip"
 
-# a silent partition under all-reduces (commbench spreads its 4 ranks 2+2)
-COMM_TIMEOUT=60000 timeout 90 "$COMMBENCH" -n 4 --socket "$dir/a.sock,$dir/b.sock" --root "$root" \
-	-o allreduce -b 16M -e 16M -w 0 -i 100000 -c 0 >"$dir/cut.out" 2>"$dir/cut.err" &
-bench=$!
-sleep 2
-kill -0 "$bench" 2>/dev/null || fail "commbench ended early: $(tail -3 "$dir/cut.err")"
-t0=$(date +%s%N)
-ip -n "$na" link set "$tag-va" down
-wait "$bench" && fail "commbench finished although the link went down"
-ms=$((($(date +%s%N) - t0) / 1000000))
-lost=$(grep -c "PEER_LOST" "$dir/cut.err")
-[ "$lost" -ge 4 ] || fail "$lost of 4 ranks reported COMM_ERR_PEER_LOST: $(cat "$dir/cut.err")"
-[ "$ms" -lt 8000 ] || fail "the ranks learned of the partition after $ms ms"
-echo "ok: link down under 16 MiB all-reduces: all 4 ranks failed with COMM_ERR_PEER_LOST, commbench done $ms ms later"
-grep "PEER_LOST" "$dir/cut.err" | head -2 | cut -c1-200 | sed 's/^/    /'
+# A silent partition under a loop of ops (commbench spreads its 4 ranks
+# 2+2), then the link back up: the daemons connect afresh (new control
+# connections, new UCX endpoints; the failed job's late messages went to a
+# drained slot) and a new job over both forms and runs clean. An all-reduce's
+# sends read staging buffers, a broadcast's the ranks' memory (so a stopped
+# one's sends are not handed to UCX to finish: its endpoint is closed).
+partition() { # partition OP
+	local op=$1 bench ms lost t0
+	COMM_TIMEOUT=60000 timeout 90 "$COMMBENCH" -n 4 --socket "$dir/a.sock,$dir/b.sock" \
+		--root "$root" -o "$op" -b 16M -e 16M -w 0 -i 100000 -c 0 >"$dir/cut.out" 2>"$dir/cut.err" &
+	bench=$!
+	sleep 2
+	kill -0 "$bench" 2>/dev/null || fail "$op: commbench ended early: $(tail -3 "$dir/cut.err")"
+	t0=$(date +%s%N)
+	ip -n "$na" link set "$tag-va" down
+	wait "$bench" && fail "$op: commbench finished although the link went down"
+	ms=$((($(date +%s%N) - t0) / 1000000))
+	lost=$(grep -c "PEER_LOST" "$dir/cut.err")
+	[ "$lost" -ge 4 ] || fail "$op: $lost of 4 ranks reported COMM_ERR_PEER_LOST: $(cat "$dir/cut.err")"
+	[ "$ms" -lt 8000 ] || fail "$op: the ranks learned of the partition after $ms ms"
+	echo "ok: link down under 16 MiB ${op}s: all 4 ranks failed with COMM_ERR_PEER_LOST, commbench done $ms ms later"
+	grep "PEER_LOST" "$dir/cut.err" | head -2 | cut -c1-200 | sed 's/^/    /'
 
-kill -0 "${pids[0]}" 2>/dev/null || fail "commd a died"
-kill -0 "${pids[1]}" 2>/dev/null || fail "commd b died"
-for x in a b; do
-	run alone-$x "" $x $x $x $x "$COMM_DEMOS/collectives"
-	for r in 0 1 2 3; do
-		cmp -s "$dir/one.$r" "$dir/alone-$x.$r" || fail "a job on $x alone, rank $r: $(tail -2 "$dir/alone-$x.$r")"
+	kill -0 "${pids[0]}" 2>/dev/null || fail "$op: commd a died"
+	kill -0 "${pids[1]}" 2>/dev/null || fail "$op: commd b died"
+	for x in a b; do
+		run alone-$x "" $x $x $x $x "$COMM_DEMOS/collectives"
+		for r in 0 1 2 3; do
+			cmp -s "$dir/one.$r" "$dir/alone-$x.$r" ||
+				fail "$op: a job on $x alone, rank $r: $(tail -2 "$dir/alone-$x.$r")"
+		done
 	done
-done
-echo "ok: both daemons alive after the partition; a new job on each alone runs the demo"
+	echo "ok: both daemons alive after the partition; a new job on each alone runs the demo"
 
-# the partition heals: the daemons connect afresh (new control connections,
-# new UCX endpoints; the failed job's late messages went to a drained slot)
-# and a new job over both forms and runs clean
-ip -n "$na" link set "$tag-va" up || fail "link up"
-sleep 1
-COMM_TIMEOUT=60000 timeout 90 "$COMMBENCH" -n 4 --socket "$dir/a.sock,$dir/b.sock" --root "$root" \
-	-o allreduce -b 1M -e 16M -f 16 -w 2 -i 5 -c 1 >"$dir/healed.out" 2>"$dir/healed.err" ||
-	fail "a job over the healed link: $(tail -3 "$dir/healed.err")"
-grep -q "Wrong values *: 0 OK" "$dir/healed.out" || fail "healed link: $(tail -3 "$dir/healed.out")"
-echo "ok: the link back up: a new job over both daemons runs, every value right"
+	ip -n "$na" link set "$tag-va" up || fail "link up"
+	sleep 1
+	COMM_TIMEOUT=60000 timeout 90 "$COMMBENCH" -n 4 --socket "$dir/a.sock,$dir/b.sock" \
+		--root "$root" -o "$op" -b 1M -e 16M -f 16 -w 2 -i 5 -c 1 >"$dir/healed.out" \
+		2>"$dir/healed.err" || fail "$op: a job over the healed link: $(tail -3 "$dir/healed.err")"
+	grep -q "Wrong values *: 0 OK" "$dir/healed.out" || fail "$op: healed link: $(tail -3 "$dir/healed.out")"
+	kill -0 "${pids[0]}" 2>/dev/null && kill -0 "${pids[1]}" 2>/dev/null ||
+		fail "$op: a daemon died once the link came back"
+	echo "ok: the link back up: a new job of ${op}s over both daemons runs, every value right"
+}
+partition allreduce
+partition broadcast
+
 for i in 0 1; do kill -TERM "${pids[$i]}"; wait "${pids[$i]}" || fail "commd $i did not exit cleanly"; done
 pids=()
 for x in a b; do ! grep -q " error: " "$dir/$x.log" || fail "commd $x logged errors"; done
