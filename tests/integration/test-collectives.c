@@ -440,6 +440,9 @@ static int rank_keep(int r, int n, void *arg)
 
 	if (th_join(&c, r, n) < 0)
 		return 1;
+	/* the first segment, always kept, is the ring's; without one (COMM_RING=0) make it */
+	if (!comm_mem_alloc(c, 4096))
+		return th_bail(c);
 	bad = keep_step(c, k, KEEP_COUNT, r, n, keep_daemon, k->maps[0]) ||
 	      keep_step(c, k, KEEP_COUNT, r, n, keep_daemon, k->maps[1]) ||
 	      keep_step(c, k, KEEP_LARGER, r, n, keep_daemon, k->maps[2]);
