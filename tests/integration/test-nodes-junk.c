@@ -153,13 +153,12 @@ static void test_frames(void)
 				"unexpected message 3 from a member");
 }
 
-/* Send a join on fd; the PeerFail A answers with (NULL after 10 s), the caller frees. */
-static Commpb__PeerMsg *join_answer(int fd, const char *job, const char *token, int world,
-				    const int32_t *ranks, size_t n, uint32_t slot)
+/* Send a join for ranks[n] of job on fd, as the member's slot for it. */
+static void send_join(int fd, const char *job, const char *token, int world,
+		      const int32_t *ranks, size_t n, uint32_t slot)
 {
-	Commpb__PeerMsg m = COMMPB__PEER_MSG__INIT, *in;
+	Commpb__PeerMsg m = COMMPB__PEER_MSG__INIT;
 	Commpb__PeerJoin jn = COMMPB__PEER_JOIN__INIT;
-	int i;
 
 	jn.job = (char *)job;
 	jn.token.data = (uint8_t *)token;
@@ -173,6 +172,16 @@ static Commpb__PeerMsg *join_answer(int fd, const char *job, const char *token, 
 	m.body_case = COMMPB__PEER_MSG__BODY_JOIN;
 	m.join = &jn;
 	pr_send(fd, &m);
+}
+
+/* send_join; the PeerFail A answers with (NULL after 10 s), the caller frees. */
+static Commpb__PeerMsg *join_answer(int fd, const char *job, const char *token, int world,
+				    const int32_t *ranks, size_t n, uint32_t slot)
+{
+	Commpb__PeerMsg *in;
+	int i;
+
+	send_join(fd, job, token, world, ranks, n, slot);
 	while ((in = pr_next(&fd, 1, &i, 10000)) && in->body_case != COMMPB__PEER_MSG__BODY_FAIL)
 		commpb__peer_msg__free_unpacked(in, NULL);
 	return in;
@@ -224,24 +233,8 @@ static void test_joins(void)
 	row_join(fd, "rank 1 twice", "jdup", "t", 2, rdup, 2, COMM_ERR_INVALID_ARG, "sent rank 1");
 
 	/* a second node joins the forming job "jt" with another token, then another world */
-	{
-		Commpb__PeerMsg m = COMMPB__PEER_MSG__INIT;
-		Commpb__PeerJoin jn = COMMPB__PEER_JOIN__INIT;
-
-		jn.job = "jt";
-		jn.token.data = (uint8_t *)"right";
-		jn.token.len = 5;
-		jn.world_size = 2;
-		jn.timeout_ms = 60000;
-		jn.ranks = (int32_t *)r0;
-		jn.n_ranks = 1;
-		jn.slot = 7;
-		jn.uid = (uint32_t)getuid();
-		m.body_case = COMMPB__PEER_MSG__BODY_JOIN;
-		m.join = &jn;
-		pr_send(fd, &m);
-		CHECK(pr_sync(fd) == 0, "jt: commd A dropped the first node");
-	}
+	send_join(fd, "jt", "right", 2, r0, 1, 7);
+	CHECK(pr_sync(fd) == 0, "jt: commd A dropped the first node");
 	REQUIRE((fd2 = hello_link(&da, "junk-second")) >= 0, "jt: no hello for the second node");
 	row_join(fd2, "a wrong token", "jt", "wrong", 2, r1, 1, COMM_ERR_PERMISSION,
 		 "join: job jt: permission denied by the root daemon");
@@ -262,20 +255,8 @@ static void test_forming_cap(void)
 
 	REQUIRE(fd >= 0, "cap: no hello from commd C");
 	for (int k = 0; k < FORMING_CAP; k++) {
-		Commpb__PeerMsg m = COMMPB__PEER_MSG__INIT;
-		Commpb__PeerJoin jn = COMMPB__PEER_JOIN__INIT;
-
 		snprintf(job, sizeof job, "many-%d", k);
-		jn.job = job;
-		jn.world_size = 2;
-		jn.timeout_ms = 60000;
-		jn.ranks = (int32_t *)r0;
-		jn.n_ranks = 1;
-		jn.slot = (uint32_t)k + 1;
-		jn.uid = (uint32_t)getuid();
-		m.body_case = COMMPB__PEER_MSG__BODY_JOIN;
-		m.join = &jn;
-		pr_send(fd, &m);
+		send_join(fd, job, "", 2, r0, 1, (uint32_t)k + 1);
 	}
 	in = join_answer(fd, "many-last", "", 2, r0, 1, 99);
 	ok = in && in->fail->status == COMM_ERR_NO_MEMORY &&
