@@ -713,13 +713,20 @@ static void test_gpu_staging(struct worker *wk)
 	for (size_t i = 0; i < n2; i++)
 		got[i] = (uint8_t)(i * 17 + 3);
 	CUDA_REQ(cudaMemcpy(al[NALLOC - 1].dev + 8, got, n2, cudaMemcpyHostToDevice));
+	/*
+	 * From pageable memory cudaMemcpy may return before its DMA lands, and
+	 * this op has no ready event: without the wait, the worker copied the
+	 * allocation's old bytes (every run on an H200).
+	 */
+	CUDA_REQ(cudaDeviceSynchronize());
 	x = (struct gpu_op_rank){ .send_mem = al[NALLOC - 1].id, .send_off = 8, .recv_mem = 3000,
 				  .recv_off = 1000 };
 	s = op_run(wk, next_op++, T(SEND), COMM_UINT8, 0, 0, n2, 1, 1, &x);
 	CHECK(s.status == COMM_OK, "device to host: %d %s", s.status, s.detail);
 	for (bad = 0; bad < n2 && host[1000 + bad] == got[bad]; bad++)
 		;
-	CHECK(bad == n2, "device to host: byte %zu differs", bad);
+	CHECK(bad == n2, "device to host: byte %zu is %u, not %u", bad,
+	      bad < n2 ? host[1000 + bad] : 0, bad < n2 ? got[bad] : 0);
 	x = (struct gpu_op_rank){ .send_mem = 3000, .recv_mem = 3000, .recv_off = 128 << 10 };
 	s = op_run(wk, next_op++, T(SEND), COMM_UINT8, 0, 0, 64, 1, 1, &x);
 	CHECK(s.status == COMM_ERR_INVALID_ARG && strstr(s.detail, "host memory to host memory"),
