@@ -87,7 +87,11 @@
 	 ((uint64_t)(step) & 0x7fff))
 /* a ring's hop h (from 0) and chunk c; steps 0 and 1 are the verdict and the others' data */
 #define RING_STEP(h, c) (((uint64_t)(h) + 1) << 6 | (uint64_t)(c))
-/* a send/recv's part: 0 its header, 1 + c its data's chunk c (P2P_CHUNKS at most) */
+/*
+ * A send/recv's index between its two ranks (it wraps at 65536, the default
+ * max-ops-per-rank: UCX matches one sender's messages of a tag in order)
+ * and part: 0 its header, 1 + c its data's chunk c (P2P_CHUNKS at most).
+ */
 #define TAG_P2P(slot, src, dst, idx, part)                                     \
 	(TAG_SLOT(slot) | 1ull << 47 | (uint64_t)(src) << 35 | (uint64_t)(dst) << 23 | \
 	 ((uint64_t)(idx) & 0xffff) << 7 | (uint64_t)(part))
