@@ -596,22 +596,50 @@ got:
 	return 0;
 }
 
+/* Give up g, which is not busy (nor idle any more): closed, or once its MEM_OPENED came. */
+static void stage_drop(struct gpu_worker *w, struct gpu_stage *g)
+{
+	if (w->fd >= 0 && !g->answered)
+		g->gone = 1;
+	else
+		stage_close(w, g);
+}
+
+/*
+ * t is done with its staging buffer: kept idle as the one used last (the
+ * list runs from the one used longest ago), the oldest idle ones closed to
+ * make room. A job's sends tend to repeat their sizes, so the last used
+ * is the likeliest to fit the next; kept first come, a sweep of sizes
+ * filled the room with the small ones and made and pinned every large
+ * buffer again.
+ */
 void gpu_stage_put(struct task *t)
 {
-	struct gpu_stage *g = t->stage;
+	struct gpu_stage *g = t->stage, *x, *next;
 	struct gpu_worker *w = g->w;
 
 	t->stage = NULL;
 	g->busy = 0;
-	if (w->fd >= 0 && !g->failed[0] && w->stages_idle < STAGE_IDLE_MAX &&
-	    w->stage_idle_bytes + g->cap <= STAGE_IDLE_BYTES) {
-		w->stages_idle++;
-		w->stage_idle_bytes += g->cap;
-	} else if (w->fd >= 0 && !g->answered) {
-		g->gone = 1; /* its MEM_OPENED is still to come */
-	} else {
-		stage_close(w, g);
+	if (w->fd < 0 || g->failed[0] || g->cap > STAGE_IDLE_BYTES) {
+		stage_drop(w, g);
+		worker_put(w);
+		return;
 	}
+	for (x = TAILQ_FIRST(&w->stages); x; x = next) {
+		next = TAILQ_NEXT(x, link);
+		if (w->stages_idle < STAGE_IDLE_MAX &&
+		    w->stage_idle_bytes + g->cap <= STAGE_IDLE_BYTES)
+			break;
+		if (x == g || x->busy || x->gone || x->failed[0])
+			continue;
+		w->stages_idle--;
+		w->stage_idle_bytes -= x->cap;
+		stage_drop(w, x);
+	}
+	TAILQ_REMOVE(&w->stages, g, link);
+	TAILQ_INSERT_TAIL(&w->stages, g, link);
+	w->stages_idle++;
+	w->stage_idle_bytes += g->cap;
 	worker_put(w);
 }
 

@@ -841,6 +841,43 @@ static int logged_times(const char *want)
 }
 
 /*
+ * A send of n bytes from node from's rank to the other's, staged through
+ * host memory: device or host memory on each side; every byte checked
+ * (the pattern depends on mark).
+ */
+static void staged_send(struct rank *k, uint64_t *seq, int dev_src, int dev_dst, int from,
+			size_t n, int mark)
+{
+	int to = 1 - from;
+	size_t size = n < 4096 ? 4096 : n, bad = n;
+	uint8_t *map[2];
+	uint64_t mem[2];
+	char what[96];
+
+	for (int side = 0; side < 2; side++) {
+		int r = side ? to : from, dev = side ? dev_dst : dev_src;
+
+		mem[r] = dev ? reg_fake_dev(&k[r], size, &map[r]) : reg_host_map(&k[r], size, &map[r]);
+	}
+	for (size_t i = 0; i < n; i++)
+		map[from][i] = (uint8_t)(i * 7 + (size_t)mark + 1);
+	memset(map[to], 0, size);
+	snprintf(what, sizeof what, "a send of %zu bytes from %s on node %d to %s on node %d", n,
+		 dev_src ? "device" : "host", from, dev_dst ? "device" : "host", to);
+	++*seq;
+	post_p2p(&k[from], *seq, 1, mem[from], to, n);
+	post_p2p(&k[to], *seq, 0, mem[to], from, n);
+	both_done(k, COMM_OK, NULL, what);
+	for (size_t i = 0; i < n && bad == n; i++)
+		if (map[to][i] != (uint8_t)(i * 7 + (size_t)mark + 1))
+			bad = i;
+	CHECK(bad == n, "%s: byte %zu is %u, sent %u", what, bad, bad < n ? map[to][bad] : 0,
+	      (uint8_t)(bad * 7 + (size_t)mark + 1));
+	for (int r = 0; r < 2; r++)
+		munmap(map[r], size);
+}
+
+/*
  * Sends between the two daemons' ranks staged through host memory: device
  * to device both ways, small and larger than a staging buffer's first
  * size, device to host and host to device; every byte checked. Then a
@@ -861,35 +898,9 @@ static void staged_p2p(struct rank *k, uint64_t *seq)
 	char why[2][256];
 	int st[2];
 
-	for (size_t c = 0; c < sizeof cases / sizeof cases[0]; c++) {
-		int from = cases[c].from, to = 1 - from;
-		size_t n = cases[c].count, size = n < 4096 ? 4096 : n, bad = n;
-		char what[96];
-
-		for (int side = 0; side < 2; side++) {
-			int r = side ? to : from, dev = side ? cases[c].dev_dst : cases[c].dev_src;
-
-			mem[r] = dev ? reg_fake_dev(&k[r], size, &map[r])
-				     : reg_host_map(&k[r], size, &map[r]);
-		}
-		for (size_t i = 0; i < n; i++)
-			map[from][i] = (uint8_t)(i * 7 + c + 1);
-		memset(map[to], 0, size);
-		snprintf(what, sizeof what, "a send of %zu bytes from %s on node %d to %s on node %d",
-			 n, cases[c].dev_src ? "device" : "host", from,
-			 cases[c].dev_dst ? "device" : "host", to);
-		++*seq;
-		post_p2p(&k[from], *seq, 1, mem[from], to, n);
-		post_p2p(&k[to], *seq, 0, mem[to], from, n);
-		both_done(k, COMM_OK, NULL, what);
-		for (size_t i = 0; i < n && bad == n; i++)
-			if (map[to][i] != (uint8_t)(i * 7 + c + 1))
-				bad = i;
-		CHECK(bad == n, "%s: byte %zu is %u, sent %u", what, bad, bad < n ? map[to][bad] : 0,
-		      (uint8_t)(bad * 7 + c + 1));
-		for (int r = 0; r < 2; r++)
-			munmap(map[r], size);
-	}
+	for (size_t c = 0; c < sizeof cases / sizeof cases[0]; c++)
+		staged_send(k, seq, cases[c].dev_src, cases[c].dev_dst, cases[c].from,
+			    cases[c].count, (int)c);
 	CHECK(logged_times(" kind 3 ") == 4, "%d staging buffers opened, expected 4 (2 a node)",
 	      logged_times(" kind 3 "));
 	/* 100 bytes sent to a recv of 200: the receiver's MISMATCH names both; both return */
@@ -914,6 +925,31 @@ static void staged_status(const struct th_daemon *nd, const char *job)
 	for (int n = 0; n < 2; n++)
 		CHECK(gpu_line_has(&nd[n], job, "; 2 staging buffers (384 KiB), 2 idle"),
 		      "status on node %d does not show its 2 idle staging buffers", n);
+}
+
+/*
+ * A worker keeps the staging buffers used last: sends of 8 growing sizes
+ * (384-832 KiB, each larger than every idle buffer, so each makes one on
+ * both nodes) leave the 8 newest idle, the 2 older ones closed. The
+ * largest sent again reuses its buffers; when the newest was the one
+ * given up, each such send made and pinned a buffer again.
+ */
+static void staged_lru(struct rank *k, uint64_t *seq, const struct th_daemon *nd,
+		       const char *job)
+{
+	int before = logged_times(" kind 3 ");
+
+	for (int i = 1; i <= 8; i++)
+		staged_send(k, seq, 1, 1, 0, (size_t)(320 + 64 * i) << 10, 10 + i);
+	CHECK(logged_times(" kind 3 ") == before + 16, "%d staging buffers opened, expected %d",
+	      logged_times(" kind 3 "), before + 16);
+	staged_send(k, seq, 1, 1, 0, 832u << 10, 20);
+	CHECK(logged_times(" kind 3 ") == before + 16,
+	      "the largest send again opened %d staging buffers, expected none",
+	      logged_times(" kind 3 ") - before - 16);
+	for (int n = 0; n < 2; n++)
+		CHECK(gpu_line_has(&nd[n], job, "; 8 staging buffers (4864 KiB), 8 idle"),
+		      "status on node %d does not show its 8 newest staging buffers idle", n);
 }
 
 /*
@@ -1034,6 +1070,7 @@ static void test_across_daemons(void)
 			both_done(k, COMM_ERR_UNSUPPORTED, "use one device", "two devices on one node");
 			staged_p2p(k, &seq);
 			staged_status(nd, job);
+			staged_lru(k, &seq, nd, job);
 			junk_root_allreduce(k, &seq);
 			/* and the job goes on */
 			seq++;
