@@ -145,7 +145,7 @@ uint32_t notify_watchdog_ms(void);
 
 /* --- gpu.c: device memory and ops, through a GPU worker per job ------------ */
 
-enum { GPU_PROBING, GPU_READY, GPU_NONE };
+enum { GPU_PROBING, GPU_READY, GPU_NONE, GPU_BROKEN };
 
 struct gpu_worker;
 struct gpu_stage;
@@ -155,7 +155,9 @@ struct task;
 /*
  * Start `WORKER --probe` (worker "": commd-gpu beside commd, else in
  * pkglibexecdir); srv.gpu_state is GPU_PROBING until it answers with
- * srv.gpu_info. Without CUDA in the build and no worker named: GPU_NONE.
+ * srv.gpu_info: GPU_READY, GPU_NONE, or GPU_BROKEN (a GPU that fails: commd
+ * does not start). Without CUDA in the build and no worker named, or
+ * worker "none": GPU_NONE.
  */
 void gpu_probe(uv_loop_t *loop, const char *worker);
 /* Run the loop until the probe has answered (at most a minute, then it is killed). */

@@ -8,6 +8,7 @@
  */
 #include <config.h>
 
+#include <dlfcn.h>
 #include <errno.h>
 #include <inttypes.h>
 #include <sched.h>
@@ -1981,22 +1982,47 @@ static const char *dev_try(int d, struct cudaDeviceProp *prop, cudaError_t *e)
 	return NULL;
 }
 
-/* One line on the node's GPUs; 0 when at least one works. */
+/* Whether the driver's library is installed (the runtime says "insufficient driver" without it). */
+static int driver_installed(void)
+{
+	void *lib = dlopen("libcuda.so.1", RTLD_LAZY | RTLD_LOCAL);
+
+	if (lib)
+		dlclose(lib);
+	return lib != NULL;
+}
+
+/*
+ * One line on the node's GPUs. 0 when every device works; NO_GPU when
+ * there is none, or no driver; BROKEN when the driver or a device is there
+ * but fails (commd does not start then: a GPU node that went on serving
+ * host memory only would hide it).
+ */
 static int probe(void)
 {
-	char why[GPU_DETAIL], v[128], names[1024] = "";
-	int n = gpu_count(why, sizeof why), ok = 0;
+	char v[128], names[1024] = "", bad[GPU_DETAIL] = "";
+	int n = 0;
 	size_t at = 0;
+	cudaError_t e = cudaGetDeviceCount(&n);
 
+	versions(v, sizeof v);
+	if (e == cudaErrorNoDevice || (e == cudaSuccess && n <= 0) ||
+	    (e == cudaErrorInsufficientDriver && !driver_installed())) {
+		printf("unavailable: cudaGetDeviceCount: %s (%s)\n",
+		       e == cudaSuccess ? "no CUDA device" : cudaGetErrorString(e), v);
+		return GPU_WORKER_EXIT_NO_GPU;
+	}
+	if (e != cudaSuccess) {
+		printf("broken: cudaGetDeviceCount: %s (%s)\n", cudaGetErrorString(e), v);
+		return GPU_WORKER_EXIT_BROKEN;
+	}
+	n = n < MAX_DEVICES ? n : MAX_DEVICES;
 	for (int d = 0; d < n && at < sizeof names; d++) {
 		struct cudaDeviceProp prop;
-		cudaError_t e;
 		const char *call = dev_try(d, &prop, &e);
 
-		if (!call)
-			ok++;
-		else if (!ok)
-			snprintf(why, sizeof why, "device %d: %s: %s", d, call, cudaGetErrorString(e));
+		if (call && !*bad)
+			snprintf(bad, sizeof bad, "device %d: %s: %s", d, call, cudaGetErrorString(e));
 		if (call)
 			at += (size_t)snprintf(names + at, sizeof names - at, "%sunusable (%s: %s)",
 					       d ? ", " : "", call, cudaGetErrorString(e));
@@ -2004,11 +2030,10 @@ static int probe(void)
 			at += (size_t)snprintf(names + at, sizeof names - at, "%s%s", d ? ", " : "",
 					       prop.name);
 	}
-	if (!ok) {
-		printf("unavailable: %s\n", why);
-		return GPU_WORKER_EXIT_NO_GPU;
+	if (*bad) {
+		printf("broken: %s; %d device%s: %s (%s)\n", bad, n, n == 1 ? "" : "s", names, v);
+		return GPU_WORKER_EXIT_BROKEN;
 	}
-	versions(v, sizeof v);
 	printf("%d device%s: %s (%s)\n", n, n == 1 ? "" : "s", names, v);
 	return GPU_WORKER_EXIT_OK;
 }
@@ -2017,7 +2042,8 @@ static void usage(FILE *f)
 {
 	fprintf(f, "usage: commd-gpu [--worker | --probe | --version | --help]\n"
 		   "  --worker   serve commd on fd %d (the default; commd starts it so)\n"
-		   "  --probe    print one line on this node's GPUs; exit 0 if one works\n",
+		   "  --probe    print one line on this node's GPUs; exit 0 if they work,\n"
+		   "             1 if there is none (or no driver), 5 if one fails\n",
 		GPU_WORKER_FD);
 }
 

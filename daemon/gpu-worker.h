@@ -11,6 +11,7 @@ enum gpu_worker_exit {
 	GPU_WORKER_EXIT_USAGE = 2,    /* unknown arguments */
 	GPU_WORKER_EXIT_PROTOCOL = 3, /* a malformed packet, or fd 3 failed */
 	GPU_WORKER_EXIT_DEVICE = 4,   /* a CUDA or NCCL error, answered as COMM_ERR_ABORTED */
+	GPU_WORKER_EXIT_BROKEN = 5,   /* --probe: the driver or a device is there but fails */
 };
 
 #endif

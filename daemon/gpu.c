@@ -131,9 +131,13 @@ static void probe_settle(void)
 	probe.line[probe.len] = '\0';
 	if ((nl = strchr(probe.line, '\n')))
 		*nl = '\0';
-	if (probe.status == 0 && *probe.line) {
+	if (probe.status == GPU_WORKER_EXIT_OK && *probe.line) {
 		srv.gpu_state = GPU_READY;
 		snprintf(srv.gpu_info, sizeof srv.gpu_info, "%s", probe.line);
+	} else if (probe.status == GPU_WORKER_EXIT_BROKEN) {
+		srv.gpu_state = GPU_BROKEN;
+		snprintf(srv.gpu_info, sizeof srv.gpu_info, "%s",
+			 *probe.line ? probe.line : "broken: commd-gpu --probe said nothing");
 	} else {
 		srv.gpu_state = GPU_NONE;
 		snprintf(srv.gpu_info, sizeof srv.gpu_info, "%s",
@@ -185,6 +189,11 @@ void gpu_probe(uv_loop_t *loop, const char *worker)
 
 	gpu_loop = loop;
 	worker_cfg = worker;
+	if (!strcmp(worker, "none")) {
+		srv.gpu_state = GPU_NONE;
+		snprintf(srv.gpu_info, sizeof srv.gpu_info, "unavailable: gpu-worker is none");
+		return;
+	}
 #ifndef HAVE_CUDA
 	if (!*worker) {
 		srv.gpu_state = GPU_NONE;

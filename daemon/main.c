@@ -39,7 +39,8 @@ static void usage(FILE *f)
 		   "  --topology FILE    read the node's topology from FILE instead of discovering it\n"
 		   "  --dump-topology    print the discovered topology in that format and exit\n"
 		   "  --gpu-worker PATH  the GPU worker program (default: commd-gpu beside commd,\n"
-		   "                     else %s/commd-gpu)\n"
+		   "                     else %s/commd-gpu); none: host memory only. commd\n"
+		   "                     does not start when its probe finds a GPU that fails\n"
 		   "  --peer-listen HOST:PORT  listen for other daemons there (TCP), so that jobs\n"
 		   "                     naming this daemon as their root (COMM_ROOT) can span\n"
 		   "                     nodes (default: none)\n"
@@ -278,6 +279,14 @@ int main(int argc, char **argv)
 	srv.start_ms = now_ms();
 	gpu_probe(loop, cfg.gpu_worker);
 	gpu_probe_wait();
+	if (srv.gpu_state == GPU_BROKEN) {
+		/* RELIABILITY.md G4: loud, not a GPU node quietly serving host memory only */
+		log_error("gpu: %s", srv.gpu_info);
+		log_error("not starting: a GPU of this node does not work. Mend it, leave it out "
+			  "(CUDA_VISIBLE_DEVICES in commd's environment), or set gpu-worker = none "
+			  "to serve host memory only");
+		return 3;
+	}
 	if (be_host_start(loop, cfg.threads, cfg.pin_workers) < 0)
 		return 1;
 	net_set_spin(cfg.net_spin_us);

@@ -16,7 +16,8 @@
  *
  * $FAKE_GPU_MODE: ok (default: answer everything with success), refuse
  * (the hello says no device), crash (SIGKILL itself on an op), hang (never
- * answer an op), noprobe (--probe says unavailable), queue (hold the
+ * answer an op), noprobe (--probe says unavailable), broken (--probe says
+ * a device fails, exit 5), queue (hold the
  * answers until 3 ops are held, or no message came for half a second, as
  * a worker holds ops queued on its stream; then answer them in order),
  * noid (node 0 of a job over daemons: NCCL_ID says there is no id).
@@ -226,6 +227,11 @@ int main(int argc, char **argv)
 		if (!strcmp(mode, "noprobe")) {
 			printf("unavailable: fake: no driver\n");
 			return 1;
+		}
+		if (!strcmp(mode, "broken")) {
+			printf("broken: device 1: cudaSetDevice: fake: uncorrectable ECC error "
+			       "encountered; 2 devices: Fake GPU, unusable (...)\n");
+			return 5;
 		}
 		printf("1 device(s): Fake GPU (cuda runtime 0, driver 0, nccl 9.9.9)\n");
 		return 0;

@@ -1124,6 +1124,97 @@ static void row_g3(struct th_daemon *shared)
 	rmdir(dir);
 }
 
+/* Whether the file at path has a line with want in it. */
+static int file_has(const char *path, const char *want)
+{
+	FILE *f = fopen(path, "r");
+	char line[1024];
+	int found = 0;
+
+	while (f && !found && fgets(line, sizeof line, f))
+		found = strstr(line, want) != NULL;
+	if (f)
+		fclose(f);
+	return found;
+}
+
+/*
+ * G4: the GPU worker's probe (the stand-in's) finds a device that fails
+ * to initialise: commd logs the probe's line and why it stops, exits 3
+ * within the probe's time, never says READY=1 and leaves no socket. With
+ * gpu-worker none it starts and serves host memory.
+ */
+static void row_g4(struct th_daemon *shared)
+{
+	struct sockaddr_un sa = { .sun_family = AF_UNIX };
+	char dir[] = "/tmp/commd-g4-XXXXXX", sock[64], notify[64], log[64], buf[512];
+	const char *commd = getenv("COMMD") ? getenv("COMMD") : "./daemon/commd";
+	const char *fake = getenv("FAKE_GPU_WORKER");
+	int nfd, status = -1, ready = 0, logfd;
+	struct th_daemon d;
+	struct stat st;
+	long t0, took;
+	ssize_t n;
+	pid_t pid;
+
+	(void)shared;
+	REQUIRE(fake, "FAKE_GPU_WORKER is not set (make check sets it)");
+	REQUIRE(mkdtemp(dir), "mkdtemp");
+	snprintf(sock, sizeof sock, "%s/commd.sock", dir);
+	snprintf(notify, sizeof notify, "%s/notify.sock", dir);
+	snprintf(log, sizeof log, "%s/commd.log", dir);
+	snprintf(sa.sun_path, sizeof sa.sun_path, "%s", notify);
+	nfd = socket(AF_UNIX, SOCK_DGRAM | SOCK_CLOEXEC, 0);
+	REQUIRE(nfd >= 0 && bind(nfd, (struct sockaddr *)&sa, sizeof sa) == 0, "notify socket");
+	logfd = open(log, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
+	REQUIRE(logfd >= 0, "%s: %s", log, strerror(errno));
+	fflush(NULL);
+	t0 = mx_now_ms();
+	if ((pid = fork()) == 0) {
+		dup2(logfd, 2);
+		setenv("NOTIFY_SOCKET", notify, 1);
+		setenv("FAKE_GPU_MODE", "broken", 1);
+		execl(commd, commd, "--foreground", "--config", "/dev/null", "--socket", sock,
+		      "--gpu-worker", fake, (char *)NULL);
+		_exit(127);
+	}
+	close(logfd);
+	while (waitpid(pid, &status, WNOHANG) == 0 && mx_now_ms() - t0 < 10000)
+		usleep(10 * 1000);
+	took = mx_now_ms() - t0;
+	if (waitpid(pid, NULL, WNOHANG) == 0) {
+		kill(pid, SIGKILL);
+		waitpid(pid, &status, 0);
+	}
+	while ((n = recv(nfd, buf, sizeof buf - 1, MSG_DONTWAIT)) > 0) {
+		buf[n] = '\0';
+		ready |= strstr(buf, "READY=1") != NULL;
+	}
+	CHECK(WIFEXITED(status) && WEXITSTATUS(status) == 3,
+	      "commd with a failing GPU: status 0x%x after %ld ms, expected exit 3", status, took);
+	CHECK(!ready, "commd with a failing GPU said READY=1");
+	CHECK(file_has(log, "gpu: broken: device 1: cudaSetDevice: fake: uncorrectable ECC error") &&
+		      file_has(log, "not starting: a GPU of this node does not work") &&
+		      file_has(log, "gpu-worker = none"),
+	      "commd's log does not name the failing device and the way out");
+	CHECK(stat(sock, &st) < 0, "commd with a failing GPU left its socket");
+	mx_note("G4: exit 3 after %ld ms, no READY=1, the device and the way out logged", took);
+	close(nfd);
+	unlink(notify);
+	unlink(log);
+	rmdir(dir);
+	/* gpu-worker none: host memory only */
+	if (th_daemon_start(&d, "--gpu-worker", "none", NULL) < 0) {
+		CHECK(0, "commd with gpu-worker none did not start");
+		return;
+	}
+	CHECK(th_log_count(&d, "gpu: unavailable: gpu-worker is none", "commd ") == 1,
+	      "commd with gpu-worker none does not say so");
+	CHECK(th_run_ranks(&d, "g4-host", 2, th_rank_sum, NULL) == 0,
+	      "a host job on commd with gpu-worker none");
+	CHECK(th_daemon_stop(&d) == 0, "commd with gpu-worker none did not stop cleanly");
+}
+
 static const struct mx_row rows[] = {
 	{ "E1", "a uid outside the socket's group connects", row_e1, MX_OWN_DAEMON },
 	{ "E2", "another uid presents a job that exists", row_e2, 0 },
@@ -1137,6 +1228,7 @@ static const struct mx_row rows[] = {
 	{ "G1", "SIGTERM with ops in flight", row_g1, MX_OWN_DAEMON },
 	{ "G2", "daemon killed, restarted", row_g2, MX_OWN_DAEMON },
 	{ "G3", "event loop stalled", row_g3, MX_OWN_DAEMON },
+	{ "G4", "start with a GPU that fails to initialise", row_g4, MX_OWN_DAEMON },
 };
 
 int main(int argc, char **argv)
