@@ -673,8 +673,108 @@ static void test_gpu_requests(struct worker *wk, const char *uuid)
 	s = op_run(wk, next_op++, T(BARRIER), COMM_FLOAT32, COMM_SUM, 0, 16, 2, 2, bad);
 	CHECK(s.status == COMM_ERR_INVALID_ARG, "barrier: %d %s", s.status, s.detail);
 	mem_close(wk, 4242); /* unknown: logged, no answer */
+	/* a garbage legacy IPC handle (RELIABILITY.md): refused; the all-reduce below runs */
+	m = mem_msg(2003, GPU_MEM_IPC, ALLOC_BYTES, uuid);
+	for (size_t i = 0; i < sizeof m.handle; i++)
+		m.handle[i] = (uint8_t)(rand() * 37 + 11);
+	s = mem_open(wk, &m, -1);
+	CHECK(s.status != COMM_OK && strstr(s.detail, "cudaIpcOpenMemHandle"),
+	      "garbage IPC handle: %d %s", s.status, s.detail);
 	gpu_case(wk, "all-reduce after the refusals", T(ALLREDUCE), COMM_FLOAT16, COMM_PROD, 0, 100, 2,
 		 (struct trank[]){ TR(0, 1, 1, 0, 4096), TR(3, 1, 1, 0, 4096) }, -1);
+}
+
+#define ORPHAN_BYTES (1u << 20)
+#define ORPHAN_BYTE(i) ((uint8_t)((i) * 13 + 5))
+
+/*
+ * The --export-vmm child (a process of its own, as CUDA does not survive a
+ * fork): VMM memory filled with ORPHAN_BYTE, its fd and size sent on sock;
+ * then it exits without freeing it.
+ */
+static int export_vmm(int sock)
+{
+	struct alloc a = { 0 };
+	uint8_t *h = malloc(ORPHAN_BYTES);
+	uint64_t size;
+	int fd;
+
+	REQUIRE(h, "malloc");
+	CUDA_REQ(cudaSetDevice(0));
+	vmm_alloc(&a, &fd);
+	for (size_t i = 0; i < ORPHAN_BYTES; i++)
+		h[i] = ORPHAN_BYTE(i);
+	CUDA_REQ(cudaMemcpy(a.dev, h, ORPHAN_BYTES, cudaMemcpyHostToDevice));
+	CUDA_REQ(cudaDeviceSynchronize());
+	size = a.size;
+	send_pkt(sock, &size, sizeof size, fd);
+	return 0;
+}
+
+/*
+ * A VMM allocation exported as an fd stays valid after the exporter exits
+ * (RELIABILITY.md): a child process makes and fills one, hands over its fd
+ * and exits; the worker then opens it and copies it into IPC memory, every
+ * byte checked.
+ */
+static void test_gpu_orphan_vmm(struct worker *wk, const char *self, const char *uuid)
+{
+	union {
+		struct cmsghdr h;
+		char b[CMSG_SPACE(sizeof(int))];
+	} ctl;
+	uint64_t size = 0;
+	struct iovec iov = { .iov_base = &size, .iov_len = sizeof size };
+	struct msghdr msg = { .msg_iov = &iov, .msg_iovlen = 1, .msg_control = ctl.b,
+			      .msg_controllen = sizeof ctl.b };
+	struct gpu_op_rank x = { .send_mem = 4000, .recv_mem = al[0].id, .recv_off = 0 };
+	struct cmsghdr *c;
+	struct gpu_mem_open m;
+	struct gpu_status s;
+	uint8_t *got = malloc(ORPHAN_BYTES);
+	int sv[2], fd = -1, st;
+	size_t bad;
+	pid_t pid;
+
+	REQUIRE(got && ORPHAN_BYTES <= ALLOC_BYTES, "malloc");
+	REQUIRE(socketpair(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0, sv) == 0, "socketpair: %s",
+		strerror(errno));
+	pid = fork();
+	REQUIRE(pid >= 0, "fork: %s", strerror(errno));
+	if (pid == 0) {
+		char arg[16];
+		int keep = fcntl(sv[1], F_DUPFD, 10); /* without CLOEXEC: the child's */
+
+		snprintf(arg, sizeof arg, "%d", keep);
+		execl(self, self, "--export-vmm", arg, (char *)NULL);
+		_exit(127);
+	}
+	close(sv[1]);
+	REQUIRE(recvmsg(sv[0], &msg, 0) == (ssize_t)sizeof size, "no fd from the exporter");
+	for (c = CMSG_FIRSTHDR(&msg); c; c = CMSG_NXTHDR(&msg, c))
+		if (c->cmsg_level == SOL_SOCKET && c->cmsg_type == SCM_RIGHTS)
+			memcpy(&fd, CMSG_DATA(c), sizeof fd);
+	close(sv[0]);
+	REQUIRE(waitpid(pid, &st, 0) == pid && WIFEXITED(st) && WEXITSTATUS(st) == 0,
+		"the exporter: status 0x%x", st);
+	REQUIRE(fd >= 0 && size >= ORPHAN_BYTES, "the exporter's fd %d, size %llu", fd,
+		(unsigned long long)size);
+	m = mem_msg(4000, GPU_MEM_VMM, size, uuid);
+	s = mem_open(wk, &m, fd);
+	close(fd);
+	CHECK(s.status == COMM_OK, "VMM memory of an exporter that exited: %d %s", s.status,
+	      s.detail);
+	if (s.status != COMM_OK)
+		return;
+	s = op_run(wk, next_op++, T(SEND), COMM_UINT8, 0, 0, ORPHAN_BYTES, 1, 1, &x);
+	CHECK(s.status == COMM_OK, "copy out of it: %d %s", s.status, s.detail);
+	CUDA_REQ(cudaMemcpy(got, al[0].dev, ORPHAN_BYTES, cudaMemcpyDeviceToHost));
+	for (bad = 0; bad < ORPHAN_BYTES && got[bad] == ORPHAN_BYTE(bad); bad++)
+		;
+	CHECK(bad == ORPHAN_BYTES, "VMM memory of an exporter that exited: byte %zu is %u, not %u",
+	      bad, bad < ORPHAN_BYTES ? got[bad] : 0, ORPHAN_BYTE(bad));
+	mem_close(wk, 4000);
+	free(got);
 }
 
 /*
@@ -748,7 +848,7 @@ static void test_gpu_staging(struct worker *wk)
 	free(got);
 }
 
-static void test_gpu(void)
+static void test_gpu(const char *self)
 {
 	struct worker wk;
 	struct cudaDeviceProp prop;
@@ -765,6 +865,7 @@ static void test_gpu(void)
 	test_gpu_ops(&wk);
 	test_gpu_requests(&wk, uuid);
 	test_gpu_staging(&wk);
+	test_gpu_orphan_vmm(&wk, self, uuid);
 	rc = worker_stop(&wk);
 	CHECK(rc == GPU_WORKER_EXIT_OK, "exit %d after EOF", rc);
 	CHECK(!worker_logged(&wk, "exiting", 0), "the worker hit a CUDA error");
@@ -772,8 +873,10 @@ static void test_gpu(void)
 	test_fds(uuid);
 }
 
-int main(void)
+int main(int argc, char **argv)
 {
+	if (argc == 3 && !strcmp(argv[1], "--export-vmm"))
+		return export_vmm(atoi(argv[2]));
 	worker_path = getenv("COMMD_GPU");
 	if (!worker_path) {
 		fprintf(stderr, "test-gpu-worker: COMMD_GPU is not set (make check sets it)\n");
@@ -784,7 +887,7 @@ int main(void)
 	test_malformed();
 	test_eof();
 	if (test_probe()) {
-		test_gpu();
+		test_gpu("/proc/self/exe");
 	} else {
 		test_unsupported();
 		test_fds("GPU-00000000-0000-0000-0000-000000000000");
