@@ -624,31 +624,37 @@ static void stage_drop(struct gpu_worker *w, struct gpu_stage *g)
  */
 void gpu_stage_put(struct task *t)
 {
-	struct gpu_stage *g = t->stage, *x, *next;
+	struct gpu_stage *g = t->stage, *x = NULL;
 	struct gpu_worker *w = g->w;
 
 	t->stage = NULL;
 	g->busy = 0;
-	if (w->fd < 0 || g->failed[0] || g->cap > STAGE_IDLE_BYTES) {
-		stage_drop(w, g);
-		worker_put(w);
-		return;
-	}
-	for (x = TAILQ_FIRST(&w->stages); x; x = next) {
-		next = TAILQ_NEXT(x, link);
-		if (w->stages_idle < STAGE_IDLE_MAX &&
-		    w->stage_idle_bytes + g->cap <= STAGE_IDLE_BYTES)
+	/*
+	 * One at a time from the list's head: closing one may find the worker
+	 * gone (worker_lost), which gives back the buffers of the tasks it had
+	 * and may free any other (the task's reference keeps w and g).
+	 */
+	while (w->fd >= 0 && !g->failed[0] && g->cap <= STAGE_IDLE_BYTES &&
+	       (w->stages_idle >= STAGE_IDLE_MAX ||
+		w->stage_idle_bytes + g->cap > STAGE_IDLE_BYTES)) {
+		TAILQ_FOREACH(x, &w->stages, link)
+			if (x != g && !x->busy && !x->gone && !x->failed[0])
+				break;
+		if (!x)
 			break;
-		if (x == g || x->busy || x->gone || x->failed[0])
-			continue;
 		w->stages_idle--;
 		w->stage_idle_bytes -= x->cap;
 		stage_drop(w, x);
 	}
-	TAILQ_REMOVE(&w->stages, g, link);
-	TAILQ_INSERT_TAIL(&w->stages, g, link);
-	w->stages_idle++;
-	w->stage_idle_bytes += g->cap;
+	if (w->fd < 0 || g->failed[0] || g->cap > STAGE_IDLE_BYTES ||
+	    w->stages_idle >= STAGE_IDLE_MAX || w->stage_idle_bytes + g->cap > STAGE_IDLE_BYTES) {
+		stage_drop(w, g);
+	} else {
+		TAILQ_REMOVE(&w->stages, g, link);
+		TAILQ_INSERT_TAIL(&w->stages, g, link);
+		w->stages_idle++;
+		w->stage_idle_bytes += g->cap;
+	}
 	worker_put(w);
 }
 
