@@ -135,7 +135,9 @@ comm_result_t comm_mem_free(comm_t *comm, void *ptr);
  * the call blocks until the result is in place; otherwise *req receives a
  * request to pass to comm_wait or comm_test. sendbuf == recvbuf (all-reduce),
  * recvbuf == sendbuf + rank * recvcount (reduce-scatter) and
- * sendbuf == recvbuf + rank * sendcount (all-gather) are in place.
+ * sendbuf == recvbuf + rank * sendcount (all-gather) are in place. When an
+ * op fails, its output buffer may hold part of the result (with ranks on
+ * several daemons, what had arrived), as in NCCL and MPI.
  */
 comm_result_t comm_allreduce(comm_t *comm, const void *sendbuf, void *recvbuf, size_t count,
 			     comm_dtype_t dtype, comm_redop_t op, comm_request_t **req);

@@ -88,9 +88,11 @@
 /* a ring's hop h (from 0) and chunk c; steps 0 and 1 are the verdict and the others' data */
 #define RING_STEP(h, c) (((uint64_t)(h) + 1) << 6 | (uint64_t)(c))
 /*
- * A send/recv's index between its two ranks (it wraps at 65536, the default
- * max-ops-per-rank: UCX matches one sender's messages of a tag in order)
- * and part: 0 its header, 1 + c its data's chunk c (P2P_CHUNKS at most).
+ * A send/recv's index between its two ranks and its part: 0 its header,
+ * 1 + c its data's chunk c. The index wraps at 65536: safe because UCX
+ * matches one sender's messages of a tag in the order sent, and every
+ * part sent is received (a receiver that cannot take a message fails the
+ * job, fatal), so the k-th recv never meets the data of an older send.
  */
 #define TAG_P2P(slot, src, dst, idx, part)                                     \
 	(TAG_SLOT(slot) | 1ull << 47 | (uint64_t)(src) << 35 | (uint64_t)(dst) << 23 | \
@@ -102,6 +104,7 @@
  * transport (a 16-core host, loopback).
  */
 #define P2P_CHUNKS 64
+_Static_assert(P2P_CHUNKS + 1 < 128, "a send/recv's part has 7 bits of the tag");
 
 /* A node's verdict on a collective, or a send's header. Same layout everywhere. */
 struct hdr {
@@ -149,7 +152,8 @@ struct nep {
 enum { S_START, S_VERDICT, S_RING, S_FINISH, S_P2P_DATA, S_P2P_RECV, S_P2P_END };
 
 /* What a task is doing, for status (net_task_state). */
-enum { SHOW_START, SHOW_VERDICTS, SHOW_LOCAL, SHOW_RING, SHOW_EXCHANGE, SHOW_WRITE, SHOW_STOPPING };
+/* SHOW_CHUNKS: a ring's, a chain's or a send/recv's chunks, "N of M in from node" or "sending to node" */
+enum { SHOW_START, SHOW_VERDICTS, SHOW_LOCAL, SHOW_CHUNKS, SHOW_EXCHANGE, SHOW_WRITE, SHOW_STOPPING };
 #define NODES_MAX 256 /* a job's nodes (peer.c refuses more): awaited's bits */
 
 /* A slot of rbuf for one chunk of a ring. */
@@ -192,8 +196,8 @@ struct net_task {
 	/*
 	 * A pipelined ring or chain (S_RING, ring_alloc): an all-reduce's, a
 	 * reduce-scatter's, an all-gather's ring; a broadcast's or reduce's
-	 * chain. A recv's chunks (S_P2P_RECV) use slots, chunk, left and from
-	 * too: a slot a chunk, all in rbuf.
+	 * chain. A recv's chunks (S_P2P_RECV) use slots, chunk, left, from,
+	 * show_in and show_all too (a slot a chunk, all in rbuf); a send, to.
 	 */
 	uint8_t *data;            /* what it works on: nb, or a broadcast's rank buffer */
 	int from, to;             /* the nodes it receives from and sends to */
@@ -950,7 +954,7 @@ static void ring_start(struct net_task *nt)
 {
 	nt->state = S_RING;
 	nt->show_all = nt->left;
-	show(nt, SHOW_RING);
+	show(nt, SHOW_CHUNKS);
 	if (!nt->data)
 		nt->data = nt->nb;
 	for (int c = 0; nt->send0 >= 0 && c < ring_nchunks(nt, ring_send_piece(nt, nt->send0)); c++)
@@ -1419,24 +1423,29 @@ static size_t p2p_chunk(size_t count)
 	return c < RING_CHUNK_MIN ? RING_CHUNK_MIN : c;
 }
 
-/*
- * Post the sends of count bytes of data from buf, or its receives into
- * buf, chunk by chunk; a receive of chunk c in slot c when slots are kept.
- */
-static void p2p_post(struct net_task *nt, int recv, int pn, uint64_t tag, uint8_t *buf,
-		     size_t count)
+/* Post the sends of count bytes from buf to node pn, chunk by chunk (tag: the header's). */
+static void p2p_send_data(struct net_task *nt, int pn, uint64_t tag, const uint8_t *buf,
+			  size_t count)
 {
 	size_t chunk = p2p_chunk(count);
 
-	for (size_t at = 0, c = 0; at < count && nt->status == COMM_OK; at += chunk, c++) {
-		size_t len = count - at < chunk ? count - at : chunk;
+	for (size_t at = 0, c = 0; at < count && nt->status == COMM_OK; at += chunk, c++)
+		post_send(nt, pn, tag + 1 + c, buf + at, count - at < chunk ? count - at : chunk);
+}
 
-		if (!recv) {
-			post_send(nt, pn, tag + 1 + c, buf + at, len);
-			continue;
-		}
-		post_recv(nt, -1, tag + 1 + c, buf + at, len);
-		if (nt->slots && nt->status == COMM_OK) {
+/*
+ * Post the receives of count bytes into buf in chunks of chunk (the
+ * sender's: p2p_chunk(count)); with slots kept, chunk c's arrival marks
+ * slot c for p2p_take.
+ */
+static void p2p_recv_data(struct net_task *nt, uint64_t tag, uint8_t *buf, size_t count,
+			  size_t chunk)
+{
+	for (size_t at = 0, c = 0; at < count && nt->status == COMM_OK; at += chunk, c++) {
+		int before = nt->nreq;
+
+		post_recv(nt, -1, tag + 1 + c, buf + at, count - at < chunk ? count - at : chunk);
+		if (nt->slots && nt->nreq > before) {
 			nt->slots[c].state = SLOT_POSTED;
 			nt->reqs[nt->nreq - 1].ring = (int)c;
 		}
@@ -1477,10 +1486,10 @@ static int p2p_step(struct net_task *nt)
 			snprintf(nt->out.detail, sizeof nt->out.detail, "%.199s", t->detail);
 			post_send(nt, pn, TAG_P2P(slot, src, dst, t->cseq, 0), &nt->out, sizeof nt->out);
 			if (t->status == COMM_OK)
-				p2p_post(nt, 0, pn, TAG_P2P(slot, src, dst, t->cseq, 0), t->in[0],
-					 t->count);
+				p2p_send_data(nt, pn, TAG_P2P(slot, src, dst, t->cseq, 0), t->in[0],
+					      t->count);
 			nt->to = pn;
-			show(nt, SHOW_RING); /* "sending to node" */
+			show(nt, SHOW_CHUNKS); /* "sending to node" */
 			/* refused here: the receiver is told, and the send fails too */
 			nt->deferred = t->status;
 			snprintf(nt->deferred_detail, sizeof nt->deferred_detail, "%s", t->detail);
@@ -1495,6 +1504,7 @@ static int p2p_step(struct net_task *nt)
 		const struct hdr *h = &nt->in[0];
 
 		if (h->magic != HDR_MAGIC) {
+			nt->fatal = 1; /* its data is not taken: a later recv could meet it */
 			fail(nt, COMM_ERR_PROTOCOL, "recv from rank %d: a bad header", src);
 			return 1;
 		}
@@ -1510,9 +1520,13 @@ static int p2p_step(struct net_task *nt)
 			 * lingers; the error stands once it is in (failing now would
 			 * cancel this receive).
 			 */
-			if (h->count && (nt->rbuf = buf_get(h->count, &nt->rbuf_cap)))
-				p2p_post(nt, 1, pn, TAG_P2P(slot, src, dst, t->cseq, 0), nt->rbuf,
-					 h->count);
+			if (h->count && !(nt->rbuf = buf_get(h->count, &nt->rbuf_cap))) {
+				nt->fatal = 1; /* the sender's data would linger */
+				fail(nt, COMM_ERR_NO_MEMORY, "recv from rank %d: out of memory", src);
+				return 1;
+			}
+			p2p_recv_data(nt, TAG_P2P(slot, src, dst, t->cseq, 0), nt->rbuf, h->count,
+				      p2p_chunk(h->count));
 			nt->deferred = t->status == COMM_OK ? COMM_ERR_MISMATCH : t->status;
 			if (t->status == COMM_OK)
 				snprintf(nt->deferred_detail, sizeof nt->deferred_detail,
@@ -1534,10 +1548,11 @@ static int p2p_step(struct net_task *nt)
 			fail(nt, COMM_ERR_NO_MEMORY, "recv from rank %d: out of memory", src);
 			return 1;
 		}
-		p2p_post(nt, 1, pn, TAG_P2P(slot, src, dst, t->cseq, 0), nt->rbuf, t->count);
+		p2p_recv_data(nt, TAG_P2P(slot, src, dst, t->cseq, 0), nt->rbuf, t->count,
+			      nt->chunk);
 		nt->from = pn;
 		nt->show_all = nt->left;
-		show(nt, SHOW_RING);
+		show(nt, SHOW_CHUNKS);
 		nt->state = S_P2P_RECV;
 		return 0;
 	}
@@ -2355,8 +2370,8 @@ void net_task_state(const struct task *t, char *buf, size_t len)
 	case SHOW_LOCAL:
 		snprintf(buf, len, "across daemons: taking in this node's ranks' data");
 		break;
-	case SHOW_RING:
-		if (nt->show_all) /* a chain's first node receives nothing */
+	case SHOW_CHUNKS:
+		if (nt->show_all) /* a chain's first node and a send receive nothing */
 			snprintf(buf, len, "across daemons: %d of %d chunks in from node %s",
 				 __atomic_load_n(&nt->show_in, __ATOMIC_RELAXED), nt->show_all,
 				 d->nodes[nt->from].name);

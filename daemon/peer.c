@@ -22,8 +22,11 @@
 #include "log.h"
 #include "util.h"
 
-/* 2: small ops' data with the verdicts; RS/AG rings and broadcast/reduce chains in chunks */
-#define PEER_VERSION 2
+/*
+ * 2: small ops' data with the verdicts; RS/AG rings and broadcast/reduce
+ * chains in chunks. 3: send/recv data in chunks (net.c's TAG_P2P).
+ */
+#define PEER_VERSION 3
 #define PEER_FRAME_MAX (1u << 20)
 #define PEER_WQ_MAX (64u << 20)  /* unsent bytes before a peer is dropped */
 #define PING_MS 1000

@@ -730,7 +730,7 @@ static void test_old_version(void)
 	close(fd);
 	CHECK(closed, "old version: commd A kept the link of a peer speaking protocol %d",
 	      PEER_VERSION - 1);
-	CHECK(th_log_count(&da, "it speaks peer protocol 1,", "we speak 2") == 1,
+	CHECK(th_log_count(&da, "it speaks peer protocol 2,", "we speak 3") == 1,
 	      "old version: commd A did not log why it dropped the peer");
 	CHECK(th_daemon_alive(&da), "old version: commd A died");
 	printf("ok: a peer speaking protocol %d is dropped, the log says why\n", PEER_VERSION - 1);

@@ -679,6 +679,9 @@ static const struct p2p_msg {
 	{ 1, 4u << 20, 2u << 20 },
 	/* chunks of a 64th, the last one short; then sent as expected */
 	{ 0, (1u << 20) + 1, (65u << 20) + 13 },
+	/* no data, each way; then 100 bytes, and an empty send/recv */
+	{ 0, 0, 100 },
+	{ 1, 100, 0 },
 };
 #define NP2P (int)(sizeof p2p_msgs / sizeof p2p_msgs[0])
 _Static_assert(NP2P < MAX_CHECKS, "MAX_CHECKS outcomes per job");
@@ -892,7 +895,7 @@ static void test_faults(const struct split *sp)
 	fj = faultjob_new(sp);
 	run_split_job(sp, rank_p2p_sizes, fj,
 		      "send/recv between daemons of 100 bytes against 200, 2 MiB against 4 MiB, "
-		      "1 MiB + 1 against 65 MiB + 13, and back");
+		      "1 MiB + 1 against 65 MiB + 13, 0 against 100 and 100 against 0, and back");
 	check_p2p_sizes(fj, where);
 	munmap(fj, sizeof *fj);
 	for (int pending = 0; pending < 2; pending++) {

@@ -10,7 +10,7 @@
 
 #include "commd.pb-c.h"
 
-#define PEER_VERSION 2 /* the daemons' peer protocol (peer.c) */
+#define PEER_VERSION 3 /* the daemons' peer protocol (peer.c) */
 
 /* A TCP connection to the listener at "HOST:PORT" (a loopback port); the fd, or -1. */
 int pr_connect(const char *addr);
