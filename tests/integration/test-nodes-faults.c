@@ -1,9 +1,12 @@
 /*
  * test-nodes-faults.c: jobs over two daemons when things go wrong: a root
- * address where nothing listens, and a member daemon killed under a running
- * job. The surviving daemon fails what spanned the dead one, serves a new
+ * address where nothing listens, a job that fails under a send between the
+ * daemons beside one that must not notice, and a member daemon killed under
+ * a running job. The surviving daemon fails what spanned the dead one, serves a new
  * job and stops cleanly. Stale messages (H4) are test-nodes-stale.c's.
  */
+#include <signal.h>
+#include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -75,6 +78,139 @@ static void test_noroot(int fds0)
 	printf("%s: commd A alive, fds back to %d, no memfd mapped\n",
 	       check_failures ? "FAIL" : "ok", fds0);
 	fflush(stdout);
+	munmap(s, sizeof *s);
+}
+
+/* --- a job's failure under a send between daemons stays in that job ------------- */
+
+#define ISO_SEND (256u << 20)   /* bytes rank 0 of job X sends, that nobody takes */
+#define ISO_COUNT (1u << 18)    /* float32 in each of job Y's all-reduces */
+#define ISO_RUN_MS 8000         /* how long Y goes on after X failed */
+
+struct iso {
+	int posted;                 /* X's rank 0 posted its send */
+	long fail_ms;               /* X failed (its rank 1 was killed) */
+	int x_rc[3];                /* what X's ranks 0 and 2 got */
+	int y_ops[2], y_rc[2];      /* Y's all-reduces done, and the first failure */
+	char y_detail[2][200];
+};
+
+/*
+ * Job X over A and B: rank 0 (on A) sends ISO_SEND bytes to rank 1 (on B),
+ * which never posts its recv: the test kills it. Rank 2 (on B) keeps X
+ * alive on B (it waits in a barrier, then a while before it leaves), so the
+ * send's chunks are neither taken nor drained there.
+ */
+static int rank_iso_x(int r, int n, void *arg)
+{
+	struct iso *s = arg;
+	comm_request_t *req = NULL;
+	comm_result_t rc;
+	uint8_t *buf = NULL;
+	comm_t *c;
+
+	setenv("COMM_TIMEOUT", "30000", 1);
+	if (th_join(&c, r, n) < 0)
+		return 1;
+	if (r == 1)
+		for (;;)
+			pause();
+	if (r == 0) {
+		if (!(buf = comm_mem_alloc(c, ISO_SEND)))
+			return th_bail(c);
+		memset(buf, 0x5a, ISO_SEND);
+		rc = comm_send(c, buf, ISO_SEND, COMM_UINT8, 1, &req);
+		__atomic_store_n(&s->posted, 1, __ATOMIC_RELEASE);
+		if (rc == COMM_OK)
+			rc = comm_wait(req, -1);
+	} else {
+		rc = comm_barrier(c, NULL);
+	}
+	s->x_rc[r] = rc;
+	if (r == 2)
+		usleep(ISO_RUN_MS * 1000);
+	alarm(20);
+	comm_finalize(c);
+	return rc == COMM_OK; /* X must fail */
+}
+
+/* Job Y over A and B: all-reduces until ISO_RUN_MS after X failed, each checked. */
+static int rank_iso_y(int r, int n, void *arg)
+{
+	struct iso *s = arg;
+	float *in, *out;
+	comm_result_t rc = COMM_OK;
+	comm_t *c;
+	long f;
+
+	setenv("COMM_TIMEOUT", "30000", 1);
+	if (th_join(&c, r, n) < 0)
+		return 1;
+	in = comm_mem_alloc(c, ISO_COUNT * sizeof *in);
+	out = comm_mem_alloc(c, ISO_COUNT * sizeof *out);
+	if (!in || !out)
+		return th_bail(c);
+	for (size_t i = 0; i < ISO_COUNT; i++)
+		in[i] = (float)(r + 1);
+	while (!(f = __atomic_load_n(&s->fail_ms, __ATOMIC_ACQUIRE)) || mono_ms() - f < ISO_RUN_MS) {
+		alarm(TH_WATCHDOG_S);
+		rc = comm_allreduce(c, in, out, ISO_COUNT, COMM_FLOAT32, COMM_SUM, NULL);
+		if (rc != COMM_OK) {
+			snprintf(s->y_detail[r], sizeof s->y_detail[r], "%s", comm_last_error(c));
+			break;
+		}
+		if (out[0] != 3.0f || out[ISO_COUNT - 1] != 3.0f) {
+			snprintf(s->y_detail[r], sizeof s->y_detail[r], "wrong values");
+			rc = COMM_ERR_INTERNAL;
+			break;
+		}
+		s->y_ops[r]++;
+	}
+	s->y_rc[r] = rc;
+	if (rc != COMM_OK)
+		return th_bail(c);
+	return th_leave(c, r);
+}
+
+/*
+ * Promise 2 of RELIABILITY.md across daemons: job X fails with 256 MiB of a
+ * send between A and B under way that B never takes; job Y over the same
+ * two daemons (the same UCX endpoints) goes on for 8 s after, every
+ * all-reduce right.
+ */
+static void test_isolation(void)
+{
+	static const int x_of[3] = { 0, 1, 1 }, y_of[2] = { 0, 1 };
+	const struct th_daemon *ds[2] = { &da, &db };
+	struct iso *s = mmap(NULL, sizeof *s, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_ANONYMOUS, -1,
+			     0);
+	struct th_ranks rx, ry;
+	long t0 = mono_ms();
+	int fx, fy;
+
+	REQUIRE(s != MAP_FAILED, "mmap");
+	memset(s, 0, sizeof *s);
+	REQUIRE(th_ranks_start_nodes(&ry, ds, y_of, da.peer, "iso-y", 2, rank_iso_y, s) == 0, "fork");
+	REQUIRE(th_ranks_start_nodes(&rx, ds, x_of, da.peer, "iso-x", 3, rank_iso_x, s) == 0, "fork");
+	while (!__atomic_load_n(&s->posted, __ATOMIC_ACQUIRE) && mono_ms() - t0 < PROGRESS_LIMIT_MS)
+		usleep(2000);
+	usleep(300 * 1000); /* the send's chunks are on their way */
+	kill(rx.pids[1], SIGKILL);
+	__atomic_store_n(&s->fail_ms, mono_ms(), __ATOMIC_RELEASE);
+	fx = th_ranks_wait(&rx);
+	fy = th_ranks_wait(&ry);
+	CHECK(fx == 1, "job X: %d ranks failed, expected the killed one alone", fx);
+	CHECK(s->x_rc[0] != COMM_OK && s->x_rc[2] != COMM_OK, "job X's ranks 0 and 2: %s, %s",
+	      comm_result_name((comm_result_t)s->x_rc[0]),
+	      comm_result_name((comm_result_t)s->x_rc[2]));
+	for (int r = 0; r < 2; r++)
+		CHECK(s->y_rc[r] == COMM_OK, "job Y, rank %d: %s after %d all-reduces: %s", r,
+		      comm_result_name((comm_result_t)s->y_rc[r]), s->y_ops[r], s->y_detail[r]);
+	printf("%s: job X failed under a 256 MiB send from A to B nobody took (%s); job Y over "
+	       "the same daemons ran %d all-reduces, the last %d s after%s\n",
+	       fy || s->y_rc[0] || s->y_rc[1] ? "FAIL" : "ok",
+	       comm_result_name((comm_result_t)s->x_rc[0]), s->y_ops[0], ISO_RUN_MS / 1000,
+	       fy ? ", some failed" : ", all right");
 	munmap(s, sizeof *s);
 }
 
@@ -258,6 +394,7 @@ int main(void)
 	printf("commd A: peers %s; commd B: peers %s\n", da.peer, db.peer);
 	fds0 = th_count_fds(da.pid);
 	test_noroot(fds0);
+	test_isolation();
 	test_kill_member();
 	if (!th_daemon_alive(&da)) {
 		th_daemon_dump_log(&da);
