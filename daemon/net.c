@@ -369,6 +369,9 @@ static void ep_kill(struct nep *e, const char *why)
 		snprintf(e->why, sizeof e->why, "%s", why);
 	if (!e->ep || e->closing)
 		return;
+	if (!N.stop)
+		log_warn("net: an endpoint to another daemon closed by force (%s): the ops under "
+			 "way on it, of any job, fail; the next ones get a new one", why);
 	r = ucp_ep_close_nbx(e->ep, &rp);
 	if (UCS_PTR_IS_PTR(r)) {
 		while (ucp_request_check_status(r) == UCS_INPROGRESS)
