@@ -83,27 +83,31 @@ static void test_noroot(int fds0)
 
 /* --- a job's failure under a send between daemons stays in that job ------------- */
 
-#define ISO_SEND (256u << 20)   /* bytes rank 0 of job X sends, that nobody takes */
+#define ISO_SEND (256u << 20)   /* bytes rank 0 of job X sends to rank 1 */
 #define ISO_COUNT (1u << 18)    /* float32 in each of job Y's all-reduces */
 #define ISO_RUN_MS 8000         /* how long Y goes on after X failed */
 
 struct iso {
-	int posted;                 /* X's rank 0 posted its send */
-	long fail_ms;               /* X failed (its rank 1 was killed) */
-	int x_rc[3];                /* what X's ranks 0 and 2 got */
+	int taken;                  /* 1: X's rank 1 posts its recv, and rank 2 is killed */
+	int posted[3];              /* X's rank 0 posted its send, rank 1 its recv */
+	long fail_ms;               /* X failed (the test killed a rank) */
+	int x_rc[3];                /* what X's ranks got */
 	int y_ops[2], y_rc[2];      /* Y's all-reduces done, and the first failure */
 	char y_detail[2][200];
 };
 
 /*
- * Job X over A and B: rank 0 (on A) sends ISO_SEND bytes to rank 1 (on B),
- * which never posts its recv: the test kills it. Rank 2 (on B) keeps X
- * alive on B (it waits in a barrier, then a while before it leaves), so the
- * send's chunks are neither taken nor drained there.
+ * Job X over A and B: rank 0 (on A) sends ISO_SEND bytes to rank 1 (on B).
+ * Not taken: rank 1 never posts its recv, the test kills it, and rank 2
+ * (on B) keeps X alive on B (it waits in a barrier, then a while before it
+ * leaves), so the send's chunks are neither taken nor drained there.
+ * Taken: rank 1 posts the recv and the test kills rank 2 while the chunks
+ * come in.
  */
 static int rank_iso_x(int r, int n, void *arg)
 {
 	struct iso *s = arg;
+	int victim = s->taken ? 2 : 1;
 	comm_request_t *req = NULL;
 	comm_result_t rc;
 	uint8_t *buf = NULL;
@@ -112,15 +116,16 @@ static int rank_iso_x(int r, int n, void *arg)
 	setenv("COMM_TIMEOUT", "30000", 1);
 	if (th_join(&c, r, n) < 0)
 		return 1;
-	if (r == 1)
+	if (r == victim)
 		for (;;)
 			pause();
-	if (r == 0) {
+	if (r < 2) {
 		if (!(buf = comm_mem_alloc(c, ISO_SEND)))
 			return th_bail(c);
 		memset(buf, 0x5a, ISO_SEND);
-		rc = comm_send(c, buf, ISO_SEND, COMM_UINT8, 1, &req);
-		__atomic_store_n(&s->posted, 1, __ATOMIC_RELEASE);
+		rc = r == 0 ? comm_send(c, buf, ISO_SEND, COMM_UINT8, 1, &req)
+			    : comm_recv(c, buf, ISO_SEND, COMM_UINT8, 0, &req);
+		__atomic_store_n(&s->posted[r], 1, __ATOMIC_RELEASE);
 		if (rc == COMM_OK)
 			rc = comm_wait(req, -1);
 	} else {
@@ -173,42 +178,46 @@ static int rank_iso_y(int r, int n, void *arg)
 }
 
 /*
- * Promise 2 of RELIABILITY.md across daemons: job X fails with 256 MiB of a
- * send between A and B under way that B never takes; job Y over the same
- * two daemons (the same UCX endpoints) goes on for 8 s after, every
- * all-reduce right.
+ * Promise 2 of RELIABILITY.md across daemons: job X fails with a 256 MiB
+ * send between A and B under way, that B never takes or is taking in; job
+ * Y over the same two daemons (the same UCX endpoints) goes on for 8 s
+ * after, every all-reduce right.
  */
-static void test_isolation(void)
+static void test_isolation(int taken)
 {
 	static const int x_of[3] = { 0, 1, 1 }, y_of[2] = { 0, 1 };
 	const struct th_daemon *ds[2] = { &da, &db };
 	struct iso *s = mmap(NULL, sizeof *s, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_ANONYMOUS, -1,
 			     0);
+	int victim = taken ? 2 : 1, fx, fy;
 	struct th_ranks rx, ry;
 	long t0 = mono_ms();
-	int fx, fy;
 
 	REQUIRE(s != MAP_FAILED, "mmap");
 	memset(s, 0, sizeof *s);
+	s->taken = taken;
 	REQUIRE(th_ranks_start_nodes(&ry, ds, y_of, da.peer, "iso-y", 2, rank_iso_y, s) == 0, "fork");
 	REQUIRE(th_ranks_start_nodes(&rx, ds, x_of, da.peer, "iso-x", 3, rank_iso_x, s) == 0, "fork");
-	while (!__atomic_load_n(&s->posted, __ATOMIC_ACQUIRE) && mono_ms() - t0 < PROGRESS_LIMIT_MS)
+	while (!(__atomic_load_n(&s->posted[0], __ATOMIC_ACQUIRE) &&
+		 (!taken || __atomic_load_n(&s->posted[1], __ATOMIC_ACQUIRE))) &&
+	       mono_ms() - t0 < PROGRESS_LIMIT_MS)
 		usleep(2000);
-	usleep(300 * 1000); /* the send's chunks are on their way */
-	kill(rx.pids[1], SIGKILL);
+	usleep(150 * 1000); /* the send's chunks are on their way */
+	kill(rx.pids[victim], SIGKILL);
 	__atomic_store_n(&s->fail_ms, mono_ms(), __ATOMIC_RELEASE);
 	fx = th_ranks_wait(&rx);
 	fy = th_ranks_wait(&ry);
 	CHECK(fx == 1, "job X: %d ranks failed, expected the killed one alone", fx);
-	CHECK(s->x_rc[0] != COMM_OK && s->x_rc[2] != COMM_OK, "job X's ranks 0 and 2: %s, %s",
-	      comm_result_name((comm_result_t)s->x_rc[0]),
-	      comm_result_name((comm_result_t)s->x_rc[2]));
+	for (int r = 0; r < 3; r++)
+		CHECK(r == victim || s->x_rc[r] != COMM_OK, "job X's rank %d: %s", r,
+		      comm_result_name((comm_result_t)s->x_rc[r]));
 	for (int r = 0; r < 2; r++)
 		CHECK(s->y_rc[r] == COMM_OK, "job Y, rank %d: %s after %d all-reduces: %s", r,
 		      comm_result_name((comm_result_t)s->y_rc[r]), s->y_ops[r], s->y_detail[r]);
-	printf("%s: job X failed under a 256 MiB send from A to B nobody took (%s); job Y over "
-	       "the same daemons ran %d all-reduces, the last %d s after%s\n",
+	printf("%s: job X failed under a 256 MiB send from A to B %s (%s); job Y over the same "
+	       "daemons ran %d all-reduces, the last %d s after%s\n",
 	       fy || s->y_rc[0] || s->y_rc[1] ? "FAIL" : "ok",
+	       taken ? "being taken in" : "nobody took",
 	       comm_result_name((comm_result_t)s->x_rc[0]), s->y_ops[0], ISO_RUN_MS / 1000,
 	       fy ? ", some failed" : ", all right");
 	munmap(s, sizeof *s);
@@ -394,7 +403,8 @@ int main(void)
 	printf("commd A: peers %s; commd B: peers %s\n", da.peer, db.peer);
 	fds0 = th_count_fds(da.pid);
 	test_noroot(fds0);
-	test_isolation();
+	test_isolation(0);
+	test_isolation(1);
 	test_kill_member();
 	if (!th_daemon_alive(&da)) {
 		th_daemon_dump_log(&da);
