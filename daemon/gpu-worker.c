@@ -8,7 +8,6 @@
  */
 #include <config.h>
 
-#include <dlfcn.h>
 #include <errno.h>
 #include <inttypes.h>
 #include <sched.h>
@@ -1982,47 +1981,52 @@ static const char *dev_try(int d, struct cudaDeviceProp *prop, cudaError_t *e)
 	return NULL;
 }
 
-/* Whether the driver's library is installed (the runtime says "insufficient driver" without it). */
-static int driver_installed(void)
+/*
+ * Whether e, from finding the devices or starting one, means that there is
+ * no GPU to use rather than one that fails: none, no driver (or a stub
+ * libcuda), a driver older than the runtime (a setup to mend, not a
+ * failing GPU), or a device in exclusive-process mode that another process
+ * holds.
+ */
+static int no_gpu(cudaError_t e)
 {
-	void *lib = dlopen("libcuda.so.1", RTLD_LAZY | RTLD_LOCAL);
-
-	if (lib)
-		dlclose(lib);
-	return lib != NULL;
+	return e == cudaErrorNoDevice || e == cudaErrorInsufficientDriver ||
+	       e == cudaErrorStubLibrary || e == cudaErrorDevicesUnavailable;
 }
 
 /*
- * One line on the node's GPUs. 0 when every device works; NO_GPU when
- * there is none, or no driver; BROKEN when the driver or a device is there
- * but fails (commd does not start then: a GPU node that went on serving
- * host memory only would hide it).
+ * One line on the node's GPUs. 0 when the devices work (one held by
+ * another process is listed unusable); NO_GPU when none can be used for a
+ * no_gpu reason; BROKEN when the driver or a device is there but fails
+ * (commd does not start then: a GPU node that went on serving host memory
+ * only would hide it). Every device is tried, whatever the line can show.
  */
 static int probe(void)
 {
-	char v[128], names[1024] = "", bad[GPU_DETAIL] = "";
-	int n = 0;
+	char v[128], names[1024] = "", bad[GPU_DETAIL] = "", why[GPU_DETAIL] = "";
+	int n = 0, ok = 0;
 	size_t at = 0;
 	cudaError_t e = cudaGetDeviceCount(&n);
 
 	versions(v, sizeof v);
-	if (e == cudaErrorNoDevice || (e == cudaSuccess && n <= 0) ||
-	    (e == cudaErrorInsufficientDriver && !driver_installed())) {
-		printf("unavailable: cudaGetDeviceCount: %s (%s)\n",
+	if (e != cudaSuccess || n <= 0) {
+		int none = e == cudaSuccess || no_gpu(e);
+
+		printf("%s: cudaGetDeviceCount: %s (%s)\n", none ? "unavailable" : "broken",
 		       e == cudaSuccess ? "no CUDA device" : cudaGetErrorString(e), v);
-		return GPU_WORKER_EXIT_NO_GPU;
-	}
-	if (e != cudaSuccess) {
-		printf("broken: cudaGetDeviceCount: %s (%s)\n", cudaGetErrorString(e), v);
-		return GPU_WORKER_EXIT_BROKEN;
+		return none ? GPU_WORKER_EXIT_NO_GPU : GPU_WORKER_EXIT_BROKEN;
 	}
 	n = n < MAX_DEVICES ? n : MAX_DEVICES;
-	for (int d = 0; d < n && at < sizeof names; d++) {
+	for (int d = 0; d < n; d++) {
 		struct cudaDeviceProp prop;
 		const char *call = dev_try(d, &prop, &e);
+		char *out = !call ? NULL : no_gpu(e) ? why : bad;
 
-		if (call && !*bad)
-			snprintf(bad, sizeof bad, "device %d: %s: %s", d, call, cudaGetErrorString(e));
+		if (out && !*out)
+			snprintf(out, GPU_DETAIL, "device %d: %s: %s", d, call, cudaGetErrorString(e));
+		ok += !call;
+		if (at >= sizeof names)
+			continue;
 		if (call)
 			at += (size_t)snprintf(names + at, sizeof names - at, "%sunusable (%s: %s)",
 					       d ? ", " : "", call, cudaGetErrorString(e));
@@ -2033,6 +2037,10 @@ static int probe(void)
 	if (*bad) {
 		printf("broken: %s; %d device%s: %s (%s)\n", bad, n, n == 1 ? "" : "s", names, v);
 		return GPU_WORKER_EXIT_BROKEN;
+	}
+	if (!ok) {
+		printf("unavailable: %s (%s)\n", why, v);
+		return GPU_WORKER_EXIT_NO_GPU;
 	}
 	printf("%d device%s: %s (%s)\n", n, n == 1 ? "" : "s", names, v);
 	return GPU_WORKER_EXIT_OK;

@@ -119,7 +119,7 @@ static struct {
 	uv_pipe_t out;
 	char line[sizeof srv.gpu_info];
 	size_t len;
-	int exited, status, pipe_done;
+	int exited, status, pipe_done, timed_out;
 } probe;
 
 static void probe_settle(void)
@@ -134,10 +134,18 @@ static void probe_settle(void)
 	if (probe.status == GPU_WORKER_EXIT_OK && *probe.line) {
 		srv.gpu_state = GPU_READY;
 		snprintf(srv.gpu_info, sizeof srv.gpu_info, "%s", probe.line);
-	} else if (probe.status == GPU_WORKER_EXIT_BROKEN) {
+	} else if (probe.status == GPU_WORKER_EXIT_BROKEN || probe.status > 128) {
+		/* it said so, or it hung (the timeout's SIGKILL) or crashed in the driver */
 		srv.gpu_state = GPU_BROKEN;
-		snprintf(srv.gpu_info, sizeof srv.gpu_info, "%s",
-			 *probe.line ? probe.line : "broken: commd-gpu --probe said nothing");
+		if (probe.status == GPU_WORKER_EXIT_BROKEN && *probe.line)
+			snprintf(srv.gpu_info, sizeof srv.gpu_info, "%s", probe.line);
+		else if (!probe.timed_out)
+			snprintf(srv.gpu_info, sizeof srv.gpu_info,
+				 "broken: commd-gpu --probe was killed by signal %d", probe.status - 128);
+		else
+			snprintf(srv.gpu_info, sizeof srv.gpu_info,
+				 "broken: commd-gpu --probe took over %d s", GPU_PROBE_TIMEOUT_S);
+		return; /* main logs it, and stops */
 	} else {
 		srv.gpu_state = GPU_NONE;
 		snprintf(srv.gpu_info, sizeof srv.gpu_info, "%s",
@@ -243,9 +251,7 @@ static void probe_stop(void)
 
 static void on_probe_timeout(uv_timer_t *t)
 {
-	snprintf(probe.line, sizeof probe.line, "unavailable: commd-gpu --probe took over %d s",
-		 GPU_PROBE_TIMEOUT_S);
-	probe.len = strlen(probe.line);
+	probe.timed_out = 1;
 	probe_stop();
 }
 

@@ -39,8 +39,9 @@ static void usage(FILE *f)
 		   "  --topology FILE    read the node's topology from FILE instead of discovering it\n"
 		   "  --dump-topology    print the discovered topology in that format and exit\n"
 		   "  --gpu-worker PATH  the GPU worker program (default: commd-gpu beside commd,\n"
-		   "                     else %s/commd-gpu); none: host memory only.\n"
-		   "                     A GPU that fails its probe stops commd (exit 3)\n"
+		   "                     else %s/commd-gpu),\n"
+		   "                     or none: host memory only. A GPU that fails its probe\n"
+		   "                     stops commd (exit 3 with --foreground)\n"
 		   "  --peer-listen HOST:PORT  listen for other daemons there (TCP), so that jobs\n"
 		   "                     naming this daemon as their root (COMM_ROOT) can span\n"
 		   "                     nodes (default: none)\n"
@@ -285,6 +286,7 @@ int main(int argc, char **argv)
 		log_error("not starting: a GPU of this node does not work. Mend it, leave it out "
 			  "(CUDA_VISIBLE_DEVICES in commd's environment), or set gpu-worker = none "
 			  "to serve host memory only");
+		server_notify("STATUS=not starting: a GPU of this node does not work (see the log)");
 		return 3;
 	}
 	if (be_host_start(loop, cfg.threads, cfg.pin_workers) < 0)

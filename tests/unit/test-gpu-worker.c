@@ -10,6 +10,7 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <poll.h>
+#include <signal.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -229,6 +230,7 @@ static int test_probe(void)
 	} else {
 		CHECK(WEXITSTATUS(st) == GPU_WORKER_EXIT_NO_GPU, "--probe exit %d", WEXITSTATUS(st));
 		CHECK(strncmp(line, "unavailable: ", 13) == 0, "--probe: %s", line);
+		/* "device 0: ..." where every device is held by another process */
 		CHECK(strstr(line, "cudaGetDeviceCount: ") || strstr(line, "device 0: "),
 		      "--probe names no failing call: %s", line);
 	}
@@ -676,7 +678,7 @@ static void test_gpu_requests(struct worker *wk, const char *uuid)
 	/* a garbage legacy IPC handle (RELIABILITY.md): refused; the all-reduce below runs */
 	m = mem_msg(2003, GPU_MEM_IPC, ALLOC_BYTES, uuid);
 	for (size_t i = 0; i < sizeof m.handle; i++)
-		m.handle[i] = (uint8_t)(rand() * 37 + 11);
+		m.handle[i] = (uint8_t)(rand() >> 7);
 	s = mem_open(wk, &m, -1);
 	CHECK(s.status != COMM_OK && strstr(s.detail, "cudaIpcOpenMemHandle"),
 	      "garbage IPC handle: %d %s", s.status, s.detail);
@@ -733,6 +735,7 @@ static void test_gpu_orphan_vmm(struct worker *wk, const char *self, const char 
 	struct gpu_status s;
 	uint8_t *got = malloc(ORPHAN_BYTES);
 	int sv[2], fd = -1, st;
+	struct pollfd pfd;
 	size_t bad;
 	pid_t pid;
 
@@ -750,6 +753,12 @@ static void test_gpu_orphan_vmm(struct worker *wk, const char *self, const char 
 		_exit(127);
 	}
 	close(sv[1]);
+	pfd = (struct pollfd){ .fd = sv[0], .events = POLLIN };
+	if (poll(&pfd, 1, 60000) != 1) {
+		kill(pid, SIGKILL);
+		waitpid(pid, NULL, 0);
+		REQUIRE(0, "the exporter sent nothing in 60 s");
+	}
 	REQUIRE(recvmsg(sv[0], &msg, 0) == (ssize_t)sizeof size, "no fd from the exporter");
 	for (c = CMSG_FIRSTHDR(&msg); c; c = CMSG_NXTHDR(&msg, c))
 		if (c->cmsg_level == SOL_SOCKET && c->cmsg_type == SCM_RIGHTS)
@@ -764,8 +773,10 @@ static void test_gpu_orphan_vmm(struct worker *wk, const char *self, const char 
 	close(fd);
 	CHECK(s.status == COMM_OK, "VMM memory of an exporter that exited: %d %s", s.status,
 	      s.detail);
-	if (s.status != COMM_OK)
+	if (s.status != COMM_OK) {
+		free(got);
 		return;
+	}
 	s = op_run(wk, next_op++, T(SEND), COMM_UINT8, 0, 0, ORPHAN_BYTES, 1, 1, &x);
 	CHECK(s.status == COMM_OK, "copy out of it: %d %s", s.status, s.detail);
 	CUDA_REQ(cudaMemcpy(got, al[0].dev, ORPHAN_BYTES, cudaMemcpyDeviceToHost));
@@ -875,8 +886,14 @@ static void test_gpu(const char *self)
 
 int main(int argc, char **argv)
 {
+	char self[4096];
+	ssize_t n;
+
 	if (argc == 3 && !strcmp(argv[1], "--export-vmm"))
 		return export_vmm(atoi(argv[2]));
+	n = readlink("/proc/self/exe", self, sizeof self - 1);
+	REQUIRE(n > 0, "readlink /proc/self/exe: %s", strerror(errno));
+	self[n] = '\0';
 	worker_path = getenv("COMMD_GPU");
 	if (!worker_path) {
 		fprintf(stderr, "test-gpu-worker: COMMD_GPU is not set (make check sets it)\n");
@@ -887,7 +904,7 @@ int main(int argc, char **argv)
 	test_malformed();
 	test_eof();
 	if (test_probe()) {
-		test_gpu("/proc/self/exe");
+		test_gpu(self);
 	} else {
 		test_unsupported();
 		test_fds("GPU-00000000-0000-0000-0000-000000000000");
