@@ -642,6 +642,7 @@ struct posted {
 	uint64_t cseq;         /* the rank's collective count, from 1 */
 	int matched;           /* send/recv: paired with its partner */
 	int running;           /* part of the task on the workers */
+	struct task *task;     /* that task while running (for status) */
 	int done;              /* finished with status; answered when its unit retires */
 	int answered;          /* the rank already has its OpDone */
 	int ring;              /* posted in the ring: answered in its slot */

@@ -347,8 +347,10 @@ static void start(struct job *j, struct task *t)
 {
 	int dev = gpu_task_on_device(t, t->detail, sizeof t->detail), done;
 
-	for (int i = 0; i < t->nops; i++)
+	for (int i = 0; i < t->nops; i++) {
 		t->ops[i]->running = 1;
+		t->ops[i]->task = t;
+	}
 	if (!t->net || t->peer < 0)
 		j->running = t; /* one at a time, but device collectives queue behind it */
 	j->tasks_out++;
@@ -690,6 +692,7 @@ static void finish_task(struct task *t)
 		struct posted *p = t->ops[i];
 
 		p->running = 0;
+		p->task = NULL;
 		if (!p->done || p->status == COMM_OK) /* a refused op keeps its reason */
 			set_done(p, code, detail);
 		if (j->state != JOB_READY) {
@@ -1004,10 +1007,10 @@ int engine_inflight(struct job *j, struct inflight *out, int max, uint32_t *omit
 			snprintf(f->posted, sizeof f->posted, "%d", r);
 			if (p->done && !p->running) {
 				snprintf(f->state, sizeof f->state, "done: answered after the ops before it");
+			} else if (p->running && p->task && p->task->net) {
+				net_task_state(p->task, f->state, sizeof f->state);
 			} else if (p->running) {
-				snprintf(f->state, sizeof f->state, "%s", p->peer >= 0 && !dist_local(j, p->peer)
-									    ? "running across daemons"
-									    : "running");
+				snprintf(f->state, sizeof f->state, "running");
 			} else {
 				snprintf(f->missing, sizeof f->missing, "%d", p->peer);
 				snprintf(f->state, sizeof f->state, "waiting for rank %d's %s", p->peer,

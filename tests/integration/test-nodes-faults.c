@@ -98,11 +98,10 @@ struct iso {
 
 /*
  * Job X over A and B: rank 0 (on A) sends ISO_SEND bytes to rank 1 (on B).
- * Not taken: rank 1 never posts its recv, the test kills it, and rank 2
- * (on B) keeps X alive on B (it waits in a barrier, then a while before it
- * leaves), so the send's chunks are neither taken nor drained there.
- * Taken: rank 1 posts the recv and the test kills rank 2 while the chunks
- * come in.
+ * Not taken: rank 1 never posts its recv and the test kills it (B drains
+ * what came for X once X failed there). Taken: rank 1 posts the recv and
+ * the test kills rank 2 while the chunks come in. Rank 2 (on B) waits in
+ * a barrier, then a while before it leaves.
  */
 static int rank_iso_x(int r, int n, void *arg)
 {
@@ -178,6 +177,34 @@ static int rank_iso_y(int r, int n, void *arg)
 }
 
 /*
+ * Whether commctl jobs on d shows a recv of job part way in ("N of M chunks
+ * in from node", 0 < N < M) within 10 s: then it stops looking.
+ */
+static int chunks_part_in(const struct th_daemon *d, const char *job)
+{
+	const char *bin = getenv("COMMCTL") ? getenv("COMMCTL") : "./client/commctl";
+	char cmd[512], line[512];
+	long t0 = mono_ms();
+
+	snprintf(cmd, sizeof cmd, "%s --socket %s jobs %s 2>/dev/null", bin, d->sock, job);
+	while (mono_ms() - t0 < 10000) {
+		FILE *p = popen(cmd, "r");
+		int in = 0, all = 0, part = 0;
+		const char *at;
+
+		while (p && fgets(line, sizeof line, p))
+			if ((at = strstr(line, "across daemons: ")) &&
+			    sscanf(at, "across daemons: %d of %d chunks in", &in, &all) == 2)
+				part |= in > 0 && in < all;
+		if (p)
+			pclose(p);
+		if (part)
+			return 1;
+	}
+	return 0;
+}
+
+/*
  * Promise 2 of RELIABILITY.md across daemons: job X fails with a 256 MiB
  * send between A and B under way, that B never takes or is taking in; job
  * Y over the same two daemons (the same UCX endpoints) goes on for 8 s
@@ -202,7 +229,11 @@ static void test_isolation(int taken)
 		 (!taken || __atomic_load_n(&s->posted[1], __ATOMIC_ACQUIRE))) &&
 	       mono_ms() - t0 < PROGRESS_LIMIT_MS)
 		usleep(2000);
-	usleep(150 * 1000); /* the send's chunks are on their way */
+	if (taken)
+		CHECK(chunks_part_in(&db, "iso-x"),
+		      "job X: commctl jobs on B never showed the recv part way in");
+	else
+		usleep(150 * 1000); /* the send's chunks are on their way */
 	kill(rx.pids[victim], SIGKILL);
 	__atomic_store_n(&s->fail_ms, mono_ms(), __ATOMIC_RELEASE);
 	fx = th_ranks_wait(&rx);
