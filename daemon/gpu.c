@@ -620,6 +620,12 @@ static void stage_drop(struct gpu_worker *w, struct gpu_stage *g)
 		stage_close(w, g);
 }
 
+/* Whether an idle buffer of cap bytes has room beside the idle ones. */
+static int stage_fits(const struct gpu_worker *w, size_t cap)
+{
+	return w->stages_idle < STAGE_IDLE_MAX && w->stage_idle_bytes + cap <= STAGE_IDLE_BYTES;
+}
+
 /*
  * t is done with its staging buffer: kept idle as the one used last (the
  * list runs from the one used longest ago), the oldest idle ones closed to
@@ -640,9 +646,7 @@ void gpu_stage_put(struct task *t)
 	 * gone (worker_lost), which gives back the buffers of the tasks it had
 	 * and may free any other (the task's reference keeps w and g).
 	 */
-	while (w->fd >= 0 && !g->failed[0] && g->cap <= STAGE_IDLE_BYTES &&
-	       (w->stages_idle >= STAGE_IDLE_MAX ||
-		w->stage_idle_bytes + g->cap > STAGE_IDLE_BYTES)) {
+	while (w->fd >= 0 && !g->failed[0] && g->cap <= STAGE_IDLE_BYTES && !stage_fits(w, g->cap)) {
 		TAILQ_FOREACH(x, &w->stages, link)
 			if (x != g && !x->busy && !x->gone && !x->failed[0])
 				break;
@@ -652,8 +656,7 @@ void gpu_stage_put(struct task *t)
 		w->stage_idle_bytes -= x->cap;
 		stage_drop(w, x);
 	}
-	if (w->fd < 0 || g->failed[0] || g->cap > STAGE_IDLE_BYTES ||
-	    w->stages_idle >= STAGE_IDLE_MAX || w->stage_idle_bytes + g->cap > STAGE_IDLE_BYTES) {
+	if (w->fd < 0 || g->failed[0] || !stage_fits(w, g->cap)) {
 		stage_drop(w, g);
 	} else {
 		TAILQ_REMOVE(&w->stages, g, link);
