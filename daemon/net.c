@@ -1426,14 +1426,25 @@ static size_t p2p_chunk(size_t count)
 	return c < RING_CHUNK_MIN ? RING_CHUNK_MIN : c;
 }
 
-/* Post the sends of count bytes from buf to node pn, chunk by chunk (tag: the header's). */
+/*
+ * Post the sends of count bytes from buf to node pn, chunk by chunk (tag:
+ * the header's), each copied into sbuf first: sends that read a rank's
+ * memory could not be left to UCX when the task stops (leftover_take), and
+ * an endpoint closed by force fails every job's ops on it. A send nobody
+ * takes in ends only once its receiver drains the failed job's slot, which
+ * took over 2 s for 256 MiB on a loaded machine.
+ */
 static void p2p_send_data(struct net_task *nt, int pn, uint64_t tag, const uint8_t *buf,
 			  size_t count)
 {
 	size_t chunk = p2p_chunk(count);
 
-	for (size_t at = 0, c = 0; at < count && nt->status == COMM_OK; at += chunk, c++)
-		post_send(nt, pn, tag + 1 + c, buf + at, count - at < chunk ? count - at : chunk);
+	for (size_t at = 0, c = 0; at < count && nt->status == COMM_OK; at += chunk, c++) {
+		size_t len = count - at < chunk ? count - at : chunk;
+
+		memcpy(nt->sbuf + at, buf + at, len);
+		post_send(nt, pn, tag + 1 + c, nt->sbuf + at, len);
+	}
 }
 
 /*
@@ -1483,19 +1494,27 @@ static int p2p_step(struct net_task *nt)
 	switch (nt->state) {
 	case S_START:
 		if (send) {
+			comm_result_t st = t->status;
+
+			snprintf(nt->deferred_detail, sizeof nt->deferred_detail, "%s", t->detail);
+			if (st == COMM_OK && t->count &&
+			    !(nt->sbuf = buf_get(t->count, &nt->sbuf_cap))) {
+				st = COMM_ERR_NO_MEMORY;
+				snprintf(nt->deferred_detail, sizeof nt->deferred_detail,
+					 "send from rank %d to rank %d: out of memory", src, dst);
+			}
 			nt->out.magic = HDR_MAGIC;
-			nt->out.status = t->status;
-			nt->out.count = t->status == COMM_OK ? t->count : 0;
-			snprintf(nt->out.detail, sizeof nt->out.detail, "%.199s", t->detail);
+			nt->out.status = st;
+			nt->out.count = st == COMM_OK ? t->count : 0;
+			snprintf(nt->out.detail, sizeof nt->out.detail, "%.199s", nt->deferred_detail);
 			post_send(nt, pn, TAG_P2P(slot, src, dst, t->cseq, 0), &nt->out, sizeof nt->out);
-			if (t->status == COMM_OK)
+			if (st == COMM_OK)
 				p2p_send_data(nt, pn, TAG_P2P(slot, src, dst, t->cseq, 0), t->in[0],
 					      t->count);
 			nt->to = pn;
 			show(nt, SHOW_CHUNKS); /* "sending to node" */
 			/* refused here: the receiver is told, and the send fails too */
-			nt->deferred = t->status;
-			snprintf(nt->deferred_detail, sizeof nt->deferred_detail, "%s", t->detail);
+			nt->deferred = st;
 			nt->state = S_P2P_END;
 		} else {
 			post_recv(nt, -1, TAG_P2P(slot, src, dst, t->cseq, 0), &nt->in[0],
