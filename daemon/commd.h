@@ -721,6 +721,12 @@ struct task {
 	int peer;              /* net send/recv: the rank on the other node */
 	int local;             /* net send/recv: the rank here */
 	struct net_task *nt;   /* net: the data plane's state */
+	/*
+	 * net: stopped with sends still reading its ranks' memory (or stage):
+	 * answered (its job failed), but that memory stays until
+	 * engine_task_release
+	 */
+	int held;
 	struct gpu_stage *stage; /* net send/recv on device memory: its host staging buffer */
 	uint64_t started_ms;
 	size_t parts;
@@ -740,6 +746,11 @@ int be_host_threads(void);
  */
 int be_host_run(struct task *t);
 void engine_task_done(struct task *t);
+/*
+ * A held task's sends ended: its ops' memory and staging buffer go (its
+ * job may be gone already).
+ */
+void engine_task_release(struct task *t);
 /*
  * A device collective across daemons whose verdicts agreed: hand it to the
  * job's GPU worker (be_gpu_run), then let the next one start behind it. 1

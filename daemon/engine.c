@@ -55,10 +55,9 @@ static int op_has_root(Commpb__OpType t)
 	return t == COMMPB__OP_TYPE__OP_BROADCAST || t == COMMPB__OP_TYPE__OP_REDUCE;
 }
 
-/* Free p, which has left its rank's queue. */
-static void posted_free(struct job *j, struct posted *p)
+/* Drop p's memory and free it. */
+static void posted_drop(struct posted *p)
 {
-	j->nposted[p->rank]--;
 	if (p->send.mem)
 		mem_unref(p->send.mem);
 	if (p->recv.mem)
@@ -66,6 +65,13 @@ static void posted_free(struct job *j, struct posted *p)
 	if (p->done_flag.mem)
 		mem_unref(p->done_flag.mem);
 	free(p);
+}
+
+/* Free p, which has left its rank's queue. */
+static void posted_free(struct job *j, struct posted *p)
+{
+	j->nposted[p->rank]--;
+	posted_drop(p);
 }
 
 /* Answer p (once) if its rank is still there. */
@@ -701,10 +707,14 @@ static void finish_task(struct task *t)
 			      detail == j->fail_detail ? failed_op_detail(p, detail, buf, sizeof buf)
 						       : detail);
 			TAILQ_REMOVE(&j->posted[p->rank], p, link);
-			posted_free(j, p);
+			if (t->held) /* its job failed; engine_task_release frees it */
+				j->nposted[p->rank]--;
+			else
+				posted_free(j, p);
 		}
 	}
-	task_free(t);
+	if (!t->held)
+		task_free(t);
 }
 
 int engine_gpu_handoff(struct task *t)
@@ -725,6 +735,13 @@ int engine_gpu_handoff(struct task *t)
 	else if (!rc)
 		job_maybe_free(j);
 	return rc;
+}
+
+void engine_task_release(struct task *t)
+{
+	for (int i = 0; i < t->nops; i++)
+		posted_drop(t->ops[i]);
+	task_free(t);
 }
 
 void engine_task_done(struct task *t)

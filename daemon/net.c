@@ -51,10 +51,10 @@
 
 #define SLOTS 65536
 #define SLOT_QUARANTINE_MS 30000 /* a freed slot's late messages are drained this long */
-#define CANCEL_FORCE_MS 2000     /* a stopped task's sends get this long, then the ep goes */
+#define CANCEL_WAIT_MS 2000      /* a stopped task's receives get this long to end, then it is held */
 #define CLOSE_WAIT_MS 1000       /* at stop, endpoints closing with a flush get this long */
-/* a leftover's sends are ended by force before the receiver's slot could be used again */
-#define LEFTOVER_MAX_MS (SLOT_QUARANTINE_MS - 5000)
+/* a held task's sends are ended by force before the receiver's slot could be used again */
+#define HOLD_MAX_MS (SLOT_QUARANTINE_MS - 5000)
 #define HDR_MAGIC 0x636f6d6du
 #define BUF_CACHE_MAX (1ull << 30) /* staging buffers kept for the next ops */
 #define BUF_IDLE_MS 5000         /* and given back after this long with no op */
@@ -121,7 +121,6 @@ struct hdr {
 
 struct nreq {
 	void *h;
-	const void *buf;         /* what it reads (send) or fills (recv) */
 	int recv;
 	size_t want;             /* recv: the bytes that must arrive, or ANY_LENGTH */
 	size_t *got;             /* recv: where to put the bytes that did, or NULL */
@@ -144,7 +143,7 @@ struct nep {
 	size_t len;
 	ucp_ep_h ep;
 	int dead, failed, lost;
-	int busy;                /* sends on it not ended yet (tasks' and leftovers') */
+	int busy;                /* sends on it not ended yet (held tasks' too) */
 	void *closing;           /* its flush close, until that ends */
 	char why[128];
 };
@@ -164,6 +163,14 @@ struct ring_slot {
 
 struct net_task {
 	TAILQ_ENTRY(net_task) link;
+	/*
+	 * A stopped task whose requests did not all end is held (hold): its
+	 * task is answered, but it stays on N.held (the net thread's), its
+	 * staging buffers and its task's memory kept, until UCX ends them.
+	 */
+	TAILQ_ENTRY(net_task) hlink; /* on N.held, then N.released */
+	uint64_t held_ms;         /* when it was held; 0: it is not */
+	int held_sends;           /* sends among them: its task is held too */
 	struct task *t;
 	struct job *j;
 	const struct dist *d;
@@ -176,6 +183,7 @@ struct net_task {
 	char detail[256];
 	/* set by the loop thread: code and detail first, then cancel (release) */
 	int cancel;
+	int doomed;               /* cancelled as its job failed (atomic) */
 	comm_result_t cancel_code;
 	char cancel_detail[256];
 	/* the net thread's view of the cancel */
@@ -226,21 +234,6 @@ struct discard {
 	void *buf;
 };
 
-/*
- * A stopped task's requests that neither ended nor failed (sends a lost
- * node never took), with the staging buffers they use: kept until UCX ends
- * them, so that the task can finish without closing an endpoint by force.
- */
-struct leftover {
-	TAILQ_ENTRY(leftover) link;
-	uint64_t since_ms;
-	int n;
-	void **h;
-	struct nep **ep;          /* [n]: a send's endpoint, NULL for a recv */
-	uint8_t *bufs[4];
-	size_t caps[4];           /* 0: not from the cache (freed, not put back) */
-};
-
 /* A staging buffer kept for reuse: fresh pages fault, and faults are dear on a VM. */
 struct cbuf {
 	TAILQ_ENTRY(cbuf) link;
@@ -273,6 +266,7 @@ static struct {
 	int wake_fd, worker_fd, ep_fd;
 	pthread_mutex_t lock;
 	TAILQ_HEAD(, net_task) submitted, active, done;
+	TAILQ_HEAD(nt_head, net_task) released; /* under lock: held tasks whose requests ended */
 	TAILQ_HEAD(, dead_slot) dead;     /* under lock */
 	TAILQ_HEAD(, dead_peer) lost;     /* under lock */
 	uint8_t *slot_used;               /* under lock */
@@ -282,7 +276,7 @@ static struct {
 	/* net thread only */
 	TAILQ_HEAD(, nep) eps;
 	TAILQ_HEAD(, discard) discards;
-	TAILQ_HEAD(, leftover) leftovers;
+	struct nt_head held;
 	uint64_t last_drain_ms;
 	int spin_us;                      /* polling after the last event, before sleeping */
 	TAILQ_HEAD(cbuf_head, cbuf) cache; /* most recently returned first */
@@ -297,7 +291,8 @@ static struct {
 	.lost = TAILQ_HEAD_INITIALIZER(N.lost),
 	.eps = TAILQ_HEAD_INITIALIZER(N.eps),
 	.discards = TAILQ_HEAD_INITIALIZER(N.discards),
-	.leftovers = TAILQ_HEAD_INITIALIZER(N.leftovers),
+	.released = TAILQ_HEAD_INITIALIZER(N.released),
+	.held = TAILQ_HEAD_INITIALIZER(N.held),
 	.cache = TAILQ_HEAD_INITIALIZER(N.cache),
 	.wake_fd = -1,
 	.ep_fd = -1,
@@ -507,8 +502,7 @@ static void buf_trim(void)
 
 /* --- requests ---------------------------------------------------------------------- */
 
-static int add_req(struct net_task *nt, void *h, const void *buf, int recv, size_t want,
-		   size_t *got, int node)
+static int add_req(struct net_task *nt, void *h, int recv, size_t want, size_t *got, int node)
 {
 	if (nt->nreq == nt->cap) {
 		int cap = nt->cap ? nt->cap * 2 : 8;
@@ -519,7 +513,7 @@ static int add_req(struct net_task *nt, void *h, const void *buf, int recv, size
 		nt->reqs = r;
 		nt->cap = cap;
 	}
-	nt->reqs[nt->nreq++] = (struct nreq){ h, buf, recv, want, got, node, -1 };
+	nt->reqs[nt->nreq++] = (struct nreq){ h, recv, want, got, node, -1 };
 	if (!recv)
 		nt->ep[node]->busy++;
 	return 0;
@@ -561,7 +555,7 @@ static void post_send(struct net_task *nt, int k, uint64_t tag, const void *buf,
 	if (UCS_PTR_IS_ERR(r) && (nt->fatal = 1))
 		fail(nt, COMM_ERR_PEER_LOST, "send to node %s: %s", node_name(nt, k),
 		     ucs_status_string(UCS_PTR_STATUS(r)));
-	else if (r && add_req(nt, r, buf, 0, 0, NULL, k) < 0) {
+	else if (r && add_req(nt, r, 0, 0, NULL, k) < 0) {
 		/* UCX reads buf until the send ends: wait for it here rather than lose it */
 		while (ucp_request_check_status(r) == UCS_INPROGRESS)
 			ucp_worker_progress(N.worker);
@@ -603,7 +597,7 @@ static void post_recv_any(struct net_task *nt, int k, uint64_t tag, void *buf, s
 	r = ucp_tag_recv_nbx(N.worker, buf, len, tag, ~0ull, &rp);
 	if (UCS_PTR_IS_ERR(r) && (nt->fatal = 1))
 		fail(nt, COMM_ERR_INTERNAL, "UCX receive: %s", ucs_status_string(UCS_PTR_STATUS(r)));
-	else if (add_req(nt, r, buf, 1, want, got, k) < 0) {
+	else if (add_req(nt, r, 1, want, got, k) < 0) {
 		ucp_request_cancel(N.worker, r);
 		while (ucp_request_check_status(r) == UCS_INPROGRESS)
 			ucp_worker_progress(N.worker);
@@ -850,9 +844,8 @@ static int ring_alloc(struct net_task *nt)
 		return -1;
 	/*
 	 * Chunks arrive in rbuf, never straight in a rank's memory: a receive
-	 * UCX has matched cannot be cancelled, and one in a staging buffer can
-	 * be left to UCX (a leftover) when the task stops, where one in a rank's
-	 * memory would hold the task, and its ranks' answer, until UCX ends it.
+	 * UCX has matched cannot be cancelled, and may still write after the
+	 * task stopped and its ranks had their answer (hold).
 	 */
 	if (!(nt->rbuf = buf_get(round_up((size_t)nt->nslots * nt->chunk), &nt->rbuf_cap)))
 		return -1;
@@ -1427,24 +1420,16 @@ static size_t p2p_chunk(size_t count)
 }
 
 /*
- * Post the sends of count bytes from buf to node pn, chunk by chunk (tag:
- * the header's), each copied into sbuf first: sends that read a rank's
- * memory could not be left to UCX when the task stops (leftover_take), and
- * an endpoint closed by force fails every job's ops on it. A send nobody
- * takes in ends only once its receiver drains the failed job's slot, which
- * took over 2 s for 256 MiB on a loaded machine.
+ * Post the sends of count bytes from buf (the rank's memory) to node pn,
+ * chunk by chunk (tag: the header's).
  */
 static void p2p_send_data(struct net_task *nt, int pn, uint64_t tag, const uint8_t *buf,
 			  size_t count)
 {
 	size_t chunk = p2p_chunk(count);
 
-	for (size_t at = 0, c = 0; at < count && nt->status == COMM_OK; at += chunk, c++) {
-		size_t len = count - at < chunk ? count - at : chunk;
-
-		memcpy(nt->sbuf + at, buf + at, len);
-		post_send(nt, pn, tag + 1 + c, nt->sbuf + at, len);
-	}
+	for (size_t at = 0, c = 0; at < count && nt->status == COMM_OK; at += chunk, c++)
+		post_send(nt, pn, tag + 1 + c, buf + at, count - at < chunk ? count - at : chunk);
 }
 
 /*
@@ -1494,27 +1479,19 @@ static int p2p_step(struct net_task *nt)
 	switch (nt->state) {
 	case S_START:
 		if (send) {
-			comm_result_t st = t->status;
-
-			snprintf(nt->deferred_detail, sizeof nt->deferred_detail, "%s", t->detail);
-			if (st == COMM_OK && t->count &&
-			    !(nt->sbuf = buf_get(t->count, &nt->sbuf_cap))) {
-				st = COMM_ERR_NO_MEMORY;
-				snprintf(nt->deferred_detail, sizeof nt->deferred_detail,
-					 "send from rank %d to rank %d: out of memory", src, dst);
-			}
 			nt->out.magic = HDR_MAGIC;
-			nt->out.status = st;
-			nt->out.count = st == COMM_OK ? t->count : 0;
-			snprintf(nt->out.detail, sizeof nt->out.detail, "%.199s", nt->deferred_detail);
+			nt->out.status = t->status;
+			nt->out.count = t->status == COMM_OK ? t->count : 0;
+			snprintf(nt->out.detail, sizeof nt->out.detail, "%.199s", t->detail);
 			post_send(nt, pn, TAG_P2P(slot, src, dst, t->cseq, 0), &nt->out, sizeof nt->out);
-			if (st == COMM_OK)
+			if (t->status == COMM_OK)
 				p2p_send_data(nt, pn, TAG_P2P(slot, src, dst, t->cseq, 0), t->in[0],
 					      t->count);
 			nt->to = pn;
 			show(nt, SHOW_CHUNKS); /* "sending to node" */
 			/* refused here: the receiver is told, and the send fails too */
-			nt->deferred = st;
+			nt->deferred = t->status;
+			snprintf(nt->deferred_detail, sizeof nt->deferred_detail, "%s", t->detail);
 			nt->state = S_P2P_END;
 		} else {
 			post_recv(nt, -1, TAG_P2P(slot, src, dst, t->cseq, 0), &nt->in[0],
@@ -1606,11 +1583,13 @@ static void task_release(struct net_task *nt)
 
 /*
  * Hand nt to the loop thread, which frees it: once it is on the done list
- * this thread touches nothing of it (its buffers are given back first).
+ * this thread touches nothing of it (its buffers are given back first),
+ * but for a held task's requests and buffers (holds_reap).
  */
 static void finish(struct net_task *nt)
 {
-	task_release(nt);
+	if (!nt->held_ms)
+		task_release(nt);
 	pthread_mutex_lock(&N.lock);
 	TAILQ_REMOVE(&N.active, nt, link);
 	TAILQ_INSERT_TAIL(&N.done, nt, link);
@@ -1641,95 +1620,67 @@ static void start_task(struct net_task *nt)
 		finish(nt);
 }
 
-/* Whether buf lies in one of nt's staging buffers (not in a rank's memory, nor in nt). */
-static int staged(const struct net_task *nt, const void *buf)
-{
-	const uint8_t *b = buf;
-
-	/* the end itself too: an empty piece's send may point there */
-	return (nt->nb && b >= nt->nb && b <= nt->nb + nt->nb_cap) ||
-	       (nt->sbuf && b >= nt->sbuf && b <= nt->sbuf + nt->sbuf_cap) ||
-	       (nt->rbuf && b >= nt->rbuf && b <= nt->rbuf + nt->rbuf_cap) ||
-	       (nt->hbuf && b >= nt->hbuf && b <= nt->hbuf + (size_t)nt->nn * HSLOT);
-}
-
 /*
- * Hand a stopping task's requests, and the staging buffers they use, to a
- * leftover that outlives the task. 0, or -1 when one of them uses memory
- * the task does not own (a rank's buffer, the task's own header). A send
- * handed over may never arrive: the job must fail (fatal), as when its
- * endpoint is closed by force.
+ * Hold nt, stopped with requests that did not end (sends a failed job's
+ * receiver never takes, a receive UCX matched): its task is answered, its
+ * requests and staging buffers stay until UCX ends them, and so does its
+ * task's memory where sends read it (a rank's buffer, a device op's
+ * staging buffer; engine_task_release). A send handed over may never
+ * arrive: the job fails. Closing the endpoint by force instead would fail
+ * every job's ops on it.
  */
-static int leftover_take(struct net_task *nt, uint64_t now)
+static void hold(struct net_task *nt, uint64_t now)
 {
-	struct leftover *lo;
-
+	nt->held_ms = now;
 	for (int i = 0; i < nt->nreq; i++)
-		if (!staged(nt, nt->reqs[i].buf))
-			return -1;
-	if (!(lo = calloc(1, sizeof *lo)) || !(lo->h = calloc((size_t)nt->nreq, sizeof *lo->h)) ||
-	    !(lo->ep = calloc((size_t)nt->nreq, sizeof *lo->ep))) {
-		if (lo)
-			free(lo->h);
-		free(lo);
-		return -1;
-	}
-	for (int i = 0; i < nt->nreq; i++) {
-		lo->h[i] = nt->reqs[i].h;
-		lo->ep[i] = nt->reqs[i].recv ? NULL : nt->ep[nt->reqs[i].node];
-		nt->fatal |= !nt->reqs[i].recv;
-	}
-	lo->since_ms = now;
-	lo->n = nt->nreq;
-	lo->bufs[0] = nt->nb, lo->caps[0] = nt->nb_cap;
-	lo->bufs[1] = nt->sbuf, lo->caps[1] = nt->sbuf_cap;
-	lo->bufs[2] = nt->rbuf, lo->caps[2] = nt->rbuf_cap;
-	lo->bufs[3] = nt->hbuf; /* not from the cache */
-	nt->nb = nt->sbuf = nt->rbuf = nt->hbuf = NULL;
-	nt->nreq = 0;
-	TAILQ_INSERT_TAIL(&N.leftovers, lo, link);
-	return 0;
+		nt->held_sends |= !nt->reqs[i].recv;
+	nt->fatal |= nt->held_sends;
+	TAILQ_INSERT_TAIL(&N.held, nt, hlink);
+	log_debug("net: job %s: a stopped op's %d requests did not end: held until they do",
+		  nt->j->name, nt->nreq);
 }
 
 /*
- * Free what UCX has ended of the leftovers; all of them when force (commd
- * is stopping). Sends left too long: their endpoints are closed by force.
+ * Give back what the held tasks' ended requests used: a task whose all
+ * ended goes to the loop thread (engine_task_release). Those held too long
+ * have their sends' endpoints closed by force; force (commd is stopping,
+ * every endpoint closed): all of them end.
  */
-static void leftovers_reap(int force, uint64_t now)
+static void holds_reap(int force, uint64_t now)
 {
-	struct leftover *lo, *tmp;
+	struct net_task *nt, *tmp;
 
-	TAILQ_FOREACH_SAFE(lo, &N.leftovers, link, tmp) {
-		if (!force && now - lo->since_ms >= LEFTOVER_MAX_MS)
-			for (int i = 0; i < lo->n; i++)
-				if (lo->ep[i])
-					ep_kill(lo->ep[i], "sends of a stopped op not taken in time");
-		for (int i = 0; i < lo->n;) {
-			if (!force && ucp_request_check_status(lo->h[i]) == UCS_INPROGRESS) {
+	TAILQ_FOREACH_SAFE(nt, &N.held, hlink, tmp) {
+		if (!force && now - nt->held_ms >= HOLD_MAX_MS)
+			for (int i = 0; i < nt->nreq; i++)
+				if (!nt->reqs[i].recv)
+					ep_kill(nt->ep[nt->reqs[i].node],
+						"sends of a stopped op not taken in time");
+		for (int i = 0; i < nt->nreq;) {
+			struct nreq *q = &nt->reqs[i];
+
+			if (force) {
+				ucp_request_cancel(N.worker, q->h);
+				for (int k = 0; k < 1000 && ucp_request_check_status(q->h) ==
+								UCS_INPROGRESS; k++)
+					ucp_worker_progress(N.worker);
+			} else if (ucp_request_check_status(q->h) == UCS_INPROGRESS) {
 				i++;
 				continue;
 			}
-			if (force) { /* the endpoints are closed: what is left ends, or the worker goes */
-				ucp_request_cancel(N.worker, lo->h[i]);
-				for (int k = 0; k < 1000 && ucp_request_check_status(lo->h[i]) ==
-								UCS_INPROGRESS; k++)
-					ucp_worker_progress(N.worker);
-			}
-			if (lo->ep[i])
-				lo->ep[i]->busy--;
-			ucp_request_free(lo->h[i]);
-			lo->h[i] = lo->h[lo->n - 1];
-			lo->ep[i] = lo->ep[--lo->n];
+			if (!q->recv)
+				nt->ep[q->node]->busy--;
+			ucp_request_free(q->h);
+			*q = nt->reqs[--nt->nreq];
 		}
-		if (lo->n)
+		if (nt->nreq)
 			continue;
-		for (int b = 0; b < 3; b++)
-			buf_put(lo->bufs[b], lo->caps[b]);
-		free(lo->bufs[3]);
-		free(lo->h);
-		free(lo->ep);
-		TAILQ_REMOVE(&N.leftovers, lo, link);
-		free(lo);
+		TAILQ_REMOVE(&N.held, nt, hlink);
+		task_release(nt);
+		pthread_mutex_lock(&N.lock);
+		TAILQ_INSERT_TAIL(&N.released, nt, hlink);
+		pthread_mutex_unlock(&N.lock);
+		uv_async_send(&N.async);
 	}
 }
 
@@ -1777,21 +1728,24 @@ static int advance(struct net_task *nt, uint64_t now)
 		finish(nt);
 		return 1;
 	}
+	/*
+	 * Requests that neither end nor fail: held, at once where the job
+	 * failed (its ranks wait for nothing more), else after a while (the
+	 * job may go on, and a hold fails it); at commd's stop their endpoints
+	 * go.
+	 */
 	if (!idle && nt->stopping &&
-	    (N.stop || now - nt->stop_ms >= CANCEL_FORCE_MS || sends_to_dead_only(nt))) {
-		/*
-		 * Requests a node neither ends nor fails: left to UCX, with their
-		 * buffers, where the task owns those; else that node is given up
-		 */
-		if (!N.stop && leftover_take(nt, now) == 0) {
-			idle = 1;
-		} else {
-			for (int i = 0; i < nt->nreq; i++)
-				if (!nt->reqs[i].recv && nt->ep[nt->reqs[i].node])
-					ep_kill(nt->ep[nt->reqs[i].node],
-						"a stopped op's sends did not finish");
-			idle = reap(nt);
+	    (N.stop || __atomic_load_n(&nt->doomed, __ATOMIC_RELAXED) || now - nt->stop_ms >= CANCEL_WAIT_MS ||
+	     sends_to_dead_only(nt))) {
+		if (!N.stop) {
+			hold(nt, now);
+			finish(nt);
+			return 1;
 		}
+		for (int i = 0; i < nt->nreq; i++)
+			if (!nt->reqs[i].recv && nt->ep[nt->reqs[i].node])
+				ep_kill(nt->ep[nt->reqs[i].node], "commd is stopping");
+		idle = reap(nt);
 	}
 	if (!idle)
 		return 0;
@@ -1803,14 +1757,14 @@ static int advance(struct net_task *nt, uint64_t now)
 	return 0;
 }
 
-/* Late messages to freed slots: received and thrown away. Leftovers and closes that ended: freed. */
+/* Late messages to freed slots: received and thrown away. Held tasks and closes that ended: freed. */
 static void drain(uint64_t now)
 {
 	struct dead_slot *ds, *dt;
 	struct discard *dc, *dct;
 	struct nep *e;
 
-	leftovers_reap(0, now);
+	holds_reap(0, now);
 	TAILQ_FOREACH(e, &N.eps, link)
 		ep_closing(e);
 
@@ -1920,11 +1874,29 @@ static void *net_thread(void *arg)
 
 /* --- the loop thread's side ----------------------------------------------------------------- */
 
+static void nt_free(struct net_task *nt)
+{
+	free(nt->reqs);
+	free(nt->ep);
+	free(nt->in);
+	free(nt->lin);
+	free(nt);
+}
+
+/*
+ * Tasks finished: their ranks answered (held ones' memory kept); then held
+ * tasks whose requests ended: freed. Those are taken first, so that each
+ * was answered before (a task goes on the done list before it is released).
+ */
 static void on_done(uv_async_t *h)
 {
+	struct nt_head released = TAILQ_HEAD_INITIALIZER(released);
 	struct net_task *nt;
 
 	(void)h;
+	pthread_mutex_lock(&N.lock);
+	TAILQ_CONCAT(&released, &N.released, hlink);
+	pthread_mutex_unlock(&N.lock);
 	while (1) {
 		struct task *t;
 
@@ -1947,11 +1919,10 @@ static void on_done(uv_async_t *h)
 			t->job->dist->has_nccl_id = 1;
 		}
 		t->nt = NULL;
-		free(nt->reqs);
-		free(nt->ep);
-		free(nt->in);
-		free(nt->lin);
-		free(nt);
+		/* a held task's requests are the net thread's still */
+		t->held = nt->held_sends;
+		if (!nt->held_ms)
+			nt_free(nt);
 		/* every node agreed to run it on device memory: each worker does its part */
 		t->gpu = t->device && t->peer < 0 && t->status == COMM_OK;
 		if (t->device && t->type == COMMPB__OP_TYPE__OP_RECV) {
@@ -1966,6 +1937,14 @@ static void on_done(uv_async_t *h)
 			engine_task_done(t); /* last: it may free the job */
 		}
 	}
+	while ((nt = TAILQ_FIRST(&released))) {
+		struct task *t = nt->held_sends ? nt->t : NULL; /* else freed already */
+
+		TAILQ_REMOVE(&released, nt, hlink);
+		nt_free(nt);
+		if (t)
+			engine_task_release(t);
+	}
 }
 
 void be_net_run(struct task *t)
@@ -1977,11 +1956,8 @@ void be_net_run(struct task *t)
 	if (!nt || !(nt->ep = calloc((size_t)nn, sizeof *nt->ep)) ||
 	    !(nt->in = calloc((size_t)nn, sizeof *nt->in)) ||
 	    !(nt->lin = calloc((size_t)j->world, sizeof *nt->lin))) {
-		if (nt) {
-			free(nt->ep);
-			free(nt->in);
-		}
-		free(nt);
+		if (nt)
+			nt_free(nt);
 		/* the other nodes wait for this one: the job cannot go on */
 		t->status = COMM_ERR_NO_MEMORY;
 		snprintf(t->detail, sizeof t->detail, "net: out of memory");
@@ -2018,8 +1994,11 @@ void be_net_run(struct task *t)
 	wake();
 }
 
-static void cancel_locked(struct net_task *nt, comm_result_t code, const char *detail)
+/* Stop nt with code and detail; doomed: as its job failed. */
+static void cancel_locked(struct net_task *nt, comm_result_t code, const char *detail, int doomed)
 {
+	if (doomed)
+		__atomic_store_n(&nt->doomed, 1, __ATOMIC_RELAXED);
 	if (nt->cancel)
 		return;
 	nt->cancel_code = code;
@@ -2031,7 +2010,7 @@ void net_task_cancel(struct task *t, comm_result_t code, const char *detail)
 {
 	pthread_mutex_lock(&N.lock);
 	if (t->nt)
-		cancel_locked(t->nt, code, detail);
+		cancel_locked(t->nt, code, detail, 0);
 	pthread_mutex_unlock(&N.lock);
 	wake();
 }
@@ -2067,10 +2046,10 @@ void net_job_failed(struct job *j)
 	pthread_mutex_lock(&N.lock);
 	TAILQ_FOREACH(nt, &N.submitted, link)
 		if (nt->j == j)
-			cancel_locked(nt, j->fail_code, j->fail_detail);
+			cancel_locked(nt, j->fail_code, j->fail_detail, 1);
 	TAILQ_FOREACH(nt, &N.active, link)
 		if (nt->j == j)
-			cancel_locked(nt, j->fail_code, j->fail_detail);
+			cancel_locked(nt, j->fail_code, j->fail_detail, 1);
 	pthread_mutex_unlock(&N.lock);
 	wake();
 }
@@ -2293,8 +2272,9 @@ void net_stop(void)
 		}
 		ep_kill(e, "commd is stopping");
 	}
-	leftovers_reap(1, now_ms());
-	buf_trim(); /* the leftovers' buffers went back to the cache */
+	holds_reap(1, now_ms());
+	on_done(&N.async); /* the held tasks */
+	buf_trim(); /* their buffers went back to the cache */
 	while ((e = TAILQ_FIRST(&N.eps))) {
 		TAILQ_REMOVE(&N.eps, e, link);
 		free(e->addr);

@@ -87,26 +87,42 @@ static void test_noroot(int fds0)
 #define ISO_COUNT (1u << 18)    /* float32 in each of job Y's all-reduces */
 #define ISO_RUN_MS 8000         /* how long Y goes on after X failed */
 
+/* How job X fails: what is under way from A to B when the test kills a rank of X */
+enum iso_mode {
+	ISO_UNTAKEN, /* a send that B never takes in; a rank on B killed */
+	ISO_TAKEN,   /* a send that B is taking in; a rank on B killed */
+	ISO_BCAST,   /* a broadcast that B is taking in; B stopped, a rank on A killed */
+};
+
 struct iso {
-	int taken;                  /* 1: X's rank 1 posts its recv, and rank 2 is killed */
-	int posted[3];              /* X's rank 0 posted its send, rank 1 its recv */
+	enum iso_mode mode;
+	int posted[4];              /* X's ranks posted their op */
 	long fail_ms;               /* X failed (the test killed a rank) */
-	int x_rc[3];                /* what X's ranks got */
+	int x_rc[4];                /* what X's ranks got */
+	int answered[4];            /* and when (set after x_rc) */
 	int y_ops[2], y_rc[2];      /* Y's all-reduces done, and the first failure */
 	char y_detail[2][200];
 };
 
+/* The rank of job X the test kills */
+static int iso_victim(enum iso_mode mode)
+{
+	return mode == ISO_BCAST ? 3 : mode == ISO_TAKEN ? 2 : 1;
+}
+
 /*
- * Job X over A and B: rank 0 (on A) sends ISO_SEND bytes to rank 1 (on B).
- * Not taken: rank 1 never posts its recv and the test kills it (B drains
- * what came for X once X failed there). Taken: rank 1 posts the recv and
- * the test kills rank 2 while the chunks come in. Rank 2 (on B) waits in
- * a barrier, then a while before it leaves.
+ * Job X over A and B: rank 0 (on A) sends ISO_SEND bytes to rank 1 (on B),
+ * or broadcasts them to ranks 1, 2 (on B) and 3 (on A). Not taken: rank 1
+ * never posts its recv and the test kills it (B drains what came for X once
+ * X failed there). Taken: rank 1 posts the recv and the test kills rank 2
+ * while the chunks come in. Broadcast: the test stops daemon B while the
+ * chunks come in and kills rank 3. Rank 2, unless killed, waits (in a
+ * barrier, or in the broadcast), then a while before it leaves.
  */
 static int rank_iso_x(int r, int n, void *arg)
 {
 	struct iso *s = arg;
-	int victim = s->taken ? 2 : 1;
+	int victim = iso_victim(s->mode);
 	comm_request_t *req = NULL;
 	comm_result_t rc;
 	uint8_t *buf = NULL;
@@ -115,15 +131,18 @@ static int rank_iso_x(int r, int n, void *arg)
 	setenv("COMM_TIMEOUT", "30000", 1);
 	if (th_join(&c, r, n) < 0)
 		return 1;
-	if (r == victim)
+	if (r == victim && s->mode != ISO_BCAST)
 		for (;;)
 			pause();
-	if (r < 2) {
+	if (r < 2 || s->mode == ISO_BCAST) {
 		if (!(buf = comm_mem_alloc(c, ISO_SEND)))
 			return th_bail(c);
-		memset(buf, 0x5a, ISO_SEND);
-		rc = r == 0 ? comm_send(c, buf, ISO_SEND, COMM_UINT8, 1, &req)
-			    : comm_recv(c, buf, ISO_SEND, COMM_UINT8, 0, &req);
+		memset(buf, r == 0 ? 0x5a : 0, ISO_SEND);
+		if (s->mode == ISO_BCAST)
+			rc = comm_broadcast(c, buf, buf, ISO_SEND, COMM_UINT8, 0, &req);
+		else
+			rc = r == 0 ? comm_send(c, buf, ISO_SEND, COMM_UINT8, 1, &req)
+				    : comm_recv(c, buf, ISO_SEND, COMM_UINT8, 0, &req);
 		__atomic_store_n(&s->posted[r], 1, __ATOMIC_RELEASE);
 		if (rc == COMM_OK)
 			rc = comm_wait(req, -1);
@@ -131,6 +150,7 @@ static int rank_iso_x(int r, int n, void *arg)
 		rc = comm_barrier(c, NULL);
 	}
 	s->x_rc[r] = rc;
+	__atomic_store_n(&s->answered[r], 1, __ATOMIC_RELEASE);
 	if (r == 2)
 		usleep(ISO_RUN_MS * 1000);
 	alarm(20);
@@ -185,10 +205,11 @@ static int rank_iso_y(int r, int n, void *arg)
 }
 
 /*
- * Whether commctl jobs on d shows a recv of job part way in ("N of M chunks
- * in from node", 0 < N < M) within 10 s: then it stops looking.
+ * Whether commctl jobs on d shows an op of job part way in ("N of M chunks
+ * in from node", 0 < N < M; N <= M / 2 when half) within 10 s: then it
+ * stops looking.
  */
-static int chunks_part_in(const struct th_daemon *d, const char *job)
+static int chunks_part_in(const struct th_daemon *d, const char *job, int half)
 {
 	const char *bin = getenv("COMMCTL") ? getenv("COMMCTL") : "./client/commctl";
 	char cmd[512], line[512];
@@ -203,7 +224,7 @@ static int chunks_part_in(const struct th_daemon *d, const char *job)
 		while (p && fgets(line, sizeof line, p))
 			if ((at = strstr(line, "across daemons: ")) &&
 			    sscanf(at, "across daemons: %d of %d chunks in", &in, &all) == 2)
-				part |= in > 0 && in < all;
+				part |= in > 0 && in < all && (!half || in <= all / 2);
 		if (p)
 			pclose(p);
 		if (part)
@@ -213,54 +234,86 @@ static int chunks_part_in(const struct th_daemon *d, const char *job)
 }
 
 /*
- * Promise 2 of RELIABILITY.md across daemons: job X fails with a 256 MiB
- * send between A and B under way, that B never takes or is taking in; job
- * Y over the same two daemons (the same UCX endpoints) goes on for 8 s
- * after, every all-reduce right.
+ * Promise 2 of RELIABILITY.md across daemons: job X fails with 256 MiB
+ * under way from A to B (iso_mode); job Y over the same two daemons (the
+ * same UCX endpoints) goes on for 8 s after, every all-reduce right. What
+ * A sent for X and B did not take is left to UCX, the memory it reads held,
+ * and X's ranks are answered meanwhile: in ISO_BCAST, rank 0 while B is
+ * stopped. No endpoint is closed by force (that fails Y's ops on it too),
+ * and once B drops X, fds and mappings are back to where they were.
  */
-static void test_isolation(int taken)
+static void test_isolation(enum iso_mode mode, int fds0a, int fds0b)
 {
-	static const int x_of[3] = { 0, 1, 1 }, y_of[2] = { 0, 1 };
+	static const char *const what[] = { "a send nobody took", "a send being taken in",
+					    "a broadcast being taken in" };
+	static const int x_of[4] = { 0, 1, 1, 0 }, y_of[2] = { 0, 1 };
 	const struct th_daemon *ds[2] = { &da, &db };
 	struct iso *s = mmap(NULL, sizeof *s, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_ANONYMOUS, -1,
 			     0);
-	int victim = taken ? 2 : 1, fx, fy;
+	int victim = iso_victim(mode), nx = mode == ISO_BCAST ? 4 : 3, fx, fy, ready;
+	int other = mode == ISO_TAKEN ? 1 : 2; /* a rank of X on B that is not killed */
+	int forced = th_log_count(&da, "closed by force", "") + th_log_count(&db, "closed by force", "");
+	int early = 0;
 	struct th_ranks rx, ry;
 	long t0 = mono_ms();
 
 	REQUIRE(s != MAP_FAILED, "mmap");
 	memset(s, 0, sizeof *s);
-	s->taken = taken;
+	s->mode = mode;
 	REQUIRE(th_ranks_start_nodes(&ry, ds, y_of, da.peer, "iso-y", 2, rank_iso_y, s) == 0, "fork");
-	REQUIRE(th_ranks_start_nodes(&rx, ds, x_of, da.peer, "iso-x", 3, rank_iso_x, s) == 0, "fork");
-	while (!(__atomic_load_n(&s->posted[0], __ATOMIC_ACQUIRE) &&
-		 (!taken || __atomic_load_n(&s->posted[1], __ATOMIC_ACQUIRE))) &&
-	       mono_ms() - t0 < PROGRESS_LIMIT_MS)
+	REQUIRE(th_ranks_start_nodes(&rx, ds, x_of, da.peer, "iso-x", nx, rank_iso_x, s) == 0, "fork");
+	do {
+		ready = 1;
+		for (int r = 0; r < (mode == ISO_UNTAKEN ? 1 : nx); r++)
+			ready &= (r == victim && mode == ISO_TAKEN) || /* it never posts */
+				 __atomic_load_n(&s->posted[r], __ATOMIC_ACQUIRE);
 		usleep(2000);
-	if (taken)
-		CHECK(chunks_part_in(&db, "iso-x"),
-		      "job X: commctl jobs on B never showed the recv part way in");
+	} while (!ready && mono_ms() - t0 < PROGRESS_LIMIT_MS);
+	if (mode != ISO_UNTAKEN)
+		CHECK(chunks_part_in(&db, "iso-x", mode == ISO_BCAST),
+		      "job X: commctl jobs on B never showed the data part way in");
 	else
 		usleep(150 * 1000); /* the send's chunks are on their way */
-	kill(rx.pids[victim], SIGKILL);
-	__atomic_store_n(&s->fail_ms, mono_ms(), __ATOMIC_RELEASE);
+	if (mode == ISO_BCAST) {
+		/*
+		 * B takes nothing in: A's sends cannot end, and rank 0 is answered
+		 * only if A holds them. At most 1 s: B's peers lose it after 3 s
+		 * of silence, and it pings each second.
+		 */
+		kill(db.pid, SIGSTOP);
+		kill(rx.pids[victim], SIGKILL);
+		__atomic_store_n(&s->fail_ms, mono_ms(), __ATOMIC_RELEASE);
+		for (long t1 = mono_ms(); mono_ms() - t1 < 1000; usleep(1000))
+			if ((early = __atomic_load_n(&s->answered[0], __ATOMIC_ACQUIRE)))
+				break;
+		kill(db.pid, SIGCONT);
+		CHECK(early, "job X: rank 0's broadcast was not answered while B was stopped (1 s)");
+	} else {
+		kill(rx.pids[victim], SIGKILL);
+		__atomic_store_n(&s->fail_ms, mono_ms(), __ATOMIC_RELEASE);
+	}
 	fx = th_ranks_wait(&rx);
 	fy = th_ranks_wait(&ry);
 	CHECK(fx == 1, "job X: %d ranks failed, expected the killed one alone", fx);
 	for (int r = 1; r < 3; r++)
 		CHECK(r == victim || s->x_rc[r] != COMM_OK, "job X's rank %d: %s", r,
 		      comm_result_name((comm_result_t)s->x_rc[r]));
+	CHECK(mode != ISO_BCAST || s->x_rc[0] != COMM_OK, "job X's rank 0: COMM_OK");
 	for (int r = 0; r < 2; r++)
 		CHECK(s->y_rc[r] == COMM_OK, "job Y, rank %d: %s after %d all-reduces: %s", r,
 		      comm_result_name((comm_result_t)s->y_rc[r]), s->y_ops[r], s->y_detail[r]);
-	printf("%s: job X failed under a 256 MiB send from A to B %s (the send: %s, %s: %s); "
-	       "job Y over the same daemons ran %d all-reduces, the last %d s after%s\n",
-	       fy || s->y_rc[0] || s->y_rc[1] ? "FAIL" : "ok",
-	       taken ? "being taken in" : "nobody took",
-	       comm_result_name((comm_result_t)s->x_rc[0]), taken ? "the recv" : "rank 2",
-	       comm_result_name((comm_result_t)s->x_rc[taken ? 1 : 2]), s->y_ops[0],
-	       ISO_RUN_MS / 1000,
-	       fy ? ", some failed" : ", all right");
+	forced = th_log_count(&da, "closed by force", "") + th_log_count(&db, "closed by force", "") -
+		 forced;
+	CHECK(forced == 0, "job X's failure closed %d endpoints by force", forced);
+	th_check_baseline(&da, fds0a, "job X failed");
+	th_check_baseline(&db, fds0b, "job X failed");
+	printf("%s: job X failed under %s from A to B (rank 0: %s%s, rank %d: %s); job Y over the "
+	       "same daemons ran %d all-reduces, the last %d s after%s; %d endpoints closed by "
+	       "force; fds and mappings back\n",
+	       check_failures ? "FAIL" : "ok", what[mode], comm_result_name((comm_result_t)s->x_rc[0]),
+	       early ? ", while B was stopped" : "", other,
+	       comm_result_name((comm_result_t)s->x_rc[other]), s->y_ops[0], ISO_RUN_MS / 1000,
+	       fy ? ", some failed" : ", all right", forced);
 	munmap(s, sizeof *s);
 }
 
@@ -435,7 +488,7 @@ static int rank_after(int r, int n, void *arg)
 int main(void)
 {
 	struct timespec t0;
-	int fds0, failed;
+	int fds0, fds0a, fds0b, failed;
 
 	setenv("COMM_TIMEOUT", "60000", 1);
 	clock_gettime(CLOCK_MONOTONIC, &t0);
@@ -444,8 +497,14 @@ int main(void)
 	printf("commd A: peers %s; commd B: peers %s\n", da.peer, db.peer);
 	fds0 = th_count_fds(da.pid);
 	test_noroot(fds0);
-	test_isolation(0);
-	test_isolation(1);
+	/* UCX's connections between A and B, kept from the first job over both */
+	failed = th_run_ranks_nodes((const struct th_daemon *[]){ &da, &db }, (const int[]){ 0, 1 },
+				    da.peer, "faults-first", 2, th_rank_sum, NULL);
+	CHECK(failed == 0, "a first job over A and B: %d ranks failed", failed);
+	fds0a = th_count_fds(da.pid);
+	fds0b = th_count_fds(db.pid);
+	for (int m = ISO_UNTAKEN; m <= ISO_BCAST; m++)
+		test_isolation((enum iso_mode)m, fds0a, fds0b);
 	test_kill_member();
 	if (!th_daemon_alive(&da)) {
 		th_daemon_dump_log(&da);
