@@ -17,7 +17,7 @@ top=$(cd "$(dirname "$0")/.." && pwd)
 out=$(mkdir -p "${1:-$top/.gpu}" && cd "${1:-$top/.gpu}" && pwd)
 progs=(daemon/commd daemon/commd-gpu client/commctl client/commrun client/commbench
 	tests/bench/nccl-bench tests/unit/test-gpu-worker tests/gpu/test-gpu-ops
-	tests/gpu/test-gpu-mem tests/demos/collectives tests/demos/data_parallel
+	tests/gpu/test-gpu-mem tests/gpu/test-gpu-faults tests/demos/collectives tests/demos/data_parallel
 	tests/demos/tensor_parallel tests/demos/pipeline_parallel)
 
 cd "$top"
@@ -59,10 +59,11 @@ cat >"$out/run.sh" <<'EOF'
 #!/bin/bash
 # run.sh: the GPU checks with this bundle (made by scripts/gpu-bundle.sh),
 # run from the source tree. tests: test-gpu-worker, test-gpu-ops (over one
-# daemon and over three), test-gpu-mem, and the four reference demos with
-# --device on one daemon and over three; bench: tests/bench/gpu-compare.sh
-# and gpu-nodes.sh. Each prints its result; the exit status is 1 when one
-# failed (77, a skip, where no GPU works, is not a failure).
+# daemon and over three), test-gpu-mem, test-gpu-faults, and the four
+# reference demos with --device on one daemon and over three; bench:
+# tests/bench/gpu-compare.sh and gpu-nodes.sh. Each prints its result; the
+# exit status is 1 when one failed (77, a skip, where no GPU works, is not
+# a failure).
 set -u
 G=$(cd "$(dirname "$0")" && pwd)
 what=${1:-tests}
@@ -91,6 +92,7 @@ if [ "$what" = tests ] || [ "$what" = all ]; then
 	check test-gpu-worker "$G/bin/test-gpu-worker"
 	check test-gpu-ops "$G/bin/test-gpu-ops"
 	check test-gpu-mem "$G/bin/test-gpu-mem"
+	check test-gpu-faults "$G/bin/test-gpu-faults"
 	check test-training-demos bash tests/demos/test-training-demos.sh
 	check test-demos-nodes bash tests/demos/test-demos-nodes.sh
 fi
