@@ -1636,8 +1636,8 @@ static void hold(struct net_task *nt, uint64_t now)
 		nt->held_sends |= !nt->reqs[i].recv;
 	nt->fatal |= nt->held_sends;
 	TAILQ_INSERT_TAIL(&N.held, nt, hlink);
-	log_debug("net: job %s: a stopped op's %d requests did not end: held until they do",
-		  nt->j->name, nt->nreq);
+	log_info("net: job %s: a stopped op's %d requests did not end: held, with what they "
+		 "use, until they do", nt->j->name, nt->nreq);
 }
 
 /*

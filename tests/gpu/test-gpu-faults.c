@@ -190,26 +190,6 @@ static int start(struct th_daemon *d, char name)
 	return rc;
 }
 
-/* Wait until every rank finished want all-reduces (or one gave up); 1 when they did. */
-static int wait_progress(struct seen *s, int want)
-{
-	long t0 = mono_ms();
-
-	while (mono_ms() - t0 < PROGRESS_LIMIT_MS) {
-		int ready = 1;
-
-		for (int r = 0; r < N; r++) {
-			if (__atomic_load_n(&s->done[r], __ATOMIC_ACQUIRE))
-				return 0;
-			ready &= __atomic_load_n(&s->iters[r], __ATOMIC_ACQUIRE) >= want;
-		}
-		if (ready)
-			return 1;
-		usleep(2000);
-	}
-	return 0;
-}
-
 enum fault { RANK_KILLED, B_STOPPED, B_KILLED };
 
 /*
@@ -224,26 +204,19 @@ static void test_fault(enum fault f, int b1, int fds0)
 	struct seen *s = seen_new();
 	struct th_ranks rs;
 	char job[32], after[32];
-	long per_op = 0;
-	int failed, it, b_rc = 0;
+	long per_op;
+	int failed, b_rc = 0;
 
 	snprintf(job, sizeof job, "gpu-faults-%d", (int)f);
 	snprintf(after, sizeof after, "gpu-faults-%d-after", (int)f);
 	mismatch = b1;
 	REQUIRE(th_ranks_start_nodes(&rs, ds, split, da.peer, job, N, rank_loop, s) == 0, "fork");
-	if (wait_progress(s, b1 ? 4 : 2)) {
-		it = __atomic_load_n(&s->iters[0], __ATOMIC_ACQUIRE);
-		per_op = (mono_ms() - s->start_ms[0]) / (it ? it : 1);
-		if (b1)
-			printf("ok: B1: a count mismatch across daemons on device memory: MISMATCH "
-			       "on every rank, and the next all-reduces right\n");
-		while (__atomic_load_n(&s->iters[0], __ATOMIC_ACQUIRE) == it &&
-		       !__atomic_load_n(&s->done[0], __ATOMIC_ACQUIRE))
-			usleep(500);
-		usleep((useconds_t)(per_op / 2) * 1000);
-	} else {
+	/* the mismatched one (B1) after two, then two more */
+	if ((per_op = seen_half_way(s, b1 ? 4 : 2)) < 0)
 		CHECK(0, "the 2+2 job made no progress within %d ms", PROGRESS_LIMIT_MS);
-	}
+	else if (b1)
+		printf("ok: B1: a count mismatch across daemons on device memory: MISMATCH on "
+		       "every rank, and the next all-reduces right\n");
 	__atomic_store_n(&s->kill_ms, mono_ms(), __ATOMIC_RELEASE);
 	if (f == RANK_KILLED) {
 		kill(rs.pids[3], SIGKILL);

@@ -10,6 +10,7 @@
 #include <string.h>
 #include <sys/mman.h>
 #include <time.h>
+#include <unistd.h>
 
 #include "check.h"
 #include "comm.h"
@@ -54,6 +55,36 @@ static inline void seen_note(struct seen *s, int r, comm_result_t rc, const char
 	s->err_ms[r] = mono_ms();
 	snprintf(s->detail[r], sizeof s->detail[r], "%s", detail);
 	__atomic_store_n(&s->done[r], 1, __ATOMIC_RELEASE);
+}
+
+/*
+ * Wait until every rank finished want all-reduces (or one gave up), then
+ * until about half way through rank 0's next one: its time per op in ms,
+ * or -1 when they made no such progress within PROGRESS_LIMIT_MS.
+ */
+static inline long seen_half_way(struct seen *s, int want)
+{
+	long t0 = mono_ms(), per_op;
+	int ready = 0, it;
+
+	while (!ready && mono_ms() - t0 < PROGRESS_LIMIT_MS) {
+		ready = 1;
+		for (int r = 0; r < N; r++) {
+			if (__atomic_load_n(&s->done[r], __ATOMIC_ACQUIRE))
+				return -1;
+			ready &= __atomic_load_n(&s->iters[r], __ATOMIC_ACQUIRE) >= want;
+		}
+		usleep(2000);
+	}
+	if (!ready)
+		return -1;
+	it = __atomic_load_n(&s->iters[0], __ATOMIC_ACQUIRE);
+	per_op = (mono_ms() - s->start_ms[0]) / (it ? it : 1);
+	while (__atomic_load_n(&s->iters[0], __ATOMIC_ACQUIRE) == it &&
+	       !__atomic_load_n(&s->done[0], __ATOMIC_ACQUIRE))
+		usleep(500);
+	usleep((useconds_t)(per_op / 2) * 1000);
+	return per_op;
 }
 
 /* Start commd A and B, each with a peer listener; -1 (a failed check) if either did not. */

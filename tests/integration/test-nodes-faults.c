@@ -372,26 +372,6 @@ static int rank_loop(int r, int n, void *arg)
 	return 0;
 }
 
-/* Wait until every rank finished two all-reduces (or one gave up); 1 when they did. */
-static int wait_progress(struct seen *s)
-{
-	long t0 = mono_ms();
-
-	while (mono_ms() - t0 < PROGRESS_LIMIT_MS) {
-		int ready = 1;
-
-		for (int r = 0; r < N; r++) {
-			if (__atomic_load_n(&s->done[r], __ATOMIC_ACQUIRE))
-				return 0;
-			ready &= __atomic_load_n(&s->iters[r], __ATOMIC_ACQUIRE) >= 2;
-		}
-		if (ready)
-			return 1;
-		usleep(2000);
-	}
-	return 0;
-}
-
 static void test_kill_member(void)
 {
 	static const int of[N] = { 0, 0, 1, 1 };
@@ -399,18 +379,12 @@ static void test_kill_member(void)
 	struct seen *s = seen_new();
 	struct th_ranks rs;
 	long per_op;
-	int failed, it;
+	int failed;
 
 	REQUIRE(th_ranks_start_nodes(&rs, ds, of, da.peer, "faults-kill", N, rank_loop, s) == 0,
 		"fork");
-	if (wait_progress(s)) {
-		/* kill B about half way through an all-reduce */
-		it = __atomic_load_n(&s->iters[0], __ATOMIC_ACQUIRE);
-		per_op = (mono_ms() - s->start_ms[0]) / (it ? it : 1);
-		while (__atomic_load_n(&s->iters[0], __ATOMIC_ACQUIRE) == it &&
-		       !__atomic_load_n(&s->done[0], __ATOMIC_ACQUIRE))
-			usleep(500);
-		usleep((useconds_t)(per_op / 2) * 1000);
+	/* kill B about half way through an all-reduce */
+	if ((per_op = seen_half_way(s, 2)) >= 0) {
 		printf("ok: 2+2 job over A and B ran %d all-reduces of 64 MiB (%ld ms each); "
 		       "killing B\n",
 		       __atomic_load_n(&s->iters[0], __ATOMIC_ACQUIRE), per_op);
