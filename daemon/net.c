@@ -51,7 +51,7 @@
 
 #define SLOTS 65536
 #define SLOT_QUARANTINE_MS 30000 /* a freed slot's late messages are drained this long */
-#define CANCEL_WAIT_MS 2000      /* a stopped task's receives get this long to end, then it is held */
+#define CANCEL_WAIT_MS 2000      /* a stopped task of a live job: its requests get this long, then it is held */
 #define CLOSE_WAIT_MS 1000       /* at stop, endpoints closing with a flush get this long */
 /* a held task's sends are ended by force before the receiver's slot could be used again */
 #define HOLD_MAX_MS (SLOT_QUARANTINE_MS - 5000)
