@@ -372,15 +372,24 @@ static int rank_loop(int r, int n, void *arg)
 	return 0;
 }
 
+/*
+ * H2: B SIGKILLed under a 2+2 job's all-reduces; a job on A alone runs
+ * all-reduces all the while (rank_iso_y), and 8 s after, untouched.
+ */
 static void test_kill_member(void)
 {
 	static const int of[N] = { 0, 0, 1, 1 };
 	const struct th_daemon *ds[2] = { &da, &db };
 	struct seen *s = seen_new();
-	struct th_ranks rs;
+	struct iso *by = mmap(NULL, sizeof *by, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_ANONYMOUS,
+			      -1, 0);
+	struct th_ranks rs, rby;
 	long per_op;
 	int failed;
 
+	REQUIRE(by != MAP_FAILED, "mmap");
+	memset(by, 0, sizeof *by);
+	REQUIRE(th_ranks_start(&rby, &da, "faults-bystander", 2, rank_iso_y, by) == 0, "fork");
 	REQUIRE(th_ranks_start_nodes(&rs, ds, of, da.peer, "faults-kill", N, rank_loop, s) == 0,
 		"fork");
 	/* kill B about half way through an all-reduce */
@@ -395,6 +404,7 @@ static void test_kill_member(void)
 	}
 	fflush(stdout);
 	__atomic_store_n(&s->kill_ms, mono_ms(), __ATOMIC_RELEASE);
+	__atomic_store_n(&by->fail_ms, s->kill_ms, __ATOMIC_RELEASE);
 	kill(db.pid, SIGKILL);
 	waitpid(db.pid, NULL, 0);
 	failed = th_ranks_wait(&rs);
@@ -430,8 +440,19 @@ static void test_kill_member(void)
 			      "killed B: rank %d on A got %s, expected COMM_ERR_PEER_LOST", r,
 			      comm_result_name((comm_result_t)s->rc[r]));
 	}
+	failed = th_ranks_wait(&rby);
+	for (int r = 0; r < 2; r++)
+		CHECK(by->y_rc[r] == COMM_OK, "killed B: the job on A alone, rank %d: %s after %d "
+		      "all-reduces: %s", r, comm_result_name((comm_result_t)by->y_rc[r]),
+		      by->y_ops[r], by->y_detail[r]);
+	CHECK(failed == 0, "killed B: the job on A alone: %d ranks failed", failed);
+	printf("%s: a job on A alone ran %d all-reduces meanwhile, the last %d s after B was "
+	       "killed, every one right\n",
+	       failed || by->y_rc[0] || by->y_rc[1] ? "FAIL" : "ok", by->y_ops[0],
+	       ISO_RUN_MS / 1000);
 	fflush(stdout);
 	th_daemon_cleanup(&db);
+	munmap(by, sizeof *by);
 	munmap(s, sizeof *s);
 }
 
