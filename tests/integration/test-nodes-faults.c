@@ -1,9 +1,11 @@
 /*
  * test-nodes-faults.c: jobs over two daemons when things go wrong: a root
- * address where nothing listens, a job that fails under a send between the
- * daemons beside one that must not notice, and a member daemon killed under
- * a running job. The surviving daemon fails what spanned the dead one, serves a new
- * job and stops cleanly. Stale messages (H4) are test-nodes-stale.c's.
+ * address where nothing listens, a job that fails under a send or a
+ * broadcast between the daemons beside one that must not notice, and a
+ * member daemon stopped, then killed, under a running job while a job on
+ * the other alone must not notice. The surviving daemon fails what spanned
+ * the lost one, serves a new job and stops cleanly. Stale messages (H4)
+ * are test-nodes-stale.c's.
  */
 #include <signal.h>
 #include <stdint.h>
@@ -23,6 +25,7 @@
 
 #define LOOP_COUNT (16u << 20)  /* float32: a 64 MiB all-reduce */
 #define KILL_LIMIT_MS 5000      /* ops spanning a dead daemon fail within this */
+#define DRAIN_MS 2000           /* commd's default drain budget at SIGTERM */
 #define CONNECT_LIMIT_MS 8000   /* commd's connect timeout to a root (5 s) and some slack */
 
 static struct th_daemon da, db; /* A, the root, and B */
@@ -373,85 +376,92 @@ static int rank_loop(int r, int n, void *arg)
 }
 
 /*
- * H2: B SIGKILLed under a 2+2 job's all-reduces; a job on A alone runs
+ * H2: B SIGKILLed under a 2+2 job's all-reduces, or (G1 across daemons)
+ * stopped with SIGTERM: it drains (the all-reduce under way ends, the
+ * next is refused), every rank gets COMM_ERR_SHUTDOWN, and B exits 0.
+ * Either way A's ranks fail within the bound, and a job on A alone runs
  * all-reduces all the while (rank_iso_y), and 8 s after, untouched.
  */
-static void test_kill_member(void)
+static void test_lose_member(int stop)
 {
 	static const int of[N] = { 0, 0, 1, 1 };
+	const char *how = stop ? "stopped (SIGTERM)" : "killed";
 	const struct th_daemon *ds[2] = { &da, &db };
 	struct seen *s = seen_new();
 	struct iso *by = mmap(NULL, sizeof *by, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_ANONYMOUS,
 			      -1, 0);
 	struct th_ranks rs, rby;
-	long per_op;
-	int failed;
+	long per_op, limit = KILL_LIMIT_MS + (stop ? DRAIN_MS : 0);
+	int failed, b_rc = 0;
 
 	REQUIRE(by != MAP_FAILED, "mmap");
 	memset(by, 0, sizeof *by);
-	REQUIRE(th_ranks_start(&rby, &da, "faults-bystander", 2, rank_iso_y, by) == 0, "fork");
-	REQUIRE(th_ranks_start_nodes(&rs, ds, of, da.peer, "faults-kill", N, rank_loop, s) == 0,
-		"fork");
-	/* kill B about half way through an all-reduce */
+	REQUIRE(th_ranks_start(&rby, &da, stop ? "faults-bystander-stop" : "faults-bystander", 2,
+			       rank_iso_y, by) == 0, "fork");
+	REQUIRE(th_ranks_start_nodes(&rs, ds, of, da.peer, stop ? "faults-stop" : "faults-kill", N,
+				     rank_loop, s) == 0, "fork");
+	/* B goes about half way through an all-reduce */
 	if ((per_op = seen_half_way(s, 2)) >= 0) {
-		printf("ok: 2+2 job over A and B ran %d all-reduces of 64 MiB (%ld ms each); "
-		       "killing B\n",
-		       __atomic_load_n(&s->iters[0], __ATOMIC_ACQUIRE), per_op);
+		printf("ok: 2+2 job over A and B ran %d all-reduces of 64 MiB (%ld ms each); B %s\n",
+		       __atomic_load_n(&s->iters[0], __ATOMIC_ACQUIRE), per_op, how);
 	} else {
 		CHECK(0, "the 2+2 job over A and B did not run two all-reduces within %d ms",
 		      PROGRESS_LIMIT_MS);
-		printf("FAIL: the 2+2 job over A and B made no progress; killing B anyway\n");
+		printf("FAIL: the 2+2 job over A and B made no progress; B %s anyway\n", how);
 	}
 	fflush(stdout);
 	__atomic_store_n(&s->kill_ms, mono_ms(), __ATOMIC_RELEASE);
 	__atomic_store_n(&by->fail_ms, s->kill_ms, __ATOMIC_RELEASE);
-	kill(db.pid, SIGKILL);
-	waitpid(db.pid, NULL, 0);
+	if (stop) {
+		b_rc = th_daemon_stop(&db); /* exit 0, no error logged */
+	} else {
+		kill(db.pid, SIGKILL);
+		waitpid(db.pid, NULL, 0);
+		th_daemon_cleanup(&db);
+	}
+	CHECK(b_rc == 0, "commd B did not stop cleanly (see above)");
 	failed = th_ranks_wait(&rs);
-	CHECK(failed == 0, "killed B: %d ranks failed (see above)", failed);
+	CHECK(failed == 0, "B %s: %d ranks failed (see above)", how, failed);
 	if (!th_daemon_alive(&da)) {
-		CHECK(0, "commd A died when B was killed: its ranks lost their daemon");
-		printf("FAIL: commd A died when B was killed\n");
+		CHECK(0, "commd A died when B was %s", how);
+		printf("FAIL: commd A died when B was %s\n", how);
 	}
 	for (int r = 0; r < N; r++) {
 		long ms = s->err_ms[r] - s->kill_ms;
 		int on_a = of[r] == 0, ok;
+		/*
+		 * Stopped: every rank hears that B shuts down (A's, that B refused
+		 * the next op for it). Killed: A's that B is lost; B's own lost
+		 * their daemon, and any error will do, as long as it comes.
+		 */
+		comm_result_t want = stop ? COMM_ERR_SHUTDOWN : on_a ? COMM_ERR_PEER_LOST : COMM_OK;
 
 		if (!s->done[r]) {
-			CHECK(0, "killed B: rank %d on %c never returned from its loop", r,
+			CHECK(0, "B %s: rank %d on %c never returned from its loop", how, r,
 			      on_a ? 'A' : 'B');
 			continue;
 		}
-		/* B's own ranks lost their daemon: any error will do, as long as it comes */
-		ok = s->rc[r] != COMM_OK && ms >= 0 && ms <= KILL_LIMIT_MS &&
-		     (!on_a || s->rc[r] == COMM_ERR_PEER_LOST);
-		printf("%s: rank %d on %c, after %d all-reduces: %s %ld ms after B was killed: "
-		       "\"%s\"%s\n",
+		ok = s->rc[r] != COMM_OK && ms >= 0 && ms <= limit && (!want || (comm_result_t)s->rc[r] == want);
+		printf("%s: rank %d on %c, after %d all-reduces: %s %ld ms after B was %s: "
+		       "\"%s\" (want %s)\n",
 		       ok ? "ok" : "FAIL", r, on_a ? 'A' : 'B', s->iters[r],
-		       comm_result_name((comm_result_t)s->rc[r]), ms, s->detail[r],
-		       on_a ? " (want COMM_ERR_PEER_LOST)" : " (any error)");
-		CHECK(s->rc[r] != COMM_OK, "killed B: rank %d: %s", r, s->detail[r]);
-		CHECK(ms >= 0, "killed B: rank %d failed %ld ms before the kill", r, -ms);
-		CHECK(ms <= KILL_LIMIT_MS,
-		      "killed B: rank %d failed %ld ms after the kill, limit %d", r, ms,
-		      KILL_LIMIT_MS);
-		if (on_a)
-			CHECK(s->rc[r] == COMM_ERR_PEER_LOST,
-			      "killed B: rank %d on A got %s, expected COMM_ERR_PEER_LOST", r,
-			      comm_result_name((comm_result_t)s->rc[r]));
+		       comm_result_name((comm_result_t)s->rc[r]), ms, how, s->detail[r],
+		       want ? comm_result_name(want) : "any error");
+		CHECK(ok, "B %s: rank %d: %s after %ld ms (limit %ld), want %s: %s", how, r,
+		      comm_result_name((comm_result_t)s->rc[r]), ms, limit,
+		      want ? comm_result_name(want) : "any error", s->detail[r]);
 	}
 	failed = th_ranks_wait(&rby);
 	for (int r = 0; r < 2; r++)
-		CHECK(by->y_rc[r] == COMM_OK, "killed B: the job on A alone, rank %d: %s after %d "
-		      "all-reduces: %s", r, comm_result_name((comm_result_t)by->y_rc[r]),
+		CHECK(by->y_rc[r] == COMM_OK, "B %s: the job on A alone, rank %d: %s after %d "
+		      "all-reduces: %s", how, r, comm_result_name((comm_result_t)by->y_rc[r]),
 		      by->y_ops[r], by->y_detail[r]);
-	CHECK(failed == 0, "killed B: the job on A alone: %d ranks failed", failed);
-	printf("%s: a job on A alone ran %d all-reduces meanwhile, the last %d s after B was "
-	       "killed, every one right\n",
+	CHECK(failed == 0, "B %s: the job on A alone: %d ranks failed", how, failed);
+	printf("%s: a job on A alone ran %d all-reduces meanwhile, the last %d s after B was %s, "
+	       "every one right\n",
 	       failed || by->y_rc[0] || by->y_rc[1] ? "FAIL" : "ok", by->y_ops[0],
-	       ISO_RUN_MS / 1000);
+	       ISO_RUN_MS / 1000, how);
 	fflush(stdout);
-	th_daemon_cleanup(&db);
 	munmap(by, sizeof *by);
 	munmap(s, sizeof *s);
 }
@@ -500,7 +510,9 @@ int main(void)
 	fds0b = th_count_fds(db.pid);
 	for (int m = ISO_UNTAKEN; m <= ISO_BCAST; m++)
 		test_isolation((enum iso_mode)m, fds0a, fds0b);
-	test_kill_member();
+	test_lose_member(1);
+	REQUIRE(th_daemon_start_peer(&db, "--threads", "2", NULL) == 0, "commd B did not start again");
+	test_lose_member(0);
 	if (!th_daemon_alive(&da)) {
 		th_daemon_dump_log(&da);
 		th_daemon_cleanup(&da);
