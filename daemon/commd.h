@@ -249,7 +249,11 @@ struct dist {
 	uint8_t nccl_id[128];  /* the job's NCCL communicator's (gpu-proto.h), once has_nccl_id */
 	int has_nccl_id;
 	char nccl_dev[48];     /* the device of this node's NCCL rank (a UUID), "" until known */
-	uint32_t **sent;       /* [a][b], a here: messages rank a sent to rank b */
+	/*
+	 * [a][b]: messages rank a sent to rank b; for a here, and for a on
+	 * another node once it left (as its PeerRankLeft says), else NULL
+	 */
+	uint32_t **sent;
 	uint32_t **rcvd;       /* [b][a], b here: messages rank b received from rank a */
 };
 

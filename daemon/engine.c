@@ -600,18 +600,52 @@ static int pair(struct job *j, int a, struct posted *s)
 }
 
 /*
+ * Messages rank a, on another daemon, sent rank b before it left (its
+ * PeerRankLeft): b's recvs from a up to this index wait for their data.
+ */
+static uint32_t sent_before_left(const struct job *j, int a, int b)
+{
+	return j->dist->sent[a] ? j->dist->sent[a][b] : 0;
+}
+
+/* Whether p is a recv from rank a on another daemon. */
+static int recv_from_remote(const struct job *j, const struct posted *p, int a)
+{
+	return p->type == COMMPB__OP_TYPE__OP_RECV && p->peer == a && !dist_local(j, a);
+}
+
+/* Why recv p fails: its sender left having sent no message p could get. */
+static void recv_left_detail(const struct job *j, const struct posted *p, char *buf, size_t len)
+{
+	uint32_t n = sent_before_left(j, p->peer, p->rank);
+
+	snprintf(buf, len, "op %llu (recv): rank %d left the job after sending rank %d %u message%s",
+		 (unsigned long long)p->seq, p->peer, p->rank, n, n == 1 ? "" : "s");
+}
+
+/*
  * Start p, a send or recv whose partner is on another daemon, on the data
  * plane (refused ones too: the partner learns why). The k-th send from a to
- * b meets the k-th recv on b from a: each side counts its own.
+ * b meets the k-th recv on b from a: each side counts its own. A recv from
+ * a rank that left fails, unless that rank had sent its message.
  */
 static void start_net_p2p(struct job *j, struct posted *p)
 {
 	int send = p->type == COMMPB__OP_TYPE__OP_SEND;
 	uint32_t *count = send ? &j->dist->sent[p->rank][p->peer] : &j->dist->rcvd[p->rank][p->peer];
-	struct task *t = task_new(j, 1, 1);
+	struct task *t;
 
 	p->matched = 1;
-	if (!t) {
+	if (!send && j->left[p->peer] && *count >= sent_before_left(j, p->peer, p->rank)) {
+		char detail[256];
+
+		recv_left_detail(j, p, detail, sizeof detail);
+		++*count;
+		if (!p->done)
+			set_done(p, COMM_ERR_PEER_LOST, detail);
+		return;
+	}
+	if (!(t = task_new(j, 1, 1))) {
 		set_done(p, COMM_ERR_NO_MEMORY, "engine: out of memory");
 		return;
 	}
@@ -785,6 +819,19 @@ void engine_rank_left(struct job *j, int gone)
 		struct posted *p;
 
 		TAILQ_FOREACH(p, &j->posted[r], link) {
+			/*
+			 * A recv from another daemon's rank: what it sent may still
+			 * be on its way; one under way past that fails now, one
+			 * not started when it starts (start_net_p2p).
+			 */
+			if (recv_from_remote(j, p, gone)) {
+				if (p->running && p->task && p->task->net &&
+				    p->task->cseq > sent_before_left(j, gone, r)) {
+					recv_left_detail(j, p, detail, sizeof detail);
+					net_task_cancel(p->task, COMM_ERR_PEER_LOST, detail);
+				}
+				continue;
+			}
 			if (p->done || p->running)
 				continue;
 			if (p->coll) {

@@ -917,6 +917,11 @@ static void member_msg(struct peer *p, const Commpb__PeerMsg *m)
 			if (j->running && j->running->net && j->running->peer < 0 &&
 			    j->running->cseq > rl->collectives)
 				net_task_cancel(j->running, COMM_ERR_PEER_LOST, rl->detail);
+			/* recvs from it wait for what it sent (unknown: none) */
+			if (rl->n_sent == (size_t)j->world &&
+			    (j->dist->sent[rl->rank] = calloc((size_t)j->world, sizeof **j->dist->sent)))
+				memcpy(j->dist->sent[rl->rank], rl->sent,
+				       (size_t)j->world * sizeof **j->dist->sent);
 			engine_rank_left(j, rl->rank);
 		}
 		break;
@@ -1140,6 +1145,8 @@ void peer_rank_left(struct job *j, int r)
 	rl.rank = r;
 	rl.detail = j->left_detail;
 	rl.collectives = j->next_cseq[r] - 1;
+	rl.n_sent = (size_t)j->world;
+	rl.sent = j->dist->sent[r];
 	m.body_case = COMMPB__PEER_MSG__BODY_RANK_LEFT;
 	m.rank_left = &rl;
 	peer_send(j->dist->peer, &m);

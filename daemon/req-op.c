@@ -281,7 +281,9 @@ int op_post(struct conn *c, const Commpb__Op *o, uint64_t req_id, int ring)
 	else if (p->coll && j->nleft)
 		refuse(p, COMM_ERR_PEER_LOST, "op %llu (%s): %s", (unsigned long long)p->seq,
 		       op_type_name(p->type), j->left_detail);
-	else if (!p->coll && p->peer >= 0 && j->left[p->peer])
+	/* a recv from another daemon's rank that left may get what it sent (start_net_p2p) */
+	else if (!p->coll && p->peer >= 0 && j->left[p->peer] &&
+		 (p->type != COMMPB__OP_TYPE__OP_RECV || dist_local(j, p->peer)))
 		refuse(p, COMM_ERR_PEER_LOST, "op %llu (%s): rank %d left the job",
 		       (unsigned long long)p->seq, op_type_name(p->type), p->peer);
 	engine_post(c, p);

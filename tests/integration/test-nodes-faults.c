@@ -466,6 +466,124 @@ static void test_lose_member(int stop)
 	munmap(s, sizeof *s);
 }
 
+/* --- a sender that leaves with its messages on their way --------------------- */
+
+#define LS_MSGS 4               /* messages rank 0 sends rank 1, then it leaves */
+
+/* What the ranks of a left-sender case share with the test. */
+struct leftsend {
+	int early;                  /* rank 1 posts its recvs before rank 0 sends */
+	int go;                     /* rank 1's recvs are posted */
+	int left;                   /* rank 0 left (comm_finalize returned) */
+	long left_ms;
+	int rc[LS_MSGS + 1];        /* rank 1's recvs; the last has no message */
+	long last_ms;               /* when the last one failed */
+	char detail[200];
+	int bad;                    /* a message arrived wrong */
+};
+
+static size_t ls_len(int early, int k)
+{
+	/* recvs posted late meet sends that ended before them: small, sent eagerly */
+	static const size_t late[LS_MSGS] = { 100, 1000, 2000, 4000 };
+	static const size_t soon[LS_MSGS] = { 100, 4096, 1u << 20, (3u << 20) + 5 };
+
+	return early ? soon[k] : late[k];
+}
+
+/*
+ * Rank 0 (on A) sends rank 1 (on B) LS_MSGS messages and leaves at once;
+ * rank 1 posts LS_MSGS + 1 recvs, before the sends (early) or only once
+ * rank 0 has left. Its leave may reach B before its messages do: the
+ * first LS_MSGS recvs must get them, byte for byte, and the last must
+ * fail PEER_LOST saying how many it sent, at once, not at the deadline.
+ */
+static int rank_leftsend(int r, int n, void *arg)
+{
+	struct leftsend *s = arg;
+	comm_request_t *req[LS_MSGS + 1];
+	uint8_t *buf[LS_MSGS + 1];
+	comm_t *c;
+
+	setenv("COMM_TIMEOUT", "30000", 1);
+	if (th_join(&c, r, n) < 0)
+		return 1;
+	for (int k = 0; k <= LS_MSGS; k++)
+		if (!(buf[k] = comm_mem_alloc(c, k < LS_MSGS ? ls_len(s->early, k) : 64)))
+			return th_bail(c);
+	if (r == 0) {
+		while (s->early && !__atomic_load_n(&s->go, __ATOMIC_ACQUIRE))
+			usleep(1000);
+		for (int k = 0; k < LS_MSGS; k++) {
+			for (size_t i = 0; i < ls_len(s->early, k); i++)
+				buf[k][i] = (uint8_t)(i * 7 + k);
+			if (comm_send(c, buf[k], ls_len(s->early, k), COMM_UINT8, 1, NULL) != COMM_OK)
+				return th_bail(c);
+		}
+		comm_finalize(c);
+		s->left_ms = mono_ms();
+		__atomic_store_n(&s->left, 1, __ATOMIC_RELEASE);
+		return 0;
+	}
+	if (!s->early) {
+		while (!__atomic_load_n(&s->left, __ATOMIC_ACQUIRE))
+			usleep(1000);
+		usleep(200 * 1000); /* its leave has reached B: recvs posted now find it gone */
+	}
+	comm_group_start(c);
+	for (int k = 0; k <= LS_MSGS; k++)
+		comm_recv(c, buf[k], k < LS_MSGS ? ls_len(s->early, k) : 64, COMM_UINT8, 0, &req[k]);
+	comm_group_end(c);
+	__atomic_store_n(&s->go, 1, __ATOMIC_RELEASE);
+	for (int k = 0; k <= LS_MSGS; k++) {
+		alarm(TH_WATCHDOG_S);
+		s->rc[k] = comm_wait(req[k], -1);
+		if (k == LS_MSGS) {
+			s->last_ms = mono_ms();
+			snprintf(s->detail, sizeof s->detail, "%s", comm_last_error(c));
+		}
+		for (size_t i = 0; k < LS_MSGS && s->rc[k] == COMM_OK && i < ls_len(s->early, k); i++)
+			s->bad |= buf[k][i] != (uint8_t)(i * 7 + k);
+	}
+	return th_leave(c, r);
+}
+
+static void test_left_sender(int early)
+{
+	static const int of[2] = { 0, 1 };
+	const struct th_daemon *ds[2] = { &da, &db };
+	struct leftsend *s = mmap(NULL, sizeof *s, PROT_READ | PROT_WRITE,
+				  MAP_SHARED | MAP_ANONYMOUS, -1, 0);
+	long ms;
+	int failed, ok = 1;
+
+	REQUIRE(s != MAP_FAILED, "mmap");
+	memset(s, 0, sizeof *s);
+	s->early = early;
+	failed = th_run_ranks_nodes(ds, of, da.peer, early ? "faults-left-early" : "faults-left-late",
+				    2, rank_leftsend, s);
+	CHECK(failed == 0, "a sender that left: %d ranks failed", failed);
+	for (int k = 0; k < LS_MSGS; k++) {
+		ok &= s->rc[k] == COMM_OK;
+		CHECK(s->rc[k] == COMM_OK, "recv %d of a message sent before its sender left: %s", k + 1,
+		      comm_result_name((comm_result_t)s->rc[k]));
+	}
+	CHECK(!s->bad, "a message from a sender that left arrived wrong");
+	ms = s->last_ms - s->left_ms;
+	ok &= !s->bad && s->rc[LS_MSGS] == COMM_ERR_PEER_LOST && ms <= KILL_LIMIT_MS &&
+	      strstr(s->detail, "after sending rank 1 4 messages");
+	CHECK(s->rc[LS_MSGS] == COMM_ERR_PEER_LOST, "the recv with no message: %s, want PEER_LOST",
+	      comm_result_name((comm_result_t)s->rc[LS_MSGS]));
+	CHECK(ms <= KILL_LIMIT_MS, "the recv with no message failed %ld ms after the leave", ms);
+	CHECK(strstr(s->detail, "after sending rank 1 4 messages"),
+	      "the recv with no message: \"%s\" does not say how many were sent", s->detail);
+	printf("%s: rank 0 on A sent rank 1 on B %d messages and left, rank 1's recvs posted %s: "
+	       "all %d in, byte for byte; the next recv failed %ld ms after the leave: %s: \"%s\"\n",
+	       ok ? "ok" : "FAIL", LS_MSGS, early ? "before the sends" : "after the leave",
+	       LS_MSGS, ms, comm_result_name((comm_result_t)s->rc[LS_MSGS]), s->detail);
+	munmap(s, sizeof *s);
+}
+
 /* --- A goes on alone ----------------------------------------------------------------- */
 
 static int rank_after(int r, int n, void *arg)
@@ -510,6 +628,8 @@ int main(void)
 	fds0b = th_count_fds(db.pid);
 	for (int m = ISO_UNTAKEN; m <= ISO_BCAST; m++)
 		test_isolation((enum iso_mode)m, fds0a, fds0b);
+	test_left_sender(0);
+	test_left_sender(1);
 	test_lose_member(1);
 	REQUIRE(th_daemon_start_peer(&db, "--threads", "2", NULL) == 0, "commd B did not start again");
 	test_lose_member(0);
