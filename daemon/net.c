@@ -58,6 +58,7 @@
 #define HDR_MAGIC 0x636f6d6du
 #define BUF_CACHE_MAX (1ull << 30) /* staging buffers kept for the next ops */
 #define BUF_IDLE_MS 5000         /* and given back after this long with no op */
+#define TCP_SEG_SIZE "256k"      /* UCX's tcp segments, unless the environment says (net_start) */
 /*
  * Ops of up to this much data (a rank's, or a reduce-scatter's or
  * all-gather's in all; is_small): verdict and data in one message, one
@@ -2132,6 +2133,16 @@ void net_start(uv_loop_t *loop)
 	}
 	N.slot_used[0] = 1; /* 0: no slot */
 	N.next_slot = 1;
+	/*
+	 * UCX's tcp transport moves data in segments of its TCP_TX_SEG_SIZE
+	 * and TCP_RX_SEG_SIZE, 8 KiB unless set: 256 KiB ones made send/recv
+	 * between two daemons 3x as fast, all-reduce and broadcast 2x (README,
+	 * "Across daemons"), for about 1 MB more a peer. Read from the
+	 * environment when the transport starts (ucp_config_modify does not
+	 * reach it); an operator's own setting stands.
+	 */
+	setenv("UCX_TCP_TX_SEG_SIZE", TCP_SEG_SIZE, 0);
+	setenv("UCX_TCP_RX_SEG_SIZE", TCP_SEG_SIZE, 0);
 	if ((st = ucp_config_read(NULL, NULL, &cfg)) != UCS_OK)
 		goto ucx_fail;
 	/*
