@@ -493,10 +493,11 @@ static size_t ls_len(int early, int k)
 
 /*
  * Rank 0 (on A) sends rank 1 (on B) LS_MSGS messages and leaves at once;
- * rank 1 posts LS_MSGS + 1 recvs, before the sends (early) or only once
- * rank 0 has left. Its leave may reach B before its messages do: the
- * first LS_MSGS recvs must get them, byte for byte, and the last must
- * fail PEER_LOST saying how many it sent, at once, not at the deadline.
+ * rank 1 posts LS_MSGS + 1 recvs, before the sends (early) or only once B
+ * knows rank 0 left (a barrier fails). Its leave may reach B before its
+ * messages do: the first LS_MSGS recvs must get them, byte for byte, and
+ * the last must fail PEER_LOST saying how many it sent, at once, not at
+ * the deadline.
  */
 static int rank_leftsend(int r, int n, void *arg)
 {
@@ -526,9 +527,16 @@ static int rank_leftsend(int r, int n, void *arg)
 		return 0;
 	}
 	if (!s->early) {
+		comm_result_t rc;
+
 		while (!__atomic_load_n(&s->left, __ATOMIC_ACQUIRE))
 			usleep(1000);
-		usleep(200 * 1000); /* its leave has reached B: recvs posted now find it gone */
+		/* a collective fails once B knows rank 0 left: recvs posted then find it gone */
+		if ((rc = comm_barrier(c, NULL)) != COMM_ERR_PEER_LOST) {
+			fprintf(stderr, "rank 1: a barrier after rank 0 left: %s, want PEER_LOST\n",
+				comm_result_name(rc));
+			return th_bail(c);
+		}
 	}
 	comm_group_start(c);
 	for (int k = 0; k <= LS_MSGS; k++)
