@@ -101,12 +101,19 @@ static int rank_loop(int r, int n, void *arg)
 	comm_t *c;
 
 	setenv("COMM_TIMEOUT", "30000", 1); /* a hang fails, a 64 MiB op needs far less */
+	alarm(TH_WATCHDOG_S);
 	if (cuda_bad(cudaSetDevice(r % ndev), r, "cudaSetDevice") || th_join(&c, r, n) < 0) {
 		seen_note(s, r, COMM_ERR_INTERNAL, "set-up failed (see above)");
 		return 1;
 	}
 	if (!(in = dev_filled(COUNT, (float)(r + 1), r)) || !(out = dev_filled(COUNT, 0, r))) {
 		seen_note(s, r, COMM_ERR_NO_MEMORY, "cudaMalloc failed");
+		return th_bail(c);
+	}
+	/* the first starts the job's GPU workers and NCCL: not counted, nor timed */
+	if ((rc = comm_allreduce(c, in, out, COUNT, COMM_FLOAT32, COMM_SUM, NULL)) != COMM_OK ||
+	    !dev_right(out, COUNT, want, r)) {
+		seen_note(s, r, rc == COMM_OK ? COMM_ERR_INTERNAL : rc, "the first all-reduce failed");
 		return th_bail(c);
 	}
 	s->start_ms[r] = mono_ms();
@@ -233,6 +240,16 @@ static void test_fault(enum fault f, int b1, int fds0)
 	CHECK(th_daemon_alive(&da), "%s: commd A died", what[f]);
 	for (int r = 0; r < N; r++) {
 		long ms = s->err_ms[r] - s->kill_ms;
+		comm_result_t rc = (comm_result_t)s->rc[r];
+		/*
+		 * Stopped: every rank hears that B shuts down. Otherwise A's ranks
+		 * hear of the lost rank or daemon, or of their worker killed out
+		 * of NCCL (whichever comes first); B's own, killed, any error.
+		 */
+		int ok = f == B_STOPPED ? rc == COMM_ERR_SHUTDOWN
+			 : split[r] == 0 || f == RANK_KILLED
+			     ? rc == COMM_ERR_PEER_LOST || rc == COMM_ERR_ABORTED
+			     : rc != COMM_OK;
 
 		if (f == RANK_KILLED && r == 3)
 			continue;
@@ -240,13 +257,13 @@ static void test_fault(enum fault f, int b1, int fds0)
 			CHECK(0, "%s: rank %d never returned from its loop", what[f], r);
 			continue;
 		}
-		CHECK(s->rc[r] != COMM_OK, "rank %d: %s", r, s->detail[r]);
-		CHECK(ms <= FAULT_LIMIT_MS, "%s: rank %d heard of it after %ld ms", what[f], r, ms);
+		ok &= ms >= 0 && ms <= FAULT_LIMIT_MS;
+		CHECK(ok, "%s: rank %d: %s after %ld ms (limit %d): %s", what[f], r,
+		      comm_result_name(rc), ms, FAULT_LIMIT_MS, s->detail[r]);
 		printf("%s: %s after %ld all-reduces of 64 MiB (%ld ms each): rank %d on %c: %s "
 		       "after %ld ms: \"%s\"\n",
-		       s->rc[r] != COMM_OK && ms <= FAULT_LIMIT_MS ? "ok" : "FAIL", what[f],
-		       (long)s->iters[0], per_op, r, split[r] ? 'B' : 'A',
-		       comm_result_name((comm_result_t)s->rc[r]), ms, s->detail[r]);
+		       ok ? "ok" : "FAIL", what[f], (long)s->iters[0], per_op, r,
+		       split[r] ? 'B' : 'A', comm_result_name(rc), ms, s->detail[r]);
 	}
 	munmap(s, sizeof *s);
 	if (f == B_KILLED) {
@@ -280,8 +297,13 @@ int main(void)
 	/* NCCL between the daemons' workers goes over loopback sockets */
 	setenv("NCCL_SOCKET_IFNAME", "lo", 0);
 	setenv("NCCL_IB_DISABLE", "1", 0);
+	setenv("COMM_TIMEOUT", "60000", 1);
 	if (start(&da, 'A') < 0 || start(&db, 'B') < 0)
 		return CHECK_EXIT();
+	/* the peer connection and UCX endpoint between A and B stay from the first job on */
+	CHECK(th_run_ranks_nodes((const struct th_daemon *[]){ &da, &db }, split, da.peer,
+				 "gpu-faults-first", N, th_rank_sum, NULL) == 0,
+	      "a first job over A and B failed");
 	fds0 = th_count_fds(da.pid);
 	test_fault(RANK_KILLED, 1, fds0);
 	test_fault(B_STOPPED, 0, fds0);
