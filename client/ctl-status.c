@@ -198,6 +198,8 @@ int ctl_status(struct ctl *ctl, int argc, char **argv)
 		ctl_json_str(s->gpu);
 		printf(", \"nccl\": ");
 		ctl_json_str(s->nccl);
+		printf(", \"net\": ");
+		ctl_json_str(s->net);
 		printf(", \"topology\": ");
 		ctl_json_str(s->topology);
 		printf(", \"own_jobs_only\": %s, \"node\": ", s->own_jobs_only ? "true" : "false");
@@ -225,6 +227,7 @@ int ctl_status(struct ctl *ctl, int argc, char **argv)
 		printf(" (%u worker threads)\n", s->worker_threads);
 		printf("gpu:         %s\n", s->gpu);
 		printf("nccl:        %s\n", s->nccl);
+		printf("net:         %s\n", s->net);
 		printf("topology:    %s\n", s->topology);
 		printf("node:        %s\n", s->node);
 		printf("peers:       %zu%s%s\n", s->n_peers,

@@ -292,6 +292,8 @@ void net_stop(void);
 /* Whether cross-node jobs can run, and why not. */
 int net_available(void);
 const char *net_why(void);
+/* One line for commctl status: how the data plane is set, and the ops it holds. */
+void net_status(char *buf, size_t len);
 /* This daemon's UCX worker address (NULL, 0 without UCX). */
 const void *net_address(size_t *len);
 /*

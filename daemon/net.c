@@ -172,6 +172,7 @@ struct net_task {
 	TAILQ_ENTRY(net_task) hlink; /* on N.held, then N.released */
 	uint64_t held_ms;         /* when it was held; 0: it is not */
 	int held_sends;           /* sends among them: its task is held too */
+	size_t held_bytes;        /* its staging buffers, for net_status */
 	struct task *t;
 	struct job *j;
 	const struct dist *d;
@@ -277,7 +278,7 @@ static struct {
 	/* net thread only */
 	TAILQ_HEAD(, nep) eps;
 	TAILQ_HEAD(, discard) discards;
-	struct nt_head held;
+	struct nt_head held;              /* changed under lock, for net_status */
 	uint64_t last_drain_ms;
 	int spin_us;                      /* polling after the last event, before sleeping */
 	TAILQ_HEAD(cbuf_head, cbuf) cache; /* most recently returned first */
@@ -1636,7 +1637,10 @@ static void hold(struct net_task *nt, uint64_t now)
 	for (int i = 0; i < nt->nreq; i++)
 		nt->held_sends |= !nt->reqs[i].recv;
 	nt->fatal |= nt->held_sends;
+	nt->held_bytes = nt->nb_cap + nt->sbuf_cap + nt->rbuf_cap;
+	pthread_mutex_lock(&N.lock);
 	TAILQ_INSERT_TAIL(&N.held, nt, hlink);
+	pthread_mutex_unlock(&N.lock);
 	log_info("net: job %s: a stopped op's %d requests did not end: held, with what they "
 		 "use, until they do", nt->j->name, nt->nreq);
 }
@@ -1676,9 +1680,9 @@ static void holds_reap(int force, uint64_t now)
 		}
 		if (nt->nreq)
 			continue;
-		TAILQ_REMOVE(&N.held, nt, hlink);
 		task_release(nt);
 		pthread_mutex_lock(&N.lock);
+		TAILQ_REMOVE(&N.held, nt, hlink);
 		TAILQ_INSERT_TAIL(&N.released, nt, hlink);
 		pthread_mutex_unlock(&N.lock);
 		uv_async_send(&N.async);
@@ -2323,6 +2327,51 @@ const char *net_why(void)
 	return N.why;
 }
 
+/*
+ * One line for commctl status: UCX's version, the tcp segment size and
+ * the polling, then the held ops (hold): how many, how many still
+ * sending, how long the oldest has been held and the staging memory kept.
+ */
+void net_status(char *buf, size_t len)
+{
+	const char *tx = getenv("UCX_TCP_TX_SEG_SIZE"), *rx = getenv("UCX_TCP_RX_SEG_SIZE");
+	char seg[80];
+	struct net_task *nt;
+	uint64_t now = now_ms(), oldest = now;
+	size_t bytes = 0;
+	int n = 0, sending = 0, off;
+
+	if (!N.available) {
+		snprintf(buf, len, "unavailable (%s)", N.why);
+		return;
+	}
+	pthread_mutex_lock(&N.lock);
+	TAILQ_FOREACH(nt, &N.held, hlink) {
+		n++;
+		sending += nt->held_sends;
+		bytes += nt->held_bytes;
+		oldest = nt->held_ms < oldest ? nt->held_ms : oldest;
+	}
+	pthread_mutex_unlock(&N.lock);
+	/* what net_start set, or the operator's */
+	if (tx && rx && !strcmp(tx, rx))
+		snprintf(seg, sizeof seg, "%.32s", tx);
+	else
+		snprintf(seg, sizeof seg, "%.32s out, %.32s in", tx ? tx : "UCX's",
+			 rx ? rx : "UCX's");
+	off = snprintf(buf, len, "ucx %s, tcp segments %s, polls %d us; held ops: ",
+		       ucp_get_version_string(), seg,
+		       __atomic_load_n(&N.spin_us, __ATOMIC_RELAXED));
+	if (off < 0 || (size_t)off >= len)
+		return;
+	if (!n)
+		snprintf(buf + off, len - (size_t)off, "none");
+	else
+		snprintf(buf + off, len - (size_t)off, "%d (%d sending), the oldest for %llu s, %.1f MiB",
+			 n, sending, (unsigned long long)((now - oldest) / 1000),
+			 (double)bytes / (1 << 20));
+}
+
 /* Node k's ranks, "2-3,7", as far as len allows (they are sorted). */
 static void node_ranks(const struct dist_node *dn, char *buf, size_t len)
 {
@@ -2430,6 +2479,11 @@ int net_available(void)
 const char *net_why(void)
 {
 	return "commd was built without UCX";
+}
+
+void net_status(char *buf, size_t len)
+{
+	snprintf(buf, len, "unavailable (%s)", net_why());
 }
 
 const void *net_address(size_t *len)

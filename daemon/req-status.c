@@ -37,7 +37,7 @@ int req_status_exec(struct conn *c, const Commpb__Envelope *env, int *fds, int n
 	char *backends[3] = { "host" };
 	Commpb__PeerInfo pinfo[STATUS_MAX_PEERS], *peers[STATUS_MAX_PEERS];
 	char pstate[STATUS_MAX_PEERS][192];
-	char topo[160], nccl[sizeof srv.gpu_info + 32];
+	char topo[160], nccl[sizeof srv.gpu_info + 32], net[256];
 	size_t n = 0, i = 0;
 	struct job *j;
 	int rc;
@@ -129,6 +129,8 @@ int req_status_exec(struct conn *c, const Commpb__Envelope *env, int *fds, int n
 	sr.gpu = srv.gpu_info;
 	gpu_nccl_line(nccl, sizeof nccl);
 	sr.nccl = nccl;
+	net_status(net, sizeof net);
+	sr.net = net;
 	topo_summary(&node_topo, topo, sizeof topo);
 	sr.topology = topo;
 	sr.n_jobs = n;

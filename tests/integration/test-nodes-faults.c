@@ -236,14 +236,34 @@ static int chunks_part_in(const struct th_daemon *d, const char *job, int half)
 	return 0;
 }
 
+/* The net: line of commctl status on d (the data plane, and the ops it holds). */
+static void net_line(const struct th_daemon *d, char *buf, size_t len)
+{
+	const char *bin = getenv("COMMCTL") ? getenv("COMMCTL") : "./client/commctl";
+	char cmd[512], line[512];
+	FILE *p;
+
+	snprintf(buf, len, "(no net: line)");
+	snprintf(cmd, sizeof cmd, "%s --socket %s status 2>&1", bin, d->sock);
+	if (!(p = popen(cmd, "r")))
+		return;
+	while (fgets(line, sizeof line, p))
+		if (!strncmp(line, "net:", 4)) {
+			line[strcspn(line, "\n")] = '\0';
+			snprintf(buf, len, "%s", line);
+		}
+	pclose(p);
+}
+
 /*
  * Promise 2 of RELIABILITY.md across daemons: job X fails with 256 MiB
  * under way from A to B (iso_mode); job Y over the same two daemons (the
  * same UCX endpoints) goes on for 8 s after, every all-reduce right. What
  * A sent for X and B did not take is left to UCX, the memory it reads held,
  * and X's ranks are answered meanwhile: in ISO_BCAST, rank 0 while B is
- * stopped. No endpoint is closed by force (that fails Y's ops on it too),
- * and once B drops X, fds and mappings are back to where they were.
+ * stopped, and A's status shows the op held. No endpoint is closed by force
+ * (that fails Y's ops on it too), and once B drops X, fds and mappings are
+ * back to where they were, and A holds nothing.
  */
 static void test_isolation(enum iso_mode mode, int fds0a, int fds0b)
 {
@@ -257,6 +277,7 @@ static void test_isolation(enum iso_mode mode, int fds0a, int fds0b)
 	int other = mode == ISO_TAKEN ? 1 : 2; /* a rank of X on B that is not killed */
 	int forced = th_log_count(&da, "closed by force", "") + th_log_count(&db, "closed by force", "");
 	int early = 0;
+	char held[512] = "", after[512];
 	struct th_ranks rx, ry;
 	long t0 = mono_ms();
 
@@ -289,8 +310,12 @@ static void test_isolation(enum iso_mode mode, int fds0a, int fds0b)
 		for (long t1 = mono_ms(); mono_ms() - t1 < 1000; usleep(1000))
 			if ((early = __atomic_load_n(&s->answered[0], __ATOMIC_ACQUIRE)))
 				break;
+		if (early)
+			net_line(&da, held, sizeof held);
 		kill(db.pid, SIGCONT);
 		CHECK(early, "job X: rank 0's broadcast was not answered while B was stopped (1 s)");
+		CHECK(!early || strstr(held, "held ops: 1 (1 sending)"),
+		      "job X: A's status does not show the broadcast's sends held: %s", held);
 	} else {
 		kill(rx.pids[victim], SIGKILL);
 		__atomic_store_n(&s->fail_ms, mono_ms(), __ATOMIC_RELEASE);
@@ -310,13 +335,16 @@ static void test_isolation(enum iso_mode mode, int fds0a, int fds0b)
 	CHECK(forced == 0, "job X's failure closed %d endpoints by force", forced);
 	th_check_baseline(&da, fds0a, "job X failed");
 	th_check_baseline(&db, fds0b, "job X failed");
+	net_line(&da, after, sizeof after);
+	CHECK(strstr(after, "held ops: none"), "job X: A still holds ops: %s", after);
 	printf("%s: job X failed under %s from A to B (rank 0: %s%s, rank %d: %s); job Y over the "
 	       "same daemons ran %d all-reduces, the last %d s after%s; %d endpoints closed by "
-	       "force; fds and mappings back\n",
+	       "force; fds and mappings back%s%s\n",
 	       check_failures ? "FAIL" : "ok", what[mode], comm_result_name((comm_result_t)s->x_rc[0]),
 	       early ? ", while B was stopped" : "", other,
 	       comm_result_name((comm_result_t)s->x_rc[other]), s->y_ops[0], ISO_RUN_MS / 1000,
-	       fy ? ", some failed" : ", all right", forced);
+	       fy ? ", some failed" : ", all right", forced,
+	       *held ? "; A's status while B was stopped: " : "", held + (*held ? 13 : 0));
 	munmap(s, sizeof *s);
 }
 
