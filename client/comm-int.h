@@ -5,6 +5,7 @@
 #ifndef CLIENT_COMM_INT_H
 #define CLIENT_COMM_INT_H
 
+#include <pthread.h>
 #include <stddef.h>
 #include <stdint.h>
 
@@ -33,6 +34,32 @@ struct seg {
 	size_t size;
 	uint64_t mem_id;
 	struct block *blocks;
+	int fd;                     /* kept: another comm of the family may register it */
+	uint64_t uid;               /* never reused in the process: names it to the family */
+};
+
+/*
+ * Another comm's segment this comm registered too (the family's): used
+ * while that segment lives (its uid still in the family), forgotten once
+ * it is gone.
+ */
+struct borrow {
+	struct borrow *next;
+	uint64_t uid;
+	uint8_t *base;
+	size_t size;
+	uint64_t mem_id;
+};
+
+/*
+ * A comm and those split from it (and from those): each may name the
+ * others' segments. The lock guards the members list, every member's
+ * segment list (changed by its owner under it, read by the others) and gen.
+ */
+struct family {
+	pthread_mutex_t lock;
+	struct comm *members;
+	uint64_t gen;               /* bumped when a member's segment goes */
 };
 
 struct comm_request {
@@ -93,6 +120,17 @@ struct comm {
 	void *stream;               /* cudaStream_t device ops follow; NULL: the legacy stream */
 	comm_result_t async_error;  /* the first failure of a detached request */
 	char last_error[256];
+	/* how it joined, for comm_split */
+	char *socket_path;
+	char *job;
+	char *token;
+	char *root;
+	int timeout_ms;
+	unsigned splits;            /* comm_split calls so far */
+	struct family *fam;         /* NULL until the first split */
+	struct comm *fam_next;
+	struct borrow *borrows;
+	uint64_t fam_gen;           /* the family's gen when borrows were last checked */
 };
 
 /* Record a failure's detail as the communicator's last error; returns rc. */
@@ -115,6 +153,12 @@ int mem_owned(comm_t *c, const void *p);
 /* Tell commd to drop registration mem_id (FreeMem), unless the comm is broken. */
 void mem_forget(comm_t *c, uint64_t mem_id);
 void mem_free_all(comm_t *c);
+/* Give c a family, with c alone in it, unless it has one. 0, or -1 out of memory. */
+int mem_family_start(comm_t *c);
+/* Put child in parent's family (mem_family_start made it). */
+void mem_family_join(comm_t *parent, comm_t *child);
+/* Take c out of its family (freed with its last member). */
+void mem_family_leave(comm_t *c);
 /* COMM_KEEP_MB into c->keep. */
 void mem_init(comm_t *c);
 

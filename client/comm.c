@@ -15,6 +15,8 @@
 #include "comm-int.h"
 #include "util.h"
 
+#define JOB_NAME_LIMIT 255 /* commd's longest job name */
+
 COMM_API comm_config_t comm_config_default(void)
 {
 	comm_config_t cfg = COMM_CONFIG_INIT;
@@ -344,7 +346,12 @@ static void comm_free(comm_t *c)
 	ring_detach(c);
 	free(c->group);
 	req_free_all(c);
+	mem_family_leave(c);
 	mem_free_all(c);
+	free(c->socket_path);
+	free(c->job);
+	free(c->token);
+	free(c->root);
 	frame_reader_free(&c->rd);
 	if (c->fd >= 0)
 		close(c->fd);
@@ -409,6 +416,12 @@ COMM_API comm_result_t comm_init(comm_t **out, const comm_config_t *config)
 	c->rank = cfg.rank;
 	c->size = cfg.world_size;
 	c->version = reply->hello_reply->version;
+	c->timeout_ms = cfg.timeout_ms;
+	if (!(c->socket_path = strdup(cfg.socket)) || !(c->job = strdup(cfg.job)) ||
+	    !(c->token = strdup(cfg.token)) || !(c->root = strdup(cfg.root))) {
+		rc = comm_set_error(c, COMM_ERR_NO_MEMORY, "init: out of memory");
+		goto out;
+	}
 	ring_attach(c);
 	if (c->broken != COMM_OK) {
 		rc = c->broken;
@@ -423,6 +436,76 @@ out:
 		comm_free(c);
 	}
 	return rc;
+}
+
+/*
+ * The job name of c's split n for color: "JOB/split.N.COLOR"; a job name
+ * too long for that keeps its first 180 bytes and a hash of the rest, the
+ * same on every rank.
+ */
+static void split_name(const comm_t *c, unsigned n, int color, char *buf, size_t len)
+{
+	uint64_t h = 14695981039346656037ull; /* FNV-1a */
+
+	if (snprintf(buf, len, "%s/split.%u.%d", c->job, n, color) <= JOB_NAME_LIMIT)
+		return;
+	for (const char *p = c->job; *p; p++)
+		h = (h ^ (uint8_t)*p) * 1099511628211ull;
+	snprintf(buf, len, "%.180s~%016llx/split.%u.%d", c->job, (unsigned long long)h, n, color);
+}
+
+COMM_API comm_result_t comm_split(comm_t *c, int color, int key, comm_t **out)
+{
+	comm_config_t cfg = COMM_CONFIG_INIT;
+	char name[JOB_NAME_LIMIT + 64];
+	int32_t *all;
+	int n = 0, rank = 0;
+	unsigned k;
+	comm_result_t rc;
+
+	if (!c || !out)
+		return COMM_ERR_INVALID_ARG;
+	*out = NULL;
+	if (color < COMM_SPLIT_NOCOLOR)
+		return comm_set_error(c, COMM_ERR_INVALID_ARG,
+				      "split: color %d: must be >= 0 or COMM_SPLIT_NOCOLOR", color);
+	if (c->group_depth > 0)
+		return comm_set_error(c, COMM_ERR_INVALID_ARG, "split: inside a group");
+	if (c->broken != COMM_OK)
+		return comm_set_error(c, c->broken, "split: the connection to commd is gone");
+	if (mem_family_start(c) < 0 || !(all = comm_mem_alloc(c, 2 * sizeof *all * (size_t)c->size)))
+		return comm_set_error(c, COMM_ERR_NO_MEMORY, "split: out of memory");
+	k = c->splits++;
+	all[2 * c->rank] = color;
+	all[2 * c->rank + 1] = key;
+	rc = comm_allgather(c, all + 2 * c->rank, all, 2, COMM_INT32, NULL);
+	if (rc != COMM_OK) {
+		comm_mem_free(c, all);
+		return rc;
+	}
+	/* my place among my color's ranks: by key, then by rank in c */
+	for (int r = 0; r < c->size; r++) {
+		if (all[2 * r] != color)
+			continue;
+		n++;
+		rank += all[2 * r + 1] < key || (all[2 * r + 1] == key && r < c->rank);
+	}
+	comm_mem_free(c, all);
+	if (color == COMM_SPLIT_NOCOLOR)
+		return COMM_OK;
+	split_name(c, k, color, name, sizeof name);
+	cfg.socket = c->socket_path;
+	cfg.job = name;
+	cfg.token = c->token;
+	cfg.rank = rank;
+	cfg.world_size = n;
+	cfg.timeout_ms = c->timeout_ms;
+	cfg.root = c->root;
+	if ((rc = comm_init(out, &cfg)) != COMM_OK)
+		return comm_set_error(c, rc, "split: %s", init_error);
+	(*out)->stream = c->stream;
+	mem_family_join(c, *out);
+	return COMM_OK;
 }
 
 COMM_API comm_result_t comm_finalize(comm_t *c)

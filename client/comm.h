@@ -122,6 +122,24 @@ int comm_rank(const comm_t *comm);
 int comm_size(const comm_t *comm);
 
 /*
+ * Split comm into disjoint communicators, as MPI_Comm_split and
+ * ncclCommSplit do. A collective: every rank of comm calls it, in the same
+ * order as its other collectives on comm. The ranks that give the same
+ * color (>= 0) form one new communicator, ranked by key, ties broken by
+ * their rank in comm; a rank that gives COMM_SPLIT_NOCOLOR joins none and
+ * gets *newcomm NULL. Each new communicator is a job of its own on the
+ * daemons, named after comm's job ("JOB/split.N.COLOR", N counting comm's
+ * splits from 0), with comm's socket, token, deadline, root and stream; it
+ * is finalized on its own, before or after comm. Memory from
+ * comm_mem_alloc on comm, or on any communicator split from it (or from
+ * those), works in place on all of them: each registers another's segment
+ * with commd the first time an op names it. On error *newcomm is NULL and
+ * comm_last_error(comm) says why.
+ */
+#define COMM_SPLIT_NOCOLOR (-1)
+comm_result_t comm_split(comm_t *comm, int color, int key, comm_t **newcomm);
+
+/*
  * Zero-copy host memory, shared with the daemon. Carved out of a few large
  * registered segments. NULL on failure (see comm_last_error).
  */

@@ -4,7 +4,10 @@
  * first-fit, so a small allocation costs no system call. Segments emptied
  * are kept for the next blocks (a staged op's, of the same size as its
  * last), up to COMM_KEEP_MB in all: making, registering and faulting in a
- * segment cost far more than the copy a staged op makes.
+ * segment cost far more than the copy a staged op makes. A family of comms
+ * (comm_split) names each other's segments: each registers another's memfd
+ * with commd the first time an op of its names it, and forgets it once the
+ * owner freed it.
  */
 #include <errno.h>
 #include <fcntl.h>
@@ -23,14 +26,52 @@ static size_t round_up(size_t n, size_t to)
 	return (n + to - 1) / to * to;
 }
 
-/* Make a sealed memfd of size bytes, map it, register it with commd. */
-static struct seg *seg_new(comm_t *c, size_t size)
+/* Segment uids: never reused in the process, so a borrow never names a newer segment. */
+static uint64_t next_uid = 1;
+
+/* Register memfd fd of size bytes with commd; 0 and *mem_id, or -1 (the comm's error set). */
+static int mem_register(comm_t *c, int fd, size_t size, uint64_t *mem_id)
 {
 	Commpb__Envelope env = COMMPB__ENVELOPE__INIT, *reply = NULL;
 	Commpb__RegisterMem reg = COMMPB__REGISTER_MEM__INIT;
+	int rc = -1;
+
+	reg.kind = COMMPB__MEM_KIND__MEM_MEMFD;
+	reg.size = size;
+	env.body_case = COMMPB__ENVELOPE__BODY_REGISTER_MEM;
+	env.register_mem = &reg;
+	if (comm_call(c, &env, &fd, 1, &reply) != COMM_OK)
+		return -1;
+	if (reply->body_case != COMMPB__ENVELOPE__BODY_REGISTER_MEM_REPLY)
+		comm_set_error(c, COMM_ERR_PROTOCOL, "mem alloc: unexpected answer");
+	else if (reply->register_mem_reply->status != COMM_OK)
+		comm_set_error(c, reply->register_mem_reply->status, "%s",
+			       reply->register_mem_reply->detail);
+	else
+		rc = 0;
+	if (rc == 0)
+		*mem_id = reply->register_mem_reply->mem_id;
+	commpb__envelope__free_unpacked(reply, NULL);
+	return rc;
+}
+
+static void fam_lock(comm_t *c)
+{
+	if (c->fam)
+		pthread_mutex_lock(&c->fam->lock);
+}
+
+static void fam_unlock(comm_t *c)
+{
+	if (c->fam)
+		pthread_mutex_unlock(&c->fam->lock);
+}
+
+/* Make a sealed memfd of size bytes, map it, register it with commd. */
+static struct seg *seg_new(comm_t *c, size_t size)
+{
 	struct seg *s = calloc(1, sizeof *s);
 	struct block *b = calloc(1, sizeof *b);
-	comm_result_t rc;
 	int fd = -1;
 
 	if (!s || !b) {
@@ -52,33 +93,18 @@ static struct seg *seg_new(comm_t *c, size_t size)
 		goto fail;
 	}
 	s->size = size;
-	reg.kind = COMMPB__MEM_KIND__MEM_MEMFD;
-	reg.size = size;
-	env.body_case = COMMPB__ENVELOPE__BODY_REGISTER_MEM;
-	env.register_mem = &reg;
-	rc = comm_call(c, &env, &fd, 1, &reply);
-	if (rc != COMM_OK)
+	if (mem_register(c, fd, size, &s->mem_id) < 0)
 		goto fail;
-	if (reply->body_case != COMMPB__ENVELOPE__BODY_REGISTER_MEM_REPLY) {
-		comm_set_error(c, COMM_ERR_PROTOCOL, "mem alloc: unexpected answer");
-		goto fail;
-	}
-	if (reply->register_mem_reply->status != COMM_OK) {
-		comm_set_error(c, reply->register_mem_reply->status, "%s",
-			       reply->register_mem_reply->detail);
-		goto fail;
-	}
-	s->mem_id = reply->register_mem_reply->mem_id;
-	commpb__envelope__free_unpacked(reply, NULL);
-	close(fd);
+	s->fd = fd;
+	s->uid = __atomic_fetch_add(&next_uid, 1, __ATOMIC_RELAXED);
 	b->size = size;
 	s->blocks = b;
+	fam_lock(c);
 	s->next = c->segs;
 	c->segs = s;
+	fam_unlock(c);
 	return s;
 fail:
-	if (reply)
-		commpb__envelope__free_unpacked(reply, NULL);
 	if (s && s->base)
 		munmap(s->base, s->size);
 	if (fd >= 0)
@@ -102,9 +128,19 @@ void mem_forget(comm_t *c, uint64_t mem_id)
 		commpb__envelope__free_unpacked(reply, NULL);
 }
 
-/* Unregister and unmap a segment (the daemon keeps it while ops use it). */
-static void seg_free(comm_t *c, struct seg *s, int tell_daemon)
+/*
+ * Take *sp off the comm's list, unregister and unmap it (the daemon keeps
+ * it while ops use it); the family's others forget it at their next op.
+ */
+static void seg_free(comm_t *c, struct seg **sp, int tell_daemon)
 {
+	struct seg *s = *sp;
+
+	fam_lock(c);
+	*sp = s->next;
+	if (c->fam)
+		__atomic_add_fetch(&c->fam->gen, 1, __ATOMIC_RELAXED);
+	fam_unlock(c);
 	if (tell_daemon)
 		mem_forget(c, s->mem_id);
 	while (s->blocks) {
@@ -114,6 +150,7 @@ static void seg_free(comm_t *c, struct seg *s, int tell_daemon)
 		free(b);
 	}
 	munmap(s->base, s->size);
+	close(s->fd);
 	free(s);
 }
 
@@ -163,12 +200,10 @@ static void trim_idle(comm_t *c)
 	for (struct seg **sp = &c->segs; *sp;) {
 		struct seg *s = *sp;
 
-		if (s->next && seg_empty(s)) {
-			*sp = s->next;
-			seg_free(c, s, 1);
-		} else {
+		if (s->next && seg_empty(s))
+			seg_free(c, sp, 1);
+		else
 			sp = &s->next;
-		}
 	}
 }
 
@@ -266,44 +301,206 @@ COMM_API comm_result_t comm_mem_free(comm_t *c, void *ptr)
 			free(b);
 		}
 		/* the first segment is kept; others once empty while they fit in keep */
-		if (s->next && seg_empty(s) && idle_bytes(c) > c->keep) {
-			*sp = s->next;
-			seg_free(c, s, 1);
-		}
+		if (s->next && seg_empty(s) && idle_bytes(c) > c->keep)
+			seg_free(c, sp, 1);
 		return COMM_OK;
 	}
 	return comm_set_error(c, COMM_ERR_INVALID_ARG,
 			      "mem free: %p was not returned by comm_mem_alloc", ptr);
 }
 
+/* Whether [p, p + len) lies in s; len 0: whether p does. */
+static int in_seg(const struct seg *s, const void *p, size_t len)
+{
+	const uint8_t *q = p;
+
+	return q >= s->base && q < s->base + s->size && len <= s->size - (size_t)(q - s->base);
+}
+
+/* The family's segment other than c's own holding p (len bytes), or NULL; under the lock. */
+static const struct seg *family_seg(const comm_t *c, const void *p, size_t len)
+{
+	for (const struct comm *m = c->fam->members; m; m = m->fam_next)
+		for (const struct seg *s = m != c ? m->segs : NULL; s; s = s->next)
+			if (in_seg(s, p, len))
+				return s;
+	return NULL;
+}
+
+/* Whether segment uid still lives in the family; under the lock. */
+static int family_has(const comm_t *c, uint64_t uid)
+{
+	for (const struct comm *m = c->fam->members; m; m = m->fam_next)
+		for (const struct seg *s = m->segs; s; s = s->next)
+			if (s->uid == uid)
+				return 1;
+	return 0;
+}
+
+/* Forget the borrows whose segment went since the last look. */
+static void borrows_purge(comm_t *c)
+{
+	struct borrow *gone = NULL;
+	uint64_t gen = __atomic_load_n(&c->fam->gen, __ATOMIC_RELAXED);
+
+	if (gen == c->fam_gen)
+		return;
+	pthread_mutex_lock(&c->fam->lock);
+	c->fam_gen = c->fam->gen;
+	for (struct borrow **bp = &c->borrows; *bp;) {
+		struct borrow *b = *bp;
+
+		if (family_has(c, b->uid)) {
+			bp = &b->next;
+			continue;
+		}
+		*bp = b->next;
+		b->next = gone;
+		gone = b;
+	}
+	pthread_mutex_unlock(&c->fam->lock);
+	while (gone) {
+		struct borrow *b = gone;
+
+		gone = b->next;
+		mem_forget(c, b->mem_id);
+		free(b);
+	}
+}
+
+/*
+ * p in another family member's segment: named by c's own registration of
+ * it, made now if it is the first time. 0 when p is in none (or the
+ * registration failed: the op then stages it).
+ */
+static int borrow_lookup(comm_t *c, const void *p, size_t len, uint64_t *mem_id, uint64_t *off)
+{
+	struct borrow *b;
+	const struct seg *s;
+	struct borrow nb = { 0 };
+	int fd = -1;
+
+	pthread_mutex_lock(&c->fam->lock);
+	if ((s = family_seg(c, p, len))) {
+		nb.uid = s->uid;
+		nb.base = s->base;
+		nb.size = s->size;
+		for (b = c->borrows; b && b->uid != nb.uid; b = b->next)
+			;
+		if (!b)
+			fd = fcntl(s->fd, F_DUPFD_CLOEXEC, 0);
+	}
+	pthread_mutex_unlock(&c->fam->lock);
+	if (!s)
+		return 0;
+	if (!b) {
+		/*
+		 * Should its owner free it meanwhile (under this op's buffer: the
+		 * caller's error), the borrow goes at the next purge.
+		 */
+		if (fd < 0 || !(b = malloc(sizeof *b)) || mem_register(c, fd, nb.size, &nb.mem_id) < 0) {
+			free(b);
+			if (fd >= 0)
+				close(fd);
+			return 0;
+		}
+		close(fd);
+		*b = nb;
+		b->next = c->borrows;
+		c->borrows = b;
+	}
+	*mem_id = b->mem_id;
+	*off = (uint64_t)((const uint8_t *)p - b->base);
+	return 1;
+}
+
 int mem_lookup(comm_t *c, const void *p, size_t len, uint64_t *mem_id, uint64_t *off)
 {
+	if (c->borrows)
+		borrows_purge(c);
 	for (struct seg *s = c->segs; s; s = s->next) {
-		const uint8_t *q = p;
-
-		if (q >= s->base && q < s->base + s->size && len <= s->size - (size_t)(q - s->base)) {
+		if (in_seg(s, p, len)) {
 			*mem_id = s->mem_id;
-			*off = (uint64_t)(q - s->base);
+			*off = (uint64_t)((const uint8_t *)p - s->base);
 			return 1;
 		}
 	}
-	return 0;
+	return c->fam ? borrow_lookup(c, p, len, mem_id, off) : 0;
 }
 
 int mem_owned(comm_t *c, const void *p)
 {
+	const struct seg *f = NULL;
+
 	for (struct seg *s = c->segs; s; s = s->next)
-		if ((const uint8_t *)p >= s->base && (const uint8_t *)p < s->base + s->size)
+		if (in_seg(s, p, 0))
 			return 1;
-	return 0;
+	if (!c->fam)
+		return 0;
+	pthread_mutex_lock(&c->fam->lock);
+	f = family_seg(c, p, 0);
+	pthread_mutex_unlock(&c->fam->lock);
+	return f != NULL;
 }
 
 void mem_free_all(comm_t *c)
 {
-	while (c->segs) {
-		struct seg *s = c->segs;
+	while (c->segs)
+		seg_free(c, &c->segs, 0);
+	while (c->borrows) {
+		struct borrow *b = c->borrows;
 
-		c->segs = s->next;
-		seg_free(c, s, 0);
+		c->borrows = b->next;
+		free(b);
+	}
+}
+
+int mem_family_start(comm_t *c)
+{
+	struct family *f;
+
+	if (c->fam)
+		return 0;
+	if (!(f = calloc(1, sizeof *f)))
+		return -1;
+	pthread_mutex_init(&f->lock, NULL);
+	f->members = c;
+	c->fam = f;
+	return 0;
+}
+
+void mem_family_join(comm_t *parent, comm_t *child)
+{
+	struct family *f = parent->fam;
+
+	pthread_mutex_lock(&f->lock);
+	child->fam = f;
+	child->fam_gen = f->gen;
+	child->fam_next = f->members;
+	f->members = child;
+	pthread_mutex_unlock(&f->lock);
+}
+
+void mem_family_leave(comm_t *c)
+{
+	struct family *f = c->fam;
+	int last;
+
+	if (!f)
+		return;
+	pthread_mutex_lock(&f->lock);
+	for (struct comm **mp = &f->members; *mp; mp = &(*mp)->fam_next) {
+		if (*mp == c) {
+			*mp = c->fam_next;
+			break;
+		}
+	}
+	__atomic_add_fetch(&f->gen, 1, __ATOMIC_RELAXED); /* its segments are gone for the others */
+	last = !f->members;
+	pthread_mutex_unlock(&f->lock);
+	c->fam = NULL;
+	if (last) {
+		pthread_mutex_destroy(&f->lock);
+		free(f);
 	}
 }
