@@ -350,6 +350,70 @@ class TestErrors(unittest.TestCase):
                 self.assertEqual(str(cm.exception), msg)
 
 
+class TestGroups(unittest.TestCase):
+    """new_group(): comm_split of the world; ops with group= name world ranks."""
+
+    def test_all_ranks(self):
+        g = commd.new_group(reversed(range(size())))  # sorted, as torch's
+        self.assertEqual((commd.get_rank(g), commd.get_world_size(g)), (rank(), size()))
+        a = np.arange(5, dtype=np.int64) * (rank() + 1)
+        commd.all_reduce(a, group=g)
+        np.testing.assert_array_equal(a, np.arange(5) * (size() * (size() + 1) // 2))
+        b = np.full(3, float(rank()))
+        commd.broadcast(b, src=size() - 1, group=g)
+        np.testing.assert_array_equal(b, np.full(3, float(size() - 1)))
+        commd.destroy_process_group(g)
+
+    def test_some_ranks(self):
+        two_ranks(self)
+        last = size() - 1
+        g = commd.new_group([last])
+        if rank() != last:
+            self.assertIsNone(g)
+            return
+        self.assertEqual((commd.get_rank(g), commd.get_world_size(g)), (0, 1))
+        a = np.array([rank() + 0.5])
+        commd.all_reduce(a, group=g)
+        np.testing.assert_array_equal(a, [rank() + 0.5])
+        with self.assertRaisesRegex(ValueError, r"src 0 is not in the group \(world ranks "):
+            commd.broadcast(a, src=0, group=g)
+        commd.destroy_process_group(g)
+
+    def test_send_recv_and_world_memory(self):
+        two_ranks(self)
+        g = commd.new_group([size() - 1, 0])
+        if g is None:
+            return
+        a = commd.zeros(6, dtype="int32")  # the world's memory, in place in the group
+        if rank() == 0:
+            a[:] = np.arange(6) + 40
+            commd.send(a, dst=size() - 1, group=g)
+        else:
+            commd.recv(a, src=0, group=g)
+            np.testing.assert_array_equal(a, np.arange(6) + 40)
+        a[:] = rank() + 1
+        commd.all_reduce(a, group=g)
+        np.testing.assert_array_equal(a, np.full(6, size() + 1))
+        del a
+        commd.destroy_process_group(g)
+
+    def test_bad_arguments(self):
+        with self.assertRaisesRegex(ValueError, "new_group: rank .* is not a rank of"):
+            commd.new_group([size()])
+        with self.assertRaisesRegex(ValueError, "new_group: no ranks"):
+            commd.new_group([])
+        with self.assertRaisesRegex(TypeError, "want a commd.Group"):
+            commd.barrier(group="world")
+        g = commd.new_group(range(size()))
+        commd.destroy_process_group(g)
+        with self.assertRaisesRegex(RuntimeError, "the group was destroyed"):
+            commd.barrier(group=g)
+        # nothing went out: the world's next op matches on every rank
+        a = np.ones(2)
+        commd.all_reduce(a)
+        np.testing.assert_array_equal(a, np.full(2, float(size())))
+
+
 class TestLifecycle(unittest.TestCase):
     def test_one_rank_job(self):
         # finalize waits for what was not waited for, leaves live blocks to

@@ -123,6 +123,34 @@ while not w.is_completed():
 for i in range(n):
     check(f"all_to_all[{i}] after is_completed", outs[i], torch.full((2,), float(i * 100 + rank)))
 
+# new_group(): a communicator of the group's ranks; torch hands the backend
+# group ranks, the calls take world ranks
+evens = list(range(0, n, 2))
+g = dist.new_group(evens)
+ends = dist.new_group([n - 1, 0])
+if rank in evens:
+    assert dist.get_rank(g) == evens.index(rank) and dist.get_world_size(g) == len(evens)
+    t = torch.full((3,), float(rank))
+    dist.all_reduce(t, group=g)
+    check("all_reduce in new_group(evens)", t, torch.full((3,), float(sum(evens))))
+    t = torch.arange(4, dtype=torch.float32) * (rank + 1)
+    dist.broadcast(t, src=evens[-1], group=g)
+    check("broadcast in new_group(evens)", t,
+          torch.arange(4, dtype=torch.float32) * (evens[-1] + 1))
+else:
+    assert dist.get_rank(g) == -1
+if rank in (0, n - 1):
+    t = torch.tensor([float(rank)])
+    dist.all_reduce(t, group=ends)
+    check("all_reduce in new_group([n - 1, 0])", t, torch.tensor([float(n - 1)]))
+    if rank == 0:
+        dist.send(torch.arange(3) + 7, dst=n - 1, group=ends)
+    else:
+        t = torch.zeros(3, dtype=torch.int64)
+        dist.recv(t, src=0, group=ends)
+        check("recv in new_group([n - 1, 0])", t, torch.arange(3) + 7)
+dist.barrier()
+
 # a second process group (a new store: torch takes a file store once), once
 # commd has been left
 dist.destroy_process_group()

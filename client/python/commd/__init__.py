@@ -6,7 +6,9 @@ are numpy arrays or torch tensors, contiguous, of a dtype libcomm knows;
 neither package is needed to import this one. init() joins the job (unset
 arguments come from the environment, as comm_init takes them: commrun's
 COMM_*, torchrun's RANK, WORLD_SIZE, MASTER_ADDR, ...); every op then uses
-that communicator until finalize(). An op blocks until its result is in
+that communicator until finalize(), or with group= a Group of some of its
+ranks (new_group(), whose ops still name world ranks as src and dst, as
+torch.distributed's do). An op blocks until its result is in
 place, or with async_op=True returns a Work to wait for. Arrays from empty()
 and zeros() are shared with commd; any other host memory is staged: an
 async op reads it when posted and writes it when its Work is waited for.
@@ -19,7 +21,7 @@ import sys
 
 from . import _comm
 from ._buf import buf, same_dtype
-from ._comm import Work
+from ._comm import Group, Work
 from ._lib import CommError, Result, last_error, lib
 from ._mem import empty, zeros
 
@@ -27,7 +29,7 @@ __all__ = [
     "init", "finalize", "destroy_process_group", "abort", "is_initialized", "get_rank",
     "get_world_size", "all_reduce", "reduce_scatter", "all_gather", "broadcast", "reduce",
     "all_to_all", "send", "recv", "isend", "irecv", "barrier", "empty", "zeros", "ReduceOp",
-    "Work", "CommError", "Result",
+    "Work", "CommError", "Result", "new_group", "Group",
 ] + [f"COMM_{r.name}" for r in Result]
 
 globals().update({f"COMM_{r.name}": r for r in Result})
@@ -69,40 +71,113 @@ def init(job=None, rank=None, world_size=None, socket=None, token=None, timeout_
         cfg.world_size = operator.index(world_size)
     if timeout_ms is not None:
         cfg.timeout_ms = operator.index(timeout_ms)
+    _comm.current = _join("init", cfg)
+    _comm.init_args = (cfg.socket, cfg.root)
+
+
+def _join(op, cfg):
+    """comm_init with cfg: a Comm."""
     handle = ctypes.c_void_p()
     rc = lib.comm_init(ctypes.byref(handle), ctypes.byref(cfg))
     if rc != Result.OK:
-        raise CommError("init", rc, last_error(None))
-    _comm.current = _comm.Comm(handle.value)
+        raise CommError(op, rc, last_error(None))
+    return _comm.Comm(handle.value)
+
+
+def _init_group(op, job, token, rank, world_size, timeout_ms):
+    """A Group of its own job (the torch backend's new_group()), joined as
+    init() joined the world (its socket and root); its ops take its ranks."""
+    _comm.need(op)
+    cfg = lib.comm_config_default()
+    cfg.socket, cfg.root = _comm.init_args
+    cfg.job = _text(op, "job", job)
+    cfg.token = _text(op, "token", token)
+    cfg.rank = operator.index(rank)
+    cfg.world_size = operator.index(world_size)
+    if timeout_ms is not None:
+        cfg.timeout_ms = operator.index(timeout_ms)
+    g = _comm.Group(_join(op, cfg), None)
+    _comm.groups.append(g)
+    return g
 
 
 def is_initialized():
     return _comm.current is not None
 
 
-def get_rank():
-    return _comm.need("get_rank").rank
+def get_rank(group=None):
+    """This process's rank in the world, or in group."""
+    return _comm.pick("get_rank", group)[0].rank
 
 
-def get_world_size():
-    return _comm.need("get_world_size").size
+def get_world_size(group=None):
+    """The number of ranks in the world, or in group."""
+    return _comm.pick("get_world_size", group)[0].size
+
+
+def new_group(ranks):
+    """A Group of the world ranks in ranks (as torch.distributed.new_group:
+    its ranks in ascending order), for the ops' group argument, whose src
+    and dst stay world ranks. Every rank of the world calls it with the same
+    ranks, in the same order as its collectives; the ranks not in it get
+    None. Through comm_split: a job of its own, and arrays from empty() and
+    zeros() are used in place by it too."""
+    c, world_rank = _comm.pick("new_group", None)
+    members = sorted({world_rank("rank", r) for r in ranks})
+    if not members:
+        raise ValueError("new_group: no ranks")
+    me = c.rank in members
+    handle = ctypes.c_void_p()
+    with c.lock:
+        rc = lib.comm_split(c.handle, 0 if me else -1, members.index(c.rank) if me else 0,
+                            ctypes.byref(handle))
+    if rc != Result.OK:
+        raise c.error("new_group", rc)
+    if not me:
+        return None
+    g = _comm.Group(_comm.Comm(handle.value), tuple(members))
+    _comm.groups.append(g)
+    return g
+
+
+def _destroy(group, how):
+    """Take group off the list and end it: how(comm)."""
+    _comm.groups.remove(group)
+    how(group._comm)
 
 
 def finalize():
     """Wait for the ops not yet waited for, leave the job, free the
-    communicator. Arrays from empty() and zeros() must not be used after."""
+    communicator, the groups' first. Arrays from empty() and zeros() must
+    not be used after."""
     c = _comm.need("finalize")
+    first = None
+    for g in list(_comm.groups):
+        try:
+            _destroy(g, _comm.Comm.finalize)
+        except CommError as e:
+            first = first or e
     _comm.current = None
     c.finalize()
+    if first is not None:
+        raise first
 
 
-destroy_process_group = finalize
+def destroy_process_group(group=None):
+    """group: finalize that group alone; None: finalize() (every group, then
+    the world)."""
+    if group is None:
+        return finalize()
+    _comm.pick("destroy_process_group", group)
+    _destroy(group, _comm.Comm.finalize)
 
 
 def abort():
-    """Leave at once: the other ranks' pending and later ops fail with
-    COMM_ERR_ABORTED, and so do this rank's Works not yet done."""
+    """Leave at once, the groups too: the other ranks' pending and later ops
+    fail with COMM_ERR_ABORTED, and so do this rank's Works not yet done."""
     c = _comm.need("abort")
+    for g in list(_comm.groups):
+        _destroy(g, _comm.Comm.abort)
     _comm.current = None
     c.abort()
 
@@ -114,26 +189,19 @@ def _redop(op, redop):
         raise ValueError(f"{op}: op {redop!r} is not a ReduceOp") from None
 
 
-def _rank_arg(op, c, name, value):
-    value = operator.index(value)
-    if not 0 <= value < c.size:
-        raise ValueError(f"{op}: {name} {value} is not a rank of 0..{c.size - 1}")
-    return value
-
-
-def all_reduce(t, op=ReduceOp.SUM, async_op=False):
+def all_reduce(t, op=ReduceOp.SUM, async_op=False, group=None):
     """Every rank's t becomes the reduction of all ranks' t."""
-    c = _comm.need("all_reduce")
+    c, _ = _comm.pick("all_reduce", group)
     redop = _redop("all_reduce", op)
     b = buf("all_reduce", "t", t, writable=True)
     return c.post("all_reduce", lambda req: lib.comm_allreduce(
         c.handle, b.ptr, b.ptr, b.count, b.dtype, redop, req), [b], async_op)
 
 
-def reduce_scatter(out, inp, op=ReduceOp.SUM, async_op=False):
+def reduce_scatter(out, inp, op=ReduceOp.SUM, async_op=False, group=None):
     """Rank r's out gets block r of the reduction of all ranks' inp
     (world_size blocks of out's size)."""
-    c = _comm.need("reduce_scatter")
+    c, _ = _comm.pick("reduce_scatter", group)
     redop = _redop("reduce_scatter", op)
     o = buf("reduce_scatter", "out", out, writable=True)
     i = buf("reduce_scatter", "inp", inp)
@@ -178,10 +246,10 @@ def _gather_list(c, out, i):
     return buf("all_gather", "out", tmp, writable=True), outs, copy_out
 
 
-def all_gather(out, inp, async_op=False):
+def all_gather(out, inp, async_op=False, group=None):
     """Every rank's out gets all ranks' inp in rank order: out is one array
     of world_size times inp's elements, or a list of world_size arrays."""
-    c = _comm.need("all_gather")
+    c, _ = _comm.pick("all_gather", group)
     i = buf("all_gather", "inp", inp)
     if isinstance(out, (list, tuple)):
         o, outs, after = _gather_list(c, out, i)
@@ -196,20 +264,20 @@ def all_gather(out, inp, async_op=False):
         c.handle, i.ptr, o.ptr, i.count, i.dtype, req), [o, i] + outs, async_op, after)
 
 
-def broadcast(t, src, async_op=False):
+def broadcast(t, src, async_op=False, group=None):
     """Rank src's t is copied into every rank's t."""
-    c = _comm.need("broadcast")
-    src = _rank_arg("broadcast", c, "src", src)
+    c, local = _comm.pick("broadcast", group)
+    src = local("src", src)
     b = buf("broadcast", "t", t, writable=True)
     return c.post("broadcast", lambda req: lib.comm_broadcast(
         c.handle, b.ptr, b.ptr, b.count, b.dtype, src, req), [b], async_op)
 
 
-def reduce(t, dst, op=ReduceOp.SUM, async_op=False):
+def reduce(t, dst, op=ReduceOp.SUM, async_op=False, group=None):
     """Rank dst's t becomes the reduction of all ranks' t; the others' t
     are left as they are."""
-    c = _comm.need("reduce")
-    dst = _rank_arg("reduce", c, "dst", dst)
+    c, local = _comm.pick("reduce", group)
+    dst = local("dst", dst)
     redop = _redop("reduce", op)
     b = buf("reduce", "t", t, writable=c.rank == dst)
     recv = b.ptr if c.rank == dst else None
@@ -217,10 +285,10 @@ def reduce(t, dst, op=ReduceOp.SUM, async_op=False):
         c.handle, b.ptr, recv, b.count, b.dtype, redop, dst, req), [b], async_op)
 
 
-def all_to_all(out, inp, async_op=False):
+def all_to_all(out, inp, async_op=False, group=None):
     """Block j of rank i's inp goes to block i of rank j's out: inp and out
     are world_size blocks of equal size."""
-    c = _comm.need("all_to_all")
+    c, _ = _comm.pick("all_to_all", group)
     o = buf("all_to_all", "out", out, writable=True)
     i = buf("all_to_all", "inp", inp)
     same_dtype("all_to_all", o, "out", i, "inp")
@@ -233,46 +301,46 @@ def all_to_all(out, inp, async_op=False):
         c.handle, i.ptr, o.ptr, i.count // c.size, i.dtype, req), [o, i], async_op)
 
 
-def _send(op, t, dst, async_op):
-    c = _comm.need(op)
-    dst = _rank_arg(op, c, "dst", dst)
+def _send(op, t, dst, async_op, group):
+    c, local = _comm.pick(op, group)
+    dst = local("dst", dst)
     b = buf(op, "t", t)
     return c.post(op, lambda req: lib.comm_send(
         c.handle, b.ptr, b.count, b.dtype, dst, req), [b], async_op)
 
 
-def _recv(op, t, src, async_op):
-    c = _comm.need(op)
-    src = _rank_arg(op, c, "src", src)
+def _recv(op, t, src, async_op, group):
+    c, local = _comm.pick(op, group)
+    src = local("src", src)
     b = buf(op, "t", t, writable=True)
     return c.post(op, lambda req: lib.comm_recv(
         c.handle, b.ptr, b.count, b.dtype, src, req), [b], async_op)
 
 
-def send(t, dst):
+def send(t, dst, group=None):
     """Send t to rank dst; blocks until dst has posted the matching recv.
     The k-th send to dst matches dst's k-th recv from this rank, and their
     sizes in bytes must agree."""
-    return _send("send", t, dst, False)
+    return _send("send", t, dst, False, group)
 
 
-def recv(t, src):
+def recv(t, src, group=None):
     """Receive into t from rank src; blocks until it has arrived."""
-    return _recv("recv", t, src, False)
+    return _recv("recv", t, src, False, group)
 
 
-def isend(t, dst):
+def isend(t, dst, group=None):
     """send() without blocking: a Work. As in NCCL, this rank's later ops
     wait until dst has posted its recv."""
-    return _send("isend", t, dst, True)
+    return _send("isend", t, dst, True, group)
 
 
-def irecv(t, src):
+def irecv(t, src, group=None):
     """recv() without blocking: a Work."""
-    return _recv("irecv", t, src, True)
+    return _recv("irecv", t, src, True, group)
 
 
-def barrier(async_op=False):
+def barrier(async_op=False, group=None):
     """Done on every rank once every rank has called it."""
-    c = _comm.need("barrier")
+    c, _ = _comm.pick("barrier", group)
     return c.post("barrier", lambda req: lib.comm_barrier(c.handle, req), [], async_op)

@@ -5,6 +5,7 @@ ops in flight as Work objects and the blocks of comm_mem_alloc in use.
 import ctypes
 import datetime
 import math
+import operator
 import sys
 import threading
 import warnings
@@ -13,6 +14,8 @@ import weakref
 from ._lib import CommError, Result, last_error, lib
 
 current = None  # the Comm that init() made, None outside init() .. finalize()
+groups = []  # the Groups made since, not yet destroyed
+init_args = (None, None)  # the socket and root init() joined with
 
 
 def need(op):
@@ -20,6 +23,51 @@ def need(op):
     if current is None:
         raise RuntimeError(f"{op}: commd is not initialized; call commd.init() first")
     return current
+
+
+class Group:
+    """A communicator of some of the world's ranks (commd.new_group()). Its
+    ranks: the world ranks in it, in its rank order; None when its ops take
+    its own ranks (the torch backend's groups)."""
+
+    def __init__(self, comm, ranks):
+        self._comm = comm
+        self.ranks = ranks
+
+    def __repr__(self):
+        return f"<commd.Group {self.ranks if self.ranks is not None else self._comm.size}>"
+
+    def rank(self):
+        """This process's rank in the group."""
+        return self._comm.rank
+
+    def size(self):
+        return self._comm.size
+
+
+def pick(op, group):
+    """The Comm that op runs on (group None: the world's), and a function
+    taking a rank given to op to that Comm's rank: a world rank, for a
+    group of new_group()."""
+    c = need(op)
+    if group is not None:
+        if not isinstance(group, Group):
+            raise TypeError(f"{op}: group is a {type(group).__name__}, want a commd.Group")
+        if group not in groups:
+            raise RuntimeError(f"{op}: the group was destroyed")
+        c = group._comm
+
+    def local(name, value):
+        value = operator.index(value)
+        if group is None or group.ranks is None:
+            if not 0 <= value < c.size:
+                raise ValueError(f"{op}: {name} {value} is not a rank of 0..{c.size - 1}")
+            return value
+        if value not in group.ranks:
+            raise ValueError(f"{op}: {name} {value} is not in the group (world ranks "
+                             f"{list(group.ranks)})")
+        return group.ranks.index(value)
+    return c, local
 
 
 def _timeout_ms(timeout):

@@ -5,9 +5,12 @@
 
 torch's store (whatever init_method made) gives every rank the same job name
 and token; rank 0 draws them. Then the collectives, send/recv and barrier of
-torch.distributed run through commd.init's communicator. One process group,
-the world: new_group() is refused, and after destroy_process_group() call
-commd.finalize() to leave the job (and before init_process_group again).
+torch.distributed run through commd.init's communicator. new_group() makes
+a communicator of its own for the group's ranks, a job named after the
+world's, drawn the same way through the group's store (torch calls the
+backend on the group's ranks alone, so it cannot be a comm_split). After
+destroy_process_group() call commd.finalize() to leave the job (and before
+init_process_group again).
 Reductions: SUM, PRODUCT, MIN, MAX and AVG. all_to_all takes equal blocks of
 one dtype; send/recv take no tags. Ops run as commd's async ops; the Work
 that torch gets waits for them.
@@ -95,50 +98,53 @@ def _no_tag(op, tag):
 
 
 class ProcessGroupCommd(ProcessGroup):
-    """The world of a job, its ops through commd."""
+    """The world of a job, or a group of its ranks (group: a commd.Group
+    whose ops take its own ranks, as torch gives them), its ops through
+    commd."""
 
-    def __init__(self, rank, size):
+    def __init__(self, rank, size, group=None):
         super().__init__(rank, size)
+        self._kw = {"async_op": True, "group": group}
 
     def getBackendName(self):
         return "commd"
 
     def allreduce(self, tensors, opts=None):
         t = _one("allreduce", tensors)
-        return _Work([commd.all_reduce(t, _redop(opts), async_op=True)], tensors)
+        return _Work([commd.all_reduce(t, _redop(opts), **self._kw)], tensors)
 
     def allreduce_coalesced(self, tensors, opts=None):
-        return _Work([commd.all_reduce(t, _redop(opts), async_op=True) for t in tensors],
+        return _Work([commd.all_reduce(t, _redop(opts), **self._kw) for t in tensors],
                      tensors)
 
     def broadcast(self, tensors, opts=None):
         t = _one("broadcast", tensors)
-        return _Work([commd.broadcast(t, opts.rootRank, async_op=True)], tensors)
+        return _Work([commd.broadcast(t, opts.rootRank, **self._kw)], tensors)
 
     def reduce(self, tensors, opts=None):
         t = _one("reduce", tensors)
-        return _Work([commd.reduce(t, opts.rootRank, _redop(opts), async_op=True)], tensors)
+        return _Work([commd.reduce(t, opts.rootRank, _redop(opts), **self._kw)], tensors)
 
     def allgather(self, output_lists, inputs, opts=None):
         outs, t = _one("allgather", output_lists), _one("allgather", inputs)
-        return _Work([commd.all_gather(outs, t, async_op=True)], output_lists)
+        return _Work([commd.all_gather(outs, t, **self._kw)], output_lists)
 
     def _allgather_base(self, out, inp, opts=None):
-        return _Work([commd.all_gather(out, inp, async_op=True)], [out])
+        return _Work([commd.all_gather(out, inp, **self._kw)], [out])
 
     def reduce_scatter(self, outputs, input_lists, opts=None):
         out, ins = _one("reduce_scatter", outputs), _one("reduce_scatter", input_lists)
         _same("reduce_scatter", ins, out)
         inp = torch.cat([x.reshape(-1) for x in ins])
-        return _Work([commd.reduce_scatter(out, inp, _redop(opts), async_op=True)], outputs)
+        return _Work([commd.reduce_scatter(out, inp, _redop(opts), **self._kw)], outputs)
 
     def _reduce_scatter_base(self, out, inp, opts=None):
-        return _Work([commd.reduce_scatter(out, inp, _redop(opts), async_op=True)], [out])
+        return _Work([commd.reduce_scatter(out, inp, _redop(opts), **self._kw)], [out])
 
     def alltoall_base(self, out, inp, out_splits, in_splits, opts=None):
         if out_splits or in_splits:
             raise ValueError("commd backend: all_to_all_single takes equal blocks: no split sizes")
-        return _Work([commd.all_to_all(out, inp, async_op=True)], [out])
+        return _Work([commd.all_to_all(out, inp, **self._kw)], [out])
 
     def alltoall(self, outs, ins, opts=None):
         if len(outs) != self.size() or len(ins) != self.size():
@@ -152,36 +158,53 @@ class ProcessGroupCommd(ProcessGroup):
             for k, o in enumerate(outs):
                 n = o.numel()
                 o.copy_(out[k * n:(k + 1) * n].view(o.shape))
-        return _Work([commd.all_to_all(out, inp, async_op=True)], outs, copy_out)
+        return _Work([commd.all_to_all(out, inp, **self._kw)], outs, copy_out)
 
     def send(self, tensors, dst, tag):
         _no_tag("send", tag)
-        return _Work([commd.isend(_one("send", tensors), dst)], tensors)
+        return _Work([commd.isend(_one("send", tensors), dst, group=self._kw["group"])], tensors)
 
     def recv(self, tensors, src, tag):
         _no_tag("recv", tag)
-        return _Work([commd.irecv(_one("recv", tensors), src)], tensors)
+        return _Work([commd.irecv(_one("recv", tensors), src, group=self._kw["group"])], tensors)
 
     def barrier(self, opts=None):
-        return _Work([commd.barrier(async_op=True)], [])
+        return _Work([commd.barrier(**self._kw)], [])
+
+
+def _draw(store, rank, size, job):
+    """Every rank's (job, token) from store, drawn by rank 0 (job: the name
+    it gives). A store used again (a file store) keeps the last round's
+    keys: each call is a round of its own."""
+    rnd = (store.add("commd/joins", 1) - 1) // size
+    if rank == 0:
+        store.set(f"commd/{rnd}/job", job)
+        store.set(f"commd/{rnd}/token", secrets.token_hex(16))
+    return store.get(f"commd/{rnd}/job").decode(), store.get(f"commd/{rnd}/token").decode()
+
+
+def _timeout(timeout):
+    ms = int(timeout.total_seconds() * 1000) if timeout else 0
+    return min(max(ms, 1), 86400000) if ms else None
+
+
+_world_job = None
 
 
 def _make(store, rank, size, timeout):
+    global _world_job
+    if dist.is_initialized():
+        # new_group(): torch calls this on the group's ranks alone, with a store of its own
+        job, token = _draw(store, rank, size, f"{_world_job}/group-{secrets.token_hex(4)}")
+        g = commd._init_group("new_group", job, token, rank, size, _timeout(timeout))
+        return ProcessGroupCommd(rank, size, g)
     if commd.is_initialized():
-        raise RuntimeError("commd backend: commd is initialized already: one process group "
-                           "(the world) per process, so no new_group(); after "
-                           "destroy_process_group(), commd.finalize() before a new one")
-    # a store used again (a file store) keeps the last round's keys: each
-    # init_process_group is a round of its own
-    rnd = (store.add("commd/joins", 1) - 1) // size
-    if rank == 0:
-        store.set(f"commd/{rnd}/job", f"torch-{secrets.token_hex(8)}")
-        store.set(f"commd/{rnd}/token", secrets.token_hex(16))
-    job = store.get(f"commd/{rnd}/job").decode()
-    token = store.get(f"commd/{rnd}/token").decode()
-    ms = int(timeout.total_seconds() * 1000) if timeout else 0
-    commd.init(job=job, token=token, rank=rank, world_size=size,
-               timeout_ms=min(max(ms, 1), 86400000) if ms else None)
+        raise RuntimeError("commd backend: commd is initialized already; after "
+                           "destroy_process_group(), commd.finalize() before a new "
+                           "init_process_group()")
+    job, token = _draw(store, rank, size, f"torch-{secrets.token_hex(8)}")
+    commd.init(job=job, token=token, rank=rank, world_size=size, timeout_ms=_timeout(timeout))
+    _world_job = job
     return ProcessGroupCommd(rank, size)
 
 
