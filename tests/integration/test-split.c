@@ -372,6 +372,40 @@ static int rank_solo(int r, int n, void *arg)
 	return outcome[C_FORGET][r] != PASSED;
 }
 
+/* A one-rank job: split once, an all-reduce on the child, both finalized. */
+static int rank_split_once(int r, int n, void *arg)
+{
+	int color = 0, key = 0, rc;
+	comm_t *c, *ch;
+
+	(void)arg;
+	if (th_join(&c, r, n) < 0)
+		return 1;
+	rc = split_check(c, r, n, &color, &key, NULL, &ch, "split of a long-named job");
+	if (rc < 0)
+		return th_bail(c);
+	return rc | th_leave(ch, r) | th_leave(c, r);
+}
+
+/*
+ * The child of a job named name: "NAME/split.0.0", or when that passes 255
+ * bytes, name's first 180 bytes, "~", its FNV-1a 64 hash in hex, "/split.0.0".
+ */
+static void child_name(const char *name, char *buf, size_t len)
+{
+	uint64_t h = 0xcbf29ce484222325ull;
+
+	if (strlen(name) + strlen("/split.0.0") <= 255) {
+		snprintf(buf, len, "%s/split.0.0", name);
+		return;
+	}
+	for (const char *p = name; *p; p++) {
+		h ^= (unsigned char)*p;
+		h *= 0x100000001b3ull;
+	}
+	snprintf(buf, len, "%.180s~%016llx/split.0.0", name, (unsigned long long)h);
+}
+
 /* Job "nsp" over two daemons: a split across them, one within each. */
 static int rank_nsp(int r, int n, void *arg)
 {
@@ -449,7 +483,7 @@ static void test_one_daemon(void)
 	};
 	struct th_daemon d;
 	struct timespec t0;
-	char line[256];
+	char line[512];
 	int fds0, failed;
 
 	REQUIRE(th_daemon_start(&d, NULL) == 0, "commd did not start");
@@ -479,6 +513,23 @@ static void test_one_daemon(void)
 	CHECK(failed == 0, "job solo: its rank failed");
 	report(C_FORGET, 1, "a child's registration of its parent's 80 MiB segment dropped at its "
 	       "first op after the parent left: commd maps 4, 2, then 1 memfd");
+	/* names of 245 and 246 bytes: the child's is 255 bytes, or would be 256 */
+	for (int len = 245; len <= 246; len++) {
+		char name[256], child[300];
+
+		memset(name, 'j', (size_t)len);
+		name[len] = '\0';
+		name[0] = 'L';
+		child_name(name, child, sizeof child);
+		failed = th_run_ranks(&d, name, 1, rank_split_once, NULL);
+		snprintf(line, sizeof line, "job %s: formed, 1 rank", child);
+		CHECK(failed == 0 && th_log_count(&d, line, "") == 1,
+		      "a job named with %d bytes: its child %s did not form (%d failed)", len,
+		      child, failed);
+		printf("%s: a job named with %d bytes: its child is %s (%zu bytes)\n",
+		       check_failures ? "FAIL" : "ok", len, len == 245 ? "NAME/split.0.0" :
+		       strchr(child, '~'), strlen(child));
+	}
 	for (size_t i = 0; i < sizeof jobs / sizeof jobs[0]; i++) {
 		snprintf(line, sizeof line, "job %s: formed, %d rank%s", jobs[i].job, jobs[i].ranks,
 			 jobs[i].ranks == 1 ? "" : "s");
