@@ -129,7 +129,8 @@ int comm_size(const comm_t *comm);
  * their rank in comm; a rank that gives COMM_SPLIT_NOCOLOR joins none and
  * gets *newcomm NULL. Each new communicator is a job of its own on the
  * daemons, named after comm's job ("JOB/split.N.COLOR", N counting comm's
- * splits from 0), with comm's socket, token, deadline, root and stream; it
+ * splits from 0; past 255 bytes, JOB's first 180 and a hash of it stand for
+ * JOB), with comm's socket, token, deadline, root and stream; it
  * is finalized on its own, before or after comm. Memory from
  * comm_mem_alloc on comm, or on any communicator split from it (or from
  * those), works in place on all of them: each registers another's segment
