@@ -371,8 +371,10 @@ COMM_API comm_result_t comm_init(comm_t **out, const comm_config_t *config)
 		return COMM_ERR_INVALID_ARG;
 	*out = NULL;
 	c = calloc(1, sizeof *c);
-	if (!c)
+	if (!c) {
+		snprintf(init_error, sizeof init_error, "init: out of memory");
 		return COMM_ERR_NO_MEMORY;
+	}
 	c->fd = -1;
 	c->ring_efd = -1;
 	c->next_id = 1;
@@ -383,6 +385,13 @@ COMM_API comm_result_t comm_init(comm_t **out, const comm_config_t *config)
 			    c->last_error, sizeof c->last_error);
 	if (rc != COMM_OK)
 		goto out;
+	/* kept for comm_split; before the hello, so that a shortage fails no job */
+	c->timeout_ms = cfg.timeout_ms;
+	if (!(c->socket_path = strdup(cfg.socket)) || !(c->job = strdup(cfg.job)) ||
+	    !(c->token = strdup(cfg.token)) || !(c->root = strdup(cfg.root))) {
+		rc = comm_set_error(c, COMM_ERR_NO_MEMORY, "init: out of memory");
+		goto out;
+	}
 	c->fd = connect_to(cfg.socket, c->last_error, sizeof c->last_error);
 	if (c->fd < 0) {
 		rc = COMM_ERR_DAEMON_UNREACHABLE;
@@ -416,12 +425,6 @@ COMM_API comm_result_t comm_init(comm_t **out, const comm_config_t *config)
 	c->rank = cfg.rank;
 	c->size = cfg.world_size;
 	c->version = reply->hello_reply->version;
-	c->timeout_ms = cfg.timeout_ms;
-	if (!(c->socket_path = strdup(cfg.socket)) || !(c->job = strdup(cfg.job)) ||
-	    !(c->token = strdup(cfg.token)) || !(c->root = strdup(cfg.root))) {
-		rc = comm_set_error(c, COMM_ERR_NO_MEMORY, "init: out of memory");
-		goto out;
-	}
 	ring_attach(c);
 	if (c->broken != COMM_OK) {
 		rc = c->broken;
@@ -439,9 +442,9 @@ out:
 }
 
 /*
- * The job name of c's split n for color: "JOB/split.N.COLOR"; a job name
- * too long for that keeps its first 180 bytes and a hash of the rest, the
- * same on every rank.
+ * The job name of c's split n for color: "JOB/split.N.COLOR"; where that
+ * is too long, JOB's first 180 bytes and a hash of all of it stand for
+ * JOB, the same on every rank.
  */
 static void split_name(const comm_t *c, unsigned n, int color, char *buf, size_t len)
 {
@@ -457,11 +460,12 @@ static void split_name(const comm_t *c, unsigned n, int color, char *buf, size_t
 COMM_API comm_result_t comm_split(comm_t *c, int color, int key, comm_t **out)
 {
 	comm_config_t cfg = COMM_CONFIG_INIT;
-	char name[JOB_NAME_LIMIT + 64];
+	char name[JOB_NAME_LIMIT + 64], why[256] = "";
+	comm_t *child = NULL;
 	int32_t *all;
 	int n = 0, rank = 0;
 	unsigned k;
-	comm_result_t rc;
+	comm_result_t rc, joined = COMM_OK;
 
 	if (!c || !out)
 		return COMM_ERR_INVALID_ARG;
@@ -473,16 +477,16 @@ COMM_API comm_result_t comm_split(comm_t *c, int color, int key, comm_t **out)
 		return comm_set_error(c, COMM_ERR_INVALID_ARG, "split: inside a group");
 	if (c->broken != COMM_OK)
 		return comm_set_error(c, c->broken, "split: the connection to commd is gone");
-	if (mem_family_start(c) < 0 || !(all = comm_mem_alloc(c, 2 * sizeof *all * (size_t)c->size)))
+	if (mem_family_start(c) < 0)
 		return comm_set_error(c, COMM_ERR_NO_MEMORY, "split: out of memory");
+	if (!(all = comm_mem_alloc(c, 2 * sizeof *all * (size_t)c->size)))
+		return COMM_ERR_NO_MEMORY; /* its detail says why */
 	k = c->splits++;
 	all[2 * c->rank] = color;
 	all[2 * c->rank + 1] = key;
 	rc = comm_allgather(c, all + 2 * c->rank, all, 2, COMM_INT32, NULL);
-	if (rc != COMM_OK) {
-		comm_mem_free(c, all);
-		return rc;
-	}
+	if (rc != COMM_OK)
+		goto out;
 	/* my place among my color's ranks: by key, then by rank in c */
 	for (int r = 0; r < c->size; r++) {
 		if (all[2 * r] != color)
@@ -490,22 +494,39 @@ COMM_API comm_result_t comm_split(comm_t *c, int color, int key, comm_t **out)
 		n++;
 		rank += all[2 * r + 1] < key || (all[2 * r + 1] == key && r < c->rank);
 	}
+	if (color != COMM_SPLIT_NOCOLOR) {
+		split_name(c, k, color, name, sizeof name);
+		cfg.socket = c->socket_path;
+		cfg.job = name;
+		cfg.token = c->token;
+		cfg.rank = rank;
+		cfg.world_size = n;
+		cfg.timeout_ms = c->timeout_ms;
+		cfg.root = c->root;
+		if ((joined = comm_init(&child, &cfg)) != COMM_OK)
+			snprintf(why, sizeof why, "%s", init_error);
+	}
+	/* every rank's new comm formed, or none is kept: a half-made one would fail its first op */
+	all[0] = joined == COMM_OK;
+	rc = comm_allreduce(c, all, all, 1, COMM_INT32, COMM_MIN, NULL);
+	if (rc == COMM_OK && !all[0])
+		rc = joined != COMM_OK
+			     ? comm_set_error(c, joined, "split: %s", why)
+			     : comm_set_error(c, COMM_ERR_ABORTED,
+					      "split: another rank's new communicator did not form");
+	if (rc != COMM_OK) {
+		if (child)
+			comm_abort(child);
+		goto out;
+	}
+	if (child) {
+		child->stream = c->stream;
+		mem_family_join(c, child);
+		*out = child;
+	}
+out:
 	comm_mem_free(c, all);
-	if (color == COMM_SPLIT_NOCOLOR)
-		return COMM_OK;
-	split_name(c, k, color, name, sizeof name);
-	cfg.socket = c->socket_path;
-	cfg.job = name;
-	cfg.token = c->token;
-	cfg.rank = rank;
-	cfg.world_size = n;
-	cfg.timeout_ms = c->timeout_ms;
-	cfg.root = c->root;
-	if ((rc = comm_init(out, &cfg)) != COMM_OK)
-		return comm_set_error(c, rc, "split: %s", init_error);
-	(*out)->stream = c->stream;
-	mem_family_join(c, *out);
-	return COMM_OK;
+	return rc;
 }
 
 COMM_API comm_result_t comm_finalize(comm_t *c)

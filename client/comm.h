@@ -134,8 +134,15 @@ int comm_size(const comm_t *comm);
  * is finalized on its own, before or after comm. Memory from
  * comm_mem_alloc on comm, or on any communicator split from it (or from
  * those), works in place on all of them: each registers another's segment
- * with commd the first time an op names it. On error *newcomm is NULL and
- * comm_last_error(comm) says why.
+ * with commd the first time an op names it (where commd refuses it, such
+ * as past the job's memory limit, the op stages it). The memory still
+ * belongs to the communicator that allocated it: comm_mem_free it there,
+ * and it goes with that communicator's comm_finalize. Every rank's new
+ * communicator forms, or none does: on error *newcomm is NULL on every
+ * rank and comm_last_error(comm) says why. As with any collective, a rank
+ * whose arguments are refused (a color below COMM_SPLIT_NOCOLOR, a split
+ * inside a group: COMM_ERR_INVALID_ARG, before anything is sent) leaves
+ * the others waiting until the deadline.
  */
 #define COMM_SPLIT_NOCOLOR (-1)
 comm_result_t comm_split(comm_t *comm, int color, int key, comm_t **newcomm);

@@ -370,12 +370,13 @@ static void borrows_purge(comm_t *c)
 
 /*
  * p in another family member's segment: named by c's own registration of
- * it, made now if it is the first time. 0 when p is in none (or the
- * registration failed: the op then stages it).
+ * it, made now if it is the first time (1). 0 when p is in none; -1 when
+ * the registration failed (the daemon's quota, no fd left): the op then
+ * stages it.
  */
 static int borrow_lookup(comm_t *c, const void *p, size_t len, uint64_t *mem_id, uint64_t *off)
 {
-	struct borrow *b;
+	struct borrow *b = NULL;
 	const struct seg *s;
 	struct borrow nb = { 0 };
 	int fd = -1;
@@ -402,7 +403,7 @@ static int borrow_lookup(comm_t *c, const void *p, size_t len, uint64_t *mem_id,
 			free(b);
 			if (fd >= 0)
 				close(fd);
-			return 0;
+			return -1;
 		}
 		close(fd);
 		*b = nb;

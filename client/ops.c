@@ -54,8 +54,12 @@ static comm_result_t locate(comm_t *c, const struct opdesc *d, const void *p, si
 	if (!p)
 		return comm_set_error(c, COMM_ERR_INVALID_ARG, "%s: %s buffer is NULL", d->name,
 				      which);
-	if (mem_lookup(c, p, len, &ref->mem_id, &ref->offset)) {
+	switch (mem_lookup(c, p, len, &ref->mem_id, &ref->offset)) {
+	case 1:
 		b->where = IN_SEGMENT;
+		return COMM_OK;
+	case -1: /* another comm's segment, not registered here: staged */
+		b->where = IN_HOST;
 		return COMM_OK;
 	}
 	if (mem_owned(c, p))

@@ -53,7 +53,7 @@ void ring_attach(comm_t *c)
 	h->nslots = RING_SLOTS;
 	h->slot_size = sizeof(struct ring_slot);
 	efd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
-	if (efd < 0 || !mem_lookup(c, ring, RING_BYTES, &ref.mem_id, &ref.offset))
+	if (efd < 0 || mem_lookup(c, ring, RING_BYTES, &ref.mem_id, &ref.offset) != 1)
 		goto fail;
 	ra.ring = &ref;
 	ra.slots = RING_SLOTS;

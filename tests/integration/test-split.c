@@ -13,6 +13,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
+#include <sys/wait.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -32,7 +33,7 @@
 
 /* The cases, each passed or failed by every rank, in memory shared with them. */
 enum { C_PARITY, C_NOCOLOR, C_INTERLEAVE, C_ZC_DOWN, C_ZC_UP, C_ZC_GRAND, C_INVALID,
-       C_PARENT_FIRST, C_FORGET, C_SPAN, C_LOCAL, NCASES };
+       C_PARENT_FIRST, C_FORGET, C_AGREE, C_QUOTA, C_SPAN, C_LOCAL, NCASES };
 enum { NOT_RUN, PASSED, FAILED };
 static int (*outcome)[MAXN];
 
@@ -406,6 +407,104 @@ static void child_name(const char *name, char *buf, size_t len)
 	snprintf(buf, len, "%.180s~%016llx/split.0.0", name, (unsigned long long)h);
 }
 
+/*
+ * Job "agree", two ranks, both color 0, while another process holds rank 1
+ * of "agree/split.0.0": rank 0's join forms it with that squatter, rank 1's
+ * is refused. Both comm_split calls fail (rank 1 with the refusal, rank 0
+ * with COMM_ERR_ABORTED), neither rank keeps a comm, and "agree" goes on.
+ */
+static int rank_agree(int r, int n, void *arg)
+{
+	comm_t *c, *nc = POISON;
+	comm_result_t rc;
+	int bad;
+
+	(void)arg;
+	if (th_join(&c, r, n) < 0)
+		return 1;
+	rc = comm_split(c, 0, 0, &nc);
+	bad = rc == COMM_OK || nc || (r == 0 && rc != COMM_ERR_ABORTED) ||
+	      (r == 1 && rc == COMM_ERR_ABORTED);
+	printf("# agree rank %d: comm_split: %s: %s\n", r, comm_result_name(rc), comm_last_error(c));
+	fflush(stdout);
+	if (bad)
+		fprintf(stderr, "rank %d: comm_split with rank 1 of the child taken: %s, newcomm %s; "
+			"expected a failure (rank 0: COMM_ERR_ABORTED) and NULL\n", r,
+			comm_result_name(rc), nc ? "set" : "NULL");
+	rc = sum_check(c, r, r + 1, n * (n + 1) / 2, "all-reduce on agree after the split failed");
+	outcome[C_AGREE][r] = bad || rc ? FAILED : PASSED;
+	if (rc < 0)
+		return th_bail(c);
+	return bad | rc | th_leave(c, r);
+}
+
+/*
+ * The squatter of rank_agree: rank 1 of "agree/split.0.0", joined before
+ * the split; rank 0's join forms the job, and rank 0 aborts it once the
+ * split failed: 0 when its barrier then fails with COMM_ERR_ABORTED.
+ */
+static int squat(const struct th_daemon *d, const char *token)
+{
+	comm_config_t cfg = COMM_CONFIG_INIT;
+	comm_result_t rc;
+	comm_t *c;
+
+	cfg.socket = d->sock;
+	cfg.job = "agree/split.0.0";
+	cfg.token = token;
+	cfg.rank = 1;
+	cfg.world_size = 2;
+	alarm(TH_WATCHDOG_S);
+	if ((rc = comm_init(&c, &cfg)) != COMM_OK) {
+		fprintf(stderr, "squatter: comm_init: %s: %s\n", comm_result_name(rc),
+			comm_last_error(NULL));
+		return 1;
+	}
+	rc = comm_barrier(c, NULL);
+	comm_finalize(c);
+	if (rc == COMM_ERR_ABORTED)
+		return 0;
+	fprintf(stderr, "squatter: barrier: %s, expected COMM_ERR_ABORTED\n", comm_result_name(rc));
+	return 1;
+}
+
+/*
+ * One rank, on a commd whose jobs may register 150 MiB: the child, with
+ * 144 MiB of its own, cannot register its parent's 80 MiB segment too, so
+ * an op on 4 KiB of it is staged (through the child's first segment), not
+ * refused.
+ */
+static int rank_quota(int r, int n, void *arg)
+{
+	int color = 0, key = 0, bad;
+	comm_t *c, *ch;
+	float *pbig, *cbig;
+	float *x;
+
+	(void)arg;
+	if (th_join(&c, r, n) < 0)
+		return 1;
+	if (!(pbig = comm_mem_alloc(c, BIG_COUNT * sizeof *pbig)) ||
+	    split_check(c, r, n, &color, &key, NULL, &ch, "split of quota") != 0 ||
+	    !(cbig = comm_mem_alloc(ch, BIG_COUNT * sizeof *cbig))) {
+		fprintf(stderr, "rank %d: setting up: %s\n", r, comm_last_error(c));
+		return th_bail(c);
+	}
+	x = pbig + 1024;
+	for (int i = 0; i < 1024; i++)
+		x[i] = (float)(i * (r + 1));
+	if (!want_rc(ch, r, "all-reduce on 4 KiB of the parent's segment past the child's quota",
+		     comm_allreduce(ch, x, x, 1024, COMM_FLOAT32, COMM_SUM, NULL), COMM_OK))
+		return th_bail(c);
+	bad = 0;
+	for (int i = 0; i < 1024; i++)
+		bad |= x[i] != (float)(i * n * (n + 1) / 2);
+	if (bad)
+		fprintf(stderr, "rank %d: the staged all-reduce is wrong\n", r);
+	outcome[C_QUOTA][r] = bad ? FAILED : PASSED;
+	return bad | th_leave(ch, r) | th_leave(c, r);
+}
+
 /* Job "nsp" over two daemons: a split across them, one within each. */
 static int rank_nsp(int r, int n, void *arg)
 {
@@ -470,6 +569,45 @@ static int baseline(const struct th_daemon *d)
 	return th_count_fds(d->pid);
 }
 
+/* rank_agree with its squatter, on d. */
+static void test_agree(const struct th_daemon *d)
+{
+	char token[64];
+	pid_t sq;
+	int st, failed;
+	long t0 = 0;
+
+	/* the harness's token for job "agree" (th_ranks_start) */
+	snprintf(token, sizeof token, "token-agree-%d", (int)getpid());
+	fflush(NULL);
+	REQUIRE((sq = fork()) >= 0, "fork");
+	if (sq == 0)
+		_exit(squat(d, token));
+	for (; t0 < 500 && th_log_count(d, "job agree/split.0.0: created by uid", "") != 1; t0++)
+		usleep(10 * 1000);
+	CHECK(t0 < 500, "the squatter's job never showed in commd's log");
+	failed = th_run_ranks(d, "agree", 2, rank_agree, NULL);
+	REQUIRE(waitpid(sq, &st, 0) == sq, "waitpid");
+	CHECK(failed == 0, "job agree: %d ranks failed", failed);
+	CHECK(WIFEXITED(st) && WEXITSTATUS(st) == 0, "the squatter failed");
+	report(C_AGREE, 2, "a split whose new comm formed on rank 0 alone (rank 1 of it taken): "
+	       "both fail, rank 0 COMM_ERR_ABORTED, neither keeps a comm, the parent goes on");
+}
+
+/* rank_quota on a commd of its own, whose jobs may register 150 MiB. */
+static void test_quota(void)
+{
+	struct th_daemon d;
+	int failed;
+
+	REQUIRE(th_daemon_start(&d, "--max-job-memory", "150M", NULL) == 0, "commd did not start");
+	failed = th_run_ranks(&d, "quota", 1, rank_quota, NULL);
+	CHECK(failed == 0, "job quota: its rank failed");
+	report(C_QUOTA, 1, "a child at its memory limit: an op on its parent's segment staged, "
+	       "not refused, and right");
+	CHECK(th_daemon_stop(&d) == 0, "commd did not stop cleanly");
+}
+
 static void test_one_daemon(void)
 {
 	static const struct {
@@ -530,6 +668,7 @@ static void test_one_daemon(void)
 		       check_failures ? "FAIL" : "ok", len, len == 245 ? "NAME/split.0.0" :
 		       strchr(child, '~'), strlen(child));
 	}
+	test_agree(&d);
 	for (size_t i = 0; i < sizeof jobs / sizeof jobs[0]; i++) {
 		snprintf(line, sizeof line, "job %s: formed, %d rank%s", jobs[i].job, jobs[i].ranks,
 			 jobs[i].ranks == 1 ? "" : "s");
@@ -606,6 +745,7 @@ int main(void)
 	REQUIRE(outcome != MAP_FAILED, "mmap");
 	clock_gettime(CLOCK_MONOTONIC, &t0);
 	test_one_daemon();
+	test_quota();
 	test_two_daemons();
 	printf("%s: %.1f s in all\n", check_failures ? "FAIL" : "ok", th_secs_since(&t0));
 	return CHECK_EXIT();

@@ -106,22 +106,24 @@ def is_initialized():
 
 
 def get_rank(group=None):
-    """This process's rank in the world, or in group."""
-    return _comm.pick("get_rank", group)[0].rank
+    """This process's rank in the world, or in group (-1: not in it)."""
+    c = _comm.pick("get_rank", group)[0]
+    return c.rank if c else -1
 
 
 def get_world_size(group=None):
-    """The number of ranks in the world, or in group."""
-    return _comm.pick("get_world_size", group)[0].size
+    """The number of ranks in the world, or in group (-1: not in it)."""
+    c = _comm.pick("get_world_size", group)[0]
+    return c.size if c else -1
 
 
 def new_group(ranks):
     """A Group of the world ranks in ranks (as torch.distributed.new_group:
     its ranks in ascending order), for the ops' group argument, whose src
     and dst stay world ranks. Every rank of the world calls it with the same
-    ranks, in the same order as its collectives; the ranks not in it get
-    None. Through comm_split: a job of its own, and arrays from empty() and
-    zeros() are used in place by it too."""
+    ranks, in the same order as its collectives; on the ranks not in it,
+    ops with it do nothing, as torch's. Through comm_split: a job of its
+    own, and arrays from empty() and zeros() are used in place by it too."""
     c, world_rank = _comm.pick("new_group", None)
     members = sorted({world_rank("rank", r) for r in ranks})
     if not members:
@@ -134,7 +136,7 @@ def new_group(ranks):
     if rc != Result.OK:
         raise c.error("new_group", rc)
     if not me:
-        return None
+        return _comm.Group(None, tuple(members))
     g = _comm.Group(_comm.Comm(handle.value), tuple(members))
     _comm.groups.append(g)
     return g
@@ -168,8 +170,8 @@ def destroy_process_group(group=None):
     the world)."""
     if group is None:
         return finalize()
-    _comm.pick("destroy_process_group", group)
-    _destroy(group, _comm.Comm.finalize)
+    if _comm.pick("destroy_process_group", group)[0] is not None:
+        _destroy(group, _comm.Comm.finalize)
 
 
 def abort():
@@ -192,6 +194,8 @@ def _redop(op, redop):
 def all_reduce(t, op=ReduceOp.SUM, async_op=False, group=None):
     """Every rank's t becomes the reduction of all ranks' t."""
     c, _ = _comm.pick("all_reduce", group)
+    if c is None:
+        return None
     redop = _redop("all_reduce", op)
     b = buf("all_reduce", "t", t, writable=True)
     return c.post("all_reduce", lambda req: lib.comm_allreduce(
@@ -202,6 +206,8 @@ def reduce_scatter(out, inp, op=ReduceOp.SUM, async_op=False, group=None):
     """Rank r's out gets block r of the reduction of all ranks' inp
     (world_size blocks of out's size)."""
     c, _ = _comm.pick("reduce_scatter", group)
+    if c is None:
+        return None
     redop = _redop("reduce_scatter", op)
     o = buf("reduce_scatter", "out", out, writable=True)
     i = buf("reduce_scatter", "inp", inp)
@@ -250,6 +256,8 @@ def all_gather(out, inp, async_op=False, group=None):
     """Every rank's out gets all ranks' inp in rank order: out is one array
     of world_size times inp's elements, or a list of world_size arrays."""
     c, _ = _comm.pick("all_gather", group)
+    if c is None:
+        return None
     i = buf("all_gather", "inp", inp)
     if isinstance(out, (list, tuple)):
         o, outs, after = _gather_list(c, out, i)
@@ -267,6 +275,8 @@ def all_gather(out, inp, async_op=False, group=None):
 def broadcast(t, src, async_op=False, group=None):
     """Rank src's t is copied into every rank's t."""
     c, local = _comm.pick("broadcast", group)
+    if c is None:
+        return None
     src = local("src", src)
     b = buf("broadcast", "t", t, writable=True)
     return c.post("broadcast", lambda req: lib.comm_broadcast(
@@ -277,6 +287,8 @@ def reduce(t, dst, op=ReduceOp.SUM, async_op=False, group=None):
     """Rank dst's t becomes the reduction of all ranks' t; the others' t
     are left as they are."""
     c, local = _comm.pick("reduce", group)
+    if c is None:
+        return None
     dst = local("dst", dst)
     redop = _redop("reduce", op)
     b = buf("reduce", "t", t, writable=c.rank == dst)
@@ -289,6 +301,8 @@ def all_to_all(out, inp, async_op=False, group=None):
     """Block j of rank i's inp goes to block i of rank j's out: inp and out
     are world_size blocks of equal size."""
     c, _ = _comm.pick("all_to_all", group)
+    if c is None:
+        return None
     o = buf("all_to_all", "out", out, writable=True)
     i = buf("all_to_all", "inp", inp)
     same_dtype("all_to_all", o, "out", i, "inp")
@@ -303,6 +317,8 @@ def all_to_all(out, inp, async_op=False, group=None):
 
 def _send(op, t, dst, async_op, group):
     c, local = _comm.pick(op, group)
+    if c is None:
+        return None
     dst = local("dst", dst)
     b = buf(op, "t", t)
     return c.post(op, lambda req: lib.comm_send(
@@ -311,6 +327,8 @@ def _send(op, t, dst, async_op, group):
 
 def _recv(op, t, src, async_op, group):
     c, local = _comm.pick(op, group)
+    if c is None:
+        return None
     src = local("src", src)
     b = buf(op, "t", t, writable=True)
     return c.post(op, lambda req: lib.comm_recv(
@@ -343,4 +361,6 @@ def irecv(t, src, group=None):
 def barrier(async_op=False, group=None):
     """Done on every rank once every rank has called it."""
     c, _ = _comm.pick("barrier", group)
+    if c is None:
+        return None
     return c.post("barrier", lambda req: lib.comm_barrier(c.handle, req), [], async_op)

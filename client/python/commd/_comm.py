@@ -28,31 +28,37 @@ def need(op):
 class Group:
     """A communicator of some of the world's ranks (commd.new_group()). Its
     ranks: the world ranks in it, in its rank order; None when its ops take
-    its own ranks (the torch backend's groups)."""
+    its own ranks (the torch backend's groups). On a rank not in it (comm
+    None), as torch's non-member group: ops do nothing and return None,
+    rank() and size() are -1."""
 
     def __init__(self, comm, ranks):
         self._comm = comm
         self.ranks = ranks
 
     def __repr__(self):
-        return f"<commd.Group {self.ranks if self.ranks is not None else self._comm.size}>"
+        who = self.ranks if self.ranks is not None else self._comm.size
+        return f"<commd.Group {who}{'' if self._comm else ', not a member'}>"
 
     def rank(self):
-        """This process's rank in the group."""
-        return self._comm.rank
+        """This process's rank in the group, -1 when not in it."""
+        return self._comm.rank if self._comm else -1
 
     def size(self):
-        return self._comm.size
+        return self._comm.size if self._comm else -1
 
 
 def pick(op, group):
     """The Comm that op runs on (group None: the world's), and a function
     taking a rank given to op to that Comm's rank: a world rank, for a
-    group of new_group()."""
+    group of new_group(). (None, None) for a group this rank is not in: op
+    does nothing."""
     c = need(op)
     if group is not None:
         if not isinstance(group, Group):
             raise TypeError(f"{op}: group is a {type(group).__name__}, want a commd.Group")
+        if group._comm is None:
+            return None, None
         if group not in groups:
             raise RuntimeError(f"{op}: the group was destroyed")
         c = group._comm

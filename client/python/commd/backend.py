@@ -195,6 +195,9 @@ def _make(store, rank, size, timeout):
     global _world_job
     if dist.is_initialized():
         # new_group(): torch calls this on the group's ranks alone, with a store of its own
+        if _world_job is None or not commd.is_initialized():
+            raise RuntimeError("commd backend: new_group(backend=\"commd\") needs the "
+                               "world on commd too")
         job, token = _draw(store, rank, size, f"{_world_job}/group-{secrets.token_hex(4)}")
         g = commd._init_group("new_group", job, token, rank, size, _timeout(timeout))
         return ProcessGroupCommd(rank, size, g)
