@@ -3,7 +3,8 @@
  * its GPU worker: stream order (an op sees the work enqueued before it), the
  * registration cache across cudaFree and cudaMalloc (right results, bounded
  * registered memory), VMM allocations, many outstanding device ops beside
- * host ones, and the refusals. Exits 77 without a GPU.
+ * host ones, the refusals, and communicators split from a device job.
+ * Exits 77 without a GPU.
  */
 #include <cuda.h>
 #include <cudaTypedefs.h>
@@ -757,6 +758,64 @@ static int rank_chain(int r, int n, void *arg)
 	return bad;
 }
 
+/* --- split communicators on device memory --------------------------------- */
+
+#define SPLIT_COUNT (1 << 20)
+
+/* An int32 sum over c of (v + i % 5) at element i, from device memory: want + n_c * (i % 5). */
+static int split_sum(comm_t *c, int r, int32_t *buf, int32_t *h, int32_t v, int32_t want,
+		     const char *what)
+{
+	size_t bytes = SPLIT_COUNT * sizeof *h;
+	int n = comm_size(c);
+
+	for (size_t i = 0; i < SPLIT_COUNT; i++)
+		h[i] = v + (int32_t)(i % 5);
+	if (cuda_bad(cudaMemcpy(buf, h, bytes, cudaMemcpyHostToDevice), r, "cudaMemcpy") ||
+	    op_bad(c, comm_allreduce(c, buf, buf, SPLIT_COUNT, COMM_INT32, COMM_SUM, NULL), r,
+		   what) ||
+	    cuda_bad(cudaMemcpy(h, buf, bytes, cudaMemcpyDeviceToHost), r, "cudaMemcpy back"))
+		return 1;
+	for (size_t i = 0; i < SPLIT_COUNT; i++)
+		if (h[i] != want + n * (int32_t)(i % 5))
+			return FAIL(r, "%s: element %zu is %d, expected %d", what, i, h[i],
+				    want + n * (int32_t)(i % 5));
+	return 0;
+}
+
+/*
+ * comm_split by parity of a job on device memory: each child is a job of
+ * its own, with its own GPU worker; sums on the children and the parent in
+ * turn, one device buffer for all of them.
+ */
+static int rank_split(int r, int n, void *arg)
+{
+	int32_t *buf = NULL, *h = malloc(SPLIT_COUNT * sizeof *h), odd = 0, even = 0;
+	comm_t *c, *ch = NULL;
+	comm_result_t rc;
+	int bad;
+
+	(void)arg;
+	for (int p = 0; p < n; p++)
+		*(p % 2 ? &odd : &even) += p + 1;
+	if (!h || use_device(r) ||
+	    cuda_bad(cudaMalloc((void **)&buf, SPLIT_COUNT * sizeof *h), r, "cudaMalloc") ||
+	    th_join(&c, r, n) < 0)
+		return 1;
+	if ((rc = comm_split(c, r % 2, r, &ch)) != COMM_OK)
+		return op_bad(c, rc, r, "comm_split") | th_bail(c);
+	bad = split_sum(ch, r, buf, h, r + 1, r % 2 ? odd : even, "sum on the child") ||
+	      split_sum(c, r, buf, h, r + 1, n * (n + 1) / 2, "sum on the parent") ||
+	      split_sum(ch, r, buf, h, 2 * (r + 1), 2 * (r % 2 ? odd : even),
+			"sum on the child again");
+	if (bad)
+		return th_bail(ch) | th_bail(c);
+	bad = th_leave(ch, r) | th_leave(c, r);
+	cudaFree(buf);
+	free(h);
+	return bad;
+}
+
 int main(void)
 {
 	setvbuf(stdout, NULL, _IOLBF, 0);
@@ -782,6 +841,9 @@ int main(void)
 	    "host/device mix and overrun refused; managed and pinned memory staged");
 	run("gpu-outstanding", 4, rank_outstanding,
 	    "48 outstanding sums, device and host mixed, waited and polled, 3 rounds");
+	run("gpu-split", 4, rank_split,
+	    "comm_split by parity on device memory: sums on each child (a GPU worker each) and "
+	    "the parent in turn, exact");
 	CHECK(th_daemon_alive(&d), "commd died during the tests");
 	CHECK(th_daemon_stop(&d) == 0, "commd did not stop cleanly");
 	return CHECK_EXIT();
