@@ -68,19 +68,9 @@ static int buf_check(const struct buf *b, uint64_t seed, int r, const char *what
 
 /* --- joining, leaving, results --------------------------------------------- */
 
-/* Whether rc is want; prints what happened otherwise. */
-static int want_rc(comm_t *c, int r, const char *what, comm_result_t rc, comm_result_t want)
-{
-	if (rc == want)
-		return 1;
-	fprintf(stderr, "rank %d: %s: %s (%s), expected %s\n", r, what, comm_result_name(rc),
-		c ? comm_last_error(c) : "", comm_result_name(want));
-	return 0;
-}
-
 #define OK_OR_BAIL(call)                                                       \
 	do {                                                                   \
-		if (!want_rc(c, r, #call, (call), COMM_OK))                    \
+		if (!th_want_rc(c, r, #call, (call), COMM_OK))                    \
 			return th_bail(c);                                        \
 	} while (0)
 
@@ -233,7 +223,7 @@ static int check_allreduce(comm_t *c, int r, int n, uint64_t seed, const char *a
 	for (size_t i = 0; i < 7; i++)
 		ref_store(COMM_FLOAT32, val(COMM_FLOAT32, seed, r, i), &s[i]);
 	rc = comm_allreduce(c, s, d, 7, COMM_FLOAT32, COMM_SUM, NULL);
-	if (!want_rc(c, r, what, rc, COMM_OK)) {
+	if (!th_want_rc(c, r, what, rc, COMM_OK)) {
 		bad = -1;
 	} else {
 		for (size_t i = 0; i < 7 && !bad; i++)
@@ -259,10 +249,10 @@ static int rank_mismatch(int r, int n, void *arg)
 	/* 4 int32 sent, 8 expected: both fail; rank 2 is not involved */
 	if (r == 0) {
 		rc = comm_send(c, b.p, 4, COMM_INT32, 1, NULL);
-		bad |= !want_rc(c, r, "send of 4 int32 to a recv of 8", rc, COMM_ERR_MISMATCH);
+		bad |= !th_want_rc(c, r, "send of 4 int32 to a recv of 8", rc, COMM_ERR_MISMATCH);
 	} else if (r == 1) {
 		rc = comm_recv(c, b.p, 8, COMM_INT32, 0, NULL);
-		bad |= !want_rc(c, r, "recv of 8 int32 from a send of 4", rc, COMM_ERR_MISMATCH);
+		bad |= !th_want_rc(c, r, "recv of 8 int32 from a send of 4", rc, COMM_ERR_MISMATCH);
 	}
 	/* the other way round, with requests */
 	if (r == 0 || r == 1) {
@@ -272,7 +262,7 @@ static int rank_mismatch(int r, int n, void *arg)
 			    : comm_recv(c, b.p, 3, COMM_INT64, 1, &req);
 		if (rc == COMM_OK)
 			rc = comm_wait(req, -1);
-		bad |= !want_rc(c, r, "8 int64 against 3 int64, with requests", rc,
+		bad |= !th_want_rc(c, r, "8 int64 against 3 int64, with requests", rc,
 				COMM_ERR_MISMATCH);
 	}
 	ar = check_allreduce(c, r, n, 11, "a mismatched send/recv");
@@ -760,7 +750,7 @@ static int mop_start(comm_t *c, struct mrun *x, const struct mop *m, int r, int 
 	}
 	rc = mop_post(c, m, r, n, x->send, x->recv, m->async ? &x->req : NULL,
 		      m->async && m->kind == RING ? &x->req2 : NULL);
-	if (!want_rc(c, r, x->what, rc, COMM_OK)) {
+	if (!th_want_rc(c, r, x->what, rc, COMM_OK)) {
 		mop_free(c, x);
 		return -1;
 	}
@@ -778,7 +768,7 @@ static int mop_finish(comm_t *c, struct mrun *x)
 		rc = comm_wait(x->req, -1);
 	if (rc == COMM_OK && x->req2)
 		rc = comm_wait(x->req2, -1);
-	if (!want_rc(c, r, x->what, rc, COMM_OK)) {
+	if (!th_want_rc(c, r, x->what, rc, COMM_OK)) {
 		mop_free(c, x);
 		return -1;
 	}
@@ -990,7 +980,7 @@ static int rank_outstanding(int r, int n, void *arg)
 #define WANT_INVALID(call)                                                     \
 	do {                                                                   \
 		comm_result_t rc_ = (call);                                    \
-		bad |= !want_rc(c, r, #call, rc_, COMM_ERR_INVALID_ARG);       \
+		bad |= !th_want_rc(c, r, #call, rc_, COMM_ERR_INVALID_ARG);       \
 		if (rc_ == COMM_ERR_INVALID_ARG && !*comm_last_error(c)) {     \
 			fprintf(stderr, "rank %d: %s: comm_last_error is empty\n", \
 				r, #call);                                     \
@@ -1037,7 +1027,7 @@ static int rank_invalid(int r, int n, void *arg)
 			rc = comm_wait(req, -1);
 		else if (req)
 			fprintf(stderr, "rank %d: refused reduce left *req set\n", r);
-		bad |= !want_rc(c, r, "reduce root n+3 with a request", rc,
+		bad |= !th_want_rc(c, r, "reduce root n+3 with a request", rc,
 				COMM_ERR_INVALID_ARG);
 	}
 	THEN_ALLREDUCE("reduce root n+3 with a request");
@@ -1060,7 +1050,7 @@ static int rank_invalid(int r, int n, void *arg)
 		rc = comm_send(c, s, 4, COMM_INT32, n, NULL);
 		rc2 = comm_group_end(c);
 		if (rc != COMM_ERR_INVALID_ARG)
-			bad |= !want_rc(c, r, "a send to peer n in a group, then group end",
+			bad |= !th_want_rc(c, r, "a send to peer n in a group, then group end",
 					rc == COMM_OK ? rc2 : rc, COMM_ERR_INVALID_ARG);
 	}
 	THEN_ALLREDUCE("a bad peer in a group");
@@ -1110,7 +1100,7 @@ static int rank_early_leave(int r, int n, void *arg)
 			usleep(50000); /* let commd queue them */
 		rc = comm_finalize(c);
 		__atomic_store_n(&e->left, 1, __ATOMIC_RELEASE);
-		return !want_rc(NULL, r, "comm_finalize", rc, COMM_OK);
+		return !th_want_rc(NULL, r, "comm_finalize", rc, COMM_OK);
 	}
 	if (buf_get(c, &s, 64, 1, r) < 0 || buf_get(c, &d, 64, 1, r) < 0)
 		return th_bail(c);
@@ -1122,7 +1112,7 @@ static int rank_early_leave(int r, int n, void *arg)
 		usleep(1000);
 	if (req) {
 		rc = comm_wait(req, -1);
-		bad |= !want_rc(c, r, "all-reduce pending when rank 0 left", rc,
+		bad |= !th_want_rc(c, r, "all-reduce pending when rank 0 left", rc,
 				COMM_ERR_PEER_LOST);
 	}
 	buf_put(c, &s);
@@ -1151,11 +1141,11 @@ static int rank_early_leave(int r, int n, void *arg)
 		return th_bail(c);
 	/* anything that needs rank 0 fails, and does not hang */
 	rc = comm_allreduce(c, s.p, d.p, 4, COMM_FLOAT32, COMM_SUM, NULL);
-	bad |= !want_rc(c, r, "all-reduce after rank 0 left", rc, COMM_ERR_PEER_LOST);
+	bad |= !th_want_rc(c, r, "all-reduce after rank 0 left", rc, COMM_ERR_PEER_LOST);
 	rc = comm_barrier(c, NULL);
-	bad |= !want_rc(c, r, "barrier after rank 0 left", rc, COMM_ERR_PEER_LOST);
+	bad |= !th_want_rc(c, r, "barrier after rank 0 left", rc, COMM_ERR_PEER_LOST);
 	rc = comm_send(c, s.p, 4, COMM_FLOAT32, 0, NULL);
-	bad |= !want_rc(c, r, "send to rank 0 after it left", rc, COMM_ERR_PEER_LOST);
+	bad |= !th_want_rc(c, r, "send to rank 0 after it left", rc, COMM_ERR_PEER_LOST);
 	/* and the two of them still can talk */
 	ref_fill(s.p, 64, ref_msg_seed(61, r, peer, 0));
 	OK_OR_BAIL(comm_group_start(c));
@@ -1194,15 +1184,15 @@ static int rank_group_wait(int r, int n, void *arg)
 		OK_OR_BAIL(comm_recv(c, b.p, 100, COMM_INT32, 0, &req));
 	OK_OR_BAIL(comm_allreduce(c, s.p, d.p, 7, COMM_INT32, COMM_SUM, &areq));
 	rc = comm_wait(req, -1);
-	bad |= !want_rc(c, r, "comm_wait(req, -1) before comm_group_end", rc,
+	bad |= !th_want_rc(c, r, "comm_wait(req, -1) before comm_group_end", rc,
 			COMM_ERR_INVALID_ARG);
 	rc = comm_wait(req, 0);
-	bad |= !want_rc(c, r, "comm_wait(req, 0) before comm_group_end", rc,
+	bad |= !th_want_rc(c, r, "comm_wait(req, 0) before comm_group_end", rc,
 			COMM_ERR_INVALID_ARG);
 	rc = comm_test(req, &done);
-	bad |= !want_rc(c, r, "comm_test before comm_group_end", rc, COMM_ERR_INVALID_ARG);
+	bad |= !th_want_rc(c, r, "comm_test before comm_group_end", rc, COMM_ERR_INVALID_ARG);
 	rc = comm_wait(areq, -1);
-	bad |= !want_rc(c, r, "comm_wait(all-reduce) before comm_group_end", rc,
+	bad |= !th_want_rc(c, r, "comm_wait(all-reduce) before comm_group_end", rc,
 			COMM_ERR_INVALID_ARG);
 	OK_OR_BAIL(comm_group_end(c));
 	/* the requests are still valid and complete now */

@@ -83,16 +83,6 @@ static int64_t sum_plus1(const int *w, int m)
 
 /* --- checks, in a rank: 0 right, 1 a wrong result, -1 a call that failed ------------ */
 
-/* Whether rc is want; prints what happened otherwise. */
-static int want_rc(comm_t *c, int r, const char *what, comm_result_t rc, comm_result_t want)
-{
-	if (rc == want)
-		return 1;
-	fprintf(stderr, "rank %d: %s: %s (%s), expected %s\n", r, what, comm_result_name(rc),
-		c ? comm_last_error(c) : "", comm_result_name(want));
-	return 0;
-}
-
 static int worst(int a, int b)
 {
 	return a < 0 || b < 0 ? -1 : a | b;
@@ -103,7 +93,7 @@ static int sum_check(comm_t *c, int r, int64_t v, int64_t want, const char *what
 {
 	int64_t x = v;
 
-	if (!want_rc(c, r, what, comm_allreduce(c, &x, &x, 1, COMM_INT64, COMM_SUM, NULL),
+	if (!th_want_rc(c, r, what, comm_allreduce(c, &x, &x, 1, COMM_INT64, COMM_SUM, NULL),
 		     COMM_OK))
 		return -1;
 	if (x == want)
@@ -129,7 +119,7 @@ static int big_check(comm_t *c, int w, float *buf, int64_t wsum, const char *wha
 	maps0 = th_count_memfd_maps(getpid());
 	rc = comm_allreduce(c, buf, buf, BIG_COUNT, COMM_FLOAT32, COMM_SUM, NULL);
 	maps1 = th_count_memfd_maps(getpid());
-	if (!want_rc(c, w, what, rc, COMM_OK))
+	if (!th_want_rc(c, w, what, rc, COMM_OK))
 		return -1;
 	if (maps0 < 0 || maps1 != maps0) {
 		fprintf(stderr, "rank %d: %s: %d memfd mappings before the op, %d after: staged\n",
@@ -163,7 +153,7 @@ static int split_check(comm_t *c, int q, int n, const int *color, const int *key
 
 	w = world_of(world, q);
 	*nc = POISON;
-	if (!want_rc(c, w, what, comm_split(c, color[q], key[q], nc), COMM_OK))
+	if (!th_want_rc(c, w, what, comm_split(c, color[q], key[q], nc), COMM_OK))
 		return -1;
 	if (m == 0 || !*nc || *nc == POISON) {
 		if (m == 0 && !*nc)
@@ -184,7 +174,7 @@ static int split_check(comm_t *c, int q, int n, const int *color, const int *key
 		return -1;
 	}
 	mine = w;
-	if (!want_rc(*nc, w, what, comm_allgather(*nc, &mine, all, 1, COMM_INT32, NULL), COMM_OK))
+	if (!th_want_rc(*nc, w, what, comm_allgather(*nc, &mine, all, 1, COMM_INT32, NULL), COMM_OK))
 		return -1;
 	for (int k = 0; k < m; k++) {
 		if (all[k] == members[k])
@@ -209,7 +199,7 @@ static int invalid_check(comm_t *c, int r, int n)
 			nc ? "set" : "NULL", comm_last_error(c));
 		bad = 1;
 	}
-	if (!want_rc(c, r, "group start", comm_group_start(c), COMM_OK))
+	if (!th_want_rc(c, r, "group start", comm_group_start(c), COMM_OK))
 		return -1;
 	nc = POISON;
 	rc = comm_split(c, 0, 0, &nc);
@@ -218,7 +208,7 @@ static int invalid_check(comm_t *c, int r, int n)
 			"INVALID_ARG and NULL\n", r, comm_result_name(rc), nc ? "set" : "NULL");
 		bad = 1;
 	}
-	if (!want_rc(c, r, "group end after the split refused", comm_group_end(c), COMM_OK))
+	if (!th_want_rc(c, r, "group end after the split refused", comm_group_end(c), COMM_OK))
 		return -1;
 	/* nothing went out: the next collective matches on every rank */
 	return worst(bad, sum_check(c, r, 7 * (r + 1), 7 * n * (n + 1) / 2,
@@ -260,7 +250,7 @@ static int rank_sp(int r, int n, void *arg)
 	}
 	rc = split_check(c, r, n, color, key, NULL, &c5, "split with the last rank out");
 	if (rc >= 0 && c5)
-		rc = want_rc(c5, r, "barrier on sp/split.1.0", comm_barrier(c5, NULL), COMM_OK)
+		rc = th_want_rc(c5, r, "barrier on sp/split.1.0", comm_barrier(c5, NULL), COMM_OK)
 			     ? worst(rc, sum_check(c5, r, 10 * (r + 1), 10 * (n - 1) * n / 2,
 						   "all-reduce on sp/split.1.0"))
 			     : -1;
@@ -358,7 +348,7 @@ static int rank_solo(int r, int n, void *arg)
 	got[1] = daemon_maps(d, want[1]);
 	for (int i = 0; i < 16; i++)
 		own[i] = (float)i;
-	if (!want_rc(ch, r, "all-reduce on solo/split.0.0", comm_allreduce(ch, own, own, 16,
+	if (!th_want_rc(ch, r, "all-reduce on solo/split.0.0", comm_allreduce(ch, own, own, 16,
 			COMM_FLOAT32, COMM_SUM, NULL), COMM_OK))
 		return th_bail(ch);
 	got[2] = daemon_maps(d, want[2]);
@@ -493,7 +483,7 @@ static int rank_quota(int r, int n, void *arg)
 	x = pbig + 1024;
 	for (int i = 0; i < 1024; i++)
 		x[i] = (float)(i * (r + 1));
-	if (!want_rc(ch, r, "all-reduce on 4 KiB of the parent's segment past the child's quota",
+	if (!th_want_rc(ch, r, "all-reduce on 4 KiB of the parent's segment past the child's quota",
 		     comm_allreduce(ch, x, x, 1024, COMM_FLOAT32, COMM_SUM, NULL), COMM_OK))
 		return th_bail(c);
 	bad = 0;

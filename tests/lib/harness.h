@@ -84,6 +84,8 @@ int th_free_port(void);
 int th_join(comm_t **c, int rank, int size);
 /* comm_finalize; 0, or 1 with the reason printed. */
 int th_leave(comm_t *c, int rank);
+/* Whether rc is want; prints what happened otherwise (rank r, c's last error). */
+int th_want_rc(comm_t *c, int r, const char *what, comm_result_t rc, comm_result_t want);
 /* Give up after an op failed on this rank (the others' ops then fail too); returns 1. */
 int th_bail(comm_t *c);
 

@@ -35,6 +35,15 @@ int th_leave(comm_t *c, int r)
 	return 0;
 }
 
+int th_want_rc(comm_t *c, int r, const char *what, comm_result_t rc, comm_result_t want)
+{
+	if (rc == want)
+		return 1;
+	fprintf(stderr, "rank %d: %s: %s (%s), expected %s\n", r, what, comm_result_name(rc),
+		c ? comm_last_error(c) : "", comm_result_name(want));
+	return 0;
+}
+
 int th_bail(comm_t *c)
 {
 	comm_abort(c);
