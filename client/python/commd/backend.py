@@ -104,6 +104,7 @@ class ProcessGroupCommd(ProcessGroup):
 
     def __init__(self, rank, size, group=None):
         super().__init__(rank, size)
+        self._g = group
         self._kw = {"async_op": True, "group": group}
 
     def getBackendName(self):
@@ -162,11 +163,11 @@ class ProcessGroupCommd(ProcessGroup):
 
     def send(self, tensors, dst, tag):
         _no_tag("send", tag)
-        return _Work([commd.isend(_one("send", tensors), dst, group=self._kw["group"])], tensors)
+        return _Work([commd.isend(_one("send", tensors), dst, group=self._g)], tensors)
 
     def recv(self, tensors, src, tag):
         _no_tag("recv", tag)
-        return _Work([commd.irecv(_one("recv", tensors), src, group=self._kw["group"])], tensors)
+        return _Work([commd.irecv(_one("recv", tensors), src, group=self._g)], tensors)
 
     def barrier(self, opts=None):
         return _Work([commd.barrier(**self._kw)], [])
