@@ -123,6 +123,30 @@ while not w.is_completed():
 for i in range(n):
     check(f"all_to_all[{i}] after is_completed", outs[i], torch.full((2,), float(i * 100 + rank)))
 
+# gather and scatter (an all-gather the root keeps, a broadcast each rank takes
+# its block of), and torch's object collectives built on all_gather/broadcast
+t = torch.tensor([float(rank), 10.0 + rank])
+outs = [torch.zeros(2) for _ in range(n)] if rank == n - 1 else None
+dist.gather(t, outs, dst=n - 1)
+if rank == n - 1:
+    for r in range(n):
+        check(f"gather[{r}]", outs[r], torch.tensor([float(r), 10.0 + r]))
+t = torch.zeros(3, dtype=torch.int64)
+dist.scatter(t, [torch.full((3,), 7 * k, dtype=torch.int64) for k in range(n)]
+             if rank == 0 else None, src=0)
+check("scatter", t, torch.full((3,), 7 * rank, dtype=torch.int64))
+objs = [None] * n
+dist.all_gather_object(objs, {"rank": rank, "name": "x" * rank})
+if objs != [{"rank": r, "name": "x" * r} for r in range(n)]:
+    sys.stdout.write(f"rank {rank}: all_gather_object: {objs}\n")
+    sys.exit(1)
+objs = [("from", 0), {1: 2}] if rank == 0 else [None, None]
+dist.broadcast_object_list(objs, src=0)
+if objs != [("from", 0), {1: 2}]:
+    sys.stdout.write(f"rank {rank}: broadcast_object_list: {objs}\n")
+    sys.exit(1)
+checks += 2
+
 # new_group(): a communicator of the group's ranks; torch hands the backend
 # group ranks, the calls take world ranks
 evens = list(range(0, n, 2))

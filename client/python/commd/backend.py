@@ -12,7 +12,8 @@ backend on the group's ranks alone, so it cannot be a comm_split). After
 destroy_process_group() call commd.finalize() to leave the job (and before
 init_process_group again).
 Reductions: SUM, PRODUCT, MIN, MAX and AVG. all_to_all takes equal blocks of
-one dtype; send/recv take no tags. Ops run as commd's async ops; the Work
+one dtype; send/recv take no tags; gather and scatter move n times the data
+(an all-gather, a broadcast). Ops run as commd's async ops; the Work
 that torch gets waits for them.
 """
 import time
@@ -160,6 +161,32 @@ class ProcessGroupCommd(ProcessGroup):
                 n = o.numel()
                 o.copy_(out[k * n:(k + 1) * n].view(o.shape))
         return _Work([commd.all_to_all(out, inp, **self._kw)], outs, copy_out)
+
+    def gather(self, output_lists, inputs, opts=None):
+        """An all-gather whose blocks the root keeps (the others' go to a
+        scratch tensor): the root's list is filled in place of torch's gather."""
+        t = _one("gather", inputs)
+        if self.rank() == opts.rootRank:
+            outs = _one("gather", output_lists)
+            _same("gather", outs, t)
+        else:
+            outs = torch.empty(self.size() * t.numel(), dtype=t.dtype, device=t.device)
+        return _Work([commd.all_gather(outs, t, **self._kw)], output_lists)
+
+    def scatter(self, outputs, input_lists, opts=None):
+        """A broadcast of the root's blocks, each rank keeping its own."""
+        out = _one("scatter", outputs)
+        if self.rank() == opts.rootRank:
+            ins = _one("scatter", input_lists)
+            _same("scatter", ins, out)
+            buf = torch.cat([x.reshape(-1) for x in ins])
+        else:
+            buf = torch.empty(self.size() * out.numel(), dtype=out.dtype, device=out.device)
+        n, r = out.numel(), self.rank()
+
+        def copy_out():
+            out.copy_(buf[r * n:(r + 1) * n].view(out.shape))
+        return _Work([commd.broadcast(buf, opts.rootRank, **self._kw)], outputs, copy_out)
 
     def send(self, tensors, dst, tag):
         _no_tag("send", tag)
