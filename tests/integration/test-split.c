@@ -8,6 +8,7 @@
  * finalized before its child. Then four ranks over two daemons split across
  * them and within each. The children's job names come from the daemons' logs.
  */
+#include <pthread.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -33,7 +34,7 @@
 
 /* The cases, each passed or failed by every rank, in memory shared with them. */
 enum { C_PARITY, C_NOCOLOR, C_INTERLEAVE, C_ZC_DOWN, C_ZC_UP, C_ZC_GRAND, C_INVALID,
-       C_PARENT_FIRST, C_FORGET, C_AGREE, C_QUOTA, C_SPAN, C_LOCAL, NCASES };
+       C_PARENT_FIRST, C_FORGET, C_AGREE, C_QUOTA, C_THREADS, C_SPAN, C_LOCAL, NCASES };
 enum { NOT_RUN, PASSED, FAILED };
 static int (*outcome)[MAXN];
 
@@ -495,6 +496,82 @@ static int rank_quota(int r, int n, void *arg)
 	return bad | th_leave(ch, r) | th_leave(c, r);
 }
 
+/*
+ * Job "threads", two ranks, and its child: one thread all-reduces on the
+ * child, in the parent's memory (the family's lookups), while the other
+ * makes and frees 70 MiB segments on the parent (COMM_KEEP_MB=0: each one
+ * goes at once, changing the family's lists under the first thread).
+ */
+#define THREAD_ROUNDS 60
+
+struct on_child {
+	comm_t *ch;
+	float *x;
+	int r, n, bad;
+};
+
+static void *child_loop(void *arg)
+{
+	struct on_child *o = arg;
+
+	for (int k = 0; k < THREAD_ROUNDS && !o->bad; k++) {
+		for (int i = 0; i < 1024; i++)
+			o->x[i] = (float)(k + i * (o->r + 1));
+		if (!th_want_rc(o->ch, o->r, "all-reduce on the child, in the parent's memory",
+				comm_allreduce(o->ch, o->x, o->x, 1024, COMM_FLOAT32, COMM_SUM,
+					       NULL), COMM_OK)) {
+			o->bad = -1;
+			break;
+		}
+		for (int i = 0; i < 1024 && !o->bad; i++)
+			if (o->x[i] != (float)(o->n * k + i * o->n * (o->n + 1) / 2))
+				o->bad = 1;
+	}
+	return NULL;
+}
+
+static int rank_threads(int r, int n, void *arg)
+{
+	int color[2] = { 0, 0 }, key[2] = { 0, 0 }, bad = 0;
+	struct on_child o = { .r = r, .n = n };
+	comm_t *c;
+	pthread_t t;
+
+	(void)arg;
+	setenv("COMM_KEEP_MB", "0", 1);
+	if (th_join(&c, r, n) < 0)
+		return 1;
+	if (!(o.x = comm_mem_alloc(c, 1024 * sizeof *o.x)) ||
+	    split_check(c, r, n, color, key, NULL, &o.ch, "split of threads") != 0)
+		return th_bail(c);
+	if (pthread_create(&t, NULL, child_loop, &o) != 0)
+		return th_bail(c);
+	for (int k = 0; k < THREAD_ROUNDS && !bad; k++) {
+		int64_t *big = comm_mem_alloc(c, (size_t)70 << 20);
+
+		if (!big) {
+			fprintf(stderr, "rank %d: comm_mem_alloc of 70 MiB: %s\n", r,
+				comm_last_error(c));
+			bad = -1;
+			break;
+		}
+		big[0] = k + r;
+		if (!th_want_rc(c, r, "all-reduce on the parent, in a new segment",
+				comm_allreduce(c, big, big, 1, COMM_INT64, COMM_SUM, NULL), COMM_OK))
+			bad = -1;
+		else if (big[0] != n * k + n * (n - 1) / 2)
+			bad = 1;
+		comm_mem_free(c, big);
+	}
+	pthread_join(t, NULL);
+	if (o.bad || bad)
+		fprintf(stderr, "rank %d: threads: child loop %d, parent loop %d\n", r, o.bad, bad);
+	outcome[C_THREADS][r] = o.bad || bad ? FAILED : PASSED;
+	if (o.bad < 0 || bad < 0)
+		return th_bail(o.ch) | th_bail(c);
+	return (o.bad || bad) | th_leave(o.ch, r) | th_leave(c, r);
+}
+
 /* Job "nsp" over two daemons: a split across them, one within each. */
 static int rank_nsp(int r, int n, void *arg)
 {
@@ -659,6 +736,10 @@ static void test_one_daemon(void)
 		       strchr(child, '~'), strlen(child));
 	}
 	test_agree(&d);
+	failed = th_run_ranks(&d, "threads", 2, rank_threads, NULL);
+	CHECK(failed == 0, "job threads: %d ranks failed", failed);
+	report(C_THREADS, 2, "60 all-reduces on a child in its parent's memory, in one thread, "
+	       "while another makes and frees a 70 MiB segment of the parent for each of its 60");
 	for (size_t i = 0; i < sizeof jobs / sizeof jobs[0]; i++) {
 		snprintf(line, sizeof line, "job %s: formed, %d rank%s", jobs[i].job, jobs[i].ranks,
 			 jobs[i].ranks == 1 ? "" : "s");
