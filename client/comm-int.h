@@ -82,6 +82,9 @@ struct comm_request {
 	int flag_set;               /* libcomm wrote the flag itself (the op failed) */
 	int detached;               /* handed to a stream by comm_stream_wait: libcomm frees it */
 	Commpb__BufRef done_ref;    /* the flag as the Op names it */
+	/* a request of several ops (comm_alltoallv): the parts not finished yet */
+	int nparts;
+	struct comm_request **parts; /* NULL: a request of one op */
 };
 
 /* An op of an open group, sent at comm_group_end. */
@@ -223,8 +226,11 @@ void gpu_free_all(comm_t *c, int tell_daemon);
 
 /* req.c */
 comm_request_t *req_new(comm_t *c);
+comm_request_t *req_new_parts(comm_t *c, int n);
 /* Take a finished request off the list, unstage it and free it. */
 comm_result_t req_finish(comm_request_t *r);
+/* comm_stream_wait of a request of several ops: each part handed to stream. */
+comm_result_t req_parts_stream_wait(comm_request_t *r, void *stream);
 /* Fail every outstanding request with rc (the connection is gone). */
 void req_fail_all(comm_t *c, comm_result_t rc);
 /* Finish the detached requests (comm_stream_wait) that are done. */

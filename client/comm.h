@@ -188,10 +188,27 @@ comm_result_t comm_alltoall(comm_t *comm, const void *sendbuf, void *recvbuf, si
 			    comm_dtype_t dtype, comm_request_t **req);
 
 /*
+ * alltoallv, as MPI_Alltoallv and torch's all_to_all_single with split
+ * sizes: sendcounts[j] elements from sendbuf + sdispls[j] go to rank j,
+ * which takes them in at recvbuf + rdispls[i] (recvcounts[i] elements, i
+ * the sender); counts and displacements are in elements, one per rank. A
+ * rank's recvcounts[i] must equal rank i's sendcounts[j] for it (zero
+ * included): otherwise that pair fails as a send and recv of different
+ * sizes do (below). It is a group of
+ * a send to and a recv from each rank (see comm_group_start), so inside an
+ * open group it joins that group; its request, if asked for, stands for
+ * them all. sendbuf and recvbuf must not overlap.
+ */
+comm_result_t comm_alltoallv(comm_t *comm, const void *sendbuf, const size_t *sendcounts,
+			     const size_t *sdispls, void *recvbuf, const size_t *recvcounts,
+			     const size_t *rdispls, comm_dtype_t dtype, comm_request_t **req);
+
+/*
  * Point to point. The k-th send from rank a to rank b matches the k-th recv
  * on b from a; the daemon copies once, from the sender's memory into the
- * receiver's. Sizes (count x dtype size) must agree: a mismatch fails both
- * sides with COMM_ERR_MISMATCH. As in NCCL, a send or recv outside a group
+ * receiver's. Sizes (count x dtype size) must agree: a mismatch fails the
+ * recv with COMM_ERR_MISMATCH, and the send on one daemon (across daemons
+ * the send may have ended before the receiver compared). As in NCCL, a send or recv outside a group
  * blocks the rank's later ops until its partner has posted; exchanges where
  * both sides send first belong in a group. peer == own rank needs a group:
  * outside one it is COMM_ERR_INVALID_ARG.

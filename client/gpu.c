@@ -754,6 +754,8 @@ COMM_API comm_result_t comm_stream_wait(comm_request_t *r, void *stream)
 
 	if (!r)
 		return COMM_ERR_INVALID_ARG;
+	if (r->parts)
+		return req_parts_stream_wait(r, stream);
 	c = r->comm;
 	if (r->unsent)
 		return comm_set_error(c, COMM_ERR_INVALID_ARG,

@@ -380,6 +380,96 @@ COMM_API comm_result_t comm_alltoall(comm_t *c, const void *sendbuf, void *recvb
 	return rc != COMM_OK ? rc : submit(c, &d, req);
 }
 
+/* Whether block j of a buffer (counts, displs, es bytes an element) ends past SIZE_MAX. */
+static int block_overflows(const size_t *counts, const size_t *displs, int j, size_t es)
+{
+	size_t end;
+
+	return __builtin_add_overflow(displs[j], counts[j], &end) || mul_overflow_size(end, es, &end);
+}
+
+/* Take back the ops a call that failed with rc added to the open group from mark on. */
+static void group_drop(comm_t *c, size_t mark, comm_result_t rc)
+{
+	while (c->group_n > mark) {
+		comm_request_t *r = c->group[--c->group_n].req;
+
+		c->next_seq--;
+		r->unsent = 0;
+		r->rc = rc;
+		req_finish(r);
+	}
+}
+
+/*
+ * As NCCL users and torch's all_to_all_single do it: in a group, a recv
+ * from and a send to every rank (itself too), rank + 1 first so that the
+ * ranks do not all start with the same peer. Zero counts are sent too, so
+ * that counts that disagree fail as a size mismatch, not at the deadline.
+ */
+COMM_API comm_result_t comm_alltoallv(comm_t *c, const void *sendbuf, const size_t *sendcounts,
+				      const size_t *sdispls, void *recvbuf,
+				      const size_t *recvcounts, const size_t *rdispls,
+				      comm_dtype_t dtype, comm_request_t **req)
+{
+	size_t es = comm_dtype_size(dtype), mark;
+	comm_request_t *all = NULL;
+	comm_result_t rc = COMM_OK;
+	int n;
+
+	if (req)
+		*req = NULL;
+	if (!c)
+		return COMM_ERR_INVALID_ARG;
+	if (c->broken != COMM_OK)
+		return c->broken;
+	if (!es)
+		return comm_set_error(c, COMM_ERR_INVALID_ARG, "alltoallv: unknown dtype %d",
+				      (int)dtype);
+	if (!sendcounts || !sdispls || !recvcounts || !rdispls)
+		return comm_set_error(c, COMM_ERR_INVALID_ARG,
+				      "alltoallv: counts and displacements are needed, one per rank");
+	n = c->size;
+	for (int j = 0; j < n; j++)
+		if (block_overflows(sendcounts, sdispls, j, es) ||
+		    block_overflows(recvcounts, rdispls, j, es))
+			return comm_set_error(c, COMM_ERR_INVALID_ARG,
+					      "alltoallv: rank %d's block overflows", j);
+	if (req && !(all = req_new_parts(c, 2 * n)))
+		return comm_set_error(c, COMM_ERR_NO_MEMORY, "alltoallv: out of memory");
+	comm_group_start(c);
+	mark = c->group_n;
+	for (int k = 1; k <= n && rc == COMM_OK; k++) {
+		int j = (c->rank + k) % n;
+		const char *sb = sendcounts[j] ? (const char *)sendbuf + sdispls[j] * es : sendbuf;
+		char *rb = recvcounts[j] ? (char *)recvbuf + rdispls[j] * es : recvbuf;
+
+		rc = comm_recv(c, rb, recvcounts[j], dtype, j, all ? &all->parts[all->nparts] : NULL);
+		if (rc == COMM_OK && all)
+			all->nparts++;
+		if (rc == COMM_OK)
+			rc = comm_send(c, sb, sendcounts[j], dtype, j,
+				       all ? &all->parts[all->nparts] : NULL);
+		if (rc == COMM_OK && all)
+			all->nparts++;
+	}
+	if (rc != COMM_OK) {
+		group_drop(c, mark, rc);
+		if (all) {
+			all->nparts = 0;
+			req_finish(all);
+		}
+		comm_group_end(c);
+		return rc;
+	}
+	rc = comm_group_end(c);
+	if (rc != COMM_OK && all) /* a part not sent: the request is not handed out */
+		comm_wait(all, -1);
+	else if (req)
+		*req = all;
+	return rc;
+}
+
 /* A send or recv with itself outside a group would wait for itself: refused (c is checked). */
 static comm_result_t p2p_self(comm_t *c, const struct opdesc *d)
 {

@@ -35,6 +35,33 @@ static void req_unlink(comm_request_t *r)
 	}
 }
 
+/*
+ * A request of n ops (comm_alltoallv), each posted with a request of its
+ * own stored in parts: it is done when they all are, its result their
+ * first error. On the list like the others, so comm_finalize frees it.
+ */
+comm_request_t *req_new_parts(comm_t *c, int n)
+{
+	comm_request_t *r = req_new(c);
+
+	if (!r)
+		return NULL;
+	if (!(r->parts = calloc(n ? (size_t)n : 1, sizeof *r->parts))) {
+		req_unlink(r);
+		free(r);
+		return NULL;
+	}
+	return r;
+}
+
+/* Part i of r has finished with rc. */
+static void part_done(comm_request_t *r, int i, comm_result_t rc)
+{
+	if (rc != COMM_OK && r->rc == COMM_OK)
+		r->rc = rc;
+	r->parts[i] = r->parts[--r->nparts];
+}
+
 /* Give back staging blocks (quietly: the comm may be broken). */
 static void unstage(comm_request_t *r)
 {
@@ -56,6 +83,7 @@ comm_result_t req_finish(comm_request_t *r)
 		r->comm->async_error = rc;
 	gpu_req_release(r);
 	req_unlink(r);
+	free(r->parts);
 	free(r);
 	return rc;
 }
@@ -88,18 +116,68 @@ void req_free_all(comm_t *c)
 		comm_request_t *r = c->reqs;
 
 		c->reqs = r->next;
+		free(r->parts);
 		free(r);
 	}
 	c->reqs_tail = NULL;
+}
+
+/* A part still in an open group makes the whole unsent. */
+static int unsent(const comm_request_t *r)
+{
+	return r->parts ? r->nparts && r->parts[0]->unsent : r->unsent;
+}
+
+static comm_result_t parts_wait(comm_request_t *r, int timeout_ms)
+{
+	uint64_t end = now_ms() + (uint64_t)(timeout_ms > 0 ? timeout_ms : 0);
+
+	while (r->nparts) {
+		uint64_t now = now_ms();
+		int left = timeout_ms < 0 ? -1 : now >= end ? 0 : (int)(end - now);
+		comm_result_t rc = comm_wait(r->parts[0], left);
+
+		if (rc == COMM_INPROGRESS)
+			return rc;
+		part_done(r, 0, rc);
+	}
+	return req_finish(r);
+}
+
+static comm_result_t parts_test(comm_request_t *r, int *done)
+{
+	for (int i = 0; i < r->nparts;) {
+		int d = 0;
+		comm_result_t rc = comm_test(r->parts[i], &d);
+
+		if (!d)
+			i++;
+		else
+			part_done(r, i, rc);
+	}
+	*done = r->nparts == 0;
+	return *done ? req_finish(r) : COMM_OK;
+}
+
+comm_result_t req_parts_stream_wait(comm_request_t *r, void *stream)
+{
+	if (unsent(r))
+		return comm_set_error(r->comm, COMM_ERR_INVALID_ARG,
+				      "stream wait: the request's group has not ended yet");
+	while (r->nparts)
+		part_done(r, 0, comm_stream_wait(r->parts[0], stream));
+	return req_finish(r);
 }
 
 COMM_API comm_result_t comm_wait(comm_request_t *r, int timeout_ms)
 {
 	if (!r || r->detached)
 		return COMM_ERR_INVALID_ARG;
-	if (r->unsent)
+	if (unsent(r))
 		return comm_set_error(r->comm, COMM_ERR_INVALID_ARG,
 				      "wait: the request's group has not ended yet");
+	if (r->parts)
+		return parts_wait(r, timeout_ms);
 	ring_wait(r, timeout_ms);
 	return r->done ? req_finish(r) : COMM_INPROGRESS;
 }
@@ -108,9 +186,11 @@ COMM_API comm_result_t comm_test(comm_request_t *r, int *done)
 {
 	if (!r || !done || r->detached)
 		return COMM_ERR_INVALID_ARG;
-	if (r->unsent)
+	if (unsent(r))
 		return comm_set_error(r->comm, COMM_ERR_INVALID_ARG,
 				      "test: the request's group has not ended yet");
+	if (r->parts)
+		return parts_test(r, done);
 	ring_reap(r->comm);
 	if (!r->done)
 		comm_pump(r->comm, 0);
