@@ -358,7 +358,11 @@ static void comm_free(comm_t *c)
 	free(c);
 }
 
-COMM_API comm_result_t comm_init(comm_t **out, const comm_config_t *config)
+/*
+ * comm_init, with the join's own deadline (0: the op deadline's) where
+ * comm_split needs it shorter.
+ */
+static comm_result_t join(comm_t **out, const comm_config_t *config, uint32_t join_timeout_ms)
 {
 	Commpb__Envelope env = COMMPB__ENVELOPE__INIT, *reply = NULL;
 	Commpb__Hello hello = COMMPB__HELLO__INIT;
@@ -407,6 +411,7 @@ COMM_API comm_result_t comm_init(comm_t **out, const comm_config_t *config)
 	hello.world_size = cfg.world_size;
 	hello.timeout_ms = (uint32_t)cfg.timeout_ms;
 	hello.root = (char *)cfg.root;
+	hello.join_timeout_ms = join_timeout_ms;
 	env.body_case = COMMPB__ENVELOPE__BODY_HELLO;
 	env.hello = &hello;
 	rc = comm_call(c, &env, NULL, 0, &reply);
@@ -425,6 +430,8 @@ COMM_API comm_result_t comm_init(comm_t **out, const comm_config_t *config)
 	c->rank = cfg.rank;
 	c->size = cfg.world_size;
 	c->version = reply->hello_reply->version;
+	if (reply->hello_reply->timeout_ms) /* the daemon's default, where cfg left it to it */
+		c->timeout_ms = (int)reply->hello_reply->timeout_ms;
 	ring_attach(c);
 	if (c->broken != COMM_OK) {
 		rc = c->broken;
@@ -439,6 +446,11 @@ out:
 		comm_free(c);
 	}
 	return rc;
+}
+
+COMM_API comm_result_t comm_init(comm_t **out, const comm_config_t *config)
+{
+	return join(out, config, 0);
 }
 
 /*
@@ -503,7 +515,12 @@ COMM_API comm_result_t comm_split(comm_t *c, int color, int key, comm_t **out)
 		cfg.world_size = n;
 		cfg.timeout_ms = c->timeout_ms;
 		cfg.root = c->root;
-		if ((joined = comm_init(&child, &cfg)) != COMM_OK)
+		/*
+		 * Half the deadline: where another rank's join failed at once and
+		 * it waits in the agreement below, this one's join ends well
+		 * before that agreement's deadline would fail comm.
+		 */
+		if ((joined = join(&child, &cfg, (uint32_t)c->timeout_ms / 2)) != COMM_OK)
 			snprintf(why, sizeof why, "%s", init_error);
 	}
 	/* every rank's new comm formed, or none is kept: a half-made one would fail its first op */

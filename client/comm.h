@@ -139,7 +139,10 @@ int comm_size(const comm_t *comm);
  * belongs to the communicator that allocated it: comm_mem_free it there,
  * and it goes with that communicator's comm_finalize. Every rank's new
  * communicator forms, or none does: on error *newcomm is NULL on every
- * rank and comm_last_error(comm) says why. As with any collective, a rank
+ * rank and comm_last_error(comm) says why. A new communicator's join has
+ * half comm's deadline, so that where one rank's join fails at once (its
+ * daemon refuses the connection) the others' give up (COMM_ERR_TIMEOUT,
+ * naming it) before comm's own deadline could fail comm. As with any collective, a rank
  * whose arguments are refused (a color below COMM_SPLIT_NOCOLOR, a split
  * inside a group: COMM_ERR_INVALID_ARG, before anything is sent) leaves
  * the others waiting until the deadline.

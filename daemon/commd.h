@@ -578,6 +578,7 @@ struct job {
 	comm_result_t fail_code;
 	char fail_detail[256];
 	uint32_t timeout_ms;
+	uint32_t join_timeout_ms; /* at most timeout_ms */
 	uint64_t created_ms;
 	/* engine state */
 	TAILQ_HEAD(, posted) *posted; /* per rank, in seq order */

@@ -94,6 +94,9 @@ static struct job *job_new(const struct conn *c, const Commpb__Hello *h)
 	j->timeout_ms = h->timeout_ms ? h->timeout_ms : srv.default_timeout_ms;
 	if (j->timeout_ms > TIMEOUT_MAX_MS)
 		j->timeout_ms = TIMEOUT_MAX_MS;
+	j->join_timeout_ms = h->join_timeout_ms && h->join_timeout_ms < j->timeout_ms
+				     ? h->join_timeout_ms
+				     : j->timeout_ms;
 	j->created_ms = now_ms();
 	j->state = JOB_FORMING;
 	TAILQ_INSERT_TAIL(&srv.jobs, j, link);
@@ -189,6 +192,7 @@ static void job_answer_hellos(struct job *j, comm_result_t code, const char *det
 	hr.version_min = PROTO_VERSION_MIN;
 	hr.version_max = PROTO_VERSION;
 	hr.daemon_version = COMMD_VERSION;
+	hr.timeout_ms = j->timeout_ms;
 	env.body_case = COMMPB__ENVELOPE__BODY_HELLO_REPLY;
 	env.hello_reply = &hr;
 	for (int r = 0; r < j->world; r++) {
@@ -294,7 +298,7 @@ void job_check_deadlines(uint64_t now)
 	TAILQ_FOREACH_SAFE(j, &srv.jobs, link, tmp) {
 		if (j->state == JOB_FORMING) {
 			/* a job formed by a root times out there (peer_tick) */
-			if (!j->dist && now - j->created_ms >= j->timeout_ms) {
+			if (!j->dist && now - j->created_ms >= j->join_timeout_ms) {
 				int n = 0, missing = j->world - j->joined;
 
 				for (int r = 0; r < j->world && n < 100; r++)
@@ -303,7 +307,7 @@ void job_check_deadlines(uint64_t now)
 							      "%s%d", n ? ", " : "", r);
 				job_fail(j, COMM_ERR_TIMEOUT,
 					 "join: rank%s %s did not join within %u ms",
-					 missing == 1 ? "" : "s", ranks, j->timeout_ms);
+					 missing == 1 ? "" : "s", ranks, j->join_timeout_ms);
 			}
 			continue;
 		}

@@ -1115,7 +1115,7 @@ void peer_job_update(struct job *j)
 	jn.token.data = j->token;
 	jn.token.len = j->token_len;
 	jn.world_size = j->world;
-	jn.timeout_ms = j->timeout_ms;
+	jn.timeout_ms = j->join_timeout_ms; /* the root's deadline for forming it */
 	jn.ranks = ranks;
 	jn.n_ranks = n;
 	jn.slot = j->dist->slot;
@@ -1327,10 +1327,10 @@ void peer_tick(uint64_t now)
 	}
 	TAILQ_FOREACH(j, &srv.jobs, link)
 		if (j->dist && j->state == JOB_FORMING &&
-		    now - j->created_ms >= (uint64_t)j->timeout_ms + FORM_GRACE_MS)
+		    now - j->created_ms >= (uint64_t)j->join_timeout_ms + FORM_GRACE_MS)
 			job_fail(j, COMM_ERR_TIMEOUT,
 				 "join: root daemon %s did not form the job within %u ms",
-				 j->dist->root, j->timeout_ms);
+				 j->dist->root, j->join_timeout_ms);
 }
 
 const char *peer_listen_addr(void)

@@ -34,7 +34,7 @@
 
 /* The cases, each passed or failed by every rank, in memory shared with them. */
 enum { C_PARITY, C_NOCOLOR, C_INTERLEAVE, C_ZC_DOWN, C_ZC_UP, C_ZC_GRAND, C_INVALID,
-       C_PARENT_FIRST, C_FORGET, C_AGREE, C_QUOTA, C_THREADS, C_SPAN, C_LOCAL, NCASES };
+       C_PARENT_FIRST, C_FORGET, C_AGREE, C_REFUSED, C_QUOTA, C_THREADS, C_SPAN, C_LOCAL, NCASES };
 enum { NOT_RUN, PASSED, FAILED };
 static int (*outcome)[MAXN];
 
@@ -430,6 +430,45 @@ static int rank_agree(int r, int n, void *arg)
 }
 
 /*
+ * A split where one rank's join is refused at once (its daemon takes 3
+ * connections of the uid, the 2 parents and the first child's): that
+ * rank fails saying why, the other once its own join gave up at half the
+ * deadline (COMM_ERR_TIMEOUT naming the rank that did not join), before
+ * the agreement on the parent could time out; the parent goes on.
+ */
+static int rank_refused(int r, int n, void *arg)
+{
+	comm_t *c, *nc = POISON;
+	struct timespec t0;
+	comm_result_t rc;
+	double secs;
+	int bad;
+
+	(void)arg;
+	if (th_join(&c, r, n) < 0)
+		return 1;
+	clock_gettime(CLOCK_MONOTONIC, &t0);
+	rc = comm_split(c, 0, 0, &nc);
+	secs = th_secs_since(&t0);
+	bad = nc != NULL ||
+	      !((rc == COMM_ERR_BUSY && strstr(comm_last_error(c), "max-connections-per-uid")) ||
+		(rc == COMM_ERR_TIMEOUT && strstr(comm_last_error(c), "did not join within 1500 ms")));
+	printf("# refused rank %d: comm_split: %s in %.1f s: %s\n", r, comm_result_name(rc), secs,
+	       comm_last_error(c));
+	fflush(stdout);
+	if (bad)
+		fprintf(stderr, "rank %d: comm_split with one join refused: %s (%s), newcomm %s; "
+			"expected COMM_ERR_BUSY naming the limit or COMM_ERR_TIMEOUT naming the "
+			"rank that did not join, and NULL\n",
+			r, comm_result_name(rc), comm_last_error(c), nc ? "set" : "NULL");
+	rc = sum_check(c, r, r + 1, n * (n + 1) / 2, "all-reduce on the parent after");
+	outcome[C_REFUSED][r] = bad || rc ? FAILED : PASSED;
+	if (rc < 0)
+		return th_bail(c);
+	return bad | rc | th_leave(c, r);
+}
+
+/*
  * The squatter of rank_agree: rank 1 of "agree/split.0.0", joined before
  * the split; rank 0's join forms the job, and rank 0 aborts it once the
  * split failed: 0 when its barrier then fails with COMM_ERR_ABORTED.
@@ -661,6 +700,29 @@ static void test_agree(const struct th_daemon *d)
 	       "both fail, rank 0 COMM_ERR_ABORTED, neither keeps a comm, the parent goes on");
 }
 
+/* rank_refused on a commd of its own, with a 3 s deadline. */
+static void test_refused(void)
+{
+	struct th_daemon d;
+	int failed, busy, aborted;
+
+	REQUIRE(th_daemon_start(&d, "--max-connections-per-uid", "3", NULL) == 0,
+		"commd did not start");
+	setenv("COMM_TIMEOUT", "3000", 1);
+	failed = th_run_ranks(&d, "refused", 2, rank_refused, NULL);
+	setenv("COMM_TIMEOUT", "60000", 1); /* main's */
+	CHECK(failed == 0, "job refused: %d ranks failed", failed);
+	busy = th_log_count(&d, "max-connections-per-uid", "");
+	aborted = th_log_count(&d, "job refused/split.0.0: failed", "did not join within 1500 ms");
+	CHECK(busy >= 1 && aborted == 1,
+	      "commd logged the refusal %d times and the child's join given up at 1500 ms %d "
+	      "times, expected 1 or more and 1", busy, aborted);
+	report(C_REFUSED, 2, "a split where one rank's join is refused (max-connections-per-uid): "
+	       "it says why, the other COMM_ERR_TIMEOUT once its join gave up at half the 3 s "
+	       "deadline, the parent goes on");
+	CHECK(th_daemon_stop(&d) == 0, "commd did not stop cleanly");
+}
+
 /* rank_quota on a commd of its own, whose jobs may register 150 MiB. */
 static void test_quota(void)
 {
@@ -816,6 +878,7 @@ int main(void)
 	REQUIRE(outcome != MAP_FAILED, "mmap");
 	clock_gettime(CLOCK_MONOTONIC, &t0);
 	test_one_daemon();
+	test_refused();
 	test_quota();
 	test_two_daemons();
 	printf("%s: %.1f s in all\n", check_failures ? "FAIL" : "ok", th_secs_since(&t0));
