@@ -49,6 +49,7 @@ struct borrow {
 	uint8_t *base;
 	size_t size;
 	uint64_t mem_id;
+	int refused;                /* commd refused it: staged, not asked again until a segment goes */
 };
 
 /*

@@ -238,6 +238,8 @@ static void *take(comm_t *c, size_t size)
 	return best ? seg_take(best, size) : NULL;
 }
 
+static void borrows_purge(comm_t *c);
+
 COMM_API void *comm_mem_alloc(comm_t *c, size_t bytes)
 {
 	struct seg *s;
@@ -259,6 +261,8 @@ COMM_API void *comm_mem_alloc(comm_t *c, size_t bytes)
 		return p;
 	/* the empty ones kept are too small for it: given back first (the job's quota) */
 	trim_idle(c);
+	if (c->borrows) /* and the registrations of others' segments that went */
+		borrows_purge(c);
 	s = seg_new(c, size > SEG_MIN_BYTES ? round_up(size, 2u << 20) : SEG_MIN_BYTES);
 	if (!s)
 		return NULL;
@@ -350,7 +354,7 @@ static void borrows_purge(comm_t *c)
 	for (struct borrow **bp = &c->borrows; *bp;) {
 		struct borrow *b = *bp;
 
-		if (family_has(c, b->uid)) {
+		if (!b->refused && family_has(c, b->uid)) {
 			bp = &b->next;
 			continue;
 		}
@@ -363,7 +367,8 @@ static void borrows_purge(comm_t *c)
 		struct borrow *b = gone;
 
 		gone = b->next;
-		mem_forget(c, b->mem_id);
+		if (!b->refused)
+			mem_forget(c, b->mem_id);
 		free(b);
 	}
 }
@@ -372,7 +377,9 @@ static void borrows_purge(comm_t *c)
  * p in another family member's segment: named by c's own registration of
  * it, made now if it is the first time (1). 0 when p is in none; -1 when
  * the registration failed (the daemon's quota, no fd left): the op then
- * stages it.
+ * stages it. A refusal is kept, so that the next ops stage at once, until
+ * a segment of the family goes (memory freed: it is asked again); the op
+ * goes on, so it leaves comm_last_error as it was.
  */
 static int borrow_lookup(comm_t *c, const void *p, size_t len, uint64_t *mem_id, uint64_t *off)
 {
@@ -399,17 +406,26 @@ static int borrow_lookup(comm_t *c, const void *p, size_t len, uint64_t *mem_id,
 		 * Should its owner free it meanwhile (under this op's buffer: the
 		 * caller's error), the borrow goes at the next purge.
 		 */
-		if (fd < 0 || !(b = malloc(sizeof *b)) || mem_register(c, fd, nb.size, &nb.mem_id) < 0) {
-			free(b);
+		char was[sizeof c->last_error];
+
+		if (fd < 0 || !(b = malloc(sizeof *b))) {
 			if (fd >= 0)
 				close(fd);
 			return -1;
+		}
+		memcpy(was, c->last_error, sizeof was);
+		if (mem_register(c, fd, nb.size, &nb.mem_id) < 0) {
+			nb.refused = 1;
+			if (c->broken == COMM_OK)
+				memcpy(c->last_error, was, sizeof was);
 		}
 		close(fd);
 		*b = nb;
 		b->next = c->borrows;
 		c->borrows = b;
 	}
+	if (b->refused)
+		return -1;
 	*mem_id = b->mem_id;
 	*off = (uint64_t)((const uint8_t *)p - b->base);
 	return 1;

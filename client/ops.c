@@ -59,6 +59,8 @@ static comm_result_t locate(comm_t *c, const struct opdesc *d, const void *p, si
 		b->where = IN_SEGMENT;
 		return COMM_OK;
 	case -1: /* another comm's segment, not registered here: staged */
+		if (c->broken != COMM_OK) /* not for want of memory */
+			return c->broken;
 		b->where = IN_HOST;
 		return COMM_OK;
 	}
