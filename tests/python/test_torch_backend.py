@@ -80,6 +80,23 @@ outs = [torch.zeros(2) for _ in range(n)]
 dist.all_to_all(outs, ins)
 for i in range(n):
     check(f"all_to_all[{i}]", outs[i], torch.full((2,), float(i * 100 + rank)))
+# uneven: rank i sends (i + j) % 3 rows of 3 to rank j, as MoE token routing does
+def rows(i, j):
+    return (i + j) % 3
+
+
+inp = torch.cat([torch.full((rows(rank, j), 3), float(rank * 100 + j)) for j in range(n)])
+out = torch.full((sum(rows(i, rank) for i in range(n)), 3), -1.0)
+dist.all_to_all_single(out, inp, [rows(i, rank) for i in range(n)],
+                       [rows(rank, j) for j in range(n)])
+check("all_to_all_single with split sizes", out,
+      torch.cat([torch.full((rows(i, rank), 3), float(i * 100 + rank)) for i in range(n)]))
+ins = [torch.full((rows(rank, j) + 1,), rank * 100 + j, dtype=torch.int64) for j in range(n)]
+outs = [torch.zeros(rows(i, rank) + 1, dtype=torch.int64) for i in range(n)]
+dist.all_to_all(outs, ins)
+for i in range(n):
+    check(f"uneven all_to_all[{i}]", outs[i],
+          torch.full((rows(i, rank) + 1,), i * 100 + rank, dtype=torch.int64))
 if rank % 2 == 0 and rank + 1 < n:
     dist.send(torch.arange(8, dtype=torch.int32) + rank, dst=rank + 1)
 elif rank % 2 == 1:

@@ -28,7 +28,7 @@ from ._mem import empty, zeros
 __all__ = [
     "init", "finalize", "destroy_process_group", "abort", "is_initialized", "get_rank",
     "get_world_size", "all_reduce", "reduce_scatter", "all_gather", "broadcast", "reduce",
-    "all_to_all", "send", "recv", "isend", "irecv", "barrier", "empty", "zeros", "ReduceOp",
+    "all_to_all", "all_to_all_single", "send", "recv", "isend", "irecv", "barrier", "empty", "zeros", "ReduceOp",
     "Work", "CommError", "Result", "new_group", "Group",
 ] + [f"COMM_{r.name}" for r in Result]
 
@@ -313,6 +313,53 @@ def all_to_all(out, inp, async_op=False, group=None):
         raise ValueError(f"all_to_all: out has {o.count} elements, want inp's {i.count}")
     return c.post("all_to_all", lambda req: lib.comm_alltoall(
         c.handle, i.ptr, o.ptr, i.count // c.size, i.dtype, req), [o, i], async_op)
+
+
+def _rows(op, what, b, splits, n):
+    """Elements per rank of Buf b cut along its first dimension by splits
+    (None or empty: n equal parts), and where each part starts."""
+    shape = b.obj.shape
+    first = shape[0] if len(shape) else 1
+    row = b.count // first if first else 0
+    if not splits:
+        if first % n:
+            raise ValueError(f"{op}: {what} has {first} rows, not a multiple of world_size "
+                             f"{n}; give split sizes")
+        splits = [first // n] * n
+    splits = [int(s) for s in splits]
+    if len(splits) != n or min(splits) < 0:
+        raise ValueError(f"{op}: {what}'s split sizes {splits}: want {n} sizes >= 0, "
+                         "one per rank")
+    if sum(splits) != first:
+        raise ValueError(f"{op}: {what}'s split sizes add up to {sum(splits)}, but it has "
+                         f"{first} rows")
+    counts = [s * row for s in splits]
+    displs = [sum(counts[:j]) for j in range(n)]
+    return counts, displs, row
+
+
+def all_to_all_single(out, inp, output_split_sizes=None, input_split_sizes=None,
+                      async_op=False, group=None):
+    """As torch.distributed.all_to_all_single: inp is cut along its first
+    dimension, input_split_sizes[j] rows going to rank j, and out takes
+    output_split_sizes[i] rows from rank i, in rank order (None: equal
+    parts). A rank's output_split_sizes[i] must be rank i's
+    input_split_sizes for it. out and inp must not overlap."""
+    c, _ = _comm.pick("all_to_all_single", group)
+    if c is None:
+        return None
+    o = buf("all_to_all_single", "out", out, writable=True)
+    i = buf("all_to_all_single", "inp", inp)
+    same_dtype("all_to_all_single", o, "out", i, "inp")
+    sc, sd, srow = _rows("all_to_all_single", "inp", i, input_split_sizes, c.size)
+    rc, rd, rrow = _rows("all_to_all_single", "out", o, output_split_sizes, c.size)
+    if srow and rrow and srow != rrow:
+        raise ValueError(f"all_to_all_single: a row of inp has {srow} elements and one of "
+                         f"out {rrow}; use one row size")
+    arr = ctypes.c_size_t * c.size
+    sc, sd, rc, rd = arr(*sc), arr(*sd), arr(*rc), arr(*rd)
+    return c.post("all_to_all_single", lambda req: lib.comm_alltoallv(
+        c.handle, i.ptr, sc, sd, o.ptr, rc, rd, i.dtype, req), [o, i], async_op)
 
 
 def _send(op, t, dst, async_op, group):

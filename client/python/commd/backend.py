@@ -144,23 +144,30 @@ class ProcessGroupCommd(ProcessGroup):
         return _Work([commd.reduce_scatter(out, inp, _redop(opts), **self._kw)], [out])
 
     def alltoall_base(self, out, inp, out_splits, in_splits, opts=None):
-        if out_splits or in_splits:
-            raise ValueError("commd backend: all_to_all_single takes equal blocks: no split sizes")
-        return _Work([commd.all_to_all(out, inp, **self._kw)], [out])
+        return _Work([commd.all_to_all_single(out, inp, out_splits, in_splits, **self._kw)],
+                     [out])
 
     def alltoall(self, outs, ins, opts=None):
+        """Tensors of any sizes, one from and one to each rank: an
+        all_to_all_single of their flattened concatenations."""
         if len(outs) != self.size() or len(ins) != self.size():
             raise ValueError(f"commd backend: all_to_all: {len(outs)} outputs and {len(ins)} "
                              f"inputs, want world_size {self.size()} of each")
-        _same("all_to_all", ins + outs, ins[0])
+        for k, t in enumerate(ins + outs):
+            if t.dtype != ins[0].dtype:
+                raise ValueError(f"commd backend: all_to_all: tensor {k} is {t.dtype}, want "
+                                 f"{ins[0].dtype} like the others")
         inp = torch.cat([x.reshape(-1) for x in ins])
-        out = torch.empty_like(inp)
+        out = torch.empty(sum(o.numel() for o in outs), dtype=inp.dtype, device=inp.device)
 
         def copy_out():
-            for k, o in enumerate(outs):
-                n = o.numel()
-                o.copy_(out[k * n:(k + 1) * n].view(o.shape))
-        return _Work([commd.all_to_all(out, inp, **self._kw)], outs, copy_out)
+            at = 0
+            for o in outs:
+                o.copy_(out[at:at + o.numel()].view(o.shape))
+                at += o.numel()
+        return _Work([commd.all_to_all_single(out, inp, [o.numel() for o in outs],
+                                              [x.numel() for x in ins], **self._kw)],
+                     outs, copy_out)
 
     def gather(self, output_lists, inputs, opts=None):
         """An all-gather whose blocks the root keeps (the others' go to a
