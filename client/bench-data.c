@@ -373,6 +373,7 @@ static int source(const struct bench_case *c, size_t i, uint64_t *g)
 	case OP_BROADCAST:
 		return 0;
 	case OP_ALLTOALL:
+	case OP_ALLTOALLV:
 		*g = (uint64_t)c->rank * c->count + k;
 		return (int)block;
 	case OP_SENDRECV:
@@ -391,7 +392,7 @@ uint64_t bench_verify(const struct bench_case *c, const void *out, long long *fi
 	*first = -1;
 	if (c->op == OP_REDUCE && c->rank != 0)
 		return 0;
-	if (c->op == OP_ALLGATHER || c->op == OP_ALLTOALL)
+	if (c->op == OP_ALLGATHER || c->op == OP_ALLTOALL || c->op == OP_ALLTOALLV)
 		nblocks = (size_t)c->n;
 	for (size_t b = 0; b < nblocks; b++) {
 		src = source(c, b * c->count, &g);

@@ -122,6 +122,24 @@ static const char *result(struct rank *r, const char *out, size_t outbytes)
 	return mirror(r, out);
 }
 
+/* comm_alltoallv of count elements to and from each rank, block j at j x count. */
+static comm_result_t alltoallv(struct rank *r, const struct bench_case *bc, const void *in,
+			       void *out, comm_request_t **req)
+{
+	size_t *v = malloc(2 * (size_t)r->n * sizeof *v);
+	comm_result_t rc;
+
+	if (!v)
+		return COMM_ERR_NO_MEMORY;
+	for (int j = 0; j < r->n; j++) {
+		v[j] = bc->count;
+		v[r->n + j] = (size_t)j * bc->count;
+	}
+	rc = comm_alltoallv(r->c, in, v, v + r->n, out, v, v + r->n, bc->dtype, req);
+	free(v);
+	return rc;
+}
+
 /*
  * Post op; req NULL: and wait for it, else its requests go to req[0] and
  * (send/recv) req[1], which stays NULL for the others.
@@ -148,6 +166,8 @@ static comm_result_t post(struct rank *r, const struct bench_case *bc, const voi
 		return comm_reduce(c, in, out, bc->count, bc->dtype, bc->redop, 0, req);
 	case OP_ALLTOALL:
 		return comm_alltoall(c, in, out, bc->count, bc->dtype, req);
+	case OP_ALLTOALLV:
+		return alltoallv(r, bc, in, out, req);
 	default:
 		rc = comm_group_start(c);
 		if (rc != COMM_OK)
@@ -167,8 +187,9 @@ static void buffers(struct rank *r, const struct bench_case *bc, int inplace, ch
 {
 	size_t blk = bc->count * comm_dtype_size(bc->dtype);
 
-	*outlen = bc->op == OP_ALLGATHER || bc->op == OP_ALLTOALL ? bc->count * (size_t)r->n
-								  : bc->count;
+	*outlen = bc->op == OP_ALLGATHER || bc->op == OP_ALLTOALL || bc->op == OP_ALLTOALLV
+			  ? bc->count * (size_t)r->n
+			  : bc->count;
 	*in = r->sendbuf;
 	*out = r->recvbuf;
 	if (!inplace)

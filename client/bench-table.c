@@ -13,6 +13,7 @@ const struct bench_op_info bench_ops[NOPS] = {
 	[OP_BROADCAST] = { "broadcast", 0, 0, 1 },
 	[OP_REDUCE] = { "reduce", 1, 0, 1 },
 	[OP_ALLTOALL] = { "alltoall", 0, 1, 0 },
+	[OP_ALLTOALLV] = { "alltoallv", 0, 1, 0 },
 	[OP_SENDRECV] = { "sendrecv", 0, 0, 0 },
 };
 
@@ -24,6 +25,7 @@ double bench_bus_factor(int op, int n)
 	case OP_REDUCE_SCATTER:
 	case OP_ALLGATHER:
 	case OP_ALLTOALL:
+	case OP_ALLTOALLV:
 		return (double)(n - 1) / n;
 	default:
 		return 1.0;

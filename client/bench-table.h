@@ -13,6 +13,7 @@ enum bench_op {
 	OP_BROADCAST,
 	OP_REDUCE,
 	OP_ALLTOALL,
+	OP_ALLTOALLV,           /* comm_alltoallv with equal counts: a group of sends and recvs */
 	OP_SENDRECV,
 	NOPS,
 };

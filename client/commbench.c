@@ -74,7 +74,7 @@ static void usage(FILE *f)
 		"\n"
 		"  -n RANKS          ranks, 1 to %d (default 4)\n"
 		"  -o OP             allreduce, reduce_scatter, allgather, broadcast, reduce,\n"
-		"                    alltoall, sendrecv or all (default allreduce)\n"
+		"                    alltoall, alltoallv, sendrecv or all (default allreduce)\n"
 		"  -d DTYPE          int8 uint8 int32 uint32 int64 uint64 half (float16)\n"
 		"                    bfloat16 float (float32) double (float64) or all;\n"
 		"                    default float\n"

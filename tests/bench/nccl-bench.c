@@ -353,7 +353,7 @@ static uint64_t verify(struct bench *b, const struct bench_case *c, int r, const
 
 	if (c->op == OP_REDUCE && r != 0)
 		return 0;
-	if (c->op == OP_ALLGATHER || c->op == OP_ALLTOALL)
+	if (c->op == OP_ALLGATHER || c->op == OP_ALLTOALL || c->op == OP_ALLTOALLV)
 		nblocks = (size_t)c->n;
 	for (size_t j = 0; j < nblocks; j++) {
 		const char *o = out + j * k * es;
@@ -370,6 +370,7 @@ static uint64_t verify(struct bench *b, const struct bench_case *c, int r, const
 			wrong += span_check(c, 0, 0, k, o, 0, &first, &got, &want);
 			break;
 		case OP_ALLTOALL:
+		case OP_ALLTOALLV:
 			wrong += span_check(c, (int)j, rk, k, o, j * k, &first, &got, &want);
 			break;
 		case OP_SENDRECV:
@@ -393,8 +394,9 @@ static void buffers(struct bench *b, const struct bench_case *c, int l, int inpl
 	size_t blk = c->count * dtypes[c->dt].size;
 	int r = b->rank0 + l;
 
-	*outlen = c->op == OP_ALLGATHER || c->op == OP_ALLTOALL ? c->count * (size_t)c->n
-								: c->count;
+	*outlen = c->op == OP_ALLGATHER || c->op == OP_ALLTOALL || c->op == OP_ALLTOALLV
+			  ? c->count * (size_t)c->n
+			  : c->count;
 	*in = b->send[l];
 	*out = b->recv[l];
 	if (!inplace)
@@ -468,6 +470,7 @@ static int launch(struct bench *b, const struct bench_case *c, int inplace)
 			rc = ncclReduce(in, out, k, t, red, 0, cm, s);
 			break;
 		case OP_ALLTOALL:
+		case OP_ALLTOALLV: /* NCCL has no alltoall of its own: both are these groups */
 			for (int j = 0; j < c->n && rc == ncclSuccess; j++) {
 				rc = ncclSend(in + (size_t)j * blk, k, t, j, cm, s);
 				if (rc == ncclSuccess)

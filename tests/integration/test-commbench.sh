@@ -15,7 +15,7 @@ fail() {
 
 small=(-b 8 -e 64K -f 8 -w 1 -i 2)
 sizes="8 64 512 4096 32768"
-ops="allreduce reduce_scatter allgather broadcast reduce alltoall sendrecv"
+ops="allreduce reduce_scatter allgather broadcast reduce alltoall alltoallv sendrecv"
 dtypes="int8:1 uint8:1 int32:4 uint32:4 int64:8 uint64:8 half:2 bfloat16:2 float:4 double:8"
 
 # want_rows N: table rows for -o all -d all -r all at $sizes (count 0 skipped).
@@ -24,7 +24,7 @@ want_rows() {
 	for op in $ops; do
 		tables=1 blocks=1
 		case $op in allreduce | reduce_scatter | reduce) tables=5 ;; esac
-		case $op in reduce_scatter | allgather | alltoall) blocks=$1 ;; esac
+		case $op in reduce_scatter | allgather | alltoall | alltoallv) blocks=$1 ;; esac
 		for d in $dtypes; do
 			es=${d#*:}
 			for size in $sizes; do
@@ -43,9 +43,9 @@ for n in 4 3; do
 	[ $rc = 0 ] || fail "$n ranks: exit status $rc: $(head -5 "$dir/err$n")"
 	[ -s "$dir/err$n" ] && fail "$n ranks: stderr: $(head -5 "$dir/err$n")"
 	got=$(grep -c '^# Wrong values *: 0 OK$' "$dir/table$n")
-	[ "$got" = 190 ] || fail "$n ranks: $got tables with no wrong value, want 190"
+	[ "$got" = 200 ] || fail "$n ranks: $got tables with no wrong value, want 200"
 	got=$(grep -c '^# Wrong values' "$dir/table$n")
-	[ "$got" = 190 ] || fail "$n ranks: $got tables, want 190"
+	[ "$got" = 200 ] || fail "$n ranks: $got tables, want 200"
 	# a row: size count type redop root, then time algbw busbw #wrong twice
 	awk -v n=$n '!/^#/ {
 		if (NF != 13 || $9 != "0" || ($13 != "0" && $13 != "n/a") || $1 <= 0 || $2 <= 0) {
@@ -66,7 +66,7 @@ done
 rc=$?
 [ $rc = 0 ] || fail "-P: exit status $rc: $(head -5 "$dir/errP")"
 got=$(grep -c '^# Wrong values *: 0 OK$' "$dir/tableP")
-[ "$got" = 190 ] || fail "-P: $got tables with no wrong value, want 190"
+[ "$got" = 200 ] || fail "-P: $got tables with no wrong value, want 200"
 got=$(grep -vc '^#' "$dir/tableP")
 [ "$got" = "$(want_rows 4)" ] || fail "-P: $got rows, want $(want_rows 4)"
 grep -q "^#  dtype all redop all; time: iterations back to back, the whole / iters" \
@@ -81,7 +81,7 @@ import json, sys
 keys = ["bench", "op", "bytes", "count", "dtype", "redop", "ranks", "inplace",
         "time_us", "algbw_gbs", "busbw_gbs", "wrong"]
 factor = {"allreduce": 1.5, "reduce_scatter": 0.75, "allgather": 0.75,
-          "alltoall": 0.75, "broadcast": 1, "reduce": 1, "sendrecv": 1}
+          "alltoall": 0.75, "alltoallv": 0.75, "broadcast": 1, "reduce": 1, "sendrecv": 1}
 seen = {}
 for line in open(sys.argv[1]):
     o = json.loads(line)
@@ -91,16 +91,16 @@ for line in open(sys.argv[1]):
     assert o["wrong"] == 0 and o["time_us"] > 0 and o["algbw_gbs"] >= 0, line
     assert o["redop"] == ("sum" if o["op"] in ("allreduce", "reduce_scatter", "reduce")
                           else "none"), line
-    blocks = 4 if o["op"] in ("reduce_scatter", "allgather", "alltoall") else 1
+    blocks = 4 if o["op"] in ("reduce_scatter", "allgather", "alltoall", "alltoallv") else 1
     assert o["bytes"] == o["count"] * 4 * blocks, line
     assert abs(o["algbw_gbs"] - o["bytes"] / o["time_us"] / 1e3) <= 1e-3 * o["algbw_gbs"] + 1e-6
     assert abs(o["busbw_gbs"] - o["algbw_gbs"] * factor[o["op"]]) <= 1e-5 + 1e-5 * o["busbw_gbs"]
     seen[o["op"], o["inplace"]] = seen.get((o["op"], o["inplace"]), 0) + 1
 want = {}
 for op in factor:
-    rows = 4 if op in ("reduce_scatter", "allgather", "alltoall") else 5
+    rows = 4 if op in ("reduce_scatter", "allgather", "alltoall", "alltoallv") else 5
     want[op, False] = rows
-    if op not in ("alltoall", "sendrecv"):
+    if op not in ("alltoall", "alltoallv", "sendrecv"):
         want[op, True] = rows
 assert seen == want, (seen, want)
 PY
