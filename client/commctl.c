@@ -199,8 +199,16 @@ int main(int argc, char **argv)
 			continue;
 		/* flags may also follow the command, between its arguments */
 		for (int a = optind + 1; a < argc; a++) {
-			if (strcmp(argv[a], "--json") == 0) {
+			if (strcmp(argv[a], "--json") == 0 || strcmp(argv[a], "-j") == 0) {
 				ctl.json = 1;
+			} else if (strcmp(argv[a], "--help") == 0 || strcmp(argv[a], "-h") == 0) {
+				usage(stdout);
+				return 0;
+			} else if ((strcmp(argv[a], "--socket") == 0 || strcmp(argv[a], "-s") == 0) &&
+				   a + 1 < argc) {
+				ctl.socket = argv[++a];
+			} else if (strncmp(argv[a], "--socket=", 9) == 0) {
+				ctl.socket = argv[a] + 9;
 			} else if (argv[a][0] != '-' && nargs < commands[i].max_args) {
 				args[nargs++] = argv[a];
 			} else {

@@ -1,6 +1,7 @@
 /* ctl-status.c: `commctl status` and `commctl jobs`, as text or JSON. */
 #include <inttypes.h>
 #include <stdio.h>
+#include <string.h>
 
 #include "ctl.h"
 
@@ -37,6 +38,7 @@ static void human_bytes(uint64_t b, char *buf, size_t len)
 static void print_jobs_text(const Commpb__StatusReply *s)
 {
 	char moved[32], mem[32];
+	int w = 24; /* the JOB column: as wide as the longest name */
 
 	if (s->n_jobs == 0) {
 		printf("no jobs\n");
@@ -44,7 +46,10 @@ static void print_jobs_text(const Commpb__StatusReply *s)
 	}
 	if (s->jobs_omitted)
 		printf("(%u more jobs not shown)\n", s->jobs_omitted);
-	printf("%-24s %5s %6s %5s %-9s %10s %8s %10s %10s %7s\n", "JOB", "UID", "RANKS", "NODES",
+	for (size_t i = 0; i < s->n_jobs; i++)
+		if ((int)strlen(s->jobs[i]->name) > w)
+			w = (int)strlen(s->jobs[i]->name);
+	printf("%-*s %5s %6s %5s %-9s %10s %8s %10s %10s %7s\n", w, "JOB", "UID", "RANKS", "NODES",
 	       "STATE", "OPS", "PENDING", "MOVED", "MEMORY", "ERRORS");
 	for (size_t i = 0; i < s->n_jobs; i++) {
 		const Commpb__JobInfo *j = s->jobs[i];
@@ -53,8 +58,8 @@ static void print_jobs_text(const Commpb__StatusReply *s)
 		snprintf(ranks, sizeof ranks, "%d/%d", j->joined, j->world_size);
 		human_bytes(j->bytes_moved, moved, sizeof moved);
 		human_bytes(j->mem_registered, mem, sizeof mem);
-		printf("%-24s %5u %6s %5d %-9s %10" PRIu64 " %8" PRIu64 " %10s %10s %7" PRIu64 "\n",
-		       j->name, j->uid, ranks, j->nodes ? j->nodes : 1, j->state, j->ops_completed,
+		printf("%-*s %5u %6s %5d %-9s %10" PRIu64 " %8" PRIu64 " %10s %10s %7" PRIu64 "\n",
+		       w, j->name, j->uid, ranks, j->nodes ? j->nodes : 1, j->state, j->ops_completed,
 		       j->ops_pending, moved, mem, j->errors);
 	}
 	for (size_t i = 0, first = 1; i < s->n_jobs; i++) {
@@ -63,7 +68,7 @@ static void print_jobs_text(const Commpb__StatusReply *s)
 		if (first)
 			printf("\ngpu workers:\n");
 		first = 0;
-		printf("  %-24s %s\n", s->jobs[i]->name, s->jobs[i]->gpu);
+		printf("  %-*s %s\n", w, s->jobs[i]->name, s->jobs[i]->gpu);
 	}
 }
 

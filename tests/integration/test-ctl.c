@@ -188,10 +188,40 @@ static void test_span(void)
 	CHECK(th_daemon_stop(&b) == 0 && th_daemon_stop(&a) == 0, "span: a daemon did not stop");
 }
 
+/*
+ * Whether every line of a `commctl jobs` table (from its JOB header on)
+ * has its UID column end where the header's does: a long name widens the
+ * JOB column for all.
+ */
+static int jobs_aligned(const char *out)
+{
+	const char *head = strstr(out, "JOB "), *l;
+	long end;
+
+	if (!head || !strstr(head, "UID"))
+		return 0;
+	end = strstr(head, "UID") - head + 3;
+	for (l = strchr(head, '\n'); l && l[1] && l[1] != '\n'; l = strchr(l + 1, '\n')) {
+		const char *p = l + 1;
+
+		while (*p && *p != ' ')
+			p++;
+		while (*p == ' ')
+			p++;
+		while (*p >= '0' && *p <= '9')
+			p++;
+		if (p - (l + 1) != end)
+			return 0;
+	}
+	return 1;
+}
+
+#define LONG_JOB "ctl-job-whose-name-is-longer-than-the-column"
+
 int main(void)
 {
 	struct th_daemon d;
-	struct th_ranks rs;
+	struct th_ranks rs, rs_long;
 	char out[8192], args[512];
 	char ch;
 
@@ -199,9 +229,10 @@ int main(void)
 	chmod(d.dir, 0755); /* other users reach the socket (it is 0666) */
 	REQUIRE(pipe(hold) == 0 && pipe(ready) == 0, "pipes");
 	REQUIRE(th_ranks_start(&rs, &d, "ctl-job", 2, rank_hold, NULL) == 0, "ranks");
+	REQUIRE(th_ranks_start(&rs_long, &d, LONG_JOB, 2, rank_hold, NULL) == 0, "ranks");
 	close(hold[0]);
 	close(ready[1]);
-	for (int i = 0; i < 2; i++)
+	for (int i = 0; i < 4; i++)
 		REQUIRE(read(ready[0], &ch, 1) == 1, "rank %d not ready", i);
 
 	snprintf(args, sizeof args, "--socket %s status", d.sock);
@@ -214,6 +245,12 @@ int main(void)
 	      "job not shown with 2/2 ranks, ready:\n%s", out);
 	printf("%s", out);
 
+	snprintf(args, sizeof args, "status --help");
+	CHECK(ctl(out, sizeof out, args) == 0 && strstr(out, "usage: commctl"),
+	      "status --help: %s", out);
+	snprintf(args, sizeof args, "status --socket=%s -j", d.sock);
+	CHECK(ctl(out, sizeof out, args) == 0 && out[0] == '{', "status --socket=PATH -j: %s",
+	      out);
 	snprintf(args, sizeof args, "--socket %s status --json", d.sock);
 	CHECK(ctl(out, sizeof out, args) == 0, "status --json failed: %s", out);
 	/* host, and net where UCX works; no gpu here */
@@ -226,9 +263,12 @@ int main(void)
 		      strstr(out, "\"ops_completed\": 1"),
 	      "json status:\n%s", out);
 
-	snprintf(args, sizeof args, "--socket %s jobs", d.sock);
+	snprintf(args, sizeof args, "jobs --socket %s", d.sock);
 	CHECK(ctl(out, sizeof out, args) == 0 && strstr(out, "ctl-job") && strstr(out, "2/2"),
 	      "jobs:\n%s", out);
+	CHECK(strstr(out, LONG_JOB " ") && jobs_aligned(out),
+	      "jobs: the columns do not line up under a name of %zu bytes:\n%s",
+	      strlen(LONG_JOB), out);
 
 	/* another user sees its own jobs only, and no peers; the admin group sees all */
 	if (system("setpriv --reuid=65534 --regid=65534 --clear-groups true 2>/dev/null") == 0) {
@@ -312,6 +352,7 @@ int main(void)
 
 	close(hold[1]);
 	CHECK(th_ranks_wait(&rs) == 0, "ranks failed");
+	CHECK(th_ranks_wait(&rs_long) == 0, "the ranks of " LONG_JOB " failed");
 	snprintf(args, sizeof args, "--socket %s status", d.sock);
 	for (int i = 0; i < 100; i++) {
 		CHECK(ctl(out, sizeof out, args) == 0, "status after the job");
