@@ -151,13 +151,12 @@ comm_result_t comm_pump(comm_t *c, int timeout_ms);
 
 /* mem.c */
 /*
- * Find the segment holding [p, p+len): 1 and (*mem_id, *off); 0 if none;
- * -1 when it is another family member's that this comm could not register
- * (stage the buffer).
+ * Find the segment holding [p, p+len): 1 and (*mem_id, *off); 0 if p is in
+ * none; -1 when it is another family member's that this comm could not
+ * register (stage the buffer); -2 when p is in a segment of the family but
+ * p+len runs past its end.
  */
 int mem_lookup(comm_t *c, const void *p, size_t len, uint64_t *mem_id, uint64_t *off);
-/* Whether p lies in a segment of the family at all (even if p+len runs past its end). */
-int mem_owned(comm_t *c, const void *p);
 /* Tell commd to drop registration mem_id (FreeMem), unless the comm is broken. */
 void mem_forget(comm_t *c, uint64_t mem_id);
 void mem_free_all(comm_t *c);

@@ -375,7 +375,8 @@ static void borrows_purge(comm_t *c)
 
 /*
  * p in another family member's segment: named by c's own registration of
- * it, made now if it is the first time (1). 0 when p is in none; -1 when
+ * it, made now if it is the first time (1). 0 when p is in none; -2 when
+ * it starts in one but runs past its end; -1 when
  * the registration failed (the daemon's quota, no fd left): the op then
  * stages it. A refusal is kept, so that the next ops stage at once, until
  * a segment of the family goes (memory freed: it is asked again); the op
@@ -386,10 +387,12 @@ static int borrow_lookup(comm_t *c, const void *p, size_t len, uint64_t *mem_id,
 	struct borrow *b = NULL;
 	const struct seg *s;
 	struct borrow nb = { 0 };
-	int fd = -1;
+	int fd = -1, past = 0;
 
 	pthread_mutex_lock(&c->fam->lock);
-	if ((s = family_seg(c, p, len))) {
+	if (!(s = family_seg(c, p, len))) {
+		past = family_seg(c, p, 0) != NULL;
+	} else {
 		nb.uid = s->uid;
 		nb.base = s->base;
 		nb.size = s->size;
@@ -400,7 +403,7 @@ static int borrow_lookup(comm_t *c, const void *p, size_t len, uint64_t *mem_id,
 	}
 	pthread_mutex_unlock(&c->fam->lock);
 	if (!s)
-		return 0;
+		return past ? -2 : 0;
 	if (!b) {
 		/*
 		 * Should its owner free it meanwhile (under this op's buffer: the
@@ -441,23 +444,10 @@ int mem_lookup(comm_t *c, const void *p, size_t len, uint64_t *mem_id, uint64_t 
 			*off = (uint64_t)((const uint8_t *)p - s->base);
 			return 1;
 		}
+		if (in_seg(s, p, 0))
+			return -2;
 	}
 	return c->fam ? borrow_lookup(c, p, len, mem_id, off) : 0;
-}
-
-int mem_owned(comm_t *c, const void *p)
-{
-	const struct seg *f = NULL;
-
-	for (struct seg *s = c->segs; s; s = s->next)
-		if (in_seg(s, p, 0))
-			return 1;
-	if (!c->fam)
-		return 0;
-	pthread_mutex_lock(&c->fam->lock);
-	f = family_seg(c, p, 0);
-	pthread_mutex_unlock(&c->fam->lock);
-	return f != NULL;
 }
 
 void mem_free_all(comm_t *c)

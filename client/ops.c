@@ -63,11 +63,11 @@ static comm_result_t locate(comm_t *c, const struct opdesc *d, const void *p, si
 			return c->broken;
 		b->where = IN_HOST;
 		return COMM_OK;
-	}
-	if (mem_owned(c, p))
+	case -2:
 		return comm_set_error(c, COMM_ERR_INVALID_ARG,
 				      "%s: %s buffer of %zu bytes runs past its allocation", d->name,
 				      which, len);
+	}
 	if (like && (like->where == IN_HOST || like->where == IN_DEVICE)) {
 		*b = *like;
 		return COMM_OK;

@@ -1004,6 +1004,14 @@ static int rank_args(int r, int n, void *arg)
 		WANT_INVALID(c, comm_allgather(c, s, d, 1, (comm_dtype_t)99, NULL));
 		WANT_INVALID(c, comm_allgather(c, NULL, d, 1, COMM_INT32, NULL));
 		WANT_INVALID(c, comm_allgather(c, s, NULL, 1, COMM_INT32, NULL));
+		/* 68 MiB from a block of the first, 64 MiB segment: past its end */
+		WANT_INVALID(c, comm_allreduce(c, s, d, 17u << 20, COMM_FLOAT32, COMM_SUM, NULL));
+		if (!strstr(comm_last_error(c), "send buffer of 71303168 bytes runs past its "
+						"allocation")) {
+			fprintf(stderr, "rank %d: a send buffer past its segment's end: %s\n", r,
+				comm_last_error(c));
+			bad = 1;
+		}
 		WANT_INVALID(NULL, comm_allreduce(NULL, s, d, 4, COMM_FLOAT32, COMM_SUM, NULL));
 		WANT_INVALID(NULL, comm_reduce_scatter(NULL, s, d, 1, COMM_FLOAT32, COMM_SUM, NULL));
 		WANT_INVALID(NULL, comm_allgather(NULL, s, d, 1, COMM_FLOAT32, NULL));
@@ -1030,8 +1038,8 @@ static void test_args(const struct th_daemon *d)
 	job_name(job, sizeof job, "args");
 	failed = th_run_ranks(d, job, 4, rank_args, NULL);
 	CHECK(failed == 0, "argument errors: %d ranks failed", failed);
-	printf("%s: unknown dtype/redop and NULL buffers give COMM_ERR_INVALID_ARG locally; "
-	       "the job's next ops are correct\n",
+	printf("%s: unknown dtype/redop, NULL buffers and one past its segment's end give "
+	       "COMM_ERR_INVALID_ARG locally; the job's next ops are correct\n",
 	       failed ? "FAIL" : "ok");
 }
 
