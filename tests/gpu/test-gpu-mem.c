@@ -816,6 +816,82 @@ static int rank_split(int r, int n, void *arg)
 	return bad;
 }
 
+/*
+ * comm_alltoallv on device memory, 4 ranks: rank i sends (i + j) % 3 x
+ * A2AV_UNIT int32 to rank j (none where that is 0), blocking, then again
+ * with a request handed to the stream (comm_stream_wait); every element
+ * and the gaps between blocks checked on the host.
+ */
+#define A2AV_UNIT 100003
+
+static int rank_alltoallv(int r, int n, void *arg)
+{
+	size_t sc[8], sd[8], rc_[8], rd[8], slen = 0, rlen = 0;
+	int32_t *sbuf = NULL, *rbuf = NULL, *hs, *hr;
+	comm_request_t *req;
+	comm_result_t rc;
+	comm_t *c;
+	int bad = 0;
+
+	(void)arg;
+	for (int j = 0; j < n; j++) {
+		sc[j] = (size_t)((r + j) % 3) * A2AV_UNIT;
+		rc_[j] = (size_t)((j + r) % 3) * A2AV_UNIT;
+		sd[j] = slen;
+		rd[j] = rlen;
+		slen += sc[j] + 1;
+		rlen += rc_[j] + 1;
+	}
+	hs = malloc(slen * sizeof *hs);
+	hr = malloc(rlen * sizeof *hr);
+	if (!hs || !hr || use_device(r) ||
+	    cuda_bad(cudaMalloc((void **)&sbuf, slen * sizeof *hs), r, "cudaMalloc") ||
+	    cuda_bad(cudaMalloc((void **)&rbuf, rlen * sizeof *hr), r, "cudaMalloc") ||
+	    th_join(&c, r, n) < 0)
+		return 1;
+	for (size_t e = 0; e < slen; e++)
+		hs[e] = -1;
+	for (int j = 0; j < n; j++)
+		for (size_t e = 0; e < sc[j]; e++)
+			hs[sd[j] + e] = (int32_t)(r * 1000000 + j * 100000) + (int32_t)(e % 99991);
+	for (int round = 0; round < 2 && !bad; round++) {
+		if (cuda_bad(cudaMemcpy(sbuf, hs, slen * sizeof *hs, cudaMemcpyHostToDevice), r,
+			     "cudaMemcpy") ||
+		    cuda_bad(cudaMemset(rbuf, 0x7f, rlen * sizeof *hr), r, "cudaMemset"))
+			return th_bail(c);
+		if (round == 0) {
+			rc = comm_alltoallv(c, sbuf, sc, sd, rbuf, rc_, rd, COMM_INT32, NULL);
+		} else {
+			rc = comm_alltoallv(c, sbuf, sc, sd, rbuf, rc_, rd, COMM_INT32, &req);
+			if (rc == COMM_OK)
+				rc = comm_stream_wait(req, NULL);
+		}
+		if (op_bad(c, rc, r, round ? "alltoallv, handed to the stream" : "alltoallv"))
+			return th_bail(c);
+		if (cuda_bad(cudaMemcpy(hr, rbuf, rlen * sizeof *hr, cudaMemcpyDeviceToHost), r,
+			     "cudaMemcpy back"))
+			return th_bail(c);
+		for (int i = 0; i < n && !bad; i++) {
+			for (size_t e = 0; e < rc_[i] && !bad; e++)
+				if (hr[rd[i] + e] != (int32_t)(i * 1000000 + r * 100000) +
+							    (int32_t)(e % 99991))
+					bad = FAIL(r, "round %d: element %zu from rank %d: %d", round,
+						   e, i, hr[rd[i] + e]);
+			if (!bad && hr[rd[i] + rc_[i]] != 0x7f7f7f7f)
+				bad = FAIL(r, "round %d: the gap after rank %d's block was written",
+					   round, i);
+		}
+	}
+	if (bad)
+		return th_bail(c);
+	bad = th_leave(c, r);
+	cudaFree(sbuf);
+	cudaFree(rbuf);
+	free(hs);
+	free(hr);
+	return bad;
+}
+
 int main(void)
 {
 	setvbuf(stdout, NULL, _IOLBF, 0);
@@ -844,6 +920,9 @@ int main(void)
 	run("gpu-split", 4, rank_split,
 	    "comm_split by parity on device memory: sums on each child (a GPU worker each) and "
 	    "the parent in turn, exact");
+	run("gpu-alltoallv", 4, rank_alltoallv,
+	    "comm_alltoallv on device memory, uneven blocks (some empty), blocking and handed to "
+	    "the stream, every element and gap checked");
 	CHECK(th_daemon_alive(&d), "commd died during the tests");
 	CHECK(th_daemon_stop(&d) == 0, "commd did not stop cleanly");
 	return CHECK_EXIT();
