@@ -82,6 +82,7 @@ struct comm_request {
 	int flag_slot;
 	int flag_set;               /* libcomm wrote the flag itself (the op failed) */
 	int detached;               /* handed to a stream by comm_stream_wait: libcomm frees it */
+	int empty;                  /* the op moves no bytes */
 	Commpb__BufRef done_ref;    /* the flag as the Op names it */
 	/* a request of several ops (comm_alltoallv): the parts not finished yet */
 	int nparts;

@@ -564,8 +564,12 @@ COMM_API comm_result_t comm_finalize(comm_t *c)
 
 		comm_result_t rrc;
 
-		ring_wait(r, -1);
-		rrc = req_finish(r);
+		if (r->parts) { /* answered through its parts, which follow it on the list */
+			rrc = comm_wait(r, -1);
+		} else {
+			ring_wait(r, -1);
+			rrc = req_finish(r);
+		}
 		if (rrc != COMM_OK && rc == COMM_OK)
 			rc = rrc;
 	}

@@ -218,6 +218,7 @@ static comm_result_t submit(comm_t *c, const struct opdesc *d, comm_request_t **
 	rc = name_buffers(c, d, r, &op, req != NULL);
 	if (rc != COMM_OK)
 		goto fail;
+	r->empty = !d->send_bytes && !d->recv_bytes;
 	r->seq = c->next_seq++;
 	op.seq = r->seq;
 	op.type = d->type;
@@ -432,11 +433,18 @@ COMM_API comm_result_t comm_alltoallv(comm_t *c, const void *sendbuf, const size
 		return comm_set_error(c, COMM_ERR_INVALID_ARG,
 				      "alltoallv: counts and displacements are needed, one per rank");
 	n = c->size;
-	for (int j = 0; j < n; j++)
+	for (int j = 0; j < n; j++) {
 		if (block_overflows(sendcounts, sdispls, j, es) ||
 		    block_overflows(recvcounts, rdispls, j, es))
 			return comm_set_error(c, COMM_ERR_INVALID_ARG,
 					      "alltoallv: rank %d's block overflows", j);
+		if ((sendcounts[j] && !sendbuf) || (recvcounts[j] && !recvbuf))
+			return comm_set_error(c, COMM_ERR_INVALID_ARG,
+					      "alltoallv: %s buffer is NULL, with %zu elements for "
+					      "rank %d", sendcounts[j] && !sendbuf ? "send" : "recv",
+					      sendcounts[j] && !sendbuf ? sendcounts[j] : recvcounts[j],
+					      j);
+	}
 	if (req && !(all = req_new_parts(c, 2 * n)))
 		return comm_set_error(c, COMM_ERR_NO_MEMORY, "alltoallv: out of memory");
 	comm_group_start(c);

@@ -91,7 +91,7 @@ comm_result_t req_finish(comm_request_t *r)
 void req_fail_all(comm_t *c, comm_result_t rc)
 {
 	for (comm_request_t *r = c->reqs; r; r = r->next) {
-		if (!r->done) {
+		if (!r->done && !r->parts) { /* a request of parts fails through them */
 			r->done = 1;
 			r->rc = rc;
 			gpu_req_done(r);
@@ -159,13 +159,27 @@ static comm_result_t parts_test(comm_request_t *r, int *done)
 	return *done ? req_finish(r) : COMM_OK;
 }
 
+/*
+ * Each part handed to the stream; a part that moves no bytes has nothing
+ * for the stream to wait for (and no done flag): it is let go as the
+ * stream's parts are (freed once answered, a failure kept for
+ * comm_async_error) instead of waited for on the host.
+ */
 comm_result_t req_parts_stream_wait(comm_request_t *r, void *stream)
 {
 	if (unsent(r))
 		return comm_set_error(r->comm, COMM_ERR_INVALID_ARG,
 				      "stream wait: the request's group has not ended yet");
-	while (r->nparts)
-		part_done(r, 0, comm_stream_wait(r->parts[0], stream));
+	while (r->nparts) {
+		comm_request_t *p = r->parts[0];
+
+		if (p->empty && !p->done) {
+			p->detached = 1;
+			part_done(r, 0, COMM_OK);
+		} else {
+			part_done(r, 0, comm_stream_wait(p, stream));
+		}
+	}
 	return req_finish(r);
 }
 

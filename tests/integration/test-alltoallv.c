@@ -1,8 +1,8 @@
 /*
  * test-alltoallv.c: comm_alltoallv through the real commd: uneven and zero
  * counts, the rank's own block, gaps between blocks left alone; zero-copy
- * and staged buffers; blocking, with a request waited on or polled, two in
- * one group; counts that disagree; bad arguments, one refused after part
+ * and staged buffers; blocking, with a request waited on or polled or left
+ * to comm_finalize, two in one group; counts that disagree; bad arguments, one refused after part
  * of it was added to the group; on one daemon and over two.
  */
 #include <stdint.h>
@@ -26,7 +26,7 @@
 #define QUOTA "300M"
 #define BIG (200u << 20)
 
-enum mode { M_BLOCK, M_WAIT, M_TEST, M_GROUP };
+enum mode { M_BLOCK, M_WAIT, M_TEST, M_GROUP, M_FINALIZE };
 
 struct a2av {
 	int zc;            /* comm_mem_alloc'd buffers, else malloc'd (staged) */
@@ -36,7 +36,7 @@ struct a2av {
 };
 
 static const char *const mode_name[] = { "blocking", "request waited on", "request polled",
-					 "two in one group" };
+					 "two in one group", "request left to comm_finalize" };
 
 /* Elements rank i sends to rank j: 0 to 5 units (0 about a sixth of the time). */
 static size_t count_of(const struct a2av *a, int i, int j)
@@ -114,7 +114,10 @@ static comm_result_t post(comm_t *c, struct side *s, comm_request_t **req)
 	return comm_alltoallv(c, s->sb, s->sc, s->sd, s->rb, s->rc, s->rd, COMM_UINT32, req);
 }
 
-/* One alltoallv (two in M_GROUP, the second with the seed + 1) the way a->mode says. */
+/*
+ * One alltoallv (two in M_GROUP, the second with the seed + 1) the way
+ * a->mode says; M_FINALIZE (staged buffers only) finalizes c: -1 when right.
+ */
 static int exchange(comm_t *c, const struct a2av *a, int me, int n)
 {
 	struct a2av b = *a;
@@ -141,6 +144,15 @@ static int exchange(comm_t *c, const struct a2av *a, int me, int n)
 		rc = post(c, &s[0], &req[0]);
 		while (rc == COMM_OK && !done)
 			rc = comm_test(req[0], &done);
+		break;
+	case M_FINALIZE: /* it waits for the request; the staged blocks are then in place */
+		rc = post(c, &s[0], &req[0]);
+		if (rc == COMM_OK && (rc = comm_finalize(c)) == COMM_OK) {
+			bad = side_check(a, me, n, &s[0]);
+			free(s[0].sb);
+			free(s[0].rb);
+			return bad ? bad : -1;
+		}
 		break;
 	case M_GROUP:
 		comm_group_start(c);
@@ -180,6 +192,8 @@ static int rank_exchange(int me, int n, void *arg)
 	if (th_join(&c, me, n))
 		return 1;
 	bad = exchange(c, arg, me, n);
+	if (bad < 0) /* finalized by exchange */
+		return 0;
 	return bad ? bad : th_leave(c, me);
 }
 
@@ -249,7 +263,7 @@ static int rank_mismatch(int me, int n, void *arg)
 
 /*
  * Refused before anything is sent, on every rank alike: missing counts, a
- * bad dtype, a block whose end overflows, and (rank + 2's send block, BIG
+ * bad dtype, a NULL buffer with a count, a block whose end overflows, and (rank + 2's send block, BIG
  * bytes of static memory to stage, past the job's memory limit) one refused after
  * the recv and send for rank + 1 were added to the group, which are taken
  * back. Then a good alltoallv and an all-reduce: no op was left half-posted.
@@ -271,6 +285,13 @@ static int rank_invalid(int me, int n, void *arg)
 	bad |= !th_want_rc(c, me, "no sendcounts", rc, COMM_ERR_INVALID_ARG);
 	rc = comm_alltoallv(c, &one, z, z, &one, z, z, (comm_dtype_t)99, NULL);
 	bad |= !th_want_rc(c, me, "dtype 99", rc, COMM_ERR_INVALID_ARG);
+	huge[n - 1] = 1;
+	rc = comm_alltoallv(c, NULL, huge, z, &one, z, z, COMM_UINT32, NULL);
+	bad |= !th_want_rc(c, me, "a NULL send buffer with 1 element for the last rank", rc,
+			   COMM_ERR_INVALID_ARG);
+	rc = comm_alltoallv(c, &one, z, z, NULL, huge, z, COMM_UINT32, NULL);
+	bad |= !th_want_rc(c, me, "a NULL recv buffer with 1 element from the last rank", rc,
+			   COMM_ERR_INVALID_ARG);
 	huge[n - 1] = SIZE_MAX / 2;
 	rc = comm_alltoallv(c, &one, z, z, &one, z, huge, COMM_UINT32, NULL);
 	bad |= !th_want_rc(c, me, "an overflowing displacement", rc, COMM_ERR_INVALID_ARG);
@@ -309,8 +330,8 @@ static void exchanges(const struct th_daemon *const *ds, const int *of, const ch
 	char what[160];
 
 	for (size_t k = 0; k < sizeof scales / sizeof scales[0]; k++)
-		for (int m = M_BLOCK; m <= M_GROUP; m++)
-			for (int zc = 1; zc >= 0; zc--) {
+		for (int m = M_BLOCK; m <= M_FINALIZE; m++)
+			for (int zc = m == M_FINALIZE ? 0 : 1; zc >= 0; zc--) {
 				struct a2av a = { .zc = zc, .mode = (enum mode)m,
 						  .scale = scales[k], .seed = (uint32_t)(k * 16 + m * 2 + zc) };
 

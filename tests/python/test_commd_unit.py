@@ -557,8 +557,9 @@ class TestOps(unittest.TestCase):
                         inp_zc = commd.empty(inp.shape, np.int32)
                         inp_zc[...] = inp
                         inp, out = inp_zc, commd.zeros(want.shape, np.int32)
+                    # split sizes as a list and as a numpy array
                     w = commd.all_to_all_single(out, inp, [rows(i, r) for i in range(n)],
-                                                [rows(r, j) for j in range(n)],
+                                                np.array([rows(r, j) for j in range(n)]),
                                                 async_op=async_op)
                     if async_op:
                         self.assertTrue(w.wait())

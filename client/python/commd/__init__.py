@@ -321,7 +321,7 @@ def _rows(op, what, b, splits, n):
     shape = b.obj.shape
     first = shape[0] if len(shape) else 1
     row = b.count // first if first else 0
-    if not splits:
+    if splits is None or len(splits) == 0:
         if first % n:
             raise ValueError(f"{op}: {what} has {first} rows, not a multiple of world_size "
                              f"{n}; give split sizes")
