@@ -520,7 +520,9 @@ COMM_API comm_result_t comm_split(comm_t *c, int color, int key, comm_t **out)
 		 * it waits in the agreement below, this one's join ends well
 		 * before that agreement's deadline would fail comm.
 		 */
-		if ((joined = join(&child, &cfg, (uint32_t)c->timeout_ms / 2)) != COMM_OK)
+		if ((joined = join(&child, &cfg,
+				   (uint32_t)(c->timeout_ms > 1 ? c->timeout_ms / 2 : c->timeout_ms))) !=
+		    COMM_OK)
 			snprintf(why, sizeof why, "%s", init_error);
 	}
 	/* every rank's new comm formed, or none is kept: a half-made one would fail its first op */
