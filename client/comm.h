@@ -211,10 +211,12 @@ comm_result_t comm_alltoallv(comm_t *comm, const void *sendbuf, const size_t *se
  * on b from a; the daemon copies once, from the sender's memory into the
  * receiver's. Sizes (count x dtype size) must agree: a mismatch fails the
  * recv with COMM_ERR_MISMATCH, and the send on one daemon (across daemons
- * the send may have ended before the receiver compared). As in NCCL, a send or recv outside a group
- * blocks the rank's later ops until its partner has posted; exchanges where
- * both sides send first belong in a group. peer == own rank needs a group:
- * outside one it is COMM_ERR_INVALID_ARG.
+ * the send may have ended before the receiver compared). A rank's sends and
+ * recvs posted one after another outside a group progress together, as a
+ * group's would: two ranks that each post a send with a request, then a
+ * recv, meet (where NCCL would need a group). A blocking one, or the
+ * collective after them, waits until its partner has posted. peer == own
+ * rank needs a group: outside one it is COMM_ERR_INVALID_ARG.
  */
 comm_result_t comm_send(comm_t *comm, const void *buf, size_t count, comm_dtype_t dtype,
 			int peer, comm_request_t **req);

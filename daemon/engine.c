@@ -1,8 +1,9 @@
 /*
  * engine.c: matching the ops the ranks post. A collective runs when every
- * rank has it in its current unit (one op, or a whole group) and they
- * agree on it; a send runs when its receiver has the matching recv in its
- * current unit. A rank's ops are answered in posting order, a unit at a time.
+ * rank has it in its current unit (one op, a whole group, or a run of
+ * sends and recvs outside groups) and they agree on it; a send runs when
+ * its receiver has the matching recv in its current unit. A rank's ops are
+ * answered in posting order: a group at once, any other op as it finishes.
  */
 #include <stdio.h>
 #include <stdlib.h>
@@ -153,13 +154,21 @@ void engine_free(struct job *j)
 }
 
 /*
- * The last op of rank r's current unit: its first op alone, or the group
- * that op opens, once the group's last op has arrived. NULL: nothing yet.
+ * The last op of rank r's current unit: the group its first op opens, once
+ * the group's last op has arrived; the run of sends and recvs outside
+ * groups its first op starts, as far as they have arrived (so that ranks
+ * that each isend, then irecv, meet as they would in a group, where NCCL
+ * would need one); else its first op alone. NULL: nothing yet.
  */
 static struct posted *unit_last(struct job *j, int r)
 {
-	struct posted *p = TAILQ_FIRST(&j->posted[r]);
+	struct posted *p = TAILQ_FIRST(&j->posted[r]), *q;
 
+	if (p && !p->group && !op_is_collective(p->type)) {
+		while ((q = TAILQ_NEXT(p, link)) && !q->group && !op_is_collective(q->type))
+			p = q;
+		return p;
+	}
 	if (!p || !p->group)
 		return p;
 	for (; p; p = TAILQ_NEXT(p, link))
@@ -194,6 +203,8 @@ static void retire(struct job *j)
 		while ((last = unit_last(j, r))) {
 			int all_done = 1;
 
+			if (!TAILQ_FIRST(&j->posted[r])->group) /* each as it finishes */
+				last = TAILQ_FIRST(&j->posted[r]);
 			UNIT_FOREACH(p, j, r, last)
 				all_done &= finished(j, p);
 			if (!all_done)

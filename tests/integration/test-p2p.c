@@ -363,6 +363,80 @@ static int rank_ring(int r, int n, void *arg)
 	return th_leave(c, r) | bad;
 }
 
+/* --- sends and recvs with requests, no group ------------------------------------ */
+
+/*
+ * Each rank isends to the next and the one before, then irecvs from both,
+ * all with requests and no group (as torch's batch_isend_irecv posts them
+ * on a backend other than NCCL), 20 rounds of growing sizes, zero-copy and
+ * staged: the run of sends and recvs progresses as a group would, so no
+ * rank waits for a partner stuck behind its own send. Then an all-reduce.
+ */
+static int rank_isend_irecv(int r, int n, void *arg)
+{
+	int next = (r + 1) % n, prev = (r + n - 1) % n, bad = 0;
+	comm_t *c;
+
+	(void)arg;
+	if (th_join(&c, r, n) < 0)
+		return 1;
+	for (int round = 0; round < 20; round++) {
+		size_t count = 1 + (size_t)round * 7919 % 50000;
+		comm_request_t *req[4];
+		struct buf s[2], d[2];
+		char what[96];
+
+		for (int k = 0; k < 2; k++)
+			if (buf_get(c, &s[k], count * 4, (round + k) % 2, r) < 0 ||
+			    buf_get(c, &d[k], count * 4, round % 3 == k, r) < 0)
+				return th_bail(c);
+		ref_fill(s[0].p, s[0].len, ref_msg_seed(40, r, next, round));
+		ref_fill(s[1].p, s[1].len, ref_msg_seed(41, r, prev, round));
+		OK_OR_BAIL(comm_send(c, s[0].p, count, COMM_FLOAT32, next, &req[0]));
+		OK_OR_BAIL(comm_send(c, s[1].p, count, COMM_FLOAT32, prev, &req[1]));
+		OK_OR_BAIL(comm_recv(c, d[0].p, count, COMM_FLOAT32, prev, &req[2]));
+		OK_OR_BAIL(comm_recv(c, d[1].p, count, COMM_FLOAT32, next, &req[3]));
+		for (int k = 0; k < 4; k++)
+			OK_OR_BAIL(comm_wait(req[k], -1));
+		snprintf(what, sizeof what, "round %d: %zu floats from rank %d", round, count, prev);
+		bad |= buf_check(&d[0], ref_msg_seed(40, prev, r, round), r, what);
+		snprintf(what, sizeof what, "round %d: %zu floats from rank %d", round, count, next);
+		bad |= buf_check(&d[1], ref_msg_seed(41, next, r, round), r, what);
+		for (int k = 0; k < 2; k++) {
+			buf_put(c, &s[k]);
+			buf_put(c, &d[k]);
+		}
+	}
+	{
+		int32_t v = r + 1;
+
+		OK_OR_BAIL(comm_allreduce(c, &v, &v, 1, COMM_INT32, COMM_SUM, NULL));
+		if (v != n * (n + 1) / 2)
+			bad = fprintf(stderr, "rank %d: the all-reduce after: %d\n", r, v) > 0;
+	}
+	return th_leave(c, r) | bad;
+}
+
+/* rank_isend_irecv over two daemons, ranks alternating between them. */
+static void test_isend_irecv_nodes(void)
+{
+	static const int of[4] = { 0, 1, 0, 1 };
+	struct th_daemon a, b;
+	const struct th_daemon *ds[2] = { &a, &b };
+	struct timespec t0;
+	int failed;
+
+	REQUIRE(th_daemon_start_peer(&a, NULL) == 0 && th_daemon_start_peer(&b, NULL) == 0,
+		"commd A and B did not start");
+	clock_gettime(CLOCK_MONOTONIC, &t0);
+	failed = th_run_ranks_nodes(ds, of, a.peer, "p2p-nodes", 4, rank_isend_irecv, NULL);
+	CHECK(failed == 0, "isend/irecv over two daemons: %d ranks failed", failed);
+	printf("%s: isend to and irecv from both neighbours, requests and no group, n=4 over two "
+	       "daemons (A: 0 2, B: 1 3) (%.1f s)\n", failed ? "FAIL" : "ok",
+	       th_secs_since(&t0));
+	CHECK(th_daemon_stop(&a) == 0 && th_daemon_stop(&b) == 0, "commd A or B did not stop");
+}
+
 /* --- blocking exchange without groups ---------------------------------------- */
 
 static int rank_exchange(int r, int n, void *arg)
@@ -1293,6 +1367,11 @@ int main(void)
 			 ring_sizes[i], RING_ROUNDS, RING_ASYNC_ROUNDS);
 		run_job(&d, ring_sizes[i], rank_ring, NULL, what);
 	}
+	run_job(&d, 2, rank_isend_irecv, NULL,
+		"isend to and irecv from both neighbours, requests and no group, 20 rounds, n=2");
+	run_job(&d, 4, rank_isend_irecv, NULL,
+		"isend to and irecv from both neighbours, requests and no group, 20 rounds, n=4");
+	test_isend_irecv_nodes();
 	run_job(&d, 4, rank_exchange, NULL,
 		"blocking exchange without groups n=4: even ranks send first, odd ranks recv "
 		"first, 50 rounds");

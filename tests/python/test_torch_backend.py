@@ -103,6 +103,18 @@ elif rank % 2 == 1:
     t = torch.zeros(8, dtype=torch.int32)
     dist.recv(t, src=rank - 1)
     check("recv", t, torch.arange(8, dtype=torch.int32) + rank - 1)
+# batch_isend_irecv, as pipeline parallelism exchanges activations: torch
+# 1.13 posts the ops one by one on a backend other than NCCL, sends first
+ops = []
+got = [torch.zeros(5), torch.zeros(5)]
+for k, peer in enumerate(((rank + 1) % n, (rank - 1) % n)):
+    ops.append(dist.P2POp(dist.isend, torch.full((5,), float(rank * 10 + k)), peer))
+for k, peer in enumerate(((rank - 1) % n, (rank + 1) % n)):
+    ops.append(dist.P2POp(dist.irecv, got[k], peer))
+for w in dist.batch_isend_irecv(ops):
+    w.wait()
+check("batch_isend_irecv from the rank before", got[0], torch.full((5,), (rank - 1) % n * 10.0))
+check("batch_isend_irecv from the rank after", got[1], torch.full((5,), (rank + 1) % n * 10.0 + 1))
 dist.barrier()
 works = [dist.all_reduce(torch.ones(3) * (k + 1), async_op=True) for k in range(3)]
 for w in works:

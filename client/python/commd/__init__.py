@@ -395,8 +395,10 @@ def recv(t, src, group=None):
 
 
 def isend(t, dst, group=None):
-    """send() without blocking: a Work. As in NCCL, this rank's later ops
-    wait until dst has posted its recv."""
+    """send() without blocking: a Work. This rank's sends and recvs posted
+    after it progress with it, as in a group (an isend then an irecv on
+    each of two ranks meet); a collective after it waits until dst has
+    posted its recv."""
     return _send("isend", t, dst, True, group)
 
 
