@@ -385,7 +385,16 @@ static void on_io(uv_poll_t *h, int status, int events)
 	if (c->closing || c->doomed)
 		return;
 	if (status < 0) {
-		conn_close(c, uv_strerror(status));
+		/*
+		 * An error on the socket (libuv says EBADF for any POLLERR): a
+		 * client that closed with replies unread leaves ECONNRESET here.
+		 * What it sent before, a Leave included, is read first: the
+		 * kernel hands it over before the error.
+		 */
+		for (int i = 0; i < 1024 && !c->closing && !c->doomed; i++)
+			on_readable(c);
+		if (!c->closing && !c->doomed)
+			conn_close(c, uv_strerror(status));
 		return;
 	}
 	if ((events & UV_WRITABLE) && flush(c) < 0) {

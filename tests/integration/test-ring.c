@@ -195,6 +195,75 @@ static void run_job(int n, th_rank_fn fn, const void *arg, const char *what)
 	fflush(stdout);
 }
 
+/* --- a rank that leaves with a reply unread -------------------------------------- */
+
+/*
+ * Rank 0, by hand: a barrier whose answer it never reads, then Leave, then
+ * close. Its socket held unread data, so commd sees an error on it
+ * (ECONNRESET: POLLERR) with the Leave still to be read, as with a rank
+ * whose wait took its answer from the ring while commd also sent it on the
+ * socket. The leave must count: ranks 1 and 2 go on with sends and recvs
+ * between them, which do not need rank 0.
+ */
+static int rank_unread(int r, int n, void *arg)
+{
+	comm_t *c;
+	int bad = 0;
+
+	(void)arg;
+	if (r == 0) {
+		Commpb__Envelope env = COMMPB__ENVELOPE__INIT;
+		Commpb__Op op = COMMPB__OP__INIT;
+		Commpb__BufRef none = COMMPB__BUF_REF__INIT;
+		Commpb__Leave lv = COMMPB__LEAVE__INIT;
+		struct frame_reader rd;
+		int fd = raw_connect(getenv("COMM_SOCKET"));
+
+		frame_reader_init(&rd);
+		if (raw_hello_rank(fd, &rd, getenv("COMM_JOB"), getenv("COMM_TOKEN"), 0, n, NULL,
+				   0) != COMM_OK)
+			return 1;
+		op.seq = 1;
+		op.type = COMMPB__OP_TYPE__OP_BARRIER;
+		op.dtype = COMM_UINT8; /* as libcomm's barrier */
+		op.send = &none;
+		op.recv = &none;
+		env.id = 1;
+		env.body_case = COMMPB__ENVELOPE__BODY_OP;
+		env.op = &op;
+		raw_send(fd, &env, NULL, 0);
+		usleep(300 * 1000); /* the barrier's answer arrives, unread */
+		env = (Commpb__Envelope)COMMPB__ENVELOPE__INIT;
+		env.id = 2;
+		env.body_case = COMMPB__ENVELOPE__BODY_LEAVE;
+		env.leave = &lv;
+		raw_send(fd, &env, NULL, 0);
+		close(fd);
+		frame_reader_free(&rd);
+		return 0;
+	}
+	if (th_join(&c, r, n) < 0)
+		return 1;
+	if (comm_barrier(c, NULL) != COMM_OK) {
+		fprintf(stderr, "rank %d: barrier: %s\n", r, comm_last_error(c));
+		return th_bail(c);
+	}
+	usleep(600 * 1000); /* rank 0 has left */
+	for (int round = 0; round < 20 && !bad; round++) {
+		int32_t out = r * 100 + round, in = -1;
+		comm_result_t rc;
+
+		comm_group_start(c);
+		comm_send(c, &out, 1, COMM_INT32, 3 - r, NULL);
+		comm_recv(c, &in, 1, COMM_INT32, 3 - r, NULL);
+		rc = comm_group_end(c);
+		if (rc != COMM_OK || in != (3 - r) * 100 + round)
+			bad = fprintf(stderr, "rank %d: round %d after rank 0 left: %s (%s), got %d\n",
+				      r, round, comm_result_name(rc), comm_last_error(c), in) > 0;
+	}
+	return bad ? th_bail(c) : th_leave(c, r);
+}
+
 /* --- 1, 3: more ops in flight than the ring has slots ------------------------- */
 
 /* Post MANY all-reduces with requests, wait them in order, check every element. */
@@ -822,6 +891,9 @@ int main(void)
 	test_killed(fds0, &ring_all, "killed-spin", "ring rank killed mid-op, default spin");
 	test_killed(fds0, &spin0_all, "killed-sleep", "ring rank killed mid-op, COMM_SPIN_US=0");
 	run_job(2, rank_ok, &ring_all, "a 2-rank job after the kills");
+	run_job(3, rank_unread, NULL,
+		"rank 0 leaves with the barrier's answer unread (commd sees ECONNRESET with the "
+		"Leave still queued): a clean leave, ranks 1 and 2 go on with sends and recvs");
 
 	CHECK(th_daemon_alive(&d), "daemon died");
 	CHECK(th_daemon_stop(&d) == 0, "daemon stop");
