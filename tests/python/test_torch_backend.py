@@ -131,6 +131,40 @@ loss.backward()
 dist.all_reduce(w.grad, op=dist.ReduceOp.AVG)
 check("averaged gradient", w.grad, torch.full((3,), (n + 1) / 2))
 
+# DistributedDataParallel: its C++ (the parameter check, the broadcast of
+# the module's state, the reducer's bucketed all-reduces) waits on the
+# backend's Works itself. 3 SGD steps on each rank's own batches; the
+# reference is the same model trained here alone on the mean of every
+# rank's loss (each rank's batches drawn again from its seed).
+torch.manual_seed(0)
+model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 4))
+ref = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 4))
+ref.load_state_dict(model.state_dict())
+if rank:  # DDP starts every rank from rank 0's parameters
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)
+ddp = torch.nn.parallel.DistributedDataParallel(model)
+opt = torch.optim.SGD(ddp.parameters(), lr=0.1)
+ref_opt = torch.optim.SGD(ref.parameters(), lr=0.1)
+gens = [torch.Generator().manual_seed(100 + r) for r in range(n)]
+for step in range(3):
+    batches = [(torch.randn(5, 8, generator=g), torch.randn(5, 4, generator=g)) for g in gens]
+    x, y = batches[rank]
+    opt.zero_grad()
+    ((ddp(x) - y) ** 2).mean().backward()
+    opt.step()
+    ref_opt.zero_grad()
+    (sum(((ref(bx) - by) ** 2).mean() for bx, by in batches) / n).backward()
+    ref_opt.step()
+for (name, p), q in zip(model.named_parameters(), ref.parameters()):
+    if not torch.allclose(p.detach(), q.detach(), rtol=1e-5, atol=1e-6):
+        sys.stdout.write(f"rank {rank}: DDP {name}: off the reference by "
+                         f"{(p - q).abs().max().item()}\n")
+        sys.exit(1)
+    checks += 1
+del ddp
+
 # what commd does not take: told at once, the job goes on
 for what, call in (
         ("unequal reduce_scatter blocks", lambda: dist.reduce_scatter(

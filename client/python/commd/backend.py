@@ -11,17 +11,21 @@ world's, drawn the same way through the group's store (torch calls the
 backend on the group's ranks alone, so it cannot be a comm_split). After
 destroy_process_group() call commd.finalize() to leave the job (and before
 init_process_group again).
-Reductions: SUM, PRODUCT, MIN, MAX and AVG. all_to_all takes equal blocks of
-one dtype; send/recv take no tags; gather and scatter move n times the data
-(an all-gather, a broadcast). Ops run as commd's async ops; the Work
-that torch gets waits for them.
+Reductions: SUM, PRODUCT, MIN, MAX and AVG. all_to_all and
+all_to_all_single take blocks of any sizes (comm_alltoallv); send/recv take no
+tags; gather and scatter move n times the data (an all-gather, a broadcast).
+Ops run as commd's async ops; the Work torch gets wraps a future that a
+thread of the process group completes once commd has done the op, so that
+torch's C++ (DistributedDataParallel) can wait on it too.
 """
-import time
+import queue
 import secrets
+import threading
+import time
 
 import torch
 import torch.distributed as dist
-from torch._C._distributed_c10d import ProcessGroup, Work as _TorchWork
+from torch._C._distributed_c10d import ProcessGroup, _create_work_from_future
 
 import commd
 
@@ -56,40 +60,41 @@ def _one(op, tensors):
     return tensors[0]
 
 
-class _Work(_TorchWork):
-    """What torch waits on: commd's Works, then an optional last step."""
+class _Completer:
+    """A thread per process group that sees its ops through. torch's own C++
+    (DDP's reducer, _verify_params_across_processes, _broadcast_coalesced)
+    waits on a Work's future and never calls back into Python, so each op's
+    future is completed here once commd has done it (in posting order, as
+    commd answers a communicator's ops), after the op's closing step."""
 
-    def __init__(self, works, result, after=None):
-        super().__init__()
-        self._works = [w for w in works if w is not None]
-        self._result = result
-        self._after = after
+    def __init__(self):
+        self._q = queue.SimpleQueue()
+        threading.Thread(target=self._run, name="commd-backend", daemon=True).start()
 
-    def _finish(self):
-        self._works = []
-        if self._after:
-            self._after()
-            self._after = None
+    def work(self, works, result, after=None):
+        """The Work torch gets for commd's Works (None: done already) that
+        make an op: its future gives result once all are done and after (a
+        copy out) has run, or their first failure."""
+        fut = torch.futures.Future()
+        self._q.put(([w for w in works if w is not None], fut, result, after))
+        return _create_work_from_future(fut)
 
-    def wait(self, timeout=None):
-        """Wait for every op (timeout: a timedelta, or None without limit); a
-        RuntimeError when the time runs out first."""
-        end = None if timeout is None else time.monotonic() + timeout.total_seconds()
-        for w in self._works:
-            left = None if end is None else max(0.0, end - time.monotonic())
-            if not w.wait(left):
-                raise RuntimeError(f"commd backend: an op not done within {timeout}")
-        self._finish()
-        return True
-
-    def is_completed(self):
-        if not all(w.is_completed() for w in self._works):
-            return False
-        self._finish()
-        return True
-
-    def result(self):
-        return self._result
+    def _run(self):
+        while True:
+            works, fut, result, after = self._q.get()
+            try:
+                for w in works:
+                    polls = 0
+                    while not w.is_completed():  # takes the comm's lock only briefly
+                        polls += 1
+                        time.sleep(0 if polls < 100 else 0.0002)
+                    w.wait()  # its failure, if any
+                if after:
+                    after()
+            except Exception as e:  # noqa: BLE001 (torch raises it in the waiter)
+                fut.set_exception(e)
+            else:
+                fut.set_result(result)
 
 
 def _no_tag(op, tag):
@@ -107,44 +112,45 @@ class ProcessGroupCommd(ProcessGroup):
         super().__init__(rank, size)
         self._g = group
         self._kw = {"async_op": True, "group": group}
+        self._c = _Completer()
 
     def getBackendName(self):
         return "commd"
 
     def allreduce(self, tensors, opts=None):
         t = _one("allreduce", tensors)
-        return _Work([commd.all_reduce(t, _redop(opts), **self._kw)], tensors)
+        return self._c.work([commd.all_reduce(t, _redop(opts), **self._kw)], tensors)
 
     def allreduce_coalesced(self, tensors, opts=None):
-        return _Work([commd.all_reduce(t, _redop(opts), **self._kw) for t in tensors],
+        return self._c.work([commd.all_reduce(t, _redop(opts), **self._kw) for t in tensors],
                      tensors)
 
     def broadcast(self, tensors, opts=None):
         t = _one("broadcast", tensors)
-        return _Work([commd.broadcast(t, opts.rootRank, **self._kw)], tensors)
+        return self._c.work([commd.broadcast(t, opts.rootRank, **self._kw)], tensors)
 
     def reduce(self, tensors, opts=None):
         t = _one("reduce", tensors)
-        return _Work([commd.reduce(t, opts.rootRank, _redop(opts), **self._kw)], tensors)
+        return self._c.work([commd.reduce(t, opts.rootRank, _redop(opts), **self._kw)], tensors)
 
     def allgather(self, output_lists, inputs, opts=None):
         outs, t = _one("allgather", output_lists), _one("allgather", inputs)
-        return _Work([commd.all_gather(outs, t, **self._kw)], output_lists)
+        return self._c.work([commd.all_gather(outs, t, **self._kw)], output_lists)
 
     def _allgather_base(self, out, inp, opts=None):
-        return _Work([commd.all_gather(out, inp, **self._kw)], [out])
+        return self._c.work([commd.all_gather(out, inp, **self._kw)], [out])
 
     def reduce_scatter(self, outputs, input_lists, opts=None):
         out, ins = _one("reduce_scatter", outputs), _one("reduce_scatter", input_lists)
         _same("reduce_scatter", ins, out)
         inp = torch.cat([x.reshape(-1) for x in ins])
-        return _Work([commd.reduce_scatter(out, inp, _redop(opts), **self._kw)], outputs)
+        return self._c.work([commd.reduce_scatter(out, inp, _redop(opts), **self._kw)], outputs)
 
     def _reduce_scatter_base(self, out, inp, opts=None):
-        return _Work([commd.reduce_scatter(out, inp, _redop(opts), **self._kw)], [out])
+        return self._c.work([commd.reduce_scatter(out, inp, _redop(opts), **self._kw)], [out])
 
     def alltoall_base(self, out, inp, out_splits, in_splits, opts=None):
-        return _Work([commd.all_to_all_single(out, inp, out_splits, in_splits, **self._kw)],
+        return self._c.work([commd.all_to_all_single(out, inp, out_splits, in_splits, **self._kw)],
                      [out])
 
     def alltoall(self, outs, ins, opts=None):
@@ -165,7 +171,7 @@ class ProcessGroupCommd(ProcessGroup):
             for o in outs:
                 o.copy_(out[at:at + o.numel()].view(o.shape))
                 at += o.numel()
-        return _Work([commd.all_to_all_single(out, inp, [o.numel() for o in outs],
+        return self._c.work([commd.all_to_all_single(out, inp, [o.numel() for o in outs],
                                               [x.numel() for x in ins], **self._kw)],
                      outs, copy_out)
 
@@ -178,7 +184,7 @@ class ProcessGroupCommd(ProcessGroup):
             _same("gather", outs, t)
         else:
             outs = torch.empty(self.size() * t.numel(), dtype=t.dtype, device=t.device)
-        return _Work([commd.all_gather(outs, t, **self._kw)], output_lists)
+        return self._c.work([commd.all_gather(outs, t, **self._kw)], output_lists)
 
     def scatter(self, outputs, input_lists, opts=None):
         """A broadcast of the root's blocks, each rank keeping its own."""
@@ -193,18 +199,18 @@ class ProcessGroupCommd(ProcessGroup):
 
         def copy_out():
             out.copy_(buf[r * n:(r + 1) * n].view(out.shape))
-        return _Work([commd.broadcast(buf, opts.rootRank, **self._kw)], outputs, copy_out)
+        return self._c.work([commd.broadcast(buf, opts.rootRank, **self._kw)], outputs, copy_out)
 
     def send(self, tensors, dst, tag):
         _no_tag("send", tag)
-        return _Work([commd.isend(_one("send", tensors), dst, group=self._g)], tensors)
+        return self._c.work([commd.isend(_one("send", tensors), dst, group=self._g)], tensors)
 
     def recv(self, tensors, src, tag):
         _no_tag("recv", tag)
-        return _Work([commd.irecv(_one("recv", tensors), src, group=self._g)], tensors)
+        return self._c.work([commd.irecv(_one("recv", tensors), src, group=self._g)], tensors)
 
     def barrier(self, opts=None):
-        return _Work([commd.barrier(**self._kw)], [])
+        return self._c.work([commd.barrier(**self._kw)], [])
 
 
 def _draw(store, rank, size, job):
