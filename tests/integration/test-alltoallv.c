@@ -281,6 +281,15 @@ static int rank_invalid(int me, int n, void *arg)
 	(void)arg;
 	if (th_join(&c, me, n))
 		return 1;
+	/*
+	 * Every rank's first segment registered before the BIG block is
+	 * staged (the job's limit is first come, first served): one made here
+	 * (the ring's, where there is one), then a barrier.
+	 */
+	if (!comm_mem_alloc(c, 4096) || comm_barrier(c, NULL) != COMM_OK) {
+		fprintf(stderr, "rank %d: setting up: %s\n", me, comm_last_error(c));
+		return th_bail(c);
+	}
 	rc = comm_alltoallv(c, &one, NULL, z, &one, z, z, COMM_UINT32, NULL);
 	bad |= !th_want_rc(c, me, "no sendcounts", rc, COMM_ERR_INVALID_ARG);
 	rc = comm_alltoallv(c, &one, z, z, &one, z, z, (comm_dtype_t)99, NULL);
