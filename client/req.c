@@ -38,7 +38,8 @@ static void req_unlink(comm_request_t *r)
 /*
  * A request of n ops (comm_alltoallv), each posted with a request of its
  * own stored in parts: it is done when they all are, its result their
- * first error. On the list like the others, so comm_finalize frees it.
+ * first error. On the list before its parts, so comm_finalize waits for
+ * it through them and a broken comm's req_free_all frees it.
  */
 comm_request_t *req_new_parts(comm_t *c, int n)
 {

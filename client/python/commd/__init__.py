@@ -28,8 +28,8 @@ from ._mem import empty, zeros
 __all__ = [
     "init", "finalize", "destroy_process_group", "abort", "is_initialized", "get_rank",
     "get_world_size", "all_reduce", "reduce_scatter", "all_gather", "broadcast", "reduce",
-    "all_to_all", "all_to_all_single", "send", "recv", "isend", "irecv", "barrier", "empty", "zeros", "ReduceOp",
-    "Work", "CommError", "Result", "new_group", "Group",
+    "all_to_all", "all_to_all_single", "send", "recv", "isend", "irecv", "barrier", "empty",
+    "zeros", "ReduceOp", "Work", "CommError", "Result", "new_group", "Group",
 ] + [f"COMM_{r.name}" for r in Result]
 
 globals().update({f"COMM_{r.name}": r for r in Result})
