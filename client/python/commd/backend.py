@@ -18,10 +18,12 @@ Ops run as commd's async ops; the Work torch gets wraps a future that a
 thread of the process group completes once commd has done the op, so that
 torch's C++ (DistributedDataParallel) can wait on it too.
 """
+import atexit
 import queue
 import secrets
 import threading
 import time
+import weakref
 
 import torch
 import torch.distributed as dist
@@ -60,6 +62,15 @@ def _one(op, tensors):
     return tensors[0]
 
 
+_completers = weakref.WeakSet()
+
+
+@atexit.register
+def _stop_completers():
+    for c in list(_completers):
+        c.stop()
+
+
 class _Completer:
     """A thread per process group that sees its ops through. torch's own C++
     (DDP's reducer, _verify_params_across_processes, _broadcast_coalesced)
@@ -69,7 +80,16 @@ class _Completer:
 
     def __init__(self):
         self._q = queue.SimpleQueue()
-        threading.Thread(target=self._run, name="commd-backend", daemon=True).start()
+        self._t = threading.Thread(target=self._run, name="commd-backend", daemon=True)
+        self._t.start()
+        _completers.add(self)
+
+    def stop(self):
+        """End the thread once the ops before are seen through (at exit: a
+        thread still in Python as the interpreter goes can take the process
+        down with it)."""
+        self._q.put(None)
+        self._t.join(timeout=10)
 
     def work(self, works, result, after=None):
         """The Work torch gets for commd's Works (None: done already) that
@@ -81,7 +101,10 @@ class _Completer:
 
     def _run(self):
         while True:
-            works, fut, result, after = self._q.get()
+            item = self._q.get()
+            if item is None:
+                return
+            works, fut, result, after = item
             try:
                 for w in works:
                     polls = 0
