@@ -18,28 +18,63 @@
 static const struct {
 	const char *name;
 	const char *args;
-	int max_args;
+	int min_args, max_args;
 	int (*run)(struct ctl *, int, char **);
 	const char *help;
 } commands[] = {
-	{ "status", "", 0, ctl_status,
+	{ "status", "", 0, 0, ctl_status,
 	  "the daemon, its backends, peers, jobs, their oldest ops in flight, counters" },
-	{ "jobs", "[JOB]", 1, ctl_jobs,
+	{ "jobs", "[JOB]", 0, 1, ctl_jobs,
 	  "one line per job, and each job's GPU worker (over several daemons: its\n"
 	  "                 NCCL rank and device); with JOB, every op in flight in it:\n"
 	  "                 which ranks posted it and which never did (what a hang waits for)" },
-	{ "topo", "", 0, ctl_topo, "the node's GPUs and NICs and how they connect (nvidia-smi topo -m)" },
+	{ "topo", "", 0, 0, ctl_topo, "the node's GPUs and NICs and how they connect (nvidia-smi topo -m)" },
+	{ "abort", "JOB", 1, 1, ctl_abort,
+	  "fail the job on every rank and every daemon it spans, as comm_abort would:\n"
+	  "                 its ops end with COMM_ERR_ABORTED naming you and --reason TEXT;\n"
+	  "                 --uid UID picks the job of that user where names repeat\n"
+	  "                 (the job's owner may, as may root and commd's admin group)" },
 };
 
 static void usage(FILE *f)
 {
-	fprintf(f, "usage: commctl [--socket PATH] COMMAND [--json]\n"
+	fprintf(f, "usage: commctl [--socket PATH] COMMAND [ARGS] [--json]\n"
 		   "  --socket PATH  the daemon's socket (default: $COMM_SOCKET or "
 		   "/run/commd/commd.sock)\n"
 		   "  --json         machine-readable output\n"
 		   "commands:\n");
 	for (size_t i = 0; i < sizeof commands / sizeof commands[0]; i++)
 		fprintf(f, "  %-6s %-8s %s\n", commands[i].name, commands[i].args, commands[i].help);
+}
+
+/*
+ * Whether argv[*a] is the option name, as "NAME VALUE" or "NAME=VALUE":
+ * then *val is the value and *a its index.
+ */
+static int opt_value(int argc, char **argv, int *a, const char *name, const char **val)
+{
+	size_t n = strlen(name);
+
+	if (strncmp(argv[*a], name, n) != 0)
+		return 0;
+	if (argv[*a][n] == '=') {
+		*val = argv[*a] + n + 1;
+		return 1;
+	}
+	if (argv[*a][n] || *a + 1 >= argc)
+		return 0;
+	*val = argv[++*a];
+	return 1;
+}
+
+/* A uid in decimal, into *uid: 0, or -1 when s is not one. */
+static int parse_uid(const char *s, long *uid)
+{
+	char *end;
+
+	errno = 0;
+	*uid = strtol(s, &end, 10);
+	return errno || end == s || *end || *uid < 0 || *uid > 0xfffffffe ? -1 : 0;
 }
 
 int ctl_connect(struct ctl *ctl)
@@ -162,7 +197,7 @@ int main(int argc, char **argv)
 		{ "version", no_argument, NULL, 'V' },
 		{ NULL, 0, NULL, 0 },
 	};
-	struct ctl ctl = { .fd = -1 };
+	struct ctl ctl = { .fd = -1, .uid = -1, .reason = "" };
 	int opt, rc;
 
 	ctl.socket = getenv("COMM_SOCKET");
@@ -193,7 +228,8 @@ int main(int argc, char **argv)
 	}
 	for (size_t i = 0; i < sizeof commands / sizeof commands[0]; i++) {
 		char *args[1];
-		int nargs = 0;
+		int nargs = 0, is_abort = commands[i].run == ctl_abort;
+		const char *val;
 
 		if (strcmp(argv[optind], commands[i].name) != 0)
 			continue;
@@ -209,6 +245,14 @@ int main(int argc, char **argv)
 				ctl.socket = argv[++a];
 			} else if (strncmp(argv[a], "--socket=", 9) == 0) {
 				ctl.socket = argv[a] + 9;
+			} else if (is_abort && opt_value(argc, argv, &a, "--reason", &val)) {
+				ctl.reason = val;
+			} else if (is_abort && opt_value(argc, argv, &a, "--uid", &val)) {
+				if (parse_uid(val, &ctl.uid) < 0) {
+					fprintf(stderr, "commctl: abort: --uid wants a number, not '%s'\n",
+						val);
+					return 2;
+				}
 			} else if (argv[a][0] != '-' && nargs < commands[i].max_args) {
 				args[nargs++] = argv[a];
 			} else {
@@ -216,6 +260,10 @@ int main(int argc, char **argv)
 					commands[i].name, argv[a]);
 				return 2;
 			}
+		}
+		if (nargs < commands[i].min_args) {
+			fprintf(stderr, "commctl: %s: which %s?\n", commands[i].name, commands[i].args);
+			return 2;
 		}
 		if (ctl_connect(&ctl) < 0)
 			return 1;

@@ -8,6 +8,8 @@ struct ctl {
 	const char *socket;
 	int json;
 	int fd;
+	const char *reason; /* abort: --reason, "" none */
+	long uid;           /* abort: --uid, -1 none */
 };
 
 /* Connect and say hello as admin; prints the error and returns -1 on failure. */
@@ -20,5 +22,6 @@ void ctl_json_str(const char *s);
 int ctl_status(struct ctl *ctl, int argc, char **argv);
 int ctl_jobs(struct ctl *ctl, int argc, char **argv);
 int ctl_topo(struct ctl *ctl, int argc, char **argv);
+int ctl_abort(struct ctl *ctl, int argc, char **argv);
 
 #endif

@@ -499,6 +499,7 @@ int req_abort_exec(struct conn *c, const Commpb__Envelope *env, int *fds, int nf
 int req_status_exec(struct conn *c, const Commpb__Envelope *env, int *fds, int nfds);
 int req_topo_exec(struct conn *c, const Commpb__Envelope *env, int *fds, int nfds);
 int req_ring_attach_exec(struct conn *c, const Commpb__Envelope *env, int *fds, int nfds);
+int req_job_abort_exec(struct conn *c, const Commpb__Envelope *env, int *fds, int nfds);
 
 /* --- req-op.c: posting an op ---------------------------------------------- */
 

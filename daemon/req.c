@@ -32,6 +32,8 @@ static const struct req_type req_table[] = {
 	[B(TOPO_REPLY)] = { "topo_reply", 0, 0, NULL },
 	[B(RING_ATTACH)] = { "ring_attach", REQ_F_RANK, 1, req_ring_attach_exec },
 	[B(RING_ATTACH_REPLY)] = { "ring_attach_reply", 0, 0, NULL },
+	[B(JOB_ABORT)] = { "job_abort", REQ_F_ADMIN, 0, req_job_abort_exec },
+	[B(JOB_ABORT_REPLY)] = { "job_abort_reply", 0, 0, NULL },
 };
 
 const struct req_type *req_find(unsigned body_case)

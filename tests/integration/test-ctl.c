@@ -3,7 +3,9 @@
  * jobs, as text and JSON, and its errors; and a job that hangs, which
  * `commctl jobs JOB` explains: the op, the ranks that posted it, the rank
  * that never did; over two daemons, on the one whose ranks all posted it,
- * the node (and its ranks) it waits for.
+ * the node (and its ranks) it waits for. `commctl abort` fails a hung job,
+ * forming or formed, on one daemon or over two, and no other job; who may,
+ * and its errors.
  */
 #include <stdio.h>
 #include <stdlib.h>
@@ -118,6 +120,146 @@ static int ctl_as(char *out, size_t len, const char *regid, const char *args)
 	return WIFEXITED(status) ? WEXITSTATUS(status) : -1;
 }
 
+#define ABORT_REASON "stuck since noon"
+#define ABORT_SAYS "aborted by the operator (uid 0, commctl abort): " ABORT_REASON
+
+/*
+ * A hung job for commctl abort: every rank but the last posts an
+ * all-reduce that the last holds back until abort_go; each says it joined
+ * on abort_ready. Every all-reduce, those waiting and the late one, must
+ * fail with COMM_ERR_ABORTED and the operator's words.
+ */
+static int abort_ready[2], abort_go[2];
+
+static int rank_aborted(int rank, int n, void *arg)
+{
+	int32_t v = rank;
+	comm_t *c;
+	char ch;
+	int rc = 0;
+
+	(void)arg;
+	if (th_join(&c, rank, n) < 0)
+		return 1;
+	rc |= write(abort_ready[1], "x", 1) != 1;
+	if (rank == n - 1)
+		rc |= read(abort_go[0], &ch, 1) != 1;
+	rc |= !th_want_rc(c, rank, "all-reduce of an aborted job",
+			  comm_allreduce(c, &v, &v, 1, COMM_INT32, COMM_SUM, NULL),
+			  COMM_ERR_ABORTED);
+	if (!strstr(comm_last_error(c), ABORT_SAYS)) {
+		fprintf(stderr, "rank %d: the abort does not say who and why: %s\n", rank,
+			comm_last_error(c));
+		rc = 1;
+	}
+	return rc | th_leave(c, rank);
+}
+
+/* Rank 0 of 2 of a job that never forms: its join fails with the operator's words. */
+static int rank_abort_forming(int rank, int n, void *arg)
+{
+	comm_config_t cfg = COMM_CONFIG_INIT;
+	comm_t *c;
+	int rc;
+
+	(void)arg;
+	cfg.world_size = n + 1;
+	rc = write(abort_ready[1], "x", 1) != 1;
+	if (!th_want_rc(NULL, rank, "join of an aborted job", comm_init(&c, &cfg),
+			COMM_ERR_ABORTED))
+		return 1;
+	if (!strstr(comm_last_error(NULL), ABORT_SAYS)) {
+		fprintf(stderr, "join: the abort does not say who and why: %s\n",
+			comm_last_error(NULL));
+		rc = 1;
+	}
+	return rc;
+}
+
+/* Poll `args` (a commctl command line) until its output holds want; 1 when it did. */
+static int ctl_until(char *out, size_t len, const char *args, const char *want)
+{
+	for (int i = 0; i < 200; i++) {
+		if (ctl(out, len, args) == 0 && strstr(out, want))
+			return 1;
+		usleep(25 * 1000);
+	}
+	return 0;
+}
+
+/*
+ * commctl abort on d: a forming job, a hung one (and not ctl-job, which
+ * the other ranks hold), then who may and the errors.
+ */
+static void test_abort(const struct th_daemon *d)
+{
+	struct th_ranks rs;
+	char out[8192], args[512], ch;
+
+	REQUIRE(pipe(abort_ready) == 0 && pipe(abort_go) == 0, "pipes");
+	/* forming: 1 of 2 ranks joined */
+	REQUIRE(th_ranks_start(&rs, d, "abort-forming", 1, rank_abort_forming, NULL) == 0,
+		"forming rank");
+	REQUIRE(read(abort_ready[0], &ch, 1) == 1, "forming rank not ready");
+	snprintf(args, sizeof args, "--socket %s jobs abort-forming", d->sock);
+	CHECK(ctl_until(out, sizeof out, args, "forming"), "abort-forming never shows:\n%s", out);
+	snprintf(args, sizeof args, "--socket %s abort abort-forming --reason '" ABORT_REASON "'",
+		 d->sock);
+	CHECK(ctl(out, sizeof out, args) == 0 && strstr(out, "forming): aborted"),
+	      "abort of a forming job: %s", out);
+	CHECK(th_ranks_wait(&rs) == 0, "the forming job's rank did not fail as it should");
+
+	/* formed, ranks 0-1 waiting in an all-reduce for rank 2 */
+	REQUIRE(th_ranks_start(&rs, d, "abort-job", 3, rank_aborted, NULL) == 0, "abort ranks");
+	for (int i = 0; i < 3; i++)
+		REQUIRE(read(abort_ready[0], &ch, 1) == 1, "abort rank %d not ready", i);
+	snprintf(args, sizeof args, "--socket %s jobs abort-job", d->sock);
+	CHECK(ctl_until(out, sizeof out, args, "waiting for rank 2"),
+	      "the all-reduce never waits for rank 2:\n%s", out);
+	if (system("setpriv --reuid=65534 --regid=65534 --clear-groups true 2>/dev/null") == 0) {
+		snprintf(args, sizeof args, "--socket %s abort abort-job", d->sock);
+		CHECK(ctl_as(out, sizeof out, "--regid=65534", args) == 1 &&
+			      strstr(out, "COMM_ERR_NOT_FOUND: abort: no job named abort-job"),
+		      "uid 65534 aborts root's job: %s", out);
+	}
+	snprintf(args, sizeof args, "--socket %s abort abort-job --uid 65534", d->sock);
+	CHECK(ctl(out, sizeof out, args) == 1 && strstr(out, "no job named abort-job of that uid"),
+	      "abort of another uid's job of that name: %s", out);
+	snprintf(args, sizeof args, "--socket %s jobs abort-job", d->sock);
+	CHECK(ctl(out, sizeof out, args) == 0 && strstr(out, "waiting for rank 2"),
+	      "a refused abort touched the job:\n%s", out);
+	snprintf(args, sizeof args, "--socket %s abort abort-job --uid=0 --reason '" ABORT_REASON
+		 "'", d->sock);
+	CHECK(ctl(out, sizeof out, args) == 0 &&
+		      strstr(out, "job abort-job (uid 0, 3 ranks, ready): aborted"),
+	      "abort: %s", out);
+	snprintf(args, sizeof args, "--socket %s abort abort-job --json", d->sock);
+	CHECK(ctl(out, sizeof out, args) == 0 && strstr(out, "\"already_failed\": true") &&
+		      strstr(out, "had already failed: COMM_ERR_ABORTED: " ABORT_SAYS),
+	      "a second abort: %s", out);
+	CHECK(write(abort_go[1], "x", 1) == 1, "abort_go");
+	CHECK(th_ranks_wait(&rs) == 0, "a rank of the aborted job did not see the abort");
+
+	/* the other jobs go on */
+	snprintf(args, sizeof args, "--socket %s jobs ctl-job", d->sock);
+	CHECK(ctl(out, sizeof out, args) == 0 && strstr(out, "ready"), "ctl-job:\n%s", out);
+	CHECK(th_run_ranks(d, "after-abort", 2, th_rank_sum, NULL) == 0,
+	      "a job after the abort failed");
+
+	/* errors */
+	snprintf(args, sizeof args, "--socket %s abort", d->sock);
+	CHECK(ctl(out, sizeof out, args) == 2 && strstr(out, "which JOB"), "abort of no job: %s", out);
+	snprintf(args, sizeof args, "--socket %s abort no-such-job", d->sock);
+	CHECK(ctl(out, sizeof out, args) == 1 && strstr(out, "no job named no-such-job"),
+	      "abort of an unknown job: %s", out);
+	snprintf(args, sizeof args, "--socket %s abort ctl-job --uid root", d->sock);
+	CHECK(ctl(out, sizeof out, args) == 2 && strstr(out, "--uid wants a number"),
+	      "--uid root: %s", out);
+	snprintf(args, sizeof args, "--socket %s status --reason x", d->sock);
+	CHECK(ctl(out, sizeof out, args) == 2, "status --reason accepted: %s", out);
+	printf("ok: commctl abort, forming and formed, and its errors\n");
+}
+
 /*
  * span-job over commd A and B, ranks 0-1 on A and 2-3 on B: rank 3 holds
  * back an all-reduce of 1000 int32 until span_go; each rank checks the sum.
@@ -185,6 +327,22 @@ static void test_span(void)
 	printf("%s", out);
 	CHECK(write(span_go[1], "x", 1) == 1, "span_go");
 	CHECK(th_ranks_wait(&rs) == 0, "span ranks failed");
+
+	/* commctl abort on B reaches the ranks on A, through the root */
+	REQUIRE(th_ranks_start_nodes(&rs, ds, of, a.peer, "span-abort", 4, rank_aborted, NULL) == 0,
+		"span-abort ranks");
+	for (int i = 0; i < 4; i++)
+		REQUIRE(read(abort_ready[0], &ch, 1) == 1, "span-abort rank %d not ready", i);
+	snprintf(args, sizeof args, "--socket %s jobs span-abort", b.sock);
+	CHECK(ctl_until(out, sizeof out, args, "waiting for rank 3"),
+	      "on B, the all-reduce never waits for rank 3:\n%s", out);
+	snprintf(args, sizeof args, "--socket %s abort span-abort --reason '" ABORT_REASON "'",
+		 b.sock);
+	CHECK(ctl(out, sizeof out, args) == 0 && strstr(out, "span-abort (uid 0, 4 ranks"),
+	      "abort on B: %s", out);
+	CHECK(write(abort_go[1], "x", 1) == 1, "abort_go");
+	CHECK(th_ranks_wait(&rs) == 0, "a rank of span-abort did not see the abort");
+	printf("ok: commctl abort on one daemon fails the job's ranks on both\n");
 	CHECK(th_daemon_stop(&b) == 0 && th_daemon_stop(&a) == 0, "span: a daemon did not stop");
 }
 
@@ -348,6 +506,7 @@ int main(void)
 		CHECK(ctl(out, sizeof out, args) == 2, "jobs with two names accepted: %s", out);
 	}
 
+	test_abort(&d);
 	test_span();
 
 	close(hold[1]);

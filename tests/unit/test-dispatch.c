@@ -22,6 +22,7 @@ HANDLER(req_abort_exec)
 HANDLER(req_status_exec)
 HANDLER(req_topo_exec)
 HANDLER(req_ring_attach_exec)
+HANDLER(req_job_abort_exec)
 
 int req_mem_register_fds(const Commpb__Envelope *env)
 {
