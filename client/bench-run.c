@@ -25,6 +25,7 @@ struct rank {
 	double *times;      /* iters, comm memory: the slowest rank's times */
 	uint64_t *wrong;    /* comm memory: the wrong elements of all ranks */
 	double *mine;       /* iters: this rank's times */
+	size_t *vcounts;    /* alltoallv: n counts, then n displacements */
 	comm_request_t **reqs; /* -P: 2 per op (a send and a recv) */
 	unsigned seq;       /* iterations so far: seeds the data */
 	int reports;
@@ -126,18 +127,13 @@ static const char *result(struct rank *r, const char *out, size_t outbytes)
 static comm_result_t alltoallv(struct rank *r, const struct bench_case *bc, const void *in,
 			       void *out, comm_request_t **req)
 {
-	size_t *v = malloc(2 * (size_t)r->n * sizeof *v);
-	comm_result_t rc;
+	size_t *v = r->vcounts;
 
-	if (!v)
-		return COMM_ERR_NO_MEMORY;
 	for (int j = 0; j < r->n; j++) {
 		v[j] = bc->count;
 		v[r->n + j] = (size_t)j * bc->count;
 	}
-	rc = comm_alltoallv(r->c, in, v, v + r->n, out, v, v + r->n, bc->dtype, req);
-	free(v);
-	return rc;
+	return comm_alltoallv(r->c, in, v, v + r->n, out, v, v + r->n, bc->dtype, req);
 }
 
 /*
@@ -526,6 +522,7 @@ static int setup(struct rank *r)
 		bytes = 64;
 	r->bytes = bytes;
 	r->mine = calloc((size_t)o->iters, sizeof *r->mine);
+	r->vcounts = calloc(2 * (size_t)r->n, sizeof *r->vcounts);
 	if (o->pipeline &&
 	    !(r->reqs = calloc(2 * (size_t)(o->iters > o->warmup ? o->iters : o->warmup),
 			       sizeof *r->reqs))) {
@@ -541,7 +538,7 @@ static int setup(struct rank *r)
 	r->times = comm_mem_alloc(r->c, (size_t)o->iters * sizeof *r->times);
 	r->wrong = comm_mem_alloc(r->c, sizeof *r->wrong);
 	pids = comm_mem_alloc(r->c, (size_t)r->n * sizeof *pids);
-	if (!r->mine || !r->sendbuf || !r->recvbuf || !r->times || !r->wrong || !pids) {
+	if (!r->mine || !r->vcounts || !r->sendbuf || !r->recvbuf || !r->times || !r->wrong || !pids) {
 		fprintf(stderr, "commbench: rank %d: cannot allocate 2 x %zu bytes: %s\n",
 			r->rank, bytes, comm_last_error(r->c));
 		return -1;
@@ -600,6 +597,7 @@ int bench_rank_main(const struct bench_opts *o, int rank)
 		if (o->op < 0 || o->op == op)
 			err = run_dtypes(&r, op);
 	free(r.mine);
+	free(r.vcounts);
 	free(r.reqs);
 	fflush(stdout);
 	if (err) {
