@@ -135,6 +135,7 @@ static void check_replies(struct client *c)
 		case COMMPB__ENVELOPE__BODY_STATUS_REPLY:
 		case COMMPB__ENVELOPE__BODY_TOPO_REPLY:
 		case COMMPB__ENVELOPE__BODY_RING_ATTACH_REPLY:
+		case COMMPB__ENVELOPE__BODY_JOB_ABORT_REPLY:
 			break;
 		default:
 			die("the daemon sent a message of type %d, not a reply", (int)env->body_case);

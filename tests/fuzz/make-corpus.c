@@ -203,6 +203,21 @@ static void status(unsigned ctl, const char *job)
 	msg(ctl, &env);
 }
 
+/* commctl abort JOB [--reason R] [--uid U] (uid < 0: none) */
+static void job_abort(unsigned ctl, const char *job, const char *reason, long uid)
+{
+	Commpb__Envelope env = COMMPB__ENVELOPE__INIT;
+	Commpb__JobAbort a = COMMPB__JOB_ABORT__INIT;
+
+	a.job = (char *)job;
+	a.reason = (char *)reason;
+	a.by_uid = uid >= 0;
+	a.uid = uid >= 0 ? (uint32_t)uid : 0;
+	env.body_case = COMMPB__ENVELOPE__BODY_JOB_ABORT;
+	env.job_abort = &a;
+	msg(ctl, &env);
+}
+
 static void topo(unsigned ctl)
 {
 	Commpb__Envelope env = COMMPB__ENVELOPE__INIT;
@@ -357,6 +372,19 @@ int main(int argc, char **argv)
 	status(2, "");
 	abort_job(0, "fuzz");
 	save("rank2-abort");
+
+	/* commctl abort: another uid's, the job while rank 1 waits, again, unknown */
+	hello(0, 0, 2);
+	hello(1, 1, 2);
+	reg(1);
+	op(1, (struct opspec){ .seq = 1, .type = T(ALLREDUCE), .count = 16 });
+	admin(2);
+	job_abort(2, "fz", "", 1000);
+	job_abort(2, "fz", "fuzz\tstop", -1);
+	op(0, (struct opspec){ .seq = 1, .type = T(ALLREDUCE), .count = 16 });
+	job_abort(2, "fz", "again", 0);
+	job_abort(2, "none", "", -1);
+	save("admin-abort-job");
 
 	/* the submission ring: attach, post one op in a slot, one over the socket */
 	hello(0, 0, 1);
