@@ -14,7 +14,15 @@
 
 #define CHUNK_BYTES (32u << 10)   /* one chunk: stays in L1/L2 */
 #define PART_BYTES (1u << 20)     /* one part: what one thread takes at a time */
-#define INLINE_BYTES (256u << 10) /* ops touching less run on the loop thread */
+/*
+ * An op touching fewer bytes (inputs and outputs over all ranks) than
+ * INLINE_SCALE / workers, or than INLINE_MIN_BYTES, runs on the loop
+ * thread: handing it to the workers and back costs two wake-ups, 60-150 us
+ * on a 2-core machine whose ranks spin on the cores, as long as the loop
+ * thread takes for 8 MiB (README, "Small ops on the loop thread").
+ */
+#define INLINE_SCALE (16u << 20)
+#define INLINE_MIN_BYTES (256u << 10)
 
 static struct {
 	pthread_mutex_t lock;
@@ -25,6 +33,7 @@ static struct {
 	int nthreads;
 	int stop;
 	int inflight;               /* loop thread only */
+	size_t inline_bytes;        /* ops touching less run on the loop thread */
 	uv_async_t async;
 	uint8_t *inline_tmp;        /* the loop thread's chunk buffer */
 } pool = {
@@ -288,7 +297,7 @@ int be_host_run(struct task *t)
 		t->snap_len = inlen;
 	/* reductions then go straight into an output, which no input shares */
 	t->direct = !any || t->snap_len;
-	if ((inlen + outlen) * (size_t)t->n < INLINE_BYTES || pool.nthreads == 0) {
+	if ((inlen + outlen) * (size_t)t->n < pool.inline_bytes || pool.nthreads == 0) {
 		t->parts = 1;
 		if (run_part(t, 0, pool.inline_tmp) < 0)
 			t->status = COMM_ERR_NO_MEMORY;
@@ -354,6 +363,9 @@ int be_host_start(uv_loop_t *loop, int nthreads, int pin_workers)
 		pin(pool.threads[i], i, cpus, ncpus);
 		pool.nthreads++;
 	}
+	pool.inline_bytes = pool.nthreads ? INLINE_SCALE / (size_t)pool.nthreads : 0;
+	if (pool.inline_bytes < INLINE_MIN_BYTES)
+		pool.inline_bytes = INLINE_MIN_BYTES;
 	return 0;
 }
 
