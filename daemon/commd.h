@@ -586,6 +586,7 @@ struct job {
 	uint64_t *next_post;           /* per rank: the seq it must post next */
 	uint64_t *next_cseq;           /* per rank: the cseq of its next collective */
 	uint32_t *nposted;             /* per rank: ops queued */
+	struct posted **run_last;      /* per rank: its current unit's last op, as far as seen (unit_last) */
 	struct posted **scratch_ops;   /* per rank: the engine's working space, */
 	uint8_t *scratch_blocked;      /* made once with the job */
 	uint64_t *open_group;          /* per rank: the group being posted, or 0 */

@@ -75,6 +75,14 @@ static void posted_free(struct job *j, struct posted *p)
 	posted_drop(p);
 }
 
+/* Take p off its rank's queue. */
+static void posted_unlink(struct job *j, struct posted *p)
+{
+	if (j->run_last[p->rank] == p)
+		j->run_last[p->rank] = NULL;
+	TAILQ_REMOVE(&j->posted[p->rank], p, link);
+}
+
 /* Answer p (once) if its rank is still there. */
 static void reply(struct job *j, struct posted *p, comm_result_t code, const char *detail)
 {
@@ -135,7 +143,7 @@ void engine_fail_pending(struct job *j, int only, comm_result_t code, const char
 			if (p->running)
 				continue;
 			reply(j, p, code, failed_op_detail(p, detail, buf, sizeof buf));
-			TAILQ_REMOVE(&j->posted[r], p, link);
+			posted_unlink(j, p);
 			posted_free(j, p);
 		}
 	}
@@ -147,7 +155,7 @@ void engine_free(struct job *j)
 		struct posted *p;
 
 		while ((p = TAILQ_FIRST(&j->posted[r]))) {
-			TAILQ_REMOVE(&j->posted[r], p, link);
+			posted_unlink(j, p);
 			posted_free(j, p);
 		}
 	}
@@ -165,15 +173,20 @@ static struct posted *unit_last(struct job *j, int r)
 	struct posted *p = TAILQ_FIRST(&j->posted[r]), *q;
 
 	if (p && !p->group && !op_is_collective(p->type)) {
+		/* from where the last call saw it end: each op is walked once */
+		if (j->run_last[r])
+			p = j->run_last[r];
 		while ((q = TAILQ_NEXT(p, link)) && !q->group && !op_is_collective(q->type))
 			p = q;
-		return p;
+		return j->run_last[r] = p;
 	}
 	if (!p || !p->group)
 		return p;
+	if (j->run_last[r])
+		return j->run_last[r];
 	for (; p; p = TAILQ_NEXT(p, link))
 		if (p->group_last)
-			return p;
+			return j->run_last[r] = p;
 	return NULL;
 }
 
@@ -206,13 +219,14 @@ static void retire(struct job *j)
 			if (!TAILQ_FIRST(&j->posted[r])->group) /* each as it finishes */
 				last = TAILQ_FIRST(&j->posted[r]);
 			UNIT_FOREACH(p, j, r, last)
-				all_done &= finished(j, p);
+				if (!(all_done = finished(j, p)))
+					break;
 			if (!all_done)
 				break;
 			do {
 				p = TAILQ_FIRST(&j->posted[r]);
 				reply(j, p, p->status, p->detail);
-				TAILQ_REMOVE(&j->posted[r], p, link);
+				posted_unlink(j, p);
 				posted_free(j, p);
 			} while (p != last);
 		}
@@ -222,8 +236,11 @@ static void retire(struct job *j)
 /* Rank r's collective number cseq, if it is in r's current unit. */
 static struct posted *unit_coll(struct job *j, int r, uint64_t cseq)
 {
-	struct posted *last = unit_last(j, r), *p;
+	struct posted *p = TAILQ_FIRST(&j->posted[r]), *last;
 
+	if (!p || (!p->group && !op_is_collective(p->type))) /* a run holds none */
+		return NULL;
+	last = unit_last(j, r);
 	UNIT_FOREACH(p, j, r, last)
 		if (p->coll && p->cseq == cseq)
 			return p;
@@ -694,9 +711,13 @@ static int try_p2p(struct job *j, int remote_only)
 
 	for (int a = 0; a < j->world && !rc; a++) {
 		struct posted *last = unit_last(j, a), *s;
+		int nblocked = 0;
 
 		memset(blocked, 0, (size_t)j->world);
 		UNIT_FOREACH(s, j, a, last) {
+			/* every other rank's recvs wait: no send of a's pairs this pass */
+			if (nblocked && nblocked == j->world - 1 && !dist_spans(j))
+				break;
 			if (op_is_collective(s->type) || s->matched || s->peer < 0)
 				continue;
 			if (!dist_local(j, s->peer)) {
@@ -708,6 +729,7 @@ static int try_p2p(struct job *j, int remote_only)
 				continue;
 			if ((rc = pair(j, a, s)))
 				break;
+			nblocked += !blocked[s->peer] && s->peer != a;
 			blocked[s->peer] = 1;
 		}
 	}
@@ -751,7 +773,7 @@ static void finish_task(struct task *t)
 			reply(j, p, code,
 			      detail == j->fail_detail ? failed_op_detail(p, detail, buf, sizeof buf)
 						       : detail);
-			TAILQ_REMOVE(&j->posted[p->rank], p, link);
+			posted_unlink(j, p);
 			if (t->held) /* its job failed; engine_task_release frees it */
 				j->nposted[p->rank]--;
 			else
