@@ -214,7 +214,8 @@ comm_result_t comm_alltoallv(comm_t *comm, const void *sendbuf, const size_t *se
  * the send may have ended before the receiver compared). A rank's sends and
  * recvs posted one after another outside a group progress together, as a
  * group's would: two ranks that each post a send with a request, then a
- * recv, meet (where NCCL would need a group). A blocking one, or the
+ * recv, meet (where NCCL would need a group); each is still answered in
+ * posting order, after the ones before it. A blocking one, or the
  * collective after them, waits until its partner has posted. peer == own
  * rank needs a group: outside one it is COMM_ERR_INVALID_ARG.
  */

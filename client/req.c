@@ -161,20 +161,25 @@ static comm_result_t parts_test(comm_request_t *r, int *done)
 }
 
 /*
- * Each part handed to the stream; a part that moves no bytes has nothing
- * for the stream to wait for (and no done flag): it is let go as the
- * stream's parts are (freed once answered, a failure kept for
- * comm_async_error) instead of waited for on the host.
+ * Each part handed to the stream. On device memory, a part that moves no
+ * bytes has nothing for the stream to wait for (and no done flag): it is
+ * let go as the stream's parts are (freed once answered, a failure kept
+ * for comm_async_error) instead of waited for on the host. On host memory
+ * (no part has a flag) every part is waited for, as comm_wait does.
  */
 comm_result_t req_parts_stream_wait(comm_request_t *r, void *stream)
 {
+	int device = 0;
+
 	if (unsent(r))
 		return comm_set_error(r->comm, COMM_ERR_INVALID_ARG,
 				      "stream wait: the request's group has not ended yet");
+	for (int i = 0; i < r->nparts; i++)
+		device |= r->parts[i]->flag != NULL;
 	while (r->nparts) {
 		comm_request_t *p = r->parts[0];
 
-		if (p->empty && !p->done) {
+		if (device && p->empty && !p->done) {
 			p->detached = 1;
 			part_done(r, 0, COMM_OK);
 		} else {

@@ -217,12 +217,14 @@ static int sum_after(comm_t *c, int me, int n)
  * COMM_ERR_MISMATCH naming the byte counts, and so does rank 0 on one
  * daemon (across daemons (arg non-NULL) its send may have ended before
  * rank 1 compared: COMM_OK too); the pairs that agree deliver, and the
- * job goes on.
+ * job goes on. Then a zero-count recv that gets 1 element, through
+ * comm_stream_wait.
  */
 static int rank_mismatch(int me, int n, void *arg)
 {
 	size_t sc[MAXN], sd[MAXN], rc_[MAXN], rd[MAXN];
 	uint32_t sb[MAXN * 3], rb[MAXN * 3];
+	comm_request_t *req;
 	comm_result_t rc;
 	comm_t *c;
 	int bad = 0;
@@ -257,6 +259,24 @@ static int rank_mismatch(int me, int n, void *arg)
 				bad = 1;
 			}
 	}
+	bad |= sum_after(c, me, n);
+
+	/*
+	 * Then rank 1 sends 1 element to rank 0, which expects none, and each
+	 * waits through comm_stream_wait: on host memory that is comm_wait, the
+	 * zero-count part's failure included, and no async error.
+	 */
+	for (int j = 0; j < n; j++)
+		sc[j] = rc_[j] = 1;
+	if (me == 0)
+		rc_[1] = 0;
+	rc = comm_alltoallv(c, sb, sc, sd, rb, rc_, rd, COMM_UINT32, &req);
+	if (rc == COMM_OK)
+		rc = comm_stream_wait(req, NULL);
+	if (!(arg && me == 1 && rc == COMM_OK))
+		bad |= !th_want_rc(c, me, "alltoallv, stream wait", rc,
+				   me < 2 ? COMM_ERR_MISMATCH : COMM_OK);
+	bad |= !th_want_rc(c, me, "comm_async_error", comm_async_error(c), COMM_OK);
 	bad |= sum_after(c, me, n);
 	return bad ? bad : th_leave(c, me);
 }
