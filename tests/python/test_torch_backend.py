@@ -246,6 +246,22 @@ dist.init_process_group("commd", init_method=f"file://{sys.argv[1]}.2", rank=ran
 t = torch.full((2,), float(rank))
 dist.all_reduce(t)
 check("all_reduce in a second process group", t, torch.full((2,), float(n * (n - 1) // 2)))
+
+# at exit the completion threads stop even while an op is outstanding (an
+# irecv rank 1 sends only after): none is left for the interpreter's end
+store = dist.distributed_c10d._get_default_store()
+if rank == 0:
+    dist.irecv(torch.zeros(2), src=1)
+    commd.backend._stop_completers()
+    alive = [c for c in commd.backend._completers if c._t.is_alive()]
+    if alive:
+        sys.stdout.write(f"rank 0: {len(alive)} completion threads alive after the stop\n")
+        sys.exit(1)
+    checks += 1
+    store.set("commd-test/stopped", "1")
+elif rank == 1:
+    store.wait(["commd-test/stopped"])
+    commd.send(torch.full((2,), 5.0), 0)
 dist.destroy_process_group()
 commd.finalize()
 sys.stdout.write(f"rank {rank}: torch.distributed backend commd: {checks} checks ok\n")

@@ -80,14 +80,16 @@ class _Completer:
 
     def __init__(self):
         self._q = queue.SimpleQueue()
+        self._stopping = False
         self._t = threading.Thread(target=self._run, name="commd-backend", daemon=True)
         self._t.start()
         _completers.add(self)
 
     def stop(self):
-        """End the thread once the ops before are seen through (at exit: a
-        thread still in Python as the interpreter goes can take the process
-        down with it)."""
+        """End the thread (at exit: a thread still in Python as the
+        interpreter goes can take the process down with it). An op still
+        running is left as it is: its Work never completes."""
+        self._stopping = True
         self._q.put(None)
         self._t.join(timeout=10)
 
@@ -109,6 +111,8 @@ class _Completer:
                 for w in works:
                     polls = 0
                     while not w.is_completed():  # takes the comm's lock only briefly
+                        if self._stopping:
+                            return
                         polls += 1
                         time.sleep(0 if polls < 100 else 0.0002)
                     w.wait()  # its failure, if any
