@@ -1599,12 +1599,16 @@ static void row_d5(struct th_daemon *d)
 	char range[32], det[256];
 	uint8_t p[32];
 	uint32_t version = 0;
+	unsigned next = 10;
 	struct rc c;
 	int st;
 
 	snprintf(range, sizeof range, "%d..%d", PROTO_VERSION_MIN, PROTO_VERSION);
+	/* the first body field number the Envelope does not have */
+	while (protobuf_c_message_descriptor_get_field(&commpb__envelope__descriptor, next))
+		next++;
 	for (int k = 0; k < 4; k++) {
-		unsigned field = k & 1 ? 27 : 99 + 1000 * (k >> 1);
+		unsigned field = k & 1 ? next : 99 + 1000 * (k >> 1);
 
 		if (k < 2)
 			rc_open(&c, d);
