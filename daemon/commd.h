@@ -504,6 +504,18 @@ int req_job_abort_exec(struct conn *c, const Commpb__Envelope *env, int *fds, in
 /* --- req-op.c: posting an op ---------------------------------------------- */
 
 struct posted;
+
+/*
+ * Places in a rank's current unit (engine.c) that its walks reached, so
+ * that a unit of many ops is not walked from its head for every step; an
+ * op leaving the queue is cleared from them.
+ */
+struct unit_marks {
+	struct posted *last; /* the unit's last op, as far as seen (unit_last) */
+	struct posted *p2p;  /* no send/recv to pair before it (p2p_first) */
+	struct posted *coll; /* no collective still to run before it (unit_coll) */
+	struct posted *fin;  /* every op before it finished (retire) */
+};
 /*
  * Post op o of rank c, from an Op message (req_id its envelope id) or from
  * the rank's ring (ring 1, req_id 0). 0 to go on, -1 when c was failed.
@@ -586,7 +598,7 @@ struct job {
 	uint64_t *next_post;           /* per rank: the seq it must post next */
 	uint64_t *next_cseq;           /* per rank: the cseq of its next collective */
 	uint32_t *nposted;             /* per rank: ops queued */
-	struct posted **run_last;      /* per rank: its current unit's last op, as far as seen (unit_last) */
+	struct unit_marks *marks;      /* per rank: where engine.c's walks of its unit got to */
 	struct posted **scratch_ops;   /* per rank: the engine's working space, */
 	uint8_t *scratch_blocked;      /* made once with the job */
 	uint64_t *open_group;          /* per rank: the group being posted, or 0 */

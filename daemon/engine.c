@@ -78,8 +78,16 @@ static void posted_free(struct job *j, struct posted *p)
 /* Take p off its rank's queue. */
 static void posted_unlink(struct job *j, struct posted *p)
 {
-	if (j->run_last[p->rank] == p)
-		j->run_last[p->rank] = NULL;
+	struct unit_marks *m = &j->marks[p->rank];
+
+	if (m->last == p)
+		m->last = NULL;
+	if (m->p2p == p)
+		m->p2p = NULL;
+	if (m->coll == p)
+		m->coll = NULL;
+	if (m->fin == p)
+		m->fin = NULL;
 	TAILQ_REMOVE(&j->posted[p->rank], p, link);
 }
 
@@ -174,24 +182,43 @@ static struct posted *unit_last(struct job *j, int r)
 
 	if (p && !p->group && !op_is_collective(p->type)) {
 		/* from where the last call saw it end: each op is walked once */
-		if (j->run_last[r])
-			p = j->run_last[r];
+		if (j->marks[r].last)
+			p = j->marks[r].last;
 		while ((q = TAILQ_NEXT(p, link)) && !q->group && !op_is_collective(q->type))
 			p = q;
-		return j->run_last[r] = p;
+		return j->marks[r].last = p;
 	}
 	if (!p || !p->group)
 		return p;
-	if (j->run_last[r])
-		return j->run_last[r];
+	if (j->marks[r].last)
+		return j->marks[r].last;
 	for (; p; p = TAILQ_NEXT(p, link))
 		if (p->group_last)
-			return j->run_last[r] = p;
+			return j->marks[r].last = p;
 	return NULL;
 }
 
 #define UNIT_FOREACH(p, j, r, last)                                            \
 	for ((p) = (last) ? TAILQ_FIRST(&(j)->posted[r]) : NULL; (p);          \
+	     (p) = (p) == (last) ? NULL : TAILQ_NEXT(p, link))
+
+/*
+ * The first op of rank r's current unit (which ends at last) that may be
+ * a send or recv still to pair: the ops before it are paired, collectives
+ * or refused without a peer. Remembered, so that a unit of many sends and
+ * recvs is not walked from its head for each pair.
+ */
+static struct posted *p2p_first(struct job *j, int r, struct posted *last)
+{
+	struct posted *p = j->marks[r].p2p ? j->marks[r].p2p : TAILQ_FIRST(&j->posted[r]);
+
+	while (p != last && (op_is_collective(p->type) || p->matched || p->peer < 0))
+		p = TAILQ_NEXT(p, link);
+	return j->marks[r].p2p = p;
+}
+
+#define P2P_FOREACH(p, j, r, last)                                             \
+	for ((p) = (last) ? p2p_first(j, r, last) : NULL; (p);                 \
 	     (p) = (p) == (last) ? NULL : TAILQ_NEXT(p, link))
 
 /*
@@ -218,9 +245,10 @@ static void retire(struct job *j)
 
 			if (!TAILQ_FIRST(&j->posted[r])->group) /* each as it finishes */
 				last = TAILQ_FIRST(&j->posted[r]);
-			UNIT_FOREACH(p, j, r, last)
-				if (!(all_done = finished(j, p)))
-					break;
+			p = j->marks[r].fin ? j->marks[r].fin : TAILQ_FIRST(&j->posted[r]);
+			while ((all_done = finished(j, p)) && p != last)
+				p = TAILQ_NEXT(p, link);
+			j->marks[r].fin = p;
 			if (!all_done)
 				break;
 			do {
@@ -233,18 +261,31 @@ static void retire(struct job *j)
 	}
 }
 
-/* Rank r's collective number cseq, if it is in r's current unit. */
+/*
+ * Rank r's collective number cseq, if it is in r's current unit. Asked for
+ * the next to run (next_coll), the walk starts where the last such ended:
+ * the collectives before that have run.
+ */
 static struct posted *unit_coll(struct job *j, int r, uint64_t cseq)
 {
 	struct posted *p = TAILQ_FIRST(&j->posted[r]), *last;
 
 	if (!p || (!p->group && !op_is_collective(p->type))) /* a run holds none */
 		return NULL;
-	last = unit_last(j, r);
-	UNIT_FOREACH(p, j, r, last)
-		if (p->coll && p->cseq == cseq)
-			return p;
-	return NULL;
+	if (!(last = unit_last(j, r)))
+		return NULL;
+	if (cseq != j->next_coll) {
+		UNIT_FOREACH(p, j, r, last)
+			if (p->coll && p->cseq == cseq)
+				return p;
+		return NULL;
+	}
+	if (j->marks[r].coll)
+		p = j->marks[r].coll;
+	while (p != last && !(p->coll && p->cseq >= cseq))
+		p = TAILQ_NEXT(p, link);
+	j->marks[r].coll = p;
+	return p->coll && p->cseq == cseq ? p : NULL;
 }
 
 /*
@@ -562,7 +603,7 @@ static struct posted *unit_recv_from(struct job *j, int r, int from)
 {
 	struct posted *last = unit_last(j, r), *p;
 
-	UNIT_FOREACH(p, j, r, last)
+	P2P_FOREACH(p, j, r, last)
 		if (p->type == COMMPB__OP_TYPE__OP_RECV && !p->matched && p->peer == from)
 			return p;
 	return NULL;
@@ -714,7 +755,7 @@ static int try_p2p(struct job *j, int remote_only)
 		int nblocked = 0;
 
 		memset(blocked, 0, (size_t)j->world);
-		UNIT_FOREACH(s, j, a, last) {
+		P2P_FOREACH(s, j, a, last) {
 			/* every other rank's recvs wait: no send of a's pairs this pass */
 			if (nblocked && nblocked == j->world - 1 && !dist_spans(j))
 				break;

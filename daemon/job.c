@@ -53,7 +53,7 @@ static void job_free(struct job *j)
 	free(j->open_group);
 	free(j->left);
 	free(j->nposted);
-	free(j->run_last);
+	free(j->marks);
 	free(j->scratch_ops);
 	free(j->scratch_blocked);
 	free(j);
@@ -73,11 +73,11 @@ static struct job *job_new(const struct conn *c, const Commpb__Hello *h)
 	j->open_group = calloc((size_t)w, sizeof *j->open_group);
 	j->left = calloc((size_t)w, sizeof *j->left);
 	j->nposted = calloc((size_t)w, sizeof *j->nposted);
-	j->run_last = calloc((size_t)w, sizeof *j->run_last);
+	j->marks = calloc((size_t)w, sizeof *j->marks);
 	j->scratch_ops = calloc((size_t)w, sizeof *j->scratch_ops);
 	j->scratch_blocked = calloc((size_t)w, sizeof *j->scratch_blocked);
 	if (!j->ranks || !j->posted || !j->next_post || !j->next_cseq || !j->open_group ||
-	    !j->left || !j->nposted || !j->run_last || !j->scratch_ops || !j->scratch_blocked) {
+	    !j->left || !j->nposted || !j->marks || !j->scratch_ops || !j->scratch_blocked) {
 		job_free(j);
 		return NULL;
 	}

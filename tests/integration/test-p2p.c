@@ -417,6 +417,61 @@ static int rank_isend_irecv(int r, int n, void *arg)
 	return th_leave(c, r) | bad;
 }
 
+/*
+ * Many ops in one unit: rank 0 posts NMANY sends of one int32 each, half
+ * to rank 1 and half to rank 2, before they post their recvs (a moment
+ * later). *grouped 0: with requests and no group (one run); 1: in one
+ * group with an all-reduce in its middle, on every rank. Every value
+ * exact, then an all-reduce.
+ */
+#define NMANY 6000
+
+static int rank_many(int r, int n, void *arg)
+{
+	int grouped = *(const int *)arg, bad = 0, nreq = 0, per = NMANY / 2;
+	comm_request_t **req = calloc(NMANY + 1, sizeof *req);
+	int32_t *v, sum = r + 1;
+	comm_t *c;
+
+	if (!req || th_join(&c, r, n) < 0)
+		return 1;
+	if (!(v = comm_mem_alloc(c, NMANY * sizeof *v)))
+		return th_bail(c);
+	for (int i = 0; i < NMANY; i++)
+		v[i] = r == 0 ? i * 7 + 1 : -1;
+	if (r != 0)
+		usleep(200 * 1000); /* rank 0's sends are queued first */
+	if (grouped)
+		OK_OR_BAIL(comm_group_start(c));
+	for (int i = 0; i < NMANY; i++) {
+		int to = 1 + i / per;
+
+		if (grouped && i == per)
+			OK_OR_BAIL(comm_allreduce(c, &sum, &sum, 1, COMM_INT32, COMM_SUM, &req[nreq++]));
+		if (r == 0)
+			OK_OR_BAIL(comm_send(c, &v[i], 1, COMM_INT32, to, &req[nreq++]));
+		else if (r == to)
+			OK_OR_BAIL(comm_recv(c, &v[i], 1, COMM_INT32, 0, &req[nreq++]));
+	}
+	if (grouped)
+		OK_OR_BAIL(comm_group_end(c));
+	for (int i = 0; i < nreq; i++)
+		OK_OR_BAIL(comm_wait(req[i], -1));
+	for (int i = 0; i < NMANY && !bad; i++)
+		if (r != 0 && r == 1 + i / per && v[i] != i * 7 + 1)
+			bad = fprintf(stderr, "rank %d: message %d: %d, want %d\n", r, i, v[i],
+				      i * 7 + 1) > 0;
+	if (grouped && sum != n * (n + 1) / 2)
+		bad = fprintf(stderr, "rank %d: the all-reduce in the group: %d\n", r, sum) > 0;
+	sum = r + 1;
+	OK_OR_BAIL(comm_allreduce(c, &sum, &sum, 1, COMM_INT32, COMM_SUM, NULL));
+	if (sum != n * (n + 1) / 2)
+		bad = fprintf(stderr, "rank %d: the all-reduce after: %d\n", r, sum) > 0;
+	comm_mem_free(c, v);
+	free(req);
+	return th_leave(c, r) | bad;
+}
+
 /* rank_isend_irecv over two daemons, ranks alternating between them. */
 static void test_isend_irecv_nodes(void)
 {
@@ -1372,6 +1427,13 @@ int main(void)
 	run_job(&d, 4, rank_isend_irecv, NULL,
 		"isend to and irecv from both neighbours, requests and no group, 20 rounds, n=4");
 	test_isend_irecv_nodes();
+	variant = 0;
+	run_job(&d, 3, rank_many, &variant,
+		"6000 sends of rank 0 with requests, no group, before ranks 1 and 2 post their "
+		"recvs, n=3");
+	variant = 1;
+	run_job(&d, 3, rank_many, &variant,
+		"the same in one group with an all-reduce in its middle, n=3");
 	run_job(&d, 4, rank_exchange, NULL,
 		"blocking exchange without groups n=4: even ranks send first, odd ranks recv "
 		"first, 50 rounds");
