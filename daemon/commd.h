@@ -506,17 +506,6 @@ int req_job_abort_exec(struct conn *c, const Commpb__Envelope *env, int *fds, in
 struct posted;
 
 /*
- * Places in a rank's current unit (engine.c) that its walks reached, so
- * that a unit of many ops is not walked from its head for every step; an
- * op leaving the queue is cleared from them.
- */
-struct unit_marks {
-	struct posted *last; /* the unit's last op, as far as seen (unit_last) */
-	struct posted *p2p;  /* no send/recv to pair before it (p2p_first) */
-	struct posted *coll; /* no collective still to run before it (unit_coll) */
-	struct posted *fin;  /* every op before it finished (retire) */
-};
-/*
  * Post op o of rank c, from an Op message (req_id its envelope id) or from
  * the rank's ring (ring 1, req_id 0). 0 to go on, -1 when c was failed.
  */
@@ -576,6 +565,18 @@ void mem_release(struct conn *c, struct mem *m);
 enum job_state { JOB_FORMING, JOB_READY, JOB_FAILED };
 
 struct posted;
+
+/*
+ * Places in a rank's current unit (engine.c) that its walks reached, so
+ * that a unit of many ops is not walked from its head for every step; an
+ * op leaving the queue is cleared from them.
+ */
+struct unit_marks {
+	struct posted *last; /* the unit's last op, as far as seen (unit_last) */
+	struct posted *p2p;  /* no send/recv to pair before it (p2p_first) */
+	struct posted *coll; /* no collective still to run before it (unit_coll) */
+	struct posted *fin;  /* every op before it finished (retire) */
+};
 
 struct job {
 	TAILQ_ENTRY(job) link;

@@ -241,7 +241,7 @@ static void retire(struct job *j)
 		struct posted *last, *p;
 
 		while ((last = unit_last(j, r))) {
-			int all_done = 1;
+			int all_done;
 
 			if (!TAILQ_FIRST(&j->posted[r])->group) /* each as it finishes */
 				last = TAILQ_FIRST(&j->posted[r]);
