@@ -223,7 +223,10 @@ static struct posted *p2p_first(struct job *j, int r, struct posted *last)
 
 /*
  * Whether p is finished for everyone: done, and (when it was refused) seen
- * by its partners, which fail with it.
+ * by its partners, which fail with it. A send or recv with another daemon's
+ * rank is not until the data plane has had it (start_net_p2p takes it
+ * even refused, or from a rank that left): once finished, an op stays so
+ * (retire's mark relies on it).
  */
 static int finished(const struct job *j, const struct posted *p)
 {
@@ -231,6 +234,8 @@ static int finished(const struct job *j, const struct posted *p)
 		return 0;
 	if (p->coll)
 		return p->cseq < j->next_coll || j->nleft;
+	if (!p->matched && p->peer >= 0 && !dist_local(j, p->peer))
+		return 0;
 	return p->matched || p->peer < 0 || j->left[p->peer];
 }
 

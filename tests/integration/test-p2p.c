@@ -492,6 +492,67 @@ static void test_isend_irecv_nodes(void)
 	CHECK(th_daemon_stop(&a) == 0 && th_daemon_stop(&b) == 0, "commd A or B did not stop");
 }
 
+/*
+ * Over two daemons (A: ranks 0 and 2, B: rank 1): rank 1 leaves at once,
+ * rank 2 sends rank 0 one int, and rank 0 then posts a group of a send to
+ * rank 1 (gone: PEER_LOST, but still handed to the data plane) and the recv
+ * from rank 2. The group is answered only once the data plane is done with
+ * the send (commd once freed it while its task still ran: under ASan, a
+ * use after free).
+ */
+static int rank_left_remote(int r, int n, void *arg)
+{
+	int32_t *v;
+	comm_t *c;
+	int bad = 0;
+
+	(void)arg;
+	if (th_join(&c, r, n) < 0)
+		return 1;
+	if (!(v = comm_mem_alloc(c, 4 * sizeof *v)))
+		return th_bail(c);
+	v[0] = 1000 + r;
+	if (r == 1)
+		return th_leave(c, r);
+	usleep(500 * 1000); /* rank 1 has left */
+	if (r == 2) {
+		OK_OR_BAIL(comm_send(c, &v[0], 1, COMM_INT32, 0, NULL));
+	} else {
+		comm_request_t *sreq, *rreq;
+
+		usleep(300 * 1000); /* rank 2's send is there */
+		v[1] = -1;
+		OK_OR_BAIL(comm_group_start(c));
+		OK_OR_BAIL(comm_send(c, &v[0], 1, COMM_INT32, 1, &sreq));
+		OK_OR_BAIL(comm_recv(c, &v[1], 1, COMM_INT32, 2, &rreq));
+		OK_OR_BAIL(comm_group_end(c));
+		bad |= !th_want_rc(c, r, "send to rank 1, gone", comm_wait(sreq, -1),
+				   COMM_ERR_PEER_LOST);
+		bad |= !th_want_rc(c, r, "recv from rank 2", comm_wait(rreq, -1), COMM_OK);
+		if (v[1] != 1002)
+			bad = fprintf(stderr, "rank 0: from rank 2: %d, want 1002\n", v[1]) > 0;
+	}
+	return th_leave(c, r) | bad;
+}
+
+static void test_left_remote_nodes(void)
+{
+	static const int of[3] = { 0, 1, 0 };
+	struct th_daemon a, b;
+	const struct th_daemon *ds[2] = { &a, &b };
+	struct timespec t0;
+	int failed;
+
+	REQUIRE(th_daemon_start_peer(&a, NULL) == 0 && th_daemon_start_peer(&b, NULL) == 0,
+		"commd A and B did not start");
+	clock_gettime(CLOCK_MONOTONIC, &t0);
+	failed = th_run_ranks_nodes(ds, of, a.peer, "p2p-left", 3, rank_left_remote, NULL);
+	CHECK(failed == 0, "a group with a send to a rank gone from B: %d ranks failed", failed);
+	printf("%s: a group of a send to rank 1, gone from B, and a recv on A: PEER_LOST and the "
+	       "value (%.1f s)\n", failed ? "FAIL" : "ok", th_secs_since(&t0));
+	CHECK(th_daemon_stop(&a) == 0 && th_daemon_stop(&b) == 0, "commd A or B did not stop");
+}
+
 /* --- blocking exchange without groups ---------------------------------------- */
 
 static int rank_exchange(int r, int n, void *arg)
@@ -1427,6 +1488,7 @@ int main(void)
 	run_job(&d, 4, rank_isend_irecv, NULL,
 		"isend to and irecv from both neighbours, requests and no group, 20 rounds, n=4");
 	test_isend_irecv_nodes();
+	test_left_remote_nodes();
 	variant = 0;
 	run_job(&d, 3, rank_many, &variant,
 		"6000 sends of rank 0 with requests, no group, before ranks 1 and 2 post their "
