@@ -1608,7 +1608,7 @@ static void row_d5(struct th_daemon *d)
 	while (protobuf_c_message_descriptor_get_field(&commpb__envelope__descriptor, next))
 		next++;
 	for (int k = 0; k < 4; k++) {
-		unsigned field = k & 1 ? next : 99 + 1000 * (k >> 1);
+		unsigned field = k & 1 ? next : 99u + 1000u * (unsigned)(k >> 1);
 
 		if (k < 2)
 			rc_open(&c, d);
