@@ -472,10 +472,10 @@ static int rank_many(int r, int n, void *arg)
 	return th_leave(c, r) | bad;
 }
 
-/* rank_isend_irecv over two daemons, ranks alternating between them. */
-static void test_isend_irecv_nodes(void)
+/* Run fn on n ranks over two new daemons, rank r on of[r] (0: A, the root; 1: B); one line. */
+static void run_two_daemons(const int *of, int n, th_rank_fn fn, const char *job,
+			    const char *what)
 {
-	static const int of[4] = { 0, 1, 0, 1 };
 	struct th_daemon a, b;
 	const struct th_daemon *ds[2] = { &a, &b };
 	struct timespec t0;
@@ -484,11 +484,10 @@ static void test_isend_irecv_nodes(void)
 	REQUIRE(th_daemon_start_peer(&a, NULL) == 0 && th_daemon_start_peer(&b, NULL) == 0,
 		"commd A and B did not start");
 	clock_gettime(CLOCK_MONOTONIC, &t0);
-	failed = th_run_ranks_nodes(ds, of, a.peer, "p2p-nodes", 4, rank_isend_irecv, NULL);
-	CHECK(failed == 0, "isend/irecv over two daemons: %d ranks failed", failed);
-	printf("%s: isend to and irecv from both neighbours, requests and no group, n=4 over two "
-	       "daemons (A: 0 2, B: 1 3) (%.1f s)\n", failed ? "FAIL" : "ok",
-	       th_secs_since(&t0));
+	failed = th_run_ranks_nodes(ds, of, a.peer, job, n, fn, NULL);
+	CHECK(failed == 0, "%s: %d of %d ranks failed", what, failed, n);
+	printf("%s: %s (%.1f s)\n", failed ? "FAIL" : "ok", what, th_secs_since(&t0));
+	fflush(stdout);
 	CHECK(th_daemon_stop(&a) == 0 && th_daemon_stop(&b) == 0, "commd A or B did not stop");
 }
 
@@ -533,24 +532,6 @@ static int rank_left_remote(int r, int n, void *arg)
 			bad = fprintf(stderr, "rank 0: from rank 2: %d, want 1002\n", v[1]) > 0;
 	}
 	return th_leave(c, r) | bad;
-}
-
-static void test_left_remote_nodes(void)
-{
-	static const int of[3] = { 0, 1, 0 };
-	struct th_daemon a, b;
-	const struct th_daemon *ds[2] = { &a, &b };
-	struct timespec t0;
-	int failed;
-
-	REQUIRE(th_daemon_start_peer(&a, NULL) == 0 && th_daemon_start_peer(&b, NULL) == 0,
-		"commd A and B did not start");
-	clock_gettime(CLOCK_MONOTONIC, &t0);
-	failed = th_run_ranks_nodes(ds, of, a.peer, "p2p-left", 3, rank_left_remote, NULL);
-	CHECK(failed == 0, "a group with a send to a rank gone from B: %d ranks failed", failed);
-	printf("%s: a group of a send to rank 1, gone from B, and a recv on A: PEER_LOST and the "
-	       "value (%.1f s)\n", failed ? "FAIL" : "ok", th_secs_since(&t0));
-	CHECK(th_daemon_stop(&a) == 0 && th_daemon_stop(&b) == 0, "commd A or B did not stop");
 }
 
 /* --- blocking exchange without groups ---------------------------------------- */
@@ -1487,8 +1468,16 @@ int main(void)
 		"isend to and irecv from both neighbours, requests and no group, 20 rounds, n=2");
 	run_job(&d, 4, rank_isend_irecv, NULL,
 		"isend to and irecv from both neighbours, requests and no group, 20 rounds, n=4");
-	test_isend_irecv_nodes();
-	test_left_remote_nodes();
+	{
+		static const int alternate[4] = { 0, 1, 0, 1 }, gone[3] = { 0, 1, 0 };
+
+		run_two_daemons(alternate, 4, rank_isend_irecv, "p2p-nodes",
+				"isend to and irecv from both neighbours, requests and no group, "
+				"n=4 over two daemons (A: 0 2, B: 1 3)");
+		run_two_daemons(gone, 3, rank_left_remote, "p2p-left",
+				"a group of a send to rank 1, gone from B, and a recv on A: "
+				"PEER_LOST and the value");
+	}
 	variant = 0;
 	run_job(&d, 3, rank_many, &variant,
 		"6000 sends of rank 0 with requests, no group, before ranks 1 and 2 post their "
