@@ -297,7 +297,7 @@ int be_host_run(struct task *t)
 		t->snap_len = inlen;
 	/* reductions then go straight into an output, which no input shares */
 	t->direct = !any || t->snap_len;
-	if ((inlen + outlen) * (size_t)t->n < pool.inline_bytes || pool.nthreads == 0) {
+	if ((inlen + outlen) * (size_t)t->n < pool.inline_bytes) {
 		t->parts = 1;
 		if (run_part(t, 0, pool.inline_tmp) < 0)
 			t->status = COMM_ERR_NO_MEMORY;
@@ -363,7 +363,8 @@ int be_host_start(uv_loop_t *loop, int nthreads, int pin_workers)
 		pin(pool.threads[i], i, cpus, ncpus);
 		pool.nthreads++;
 	}
-	pool.inline_bytes = pool.nthreads ? INLINE_SCALE / (size_t)pool.nthreads : 0;
+	/* no worker: every op runs inline */
+	pool.inline_bytes = pool.nthreads ? INLINE_SCALE / (size_t)pool.nthreads : SIZE_MAX;
 	if (pool.inline_bytes < INLINE_MIN_BYTES)
 		pool.inline_bytes = INLINE_MIN_BYTES;
 	return 0;

@@ -294,7 +294,7 @@ static void test_span(void)
 	const struct th_daemon *ds[2] = { &a, &b };
 	struct th_ranks rs;
 	char out[8192], args[512], want[160], ch;
-	int seen = 0;
+	int seen;
 
 	REQUIRE(th_daemon_start_peer(&a, NULL) == 0 && th_daemon_start_peer(&b, NULL) == 0,
 		"span: commd A and B did not start");
@@ -306,24 +306,14 @@ static void test_span(void)
 	/* B's node name is HOST:PORT, its listener's port */
 	snprintf(want, sizeof want, ":%s (ranks 2-3) to post it", strrchr(b.peer, ':') + 1);
 	snprintf(args, sizeof args, "--socket %s jobs span-job", a.sock);
-	for (int i = 0; i < 100 && !seen; i++) {
-		CHECK(ctl(out, sizeof out, args) == 0, "jobs span-job on A: %s", out);
-		seen = strstr(out, "across daemons: waiting for node ") && strstr(out, want);
-		if (!seen)
-			usleep(50 * 1000);
-	}
+	seen = ctl_until(out, sizeof out, args, want);
 	printf("%s", out);
-	CHECK(seen && strstr(out, " 0-1 "), "on A, the all-reduce does not say it waits for node B "
-	      "(\"%s\"):\n%s", want, out);
+	CHECK(seen && strstr(out, "across daemons: waiting for node ") && strstr(out, " 0-1 "),
+	      "on A, the all-reduce does not say it waits for node B (\"%s\"):\n%s", want, out);
 	/* rank 2 said it is ready just before it posted: B may not have it yet */
 	snprintf(args, sizeof args, "--socket %s jobs span-job", b.sock);
-	seen = 0;
-	for (int i = 0; i < 100 && !seen; i++) {
-		CHECK(ctl(out, sizeof out, args) == 0, "jobs span-job on B: %s", out);
-		if (!(seen = strstr(out, "waiting for rank 3") != NULL))
-			usleep(50 * 1000);
-	}
-	CHECK(seen, "on B, the all-reduce does not wait for rank 3:\n%s", out);
+	CHECK(ctl_until(out, sizeof out, args, "waiting for rank 3"),
+	      "on B, the all-reduce does not wait for rank 3:\n%s", out);
 	printf("%s", out);
 	CHECK(write(span_go[1], "x", 1) == 1, "span_go");
 	CHECK(th_ranks_wait(&rs) == 0, "span ranks failed");
