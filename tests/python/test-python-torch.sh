@@ -10,6 +10,7 @@ set -u
 . "$srcdir/tests/lib/daemon.sh"
 daemon_start commd-torch
 
+export COMMCTL # the test asks it which jobs are left
 timeout 300 "$COMMRUN" -n 4 --socket "$sock" --timeout 30000 \
 	"$py" "$srcdir/tests/python/test_torch_backend.py" "$dir/store" >"$dir/out" 2>&1
 rc=$?

@@ -4,7 +4,9 @@ through file stores named by argv[1] and argv[1].2). Every result is checked aga
 values computed here; exits 1 on the first wrong one. With COMMD_TEST_DEVICE
 set (cuda, cuda:0) every tensor is made there: the same checks on device memory.
 """
+import gc
 import os
+import subprocess
 import sys
 import time
 
@@ -236,6 +238,34 @@ if rank in (0, n - 1):
         t = torch.zeros(3, dtype=torch.int64)
         dist.recv(t, src=0, group=ends)
         check("recv in new_group([n - 1, 0])", t, torch.arange(3) + 7)
+dist.barrier()
+
+# a group destroyed and let go leaves its job and its thread ends: the two
+# above, then 30 rounds of new_group, all_reduce and destroy_process_group
+for grp in (g, ends):
+    dist.destroy_process_group(grp)
+del g, ends, grp
+for i in range(30):
+    grp = dist.new_group(list(range(n)))
+    t = torch.full((2,), float(rank + i))
+    dist.all_reduce(t, group=grp)
+    check(f"all_reduce in new_group, round {i}", t, torch.full((2,), float(n * (n - 1) // 2 + n * i)))
+    dist.destroy_process_group(grp)
+    del grp
+gc.collect()
+groups_job = f"{commd.backend._world_job}/group-"
+for _ in range(200):
+    threads = sum(c._t.is_alive() for c in commd.backend._completers)
+    jobs = subprocess.run([os.environ["COMMCTL"], "jobs"], capture_output=True, text=True,
+                          check=True).stdout
+    if threads == 1 and groups_job not in jobs:
+        break
+    time.sleep(0.05)
+else:
+    sys.stdout.write(f"rank {rank}: destroyed groups: {threads} completion threads alive (want "
+                     f"the world's alone), commctl jobs:\n{jobs}")
+    sys.exit(1)
+checks += 1
 dist.barrier()
 
 # a second process group (a new store: torch takes a file store once), once

@@ -18,6 +18,7 @@ import enum
 import operator
 import os
 import sys
+import threading
 
 from . import _comm
 from ._buf import buf, same_dtype
@@ -142,9 +143,17 @@ def new_group(ranks):
     return g
 
 
+_ending = threading.Lock()
+
+
 def _destroy(group, how):
-    """Take group off the list and end it: how(comm)."""
-    _comm.groups.remove(group)
+    """Take group off the list and end it: how(comm). Once: a group another
+    thread took off already (the torch backend's, whose thread ends its
+    group once its ProcessGroup is gone) is left to that thread."""
+    with _ending:
+        if group not in _comm.groups:
+            return
+        _comm.groups.remove(group)
     how(group._comm)
 
 

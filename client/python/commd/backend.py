@@ -8,9 +8,11 @@ and token; rank 0 draws them. Then the collectives, send/recv and barrier of
 torch.distributed run through commd.init's communicator. new_group() makes
 a communicator of its own for the group's ranks, a job named after the
 world's, drawn the same way through the group's store (torch calls the
-backend on the group's ranks alone, so it cannot be a comm_split). After
-destroy_process_group() call commd.finalize() to leave the job (and before
-init_process_group again).
+backend on the group's ranks alone, so it cannot be a comm_split). Once
+destroy_process_group(g) and the last reference let g's ProcessGroup go,
+its thread finishes its ops and its communicator leaves the group's job.
+After destroy_process_group() call commd.finalize() to leave the job (and
+before init_process_group again).
 Reductions: SUM, PRODUCT, MIN, MAX and AVG. all_to_all and
 all_to_all_single take blocks of any sizes (comm_alltoallv); send/recv take no
 tags; gather and scatter move n times the data (an all-gather, a broadcast).
@@ -23,6 +25,7 @@ import queue
 import secrets
 import threading
 import time
+import warnings
 import weakref
 
 import torch
@@ -78,9 +81,10 @@ class _Completer:
     future is completed here once commd has done it (in posting order, as
     commd answers a communicator's ops), after the op's closing step."""
 
-    def __init__(self):
+    def __init__(self, group=None):
         self._q = queue.SimpleQueue()
         self._stopping = False
+        self._group = group
         self._t = threading.Thread(target=self._run, name="commd-backend", daemon=True)
         self._t.start()
         _completers.add(self)
@@ -92,6 +96,12 @@ class _Completer:
         self._stopping = True
         self._q.put(None)
         self._t.join(timeout=10)
+
+    def close(self):
+        """Its ProcessGroup is gone: once the ops queued before are through,
+        the thread ends, and a group of new_group() leaves its job. Only
+        queues, so any thread may call it (a finalizer the collector runs)."""
+        self._q.put(_CLOSE)
 
     def work(self, works, result, after=None):
         """The Work torch gets for commd's Works (None: done already) that
@@ -105,6 +115,9 @@ class _Completer:
         while True:
             item = self._q.get()
             if item is None:
+                return
+            if item is _CLOSE:
+                self._end_group()
                 return
             works, fut, result, after = item
             try:
@@ -123,6 +136,18 @@ class _Completer:
             else:
                 fut.set_result(result)
 
+    def _end_group(self):
+        if self._group is None:
+            return
+        try:
+            commd._destroy(self._group, commd._comm.Comm.finalize)
+        except commd.CommError as e:
+            warnings.warn(f"commd backend: a destroyed group's communicator: {e}",
+                          RuntimeWarning)
+
+
+_CLOSE = object()  # a _Completer's queue: its ProcessGroup is gone
+
 
 def _no_tag(op, tag):
     if tag:
@@ -139,7 +164,10 @@ class ProcessGroupCommd(ProcessGroup):
         super().__init__(rank, size)
         self._g = group
         self._kw = {"async_op": True, "group": group}
-        self._c = _Completer()
+        self._c = _Completer(group)
+        # torch tells a backend nothing of destroy_process_group(): the
+        # object's end says it (not at exit, where the threads are stopped)
+        weakref.finalize(self, self._c.close).atexit = False
 
     def getBackendName(self):
         return "commd"
