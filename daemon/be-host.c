@@ -346,6 +346,7 @@ static void pin(pthread_t th, int i, const int *cpus, int ncpus)
 int be_host_start(uv_loop_t *loop, int nthreads, int pin_workers)
 {
 	int cpus[1024], ncpus = pin_workers ? topo_worker_cpus(cpus, 1024) : 0;
+	char name[32]; /* a thread name: 15 characters at most */
 
 	pool.inline_tmp = aligned_alloc(64, CHUNK_BYTES);
 	pool.threads = calloc((size_t)nthreads, sizeof *pool.threads);
@@ -360,6 +361,8 @@ int be_host_start(uv_loop_t *loop, int nthreads, int pin_workers)
 			log_error("host backend: cannot start worker thread %d", i);
 			break;
 		}
+		snprintf(name, sizeof name, "commd-host-%d", i);
+		pthread_setname_np(pool.threads[i], name); /* for top -H and gdb */
 		pin(pool.threads[i], i, cpus, ncpus);
 		pool.nthreads++;
 	}

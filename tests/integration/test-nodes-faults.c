@@ -4,14 +4,17 @@
  * broadcast between the daemons beside one that must not notice, and a
  * member daemon stopped, then killed, under a running job while a job on
  * the other alone must not notice. The surviving daemon fails what spanned
- * the lost one, serves a new job and stops cleanly. Stale messages (H4)
+ * the lost one, serves a new job and stops cleanly; B stopped while A,
+ * sending to it, is frozen exits anyway. Stale messages (H4)
  * are test-nodes-stale.c's.
  */
+#include <dirent.h>
 #include <signal.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/mman.h>
 #include <sys/wait.h>
 #include <time.h>
 #include <unistd.h>
@@ -644,6 +647,127 @@ static int rank_after(int r, int n, void *arg)
 	return th_leave(c, r) | bad;
 }
 
+/* --- B stopped (SIGTERM) while A, sending to it, is frozen ----------------------- */
+
+#define FROZEN_BYTES (64u << 20)
+#define FROZEN_ROUNDS 3          /* the stop raced the net thread: it hung about 1 in 2 */
+#define FROZEN_STOP_LIMIT_MS (DRAIN_MS + 5000)
+
+/* Rank 0 on A sends 64 MiB messages to rank 1 on B until one fails; *got counts B's. */
+static int rank_frozen(int r, int n, void *arg)
+{
+	int *got = arg;
+	comm_result_t rc;
+	comm_t *c;
+	unsigned char *buf;
+
+	if (th_join(&c, r, n) < 0)
+		return 1;
+	if (!(buf = comm_mem_alloc(c, FROZEN_BYTES))) {
+		fprintf(stderr, "rank %d: comm_mem_alloc: %s\n", r, comm_last_error(c));
+		return th_bail(c);
+	}
+	for (int i = 0;; i++) {
+		alarm(TH_WATCHDOG_S);
+		buf[0] = (unsigned char)i;
+		rc = r == 0 ? comm_send(c, buf, FROZEN_BYTES, COMM_UINT8, 1, NULL)
+			    : comm_recv(c, buf, FROZEN_BYTES, COMM_UINT8, 0, NULL);
+		if (rc != COMM_OK)
+			break;
+		if (r == 1 && buf[0] != (unsigned char)i) {
+			fprintf(stderr, "rank 1: message %d starts with %d\n", i, buf[0]);
+			return th_bail(c);
+		}
+		if (r == 1)
+			__atomic_store_n(got, i + 1, __ATOMIC_RELEASE);
+	}
+	alarm(20);
+	comm_finalize(c);
+	return 0; /* the job fails with B gone: any error ends the loop */
+}
+
+/* Whether process pid has a thread named name. */
+static int has_thread(pid_t pid, const char *name)
+{
+	char path[300], comm[32];
+	struct dirent *e;
+	int found = 0;
+	DIR *dp;
+
+	snprintf(path, sizeof path, "/proc/%d/task", (int)pid);
+	if (!(dp = opendir(path)))
+		return 0;
+	while (!found && (e = readdir(dp))) {
+		FILE *f;
+
+		if (e->d_name[0] == '.')
+			continue;
+		snprintf(path, sizeof path, "/proc/%d/task/%s/comm", (int)pid, e->d_name);
+		if ((f = fopen(path, "r"))) {
+			found = fgets(comm, sizeof comm, f) && strcspn(comm, "\n") == strlen(name) &&
+				strncmp(comm, name, strlen(name)) == 0;
+			fclose(f);
+		}
+	}
+	closedir(dp);
+	return found;
+}
+
+/*
+ * B gets SIGTERM while A, whose rank sends it 64 MiB messages, is frozen
+ * (SIGSTOP) mid-message: B's receive of it, matched by UCX, never ends,
+ * and no endpoint of B's says so. B's data plane thread (commd-net) must
+ * end within the drain and a few seconds all the same, FROZEN_ROUNDS
+ * times (B started afresh each time); then A is thawed, so that B's
+ * close of its endpoint to A ends too, and B must exit 0, A going on.
+ */
+static void test_frozen_sender(void)
+{
+	const struct th_daemon *ds[2] = { &da, &db };
+	int *got = mmap(NULL, sizeof *got, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_ANONYMOUS, -1, 0);
+	struct timespec t0;
+	struct th_ranks rs;
+
+	REQUIRE(got != MAP_FAILED, "mmap");
+	for (int round = 0; round < FROZEN_ROUNDS; round++) {
+		int rc, failed, ended;
+		long ms;
+
+		*got = 0;
+		REQUIRE(th_daemon_start_peer(&db, "--threads", "2", NULL) == 0,
+			"commd B did not start (frozen round %d)", round);
+		REQUIRE(th_ranks_start_nodes(&rs, ds, (const int[]){ 0, 1 }, da.peer, "faults-frozen",
+					     2, rank_frozen, got) == 0, "fork");
+		for (int i = 0; i < 2000 && __atomic_load_n(got, __ATOMIC_ACQUIRE) < 2; i++)
+			usleep(10 * 1000);
+		CHECK(*got >= 2, "frozen round %d: B took %d messages in 20 s", round, *got);
+		CHECK(has_thread(db.pid, "commd-net"), "frozen round %d: B has no thread commd-net",
+		      round);
+		usleep(100 * 1000 * (round + 1)); /* mid-message, at a new place each round */
+		kill(da.pid, SIGSTOP);
+		usleep(300 * 1000);
+		kill(db.pid, SIGTERM);
+		clock_gettime(CLOCK_MONOTONIC, &t0);
+		while (!(ended = !has_thread(db.pid, "commd-net")) &&
+		       th_secs_since(&t0) * 1000 < FROZEN_STOP_LIMIT_MS)
+			usleep(10 * 1000);
+		ms = (long)(th_secs_since(&t0) * 1000);
+		kill(da.pid, SIGCONT);
+		rc = th_daemon_reap(&db);
+		CHECK(ended, "frozen round %d: B's data plane thread still runs %ld ms after SIGTERM "
+		      "(limit %d)", round, ms, FROZEN_STOP_LIMIT_MS);
+		CHECK(rc == 0, "frozen round %d: B did not stop cleanly (see above)", round);
+		failed = th_ranks_wait(&rs);
+		CHECK(failed == 0, "frozen round %d: %d ranks failed", round, failed);
+		printf("%s: B stopped (SIGTERM) with A frozen mid-message (%d messages of 64 MiB in): "
+		       "its data plane thread ended after %ld ms, exit %s\n",
+		       ended && rc == 0 && !failed ? "ok" : "FAIL", *got, ms, rc ? "unclean" : "0");
+		fflush(stdout);
+		CHECK(th_daemon_alive(&da), "frozen round %d: commd A died", round);
+	}
+	munmap(got, sizeof *got);
+}
+
 int main(void)
 {
 	struct timespec t0;
@@ -675,6 +799,7 @@ int main(void)
 		printf("FAIL: %.1f s in all\n", th_secs_since(&t0));
 		return CHECK_EXIT();
 	}
+	test_frozen_sender();
 	failed = th_run_ranks(&da, "faults-after", 2, rank_after, NULL);
 	CHECK(failed == 0, "a 2-rank job on A after B died: %d ranks failed", failed);
 	printf("%s: a new 2-rank job on A alone: all-reduces of 7, 1 Mi and 4097 elements\n",

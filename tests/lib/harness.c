@@ -319,13 +319,20 @@ void th_daemon_cleanup(struct th_daemon *d)
 
 int th_daemon_stop(struct th_daemon *d)
 {
+	if (d->pid <= 0)
+		return -1;
+	kill(d->pid, SIGTERM);
+	return th_daemon_reap(d);
+}
+
+int th_daemon_reap(struct th_daemon *d)
+{
 	struct timespec t0;
 	int status = 0, rc = -1, errs;
 	pid_t w = 0;
 
 	if (d->pid <= 0)
 		return -1;
-	kill(d->pid, SIGTERM);
 	clock_gettime(CLOCK_MONOTONIC, &t0);
 	while (ms_since(&t0) < 30000 && (w = waitpid(d->pid, &status, WNOHANG)) == 0)
 		usleep(10000);

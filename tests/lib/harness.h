@@ -37,6 +37,8 @@ int th_daemon_startv(struct th_daemon *d, const char *const *args);
 int th_daemon_start_peer(struct th_daemon *d, ...);
 /* SIGTERM; requires exit status 0 and no "error:" line in the log. 0 or -1. */
 int th_daemon_stop(struct th_daemon *d);
+/* th_daemon_stop's wait, for a daemon already sent its signal: 30 s at most, then SIGKILL. */
+int th_daemon_reap(struct th_daemon *d);
 /* Remove the temp dir of a daemon that is gone (killed by the test). */
 void th_daemon_cleanup(struct th_daemon *d);
 /* Print the daemon's log to stderr (for a failing test). */
