@@ -179,6 +179,40 @@ for what, call in (
     else:
         sys.stdout.write(f"rank {rank}: {what}: no ValueError\n")
         sys.exit(1)
+# what commd fails reaches torch: a mismatched all_reduce raises commd's
+# CommError, blocking and from an async Work (is_success() False), and its
+# future fails; the job goes on
+t = torch.ones(4 + (rank == 0))
+for how in ("blocking", "async", "future"):
+    try:
+        if how == "blocking":
+            dist.all_reduce(t)
+        else:
+            w = dist.all_reduce(t, async_op=True)
+            if how == "async":
+                w.wait()
+            else:
+                w.get_future().wait()
+    except (commd.CommError, RuntimeError) as e:
+        if "COMM_ERR_MISMATCH" not in str(e) or (how == "async" and w.is_success()):
+            sys.stdout.write(f"rank {rank}: mismatched all_reduce, {how}: {e!r}\n")
+            sys.exit(1)
+        checks += 1
+    else:
+        sys.stdout.write(f"rank {rank}: mismatched all_reduce, {how}: no error\n")
+        sys.exit(1)
+t = torch.ones(3)
+dist.all_reduce(t)
+check("all_reduce after a mismatch", t, torch.full((3,), float(n)))
+# into leaves that require grad, as torch's own backends fill them
+t = torch.zeros(3, requires_grad=True)
+dist.scatter(t, [torch.full((3,), 5.0 * k) for k in range(n)] if rank == 0 else None, src=0)
+check("scatter into a leaf requiring grad", t.detach(), torch.full((3,), 5.0 * rank))
+outs = [torch.zeros(2, requires_grad=True) for _ in range(n)]
+dist.all_to_all(outs, [torch.full((2,), float(rank * 100 + j)) for j in range(n)])
+for i in range(n):
+    check(f"all_to_all[{i}] into a leaf requiring grad", outs[i].detach(),
+          torch.full((2,), float(i * 100 + rank)))
 # a list all_to_all's outputs are in place once is_completed() says so
 outs = [torch.zeros(2) for _ in range(n)]
 w = dist.all_to_all(outs, [torch.full((2,), float(rank * 100 + j)) for j in range(n)],

@@ -23,6 +23,7 @@ torch's C++ (DistributedDataParallel) can wait on it too.
 import atexit
 import queue
 import secrets
+import sys
 import threading
 import time
 import warnings
@@ -30,7 +31,7 @@ import weakref
 
 import torch
 import torch.distributed as dist
-from torch._C._distributed_c10d import ProcessGroup, _create_work_from_future
+from torch._C._distributed_c10d import ProcessGroup, Work, _create_work_from_future
 
 import commd
 
@@ -109,7 +110,12 @@ class _Completer:
         copy out) has run, or their first failure."""
         fut = torch.futures.Future()
         self._q.put(([w for w in works if w is not None], fut, result, after))
-        return _create_work_from_future(fut)
+        if _from_torch_api():
+            return _Work(fut)
+        # torch's C++ (DDP's parameter check, state broadcast and reducer)
+        # keeps a Work after the Python object of a subclass went, and then
+        # waits in its base class for what never comes: torch's own Work
+        return _create_work_from_future(fut.then(_value))
 
     def _run(self):
         while True:
@@ -147,6 +153,72 @@ class _Completer:
 
 
 _CLOSE = object()  # a _Completer's queue: its ProcessGroup is gone
+
+
+def _value(fut):
+    return fut.value()  # raises what set_exception set
+
+
+def _from_torch_api():
+    """Whether the op's caller (two frames above _Completer.work: the
+    caller of a ProcessGroupCommd method) is torch.distributed's Python API,
+    which keeps the Work it gets while it uses it. Called from C++ (a
+    binding, an autograd thread) the frame there is some other, or none."""
+    try:
+        return sys._getframe(3).f_globals.get("__name__") == "torch.distributed.distributed_c10d"
+    except ValueError:
+        return False
+
+
+class _Work(Work):
+    """What torch.distributed's functions get for an op, done when fut (set
+    by the _Completer) is. wait() raises the op's failure: a Work made from
+    the future returns True, since torch 1.13's set_exception keeps the
+    exception as the future's value, which torch's C++ takes for a success.
+    For the same reason get_future() (a comm hook hands it to C++) is a
+    future whose callback raises it: one that failed there too."""
+
+    def __init__(self, fut):
+        super().__init__()
+        self._fut = fut
+        self._failed_too = fut.then(_value)
+
+    def is_completed(self):
+        return self._fut.done()
+
+    def is_success(self):
+        if not self._fut.done():
+            return False
+        try:
+            self._fut.value()
+        except Exception:  # noqa: BLE001 (any failure of the op)
+            return False
+        return True
+
+    def exception(self):
+        try:
+            self._fut.value()
+        except Exception as e:  # noqa: BLE001
+            return e
+        return None
+
+    def wait(self, timeout=None):
+        """Block until the op is done (at most timeout, a timedelta, else a
+        RuntimeError); raises its failure."""
+        if timeout is not None and timeout.total_seconds() > 0:
+            end = time.monotonic() + timeout.total_seconds()
+            while not self._fut.done():
+                if time.monotonic() >= end:
+                    raise RuntimeError(f"commd backend: the op is not done after {timeout}")
+                time.sleep(0.0002)
+        self._fut.wait()
+        return True
+
+    def result(self):
+        return self._fut.wait()
+
+    def get_future(self):
+        return self._failed_too
 
 
 def _no_tag(op, tag):
@@ -223,9 +295,10 @@ class ProcessGroupCommd(ProcessGroup):
 
         def copy_out():
             at = 0
-            for o in outs:
-                o.copy_(out[at:at + o.numel()].view(o.shape))
-                at += o.numel()
+            with torch.no_grad():
+                for o in outs:
+                    o.copy_(out[at:at + o.numel()].view(o.shape))
+                    at += o.numel()
         return self._c.work([commd.all_to_all_single(out, inp, [o.numel() for o in outs],
                                               [x.numel() for x in ins], **self._kw)],
                      outs, copy_out)
@@ -253,7 +326,8 @@ class ProcessGroupCommd(ProcessGroup):
         n, r = out.numel(), self.rank()
 
         def copy_out():
-            out.copy_(buf[r * n:(r + 1) * n].view(out.shape))
+            with torch.no_grad():
+                out.copy_(buf[r * n:(r + 1) * n].view(out.shape))
         return self._c.work([commd.broadcast(buf, opts.rootRank, **self._kw)], outputs, copy_out)
 
     def send(self, tensors, dst, tag):
