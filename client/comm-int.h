@@ -73,7 +73,7 @@ struct comm_request {
 	/* staging for pointers not from comm_mem_alloc */
 	void *stage_send;
 	void *stage_recv;
-	void *user_recv;
+	void *user_recv;            /* where the staged result goes; NULL once it went */
 	size_t recv_bytes;
 	int unsent;                 /* posted in a group that has not ended yet */
 	int ring;                   /* posted in the ring: answered in its slot */
@@ -109,6 +109,7 @@ struct comm {
 	struct seg *segs;
 	size_t keep;                /* bytes of emptied segments kept registered (COMM_KEEP_MB) */
 	struct comm_request *reqs;  /* outstanding, oldest first */
+	int staged_out;             /* of them, with a staged result still to copy out */
 	struct comm_request *reqs_tail;
 	uint64_t await_id;          /* a call waiting for its reply */
 	Commpb__Envelope *await_reply;
@@ -228,6 +229,10 @@ void gpu_free_all(comm_t *c, int tell_daemon);
 /* req.c */
 comm_request_t *req_new(comm_t *c);
 comm_request_t *req_new_parts(comm_t *c, int n);
+/* r was answered (or failed): its staged result, if any, copied out. */
+void req_done(comm_request_t *r);
+/* Wait for the earlier ops whose staged results land in [p, p + n). */
+comm_result_t req_settle(comm_t *c, const void *p, size_t n);
 /* Take a finished request off the list, unstage it and free it. */
 comm_result_t req_finish(comm_request_t *r);
 /* comm_stream_wait of a request of several ops: each part handed to stream. */

@@ -87,7 +87,7 @@ static void handle(comm_t *c, Commpb__Envelope *env)
 									: COMM_ERR_PROTOCOL;
 				if (r->rc != COMM_OK)
 					comm_set_error(c, r->rc, "%s", env->op_done->detail);
-				gpu_req_done(r);
+				req_done(r);
 				break;
 			}
 		}

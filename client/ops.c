@@ -150,11 +150,16 @@ static comm_result_t name_buffers(comm_t *c, const struct opdesc *d, comm_reques
 		if (rc != COMM_OK)
 			return rc;
 	}
-	if (r->stage_send)
+	if (r->stage_send) {
+		rc = req_settle(c, d->send, d->send_bytes);
+		if (rc != COMM_OK)
+			return rc;
 		memcpy(r->stage_send, d->send, d->send_bytes);
+	}
 	if (r->stage_recv) {
 		r->user_recv = d->recv;
 		r->recv_bytes = d->recv_bytes;
+		c->staged_out++;
 	}
 	return COMM_OK;
 }

@@ -73,12 +73,52 @@ static void unstage(comm_request_t *r)
 	r->stage_send = r->stage_recv = NULL;
 }
 
+/*
+ * r has its answer. A staged result goes to the caller's buffer now, in
+ * the order commd answers (posting order), not when r is waited for: a
+ * later op staging that buffer as its input, or writing it too, then sees
+ * it last, as in registered memory.
+ */
+void req_done(comm_request_t *r)
+{
+	if (r->user_recv) {
+		if (r->rc == COMM_OK)
+			memcpy(r->user_recv, r->stage_recv, r->recv_bytes);
+		r->user_recv = NULL;
+		r->comm->staged_out--;
+	}
+	gpu_req_done(r);
+}
+
+/*
+ * An op about to stage [p, p + n) as its input: the ops posted before it
+ * (not in the open group, whose ops run together) whose staged result
+ * lands there are waited for first, so that it reads their result.
+ */
+comm_result_t req_settle(comm_t *c, const void *p, size_t n)
+{
+	const char *a = p;
+
+	for (comm_request_t *q = c->reqs; q && c->staged_out; q = q->next) {
+		const char *u = q->user_recv;
+
+		if (!u || q->done || q->unsent || !(a < u + q->recv_bytes && u < a + n))
+			continue;
+		ring_wait(q, -1);
+		if (!q->done)
+			return c->broken;
+	}
+	return COMM_OK;
+}
+
 comm_result_t req_finish(comm_request_t *r)
 {
 	comm_result_t rc = r->rc;
 
-	if (rc == COMM_OK && r->stage_recv)
-		memcpy(r->user_recv, r->stage_recv, r->recv_bytes);
+	if (r->user_recv) { /* never answered: its op failed before it was sent */
+		r->user_recv = NULL;
+		r->comm->staged_out--;
+	}
 	unstage(r);
 	if (r->detached && rc != COMM_OK && r->comm->async_error == COMM_OK)
 		r->comm->async_error = rc;
@@ -95,7 +135,7 @@ void req_fail_all(comm_t *c, comm_result_t rc)
 		if (!r->done && !r->parts) { /* a request of parts fails through them */
 			r->done = 1;
 			r->rc = rc;
-			gpu_req_done(r);
+			req_done(r);
 		}
 	}
 }

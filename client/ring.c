@@ -142,7 +142,7 @@ void ring_complete(comm_request_t *r, comm_result_t rc, const char *detail)
 	if (r->rc != COMM_OK)
 		comm_set_error(c, r->rc, "%s", detail);
 	c->ring_busy[r->seq % RING_SLOTS] = 0;
-	gpu_req_done(r);
+	req_done(r);
 }
 
 void ring_reap(comm_t *c)

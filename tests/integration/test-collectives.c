@@ -708,6 +708,75 @@ static void test_outstanding(const struct th_daemon *d)
 	       failed ? "FAIL" : "ok");
 }
 
+/*
+ * Async ops on one malloc'd (staged) buffer keep posting order, as on
+ * registered memory: two in-place all-reduces of x, a broadcast of x and an
+ * all-reduce (max) of x into y, waited for newest first; then two
+ * all-reduces from different inputs into the same z, waited for newest
+ * first (z must hold the second's). int32, so every value is exact:
+ * rank r's x[i] = r + 1 + i % 7.
+ */
+#define CHAIN_COUNT 4099
+
+static int rank_chained(int r, int n, void *arg)
+{
+	int32_t *x = malloc(CHAIN_COUNT * sizeof *x), *y = malloc(CHAIN_COUNT * sizeof *y);
+	int32_t *z = malloc(CHAIN_COUNT * sizeof *z), *in2 = malloc(CHAIN_COUNT * sizeof *in2);
+	comm_request_t *req[6];
+	comm_result_t rc = COMM_OK;
+	int bad = 0;
+	comm_t *c;
+
+	(void)arg;
+	if (!x || !y || !z || !in2 || th_join(&c, r, n) < 0)
+		return 1;
+	for (int i = 0; i < CHAIN_COUNT; i++) {
+		x[i] = r + 1 + i % 7;
+		in2[i] = 1000 * (r + 1);
+	}
+	if (comm_allreduce(c, x, x, CHAIN_COUNT, COMM_INT32, COMM_SUM, &req[0]) ||
+	    comm_allreduce(c, x, x, CHAIN_COUNT, COMM_INT32, COMM_SUM, &req[1]) ||
+	    comm_broadcast(c, x, x, CHAIN_COUNT, COMM_INT32, 1, &req[2]) ||
+	    comm_allreduce(c, x, y, CHAIN_COUNT, COMM_INT32, COMM_MAX, &req[3]) ||
+	    comm_allreduce(c, x, z, CHAIN_COUNT, COMM_INT32, COMM_SUM, &req[4]) ||
+	    comm_allreduce(c, in2, z, CHAIN_COUNT, COMM_INT32, COMM_SUM, &req[5])) {
+		fprintf(stderr, "rank %d: posting: %s\n", r, comm_last_error(c));
+		return th_bail(c);
+	}
+	for (int k = 5; k >= 0; k--)
+		if ((rc = comm_wait(req[k], -1)) != COMM_OK) {
+			fprintf(stderr, "rank %d: op %d: %s: %s\n", r, k, comm_result_name(rc),
+				comm_last_error(c));
+			return th_bail(c);
+		}
+	for (int i = 0; i < CHAIN_COUNT && !bad; i++) {
+		int32_t once = n * (n + 1) / 2 + n * (i % 7), twice = n * once;
+
+		if (x[i] != twice || y[i] != twice || z[i] != 1000 * n * (n + 1) / 2) {
+			fprintf(stderr, "rank %d: element %d: x %d, y %d (want %d), z %d (want %d)\n",
+				r, i, x[i], y[i], twice, z[i], 1000 * n * (n + 1) / 2);
+			bad = 1;
+		}
+	}
+	free(x);
+	free(y);
+	free(z);
+	free(in2);
+	return th_leave(c, r) | bad;
+}
+
+static void test_chained(const struct th_daemon *d)
+{
+	char job[64];
+	int failed;
+
+	job_name(job, sizeof job, "chained");
+	failed = th_run_ranks(d, job, 4, rank_chained, NULL);
+	CHECK(failed == 0, "async ops chained on malloc'd buffers: %d ranks failed", failed);
+	printf("%s: async ops on one malloc'd buffer, waited for newest first, n=4: each reads "
+	       "the one before's result, the last writer wins\n", failed ? "FAIL" : "ok");
+}
+
 /* --- two jobs on one daemon ----------------------------------------------- */
 
 struct iter_arg {
@@ -1061,6 +1130,7 @@ int main(void)
 	test_staged(&d);
 	test_keep(&d);
 	test_outstanding(&d);
+	test_chained(&d);
 	test_two_jobs(&d);
 	test_mem(&d);
 	test_args(&d);

@@ -213,6 +213,19 @@ dist.all_to_all(outs, [torch.full((2,), float(rank * 100 + j)) for j in range(n)
 for i in range(n):
     check(f"all_to_all[{i}] into a leaf requiring grad", outs[i].detach(),
           torch.full((2,), float(i * 100 + rank)))
+# async ops on one (staged) tensor run in posting order, as torch's own
+# backends run them: the second reads the first's result
+t = torch.ones(4)
+w1, w2 = dist.all_reduce(t, async_op=True), dist.all_reduce(t, async_op=True)
+w2.wait()
+w1.wait()
+check("two async all_reduces of one tensor", t, torch.full((4,), float(n * n)))
+t = torch.full((4,), float(rank + 1))
+w1, w2 = dist.all_reduce(t, async_op=True), dist.broadcast(t, src=n - 1, async_op=True)
+w2.wait()
+w1.wait()
+check("an async all_reduce, then a broadcast of its result", t,
+      torch.full((4,), float(n * (n + 1) // 2)))
 # a list all_to_all's outputs are in place once is_completed() says so
 outs = [torch.zeros(2) for _ in range(n)]
 w = dist.all_to_all(outs, [torch.full((2,), float(rank * 100 + j)) for j in range(n)],
