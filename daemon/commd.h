@@ -265,8 +265,8 @@ void peer_stop(void);
 void peer_free_all(void);
 /* Heartbeats, connect deadlines and the root's forming deadlines. */
 void peer_tick(uint64_t now);
-/* Make j a job formed by root (host:port): 0, or -1 with err. */
-int peer_job_new(struct job *j, const char *root, char *err, size_t errlen);
+/* Make j a job formed by root (host:port): COMM_OK, or why not with err. */
+comm_result_t peer_job_new(struct job *j, const char *root, char *err, size_t errlen);
 /* The job's local ranks changed while it forms: tell the root. */
 void peer_job_update(struct job *j);
 /* j failed here: tell the root, which tells the other members. */

@@ -110,6 +110,7 @@ static struct job *job_new(const struct conn *c, const Commpb__Hello *h)
 comm_result_t job_join(struct conn *c, const Commpb__Hello *h, char *err, size_t errlen)
 {
 	size_t nlen = strlen(h->job);
+	comm_result_t rc;
 	struct job *j;
 
 	if (nlen == 0 || nlen > JOB_NAME_MAX || !printable(h->job)) {
@@ -164,10 +165,10 @@ comm_result_t job_join(struct conn *c, const Commpb__Hello *h, char *err, size_t
 	} else if (!(j = job_new(c, h))) {
 		snprintf(err, errlen, "join: out of memory");
 		return COMM_ERR_NO_MEMORY;
-	} else if (*h->root && peer_job_new(j, h->root, err, errlen) < 0) {
+	} else if (*h->root && (rc = peer_job_new(j, h->root, err, errlen)) != COMM_OK) {
 		TAILQ_REMOVE(&srv.jobs, j, link);
 		job_free(j);
-		return COMM_ERR_DAEMON_UNREACHABLE;
+		return rc;
 	}
 	j->ranks[h->rank] = c;
 	j->joined++;

@@ -370,8 +370,12 @@ static void on_resolved(uv_getaddrinfo_t *req, int status, struct addrinfo *ai)
 	p->busy = 1;
 }
 
-/* The connection to root daemon addr, made when there is none (or it was lost). */
-static struct peer *peer_to_root(const char *addr, char *err, size_t errlen)
+/*
+ * The connection to root daemon addr, made when there is none (or it was
+ * lost); NULL with *rc and err saying why.
+ */
+static struct peer *peer_to_root(const char *addr, comm_result_t *rc_out, char *err,
+				 size_t errlen)
 {
 	struct addrinfo hints = { .ai_family = AF_UNSPEC, .ai_socktype = SOCK_STREAM };
 	char host[256], port[8];
@@ -382,10 +386,12 @@ static struct peer *peer_to_root(const char *addr, char *err, size_t errlen)
 		if (p->outgoing && p->state != P_LOST && !strcmp(p->addr, addr))
 			return p;
 	if (split_addr(addr, host, sizeof host, port, sizeof port) < 0) {
+		*rc_out = COMM_ERR_INVALID_ARG;
 		snprintf(err, errlen, "join: root '%.200s' is not host:port", addr);
 		return NULL;
 	}
 	if (!(p = peer_new(1, addr))) {
+		*rc_out = COMM_ERR_NO_MEMORY;
 		snprintf(err, errlen, "join: out of memory");
 		return NULL;
 	}
@@ -393,6 +399,7 @@ static struct peer *peer_to_root(const char *addr, char *err, size_t errlen)
 	rc = uv_getaddrinfo(P.loop, &p->gai, on_resolved, host, port, &hints);
 	if (rc < 0) {
 		peer_lost(p, "resolve: %s", uv_strerror(rc));
+		*rc_out = COMM_ERR_DAEMON_UNREACHABLE;
 		snprintf(err, errlen, "join: root daemon %s: %s", addr, p->why);
 		return NULL;
 	}
@@ -1074,14 +1081,15 @@ static void peer_lost(struct peer *p, const char *fmt, ...)
 
 /* --- what jobs ask ---------------------------------------------------------------------- */
 
-int peer_job_new(struct job *j, const char *root, char *err, size_t errlen)
+comm_result_t peer_job_new(struct job *j, const char *root, char *err, size_t errlen)
 {
 	struct dist *d = calloc(1, sizeof *d);
+	comm_result_t rc;
 
 	if (!d || !(d->node_of = calloc((size_t)j->world, sizeof *d->node_of))) {
 		free(d);
 		snprintf(err, errlen, "join: out of memory");
-		return -1;
+		return COMM_ERR_NO_MEMORY;
 	}
 	snprintf(d->root, sizeof d->root, "%s", root);
 	d->slot = net_slot_alloc();
@@ -1089,14 +1097,14 @@ int peer_job_new(struct job *j, const char *root, char *err, size_t errlen)
 	j->dist = d;
 	if (!d->slot && net_available()) {
 		snprintf(err, errlen, "join: all %d tag slots of the data plane are in use", 65535);
-		return -1;
+		return COMM_ERR_BUSY;
 	}
 	/* no data plane (a job on this node alone): a number past the slots names it */
 	if (!d->slot)
 		d->slot = 65536 + P.untagged++ % 0x7fff0000u;
-	if (!(d->peer = peer_to_root(root, err, errlen)))
-		return -1;
-	return 0;
+	if (!(d->peer = peer_to_root(root, &rc, err, errlen)))
+		return rc;
+	return COMM_OK;
 }
 
 void peer_job_update(struct job *j)

@@ -79,6 +79,16 @@ static void test_noroot(int fds0)
 		      r, ms, CONNECT_LIMIT_MS);
 		CHECK(*s->detail[r], "no root: rank %d: comm_last_error is empty", r);
 	}
+	/* a root that is no HOST:PORT at all: the join is refused as a bad argument */
+	memset(s, 0, sizeof *s);
+	failed = th_run_ranks_nodes(ds, NULL, "nonsense", "faults-badroot", 1, rank_noroot, s);
+	CHECK(failed == 0 && s->rc[0] == COMM_ERR_INVALID_ARG &&
+	      strstr(s->detail[0], "root 'nonsense' is not host:port"),
+	      "COMM_ROOT=nonsense: comm_init gave %s: \"%s\" (want COMM_ERR_INVALID_ARG naming it)",
+	      comm_result_name((comm_result_t)s->rc[0]), s->detail[0]);
+	printf("%s: COMM_ROOT=nonsense: comm_init gave %s: \"%s\"\n",
+	       s->rc[0] == COMM_ERR_INVALID_ARG ? "ok" : "FAIL",
+	       comm_result_name((comm_result_t)s->rc[0]), s->detail[0]);
 	CHECK(th_daemon_alive(&da), "commd A died after a job named a root that is not there");
 	th_check_baseline(&da, fds0, "a job named a root that is not there");
 	printf("%s: commd A alive, fds back to %d, no memfd mapped\n",
