@@ -347,8 +347,8 @@ class TestErrors(unittest.TestCase):
              f"all_to_all_single: inp's split sizes [3, 0, 0, 0, 0]: want {n} sizes >= 0, one "
              "per rank"),
             (commd.all_to_all_single, (z((n, 3), np.int32), z((n, 2), np.int32)), ValueError,
-             "all_to_all_single: a row of inp has 2 elements and one of out 3; use one row "
-             "size"),
+             f"all_to_all_single: out has {3 * n} elements and inp {2 * n}; without split "
+             "sizes they must be equal"),
             (commd.all_reduce, (z(1), 9), ValueError, "all_reduce: op 9 is not a ReduceOp"),
             (commd.all_reduce, ([1.0],), TypeError,
              "all_reduce: t is a list; want a numpy array or a torch tensor"),
@@ -506,6 +506,10 @@ class TestOps(unittest.TestCase):
         commd.all_gather(outs, np.array([r, r + 7], np.uint32))
         for q in range(n):
             np.testing.assert_array_equal(outs[q], [[q], [q + 7]])
+        # a list of views that are not contiguous (columns of one array) is filled
+        big = np.zeros((2, n), np.uint32)
+        commd.all_gather([big[:, q] for q in range(n)], np.array([r, r + 7], np.uint32))
+        np.testing.assert_array_equal(big, [list(range(n)), [q + 7 for q in range(n)]])
 
         t = np.full(5, r, np.float64)
         commd.broadcast(t, n - 1)
@@ -569,6 +573,12 @@ class TestOps(unittest.TestCase):
         commd.all_to_all_single(out, inp)
         np.testing.assert_array_equal(out, np.concatenate(
             [np.arange(3 * r, 3 * r + 3) + 10 * q for q in range(n)]))
+        # rows of 2 in, rows of 1 out: each cut by its own rows, as torch's
+        inp = np.arange(2 * n, dtype=np.int64).reshape(n, 2) + 10 * r
+        out = np.zeros(2 * n, np.int64)
+        commd.all_to_all_single(out, inp)
+        np.testing.assert_array_equal(out, np.concatenate(
+            [[2 * r + 10 * q, 2 * r + 1 + 10 * q] for q in range(n)]))
 
     def test_reduce_ops(self):
         n, r = size(), rank()

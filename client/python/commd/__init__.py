@@ -233,7 +233,8 @@ def _gather_list(c, out, i):
     list's kind whose blocks are copied out once the op is done."""
     if len(out) != c.size:
         raise ValueError(f"all_gather: out is a list of {len(out)}, want world_size {c.size}")
-    outs = [buf("all_gather", f"out[{k}]", x, writable=True) for k, x in enumerate(out)]
+    outs = [buf("all_gather", f"out[{k}]", x, writable=True, contiguous=False)
+            for k, x in enumerate(out)]
     for k, ob in enumerate(outs):
         same_dtype("all_gather", ob, f"out[{k}]", i, "inp")
         if ob.count != i.count:
@@ -344,7 +345,7 @@ def _rows(op, what, b, splits, n):
                          f"{first} rows")
     counts = [s * row for s in splits]
     displs = [sum(counts[:j]) for j in range(n)]
-    return counts, displs, row
+    return counts, displs
 
 
 def all_to_all_single(out, inp, output_split_sizes=None, input_split_sizes=None,
@@ -360,11 +361,13 @@ def all_to_all_single(out, inp, output_split_sizes=None, input_split_sizes=None,
     o = buf("all_to_all_single", "out", out, writable=True)
     i = buf("all_to_all_single", "inp", inp)
     same_dtype("all_to_all_single", o, "out", i, "inp")
-    sc, sd, srow = _rows("all_to_all_single", "inp", i, input_split_sizes, c.size)
-    rc, rd, rrow = _rows("all_to_all_single", "out", o, output_split_sizes, c.size)
-    if srow and rrow and srow != rrow:
-        raise ValueError(f"all_to_all_single: a row of inp has {srow} elements and one of "
-                         f"out {rrow}; use one row size")
+    # each cut by its own rows, as torch's backends do: (4, 2) into (8,) is fine
+    sc, sd = _rows("all_to_all_single", "inp", i, input_split_sizes, c.size)
+    rc, rd = _rows("all_to_all_single", "out", o, output_split_sizes, c.size)
+    equal = all(s is None or len(s) == 0 for s in (input_split_sizes, output_split_sizes))
+    if equal and o.count != i.count:
+        raise ValueError(f"all_to_all_single: out has {o.count} elements and inp {i.count}; "
+                         "without split sizes they must be equal")
     arr = ctypes.c_size_t * c.size
     sc, sd, rc, rd = arr(*sc), arr(*sd), arr(*rc), arr(*rd)
     return c.post("all_to_all_single", lambda req: lib.comm_alltoallv(

@@ -41,9 +41,11 @@ def unsupported(op, what, name, kind):
                      f"{kind} dtypes supported: {', '.join(table)}")
 
 
-def buf(op, what, obj, writable=False):
+def buf(op, what, obj, writable=False, contiguous=True):
     """Check obj (named what in messages) for op and describe it as a Buf.
-    writable: the op writes into obj."""
+    writable: the op writes into obj. contiguous=False: obj is only copied
+    into (an all_gather's list of outputs), so any layout does, and ptr is
+    None."""
     b = Buf()
     b.obj = obj
     if is_numpy(obj):
@@ -52,13 +54,13 @@ def buf(op, what, obj, writable=False):
         b.dtype_name = dt.name if dt.isnative else dt.str
         if b.dtype_name not in NUMPY_DTYPES:
             raise unsupported(op, what, b.dtype_name, b.kind)
-        if not obj.flags.c_contiguous:
+        if contiguous and not obj.flags.c_contiguous:
             raise ValueError(f"{op}: {what} is not contiguous; "
                              f"pass np.ascontiguousarray({what})")
         if writable and not obj.flags.writeable:
             raise ValueError(f"{op}: {what} is read-only, and the op writes into it")
         b.dtype = NUMPY_DTYPES[b.dtype_name]
-        b.ptr = obj.ctypes.data
+        b.ptr = obj.ctypes.data if contiguous else None
         b.count = obj.size
         b.cuda = False
     elif is_torch(obj):
@@ -69,10 +71,10 @@ def buf(op, what, obj, writable=False):
             raise unsupported(op, what, b.dtype_name, b.kind)
         if obj.layout != torch.strided:
             raise TypeError(f"{op}: {what} has layout {obj.layout}; commd takes dense tensors")
-        if not obj.is_contiguous():
+        if contiguous and not obj.is_contiguous():
             raise ValueError(f"{op}: {what} is not contiguous; pass {what}.contiguous()")
         b.dtype = TORCH_DTYPES[b.dtype_name]
-        b.ptr = obj.data_ptr()
+        b.ptr = obj.data_ptr() if contiguous else None
         b.count = obj.numel()
         b.cuda = obj.is_cuda
     else:

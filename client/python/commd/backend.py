@@ -249,8 +249,11 @@ class ProcessGroupCommd(ProcessGroup):
         return self._c.work([commd.all_reduce(t, _redop(opts), **self._kw)], tensors)
 
     def allreduce_coalesced(self, tensors, opts=None):
+        # every tensor checked before any is posted: none is left running alone
+        for k, t in enumerate(tensors):
+            commd._buf.buf("allreduce_coalesced", f"tensors[{k}]", t, writable=True)
         return self._c.work([commd.all_reduce(t, _redop(opts), **self._kw) for t in tensors],
-                     tensors)
+                            tensors)
 
     def broadcast(self, tensors, opts=None):
         t = _one("broadcast", tensors)
