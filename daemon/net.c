@@ -279,6 +279,7 @@ static struct {
 	TAILQ_HEAD(, nep) eps;
 	TAILQ_HEAD(, discard) discards;
 	struct nt_head held;              /* changed under lock, for net_status */
+	int neps;                         /* on eps (atomic: net_status reads it) */
 	uint64_t last_drain_ms;
 	int spin_us;                      /* polling after the last event, before sleeping */
 	TAILQ_HEAD(cbuf_head, cbuf) cache; /* most recently returned first */
@@ -366,7 +367,43 @@ static struct nep *ep_get(const uint8_t *addr, size_t len, char *err, size_t err
 		return NULL;
 	}
 	TAILQ_INSERT_TAIL(&N.eps, e, link);
+	__atomic_add_fetch(&N.neps, 1, __ATOMIC_RELAXED);
 	return e;
+}
+
+/* Whether a task still names e (a held one's sends end on it). */
+static int ep_named(const struct nep *e)
+{
+	const struct net_task *nt;
+
+	TAILQ_FOREACH(nt, &N.active, link)
+		for (int k = 0; k < nt->nn; k++)
+			if (nt->ep && nt->ep[k] == e)
+				return 1;
+	TAILQ_FOREACH(nt, &N.held, hlink)
+		for (int k = 0; k < nt->nn; k++)
+			if (nt->ep && nt->ep[k] == e)
+				return 1;
+	return 0;
+}
+
+/*
+ * Free the dead endpoints that are closed and that no task names any
+ * more: without this, each daemon lost (or restarted) left one behind
+ * for as long as commd ran, and ep_get walked them all.
+ */
+static void eps_prune(void)
+{
+	struct nep *e, *tmp;
+
+	TAILQ_FOREACH_SAFE(e, &N.eps, link, tmp) {
+		if (!e->dead || e->ep || e->closing || e->busy || ep_named(e))
+			continue;
+		TAILQ_REMOVE(&N.eps, e, link);
+		__atomic_sub_fetch(&N.neps, 1, __ATOMIC_RELAXED);
+		free(e->addr);
+		free(e);
+	}
 }
 
 /* Close an endpoint for good: every request on it completes with an error. */
@@ -1787,6 +1824,7 @@ static void drain(uint64_t now)
 	holds_reap(0, now);
 	TAILQ_FOREACH(e, &N.eps, link)
 		ep_closing(e);
+	eps_prune();
 
 	TAILQ_FOREACH_SAFE(dc, &N.discards, link, dct) {
 		if (ucp_request_check_status(dc->h) == UCS_INPROGRESS)
@@ -2316,6 +2354,7 @@ void net_stop(void)
 		free(e->addr);
 		free(e);
 	}
+	N.neps = 0;
 	if (!stuck) { /* else kept, reachable, for the exit to release */
 		if (N.worker)
 			ucp_worker_destroy(N.worker);
@@ -2360,7 +2399,7 @@ void net_status(char *buf, size_t len)
 	struct net_task *nt;
 	uint64_t now = now_ms(), oldest = now;
 	size_t bytes = 0;
-	int n = 0, sending = 0, off;
+	int n = 0, sending = 0, off, w;
 
 	if (!N.available) {
 		snprintf(buf, len, "unavailable (%s)", N.why);
@@ -2386,11 +2425,15 @@ void net_status(char *buf, size_t len)
 	if (off < 0 || (size_t)off >= len)
 		return;
 	if (!n)
-		snprintf(buf + off, len - (size_t)off, "none");
+		w = snprintf(buf + off, len - (size_t)off, "none");
 	else
-		snprintf(buf + off, len - (size_t)off, "%d (%d sending), the oldest for %llu s, %.1f MiB",
-			 n, sending, (unsigned long long)((now - oldest) / 1000),
-			 (double)bytes / (1 << 20));
+		w = snprintf(buf + off, len - (size_t)off,
+			     "%d (%d sending), the oldest for %llu s, %.1f MiB", n, sending,
+			     (unsigned long long)((now - oldest) / 1000), (double)bytes / (1 << 20));
+	if (w < 0 || (size_t)(off += w) >= len)
+		return;
+	snprintf(buf + off, len - (size_t)off, "; endpoints: %d",
+		 __atomic_load_n(&N.neps, __ATOMIC_RELAXED));
 }
 
 /* Node k's ranks, "2-3,7", as far as len allows (they are sorted). */

@@ -778,6 +778,24 @@ static void test_frozen_sender(void)
 	munmap(got, sizeof *got);
 }
 
+/*
+ * By now A has talked to 5 incarnations of B, each with an endpoint of
+ * its own, all gone: A frees each once it is closed and no op names it.
+ */
+static void test_endpoints_freed(void)
+{
+	char line[512];
+	int freed = 0;
+
+	for (int i = 0; i < 100 && !freed; i++) {
+		net_line(&da, line, sizeof line);
+		if (!(freed = strstr(line, "; endpoints: 0") != NULL))
+			usleep(50 * 1000);
+	}
+	CHECK(freed, "A keeps endpoints to daemons gone: %s", line);
+	printf("%s: A, after 5 incarnations of B gone: %s\n", freed ? "ok" : "FAIL", line);
+}
+
 int main(void)
 {
 	struct timespec t0;
@@ -810,6 +828,7 @@ int main(void)
 		return CHECK_EXIT();
 	}
 	test_frozen_sender();
+	test_endpoints_freed();
 	failed = th_run_ranks(&da, "faults-after", 2, rank_after, NULL);
 	CHECK(failed == 0, "a 2-rank job on A after B died: %d ranks failed", failed);
 	printf("%s: a new 2-rank job on A alone: all-reduces of 7, 1 Mi and 4097 elements\n",
