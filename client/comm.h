@@ -160,9 +160,11 @@ comm_result_t comm_mem_free(comm_t *comm, void *ptr);
 /*
  * Collectives. Buffers from comm_mem_alloc are used in place; any other host
  * pointer is staged through shared memory (one copy each way: the result
- * is copied out when commd answers, in posting order, and an op whose input
- * an earlier op's staged result overlaps waits for it first, outside a
- * group, so staged ops see each other's results as in-place ones do);
+ * is copied out when commd answers, in posting order, and the call posting
+ * an op whose input an earlier op's staged result overlaps blocks until
+ * that op is done, outside a group, as an op queued behind it on one CUDA
+ * stream would wait; so staged ops see each other's results as in-place
+ * ones do);
  * device memory is used in place (see "Device memory" below). With req NULL
  * the call blocks until the result is in place; otherwise *req receives a
  * request to pass to comm_wait or comm_test. sendbuf == recvbuf (all-reduce),

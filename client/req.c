@@ -74,26 +74,62 @@ static void unstage(comm_request_t *r)
 }
 
 /*
- * r has its answer. A staged result goes to the caller's buffer now, in
- * the order commd answers (posting order), not when r is waited for: a
- * later op staging that buffer as its input, or writing it too, then sees
- * it last, as in registered memory.
+ * Copy out the staged results of the answered requests, oldest first, up
+ * to the first one not answered yet. commd answers in posting order, but
+ * a ring slot's answer may be read before one sent on the socket earlier:
+ * a later op's result must land last, as in registered memory. A request
+ * of parts (comm_alltoallv) stands for its parts, which are on the list.
+ */
+static void deliver(comm_t *c)
+{
+	for (comm_request_t *q = c->reqs; q && c->staged_out; q = q->next) {
+		if (q->parts || q->unsent)
+			continue;
+		if (!q->done)
+			return;
+		if (q->user_recv) {
+			if (q->rc == COMM_OK)
+				memcpy(q->user_recv, q->stage_recv, q->recv_bytes);
+			q->user_recv = NULL;
+			c->staged_out--;
+		}
+	}
+}
+
+/*
+ * r was answered, or is about to be waited for: r and every op posted
+ * before it answered (their answers come before r's), then their staged
+ * results out. On a broken comm every request is answered already.
+ */
+static void deliver_through(comm_request_t *r)
+{
+	for (comm_request_t *q = r->comm->reqs; q; q = q->next) {
+		if (!q->parts && !q->unsent && !q->done)
+			ring_wait(q, -1);
+		if (q == r)
+			break;
+	}
+	deliver(r->comm);
+}
+
+/*
+ * r has its answer. Staged results go to the caller's buffers now, in
+ * posting order (deliver), not when their requests are waited for: a
+ * later op staging such a buffer as its input, or writing it too, then
+ * comes after them, as in registered memory.
  */
 void req_done(comm_request_t *r)
 {
-	if (r->user_recv) {
-		if (r->rc == COMM_OK)
-			memcpy(r->user_recv, r->stage_recv, r->recv_bytes);
-		r->user_recv = NULL;
-		r->comm->staged_out--;
-	}
+	deliver(r->comm);
 	gpu_req_done(r);
 }
 
 /*
  * An op about to stage [p, p + n) as its input: the ops posted before it
  * (not in the open group, whose ops run together) whose staged result
- * lands there are waited for first, so that it reads their result.
+ * lands there are waited for first, so that it reads their result, as an
+ * op queued behind them on one CUDA stream would. The posting call blocks
+ * meanwhile.
  */
 comm_result_t req_settle(comm_t *c, const void *p, size_t n)
 {
@@ -102,10 +138,10 @@ comm_result_t req_settle(comm_t *c, const void *p, size_t n)
 	for (comm_request_t *q = c->reqs; q && c->staged_out; q = q->next) {
 		const char *u = q->user_recv;
 
-		if (!u || q->done || q->unsent || !(a < u + q->recv_bytes && u < a + n))
+		if (!u || q->unsent || !(a < u + q->recv_bytes && u < a + n))
 			continue;
-		ring_wait(q, -1);
-		if (!q->done)
+		deliver_through(q);
+		if (q->user_recv)
 			return c->broken;
 	}
 	return COMM_OK;
@@ -115,6 +151,8 @@ comm_result_t req_finish(comm_request_t *r)
 {
 	comm_result_t rc = r->rc;
 
+	if (r->user_recv && r->done)
+		deliver_through(r);
 	if (r->user_recv) { /* never answered: its op failed before it was sent */
 		r->user_recv = NULL;
 		r->comm->staged_out--;

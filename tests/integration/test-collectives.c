@@ -765,6 +765,76 @@ static int rank_chained(int r, int n, void *arg)
 	return th_leave(c, r) | bad;
 }
 
+/*
+ * The same last-writer rule where the two answers come on two paths: 256
+ * all-reduces fill the submission ring, so broadcast A into a malloc'd
+ * buffer goes over the socket; once the ring has room, broadcast B into
+ * the same buffer goes through it. commd answers A first, but rank 0,
+ * asleep meanwhile, finds B's answer in the ring before it reads A's:
+ * B's comm_test polled to done, then A's wait, must leave B's values
+ * (rank 1 sends 111, then 222 from another buffer).
+ */
+#define WAW_FILL 256
+#define WAW_COUNT 16
+
+static int rank_two_paths(int r, int n, void *arg)
+{
+	int32_t *reg, *out = malloc(WAW_COUNT * sizeof *out), *out2;
+	comm_request_t *fill[WAW_FILL], *a, *b;
+	int bad = 0, done = 0, after_b;
+	comm_t *c;
+
+	(void)arg;
+	if (!out || th_join(&c, r, n) < 0)
+		return 1;
+	out2 = r == 1 ? malloc(WAW_COUNT * sizeof *out2) : out;
+	if (!(reg = comm_mem_alloc(c, WAW_FILL * sizeof *reg)) || !out2)
+		return th_bail(c);
+	for (int i = 0; i < WAW_COUNT; i++) {
+		out[i] = r == 1 ? 111 : -1;
+		out2[i] = r == 1 ? 222 : -1;
+	}
+	for (int k = 0; k < WAW_FILL; k++) {
+		reg[k] = 1;
+		if (comm_allreduce(c, reg + k, reg + k, 1, COMM_INT32, COMM_SUM, &fill[k]))
+			return th_bail(c);
+	}
+	if (r == 1)
+		usleep(300 * 1000); /* rank 0's ring stays full while it posts A */
+	if (comm_broadcast(c, out, out, WAW_COUNT, COMM_INT32, 1, &a))
+		return th_bail(c);
+	if (r == 0) {
+		usleep(200 * 1000);
+		(void)comm_test(fill[0], &done); /* reaps the ring: B finds a slot */
+		if (done)
+			fill[0] = NULL;
+	}
+	if (comm_broadcast(c, out2, out2, WAW_COUNT, COMM_INT32, 1, &b))
+		return th_bail(c);
+	if (r == 0)
+		usleep(500 * 1000); /* both answered meanwhile: B's waits in the ring, A's on the socket */
+	for (done = 0; !done;)
+		if (comm_test(b, &done) != COMM_OK)
+			return th_bail(c);
+	after_b = out2[0];
+	if (comm_wait(a, -1) != COMM_OK)
+		return th_bail(c);
+	for (int k = 0; k < WAW_FILL; k++)
+		if (fill[k] && comm_wait(fill[k], -1) != COMM_OK)
+			return th_bail(c);
+	for (int i = 0; i < WAW_COUNT && r == 0; i++)
+		bad |= out[i] != 222;
+	if (bad || (r == 0 && after_b != 222)) {
+		fprintf(stderr, "rank 0: after B's test %d, after A's wait %d (want 222 both)\n",
+			after_b, out[0]);
+		bad = 1;
+	}
+	if (r == 1)
+		free(out2);
+	free(out);
+	return th_leave(c, r) | bad;
+}
+
 static void test_chained(const struct th_daemon *d)
 {
 	char job[64];
@@ -775,6 +845,12 @@ static void test_chained(const struct th_daemon *d)
 	CHECK(failed == 0, "async ops chained on malloc'd buffers: %d ranks failed", failed);
 	printf("%s: async ops on one malloc'd buffer, waited for newest first, n=4: each reads "
 	       "the one before's result, the last writer wins\n", failed ? "FAIL" : "ok");
+	job_name(job, sizeof job, "two-paths");
+	failed = th_run_ranks(d, job, 2, rank_two_paths, NULL);
+	CHECK(failed == 0, "two broadcasts into one malloc'd buffer, socket then ring: %d ranks "
+	      "failed", failed);
+	printf("%s: broadcast A over the socket (ring full), then B through the ring, into one "
+	       "malloc'd buffer: B's values stay\n", failed ? "FAIL" : "ok");
 }
 
 /* --- two jobs on one daemon ----------------------------------------------- */
