@@ -2253,6 +2253,9 @@ void net_start(uv_loop_t *loop)
 ucx_fail:
 	snprintf(N.why, sizeof N.why, "UCX: %s", ucs_status_string(st));
 fail:
+	/* no net thread drains freed slots: jobs get numbers past them (peer_job_new) */
+	free(N.slot_used);
+	N.slot_used = NULL;
 	log_warn("net: no data plane between daemons: %s", N.why);
 }
 
