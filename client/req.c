@@ -141,7 +141,7 @@ comm_result_t req_settle(comm_t *c, const void *p, size_t n)
 		if (!u || q->unsent || !(a < u + q->recv_bytes && u < a + n))
 			continue;
 		deliver_through(q);
-		if (q->user_recv)
+		if (c->broken != COMM_OK)
 			return c->broken;
 	}
 	return COMM_OK;

@@ -371,19 +371,25 @@ static struct nep *ep_get(const uint8_t *addr, size_t len, char *err, size_t err
 	return e;
 }
 
+static int task_names(const struct net_task *nt, const struct nep *e)
+{
+	for (int k = 0; nt->ep && k < nt->nn; k++)
+		if (nt->ep[k] == e)
+			return 1;
+	return 0;
+}
+
 /* Whether a task still names e (a held one's sends end on it). */
 static int ep_named(const struct nep *e)
 {
 	const struct net_task *nt;
 
 	TAILQ_FOREACH(nt, &N.active, link)
-		for (int k = 0; k < nt->nn; k++)
-			if (nt->ep && nt->ep[k] == e)
-				return 1;
+		if (task_names(nt, e))
+			return 1;
 	TAILQ_FOREACH(nt, &N.held, hlink)
-		for (int k = 0; k < nt->nn; k++)
-			if (nt->ep && nt->ep[k] == e)
-				return 1;
+		if (task_names(nt, e))
+			return 1;
 	return 0;
 }
 

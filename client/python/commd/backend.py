@@ -187,18 +187,15 @@ class _Work(Work):
         return self._fut.done()
 
     def is_success(self):
-        if not self._fut.done():
-            return False
-        try:
-            self._fut.value()
-        except Exception:  # noqa: BLE001 (any failure of the op)
-            return False
-        return True
+        return self._fut.done() and self.exception() is None
 
     def exception(self):
+        """The op's failure, None while it runs or once it succeeded."""
+        if not self._fut.done():
+            return None
         try:
             self._fut.value()
-        except Exception as e:  # noqa: BLE001
+        except Exception as e:  # noqa: BLE001 (any failure of the op)
             return e
         return None
 
