@@ -55,7 +55,11 @@ typedef enum {
 	COMM_FLOAT64 = 9,
 } comm_dtype_t;
 
-/* Reduction operations. COMM_AVG on integer types truncates toward zero. */
+/*
+ * Reduction operations. COMM_AVG on integer types truncates toward zero.
+ * COMM_MIN and COMM_MAX on floating types skip NaN (as fminf/fmaxf, and
+ * NCCL): an element is NaN only where every rank's is.
+ */
 typedef enum {
 	COMM_SUM = 0,
 	COMM_PROD = 1,

@@ -16,8 +16,13 @@ typedef void (*reduce_fn)(void *out, const void *const *in, int n, size_t count)
 
 #define OP_SUM(a, b) ((a) + (b))
 #define OP_PROD(a, b) ((a) * (b))
-#define OP_MIN(a, b) ((b) < (a) ? (b) : (a))
-#define OP_MAX(a, b) ((b) > (a) ? (b) : (a))
+/*
+ * MIN and MAX skip a NaN, as NCCL's fminf/fmaxf do: the result is NaN only
+ * where every input is, whichever rank holds it (a != a is never true of an
+ * integer, and costs nothing there).
+ */
+#define OP_MIN(a, b) ((b) < (a) || (a) != (a) ? (b) : (a))
+#define OP_MAX(a, b) ((b) > (a) || (a) != (a) ? (b) : (a))
 
 /* Finishers run over a block once all inputs are in; S is the value type. */
 #define FIN_NONE(T, S, o, len, n) ((void)0)

@@ -38,10 +38,10 @@ template <int Op, typename V> __device__ V combine(V a, V b)
 {
 	if constexpr (Op == COMM_PROD)
 		return (V)(a * b);
-	else if constexpr (Op == COMM_MIN)
-		return b < a ? b : a;
+	else if constexpr (Op == COMM_MIN) // a NaN is skipped, as in reduce.c
+		return b < a || a != a ? b : a;
 	else if constexpr (Op == COMM_MAX)
-		return b > a ? b : a;
+		return b > a || a != a ? b : a;
 	else
 		return (V)(a + b);
 }

@@ -1,6 +1,7 @@
 /*
  * test-reduce.c: reduce_n against references computed here, for every dtype,
- * op, input count and length; the float16/bfloat16 conversions; the names.
+ * op, input count and length; NaN in MIN and MAX; the float16/bfloat16
+ * conversions; the names.
  */
 #include <float.h>
 #include <math.h>
@@ -484,6 +485,103 @@ static void test_reduce(void)
 }
 
 /* Unknown dtype or op and n < 1 leave out alone. */
+/* Element i of rank j in the NaN test: NaN where j == i % n, else a small integer. */
+static int nan_at(int j, size_t i, int n, size_t count)
+{
+	return i == count - 1 || (n > 1 && (size_t)j == i % (size_t)n);
+}
+
+static double nan_value(int j, size_t i)
+{
+	return (double)((j * 5 + (int)(i % 11)) % 11) - 3;
+}
+
+static void nan_store(int dtype, void *buf, size_t i, double v, int nan)
+{
+	float f = nan ? bits_float(0x7fc00000u) : (float)v;
+
+	if (dtype == COMM_FLOAT16)
+		((uint16_t *)buf)[i] = ref_f2h(f);
+	else if (dtype == COMM_BFLOAT16)
+		((uint16_t *)buf)[i] = ref_f2b(f);
+	else if (dtype == COMM_FLOAT32)
+		((float *)buf)[i] = f;
+	else
+		((double *)buf)[i] = nan ? (double)f : v;
+}
+
+/* The element as a double; NaN stays NaN. */
+static double nan_load(int dtype, const void *buf, size_t i)
+{
+	if (dtype == COMM_FLOAT16)
+		return ref_h2f(((const uint16_t *)buf)[i]);
+	if (dtype == COMM_BFLOAT16)
+		return ref_b2f(((const uint16_t *)buf)[i]);
+	return load_wide(dtype, buf, i);
+}
+
+/*
+ * MIN and MAX skip NaN, as NCCL's fminf/fmaxf do: whichever input holds it
+ * (every position in turn), the result is the min or max of the others; NaN
+ * only where all inputs are NaN (the last element). reduce_n and reduce_acc.
+ */
+static void test_nan(void)
+{
+	static const int dts[] = { COMM_FLOAT16, COMM_BFLOAT16, COMM_FLOAT32, COMM_FLOAT64 };
+	const size_t count = 1031;
+
+	for (size_t d = 0; d < sizeof dts / sizeof dts[0]; d++)
+		for (int op = COMM_MIN; op <= COMM_MAX; op++)
+			for (int n = 1; n <= 6; n++) {
+				size_t size = dtype_size(dts[d]);
+				void *in[6], *out = malloc(count * size), *acc = malloc(count * size);
+				char what[96];
+
+				snprintf(what, sizeof what, "NaN: %s %s n=%d", dtype_name(dts[d]),
+					 redop_name(op), n);
+				REQUIRE(out && acc, "%s: out of memory", what);
+				for (int j = 0; j < n; j++) {
+					in[j] = malloc(count * size);
+					REQUIRE(in[j], "%s: out of memory", what);
+					for (size_t i = 0; i < count; i++)
+						nan_store(dts[d], in[j], i, nan_value(j, i),
+							  nan_at(j, i, n, count));
+				}
+				reduce_n(dts[d], op, out, (const void *const *)in, n, count);
+				memcpy(acc, in[0], count * size);
+				for (int j = 1; j < n; j++)
+					reduce_acc(dts[d], op, acc, in[j], count);
+				for (size_t i = 0; i < count; i++) {
+					double want = 0, got = nan_load(dts[d], out, i);
+					double got_acc = nan_load(dts[d], acc, i);
+					int any = 0;
+
+					for (int j = 0; j < n; j++) {
+						double v = nan_value(j, i);
+
+						if (nan_at(j, i, n, count))
+							continue;
+						if (!any || (op == COMM_MIN ? v < want : v > want))
+							want = v;
+						any = 1;
+					}
+					if (!any) {
+						CHECK(got != got && got_acc != got_acc,
+						      "%s: [%zu] all NaN gave %g, %g (acc)", what, i, got,
+						      got_acc);
+					} else if (got != want || got_acc != want) {
+						CHECK(0, "%s: [%zu] = %g, %g (acc), want %g", what, i, got,
+						      got_acc, want);
+						break;
+					}
+				}
+				for (int j = 0; j < n; j++)
+					free(in[j]);
+				free(out);
+				free(acc);
+			}
+}
+
 static void test_reject(void)
 {
 	uint64_t a[4] = { 1, 2, 3, 4 }, out[4] = { 9, 9, 9, 9 };
@@ -503,6 +601,7 @@ int main(void)
 	test_names();
 	test_convert();
 	test_reduce();
+	test_nan();
 	test_reject();
 	return CHECK_EXIT();
 }
