@@ -206,7 +206,9 @@ void gpu_stage_put(struct task *t);
 struct task *gpu_job_task(struct job *j, int newest);
 /* The oldest op on the job's worker when it is a staging copy, else NULL. */
 struct task *gpu_job_copy(struct job *j);
-/* The job failed: a worker stuck in an op is killed, so the op ends. */
+/* The oldest device mem the job's worker is still opening, or NULL. */
+struct mem *gpu_job_opening(struct job *j);
+/* The job failed: a worker busy with an op or a mem is killed, and they end now. */
 void gpu_job_failed(struct job *j);
 /* The job is freed: its worker goes once its device memory is closed. */
 void gpu_job_gone(struct job *j);
@@ -542,6 +544,7 @@ struct mem {
 	uint64_t reply_id;     /* the RegisterMem request to answer once opened */
 	int unanswered;        /* that request has had no answer yet */
 	int opened;            /* the worker has it open: ops may use it */
+	uint64_t opening_ms;   /* when it went to the worker to open (the job's deadline applies) */
 	char uuid[48];
 	TAILQ_ENTRY(mem) gpu_link; /* on its worker's list of opening mems */
 };
@@ -612,7 +615,7 @@ struct job {
 	uint64_t ops_completed;
 	uint64_t bytes_moved;
 	uint64_t errors;
-	uint64_t mem_bytes;
+	uint64_t mem_bytes;            /* host memory its ranks registered (max-job-memory) */
 	struct gpu_worker *gpu; /* its GPU worker, once it registered device memory */
 	struct dist *dist;      /* spread over several daemons, or NULL */
 	int tasks_out;          /* tasks on a backend (running, queued on the GPU worker, remote send/recv) */

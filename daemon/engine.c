@@ -932,11 +932,18 @@ void engine_check_deadline(struct job *j, uint64_t now)
 {
 	struct posted *oldest = NULL;
 	struct task *t;
+	struct mem *m;
 	char who[160] = "";
 	size_t n = 0;
 
 	if (j->state != JOB_READY)
 		return;
+	/* a registration of device memory: the worker can hang opening it */
+	if ((m = gpu_job_opening(j)) && now - m->opening_ms >= j->timeout_ms) {
+		job_fail(j, COMM_ERR_TIMEOUT, "the GPU worker did not open device memory of rank %d "
+			 "within %u ms", m->conn ? m->conn->rank : -1, j->timeout_ms);
+		return;
+	}
 	/* a send's or recv's copy to or from a staging buffer: the worker can hang in it too */
 	if ((t = gpu_job_copy(j)) && now - t->started_ms >= j->timeout_ms) {
 		job_fail(j, COMM_ERR_TIMEOUT, "op %llu (%s): the GPU worker did not copy it %s a "

@@ -376,10 +376,16 @@ static void worker_lost(struct gpu_worker *w, const char *why)
 	snprintf(detail, sizeof detail, "gpu worker of job %.60s: %.200s", w->job_name,
 		 w->reason);
 	log_info("%s", detail);
-	while (!TAILQ_EMPTY(&w->opening))
-		open_failed(w, TAILQ_FIRST(&w->opening), COMM_ERR_ABORTED, detail);
 	if (w->job)
 		job_fail(w->job, COMM_ERR_ABORTED, "%s", detail);
+	/* killed because the job failed (a deadline): that is the reason */
+	while (!TAILQ_EMPTY(&w->opening)) {
+		struct job *j = w->job;
+		int failed = j && j->state == JOB_FAILED;
+
+		open_failed(w, TAILQ_FIRST(&w->opening), failed ? j->fail_code : COMM_ERR_ABORTED,
+			    failed ? j->fail_detail : detail);
+	}
 	/*
 	 * Hang up first: finishing a task may close a mem, and a MEM_CLOSE sent
 	 * to the dead worker would come back here and finish (and free) the rest.
@@ -389,7 +395,6 @@ static void worker_lost(struct gpu_worker *w, const char *why)
 		struct job *j = t->job;
 
 		TAILQ_REMOVE(&w->tasks, t, link);
-		/* killed because the job failed (a deadline): that is the reason */
 		t->status = j->state == JOB_FAILED ? j->fail_code : COMM_ERR_ABORTED;
 		snprintf(t->detail, sizeof t->detail, "%.250s",
 			 j->state == JOB_FAILED ? j->fail_detail : detail);
@@ -983,8 +988,8 @@ comm_result_t gpu_mem_register(struct conn *c, const Commpb__RegisterMem *r, int
 	m->reply_id = req_id;
 	m->unanswered = 1;
 	snprintf(m->uuid, sizeof m->uuid, "%s", r->gpu_uuid);
+	m->opening_ms = now_ms();
 	w->refs++;
-	c->job->mem_bytes += m->size;
 	TAILQ_INSERT_TAIL(&c->mems, m, link);
 	c->nmems++;
 	TAILQ_INSERT_TAIL(&w->opening, m, gpu_link);
@@ -1325,15 +1330,34 @@ void gpu_job_line(const struct job *j, char *buf, size_t len)
 			 n == 1 ? "" : "s", bytes >> 10, w->stages_idle);
 }
 
-void gpu_job_failed(struct job *j)
+struct mem *gpu_job_opening(struct job *j)
 {
-	struct gpu_worker *w = j->gpu;
+	return j->gpu ? TAILQ_FIRST(&j->gpu->opening) : NULL;
+}
 
-	if (w && !TAILQ_EMPTY(&w->tasks) && w->alive) {
-		log_info("job %s: killing its gpu worker (pid %d), stuck in an op", j->name,
-			 w->proc.pid);
+/*
+ * A worker busy with an op or a mem that nobody will wait for (its job
+ * failed or is gone) may be stuck in CUDA: kill it, and answer what it had
+ * now rather than when it exits, which a process stuck in the driver may
+ * never do.
+ */
+static void worker_kill_busy(struct gpu_worker *w, const char *why)
+{
+	if (TAILQ_EMPTY(&w->tasks) && TAILQ_EMPTY(&w->opening))
+		return;
+	if (w->alive) {
+		log_info("job %s: killing its gpu worker (pid %d), %s", w->job_name, w->proc.pid,
+			 why);
 		uv_process_kill(&w->proc, SIGKILL);
 	}
+	if (w->fd >= 0)
+		worker_lost(w, why);
+}
+
+void gpu_job_failed(struct job *j)
+{
+	if (j->gpu)
+		worker_kill_busy(j->gpu, "busy when the job failed");
 }
 
 void gpu_job_gone(struct job *j)
@@ -1344,6 +1368,7 @@ void gpu_job_gone(struct job *j)
 		return;
 	j->gpu = NULL;
 	w->job = NULL;
+	worker_kill_busy(w, "still opening memory when the job ended");
 	worker_put(w);
 }
 

@@ -262,7 +262,8 @@ void job_detach(struct conn *c, comm_result_t code, const char *why)
 	int r = c->rank;
 
 	TAILQ_FOREACH(m, &c->mems, link) {
-		j->mem_bytes -= m->size;
+		if (m->kind == COMMPB__MEM_KIND__MEM_MEMFD) /* max-job-memory is host memory */
+			j->mem_bytes -= m->size;
 		m->job = NULL;
 	}
 	c->job = NULL;

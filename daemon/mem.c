@@ -117,7 +117,7 @@ static void unlist(struct mem *m)
 {
 	TAILQ_REMOVE(&m->conn->mems, m, link);
 	m->conn->nmems--;
-	if (m->job)
+	if (m->job && m->kind == COMMPB__MEM_KIND__MEM_MEMFD)
 		m->job->mem_bytes -= m->size;
 	m->job = NULL;
 	m->conn = NULL;

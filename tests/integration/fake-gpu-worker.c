@@ -16,7 +16,8 @@
  *
  * $FAKE_GPU_MODE: ok (default: answer everything with success), refuse
  * (the hello says no device), crash (SIGKILL itself on an op), hang (never
- * answer an op), noprobe (--probe says unavailable), broken (--probe says
+ * answer an op), hangopen (never answer a MEM_OPEN, as a driver stuck in
+ * cudaIpcOpenMemHandle), noprobe (--probe says unavailable), broken (--probe says
  * a device fails, exit 5), queue (hold the
  * answers until 3 ops are held, or no message came for half a second, as
  * a worker holds ops queued on its stream; then answer them in order),
@@ -259,6 +260,11 @@ int main(int argc, char **argv)
 			log_world(&m.world);
 			break;
 		case GPU_MSG_MEM_OPEN:
+			if (!strcmp(mode, "hangopen")) {
+				fprintf(wlog, "hanging in open %llu\n", (unsigned long long)m.mo.id);
+				for (;;)
+					pause();
+			}
 			fprintf(wlog, "open %llu kind %u rank %d size %llu uuid %s fd %s\n",
 				(unsigned long long)m.mo.id, m.mo.kind, m.mo.rank,
 				(unsigned long long)m.mo.size, m.mo.uuid, fd >= 0 ? "yes" : "no");

@@ -10,10 +10,15 @@
  * two daemons (the NCCL id's way to every worker, what is refused before
  * any worker sees it, and sends between them staged through host memory,
  * which the fake worker copies for real: the data is checked; a worker
- * hung in such a copy fails the job at its deadline). Then the
+ * hung in such a copy fails the job at its deadline). A worker hung
+ * opening device memory: the registration fails at the job's deadline, at
+ * once when another rank dies, and the worker is killed when the job ends
+ * with the registration unanswered; device memory does not count against
+ * max-job-memory (host memory). Then the
  * real no-GPU path: commd with its own commd-gpu on a machine without a
  * GPU says so in status and refuses device memory with the reason.
  */
+#include <dirent.h>
 #include <errno.h>
 #include <fcntl.h>
 #include <signal.h>
@@ -77,13 +82,12 @@ static void close_rank(struct rank *k)
  * Register device memory: kind, handle of hlen bytes (IPC) or fd (VMM, -1:
  * none sent). The status; mem id and detail when asked for.
  */
-static int reg_dev(struct rank *k, Commpb__MemKind kind, size_t hlen, int fd, uint64_t size,
-		   uint64_t *mem_id, char *detail, size_t dlen)
+static void reg_dev_post(struct rank *k, Commpb__MemKind kind, size_t hlen, int fd,
+			 uint64_t size)
 {
-	Commpb__Envelope env = COMMPB__ENVELOPE__INIT, *reply;
+	Commpb__Envelope env = COMMPB__ENVELOPE__INIT;
 	Commpb__RegisterMem reg = COMMPB__REGISTER_MEM__INIT;
 	uint8_t handle[64];
-	int status;
 
 	memset(handle, 0xab, sizeof handle);
 	reg.kind = kind;
@@ -95,7 +99,14 @@ static int reg_dev(struct rank *k, Commpb__MemKind kind, size_t hlen, int fd, ui
 	env.body_case = COMMPB__ENVELOPE__BODY_REGISTER_MEM;
 	env.register_mem = &reg;
 	raw_send(k->fd, &env, fd >= 0 ? &fd : NULL, fd >= 0);
-	reply = raw_recv(k->fd, &k->rd);
+}
+
+/* The answer to a registration k posted: its status; mem id and detail when asked for. */
+static int reg_dev_answer(struct rank *k, uint64_t *mem_id, char *detail, size_t dlen)
+{
+	Commpb__Envelope *reply = raw_recv(k->fd, &k->rd);
+	int status;
+
 	if (!reply || reply->body_case != COMMPB__ENVELOPE__BODY_REGISTER_MEM_REPLY) {
 		if (reply)
 			commpb__envelope__free_unpacked(reply, NULL);
@@ -108,6 +119,13 @@ static int reg_dev(struct rank *k, Commpb__MemKind kind, size_t hlen, int fd, ui
 		snprintf(detail, dlen, "%s", reply->register_mem_reply->detail);
 	commpb__envelope__free_unpacked(reply, NULL);
 	return status;
+}
+
+static int reg_dev(struct rank *k, Commpb__MemKind kind, size_t hlen, int fd, uint64_t size,
+		   uint64_t *mem_id, char *detail, size_t dlen)
+{
+	reg_dev_post(k, kind, hlen, fd, size);
+	return reg_dev_answer(k, mem_id, detail, dlen);
 }
 
 /* size bytes of host memory (a sealed memfd) registered by k: its mem id; mapped here into *map. */
@@ -688,6 +706,167 @@ static void test_shutdown_hung(void)
 	th_daemon_cleanup(&d);
 }
 
+/* Live fake workers commd started (children of its pid, not yet reaped). */
+static int workers_alive(void)
+{
+	DIR *dp = opendir("/proc");
+	struct dirent *e;
+	int n = 0;
+
+	REQUIRE(dp, "opendir /proc");
+	while ((e = readdir(dp))) {
+		char path[300], line[512], *q, state;
+		int ppid;
+		FILE *f;
+
+		snprintf(path, sizeof path, "/proc/%s/stat", e->d_name);
+		if (!(f = fopen(path, "r")))
+			continue;
+		if (fgets(line, sizeof line, f) && strstr(line, "(fake-gpu-work") &&
+		    (q = strrchr(line, ')')) && sscanf(q + 2, "%c %d", &state, &ppid) == 2 &&
+		    ppid == d.pid && state != 'Z')
+			n++;
+		fclose(f);
+	}
+	closedir(dp);
+	return n;
+}
+
+/* Wait (up to 5 s) until commd has no live worker: 1 when so. */
+static int workers_gone(void)
+{
+	for (int i = 0; i < 100; i++) {
+		if (!workers_alive())
+			return 1;
+		usleep(50 * 1000);
+	}
+	return 0;
+}
+
+/* Rank r of a world-rank raw job, joined (every rank's hello must be sent before any reply). */
+static void hello_rank(struct rank *k, const char *job, int r, int world, uint32_t timeout_ms)
+{
+	Commpb__Envelope env = COMMPB__ENVELOPE__INIT;
+	Commpb__Hello h = COMMPB__HELLO__INIT;
+
+	k->fd = raw_connect(d.sock);
+	frame_reader_init(&k->rd);
+	h.version_min = 1;
+	h.version_max = PROTO_VERSION;
+	h.job = (char *)job;
+	h.rank = r;
+	h.world_size = world;
+	h.timeout_ms = timeout_ms;
+	env.body_case = COMMPB__ENVELOPE__BODY_HELLO;
+	env.hello = &h;
+	raw_send(k->fd, &env, NULL, 0);
+}
+
+static void hello_done(struct rank *k)
+{
+	Commpb__Envelope *reply = raw_recv(k->fd, &k->rd);
+
+	REQUIRE(reply && reply->body_case == COMMPB__ENVELOPE__BODY_HELLO_REPLY &&
+			reply->hello_reply->status == COMM_OK,
+		"hello");
+	commpb__envelope__free_unpacked(reply, NULL);
+}
+
+/*
+ * A worker that never answers MEM_OPEN (a driver stuck opening a handle):
+ * the rank hears TIMEOUT at the job's deadline, or PEER_LOST at once when
+ * another rank dies; a job that ends with the registration unanswered has
+ * its worker killed. Each time the worker is gone and the fds are back.
+ */
+static void test_hung_open(void)
+{
+	struct rank k0, k1;
+	struct timespec t0;
+	char detail[256] = "";
+	int fds0, rc;
+
+	start("hangopen", 1);
+	fds0 = quiet_fds();
+	open_rank(&k0, "open-deadline", PROTO_VERSION, 1500);
+	clock_gettime(CLOCK_MONOTONIC, &t0);
+	rc = reg_dev(&k0, COMMPB__MEM_KIND__MEM_CUDA_IPC, 64, -1, 4096, NULL, detail,
+		     sizeof detail);
+	CHECK(rc == COMM_ERR_TIMEOUT && strstr(detail, "did not open device memory of rank 0 "
+						   "within 1500 ms"),
+	      "registration on a worker hung in open: %d %s", rc, detail);
+	CHECK(th_secs_since(&t0) < 4, "the deadline answer took %.1f s", th_secs_since(&t0));
+	CHECK(workers_gone(), "the hung worker was not killed at the deadline");
+	close_rank(&k0);
+	th_check_baseline(&d, fds0, "a registration past its deadline");
+
+	hello_rank(&k0, "open-peer", 0, 2, 60000);
+	hello_rank(&k1, "open-peer", 1, 2, 60000);
+	hello_done(&k0);
+	hello_done(&k1);
+	unlink(logpath);
+	reg_dev_post(&k0, COMMPB__MEM_KIND__MEM_CUDA_IPC, 64, -1, 4096);
+	CHECK(logged("hanging in open"), "the registration did not reach the worker");
+	clock_gettime(CLOCK_MONOTONIC, &t0);
+	close_rank(&k1); /* rank 1 dies while the worker hangs in rank 0's open */
+	rc = reg_dev_answer(&k0, NULL, detail, sizeof detail);
+	CHECK(rc == COMM_ERR_PEER_LOST && th_secs_since(&t0) < 4,
+	      "registration after the other rank died: %d %s (%.1f s)", rc, detail,
+	      th_secs_since(&t0));
+	CHECK(workers_gone(), "the hung worker outlived its failed job");
+	close_rank(&k0);
+	th_check_baseline(&d, fds0, "a registration on a failed job");
+
+	open_rank(&k0, "open-gone", PROTO_VERSION, 60000);
+	unlink(logpath);
+	reg_dev_post(&k0, COMMPB__MEM_KIND__MEM_CUDA_IPC, 64, -1, 4096);
+	CHECK(logged("hanging in open"), "the registration did not reach the worker");
+	close_rank(&k0); /* the job ends with its registration unanswered */
+	CHECK(workers_gone(), "a worker hung in open outlived its job");
+	th_check_baseline(&d, fds0, "a job gone with a registration unanswered");
+	CHECK(th_run_ranks(&d, "host", 2, host_rank, NULL) == 0, "host job after the hung opens");
+	CHECK(th_daemon_stop(&d) == 0, "daemon stop");
+	printf("%s: a worker hung opening memory: TIMEOUT at the deadline, PEER_LOST when a rank "
+	       "died, killed when its job ended\n", check_failures ? "FAIL" : "ok");
+}
+
+/* max-job-memory is host memory: device registrations do not use it up. */
+static void test_device_not_charged(void)
+{
+	struct rank k;
+	uint64_t id = 0;
+	char detail[256] = "";
+	int mfd, rc;
+
+	setenv("FAKE_GPU_MODE", "ok", 1);
+	unlink(logpath);
+	REQUIRE(th_daemon_start(&d, "--gpu-worker", getenv("FAKE_GPU_WORKER"), "--max-job-memory",
+				"1M", NULL) == 0,
+		"daemon start (max-job-memory 1M)");
+	open_rank(&k, "charge", PROTO_VERSION, 0);
+	rc = reg_dev(&k, COMMPB__MEM_KIND__MEM_CUDA_IPC, 64, -1, 64ull << 20, NULL, detail,
+		     sizeof detail);
+	CHECK(rc == COMM_OK, "64 MiB of device memory against max-job-memory 1M: %d %s", rc,
+	      detail);
+	mfd = memfd_create("charge", MFD_CLOEXEC | MFD_ALLOW_SEALING);
+	REQUIRE(mfd >= 0 && ftruncate(mfd, 512 << 10) == 0 &&
+			fcntl(mfd, F_ADD_SEALS, F_SEAL_SHRINK) == 0,
+		"memfd");
+	rc = raw_register_fd(k.fd, &k.rd, mfd, 512 << 10, &id);
+	CHECK(rc == COMM_OK, "512 KiB of host memory after 64 MiB of device memory: %d", rc);
+	close(mfd);
+	mfd = memfd_create("charge", MFD_CLOEXEC | MFD_ALLOW_SEALING);
+	REQUIRE(mfd >= 0 && ftruncate(mfd, 768 << 10) == 0 &&
+			fcntl(mfd, F_ADD_SEALS, F_SEAL_SHRINK) == 0,
+		"memfd");
+	rc = raw_register_fd(k.fd, &k.rd, mfd, 768 << 10, &id);
+	CHECK(rc == COMM_ERR_NO_MEMORY, "host memory past max-job-memory: %d", rc);
+	close(mfd);
+	close_rank(&k);
+	CHECK(th_daemon_stop(&d) == 0, "daemon stop");
+	printf("%s: device memory does not count against max-job-memory; host memory does\n",
+	       check_failures ? "FAIL" : "ok");
+}
+
 /* A worker whose hello says no device; then a probe that says no GPU at all. */
 static void test_refusals(void)
 {
@@ -1202,6 +1381,8 @@ int main(void)
 	test_bad_worker("crash");
 	test_bad_worker("hang");
 	test_shutdown_hung();
+	test_hung_open();
+	test_device_not_charged();
 	test_refusals();
 	test_across_daemons();
 	test_queued_nodes();
