@@ -79,6 +79,11 @@ static comm_result_t attach(struct conn *c, const Commpb__RingAttach *ra, int ef
 			 ra->ring ? (unsigned long long)ra->ring->mem_id : 0ULL);
 		return COMM_ERR_NOT_FOUND;
 	}
+	if (m->kind != COMMPB__MEM_KIND__MEM_MEMFD) {
+		snprintf(err, errlen, "ring attach: mem %llu is device memory; the ring must be in "
+			 "host memory (a memfd)", (unsigned long long)m->id);
+		return COMM_ERR_INVALID_ARG;
+	}
 	if (ra->ring->offset % 64 || __builtin_add_overflow(ra->ring->offset, RING_BYTES, &end) ||
 	    end > m->size) {
 		snprintf(err, errlen,

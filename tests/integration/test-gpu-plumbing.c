@@ -595,6 +595,12 @@ static void test_ring_device(void)
 	h->slot_size = sizeof(struct ring_slot);
 	efd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
 	REQUIRE(efd >= 0, "eventfd");
+	/* the ring itself must be host memory: commd has no mapping of device memory */
+	CHECK(raw_ring_attach(k.fd, &k.rd, a, 0, RING_SLOTS, efd, detail, sizeof detail) ==
+			      COMM_ERR_INVALID_ARG &&
+		      strstr(detail, "is device memory"),
+	      "ring attach in device memory: %s", detail);
+	REQUIRE(th_daemon_alive(&d), "commd died of a ring in device memory");
 	REQUIRE(raw_ring_attach(k.fd, &k.rd, seg, 0, RING_SLOTS, efd, detail, sizeof detail) ==
 			COMM_OK,
 		"ring attach: %s", detail);
@@ -623,8 +629,8 @@ static void test_ring_device(void)
 	CHECK(logged(want), "the ring's device op did not reach the worker with its event");
 	snprintf(want, sizeof want, "flag %llu+512 value 77", (unsigned long long)a);
 	CHECK(logged(want), "the ring's done flag did not reach the worker");
-	printf("%s: a device op in the ring reached the worker with its ready event and done "
-	       "flag; answered in its slot\n", check_failures ? "FAIL" : "ok");
+	printf("%s: a ring in device memory refused; a device op in the ring reached the worker "
+	       "with its ready event and done flag; answered in its slot\n", check_failures ? "FAIL" : "ok");
 	close_rank(&k);
 	munmap(mem, bytes);
 	close(efd);
