@@ -417,6 +417,8 @@ struct conn {
 	int closing;
 	const char *doomed;    /* why it closes on the next loop turn, or NULL */
 	TAILQ_ENTRY(conn) doom_link;
+	int backlogged;        /* whole requests wait for the next turn (FRAMES_PER_TURN) */
+	TAILQ_ENTRY(conn) backlog_link;
 	struct frame_reader rd;
 	TAILQ_HEAD(, wbuf) wq;
 	size_t wq_bytes;

@@ -14,10 +14,39 @@
 #include "log.h"
 #include "util.h"
 
+#define FRAMES_PER_TURN 64 /* requests served from one connection per loop turn */
+
 static uint64_t next_conn_id = 1;
 static TAILQ_HEAD(, conn) doomed = TAILQ_HEAD_INITIALIZER(doomed);
 static uv_idle_t reaper;
 static int reaper_ready;
+/* connections with whole requests left over from their last turn */
+static TAILQ_HEAD(, conn) backlog = TAILQ_HEAD_INITIALIZER(backlog);
+static int backlog_len;
+static uv_idle_t backlog_idle;
+static int backlog_ready;
+
+static void on_backlog(uv_idle_t *h);
+
+static void backlog_add(struct conn *c)
+{
+	c->backlogged = 1;
+	TAILQ_INSERT_TAIL(&backlog, c, backlog_link);
+	backlog_len++;
+	if (!backlog_ready) {
+		uv_idle_init(srv.loop, &backlog_idle);
+		uv_unref((uv_handle_t *)&backlog_idle);
+		backlog_ready = 1;
+	}
+	uv_idle_start(&backlog_idle, on_backlog);
+}
+
+static void backlog_remove(struct conn *c)
+{
+	TAILQ_REMOVE(&backlog, c, backlog_link);
+	backlog_len--;
+	c->backlogged = 0;
+}
 
 static void on_io(uv_poll_t *h, int status, int events);
 
@@ -135,6 +164,8 @@ void conn_close(struct conn *c, const char *why)
 	c->closing = 1;
 	if (c->doomed)
 		TAILQ_REMOVE(&doomed, c, doom_link);
+	if (c->backlogged)
+		backlog_remove(c);
 	log_debug("conn %llu: closed: %s", (unsigned long long)c->id, why);
 	if (c->job)
 		job_detach(c, COMM_ERR_PEER_LOST, why);
@@ -171,6 +202,9 @@ void conn_close_all(void)
 	if (reaper_ready)
 		uv_close((uv_handle_t *)&reaper, NULL);
 	reaper_ready = 0;
+	if (backlog_ready)
+		uv_close((uv_handle_t *)&backlog_idle, NULL);
+	backlog_ready = 0;
 }
 
 void conn_doom(struct conn *c, const char *why)
@@ -319,14 +353,83 @@ void conn_fail(struct conn *c, comm_result_t code, const char *fmt, ...)
 		conn_close(c, detail);
 }
 
-/* Read and serve what c sent; a few reads a turn, so one client cannot hog the loop. */
+/*
+ * Serve c's whole frames, at most limit of them (0: all): 1 when whole
+ * frames are left for a later turn, -1 when c closed or is doomed, else 0.
+ */
+static int serve(struct conn *c, int limit)
+{
+	const uint8_t *payload;
+	size_t len;
+	int served = 0, left = 0;
+
+	for (;;) {
+		enum frame_status st;
+
+		if (limit && served == limit) {
+			left = 1;
+			break;
+		}
+		st = frame_next(&c->rd, &payload, &len);
+		if (st == FRAME_MORE)
+			break;
+		if (st == FRAME_TOO_BIG) {
+			conn_fail(c, COMM_ERR_PROTOCOL,
+				  "protocol: frame length over the limit of %u bytes (max-frame-size)",
+				  c->rd.max_len);
+			return -1;
+		}
+		if (req_dispatch(c, payload, len) < 0 || c->closing) {
+			if (!c->closing)
+				conn_close(c, "request refused");
+			return -1;
+		}
+		frame_consume(&c->rd, len);
+		served++;
+		if (c->doomed)
+			return -1;
+	}
+	if (!left && c->rd.len == 0 && c->rd.nfds > 0) {
+		conn_fail(c, COMM_ERR_PROTOCOL, "protocol: fds sent with a message that takes none");
+		return -1;
+	}
+	/* a message half here: the frame-timeout clock runs until one is whole */
+	if (!c->rd.len)
+		c->partial_ms = 0;
+	else if (served || !c->partial_ms)
+		c->partial_ms = now_ms();
+	return left;
+}
+
+static void on_backlog(uv_idle_t *h)
+{
+	/* each once, in turn: one served again joins the tail for the next turn */
+	for (int n = backlog_len; n > 0 && !TAILQ_EMPTY(&backlog); n--) {
+		struct conn *c = TAILQ_FIRST(&backlog);
+
+		TAILQ_REMOVE(&backlog, c, backlog_link);
+		backlog_len--;
+		c->backlogged = 0;
+		if (serve(c, FRAMES_PER_TURN) > 0)
+			backlog_add(c);
+	}
+	if (TAILQ_EMPTY(&backlog))
+		uv_idle_stop(h);
+}
+
+/*
+ * Read and serve what c sent: a few reads and FRAMES_PER_TURN frames a
+ * turn, so that one client pipelining small requests cannot hold the loop
+ * (and every other job) up. What is left waits in the backlog, served
+ * before c's socket is read again.
+ */
 static void on_readable(struct conn *c)
 {
+	if (c->backlogged)
+		return;
 	for (int reads = 0; reads < 8; reads++) {
-		const uint8_t *payload;
-		size_t len;
 		long n = frame_reader_recv(&c->rd, c->fd);
-		int whole = 0;
+		int rc;
 
 		if (n == -EAGAIN || n == -EWOULDBLOCK)
 			return;
@@ -345,37 +448,31 @@ static void on_readable(struct conn *c)
 			conn_close(c, n == 0 ? "connection closed by the client" : strerror((int)-n));
 			return;
 		}
-		for (;;) {
-			enum frame_status st = frame_next(&c->rd, &payload, &len);
-
-			if (st == FRAME_MORE)
-				break;
-			if (st == FRAME_TOO_BIG) {
-				conn_fail(c, COMM_ERR_PROTOCOL,
-					  "protocol: frame length over the limit of %u bytes "
-					  "(max-frame-size)", c->rd.max_len);
-				return;
-			}
-			if (req_dispatch(c, payload, len) < 0 || c->closing) {
-				if (!c->closing)
-					conn_close(c, "request refused");
-				return;
-			}
-			frame_consume(&c->rd, len);
-			whole = 1;
-			if (c->doomed)
-				return;
-		}
-		if (c->rd.len == 0 && c->rd.nfds > 0) {
-			conn_fail(c, COMM_ERR_PROTOCOL, "protocol: fds sent with a message that takes none");
+		rc = serve(c, FRAMES_PER_TURN);
+		if (rc) {
+			if (rc > 0)
+				backlog_add(c);
 			return;
 		}
-		/* a message half here: the frame-timeout clock runs until one is whole */
-		if (!c->rd.len)
-			c->partial_ms = 0;
-		else if (whole || !c->partial_ms)
-			c->partial_ms = now_ms();
 	}
+}
+
+/*
+ * The socket failed: what c sent before is served first, all of it (a
+ * Leave among it is a clean leave), then c closes.
+ */
+static void on_failed(struct conn *c, const char *why)
+{
+	if (c->backlogged)
+		backlog_remove(c);
+	for (int i = 0; i < 1024 && !c->closing && !c->doomed; i++) {
+		long n = frame_reader_recv(&c->rd, c->fd);
+
+		if (n <= 0 || serve(c, 0) < 0)
+			break;
+	}
+	if (!c->closing && !c->doomed && serve(c, 0) >= 0)
+		conn_close(c, why);
 }
 
 static void on_io(uv_poll_t *h, int status, int events)
@@ -391,10 +488,7 @@ static void on_io(uv_poll_t *h, int status, int events)
 		 * What it sent before, a Leave included, is read first: the
 		 * kernel hands it over before the error.
 		 */
-		for (int i = 0; i < 1024 && !c->closing && !c->doomed; i++)
-			on_readable(c);
-		if (!c->closing && !c->doomed)
-			conn_close(c, uv_strerror(status));
+		on_failed(c, uv_strerror(status));
 		return;
 	}
 	if ((events & UV_WRITABLE) && flush(c) < 0) {

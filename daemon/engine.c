@@ -652,6 +652,7 @@ static int pair(struct job *j, int a, struct posted *s)
 		set_done(s, COMM_OK, "");
 		set_done(q, COMM_OK, "");
 		j->ops_completed++;
+		srv.ops_completed++;
 		return 1;
 	}
 	t = task_new(j, 2, 1);

@@ -2,9 +2,11 @@
  * test-limits.c: the limits that no row of the reliability matrix
  * (test-matrix-*) sets, each set low by its flag, each refusal a clear error
  * naming the key, and the daemon serving on: connections per uid, message
- * size, fds per message, ops in flight per rank.
+ * size, fds per message, ops in flight per rank; and one connection's
+ * pipelined requests served a few dozen a loop turn, others served between.
  */
 #include <fcntl.h>
+#include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -13,6 +15,7 @@
 
 #include "check.h"
 #include "comm.h"
+#include "frame.h"
 #include "harness.h"
 #include "raw.h"
 
@@ -158,6 +161,107 @@ static int rank_flood(int rank, int n, void *arg)
 	return 0;
 }
 
+#define FAIR_OPS 6000
+
+/* Ask for status on admin connection fd. */
+static void ops_done_ask(int fd)
+{
+	Commpb__Envelope env = COMMPB__ENVELOPE__INIT;
+	Commpb__StatusRequest sr = COMMPB__STATUS_REQUEST__INIT;
+
+	env.body_case = COMMPB__ENVELOPE__BODY_STATUS_REQUEST;
+	env.status_request = &sr;
+	raw_send(fd, &env, NULL, 0);
+}
+
+/* The daemon's ops completed, from the status reply on fd. */
+static uint64_t ops_done_reply(int fd, struct frame_reader *r)
+{
+	Commpb__Envelope *reply = raw_recv(fd, r);
+	uint64_t n;
+
+	REQUIRE(reply && reply->body_case == COMMPB__ENVELOPE__BODY_STATUS_REPLY, "status reply");
+	n = reply->status_reply->ops_completed;
+	commpb__envelope__free_unpacked(reply, NULL);
+	return n;
+}
+
+/*
+ * One connection's pipelined requests are served a few dozen a loop turn,
+ * the rest in later turns, so others are served between: with commd
+ * stopped, a rank queues FAIR_OPS barriers in one write and an admin
+ * client a status request; once commd goes on, the status reply counts the
+ * ops done before it: a turn's worth, not all of them (as when a
+ * connection's whole buffer was served in one turn). Every barrier is then
+ * answered, in order.
+ */
+static void test_fair_turns(void)
+{
+	Commpb__Envelope env = COMMPB__ENVELOPE__INIT, *reply;
+	Commpb__Hello h = COMMPB__HELLO__INIT;
+	Commpb__Op op = COMMPB__OP__INIT;
+	struct frame_reader hr, ar;
+	uint8_t *burst = malloc(FAIR_OPS * 32), *f;
+	uint64_t done0, before;
+	size_t n = 0, len;
+	int hog, admin, answered = 0;
+
+	REQUIRE(burst, "out of memory");
+	hog = raw_connect(d.sock);
+	frame_reader_init(&hr);
+	raw_hello(hog, &hr, "fair-hog", 1, PROTO_VERSION, COMM_OK);
+	admin = raw_connect(d.sock);
+	frame_reader_init(&ar);
+	h.version_min = 1;
+	h.version_max = PROTO_VERSION;
+	h.role = COMMPB__ROLE__ROLE_ADMIN;
+	env.body_case = COMMPB__ENVELOPE__BODY_HELLO;
+	env.hello = &h;
+	raw_send(admin, &env, NULL, 0);
+	reply = raw_recv(admin, &ar);
+	REQUIRE(reply && reply->body_case == COMMPB__ENVELOPE__BODY_HELLO_REPLY, "admin hello");
+	commpb__envelope__free_unpacked(reply, NULL);
+	ops_done_ask(admin);
+	done0 = ops_done_reply(admin, &ar);
+
+	op.type = COMMPB__OP_TYPE__OP_BARRIER;
+	env.body_case = COMMPB__ENVELOPE__BODY_OP;
+	env.op = &op;
+	for (int i = 1; i <= FAIR_OPS; i++) {
+		op.seq = (uint64_t)i;
+		REQUIRE((len = frame_pack(&env, &f)) > 0 && n + len <= FAIR_OPS * 32, "pack");
+		memcpy(burst + n, f, len);
+		n += len;
+		free(f);
+	}
+	REQUIRE(kill(d.pid, SIGSTOP) == 0, "SIGSTOP commd");
+	REQUIRE(write(hog, burst, n) == (ssize_t)n, "the burst of %zu bytes in one write", n);
+	ops_done_ask(admin);
+	REQUIRE(kill(d.pid, SIGCONT) == 0, "SIGCONT commd");
+	before = ops_done_reply(admin, &ar) - done0;
+	for (int i = 1; i <= FAIR_OPS; i++) {
+		reply = raw_recv(hog, &hr);
+		if (!reply)
+			break;
+		if (reply->body_case == COMMPB__ENVELOPE__BODY_OP_DONE &&
+		    reply->op_done->seq == (uint64_t)i && reply->op_done->status == COMM_OK)
+			answered++;
+		commpb__envelope__free_unpacked(reply, NULL);
+	}
+	CHECK(answered == FAIR_OPS, "%d of %d barriers answered in order", answered, FAIR_OPS);
+	CHECK(before < FAIR_OPS / 4,
+	      "a status request waited for %llu of one connection's %d queued barriers",
+	      (unsigned long long)before, FAIR_OPS);
+	printf("%s: %d barriers queued in one write: another client's request was served after "
+	       "%llu of them\n",
+	       check_failures ? "FAIL" : "ok", FAIR_OPS, (unsigned long long)before);
+	close(hog);
+	close(admin);
+	frame_reader_free(&hr);
+	frame_reader_free(&ar);
+	free(burst);
+}
+
 int main(void)
 {
 	int fds0;
@@ -171,6 +275,7 @@ int main(void)
 	test_connections();
 	test_frame_size();
 	test_fds_per_frame();
+	test_fair_turns();
 	CHECK(th_run_ranks(&d, "limits-ops", 2, rank_flood, NULL) == 0, "ops in flight cap");
 	CHECK(th_run_ranks(&d, "after", 2, th_rank_sum, NULL) == 0, "a job after the refusals");
 	printf("ok: a 2-rank job runs after every refusal\n");
