@@ -24,15 +24,25 @@ const char *job_state_name(enum job_state s)
 	return "?";
 }
 
-/* Job names are per uid: another user cannot squat a name (root joins by token). */
-static struct job *job_find(const char *name, uid_t uid)
+/*
+ * Job names are per uid: another user cannot squat a name. Root's own job
+ * of that name comes first; failing that, root joins another user's job
+ * whose token it presents (not empty). Else NULL: a new job of the uid's.
+ */
+static struct job *job_find(const char *name, uid_t uid, const ProtobufCBinaryData *token)
 {
-	struct job *j;
+	struct job *j, *other = NULL;
 
-	TAILQ_FOREACH(j, &srv.jobs, link)
-		if (strcmp(j->name, name) == 0 && (j->uid == uid || uid == 0))
+	TAILQ_FOREACH(j, &srv.jobs, link) {
+		if (strcmp(j->name, name))
+			continue;
+		if (j->uid == uid)
 			return j;
-	return NULL;
+		if (uid == 0 && !other && token->len &&
+		    const_time_eq(j->token, j->token_len, token->data, token->len))
+			other = j;
+	}
+	return other;
 }
 
 static int printable(const char *s)
@@ -134,11 +144,9 @@ comm_result_t job_join(struct conn *c, const Commpb__Hello *h, char *err, size_t
 		snprintf(err, errlen, "join: root address over 255 bytes");
 		return COMM_ERR_INVALID_ARG;
 	}
-	j = job_find(h->job, c->uid);
+	j = job_find(h->job, c->uid, &h->token);
 	if (j) {
-		/* The same answer whether the uid or the token is wrong. */
-		if ((c->uid != j->uid && c->uid != 0) ||
-		    !const_time_eq(j->token, j->token_len, h->token.data, h->token.len)) {
+		if (!const_time_eq(j->token, j->token_len, h->token.data, h->token.len)) {
 			snprintf(err, errlen, "join: job %s: permission denied", h->job);
 			return COMM_ERR_PERMISSION;
 		}

@@ -157,6 +157,31 @@ static void blank(char *s, const char *what)
 }
 
 /*
+ * The other way round: another uid's forming job cannot take a name from
+ * root. Root without its token gets a job of its own of that name (before,
+ * PERMISSION); with the token, root joins the other's job, which forms.
+ */
+static int wait_ctl(const struct th_daemon *d, const char *args, const char *s);
+
+static void e2_squat(struct th_daemon *d)
+{
+	struct join squatter = { "e2-squat", "e2-nobody", 0, 2, 8000, 1 };
+	struct join root_own = { "e2-squat", "", 0, 1, 8000, 0 };
+	struct join root_in = { "e2-squat", "e2-nobody", 1, 2, 8000, 0 };
+	char d0[512], d1[512];
+	int rfd;
+	pid_t p0;
+
+	p0 = join_spawn(d, &squatter, &rfd);
+	CHECK(wait_ctl(d, "jobs", "e2-squat"), "the other uid's job did not show up");
+	CHECK(join_as(d, &root_own, d1, sizeof d1) == COMM_OK,
+	      "root's own job, named as another uid's forming one: %s", d1);
+	CHECK(join_as(d, &root_in, d1, sizeof d1) == COMM_OK,
+	      "root joining the other uid's job with its token: %s", d1);
+	CHECK(joined(p0, rfd, d0, sizeof d0) == COMM_OK, "the other uid's rank 0: %s", d0);
+}
+
+/*
  * E2: job names are per uid, so another uid cannot even name root's job:
  * presenting it (with the right token) joins nothing of root's and gets the
  * answer a name that exists nowhere gets. Root's job then forms and runs.
@@ -185,6 +210,7 @@ static void row_e2(struct th_daemon *d)
 		comm_result_name(r2));
 	CHECK(join_as(d, &owner1, d2, sizeof d2) == COMM_OK, "root's rank 1: %s", d2);
 	CHECK(joined(p0, rfd, d0, sizeof d0) == COMM_OK, "root's rank 0: %s", d0);
+	e2_squat(d);
 }
 
 /* Whether the daemon's log or status output holds s anywhere. */
