@@ -140,8 +140,8 @@ comm_result_t job_join(struct conn *c, const Commpb__Hello *h, char *err, size_t
 		snprintf(err, errlen, "join: rank %d is not in 0..%d", h->rank, h->world_size - 1);
 		return COMM_ERR_INVALID_ARG;
 	}
-	if (strlen(h->root) > 255) {
-		snprintf(err, errlen, "join: root address over 255 bytes");
+	if (strlen(h->root) > 255 || !printable(h->root)) {
+		snprintf(err, errlen, "join: root address must be at most 255 printable bytes");
 		return COMM_ERR_INVALID_ARG;
 	}
 	j = job_find(h->job, c->uid, &h->token);

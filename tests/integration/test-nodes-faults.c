@@ -89,6 +89,15 @@ static void test_noroot(int fds0)
 	printf("%s: COMM_ROOT=nonsense: comm_init gave %s: \"%s\"\n",
 	       s->rc[0] == COMM_ERR_INVALID_ARG ? "ok" : "FAIL",
 	       comm_result_name((comm_result_t)s->rc[0]), s->detail[0]);
+	/* a root with a control character: refused before it reaches the log */
+	memset(s, 0, sizeof *s);
+	failed = th_run_ranks_nodes(ds, NULL, "host\n[fake] line:1", "faults-ctlroot", 1,
+				    rank_noroot, s);
+	CHECK(failed == 0 && s->rc[0] == COMM_ERR_INVALID_ARG &&
+	      strstr(s->detail[0], "printable"),
+	      "COMM_ROOT with a newline: comm_init gave %s: \"%s\" (want COMM_ERR_INVALID_ARG)",
+	      comm_result_name((comm_result_t)s->rc[0]), s->detail[0]);
+	CHECK(th_log_count(&da, "[fake] line", "") == 0, "a root's newline reached commd's log");
 	CHECK(th_daemon_alive(&da), "commd A died after a job named a root that is not there");
 	th_check_baseline(&da, fds0, "a job named a root that is not there");
 	printf("%s: commd A alive, fds back to %d, no memfd mapped\n",
