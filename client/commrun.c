@@ -46,13 +46,22 @@ struct opts {
 	char **argv;         /* PROG [ARGS...] */
 };
 
+/* A rank reaped, and how it ended. */
+struct ended {
+	int rank;   /* local */
+	int status; /* from waitpid */
+};
+
 struct run {
 	pid_t *pids;      /* per rank; 0 once reaped or never started */
+	struct ended *batch; /* the failures one reap() found, nranks long */
 	int nranks;
 	int first;        /* the job's rank of pids[0]'s, for messages */
 	int running;      /* ranks started and not yet reaped */
-	int failed;       /* a rank has failed: status is set */
+	int failed;       /* a failure is recorded: status is set */
 	int status;       /* commrun's exit status */
+	int nfailed;      /* ranks that ended other than by exit 0 */
+	struct ended cause; /* the rank taken as the first to fail; rank -1: none */
 	int64_t grace_ms;
 	enum phase phase;
 	int64_t deadline; /* CLOCK_MONOTONIC ms, in GRACE and TERM */
@@ -105,9 +114,12 @@ static void usage(FILE *f)
 	    "ranks (a SIGINT typed at the terminal reaches them already and is\n"
 	    "not sent twice). Ranks get SIGKILL if commrun itself dies.\n"
 	    "\n"
-	    "Exit status: 0 if every rank exited 0; 1 if the first rank to fail\n"
-	    "exited non-zero; 128+SIG if it was killed by signal SIG; 2 on bad\n"
-	    "usage. A rank that cannot exec PROG exits 127.\n",
+	    "Every rank that fails is named on stderr, then the first to fail; of\n"
+	    "ranks that end together, one killed by a signal comes first, then\n"
+	    "one exiting other than 1 (the status of a rank whose peer is lost),\n"
+	    "then the lowest rank. Exit status: 0 if every rank exited 0; 1 if\n"
+	    "the first rank to fail exited non-zero; 128+SIG if it was killed by\n"
+	    "signal SIG; 2 on bad usage. A rank that cannot exec PROG exits 127.\n",
 	    MAX_RANKS, DEFAULT_GRACE, KILL_DELAY_MS / 1000);
 }
 
@@ -214,31 +226,72 @@ static void fail(struct run *run, int status)
 	}
 }
 
-static void report(struct run *run, int rank, int status)
+/* Say how a rank ended: "exited with status 3", "killed by signal 9 (SIGKILL)". */
+static void describe(int status, char *buf, size_t size)
 {
 	const char *name;
 	int sig;
 
-	if (run->failed)
-		return;
 	if (WIFSIGNALED(status)) {
 		sig = WTERMSIG(status);
 		name = sigabbrev_np(sig);
-		fprintf(stderr, "commrun: rank %d killed by signal %d (%s%s)\n",
-		    run->first + rank, sig, name ? "SIG" : "", name ? name : "unknown");
-		fail(run, 128 + sig);
+		snprintf(buf, size, "killed by signal %d (%s%s)", sig, name ? "SIG" : "",
+		    name ? name : "unknown");
 	} else {
-		fprintf(stderr, "commrun: rank %d exited with status %d\n", run->first + rank,
-		    WEXITSTATUS(status));
-		fail(run, 1);
+		snprintf(buf, size, "exited with status %d", WEXITSTATUS(status));
 	}
+}
+
+/*
+ * How likely a failure is to be the job's cause rather than its echo: a rank
+ * whose peer is lost sees COMM_ERR_PEER_LOST and, like most programs on an
+ * error, exits 1; a signal or another status is its own story.
+ */
+static int cause_rank(int status)
+{
+	if (WIFSIGNALED(status))
+		return 2;
+	return WEXITSTATUS(status) != 1;
+}
+
+static int by_rank(const void *a, const void *b)
+{
+	return ((const struct ended *)a)->rank - ((const struct ended *)b)->rank;
+}
+
+/*
+ * Report the n failures one reap found, in rank order; if none came before,
+ * take the likeliest cause among them as the first failure. Which of ranks
+ * that ended together waitpid returns first is the kernel's order, not the
+ * order they failed in, so it must not decide.
+ */
+static void report(struct run *run, struct ended *batch, int n)
+{
+	char how[64];
+	int i, best = 0;
+
+	qsort(batch, n, sizeof *batch, by_rank);
+	for (i = 0; i < n; i++) {
+		describe(batch[i].status, how, sizeof how);
+		fprintf(stderr, "commrun: rank %d %s\n", run->first + batch[i].rank, how);
+		if (cause_rank(batch[i].status) > cause_rank(batch[best].status))
+			best = i;
+	}
+	run->nfailed += n;
+	if (n == 0 || run->failed)
+		return;
+	run->cause = batch[best];
+	if (WIFSIGNALED(batch[best].status))
+		fail(run, 128 + WTERMSIG(batch[best].status));
+	else
+		fail(run, 1);
 }
 
 /* Reap every rank that has ended, without blocking. */
 static void reap(struct run *run)
 {
 	pid_t pid;
-	int r, status;
+	int r, status, n = 0;
 
 	while (run->running > 0) {
 		pid = waitpid(-1, &status, WNOHANG);
@@ -248,12 +301,13 @@ static void reap(struct run *run)
 			/* Cannot happen while ranks run; do not wait forever. */
 			fprintf(stderr, "commrun: waitpid: %s\n",
 			    strerror(errno));
+			report(run, run->batch, n);
 			fail(run, 1);
 			run->running = 0;
 			return;
 		}
 		if (pid == 0)
-			return;
+			break;
 		for (r = 0; r < run->nranks && run->pids[r] != pid; r++)
 			;
 		if (r == run->nranks)
@@ -261,8 +315,9 @@ static void reap(struct run *run)
 		run->pids[r] = 0;
 		run->running--;
 		if (!WIFEXITED(status) || WEXITSTATUS(status) != 0)
-			report(run, r, status);
+			run->batch[n++] = (struct ended){ r, status };
 	}
+	report(run, run->batch, n);
 }
 
 /* Move to the next phase once the current one's deadline has passed. */
@@ -501,9 +556,13 @@ int main(int argc, char **argv)
 	run.nranks = o.nranks;
 	run.first = o.first;
 	run.grace_ms = o.grace_ms;
+	run.cause.rank = -1;
 	run.pids = calloc(o.nranks, sizeof *run.pids);
-	if (run.pids == NULL) {
+	run.batch = calloc(o.nranks, sizeof *run.batch);
+	if (run.pids == NULL || run.batch == NULL) {
 		fprintf(stderr, "commrun: out of memory\n");
+		free(run.batch);
+		free(run.pids);
 		return 1;
 	}
 
@@ -534,6 +593,14 @@ int main(int argc, char **argv)
 	}
 
 	wait_ranks(&run, &set);
+	if (run.nfailed > 1 && run.cause.rank >= 0) {
+		char how[64];
+
+		describe(run.cause.status, how, sizeof how);
+		fprintf(stderr, "commrun: %d of %d ranks failed; the first was rank %d, %s\n",
+		    run.nfailed, run.nranks, run.first + run.cause.rank, how);
+	}
+	free(run.batch);
 	free(run.pids);
 	return run.failed ? run.status : 0;
 }

@@ -39,6 +39,17 @@ count_files() {
 	compgen -G "$dir/$1" | wc -l
 }
 
+# wait_zombie PID: until the process has ended and waits to be reaped, at
+# most 5 s.
+wait_zombie() {
+	local i
+	for ((i = 0; i < 100; i++)); do
+		[ "$(sed 's/.*) //; s/ .*//' "/proc/$1/stat" 2> /dev/null)" = Z ] && return 0
+		sleep 0.05
+	done
+	return 1
+}
+
 # wait_files PATTERN COUNT: until COUNT files match, at most 5 s.
 wait_files() {
 	local i
@@ -113,19 +124,19 @@ t2=$(env -u COMM_TOKEN "$COMMRUN" -n 1 sh -c 'echo $COMM_TOKEN')
 out=$(COMM_TOKEN=given "$COMMRUN" --np 3 sh -c 'echo $COMM_TOKEN' | sort -u)
 expect "defaults: kept token" "$out" given
 
-# Exit codes and the one failure line.
+# Exit codes, a line for every failed rank and one for the first.
 "$COMMRUN" -n 3 true
 expect "all succeed: exit status" $? 0
 "$COMMRUN" -n 1 -- sh -c 'exit 0'
 expect "after --: exit status" $? 0
 "$COMMRUN" -n 4 sh -c 'exit $COMM_RANK' 2> "$dir/err"
 expect "exit non-zero: exit status" $? 1
-expect "exit non-zero: lines" "$(grep -c '^commrun: rank' "$dir/err")" 1
-if [[ $(cat "$dir/err") =~ ^commrun:\ rank\ ([123])\ exited\ with\ status\ ([0-9]+)$ ]]; then
-	expect "exit non-zero: status of rank" "${BASH_REMATCH[2]}" "${BASH_REMATCH[1]}"
-else
-	fail "exit non-zero: message '$(cat "$dir/err")'"
-fi
+expect "exit non-zero: rank lines" "$(grep '^commrun: rank' "$dir/err" | sort)" \
+	"commrun: rank 1 exited with status 1
+commrun: rank 2 exited with status 2
+commrun: rank 3 exited with status 3"
+expect_match "exit non-zero: last line" "$(tail -1 "$dir/err")" \
+	'^commrun: 3 of 4 ranks failed; the first was rank ([123]), exited with status \1$'
 "$COMMRUN" -n 2 sh -c '[ $COMM_RANK = 1 ] && kill -KILL $$; exit 0' \
 	2> "$dir/err"
 expect "signal: exit status" $? 137
@@ -136,8 +147,48 @@ expect "exec fails: exit status" $? 1
 expect "exec fails: exec lines" \
 	"$(grep -c "^commrun: $dir/no-such-prog: No such file or directory$" \
 	"$dir/err")" 2
-expect_match "exec fails: rank line" "$(cat "$dir/err")" \
-	'commrun: rank [01] exited with status 127'
+expect "exec fails: rank lines" "$(grep -c '^commrun: rank [01] exited with status 127$' "$dir/err")" 2
+
+# Ranks that end together, as the others do when one dies and libcomm tells
+# them their peer is lost: commrun is stopped while they end, so one waitpid
+# batch holds them all, the victims first in the kernel's order. The rank
+# killed, or exiting with a status other than 1, is the first.
+for how in "kill -KILL \$\$" "exit 3"; do
+	rm -rf "$dir/batch"
+	mkdir "$dir/batch"
+	"$COMMRUN" -n 4 sh -c 'echo $$ > "$0/pid.$COMM_RANK"
+		until [ -e "$0/go.$COMM_RANK" ]; do sleep 0.02; done
+		[ $COMM_RANK = 1 ] && '"$how"'; exit 1' "$dir/batch" 2> "$dir/err" &
+	run=$!
+	if wait_files 'batch/pid.*' 4; then
+		kill -STOP $run
+		touch "$dir/batch/go.1"
+		wait_zombie "$(cat "$dir/batch/pid.1")" || fail "batch '$how': rank 1 still running"
+		touch "$dir/batch/go."{0,2,3}
+		for r in 0 2 3; do
+			wait_zombie "$(cat "$dir/batch/pid.$r")" ||
+				fail "batch '$how': rank $r still running"
+		done
+		kill -CONT $run
+	else
+		fail "batch '$how': ranks did not start"
+		kill -KILL $run
+	fi
+	wait $run
+	rc=$?
+	if [ "$how" = "exit 3" ]; then
+		want=1 first="exited with status 3"
+	else
+		want=137 first="killed by signal 9 (SIGKILL)"
+	fi
+	expect "batch '$how': exit status" $rc $want
+	expect "batch '$how': messages" "$(cat "$dir/err")" \
+		"commrun: rank 0 exited with status 1
+commrun: rank 1 $first
+commrun: rank 2 exited with status 1
+commrun: rank 3 exited with status 1
+commrun: 4 of 4 ranks failed; the first was rank 1, $first"
+done
 
 # Grace: the others may finish by themselves...
 "$COMMRUN" -n 2 --grace 5 sh -c \
@@ -155,9 +206,14 @@ rc=$?
 took=$(($(now_ms) - start))
 expect "grace over: exit status" $rc 1
 ((took >= 1000 && took < 4000)) || fail "grace over: took $took ms"
-expect "grace over: messages" "$(cat "$dir/err")" \
+expect "grace over: messages" "$(head -2 "$dir/err")" \
 	"commrun: rank 0 exited with status 3
 commrun: grace period over: sent SIGTERM to 2 ranks"
+expect "grace over: the ranks stopped" "$(sed -n '3,4p' "$dir/err" | sort)" \
+	"commrun: rank 1 killed by signal 15 (SIGTERM)
+commrun: rank 2 killed by signal 15 (SIGTERM)"
+expect "grace over: the first" "$(sed -n '5,$p' "$dir/err")" \
+	"commrun: 3 of 3 ranks failed; the first was rank 0, exited with status 3"
 
 # A rank that ignores SIGTERM gets SIGKILL 5 s later.
 start=$(now_ms)
@@ -193,8 +249,9 @@ if wait_files 'pid/*' 3; then
 		kill -0 "$(cat "$f")" 2> /dev/null &&
 			fail "sigterm: rank ${f##*/} still running"
 	done
-	expect_match "sigterm: message" "$(cat "$dir/err")" \
-		'^commrun: rank [012] killed by signal 15 \(SIGTERM\)$'
+	expect "sigterm: rank lines" "$(grep -c '^commrun: rank [012] killed by signal 15 (SIGTERM)$' "$dir/err")" 3
+	expect_match "sigterm: last line" "$(tail -1 "$dir/err")" \
+		'^commrun: 3 of 3 ranks failed; the first was rank [012], killed by signal 15 \(SIGTERM\)$'
 else
 	fail "sigterm: ranks did not start"
 	kill -KILL $run
