@@ -30,7 +30,7 @@ enum { OPT_JOB = 256, OPT_SOCKET, OPT_TIMEOUT, OPT_GRACE, OPT_ROOT, OPT_WORLD, O
 enum phase {
 	PHASE_RUN,   /* no failure yet */
 	PHASE_GRACE, /* a rank failed; the others may still finish */
-	PHASE_TERM,  /* SIGTERM sent */
+	PHASE_TERM,  /* SIGTERM sent, or SIGINT or SIGTERM forwarded */
 	PHASE_KILL,  /* SIGKILL sent */
 };
 
@@ -112,7 +112,10 @@ static void usage(FILE *f)
 	    "COMM_TOKEN on every node: commrun then wants both given.\n"
 	    "SIGINT, SIGTERM, SIGHUP, SIGUSR1 and SIGUSR2 are forwarded to the\n"
 	    "ranks (a SIGINT typed at the terminal reaches them already and is\n"
-	    "not sent twice). Ranks get SIGKILL if commrun itself dies.\n"
+	    "not sent twice). After a SIGINT or SIGTERM, the ranks still running\n"
+	    "--grace seconds later (%d at least), or at the next SIGINT or\n"
+	    "SIGTERM, get SIGKILL.\n"
+	    "Ranks get SIGKILL if commrun itself dies.\n"
 	    "\n"
 	    "Every rank that fails is named on stderr, then the first to fail; of\n"
 	    "ranks that end together, one killed by a signal comes first, then\n"
@@ -120,7 +123,7 @@ static void usage(FILE *f)
 	    "then the lowest rank. Exit status: 0 if every rank exited 0; 1 if\n"
 	    "the first rank to fail exited non-zero; 128+SIG if it was killed by\n"
 	    "signal SIG; 2 on bad usage. A rank that cannot exec PROG exits 127.\n",
-	    MAX_RANKS, DEFAULT_GRACE, KILL_DELAY_MS / 1000);
+	    MAX_RANKS, DEFAULT_GRACE, KILL_DELAY_MS / 1000, KILL_DELAY_MS / 1000);
 }
 
 /* Parse a whole decimal number in [min, max]; -1 if it is not one. */
@@ -343,6 +346,30 @@ static void advance(struct run *run)
 	}
 }
 
+/*
+ * A SIGINT or SIGTERM for commrun: pass it on (unless the terminal sent it
+ * to the ranks too) and SIGKILL the ranks that outlast the grace period, or
+ * KILL_DELAY_MS if that is longer; if they have had one already, SIGKILL
+ * them now.
+ */
+static void stop(struct run *run, int sig, const siginfo_t *info)
+{
+	int n;
+
+	if (run->phase == PHASE_TERM || run->phase == PHASE_KILL) {
+		n = signal_all(run, SIGKILL);
+		fprintf(stderr, "commrun: SIG%s while stopping: sent SIGKILL to %d "
+		    "rank%s\n", sigabbrev_np(sig), n, n == 1 ? "" : "s");
+		run->phase = PHASE_KILL;
+		return;
+	}
+	/* from the terminal: the ranks, in our group, got it */
+	if (sig != SIGINT || info->si_code != SI_KERNEL)
+		signal_all(run, sig);
+	run->phase = PHASE_TERM;
+	run->deadline = now_ms() + (run->grace_ms > KILL_DELAY_MS ? run->grace_ms : KILL_DELAY_MS);
+}
+
 /* Wait for the blocked signals in set until every rank is reaped. */
 static void wait_ranks(struct run *run, const sigset_t *set)
 {
@@ -377,8 +404,8 @@ static void wait_ranks(struct run *run, const sigset_t *set)
 		}
 		if (sig == SIGCHLD)
 			reap(run);
-		else if (sig == SIGINT && info.si_code == SI_KERNEL)
-			; /* from the terminal: the ranks, in our group, got it */
+		else if (sig == SIGINT || sig == SIGTERM)
+			stop(run, sig, &info);
 		else
 			signal_all(run, sig);
 	}

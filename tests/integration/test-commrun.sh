@@ -50,6 +50,19 @@ wait_zombie() {
 	return 1
 }
 
+# watchdog PID SEC: SIGKILL PID in SEC seconds, so that a commrun that hangs
+# fails the test rather than hanging it; kill $dog (SIGTERM) to call it off.
+watchdog() {
+	(
+		trap 'kill $s 2> /dev/null; exit 0' TERM
+		sleep "$2" &
+		s=$!
+		wait $s
+		kill -KILL "$1" 2> /dev/null
+	) &
+	dog=$!
+}
+
 # wait_files PATTERN COUNT: until COUNT files match, at most 5 s.
 wait_files() {
 	local i
@@ -257,6 +270,47 @@ else
 	kill -KILL $run
 	wait $run
 fi
+
+# Ranks that ignore SIGINT and SIGTERM: a second SIGTERM sends them SIGKILL at
+# once, and after one they get it 5 s later (--grace 0: 5 s at least).
+for n in 2 1; do
+	what="stop, $n signal$([ $n = 2 ] && echo s)"
+	rm -rf "$dir/stop"
+	mkdir "$dir/stop"
+	"$COMMRUN" -n 2 --grace 0 sh -c 'trap "" INT TERM; echo $$ > "$0/$COMM_RANK"
+		while :; do sleep 0.1; done' "$dir/stop" 2> "$dir/err" &
+	run=$!
+	watchdog $run 12
+	if wait_files 'stop/*' 2; then
+		sleep 0.1 # the pid files are written just before the trap is set
+		start=$(now_ms)
+		kill -TERM $run
+		sleep 0.5
+		kill -0 $run 2> /dev/null || fail "$what: commrun gone at the first SIGTERM"
+		[ $n = 2 ] && kill -TERM $run
+		wait $run
+		rc=$?
+		took=$(($(now_ms) - start))
+		expect "$what: exit status" $rc 137
+		for f in "$dir"/stop/*; do
+			kill -0 "$(cat "$f")" 2> /dev/null && fail "$what: rank ${f##*/} still running"
+		done
+		if [ $n = 2 ]; then
+			((took < 3000)) || fail "$what: took $took ms"
+			want="commrun: SIGTERM while stopping: sent SIGKILL to 2 ranks"
+		else
+			((took >= 5000 && took < 9000)) || fail "$what: took $took ms"
+			want="commrun: sent SIGKILL to 2 ranks still running"
+		fi
+		expect "$what: message" "$(head -1 "$dir/err")" "$want"
+	else
+		fail "$what: ranks did not start"
+		kill -KILL $run
+		wait $run
+	fi
+	kill $dog 2> /dev/null
+	wait $dog
+done
 
 # ... and SIGUSR1 reaches a rank that handles it.
 mkdir "$dir/usr1"
