@@ -14,6 +14,7 @@
 #include <string.h>
 #include <sys/prctl.h>
 #include <sys/random.h>
+#include <sys/stat.h>
 #include <sys/wait.h>
 #include <time.h>
 #include <unistd.h>
@@ -122,7 +123,8 @@ static void usage(FILE *f)
 	    "one exiting other than 1 (the status of a rank whose peer is lost),\n"
 	    "then the lowest rank. Exit status: 0 if every rank exited 0; 1 if\n"
 	    "the first rank to fail exited non-zero; 128+SIG if it was killed by\n"
-	    "signal SIG; 2 on bad usage. A rank that cannot exec PROG exits 127.\n",
+	    "signal SIG; 2 on bad usage; 127 if PROG is not found or cannot be\n"
+	    "executed (no rank is started).\n",
 	    MAX_RANKS, DEFAULT_GRACE, KILL_DELAY_MS / 1000, KILL_DELAY_MS / 1000);
 }
 
@@ -180,6 +182,54 @@ static int set_env(const char *name, const char *value)
 		return -1;
 	}
 	return 0;
+}
+
+/* 0 if path is a file this process may execute, else an errno. */
+static int can_exec(const char *path)
+{
+	struct stat st;
+
+	if (stat(path, &st) < 0)
+		return errno;
+	if (S_ISDIR(st.st_mode))
+		return EISDIR;
+	if (!S_ISREG(st.st_mode) || access(path, X_OK) < 0)
+		return EACCES;
+	return 0;
+}
+
+/*
+ * Find PROG as execvp will: as given if it has a slash, else in each
+ * directory of PATH (an empty one is the current directory; no PATH is
+ * /bin:/usr/bin). 0 if found, else the errno execvp would give.
+ */
+static int find_prog(const char *prog)
+{
+	const char *dirs = getenv("PATH"), *p, *end;
+	char path[PATH_MAX];
+	int err, ret = ENOENT;
+	size_t len;
+
+	if (*prog == '\0')
+		return ENOENT;
+	if (strchr(prog, '/'))
+		return can_exec(prog);
+	if (dirs == NULL)
+		dirs = "/bin:/usr/bin";
+	for (p = dirs;; p = end + 1) {
+		end = strchrnul(p, ':');
+		len = end - p;
+		if (snprintf(path, sizeof path, "%.*s%s%s", (int)len, p, len ? "/" : "",
+		    prog) < (int)sizeof path) {
+			err = can_exec(path);
+			if (err == 0)
+				return 0;
+			if (err == EACCES)
+				ret = EACCES; /* execvp goes on, and says so if none is found */
+		}
+		if (*end == '\0')
+			return ret;
+	}
 }
 
 /* In the child: finish the rank's environment and exec PROG. */
@@ -575,6 +625,15 @@ int main(int argc, char **argv)
 		if (ret < 0)
 			fprintf(stderr, "try 'commrun --help'\n");
 		return ret < 0 ? 2 : 0;
+	}
+	/* once, rather than a failed exec a rank */
+	ret = find_prog(o.argv[0]);
+	if (ret != 0) {
+		if (ret == ENOENT && !strchr(o.argv[0], '/'))
+			fprintf(stderr, "commrun: %s: command not found\n", o.argv[0]);
+		else
+			fprintf(stderr, "commrun: %s: %s\n", o.argv[0], strerror(ret));
+		return 127;
 	}
 	self = getpid();
 	if (setup_env(&o, self) < 0)

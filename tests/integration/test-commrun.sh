@@ -155,12 +155,29 @@ expect_match "exit non-zero: last line" "$(tail -1 "$dir/err")" \
 expect "signal: exit status" $? 137
 expect "signal: message" "$(cat "$dir/err")" \
 	"commrun: rank 1 killed by signal 9 (SIGKILL)"
+# A program that is not there, or not executable, is one message and 127,
+# before any rank starts; PATH is searched as execvp does.
 "$COMMRUN" -n 2 "$dir/no-such-prog" 2> "$dir/err"
-expect "exec fails: exit status" $? 1
-expect "exec fails: exec lines" \
-	"$(grep -c "^commrun: $dir/no-such-prog: No such file or directory$" \
-	"$dir/err")" 2
-expect "exec fails: rank lines" "$(grep -c '^commrun: rank [01] exited with status 127$' "$dir/err")" 2
+expect "exec fails: exit status" $? 127
+expect "exec fails: message" "$(cat "$dir/err")" \
+	"commrun: $dir/no-such-prog: No such file or directory"
+mkdir "$dir/bin1" "$dir/bin2"
+PATH=$dir/bin1:$PATH "$COMMRUN" -n 2 no-such-prog 2> "$dir/err"
+expect "not in PATH: exit status" $? 127
+expect "not in PATH: message" "$(cat "$dir/err")" "commrun: no-such-prog: command not found"
+printf '#!/bin/sh\necho bin$COMM_RANK\n' > "$dir/bin1/tool"
+PATH=$dir/bin1:$PATH "$COMMRUN" -n 2 tool 2> "$dir/err"
+expect "not executable: exit status" $? 127
+expect "not executable: message" "$(cat "$dir/err")" "commrun: tool: Permission denied"
+"$COMMRUN" -n 2 "$dir/bin1" 2> "$dir/err"
+expect "a directory: exit status" $? 127
+expect "a directory: message" "$(cat "$dir/err")" "commrun: $dir/bin1: Is a directory"
+cp "$dir/bin1/tool" "$dir/bin2/tool"
+chmod +x "$dir/bin2/tool"
+out=$(PATH=$dir/bin1:$dir/bin2:$PATH "$COMMRUN" -n 2 tool | sort)
+expect "later in PATH: exit status" $? 0
+expect "later in PATH: output" "$out" "bin0
+bin1"
 
 # Ranks that end together, as the others do when one dies and libcomm tells
 # them their peer is lost: commrun is stopped while they end, so one waitpid
