@@ -304,6 +304,7 @@ static void cache_trim(comm_t *c)
 {
 	struct gpu *g = c->gpu;
 	struct dmem **mp = &g->mems, **lru = NULL;
+	uint64_t keep_from = c->next_seq;
 
 	while (*mp) {
 		struct dmem *m = *mp;
@@ -322,8 +323,14 @@ static void cache_trim(comm_t *c)
 	}
 	if (g->nmems < CACHE_MAX)
 		return;
+	/*
+	 * Never one the op being named uses, nor one an op of the open group
+	 * does: those ops go out at comm_group_end, after the FreeMem would.
+	 */
+	if (c->group_depth > 0 && c->group_n > 0)
+		keep_from = c->group[0].op.seq;
 	for (mp = &g->mems; *mp; mp = &(*mp)->next)
-		if ((*mp)->last_seq != c->next_seq && (!lru || (*mp)->last_seq < (*lru)->last_seq))
+		if ((*mp)->last_seq < keep_from && (!lru || (*mp)->last_seq < (*lru)->last_seq))
 			lru = mp;
 	if (lru)
 		cache_drop(c, lru);

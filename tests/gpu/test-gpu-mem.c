@@ -3,7 +3,8 @@
  * its GPU worker: stream order (an op sees the work enqueued before it), the
  * registration cache across cudaFree and cudaMalloc (right results, bounded
  * registered memory), VMM allocations, many outstanding device ops beside
- * host ones, the refusals, and communicators split from a device job.
+ * host ones, a group naming more allocations than libcomm keeps registered,
+ * the refusals, and communicators split from a device job.
  * Exits 77 without a GPU.
  */
 #include <cuda.h>
@@ -569,6 +570,69 @@ static int rank_outstanding(int r, int n, void *arg)
 	return bad;
 }
 
+/* --- a group naming more allocations than libcomm keeps registered ------------ */
+
+#define GROUP_BUFS 80   /* distinct cudaMalloc buffers in one group: past libcomm's 64 */
+#define GROUP_COUNT 256
+
+/*
+ * One group of GROUP_BUFS all-reduces, each on a buffer of its own: the
+ * group's ops go out at comm_group_end, so none of their registrations may
+ * be given back while the group is open (each would be NOT_FOUND). Then
+ * each buffer holds the sum over ranks, and a second group reuses them.
+ */
+static int rank_group_many(int r, int n, void *arg)
+{
+	int32_t *buf[GROUP_BUFS], h[GROUP_COUNT];
+	comm_t *c;
+	int bad = 0;
+
+	(void)arg;
+	if (use_device(r))
+		return 1;
+	for (int k = 0; k < GROUP_BUFS; k++)
+		if (cuda_bad(cudaMalloc((void **)&buf[k], sizeof h), r, "cudaMalloc"))
+			return 1;
+	if (th_join(&c, r, n) < 0)
+		return 1;
+	for (int round = 0; round < 2 && !bad; round++) {
+		for (int k = 0; k < GROUP_BUFS; k++) {
+			for (int i = 0; i < GROUP_COUNT; i++)
+				h[i] = r + k + i + round;
+			if (cuda_bad(cudaMemcpy(buf[k], h, sizeof h, cudaMemcpyHostToDevice), r,
+				     "cudaMemcpy"))
+				return th_bail(c);
+		}
+		if (op_bad(c, comm_group_start(c), r, "group start"))
+			return th_bail(c);
+		for (int k = 0; k < GROUP_BUFS; k++)
+			if (op_bad(c, comm_allreduce(c, buf[k], buf[k], GROUP_COUNT, COMM_INT32,
+						     COMM_SUM, NULL),
+				   r, "posting in the group"))
+				return th_bail(c);
+		if (op_bad(c, comm_group_end(c), r, "group end"))
+			return th_bail(c);
+		for (int k = 0; k < GROUP_BUFS && !bad; k++) {
+			if (cuda_bad(cudaMemcpy(h, buf[k], sizeof h, cudaMemcpyDeviceToHost), r,
+				     "copy back"))
+				return th_bail(c);
+			for (int i = 0; i < GROUP_COUNT; i++) {
+				int32_t want = n * (n - 1) / 2 + n * (k + i + round);
+
+				if (h[i] != want) {
+					bad = FAIL(r, "round %d buffer %d: element %d is %d, expected %d",
+						   round, k, i, h[i], want);
+					break;
+				}
+			}
+		}
+	}
+	bad |= th_leave(c, r);
+	for (int k = 0; k < GROUP_BUFS; k++)
+		cudaFree(buf[k]);
+	return bad;
+}
+
 /* --- comm_stream_wait without the host ---------------------------------------- */
 
 #define NOWAIT_COUNT 4096
@@ -917,6 +981,9 @@ int main(void)
 	    "host/device mix and overrun refused; managed and pinned memory staged");
 	run("gpu-outstanding", 4, rank_outstanding,
 	    "48 outstanding sums, device and host mixed, waited and polled, 3 rounds");
+	run("gpu-group-many", 2, rank_group_many,
+	    "a group of 80 all-reduces on 80 cudaMalloc buffers (past the 64 kept registered), "
+	    "twice, exact");
 	run("gpu-split", 4, rank_split,
 	    "comm_split by parity on device memory: sums on each child (a GPU worker each) and "
 	    "the parent in turn, exact");
