@@ -3,7 +3,9 @@
  * rank has it in its current unit (one op, a whole group, or a run of
  * sends and recvs outside groups) and they agree on it; a send runs when
  * its receiver has the matching recv in its current unit. A rank's ops are
- * answered in posting order: a group at once, any other op as it finishes.
+ * answered in posting order: a group at once, any other op as it finishes;
+ * but when the job fails, the ops not running are answered at once and a
+ * running one when its task ends (libcomm delivers in posting order anyway).
  */
 #include <stdio.h>
 #include <stdlib.h>
