@@ -188,6 +188,21 @@ void ctl_json_str(const char *s)
 	putchar('"');
 }
 
+/*
+ * The end of a run: output that never reached its file (a full disk, a
+ * closed pipe) fails the run, said on stderr, so that a script does not
+ * take a truncated answer for a whole one. Returns rc, or 1.
+ */
+static int close_stdout(int rc)
+{
+	errno = 0;
+	if (fflush(stdout) == 0 && !ferror(stdout) && fclose(stdout) == 0)
+		return rc;
+	fprintf(stderr, "commctl: write standard output: %s\n",
+		errno ? strerror(errno) : "write error");
+	return 1;
+}
+
 int main(int argc, char **argv)
 {
 	static const struct option opts[] = {
@@ -213,10 +228,10 @@ int main(int argc, char **argv)
 			break;
 		case 'h':
 			usage(stdout);
-			return 0;
+			return close_stdout(0);
 		case 'V':
 			printf("commctl %s\n", COMMD_VERSION);
-			return 0;
+			return close_stdout(0);
 		default:
 			usage(stderr);
 			return 2;
@@ -239,7 +254,7 @@ int main(int argc, char **argv)
 				ctl.json = 1;
 			} else if (strcmp(argv[a], "--help") == 0 || strcmp(argv[a], "-h") == 0) {
 				usage(stdout);
-				return 0;
+				return close_stdout(0);
 			} else if ((strcmp(argv[a], "--socket") == 0 || strcmp(argv[a], "-s") == 0) &&
 				   a + 1 < argc) {
 				ctl.socket = argv[++a];
@@ -269,7 +284,7 @@ int main(int argc, char **argv)
 			return 1;
 		rc = commands[i].run(&ctl, nargs, args);
 		close(ctl.fd);
-		return rc;
+		return close_stdout(rc);
 	}
 	fprintf(stderr, "commctl: unknown command '%s'\n", argv[optind]);
 	usage(stderr);

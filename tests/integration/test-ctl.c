@@ -81,17 +81,13 @@ static int rank_hang(int rank, int n, void *arg)
 	return rc | (comm_finalize(c) != COMM_OK);
 }
 
-/* Run commctl with args; returns its exit status, output in out. */
-static int ctl(char *out, size_t len, const char *args)
+/* Run the shell command line cmd; returns its exit status, its stdout in out. */
+static int sh(char *out, size_t len, const char *cmd)
 {
-	char cmd[512];
 	FILE *p;
 	size_t n;
 	int status;
 
-	snprintf(cmd, sizeof cmd, "%s %s 2>&1", getenv("COMMCTL") ? getenv("COMMCTL")
-								   : "./client/commctl",
-		 args);
 	p = popen(cmd, "r");
 	if (!p)
 		return -1;
@@ -101,23 +97,37 @@ static int ctl(char *out, size_t len, const char *args)
 	return WIFEXITED(status) ? WEXITSTATUS(status) : -1;
 }
 
+static const char *ctl_bin(void)
+{
+	return getenv("COMMCTL") ? getenv("COMMCTL") : "./client/commctl";
+}
+
+/* Run commctl with args; returns its exit status, output in out. */
+static int ctl(char *out, size_t len, const char *args)
+{
+	char cmd[1024];
+
+	snprintf(cmd, sizeof cmd, "%s %s 2>&1", ctl_bin(), args);
+	return sh(out, len, cmd);
+}
+
+/* Run commctl with args, its stdout on /dev/full; returns its exit status, stderr in out. */
+static int ctl_full(char *out, size_t len, const char *args)
+{
+	char cmd[1024];
+
+	snprintf(cmd, sizeof cmd, "%s %s 2>&1 >/dev/full", ctl_bin(), args);
+	return sh(out, len, cmd);
+}
+
 /* commctl as uid 65534 (nobody) with the gid REGID names: setpriv --clear-groups. */
 static int ctl_as(char *out, size_t len, const char *regid, const char *args)
 {
-	char cmd[600];
-	const char *bin = getenv("COMMCTL") ? getenv("COMMCTL") : "./client/commctl";
-	FILE *p;
-	size_t n;
-	int status;
+	char cmd[1024];
 
-	snprintf(cmd, sizeof cmd, "setpriv --reuid=65534 %s --clear-groups %s %s 2>&1", regid, bin,
-		 args);
-	if (!(p = popen(cmd, "r")))
-		return -1;
-	n = fread(out, 1, len - 1, p);
-	out[n] = '\0';
-	status = pclose(p);
-	return WIFEXITED(status) ? WEXITSTATUS(status) : -1;
+	snprintf(cmd, sizeof cmd, "setpriv --reuid=65534 %s --clear-groups %s %s 2>&1", regid,
+		 ctl_bin(), args);
+	return sh(out, len, cmd);
 }
 
 #define ABORT_REASON "stuck since noon"
@@ -237,6 +247,9 @@ static void test_abort(const struct th_daemon *d)
 	CHECK(ctl(out, sizeof out, args) == 0 && strstr(out, "\"already_failed\": true") &&
 		      strstr(out, "had already failed: COMM_ERR_ABORTED: " ABORT_SAYS),
 	      "a second abort: %s", out);
+	snprintf(args, sizeof args, "--socket %s abort abort-job", d->sock);
+	CHECK(ctl_full(out, sizeof out, args) == 1 && strstr(out, "No space left on device"),
+	      "abort's answer to a full disk: %s", out);
 	CHECK(write(abort_go[1], "x", 1) == 1, "abort_go");
 	CHECK(th_ranks_wait(&rs) == 0, "a rank of the aborted job did not see the abort");
 
@@ -452,6 +465,24 @@ int main(void)
 	snprintf(args, sizeof args, "--socket %s status --bogus", d.sock);
 	CHECK(ctl(out, sizeof out, args) == 2, "stray argument accepted: %s", out);
 	CHECK(ctl(out, sizeof out, "--help") == 0 && strstr(out, "status"), "help: %s", out);
+
+	/* output that cannot be written is a failure, said on stderr */
+	{
+		static const char *const cmds[] = { "status", "status --json", "jobs", "jobs ctl-job",
+						     "topo", "topo --json" };
+
+		for (size_t i = 0; i < sizeof cmds / sizeof cmds[0]; i++) {
+			snprintf(args, sizeof args, "--socket %s %s", d.sock, cmds[i]);
+			CHECK(ctl_full(out, sizeof out, args) == 1 &&
+				      strstr(out, "commctl: write standard output: No space left on device"),
+			      "%s > /dev/full: %s", cmds[i], out);
+		}
+		CHECK(ctl_full(out, sizeof out, "--help") == 1 && strstr(out, "No space left"),
+		      "--help > /dev/full: %s", out);
+		CHECK(ctl_full(out, sizeof out, "--version") == 1 && strstr(out, "No space left"),
+		      "--version > /dev/full: %s", out);
+		printf("ok: commctl fails, saying why, when its output cannot be written\n");
+	}
 
 	/* what a hang waits for: the op, who posted it, who never did */
 	{
