@@ -38,33 +38,18 @@ static const struct {
 
 static void usage(FILE *f)
 {
-	fprintf(f, "usage: commctl [--socket PATH] COMMAND [ARGS] [--json]\n"
-		   "  --socket PATH  the daemon's socket (default: $COMM_SOCKET or "
+	fprintf(f, "usage: commctl [OPTIONS] COMMAND [ARG] [OPTIONS]\n"
+		   "options, before or after the command:\n"
+		   "  -s, --socket PATH  the daemon's socket (default: $COMM_SOCKET or "
 		   "/run/commd/commd.sock)\n"
-		   "  --json         machine-readable output\n"
+		   "  -j, --json         machine-readable output\n"
+		   "      --reason TEXT  abort: what the ranks are told\n"
+		   "      --uid UID      abort: the job of that user, where names repeat\n"
+		   "  -h, --help         this summary\n"
+		   "  -V, --version      commctl's version\n"
 		   "commands:\n");
 	for (size_t i = 0; i < sizeof commands / sizeof commands[0]; i++)
 		fprintf(f, "  %-6s %-8s %s\n", commands[i].name, commands[i].args, commands[i].help);
-}
-
-/*
- * Whether argv[*a] is the option name, as "NAME VALUE" or "NAME=VALUE":
- * then *val is the value and *a its index.
- */
-static int opt_value(int argc, char **argv, int *a, const char *name, const char **val)
-{
-	size_t n = strlen(name);
-
-	if (strncmp(argv[*a], name, n) != 0)
-		return 0;
-	if (argv[*a][n] == '=') {
-		*val = argv[*a] + n + 1;
-		return 1;
-	}
-	if (argv[*a][n] || *a + 1 >= argc)
-		return 0;
-	*val = argv[++*a];
-	return 1;
 }
 
 /* A uid in decimal, into *uid: 0, or -1 when s is not one. */
@@ -205,26 +190,54 @@ static int close_stdout(int rc)
 
 int main(int argc, char **argv)
 {
+	enum { OPT_REASON = 256, OPT_UID };
 	static const struct option opts[] = {
 		{ "socket", required_argument, NULL, 's' },
 		{ "json", no_argument, NULL, 'j' },
+		{ "reason", required_argument, NULL, OPT_REASON },
+		{ "uid", required_argument, NULL, OPT_UID },
 		{ "help", no_argument, NULL, 'h' },
 		{ "version", no_argument, NULL, 'V' },
 		{ NULL, 0, NULL, 0 },
 	};
 	struct ctl ctl = { .fd = -1, .uid = -1, .reason = "" };
-	int opt, rc;
+	/* the command and its arguments, in order; nwords counts past the array's end */
+	char *words[4];
+	int nwords = 0, opt, rc;
+	const char *abort_only = NULL; /* --reason or --uid, when given */
 
 	ctl.socket = getenv("COMM_SOCKET");
 	if (!ctl.socket || !*ctl.socket)
 		ctl.socket = "/run/commd/commd.sock";
-	while ((opt = getopt_long(argc, argv, "+s:jhV", opts, NULL)) != -1) {
+	/*
+	 * "-": options anywhere, as the man page says, and each other word
+	 * handed back in order (case 1), POSIXLY_CORRECT or not; after "--"
+	 * every word is one (a job named "-x").
+	 */
+	while ((opt = getopt_long(argc, argv, "-s:jhV", opts, NULL)) != -1) {
 		switch (opt) {
+		case 1:
+			if (nwords < (int)(sizeof words / sizeof words[0]))
+				words[nwords] = optarg;
+			nwords++;
+			break;
 		case 's':
 			ctl.socket = optarg;
 			break;
 		case 'j':
 			ctl.json = 1;
+			break;
+		case OPT_REASON:
+			ctl.reason = optarg;
+			abort_only = "--reason";
+			break;
+		case OPT_UID:
+			if (parse_uid(optarg, &ctl.uid) < 0) {
+				fprintf(stderr, "commctl: abort: --uid wants a number, not '%s'\n",
+					optarg);
+				return 2;
+			}
+			abort_only = "--uid";
 			break;
 		case 'h':
 			usage(stdout);
@@ -237,56 +250,39 @@ int main(int argc, char **argv)
 			return 2;
 		}
 	}
-	if (optind >= argc) {
+	for (; optind < argc; optind++, nwords++)
+		if (nwords < (int)(sizeof words / sizeof words[0]))
+			words[nwords] = argv[optind];
+	if (nwords == 0) {
 		usage(stderr);
 		return 2;
 	}
 	for (size_t i = 0; i < sizeof commands / sizeof commands[0]; i++) {
-		char *args[1];
-		int nargs = 0, is_abort = commands[i].run == ctl_abort;
-		const char *val;
+		int nargs = nwords - 1;
 
-		if (strcmp(argv[optind], commands[i].name) != 0)
+		if (strcmp(words[0], commands[i].name) != 0)
 			continue;
-		/* flags may also follow the command, between its arguments */
-		for (int a = optind + 1; a < argc; a++) {
-			if (strcmp(argv[a], "--json") == 0 || strcmp(argv[a], "-j") == 0) {
-				ctl.json = 1;
-			} else if (strcmp(argv[a], "--help") == 0 || strcmp(argv[a], "-h") == 0) {
-				usage(stdout);
-				return close_stdout(0);
-			} else if ((strcmp(argv[a], "--socket") == 0 || strcmp(argv[a], "-s") == 0) &&
-				   a + 1 < argc) {
-				ctl.socket = argv[++a];
-			} else if (strncmp(argv[a], "--socket=", 9) == 0) {
-				ctl.socket = argv[a] + 9;
-			} else if (is_abort && opt_value(argc, argv, &a, "--reason", &val)) {
-				ctl.reason = val;
-			} else if (is_abort && opt_value(argc, argv, &a, "--uid", &val)) {
-				if (parse_uid(val, &ctl.uid) < 0) {
-					fprintf(stderr, "commctl: abort: --uid wants a number, not '%s'\n",
-						val);
-					return 2;
-				}
-			} else if (argv[a][0] != '-' && nargs < commands[i].max_args) {
-				args[nargs++] = argv[a];
-			} else {
-				fprintf(stderr, "commctl: %s: unknown argument '%s'\n",
-					commands[i].name, argv[a]);
-				return 2;
-			}
+		if (nargs > commands[i].max_args) {
+			fprintf(stderr, "commctl: %s: unknown argument '%s'\n", commands[i].name,
+				words[1 + commands[i].max_args]);
+			return 2;
 		}
 		if (nargs < commands[i].min_args) {
 			fprintf(stderr, "commctl: %s: which %s?\n", commands[i].name, commands[i].args);
 			return 2;
 		}
+		if (abort_only && commands[i].run != ctl_abort) {
+			fprintf(stderr, "commctl: %s: %s is an option of abort only\n",
+				commands[i].name, abort_only);
+			return 2;
+		}
 		if (ctl_connect(&ctl) < 0)
 			return 1;
-		rc = commands[i].run(&ctl, nargs, args);
+		rc = commands[i].run(&ctl, nargs, words + 1);
 		close(ctl.fd);
 		return close_stdout(rc);
 	}
-	fprintf(stderr, "commctl: unknown command '%s'\n", argv[optind]);
+	fprintf(stderr, "commctl: unknown command '%s'\n", words[0]);
 	usage(stderr);
 	return 2;
 }

@@ -232,14 +232,15 @@ static void test_abort(const struct th_daemon *d)
 			      strstr(out, "COMM_ERR_NOT_FOUND: abort: no job named abort-job"),
 		      "uid 65534 aborts root's job: %s", out);
 	}
-	snprintf(args, sizeof args, "--socket %s abort abort-job --uid 65534", d->sock);
+	snprintf(args, sizeof args, "--uid 65534 --socket %s abort abort-job", d->sock);
 	CHECK(ctl(out, sizeof out, args) == 1 && strstr(out, "no job named abort-job of that uid"),
 	      "abort of another uid's job of that name: %s", out);
 	snprintf(args, sizeof args, "--socket %s jobs abort-job", d->sock);
 	CHECK(ctl(out, sizeof out, args) == 0 && strstr(out, "waiting for rank 2"),
 	      "a refused abort touched the job:\n%s", out);
-	snprintf(args, sizeof args, "--socket %s abort abort-job --uid=0 --reason '" ABORT_REASON
-		 "'", d->sock);
+	/* options before the command, as after it */
+	snprintf(args, sizeof args, "--socket %s --uid=0 --reason '" ABORT_REASON "' abort abort-job",
+		 d->sock);
 	CHECK(ctl(out, sizeof out, args) == 0 &&
 		      strstr(out, "job abort-job (uid 0, 3 ranks, ready): aborted"),
 	      "abort: %s", out);
@@ -268,8 +269,18 @@ static void test_abort(const struct th_daemon *d)
 	snprintf(args, sizeof args, "--socket %s abort ctl-job --uid root", d->sock);
 	CHECK(ctl(out, sizeof out, args) == 2 && strstr(out, "--uid wants a number"),
 	      "--uid root: %s", out);
+	snprintf(args, sizeof args, "--socket %s abort -- -x", d->sock);
+	CHECK(ctl(out, sizeof out, args) == 1 && strstr(out, "no job named -x"),
+	      "abort -- -x: %s", out);
 	snprintf(args, sizeof args, "--socket %s status --reason x", d->sock);
-	CHECK(ctl(out, sizeof out, args) == 2, "status --reason accepted: %s", out);
+	CHECK(ctl(out, sizeof out, args) == 2 && strstr(out, "--reason is an option of abort only"),
+	      "status --reason accepted: %s", out);
+	snprintf(args, sizeof args, "--socket %s --uid 0 jobs", d->sock);
+	CHECK(ctl(out, sizeof out, args) == 2 && strstr(out, "--uid is an option of abort only"),
+	      "--uid 0 jobs accepted: %s", out);
+	snprintf(args, sizeof args, "--socket %s jobs --uid 0", d->sock);
+	CHECK(ctl(out, sizeof out, args) == 2 && strstr(out, "--uid is an option of abort only"),
+	      "jobs --uid 0 accepted: %s", out);
 	printf("ok: commctl abort, forming and formed, and its errors\n");
 }
 
@@ -409,6 +420,8 @@ int main(void)
 	snprintf(args, sizeof args, "status --help");
 	CHECK(ctl(out, sizeof out, args) == 0 && strstr(out, "usage: commctl"),
 	      "status --help: %s", out);
+	snprintf(args, sizeof args, "-j status --socket=%s", d.sock);
+	CHECK(ctl(out, sizeof out, args) == 0 && out[0] == '{', "-j status --socket=PATH: %s", out);
 	snprintf(args, sizeof args, "status --socket=%s -j", d.sock);
 	CHECK(ctl(out, sizeof out, args) == 0 && out[0] == '{', "status --socket=PATH -j: %s",
 	      out);
@@ -500,7 +513,7 @@ int main(void)
 			      strstr(out, "1000") && strstr(out, "float32") &&
 			      strstr(out, " 0-1 ") && strstr(out, "waiting for rank 2"),
 		      "the all-reduce that rank 2 holds back is not shown:\n%s", out);
-		snprintf(args, sizeof args, "--socket %s jobs hang-job --json", d.sock);
+		snprintf(args, sizeof args, "--json --socket %s jobs hang-job", d.sock);
 		CHECK(ctl(out, sizeof out, args) == 0 &&
 			      strstr(out, "\"collective\": 1, \"type\": \"allreduce\"") &&
 			      strstr(out, "\"posted\": \"0-1\"") && strstr(out, "\"missing\": \"2\""),
