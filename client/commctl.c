@@ -4,16 +4,26 @@
  */
 #include <errno.h>
 #include <getopt.h>
+#include <poll.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/socket.h>
+#include <sys/time.h>
 #include <sys/un.h>
+#include <time.h>
 #include <unistd.h>
 
 #include "comm.h"
 #include "ctl.h"
 #include "frame.h"
+
+#define CTL_TIMEOUT_S 10 /* --timeout's default */
+#define CTL_TIMEOUT_MAX_S 86400
+
+/* --timeout: seconds for the whole exchange (0: none), and when they end */
+static double timeout_s = CTL_TIMEOUT_S;
+static long long deadline_ms; /* CLOCK_MONOTONIC, set by ctl_connect */
 
 static const struct {
 	const char *name;
@@ -40,14 +50,17 @@ static void usage(FILE *f)
 {
 	fprintf(f, "usage: commctl [OPTIONS] COMMAND [ARG] [OPTIONS]\n"
 		   "options, before or after the command:\n"
-		   "  -s, --socket PATH  the daemon's socket (default: $COMM_SOCKET or "
-		   "/run/commd/commd.sock)\n"
-		   "  -j, --json         machine-readable output\n"
-		   "      --reason TEXT  abort: what the ranks are told\n"
-		   "      --uid UID      abort: the job of that user, where names repeat\n"
-		   "  -h, --help         this summary\n"
-		   "  -V, --version      commctl's version\n"
-		   "commands:\n");
+		   "  -s, --socket PATH      the daemon's socket (default: $COMM_SOCKET or\n"
+		   "                         /run/commd/commd.sock)\n"
+		   "  -j, --json             machine-readable output\n"
+		   "      --timeout SECONDS  give up when commd has not answered by then\n"
+		   "                         (default %d; 0 waits for ever)\n"
+		   "      --reason TEXT      abort: what the ranks are told\n"
+		   "      --uid UID          abort: the job of that user, where names repeat\n"
+		   "  -h, --help             this summary\n"
+		   "  -V, --version          commctl's version\n"
+		   "commands:\n",
+		CTL_TIMEOUT_S);
 	for (size_t i = 0; i < sizeof commands / sizeof commands[0]; i++)
 		fprintf(f, "  %-6s %-8s %s\n", commands[i].name, commands[i].args, commands[i].help);
 }
@@ -62,6 +75,61 @@ static int parse_uid(const char *s, long *uid)
 	return errno || end == s || *end || *uid < 0 || *uid > 0xfffffffe ? -1 : 0;
 }
 
+/* --timeout's SECONDS (a fraction too) into *t: 0, or -1 when s is not one. */
+static int parse_timeout(const char *s, double *t)
+{
+	char *end;
+
+	errno = 0;
+	*t = strtod(s, &end);
+	/* NaN fails both comparisons */
+	return errno || end == s || *end || !(*t >= 0 && *t <= CTL_TIMEOUT_MAX_S) ? -1 : 0;
+}
+
+static long long now_ms(void)
+{
+	struct timespec now;
+
+	clock_gettime(CLOCK_MONOTONIC, &now);
+	return now.tv_sec * 1000LL + now.tv_nsec / 1000000;
+}
+
+/* Milliseconds left before the deadline (0 once past it), or -1 for no timeout. */
+static int ms_left(void)
+{
+	long long ms = deadline_ms - now_ms();
+
+	if (timeout_s <= 0)
+		return -1;
+	return ms < 0 ? 0 : (int)ms;
+}
+
+/*
+ * Bound the next connect (to a listener whose backlog is full) or send by
+ * the time left: SO_SNDTIMEO, as neither can be polled for on a blocking
+ * Unix socket.
+ */
+static void send_timeout(int fd)
+{
+	int ms = ms_left();
+	struct timeval tv = { ms / 1000, ms % 1000 * 1000 };
+
+	if (ms < 0)
+		return;
+	if (!ms)
+		tv.tv_usec = 1; /* 0 would mean no limit */
+	setsockopt(fd, SOL_SOCKET, SO_SNDTIMEO, &tv, sizeof tv);
+}
+
+/* What a commd that never answers (stopped, hung, its backlog full) gets said. */
+static void say_timeout(const struct ctl *ctl)
+{
+	fprintf(stderr,
+		"commctl: %s: commd did not answer within %g s (is it stopped or hung? "
+		"--timeout SECONDS waits longer)\n",
+		ctl->socket, timeout_s);
+}
+
 int ctl_connect(struct ctl *ctl)
 {
 	struct sockaddr_un sa = { .sun_family = AF_UNIX };
@@ -73,10 +141,19 @@ int ctl_connect(struct ctl *ctl)
 		return -1;
 	}
 	strcpy(sa.sun_path, ctl->socket);
+	deadline_ms = now_ms() + (long long)(timeout_s * 1000);
 	ctl->fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
-	if (ctl->fd < 0 || connect(ctl->fd, (struct sockaddr *)&sa, sizeof sa) < 0) {
-		fprintf(stderr, "commctl: connect %s: %s (is commd running?)\n", ctl->socket,
-			strerror(errno));
+	if (ctl->fd < 0) {
+		fprintf(stderr, "commctl: socket: %s\n", strerror(errno));
+		return -1;
+	}
+	send_timeout(ctl->fd);
+	if (connect(ctl->fd, (struct sockaddr *)&sa, sizeof sa) < 0) {
+		if (errno == EAGAIN || errno == EINPROGRESS)
+			say_timeout(ctl);
+		else
+			fprintf(stderr, "commctl: connect %s: %s (is commd running?)\n",
+				ctl->socket, strerror(errno));
 		return -1;
 	}
 	hello.version_min = PROTO_VERSION_MIN;
@@ -114,8 +191,13 @@ Commpb__Envelope *ctl_call(struct ctl *ctl, Commpb__Envelope *env)
 		fprintf(stderr, "commctl: request too large\n");
 		return NULL;
 	}
+	send_timeout(ctl->fd);
 	rc = frame_send_all(ctl->fd, frame, len, NULL, 0);
 	free(frame);
+	if (rc == -EAGAIN) {
+		say_timeout(ctl);
+		return NULL;
+	}
 	/* a refused connection: commd said why before it closed; read that */
 	if (rc < 0 && rc != -EPIPE && rc != -ECONNRESET) {
 		fprintf(stderr, "commctl: write: %s\n", strerror(-rc));
@@ -124,6 +206,7 @@ Commpb__Envelope *ctl_call(struct ctl *ctl, Commpb__Envelope *env)
 	frame_reader_init(&rd);
 	for (;;) {
 		enum frame_status st = frame_next(&rd, &payload, &len);
+		struct pollfd pfd;
 		long n;
 
 		if (st == FRAME_OK) {
@@ -134,6 +217,12 @@ Commpb__Envelope *ctl_call(struct ctl *ctl, Commpb__Envelope *env)
 		}
 		if (st == FRAME_TOO_BIG) {
 			fprintf(stderr, "commctl: oversized reply\n");
+			break;
+		}
+		pfd.fd = ctl->fd;
+		pfd.events = POLLIN;
+		if (poll(&pfd, 1, ms_left()) == 0) {
+			say_timeout(ctl);
 			break;
 		}
 		n = frame_reader_recv(&rd, ctl->fd);
@@ -190,12 +279,13 @@ static int close_stdout(int rc)
 
 int main(int argc, char **argv)
 {
-	enum { OPT_REASON = 256, OPT_UID };
+	enum { OPT_REASON = 256, OPT_UID, OPT_TIMEOUT };
 	static const struct option opts[] = {
 		{ "socket", required_argument, NULL, 's' },
 		{ "json", no_argument, NULL, 'j' },
 		{ "reason", required_argument, NULL, OPT_REASON },
 		{ "uid", required_argument, NULL, OPT_UID },
+		{ "timeout", required_argument, NULL, OPT_TIMEOUT },
 		{ "help", no_argument, NULL, 'h' },
 		{ "version", no_argument, NULL, 'V' },
 		{ NULL, 0, NULL, 0 },
@@ -238,6 +328,15 @@ int main(int argc, char **argv)
 				return 2;
 			}
 			abort_only = "--uid";
+			break;
+		case OPT_TIMEOUT:
+			if (parse_timeout(optarg, &timeout_s) < 0) {
+				fprintf(stderr,
+					"commctl: --timeout wants seconds, 0 to %d (0: wait for ever), "
+					"not '%s'\n",
+					CTL_TIMEOUT_MAX_S, optarg);
+				return 2;
+			}
 			break;
 		case 'h':
 			usage(stdout);

@@ -5,13 +5,20 @@
  * that never did; over two daemons, on the one whose ranks all posted it,
  * the node (and its ranks) it waits for. `commctl abort` fails a hung job,
  * forming or formed, on one daemon or over two, and no other job; who may,
- * and its errors.
+ * and its errors. A daemon that does not answer (stopped, its backlog
+ * full) costs commctl its --timeout, not for ever.
  */
+#include <errno.h>
+#include <fcntl.h>
+#include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/socket.h>
 #include <sys/stat.h>
+#include <sys/un.h>
 #include <sys/wait.h>
+#include <time.h>
 #include <unistd.h>
 
 #include "check.h"
@@ -388,6 +395,91 @@ static int jobs_aligned(const char *out)
 	return 1;
 }
 
+static double now_s(void)
+{
+	struct timespec t;
+
+	clock_gettime(CLOCK_MONOTONIC, &t);
+	return (double)t.tv_sec + (double)t.tv_nsec / 1e9;
+}
+
+/* ctl, and how long it took in *secs. */
+static int ctl_timed(char *out, size_t len, const char *args, double *secs)
+{
+	double t0 = now_s();
+	int rc = ctl(out, len, args);
+
+	*secs = now_s() - t0;
+	return rc;
+}
+
+/*
+ * A daemon that never answers: d stopped (SIGSTOP), then a listener of the
+ * test's own whose backlog is full, so that connect itself waits. commctl
+ * gives up after --timeout (10 s by default), naming the socket, exit 1.
+ */
+static void test_timeout(const struct th_daemon *d)
+{
+	static const char *const bad[] = { "x", "-1", "1s", "", "nan", "86401" };
+	struct sockaddr_un sa = { .sun_family = AF_UNIX };
+	char out[8192], args[512];
+	int lfd, cfd[8], ncfd = 0;
+	double secs;
+
+	REQUIRE(kill(d->pid, SIGSTOP) == 0, "SIGSTOP");
+	snprintf(args, sizeof args, "--timeout 1 --socket %s status", d->sock);
+	CHECK(ctl_timed(out, sizeof out, args, &secs) == 1 && strstr(out, d->sock) &&
+		      strstr(out, "commd did not answer within 1 s") && secs >= 0.9 && secs < 5,
+	      "status of a stopped daemon, --timeout 1 (%.1f s): %s", secs, out);
+	snprintf(args, sizeof args, "--socket %s jobs ctl-job --timeout=0.5 --json", d->sock);
+	CHECK(ctl_timed(out, sizeof out, args, &secs) == 1 &&
+		      strstr(out, "did not answer within 0.5 s") && secs >= 0.4 && secs < 5,
+	      "jobs of a stopped daemon, --timeout=0.5 (%.1f s): %s", secs, out);
+	snprintf(args, sizeof args, "--socket %s status", d->sock);
+	CHECK(ctl_timed(out, sizeof out, args, &secs) == 1 &&
+		      strstr(out, "did not answer within 10 s") && secs >= 9.5 && secs < 20,
+	      "status of a stopped daemon, the default timeout (%.1f s): %s", secs, out);
+	REQUIRE(kill(d->pid, SIGCONT) == 0, "SIGCONT");
+	snprintf(args, sizeof args, "--socket %s status --timeout 0", d->sock);
+	CHECK(ctl(out, sizeof out, args) == 0 && strstr(out, "ctl-job"),
+	      "status once the daemon goes on: %s", out);
+
+	/* connect waits: the backlog of a listener that never accepts is full */
+	REQUIRE(snprintf(sa.sun_path, sizeof sa.sun_path, "%s/silent.sock", d->dir) <
+			(int)sizeof sa.sun_path,
+		"socket path too long");
+	lfd = socket(AF_UNIX, SOCK_STREAM, 0);
+	REQUIRE(lfd >= 0 && bind(lfd, (struct sockaddr *)&sa, sizeof sa) == 0 && listen(lfd, 0) == 0,
+		"silent listener: %s", strerror(errno));
+	for (;;) {
+		int fd = socket(AF_UNIX, SOCK_STREAM | SOCK_NONBLOCK, 0);
+
+		REQUIRE(fd >= 0 && ncfd < 8, "filling the backlog");
+		if (connect(fd, (struct sockaddr *)&sa, sizeof sa) < 0) {
+			REQUIRE(errno == EAGAIN, "filling the backlog: %s", strerror(errno));
+			close(fd);
+			break;
+		}
+		cfd[ncfd++] = fd;
+	}
+	snprintf(args, sizeof args, "--socket %s --timeout 1 topo", sa.sun_path);
+	CHECK(ctl_timed(out, sizeof out, args, &secs) == 1 && strstr(out, sa.sun_path) &&
+		      strstr(out, "did not answer within 1 s") && secs >= 0.9 && secs < 5,
+	      "topo of a full backlog, --timeout 1 (%.1f s): %s", secs, out);
+	while (ncfd)
+		close(cfd[--ncfd]);
+	close(lfd);
+	unlink(sa.sun_path);
+
+	/* bad values */
+	for (size_t i = 0; i < sizeof bad / sizeof bad[0]; i++) {
+		snprintf(args, sizeof args, "--socket %s status --timeout '%s'", d->sock, bad[i]);
+		CHECK(ctl(out, sizeof out, args) == 2 && strstr(out, "--timeout wants seconds"),
+		      "--timeout '%s': %s", bad[i], out);
+	}
+	printf("ok: commctl gives up on a daemon that does not answer after --timeout\n");
+}
+
 #define LONG_JOB "ctl-job-whose-name-is-longer-than-the-column"
 
 int main(void)
@@ -540,6 +632,7 @@ int main(void)
 		CHECK(ctl(out, sizeof out, args) == 2, "jobs with two names accepted: %s", out);
 	}
 
+	test_timeout(&d);
 	test_abort(&d);
 	test_span();
 
