@@ -4,11 +4,13 @@
  */
 #include <errno.h>
 #include <getopt.h>
+#include <grp.h>
 #include <poll.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/socket.h>
+#include <sys/stat.h>
 #include <sys/time.h>
 #include <sys/un.h>
 #include <time.h>
@@ -130,6 +132,33 @@ static void say_timeout(const struct ctl *ctl)
 		ctl->socket, timeout_s);
 }
 
+/*
+ * Why connect said EACCES, and what to do: the socket's mode and group
+ * (commd --socket-group) decide who may connect, or a directory on the
+ * way is closed.
+ */
+static void say_denied(const struct ctl *ctl)
+{
+	struct stat st;
+	const struct group *gr;
+	char gid[16];
+
+	if (stat(ctl->socket, &st) < 0) {
+		fprintf(stderr,
+			"commctl: connect %s: permission denied: a directory on the way is closed "
+			"to you; run commctl as root\n",
+			ctl->socket);
+		return;
+	}
+	gr = getgrgid(st.st_gid);
+	snprintf(gid, sizeof gid, "%u", (unsigned)st.st_gid);
+	fprintf(stderr,
+		"commctl: connect %s: permission denied: the socket is mode %04o, group %s "
+		"(commd --socket-group); run commctl as root or as a member of group %s\n",
+		ctl->socket, (unsigned)(st.st_mode & 07777), gr ? gr->gr_name : gid,
+		gr ? gr->gr_name : gid);
+}
+
 int ctl_connect(struct ctl *ctl)
 {
 	struct sockaddr_un sa = { .sun_family = AF_UNIX };
@@ -151,6 +180,8 @@ int ctl_connect(struct ctl *ctl)
 	if (connect(ctl->fd, (struct sockaddr *)&sa, sizeof sa) < 0) {
 		if (errno == EAGAIN || errno == EINPROGRESS)
 			say_timeout(ctl);
+		else if (errno == EACCES)
+			say_denied(ctl);
 		else
 			fprintf(stderr, "commctl: connect %s: %s (is commd running?)\n",
 				ctl->socket, strerror(errno));

@@ -413,6 +413,20 @@ static int ctl_timed(char *out, size_t len, const char *args, double *secs)
 	return rc;
 }
 
+/* A socket at path that listens (with that backlog) and never accepts; its fd. */
+static int silent_listener(const char *path, int backlog)
+{
+	struct sockaddr_un sa = { .sun_family = AF_UNIX };
+	int fd;
+
+	REQUIRE(snprintf(sa.sun_path, sizeof sa.sun_path, "%s", path) < (int)sizeof sa.sun_path,
+		"socket path too long");
+	fd = socket(AF_UNIX, SOCK_STREAM, 0);
+	REQUIRE(fd >= 0 && bind(fd, (struct sockaddr *)&sa, sizeof sa) == 0 && listen(fd, backlog) == 0,
+		"listener %s: %s", path, strerror(errno));
+	return fd;
+}
+
 /*
  * A daemon that never answers: d stopped (SIGSTOP), then a listener of the
  * test's own whose backlog is full, so that connect itself waits. commctl
@@ -448,9 +462,7 @@ static void test_timeout(const struct th_daemon *d)
 	REQUIRE(snprintf(sa.sun_path, sizeof sa.sun_path, "%s/silent.sock", d->dir) <
 			(int)sizeof sa.sun_path,
 		"socket path too long");
-	lfd = socket(AF_UNIX, SOCK_STREAM, 0);
-	REQUIRE(lfd >= 0 && bind(lfd, (struct sockaddr *)&sa, sizeof sa) == 0 && listen(lfd, 0) == 0,
-		"silent listener: %s", strerror(errno));
+	lfd = silent_listener(sa.sun_path, 0);
 	for (;;) {
 		int fd = socket(AF_UNIX, SOCK_STREAM | SOCK_NONBLOCK, 0);
 
@@ -478,6 +490,49 @@ static void test_timeout(const struct th_daemon *d)
 		      "--timeout '%s': %s", bad[i], out);
 	}
 	printf("ok: commctl gives up on a daemon that does not answer after --timeout\n");
+}
+
+/*
+ * EACCES from connect, as uid 65534: a socket of mode 0660 and group
+ * daemon (--socket-group) is named with its group, the way in; a socket
+ * behind a closed directory says so. Inside the group the same socket
+ * lets commctl in.
+ */
+static void test_denied(const struct th_daemon *d)
+{
+	char out[8192], args[512], grouped[256], closed[256], hidden[300];
+	int gfd, cfd;
+
+	snprintf(grouped, sizeof grouped, "%s/grouped.sock", d->dir);
+	snprintf(closed, sizeof closed, "%s/closed", d->dir);
+	snprintf(hidden, sizeof hidden, "%s/closed/hidden.sock", d->dir);
+	gfd = silent_listener(grouped, 8);
+	REQUIRE(chown(grouped, 0, 1) == 0 && chmod(grouped, 0660) == 0, "chown grouped.sock");
+	REQUIRE(mkdir(closed, 0700) == 0, "mkdir closed");
+	cfd = silent_listener(hidden, 8);
+
+	snprintf(args, sizeof args, "--socket %s status", grouped);
+	CHECK(ctl_as(out, sizeof out, "--regid=65534", args) == 1 && strstr(out, grouped) &&
+		      strstr(out, "permission denied: the socket is mode 0660, group daemon "
+				  "(commd --socket-group); run commctl as root or as a member of "
+				  "group daemon") &&
+		      !strstr(out, "is commd running"),
+	      "a socket of another group: %s", out);
+	snprintf(args, sizeof args, "--socket %s --timeout 0.2 status", grouped);
+	CHECK(ctl_as(out, sizeof out, "--regid=1", args) == 1 &&
+		      strstr(out, "did not answer within 0.2 s"),
+	      "a member of the socket's group is not let in: %s", out);
+	snprintf(args, sizeof args, "--socket %s status", hidden);
+	CHECK(ctl_as(out, sizeof out, "--regid=65534", args) == 1 && strstr(out, hidden) &&
+		      strstr(out, "permission denied: a directory on the way is closed to you"),
+	      "a socket behind a closed directory: %s", out);
+
+	close(cfd);
+	close(gfd);
+	unlink(hidden);
+	rmdir(closed);
+	unlink(grouped);
+	printf("ok: permission denied says the socket's group, or the closed directory\n");
 }
 
 #define LONG_JOB "ctl-job-whose-name-is-longer-than-the-column"
@@ -554,6 +609,7 @@ int main(void)
 			      !strstr(out, "yours only"),
 		      "a member of the admin group (daemon) does not see every job:\n%s", out);
 		printf("ok: uid 65534 sees its own jobs only; in the admin group, every job\n");
+		test_denied(&d);
 	} else {
 		printf("skipped: setpriv cannot change the uid here\n");
 	}
