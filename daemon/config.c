@@ -1,7 +1,8 @@
 /*
  * config.c: commd's settings. The config file (default /etc/commd/commd.conf,
  * `key = value` lines, `#` or `;` comment lines and `;` comments after a
- * space, each key once, read with inih) sets them first;
+ * space, each key once, read with inih, whose lines are 199 bytes
+ * at most) sets them first;
  * command-line flags of the same names override it. Both go through
  * config_set, so a value means the same wherever it is written.
  */
@@ -10,6 +11,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include "commd.h"
@@ -257,20 +259,76 @@ static int on_entry(void *user, const char *section, const char *key, const char
 	return 1;
 }
 
+/* What read_line reads from, and where it stopped. */
+struct line_reader {
+	FILE *f;
+	int line;     /* the lines read so far */
+	int max;      /* the longest line inih's buffer holds */
+	int too_long; /* line is longer than that: not handed over */
+};
+
+/*
+ * inih's reader: fgets, but a line longer than inih's buffer (num - 1
+ * bytes) is never split, as inih would read its tail as a line of its own:
+ * a comment's tail is skipped, any other such line ends the file with
+ * too_long set.
+ */
+static char *read_line(char *str, int num, void *stream)
+{
+	struct line_reader *r = stream;
+	const char *p = str;
+	size_t len;
+	int c;
+
+	if (r->too_long || !fgets(str, num, r->f))
+		return NULL;
+	r->line++;
+	r->max = num - 1;
+	len = strlen(str);
+	if (!len || str[len - 1] == '\n')
+		return str;
+	/* a full buffer: the line may end right there */
+	if ((c = getc(r->f)) == EOF || c == '\n')
+		return str;
+	ungetc(c, r->f);
+	if (r->line == 1 && !strncmp(p, "\xEF\xBB\xBF", 3))
+		p += 3; /* a UTF-8 byte order mark, which inih skips */
+	p += strspn(p, " \t\r\v\f");
+	if (*p == '#' || *p == ';') {
+		while ((c = getc(r->f)) != EOF && c != '\n')
+			;
+		return str;
+	}
+	r->too_long = 1;
+	return NULL;
+}
+
 int config_load(struct config *cfg, const char *path, int must_exist, char *err, size_t errlen)
 {
 	struct load_ctx ctx = { .cfg = cfg };
-	FILE *f = fopen(path, "r");
+	struct line_reader r = { fopen(path, "r"), 0, 0, 0 };
+	struct stat st;
 	int line;
 
-	if (!f) {
+	if (!r.f) {
 		if (errno == ENOENT && !must_exist)
 			return 0;
 		snprintf(err, errlen, "%s: %s", path, strerror(errno));
 		return -1;
 	}
-	line = ini_parse_file(f, on_entry, &ctx);
-	fclose(f);
+	/* a directory opens, and reads as nothing: every setting would be its default */
+	if (fstat(fileno(r.f), &st) == 0 && S_ISDIR(st.st_mode)) {
+		fclose(r.f);
+		snprintf(err, errlen, "%s: is a directory, not a config file", path);
+		return -1;
+	}
+	line = ini_parse_stream(read_line, &r, on_entry, &ctx);
+	fclose(r.f);
+	if (line == 0 && r.too_long) {
+		snprintf(err, errlen, "%s:%d: longer than %d bytes (a longer value can be given as "
+			 "its flag)", path, r.line, r.max);
+		return -1;
+	}
 	if (line == 0)
 		return 0;
 	/* inih reports the first bad line; a line it cannot parse has no message of ours */

@@ -1,8 +1,8 @@
 #!/bin/bash
 # test-config.sh: commd's config file: every key takes effect, flags win over
 # the file, the topology key loads a description like --topology, a bad
-# key, value, section or line stops commd at start naming the file and line,
-# and SIGHUP reloads what may change under running jobs.
+# key, value, section, over-long line or directory stops commd at start naming
+# the file and line, and SIGHUP reloads what may change under running jobs.
 set -u
 . "$(dirname "$0")/../lib/daemon.sh"
 fix=$(cd "$(dirname "$0")/../fixtures" && pwd)
@@ -102,6 +102,18 @@ check_bad "empty socket" 1 "socket: '' is empty" 'socket ='
 check_bad "a key twice" 3 "threads is set twice" $'threads = 1\nlog-level = info\nthreads = 2'
 check_bad "an indented line" 2 "threads is set twice" $'threads = 2\n  1'
 check_bad "a # after a value" 1 "threads: '2 # two' is not in" 'threads = 2 # two'
+# inih reads 199 bytes a line: a longer line is refused whole, naming its line, not
+# split with its tail read as a line of its own; a long comment is only a comment
+long=$(printf '%0250d' 0)
+check_bad "a long line" 2 "longer than 199 bytes" $'threads = 1\ntopology = /'"$long"$'\nthreads = 2'
+check_bad "a line of 199 bytes" 2 "unknown key 'thread'" "# ${long:0:197}"$'\nthread = 2'
+printf '# %s threads = 0\n; %s threads = 0\n' "$long" "$long" >"$tmp/long.conf"
+timeout 10 "$COMMD" --config "$tmp/long.conf" --dump-topology >/dev/null 2>"$tmp/long.err" ||
+	bad "a long comment line: $(cat "$tmp/long.err")"
+# a directory opens and reads as nothing: refused, not every setting at its default
+timeout 10 "$COMMD" --foreground --config "$tmp" --socket "$tmp/dir.sock" 2>"$tmp/bad.err"
+[ $? = 2 ] && grep -q "config: $tmp: is a directory" "$tmp/bad.err" ||
+	bad "--config a directory: $(cat "$tmp/bad.err")"
 printf 'topology = %s\n' "$tmp/none.topo" >"$tmp/bad.conf"
 timeout 10 "$COMMD" --foreground --config "$tmp/bad.conf" 2>"$tmp/bad.err" && bad "missing topology file accepted"
 grep -q "none.topo: No such file" "$tmp/bad.err" || bad "missing topology file: $(cat "$tmp/bad.err")"
@@ -147,6 +159,17 @@ kill -HUP "$pid"
 for _ in $(seq 100); do grep -q "the settings in force stay" "$tmp/hup.log" && break; sleep 0.05; done
 grep -q "reload: config: .*hup.conf:5: threads" "$tmp/hup.log" ||
 	bad "a bad file on SIGHUP: $(tail -2 "$tmp/hup.log")"
+# the file replaced by a directory: said, the settings in force stay
+mv "$tmp/hup.conf" "$tmp/hup.conf.old" && mkdir "$tmp/hup.conf"
+kill -HUP "$pid"
+for _ in $(seq 100); do grep -q "is a directory" "$tmp/hup.log" && break; sleep 0.05; done
+grep -q "reload: config: $tmp/hup.conf: is a directory.*: the settings in force stay" "$tmp/hup.log" ||
+	bad "a directory on SIGHUP: $(tail -2 "$tmp/hup.log")"
+n=$(wc -l <"$tmp/hup.log")
+"$COMMCTL" --socket "$tmp/hup.sock" status >/dev/null 2>&1
+sleep 0.2
+tail -n +$((n + 1)) "$tmp/hup.log" | grep -q " debug: " ||
+	bad "a directory on SIGHUP reset the log level: $(tail -3 "$tmp/hup.log")"
 kill "$held" 2>/dev/null; wait "$held" 2>/dev/null
 kill -TERM "$pid"; wait "$pid" || bad "commd did not exit cleanly after SIGHUP"
 
