@@ -19,6 +19,10 @@
 
 #define TICK_MS 100
 
+/* The socket file commd bound, so that it removes that one and no other. */
+static dev_t bound_dev;
+static ino_t bound_ino;
+
 struct server srv = {
 	.listen_fd = -1,
 	.spare_fd = -1,
@@ -206,13 +210,24 @@ static int clear_stale(const char *path)
 	fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
 	if (fd < 0)
 		return -1;
-	rc = connect(fd, (struct sockaddr *)&sa, sizeof sa);
+	rc = connect(fd, (struct sockaddr *)&sa, sizeof sa) < 0 ? errno : 0;
 	close(fd);
 	if (rc == 0) {
 		log_error("listen: %s: another commd is serving it", path);
 		return -1;
 	}
-	unlink(path);
+	/* only a refusal says no one listens: EACCES and the like may hide a live daemon */
+	if (rc != ECONNREFUSED) {
+		log_error("listen: %s: cannot tell whether a daemon serves it: %s", path,
+			  strerror(rc));
+		return -1;
+	}
+	if (unlink(path) < 0 && errno != ENOENT) {
+		log_error("listen: %s: no daemon answers, and it cannot be removed: %s", path,
+			  strerror(errno));
+		return -1;
+	}
+	log_info("listen: %s: no daemon answers: removed it", path);
 	return 0;
 }
 
@@ -257,6 +272,7 @@ int server_start(uv_loop_t *loop, const char *path, int64_t gid)
 {
 	static char activated_path[sizeof(((struct sockaddr_un *)0)->sun_path) + 1];
 	struct sockaddr_un sa = { .sun_family = AF_UNIX };
+	struct stat st;
 	int rc;
 
 	srv.loop = loop;
@@ -278,13 +294,16 @@ int server_start(uv_loop_t *loop, const char *path, int64_t gid)
 	srv.listen_fd = socket(AF_UNIX, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
 	if (srv.listen_fd < 0 || bind(srv.listen_fd, (struct sockaddr *)&sa, sizeof sa) < 0 ||
 	    (gid >= 0 && chown(path, (uid_t)-1, (gid_t)gid) < 0) ||
-	    chmod(path, gid >= 0 ? 0660 : 0666) < 0 || listen(srv.listen_fd, 512) < 0) {
+	    chmod(path, gid >= 0 ? 0660 : 0666) < 0 || stat(path, &st) < 0 ||
+	    listen(srv.listen_fd, 512) < 0) {
 		log_error("listen: %s: %s", path, strerror(errno));
 		if (srv.listen_fd >= 0)
 			close(srv.listen_fd);
 		srv.listen_fd = -1;
 		return -1;
 	}
+	bound_dev = st.st_dev;
+	bound_ino = st.st_ino;
 serve:
 	srv.spare_fd = open("/dev/null", O_RDONLY | O_CLOEXEC);
 	uv_poll_init(loop, &srv.listen_poll, srv.listen_fd);
@@ -296,13 +315,24 @@ serve:
 
 static void close_listener(void)
 {
+	struct stat st;
+
 	if (srv.listen_fd < 0)
 		return;
 	uv_close((uv_handle_t *)&srv.listen_poll, NULL);
 	close(srv.listen_fd);
-	/* an activated socket stays the manager's: clients wait there for the next commd */
-	if (!srv.activated)
-		unlink(srv.socket_path);
+	/*
+	 * An activated socket stays the manager's: clients wait there for the next
+	 * commd. The file at the path is removed only if it is still the one bound:
+	 * one put in its place since (another commd's) is not ours.
+	 */
+	if (!srv.activated && lstat(srv.socket_path, &st) == 0) {
+		if (st.st_dev == bound_dev && st.st_ino == bound_ino)
+			unlink(srv.socket_path);
+		else
+			log_info("listen: %s is no longer the socket commd bound: left in place",
+				 srv.socket_path);
+	}
 	srv.listen_fd = -1;
 	if (srv.spare_fd >= 0)
 		close(srv.spare_fd);

@@ -2,7 +2,8 @@
 # test-config.sh: commd's config file: every key takes effect, flags win over
 # the file, the topology key loads a description like --topology, a bad
 # key, value, section, over-long line or directory stops commd at start naming
-# the file and line, and SIGHUP reloads what may change under running jobs.
+# the file and line, SIGHUP reloads what may change under running jobs, and
+# the socket file: stale removed, live or untried refused, only its own removed.
 set -u
 . "$(dirname "$0")/../lib/daemon.sh"
 fix=$(cd "$(dirname "$0")/../fixtures" && pwd)
@@ -172,6 +173,52 @@ tail -n +$((n + 1)) "$tmp/hup.log" | grep -q " debug: " ||
 	bad "a directory on SIGHUP reset the log level: $(tail -3 "$tmp/hup.log")"
 kill "$held" 2>/dev/null; wait "$held" 2>/dev/null
 kill -TERM "$pid"; wait "$pid" || bad "commd did not exit cleanly after SIGHUP"
+
+# 5. the socket file: one left by a commd that is gone is removed (and said);
+# one a live commd answers on, or one that cannot be tried, stops a second
+# commd; at stop commd removes the file it bound, not one put in its place
+sd=$tmp/sockets
+mkdir -m 0777 "$sd"
+chmod 0711 "$tmp"
+s=$sd/commd.sock
+start_on() { # LOG [COMMD ARGS]: a commd on $s, its pid in $p
+	local log=$1
+	shift
+	"$@" "$COMMD" --foreground --config /dev/null --socket "$s" 2>"$log" &
+	p=$!
+	until "$COMMCTL" --socket "$s" status >/dev/null 2>&1; do
+		kill -0 "$p" 2>/dev/null || { bad "commd on $s exited: $(cat "$log")"; return 1; }
+		sleep 0.02
+	done
+}
+start_on "$tmp/s1.log"
+kill -KILL "$p"; wait "$p" 2>/dev/null
+[ -S "$s" ] || bad "a killed commd left no socket file to test with"
+start_on "$tmp/s2.log"
+grep -q "listen: $s: no daemon answers: removed it" "$tmp/s2.log" ||
+	bad "a stale socket was not said to be removed: $(cat "$tmp/s2.log")"
+timeout 10 "$COMMD" --foreground --config /dev/null --socket "$s" 2>"$tmp/s3.log"
+[ $? = 1 ] && grep -q "another commd is serving it" "$tmp/s3.log" ||
+	bad "a second commd on a live socket: $(cat "$tmp/s3.log")"
+# a commd that may not connect (another user's, here mode 000) must not take the path over
+chmod 000 "$s"
+[ "$(id -u)" = 0 ] && other="setpriv --reuid=65534 --regid=65534 --clear-groups" || other=
+timeout 10 $other "$COMMD" --foreground --config /dev/null --socket "$s" --gpu-worker none \
+	2>"$tmp/s4.log"
+[ $? = 1 ] && grep -q "cannot tell whether a daemon serves it: Permission denied" "$tmp/s4.log" ||
+	bad "a commd that may not connect to a live socket: $(cat "$tmp/s4.log")"
+chmod 0666 "$s"
+"$COMMCTL" --socket "$s" status >/dev/null 2>&1 || bad "the live commd lost its socket"
+# another commd's socket in the place of this one's: left to it at stop
+mv "$s" "$s.moved"
+first=$p
+start_on "$tmp/s5.log"
+kill -TERM "$first"; wait "$first" || bad "commd did not exit cleanly"
+grep -q "is no longer the socket commd bound: left in place" "$tmp/s2.log" ||
+	bad "a replaced socket: $(tail -2 "$tmp/s2.log")"
+"$COMMCTL" --socket "$s" status >/dev/null 2>&1 || bad "stopping commd removed another's socket"
+kill -TERM "$p"; wait "$p" || bad "commd did not exit cleanly"
+[ -e "$s" ] && bad "commd left the socket it bound"
 
 [ "$fail" = 0 ] && echo "PASS: test-config"
 exit "$fail"
