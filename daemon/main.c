@@ -30,8 +30,8 @@ static void usage(FILE *f)
 		   "  --socket PATH      listen on this Unix socket (default %s)\n"
 		   "  --socket-group GROUP  the socket is 0660 and this group's; others cannot\n"
 		   "                     connect (default: 0666, anyone may)\n"
-		   "  --foreground       stay in the foreground, log to stderr (default: daemonize\n"
-		   "                     and log to syslog)\n"
+		   "  --foreground       stay in the foreground, log to stderr (default: daemonize,\n"
+		   "                     in the same directory, and log to syslog)\n"
 		   "  --log-level LEVEL  error, warn, info (default) or debug\n"
 		   "  --threads N        worker threads for the host backend (default: cores)\n"
 		   "  --pin-workers yes|no  bind worker i to core i, in hwloc's order (default yes)\n"
@@ -264,8 +264,12 @@ int main(int argc, char **argv)
 	    (*cfg.admin_group && group_id("admin-group", cfg.admin_group, &admin_gid) < 0))
 		return 2;
 	if (!foreground) {
-		/* detached: no terminal, nothing of the caller's kept open; log to syslog */
-		if (daemon(0, 0) < 0) {
+		/*
+		 * detached: no terminal, nothing of the caller's kept open; log to syslog.
+		 * It stays in its directory: relative paths (--socket, --config, read
+		 * again on SIGHUP, --gpu-worker, topology) mean what they meant at start.
+		 */
+		if (daemon(1, 0) < 0) {
 			perror("commd: daemon");
 			return 1;
 		}

@@ -3,7 +3,8 @@
 # the file, the topology key loads a description like --topology, a bad
 # key, value, section, over-long line or directory stops commd at start naming
 # the file and line, SIGHUP reloads what may change under running jobs, and
-# the socket file: stale removed, live or untried refused, only its own removed.
+# the socket file: stale removed, live or untried refused, only its own removed;
+# detached, commd keeps its directory, so relative paths keep their meaning.
 set -u
 . "$(dirname "$0")/../lib/daemon.sh"
 fix=$(cd "$(dirname "$0")/../fixtures" && pwd)
@@ -219,6 +220,26 @@ grep -q "is no longer the socket commd bound: left in place" "$tmp/s2.log" ||
 "$COMMCTL" --socket "$s" status >/dev/null 2>&1 || bad "stopping commd removed another's socket"
 kill -TERM "$p"; wait "$p" || bad "commd did not exit cleanly"
 [ -e "$s" ] && bad "commd left the socket it bound"
+
+# 6. detached (no --foreground), commd stays in its directory: a relative
+# --config and the relative socket path in it mean there what they meant at start
+run=$tmp/run
+mkdir -p "$run/rel/b"
+printf 'socket = rel/b/commd.sock\ngpu-worker = none\n' >"$run/rel.conf"
+(cd "$run" && "$COMMD" --config rel.conf) || bad "commd did not detach: exit $?"
+for _ in $(seq 250); do
+	"$COMMCTL" --socket "$run/rel/b/commd.sock" status --json >"$tmp/rel.json" 2>/dev/null && break
+	sleep 0.02
+done
+p=$(sed -n 's/.*"pid": \([0-9]*\).*/\1/p' "$tmp/rel.json")
+if [ -z "$p" ]; then
+	bad "a detached commd with a relative --config and socket does not serve"
+else
+	[ "$(readlink "/proc/$p/cwd")" = "$run" ] || bad "a detached commd left $run: $(readlink "/proc/$p/cwd")"
+	kill -TERM "$p"
+	for _ in $(seq 250); do kill -0 "$p" 2>/dev/null || break; sleep 0.02; done
+	kill -0 "$p" 2>/dev/null && bad "a detached commd did not stop on SIGTERM"
+fi
 
 [ "$fail" = 0 ] && echo "PASS: test-config"
 exit "$fail"
