@@ -81,17 +81,58 @@ static void on_signal(uv_signal_t *h, int signum)
 	server_drain(); /* closes the listener, then says STOPPING=1 */
 }
 
-/* The gid of the group a config key names in *gid; -1, said on stderr, when there is none. */
-static int group_id(const char *key, const char *name, gid_t *gid)
+/* The gid of the group a config key names in *gid; -1, "key: why" in err, when there is none. */
+static int group_id(const char *key, const char *name, gid_t *gid, char *err, size_t errlen)
 {
 	struct group *g = getgrnam(name);
 
 	if (!g) {
-		fprintf(stderr, "commd: %s: no group named '%s'\n", key, name);
+		snprintf(err, errlen, "%s: no group named '%s'", key, name);
 		return -1;
 	}
 	*gid = g->gr_gid;
 	return 0;
+}
+
+/* The groups cfg names, looked up; -1 with "key: why" in err. */
+static int check_groups(const struct config *cfg, gid_t *socket_gid, gid_t *admin_gid, char *err,
+			size_t errlen)
+{
+	if (*cfg->socket_group &&
+	    group_id("socket-group", cfg->socket_group, socket_gid, err, errlen) < 0)
+		return -1;
+	if (*cfg->admin_group &&
+	    group_id("admin-group", cfg->admin_group, admin_gid, err, errlen) < 0)
+		return -1;
+	return 0;
+}
+
+/* The settings commd started with; SIGHUP compares those it cannot change to them. */
+static const struct config *started;
+
+/* The keys of the settings a restart needs whose value in cfg is not the one in force. */
+static void restart_keys(const struct config *cfg, char *out, size_t len)
+{
+	const struct {
+		const char *key;
+		int differs;
+	} keys[] = {
+		/* an activated socket is the manager's: these two are not used */
+		{ "socket", !srv.activated && strcmp(cfg->socket, started->socket) },
+		{ "socket-group", !srv.activated && strcmp(cfg->socket_group, started->socket_group) },
+		{ "admin-group", strcmp(cfg->admin_group, started->admin_group) != 0 },
+		{ "threads", cfg->threads != started->threads },
+		{ "pin-workers", cfg->pin_workers != started->pin_workers },
+		{ "topology", strcmp(cfg->topology, started->topology) != 0 },
+		{ "gpu-worker", strcmp(cfg->gpu_worker, started->gpu_worker) != 0 },
+		{ "peer-listen", strcmp(cfg->peer_listen, started->peer_listen) != 0 },
+	};
+	size_t n = 0;
+
+	*out = '\0';
+	for (size_t i = 0; i < sizeof keys / sizeof keys[0]; i++)
+		if (keys[i].differs && n < len)
+			n += (size_t)snprintf(out + n, len - n, "%s%s", n ? ", " : "", keys[i].key);
 }
 
 /* The value flags, by their long names, kept to apply over the config file. */
@@ -130,18 +171,26 @@ static int load_settings(struct config *cfg, char *err, size_t errlen)
  * SIGHUP: read the settings again and apply what may change under running
  * jobs: the log level, the limits (the per-message ones for connections
  * made from now on), the default op deadline, the drain budget and the
- * data plane's polling.
+ * data plane's polling. The others are checked: a group that does not
+ * exist keeps every setting in force, one changed is said to need a
+ * restart. Draining, it is ignored: commd is on its way out.
  */
 static void on_hangup(uv_signal_t *h, int signum)
 {
 	struct config cfg;
-	char err[512], msg[64];
+	char err[512], msg[64], restart[128];
+	gid_t gid;
 	int spin;
 
+	if (srv.draining || srv.stopping) {
+		log_info("reload: draining: SIGHUP ignored");
+		return;
+	}
 	/* RELOADING=1, then READY=1 whether or not the new settings took */
 	snprintf(msg, sizeof msg, "RELOADING=1\nMONOTONIC_USEC=%llu", (unsigned long long)now_us());
 	notify_send(msg);
-	if (load_settings(&cfg, err, sizeof err) < 0) {
+	if (load_settings(&cfg, err, sizeof err) < 0 ||
+	    check_groups(&cfg, &gid, &gid, err, sizeof err) < 0) {
 		log_warn("reload: %s: the settings in force stay", err);
 		server_notify("READY=1");
 		return;
@@ -157,6 +206,10 @@ static void on_hangup(uv_signal_t *h, int signum)
 		 src.file ? src.file
 			  : access(CONFIG_DEFAULT_FILE, F_OK) == 0 ? CONFIG_DEFAULT_FILE : "flags only",
 		 spin);
+	restart_keys(&cfg, restart, sizeof restart);
+	if (*restart)
+		log_warn("reload: %s changed: the values commd started with stay until a restart",
+			 restart);
 	server_notify("READY=1");
 }
 
@@ -260,9 +313,11 @@ int main(int argc, char **argv)
 		topo_discover(&node_topo);
 	}
 	/* before detaching, while stderr still reaches whoever started commd */
-	if ((*cfg.socket_group && group_id("socket-group", cfg.socket_group, &socket_gid) < 0) ||
-	    (*cfg.admin_group && group_id("admin-group", cfg.admin_group, &admin_gid) < 0))
+	if (check_groups(&cfg, &socket_gid, &admin_gid, err, sizeof err) < 0) {
+		fprintf(stderr, "commd: %s\n", err);
 		return 2;
+	}
+	started = &cfg;
 	if (!foreground) {
 		/*
 		 * detached: no terminal, nothing of the caller's kept open; log to syslog.

@@ -2,7 +2,8 @@
 # test-config.sh: commd's config file: every key takes effect, flags win over
 # the file, the topology key loads a description like --topology, a bad
 # key, value, section, over-long line or directory stops commd at start naming
-# the file and line, SIGHUP reloads what may change under running jobs, and
+# the file and line, SIGHUP reloads what may change under running jobs (and
+# names what needs a restart, refusing a group that does not exist), and
 # the socket file: stale removed, live or untried refused, only its own removed;
 # detached, commd keeps its directory, so relative paths keep their meaning.
 set -u
@@ -155,6 +156,24 @@ kill "$third" 2>/dev/null; wait "$third" 2>/dev/null
 sleep 0.2
 "$COMMCTL" --socket "$tmp/hup.sock" jobs 2>&1 | grep -q "held" || bad "SIGHUP dropped a waiting job"
 grep -q " debug: " "$tmp/hup.log" || bad "log-level not reloaded: no debug lines"
+# what needs a restart is checked: a group that does not exist keeps every setting
+# in force; a changed socket or pin-workers is applied at the next restart, and said
+hup() { # WANT: SIGHUP, then wait for a line with WANT
+	kill -HUP "$pid"
+	for _ in $(seq 100); do grep -q "$1" "$tmp/hup.log" && break; sleep 0.05; done
+}
+cp "$tmp/hup.conf" "$tmp/hup.conf.good"
+printf 'admin-group = no-such-grp\n' >>"$tmp/hup.conf"
+hup "no group named"
+grep -q "reload: admin-group: no group named 'no-such-grp': the settings in force stay" \
+	"$tmp/hup.log" || bad "an unknown admin-group on SIGHUP: $(tail -2 "$tmp/hup.log")"
+printf 'socket = %s\nlog-level = debug\nmax-connections = 2\nnet-spin-us = 0\npin-workers = no\n' \
+	"$tmp/hup2.sock" >"$tmp/hup.conf"
+hup "until a restart"
+grep -q "reload: socket, pin-workers changed: the values commd started with stay until a restart" \
+	"$tmp/hup.log" || bad "a changed socket on SIGHUP: $(tail -2 "$tmp/hup.log")"
+[ -e "$tmp/hup2.sock" ] && bad "a changed socket on SIGHUP was opened"
+cp "$tmp/hup.conf.good" "$tmp/hup.conf"
 # a bad file on SIGHUP: said in the log, the settings in force stay
 echo 'threads = none' >>"$tmp/hup.conf"
 kill -HUP "$pid"

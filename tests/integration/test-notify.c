@@ -4,7 +4,8 @@
  * naming the socket, once a client can be served at once; WATCHDOG=1 comes
  * twice per WATCHDOG_USEC; STATUS= follows the jobs and ranks as they come
  * and go; SIGHUP gives RELOADING=1 then READY=1; SIGTERM gives STOPPING=1
- * (with a draining STATUS=) only once the socket takes no one. That the
+ * (with a draining STATUS=) only once the socket takes no one, and a
+ * SIGHUP while draining is ignored, with no RELOADING=1. That the
  * pings stop when the loop stalls is RELIABILITY.md's G3 (tests/matrix).
  */
 #include <errno.h>
@@ -94,6 +95,23 @@ static int rank_hold(int rank, int n, void *arg)
 	return 0;
 }
 
+/* Rank 0 posts an all-reduce that rank 1 (holding as rank_hold) never joins. */
+static int rank_post_or_hold(int rank, int n, void *arg)
+{
+	int *hold = arg;
+	float x[4] = { 1, 2, 3, 4 };
+	comm_t *comm;
+
+	if (rank == 1)
+		return rank_hold(rank, n, arg);
+	close(hold[1]);
+	if (comm_init(&comm, NULL) != COMM_OK)
+		return 1;
+	comm_allreduce(comm, x, x, 4, COMM_FLOAT32, COMM_SUM, NULL);
+	comm_finalize(comm);
+	return 0;
+}
+
 int main(void)
 {
 	struct th_daemon d;
@@ -152,5 +170,27 @@ int main(void)
 	CHECK(strstr(msg, "STATUS=draining: 0 ops in flight"), "STOPPING=1's STATUS: '%s'", msg);
 	printf("ok: SIGTERM: '%s'\n", msg);
 	CHECK(th_daemon_stop(&d) == 0, "daemon stop");
+
+	/* SIGHUP while draining an op in flight: ignored, no RELOADING=1 after STOPPING=1 */
+	REQUIRE(th_daemon_start(&d, "--drain-timeout", "5000", NULL) == 0, "daemon start");
+	REQUIRE(pipe(hold) == 0, "pipe");
+	REQUIRE(th_ranks_start(&rs, &d, "drained", 2, rank_post_or_hold, hold) == 0, "ranks");
+	close(hold[0]);
+	CHECK(next_msg(d.notify_fd, "; 1 job, 2 ranks", 5000, msg, sizeof msg),
+	      "no STATUS= with the job: last '%s'", msg);
+	usleep(500000); /* rank 0's all-reduce posted */
+	kill(d.pid, SIGTERM);
+	CHECK(next_msg(d.notify_fd, "STOPPING=1", 5000, msg, sizeof msg),
+	      "no STOPPING=1 on SIGTERM: last '%s'", msg);
+	CHECK(strstr(msg, "STATUS=draining: 1 ops in flight"), "STOPPING=1's STATUS: '%s'", msg);
+	kill(d.pid, SIGHUP);
+	CHECK(!next_msg(d.notify_fd, "RELOADING=1", 1000, msg, sizeof msg),
+	      "SIGHUP while draining: '%s'", msg);
+	CHECK(th_log_count(&d, "reload: draining", "SIGHUP ignored") == 1,
+	      "SIGHUP while draining: not said ignored in the log");
+	printf("ok: SIGHUP while draining: ignored, no RELOADING=1\n");
+	close(hold[1]);
+	CHECK(th_daemon_stop(&d) == 0, "daemon stop");
+	th_ranks_wait(&rs);
 	return CHECK_EXIT();
 }
