@@ -15,8 +15,10 @@
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
+#include <signal.h>
 #include <string.h>
 #include <sys/mman.h>
+#include <sys/prctl.h>
 #include <sys/socket.h>
 #include <time.h>
 #include <unistd.h>
@@ -2063,8 +2065,18 @@ int main(int argc, char **argv)
 		usage(stderr);
 		return GPU_WORKER_EXIT_USAGE;
 	}
-	if (strcmp(a, "--worker") == 0)
+	if (strcmp(a, "--worker") == 0) {
+		pid_t parent = getppid();
+
+		/*
+		 * In a session of its own (commd's spawn), no terminal signal reaches
+		 * it, so it dies with commd, even hung in the driver. A commd already
+		 * gone (before prctl took) has closed fd 3: the same as EOF there.
+		 */
+		if (prctl(PR_SET_PDEATHSIG, SIGKILL) < 0 || getppid() != parent)
+			return GPU_WORKER_EXIT_OK;
 		return serve();
+	}
 	if (strcmp(a, "--probe") == 0)
 		return probe();
 	if (strcmp(a, "--version") == 0) {

@@ -869,6 +869,12 @@ static struct gpu_worker *worker_start(struct job *j, char *err, size_t errlen)
 	o.args = args;
 	o.stdio = io;
 	o.stdio_count = 4;
+	/*
+	 * Its own session: a Ctrl-C at a foreground commd's terminal drains commd,
+	 * and the jobs' ops on the GPU finish, not die with SIGINT. commd stops its
+	 * workers itself; one outliving commd is killed (PR_SET_PDEATHSIG).
+	 */
+	o.flags = UV_PROCESS_DETACHED;
 	o.exit_cb = on_worker_exit;
 	w->proc.data = w;
 	rc = uv_spawn(gpu_loop, &w->proc, &o);

@@ -241,6 +241,8 @@ int main(int argc, char **argv)
 	if (!wlog)
 		return 4;
 	setvbuf(wlog, NULL, _IOLBF, 0);
+	/* commd starts a worker in a session of its own, out of reach of its terminal */
+	fprintf(wlog, "session: %s\n", getsid(0) == getpid() ? "own" : "commd's");
 	refused = !strcmp(mode, "refuse");
 	for (;;) {
 		struct pollfd pf = { GPU_WORKER_FD, POLLIN, 0 };

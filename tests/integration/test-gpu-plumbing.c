@@ -2,7 +2,8 @@
  * test-gpu-plumbing: commd's side of device memory, on any machine. commd
  * runs with --gpu-worker naming fake-gpu-worker, which speaks the worker
  * protocol without a GPU and logs what it gets; raw ranks register device
- * memory and post ops by hand. Checked: what commd forwards (mem kinds,
+ * memory and post ops by hand. Checked: the worker in a session of its
+ * own (out of reach of commd's terminal), what commd forwards (mem kinds,
  * handles, fds, the op's buffers and ready event), the answers it relays,
  * a host/device mix refused, frees reaching the worker, a worker that
  * refuses, crashes or hangs failing only its job (a host job beside it
@@ -377,6 +378,8 @@ static void test_forwarding(void)
 		      sizeof detail) == COMM_OK,
 	      "IPC registration: %s", detail);
 	CHECK(logged("hello"), "the worker got no hello");
+	CHECK(logged("session: own"), "the worker is in commd's session: a Ctrl-C at commd's "
+	      "terminal would kill its ops");
 	CHECK(logged("open 1 kind 1 rank 0 size 4096 uuid " UUID " fd no"),
 	      "the worker did not get the IPC mem");
 	REQUIRE(pipe(p) == 0, "pipe");

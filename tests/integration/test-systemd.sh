@@ -2,7 +2,7 @@
 # test-systemd.sh: the units as systemd reads them, and commd under socket
 # activation. systemd-analyze verify and security --offline on
 # systemd/commd.service (ExecStart pointing at this build) and commd.socket:
-# no complaint, exposure 3.0 at most; the sysusers.d file parses. systemd-socket-activate hands commd a
+# no complaint, exposure 3.0 at most; KillMode=mixed, so a stop drains; the sysusers.d file parses. systemd-socket-activate hands commd a
 # listening socket (LISTEN_FDS): it serves a job there, says so in its log,
 # and leaves the socket file to its owner when it stops. Skips (77) without
 # systemd's tools.
@@ -31,6 +31,15 @@ if out=$(systemd-analyze verify --man=no "$dir/commd.service" "$dir/commd.socket
 	echo "ok: systemd-analyze verify: no complaint"
 else
 	bad "systemd-analyze verify: $out"
+fi
+# systemctl stop drains: SIGTERM to commd alone, not its GPU workers in the same
+# cgroup, and time for the default drain-timeout (2 s) within TimeoutStopSec
+if grep -qx "KillMode=mixed" "$dir/commd.service" &&
+	stop=$(sed -n 's/^TimeoutStopSec=\([0-9]*\)s$/\1/p' "$dir/commd.service") &&
+	[ -n "$stop" ] && [ "$stop" -gt 2 ]; then
+	echo "ok: KillMode=mixed, TimeoutStopSec=${stop}s"
+else
+	bad "commd.service: KillMode=mixed and a TimeoutStopSec past the drain: $(grep -E "^(KillMode|TimeoutStopSec)" "$dir/commd.service")"
 fi
 exposure=$(systemd-analyze security --offline=true "$dir/commd.service" 2>&1 |
 	sed -n 's/.*Overall exposure level for commd.service: \([0-9.]*\).*/\1/p')
