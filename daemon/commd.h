@@ -66,6 +66,7 @@ struct server {
 		uint32_t frame_bytes;  /* longest message a client may send */
 		int fds_per_frame;     /* most fds one message may carry */
 		uint32_t ops_per_rank; /* ops a rank may have posted and not had answered */
+		uint32_t maps_per_uid; /* host memory registrations (mappings) of one uid */
 		uint64_t wq_bytes;     /* replies queued to a client that does not read */
 	} lim;
 	char admin_group[64];
@@ -436,6 +437,7 @@ struct conn {
 	int rank;
 	TAILQ_HEAD(, mem) mems;
 	int nmems;
+	int nmaps;             /* of them, host memory commd maps (max-registrations-per-uid) */
 	uint64_t next_mem_id;
 	struct ring *ring;     /* the rank's submission ring, or NULL */
 };

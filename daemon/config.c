@@ -18,6 +18,26 @@
 #include "log.h"
 #include "util.h"
 
+/*
+ * A quarter of the mappings the kernel allows a process (vm.max_map_count),
+ * so that one user's registrations leave room for the others' and for
+ * commd's own (thread stacks, large mallocs).
+ */
+static uint32_t default_maps_per_uid(void)
+{
+	FILE *f = fopen("/proc/sys/vm/max_map_count", "r");
+	long n = 0;
+
+	if (f) {
+		if (fscanf(f, "%ld", &n) != 1)
+			n = 0;
+		fclose(f);
+	}
+	if (n < 4096)
+		n = 65530; /* the kernel's default */
+	return (uint32_t)(n / 4 < (1 << 24) ? n / 4 : 1 << 24);
+}
+
 void config_init(struct config *cfg)
 {
 	long cores = sysconf(_SC_NPROCESSORS_ONLN);
@@ -38,6 +58,7 @@ void config_init(struct config *cfg)
 	cfg->lim.frame_bytes = FRAME_MAX;
 	cfg->lim.fds_per_frame = FRAME_MAX_FDS;
 	cfg->lim.ops_per_rank = 65536;
+	cfg->lim.maps_per_uid = default_maps_per_uid();
 	cfg->lim.wq_bytes = 16u << 20;
 }
 
@@ -187,6 +208,14 @@ int config_set(struct config *cfg, const char *key, const char *val, char *err, 
 			return -1;
 		}
 		cfg->lim.ops_per_rank = (uint32_t)v;
+		return 0;
+	}
+	if (!strcmp(key, "max-registrations-per-uid")) {
+		if (parse_long_in(val, 1, 1 << 24, &v) < 0) {
+			snprintf(err, errlen, "%s: '%.200s' is not in 1..%d", key, val, 1 << 24);
+			return -1;
+		}
+		cfg->lim.maps_per_uid = (uint32_t)v;
 		return 0;
 	}
 	if (!strcmp(key, "max-write-queue")) {

@@ -23,7 +23,8 @@ static void usage(FILE *f)
 		   "             [--max-connections N] [--max-connections-per-uid N]\n"
 		   "             [--handshake-timeout MS] [--frame-timeout MS] [--max-job-memory SIZE]\n"
 		   "             [--max-frame-size SIZE] [--max-fds-per-frame N] [--max-ops-per-rank N]\n"
-		   "             [--max-write-queue SIZE] [--socket-group GROUP]\n"
+		   "             [--max-registrations-per-uid N] [--max-write-queue SIZE]\n"
+		   "             [--socket-group GROUP]\n"
 		   "             [--net-spin-us auto|US]\n"
 		   "  --config FILE      read settings from FILE (default %s, if it exists);\n"
 		   "                     its keys are the long flags' names; flags win\n"
@@ -58,6 +59,8 @@ static void usage(FILE *f)
 		   "  --max-frame-size SIZE  longest message a client may send (1K..64K; 64K)\n"
 		   "  --max-fds-per-frame N  most fds one message may carry (1..16; 4)\n"
 		   "  --max-ops-per-rank N   ops a rank may have in flight (65536)\n"
+		   "  --max-registrations-per-uid N  host memory registrations one user's\n"
+		   "                     connections may hold (default: vm.max_map_count / 4)\n"
 		   "  --max-write-queue SIZE replies queued to a client that does not read them\n"
 		   "                     before it is dropped (128K or more; 16M)\n"
 		   "  --net-spin-us auto|US  while an op across daemons is in flight, how long\n"
@@ -240,6 +243,7 @@ int main(int argc, char **argv)
 		{ "max-frame-size", required_argument, NULL, 'k' },
 		{ "max-fds-per-frame", required_argument, NULL, 'k' },
 		{ "max-ops-per-rank", required_argument, NULL, 'k' },
+		{ "max-registrations-per-uid", required_argument, NULL, 'k' },
 		{ "max-write-queue", required_argument, NULL, 'k' },
 		{ "version", no_argument, NULL, 'V' },
 		{ "help", no_argument, NULL, 'h' },

@@ -15,6 +15,18 @@
 #include "commd.h"
 #include "log.h"
 
+/* Host memory registrations uid's connections hold (each one of commd's mappings). */
+static uint32_t uid_maps(uid_t uid)
+{
+	const struct conn *c;
+	uint32_t n = 0;
+
+	TAILQ_FOREACH(c, &srv.conns, link)
+		if (c->uid == uid)
+			n += (uint32_t)c->nmaps;
+	return n;
+}
+
 comm_result_t mem_register(struct conn *c, int fd, uint64_t size, struct mem **out, char *err,
 			   size_t errlen)
 {
@@ -29,6 +41,12 @@ comm_result_t mem_register(struct conn *c, int fd, uint64_t size, struct mem **o
 		rc = COMM_ERR_NO_MEMORY;
 		snprintf(err, errlen, "mem register: already %d registrations on this connection",
 			 c->nmems);
+		goto out;
+	}
+	if (uid_maps(c->uid) >= srv.lim.maps_per_uid) {
+		rc = COMM_ERR_NO_MEMORY;
+		snprintf(err, errlen, "mem register: uid %d holds %u registrations of host memory "
+			 "already (max-registrations-per-uid)", (int)c->uid, srv.lim.maps_per_uid);
 		goto out;
 	}
 	seals = fcntl(fd, F_GET_SEALS);
@@ -90,6 +108,7 @@ comm_result_t mem_register(struct conn *c, int fd, uint64_t size, struct mem **o
 	c->job->mem_bytes += size;
 	TAILQ_INSERT_TAIL(&c->mems, m, link);
 	c->nmems++;
+	c->nmaps++;
 	*out = m;
 	rc = COMM_OK;
 out:
@@ -117,6 +136,8 @@ static void unlist(struct mem *m)
 {
 	TAILQ_REMOVE(&m->conn->mems, m, link);
 	m->conn->nmems--;
+	if (m->kind == COMMPB__MEM_KIND__MEM_MEMFD)
+		m->conn->nmaps--;
 	if (m->job && m->kind == COMMPB__MEM_KIND__MEM_MEMFD)
 		m->job->mem_bytes -= m->size;
 	m->job = NULL;

@@ -2,15 +2,19 @@
  * test-limits.c: the limits that no row of the reliability matrix
  * (test-matrix-*) sets, each set low by its flag, each refusal a clear error
  * naming the key, and the daemon serving on: connections per uid, message
- * size, fds per message, ops in flight per rank; and one connection's
+ * size, fds per message, ops in flight per rank, host memory registrations
+ * per uid; and one connection's
  * pipelined requests served a few dozen a loop turn, others served between.
  */
 #include <fcntl.h>
+#include <grp.h>
 #include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
+#include <sys/stat.h>
+#include <sys/wait.h>
 #include <unistd.h>
 
 #include "check.h"
@@ -161,6 +165,84 @@ static int rank_flood(int rank, int n, void *arg)
 	return 0;
 }
 
+#define MAPS_CAP 6
+
+/* A sealed memfd of 4 KiB registered on fd: the status. */
+static int reg4k(int fd, struct frame_reader *r)
+{
+	int mfd = memfd_create("limits", MFD_CLOEXEC | MFD_ALLOW_SEALING), st;
+
+	REQUIRE(mfd >= 0 && ftruncate(mfd, 4096) == 0 &&
+			fcntl(mfd, F_ADD_SEALS, F_SEAL_SHRINK) == 0,
+		"memfd");
+	st = raw_register_fd(fd, r, mfd, 4096, NULL);
+	close(mfd);
+	return st;
+}
+
+/*
+ * --max-registrations-per-uid 6: one uid's registrations of host memory
+ * over two connections (jobs) stop at 6, naming the key; another uid's go
+ * on; closing a connection gives its registrations back.
+ */
+static void test_maps_per_uid(void)
+{
+	struct frame_reader ra, rb;
+	int a, b, ok = 0, st, p[2];
+	pid_t pid;
+
+	a = raw_connect(d.sock);
+	frame_reader_init(&ra);
+	raw_hello(a, &ra, "maps-a", 1, PROTO_VERSION, COMM_OK);
+	b = raw_connect(d.sock);
+	frame_reader_init(&rb);
+	raw_hello(b, &rb, "maps-b", 1, PROTO_VERSION, COMM_OK);
+	for (int i = 0; i < 4; i++)
+		ok += reg4k(a, &ra) == COMM_OK;
+	for (int i = 0; i < 2; i++)
+		ok += reg4k(b, &rb) == COMM_OK;
+	CHECK(ok == MAPS_CAP, "%d of %d registrations under the cap", ok, MAPS_CAP);
+	st = reg4k(b, &rb);
+	CHECK(st == COMM_ERR_NO_MEMORY, "a 7th registration of one uid: %d", st);
+	CHECK(th_log_count(&d, "max-registrations-per-uid", "uid 0") > 0,
+	      "the refusal does not name max-registrations-per-uid");
+
+	/* uid 65534 registers while root is at its cap */
+	REQUIRE(pipe(p) == 0, "pipe");
+	chmod(d.dir, 0755);
+	pid = fork();
+	REQUIRE(pid >= 0, "fork");
+	if (pid == 0) {
+		struct frame_reader rn;
+		int n, rc = -1;
+
+		if (setgroups(0, NULL) == 0 && setgid(65534) == 0 && setuid(65534) == 0) {
+			n = raw_connect(d.sock);
+			frame_reader_init(&rn);
+			raw_hello(n, &rn, "maps-nobody", 1, PROTO_VERSION, COMM_OK);
+			rc = reg4k(n, &rn);
+		}
+		_exit(write(p[1], &rc, sizeof rc) == sizeof rc ? 0 : 1);
+	}
+	close(p[1]);
+	if (read(p[0], &st, sizeof st) != sizeof st)
+		st = -1;
+	close(p[0]);
+	waitpid(pid, NULL, 0);
+	CHECK(st == COMM_OK, "another uid's registration while root is at its cap: %d", st);
+
+	close(a); /* its 4 go back */
+	frame_reader_free(&ra);
+	usleep(200 * 1000);
+	st = reg4k(b, &rb);
+	CHECK(st == COMM_OK, "a registration once another connection of the uid closed: %d", st);
+	close(b);
+	frame_reader_free(&rb);
+	printf("%s: max-registrations-per-uid %d: the 7th of one uid refused over two "
+	       "connections, another uid's served, and one after a connection closed\n",
+	       check_failures ? "FAIL" : "ok", MAPS_CAP);
+}
+
 #define FAIR_OPS 6000
 
 /* Ask for status on admin connection fd. */
@@ -267,7 +349,8 @@ int main(void)
 	int fds0;
 
 	REQUIRE(th_daemon_start(&d, "--max-connections-per-uid", "3", "--max-frame-size", "4K",
-				"--max-fds-per-frame", "1", "--max-ops-per-rank", "100", NULL) == 0,
+				"--max-fds-per-frame", "1", "--max-ops-per-rank", "100",
+				"--max-registrations-per-uid", "6", NULL) == 0,
 		"daemon start");
 	CHECK(th_run_ranks(&d, "warm-up", 2, th_rank_sum, NULL) == 0, "warm-up job");
 	usleep(200 * 1000);
@@ -276,6 +359,7 @@ int main(void)
 	test_frame_size();
 	test_fds_per_frame();
 	test_fair_turns();
+	test_maps_per_uid();
 	CHECK(th_run_ranks(&d, "limits-ops", 2, rank_flood, NULL) == 0, "ops in flight cap");
 	CHECK(th_run_ranks(&d, "after", 2, th_rank_sum, NULL) == 0, "a job after the refusals");
 	printf("ok: a 2-rank job runs after every refusal\n");
