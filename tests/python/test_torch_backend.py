@@ -204,6 +204,20 @@ for how in ("blocking", "async", "future"):
 t = torch.ones(3)
 dist.all_reduce(t)
 check("all_reduce after a mismatch", t, torch.full((3,), float(n)))
+# the process group's methods called with no options, as Gloo's take them:
+# SUM, root 0
+pg = dist.distributed_c10d._get_default_group()
+t = torch.full((3,), float(rank + 1))
+pg.allreduce([t]).wait()
+check("pg.allreduce with no options", t, torch.full((3,), float(n * (n + 1) // 2)))
+t = torch.full((2,), float(rank + 10))
+pg.broadcast([t]).wait()
+check("pg.broadcast with no options", t, torch.full((2,), 10.0))
+t = torch.full((2,), 1.0)
+pg.reduce([t]).wait()
+if rank == 0:
+    check("pg.reduce with no options", t, torch.full((2,), float(n)))
+pg.barrier().wait()
 # into leaves that require grad, as torch's own backends fill them
 t = torch.zeros(3, requires_grad=True)
 dist.scatter(t, [torch.full((3,), 5.0 * k) for k in range(n)] if rank == 0 else None, src=0)

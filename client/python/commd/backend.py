@@ -45,11 +45,19 @@ _REDOPS = {
 
 
 def _redop(opts):
+    """opts' reduction; no opts: SUM, as torch's own option structs default."""
+    if opts is None:
+        return commd.ReduceOp.SUM
     for theirs, ours in _REDOPS.items():
         if opts.reduceOp == theirs:
             return ours
     raise ValueError(f"commd backend: reduction {opts.reduceOp} is not one of SUM, PRODUCT, "
                      f"MIN, MAX, AVG")
+
+
+def _root(opts):
+    """opts' root rank; no opts: 0, as torch's own option structs default."""
+    return 0 if opts is None else opts.rootRank
 
 
 def _same(op, tensors, like):
@@ -254,11 +262,11 @@ class ProcessGroupCommd(ProcessGroup):
 
     def broadcast(self, tensors, opts=None):
         t = _one("broadcast", tensors)
-        return self._c.work([commd.broadcast(t, opts.rootRank, **self._kw)], tensors)
+        return self._c.work([commd.broadcast(t, _root(opts), **self._kw)], tensors)
 
     def reduce(self, tensors, opts=None):
         t = _one("reduce", tensors)
-        return self._c.work([commd.reduce(t, opts.rootRank, _redop(opts), **self._kw)], tensors)
+        return self._c.work([commd.reduce(t, _root(opts), _redop(opts), **self._kw)], tensors)
 
     def allgather(self, output_lists, inputs, opts=None):
         outs, t = _one("allgather", output_lists), _one("allgather", inputs)
@@ -307,7 +315,7 @@ class ProcessGroupCommd(ProcessGroup):
         """An all-gather whose blocks the root keeps (the others' go to a
         scratch tensor): the root's list is filled in place of torch's gather."""
         t = _one("gather", inputs)
-        if self.rank() == opts.rootRank:
+        if self.rank() == _root(opts):
             outs = _one("gather", output_lists)
             _same("gather", outs, t)
         else:
@@ -317,7 +325,7 @@ class ProcessGroupCommd(ProcessGroup):
     def scatter(self, outputs, input_lists, opts=None):
         """A broadcast of the root's blocks, each rank keeping its own."""
         out = _one("scatter", outputs)
-        if self.rank() == opts.rootRank:
+        if self.rank() == _root(opts):
             ins = _one("scatter", input_lists)
             _same("scatter", ins, out)
             buf = torch.cat([x.reshape(-1) for x in ins])
@@ -328,7 +336,7 @@ class ProcessGroupCommd(ProcessGroup):
         def copy_out():
             with torch.no_grad():
                 out.copy_(buf[r * n:(r + 1) * n].view(out.shape))
-        return self._c.work([commd.broadcast(buf, opts.rootRank, **self._kw)], outputs, copy_out)
+        return self._c.work([commd.broadcast(buf, _root(opts), **self._kw)], outputs, copy_out)
 
     def send(self, tensors, dst, tag):
         _no_tag("send", tag)
