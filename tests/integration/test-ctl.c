@@ -208,6 +208,21 @@ static int ctl_until(char *out, size_t len, const char *args, const char *want)
  * commctl abort on d: a forming job, a hung one (and not ctl-job, which
  * the other ranks hold), then who may and the errors.
  */
+/* commctl's usage errors around abort: arguments after --socket, exit status, what it says */
+static const struct {
+	const char *args;
+	int rc;
+	const char *says;
+} bad[] = {
+	{ "abort", 2, "which JOB" },
+	{ "abort no-such-job", 1, "no job named no-such-job" },
+	{ "abort ctl-job --uid root", 2, "--uid wants a number" },
+	{ "abort -- -x", 1, "no job named -x" },
+	{ "status --reason x", 2, "--reason is an option of abort only" },
+	{ "--uid 0 jobs", 2, "--uid is an option of abort only" },
+	{ "jobs --uid 0", 2, "--uid is an option of abort only" },
+};
+
 static void test_abort(const struct th_daemon *d)
 {
 	struct th_ranks rs;
@@ -267,27 +282,12 @@ static void test_abort(const struct th_daemon *d)
 	CHECK(th_run_ranks(d, "after-abort", 2, th_rank_sum, NULL) == 0,
 	      "a job after the abort failed");
 
-	/* errors */
-	snprintf(args, sizeof args, "--socket %s abort", d->sock);
-	CHECK(ctl(out, sizeof out, args) == 2 && strstr(out, "which JOB"), "abort of no job: %s", out);
-	snprintf(args, sizeof args, "--socket %s abort no-such-job", d->sock);
-	CHECK(ctl(out, sizeof out, args) == 1 && strstr(out, "no job named no-such-job"),
-	      "abort of an unknown job: %s", out);
-	snprintf(args, sizeof args, "--socket %s abort ctl-job --uid root", d->sock);
-	CHECK(ctl(out, sizeof out, args) == 2 && strstr(out, "--uid wants a number"),
-	      "--uid root: %s", out);
-	snprintf(args, sizeof args, "--socket %s abort -- -x", d->sock);
-	CHECK(ctl(out, sizeof out, args) == 1 && strstr(out, "no job named -x"),
-	      "abort -- -x: %s", out);
-	snprintf(args, sizeof args, "--socket %s status --reason x", d->sock);
-	CHECK(ctl(out, sizeof out, args) == 2 && strstr(out, "--reason is an option of abort only"),
-	      "status --reason accepted: %s", out);
-	snprintf(args, sizeof args, "--socket %s --uid 0 jobs", d->sock);
-	CHECK(ctl(out, sizeof out, args) == 2 && strstr(out, "--uid is an option of abort only"),
-	      "--uid 0 jobs accepted: %s", out);
-	snprintf(args, sizeof args, "--socket %s jobs --uid 0", d->sock);
-	CHECK(ctl(out, sizeof out, args) == 2 && strstr(out, "--uid is an option of abort only"),
-	      "jobs --uid 0 accepted: %s", out);
+	/* errors: the arguments after --socket, the exit status, what the output holds */
+	for (size_t i = 0; i < sizeof bad / sizeof bad[0]; i++) {
+		snprintf(args, sizeof args, "--socket %s %s", d->sock, bad[i].args);
+		CHECK(ctl(out, sizeof out, args) == bad[i].rc && strstr(out, bad[i].says),
+		      "commctl %s: %s", bad[i].args, out);
+	}
 	printf("ok: commctl abort, forming and formed, and its errors\n");
 }
 

@@ -44,15 +44,17 @@ static char logpath[256];
 
 static const char *reg_uuid = UUID; /* the device reg_dev names */
 
-/* A raw rank of a 1-rank job, speaking protocol up to vmax. */
+/* A raw rank of a job. */
 struct rank {
 	int fd;
 	struct frame_reader rd;
 };
 
-static void open_rank(struct rank *k, const char *job, uint32_t vmax, uint32_t timeout_ms)
+/* Rank r of a world-rank raw job, joined (every rank's hello must be sent before any reply). */
+static void hello_rank(struct rank *k, const char *job, int r, int world, uint32_t vmax,
+		       uint32_t timeout_ms)
 {
-	Commpb__Envelope env = COMMPB__ENVELOPE__INIT, *reply;
+	Commpb__Envelope env = COMMPB__ENVELOPE__INIT;
 	Commpb__Hello h = COMMPB__HELLO__INIT;
 
 	k->fd = raw_connect(d.sock);
@@ -60,17 +62,29 @@ static void open_rank(struct rank *k, const char *job, uint32_t vmax, uint32_t t
 	h.version_min = 1;
 	h.version_max = vmax;
 	h.job = (char *)job;
-	h.rank = 0;
-	h.world_size = 1;
+	h.rank = r;
+	h.world_size = world;
 	h.timeout_ms = timeout_ms;
 	env.body_case = COMMPB__ENVELOPE__BODY_HELLO;
 	env.hello = &h;
 	raw_send(k->fd, &env, NULL, 0);
-	reply = raw_recv(k->fd, &k->rd);
+}
+
+static void hello_done(struct rank *k)
+{
+	Commpb__Envelope *reply = raw_recv(k->fd, &k->rd);
+
 	REQUIRE(reply && reply->body_case == COMMPB__ENVELOPE__BODY_HELLO_REPLY &&
 			reply->hello_reply->status == COMM_OK,
-		"hello of job %s", job);
+		"hello");
 	commpb__envelope__free_unpacked(reply, NULL);
+}
+
+/* Rank 0 of a 1-rank job, speaking protocol up to vmax, joined. */
+static void open_rank(struct rank *k, const char *job, uint32_t vmax, uint32_t timeout_ms)
+{
+	hello_rank(k, job, 0, 1, vmax, timeout_ms);
+	hello_done(k);
 }
 
 static void close_rank(struct rank *k)
@@ -239,21 +253,12 @@ static int allreduce(struct rank *k, uint64_t seq, uint64_t smem, uint64_t soff,
 static Commpb__Envelope *status_of(const struct th_daemon *dd)
 {
 	Commpb__Envelope env = COMMPB__ENVELOPE__INIT, *reply;
-	Commpb__Hello h = COMMPB__HELLO__INIT;
 	Commpb__StatusRequest sr = COMMPB__STATUS_REQUEST__INIT;
 	struct frame_reader rd;
 	int fd = raw_connect(dd->sock);
 
 	frame_reader_init(&rd);
-	h.version_min = 1;
-	h.version_max = PROTO_VERSION;
-	h.role = COMMPB__ROLE__ROLE_ADMIN;
-	env.body_case = COMMPB__ENVELOPE__BODY_HELLO;
-	env.hello = &h;
-	raw_send(fd, &env, NULL, 0);
-	reply = raw_recv(fd, &rd);
-	REQUIRE(reply && reply->body_case == COMMPB__ENVELOPE__BODY_HELLO_REPLY, "admin hello");
-	commpb__envelope__free_unpacked(reply, NULL);
+	REQUIRE(raw_hello_admin(fd, &rd) == COMM_OK, "admin hello");
 	env.body_case = COMMPB__ENVELOPE__BODY_STATUS_REQUEST;
 	env.status_request = &sr;
 	raw_send(fd, &env, NULL, 0);
@@ -752,35 +757,6 @@ static int workers_gone(void)
 	return 0;
 }
 
-/* Rank r of a world-rank raw job, joined (every rank's hello must be sent before any reply). */
-static void hello_rank(struct rank *k, const char *job, int r, int world, uint32_t timeout_ms)
-{
-	Commpb__Envelope env = COMMPB__ENVELOPE__INIT;
-	Commpb__Hello h = COMMPB__HELLO__INIT;
-
-	k->fd = raw_connect(d.sock);
-	frame_reader_init(&k->rd);
-	h.version_min = 1;
-	h.version_max = PROTO_VERSION;
-	h.job = (char *)job;
-	h.rank = r;
-	h.world_size = world;
-	h.timeout_ms = timeout_ms;
-	env.body_case = COMMPB__ENVELOPE__BODY_HELLO;
-	env.hello = &h;
-	raw_send(k->fd, &env, NULL, 0);
-}
-
-static void hello_done(struct rank *k)
-{
-	Commpb__Envelope *reply = raw_recv(k->fd, &k->rd);
-
-	REQUIRE(reply && reply->body_case == COMMPB__ENVELOPE__BODY_HELLO_REPLY &&
-			reply->hello_reply->status == COMM_OK,
-		"hello");
-	commpb__envelope__free_unpacked(reply, NULL);
-}
-
 /*
  * A worker that never answers MEM_OPEN (a driver stuck opening a handle):
  * the rank hears TIMEOUT at the job's deadline, or PEER_LOST at once when
@@ -808,8 +784,8 @@ static void test_hung_open(void)
 	close_rank(&k0);
 	th_check_baseline(&d, fds0, "a registration past its deadline");
 
-	hello_rank(&k0, "open-peer", 0, 2, 60000);
-	hello_rank(&k1, "open-peer", 1, 2, 60000);
+	hello_rank(&k0, "open-peer", 0, 2, PROTO_VERSION, 60000);
+	hello_rank(&k1, "open-peer", 1, 2, PROTO_VERSION, 60000);
 	hello_done(&k0);
 	hello_done(&k1);
 	unlink(logpath);

@@ -280,7 +280,6 @@ static uint64_t ops_done_reply(int fd, struct frame_reader *r)
 static void test_fair_turns(void)
 {
 	Commpb__Envelope env = COMMPB__ENVELOPE__INIT, *reply;
-	Commpb__Hello h = COMMPB__HELLO__INIT;
 	Commpb__Op op = COMMPB__OP__INIT;
 	struct frame_reader hr, ar;
 	uint8_t *burst = malloc(FAIR_OPS * 32), *f;
@@ -294,15 +293,7 @@ static void test_fair_turns(void)
 	raw_hello(hog, &hr, "fair-hog", 1, PROTO_VERSION, COMM_OK);
 	admin = raw_connect(d.sock);
 	frame_reader_init(&ar);
-	h.version_min = 1;
-	h.version_max = PROTO_VERSION;
-	h.role = COMMPB__ROLE__ROLE_ADMIN;
-	env.body_case = COMMPB__ENVELOPE__BODY_HELLO;
-	env.hello = &h;
-	raw_send(admin, &env, NULL, 0);
-	reply = raw_recv(admin, &ar);
-	REQUIRE(reply && reply->body_case == COMMPB__ENVELOPE__BODY_HELLO_REPLY, "admin hello");
-	commpb__envelope__free_unpacked(reply, NULL);
+	REQUIRE(raw_hello_admin(admin, &ar) == COMM_OK, "admin hello");
 	ops_done_ask(admin);
 	done0 = ops_done_reply(admin, &ar);
 

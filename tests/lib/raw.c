@@ -90,6 +90,26 @@ void raw_hello(int fd, struct frame_reader *r, const char *job, uint32_t vmin, u
 	commpb__envelope__free_unpacked(reply, NULL);
 }
 
+int raw_hello_admin(int fd, struct frame_reader *r)
+{
+	Commpb__Envelope env = COMMPB__ENVELOPE__INIT, *reply;
+	Commpb__Hello h = COMMPB__HELLO__INIT;
+	int status = -1;
+
+	h.version_min = PROTO_VERSION_MIN;
+	h.version_max = PROTO_VERSION;
+	h.role = COMMPB__ROLE__ROLE_ADMIN;
+	env.body_case = COMMPB__ENVELOPE__BODY_HELLO;
+	env.hello = &h;
+	raw_send(fd, &env, NULL, 0);
+	reply = raw_recv(fd, r);
+	if (reply && reply->body_case == COMMPB__ENVELOPE__BODY_HELLO_REPLY)
+		status = reply->hello_reply->status;
+	if (reply)
+		commpb__envelope__free_unpacked(reply, NULL);
+	return status;
+}
+
 int raw_register_fd(int sock, struct frame_reader *r, int mfd, uint64_t size, uint64_t *mem_id)
 {
 	Commpb__Envelope env = COMMPB__ENVELOPE__INIT, *reply;

@@ -35,6 +35,8 @@ int raw_error(int fd, int ms, char *detail, size_t len);
  */
 int raw_hello_rank(int fd, struct frame_reader *r, const char *job, const char *token, int rank,
 		   int world, char *detail, size_t len);
+/* Hello as an admin client (commctl's role): the reply's status, or -1. */
+int raw_hello_admin(int fd, struct frame_reader *r);
 /* Register memfd mfd of size bytes; the reply's status, and its mem id in *mem_id if not NULL. */
 int raw_register_fd(int sock, struct frame_reader *r, int mfd, uint64_t size, uint64_t *mem_id);
 /*
