@@ -146,12 +146,9 @@ static int reg_dev(struct rank *k, Commpb__MemKind kind, size_t hlen, int fd, ui
 /* size bytes of host memory (a sealed memfd) registered by k: its mem id; mapped here into *map. */
 static uint64_t reg_host_map(struct rank *k, size_t size, uint8_t **map)
 {
-	int mfd = memfd_create("gpu-plumbing", MFD_CLOEXEC | MFD_ALLOW_SEALING);
+	int mfd = raw_memfd(size);
 	uint64_t h = 0;
 
-	REQUIRE(mfd >= 0 && ftruncate(mfd, (off_t)size) == 0 &&
-			fcntl(mfd, F_ADD_SEALS, F_SEAL_SHRINK) == 0,
-		"memfd");
 	if (map)
 		REQUIRE((*map = mmap(NULL, size, PROT_READ | PROT_WRITE, MAP_SHARED, mfd, 0)) !=
 				MAP_FAILED, "mmap");
@@ -588,10 +585,7 @@ static void test_ring_device(void)
 	REQUIRE(reg_dev(&k, COMMPB__MEM_KIND__MEM_CUDA_IPC, 64, -1, 4096, &a, detail,
 			sizeof detail) == COMM_OK,
 		"IPC registration: %s", detail);
-	mfd = memfd_create("gpu-plumbing-ring", MFD_CLOEXEC | MFD_ALLOW_SEALING);
-	REQUIRE(mfd >= 0 && ftruncate(mfd, (off_t)bytes) == 0 &&
-			fcntl(mfd, F_ADD_SEALS, F_SEAL_SHRINK) == 0,
-		"memfd");
+	mfd = raw_memfd(bytes);
 	mem = mmap(NULL, bytes, PROT_READ | PROT_WRITE, MAP_SHARED, mfd, 0);
 	REQUIRE(mem != MAP_FAILED, "mmap");
 	REQUIRE(raw_register_fd(k.fd, &k.rd, mfd, bytes, &seg) == COMM_OK, "register the ring's memfd");
@@ -832,17 +826,11 @@ static void test_device_not_charged(void)
 		     sizeof detail);
 	CHECK(rc == COMM_OK, "64 MiB of device memory against max-job-memory 1M: %d %s", rc,
 	      detail);
-	mfd = memfd_create("charge", MFD_CLOEXEC | MFD_ALLOW_SEALING);
-	REQUIRE(mfd >= 0 && ftruncate(mfd, 512 << 10) == 0 &&
-			fcntl(mfd, F_ADD_SEALS, F_SEAL_SHRINK) == 0,
-		"memfd");
+	mfd = raw_memfd(512 << 10);
 	rc = raw_register_fd(k.fd, &k.rd, mfd, 512 << 10, &id);
 	CHECK(rc == COMM_OK, "512 KiB of host memory after 64 MiB of device memory: %d", rc);
 	close(mfd);
-	mfd = memfd_create("charge", MFD_CLOEXEC | MFD_ALLOW_SEALING);
-	REQUIRE(mfd >= 0 && ftruncate(mfd, 768 << 10) == 0 &&
-			fcntl(mfd, F_ADD_SEALS, F_SEAL_SHRINK) == 0,
-		"memfd");
+	mfd = raw_memfd(768 << 10);
 	rc = raw_register_fd(k.fd, &k.rd, mfd, 768 << 10, &id);
 	CHECK(rc == COMM_ERR_NO_MEMORY, "host memory past max-job-memory: %d", rc);
 	close(mfd);

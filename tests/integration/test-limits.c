@@ -108,12 +108,8 @@ static void test_fds_per_frame(void)
 	frame_reader_init(&r);
 	raw_hello(fd, &r, "limits-fds", 1, 3, COMM_OK);
 	frame_reader_free(&r);
-	for (int i = 0; i < 2; i++) {
-		m[i] = memfd_create("two", MFD_CLOEXEC | MFD_ALLOW_SEALING);
-		REQUIRE(m[i] >= 0 && ftruncate(m[i], 4096) == 0 &&
-				fcntl(m[i], F_ADD_SEALS, F_SEAL_SHRINK) == 0,
-			"memfd");
-	}
+	for (int i = 0; i < 2; i++)
+		m[i] = raw_memfd(4096);
 	rm.kind = COMMPB__MEM_KIND__MEM_MEMFD;
 	rm.size = 4096;
 	env.body_case = COMMPB__ENVELOPE__BODY_REGISTER_MEM;
@@ -170,11 +166,8 @@ static int rank_flood(int rank, int n, void *arg)
 /* A sealed memfd of 4 KiB registered on fd: the status. */
 static int reg4k(int fd, struct frame_reader *r)
 {
-	int mfd = memfd_create("limits", MFD_CLOEXEC | MFD_ALLOW_SEALING), st;
+	int mfd = raw_memfd(4096), st;
 
-	REQUIRE(mfd >= 0 && ftruncate(mfd, 4096) == 0 &&
-			fcntl(mfd, F_ADD_SEALS, F_SEAL_SHRINK) == 0,
-		"memfd");
 	st = raw_register_fd(fd, r, mfd, 4096, NULL);
 	close(mfd);
 	return st;

@@ -1,8 +1,10 @@
 /* raw.c: a hand-made protocol client for the tests (see raw.h). */
+#include <fcntl.h>
 #include <poll.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/mman.h>
 #include <sys/socket.h>
 #include <sys/un.h>
 #include <unistd.h>
@@ -88,6 +90,16 @@ void raw_hello(int fd, struct frame_reader *r, const char *job, uint32_t vmin, u
 			      strstr(reply->hello_reply->detail, "speaks"),
 		      "version error without the supported range: %s", reply->hello_reply->detail);
 	commpb__envelope__free_unpacked(reply, NULL);
+}
+
+int raw_memfd(size_t size)
+{
+	int fd = memfd_create("raw", MFD_CLOEXEC | MFD_ALLOW_SEALING);
+
+	REQUIRE(fd >= 0 && ftruncate(fd, (off_t)size) == 0 &&
+			fcntl(fd, F_ADD_SEALS, F_SEAL_SHRINK) == 0,
+		"a sealed memfd of %zu bytes", size);
+	return fd;
 }
 
 int raw_hello_admin(int fd, struct frame_reader *r)

@@ -35,6 +35,8 @@ int raw_error(int fd, int ms, char *detail, size_t len);
  */
 int raw_hello_rank(int fd, struct frame_reader *r, const char *job, const char *token, int rank,
 		   int world, char *detail, size_t len);
+/* A memfd of size bytes sealed against shrinking, as commd takes them (REQUIREd). */
+int raw_memfd(size_t size);
 /* Hello as an admin client (commctl's role): the reply's status, or -1. */
 int raw_hello_admin(int fd, struct frame_reader *r);
 /* Register memfd mfd of size bytes; the reply's status, and its mem id in *mem_id if not NULL. */
