@@ -23,6 +23,7 @@
 #endif
 
 #define MEM_MAX_PER_CONN 4096  /* registrations one connection may hold */
+#define GPU_MEM_MAX (1ull << 48) /* no device allocation is larger: claims past it are refused */
 #define TIMEOUT_MAX_MS (24u * 3600 * 1000)
 #define JOB_NAME_MAX 255
 #define TOKEN_MAX 256
@@ -620,6 +621,7 @@ struct job {
 	uint64_t bytes_moved;
 	uint64_t errors;
 	uint64_t mem_bytes;            /* host memory its ranks registered (max-job-memory) */
+	uint64_t dev_bytes;            /* device memory they registered (shown, not limited) */
 	struct gpu_worker *gpu; /* its GPU worker, once it registered device memory */
 	struct dist *dist;      /* spread over several daemons, or NULL */
 	int tasks_out;          /* tasks on a backend (running, queued on the GPU worker, remote send/recv) */

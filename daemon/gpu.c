@@ -77,9 +77,16 @@ struct gpu_worker {
 	TAILQ_HEAD(, gpu_stage) stages;
 	int stages_idle;
 	size_t stage_idle_bytes;
+	int killed;            /* SIGKILLed busy: lost on the next turn (killed_why), not at exit */
+	const char *killed_why;
+	TAILQ_ENTRY(gpu_worker) killed_link;
 };
 
 static TAILQ_HEAD(, gpu_worker) workers = TAILQ_HEAD_INITIALIZER(workers);
+/* workers killed busy, whose ops and opens are answered on the next turn */
+static TAILQ_HEAD(, gpu_worker) killed = TAILQ_HEAD_INITIALIZER(killed);
+static uv_idle_t killed_idle;
+static int killed_ready;
 static uv_loop_t *gpu_loop;
 static const char *worker_cfg; /* the configured worker program, or "" */
 
@@ -296,6 +303,8 @@ static void worker_free_maybe(struct gpu_worker *w)
 {
 	if (w->refs > 0 || w->alive || w->handles > 0)
 		return;
+	if (w->killed)
+		TAILQ_REMOVE(&killed, w, killed_link);
 	while (!TAILQ_EMPTY(&w->stages))
 		stage_free(w, TAILQ_FIRST(&w->stages)); /* idle all: each busy one holds a ref */
 	while (!TAILQ_EMPTY(&w->outq)) {
@@ -930,8 +939,9 @@ comm_result_t gpu_mem_register(struct conn *c, const Commpb__RegisterMem *r, int
 		goto fail;
 	}
 	rc = COMM_ERR_INVALID_ARG;
-	if (r->size == 0) {
-		snprintf(err, errlen, "mem register: device memory of 0 bytes");
+	if (r->size == 0 || r->size > GPU_MEM_MAX) {
+		snprintf(err, errlen, "mem register: device memory of %llu bytes (1 to 2^48)",
+			 (unsigned long long)r->size);
 		goto fail;
 	}
 	if (!vmm && r->cuda_handle.len != GPU_HANDLE_BYTES) {
@@ -996,6 +1006,7 @@ comm_result_t gpu_mem_register(struct conn *c, const Commpb__RegisterMem *r, int
 	snprintf(m->uuid, sizeof m->uuid, "%s", r->gpu_uuid);
 	m->opening_ms = now_ms();
 	w->refs++;
+	c->job->dev_bytes += m->size;
 	TAILQ_INSERT_TAIL(&c->mems, m, link);
 	c->nmems++;
 	TAILQ_INSERT_TAIL(&w->opening, m, gpu_link);
@@ -1341,11 +1352,25 @@ struct mem *gpu_job_opening(struct job *j)
 	return j->gpu ? TAILQ_FIRST(&j->gpu->opening) : NULL;
 }
 
+static void on_killed(uv_idle_t *h)
+{
+	struct gpu_worker *w;
+
+	while ((w = TAILQ_FIRST(&killed))) {
+		TAILQ_REMOVE(&killed, w, killed_link);
+		w->killed = 0;
+		if (w->fd >= 0) /* not lost meanwhile (its exit came first) */
+			worker_lost(w, w->killed_why);
+	}
+	uv_idle_stop(h);
+}
+
 /*
  * A worker busy with an op or a mem that nobody will wait for (its job
  * failed or is gone) may be stuck in CUDA: kill it, and answer what it had
- * now rather than when it exits, which a process stuck in the driver may
- * never do.
+ * on the next turn rather than when it exits, which a process stuck in the
+ * driver may never do. Not now: answering the last op of a job no rank is
+ * attached to frees the job, under job_fail's feet.
  */
 static void worker_kill_busy(struct gpu_worker *w, const char *why)
 {
@@ -1356,8 +1381,17 @@ static void worker_kill_busy(struct gpu_worker *w, const char *why)
 			 why);
 		uv_process_kill(&w->proc, SIGKILL);
 	}
-	if (w->fd >= 0)
-		worker_lost(w, why);
+	if (w->fd < 0 || w->killed)
+		return;
+	w->killed = 1;
+	w->killed_why = why;
+	TAILQ_INSERT_TAIL(&killed, w, killed_link);
+	if (!killed_ready) {
+		uv_idle_init(gpu_loop, &killed_idle);
+		uv_unref((uv_handle_t *)&killed_idle);
+		killed_ready = 1;
+	}
+	uv_idle_start(&killed_idle, on_killed);
 }
 
 void gpu_job_failed(struct job *j)
@@ -1383,6 +1417,9 @@ void gpu_stop(void)
 	struct gpu_worker *w, *tmp;
 
 	probe_stop();
+	if (killed_ready)
+		uv_close((uv_handle_t *)&killed_idle, NULL);
+	killed_ready = 0;
 	TAILQ_FOREACH_SAFE(w, &workers, link, tmp) {
 		int busy = !TAILQ_EMPTY(&w->tasks) || !TAILQ_EMPTY(&w->opening);
 

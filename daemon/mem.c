@@ -138,8 +138,9 @@ static void unlist(struct mem *m)
 	m->conn->nmems--;
 	if (m->kind == COMMPB__MEM_KIND__MEM_MEMFD)
 		m->conn->nmaps--;
-	if (m->job && m->kind == COMMPB__MEM_KIND__MEM_MEMFD)
-		m->job->mem_bytes -= m->size;
+	if (m->job)
+		*(m->kind == COMMPB__MEM_KIND__MEM_MEMFD ? &m->job->mem_bytes : &m->job->dev_bytes) -=
+			m->size;
 	m->job = NULL;
 	m->conn = NULL;
 }

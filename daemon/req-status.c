@@ -87,7 +87,7 @@ int req_status_exec(struct conn *c, const Commpb__Envelope *env, int *fds, int n
 		ji->errors = j->errors;
 		ji->uid = j->uid;
 		ji->ops_pending = pending;
-		ji->mem_registered = j->mem_bytes;
+		ji->mem_registered = j->mem_bytes + j->dev_bytes;
 		ji->nodes = j->dist ? j->dist->nnodes : 1;
 		ji->root = j->dist ? j->dist->root : (char *)"";
 		gpu_job_line(j, gpul[i], sizeof gpul[i]);

@@ -148,25 +148,14 @@ static int rank_stream(int r, int n, void *arg)
 /* The job's registered bytes by commd's status, -1 when it is not listed. */
 static long long job_mem(const char *job)
 {
-	Commpb__Envelope env = COMMPB__ENVELOPE__INIT, *reply;
-	Commpb__Hello h = COMMPB__HELLO__INIT;
+	Commpb__Envelope env = COMMPB__ENVELOPE__INIT, *reply = NULL;
 	Commpb__StatusRequest sr = COMMPB__STATUS_REQUEST__INIT;
 	struct frame_reader rd;
 	int fd = raw_connect(d.sock);
 	long long v = -1;
 
 	frame_reader_init(&rd);
-	h.version_min = PROTO_VERSION_MIN;
-	h.version_max = PROTO_VERSION;
-	h.role = COMMPB__ROLE__ROLE_ADMIN;
-	env.body_case = COMMPB__ENVELOPE__BODY_HELLO;
-	env.hello = &h;
-	raw_send(fd, &env, NULL, 0);
-	reply = raw_recv(fd, &rd);
-	if (reply && reply->body_case == COMMPB__ENVELOPE__BODY_HELLO_REPLY &&
-	    reply->hello_reply->status == COMM_OK) {
-		commpb__envelope__free_unpacked(reply, NULL);
-		env = (Commpb__Envelope)COMMPB__ENVELOPE__INIT;
+	if (raw_hello_admin(fd, &rd) == COMM_OK) {
 		env.body_case = COMMPB__ENVELOPE__BODY_STATUS_REQUEST;
 		env.status_request = &sr;
 		raw_send(fd, &env, NULL, 0);

@@ -463,6 +463,10 @@ static void test_forwarding(void)
 	CHECK(reg_dev(&k, COMMPB__MEM_KIND__MEM_CUDA_IPC, 64, -1, 0, NULL, detail,
 		      sizeof detail) == COMM_ERR_INVALID_ARG,
 	      "0-byte device memory: %s", detail);
+	CHECK(reg_dev(&k, COMMPB__MEM_KIND__MEM_CUDA_IPC, 64, -1, UINT64_MAX - 4095, NULL, detail,
+		      sizeof detail) == COMM_ERR_INVALID_ARG &&
+		      strstr(detail, "2^48"),
+	      "device memory of 2^64 - 4096 bytes: %s", detail);
 	open_rank(&old, "dev-v2", 2, 0);
 	CHECK(reg_dev(&old, COMMPB__MEM_KIND__MEM_CUDA_IPC, 64, -1, 4096, NULL, detail,
 		      sizeof detail) == COMM_ERR_VERSION && strstr(detail, "protocol 3"),
@@ -639,6 +643,43 @@ static void test_ring_device(void)
 	CHECK(th_daemon_stop(&d) == 0, "daemon stop");
 }
 
+/* Live fake workers commd started (children of its pid, not yet reaped). */
+static int workers_alive(void)
+{
+	DIR *dp = opendir("/proc");
+	struct dirent *e;
+	int n = 0;
+
+	REQUIRE(dp, "opendir /proc");
+	while ((e = readdir(dp))) {
+		char path[300], line[512], *q, state;
+		int ppid;
+		FILE *f;
+
+		snprintf(path, sizeof path, "/proc/%s/stat", e->d_name);
+		if (!(f = fopen(path, "r")))
+			continue;
+		if (fgets(line, sizeof line, f) && strstr(line, "(fake-gpu-work") &&
+		    (q = strrchr(line, ')')) && sscanf(q + 2, "%c %d", &state, &ppid) == 2 &&
+		    ppid == d.pid && state != 'Z')
+			n++;
+		fclose(f);
+	}
+	closedir(dp);
+	return n;
+}
+
+/* Wait (up to 5 s) until commd has no live worker: 1 when so. */
+static int workers_gone(void)
+{
+	for (int i = 0; i < 100; i++) {
+		if (!workers_alive())
+			return 1;
+		usleep(50 * 1000);
+	}
+	return 0;
+}
+
 /* mode: crash or hang. The device job fails; a host job beside it runs. */
 static void test_bad_worker(const char *mode)
 {
@@ -662,13 +703,42 @@ static void test_bad_worker(const char *mode)
 			      strstr(detail, "signal 9"),
 		      "crashed worker: %d %s", rc, detail);
 	CHECK(reg_dev(&k, COMMPB__MEM_KIND__MEM_CUDA_IPC, 64, -1, 4096, NULL, detail,
-		      sizeof detail) != COMM_OK,
-	      "%s: registration after the worker died succeeded", mode);
+		      sizeof detail) != COMM_OK &&
+		      strstr(detail, hang ? "busy when the job failed" : "signal 9"),
+	      "%s: registration after the worker died: %s", mode, detail);
 	CHECK(th_run_ranks(&d, "host", 2, host_rank, NULL) == 0, "%s: host job beside failed", mode);
 	CHECK(th_daemon_alive(&d), "%s: daemon died", mode);
 	close_rank(&k);
 	th_check_baseline(&d, fds0, mode);
 	CHECK(th_daemon_stop(&d) == 0, "daemon stop");
+}
+
+/*
+ * The job's last rank goes while its op hangs on the worker: the job fails,
+ * the worker is killed and the op answered with no rank left to hear it,
+ * which frees the job; commd lives on, fds back, a host job runs after.
+ */
+static void test_last_rank_gone(void)
+{
+	struct rank k;
+	uint64_t a = 0;
+	int fds0;
+
+	start("hang", 1);
+	fds0 = quiet_fds();
+	open_rank(&k, "dev-last", PROTO_VERSION, 0);
+	REQUIRE(reg_dev(&k, COMMPB__MEM_KIND__MEM_CUDA_IPC, 64, -1, 4096, &a, NULL, 0) == COMM_OK,
+		"registration");
+	post_allreduce(&k, 1, a, 0, a, 0, 0, NULL);
+	CHECK(logged("op type 1"), "the op did not reach the worker");
+	close_rank(&k);
+	CHECK(workers_gone(), "the worker hung in the op outlived its job");
+	CHECK(th_daemon_alive(&d), "commd died when the last rank of a job went mid-op");
+	th_check_baseline(&d, fds0, "the last rank gone mid-op");
+	CHECK(th_run_ranks(&d, "host", 2, host_rank, NULL) == 0, "host job after");
+	CHECK(th_daemon_stop(&d) == 0, "daemon stop");
+	printf("%s: the last rank gone while its op hangs on the worker: worker killed, commd "
+	       "on\n", check_failures ? "FAIL" : "ok");
 }
 
 /* SIGTERM while a worker hangs in an op: commd answers the op and exits 0. */
@@ -712,43 +782,6 @@ static void test_shutdown_hung(void)
 	CHECK(th_secs_since(&t0) < 5, "shutdown took %.1f s", th_secs_since(&t0));
 	close_rank(&k);
 	th_daemon_cleanup(&d);
-}
-
-/* Live fake workers commd started (children of its pid, not yet reaped). */
-static int workers_alive(void)
-{
-	DIR *dp = opendir("/proc");
-	struct dirent *e;
-	int n = 0;
-
-	REQUIRE(dp, "opendir /proc");
-	while ((e = readdir(dp))) {
-		char path[300], line[512], *q, state;
-		int ppid;
-		FILE *f;
-
-		snprintf(path, sizeof path, "/proc/%s/stat", e->d_name);
-		if (!(f = fopen(path, "r")))
-			continue;
-		if (fgets(line, sizeof line, f) && strstr(line, "(fake-gpu-work") &&
-		    (q = strrchr(line, ')')) && sscanf(q + 2, "%c %d", &state, &ppid) == 2 &&
-		    ppid == d.pid && state != 'Z')
-			n++;
-		fclose(f);
-	}
-	closedir(dp);
-	return n;
-}
-
-/* Wait (up to 5 s) until commd has no live worker: 1 when so. */
-static int workers_gone(void)
-{
-	for (int i = 0; i < 100; i++) {
-		if (!workers_alive())
-			return 1;
-		usleep(50 * 1000);
-	}
-	return 0;
 }
 
 /*
@@ -808,7 +841,23 @@ static void test_hung_open(void)
 	       "died, killed when its job ended\n", check_failures ? "FAIL" : "ok");
 }
 
-/* max-job-memory is host memory: device registrations do not use it up. */
+/* Job's registered bytes (host and device) by status; -1 when it is not listed. */
+static long long job_registered(const char *job)
+{
+	Commpb__Envelope *st = status();
+	long long v = -1;
+
+	for (size_t i = 0; i < st->status_reply->n_jobs; i++)
+		if (!strcmp(st->status_reply->jobs[i]->name, job))
+			v = (long long)st->status_reply->jobs[i]->mem_registered;
+	commpb__envelope__free_unpacked(st, NULL);
+	return v;
+}
+
+/*
+ * max-job-memory is host memory: device registrations do not use it up,
+ * though status counts them in the job's registered bytes.
+ */
 static void test_device_not_charged(void)
 {
 	struct rank k;
@@ -830,13 +879,17 @@ static void test_device_not_charged(void)
 	rc = raw_register_fd(k.fd, &k.rd, mfd, 512 << 10, &id);
 	CHECK(rc == COMM_OK, "512 KiB of host memory after 64 MiB of device memory: %d", rc);
 	close(mfd);
+	CHECK(job_registered("charge") == (64ll << 20) + (512 << 10),
+	      "status: job charge has %lld bytes registered, not its 64 MiB + 512 KiB",
+	      job_registered("charge"));
 	mfd = raw_memfd(768 << 10);
 	rc = raw_register_fd(k.fd, &k.rd, mfd, 768 << 10, &id);
 	CHECK(rc == COMM_ERR_NO_MEMORY, "host memory past max-job-memory: %d", rc);
 	close(mfd);
 	close_rank(&k);
 	CHECK(th_daemon_stop(&d) == 0, "daemon stop");
-	printf("%s: device memory does not count against max-job-memory; host memory does\n",
+	printf("%s: device memory does not count against max-job-memory (status shows it); host "
+	       "memory does\n",
 	       check_failures ? "FAIL" : "ok");
 }
 
@@ -1355,6 +1408,7 @@ int main(void)
 	test_bad_worker("hang");
 	test_shutdown_hung();
 	test_hung_open();
+	test_last_rank_gone();
 	test_device_not_charged();
 	test_refusals();
 	test_across_daemons();
