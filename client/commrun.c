@@ -23,6 +23,7 @@
 #define MAX_WORLD 4096 /* ranks of a job, on every node together (commd's WORLD_MAX) */
 #define DEFAULT_GRACE 10 /* seconds after the first failure */
 #define KILL_DELAY_MS 5000 /* from SIGTERM to SIGKILL */
+#define REPEAT_MS 250      /* signals closer to the first one than this are that one again */
 #define TOKEN_BYTES 16
 
 enum { OPT_JOB = 256, OPT_SOCKET, OPT_TIMEOUT, OPT_GRACE, OPT_ROOT, OPT_WORLD, OPT_FIRST };
@@ -66,6 +67,7 @@ struct run {
 	int64_t grace_ms;
 	enum phase phase;
 	int64_t deadline; /* CLOCK_MONOTONIC ms, in GRACE and TERM */
+	int64_t term_ms;  /* when the ranks were told to stop (TERM) */
 };
 
 static const int forwarded[] = { SIGINT, SIGTERM, SIGHUP, SIGUSR1, SIGUSR2 };
@@ -387,7 +389,8 @@ static void advance(struct run *run)
 		fprintf(stderr, "commrun: grace period over: sent SIGTERM to "
 		    "%d rank%s\n", n, n == 1 ? "" : "s");
 		run->phase = PHASE_TERM;
-		run->deadline = now_ms() + KILL_DELAY_MS;
+		run->term_ms = now_ms();
+		run->deadline = run->term_ms + KILL_DELAY_MS;
 	} else {
 		n = signal_all(run, SIGKILL);
 		fprintf(stderr, "commrun: sent SIGKILL to %d rank%s still "
@@ -400,12 +403,16 @@ static void advance(struct run *run)
  * A SIGINT or SIGTERM for commrun: pass it on (unless the terminal sent it
  * to the ranks too) and SIGKILL the ranks that outlast the grace period, or
  * KILL_DELAY_MS if that is longer; if they have had one already, SIGKILL
- * them now.
+ * them now. One within REPEAT_MS of that one is the same request sent twice
+ * (timeout(1) signals its child, then the child's group).
  */
 static void stop(struct run *run, int sig, const siginfo_t *info)
 {
 	int n;
 
+	if ((run->phase == PHASE_TERM || run->phase == PHASE_KILL) &&
+	    now_ms() - run->term_ms < REPEAT_MS)
+		return;
 	if (run->phase == PHASE_TERM || run->phase == PHASE_KILL) {
 		n = signal_all(run, SIGKILL);
 		fprintf(stderr, "commrun: SIG%s while stopping: sent SIGKILL to %d "
@@ -417,7 +424,8 @@ static void stop(struct run *run, int sig, const siginfo_t *info)
 	if (sig != SIGINT || info->si_code != SI_KERNEL)
 		signal_all(run, sig);
 	run->phase = PHASE_TERM;
-	run->deadline = now_ms() + (run->grace_ms > KILL_DELAY_MS ? run->grace_ms : KILL_DELAY_MS);
+	run->term_ms = now_ms();
+	run->deadline = run->term_ms + (run->grace_ms > KILL_DELAY_MS ? run->grace_ms : KILL_DELAY_MS);
 }
 
 /* Wait for the blocked signals in set until every rank is reaped. */

@@ -329,6 +329,28 @@ for n in 2 1; do
 	wait $dog
 done
 
+# Two SIGTERMs at once, as timeout(1) sends them (to commrun, then to its
+# group): one request, not the second that sends SIGKILL. The ranks finish
+# their handler and exit 0.
+rm -rf "$dir/twice"
+mkdir "$dir/twice"
+"$COMMRUN" -n 2 sh -c 'trap "sleep 0.5; exit 0" TERM; echo $$ > "$0/$COMM_RANK"
+	while :; do sleep 0.1; done' "$dir/twice" 2> "$dir/err" &
+run=$!
+if wait_files 'twice/*' 2; then
+	sleep 0.1 # the pid files are written just before the trap is set
+	kill -TERM $run
+	sleep 0.05 # commrun has taken the first: the second comes while it stops
+	kill -TERM $run
+	wait $run
+	expect "two SIGTERMs at once: exit status" $? 0
+	grep -q SIGKILL "$dir/err" && fail "two SIGTERMs at once: $(cat "$dir/err")"
+else
+	fail "two SIGTERMs at once: ranks did not start"
+	kill -KILL $run
+	wait $run
+fi
+
 # ... and SIGUSR1 reaches a rank that handles it.
 mkdir "$dir/usr1"
 "$COMMRUN" -n 3 sh -c \
