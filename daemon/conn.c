@@ -354,20 +354,23 @@ void conn_fail(struct conn *c, comm_result_t code, const char *fmt, ...)
 }
 
 /*
- * Serve c's whole frames, at most limit of them (0: all): 1 when whole
- * frames are left for a later turn, -1 when c closed or is doomed, else 0.
+ * Serve c's whole frames, at most *budget of them (taken off it; NULL: all):
+ * 1 when whole frames are left for a later turn, -1 when c closed or is
+ * doomed, else 0.
  */
-static int serve(struct conn *c, int limit)
+static int serve(struct conn *c, int *budget)
 {
 	const uint8_t *payload;
 	size_t len;
 	int served = 0, left = 0;
 
+	if (c->closing || c->doomed)
+		return -1;
 	for (;;) {
 		enum frame_status st;
 
-		if (limit && served == limit) {
-			left = 1;
+		if (budget && *budget == 0) {
+			left = frame_next(&c->rd, &payload, &len) != FRAME_MORE;
 			break;
 		}
 		st = frame_next(&c->rd, &payload, &len);
@@ -386,6 +389,8 @@ static int serve(struct conn *c, int limit)
 		}
 		frame_consume(&c->rd, len);
 		served++;
+		if (budget)
+			--*budget;
 		if (c->doomed)
 			return -1;
 	}
@@ -407,10 +412,12 @@ static void on_backlog(uv_idle_t *h)
 	for (int n = backlog_len; n > 0 && !TAILQ_EMPTY(&backlog); n--) {
 		struct conn *c = TAILQ_FIRST(&backlog);
 
+		int budget = FRAMES_PER_TURN;
+
 		TAILQ_REMOVE(&backlog, c, backlog_link);
 		backlog_len--;
 		c->backlogged = 0;
-		if (serve(c, FRAMES_PER_TURN) > 0)
+		if (serve(c, &budget) > 0)
 			backlog_add(c);
 	}
 	if (TAILQ_EMPTY(&backlog))
@@ -425,9 +432,11 @@ static void on_backlog(uv_idle_t *h)
  */
 static void on_readable(struct conn *c)
 {
+	int budget = FRAMES_PER_TURN;
+
 	if (c->backlogged)
 		return;
-	for (int reads = 0; reads < 8; reads++) {
+	for (int reads = 0; reads < 8 && budget > 0; reads++) {
 		long n = frame_reader_recv(&c->rd, c->fd);
 		int rc;
 
@@ -448,7 +457,7 @@ static void on_readable(struct conn *c)
 			conn_close(c, n == 0 ? "connection closed by the client" : strerror((int)-n));
 			return;
 		}
-		rc = serve(c, FRAMES_PER_TURN);
+		rc = serve(c, &budget);
 		if (rc) {
 			if (rc > 0)
 				backlog_add(c);
@@ -468,10 +477,10 @@ static void on_failed(struct conn *c, const char *why)
 	for (int i = 0; i < 1024 && !c->closing && !c->doomed; i++) {
 		long n = frame_reader_recv(&c->rd, c->fd);
 
-		if (n <= 0 || serve(c, 0) < 0)
+		if (n <= 0 || serve(c, NULL) < 0)
 			break;
 	}
-	if (!c->closing && !c->doomed && serve(c, 0) >= 0)
+	if (!c->closing && !c->doomed && serve(c, NULL) >= 0)
 		conn_close(c, why);
 }
 
