@@ -210,9 +210,9 @@ struct task *gpu_job_task(struct job *j, int newest);
 struct task *gpu_job_copy(struct job *j);
 /* The oldest device mem the job's worker is still opening, or NULL. */
 struct mem *gpu_job_opening(struct job *j);
-/* The job failed: a worker busy with an op or a mem is killed, and they end now. */
+/* The job failed: a busy worker is killed; its ops and opens end on the next turn. */
 void gpu_job_failed(struct job *j);
-/* The job is freed: its worker goes once its device memory is closed. */
+/* The job is freed: its worker goes once its device memory is closed (killed if still opening). */
 void gpu_job_gone(struct job *j);
 /*
  * The job's GPU worker in one line, for status: "" when it has none, else

@@ -213,7 +213,7 @@ static const struct {
 	const char *args;
 	int rc;
 	const char *says;
-} bad[] = {
+} usage_errors[] = {
 	{ "abort", 2, "which JOB" },
 	{ "abort no-such-job", 1, "no job named no-such-job" },
 	{ "abort ctl-job --uid root", 2, "--uid wants a number" },
@@ -283,10 +283,11 @@ static void test_abort(const struct th_daemon *d)
 	      "a job after the abort failed");
 
 	/* errors: the arguments after --socket, the exit status, what the output holds */
-	for (size_t i = 0; i < sizeof bad / sizeof bad[0]; i++) {
-		snprintf(args, sizeof args, "--socket %s %s", d->sock, bad[i].args);
-		CHECK(ctl(out, sizeof out, args) == bad[i].rc && strstr(out, bad[i].says),
-		      "commctl %s: %s", bad[i].args, out);
+	for (size_t i = 0; i < sizeof usage_errors / sizeof usage_errors[0]; i++) {
+		snprintf(args, sizeof args, "--socket %s %s", d->sock, usage_errors[i].args);
+		CHECK(ctl(out, sizeof out, args) == usage_errors[i].rc &&
+			      strstr(out, usage_errors[i].says),
+		      "commctl %s: %s", usage_errors[i].args, out);
 	}
 	printf("ok: commctl abort, forming and formed, and its errors\n");
 }
