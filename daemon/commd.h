@@ -627,6 +627,12 @@ struct job {
 	int tasks_out;          /* tasks on a backend (running, queued on the GPU worker, remote send/recv) */
 };
 
+/* The count of j's that m is charged to: host memory (max-job-memory) or device memory. */
+static inline uint64_t *job_charge(struct job *j, const struct mem *m)
+{
+	return m->kind == COMMPB__MEM_KIND__MEM_MEMFD ? &j->mem_bytes : &j->dev_bytes;
+}
+
 /* Attach c as a rank of the job named in hello, creating the job. */
 comm_result_t job_join(struct conn *c, const Commpb__Hello *hello, char *err, size_t errlen);
 /* Tell every rank of a job that just formed: their hello replies. */

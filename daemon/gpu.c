@@ -1006,7 +1006,7 @@ comm_result_t gpu_mem_register(struct conn *c, const Commpb__RegisterMem *r, int
 	snprintf(m->uuid, sizeof m->uuid, "%s", r->gpu_uuid);
 	m->opening_ms = now_ms();
 	w->refs++;
-	c->job->dev_bytes += m->size;
+	*job_charge(c->job, m) += m->size;
 	TAILQ_INSERT_TAIL(&c->mems, m, link);
 	c->nmems++;
 	TAILQ_INSERT_TAIL(&w->opening, m, gpu_link);

@@ -270,7 +270,7 @@ void job_detach(struct conn *c, comm_result_t code, const char *why)
 	int r = c->rank;
 
 	TAILQ_FOREACH(m, &c->mems, link) {
-		*(m->kind == COMMPB__MEM_KIND__MEM_MEMFD ? &j->mem_bytes : &j->dev_bytes) -= m->size;
+		*job_charge(j, m) -= m->size;
 		m->job = NULL;
 	}
 	c->job = NULL;

@@ -105,7 +105,7 @@ comm_result_t mem_register(struct conn *c, int fd, uint64_t size, struct mem **o
 	m->refs = 1;
 	m->job = c->job;
 	m->conn = c;
-	c->job->mem_bytes += size;
+	*job_charge(c->job, m) += size;
 	TAILQ_INSERT_TAIL(&c->mems, m, link);
 	c->nmems++;
 	c->nmaps++;
@@ -139,8 +139,7 @@ static void unlist(struct mem *m)
 	if (m->kind == COMMPB__MEM_KIND__MEM_MEMFD)
 		m->conn->nmaps--;
 	if (m->job)
-		*(m->kind == COMMPB__MEM_KIND__MEM_MEMFD ? &m->job->mem_bytes : &m->job->dev_bytes) -=
-			m->size;
+		*job_charge(m->job, m) -= m->size;
 	m->job = NULL;
 	m->conn = NULL;
 }
