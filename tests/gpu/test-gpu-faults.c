@@ -10,13 +10,15 @@
  *   A1: a rank on B SIGKILLed in the middle of an all-reduce;
  *   G1: daemon B stopped (SIGTERM) in the middle of one: it drains and
  *       exits 0;
- *   H2: daemon B SIGKILLed in the middle of one.
+ *   H2: daemon B SIGKILLed in the middle of one; its GPU worker, left
+ *       behind, must then exit within FAULT_LIMIT_MS (PR_SET_PDEATHSIG).
  * In A1, G1 and H2 every rank that is left must get an error within
  * FAULT_LIMIT_MS, daemon A must live on, its fds come back to where they
  * were, and a new job on device memory must then run right: over A and a
  * fresh B (A1, G1), or on A alone (H2). Exits 77 without a GPU.
  */
 #include <cuda_runtime.h>
+#include <dirent.h>
 #include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -182,6 +184,56 @@ static int rank_after(int r, int n, void *arg)
 	return th_leave(c, r);
 }
 
+/* The pid of a child of parent named commd-gpu (from /proc), else 0. */
+static pid_t gpu_worker_of(pid_t parent)
+{
+	DIR *d = opendir("/proc");
+	struct dirent *e;
+	pid_t found = 0;
+
+	while (d && !found && (e = readdir(d))) {
+		char path[64], comm[32];
+		int ppid;
+		FILE *f;
+
+		if (*e->d_name < '1' || *e->d_name > '9')
+			continue;
+		snprintf(path, sizeof path, "/proc/%s/stat", e->d_name);
+		if (!(f = fopen(path, "r")))
+			continue;
+		/* pid (comm) state ppid: commd-gpu has no space or ')' in it */
+		if (fscanf(f, "%*d (%31[^)]) %*c %d", comm, &ppid) == 2 && ppid == parent &&
+		    strcmp(comm, "commd-gpu") == 0)
+			found = (pid_t)atoi(e->d_name);
+		fclose(f);
+	}
+	if (d)
+		closedir(d);
+	return found;
+}
+
+/* Whether process pid is gone (or a zombie) within limit_ms. */
+static int gone_within(pid_t pid, long limit_ms)
+{
+	long end = mono_ms() + limit_ms;
+
+	do {
+		char path[64], state = 0;
+		FILE *f;
+
+		snprintf(path, sizeof path, "/proc/%d/stat", (int)pid);
+		if (!(f = fopen(path, "r")))
+			return 1;
+		if (fscanf(f, "%*d (%*[^)]) %c", &state) != 1)
+			state = 0;
+		fclose(f);
+		if (state == 'Z')
+			return 1;
+		usleep(20000);
+	} while (mono_ms() < end);
+	return 0;
+}
+
 /* Start daemon d ('A' or 'B'), an NCCL host of its own. */
 static int start(struct th_daemon *d, char name)
 {
@@ -213,6 +265,7 @@ static void test_fault(enum fault f, int b1, int fds0)
 	char job[32], after[32];
 	long per_op;
 	int failed, b_rc = 0;
+	pid_t worker = 0;
 
 	snprintf(job, sizeof job, "gpu-faults-%d", (int)f);
 	snprintf(after, sizeof after, "gpu-faults-%d-after", (int)f);
@@ -230,9 +283,22 @@ static void test_fault(enum fault f, int b1, int fds0)
 	} else if (f == B_STOPPED) {
 		b_rc = th_daemon_stop(&db);
 	} else {
+		worker = gpu_worker_of(db.pid);
 		kill(db.pid, SIGKILL);
 		waitpid(db.pid, NULL, 0);
 		th_daemon_cleanup(&db);
+	}
+	if (f == B_KILLED) {
+		CHECK(worker > 0, "%s: it had no commd-gpu child in the middle of an all-reduce",
+		      what[f]);
+		if (worker > 0) {
+			int gone = gone_within(worker, FAULT_LIMIT_MS);
+
+			CHECK(gone, "%s: its GPU worker %d outlived it by %d ms", what[f], (int)worker,
+			      FAULT_LIMIT_MS);
+			printf("%s: %s: its GPU worker (pid %d) %s\n", gone ? "ok" : "FAIL", what[f],
+			       (int)worker, gone ? "exited with it" : "outlived it");
+		}
 	}
 	failed = th_ranks_wait(&rs);
 	CHECK(failed == (f == RANK_KILLED), "%s: %d ranks failed (see above)", what[f], failed);
