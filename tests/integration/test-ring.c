@@ -2,10 +2,12 @@
  * test-ring.c: the shared-memory submission ring against the real commd:
  * more ops in flight than it has slots (ring and socket mixed), waits that
  * sleep, socket-only and mixed jobs, no CPU burnt while idle, bad RingAttach
- * input, a ring filled by hand, and a ring rank killed mid-op.
+ * input, a ring filled by hand, a ring kept full forever by a hog while
+ * another client is served, and a ring rank killed mid-op.
  */
 #include <dirent.h>
 #include <fcntl.h>
+#include <poll.h>
 #include <signal.h>
 #include <stdatomic.h>
 #include <stddef.h>
@@ -16,6 +18,7 @@
 #include <sys/eventfd.h>
 #include <sys/mman.h>
 #include <sys/resource.h>
+#include <sys/wait.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -780,6 +783,88 @@ static void test_bad_seq(int fds0)
 	th_check_baseline(&d, fds0, "a slot with the wrong seq");
 }
 
+/*
+ * A hog keeps its ring full: a child publishes every slot with a barrier
+ * (a 1-rank job's, answered at once) and each slot again the moment it is
+ * answered, faster than commd takes them, until told to stop. commd must
+ * still serve others: an admin client's status request is answered while
+ * the hog runs (10 s is a hang guard, not a speed check). It is, because
+ * commd answers an op on a later loop turn than it takes it: a turn takes
+ * at most the RING_SLOTS ops published before it.
+ */
+static void test_hog(int fds0)
+{
+	_Atomic int *stop = mmap(NULL, sizeof *stop, PROT_READ | PROT_WRITE,
+				 MAP_SHARED | MAP_ANONYMOUS, -1, 0);
+	struct frame_reader ar;
+	struct raw_rank k;
+	struct pollfd p;
+	char detail[512];
+	uint64_t *taken;
+	pid_t hog;
+	int admin, st, served;
+
+	REQUIRE(stop != MAP_FAILED, "mmap");
+	raw_rank_open(&k, "ring-hog", PROTO_VERSION);
+	st = raw_attach(&k, k.mem_id, 0, RING_SLOTS, k.efd, detail, sizeof detail);
+	REQUIRE(st == COMM_OK, "ring attach: status %d (%s)", st, detail);
+	taken = (uint64_t *)(k.mem + DATA_OFF); /* the hog's count, seen by the test */
+	*taken = 0;
+	hog = fork();
+	REQUIRE(hog >= 0, "fork");
+	if (hog == 0) {
+		for (uint64_t seq = 1; seq <= RING_SLOTS; seq++)
+			publish(&k, seq, seq, COMMPB__OP_TYPE__OP_BARRIER, 0, 0, 0);
+		for (uint64_t seq = 1; !atomic_load(stop); seq++) {
+			struct ring_slot *s = ring_slot(k.mem, seq);
+
+			while (atomic_load((_Atomic uint64_t *)&s->done) != seq + 1)
+				if (atomic_load(stop))
+					_exit(0);
+			if (s->status != COMM_OK)
+				_exit(1);
+			atomic_store((_Atomic uint64_t *)taken, seq);
+			publish(&k, seq + RING_SLOTS, seq + RING_SLOTS, COMMPB__OP_TYPE__OP_BARRIER,
+				0, 0, 0);
+		}
+		_exit(0);
+	}
+	while (atomic_load((_Atomic uint64_t *)taken) < 4 * RING_SLOTS)
+		usleep(1000);
+	admin = raw_connect(d.sock);
+	frame_reader_init(&ar);
+	REQUIRE(raw_hello_admin(admin, &ar) == COMM_OK, "admin hello");
+	{
+		Commpb__Envelope env = COMMPB__ENVELOPE__INIT;
+		Commpb__StatusRequest sr = COMMPB__STATUS_REQUEST__INIT;
+
+		env.body_case = COMMPB__ENVELOPE__BODY_STATUS_REQUEST;
+		env.status_request = &sr;
+		raw_send(admin, &env, NULL, 0);
+	}
+	p = (struct pollfd){ .fd = admin, .events = POLLIN };
+	served = poll(&p, 1, 10000) == 1;
+	CHECK(served, "a status request got no answer in 10 s while a hog kept its ring full");
+	atomic_store(stop, 1);
+	REQUIRE(waitpid(hog, &st, 0) == hog, "waitpid");
+	CHECK(WIFEXITED(st) && WEXITSTATUS(st) == 0, "the hog saw a barrier fail");
+	if (served) {
+		Commpb__Envelope *m = raw_recv(admin, &ar);
+
+		CHECK(m && m->body_case == COMMPB__ENVELOPE__BODY_STATUS_REPLY, "no status reply");
+		if (m)
+			commpb__envelope__free_unpacked(m, NULL);
+	}
+	printf("%s: a hog kept its ring full (%llu barriers): another client was served meanwhile\n",
+	       check_failures ? "FAIL" : "ok",
+	       (unsigned long long)atomic_load((_Atomic uint64_t *)taken));
+	close(admin);
+	frame_reader_free(&ar);
+	raw_rank_close(&k);
+	munmap(stop, sizeof *stop);
+	th_check_baseline(&d, fds0, "a ring kept full");
+}
+
 /* --- 6: a ring rank killed mid-op ------------------------------------------------- */
 
 /* Rank 3 does two all-reduces, posts a third and dies; the others loop until told. */
@@ -886,6 +971,7 @@ int main(void)
 
 	test_bad_attach(fds0);
 	test_bad_seq(fds0);
+	test_hog(fds0);
 	run_job(2, rank_ok, &ring_all, "a 2-rank job after the bad rings");
 
 	test_killed(fds0, &ring_all, "killed-spin", "ring rank killed mid-op, default spin");
