@@ -192,7 +192,7 @@ static pid_t gpu_worker_of(pid_t parent)
 	pid_t found = 0;
 
 	while (d && !found && (e = readdir(d))) {
-		char path[64], comm[32];
+		char path[300], comm[32];
 		int ppid;
 		FILE *f;
 
