@@ -126,6 +126,7 @@ struct comm {
 	void *stream;               /* cudaStream_t device ops follow; NULL: the legacy stream */
 	comm_result_t async_error;  /* the first failure of a detached request */
 	char last_error[256];
+	comm_result_t last_rc;      /* last_error's code */
 	/* how it joined, for comm_split */
 	char *socket_path;
 	char *job;
@@ -137,11 +138,22 @@ struct comm {
 	struct comm *fam_next;
 	struct borrow *borrows;
 	uint64_t fam_gen;           /* the family's gen when borrows were last checked */
+	int forked;                 /* this is a fork's child's copy: refused (comm.c) */
+	struct comm *live_next;     /* the process's comms, for fork */
 };
 
-/* Record a failure's detail as the communicator's last error; returns rc. */
+/* Record a failure's detail and code as the communicator's last error; returns rc. */
 comm_result_t comm_set_error(comm_t *c, comm_result_t rc, const char *fmt, ...)
 	__attribute__((format(printf, 3, 4)));
+
+/*
+ * c cannot serve "what" (the connection is gone, or c is a forked child's
+ * copy): its last error says so, with why, and its code is returned.
+ */
+comm_result_t comm_refuse(comm_t *c, const char *what);
+
+/* comm_mem_alloc, and why it failed in *rc (the code of its last error). */
+void *comm_mem_alloc_rc(comm_t *c, size_t bytes, comm_result_t *rc);
 
 /* Send env (with fds) and read until its reply arrives. */
 comm_result_t comm_call(comm_t *c, Commpb__Envelope *env, const int *fds, int nfds,

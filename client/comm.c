@@ -4,6 +4,7 @@
  */
 #include <errno.h>
 #include <poll.h>
+#include <pthread.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -49,7 +50,85 @@ comm_result_t comm_set_error(comm_t *c, comm_result_t rc, const char *fmt, ...)
 	va_start(ap, fmt);
 	vsnprintf(c->last_error, sizeof c->last_error, fmt, ap);
 	va_end(ap);
+	c->last_rc = rc;
 	return rc;
+}
+
+comm_result_t comm_refuse(comm_t *c, const char *what)
+{
+	char why[sizeof c->last_error];
+
+	memcpy(why, c->last_error, sizeof why);
+	if (!strncmp(why, what, strlen(what))) /* said already */
+		return c->broken;
+	return comm_set_error(c, c->broken, "%s: %s", what,
+			      c->forked ? why : "the connection to commd is gone");
+}
+
+/*
+ * The process's live comms, for fork(): a child's copy of a comm is its
+ * parent's rank (its connection, ring and registered memory), so the child
+ * closes its copies of the connection's fds at once (commd sees the rank
+ * go when the parent goes, not when the last child does) and every use of
+ * the copy is refused but comm_finalize and comm_abort, which free the
+ * child's copy and tell commd nothing.
+ */
+static pthread_mutex_t live_lock = PTHREAD_MUTEX_INITIALIZER;
+static comm_t *live;
+static pthread_once_t live_once = PTHREAD_ONCE_INIT;
+
+static void fork_prepare(void)
+{
+	pthread_mutex_lock(&live_lock);
+}
+
+static void fork_parent(void)
+{
+	pthread_mutex_unlock(&live_lock);
+}
+
+static void fork_child(void)
+{
+	for (comm_t *c = live; c; c = c->live_next) {
+		if (c->fd >= 0)
+			close(c->fd);
+		c->fd = -1;
+		ring_detach(c);
+		c->forked = 1;
+		c->broken = COMM_ERR_INVALID_ARG;
+		snprintf(c->last_error, sizeof c->last_error,
+			 "this communicator is process %d's (rank %d of job %s); a process forked "
+			 "from it cannot use it: comm_finalize frees the copy, comm_init makes one of "
+			 "its own",
+			 (int)getppid(), c->rank, c->job);
+	}
+	pthread_mutex_unlock(&live_lock);
+}
+
+static void live_init(void)
+{
+	pthread_atfork(fork_prepare, fork_parent, fork_child);
+}
+
+static void live_add(comm_t *c)
+{
+	pthread_once(&live_once, live_init);
+	pthread_mutex_lock(&live_lock);
+	c->live_next = live;
+	live = c;
+	pthread_mutex_unlock(&live_lock);
+}
+
+static void live_remove(comm_t *c)
+{
+	pthread_mutex_lock(&live_lock);
+	for (comm_t **p = &live; *p; p = &(*p)->live_next) {
+		if (*p == c) {
+			*p = c->live_next;
+			break;
+		}
+	}
+	pthread_mutex_unlock(&live_lock);
 }
 
 /* The connection is gone or unusable: every outstanding request fails. */
@@ -64,6 +143,7 @@ static comm_result_t comm_break(comm_t *c, comm_result_t rc, const char *fmt, ..
 	va_start(ap, fmt);
 	vsnprintf(c->last_error, sizeof c->last_error, fmt, ap);
 	va_end(ap);
+	c->last_rc = rc;
 	c->broken = rc;
 	req_fail_all(c, rc);
 	return rc;
@@ -112,9 +192,12 @@ comm_result_t comm_pump(comm_t *c, int timeout_ms)
 
 	if (c->broken != COMM_OK)
 		return c->broken;
+	/* a signal ends a wait with a limit: the caller counts the time left */
 	do
 		rc = poll(&pfd, 1, timeout_ms);
-	while (rc < 0 && errno == EINTR);
+	while (rc < 0 && errno == EINTR && timeout_ms < 0);
+	if (rc < 0 && errno == EINTR)
+		return COMM_OK;
 	if (rc < 0)
 		return comm_break(c, COMM_ERR_DAEMON_UNREACHABLE, "waiting for commd: %s",
 				  strerror(errno));
@@ -323,7 +406,7 @@ static comm_result_t resolve_config(const comm_config_t *in, comm_config_t *out,
 static int connect_to(const char *path, char *err, size_t errlen)
 {
 	struct sockaddr_un sa = { .sun_family = AF_UNIX };
-	int fd;
+	int fd, rc = 0;
 
 	if (strlen(path) >= sizeof sa.sun_path) {
 		snprintf(err, errlen, "init: socket path too long: %s", path);
@@ -331,7 +414,11 @@ static int connect_to(const char *path, char *err, size_t errlen)
 	}
 	strcpy(sa.sun_path, path);
 	fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
-	if (fd < 0 || connect(fd, (struct sockaddr *)&sa, sizeof sa) < 0) {
+	/* a Unix socket's connect interrupted (commd's backlog full) left it unconnected */
+	while (fd >= 0 && (rc = connect(fd, (struct sockaddr *)&sa, sizeof sa)) < 0 &&
+	       errno == EINTR)
+		;
+	if (fd < 0 || rc < 0) {
 		snprintf(err, errlen, "init: connect %s: %s", path, strerror(errno));
 		if (fd >= 0)
 			close(fd);
@@ -342,7 +429,9 @@ static int connect_to(const char *path, char *err, size_t errlen)
 
 static void comm_free(comm_t *c)
 {
-	gpu_free_all(c, 0);
+	live_remove(c);
+	if (!c->forked) /* a fork's child cannot use its parent's CUDA state */
+		gpu_free_all(c, 0);
 	ring_detach(c);
 	free(c->group);
 	req_free_all(c);
@@ -437,6 +526,7 @@ static comm_result_t join(comm_t **out, const comm_config_t *config, uint32_t jo
 		rc = c->broken;
 		goto out;
 	}
+	live_add(c);
 	*out = c;
 out:
 	if (reply)
@@ -482,18 +572,19 @@ COMM_API comm_result_t comm_split(comm_t *c, int color, int key, comm_t **out)
 	if (!c || !out)
 		return COMM_ERR_INVALID_ARG;
 	*out = NULL;
+	/* counted whether it fails or not: the next split's name agrees across ranks */
+	k = c->splits++;
 	if (color < COMM_SPLIT_NOCOLOR)
 		return comm_set_error(c, COMM_ERR_INVALID_ARG,
 				      "split: color %d: must be >= 0 or COMM_SPLIT_NOCOLOR", color);
 	if (c->group_depth > 0)
 		return comm_set_error(c, COMM_ERR_INVALID_ARG, "split: inside a group");
 	if (c->broken != COMM_OK)
-		return comm_set_error(c, c->broken, "split: the connection to commd is gone");
+		return comm_refuse(c, "split");
 	if (mem_family_start(c) < 0)
 		return comm_set_error(c, COMM_ERR_NO_MEMORY, "split: out of memory");
-	if (!(all = comm_mem_alloc(c, 2 * sizeof *all * (size_t)c->size)))
-		return COMM_ERR_NO_MEMORY; /* its detail says why */
-	k = c->splits++;
+	if (!(all = comm_mem_alloc_rc(c, 2 * sizeof *all * (size_t)c->size, &rc)))
+		return rc; /* its detail says why */
 	all[2 * c->rank] = color;
 	all[2 * c->rank + 1] = key;
 	rc = comm_allgather(c, all + 2 * c->rank, all, 2, COMM_INT32, NULL);
@@ -556,6 +647,10 @@ COMM_API comm_result_t comm_finalize(comm_t *c)
 
 	if (!c)
 		return COMM_ERR_INVALID_ARG;
+	if (c->forked) {
+		comm_free(c);
+		return COMM_OK;
+	}
 	if (c->group_depth > 0) {
 		/* a group left open: it goes out as if ended here */
 		c->group_depth = 1;
@@ -580,6 +675,9 @@ COMM_API comm_result_t comm_finalize(comm_t *c)
 	env.leave = &leave;
 	if (c->broken == COMM_OK)
 		comm_send_env(c, &env);
+	/* not left cleanly, whenever the connection was found gone */
+	if (rc == COMM_OK)
+		rc = c->broken;
 	comm_free(c);
 	return rc;
 }

@@ -106,13 +106,23 @@ comm_config_t comm_config_default(void);
  * Connect to the daemon and join the job. Blocks until every rank of the job
  * has joined (or the join fails). config NULL: everything from the
  * environment. On error *comm is NULL.
+ *
+ * A communicator belongs to the process that made it. A process forked
+ * from it (a data loader's worker, say) holds a copy that is already cut
+ * off from commd (the rank ends when its own process does): every call on
+ * the copy fails with COMM_ERR_INVALID_ARG, but comm_finalize and
+ * comm_abort, which free the copy (COMM_OK) and leave the parent's rank
+ * as it is.
  */
 comm_result_t comm_init(comm_t **comm, const comm_config_t *config);
 
 /*
  * Wait for the requests still outstanding, leave the job and free the
  * communicator. Requests not yet waited on are freed; the memory from
- * comm_mem_alloc is released.
+ * comm_mem_alloc is released. Returns the first of those requests'
+ * failures, else COMM_ERR_DAEMON_UNREACHABLE (or the code that cut the
+ * connection) when the connection was gone, so the job was not left
+ * cleanly; the communicator is freed all the same.
  */
 comm_result_t comm_finalize(comm_t *comm);
 

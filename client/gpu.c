@@ -761,9 +761,11 @@ COMM_API comm_result_t comm_stream_wait(comm_request_t *r, void *stream)
 
 	if (!r)
 		return COMM_ERR_INVALID_ARG;
+	c = r->comm;
+	if (c->forked)
+		return comm_refuse(c, "stream wait");
 	if (r->parts)
 		return req_parts_stream_wait(r, stream);
-	c = r->comm;
 	if (r->unsent)
 		return comm_set_error(c, COMM_ERR_INVALID_ARG,
 				      "stream wait: the request's group has not ended yet");

@@ -249,7 +249,7 @@ COMM_API void *comm_mem_alloc(comm_t *c, size_t bytes)
 	if (!c)
 		return NULL;
 	if (c->broken != COMM_OK) {
-		comm_set_error(c, c->broken, "mem alloc: the connection to commd is gone");
+		comm_refuse(c, "mem alloc");
 		return NULL;
 	}
 	if (bytes == 0 || bytes > ((size_t)1 << 46)) {
@@ -269,6 +269,16 @@ COMM_API void *comm_mem_alloc(comm_t *c, size_t bytes)
 	p = seg_take(s, size);
 	if (!p)
 		comm_set_error(c, COMM_ERR_NO_MEMORY, "mem alloc: out of memory");
+	return p;
+}
+
+void *comm_mem_alloc_rc(comm_t *c, size_t bytes, comm_result_t *rc)
+{
+	void *p;
+
+	c->last_rc = COMM_OK;
+	p = comm_mem_alloc(c, bytes);
+	*rc = p ? COMM_OK : c->last_rc != COMM_OK ? c->last_rc : COMM_ERR_NO_MEMORY;
 	return p;
 }
 

@@ -82,9 +82,11 @@ static comm_result_t locate(comm_t *c, const struct opdesc *d, const void *p, si
 /* Stage a host pointer through a new block of len bytes, named in *ref. */
 static comm_result_t stage(comm_t *c, size_t len, Commpb__BufRef *ref, void **block)
 {
-	*block = comm_mem_alloc(c, len);
+	comm_result_t rc;
+
+	*block = comm_mem_alloc_rc(c, len, &rc);
 	if (!*block)
-		return COMM_ERR_NO_MEMORY;
+		return rc;
 	mem_lookup(c, *block, len, &ref->mem_id, &ref->offset);
 	return COMM_OK;
 }

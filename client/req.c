@@ -271,6 +271,8 @@ COMM_API comm_result_t comm_wait(comm_request_t *r, int timeout_ms)
 {
 	if (!r || r->detached)
 		return COMM_ERR_INVALID_ARG;
+	if (r->comm->forked)
+		return comm_refuse(r->comm, "wait");
 	if (unsent(r))
 		return comm_set_error(r->comm, COMM_ERR_INVALID_ARG,
 				      "wait: the request's group has not ended yet");
@@ -284,6 +286,8 @@ COMM_API comm_result_t comm_test(comm_request_t *r, int *done)
 {
 	if (!r || !done || r->detached)
 		return COMM_ERR_INVALID_ARG;
+	if (r->comm->forked)
+		return comm_refuse(r->comm, "test");
 	if (unsent(r))
 		return comm_set_error(r->comm, COMM_ERR_INVALID_ARG,
 				      "test: the request's group has not ended yet");
@@ -301,6 +305,8 @@ COMM_API comm_result_t comm_async_error(comm_t *c)
 {
 	if (!c)
 		return COMM_ERR_INVALID_ARG;
+	if (c->forked)
+		return comm_refuse(c, "async error");
 	ring_reap(c);
 	if (c->broken == COMM_OK)
 		comm_pump(c, 0);

@@ -1,0 +1,291 @@
+/*
+ * test-client.c: libcomm inside a rank's process, against the real commd:
+ * a fork's child holds a copy of the comm that is cut off from commd (its
+ * use refused, comm_finalize frees it and leaves the parent's rank as it
+ * was; a rank killed while a child of its lives is lost to the others at
+ * once, not at the deadline); comm_wait's limit holds while signals keep
+ * coming; and once commd is gone a staged op fails with
+ * COMM_ERR_DAEMON_UNREACHABLE (not NO_MEMORY) and so does comm_finalize,
+ * whether or not libcomm had noticed before.
+ */
+#include <signal.h>
+#include <stdatomic.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <sys/time.h>
+#include <sys/wait.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "check.h"
+#include "comm.h"
+#include "harness.h"
+
+#define COUNT 1024
+#define LATE_MS 1500          /* how late rank 1 comes to the op comm_wait waits for */
+#define WAIT_MS 200           /* that comm_wait's limit */
+#define BIG ((size_t)100 << 20) /* a staged buffer past every segment made yet */
+
+static struct th_daemon d;
+
+static _Atomic int *child_go; /* shared: the test lets rank_killed's child go */
+
+/* All-reduce rank + 1 + i on c and check it; 0 when right. */
+static int sum_right(comm_t *c, int r, int n, int i)
+{
+	int32_t v[COUNT];
+	comm_result_t rc;
+
+	for (int k = 0; k < COUNT; k++)
+		v[k] = r + 1 + i + k;
+	rc = comm_allreduce(c, v, v, COUNT, COMM_INT32, COMM_SUM, NULL);
+	if (!th_want_rc(c, r, "all-reduce", rc, COMM_OK))
+		return 1;
+	for (int k = 0; k < COUNT; k++) {
+		if (v[k] != n * (n + 1) / 2 + n * (i + k)) {
+			fprintf(stderr, "rank %d: element %d: %d, want %d\n", r, k, v[k],
+				n * (n + 1) / 2 + n * (i + k));
+			return 1;
+		}
+	}
+	return 0;
+}
+
+/*
+ * Rank 0 forks mid-job; the child's every call on the copy is refused,
+ * naming the fork, and its comm_finalize frees the copy; then both ranks
+ * go on with all-reduces, right.
+ */
+static int rank_forked(int r, int n, void *arg)
+{
+	comm_request_t *req = NULL;
+	comm_t *c;
+	int32_t v = 1;
+	pid_t pid;
+	int st;
+
+	(void)arg;
+	if (th_join(&c, r, n) < 0)
+		return 1;
+	if (sum_right(c, r, n, 0))
+		return th_bail(c);
+	if (r == 0) {
+		/* an op outstanding across the fork: the child cannot wait for it */
+		if (comm_barrier(c, &req) != COMM_OK)
+			return th_bail(c);
+		pid = fork();
+		if (pid < 0)
+			return th_bail(c);
+		if (pid == 0) {
+			comm_result_t a = comm_allreduce(c, &v, &v, 1, COMM_INT32, COMM_SUM, NULL);
+			int bad = !strstr(comm_last_error(c), "forked");
+			comm_result_t w = comm_wait(req, 100);
+			comm_result_t f;
+
+			bad |= comm_mem_alloc(c, 64) != NULL;
+			bad |= !strstr(comm_last_error(c), "forked");
+			f = comm_finalize(c);
+			if (a != COMM_ERR_INVALID_ARG || w != COMM_ERR_INVALID_ARG || bad ||
+			    f != COMM_OK) {
+				fprintf(stderr, "forked child: all-reduce %s, wait %s, finalize %s, "
+					"last error: %s\n", comm_result_name(a),
+					comm_result_name(w), comm_result_name(f),
+					bad ? "not naming the fork" : "named the fork");
+				_exit(1);
+			}
+			_exit(0);
+		}
+		if (waitpid(pid, &st, 0) != pid || !WIFEXITED(st) || WEXITSTATUS(st) != 0) {
+			fprintf(stderr, "rank 0: its forked child failed (status %#x)\n", st);
+			return th_bail(c);
+		}
+		if (!th_want_rc(c, r, "barrier posted before the fork", comm_wait(req, -1),
+				COMM_OK))
+			return th_bail(c);
+	} else if (comm_barrier(c, NULL) != COMM_OK) {
+		return th_bail(c);
+	}
+	for (int i = 1; i <= 3; i++)
+		if (sum_right(c, r, n, i))
+			return th_bail(c);
+	return th_leave(c, r);
+}
+
+/*
+ * Rank 0 forks a child that lingers (up to a minute, until the test lets it
+ * go), then is SIGKILLed: rank 1's next all-reduce gets PEER_LOST. The
+ * job's deadline is 10 s: TIMEOUT would mean commd did not see rank 0 go,
+ * because the child held its connection.
+ */
+static int rank_killed(int r, int n, void *arg)
+{
+	comm_t *c;
+	comm_result_t rc;
+	int32_t v = 1;
+
+	(void)arg;
+	if (th_join(&c, r, n) < 0)
+		return 1;
+	if (sum_right(c, r, n, 0))
+		return th_bail(c);
+	if (r == 0) {
+		if (fork() == 0) {
+			for (int i = 0; i < 6000 && !atomic_load(child_go); i++)
+				usleep(10000);
+			_exit(0);
+		}
+		raise(SIGKILL);
+	}
+	rc = comm_allreduce(c, &v, &v, 1, COMM_INT32, COMM_SUM, NULL);
+	if (!th_want_rc(c, r, "all-reduce after rank 0 was killed", rc, COMM_ERR_PEER_LOST))
+		return th_bail(c);
+	comm_finalize(c);
+	return 0;
+}
+
+static void on_tick(int sig)
+{
+	(void)sig;
+}
+
+/*
+ * Rank 0 waits WAIT_MS for an all-reduce rank 1 comes to LATE_MS late,
+ * with a SIGALRM every 5 ms (SA_RESTART): COMM_INPROGRESS after about
+ * WAIT_MS, not COMM_OK once rank 1 came; then the op completes, right.
+ */
+static int rank_ticked(int r, int n, void *arg)
+{
+	struct sigaction sa = { .sa_handler = on_tick, .sa_flags = SA_RESTART };
+	struct itimerval tick = { { 0, 5000 }, { 0, 5000 } }, off = { { 0, 0 }, { 0, 0 } };
+	comm_request_t *req;
+	struct timespec t0;
+	comm_result_t rc;
+	comm_t *c;
+	int32_t v[COUNT];
+	double took;
+
+	(void)arg;
+	if (th_join(&c, r, n) < 0)
+		return 1;
+	alarm(0); /* the watchdog's SIGALRM is the tick's now; the test's own limit guards */
+	if (r == 1) {
+		usleep(LATE_MS * 1000);
+		if (sum_right(c, r, n, 7))
+			return th_bail(c);
+		return th_leave(c, r);
+	}
+	for (int k = 0; k < COUNT; k++)
+		v[k] = r + 1 + 7 + k;
+	if (comm_allreduce(c, v, v, COUNT, COMM_INT32, COMM_SUM, &req) != COMM_OK)
+		return th_bail(c);
+	sigaction(SIGALRM, &sa, NULL);
+	setitimer(ITIMER_REAL, &tick, NULL);
+	clock_gettime(CLOCK_MONOTONIC, &t0);
+	rc = comm_wait(req, WAIT_MS);
+	took = th_secs_since(&t0);
+	setitimer(ITIMER_REAL, &off, NULL);
+	if (rc != COMM_INPROGRESS || took * 1000 >= LATE_MS) {
+		fprintf(stderr, "rank 0: comm_wait(%d ms) under a 5 ms timer: %s after %.0f ms "
+			"(rank 1 came after %d ms)\n", WAIT_MS, comm_result_name(rc), took * 1000,
+			LATE_MS);
+		return th_bail(c);
+	}
+	if (!th_want_rc(c, r, "the wait without limit", comm_wait(req, -1), COMM_OK))
+		return th_bail(c);
+	for (int k = 0; k < COUNT; k++)
+		if (v[k] != n * (n + 1) / 2 + n * (7 + k))
+			return th_bail(c);
+	return th_leave(c, r);
+}
+
+/*
+ * One rank; commd is SIGKILLed under it. A staged all-reduce past every
+ * segment (a new one to register) then fails DAEMON_UNREACHABLE, and so
+ * does comm_finalize after it; a second comm, broken unnoticed until
+ * finalize, gives the same.
+ */
+static int rank_orphaned(int r, int n, void *arg)
+{
+	const pid_t *daemon = arg;
+	comm_t *c, *c2;
+	comm_result_t a, f, f2;
+	int32_t *big = malloc(BIG);
+	comm_config_t cfg = COMM_CONFIG_INIT;
+	comm_request_t *req;
+	int32_t v = 1;
+
+	if (!big || th_join(&c, r, n) < 0)
+		return 1;
+	cfg.job = "client-orphaned-2";
+	cfg.rank = 0;
+	cfg.world_size = 1;
+	if (!th_want_rc(c, r, "a second comm", comm_init(&c2, &cfg), COMM_OK))
+		return th_bail(c);
+	if (comm_barrier(c2, &req) != COMM_OK || comm_wait(req, -1) != COMM_OK)
+		return th_bail(c);
+	memset(big, 1, BIG);
+	kill(*daemon, SIGKILL);
+	usleep(100 * 1000);
+	a = comm_allreduce(c, big, big, BIG / sizeof *big, COMM_INT32, COMM_SUM, NULL);
+	if (!th_want_rc(c, r, "a staged all-reduce of 100 MB with commd gone", a,
+			COMM_ERR_DAEMON_UNREACHABLE))
+		return 1;
+	f = comm_finalize(c);
+	if (!th_want_rc(NULL, r, "comm_finalize after that", f, COMM_ERR_DAEMON_UNREACHABLE))
+		return 1;
+	(void)comm_allreduce(c2, &v, &v, 1, COMM_INT32, COMM_SUM, &req); /* unnoticed yet */
+	f2 = comm_finalize(c2);
+	if (!th_want_rc(NULL, r, "comm_finalize of a comm with an op out, commd gone", f2,
+			COMM_ERR_DAEMON_UNREACHABLE))
+		return 1;
+	free(big);
+	return 0;
+}
+
+int main(void)
+{
+	struct th_ranks rs;
+	int fds0, failed;
+
+	setvbuf(stdout, NULL, _IOLBF, 0);
+	child_go = mmap(NULL, sizeof *child_go, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_ANONYMOUS,
+			-1, 0);
+	REQUIRE(child_go != MAP_FAILED, "mmap");
+	setenv("COMM_TIMEOUT", "60000", 1);
+	REQUIRE(th_daemon_start(&d, NULL) == 0, "daemon start");
+	CHECK(th_run_ranks(&d, "warm-up", 2, th_rank_sum, NULL) == 0, "warm-up job");
+	usleep(200 * 1000);
+	fds0 = th_count_fds(d.pid);
+
+	failed = th_run_ranks(&d, "client-forked", 2, rank_forked, NULL);
+	CHECK(failed == 0, "fork: %d ranks failed", failed);
+	printf("%s: a fork's child: its calls on the comm refused (naming the fork), its "
+	       "comm_finalize frees its copy; the parent's rank goes on, right\n",
+	       failed ? "FAIL" : "ok");
+
+	setenv("COMM_TIMEOUT", "10000", 1);
+	REQUIRE(th_ranks_start(&rs, &d, "client-killed", 2, rank_killed, NULL) == 0, "fork");
+	failed = th_ranks_wait(&rs);
+	setenv("COMM_TIMEOUT", "60000", 1);
+	atomic_store(child_go, 1); /* the orphan exits; init reaps it */
+	CHECK(failed == 1, "a rank with a live child killed: %d ranks failed, want rank 0 only",
+	      failed);
+	printf("%s: a rank SIGKILLed while its forked child lives: the other gets PEER_LOST\n",
+	       failed == 1 ? "ok" : "FAIL");
+
+	failed = th_run_ranks(&d, "client-ticked", 2, rank_ticked, NULL);
+	CHECK(failed == 0, "wait under signals: %d ranks failed", failed);
+	printf("%s: comm_wait(%d ms) under a 5 ms timer returns COMM_INPROGRESS in time\n",
+	       failed ? "FAIL" : "ok", WAIT_MS);
+	th_check_baseline(&d, fds0, "the fork and signal jobs");
+
+	failed = th_run_ranks(&d, "client-orphaned", 1, rank_orphaned, &d.pid);
+	CHECK(failed == 0, "commd gone: the rank failed");
+	printf("%s: commd SIGKILLed: a staged op and comm_finalize say DAEMON_UNREACHABLE\n",
+	       failed ? "FAIL" : "ok");
+	waitpid(d.pid, NULL, 0);
+	th_daemon_cleanup(&d);
+	return CHECK_EXIT();
+}
