@@ -18,6 +18,16 @@
  * in the order they came. EOF on the socket: the worker releases
  * everything and exits 0.
  *
+ * MEM_OPENED's status, which commd passes on to the rank as its
+ * registration's: NOT_FOUND (no device of that UUID here), UNSUPPORTED
+ * (no GPU, or the device or driver cannot: cudaErrorNotSupported,
+ * NotPermitted), NO_MEMORY (cudaErrorMemoryAllocation, CUDA_ERROR_OUT_OF_
+ * MEMORY, TooManyPeers, the worker's own malloc or mmap), INVALID_ARG
+ * (what the rank got wrong: a handle or fd that is no allocation,
+ * InvalidValue, InvalidResourceHandle, MapBufferObjectFailed, a size past
+ * the allocation), BUSY (DevicesUnavailable) and INTERNAL (any other CUDA
+ * error: the driver or device failing). daemon/gpu-result.h has the table.
+ *
  * A job spread over several daemons has a worker on each node, and one
  * NCCL communicator across them, one NCCL rank per node (its index in the
  * job's node order). Node 0's worker makes the ncclUniqueId when its hello

@@ -33,6 +33,7 @@
 #include "dtype.h"
 #include "gpu-kernels.h"
 #include "gpu-proto.h"
+#include "gpu-result.h"
 #include "gpu-worker.h"
 #include "util.h"
 
@@ -93,6 +94,7 @@ static struct {
 	char job[GPU_JOB_NAME];
 	char no_gpu[GPU_DETAIL]; /* why nothing can be served; "" once a GPU works */
 	char err[GPU_DETAIL];    /* the current request's first failure */
+	comm_result_t err_code;  /* what err stands for (gpu-result.h) */
 	int ndev;
 	struct dev dev[MAX_DEVICES];
 	struct mem *mem;
@@ -159,16 +161,35 @@ static _Noreturn void malformed(const char *fmt, ...)
 	exit(GPU_WORKER_EXIT_PROTOCOL);
 }
 
-/* Keep the first failure of the current request as its detail. */
+/* Keep the first failure of the current request as its detail, and code what it stands for. */
+static void vfail_as(comm_result_t code, const char *fmt, va_list ap)
+	__attribute__((format(printf, 2, 0)));
+static void vfail_as(comm_result_t code, const char *fmt, va_list ap)
+{
+	if (w.err[0])
+		return;
+	vsnprintf(w.err, sizeof w.err, fmt, ap);
+	w.err_code = code;
+}
+
+static void fail_as(comm_result_t code, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+static void fail_as(comm_result_t code, const char *fmt, ...)
+{
+	va_list ap;
+
+	va_start(ap, fmt);
+	vfail_as(code, fmt, ap);
+	va_end(ap);
+}
+
+/* fail_as for what the request got wrong (COMM_ERR_INVALID_ARG). */
 static void fail(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
 static void fail(const char *fmt, ...)
 {
 	va_list ap;
 
-	if (w.err[0])
-		return;
 	va_start(ap, fmt);
-	vsnprintf(w.err, sizeof w.err, fmt, ap);
+	vfail_as(COMM_ERR_INVALID_ARG, fmt, ap);
 	va_end(ap);
 }
 
@@ -182,7 +203,7 @@ static int cuda_check(cudaError_t e, const char *call)
 	if (e == cudaSuccess)
 		return 0;
 	(void)cudaGetLastError();
-	fail("%s: %s", call, cudaGetErrorString(e));
+	fail_as(gpu_cuda_result(e), "%s: %s", call, cudaGetErrorString(e));
 	return -1;
 }
 
@@ -194,7 +215,7 @@ static int cu_check(CUresult r, const char *call)
 		return 0;
 	if (drv.error_string(r, &s) != CUDA_SUCCESS || !s)
 		s = "unknown driver error";
-	fail("%s: %s (%d)", call, s, (int)r);
+	fail_as(gpu_cu_result(r), "%s: %s (%d)", call, s, (int)r);
 	return -1;
 }
 
@@ -479,7 +500,9 @@ static int mem_open_host(struct mem *x, int fd)
 	cudaError_t e;
 
 	if (p == MAP_FAILED) {
-		fail("mmap of %zu bytes: %s", x->size, strerror(errno));
+		/* commd's memfd: no fault of the rank's */
+		fail_as(errno == ENOMEM ? COMM_ERR_NO_MEMORY : COMM_ERR_INTERNAL,
+			"mmap of %zu bytes: %s", x->size, strerror(errno));
 		return -1;
 	}
 	x->ptr = p;
@@ -530,8 +553,8 @@ static comm_result_t mem_open(const struct gpu_mem_open *m, int fd)
 		fail("unknown memory kind %u", m->kind);
 		rc = -1;
 	}
-	if (rc)
-		return COMM_ERR_INVALID_ARG;
+	if (rc) /* out of memory is NO_MEMORY, a driver failing INTERNAL (gpu-result.h) */
+		return w.err[0] ? w.err_code : COMM_ERR_INTERNAL;
 	if (w.nmem == w.mem_cap) {
 		size_t cap = w.mem_cap ? 2 * w.mem_cap : 64;
 		struct mem *grown = realloc(w.mem, cap * sizeof *grown);

@@ -29,6 +29,7 @@
 #include "commd.pb-c.h"
 #include "dtype.h"
 #include "gpu-proto.h"
+#include "gpu-result.h"
 #include "gpu-worker.h"
 #include "reduce.h"
 
@@ -236,6 +237,55 @@ static int test_probe(void)
 	}
 	printf("probe: %s", line);
 	return gpu;
+}
+
+/*
+ * The codes a failed open answers (gpu-result.h): out of memory is
+ * NO_MEMORY and a driver failing INTERNAL, never INVALID_ARG (they all were).
+ */
+static void test_results(void)
+{
+	static const struct {
+		cudaError_t e;
+		comm_result_t want;
+	} rt[] = {
+		{ cudaSuccess, COMM_OK },
+		{ cudaErrorMemoryAllocation, COMM_ERR_NO_MEMORY },
+		{ cudaErrorTooManyPeers, COMM_ERR_NO_MEMORY },
+		{ cudaErrorInvalidValue, COMM_ERR_INVALID_ARG },
+		{ cudaErrorInvalidResourceHandle, COMM_ERR_INVALID_ARG },
+		{ cudaErrorMapBufferObjectFailed, COMM_ERR_INVALID_ARG },
+		{ cudaErrorNotSupported, COMM_ERR_UNSUPPORTED },
+		{ cudaErrorDevicesUnavailable, COMM_ERR_BUSY },
+		{ cudaErrorInsufficientDriver, COMM_ERR_INTERNAL },
+		{ cudaErrorECCUncorrectable, COMM_ERR_INTERNAL },
+		{ cudaErrorLaunchFailure, COMM_ERR_INTERNAL },
+		{ cudaErrorUnknown, COMM_ERR_INTERNAL },
+	};
+	static const struct {
+		CUresult r;
+		comm_result_t want;
+	} drv[] = {
+		{ CUDA_SUCCESS, COMM_OK },
+		{ CUDA_ERROR_OUT_OF_MEMORY, COMM_ERR_NO_MEMORY },
+		{ CUDA_ERROR_INVALID_VALUE, COMM_ERR_INVALID_ARG },
+		{ CUDA_ERROR_INVALID_HANDLE, COMM_ERR_INVALID_ARG },
+		{ CUDA_ERROR_NOT_SUPPORTED, COMM_ERR_UNSUPPORTED },
+		{ CUDA_ERROR_NOT_PERMITTED, COMM_ERR_UNSUPPORTED },
+		{ CUDA_ERROR_DEVICE_UNAVAILABLE, COMM_ERR_BUSY },
+		{ CUDA_ERROR_NOT_INITIALIZED, COMM_ERR_INTERNAL },
+		{ CUDA_ERROR_ECC_UNCORRECTABLE, COMM_ERR_INTERNAL },
+		{ CUDA_ERROR_UNKNOWN, COMM_ERR_INTERNAL },
+	};
+
+	for (size_t i = 0; i < sizeof rt / sizeof rt[0]; i++)
+		CHECK(gpu_cuda_result(rt[i].e) == rt[i].want, "%s is %s, not %s",
+		      cudaGetErrorName(rt[i].e), comm_result_name(gpu_cuda_result(rt[i].e)),
+		      comm_result_name(rt[i].want));
+	for (size_t i = 0; i < sizeof drv / sizeof drv[0]; i++)
+		CHECK(gpu_cu_result(drv[i].r) == drv[i].want, "CUresult %d is %s, not %s",
+		      (int)drv[i].r, comm_result_name(gpu_cu_result(drv[i].r)),
+		      comm_result_name(drv[i].want));
 }
 
 /* Without a GPU: every request answered COMM_ERR_UNSUPPORTED, with its id. */
@@ -901,6 +951,7 @@ int main(int argc, char **argv)
 	}
 	alarm(300);
 	srand(12345);
+	test_results();
 	test_malformed();
 	test_eof();
 	if (test_probe()) {
