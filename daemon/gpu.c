@@ -241,6 +241,7 @@ void gpu_probe(uv_loop_t *loop, const char *worker)
 	snprintf(srv.gpu_info, sizeof srv.gpu_info, "probing (%.200s --probe)", path);
 	rc = uv_spawn(loop, &probe.proc, &o);
 	if (rc < 0) {
+		uv_close((uv_handle_t *)&probe.proc, NULL); /* in the loop even so */
 		uv_close((uv_handle_t *)&probe.out, NULL);
 		srv.gpu_state = GPU_NONE;
 		snprintf(srv.gpu_info, sizeof srv.gpu_info, "unavailable: %.160s: %s", path,
@@ -839,8 +840,37 @@ static void on_worker_io(uv_poll_t *h, int status, int events)
 	}
 }
 
-/* Start the job's worker; NULL with the reason in err. */
-static struct gpu_worker *worker_start(struct job *j, char *err, size_t errlen)
+/* A failed spawn's handle is in the loop all the same: w goes once it is closed. */
+static void on_spawn_closed(uv_handle_t *h)
+{
+	free(h->data);
+}
+
+/* Whether errno e (negative: a libuv error) says commd is out of fds, memory or processes. */
+static int out_of_resources(int e)
+{
+	return e == EMFILE || e == ENFILE || e == ENOMEM || e == ENOBUFS || e == EAGAIN ||
+	       e == UV_EMFILE || e == UV_ENFILE || e == UV_ENOMEM || e == UV_ENOBUFS ||
+	       e == UV_EAGAIN;
+}
+
+/* What a worker that cannot start for e tells the rank, beside the reason. */
+static const char *start_hint(int e)
+{
+	if (e == EMFILE || e == UV_EMFILE)
+		return " (commd is out of file descriptors: see its open files limit)";
+	if (e == ENFILE || e == UV_ENFILE)
+		return " (the system is out of file descriptors)";
+	return "";
+}
+
+/*
+ * Start the job's worker; NULL with the code and the reason in err:
+ * COMM_ERR_NO_MEMORY when commd is out of fds, memory or processes (the
+ * job may try again), COMM_ERR_UNSUPPORTED when the worker cannot run.
+ */
+static struct gpu_worker *worker_start(struct job *j, comm_result_t *code, char *err,
+				       size_t errlen)
 {
 	uv_process_options_t o = { 0 };
 	uv_stdio_container_t io[4];
@@ -850,17 +880,24 @@ static struct gpu_worker *worker_start(struct job *j, char *err, size_t errlen)
 	char *args[3];
 	int sv[2], rc;
 
+	*code = COMM_ERR_UNSUPPORTED;
 	if (worker_path(path, sizeof path) < 0) {
 		snprintf(err, errlen, "device memory: no GPU worker at %s", path);
 		return NULL;
 	}
+	*code = COMM_ERR_NO_MEMORY;
 	w = calloc(1, sizeof *w);
 	if (!w) {
 		snprintf(err, errlen, "device memory: out of memory");
 		return NULL;
 	}
 	if (socketpair(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0, sv) < 0) {
-		snprintf(err, errlen, "device memory: socketpair: %s", strerror(errno));
+		int e = errno;
+
+		if (!out_of_resources(e))
+			*code = COMM_ERR_INTERNAL;
+		snprintf(err, errlen, "device memory: cannot start the gpu worker: socketpair: %s%s",
+			 strerror(e), start_hint(e));
 		free(w);
 		return NULL;
 	}
@@ -889,9 +926,12 @@ static struct gpu_worker *worker_start(struct job *j, char *err, size_t errlen)
 	rc = uv_spawn(gpu_loop, &w->proc, &o);
 	close(sv[1]);
 	if (rc < 0) {
-		snprintf(err, errlen, "device memory: cannot start %s: %s", path, uv_strerror(rc));
+		if (!out_of_resources(rc))
+			*code = COMM_ERR_UNSUPPORTED;
+		snprintf(err, errlen, "device memory: cannot start %s: %s%s", path, uv_strerror(rc),
+			 start_hint(rc));
 		close(sv[0]);
-		free(w);
+		uv_close((uv_handle_t *)&w->proc, on_spawn_closed); /* freed there, not now */
 		return NULL;
 	}
 	fcntl(sv[0], F_SETFL, fcntl(sv[0], F_GETFL) | O_NONBLOCK);
@@ -981,9 +1021,9 @@ comm_result_t gpu_mem_register(struct conn *c, const Commpb__RegisterMem *r, int
 		goto fail;
 	}
 	if (!w) {
-		w = c->job->gpu = worker_start(c->job, err, errlen);
+		w = c->job->gpu = worker_start(c->job, &rc, err, errlen);
 		if (!w) {
-			rc = COMM_ERR_UNSUPPORTED;
+			log_info("job %s: rank %d: %s", c->job->name, c->rank, err);
 			goto fail;
 		}
 	}

@@ -15,7 +15,8 @@
  * opening device memory: the registration fails at the job's deadline, at
  * once when another rank dies, and the worker is killed when the job ends
  * with the registration unanswered; device memory does not count against
- * max-job-memory (host memory). Then the
+ * max-job-memory (host memory); commd out of fds for a new worker answers
+ * NO_MEMORY and starts one once it has them again. Then the
  * real no-GPU path: commd with its own commd-gpu on a machine without a
  * GPU says so in status and refuses device memory with the reason.
  */
@@ -28,6 +29,7 @@
 #include <string.h>
 #include <sys/eventfd.h>
 #include <sys/mman.h>
+#include <sys/resource.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -841,6 +843,83 @@ static void test_hung_open(void)
 	       "died, killed when its job ended\n", check_failures ? "FAIL" : "ok");
 }
 
+/* The lowest n fd numbers free in process pid (below 4096). */
+static void free_fds(pid_t pid, int *out, int n)
+{
+	static char used[4096];
+	char path[64];
+	struct dirent *e;
+	DIR *dp;
+	int k = 0;
+
+	memset(used, 0, sizeof used);
+	snprintf(path, sizeof path, "/proc/%d/fd", (int)pid);
+	REQUIRE((dp = opendir(path)), "opendir %s", path);
+	while ((e = readdir(dp)))
+		if (*e->d_name != '.' && atoi(e->d_name) < (int)sizeof used)
+			used[atoi(e->d_name)] = 1;
+	closedir(dp);
+	for (int fd = 0; fd < (int)sizeof used && k < n; fd++)
+		if (!used[fd])
+			out[k++] = fd;
+	REQUIRE(k == n, "%d free fds below %zu", n, sizeof used);
+}
+
+/* commd's soft limit on fds set to lim (its hard limit kept). */
+static void fd_limit(rlim_t lim)
+{
+	struct rlimit rl;
+
+	REQUIRE(prlimit(d.pid, RLIMIT_NOFILE, NULL, &rl) == 0, "prlimit: %s", strerror(errno));
+	rl.rlim_cur = lim;
+	REQUIRE(prlimit(d.pid, RLIMIT_NOFILE, &rl, NULL) == 0, "prlimit: %s", strerror(errno));
+}
+
+/*
+ * commd out of fds when a job's first device memory needs a worker: the
+ * socketpair fails, then (2 fds left) the spawn's own pipe: each answered
+ * NO_MEMORY saying so (it was UNSUPPORTED, and the failed spawn's process
+ * handle was freed while still in the loop); with the limit back, the next
+ * registration starts the worker and commd exits cleanly.
+ */
+static void test_no_fds(void)
+{
+	struct rlimit rl;
+	struct rank k;
+	char detail[256] = "";
+	int fds0, fr[3], rc;
+
+	if (getenv("COMMD_WRAPPER") && *getenv("COMMD_WRAPPER")) {
+		printf("skip: out of fds: under $COMMD_WRAPPER the fds are the wrapper's too\n");
+		return;
+	}
+	start("ok", 1);
+	fds0 = quiet_fds();
+	REQUIRE(prlimit(d.pid, RLIMIT_NOFILE, NULL, &rl) == 0, "prlimit: %s", strerror(errno));
+	open_rank(&k, "nofd", PROTO_VERSION, 0);
+	free_fds(d.pid, fr, 3);
+	fd_limit((rlim_t)fr[0]);
+	rc = reg_dev(&k, COMMPB__MEM_KIND__MEM_CUDA_IPC, 64, -1, 4096, NULL, detail, sizeof detail);
+	CHECK(rc == COMM_ERR_NO_MEMORY && strstr(detail, "socketpair") &&
+		      strstr(detail, "out of file descriptors"),
+	      "registration with no fd left: %d %s", rc, detail);
+	fd_limit((rlim_t)fr[2]);
+	rc = reg_dev(&k, COMMPB__MEM_KIND__MEM_CUDA_IPC, 64, -1, 4096, NULL, detail, sizeof detail);
+	CHECK(rc == COMM_ERR_NO_MEMORY && strstr(detail, "cannot start") &&
+		      strstr(detail, "out of file descriptors"),
+	      "registration with 2 fds left: %d %s", rc, detail);
+	CHECK(!logged("hello"), "a worker started with no fd left for it");
+	fd_limit(rl.rlim_cur);
+	rc = reg_dev(&k, COMMPB__MEM_KIND__MEM_CUDA_IPC, 64, -1, 4096, NULL, detail, sizeof detail);
+	CHECK(rc == COMM_OK, "registration with the fds back: %d %s", rc, detail);
+	close_rank(&k);
+	CHECK(workers_gone(), "the worker outlived its job");
+	th_check_baseline(&d, fds0, "out of fds");
+	CHECK(th_daemon_stop(&d) == 0, "daemon stop after running out of fds");
+	printf("%s: out of fds for a worker: NO_MEMORY, saying so; the next one starts\n",
+	       check_failures ? "FAIL" : "ok");
+}
+
 /* Job's registered bytes (host and device) by status; -1 when it is not listed. */
 static long long job_registered(const char *job)
 {
@@ -1410,6 +1489,7 @@ int main(void)
 	test_hung_open();
 	test_last_rank_gone();
 	test_device_not_charged();
+	test_no_fds();
 	test_refusals();
 	test_across_daemons();
 	test_queued_nodes();
