@@ -16,7 +16,11 @@
  * answered: the worker queues those on one device behind each other (an
  * op across nodes runs once those before it are done) and answers the OPs
  * in the order they came. EOF on the socket: the worker releases
- * everything and exits 0.
+ * everything and exits 0. commd takes nothing else from a worker: a
+ * packet of another length or version, one before HELLO_REPLY or a second
+ * HELLO_REPLY, NCCL_ID unasked or twice, an answer to no outstanding open
+ * or op (or not to the oldest op), or a status that is no comm_result_t
+ * gets the worker killed and its job failed ("broke the protocol").
  *
  * MEM_OPENED's status, which commd passes on to the rank as its
  * registration's: NOT_FOUND (no device of that UUID here), UNSUPPORTED

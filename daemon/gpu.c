@@ -23,6 +23,7 @@
 #include <unistd.h>
 
 #include "commd.h"
+#include "err.h"
 #include "gpu-proto.h"
 #include "gpu-worker.h"
 #include "log.h"
@@ -67,7 +68,9 @@ struct gpu_worker {
 	int refs;              /* the job's, one per device mem it has, one per busy staging buffer */
 	int alive;             /* the process has not exited */
 	int handles;           /* libuv handles not yet closed */
+	int said_hello;        /* HELLO_REPLY came: the rest may follow */
 	int refused;           /* its hello said no: reason says why */
+	int wants_id;          /* node 0 of a job over nodes: one NCCL_ID is to come */
 	char reason[GPU_DETAIL];
 	int world_sent;        /* WORLD went: ops across nodes may follow */
 	char no_id[GPU_DETAIL]; /* node 0 of a job over nodes: why NCCL_ID brought no id */
@@ -412,6 +415,24 @@ static void worker_lost(struct gpu_worker *w, const char *why)
 	}
 }
 
+/*
+ * The worker broke the protocol. It is our own program, but one that says
+ * what it should not may not heed EOF either: it is killed, and its job
+ * fails saying why.
+ */
+static void worker_bad(struct gpu_worker *w, const char *why)
+{
+	char reason[GPU_DETAIL];
+
+	snprintf(reason, sizeof reason, "broke the protocol: %s", why);
+	if (w->alive) {
+		log_info("job %s: killing its gpu worker (pid %d), %s", w->job_name, w->proc.pid,
+			 reason);
+		uv_process_kill(&w->proc, SIGKILL);
+	}
+	worker_lost(w, reason);
+}
+
 static void on_worker_exit(uv_process_t *p, int64_t status, int sig)
 {
 	struct gpu_worker *w = p->data;
@@ -543,7 +564,7 @@ static void stage_close(struct gpu_worker *w, struct gpu_stage *g)
 	stage_free(w, g);
 }
 
-/* MEM_OPENED for a staging buffer: 1 when st was one. */
+/* MEM_OPENED for a staging buffer: 1 when st was one, -1 when it was answered already. */
 static int stage_opened(struct gpu_worker *w, const struct gpu_status *st)
 {
 	struct gpu_stage *g;
@@ -553,6 +574,8 @@ static int stage_opened(struct gpu_worker *w, const struct gpu_status *st)
 			break;
 	if (!g)
 		return 0;
+	if (g->answered)
+		return -1;
 	g->answered = 1;
 	if (st->status != COMM_OK) {
 		snprintf(g->failed, sizeof g->failed, "%s", st->detail);
@@ -736,25 +759,52 @@ static struct mem *find_opening(struct gpu_worker *w, uint64_t id)
 	return NULL;
 }
 
+/*
+ * One message from the worker, well formed. Anything out of the protocol
+ * (a message before the hello reply or a second one, an answer to nothing
+ * outstanding, an NCCL id not asked for, a status that is no result code)
+ * is the worker's fault: worker_bad.
+ */
 static void on_status(struct gpu_worker *w, const struct gpu_status *st)
 {
+	char why[96];
 	struct mem *m;
 	struct task *t;
+	int rc;
 
+	if (!err_known(st->status) || st->status == COMM_INPROGRESS) {
+		snprintf(why, sizeof why, "it answered status %d, no result code", (int)st->status);
+		worker_bad(w, why);
+		return;
+	}
+	if (!w->said_hello && st->h.type != GPU_MSG_HELLO_REPLY) {
+		snprintf(why, sizeof why, "it sent a message of type %u before its hello reply",
+			 st->h.type);
+		worker_bad(w, why);
+		return;
+	}
 	switch (st->h.type) {
 	case GPU_MSG_HELLO_REPLY:
+		if (w->said_hello) {
+			worker_bad(w, "it sent a second hello reply");
+			return;
+		}
+		w->said_hello = 1;
 		if (st->status != COMM_OK) {
 			w->refused = 1;
+			w->wants_id = 0; /* a worker that serves nothing makes no id */
 			snprintf(w->reason, sizeof w->reason, "%s", st->detail);
 			log_info("gpu worker of job %s: %s", w->job_name, w->reason);
 		}
 		return;
 	case GPU_MSG_MEM_OPENED:
-		if (stage_opened(w, st))
+		if ((rc = stage_opened(w, st)) < 0)
+			worker_bad(w, "it answered a staging buffer twice");
+		if (rc)
 			return;
 		m = find_opening(w, st->id);
 		if (!m) {
-			worker_lost(w, "it answered a mem it was not opening");
+			worker_bad(w, "it answered a mem it was not opening");
 			return;
 		}
 		if (st->status != COMM_OK) {
@@ -767,6 +817,11 @@ static void on_status(struct gpu_worker *w, const struct gpu_status *st)
 		mem_unref(m); /* the opening's reference; closed when the rest go */
 		return;
 	case GPU_MSG_NCCL_ID:
+		if (!w->wants_id) {
+			worker_bad(w, "it sent an NCCL id it was not asked for");
+			return;
+		}
+		w->wants_id = 0;
 		if (st->status != COMM_OK) {
 			snprintf(w->no_id, sizeof w->no_id, "%s", st->detail);
 			log_info("gpu worker of job %s: no NCCL id: %s", w->job_name, w->no_id);
@@ -779,7 +834,8 @@ static void on_status(struct gpu_worker *w, const struct gpu_status *st)
 	case GPU_MSG_OP_DONE:
 		t = TAILQ_FIRST(&w->tasks);
 		if (!t || (uint64_t)(uintptr_t)t != st->id) {
-			worker_lost(w, "it answered an op other than its oldest");
+			worker_bad(w, t ? "it answered an op other than its oldest"
+					: "it answered an op it did not have");
 			return;
 		}
 		TAILQ_REMOVE(&w->tasks, t, link);
@@ -794,7 +850,8 @@ static void on_status(struct gpu_worker *w, const struct gpu_status *st)
 			engine_task_done(t);
 		return;
 	default:
-		worker_lost(w, "it sent a message of an unknown type");
+		snprintf(why, sizeof why, "it sent a message of unknown type %u", st->h.type);
+		worker_bad(w, why);
 	}
 }
 
@@ -829,10 +886,15 @@ static void on_worker_io(uv_poll_t *h, int status, int events)
 			worker_lost(w, n == 0 ? "it closed its socket" : "its socket failed");
 			return;
 		}
+		/* MSG_TRUNC: n is the packet's length, however long; what is past m is dropped */
 		if ((size_t)n < sizeof st->h ||
 		    (size_t)n != (st->h.type == GPU_MSG_NCCL_ID ? sizeof m.id : sizeof m.st) ||
 		    st->h.version != GPU_PROTO_VERSION) {
-			worker_lost(w, "it sent a malformed message");
+			char why[96];
+
+			snprintf(why, sizeof why, "a malformed message (%zd bytes%s)", n,
+				 (size_t)n > sizeof m ? ", too long" : "");
+			worker_bad(w, why);
 			return;
 		}
 		st->detail[sizeof st->detail - 1] = '\0';
@@ -954,6 +1016,7 @@ static struct gpu_worker *worker_start(struct job *j, comm_result_t *code, char 
 	if (j->dist && j->dist->nnodes > 1) {
 		hello.nnodes = (uint32_t)j->dist->nnodes;
 		hello.node = (uint32_t)j->dist->self;
+		w->wants_id = hello.node == 0;
 	}
 	worker_send(w, &hello, sizeof hello, -1);
 	log_info("job %s: gpu worker started (pid %d)", j->name, w->proc.pid);

@@ -21,7 +21,14 @@
  * a device fails, exit 5), queue (hold the
  * answers until 3 ops are held, or no message came for half a second, as
  * a worker holds ops queued on its stream; then answer them in order),
- * noid (node 0 of a job over daemons: NCCL_ID says there is no id).
+ * noid (node 0 of a job over daemons: NCCL_ID says there is no id),
+ * rogue (break the protocol as the job's name says, then ignore EOF and
+ * wait to be killed: rehello, a second hello reply; early, a MEM_OPENED
+ * before the hello reply; unknown, a message of type 42; huge, a 64 KiB
+ * packet; badstatus, a MEM_OPENED with status 9999; strayopen, a
+ * MEM_OPENED for a mem never opened; strayid, an NCCL id nobody asked
+ * for; strayop, an op's answer with the wrong id; extraop, an op answered
+ * twice).
  */
 #include <errno.h>
 #include <poll.h>
@@ -52,6 +59,7 @@ static struct map {
 static FILE *wlog;
 static uint64_t held[QUEUE_HOLD];
 static int nheld;
+static char rogue[GPU_JOB_NAME]; /* rogue mode: how (the job's name) */
 
 static void say(struct gpu_hdr h, uint64_t id, int status, const char *detail)
 {
@@ -68,6 +76,65 @@ static void answer(uint32_t type, uint64_t id, int refused)
 	struct gpu_hdr h = { type, GPU_PROTO_VERSION };
 
 	say(h, id, refused ? COMM_ERR_UNSUPPORTED : COMM_OK, refused ? "fake: no device" : "");
+}
+
+/* rogue mode: having broken the protocol, wait to be killed (EOF is not heeded). */
+static _Noreturn void park(const char *what)
+{
+	fprintf(wlog, "rogue: %s\n", what);
+	for (;;)
+		pause();
+}
+
+/* rogue mode, at the hello: the ways to break the protocol that need no request. */
+static void rogue_hello(void)
+{
+	static uint8_t huge[64 << 10];
+	struct gpu_nccl_id id;
+
+	if (!strcmp(rogue, "early")) {
+		say((struct gpu_hdr){ GPU_MSG_MEM_OPENED, GPU_PROTO_VERSION }, 1, COMM_OK, "");
+		park(rogue);
+	}
+	answer(GPU_MSG_HELLO_REPLY, 0, 0);
+	if (!strcmp(rogue, "rehello")) {
+		answer(GPU_MSG_HELLO_REPLY, 0, 0);
+	} else if (!strcmp(rogue, "unknown")) {
+		say((struct gpu_hdr){ 42, GPU_PROTO_VERSION }, 0, COMM_OK, "");
+	} else if (!strcmp(rogue, "huge")) {
+		memcpy(huge, &(struct gpu_hdr){ GPU_MSG_OP_DONE, GPU_PROTO_VERSION },
+		       sizeof(struct gpu_hdr));
+		if (send(GPU_WORKER_FD, huge, sizeof huge, MSG_NOSIGNAL) != (ssize_t)sizeof huge)
+			exit(5);
+	} else if (!strcmp(rogue, "strayid")) {
+		memset(&id, 0, sizeof id);
+		id.st.h = (struct gpu_hdr){ GPU_MSG_NCCL_ID, GPU_PROTO_VERSION };
+		if (send(GPU_WORKER_FD, &id, sizeof id, MSG_NOSIGNAL) != (ssize_t)sizeof id)
+			exit(5);
+	} else {
+		return; /* one that breaks it later */
+	}
+	park(rogue);
+}
+
+/* rogue mode: a MEM_OPEN (op 0) or an OP answered wrongly, or 0 when this one is not. */
+static int rogue_answer(uint32_t type, uint64_t id)
+{
+	struct gpu_hdr h = { type, GPU_PROTO_VERSION };
+
+	if (type == GPU_MSG_MEM_OPENED && !strcmp(rogue, "badstatus")) {
+		say(h, id, 9999, "fake: no such code");
+	} else if (type == GPU_MSG_MEM_OPENED && !strcmp(rogue, "strayopen")) {
+		answer(type, id + 1000, 0);
+	} else if (type == GPU_MSG_OP_DONE && !strcmp(rogue, "strayop")) {
+		answer(type, id + 1, 0);
+	} else if (type == GPU_MSG_OP_DONE && !strcmp(rogue, "extraop")) {
+		answer(type, id, 0);
+		answer(type, id, 0);
+	} else {
+		return 0;
+	}
+	park(rogue);
 }
 
 /* Read one packet (and the fd it carries, or -1); its length, 0 at EOF. */
@@ -254,6 +321,12 @@ int main(int argc, char **argv)
 		switch (m.h.type) {
 		case GPU_MSG_HELLO:
 			fprintf(wlog, "hello nodes %u node %u\n", m.hello.nnodes, m.hello.node);
+			if (!strcmp(mode, "rogue")) {
+				snprintf(rogue, sizeof rogue, "%.*s", (int)sizeof m.hello.job - 1,
+					 m.hello.job);
+				rogue_hello();
+				break;
+			}
 			answer(GPU_MSG_HELLO_REPLY, 0, refused);
 			if (!refused && m.hello.nnodes > 1 && m.hello.node == 0)
 				send_id();
@@ -272,7 +345,8 @@ int main(int argc, char **argv)
 				(unsigned long long)m.mo.size, m.mo.uuid, fd >= 0 ? "yes" : "no");
 			if (!refused)
 				map_add(&m.mo, fd);
-			answer(GPU_MSG_MEM_OPENED, m.mo.id, refused);
+			if (!rogue_answer(GPU_MSG_MEM_OPENED, m.mo.id))
+				answer(GPU_MSG_MEM_OPENED, m.mo.id, refused);
 			break;
 		case GPU_MSG_MEM_CLOSE:
 			fprintf(wlog, "close %llu\n", (unsigned long long)m.mc.id);
@@ -293,7 +367,8 @@ int main(int argc, char **argv)
 					release("at once");
 				break;
 			}
-			answer(GPU_MSG_OP_DONE, m.op.id, refused);
+			if (!rogue_answer(GPU_MSG_OP_DONE, m.op.id))
+				answer(GPU_MSG_OP_DONE, m.op.id, refused);
 			break;
 		default:
 			fprintf(wlog, "unknown %u\n", m.h.type);

@@ -16,7 +16,8 @@
  * once when another rank dies, and the worker is killed when the job ends
  * with the registration unanswered; device memory does not count against
  * max-job-memory (host memory); commd out of fds for a new worker answers
- * NO_MEMORY and starts one once it has them again. Then the
+ * NO_MEMORY and starts one once it has them again; a worker that breaks
+ * the protocol is killed and its job failed saying how. Then the
  * real no-GPU path: commd with its own commd-gpu on a machine without a
  * GPU says so in status and refuses device memory with the reason.
  */
@@ -920,6 +921,66 @@ static void test_no_fds(void)
 	       check_failures ? "FAIL" : "ok");
 }
 
+/*
+ * A worker that breaks the protocol (fake-gpu-worker's rogue mode, the job
+ * named for how) and then ignores EOF: its job fails saying why, it is
+ * killed, and commd, its fds and a host job go on. Before, a second hello
+ * reply or an NCCL id nobody asked for was taken, a status that is no
+ * result code reached the rank, and a worker that broke it was only hung
+ * up on, so one that did not heed EOF stayed.
+ */
+static void test_rogue_worker(void)
+{
+	static const struct {
+		const char *job;
+		int at_op; /* 1: the registration succeeds, the op fails; 2: a second op does */
+		const char *why;
+	} cases[] = {
+		{ "rehello", 0, "broke the protocol: it sent a second hello reply" },
+		{ "early", 0, "broke the protocol: it sent a message of type 4 before its hello reply" },
+		{ "unknown", 0, "broke the protocol: it sent a message of unknown type 42" },
+		{ "huge", 0, "broke the protocol: a malformed message (65536 bytes, too long)" },
+		{ "strayid", 0, "broke the protocol: it sent an NCCL id it was not asked for" },
+		{ "badstatus", 0, "broke the protocol: it answered status 9999, no result code" },
+		{ "strayopen", 0, "broke the protocol: it answered a mem it was not opening" },
+		{ "strayop", 1, "broke the protocol: it answered an op other than its oldest" },
+		{ "extraop", 2, "broke the protocol: it answered an op" },
+	};
+	char detail[256], want[128];
+	struct rank k;
+	uint64_t a = 0;
+	int fds0, rc;
+
+	start("rogue", 1);
+	fds0 = quiet_fds();
+	for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
+		const char *job = cases[i].job;
+
+		snprintf(want, sizeof want, "gpu worker of job %s: %s", job, cases[i].why);
+		open_rank(&k, job, PROTO_VERSION, 0);
+		detail[0] = '\0';
+		rc = reg_dev(&k, COMMPB__MEM_KIND__MEM_CUDA_IPC, 64, -1, 4096, &a, detail,
+			     sizeof detail);
+		if (cases[i].at_op) {
+			CHECK(rc == COMM_OK, "%s: registration: %d %s", job, rc, detail);
+			rc = allreduce(&k, 1, a, 0, a, 0, 0, NULL, detail, sizeof detail);
+		}
+		if (cases[i].at_op == 2) {
+			CHECK(rc == COMM_OK, "%s: the first op: %d %s", job, rc, detail);
+			rc = allreduce(&k, 2, a, 0, a, 0, 0, NULL, detail, sizeof detail);
+		}
+		CHECK(rc == COMM_ERR_ABORTED && strstr(detail, want), "%s: %d %s", job, rc, detail);
+		CHECK(workers_gone(), "%s: the worker that broke the protocol was not killed", job);
+		close_rank(&k);
+		CHECK(th_daemon_alive(&d), "%s: commd died", job);
+		th_check_baseline(&d, fds0, job);
+	}
+	CHECK(th_run_ranks(&d, "host", 2, host_rank, NULL) == 0, "host job after the rogue workers");
+	CHECK(th_daemon_stop(&d) == 0, "daemon stop");
+	printf("%s: workers that break the protocol: killed, their jobs failed saying why\n",
+	       check_failures ? "FAIL" : "ok");
+}
+
 /* Job's registered bytes (host and device) by status; -1 when it is not listed. */
 static long long job_registered(const char *job)
 {
@@ -1490,6 +1551,7 @@ int main(void)
 	test_last_rank_gone();
 	test_device_not_charged();
 	test_no_fds();
+	test_rogue_worker();
 	test_refusals();
 	test_across_daemons();
 	test_queued_nodes();
