@@ -34,6 +34,7 @@
 #define STAGE_MIN (64u << 10)  /* a staging buffer's smallest size */
 #define STAGE_IDLE_MAX 8       /* idle staging buffers a worker keeps, */
 #define STAGE_IDLE_BYTES (256ull << 20) /* and the bytes they may hold */
+#define GPU_EOF_GRACE_MS 5000  /* what a worker gets to release and exit once hung up on */
 
 struct gpu_pkt {
 	TAILQ_ENTRY(gpu_pkt) link;
@@ -64,6 +65,7 @@ struct gpu_worker {
 	char job_name[JOB_NAME_MAX + 1];
 	uv_process_t proc;
 	uv_poll_t poll;
+	uv_timer_t grace;      /* from the hang-up: a worker still there then is killed */
 	int fd;                /* commd's end of the socketpair, -1 once closed */
 	int refs;              /* the job's, one per device mem it has, one per busy staging buffer */
 	int alive;             /* the process has not exited */
@@ -331,7 +333,19 @@ static void on_handle_closed(uv_handle_t *h)
 	worker_free_maybe(w);
 }
 
-/* Stop talking to w: the worker sees EOF and exits. */
+/* A worker hung up on is still there: it did not heed EOF (stuck in the driver, or rogue). */
+static void on_grace(uv_timer_t *t)
+{
+	struct gpu_worker *w = t->data;
+
+	if (!w->alive)
+		return;
+	log_info("job %s: killing its gpu worker (pid %d), still there %d ms after commd hung up",
+		 w->job_name, w->proc.pid, GPU_EOF_GRACE_MS);
+	uv_process_kill(&w->proc, SIGKILL);
+}
+
+/* Stop talking to w: the worker sees EOF and exits, or is killed GPU_EOF_GRACE_MS later. */
 static void worker_hangup(struct gpu_worker *w)
 {
 	if (w->fd < 0)
@@ -339,6 +353,8 @@ static void worker_hangup(struct gpu_worker *w)
 	uv_close((uv_handle_t *)&w->poll, on_handle_closed);
 	close(w->fd);
 	w->fd = -1;
+	if (w->alive)
+		uv_timer_start(&w->grace, on_grace, GPU_EOF_GRACE_MS, 0);
 }
 
 static void worker_put(struct gpu_worker *w)
@@ -449,6 +465,7 @@ static void on_worker_exit(uv_process_t *p, int64_t status, int sig)
 	/* an exit after EOF is the normal end; anything else fails the job */
 	if (w->fd >= 0)
 		worker_lost(w, why);
+	uv_close((uv_handle_t *)&w->grace, on_handle_closed);
 	uv_close((uv_handle_t *)p, on_handle_closed);
 }
 
@@ -999,7 +1016,7 @@ static struct gpu_worker *worker_start(struct job *j, comm_result_t *code, char 
 	fcntl(sv[0], F_SETFL, fcntl(sv[0], F_GETFL) | O_NONBLOCK);
 	w->fd = sv[0];
 	w->alive = 1;
-	w->handles = 2; /* the process and the poll */
+	w->handles = 3; /* the process, the poll and the grace timer */
 	w->refs = 1;    /* the job's */
 	w->job = j;
 	snprintf(w->job_name, sizeof w->job_name, "%s", j->name);
@@ -1009,6 +1026,8 @@ static struct gpu_worker *worker_start(struct job *j, comm_result_t *code, char 
 	TAILQ_INIT(&w->stages);
 	uv_poll_init(gpu_loop, &w->poll, w->fd);
 	w->poll.data = w;
+	uv_timer_init(gpu_loop, &w->grace);
+	w->grace.data = w;
 	TAILQ_INSERT_TAIL(&workers, w, link);
 	update_poll(w);
 	snprintf(hello.job, sizeof hello.job, "%s", j->name);

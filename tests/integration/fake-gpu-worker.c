@@ -28,7 +28,7 @@
  * packet; badstatus, a MEM_OPENED with status 9999; strayopen, a
  * MEM_OPENED for a mem never opened; strayid, an NCCL id nobody asked
  * for; strayop, an op's answer with the wrong id; extraop, an op answered
- * twice).
+ * twice; deaf, serve but ignore EOF, as a worker stuck in the driver).
  */
 #include <errno.h>
 #include <poll.h>
@@ -316,8 +316,11 @@ int main(int argc, char **argv)
 
 		if (nheld && poll(&pf, 1, QUEUE_PAUSE_MS) == 0)
 			release("after a pause");
-		if ((n = next(&m, sizeof m, &fd)) <= 0)
+		if ((n = next(&m, sizeof m, &fd)) <= 0) {
+			if (!strcmp(rogue, "deaf"))
+				park("deaf at eof");
 			break;
+		}
 		switch (m.h.type) {
 		case GPU_MSG_HELLO:
 			fprintf(wlog, "hello nodes %u node %u\n", m.hello.nnodes, m.hello.node);

@@ -927,7 +927,9 @@ static void test_no_fds(void)
  * killed, and commd, its fds and a host job go on. Before, a second hello
  * reply or an NCCL id nobody asked for was taken, a status that is no
  * result code reached the rank, and a worker that broke it was only hung
- * up on, so one that did not heed EOF stayed.
+ * up on, so one that did not heed EOF stayed. A worker that serves but
+ * ignores EOF when its job ends (stuck in the driver) is killed 5 s later:
+ * it stayed, and held commd at shutdown.
  */
 static void test_rogue_worker(void)
 {
@@ -947,6 +949,7 @@ static void test_rogue_worker(void)
 		{ "extraop", 2, "broke the protocol: it answered an op" },
 	};
 	char detail[256], want[128];
+	struct timespec t0;
 	struct rank k;
 	uint64_t a = 0;
 	int fds0, rc;
@@ -975,9 +978,23 @@ static void test_rogue_worker(void)
 		CHECK(th_daemon_alive(&d), "%s: commd died", job);
 		th_check_baseline(&d, fds0, job);
 	}
+	/* one that serves but does not heed EOF once its job is gone: killed 5 s later */
+	open_rank(&k, "deaf", PROTO_VERSION, 0);
+	rc = reg_dev(&k, COMMPB__MEM_KIND__MEM_CUDA_IPC, 64, -1, 4096, &a, detail, sizeof detail);
+	CHECK(rc == COMM_OK, "deaf: registration: %d %s", rc, detail);
+	close_rank(&k);
+	CHECK(logged("rogue: deaf at eof"), "deaf: the worker saw no EOF when its job ended");
+	clock_gettime(CLOCK_MONOTONIC, &t0);
+	for (int i = 0; i < 200 && workers_alive(); i++)
+		usleep(50 * 1000);
+	CHECK(!workers_alive() && th_secs_since(&t0) > 3,
+	      "deaf: a worker that ignored EOF was %s after %.1f s",
+	      workers_alive() ? "still there" : "killed", th_secs_since(&t0));
+	th_check_baseline(&d, fds0, "deaf");
 	CHECK(th_run_ranks(&d, "host", 2, host_rank, NULL) == 0, "host job after the rogue workers");
 	CHECK(th_daemon_stop(&d) == 0, "daemon stop");
-	printf("%s: workers that break the protocol: killed, their jobs failed saying why\n",
+	printf("%s: workers that break the protocol: killed, their jobs failed saying why; one "
+	       "that ignores EOF killed 5 s after\n",
 	       check_failures ? "FAIL" : "ok");
 }
 
