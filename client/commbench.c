@@ -79,7 +79,8 @@ static void usage(FILE *f)
 		"                    bfloat16 float (float32) double (float64) or all;\n"
 		"                    default float\n"
 		"  -r REDOP          sum prod min max avg or all (default sum)\n"
-		"  -b MIN, -e MAX    sizes in bytes, K M G suffixes (1024s); default 8 to 64M\n"
+		"  -b MIN, -e MAX    sizes in bytes, K M G suffixes (1024s); default 8 to 64M;\n"
+		"                    MIN at least 1\n"
 		"  -f FACTOR         each size is FACTOR times the last (default 2)\n"
 		"  -w WARMUP         untimed iterations per size (default 5)\n"
 		"  -i ITERS          timed iterations per size (default 20)\n"
@@ -246,6 +247,11 @@ static int parse_opts(int argc, char **argv, struct bench_opts *o, int *spawn)
 	}
 	if (optind != argc) {
 		fprintf(stderr, "commbench: unexpected argument '%s'\n", argv[optind]);
+		return 2;
+	}
+	if (o->min_bytes == 0) {
+		/* 0 times the factor stays 0: the sizes would never reach -e */
+		fprintf(stderr, "commbench: -b 0: the smallest size must be at least 1 byte\n");
 		return 2;
 	}
 	if (o->min_bytes > o->max_bytes) {

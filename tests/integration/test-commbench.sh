@@ -152,14 +152,20 @@ COMMD=$COMMD "$COMMBENCH" --spawn-daemon -n 2 -o sendrecv -b 8 -e 1K -f 4 -w 0 -
 	>"$dir/out" 2>"$dir/err" || fail "spawn-daemon: exit status $?: $(head -5 "$dir/err")"
 grep -q '^# commbench: 2 ranks, commd at /tmp/commbench-' "$dir/out" || fail "spawn-daemon: banner"
 
-# Bad usage: exit status 2 and a message.
-for args in "-o bogus" "-d float8" "-r xor" "-b 1M -e 8" "-f 1" "-n 0" "-c 2" "-b 3X"; do
+# Bad usage: exit status 2 and a message, before any rank starts. -b 0 would
+# never reach -e (0 times the factor): refused, not an endless loop.
+for args in "-o bogus" "-d float8" "-r xor" "-b 1M -e 8" "-f 1" "-n 0" "-c 2" "-b 3X" \
+	"-n 2 -b 0 -e 64 -w 0 -i 1" "-b 0 -e 0"; do
 	# shellcheck disable=SC2086
-	"$COMMBENCH" --socket "$sock" $args >"$dir/out" 2>"$dir/err"
+	timeout 30 "$COMMBENCH" --socket "$sock" $args >"$dir/out" 2>"$dir/err"
 	rc=$?
 	[ $rc = 2 ] || fail "usage '$args': exit status $rc, want 2"
 	[ -s "$dir/err" ] || fail "usage '$args': no message"
+	[ -s "$dir/out" ] && fail "usage '$args': output on stdout: $(head -3 "$dir/out")"
 done
+timeout 30 "$COMMBENCH" --socket "$sock" -b 0 -e 64 >/dev/null 2>"$dir/err"
+grep -qx 'commbench: -b 0: the smallest size must be at least 1 byte' "$dir/err" ||
+	fail "-b 0: message: $(cat "$dir/err")"
 
 daemon_stop
 if [ $failures -gt 0 ]; then
