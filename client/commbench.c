@@ -80,7 +80,8 @@ static void usage(FILE *f)
 		"                    default float\n"
 		"  -r REDOP          sum prod min max avg or all (default sum)\n"
 		"  -b MIN, -e MAX    sizes in bytes, K M G suffixes (1024s); default 8 to 64M;\n"
-		"                    MIN at least 1\n"
+		"                    MIN at least 1, and some size must hold an element (n\n"
+		"                    of them for the ops of n blocks, below)\n"
 		"  -f FACTOR         each size is FACTOR times the last (default 2)\n"
 		"  -w WARMUP         untimed iterations per size (default 5)\n"
 		"  -i ITERS          timed iterations per size (default 20)\n"
@@ -116,7 +117,8 @@ static void usage(FILE *f)
 		"its outputs after it, outside the timed call (-P: fills once before the\n"
 		"warm-up, then fills and checks one more, blocking run).\n"
 		"Exit status: 0 when every op ran and every value was right, 1 otherwise,\n"
-		"2 on bad usage (and for --device when built without CUDA).\n",
+		"2 on bad usage, sizes that leave an op nothing to measure (and for\n"
+		"--device when built without CUDA).\n",
 		MAX_RANKS);
 }
 
@@ -201,6 +203,39 @@ static int split_sockets(struct bench_opts *o)
 	return 0;
 }
 
+/*
+ * 0 if every op and dtype chosen gets at least one size with a whole
+ * element per rank (block); else -1 with a message: a run would print
+ * empty tables, having measured nothing.
+ */
+static int check_sizes(const struct bench_opts *o)
+{
+	size_t top = o->min_bytes, need;
+	int d0 = o->dtype < 0 ? 0 : o->dtype, d1 = o->dtype < 0 ? COMM_FLOAT64 : d0;
+
+	/* the largest size the run reaches, as run_op steps */
+	while (top <= o->max_bytes / o->factor)
+		top *= o->factor;
+	for (int op = 0; op < NOPS; op++) {
+		if (o->op >= 0 && o->op != op)
+			continue;
+		for (int d = d0; d <= d1; d++) {
+			need = comm_dtype_size((comm_dtype_t)d) *
+			       (bench_ops[op].split ? (size_t)o->nranks : 1);
+			if (top >= need)
+				continue;
+			fprintf(stderr,
+				"commbench: nothing to measure: %s of %s over %d ranks needs a "
+				"size of at least %zu bytes; from -b %zu to -e %zu the largest "
+				"is %zu\n",
+				bench_ops[op].name, bench_dtype_name((comm_dtype_t)d), o->nranks,
+				need, o->min_bytes, o->max_bytes, top);
+			return -1;
+		}
+	}
+	return 0;
+}
+
 static int parse_opts(int argc, char **argv, struct bench_opts *o, int *spawn)
 {
 	int c, warmup = -1, iters = -1, max_given = 0;
@@ -259,6 +294,8 @@ static int parse_opts(int argc, char **argv, struct bench_opts *o, int *spawn)
 			o->max_bytes);
 		return 2;
 	}
+	if (!o->reference && check_sizes(o) < 0)
+		return 2;
 	if (o->socket && strchr(o->socket, ',') && split_sockets(o) < 0)
 		return 2;
 	if (o->nsockets > 1 && !o->root) {

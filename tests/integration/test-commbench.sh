@@ -1,7 +1,8 @@
 #!/bin/bash
 # test-commbench.sh: commbench against a real commd: every op x dtype x
 # reduction checked at small sizes on 4 and 3 ranks (and with -P), its --json and
-# --reference lines, and that it fails on wrong results and without a daemon.
+# --reference lines, that it fails on wrong results and without a daemon, and
+# that it refuses bad usage and sizes that leave nothing to measure.
 set -u
 . "$(dirname "$0")/../lib/daemon.sh"
 : "${COMMBENCH:=./client/commbench}"
@@ -153,9 +154,12 @@ COMMD=$COMMD "$COMMBENCH" --spawn-daemon -n 2 -o sendrecv -b 8 -e 1K -f 4 -w 0 -
 grep -q '^# commbench: 2 ranks, commd at /tmp/commbench-' "$dir/out" || fail "spawn-daemon: banner"
 
 # Bad usage: exit status 2 and a message, before any rank starts. -b 0 would
-# never reach -e (0 times the factor): refused, not an endless loop.
+# never reach -e (0 times the factor), and sizes too small for one element a
+# rank leave nothing to measure: both are refused, not an endless loop or
+# an empty table with exit status 0.
 for args in "-o bogus" "-d float8" "-r xor" "-b 1M -e 8" "-f 1" "-n 0" "-c 2" "-b 3X" \
-	"-n 2 -b 0 -e 64 -w 0 -i 1" "-b 0 -e 0"; do
+	"-n 2 -b 0 -e 64 -w 0 -i 1" "-b 0 -e 0" "-n 4 -b 1 -e 15 -o reduce_scatter" \
+	"-n 4 -b 1 -e 7 -d double" "-n 3 -o all -d all -b 8 -e 16"; do
 	# shellcheck disable=SC2086
 	timeout 30 "$COMMBENCH" --socket "$sock" $args >"$dir/out" 2>"$dir/err"
 	rc=$?
@@ -163,9 +167,17 @@ for args in "-o bogus" "-d float8" "-r xor" "-b 1M -e 8" "-f 1" "-n 0" "-c 2" "-
 	[ -s "$dir/err" ] || fail "usage '$args': no message"
 	[ -s "$dir/out" ] && fail "usage '$args': output on stdout: $(head -3 "$dir/out")"
 done
+"$COMMBENCH" --socket "$sock" -n 4 -b 1 -e 15 -o reduce_scatter >/dev/null 2>"$dir/err"
+grep -qx 'commbench: nothing to measure: reduce_scatter of float over 4 ranks needs a size of at least 16 bytes; from -b 1 to -e 15 the largest is 8' \
+	"$dir/err" || fail "nothing to measure: message: $(cat "$dir/err")"
 timeout 30 "$COMMBENCH" --socket "$sock" -b 0 -e 64 >/dev/null 2>"$dir/err"
 grep -qx 'commbench: -b 0: the smallest size must be at least 1 byte' "$dir/err" ||
 	fail "-b 0: message: $(cat "$dir/err")"
+# The smallest sizes that do hold one element a rank are measured.
+"$COMMBENCH" --socket "$sock" -n 4 -b 1 -e 16 -o reduce_scatter -w 0 -i 1 >"$dir/out" \
+	2>"$dir/err" || fail "16 bytes of reduce_scatter: exit status $?: $(head -3 "$dir/err")"
+got=$(awk '!/^#/ { print $1, $2 }' "$dir/out" | tr '\n' ';')
+[ "$got" = "16 1;" ] || fail "16 bytes of reduce_scatter: rows '$got', want '16 1;'"
 
 daemon_stop
 if [ $failures -gt 0 ]; then
