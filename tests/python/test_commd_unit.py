@@ -438,8 +438,8 @@ class TestGroups(unittest.TestCase):
 
 class TestLifecycle(unittest.TestCase):
     def test_one_rank_job(self):
-        # finalize waits for what was not waited for, leaves live blocks to
-        # libcomm (with a ResourceWarning) and ends the module's ops
+        # finalize waits for what was not waited for, keeps the live arrays
+        # valid (no warning) and ends the module's ops
         code = ("import warnings, numpy as np, commd\n"
                 f"commd.init(job='{JOB}-solo-{rank()}', rank=0, world_size=1)\n"
                 "print(commd.get_rank(), commd.get_world_size())\n"
@@ -449,7 +449,7 @@ class TestLifecycle(unittest.TestCase):
                 "    warnings.simplefilter('always')\n"
                 "    commd.destroy_process_group()\n"
                 "print([str(x.message) for x in ws])\n"
-                "print(w.wait(), commd.is_initialized())\n"
+                "print(w.wait(), commd.is_initialized(), z.tolist())\n"
                 "try:\n"
                 "    commd.barrier()\n"
                 "except RuntimeError as e:\n"
@@ -458,9 +458,8 @@ class TestLifecycle(unittest.TestCase):
         self.assertEqual(rc, 0, err)
         self.assertEqual(out.splitlines(), [
             "0 1",
-            "['finalize: 1 arrays from commd.empty()/zeros() are still referenced; their "
-            "memory goes with the communicator']",
-            "True False",
+            "[]",
+            "True False [2.0, 2.0, 2.0, 2.0]",
             "barrier: commd is not initialized; call commd.init() first"])
 
     def test_without_numpy_or_torch(self):
@@ -479,6 +478,37 @@ class TestLifecycle(unittest.TestCase):
         self.assertEqual(out.splitlines(), [
             "TypeError all_reduce: t is a list; want a numpy array or a torch tensor",
             "ImportError empty: like='numpy' needs numpy, which is not installed"])
+
+    def test_arrays_outlive_the_communicator(self):
+        # arrays of empty()/zeros() still referenced after finalize() or
+        # abort() keep their values and stay writable (they crashed the
+        # process with SIGSEGV once libcomm had unmapped its segments); a
+        # later communicator takes them as any memory of the process
+        kinds = "'numpy'" + (", 'torch'" if torch is not None else "")
+        code = ("import gc, warnings, numpy as np, commd\n"
+                "warnings.simplefilter('error', RuntimeWarning)\n"
+                f"for end in ('finalize', 'abort'):\n"
+                f"    commd.init(job='{JOB}-outlive-' + end + '-{rank()}', rank=0, world_size=1)\n"
+                f"    zs = [commd.zeros(4, 'float32', like=k) for k in ({kinds},)]\n"
+                "    big = commd.zeros(1 << 20, 'uint8'); big[-1] = 9\n"
+                "    for z in zs:\n"
+                "        z += 3; commd.all_reduce(z)\n"
+                "    tail = zs[0][2:]\n"
+                "    getattr(commd, end)()\n"
+                "    for z in zs:\n"
+                "        z += 1\n"
+                "        print(end, float(z.sum()), int(big[-1]), tail.tolist())\n"
+                "commd.init(job='" + JOB + f"-outlive-again-{rank()}', rank=0, world_size=1)\n"
+                "commd.all_reduce(tail, op=commd.ReduceOp.PRODUCT)\n"
+                "print(tail.tolist())\n"
+                "del zs, big, tail, z; gc.collect()\n"
+                "commd.finalize()\n")
+        rc, out, err = child(code)
+        self.assertEqual(rc, 0, err)
+        want = []
+        for end in ("finalize", "abort"):
+            want += [f"{end} 16.0 9 [4.0, 4.0]"] * (2 if torch is not None else 1)
+        self.assertEqual(out.splitlines(), want + ["[4.0, 4.0]"])
 
     def test_abort(self):
         code = ("import numpy as np, commd\n"

@@ -159,8 +159,8 @@ def _destroy(group, how):
 
 def finalize():
     """Wait for the ops not yet waited for, leave the job, free the
-    communicator, the groups' first. Arrays from empty() and zeros() must
-    not be used after."""
+    communicator, the groups' first. Arrays from empty() and zeros() keep
+    their values, in memory no longer shared with commd."""
     c = _comm.need("finalize")
     first = None
     for g in list(_comm.groups):

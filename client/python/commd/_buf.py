@@ -4,6 +4,7 @@ imported here: an object can only be an array of a module already loaded.
 """
 import sys
 
+from ._comm import libcomm_ptr
 from ._lib import DType
 
 NUMPY_DTYPES = {
@@ -19,7 +20,8 @@ TORCH_DTYPES = {
 
 
 class Buf:
-    """One checked buffer: obj (kept alive while an op uses it), ptr, count,
+    """One checked buffer: obj (kept alive while an op uses it), ptr (the
+    address libcomm knows: see _comm.libcomm_ptr), count,
     dtype (a DType), dtype_name ("float32"), kind ("numpy" or "torch") and
     cuda (a tensor in device memory)."""
     __slots__ = ("obj", "ptr", "count", "dtype", "dtype_name", "kind", "cuda")
@@ -60,7 +62,7 @@ def buf(op, what, obj, writable=False, contiguous=True):
         if writable and not obj.flags.writeable:
             raise ValueError(f"{op}: {what} is read-only, and the op writes into it")
         b.dtype = NUMPY_DTYPES[b.dtype_name]
-        b.ptr = obj.ctypes.data if contiguous else None
+        b.ptr = libcomm_ptr(obj.ctypes.data) if contiguous else None
         b.count = obj.size
         b.cuda = False
     elif is_torch(obj):
@@ -74,9 +76,10 @@ def buf(op, what, obj, writable=False, contiguous=True):
         if contiguous and not obj.is_contiguous():
             raise ValueError(f"{op}: {what} is not contiguous; pass {what}.contiguous()")
         b.dtype = TORCH_DTYPES[b.dtype_name]
-        b.ptr = obj.data_ptr() if contiguous else None
-        b.count = obj.numel()
         b.cuda = obj.is_cuda
+        b.ptr = None if not contiguous else obj.data_ptr() if b.cuda else libcomm_ptr(
+            obj.data_ptr())
+        b.count = obj.numel()
     else:
         raise TypeError(f"{op}: {what} is a {type(obj).__name__}; "
                         "want a numpy array or a torch tensor")

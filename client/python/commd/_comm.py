@@ -1,10 +1,20 @@
 """The communicator behind the module's functions: its libcomm handle, a lock
 (libcomm takes none, and ctypes lets other threads run during a call), the
 ops in flight as Work objects and the blocks of comm_mem_alloc in use.
+
+An array from empty()/zeros() does not point into libcomm's mapping of its
+block but into a second mapping of the same pages (mremap with old size 0:
+shared memory, so commd still reads and writes it in place), and ops are
+given the block's own address (libcomm_ptr). comm_finalize and comm_abort
+unmap libcomm's segments; the second mapping is the module's, so the
+arrays still alive then stay valid: finalize turns each into private memory
+holding its values, unmapped once the array is gone.
 """
+import bisect
 import ctypes
 import datetime
 import math
+import mmap
 import operator
 import sys
 import threading
@@ -12,6 +22,76 @@ import warnings
 import weakref
 
 from ._lib import CommError, Result, last_error, lib
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.mremap.restype = ctypes.c_void_p
+_libc.mremap.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_size_t, ctypes.c_int)
+_libc.mmap.restype = ctypes.c_void_p
+_libc.mmap.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int,
+                       ctypes.c_int, ctypes.c_long)
+_libc.munmap.argtypes = (ctypes.c_void_p, ctypes.c_size_t)
+_MREMAP_MAYMOVE = 1
+_MAP_FIXED = 0x10
+_MAP_FAILED = ctypes.c_void_p(-1).value
+_PAGE = mmap.PAGESIZE
+
+# The arrays' mappings now in use: their starts, sorted, and beside each
+# (end, what to add to reach libcomm's address). Replaced whole, never
+# changed in place, so that libcomm_ptr reads it without a lock.
+_aliases = ((), ())
+
+
+def libcomm_ptr(ptr):
+    """The address libcomm knows for ptr: ptr itself, unless it lies in an
+    array of empty()/zeros(), whose block libcomm mapped elsewhere."""
+    starts, ends = _aliases
+    k = bisect.bisect_right(starts, ptr) - 1
+    if k >= 0 and ptr < ends[k][0]:
+        return ptr + ends[k][1]
+    return ptr
+
+
+def _alias_add(start, end, delta):
+    global _aliases
+    starts, ends = _aliases
+    k = bisect.bisect_right(starts, start)
+    _aliases = (starts[:k] + (start,) + starts[k:], ends[:k] + ((end, delta),) + ends[k:])
+
+
+def _alias_drop(start):
+    global _aliases
+    starts, ends = _aliases
+    k = bisect.bisect_left(starts, start)
+    if k < len(starts) and starts[k] == start:
+        _aliases = (starts[:k] + starts[k + 1:], ends[:k] + ends[k + 1:])
+
+
+def _map_again(ptr, nbytes):
+    """A second mapping of the pages of libcomm's block at ptr: (the
+    block's address there, (page start, length)), or (ptr, None) where the
+    kernel refuses."""
+    lo = ptr - ptr % _PAGE
+    length = -(-(ptr + nbytes - lo) // _PAGE) * _PAGE
+    p = _libc.mremap(lo, 0, length, _MREMAP_MAYMOVE)
+    if p is None or p == _MAP_FAILED:
+        return ptr, None
+    return p + (ptr - lo), (p, length)
+
+
+def _make_private(pages):
+    """Turn our mapping pages of a segment that libcomm let go into private
+    memory holding the same bytes, so the memfd can go. Left shared (still
+    valid) if the kernel refuses."""
+    start, length = pages
+    keep = ctypes.create_string_buffer(ctypes.string_at(start, length), length)
+    p = _libc.mmap(start, length, mmap.PROT_READ | mmap.PROT_WRITE,
+                   mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | _MAP_FIXED, -1, 0)
+    if p == start:
+        ctypes.memmove(start, keep, length)
+
+
+def _unmap(pages):
+    _libc.munmap(*pages)
 
 current = None  # the Comm that init() made, None outside init() .. finalize()
 groups = []  # the Groups made since, not yet destroyed
@@ -149,6 +229,7 @@ class Comm:
         self.pending = []  # Works not yet known to be done, in posting order
         self.blocks = {}  # address -> weakref.finalize of a comm_mem_alloc block
         self.freed = []  # blocks let go while another thread held the lock
+        self.editing = 0  # in alloc or _free: a block let go meanwhile waits
         self.cuda_checked = False
 
     def error(self, op, rc):
@@ -192,46 +273,83 @@ class Comm:
 
     def alloc(self, op, nbytes):
         """A ctypes array over nbytes from comm_mem_alloc, given back to
-        libcomm once the array is gone."""
+        libcomm once the array is gone. It lies in the module's own mapping
+        of the block when the kernel allows (see above)."""
         with self.lock:
             self._drain()
             ptr = lib.comm_mem_alloc(self.handle, nbytes)
             if not ptr:
                 # comm_mem_alloc gives no code; its detail says why
                 raise CommError(op, Result.ERR_NO_MEMORY, last_error(self.handle))
-            raw = (ctypes.c_ubyte * nbytes).from_address(ptr)
-            self.blocks[ptr] = weakref.finalize(raw, self._let_go, ptr)
+            self.editing += 1
+            try:
+                addr, pages = _map_again(ptr, nbytes)
+                raw = (ctypes.c_ubyte * nbytes).from_address(addr)
+                if pages:
+                    _alias_add(addr, addr + nbytes, ptr - addr)
+                self.blocks[addr] = weakref.finalize(raw, self._let_go, addr, ptr, pages)
+            finally:
+                self.editing -= 1
             return raw
 
-    def _let_go(self, ptr):
+    def _let_go(self, addr, ptr, pages):
         # runs wherever the last reference went, maybe in a thread that
-        # another one's blocking call keeps from the lock: then later
-        if not self.lock.acquire(blocking=False):
-            self.freed.append(ptr)
+        # another one's blocking call keeps from the lock, or in this one
+        # amid alloc's changes (a collection): then later
+        if self.editing or not self.lock.acquire(blocking=False):
+            self.freed.append((addr, ptr, pages))
             return
         try:
-            self._free(ptr)
+            self._free(addr, ptr, pages)
         finally:
             self.lock.release()
 
-    def _free(self, ptr):
-        del self.blocks[ptr]
-        lib.comm_mem_free(self.handle, ptr)
+    def _free(self, addr, ptr, pages):
+        self.editing += 1
+        try:
+            del self.blocks[addr]
+            if pages:
+                # no address of the mapping may lead to libcomm once it is gone
+                _alias_drop(addr)
+                _unmap(pages)
+            lib.comm_mem_free(self.handle, ptr)
+        finally:
+            self.editing -= 1
 
     def _drain(self):
         while self.freed:
-            self._free(self.freed.pop())
+            self._free(*self.freed.pop())
 
     def _forget_blocks(self, op):
-        """libcomm releases the blocks with the comm: never free them after."""
+        """Before comm_finalize or comm_abort, which release the blocks with
+        the comm: never free them after. The arrays still alive in our own
+        mappings, with what keeps them; those without one get a warning."""
         self._drain()
+        kept, lost = [], 0
         for fin in self.blocks.values():
-            fin.detach()
-        if self.blocks:
-            warnings.warn(f"{op}: {len(self.blocks)} arrays from commd.empty()/zeros() are "
-                          "still referenced; their memory goes with the communicator",
-                          ResourceWarning, stacklevel=3)
+            got = fin.detach()
+            if got is None:
+                continue
+            raw, _, (addr, _, pages), _ = got
+            if pages:
+                _alias_drop(addr)
+                kept.append((raw, pages))
+            else:
+                lost += 1
         self.blocks.clear()
+        if lost:
+            warnings.warn(f"{op}: {lost} arrays from commd.empty()/zeros() still use the "
+                          "communicator's memory, which goes with it: they are invalid from "
+                          "now on, and touching one crashes the process",
+                          RuntimeWarning, stacklevel=4)
+        return kept
+
+    def _keep(self, kept):
+        """After comm_finalize or comm_abort: the arrays that outlive the
+        comm keep their values in private memory until they are gone."""
+        for raw, pages in kept:
+            _make_private(pages)
+            weakref.finalize(raw, _unmap, pages).atexit = False
 
     def finalize(self):
         """Wait for the Works not waited for, then comm_finalize. Raises the
@@ -242,9 +360,10 @@ class Comm:
                 work._done(lib.comm_wait(work._req, -1))
                 if first is None and work._error is not None:
                     first = work._error
-            self._forget_blocks("finalize")
+            kept = self._forget_blocks("finalize")
             rc = lib.comm_finalize(self.handle)
             self.handle = None
+            self._keep(kept)
         if first is not None:
             raise CommError("finalize", first.code, f"{first.op}: {first.detail}")
         if rc != Result.OK:
@@ -259,6 +378,7 @@ class Comm:
                 work._error = CommError(work._op, Result.ERR_ABORTED,
                                         "this rank aborted the communicator")
                 work._bufs = work._after = None
-            self._forget_blocks("abort")
+            kept = self._forget_blocks("abort")
             lib.comm_abort(self.handle)
             self.handle = None
+            self._keep(kept)

@@ -74,7 +74,8 @@ def empty(shape, dtype, like=None):
     """An uninitialized numpy array (like="numpy") or torch tensor
     (like="torch") over memory shared with commd. like None: torch for a
     torch dtype, numpy otherwise. The memory goes back to libcomm with the
-    last reference to it; it is gone after finalize() or abort()."""
+    last reference to it. It outlives finalize() and abort(): the values
+    stay, in memory of the process no longer shared with commd."""
     return _new("empty", shape, dtype, like)
 
 
