@@ -58,6 +58,19 @@ t = torch.full((5,), float(rank))
 dist.all_reduce(t, op=dist.ReduceOp.AVG)
 check("all_reduce AVG", t, torch.full((5,), (n - 1) / 2))
 
+# the reductions commd has not are refused by name
+for op in ("BAND", "BOR", "BXOR"):
+    try:
+        dist.all_reduce(torch.ones(1, dtype=torch.int64), op=getattr(dist.ReduceOp, op))
+    except ValueError as e:
+        if str(e) != f"commd backend: reduction {op} is not one of SUM, PRODUCT, MIN, MAX, AVG":
+            sys.stdout.write(f"rank {rank}: all_reduce {op}: {e}\n")
+            sys.exit(1)
+        checks += 1
+    else:
+        sys.stdout.write(f"rank {rank}: all_reduce {op} was not refused\n")
+        sys.exit(1)
+
 # lists, broadcast, reduce, all_to_all, send/recv, barrier, async
 outs = [torch.zeros(2, 3) for _ in range(n)]
 dist.all_gather(outs, torch.full((2, 3), float(rank)))

@@ -13,7 +13,8 @@ destroy_process_group(g) and the last reference let g's ProcessGroup go,
 its thread finishes its ops and its communicator leaves the group's job.
 After destroy_process_group() call commd.finalize() to leave the job (and
 before init_process_group again).
-Reductions: SUM, PRODUCT, MIN, MAX and AVG. all_to_all and
+Reductions: SUM, PRODUCT, MIN, MAX and AVG (BAND, BOR, BXOR and PREMUL_SUM
+are refused, by name). all_to_all and
 all_to_all_single take blocks of any sizes (comm_alltoallv); send/recv take no
 tags; gather and scatter move n times the data (an all-gather, a broadcast).
 Ops run as commd's async ops; the Work torch gets wraps a future that a
@@ -44,6 +45,21 @@ _REDOPS = {
 }
 
 
+def _redop_name(op):
+    """op's name (BXOR): torch 1.13's ReduceOp is an object holding a
+    RedOpType enum (op.op), an older one the enum itself."""
+    name = getattr(getattr(op, "op", op), "name", None)
+    if isinstance(name, str):
+        return name
+    for name in dir(dist.ReduceOp):
+        try:
+            if name.isupper() and op == getattr(dist.ReduceOp, name):
+                return name
+        except (TypeError, ValueError):
+            continue
+    return repr(op)
+
+
 def _redop(opts):
     """opts' reduction; no opts: SUM, as torch's own option structs default."""
     if opts is None:
@@ -51,8 +67,8 @@ def _redop(opts):
     for theirs, ours in _REDOPS.items():
         if opts.reduceOp == theirs:
             return ours
-    raise ValueError(f"commd backend: reduction {opts.reduceOp} is not one of SUM, PRODUCT, "
-                     f"MIN, MAX, AVG")
+    raise ValueError(f"commd backend: reduction {_redop_name(opts.reduceOp)} is not one of "
+                     "SUM, PRODUCT, MIN, MAX, AVG")
 
 
 def _root(opts):
