@@ -3,7 +3,9 @@
 # `import commd.backend`: 4 ranks under commrun run test_torch_backend.py
 # (the collectives, every reduction, lists, all_to_all, send/recv, barrier,
 # async ops and an averaged gradient, each checked exactly) against a real
-# commd, and again on CUDA tensors where torch sees a GPU. Skips without a
+# commd, then 2-rank scripts that end after destroy_process_group() or
+# without it, whose jobs must end cleanly, and the checks again on CUDA
+# tensors where torch sees a GPU. Skips without a
 # python3 that has torch.
 set -u
 . "${srcdir:-.}/tests/python/env.sh" torch.distributed
@@ -20,6 +22,34 @@ if [ $rc != 0 ] || [ "$ok" != 4 ]; then
 	exit 1
 fi
 cat "$dir/out"
+
+# A script that ends after destroy_process_group(), or without it, leaves
+# its job cleanly (not a connection closed under commd, a failed job).
+cat >"$dir/ends.py" <<'PY'
+import os, sys, torch, torch.distributed as dist, commd.backend
+rank, n = int(os.environ["COMM_RANK"]), int(os.environ["COMM_WORLD_SIZE"])
+dist.init_process_group("commd", init_method=f"file://{sys.argv[1]}", rank=rank, world_size=n)
+t = torch.ones(2)
+dist.all_reduce(t)
+assert t.tolist() == [n, n]
+if sys.argv[2] == "destroy":
+    dist.destroy_process_group()
+PY
+freed=$(grep -ac ': freed (' "$dir/commd.log")
+for how in destroy exit; do
+	timeout 120 "$COMMRUN" -n 2 --socket "$sock" --timeout 30000 \
+		"$py" "$dir/ends.py" "$dir/store-$how" $how >"$dir/out-$how" 2>&1 ||
+		{ echo "FAIL: ends with $how: commrun exit $?"; cat "$dir/out-$how"; exit 1; }
+done
+# commd frees a job once its last rank is gone
+for _ in $(seq 100); do
+	[ "$(grep -ac ': freed (' "$dir/commd.log")" -ge $((freed + 2)) ] && break
+	sleep 0.1
+done
+if grep -a 'failed: ' "$dir/commd.log"; then
+	echo "FAIL: a torch script's job failed at its end"; cat "$dir/commd.log"; exit 1
+fi
+echo "ok: scripts that end after destroy_process_group() and without it leave cleanly"
 # The same checks on CUDA tensors where torch sees a GPU.
 if "$py" -c 'import sys, torch; sys.exit(not torch.cuda.is_available())' 2>/dev/null; then
 	COMMD_TEST_DEVICE=cuda timeout 300 "$COMMRUN" -n 4 --socket "$sock" --timeout 30000 \

@@ -342,14 +342,28 @@ else:
 checks += 1
 dist.barrier()
 
-# a second process group (a new store: torch takes a file store once), once
-# commd has been left
+# a second process group (a new store: torch takes a file store once): the
+# first one's destroy_process_group() left its job, without commd.finalize()
+first_job = commd.backend._world_job
+w = dist.all_reduce(torch.ones(3), async_op=True)  # seen through first
 dist.destroy_process_group()
-commd.finalize()
 dist.init_process_group("commd", init_method=f"file://{sys.argv[1]}.2", rank=rank, world_size=n)
+if not w.is_completed():
+    sys.stdout.write(f"rank {rank}: an op of the destroyed world is not done\n")
+    sys.exit(1)
 t = torch.full((2,), float(rank))
 dist.all_reduce(t)
 check("all_reduce in a second process group", t, torch.full((2,), float(n * (n - 1) // 2)))
+for _ in range(200):
+    jobs = subprocess.run([os.environ["COMMCTL"], "jobs"], capture_output=True, text=True,
+                          check=True).stdout
+    if first_job not in jobs:
+        break
+    time.sleep(0.05)
+else:
+    sys.stdout.write(f"rank {rank}: the destroyed world's job is still there:\n{jobs}")
+    sys.exit(1)
+checks += 1
 
 # at exit the completion threads stop even while an op is outstanding (an
 # irecv rank 1 sends only after): none is left for the interpreter's end
@@ -367,5 +381,5 @@ elif rank == 1:
     store.wait(["commd-test/stopped"])
     commd.send(torch.full((2,), 5.0), 0)
 dist.destroy_process_group()
-commd.finalize()
+commd.finalize()  # as before the backend left by itself: nothing left to do, no error
 sys.stdout.write(f"rank {rank}: torch.distributed backend commd: {checks} checks ok\n")

@@ -73,6 +73,7 @@ def init(job=None, rank=None, world_size=None, socket=None, token=None, timeout_
     if timeout_ms is not None:
         cfg.timeout_ms = operator.index(timeout_ms)
     _comm.current = _join("init", cfg)
+    _comm.left_by_backend = False
     _comm.init_args = (cfg.socket, cfg.root)
 
 
@@ -160,18 +161,40 @@ def _destroy(group, how):
 def finalize():
     """Wait for the ops not yet waited for, leave the job, free the
     communicator, the groups' first. Arrays from empty() and zeros() keep
-    their values, in memory no longer shared with commd."""
-    c = _comm.need("finalize")
+    their values, in memory no longer shared with commd. Nothing to do
+    once, after the torch backend left the job (destroy_process_group())."""
+    with _comm.claim:
+        if _comm.current is None and _comm.left_by_backend:
+            _comm.left_by_backend = False
+            return
+        c = _comm.need("finalize")
+        _comm.current = None
+    _end(c)
+
+
+def _end(c):
+    """finalize() of c, taken from _comm.current already."""
     first = None
     for g in list(_comm.groups):
         try:
             _destroy(g, _comm.Comm.finalize)
         except CommError as e:
             first = first or e
-    _comm.current = None
     c.finalize()
     if first is not None:
         raise first
+
+
+def _leave_for_backend(c):
+    """The torch backend's finalize() of c, the world it made: False, doing
+    nothing, when c is not the world now (the user finalized it)."""
+    with _comm.claim:
+        if _comm.current is not c:
+            return False
+        _comm.current = None
+        _comm.left_by_backend = True
+    _end(c)
+    return True
 
 
 def destroy_process_group(group=None):
@@ -186,10 +209,11 @@ def destroy_process_group(group=None):
 def abort():
     """Leave at once, the groups too: the other ranks' pending and later ops
     fail with COMM_ERR_ABORTED, and so do this rank's Works not yet done."""
-    c = _comm.need("abort")
+    with _comm.claim:
+        c = _comm.need("abort")
+        _comm.current = None
     for g in list(_comm.groups):
         _destroy(g, _comm.Comm.abort)
-    _comm.current = None
     c.abort()
 
 

@@ -96,6 +96,10 @@ def _unmap(pages):
 current = None  # the Comm that init() made, None outside init() .. finalize()
 groups = []  # the Groups made since, not yet destroyed
 init_args = (None, None)  # the socket and root init() joined with
+# the torch backend finalized the world (its destroy_process_group() or the
+# end of the script): one commd.finalize() after it has nothing to do
+left_by_backend = False
+claim = threading.Lock()  # who takes current away (finalize, abort) and when
 
 
 def need(op):

@@ -11,8 +11,13 @@ world's, drawn the same way through the group's store (torch calls the
 backend on the group's ranks alone, so it cannot be a comm_split). Once
 destroy_process_group(g) and the last reference let g's ProcessGroup go,
 its thread finishes its ops and its communicator leaves the group's job.
-After destroy_process_group() call commd.finalize() to leave the job (and
-before init_process_group again).
+destroy_process_group() of the world does the same for the communicator
+init_process_group() made (commd.init's): once the world's ProcessGroup is
+let go, or at the next init_process_group() at the latest, its ops are
+seen through and commd is finalized, so init_process_group() works again;
+a script that ends without destroy_process_group() leaves the job cleanly
+at exit. A commd.finalize() after destroy_process_group() (as before) has
+nothing left to do.
 Reductions: SUM, PRODUCT, MIN, MAX and AVG (BAND, BOR, BXOR and PREMUL_SUM
 are refused, by name). all_to_all and
 all_to_all_single take blocks of any sizes (comm_alltoallv); send/recv take no
@@ -124,9 +129,14 @@ class _Completer:
 
     def close(self):
         """Its ProcessGroup is gone: once the ops queued before are through,
-        the thread ends, and a group of new_group() leaves its job. Only
-        queues, so any thread may call it (a finalizer the collector runs)."""
+        the thread ends, and a group of new_group() leaves its job (the
+        world's: commd's communicator). Only queues, so any thread may call
+        it (a finalizer the collector runs)."""
         self._q.put(_CLOSE)
+
+    def join(self):
+        """Wait for the thread to end (after close() or stop())."""
+        self._t.join()
 
     def work(self, works, result, after=None):
         """The Work torch gets for commd's Works (None: done already) that
@@ -168,6 +178,9 @@ class _Completer:
 
     def _end_group(self):
         if self._group is None:
+            # the world's ProcessGroup is gone: leave, unless a thread
+            # already is (init_process_group or the exit, joining this one)
+            _leave_world(self, block=False)
             return
         try:
             commd._destroy(self._group, commd._comm.Comm.finalize)
@@ -383,10 +396,45 @@ def _timeout(timeout):
 
 
 _world_job = None
+_world = None  # (commd's Comm, the world ProcessGroup's _Completer) made by _make
+_world_lock = threading.Lock()
+
+
+def _leave_world(by=None, block=True):
+    """The world's ProcessGroup was destroyed, or the process ends: once
+    its thread has seen its queued ops through, finalize the communicator
+    _make had commd.init make, unless it is gone already (commd.finalize()
+    or abort() of the user). by: that thread itself, which cannot wait for
+    itself; block=False: return at once when another thread is leaving."""
+    global _world
+    if not _world_lock.acquire(blocking=block):
+        return
+    try:
+        if _world is None or (by is not None and _world[1] is not by):
+            return
+        comm, completer = _world
+        _world = None
+        if by is None:
+            completer.close()
+            completer.join()
+        try:
+            commd._leave_for_backend(comm)
+        except commd.CommError as e:
+            warnings.warn(f"commd backend: leaving the job: {e}", RuntimeWarning)
+    finally:
+        _world_lock.release()
+
+
+@atexit.register
+def _leave_at_exit():
+    # registered after _stop_completers, so run before it: the world's
+    # thread sees its ops through, then the job is left cleanly (not a
+    # connection closed under commd, which fails the job)
+    _leave_world()
 
 
 def _make(store, rank, size, timeout):
-    global _world_job
+    global _world_job, _world
     if dist.is_initialized():
         # new_group(): torch calls this on the group's ranks alone, with a store of its own
         if _world_job is None or not commd.is_initialized():
@@ -395,14 +443,18 @@ def _make(store, rank, size, timeout):
         job, token = _draw(store, rank, size, f"{_world_job}/group-{secrets.token_hex(4)}")
         g = commd._init_group("new_group", job, token, rank, size, _timeout(timeout))
         return ProcessGroupCommd(rank, size, g)
+    # a world destroyed before, whose ProcessGroup someone still holds
+    _leave_world()
     if commd.is_initialized():
-        raise RuntimeError("commd backend: commd is initialized already; after "
-                           "destroy_process_group(), commd.finalize() before a new "
+        raise RuntimeError("commd backend: commd is initialized already (commd.init() "
+                           "outside the backend); commd.finalize() before "
                            "init_process_group()")
     job, token = _draw(store, rank, size, f"torch-{secrets.token_hex(8)}")
     commd.init(job=job, token=token, rank=rank, world_size=size, timeout_ms=_timeout(timeout))
     _world_job = job
-    return ProcessGroupCommd(rank, size)
+    pg = ProcessGroupCommd(rank, size)
+    _world = (commd._comm.current, pg._c)
+    return pg
 
 
 dist.Backend.register_backend("commd", _make)
