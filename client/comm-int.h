@@ -139,6 +139,7 @@ struct comm {
 	struct borrow *borrows;
 	uint64_t fam_gen;           /* the family's gen when borrows were last checked */
 	int forked;                 /* this is a fork's child's copy: refused (comm.c) */
+	char forked_why[200];       /* why, the same for every refusal */
 	struct comm *live_next;     /* the process's comms, for fork */
 };
 

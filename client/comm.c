@@ -56,22 +56,19 @@ comm_result_t comm_set_error(comm_t *c, comm_result_t rc, const char *fmt, ...)
 
 comm_result_t comm_refuse(comm_t *c, const char *what)
 {
-	char why[sizeof c->last_error];
-
-	memcpy(why, c->last_error, sizeof why);
-	if (!strncmp(why, what, strlen(what))) /* said already */
-		return c->broken;
 	return comm_set_error(c, c->broken, "%s: %s", what,
-			      c->forked ? why : "the connection to commd is gone");
+			      c->forked ? c->forked_why : "the connection to commd is gone");
 }
 
 /*
- * The process's live comms, for fork(): a child's copy of a comm is its
- * parent's rank (its connection, ring and registered memory), so the child
- * closes its copies of the connection's fds at once (commd sees the rank
- * go when the parent goes, not when the last child does) and every use of
- * the copy is refused but comm_finalize and comm_abort, which free the
- * child's copy and tell commd nothing.
+ * The process's live comms (from their connect on), for fork(): a child's
+ * copy of a comm is its parent's rank (its connection, ring and registered
+ * memory), so the child closes its copies of the connection's fds at once
+ * (commd sees the rank go when the parent goes, not when the last child
+ * does) and every use of the copy is refused but comm_finalize and
+ * comm_abort, which free the child's copy and tell commd nothing. Only the
+ * forking thread lives on in the child: a family lock another thread held
+ * is made anew.
  */
 static pthread_mutex_t live_lock = PTHREAD_MUTEX_INITIALIZER;
 static comm_t *live;
@@ -94,13 +91,16 @@ static void fork_child(void)
 			close(c->fd);
 		c->fd = -1;
 		ring_detach(c);
+		if (c->fam)
+			pthread_mutex_init(&c->fam->lock, NULL);
 		c->forked = 1;
 		c->broken = COMM_ERR_INVALID_ARG;
-		snprintf(c->last_error, sizeof c->last_error,
+		snprintf(c->forked_why, sizeof c->forked_why,
 			 "this communicator is process %d's (rank %d of job %s); a process forked "
-			 "from it cannot use it: comm_finalize frees the copy, comm_init makes one of "
-			 "its own",
-			 (int)getppid(), c->rank, c->job);
+			 "from it cannot use it (comm_finalize frees the copy)",
+			 (int)getppid(), c->rank, c->job ? c->job : "?");
+		snprintf(c->last_error, sizeof c->last_error, "%s", c->forked_why);
+		c->last_rc = c->broken;
 	}
 	pthread_mutex_unlock(&live_lock);
 }
@@ -485,6 +485,7 @@ static comm_result_t join(comm_t **out, const comm_config_t *config, uint32_t jo
 		rc = comm_set_error(c, COMM_ERR_NO_MEMORY, "init: out of memory");
 		goto out;
 	}
+	live_add(c); /* a fork while it joins leaves the child no connection either */
 	c->fd = connect_to(cfg.socket, c->last_error, sizeof c->last_error);
 	if (c->fd < 0) {
 		rc = COMM_ERR_DAEMON_UNREACHABLE;
@@ -526,7 +527,6 @@ static comm_result_t join(comm_t **out, const comm_config_t *config, uint32_t jo
 		rc = c->broken;
 		goto out;
 	}
-	live_add(c);
 	*out = c;
 out:
 	if (reply)
