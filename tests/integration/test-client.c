@@ -53,6 +53,18 @@ static int sum_right(comm_t *c, int r, int n, int i)
 	return 0;
 }
 
+/* Join and do a first all-reduce, right; -1 (the comm gone) when not. */
+static int join_summed(comm_t **c, int r, int n)
+{
+	if (th_join(c, r, n) < 0)
+		return -1;
+	if (sum_right(*c, r, n, 0)) {
+		th_bail(*c);
+		return -1;
+	}
+	return 0;
+}
+
 /*
  * Rank 0 forks mid-job; the child's every call on the copy is refused,
  * naming the fork, and its comm_finalize frees the copy; then both ranks
@@ -68,10 +80,8 @@ static int rank_forked(int r, int n, void *arg)
 	int st;
 
 	(void)arg;
-	if (th_join(&c, r, n) < 0)
+	if (join_summed(&c, r, n) < 0)
 		return 1;
-	if (sum_right(c, r, n, 0))
-		return th_bail(c);
 	if (r == 0) {
 		/* an op outstanding across the fork: the child cannot wait for it */
 		if (comm_barrier(c, &req) != COMM_OK)
@@ -130,10 +140,8 @@ static int rank_killed(int r, int n, void *arg)
 	int32_t v = 1;
 
 	(void)arg;
-	if (th_join(&c, r, n) < 0)
+	if (join_summed(&c, r, n) < 0)
 		return 1;
-	if (sum_right(c, r, n, 0))
-		return th_bail(c);
 	if (r == 0) {
 		if (fork() == 0) {
 			for (int i = 0; i < 6000 && !atomic_load(child_go); i++)
