@@ -34,7 +34,7 @@
 #define STAGE_MIN (64u << 10)  /* a staging buffer's smallest size */
 #define STAGE_IDLE_MAX 8       /* idle staging buffers a worker keeps, */
 #define STAGE_IDLE_BYTES (256ull << 20) /* and the bytes they may hold */
-#define GPU_EOF_GRACE_MS 5000  /* what a worker gets to release and exit once hung up on */
+#define GPU_EOF_GRACE_MS 5000  /* what a worker gets to exit once its connection ended */
 
 struct gpu_pkt {
 	TAILQ_ENTRY(gpu_pkt) link;
@@ -65,7 +65,7 @@ struct gpu_worker {
 	char job_name[JOB_NAME_MAX + 1];
 	uv_process_t proc;
 	uv_poll_t poll;
-	uv_timer_t grace;      /* from the hang-up: a worker still there then is killed */
+	uv_timer_t grace;      /* from the connection's end: a worker still there then is killed */
 	int fd;                /* commd's end of the socketpair, -1 once closed */
 	int refs;              /* the job's, one per device mem it has, one per busy staging buffer */
 	int alive;             /* the process has not exited */
@@ -333,15 +333,19 @@ static void on_handle_closed(uv_handle_t *h)
 	worker_free_maybe(w);
 }
 
-/* A worker hung up on is still there: it did not heed EOF (stuck in the driver, or rogue). */
+/*
+ * A worker is still there GPU_EOF_GRACE_MS after its connection ended: it
+ * did not heed commd's hang-up (stuck in the driver, or rogue), or closed
+ * its socket and did not exit.
+ */
 static void on_grace(uv_timer_t *t)
 {
 	struct gpu_worker *w = t->data;
 
 	if (!w->alive)
 		return;
-	log_info("job %s: killing its gpu worker (pid %d), still there %d ms after commd hung up",
-		 w->job_name, w->proc.pid, GPU_EOF_GRACE_MS);
+	log_info("job %s: killing its gpu worker (pid %d), still there %d ms after its "
+		 "connection ended", w->job_name, w->proc.pid, GPU_EOF_GRACE_MS);
 	uv_process_kill(&w->proc, SIGKILL);
 }
 
@@ -895,8 +899,9 @@ static void on_worker_io(uv_poll_t *h, int status, int events)
 		if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK || errno == EINTR))
 			return;
 		if (n == 0 && w->alive) {
-			/* it is exiting: its exit status is the better reason */
+			/* it is exiting: its exit status is the better reason; one that lives on is killed */
 			uv_poll_stop(&w->poll);
+			uv_timer_start(&w->grace, on_grace, GPU_EOF_GRACE_MS, 0);
 			return;
 		}
 		if (n <= 0) {

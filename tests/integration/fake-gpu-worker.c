@@ -28,7 +28,8 @@
  * packet; badstatus, a MEM_OPENED with status 9999; strayopen, a
  * MEM_OPENED for a mem never opened; strayid, an NCCL id nobody asked
  * for; strayop, an op's answer with the wrong id; extraop, an op answered
- * twice; deaf, serve but ignore EOF, as a worker stuck in the driver).
+ * twice; deaf, serve but ignore EOF, as a worker stuck in the driver;
+ * mute, answer a MEM_OPEN, then close its socket and live on).
  */
 #include <errno.h>
 #include <poll.h>
@@ -131,6 +132,9 @@ static int rogue_answer(uint32_t type, uint64_t id)
 	} else if (type == GPU_MSG_OP_DONE && !strcmp(rogue, "extraop")) {
 		answer(type, id, 0);
 		answer(type, id, 0);
+	} else if (type == GPU_MSG_MEM_OPENED && !strcmp(rogue, "mute")) {
+		answer(type, id, 0);
+		close(GPU_WORKER_FD);
 	} else {
 		return 0;
 	}

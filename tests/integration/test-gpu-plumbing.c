@@ -991,6 +991,25 @@ static void test_rogue_worker(void)
 	      "deaf: a worker that ignored EOF was %s after %.1f s",
 	      workers_alive() ? "still there" : "killed", th_secs_since(&t0));
 	th_check_baseline(&d, fds0, "deaf");
+	/*
+	 * One that closes its socket after a registration and lives on: killed
+	 * 5 s later (it stayed, its job waiting for its exit), and the job's
+	 * next op fails saying so.
+	 */
+	open_rank(&k, "mute", PROTO_VERSION, 0);
+	rc = reg_dev(&k, COMMPB__MEM_KIND__MEM_CUDA_IPC, 64, -1, 4096, &a, detail, sizeof detail);
+	CHECK(rc == COMM_OK, "mute: registration: %d %s", rc, detail);
+	clock_gettime(CLOCK_MONOTONIC, &t0);
+	for (int i = 0; i < 200 && workers_alive(); i++)
+		usleep(50 * 1000);
+	CHECK(!workers_alive() && th_secs_since(&t0) > 3,
+	      "mute: a worker that closed its socket and lived on was %s after %.1f s",
+	      workers_alive() ? "still there" : "killed", th_secs_since(&t0));
+	rc = allreduce(&k, 1, a, 0, a, 0, 0, NULL, detail, sizeof detail);
+	CHECK(rc == COMM_ERR_ABORTED && strstr(detail, "signal 9"),
+	      "mute: the op after: %d %s (want ABORTED, the worker killed)", rc, detail);
+	close_rank(&k);
+	th_check_baseline(&d, fds0, "mute");
 	CHECK(th_run_ranks(&d, "host", 2, host_rank, NULL) == 0, "host job after the rogue workers");
 	CHECK(th_daemon_stop(&d) == 0, "daemon stop");
 	printf("%s: workers that break the protocol: killed, their jobs failed saying why; one "
