@@ -51,7 +51,7 @@
 #include <stdint.h>
 #include <stdio.h>
 
-#define GPU_PROTO_VERSION 4
+#define GPU_PROTO_VERSION 5
 #define GPU_WORKER_FD 3          /* the worker's end of the socketpair */
 #define GPU_HANDLE_BYTES 64      /* cudaIpcMemHandle_t, cudaIpcEventHandle_t */
 #define GPU_UUID_LEN 48          /* "GPU-" + 36 characters + NUL, rounded up */
@@ -183,8 +183,10 @@ struct gpu_flag {
  * - ALLGATHER: in[r] holds count; out[r] holds n blocks, block b = in[b].
  * - BROADCAST: out[r] = in[root] (count elements), for every r with a buffer.
  * - ALLTOALL: in[s] and out[r] hold n blocks; block s of out[r] = block r of in[s].
- * - SEND: n is 1, count bytes (dtype UINT8) from in[0] to out[0]. One of
- *   them may be host memory (GPU_MEM_HOST): a staging copy.
+ * - SEND: count bytes (dtype UINT8) from in[0] to out[0]. One of them may
+ *   be host memory (GPU_MEM_HOST): a staging copy. n is 1, or 2 where the
+ *   receiver on this node has a ready event of its own: rank[1] then
+ *   carries that event only (no buffer), and the copy waits for both.
  * type, dtype and redop carry proto OpType, comm_dtype_t and comm_redop_t
  * values. Outputs may alias inputs (in place); the results are those of the
  * inputs as they were before the op. Float reductions over ranks on one

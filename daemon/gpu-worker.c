@@ -837,6 +837,12 @@ static int plan_buf(struct plan *p, int r, int out)
 		     " of %zu bytes", r, what, len, off, id, m->size);
 		return -1;
 	}
+	/* a kernel's loads and stores must be aligned to the element: a misaligned one faults */
+	if (p->spec->reduce && off % dtype_size((int)p->op->dtype)) {
+		fail("rank %d: %s buffer: offset %" PRIu64 " is not a multiple of the element size "
+		     "(%zu)", r, what, off, dtype_size((int)p->op->dtype));
+		return -1;
+	}
 	if (!must && need != NEED_ANY)
 		return 0;
 	if (m->dev < 0 && p->op->type != T(SEND)) {
@@ -914,6 +920,12 @@ static int plan_world(struct plan *p)
 		}
 		w.lidx[g] = r;
 	}
+	for (uint32_t g = 0; g < w.world; g++) {
+		if (w.node_of[g] == w.node && w.lidx[g] < 0) {
+			fail("rank %u is this node's but not in the op", g);
+			return -1;
+		}
+	}
 	if ((d = used_device(p)) == -2) {
 		fail("across nodes, a node's ranks use one device; these use several");
 		return -1;
@@ -949,8 +961,11 @@ static int plan_op(struct plan *p, const struct gpu_op *op, size_t nranks)
 		     GPU_OP_MAX_RANKS);
 		return -1;
 	}
-	if (op->type == T(SEND) && (op->n != 1 || op->world)) {
-		fail("a send spans 1 rank on this node, not %u of %u", op->n, op->world);
+	if (op->type == T(SEND) &&
+	    (op->n > 2 || op->world ||
+	     (op->n == 2 && (op->rank[1].send_mem || op->rank[1].recv_mem)))) {
+		fail("a send copies 1 rank's buffer (a second entry holds the receiver's event "
+		     "only), not %u of %u", op->n, op->world);
 		return -1;
 	}
 	if (op->world && op->world < op->n) {
@@ -973,9 +988,14 @@ static int plan_op(struct plan *p, const struct gpu_op *op, size_t nranks)
 		fail("count %" PRIu64 " is too large", op->count);
 		return -1;
 	}
-	for (int r = 0; r < p->n; r++)
-		if (plan_buf(p, r, 0) || plan_buf(p, r, 1))
+	for (int r = 0; r < p->n; r++) {
+		if (op->type == T(SEND) && r == 1) { /* the receiver's event only */
+			p->in[r] = p->out[r] = NULL;
+			p->in_dev[r] = p->out_dev[r] = -1;
+		} else if (plan_buf(p, r, 0) || plan_buf(p, r, 1)) {
 			return -1;
+		}
+	}
 	if (op->type == T(SEND) && p->block && p->in_dev[0] < 0 && p->out_dev[0] < 0) {
 		fail("a send from host memory to host memory");
 		return -1;

@@ -1334,7 +1334,10 @@ int be_gpu_run(struct task *t)
 {
 	struct gpu_worker *w = t->job->gpu;
 	int world = t->net && t->peer < 0; /* NCCL across nodes; a net send/recv is staged */
-	int n = t->net ? (world ? t->nops : 1) : t->type == T(SEND) ? 1 : t->n;
+	/* a send on this node: the receiver's ready event rides in a second entry */
+	int n = t->net		    ? (world ? t->nops : 1)
+		: t->type == T(SEND) ? 1 + (t->ops[1]->has_event != 0)
+				    : t->n;
 	size_t len = sizeof(struct gpu_op) + (size_t)n * sizeof(struct gpu_op_rank) +
 		     (size_t)t->nops * sizeof(struct gpu_flag);
 	struct gpu_op *op;
@@ -1392,6 +1395,8 @@ int be_gpu_run(struct task *t)
 		put_buf(&t->ops[0]->send, &op->rank[0].send_mem, &op->rank[0].send_off);
 		put_buf(&t->ops[1]->recv, &op->rank[0].recv_mem, &op->rank[0].recv_off);
 		put_event(t->ops[0], &op->rank[0]);
+		if (n == 2)
+			put_event(t->ops[1], &op->rank[1]);
 	} else {
 		for (int r = 0; r < n; r++) {
 			put_buf(&t->ops[r]->send, &op->rank[r].send_mem, &op->rank[r].send_off);

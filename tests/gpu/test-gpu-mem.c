@@ -1,6 +1,7 @@
 /*
  * test-gpu-mem.c: device memory around the ops, through the real commd and
- * its GPU worker: stream order (an op sees the work enqueued before it), the
+ * its GPU worker: stream order (an op sees the work enqueued before it, a
+ * recv the work enqueued before it on the receiver's stream), the
  * registration cache across cudaFree and cudaMalloc (right results, bounded
  * registered memory), VMM allocations, many outstanding device ops beside
  * host ones, a group naming more allocations than libcomm keeps registered,
@@ -140,6 +141,63 @@ static int rank_stream(int r, int n, void *arg)
 		return th_bail(c);
 	bad |= th_leave(c, r);
 	cudaStreamDestroy(s);
+	return bad;
+}
+
+/*
+ * A recv follows its own stream too: the receiver's buffer starts at 0x01;
+ * on its stream a host function holds the stream, then a memset to 0xaa
+ * is enqueued, and the recv is posted at once; rank 0 sends 0x55 bytes.
+ * The memset comes first, so the buffer ends at 0x55 (were the copy to
+ * wait for the sender's stream only, it would land first and the memset
+ * would leave 0xaa).
+ */
+static int rank_recv_stream(int r, int n, void *arg)
+{
+	size_t bytes = STREAM_COUNT;
+	uint8_t *buf = NULL, *h = malloc(bytes);
+	cudaStream_t s = NULL;
+	comm_result_t rc;
+	comm_t *c;
+	int bad = 0;
+
+	(void)arg;
+	if (!h || use_device(r) ||
+	    cuda_bad(cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking), r, "cudaStreamCreate") ||
+	    cuda_bad(cudaMalloc((void **)&buf, bytes), r, "cudaMalloc") ||
+	    cuda_bad(cudaMemset(buf, r == 0 ? 0x55 : 0x01, bytes), r, "cudaMemset") ||
+	    cuda_bad(cudaDeviceSynchronize(), r, "cudaDeviceSynchronize"))
+		return 1;
+	if (th_join(&c, r, n) < 0)
+		return 1;
+	if (r == 0) {
+		rc = comm_send(c, buf, bytes, COMM_UINT8, 1, NULL);
+		bad = op_bad(c, rc, r, "send");
+	} else {
+		rc = comm_set_stream(c, s);
+		if (op_bad(c, rc, r, "comm_set_stream") ||
+		    cuda_bad(cudaLaunchHostFunc(s, hold_stream, NULL), r, "cudaLaunchHostFunc") ||
+		    cuda_bad(cudaMemsetAsync(buf, 0xaa, bytes, s), r, "cudaMemsetAsync"))
+			return th_bail(c);
+		rc = comm_recv(c, buf, bytes, COMM_UINT8, 0, NULL);
+		if (op_bad(c, rc, r, "recv") ||
+		    cuda_bad(cudaMemcpyAsync(h, buf, bytes, cudaMemcpyDeviceToHost, s), r,
+			     "copy back") ||
+		    cuda_bad(cudaStreamSynchronize(s), r, "cudaStreamSynchronize"))
+			return th_bail(c);
+		for (size_t i = 0; i < bytes && !bad; i++)
+			if (h[i] != 0x55)
+				bad = FAIL(r, "byte %zu is 0x%02x, expected 0x55 (the recv did not "
+					      "follow the memset on the receiver's stream)",
+					   i, h[i]);
+		comm_set_stream(c, NULL);
+	}
+	if (bad)
+		return th_bail(c);
+	bad = th_leave(c, r);
+	cudaFree(buf);
+	cudaStreamDestroy(s);
+	free(h);
 	return bad;
 }
 
@@ -956,6 +1014,9 @@ int main(void)
 	run("gpu-stream", 2, rank_stream,
 	    "stream order: an op follows a memset held back on its stream (legacy and own "
 	    "stream, comm_stream_wait)");
+	run("gpu-recv-stream", 2, rank_recv_stream,
+	    "stream order: a recv on one daemon follows a memset held back on the receiver's "
+	    "stream");
 	REQUIRE(pipe(go) == 0, "pipe");
 	run("gpu-nowait", 2, rank_nowait,
 	    "comm_stream_wait returns before the op can run; the stream waits, then sees the "

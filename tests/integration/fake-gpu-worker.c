@@ -266,7 +266,8 @@ static void copy_send(const struct gpu_op *op)
 	const struct gpu_op_rank *k = &op->rank[0];
 	struct map *a = map_find(k->send_mem), *b = map_find(k->recv_mem);
 
-	if (op->type != COMMPB__OP_TYPE__OP_SEND || op->n != 1 || op->world || !a || !b)
+	/* n 2: the second entry carries the receiver's ready event only */
+	if (op->type != COMMPB__OP_TYPE__OP_SEND || op->n > 2 || op->world || !a || !b)
 		return;
 	if (k->send_off > a->size || op->count > a->size - k->send_off ||
 	    k->recv_off > b->size || op->count > b->size - k->recv_off) {

@@ -1170,13 +1170,20 @@ static void join_wait(struct rank *k, const char *job)
 	commpb__envelope__free_unpacked(reply, NULL);
 }
 
-/* Post a send to (or a recv from) peer of count bytes at mem. */
-static void post_p2p(struct rank *k, uint64_t seq, int send, uint64_t mem, int peer, size_t count)
+/* Post a send to (or a recv from) peer of count bytes at mem, with a ready event when event is set. */
+static void post_p2p_event(struct rank *k, uint64_t seq, int send, uint64_t mem, int peer,
+			   size_t count, int event)
 {
 	Commpb__Envelope env = COMMPB__ENVELOPE__INIT;
 	Commpb__Op op = COMMPB__OP__INIT;
 	Commpb__BufRef b = COMMPB__BUF_REF__INIT;
+	uint8_t ev[64];
 
+	memset(ev, 0x5d, sizeof ev);
+	if (event) {
+		op.ready_event.data = ev;
+		op.ready_event.len = sizeof ev;
+	}
 	b.mem_id = mem;
 	op.seq = seq;
 	op.type = send ? COMMPB__OP_TYPE__OP_SEND : COMMPB__OP_TYPE__OP_RECV;
@@ -1190,6 +1197,55 @@ static void post_p2p(struct rank *k, uint64_t seq, int send, uint64_t mem, int p
 	env.body_case = COMMPB__ENVELOPE__BODY_OP;
 	env.op = &op;
 	raw_send(k->fd, &env, NULL, 0);
+}
+
+static void post_p2p(struct rank *k, uint64_t seq, int send, uint64_t mem, int peer, size_t count)
+{
+	post_p2p_event(k, seq, send, mem, peer, count, 0);
+}
+
+/*
+ * A send between two ranks of one daemon waits for both ranks' work: the
+ * receiver's ready event reaches the worker too, in a second entry that
+ * names no buffer (before, only the sender's went: the copy could land
+ * while the receiver's stream still used its buffer). The bytes arrive.
+ */
+static void test_local_send_event(void)
+{
+	struct rank k[2];
+	uint64_t mem[2];
+	uint8_t *map[2];
+	char detail[2][256];
+	int st[2];
+
+	start("ok", 1);
+	for (int r = 0; r < 2; r++)
+		hello_rank(&k[r], "local-send", r, 2, PROTO_VERSION, 0);
+	for (int r = 0; r < 2; r++)
+		hello_done(&k[r]);
+	for (int r = 0; r < 2; r++)
+		mem[r] = reg_fake_dev(&k[r], 4096, &map[r]);
+	memset(map[0], 0x37, 16);
+	memset(map[1], 0, 16);
+	post_p2p(&k[0], 1, 1, mem[0], 1, 16);
+	post_p2p_event(&k[1], 1, 0, mem[1], 0, 16, 1);
+	for (int r = 0; r < 2; r++)
+		st[r] = op_reply(&k[r], NULL, detail[r], sizeof detail[r]);
+	CHECK(st[0] == COMM_OK && st[1] == COMM_OK, "local device send: %d (%s), %d (%s)", st[0],
+	      detail[0], st[1], detail[1]);
+	CHECK(logged("op type 7 dtype 1 redop 0 root 0 count 16 n 2"),
+	      "the send did not reach the worker with a second entry");
+	CHECK(logged("rank 1 send 0+0 recv 0+0 event 5d"),
+	      "the receiver's ready event did not reach the worker");
+	CHECK(map[1][0] == 0x37 && map[1][15] == 0x37, "the bytes did not arrive: %02x %02x",
+	      map[1][0], map[1][15]);
+	printf("%s: a send on one daemon: the receiver's ready event reaches the worker too\n",
+	       check_failures ? "FAIL" : "ok");
+	for (int r = 0; r < 2; r++) {
+		munmap(map[r], 4096);
+		close_rank(&k[r]);
+	}
+	CHECK(th_daemon_stop(&d) == 0, "daemon stop");
 }
 
 /* Both ranks' OpDone: each status want, each detail holding has (NULL: any). */
@@ -1580,6 +1636,7 @@ int main(void)
 	test_forwarding();
 	test_ring_device();
 	test_queued();
+	test_local_send_event();
 	test_bad_worker("crash");
 	test_bad_worker("hang");
 	test_shutdown_hung();

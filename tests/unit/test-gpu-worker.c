@@ -716,6 +716,14 @@ static void test_gpu_requests(struct worker *wk, const char *uuid)
 	s = op_run(wk, next_op++, T(ALLREDUCE), COMM_FLOAT32, COMM_SUM, 0, 16, 2, 2, bad);
 	CHECK(s.status == COMM_ERR_INVALID_ARG && strstr(s.detail, "overrun"), "overrun: %d %s",
 	      s.status, s.detail);
+	bad[1].send_off = 2; /* a float32 off its 4-byte boundary: the kernel would fault */
+	s = op_run(wk, next_op++, T(ALLREDUCE), COMM_FLOAT32, COMM_SUM, 0, 16, 2, 2, bad);
+	CHECK(s.status == COMM_ERR_INVALID_ARG && strstr(s.detail, "element size"),
+	      "misaligned float32: %d %s", s.status, s.detail);
+	/* a send's second entry carries the receiver's event only, never a buffer */
+	s = op_run(wk, next_op++, T(SEND), COMM_UINT8, 0, 0, 16, 2, 2, bad);
+	CHECK(s.status == COMM_ERR_INVALID_ARG && strstr(s.detail, "event"),
+	      "a send naming two buffers: %d %s", s.status, s.detail);
 	s = op_run(wk, next_op++, T(ALLREDUCE), COMM_FLOAT32, COMM_SUM, 0, 16, 2, 3, bad);
 	CHECK(s.status == COMM_ERR_INVALID_ARG, "n beyond the packet: %d %s", s.status, s.detail);
 	s = op_run(wk, next_op++, T(BROADCAST), COMM_FLOAT32, COMM_SUM, 2, 16, 2, 2, bad);
