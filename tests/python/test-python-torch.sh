@@ -46,6 +46,9 @@ for _ in $(seq 100); do
 	[ "$(grep -ac ': freed (' "$dir/commd.log")" -ge $((freed + 2)) ] && break
 	sleep 0.1
 done
+if [ "$(grep -ac ': freed (' "$dir/commd.log")" -lt $((freed + 2)) ]; then
+	echo "FAIL: the torch scripts' jobs were not freed within 10 s"; cat "$dir/commd.log"; exit 1
+fi
 if grep -a 'failed: ' "$dir/commd.log"; then
 	echo "FAIL: a torch script's job failed at its end"; cat "$dir/commd.log"; exit 1
 fi
