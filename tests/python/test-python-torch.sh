@@ -4,7 +4,8 @@
 # (the collectives, every reduction, lists, all_to_all, send/recv, barrier,
 # async ops and an averaged gradient, each checked exactly) against a real
 # commd, then 2-rank scripts that end after destroy_process_group() or
-# without it, whose jobs must end cleanly, and the checks again on CUDA
+# without it, whose jobs must end cleanly, one whose irecv is never matched,
+# which must still exit within a bound, and the checks again on CUDA
 # tensors where torch sees a GPU. Skips without a
 # python3 that has torch.
 set -u
@@ -53,6 +54,47 @@ if grep -a 'failed: ' "$dir/commd.log"; then
 	echo "FAIL: a torch script's job failed at its end"; cat "$dir/commd.log"; exit 1
 fi
 echo "ok: scripts that end after destroy_process_group() and without it leave cleanly"
+
+# A script that ends with an op never matched (rank 0's irecv; rank 1 stays
+# in the job) still exits once the backend's exit wait is over, through
+# the real atexit hooks, not at the op's deadline (torch's 30 minutes).
+cat >"$dir/hangs.py" <<'PY'
+import os, sys, time, torch, torch.distributed as dist, commd.backend
+rank, n = int(os.environ["COMM_RANK"]), int(os.environ["COMM_WORLD_SIZE"])
+dist.init_process_group("commd", init_method=f"file://{sys.argv[1]}", rank=rank, world_size=n)
+commd.backend._EXIT_WAIT_S = 2
+mark = f"{sys.argv[1]}.rank0"
+if rank == 0:
+    dist.irecv(torch.zeros(1), src=1)
+    with open(mark + ".tmp", "w") as f:
+        f.write(f"{os.getpid()} {time.monotonic()}")
+    os.rename(mark + ".tmp", mark)
+    sys.exit(0)
+while not os.path.exists(mark):
+    time.sleep(0.05)
+pid, end = open(mark).read().split()
+while time.monotonic() - float(end) < 60:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            if f.read().rsplit(")", 1)[1].split()[0] == "Z":
+                break
+    except FileNotFoundError:
+        break
+    time.sleep(0.1)
+print(f"rank 0 exited {time.monotonic() - float(end):.1f} s after its script", flush=True)
+os._exit(0)  # the job failed with rank 0's connection: nothing to leave
+PY
+timeout 120 "$COMMRUN" -n 2 --socket "$sock" --timeout 30000 \
+	"$py" "$dir/hangs.py" "$dir/store-hangs" >"$dir/out-hangs" 2>&1
+s=$(sed -n 's/^rank 0 exited \([0-9]*\)\.[0-9] s after its script$/\1/p' "$dir/out-hangs")
+if [ -z "$s" ] || [ "$s" -ge 12 ]; then
+	echo "FAIL: a script with an unmatched irecv did not exit within 12 s"
+	cat "$dir/out-hangs"; exit 1
+fi
+grep -q 'ops still running after 2 s at exit' "$dir/out-hangs" ||
+	{ echo "FAIL: no warning of the ops left at exit"; cat "$dir/out-hangs"; exit 1; }
+echo "ok: a script ending with an unmatched irecv exits $s s after its end (its wait: 2 s)"
+
 # The same checks on CUDA tensors where torch sees a GPU.
 if "$py" -c 'import sys, torch; sys.exit(not torch.cuda.is_available())' 2>/dev/null; then
 	COMMD_TEST_DEVICE=cuda timeout 300 "$COMMRUN" -n 4 --socket "$sock" --timeout 30000 \

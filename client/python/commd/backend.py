@@ -134,9 +134,11 @@ class _Completer:
         it (a finalizer the collector runs)."""
         self._q.put(_CLOSE)
 
-    def join(self):
-        """Wait for the thread to end (after close() or stop())."""
-        self._t.join()
+    def join(self, timeout=None):
+        """Wait for the thread to end (after close() or stop()), at most
+        timeout seconds (None: without limit); whether it ended."""
+        self._t.join(timeout)
+        return not self._t.is_alive()
 
     def work(self, works, result, after=None):
         """The Work torch gets for commd's Works (None: done already) that
@@ -400,12 +402,19 @@ _world = None  # (commd's Comm, the world ProcessGroup's _Completer) made by _ma
 _world_lock = threading.Lock()
 
 
-def _leave_world(by=None, block=True):
+_EXIT_WAIT_S = 10  # how long the exit waits for the world's ops still queued
+
+
+def _leave_world(by=None, block=True, wait=None):
     """The world's ProcessGroup was destroyed, or the process ends: once
     its thread has seen its queued ops through, finalize the communicator
     _make had commd.init make, unless it is gone already (commd.finalize()
     or abort() of the user). by: that thread itself, which cannot wait for
-    itself; block=False: return at once when another thread is leaving."""
+    itself; block=False: return at once when another thread is leaving;
+    wait: at most so many seconds for the ops (None: without limit), after
+    which the thread is stopped and the job is not left: an op still
+    running (a recv never matched) would keep finalize waiting as well, so
+    the connection closes with the process instead."""
     global _world
     if not _world_lock.acquire(blocking=block):
         return
@@ -416,7 +425,12 @@ def _leave_world(by=None, block=True):
         _world = None
         if by is None:
             completer.close()
-            completer.join()
+            if not completer.join(wait):
+                completer.stop()
+                warnings.warn(f"commd backend: ops still running after {wait} s at exit; "
+                              "the job is not left cleanly, its connection closes with the "
+                              "process", RuntimeWarning)
+                return
         try:
             commd._leave_for_backend(comm)
         except commd.CommError as e:
@@ -429,8 +443,9 @@ def _leave_world(by=None, block=True):
 def _leave_at_exit():
     # registered after _stop_completers, so run before it: the world's
     # thread sees its ops through, then the job is left cleanly (not a
-    # connection closed under commd, which fails the job)
-    _leave_world()
+    # connection closed under commd, which fails the job); an op that does
+    # not end within _EXIT_WAIT_S is left as _stop_completers leaves it
+    _leave_world(wait=_EXIT_WAIT_S)
 
 
 def _make(store, rank, size, timeout):
