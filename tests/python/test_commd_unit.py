@@ -510,6 +510,72 @@ class TestLifecycle(unittest.TestCase):
             want += [f"{end} 16.0 9 [4.0, 4.0]"] * (2 if torch is not None else 1)
         self.assertEqual(out.splitlines(), want + ["[4.0, 4.0]"])
 
+    def test_alias_cap(self):
+        # one mapping (a VMA) per array, at most ALIAS_CAP of them: 66000
+        # arrays once ran out of vm.max_map_count, and then no thread could
+        # start; the arrays past it are libcomm's blocks themselves, which
+        # work but do not outlive finalize() (its RuntimeWarning counts them)
+        code = ("import warnings, commd\n"
+                "from commd import _comm\n"
+                "cap = getattr(_comm, 'ALIAS_CAP', 4096)\n"
+                f"commd.init(job='{JOB}-cap-{rank()}', rank=0, world_size=1)\n"
+                "def vmas():\n"
+                "    with open('/proc/self/maps') as f:\n"
+                "        return len(f.readlines())\n"
+                "before = vmas()\n"
+                "zs = [commd.zeros(4, 'float32') for _ in range(2 * cap)]\n"
+                "print('bounded', vmas() - before < cap * 3 // 2)\n"
+                "print('aliased', sum(_comm.libcomm_ptr(z.ctypes.data) != z.ctypes.data "
+                "for z in zs) == cap)\n"
+                "keep, late = zs[:10], zs[-3:]\n"
+                "for z in keep + late:\n"
+                "    z += 2; commd.all_reduce(z)\n"
+                "del zs, z\n"
+                "z = commd.zeros(4, 'float32')\n"
+                "print('again', _comm.libcomm_ptr(z.ctypes.data) != z.ctypes.data)\n"
+                "print([float(z.sum()) for z in late])\n"
+                "del z\n"
+                "with warnings.catch_warnings(record=True) as ws:\n"
+                "    warnings.simplefilter('always')\n"
+                "    commd.finalize()\n"
+                "print([str(w.message).split(' from ')[0] for w in ws])\n"
+                "print(sum(float(k.sum()) for k in keep))\n")
+        rc, out, err = child(code)
+        self.assertEqual(rc, 0, err)
+        self.assertEqual(out.splitlines(), [
+            "bounded True", "aliased True", "again True", "[8.0, 8.0, 8.0]",
+            "['finalize: 3 arrays']", "80.0"])
+
+    def test_alias_table_two_comms(self):
+        # two communicators' blocks made and let go in two threads: no
+        # entry of the shared table lost (it was changed under each
+        # communicator's own lock)
+        code = ("import ctypes, sys, threading, commd\n"
+                "from commd import _comm\n"
+                "sys.setswitchinterval(1e-6)\n"
+                f"commd.init(job='{JOB}-table-{rank()}', rank=0, world_size=1)\n"
+                "comms = [_comm.current, commd.new_group([0])._comm]\n"
+                "most = min(1000, getattr(_comm, 'ALIAS_CAP', 4096) // 4)\n"
+                "seen, lost = set(), []\n"
+                "def churn(c):\n"
+                "    live = []\n"
+                "    for k in range(15000):\n"
+                "        live.append(c.alloc('empty', 64))\n"
+                "        a = ctypes.addressof(live[-1])\n"
+                "        seen.add(a)\n"
+                "        if _comm.libcomm_ptr(a) == a:\n"
+                "            lost.append(a)\n"
+                "        if len(live) > most:\n"
+                "            del live[:most // 2 + 1]\n"
+                "ts = [threading.Thread(target=churn, args=(c,)) for c in comms]\n"
+                "for t in ts: t.start()\n"
+                "for t in ts: t.join()\n"
+                "commd.finalize()\n"
+                "print(len(seen) > 100, len(lost), sum(_comm.libcomm_ptr(a) != a for a in seen))\n")
+        rc, out, err = child(code)
+        self.assertEqual(rc, 0, err)
+        self.assertEqual(out, "True 0 0\n")
+
     def test_abort(self):
         code = ("import numpy as np, commd\n"
                 f"commd.init(job='{JOB}-abort-{rank()}', rank=0, world_size=1)\n"

@@ -5,7 +5,8 @@ ops in flight as Work objects and the blocks of comm_mem_alloc in use.
 An array from empty()/zeros() does not point into libcomm's mapping of its
 block but into a second mapping of the same pages (mremap with old size 0:
 shared memory, so commd still reads and writes it in place), and ops are
-given the block's own address (libcomm_ptr). comm_finalize and comm_abort
+given the block's own address (libcomm_ptr); ALIAS_CAP arrays at most, past
+which an array is libcomm's block itself. comm_finalize and comm_abort
 unmap libcomm's segments; the second mapping is the module's, so the
 arrays still alive then stay valid: finalize turns each into private memory
 holding its values, unmapped once the array is gone.
@@ -35,47 +36,81 @@ _MAP_FIXED = 0x10
 _MAP_FAILED = ctypes.c_void_p(-1).value
 _PAGE = mmap.PAGESIZE
 
-# The arrays' mappings now in use: their starts, sorted, and beside each
-# (end, what to add to reach libcomm's address). Replaced whole, never
-# changed in place, so that libcomm_ptr reads it without a lock.
-_aliases = ((), ())
+
+def _alias_cap():
+    """How many arrays may have a mapping of their own: each is a VMA that
+    never merges with another, and a process past vm.max_map_count can no
+    longer map anything (a thread's stack included)."""
+    try:
+        with open("/proc/sys/vm/max_map_count") as f:
+            most = int(f.read())
+    except (OSError, ValueError):
+        most = 65530
+    return max(0, min(4096, most // 16))
+
+
+ALIAS_CAP = _alias_cap()
+
+# The arrays' mappings now in use: their starts, sorted, and for each start
+# (end, what to add to reach libcomm's address). Changed in place, one
+# entry at a time, under _alias_lock, which libcomm_ptr takes too. A
+# reentrant lock: a collection in the middle of a change may drop another
+# entry (an array's finalizer), and each step below is one call, so never
+# sees a half-made change.
+_alias_starts = []
+_alias_spans = {}
+_alias_lock = threading.RLock()
 
 
 def libcomm_ptr(ptr):
     """The address libcomm knows for ptr: ptr itself, unless it lies in an
     array of empty()/zeros(), whose block libcomm mapped elsewhere."""
-    starts, ends = _aliases
-    k = bisect.bisect_right(starts, ptr) - 1
-    if k >= 0 and ptr < ends[k][0]:
-        return ptr + ends[k][1]
+    if not _alias_starts:
+        return ptr
+    with _alias_lock:
+        k = bisect.bisect_right(_alias_starts, ptr) - 1
+        if k >= 0:
+            end, delta = _alias_spans[_alias_starts[k]]
+            if ptr < end:
+                return ptr + delta
     return ptr
 
 
 def _alias_add(start, end, delta):
-    global _aliases
-    starts, ends = _aliases
-    k = bisect.bisect_right(starts, start)
-    _aliases = (starts[:k] + (start,) + starts[k:], ends[:k] + ((end, delta),) + ends[k:])
+    """Map start..end to libcomm's block; False, adding nothing, once
+    ALIAS_CAP arrays have a mapping."""
+    span = (end, delta)
+    with _alias_lock:
+        if len(_alias_starts) >= ALIAS_CAP:
+            return False
+        _alias_spans[start] = span
+        bisect.insort(_alias_starts, start)
+    return True
 
 
 def _alias_drop(start):
-    global _aliases
-    starts, ends = _aliases
-    k = bisect.bisect_left(starts, start)
-    if k < len(starts) and starts[k] == start:
-        _aliases = (starts[:k] + starts[k + 1:], ends[:k] + ends[k + 1:])
+    """Forget the mapping at start; libcomm_ptr no longer leads from it."""
+    with _alias_lock:
+        if _alias_spans.pop(start, None) is not None:
+            _alias_starts.remove(start)
 
 
 def _map_again(ptr, nbytes):
-    """A second mapping of the pages of libcomm's block at ptr: (the
-    block's address there, (page start, length)), or (ptr, None) where the
-    kernel refuses."""
+    """A second mapping of the pages of libcomm's block at ptr, entered in
+    the table: (the block's address there, (page start, length)), or (ptr,
+    None) where the kernel refuses or ALIAS_CAP arrays have one already."""
+    if len(_alias_starts) >= ALIAS_CAP:
+        return ptr, None
     lo = ptr - ptr % _PAGE
     length = -(-(ptr + nbytes - lo) // _PAGE) * _PAGE
     p = _libc.mremap(lo, 0, length, _MREMAP_MAYMOVE)
     if p is None or p == _MAP_FAILED:
         return ptr, None
-    return p + (ptr - lo), (p, length)
+    addr = p + (ptr - lo)
+    if not _alias_add(addr, addr + nbytes, ptr - addr):
+        _libc.munmap(p, length)
+        return ptr, None
+    return addr, (p, length)
 
 
 def _make_private(pages):
@@ -92,6 +127,7 @@ def _make_private(pages):
 
 def _unmap(pages):
     _libc.munmap(*pages)
+
 
 current = None  # the Comm that init() made, None outside init() .. finalize()
 groups = []  # the Groups made since, not yet destroyed
@@ -278,7 +314,8 @@ class Comm:
     def alloc(self, op, nbytes):
         """A ctypes array over nbytes from comm_mem_alloc, given back to
         libcomm once the array is gone. It lies in the module's own mapping
-        of the block when the kernel allows (see above)."""
+        of the block when the kernel allows, for ALIAS_CAP arrays at most
+        (see above)."""
         with self.lock:
             self._drain()
             ptr = lib.comm_mem_alloc(self.handle, nbytes)
@@ -289,8 +326,6 @@ class Comm:
             try:
                 addr, pages = _map_again(ptr, nbytes)
                 raw = (ctypes.c_ubyte * nbytes).from_address(addr)
-                if pages:
-                    _alias_add(addr, addr + nbytes, ptr - addr)
                 self.blocks[addr] = weakref.finalize(raw, self._let_go, addr, ptr, pages)
             finally:
                 self.editing -= 1
