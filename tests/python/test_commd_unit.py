@@ -546,6 +546,38 @@ class TestLifecycle(unittest.TestCase):
             "bounded True", "aliased True", "again True", "[8.0, 8.0, 8.0]",
             "['finalize: 3 arrays']", "80.0"])
 
+    def test_arrays_let_go_during_finalize(self):
+        # an array whose last reference goes while finalize() detaches the
+        # blocks, in another thread (which finds the lock held) or in this
+        # one (a collection), once leaked its mapping and so the segment's
+        # memfd, or broke the loop over the blocks
+        code = ("import gc, threading, commd\n"
+                "from commd import _comm\n"
+                "class Hook:\n"
+                "    def __init__(self, fin, then):\n"
+                "        self.fin, self.then = fin, then\n"
+                "    def detach(self):\n"
+                "        self.then()\n"
+                "        return self.fin.detach()\n"
+                "def in_a_thread():\n"
+                "    t = threading.Thread(target=held.pop); t.start(); t.join()\n"
+                "for how, then in (('thread', in_a_thread), ('here', lambda: held.pop())):\n"
+                f"    commd.init(job='{JOB}-letgo-' + how + '-{rank()}', rank=0, world_size=1)\n"
+                "    kept = commd.zeros(4, 'float32'); kept += 1\n"
+                "    held = [commd.zeros(4, 'float32') for _ in range(2)]\n"
+                "    c = _comm.current\n"
+                "    first = next(iter(c.blocks))\n"
+                "    c.blocks[first] = Hook(c.blocks[first], then)\n"
+                "    commd.finalize()\n"
+                "    print(how, len(held), float(kept.sum()))\n"
+                "    del kept, held, c; gc.collect()\n"
+                "    with open('/proc/self/maps') as f:\n"
+                "        print(how, 'segments mapped', f.read().count('comm-segment'))\n")
+        rc, out, err = child(code)
+        self.assertEqual(rc, 0, err)
+        self.assertEqual(out.splitlines(), [
+            "thread 1 4.0", "thread segments mapped 0", "here 1 4.0", "here segments mapped 0"])
+
     def test_alias_table_two_comms(self):
         # two communicators' blocks made and let go in two threads: no
         # entry of the shared table lost (it was changed under each

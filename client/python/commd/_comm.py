@@ -270,6 +270,7 @@ class Comm:
         self.blocks = {}  # address -> weakref.finalize of a comm_mem_alloc block
         self.freed = []  # blocks let go while another thread held the lock
         self.editing = 0  # in alloc or _free: a block let go meanwhile waits
+        self.closed = False  # finalize or abort has begun: blocks go with the comm
         self.cuda_checked = False
 
     def error(self, op, rc):
@@ -334,14 +335,17 @@ class Comm:
     def _let_go(self, addr, ptr, pages):
         # runs wherever the last reference went, maybe in a thread that
         # another one's blocking call keeps from the lock, or in this one
-        # amid alloc's changes (a collection): then later
-        if self.editing or not self.lock.acquire(blocking=False):
-            self.freed.append((addr, ptr, pages))
-            return
-        try:
-            self._free(addr, ptr, pages)
-        finally:
-            self.lock.release()
+        # amid alloc's changes (a collection): then later. Once finalize or
+        # abort has begun (closed, set before it reads freed: either it sees
+        # this block or this sees closed) only our mapping is left to undo.
+        self.freed.append((addr, ptr, pages))
+        if self.closed:
+            self._unmap_freed()
+        elif not self.editing and self.lock.acquire(blocking=False):
+            try:
+                self._drain()
+            finally:
+                self.lock.release()
 
     def _free(self, addr, ptr, pages):
         self.editing += 1
@@ -359,16 +363,30 @@ class Comm:
         while self.freed:
             self._free(*self.freed.pop())
 
+    def _unmap_freed(self):
+        """The blocks let go once the comm is closing: libcomm frees them
+        with it; our mappings go here. Any thread, lock or not: each entry
+        is popped by one."""
+        while True:
+            try:
+                addr, _, pages = self.freed.pop()
+            except IndexError:
+                return
+            if pages:
+                _alias_drop(addr)
+                _unmap(pages)
+
     def _forget_blocks(self, op):
         """Before comm_finalize or comm_abort, which release the blocks with
         the comm: never free them after. The arrays still alive in our own
         mappings, with what keeps them; those without one get a warning."""
-        self._drain()
+        self.closed = True
+        self._unmap_freed()
         kept, lost = [], 0
-        for fin in self.blocks.values():
+        for fin in list(self.blocks.values()):
             got = fin.detach()
             if got is None:
-                continue
+                continue  # let go meanwhile: _let_go saw closed
             raw, _, (addr, _, pages), _ = got
             if pages:
                 _alias_drop(addr)
