@@ -608,6 +608,28 @@ class TestLifecycle(unittest.TestCase):
         self.assertEqual(rc, 0, err)
         self.assertEqual(out, "True 0 0\n")
 
+    def test_finalize_shows_no_zeros(self):
+        # finalize() turns an array's pages private in one step: a thread
+        # reading it meanwhile sees its values throughout (there was a
+        # window in which it read zeros)
+        code = ("import threading, numpy as np, commd\n"
+                f"commd.init(job='{JOB}-nozeros-{rank()}', rank=0, world_size=1)\n"
+                "big = commd.empty(64 << 20, 'uint8'); big[:] = 7\n"
+                "stop, odd, reads = False, 0, 0\n"
+                "def watch():\n"
+                "    global odd, reads\n"
+                "    while not stop:\n"
+                "        odd += int(big[-1]) != 7; reads += 1\n"
+                "t = threading.Thread(target=watch); t.start()\n"
+                "while reads < 100:\n"
+                "    pass\n"
+                "commd.finalize()\n"
+                "stop = True; t.join()\n"
+                "print(odd, int(big.min()), int(big.max()))\n")
+        rc, out, err = child(code)
+        self.assertEqual(rc, 0, err)
+        self.assertEqual(out, "0 7 7\n")
+
     def test_abort(self):
         code = ("import numpy as np, commd\n"
                 f"commd.init(job='{JOB}-abort-{rank()}', rank=0, world_size=1)\n"

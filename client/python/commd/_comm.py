@@ -26,13 +26,14 @@ from ._lib import CommError, Result, last_error, lib
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.mremap.restype = ctypes.c_void_p
-_libc.mremap.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_size_t, ctypes.c_int)
+_libc.mremap.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_size_t, ctypes.c_int,
+                         ctypes.c_void_p)
 _libc.mmap.restype = ctypes.c_void_p
 _libc.mmap.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int,
                        ctypes.c_int, ctypes.c_long)
 _libc.munmap.argtypes = (ctypes.c_void_p, ctypes.c_size_t)
 _MREMAP_MAYMOVE = 1
-_MAP_FIXED = 0x10
+_MREMAP_FIXED = 2
 _MAP_FAILED = ctypes.c_void_p(-1).value
 _PAGE = mmap.PAGESIZE
 
@@ -103,7 +104,7 @@ def _map_again(ptr, nbytes):
         return ptr, None
     lo = ptr - ptr % _PAGE
     length = -(-(ptr + nbytes - lo) // _PAGE) * _PAGE
-    p = _libc.mremap(lo, 0, length, _MREMAP_MAYMOVE)
+    p = _libc.mremap(lo, 0, length, _MREMAP_MAYMOVE, None)
     if p is None or p == _MAP_FAILED:
         return ptr, None
     addr = p + (ptr - lo)
@@ -115,14 +116,18 @@ def _map_again(ptr, nbytes):
 
 def _make_private(pages):
     """Turn our mapping pages of a segment that libcomm let go into private
-    memory holding the same bytes, so the memfd can go. Left shared (still
-    valid) if the kernel refuses."""
+    memory holding the same bytes, so the memfd can go: one copy into a new
+    anonymous mapping, moved over the old one in one step (the array never
+    reads anything else). Left shared (still valid) if the kernel refuses."""
     start, length = pages
-    keep = ctypes.create_string_buffer(ctypes.string_at(start, length), length)
-    p = _libc.mmap(start, length, mmap.PROT_READ | mmap.PROT_WRITE,
-                   mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | _MAP_FIXED, -1, 0)
-    if p == start:
-        ctypes.memmove(start, keep, length)
+    p = _libc.mmap(None, length, mmap.PROT_READ | mmap.PROT_WRITE,
+                   mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS, -1, 0)
+    if p is None or p == _MAP_FAILED:
+        return
+    ctypes.memmove(p, start, length)
+    q = _libc.mremap(p, length, length, _MREMAP_MAYMOVE | _MREMAP_FIXED, start)
+    if q != start:
+        _libc.munmap(p, length)
 
 
 def _unmap(pages):
