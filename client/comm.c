@@ -403,28 +403,38 @@ static comm_result_t resolve_config(const comm_config_t *in, comm_config_t *out,
 	return COMM_OK;
 }
 
-static int connect_to(const char *path, char *err, size_t errlen)
+/*
+ * Connect c to commd at path: c->fd is the socket from its making on, set
+ * under live_lock, so that a fork meanwhile closes it in the child. 0, or
+ * -1 with the reason in err.
+ */
+static int connect_to(comm_t *c, const char *path, char *err, size_t errlen)
 {
 	struct sockaddr_un sa = { .sun_family = AF_UNIX };
-	int fd, rc = 0;
+	int rc = 0, e;
 
 	if (strlen(path) >= sizeof sa.sun_path) {
 		snprintf(err, errlen, "init: socket path too long: %s", path);
 		return -1;
 	}
 	strcpy(sa.sun_path, path);
-	fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+	pthread_mutex_lock(&live_lock);
+	c->fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+	pthread_mutex_unlock(&live_lock);
 	/* a Unix socket's connect interrupted (commd's backlog full) left it unconnected */
-	while (fd >= 0 && (rc = connect(fd, (struct sockaddr *)&sa, sizeof sa)) < 0 &&
+	while (c->fd >= 0 && (rc = connect(c->fd, (struct sockaddr *)&sa, sizeof sa)) < 0 &&
 	       errno == EINTR)
 		;
-	if (fd < 0 || rc < 0) {
-		snprintf(err, errlen, "init: connect %s: %s", path, strerror(errno));
-		if (fd >= 0)
-			close(fd);
-		return -1;
-	}
-	return fd;
+	if (c->fd >= 0 && rc == 0)
+		return 0;
+	e = errno;
+	snprintf(err, errlen, "init: connect %s: %s", path, strerror(e));
+	pthread_mutex_lock(&live_lock);
+	if (c->fd >= 0)
+		close(c->fd);
+	c->fd = -1;
+	pthread_mutex_unlock(&live_lock);
+	return -1;
 }
 
 static void comm_free(comm_t *c)
@@ -486,8 +496,7 @@ static comm_result_t join(comm_t **out, const comm_config_t *config, uint32_t jo
 		goto out;
 	}
 	live_add(c); /* a fork while it joins leaves the child no connection either */
-	c->fd = connect_to(cfg.socket, c->last_error, sizeof c->last_error);
-	if (c->fd < 0) {
+	if (connect_to(c, cfg.socket, c->last_error, sizeof c->last_error) < 0) {
 		rc = COMM_ERR_DAEMON_UNREACHABLE;
 		goto out;
 	}

@@ -837,14 +837,14 @@ static int plan_buf(struct plan *p, int r, int out)
 		     " of %zu bytes", r, what, len, off, id, m->size);
 		return -1;
 	}
+	if (!must && need != NEED_ANY)
+		return 0;
 	/* a kernel's loads and stores must be aligned to the element: a misaligned one faults */
-	if (p->spec->reduce && off % dtype_size((int)p->op->dtype)) {
+	if (p->spec->reduce && len && off % dtype_size((int)p->op->dtype)) {
 		fail("rank %d: %s buffer: offset %" PRIu64 " is not a multiple of the element size "
 		     "(%zu)", r, what, off, dtype_size((int)p->op->dtype));
 		return -1;
 	}
-	if (!must && need != NEED_ANY)
-		return 0;
 	if (m->dev < 0 && p->op->type != T(SEND)) {
 		fail("rank %d: %s mem %" PRIu64 " is host memory, which only a send copies", r, what, id);
 		return -1;
@@ -1018,6 +1018,8 @@ static int plan_wait_events(const struct plan *p)
 
 		if (!p->op->rank[r].has_event)
 			continue;
+		if (p->op->type == T(SEND) && r == 1)
+			home = p->out_dev[0]; /* the receiver's entry: its buffer is the output */
 		ev = event_open(p->op->rank[r].ready_event, home >= 0 ? home : first);
 		if (!ev)
 			return -1;

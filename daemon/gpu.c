@@ -901,7 +901,8 @@ static void on_worker_io(uv_poll_t *h, int status, int events)
 		if (n == 0 && w->alive) {
 			/* it is exiting: its exit status is the better reason; one that lives on is killed */
 			uv_poll_stop(&w->poll);
-			uv_timer_start(&w->grace, on_grace, GPU_EOF_GRACE_MS, 0);
+			if (!uv_is_active((uv_handle_t *)&w->grace)) /* from the first EOF on */
+				uv_timer_start(&w->grace, on_grace, GPU_EOF_GRACE_MS, 0);
 			return;
 		}
 		if (n <= 0) {

@@ -55,9 +55,10 @@ ALIAS_CAP = _alias_cap()
 # The arrays' mappings now in use: their starts, sorted, and for each start
 # (end, what to add to reach libcomm's address). Changed in place, one
 # entry at a time, under _alias_lock, which libcomm_ptr takes too. A
-# reentrant lock: a collection in the middle of a change may drop another
-# entry (an array's finalizer), and each step below is one call, so never
-# sees a half-made change.
+# reentrant lock: a collection in the middle of a change, or between two
+# steps of libcomm_ptr (on this thread: Python 3.12 collects at any check),
+# may drop another entry through an array's finalizer; so each change is
+# one call, and libcomm_ptr checks that the entry it found is still ptr's.
 _alias_starts = []
 _alias_spans = {}
 _alias_lock = threading.RLock()
@@ -69,12 +70,18 @@ def libcomm_ptr(ptr):
     if not _alias_starts:
         return ptr
     with _alias_lock:
-        k = bisect.bisect_right(_alias_starts, ptr) - 1
-        if k >= 0:
-            end, delta = _alias_spans[_alias_starts[k]]
-            if ptr < end:
-                return ptr + delta
-    return ptr
+        while True:
+            k = bisect.bisect_right(_alias_starts, ptr) - 1
+            if k < 0:
+                return ptr
+            try:
+                start = _alias_starts[k]
+            except IndexError:  # entries dropped since the bisect: look again
+                continue
+            if start > ptr:  # one below it dropped since the bisect: look again
+                continue
+            end, delta = _alias_spans.get(start, (0, 0))
+            return ptr + delta if ptr < end else ptr
 
 
 def _alias_add(start, end, delta):
