@@ -4,6 +4,7 @@
  */
 #include <errno.h>
 #include <fcntl.h>
+#include <signal.h>
 #include <stddef.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -373,4 +374,12 @@ void server_stop(void)
 	uv_close((uv_handle_t *)&srv.sig_term, NULL);
 	uv_close((uv_handle_t *)&srv.sig_int, NULL);
 	uv_close((uv_handle_t *)&srv.sig_hup, NULL);
+	/*
+	 * Closing them gave the signals their default action back: another
+	 * SIGTERM while the workers and the data plane stop would kill commd
+	 * (the status a signal's) instead of letting it exit 0.
+	 */
+	signal(SIGTERM, SIG_IGN);
+	signal(SIGINT, SIG_IGN);
+	signal(SIGHUP, SIG_IGN);
 }
