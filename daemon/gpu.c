@@ -931,20 +931,23 @@ static void on_spawn_closed(uv_handle_t *h)
 	free(h->data);
 }
 
-/* Whether errno e (negative: a libuv error) says commd is out of fds, memory or processes. */
+/*
+ * Whether errno e says commd is out of fds, memory or processes; a libuv
+ * error is the negative errno (UV_EMFILE is -EMFILE on Unix).
+ */
 static int out_of_resources(int e)
 {
-	return e == EMFILE || e == ENFILE || e == ENOMEM || e == ENOBUFS || e == EAGAIN ||
-	       e == UV_EMFILE || e == UV_ENFILE || e == UV_ENOMEM || e == UV_ENOBUFS ||
-	       e == UV_EAGAIN;
+	e = e < 0 ? -e : e;
+	return e == EMFILE || e == ENFILE || e == ENOMEM || e == ENOBUFS || e == EAGAIN;
 }
 
-/* What a worker that cannot start for e tells the rank, beside the reason. */
+/* What a worker that cannot start for e (an errno, or a libuv error) tells the rank, beside the reason. */
 static const char *start_hint(int e)
 {
-	if (e == EMFILE || e == UV_EMFILE)
+	e = e < 0 ? -e : e;
+	if (e == EMFILE)
 		return " (commd is out of file descriptors: see its open files limit)";
-	if (e == ENFILE || e == UV_ENFILE)
+	if (e == ENFILE)
 		return " (the system is out of file descriptors)";
 	return "";
 }

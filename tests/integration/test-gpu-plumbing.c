@@ -745,6 +745,28 @@ static void test_last_rank_gone(void)
 }
 
 /* SIGTERM while a worker hangs in an op: commd answers the op and exits 0. */
+/* A commd with a mode-mode fake worker, and k a rank of job with 4096 bytes of device memory: its id. */
+static uint64_t dev_rank(struct rank *k, const char *mode, const char *job)
+{
+	uint64_t a = 0;
+
+	start(mode, 1);
+	open_rank(k, job, PROTO_VERSION, 0);
+	REQUIRE(reg_dev(k, COMMPB__MEM_KIND__MEM_CUDA_IPC, 64, -1, 4096, &a, NULL, 0) == COMM_OK,
+		"registration");
+	return a;
+}
+
+/* commd's wait status once it ended, looked for every 50 ms, polls times at most; -1 if not. */
+static int commd_end(int polls)
+{
+	int st = -1;
+
+	for (int i = 0; i < polls && waitpid(d.pid, &st, WNOHANG) == 0; i++)
+		usleep(50 * 1000);
+	return st;
+}
+
 /*
  * commd stopping waits (up to 5 s) for a worker that does not heed EOF;
  * SIGTERM, SIGINT and SIGHUP sent then are one too many, not a kill: commd
@@ -754,13 +776,9 @@ static void test_last_rank_gone(void)
 static void test_signal_while_stopping(void)
 {
 	struct rank k;
-	uint64_t a = 0;
-	int st = -1;
+	int st;
 
-	start("rogue", 1);
-	open_rank(&k, "deaf", PROTO_VERSION, 0);
-	REQUIRE(reg_dev(&k, COMMPB__MEM_KIND__MEM_CUDA_IPC, 64, -1, 4096, &a, NULL, 0) == COMM_OK,
-		"registration");
+	dev_rank(&k, "rogue", "deaf");
 	kill(d.pid, SIGTERM);
 	for (int i = 0; i < 100 && !logged("rogue: deaf at eof"); i++)
 		usleep(20 * 1000);
@@ -768,8 +786,7 @@ static void test_signal_while_stopping(void)
 	kill(d.pid, SIGTERM);
 	kill(d.pid, SIGINT);
 	kill(d.pid, SIGHUP);
-	for (int i = 0; i < 300 && waitpid(d.pid, &st, WNOHANG) == 0; i++)
-		usleep(50 * 1000);
+	st = commd_end(300);
 	CHECK(WIFEXITED(st) && WEXITSTATUS(st) == 0,
 	      "signals while commd waited for a deaf worker: status %#x", st);
 	printf("%s: SIGTERM, SIGINT and SIGHUP while commd stops: it still exits 0\n",
@@ -785,14 +802,9 @@ static void test_shutdown_hung(void)
 	Commpb__BufRef s = COMMPB__BUF_REF__INIT;
 	struct timespec t0;
 	struct rank k;
-	uint64_t a = 0;
-	int st = -1;
+	int st;
 
-	start("hang", 1);
-	open_rank(&k, "dev", PROTO_VERSION, 0);
-	REQUIRE(reg_dev(&k, COMMPB__MEM_KIND__MEM_CUDA_IPC, 64, -1, 4096, &a, NULL, 0) == COMM_OK,
-		"registration");
-	s.mem_id = a;
+	s.mem_id = dev_rank(&k, "hang", "dev");
 	op.seq = 1;
 	op.type = COMMPB__OP_TYPE__OP_ALLREDUCE;
 	op.send = &s;
@@ -812,8 +824,7 @@ static void test_shutdown_hung(void)
 		      "the hung op was not failed at shutdown");
 		commpb__envelope__free_unpacked(reply, NULL);
 	}
-	for (int i = 0; i < 100 && waitpid(d.pid, &st, WNOHANG) == 0; i++)
-		usleep(50 * 1000);
+	st = commd_end(100);
 	CHECK(WIFEXITED(st) && WEXITSTATUS(st) == 0, "commd with a hung worker: status %#x", st);
 	CHECK(th_secs_since(&t0) < 5, "shutdown took %.1f s", th_secs_since(&t0));
 	close_rank(&k);
