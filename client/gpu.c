@@ -6,6 +6,8 @@
  */
 #include <config.h>
 
+#include <link.h>
+#include <stdatomic.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -201,6 +203,50 @@ static int ctx_alive(struct gpu *g)
 	return 0;
 }
 
+/* What a look through the loaded objects knows: the count of loads, then and now. */
+struct driver_look {
+	unsigned long long known, now;
+	int first;
+};
+
+/* dl_iterate_phdr's step: 1 when this object is the driver, -1 when nothing new was loaded. */
+static int driver_step(struct dl_phdr_info *info, size_t size, void *arg)
+{
+	struct driver_look *l = arg;
+	const char *base;
+
+	if (l->first) {
+		l->first = 0;
+		if (size >= offsetof(struct dl_phdr_info, dlpi_subs)) {
+			l->now = info->dlpi_adds;
+			if (l->now == l->known)
+				return -1;
+		}
+	}
+	base = strrchr(info->dlpi_name, '/');
+	base = base ? base + 1 : info->dlpi_name;
+	return strncmp(base, "libcuda.so", 10) == 0;
+}
+
+/*
+ * Whether the process has the CUDA driver library loaded. The runtime loads
+ * it at the process's first CUDA call, so without it no pointer can be
+ * device memory, and asking the runtime anything (cudaGetDeviceCount) would
+ * start the driver: a process that never used CUDA could then not use it in
+ * the children it forks. A look with nothing loaded since the last one
+ * stops at the first object.
+ */
+static int driver_loaded(void)
+{
+	static _Atomic unsigned long long seen;
+	struct driver_look l = {atomic_load_explicit(&seen, memory_order_relaxed), 0, 1};
+	int r = dl_iterate_phdr(driver_step, &l);
+
+	if (r == 0 && l.now)
+		atomic_store_explicit(&seen, l.now, memory_order_relaxed);
+	return r == 1;
+}
+
 comm_result_t gpu_locate(comm_t *c, const char *op, const char *which, const void *p, int *dev)
 {
 	struct cudaPointerAttributes a;
@@ -208,6 +254,8 @@ comm_result_t gpu_locate(comm_t *c, const char *op, const char *which, const voi
 	cudaError_t e;
 
 	*dev = -1;
+	if (!g && !driver_loaded())
+		return COMM_OK;
 	if (!g && !(g = gpu_start(c)))
 		return comm_set_error(c, COMM_ERR_NO_MEMORY, "%s: out of memory", op);
 	if (!g->ready || !ctx_alive(g))

@@ -6,8 +6,16 @@
  * once, not at the deadline); comm_wait's limit holds while signals keep
  * coming; and once commd is gone a staged op fails with
  * COMM_ERR_DAEMON_UNREACHABLE (not NO_MEMORY) and so does comm_finalize,
- * whether or not libcomm had noticed before.
+ * whether or not libcomm had noticed before. In a CUDA build, a rank that
+ * never used CUDA does not load the driver library (which would start the
+ * driver, and CUDA could then not be used in the rank's fork children): the
+ * test runs itself again with a stand-in libcuda.so.1 in its library path
+ * that marks its loading.
  */
+#include <config.h>
+
+#include <dlfcn.h>
+#include <errno.h>
 #include <signal.h>
 #include <stdatomic.h>
 #include <stdio.h>
@@ -256,12 +264,96 @@ static int rank_orphaned(int r, int n, void *arg)
 	return 0;
 }
 
-int main(void)
+#ifdef HAVE_CUDA
+static char driver_dir[64]; /* the stand-in libcuda.so.1 and the file it marks */
+
+/*
+ * Run this program again with the stand-in libcuda.so.1 first in the
+ * library path. The loader reads LD_LIBRARY_PATH only at the start, so
+ * the ranks forked from the run again find the stand-in and the commd it
+ * starts, given the path as it was, does not. Returns when it is the run
+ * again; -1 when the stand-in is missing.
+ */
+static int driver_stand_in(char **argv)
+{
+	const char *top = getenv("abs_top_builddir"), *dir = getenv("TEST_CLIENT_DRIVER_DIR");
+	const char *path = getenv("LD_LIBRARY_PATH");
+	char lib[512], link[128], *paths;
+
+	if (dir) {
+		/* the loader keeps the path it started with; commd gets the old one */
+		snprintf(driver_dir, sizeof driver_dir, "%s", dir);
+		path += strlen(dir);
+		if (*path)
+			setenv("LD_LIBRARY_PATH", path + 1, 1);
+		else
+			unsetenv("LD_LIBRARY_PATH");
+		return 0;
+	}
+	if (!top)
+		return -1;
+	snprintf(lib, sizeof lib, "%s/tests/integration/.libs/fake-libcuda.so", top);
+	if (access(lib, R_OK) != 0) {
+		fprintf(stderr, "%s: %s\n", lib, strerror(errno));
+		return -1;
+	}
+	snprintf(driver_dir, sizeof driver_dir, "/tmp/test-client-XXXXXX");
+	REQUIRE(mkdtemp(driver_dir), "mkdtemp");
+	snprintf(link, sizeof link, "%s/libcuda.so.1", driver_dir);
+	REQUIRE(symlink(lib, link) == 0, "symlink %s", link);
+	REQUIRE(asprintf(&paths, "%s%s%s", driver_dir, path && *path ? ":" : "",
+			 path ? path : "") > 0, "asprintf");
+	setenv("LD_LIBRARY_PATH", paths, 1);
+	setenv("TEST_CLIENT_DRIVER_DIR", driver_dir, 1);
+	snprintf(link, sizeof link, "%s/loaded", driver_dir);
+	setenv("FAKE_LIBCUDA_MARK", link, 1);
+	execv("/proc/self/exe", argv);
+	REQUIRE(0, "execv /proc/self/exe: %s", strerror(errno));
+	return -1;
+}
+
+/*
+ * Every rank so far did staged ops on host memory only: none may have
+ * loaded the driver. Then a child that loads it makes the mark, which
+ * shows the stand-in was there to be found.
+ */
+static void driver_untouched(void)
+{
+	char mark[128], dir_link[128];
+	pid_t pid;
+	int st = -1, none;
+
+	snprintf(mark, sizeof mark, "%s/loaded", driver_dir);
+	none = access(mark, F_OK) != 0;
+	CHECK(none, "a host-only rank loaded libcuda.so.1 (%s lists its pid)", mark);
+	pid = fork();
+	if (pid == 0)
+		_exit(dlopen("libcuda.so.1", RTLD_NOW) ? 0 : 1);
+	REQUIRE(pid > 0, "fork");
+	waitpid(pid, &st, 0);
+	CHECK(WIFEXITED(st) && WEXITSTATUS(st) == 0 && access(mark, F_OK) == 0,
+	      "a child's dlopen(\"libcuda.so.1\") did not load the stand-in");
+	printf("%s: host-only ranks never load the CUDA driver library\n",
+	       none ? "ok" : "FAIL");
+	unlink(mark);
+	snprintf(dir_link, sizeof dir_link, "%s/libcuda.so.1", driver_dir);
+	unlink(dir_link);
+	rmdir(driver_dir);
+}
+#endif
+
+int main(int argc, char **argv)
 {
 	struct th_ranks rs;
 	int fds0, failed;
 
+	(void)argc;
 	setvbuf(stdout, NULL, _IOLBF, 0);
+#ifdef HAVE_CUDA
+	CHECK(driver_stand_in(argv) == 0, "no stand-in libcuda.so.1 (build it: make check)");
+#else
+	(void)argv;
+#endif
 	child_go = mmap(NULL, sizeof *child_go, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_ANONYMOUS,
 			-1, 0);
 	REQUIRE(child_go != MAP_FAILED, "mmap");
@@ -292,6 +384,10 @@ int main(void)
 	printf("%s: comm_wait(%d ms) under a 5 ms timer returns COMM_INPROGRESS in time\n",
 	       failed ? "FAIL" : "ok", WAIT_MS);
 	th_check_baseline(&d, fds0, "the fork and signal jobs");
+#ifdef HAVE_CUDA
+	if (*driver_dir)
+		driver_untouched();
+#endif
 
 	failed = th_run_ranks(&d, "client-orphaned", 1, rank_orphaned, &d.pid);
 	CHECK(failed == 0, "commd gone: the rank failed");
