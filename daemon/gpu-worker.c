@@ -95,6 +95,7 @@ static struct {
 	char no_gpu[GPU_DETAIL]; /* why nothing can be served; "" once a GPU works */
 	char err[GPU_DETAIL];    /* the current request's first failure */
 	comm_result_t err_code;  /* what err stands for (gpu-result.h) */
+	int scratch_short;       /* the current op found no memory for its scratch */
 	int ndev;
 	struct dev dev[MAX_DEVICES];
 	struct mem *mem;
@@ -374,10 +375,16 @@ static int dev_ready(int d)
 	return 0;
 }
 
-/* At least len bytes of scratch on device d, after the ops queued there (they may use the old). */
+/*
+ * At least len bytes of scratch on device d, after the ops queued there
+ * (they may use the old). Out of device memory, the op fails NO_MEMORY
+ * and the worker goes on: nothing of the op has touched an output yet,
+ * and the old scratch is freed, so a smaller op still finds room.
+ */
 static int scratch(int d, size_t len)
 {
 	struct dev *x = &w.dev[d];
+	cudaError_t e;
 	void *p = NULL;
 
 	if (len <= x->scratch_len)
@@ -389,7 +396,14 @@ static int scratch(int d, size_t len)
 		return -1;
 	x->scratch = NULL;
 	x->scratch_len = 0;
-	if (cuda_check(cudaMalloc(&p, len), "cudaMalloc (scratch)"))
+	e = cudaMalloc(&p, len);
+	if (e == cudaErrorMemoryAllocation) {
+		(void)cudaGetLastError();
+		w.scratch_short = 1;
+		fail_as(COMM_ERR_NO_MEMORY, "device %d has no room for %zu bytes of scratch", d, len);
+		return -1;
+	}
+	if (cuda_check(e, "cudaMalloc (scratch)"))
 		return -1;
 	x->scratch = p;
 	x->scratch_len = len;
@@ -1784,6 +1798,7 @@ static void on_op(const struct gpu_op *op, size_t nranks)
 	int d;
 
 	w.err[0] = '\0';
+	w.scratch_short = 0;
 	if (w.no_gpu[0]) {
 		reply(GPU_MSG_OP_DONE, op->id, COMM_ERR_UNSUPPORTED, w.no_gpu);
 		return;
@@ -1804,14 +1819,20 @@ static void on_op(const struct gpu_op *op, size_t nranks)
 		if (!op_queue(&p, d))
 			return;
 		reap(0); /* answers the ops before it first (reap keeps w.err) */
-		op_aborted(name, op->id);
+		if (!w.scratch_short)
+			op_aborted(name, op->id);
+		rc = COMM_ERR_NO_MEMORY;
 	}
 	reap(0);
-	if (rc == COMM_OK && op_run(&p))
-		op_aborted(name, op->id);
+	/* an op over nodes leaves the other workers waiting in NCCL: end, so the job fails */
+	if (rc == COMM_OK && op_run(&p)) {
+		if (!w.scratch_short || p.world)
+			op_aborted(name, op->id);
+		rc = COMM_ERR_NO_MEMORY;
+	}
 	snprintf(detail, sizeof detail, "%s %" PRIu64 ": %s", name, op->id, w.err);
 	reply(GPU_MSG_OP_DONE, op->id, rc, detail);
-	if (rc == COMM_ERR_INVALID_ARG)
+	if (rc != COMM_OK)
 		wlog("%s", detail);
 	w.ops++;
 }

@@ -744,6 +744,54 @@ static void test_gpu_requests(struct worker *wk, const char *uuid)
 		 (struct trank[]){ TR(0, 1, 1, 0, 4096), TR(3, 1, 1, 0, 4096) }, -1);
 }
 
+#define HOG_MAX 4096
+
+/*
+ * The device's memory taken away from the worker, then given back: an op
+ * whose scratch (8 MiB, more than any op before it needed) finds no room
+ * is refused NO_MEMORY and the worker goes on; with the memory back the
+ * same op runs right.
+ */
+static void test_gpu_scratch_short(struct worker *wk)
+{
+	static void *hog[HOG_MAX];
+	const size_t half = ALLOC_BYTES / 2, count = (1u << 20);
+	struct trank tr[2] = { TR(0, 1, 1, 0, half), TR(1, 1, 1, 0, half) };
+	struct gpu_op_rank ranks[2];
+	struct gpu_status s;
+	size_t free_b = 0, total = 0;
+	int nhog = 0;
+
+	/* down to less than 2 MiB free: 1 GiB pieces, then 128, 16 and 2 MiB ones */
+	for (size_t sz = (size_t)1 << 30; sz >= (2u << 20) && nhog < HOG_MAX;) {
+		if (cudaMalloc(&hog[nhog], sz) == cudaSuccess) {
+			nhog++;
+			continue;
+		}
+		(void)cudaGetLastError();
+		sz >>= 3;
+	}
+	CUDA_REQ(cudaMemGetInfo(&free_b, &total));
+	memset(ranks, 0, sizeof ranks);
+	for (int r = 0; r < 2; r++)
+		ranks[r] = (struct gpu_op_rank){ .send_mem = al[tr[r].a].id, .recv_mem = al[tr[r].a].id,
+						 .recv_off = half };
+	for (int a = 0; a < 2; a++)
+		CUDA_REQ(cudaMemcpy(al[a].before, al[a].dev, ALLOC_BYTES, cudaMemcpyDeviceToHost));
+	s = op_run(wk, next_op++, T(REDUCE_SCATTER), COMM_INT32, COMM_SUM, 0, count, 2, 2, ranks);
+	CHECK(s.status == COMM_ERR_NO_MEMORY && strstr(s.detail, "scratch"),
+	      "reduce-scatter with %zu bytes of the device free: %d %s", free_b, s.status, s.detail);
+	for (int a = 0; a < 2; a++) {
+		CUDA_REQ(cudaMemcpy(al[a].got, al[a].dev, ALLOC_BYTES, cudaMemcpyDeviceToHost));
+		CHECK(memcmp(al[a].got, al[a].before, ALLOC_BYTES) == 0,
+		      "the refused reduce-scatter changed allocation %d", a);
+	}
+	while (nhog)
+		CUDA_REQ(cudaFree(hog[--nhog]));
+	gpu_case(wk, "reduce-scatter once the memory is back", T(REDUCE_SCATTER), COMM_INT32,
+		 COMM_SUM, 0, count, 2, tr, -1);
+}
+
 #define ORPHAN_BYTES (1u << 20)
 #define ORPHAN_BYTE(i) ((uint8_t)((i) * 13 + 5))
 
@@ -933,6 +981,7 @@ static void test_gpu(const char *self)
 	gpu_setup(&wk, uuid);
 	test_gpu_ops(&wk);
 	test_gpu_requests(&wk, uuid);
+	test_gpu_scratch_short(&wk);
 	test_gpu_staging(&wk);
 	test_gpu_orphan_vmm(&wk, self, uuid);
 	rc = worker_stop(&wk);
