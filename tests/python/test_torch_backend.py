@@ -9,6 +9,7 @@ import os
 import subprocess
 import sys
 import time
+import warnings
 
 import torch
 import torch.distributed as dist
@@ -364,6 +365,41 @@ else:
     sys.stdout.write(f"rank {rank}: the destroyed world's job is still there:\n{jobs}")
     sys.exit(1)
 checks += 1
+
+# a destroyed world still held, with an op that never ends (rank 0's irecv
+# from rank 1, which stays in that job 3 s longer): init_process_group()
+# waits _DESTROYED_WAIT_S for it, then aborts that world, whose Work fails
+held = dist.group.WORLD
+commd.backend._DESTROYED_WAIT_S = 1
+if rank == 0:
+    stuck = dist.irecv(torch.zeros(2), src=1)
+if rank == 1:
+    time.sleep(3)
+dist.destroy_process_group()
+t0 = time.monotonic()
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    dist.init_process_group("commd", init_method=f"file://{sys.argv[1]}.3", rank=rank,
+                            world_size=n)
+if rank == 0:
+    said = [str(c.message) for c in caught]
+    if not any("still running after 1 s" in m and "aborted" in m for m in said):
+        sys.stdout.write(f"rank 0: no warning of the destroyed world aborted: {said}\n")
+        sys.exit(1)
+    try:
+        stuck.wait()
+    except RuntimeError as e:
+        if "aborted" not in str(e):
+            sys.stdout.write(f"rank 0: the stuck irecv failed, but not aborted: {e}\n")
+            sys.exit(1)
+    else:
+        sys.stdout.write("rank 0: the destroyed world's stuck irecv did not fail\n")
+        sys.exit(1)
+    checks += 1
+del held
+t = torch.full((2,), float(rank + 1))
+dist.all_reduce(t)
+check("all_reduce in a world made after one aborted", t, torch.full((2,), float(n * (n + 1) // 2)))
 
 # at exit the completion threads stop even while an op is outstanding (an
 # irecv rank 1 sends only after): none is left for the interpreter's end

@@ -197,6 +197,20 @@ def _leave_for_backend(c):
     return True
 
 
+def _abort_for_backend(c):
+    """The torch backend's abort() of c, the world it made, whose ops did
+    not end: False, doing nothing, when c is not the world now."""
+    with _comm.claim:
+        if _comm.current is not c:
+            return False
+        _comm.current = None
+        _comm.left_by_backend = True
+    for g in list(_comm.groups):
+        _destroy(g, _comm.Comm.abort)
+    c.abort()
+    return True
+
+
 def destroy_process_group(group=None):
     """group: finalize that group alone; None: finalize() (every group, then
     the world)."""

@@ -14,7 +14,9 @@ its thread finishes its ops and its communicator leaves the group's job.
 destroy_process_group() of the world does the same for the communicator
 init_process_group() made (commd.init's): once the world's ProcessGroup is
 let go, or at the next init_process_group() at the latest, its ops are
-seen through and commd is finalized, so init_process_group() works again;
+seen through (for at most 10 s at init_process_group(), after which the
+old communicator is aborted and its ops fail) and commd is finalized, so
+init_process_group() works again;
 a script that ends without destroy_process_group() leaves the job cleanly
 at exit. A commd.finalize() after destroy_process_group() (as before) has
 nothing left to do.
@@ -138,7 +140,10 @@ class _Completer:
         """Wait for the thread to end (after close() or stop()), at most
         timeout seconds (None: without limit); whether it ended."""
         self._t.join(timeout)
-        return not self._t.is_alive()
+        return not self.is_alive()
+
+    def is_alive(self):
+        return self._t.is_alive()
 
     def work(self, works, result, after=None):
         """The Work torch gets for commd's Works (None: done already) that
@@ -403,18 +408,20 @@ _world_lock = threading.Lock()
 
 
 _EXIT_WAIT_S = 10  # how long the exit waits for the world's ops still queued
+_DESTROYED_WAIT_S = 10  # how long init_process_group waits for a destroyed world's ops
 
 
-def _leave_world(by=None, block=True, wait=None):
+def _leave_world(by=None, block=True, wait=None, abort_late=False):
     """The world's ProcessGroup was destroyed, or the process ends: once
     its thread has seen its queued ops through, finalize the communicator
     _make had commd.init make, unless it is gone already (commd.finalize()
     or abort() of the user). by: that thread itself, which cannot wait for
     itself; block=False: return at once when another thread is leaving;
-    wait: at most so many seconds for the ops (None: without limit), after
-    which the thread is stopped and the job is not left: an op still
-    running (a recv never matched) would keep finalize waiting as well, so
-    the connection closes with the process instead."""
+    wait: at most so many seconds for the ops (None: without limit). Then
+    an op still running (a recv never matched) would keep finalize waiting
+    as well: abort_late aborts the communicator, which fails the ops, so
+    their Works raise; else (at exit) the thread is stopped and the job is
+    not left, its connection closing with the process."""
     global _world
     if not _world_lock.acquire(blocking=block):
         return
@@ -425,7 +432,14 @@ def _leave_world(by=None, block=True, wait=None):
         _world = None
         if by is None:
             completer.close()
-            if not completer.join(wait):
+            if not completer.join(wait) and abort_late:
+                commd._abort_for_backend(comm)
+                completer.join(wait)  # it fails their Works, then ends
+                warnings.warn(f"commd backend: the destroyed world's ops still running after "
+                              f"{wait} s; its communicator is aborted, they fail "
+                              "COMM_ERR_ABORTED", RuntimeWarning)
+                return
+            if completer.is_alive():
                 completer.stop()
                 warnings.warn(f"commd backend: ops still running after {wait} s at exit; "
                               "the job is not left cleanly, its connection closes with the "
@@ -459,7 +473,7 @@ def _make(store, rank, size, timeout):
         g = commd._init_group("new_group", job, token, rank, size, _timeout(timeout))
         return ProcessGroupCommd(rank, size, g)
     # a world destroyed before, whose ProcessGroup someone still holds
-    _leave_world()
+    _leave_world(wait=_DESTROYED_WAIT_S, abort_late=True)
     if commd.is_initialized():
         raise RuntimeError("commd backend: commd is initialized already (commd.init() "
                            "outside the backend); commd.finalize() before "
