@@ -18,7 +18,6 @@
  * fresh B (A1, G1), or on A alone (H2). Exits 77 without a GPU.
  */
 #include <cuda_runtime.h>
-#include <dirent.h>
 #include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -184,56 +183,6 @@ static int rank_after(int r, int n, void *arg)
 	return th_leave(c, r);
 }
 
-/* The pid of a child of parent named commd-gpu (from /proc), else 0. */
-static pid_t gpu_worker_of(pid_t parent)
-{
-	DIR *d = opendir("/proc");
-	struct dirent *e;
-	pid_t found = 0;
-
-	while (d && !found && (e = readdir(d))) {
-		char path[300], comm[32];
-		int ppid;
-		FILE *f;
-
-		if (*e->d_name < '1' || *e->d_name > '9')
-			continue;
-		snprintf(path, sizeof path, "/proc/%s/stat", e->d_name);
-		if (!(f = fopen(path, "r")))
-			continue;
-		/* pid (comm) state ppid: commd-gpu has no space or ')' in it */
-		if (fscanf(f, "%*d (%31[^)]) %*c %d", comm, &ppid) == 2 && ppid == parent &&
-		    strcmp(comm, "commd-gpu") == 0)
-			found = (pid_t)atoi(e->d_name);
-		fclose(f);
-	}
-	if (d)
-		closedir(d);
-	return found;
-}
-
-/* Whether process pid is gone (or a zombie) within limit_ms. */
-static int gone_within(pid_t pid, long limit_ms)
-{
-	long end = mono_ms() + limit_ms;
-
-	do {
-		char path[64], state = 0;
-		FILE *f;
-
-		snprintf(path, sizeof path, "/proc/%d/stat", (int)pid);
-		if (!(f = fopen(path, "r")))
-			return 1;
-		if (fscanf(f, "%*d (%*[^)]) %c", &state) != 1)
-			state = 0;
-		fclose(f);
-		if (state == 'Z')
-			return 1;
-		usleep(20000);
-	} while (mono_ms() < end);
-	return 0;
-}
-
 /* Start daemon d ('A' or 'B'), an NCCL host of its own. */
 static int start(struct th_daemon *d, char name)
 {
@@ -283,7 +232,7 @@ static void test_fault(enum fault f, int b1, int fds0)
 	} else if (f == B_STOPPED) {
 		b_rc = th_daemon_stop(&db);
 	} else {
-		worker = gpu_worker_of(db.pid);
+		th_children(db.pid, "commd-gpu", &worker);
 		kill(db.pid, SIGKILL);
 		waitpid(db.pid, NULL, 0);
 		th_daemon_cleanup(&db);
@@ -292,7 +241,7 @@ static void test_fault(enum fault f, int b1, int fds0)
 		CHECK(worker > 0, "%s: it had no commd-gpu child in the middle of an all-reduce",
 		      what[f]);
 		if (worker > 0) {
-			int gone = gone_within(worker, FAULT_LIMIT_MS);
+			int gone = th_gone_within(worker, FAULT_LIMIT_MS);
 
 			CHECK(gone, "%s: its GPU worker %d outlived it by %d ms", what[f], (int)worker,
 			      FAULT_LIMIT_MS);

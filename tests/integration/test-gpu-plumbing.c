@@ -646,30 +646,10 @@ static void test_ring_device(void)
 	CHECK(th_daemon_stop(&d) == 0, "daemon stop");
 }
 
-/* Live fake workers commd started (children of its pid, not yet reaped). */
+/* Live fake workers commd started. */
 static int workers_alive(void)
 {
-	DIR *dp = opendir("/proc");
-	struct dirent *e;
-	int n = 0;
-
-	REQUIRE(dp, "opendir /proc");
-	while ((e = readdir(dp))) {
-		char path[300], line[512], *q, state;
-		int ppid;
-		FILE *f;
-
-		snprintf(path, sizeof path, "/proc/%s/stat", e->d_name);
-		if (!(f = fopen(path, "r")))
-			continue;
-		if (fgets(line, sizeof line, f) && strstr(line, "(fake-gpu-work") &&
-		    (q = strrchr(line, ')')) && sscanf(q + 2, "%c %d", &state, &ppid) == 2 &&
-		    ppid == d.pid && state != 'Z')
-			n++;
-		fclose(f);
-	}
-	closedir(dp);
-	return n;
+	return th_children(d.pid, "fake-gpu-worker", NULL);
 }
 
 /* Wait (up to 5 s) until commd has no live worker: 1 when so. */

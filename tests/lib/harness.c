@@ -485,6 +485,70 @@ int th_count_memfd_maps(pid_t pid)
 	return n;
 }
 
+/* From /proc/PID/stat: the state and parent of process pid; -1 when it is gone. */
+static int proc_stat(const char *pid, char *comm, size_t len, char *state, int *ppid)
+{
+	char path[300], line[512], *open_paren, *close_paren;
+	FILE *f;
+	int ok;
+
+	snprintf(path, sizeof path, "/proc/%s/stat", pid);
+	if (!(f = fopen(path, "r")))
+		return -1;
+	ok = fgets(line, sizeof line, f) != NULL;
+	fclose(f);
+	/* "pid (comm) state ppid ...": comm may hold spaces and ')' */
+	if (!ok || !(open_paren = strchr(line, '(')) || !(close_paren = strrchr(line, ')')) ||
+	    sscanf(close_paren + 1, " %c %d", state, ppid) != 2)
+		return -1;
+	*close_paren = '\0';
+	snprintf(comm, len, "%s", open_paren + 1);
+	return 0;
+}
+
+int th_children(pid_t parent, const char *name, pid_t *first)
+{
+	DIR *dp = opendir("/proc");
+	struct dirent *e;
+	int n = 0;
+
+	if (first)
+		*first = 0;
+	while (dp && (e = readdir(dp))) {
+		char comm[64], state;
+		int ppid;
+
+		if (*e->d_name < '1' || *e->d_name > '9' ||
+		    proc_stat(e->d_name, comm, sizeof comm, &state, &ppid) < 0 || ppid != parent ||
+		    state == 'Z' || strncmp(comm, name, strlen(name)) != 0)
+			continue;
+		if (first && !*first)
+			*first = (pid_t)atoi(e->d_name);
+		n++;
+	}
+	if (dp)
+		closedir(dp);
+	return n;
+}
+
+int th_gone_within(pid_t pid, long limit_ms)
+{
+	struct timespec t0;
+	char id[16];
+
+	clock_gettime(CLOCK_MONOTONIC, &t0);
+	snprintf(id, sizeof id, "%d", (int)pid);
+	do {
+		char comm[64], state;
+		int ppid;
+
+		if (proc_stat(id, comm, sizeof comm, &state, &ppid) < 0 || state == 'Z')
+			return 1;
+		usleep(20000);
+	} while (th_secs_since(&t0) * 1000 < limit_ms);
+	return 0;
+}
+
 void th_check_baseline(const struct th_daemon *d, int fds0, const char *after)
 {
 	int fds = -1, maps = -1;

@@ -102,6 +102,14 @@ int th_count_fds(pid_t pid);
 /* Count the shared memfd mappings of a process (from /proc/PID/maps). */
 int th_count_memfd_maps(pid_t pid);
 /*
+ * The live (not zombie) children of parent whose name (/proc's comm, 15
+ * bytes at most) starts with name; *first (when not NULL) gets one of
+ * them, 0 when none.
+ */
+int th_children(pid_t parent, const char *name, pid_t *first);
+/* Whether process pid is gone, or a zombie, within limit_ms. */
+int th_gone_within(pid_t pid, long limit_ms);
+/*
  * CHECK that the daemon is back (within 3 s) to at most fds0 open fds and no
  * memfd mapped, after the part of the test named by after.
  */
