@@ -538,6 +538,7 @@ struct mem {
 	uint64_t id;
 	uint8_t *addr;         /* host memory: commd's mapping; device memory: NULL */
 	size_t size;
+	size_t map_len;        /* host memory: the bytes mapped, size in whole pages of the file's */
 	int refs;              /* the owning connection holds one; each op one */
 	struct job *job;       /* charged to this job, or NULL */
 	/* device memory (kind MEM_CUDA_IPC or MEM_CUDA_VMM) */

@@ -33,6 +33,7 @@ comm_result_t mem_register(struct conn *c, int fd, uint64_t size, struct mem **o
 	comm_result_t rc = COMM_ERR_INVALID_ARG;
 	struct mem *m = NULL;
 	struct stat st;
+	uint64_t maplen;
 	void *addr;
 	int seals, fl;
 
@@ -67,7 +68,7 @@ comm_result_t mem_register(struct conn *c, int fd, uint64_t size, struct mem **o
 		snprintf(err, errlen, "mem register: memfd is not open for reading and writing");
 		goto out;
 	}
-	if (fstat(fd, &st) < 0 || !S_ISREG(st.st_mode)) {
+	if (fstat(fd, &st) < 0 || !S_ISREG(st.st_mode) || st.st_blksize <= 0) {
 		snprintf(err, errlen, "mem register: fd is not a regular memfd");
 		goto out;
 	}
@@ -90,7 +91,13 @@ comm_result_t mem_register(struct conn *c, int fd, uint64_t size, struct mem **o
 		snprintf(err, errlen, "mem register: out of memory");
 		goto out;
 	}
-	addr = mmap(NULL, size, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+	/*
+	 * Whole pages of the file's: a hugetlb memfd is mapped, and must be
+	 * unmapped, in huge pages (munmap of less fails, and the mapping stays).
+	 */
+	maplen = (size + (uint64_t)st.st_blksize - 1) / (uint64_t)st.st_blksize *
+		 (uint64_t)st.st_blksize;
+	addr = mmap(NULL, maplen, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
 	if (addr == MAP_FAILED) {
 		rc = COMM_ERR_NO_MEMORY;
 		snprintf(err, errlen, "mem register: mmap of %llu bytes: %s",
@@ -102,6 +109,7 @@ comm_result_t mem_register(struct conn *c, int fd, uint64_t size, struct mem **o
 	m->id = c->next_mem_id++;
 	m->addr = addr;
 	m->size = size;
+	m->map_len = maplen;
 	m->refs = 1;
 	m->job = c->job;
 	m->conn = c;
@@ -154,7 +162,7 @@ void mem_unref(struct mem *m)
 	}
 	if (m->conn) /* freed while ops used it: it leaves the table with the last of them */
 		unlist(m);
-	munmap(m->addr, m->size);
+	munmap(m->addr, m->map_len);
 	free(m);
 }
 

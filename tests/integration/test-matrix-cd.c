@@ -520,6 +520,34 @@ static void row_c1(struct th_daemon *d)
 	for (size_t i = 0; i < count; i++)
 		bad += v[0][i] != (int32_t)(4 * i) || v[1][i] != (int32_t)(4 * i);
 	CHECK(bad == 0, "all-reduce after the shrink attempts: %d wrong elements", bad);
+
+	/*
+	 * A hugetlb memfd registered for less than its huge page: commd maps a
+	 * whole one, and unmaps it when freed (where the node has huge pages).
+	 */
+	fd = memfd_create("cdt-c1-huge", MFD_CLOEXEC | MFD_ALLOW_SEALING | MFD_HUGETLB);
+	if (fd >= 0) {
+		struct stat st;
+		uint64_t id = 0;
+		int rc;
+
+		REQUIRE(fstat(fd, &st) == 0 && ftruncate(fd, st.st_blksize) == 0 &&
+				fcntl(fd, F_ADD_SEALS, F_SEAL_SHRINK) == 0,
+			"hugetlb memfd");
+		rc = reg(&c[0], fd, 4096, &id, det, sizeof det);
+		if (rc == COMM_ERR_NO_MEMORY) {
+			mx_note("C1: no huge pages to map: the hugetlb memfd case is skipped (%s)", det);
+		} else {
+			CHECK(rc == COMM_OK, "4096 bytes of a hugetlb memfd: %d '%s'", rc, det);
+			CHECK(maps_of(d->pid, "cdt-c1-huge") == 1, "hugetlb memfd: commd maps it %d times",
+			      maps_of(d->pid, "cdt-c1-huge"));
+			CHECK(unreg(&c[0], id) == COMM_OK, "hugetlb memfd: free refused");
+			CHECK(maps_of(d->pid, "cdt-c1-huge") == 0,
+			      "hugetlb memfd registered for 4096 bytes: still mapped %d times after its "
+			      "free", maps_of(d->pid, "cdt-c1-huge"));
+		}
+		close(fd);
+	}
 out:
 	for (int r = 0; r < 2; r++) {
 		if (v[r])
