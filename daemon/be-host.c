@@ -145,14 +145,11 @@ static void run_range(struct task *t, size_t lo, size_t hi, uint8_t *tmp, const 
 
 static int run_part(struct task *t, size_t i, uint8_t *tmp);
 
+/* A worker thread; arg: its chunk buffer, made by be_host_start, freed here. */
 static void *worker(void *arg)
 {
-	uint8_t *tmp = aligned_alloc(64, CHUNK_BYTES);
+	uint8_t *tmp = arg;
 
-	if (!tmp) {
-		log_error("host backend: worker: out of memory");
-		return NULL;
-	}
 	pthread_mutex_lock(&pool.lock);
 	for (;;) {
 		struct task *t;
@@ -356,9 +353,14 @@ int be_host_start(uv_loop_t *loop, int nthreads, int pin_workers)
 	}
 	uv_async_init(loop, &pool.async, on_done);
 	uv_unref((uv_handle_t *)&pool.async);
+	/* a worker that cannot start is none: its share of each op goes to the others */
 	for (int i = 0; i < nthreads; i++) {
-		if (pthread_create(&pool.threads[i], NULL, worker, NULL) != 0) {
-			log_error("host backend: cannot start worker thread %d", i);
+		uint8_t *tmp = aligned_alloc(64, CHUNK_BYTES);
+
+		if (!tmp || pthread_create(&pool.threads[i], NULL, worker, tmp) != 0) {
+			log_error("host backend: cannot start worker thread %d: %s", i,
+				  tmp ? "pthread_create failed" : "out of memory");
+			free(tmp);
 			break;
 		}
 		snprintf(name, sizeof name, "commd-host-%d", i);
