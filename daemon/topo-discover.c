@@ -312,9 +312,6 @@ static void find_gpus(struct topo *t)
 			continue;
 		memcpy(d->bus, bus, TOPO_BUS_LEN);
 		snprintf(d->name, sizeof d->name, "%.127s", p.name);
-		for (char *c = d->name; *c; c++)
-			if (*c == '"')
-				*c = '\'';
 		d->memory = p.totalGlobalMem;
 		snprintf(bus, sizeof bus, "/sys/bus/pci/devices/%s", d->bus);
 		if (locate(t, d, bus) < 0)

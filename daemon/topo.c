@@ -421,10 +421,13 @@ out:
 	return rc;
 }
 
+/* One device's line; a '"' in its name (a NIC's may have one) is written as '\''. */
 static void dump_dev(const struct topo_dev *d, FILE *f)
 {
-	fprintf(f, "%s %d name \"%s\" bus %s numa %d", d->kind == TOPO_GPU ? "gpu" : "nic",
-		d->index, d->name, d->bus, d->numa);
+	fprintf(f, "%s %d name \"", d->kind == TOPO_GPU ? "gpu" : "nic", d->index);
+	for (const char *c = d->name; *c; c++)
+		fputc(*c == '"' ? '\'' : *c, f);
+	fprintf(f, "\" bus %s numa %d", d->bus, d->numa);
 	if (d->memory)
 		fprintf(f, " memory %" PRIu64, d->memory);
 	fprintf(f, " pcipath ");

@@ -1,9 +1,12 @@
 /*
  * test-topo.c: topo_relation and topo_ring_order on the fixtures of
  * tests/fixtures: every relation of the legend, rings that keep NVLink and
- * PCIe neighbours adjacent, and bad GPU lists refused.
+ * PCIe neighbours adjacent, bad GPU lists refused, and topo_dump's output
+ * loaded back.
  */
+#include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 #include "check.h"
 #include "../../daemon/topo.c"
@@ -156,8 +159,39 @@ static void refused(void)
 	      "a repeated GPU accepted");
 }
 
+/*
+ * topo_dump's output loads back as it was, a device name with a '"' in it
+ * too (a NIC's may have one: Linux allows it), which is dumped as '\''.
+ */
+static void dump_loads(void)
+{
+	static struct topo t, back;
+	char path[] = "/tmp/test-topo-XXXXXX", err[512];
+	int fd = mkstemp(path);
+	FILE *f;
+
+	REQUIRE(fd >= 0 && (f = fdopen(fd, "w")), "mkstemp");
+	load(&t, "pcie-switches");
+	REQUIRE(t.nnics > 0 && t.ngpus > 0, "pcie-switches has no NIC or GPU");
+	snprintf(t.nic[0].name, sizeof t.nic[0].name, "eth\"0");
+	snprintf(t.gpu[0].name, sizeof t.gpu[0].name, "GPU \"A\"");
+	topo_dump(&t, f);
+	fclose(f);
+	CHECK(topo_load(&back, path, err, sizeof err) == 0, "a dump with '\"' in names: %s", err);
+	unlink(path);
+	CHECK(back.nnics == t.nnics && back.ngpus == t.ngpus, "the dump loads %d GPUs and %d NICs",
+	      back.ngpus, back.nnics);
+	CHECK(strcmp(back.nic[0].name, "eth'0") == 0, "NIC 0 loads named %s", back.nic[0].name);
+	CHECK(strcmp(back.gpu[0].name, "GPU 'A'") == 0, "GPU 0 loads named %s", back.gpu[0].name);
+	for (int i = 1; i < t.ngpus; i++)
+		CHECK(strcmp(back.gpu[i].name, t.gpu[i].name) == 0 &&
+			      strcmp(back.gpu[i].bus, t.gpu[i].bus) == 0,
+		      "GPU %d loads as %s %s", i, back.gpu[i].name, back.gpu[i].bus);
+}
+
 int main(void)
 {
+	dump_loads();
 	h100x8();
 	pcie_switches();
 	nvlink_pair();
