@@ -127,9 +127,16 @@ static void run_range(struct task *t, size_t lo, size_t hi, uint8_t *tmp, const 
 			break;
 		case T(ALLTOALL): {
 			size_t r = b / (size_t)t->n, from = b % (size_t)t->n;
+			uint8_t *to = t->out[r] + (from * t->count + o) * es;
+			uint8_t *at = t->in[from] + (r * t->count + o) * es;
 
-			memcpy(t->out[r] + (from * t->count + o) * es,
-			       t->in[from] + (r * t->count + o) * es, n * es);
+			if (!t->swap) {
+				memcpy(to, at, n * es);
+			} else if (r < from) { /* at is out[from]'s block r: the pair trades */
+				memcpy(tmp, to, n * es);
+				memcpy(to, at, n * es);
+				memcpy(at, tmp, n * es);
+			}
 			break;
 		}
 		case T(SEND):
@@ -244,6 +251,23 @@ static int needs_snapshot(const struct task *t, size_t inlen, size_t outlen, int
 	return 0;
 }
 
+/*
+ * An all-to-all in place on every rank, no two ranks' buffers overlapping:
+ * rank r's block s and rank s's block r trade places, which needs no copy
+ * of the inputs (n times a rank's buffer, in commd's own memory).
+ */
+static int swaps_in_place(const struct task *t, size_t len)
+{
+	for (int a = 0; a < t->n; a++) {
+		if (!t->in[a] || t->out[a] != t->in[a])
+			return 0;
+		for (int b = 0; b < a; b++)
+			if (overlaps(t->in[a], len, t->in[b], len))
+				return 0;
+	}
+	return 1;
+}
+
 /* Copy every input aside so that outputs can be written in any order. */
 static int take_snapshot(struct task *t, size_t inlen)
 {
@@ -283,17 +307,18 @@ static int run_part(struct task *t, size_t i, uint8_t *tmp)
 int be_host_run(struct task *t)
 {
 	size_t block = t->count * t->esize, inlen = block, outlen = block;
-	int any;
+	int any = 0;
 
 	if (t->type == T(REDUCE_SCATTER) || t->type == T(ALLTOALL))
 		inlen *= (size_t)t->n;
 	if (t->type == T(ALLGATHER) || t->type == T(ALLTOALL))
 		outlen *= (size_t)t->n;
 	/* an unsafe overlap: copy the inputs aside first, off the loop thread if large */
-	if (needs_snapshot(t, inlen, outlen, &any))
+	t->swap = t->type == T(ALLTOALL) && swaps_in_place(t, inlen);
+	if (!t->swap && needs_snapshot(t, inlen, outlen, &any))
 		t->snap_len = inlen;
 	/* reductions then go straight into an output, which no input shares */
-	t->direct = !any || t->snap_len;
+	t->direct = !t->swap && (!any || t->snap_len);
 	if ((inlen + outlen) * (size_t)t->n < pool.inline_bytes) {
 		t->parts = 1;
 		if (run_part(t, 0, pool.inline_tmp) < 0)

@@ -750,6 +750,7 @@ struct task {
 	uint8_t *snapshot;     /* inputs copied when outputs alias them unsafely */
 	size_t snap_len;       /* bytes per rank to copy there first, or 0 */
 	int direct;            /* no output shares memory with an input */
+	int swap;              /* all-to-all in place on every rank: block pairs swapped */
 	comm_result_t status;  /* COMM_OK unless the backend failed */
 	char detail[256];      /* why, when it failed */
 	int gpu;               /* on device memory: runs on the job's GPU worker */
