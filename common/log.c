@@ -8,7 +8,7 @@
 #include "log.h"
 
 static enum log_level log_level = LVL_INFO;
-static int log_syslog;
+static int log_syslog, log_echo;
 static const char *const log_names[] = { "error", "warn", "info", "debug" };
 
 int log_parse_level(const char *s)
@@ -19,10 +19,12 @@ int log_parse_level(const char *s)
 	return -1;
 }
 
-void log_use_syslog(const char *ident)
+void log_use_syslog(const char *ident, int echo_errors)
 {
-	openlog(ident, LOG_PID, LOG_DAEMON);
+	if (!log_syslog)
+		openlog(ident, LOG_PID, LOG_DAEMON);
 	log_syslog = 1;
+	log_echo = echo_errors;
 }
 
 void log_set_level(enum log_level level)
@@ -51,7 +53,8 @@ void log_msg(enum log_level level, const char *fmt, ...)
 		va_start(ap, fmt);
 		vsyslog(prio[level], fmt, ap);
 		va_end(ap);
-		return;
+		if (!log_echo || level > LVL_WARN)
+			return;
 	}
 	clock_gettime(CLOCK_REALTIME, &ts);
 	gmtime_r(&ts.tv_sec, &tm);

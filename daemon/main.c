@@ -2,6 +2,8 @@
  * main.c: commd's entry point: flags, signals, the service manager
  * notifications and the event loop.
  */
+#include <errno.h>
+#include <fcntl.h>
 #include <getopt.h>
 #include <grp.h>
 #include <signal.h>
@@ -32,7 +34,8 @@ static void usage(FILE *f)
 		   "  --socket-group GROUP  the socket is 0660 and this group's; others cannot\n"
 		   "                     connect (default: 0666, anyone may)\n"
 		   "  --foreground       stay in the foreground, log to stderr (default: daemonize,\n"
-		   "                     in the same directory, and log to syslog)\n"
+		   "                     in the same directory, and log to syslog, returning once\n"
+		   "                     ready, or with the exit status of a start that failed)\n"
 		   "  --log-level LEVEL  error, warn, info (default) or debug\n"
 		   "  --threads N        worker threads for the host backend (default: cores)\n"
 		   "  --pin-workers yes|no  bind worker i to core i, in hwloc's order (default yes)\n"
@@ -216,7 +219,85 @@ static void on_hangup(uv_signal_t *h, int signum)
 	server_notify("READY=1");
 }
 
+static int ready_fd = -1; /* detached: the pipe the starting process waits on */
+
+/*
+ * Detach as daemon(3) does (a child in a session of its own, in the same
+ * directory), but the process that started commd waits until commd is
+ * ready or has failed and exits with its status: a start that fails (the
+ * socket served already, a GPU broken) is not reported as success. Until
+ * then, stderr still reaches whoever started it.
+ */
+static int detach(void)
+{
+	unsigned char status;
+	ssize_t n;
+	pid_t pid;
+	int p[2];
+
+	if (pipe2(p, O_CLOEXEC) < 0)
+		return -1;
+	pid = fork();
+	if (pid < 0) {
+		close(p[0]);
+		close(p[1]);
+		return -1;
+	}
+	if (pid > 0) {
+		close(p[1]);
+		do
+			n = read(p[0], &status, 1);
+		while (n < 0 && errno == EINTR);
+		if (n == 1)
+			_exit(status);
+		fprintf(stderr, "commd: it ended before it was ready (see the system log)\n");
+		_exit(1);
+	}
+	close(p[0]);
+	setsid();
+	ready_fd = p[1];
+	return 0;
+}
+
+/*
+ * Detached: tell the starting process how the start ended (0: ready); once
+ * ready, stdin, stdout and stderr go to /dev/null and only syslog is written.
+ */
+static void start_done(int status)
+{
+	unsigned char b = (unsigned char)status;
+	int null;
+
+	if (ready_fd < 0)
+		return;
+	if (write(ready_fd, &b, 1) != 1)
+		log_warn("telling the starting process: %s", strerror(errno));
+	close(ready_fd);
+	ready_fd = -1;
+	if (status)
+		return;
+	log_use_syslog("commd", 0);
+	null = open("/dev/null", O_RDWR | O_CLOEXEC);
+	if (null >= 0) {
+		dup2(null, STDIN_FILENO);
+		dup2(null, STDOUT_FILENO);
+		dup2(null, STDERR_FILENO);
+		if (null > STDERR_FILENO)
+			close(null);
+	}
+}
+
+static int run(int argc, char **argv);
+
 int main(int argc, char **argv)
+{
+	int rc = run(argc, argv);
+
+	start_done(rc);
+	return rc;
+}
+
+static int run(int argc, char **argv)
 {
 	static const struct option opts[] = {
 		{ "config", required_argument, NULL, 'c' },
@@ -328,11 +409,11 @@ int main(int argc, char **argv)
 		 * It stays in its directory: relative paths (--socket, --config, read
 		 * again on SIGHUP, --gpu-worker, topology) mean what they meant at start.
 		 */
-		if (daemon(1, 0) < 0) {
-			perror("commd: daemon");
+		if (detach() < 0) {
+			perror("commd: fork");
 			return 1;
 		}
-		log_use_syslog("commd");
+		log_use_syslog("commd", 1);
 	}
 	signal(SIGPIPE, SIG_IGN);
 	srv.default_timeout_ms = cfg.timeout_ms;
@@ -375,6 +456,7 @@ int main(int argc, char **argv)
 	log_info("topology (%s): %s", node_topo.source, summary);
 	snprintf(ready, sizeof ready, "READY=1\nMAINPID=%d", (int)getpid());
 	server_notify(ready);
+	start_done(0);
 	if ((srv.watchdog_ms = notify_watchdog_ms()))
 		log_info("watchdog: WATCHDOG=1 every %u ms while the loop runs (its tick is 100 ms)",
 			 srv.watchdog_ms / 2 < 100 ? 100 : srv.watchdog_ms / 2);

@@ -241,15 +241,19 @@ kill -TERM "$p"; wait "$p" || bad "commd did not exit cleanly"
 [ -e "$s" ] && bad "commd left the socket it bound"
 
 # 6. detached (no --foreground), commd stays in its directory: a relative
-# --config and the relative socket path in it mean there what they meant at start
+# --config and the relative socket path in it mean there what they meant at
+# start; the command returns once commd serves, and a second start on the
+# same socket fails with commd's status and its error on stderr
 run=$tmp/run
 mkdir -p "$run/rel/b"
 printf 'socket = rel/b/commd.sock\ngpu-worker = none\n' >"$run/rel.conf"
 (cd "$run" && "$COMMD" --config rel.conf) || bad "commd did not detach: exit $?"
-for _ in $(seq 250); do
-	"$COMMCTL" --socket "$run/rel/b/commd.sock" status --json >"$tmp/rel.json" 2>/dev/null && break
-	sleep 0.02
-done
+"$COMMCTL" --socket "$run/rel/b/commd.sock" status --json >"$tmp/rel.json" 2>&1 ||
+	bad "a detached commd did not serve when its start returned: $(cat "$tmp/rel.json")"
+(cd "$run" && timeout 30 "$COMMD" --config rel.conf 2>"$tmp/rel2.err")
+rc=$?
+[ "$rc" = 1 ] && grep -q "another commd is serving it" "$tmp/rel2.err" ||
+	bad "a detached start on a served socket: exit $rc: $(cat "$tmp/rel2.err")"
 p=$(sed -n 's/.*"pid": \([0-9]*\).*/\1/p' "$tmp/rel.json")
 if [ -z "$p" ]; then
 	bad "a detached commd with a relative --config and socket does not serve"
