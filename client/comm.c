@@ -3,6 +3,7 @@
  * reply) and leaving. The library never prints and never exits.
  */
 #include <errno.h>
+#include <limits.h>
 #include <poll.h>
 #include <pthread.h>
 #include <stdarg.h>
@@ -253,18 +254,44 @@ comm_result_t comm_send_env(comm_t *c, Commpb__Envelope *env)
 	return send_frame(c, env, NULL, 0);
 }
 
+/*
+ * How much longer than the job's deadline libcomm waits for commd's answer
+ * to a request: commd answers a join (or anything) by then, unless it is
+ * stopped or hung.
+ */
+#define CALL_SLACK_MS 5000
+
 comm_result_t comm_call(comm_t *c, Commpb__Envelope *env, const int *fds, int nfds,
 			Commpb__Envelope **reply)
 {
 	comm_result_t rc = send_frame(c, env, fds, nfds);
+	int limit = c->timeout_ms > 0 && c->timeout_ms < INT_MAX - CALL_SLACK_MS
+			    ? c->timeout_ms + CALL_SLACK_MS
+			    : -1;
+	uint64_t start = now_ms();
 
 	*reply = NULL;
 	if (rc != COMM_OK)
 		return rc;
 	c->await_id = env->id;
 	c->await_reply = NULL;
-	while (!c->await_reply && c->broken == COMM_OK)
-		comm_pump(c, -1);
+	while (!c->await_reply && c->broken == COMM_OK) {
+		int left = -1;
+
+		if (limit > 0) {
+			uint64_t spent = now_ms() - start;
+
+			if (spent >= (uint64_t)limit) {
+				comm_break(c, COMM_ERR_TIMEOUT,
+					   "commd did not answer within %d ms, the job's deadline and "
+					   "%d ms more (is it stopped or hung?)",
+					   limit, CALL_SLACK_MS);
+				break;
+			}
+			left = limit - (int)spent;
+		}
+		comm_pump(c, left);
+	}
 	c->await_id = 0;
 	*reply = c->await_reply;
 	c->await_reply = NULL;

@@ -264,6 +264,35 @@ static int rank_orphaned(int r, int n, void *arg)
 	return 0;
 }
 
+/*
+ * commd stopped (SIGSTOP) by the test: comm_init with COMM_TIMEOUT=1000
+ * gives up 1 s + CALL_SLACK_MS (5 s) later with COMM_ERR_TIMEOUT saying
+ * commd did not answer, not never.
+ */
+static int rank_unanswered(int r, int n, void *arg)
+{
+	struct timespec t0;
+	comm_result_t rc;
+	comm_t *c = NULL;
+	double took;
+
+	(void)r;
+	(void)n;
+	(void)arg;
+	alarm(TH_WATCHDOG_S); /* a wait without limit ends there */
+	setenv("COMM_TIMEOUT", "1000", 1);
+	clock_gettime(CLOCK_MONOTONIC, &t0);
+	rc = comm_init(&c, NULL);
+	took = th_secs_since(&t0);
+	if (rc != COMM_ERR_TIMEOUT || !strstr(comm_last_error(NULL), "did not answer") ||
+	    took < 5.5 || took > 20) {
+		fprintf(stderr, "comm_init under a stopped commd: %s after %.1f s: %s\n",
+			comm_result_name(rc), took, comm_last_error(NULL));
+		return 1;
+	}
+	return 0;
+}
+
 #ifdef HAVE_CUDA
 static char driver_dir[64]; /* the stand-in libcuda.so.1 and the file it marks */
 
@@ -388,6 +417,13 @@ int main(int argc, char **argv)
 	if (*driver_dir)
 		driver_untouched();
 #endif
+
+	kill(d.pid, SIGSTOP);
+	failed = th_run_ranks(&d, "client-unanswered", 1, rank_unanswered, NULL);
+	kill(d.pid, SIGCONT);
+	CHECK(failed == 0, "comm_init under a stopped commd: the rank failed");
+	printf("%s: comm_init under a stopped commd fails COMM_ERR_TIMEOUT at the deadline and "
+	       "5 s\n", failed ? "FAIL" : "ok");
 
 	failed = th_run_ranks(&d, "client-orphaned", 1, rank_orphaned, &d.pid);
 	CHECK(failed == 0, "commd gone: the rank failed");
