@@ -146,14 +146,21 @@ comm_result_t job_join(struct conn *c, const Commpb__Hello *h, char *err, size_t
 	}
 	j = job_find(h->job, c->uid, &h->token);
 	if (j) {
-		if (!const_time_eq(j->token, j->token_len, h->token.data, h->token.len)) {
-			snprintf(err, errlen, "join: job %s: permission denied", h->job);
-			return COMM_ERR_PERMISSION;
-		}
+		/* a wrong token is the caller's own job (names are per uid): say what holds it */
+		int token_ok = const_time_eq(j->token, j->token_len, h->token.data, h->token.len);
+
 		if (j->state != JOB_FORMING) {
-			snprintf(err, errlen, "join: job %s has already formed (%s)", j->name,
-				 job_state_name(j->state));
+			snprintf(err, errlen, "join: job %s has already formed (%s)%s", j->name,
+				 job_state_name(j->state),
+				 token_ok ? "" : ": another run of yours holds the name; choose another "
+						 "job name");
 			return COMM_ERR_BUSY;
+		}
+		if (!token_ok) {
+			snprintf(err, errlen, "join: job %s: permission denied: its ranks so far hold "
+				 "another token (another run of yours forming under the name, or "
+				 "COMM_TOKEN differs between its ranks)", h->job);
+			return COMM_ERR_PERMISSION;
 		}
 		if (j->world != h->world_size) {
 			snprintf(err, errlen, "join: job %s: world size %d, but rank %d says %d",

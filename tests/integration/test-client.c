@@ -39,6 +39,7 @@
 static struct th_daemon d;
 
 static _Atomic int *child_go; /* shared: the test lets rank_killed's child go */
+static _Atomic int *held;     /* shared: rank_holding's ranks that have formed; 0 lets them go */
 
 /* All-reduce rank + 1 + i on c and check it; 0 when right. */
 static int sum_right(comm_t *c, int r, int n, int i)
@@ -264,6 +265,46 @@ static int rank_orphaned(int r, int n, void *arg)
 	return 0;
 }
 
+/* A rank of a job that forms, then holds until the test lets it go. */
+static int rank_holding(int r, int n, void *arg)
+{
+	comm_t *c;
+
+	(void)arg;
+	if (th_join(&c, r, n) < 0)
+		return 1;
+	atomic_fetch_add(held, 1);
+	while (atomic_load(held) > 0)
+		usleep(10 * 1000);
+	return th_leave(c, r);
+}
+
+/*
+ * A second run of a job whose name a formed job holds (its own token, as
+ * commrun draws one a run): COMM_ERR_BUSY telling it to choose another name.
+ */
+static int rank_second_run(int r, int n, void *arg)
+{
+	comm_result_t rc;
+	comm_t *c = NULL;
+
+	(void)r;
+	(void)n;
+	(void)arg;
+	alarm(TH_WATCHDOG_S);
+	setenv("COMM_TOKEN", "a-token-of-another-run", 1);
+	setenv("COMM_WORLD_SIZE", "2", 1);
+	rc = comm_init(&c, NULL);
+	if (rc != COMM_ERR_BUSY || !strstr(comm_last_error(NULL), "choose another job name")) {
+		fprintf(stderr, "a second run of a formed job: %s: %s\n", comm_result_name(rc),
+			comm_last_error(NULL));
+		if (c)
+			comm_finalize(c);
+		return 1;
+	}
+	return 0;
+}
+
 /*
  * commd stopped (SIGSTOP) by the test: comm_init with COMM_TIMEOUT=1000
  * gives up 1 s + CALL_SLACK_MS (5 s) later with COMM_ERR_TIMEOUT saying
@@ -386,6 +427,8 @@ int main(int argc, char **argv)
 	child_go = mmap(NULL, sizeof *child_go, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_ANONYMOUS,
 			-1, 0);
 	REQUIRE(child_go != MAP_FAILED, "mmap");
+	held = mmap(NULL, sizeof *held, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_ANONYMOUS, -1, 0);
+	REQUIRE(held != MAP_FAILED, "mmap");
 	setenv("COMM_TIMEOUT", "60000", 1);
 	REQUIRE(th_daemon_start(&d, NULL) == 0, "daemon start");
 	CHECK(th_run_ranks(&d, "warm-up", 2, th_rank_sum, NULL) == 0, "warm-up job");
@@ -417,6 +460,16 @@ int main(int argc, char **argv)
 	if (*driver_dir)
 		driver_untouched();
 #endif
+
+	REQUIRE(th_ranks_start(&rs, &d, "client-named", 2, rank_holding, NULL) == 0, "fork");
+	for (int i = 0; i < 2000 && atomic_load(held) < 2; i++)
+		usleep(10 * 1000);
+	failed = th_run_ranks(&d, "client-named", 1, rank_second_run, NULL);
+	atomic_store(held, 0);
+	CHECK(failed == 0, "a second run of a formed job's name: not told BUSY");
+	CHECK(th_ranks_wait(&rs) == 0, "the job holding the name failed");
+	printf("%s: a second run under a formed job's name (another token) is told BUSY: choose "
+	       "another job name\n", failed ? "FAIL" : "ok");
 
 	kill(d.pid, SIGSTOP);
 	failed = th_run_ranks(&d, "client-unanswered", 1, rank_unanswered, NULL);

@@ -242,7 +242,7 @@ static int wait_ctl(const struct th_daemon *d, const char *args, const char *s)
 }
 
 /*
- * E3: a wrong token is refused with the words a wrong uid gets; the job
+ * E3: a wrong token is refused (PERMISSION, naming another token); the job
  * then forms with the right one. No token (the right one, the guess, the
  * bystander's) is in the log, at debug level, or in commctl's output.
  */
@@ -258,11 +258,13 @@ static void row_e3(struct th_daemon *d)
 	p0 = join_spawn(d, &owner0, &rfd);
 	CHECK(wait_ctl(d, "jobs e3-job", "1/2"), "rank 0 of e3-job did not join");
 	rc = join_as(d, &guess, det, sizeof det);
-	CHECK(rc == COMM_ERR_PERMISSION && strstr(det, "permission denied"),
+	CHECK(rc == COMM_ERR_PERMISSION && strstr(det, "permission denied") &&
+		      strstr(det, "another token"),
 	      "wrong token: %d '%s'", rc, det);
 	CHECK(ctl_has(d, "jobs e3-job", "1/2") == 1, "the job lost its rank 0 to a wrong token");
 	CHECK(join_as(d, &owner1, det, sizeof det) == COMM_OK, "rank 1, right token: %s", det);
 	CHECK(joined(p0, rfd, det0, sizeof det0) == COMM_OK, "rank 0: %s", det0);
+
 	/* the harness's tokens are "token-JOB-PID" */
 	snprintf(by_token, sizeof by_token, "token-bystander-E3-%d", (int)getpid());
 	CHECK(!mx_log_has(d, "e3-right-token") && !mx_log_has(d, "e3-wrong-guess") &&
