@@ -243,9 +243,11 @@ static comm_result_t send_frame(comm_t *c, Commpb__Envelope *env, const int *fds
 		return comm_break(c, COMM_ERR_NO_MEMORY, "packing a request failed");
 	rc = frame_send_all(c->fd, frame, len, fds, nfds);
 	free(frame);
-	if (rc < 0)
+	if (rc < 0) {
+		comm_pump(c, 0); /* what commd said before it closed the connection, if anything */
 		return comm_break(c, COMM_ERR_DAEMON_UNREACHABLE, "writing to commd: %s",
 				  strerror(-rc));
+	}
 	return COMM_OK;
 }
 

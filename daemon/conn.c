@@ -195,10 +195,20 @@ static void on_reap(uv_idle_t *h)
 
 void conn_close_all(void)
 {
+	Commpb__Envelope env = COMMPB__ENVELOPE__INIT;
+	Commpb__Error err = COMMPB__ERROR__INIT;
 	struct conn *c, *tmp;
 
-	TAILQ_FOREACH_SAFE(c, &srv.conns, link, tmp)
+	/* a rank between ops hears why its connection goes, not just its end */
+	err.status = COMM_ERR_SHUTDOWN;
+	err.detail = "commd is shutting down";
+	env.body_case = COMMPB__ENVELOPE__BODY_ERROR;
+	env.error = &err;
+	TAILQ_FOREACH_SAFE(c, &srv.conns, link, tmp) {
+		if (c->job)
+			conn_send(c, &env);
 		conn_close(c, "daemon shutting down");
+	}
 	if (reaper_ready)
 		uv_close((uv_handle_t *)&reaper, NULL);
 	reaper_ready = 0;

@@ -36,7 +36,7 @@
 #define WAIT_MS 200           /* that comm_wait's limit */
 #define BIG ((size_t)100 << 20) /* a staged buffer past every segment made yet */
 
-static struct th_daemon d;
+static struct th_daemon d, d2;
 
 static _Atomic int *child_go; /* shared: the test lets rank_killed's child go */
 static _Atomic int *held;     /* shared: rank_holding's ranks that have formed; 0 lets them go */
@@ -306,6 +306,34 @@ static int rank_second_run(int r, int n, void *arg)
 }
 
 /*
+ * A rank between ops while its commd stops (SIGTERM, nothing in flight):
+ * its next op fails COMM_ERR_SHUTDOWN saying commd shut down, not
+ * DAEMON_UNREACHABLE "commd closed the connection".
+ */
+static int rank_idle_at_stop(int r, int n, void *arg)
+{
+	int32_t v = 1;
+	comm_result_t rc;
+	comm_t *c;
+
+	(void)arg;
+	if (th_join(&c, r, n) < 0)
+		return 1;
+	atomic_store(held, 1);
+	while (atomic_load(held) == 1)
+		usleep(10 * 1000);
+	rc = comm_allreduce(c, &v, &v, 1, COMM_INT32, COMM_SUM, NULL);
+	if (!th_want_rc(c, r, "all-reduce after commd stopped", rc, COMM_ERR_SHUTDOWN) ||
+	    !strstr(comm_last_error(c), "shutting down")) {
+		fprintf(stderr, "rank %d: %s\n", r, comm_last_error(c));
+		comm_abort(c);
+		return 1;
+	}
+	comm_finalize(c);
+	return 0;
+}
+
+/*
  * commd stopped (SIGSTOP) by the test: comm_init with COMM_TIMEOUT=1000
  * gives up 1 s + CALL_SLACK_MS (5 s) later with COMM_ERR_TIMEOUT saying
  * commd did not answer, not never.
@@ -470,6 +498,18 @@ int main(int argc, char **argv)
 	CHECK(th_ranks_wait(&rs) == 0, "the job holding the name failed");
 	printf("%s: a second run under a formed job's name (another token) is told BUSY: choose "
 	       "another job name\n", failed ? "FAIL" : "ok");
+
+	REQUIRE(th_daemon_start(&d2, NULL) == 0, "second daemon start");
+	atomic_store(held, 0);
+	REQUIRE(th_ranks_start(&rs, &d2, "client-idle", 1, rank_idle_at_stop, NULL) == 0, "fork");
+	for (int i = 0; i < 2000 && atomic_load(held) != 1; i++)
+		usleep(10 * 1000);
+	CHECK(th_daemon_stop(&d2) == 0, "the second commd did not stop cleanly");
+	atomic_store(held, 2);
+	failed = th_ranks_wait(&rs);
+	CHECK(failed == 0, "a rank idle while commd stopped: not told SHUTDOWN");
+	printf("%s: a rank idle while commd stops: its next op fails COMM_ERR_SHUTDOWN\n",
+	       failed ? "FAIL" : "ok");
 
 	kill(d.pid, SIGSTOP);
 	failed = th_run_ranks(&d, "client-unanswered", 1, rank_unanswered, NULL);
