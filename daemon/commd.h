@@ -603,6 +603,7 @@ struct job {
 	uint32_t timeout_ms;
 	uint32_t join_timeout_ms; /* at most timeout_ms */
 	uint64_t created_ms;
+	char refused[160];     /* forming: the last join refused to it, for the deadline's word */
 	/* engine state */
 	TAILQ_HEAD(, posted) *posted; /* per rank, in seq order */
 	uint64_t *next_post;           /* per rank: the seq it must post next */

@@ -156,26 +156,29 @@ comm_result_t job_join(struct conn *c, const Commpb__Hello *h, char *err, size_t
 						 "job name");
 			return COMM_ERR_BUSY;
 		}
+		/* a join refused here is named when the job's deadline passes */
+		rc = COMM_ERR_INVALID_ARG;
 		if (!token_ok) {
 			snprintf(err, errlen, "join: job %s: permission denied: its ranks so far hold "
 				 "another token (another run of yours forming under the name, or "
 				 "COMM_TOKEN differs between its ranks)", h->job);
-			return COMM_ERR_PERMISSION;
-		}
-		if (j->world != h->world_size) {
+			rc = COMM_ERR_PERMISSION;
+		} else if (j->world != h->world_size) {
 			snprintf(err, errlen, "join: job %s: world size %d, but rank %d says %d",
 				 j->name, j->world, h->rank, h->world_size);
-			return COMM_ERR_INVALID_ARG;
-		}
-		if (strcmp(j->dist ? j->dist->root : "", h->root)) {
+		} else if (strcmp(j->dist ? j->dist->root : "", h->root)) {
 			snprintf(err, errlen, "join: job %s: rank %d names root '%s', the job has '%s'",
 				 j->name, h->rank, h->root, j->dist ? j->dist->root : "");
-			return COMM_ERR_INVALID_ARG;
-		}
-		if (j->ranks[h->rank]) {
+		} else if (j->ranks[h->rank]) {
 			snprintf(err, errlen, "join: job %s: rank %d has already joined (pid %d)",
 				 j->name, h->rank, (int)j->ranks[h->rank]->pid);
-			return COMM_ERR_INVALID_ARG;
+		} else {
+			rc = COMM_OK;
+		}
+		if (rc != COMM_OK) {
+			snprintf(j->refused, sizeof j->refused, "rank %d (pid %d) was refused: %s",
+				 h->rank, (int)c->pid, token_ok ? err : "another token");
+			return rc;
 		}
 	} else if (!(j = job_new(c, h))) {
 		snprintf(err, errlen, "join: out of memory");
@@ -324,8 +327,9 @@ void job_check_deadlines(uint64_t now)
 						n += snprintf(ranks + n, sizeof ranks - (size_t)n,
 							      "%s%d", n ? ", " : "", r);
 				job_fail(j, COMM_ERR_TIMEOUT,
-					 "join: rank%s %s did not join within %u ms",
-					 missing == 1 ? "" : "s", ranks, j->join_timeout_ms);
+					 "join: rank%s %s did not join within %u ms%s%s",
+					 missing == 1 ? "" : "s", ranks, j->join_timeout_ms,
+					 *j->refused ? "; " : "", j->refused);
 			}
 			continue;
 		}

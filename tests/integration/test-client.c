@@ -306,6 +306,37 @@ static int rank_second_run(int r, int n, void *arg)
 }
 
 /*
+ * Rank 1 says world size 3 to a job rank 0 made with 2: refused at once;
+ * rank 0's join then times out (COMM_TIMEOUT=1500) naming rank 1's refusal.
+ */
+static int rank_refused_join(int r, int n, void *arg)
+{
+	comm_result_t rc;
+	comm_t *c = NULL;
+	int ok;
+
+	(void)n;
+	(void)arg;
+	alarm(TH_WATCHDOG_S);
+	setenv("COMM_TIMEOUT", "1500", 1);
+	if (r == 1) {
+		usleep(300 * 1000); /* rank 0 makes the job */
+		setenv("COMM_WORLD_SIZE", "3", 1);
+	}
+	rc = comm_init(&c, NULL);
+	ok = r == 1 ? rc == COMM_ERR_INVALID_ARG
+		    : rc == COMM_ERR_TIMEOUT && strstr(comm_last_error(NULL), "rank 1") &&
+			      strstr(comm_last_error(NULL), "was refused") &&
+			      strstr(comm_last_error(NULL), "says 3");
+	if (!ok) {
+		fprintf(stderr, "rank %d: %s: %s\n", r, comm_result_name(rc), comm_last_error(NULL));
+		if (c)
+			comm_finalize(c);
+	}
+	return !ok;
+}
+
+/*
  * A rank between ops while its commd stops (SIGTERM, nothing in flight):
  * its next op fails COMM_ERR_SHUTDOWN saying commd shut down, not
  * DAEMON_UNREACHABLE "commd closed the connection".
@@ -498,6 +529,11 @@ int main(int argc, char **argv)
 	CHECK(th_ranks_wait(&rs) == 0, "the job holding the name failed");
 	printf("%s: a second run under a formed job's name (another token) is told BUSY: choose "
 	       "another job name\n", failed ? "FAIL" : "ok");
+
+	failed = th_run_ranks(&d, "client-refused", 2, rank_refused_join, NULL);
+	CHECK(failed == 0, "a join refused: %d ranks failed", failed);
+	printf("%s: a join refused (world size 3 to a job of 2): the job's deadline names it\n",
+	       failed ? "FAIL" : "ok");
 
 	REQUIRE(th_daemon_start(&d2, NULL) == 0, "second daemon start");
 	atomic_store(held, 0);
