@@ -37,7 +37,7 @@
  * job's node order). Node 0's worker makes the ncclUniqueId when its hello
  * says the job spans nodes, and sends it in NCCL_ID after HELLO_REPLY; the
  * daemons pass it on with their verdicts on each device collective
- * (net.c), and each daemon sends its worker WORLD (the id, and every
+ * (net-coll.c), and each daemon sends its worker WORLD (the id, and every
  * rank's node) before its first op across nodes. A send or recv across
  * nodes is not one of these: commd stages it through host memory it shares
  * with the worker (GPU_MEM_HOST), and the worker only copies.

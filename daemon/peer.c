@@ -24,7 +24,7 @@
 
 /*
  * 2: small ops' data with the verdicts; RS/AG rings and broadcast/reduce
- * chains in chunks. 3: send/recv data in chunks (net.c's TAG_P2P).
+ * chains in chunks. 3: send/recv data in chunks (net-int.h's TAG_P2P).
  */
 #define PEER_VERSION 3
 #define PEER_FRAME_MAX (1u << 20)

@@ -29,7 +29,7 @@
 #define BIG_NODES 300007     /* the large count: 1.2 MB of float32, 2.4 MB of float64 */
 #define XCHG_COUNT (1u << 20) /* float32 in a 4 MiB exchange */
 /*
- * All-reduces whose pipelined ring (net.c) has many 1 MiB chunks a slice,
+ * All-reduces whose pipelined ring (net-coll.c) has many 1 MiB chunks a slice,
  * more than its 8 receive slots over the hops, and a last chunk cut short.
  */
 #define RING_BIG_INT32 5000011   /* 20 MB */
