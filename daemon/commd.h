@@ -145,7 +145,7 @@ int notify_send(const char *msg);
  */
 uint32_t notify_watchdog_ms(void);
 
-/* --- gpu.c: device memory and ops, through a GPU worker per job ------------ */
+/* --- gpu.c, gpu-stage.c, gpu-ops.c: device memory and ops, a worker per job --- */
 
 enum { GPU_PROBING, GPU_READY, GPU_NONE, GPU_BROKEN };
 

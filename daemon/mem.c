@@ -1,7 +1,7 @@
 /*
  * mem.c: memory the ranks register, named by an id private to the
  * connection: sealed memfds mapped once and unmapped after the last op on
- * them, and device memory, which the job's GPU worker holds (gpu.c).
+ * them, and device memory, which the job's GPU worker holds (gpu-ops.c).
  */
 #include <errno.h>
 #include <fcntl.h>

@@ -1,7 +1,7 @@
 /*
  * req-mem.c: a rank registers a sealed memfd or device memory, or frees a
  * registration. Device memory is answered once the job's GPU worker has
- * opened it (gpu.c).
+ * opened it (gpu-ops.c).
  */
 #include <stdio.h>
 #include <unistd.h>
