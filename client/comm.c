@@ -257,11 +257,28 @@ comm_result_t comm_send_env(comm_t *c, Commpb__Envelope *env)
 }
 
 /*
- * How much longer than the job's deadline libcomm waits for commd's answer
- * to a request: commd answers a join (or anything) by then, unless it is
- * stopped or hung.
+ * How long libcomm waits for commd's answer to a request: the job's
+ * deadline and CALL_SLACK_MS more, commd answering a join (or anything) by
+ * then, but never less than CALL_MIN_MS (COMM_DAEMON_WAIT), the time a
+ * commd that systemd (re)starts under its socket may take to be ready (its
+ * GPU probe alone may take a minute). Past it, commd is stopped or hung.
  */
 #define CALL_SLACK_MS 5000
+#define CALL_MIN_MS 90000
+
+/* CALL_MIN_MS, or COMM_DAEMON_WAIT (ms, 1..86400000) where it is set. */
+static int call_min_ms(void)
+{
+	const char *v = getenv("COMM_DAEMON_WAIT");
+	char *end;
+	long ms;
+
+	if (!v || !*v)
+		return CALL_MIN_MS;
+	errno = 0;
+	ms = strtol(v, &end, 10);
+	return errno || *end || ms < 1 || ms > 86400000 ? CALL_MIN_MS : (int)ms;
+}
 
 comm_result_t comm_call(comm_t *c, Commpb__Envelope *env, const int *fds, int nfds,
 			Commpb__Envelope **reply)
@@ -270,6 +287,9 @@ comm_result_t comm_call(comm_t *c, Commpb__Envelope *env, const int *fds, int nf
 	int limit = c->timeout_ms > 0 && c->timeout_ms < INT_MAX - CALL_SLACK_MS
 			    ? c->timeout_ms + CALL_SLACK_MS
 			    : -1;
+
+	if (limit > 0 && limit < call_min_ms())
+		limit = call_min_ms();
 	uint64_t start = now_ms();
 
 	*reply = NULL;
@@ -285,9 +305,8 @@ comm_result_t comm_call(comm_t *c, Commpb__Envelope *env, const int *fds, int nf
 
 			if (spent >= (uint64_t)limit) {
 				comm_break(c, COMM_ERR_TIMEOUT,
-					   "commd did not answer within %d ms, the job's deadline and "
-					   "%d ms more (is it stopped or hung?)",
-					   limit, CALL_SLACK_MS);
+					   "commd did not answer within %d ms (is it stopped or hung?)",
+					   limit);
 				break;
 			}
 			left = limit - (int)spent;
