@@ -199,13 +199,16 @@ void conn_close_all(void)
 	Commpb__Error err = COMMPB__ERROR__INIT;
 	struct conn *c, *tmp;
 
-	/* a rank between ops hears why its connection goes, not just its end */
+	/*
+	 * A rank between ops hears why its connection goes, not just its end
+	 * (one with ops queued has them answered with the job's failure).
+	 */
 	err.status = COMM_ERR_SHUTDOWN;
 	err.detail = "commd is shutting down";
 	env.body_case = COMMPB__ENVELOPE__BODY_ERROR;
 	env.error = &err;
 	TAILQ_FOREACH_SAFE(c, &srv.conns, link, tmp) {
-		if (c->job)
+		if (c->job && c->rank >= 0 && c->rank < c->job->world && !c->job->nposted[c->rank])
 			conn_send(c, &env);
 		conn_close(c, "daemon shutting down");
 	}
