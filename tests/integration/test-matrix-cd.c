@@ -333,7 +333,6 @@ static int daemon_holds(pid_t pid, int fd)
 	return found;
 }
 
-/* The daemon's mappings of the memfd named name. */
 /* Set the node's count of huge pages to n (n >= 0); the count, or -1 when it cannot be read. */
 static long huge_pages(long n)
 {
@@ -353,6 +352,7 @@ static long huge_pages(long n)
 	return now;
 }
 
+/* The daemon's mappings of the memfd named name. */
 static int maps_of(pid_t pid, const char *name)
 {
 	char path[64], line[512], want[128];

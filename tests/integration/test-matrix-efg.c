@@ -747,6 +747,12 @@ static int rank_f5(int rank, int n, void *arg)
 
 	if (th_join(&c, rank, n) < 0)
 		return 1;
+	/* both ranks' staging segments are made (an fd each) before the limit tightens */
+	if (comm_allreduce(c, &v, &v, 1, COMM_INT32, COMM_SUM, NULL) != COMM_OK || v != 3) {
+		fprintf(stderr, "F5 rank %d: the first all-reduce: %s\n", rank, comm_last_error(c));
+		return th_bail(c);
+	}
+	v = rank + 1;
 	if (rank == 0) {
 		if (write(f5_ready[1], "r", 1) != 1 || read(f5_go[0], &ch, 1) != 1)
 			return th_bail(c);

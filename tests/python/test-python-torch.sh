@@ -24,6 +24,10 @@ if [ $rc != 0 ] || [ "$ok" != 4 ]; then
 	exit 1
 fi
 cat "$dir/out"
+# the one job that failed: the destroyed world rank 0 aborted on purpose
+if grep -a 'failed: ' "$dir/commd.log" | grep -av ': failed: COMM_ERR_ABORTED: rank 0 (pid [0-9]*): aborted: comm_abort$'; then
+	echo "FAIL: a job of the torch run failed"; cat "$dir/commd.log"; exit 1
+fi
 
 # A script that ends after destroy_process_group(), or without it, leaves
 # its job cleanly (not a connection closed under commd, a failed job).

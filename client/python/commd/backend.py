@@ -433,7 +433,9 @@ def _leave_world(by=None, block=True, wait=None, abort_late=False):
         if by is None:
             completer.close()
             if not completer.join(wait) and abort_late:
-                commd._abort_for_backend(comm)
+                if not commd._abort_for_backend(comm):  # the user finalized it already
+                    completer.stop()
+                    return
                 completer.join(wait)  # it fails their Works, then ends
                 warnings.warn(f"commd backend: the destroyed world's ops still running after "
                               f"{wait} s; its communicator is aborted, they fail "
