@@ -34,9 +34,9 @@ enum { OPT_INPLACE = 256, OPT_JSON, OPT_SOCKET, OPT_SPAWN, OPT_REFERENCE, OPT_RO
 struct daemon {
 	pid_t pid;           /* 0: none, or reaped */
 	int status;          /* once reaped */
-	char dir[64];        /* temp dir: the socket and the log */
-	char sock[96];
-	char log[96];
+	char dir[97];        /* temp dir in $TMPDIR: the socket and the log */
+	char sock[108];      /* dir/commd.sock, which fits a sun_path */
+	char log[108];
 };
 
 static const struct option long_opts[] = {
@@ -94,7 +94,8 @@ static void usage(FILE *f)
 		"                    --peer-listen address)\n"
 		"  --root HOST:PORT  the job's root daemon (a job over several daemons)\n"
 		"  --spawn-daemon    start a commd on a temp socket for the run ($COMMD, else\n"
-		"                    the one beside commbench, else in PATH)\n"
+		"                    the one beside commbench, else in PATH), in $TMPDIR\n"
+		"                    (default /tmp), with --config /dev/null: no settings file\n"
 		"  --reference       the reference run's lines: all-reduce and reduce-scatter\n"
 		"                    of 104857600 float32 per rank, or -e MAX bytes of them\n"
 		"                    (default -w 1 -i 3; the time is each rank's median)\n"
@@ -369,16 +370,27 @@ static int can_connect(const char *path)
 	return ok;
 }
 
-/* Start commd on a socket in a new temp dir and wait until it accepts. */
+/*
+ * Start commd on a socket in a new temp dir ($TMPDIR, else /tmp) and wait
+ * until it accepts. It reads no settings file (--config /dev/null): the
+ * node's, say a peer-listen another commd holds, would stop it.
+ */
 static int daemon_start(struct daemon *d)
 {
 	char buf[PATH_MAX];
-	const char *path = find_commd(buf, sizeof buf);
+	const char *path = find_commd(buf, sizeof buf), *tmp = getenv("TMPDIR");
 	int fd, st;
 
-	snprintf(d->dir, sizeof d->dir, "/tmp/commbench-XXXXXX");
+	if (!tmp || !*tmp)
+		tmp = "/tmp";
+	if ((size_t)snprintf(d->dir, sizeof d->dir, "%s/commbench-XXXXXX", tmp) >= sizeof d->dir) {
+		fprintf(stderr, "commbench: TMPDIR %s: too long for a socket in it (at most %zu "
+				"bytes)\n",
+			tmp, sizeof d->dir - sizeof "/commbench-XXXXXX");
+		return -1;
+	}
 	if (!mkdtemp(d->dir)) {
-		fprintf(stderr, "commbench: mkdtemp: %s\n", strerror(errno));
+		fprintf(stderr, "commbench: mkdtemp %s: %s\n", d->dir, strerror(errno));
 		return -1;
 	}
 	snprintf(d->sock, sizeof d->sock, "%s/commd.sock", d->dir);
@@ -397,7 +409,8 @@ static int daemon_start(struct daemon *d)
 			dup2(fd, STDOUT_FILENO);
 			dup2(fd, STDERR_FILENO);
 		}
-		execlp(path, path, "--foreground", "--socket", d->sock, (char *)NULL);
+		execlp(path, path, "--foreground", "--config", "/dev/null", "--socket", d->sock,
+		       (char *)NULL);
 		fprintf(stderr, "exec %s: %s\n", path, strerror(errno));
 		_exit(127);
 	}

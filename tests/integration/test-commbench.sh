@@ -148,10 +148,30 @@ grep -q "^commbench: rank [01]: comm_init: COMM_ERR_DAEMON_UNREACHABLE" "$dir/er
 	fail "no daemon: message: $(cat "$dir/err")"
 [ -s "$dir/out" ] && fail "no daemon: output on stdout"
 
-# --spawn-daemon starts its own commd ($COMMD) and stops it cleanly.
-COMMD=$COMMD "$COMMBENCH" --spawn-daemon -n 2 -o sendrecv -b 8 -e 1K -f 4 -w 0 -i 1 \
-	>"$dir/out" 2>"$dir/err" || fail "spawn-daemon: exit status $?: $(head -5 "$dir/err")"
+# --spawn-daemon starts its own commd ($COMMD) and stops it cleanly: in
+# $TMPDIR, and with --config /dev/null, so that a node's settings file (a
+# peer-listen its own commd holds) cannot stop it. A stand-in $COMMD notes
+# the arguments.
+mkdir "$dir/tmp"
+printf '#!/bin/sh\necho "$@" >%q\nexec %q "$@"\n' "$dir/commd.args" "$COMMD" >"$dir/commd-args"
+chmod +x "$dir/commd-args"
+COMMD=$dir/commd-args TMPDIR=$dir/tmp "$COMMBENCH" --spawn-daemon -n 2 -o sendrecv -b 8 -e 1K \
+	-f 4 -w 0 -i 1 >"$dir/out" 2>"$dir/err" ||
+	fail "spawn-daemon: exit status $?: $(head -5 "$dir/err")"
+grep -q "^# commbench: 2 ranks, commd at $dir/tmp/commbench-" "$dir/out" ||
+	fail "spawn-daemon: not in \$TMPDIR: $(grep '^# commbench' "$dir/out")"
+grep -q -- "--config /dev/null " "$dir/commd.args" ||
+	fail "spawn-daemon: commd started without --config /dev/null: $(cat "$dir/commd.args")"
+[ -z "$(ls "$dir/tmp")" ] || fail "spawn-daemon: left in \$TMPDIR: $(ls "$dir/tmp")"
+env -u TMPDIR COMMD="$COMMD" "$COMMBENCH" --spawn-daemon -n 2 -o sendrecv -b 8 -e 1K -f 4 \
+	-w 0 -i 1 >"$dir/out" 2>"$dir/err" || fail "spawn-daemon: exit status $?: $(head -5 "$dir/err")"
 grep -q '^# commbench: 2 ranks, commd at /tmp/commbench-' "$dir/out" || fail "spawn-daemon: banner"
+# a $TMPDIR too long for a socket path in it: said, exit status 1
+TMPDIR=/tmp/$(printf '%090d' 0) "$COMMBENCH" --spawn-daemon -n 1 -b 8 -e 8 >"$dir/out" 2>"$dir/err"
+rc=$?
+if [ $rc != 1 ] || ! grep -q "^commbench: TMPDIR /tmp/0*: too long for a socket in it" "$dir/err"; then
+	fail "spawn-daemon: a long TMPDIR: exit status $rc: $(cat "$dir/err")"
+fi
 
 # Bad usage: exit status 2 and a message, before any rank starts. -b 0 would
 # never reach -e (0 times the factor), and sizes too small for one element a
