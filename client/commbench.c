@@ -59,6 +59,7 @@ static const struct option long_opts[] = {
 	{ "device", no_argument, NULL, 'G' },
 	{ "pipeline", no_argument, NULL, 'P' },
 	{ "help", no_argument, NULL, 'h' },
+	{ "version", no_argument, NULL, 'V' },
 	{ NULL, 0, NULL, 0 },
 };
 
@@ -107,6 +108,7 @@ static void usage(FILE *f)
 		"                    outputs they leave (out of place) and one more run,\n"
 		"                    blocking\n"
 		"  -h, --help        print this help\n"
+		"  -V, --version     print the version and exit\n"
 		"\n"
 		"For all-reduce, broadcast, reduce and send/recv the size is each rank's\n"
 		"buffer; for reduce-scatter, all-gather and all-to-all the full buffer of n\n"
@@ -241,7 +243,7 @@ static int parse_opts(int argc, char **argv, struct bench_opts *o, int *spawn)
 {
 	int c, warmup = -1, iters = -1, max_given = 0;
 
-	while ((c = getopt_long(argc, argv, "n:o:d:r:b:e:f:w:i:c:hGP", long_opts, NULL)) != -1) {
+	while ((c = getopt_long(argc, argv, "n:o:d:r:b:e:f:w:i:c:hGPV", long_opts, NULL)) != -1) {
 		switch (c) {
 		case OPT_INPLACE:
 			o->inplace_only = 1;
@@ -269,6 +271,9 @@ static int parse_opts(int argc, char **argv, struct bench_opts *o, int *spawn)
 			break;
 		case 'h':
 			usage(stdout);
+			exit(0);
+		case 'V':
+			printf("commbench %s\n", COMMD_VERSION);
 			exit(0);
 		case '?':
 			usage(stderr);

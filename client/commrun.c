@@ -82,6 +82,7 @@ static const struct option long_opts[] = {
 	{ "world", required_argument, NULL, OPT_WORLD },
 	{ "first-rank", required_argument, NULL, OPT_FIRST },
 	{ "help", no_argument, NULL, 'h' },
+	{ "version", no_argument, NULL, 'V' },
 	{ NULL, 0, NULL, 0 },
 };
 
@@ -107,6 +108,7 @@ static void usage(FILE *f)
 	    "  --first-rank R    the job's rank of this node's first rank (default 0):\n"
 	    "                    the ranks here are R to R+N-1\n"
 	    "  -h, --help        print this help\n"
+	    "  -V, --version     print the version and exit\n"
 	    "  --                end of options\n"
 	    "\n"
 	    "Each rank gets COMM_RANK, COMM_WORLD_SIZE, COMM_JOB, COMM_TOKEN\n"
@@ -470,8 +472,8 @@ static void wait_ranks(struct run *run, const sigset_t *set)
 }
 
 /*
- * Parse the command line into o; 0 to go on, 1 when help was printed, -1 on
- * bad usage (the message printed).
+ * Parse the command line into o; 0 to go on, 1 when help or the version was
+ * printed, -1 on bad usage (the message printed).
  */
 static int parse_args(int argc, char **argv, struct opts *o)
 {
@@ -479,10 +481,13 @@ static int parse_args(int argc, char **argv, struct opts *o)
 	int c;
 
 	opterr = 0;
-	while ((c = getopt_long(argc, argv, "+:hn:", long_opts, NULL)) != -1) {
+	while ((c = getopt_long(argc, argv, "+:hVn:", long_opts, NULL)) != -1) {
 		switch (c) {
 		case 'h':
 			usage(stdout);
+			return 1;
+		case 'V':
+			printf("commrun %s\n", COMMD_VERSION);
 			return 1;
 		case 'n':
 			if (parse_long(optarg, 1, MAX_RANKS, &v) < 0) {

@@ -173,6 +173,15 @@ if [ $rc != 1 ] || ! grep -q "^commbench: TMPDIR /tmp/0*: too long for a socket 
 	fail "spawn-daemon: a long TMPDIR: exit status $rc: $(cat "$dir/err")"
 fi
 
+# --version, as commctl's: the name and the version, exit status 0.
+for v in --version -V; do
+	out=$("$COMMBENCH" "$v" 2>&1)
+	rc=$?
+	if [ $rc != 0 ] || ! [[ $out =~ ^commbench\ [0-9]+\.[0-9]+\.[0-9]+$ ]]; then
+		fail "$v: exit status $rc: $out"
+	fi
+done
+
 # Bad usage: exit status 2 and a message, before any rank starts. -b 0 would
 # never reach -e (0 times the factor), and sizes too small for one element a
 # rank leave nothing to measure: both are refused, not an endless loop or

@@ -372,6 +372,11 @@ fi
 "$COMMRUN" -h > "$dir/out"
 expect "help: exit status" $? 0
 grep -q '^usage: commrun' "$dir/out" || fail "help: no usage on stdout"
+for v in --version -V; do
+	out=$("$COMMRUN" "$v" 2>&1)
+	expect "$v: exit status" $? 0
+	expect_match "$v" "$out" '^commrun [0-9]+\.[0-9]+\.[0-9]+$'
+done
 for args in "" "-n 0 true" "-n 4097 true" "-n x true" "-n 2" "--bogus -n 1 true" \
 	"-n 1 --grace -1 true" "-n 1 --timeout 0 true" "-n 1 --timeout 86400001 true" "--job" \
 	"-n 1 --world 0 true" "-n 1 --world 4097 true" "-n 1 --first-rank -1 true" \
