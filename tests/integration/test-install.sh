@@ -43,7 +43,7 @@ for f in "$sbindir/commd" "$bindir/commctl" "$bindir/commrun" "$bindir/commbench
 	"$libdir/libcomm.so" "$includedir/comm.h" "$libdir/pkgconfig/comm.pc" \
 	"$unitdir/commd.service" "$unitdir/commd.socket" "$sysusersdir/commd.conf" \
 	"$sysconfdir/commd/commd.conf" "$mandir/man8/commd.8" "$mandir/man8/commctl.8" \
-	"$mandir/man1/commrun.1" "$mandir/man3/libcomm.3"; do
+	"$mandir/man1/commrun.1" "$mandir/man1/commbench.1" "$mandir/man3/libcomm.3"; do
 	[ -e "$root$f" ] || bad "make install did not install $f"
 done
 [ -e "$root$libdir/libcomm.a" ] && bad "a static libcomm.a was installed"

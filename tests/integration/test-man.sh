@@ -1,7 +1,7 @@
 #!/bin/bash
 # test-man.sh: the man pages render without a warning and keep up with the
-# code. Every option commd, commctl and commrun print in --help is in its
-# page's OPTIONS, every key daemon/config.c takes is in commd.8's
+# code. Every option commd, commctl, commrun and commbench print in --help
+# is in its page's OPTIONS, every key daemon/config.c takes is in commd.8's
 # CONFIGURATION FILE, every commctl command in COMMANDS, every variable the
 # programs and libcomm read or set in ENVIRONMENT, every symbol libcomm
 # exports (client/libcomm.sym, its globs matched against comm.h and the built
@@ -15,6 +15,7 @@ set -u
 COMMD=${COMMD:-./daemon/commd}
 COMMCTL=${COMMCTL:-./client/commctl}
 COMMRUN=${COMMRUN:-./client/commrun}
+COMMBENCH=${COMMBENCH:-./client/commbench}
 src=$(cd "${srcdir:-.}" && pwd)
 man=$src/man
 fail=0
@@ -23,7 +24,7 @@ bad() { echo "FAIL: $*"; fail=1; }
 command -v groff >/dev/null || { echo "no groff: skipped"; exit 77; }
 dir=$(mktemp -d /tmp/commd-man-XXXXXX)
 trap 'rm -rf "$dir"' EXIT
-pages="commd.8 commctl.8 commrun.1 libcomm.3"
+pages="commd.8 commctl.8 commrun.1 commbench.1 libcomm.3"
 
 # --- rendering ---------------------------------------------------------------
 # The text the checks below read: ASCII, no emphasis, and lines so long that
@@ -155,6 +156,18 @@ else
 fi
 check commrun.1 ENVIRONMENT "variables commrun sets or reads" \
 	$(env_names 'getenv|setenv|set_env' "$src/client/commrun.c")
+
+# --- commbench.1 -------------------------------------------------------------
+if help=$("$COMMBENCH" --help 2>&1); then
+	check commbench.1 OPTIONS "options of commbench --help" \
+		$(help_longs <<<"$help") $(help_shorts <<<"$help")
+	check commbench.1 ENVIRONMENT "variables commbench --help names" \
+		$(grep -oE '\$[A-Z][A-Z_]*' <<<"$help" | tr -d '$' | sort -u)
+else
+	bad "$COMMBENCH --help failed: $help"
+fi
+check commbench.1 ENVIRONMENT "variables commbench reads" \
+	$(env_names getenv "$src/client/commbench.c" "$src"/client/bench-*.c)
 
 # --- libcomm.3 ---------------------------------------------------------------
 # comm.h without its comments
