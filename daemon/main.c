@@ -27,7 +27,7 @@ static void usage(FILE *f)
 		   "             [--max-frame-size SIZE] [--max-fds-per-frame N] [--max-ops-per-rank N]\n"
 		   "             [--max-registrations-per-uid N] [--max-write-queue SIZE]\n"
 		   "             [--socket-group GROUP]\n"
-		   "             [--net-spin-us auto|US]\n"
+		   "             [--net-spin-us auto|US] [--version] [--help]\n"
 		   "  --config FILE      read settings from FILE (default %s, if it exists);\n"
 		   "                     its keys are the long flags' names; flags win\n"
 		   "  --socket PATH      listen on this Unix socket (default %s)\n"
@@ -69,7 +69,8 @@ static void usage(FILE *f)
 		   "  --net-spin-us auto|US  while an op across daemons is in flight, how long\n"
 		   "                     the data plane polls after its last event before it\n"
 		   "                     sleeps (0..%d; auto: %d on %d cores or more, else %d)\n"
-		   "  --version          print the version and exit\n",
+		   "  --version          print the version and exit\n"
+		   "  --help             print this help and exit\n",
 		   CONFIG_DEFAULT_FILE, CONFIG_DEFAULT_SOCKET, COMMD_PKGLIBEXECDIR, NET_SPIN_MAX_US,
 		   NET_SPIN_LONG_US, NET_SPIN_CORES, NET_SPIN_SHORT_US);
 }

@@ -8,7 +8,8 @@
 # library) in libcomm.3's SYNOPSIS and text, and every result code, dtype and
 # reduction of comm.h in libcomm.3. Options are written \-\- in the sources;
 # each page's .TH names this commd's version; the EXAMPLE in libcomm.3
-# compiles against comm.h. Skips (77) without groff.
+# compiles against comm.h; commd --help's usage lines name every option it
+# describes. Skips (77) without groff.
 # The lists of names below are split into words on purpose.
 # shellcheck disable=SC2046,SC2086,SC2015
 set -u
@@ -110,6 +111,14 @@ help_shorts() { grep -oE -- '(^|[[:space:],[])-[a-zA-Z]([][[:space:],]|$)' | tr 
 # --- commd.8 -----------------------------------------------------------------
 if help=$("$COMMD" --help 2>&1); then
 	check commd.8 OPTIONS "options of commd --help" $(help_longs <<<"$help")
+	# the usage lines, before the first option described, name every option
+	synopsis=$(sed '/^  --/,$d' <<<"$help")
+	missing=
+	for o in $(sed -n '/^  --/,$p' <<<"$help" | help_longs); do
+		grep -qE -e "\[$o[] ]" <<<"$synopsis" || missing="$missing $o"
+	done
+	[ -z "$missing" ] && echo "ok: commd --help: its usage lines name every option it describes" ||
+		bad "commd --help: options described but not in its usage lines:$missing"
 else
 	bad "$COMMD --help failed: $help"
 fi
