@@ -38,7 +38,7 @@ static void human_bytes(uint64_t b, char *buf, size_t len)
 static void print_jobs_text(const Commpb__StatusReply *s)
 {
 	char moved[32], mem[32];
-	int w = 24; /* the JOB column: as wide as the longest name */
+	int w = 24; /* the JOB column: 24, or the longest name where that is longer */
 
 	if (s->n_jobs == 0) {
 		printf("no jobs\n");
