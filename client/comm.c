@@ -11,6 +11,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/socket.h>
+#include <sys/stat.h>
 #include <sys/un.h>
 #include <unistd.h>
 
@@ -451,6 +452,16 @@ static comm_result_t resolve_config(const comm_config_t *in, comm_config_t *out,
 	return COMM_OK;
 }
 
+/* What path is when it exists and is not a socket ("a directory"); NULL otherwise. */
+static const char *not_a_socket(const char *path)
+{
+	struct stat st;
+
+	if (stat(path, &st) < 0 || S_ISSOCK(st.st_mode))
+		return NULL;
+	return S_ISDIR(st.st_mode) ? "a directory" : S_ISREG(st.st_mode) ? "a file" : "not a socket";
+}
+
 /*
  * Connect c to commd at path: c->fd is the socket from its making on, set
  * under live_lock, so that a fork meanwhile closes it in the child. 0, or
@@ -459,6 +470,7 @@ static comm_result_t resolve_config(const comm_config_t *in, comm_config_t *out,
 static int connect_to(comm_t *c, const char *path, char *err, size_t errlen)
 {
 	struct sockaddr_un sa = { .sun_family = AF_UNIX };
+	const char *kind;
 	int rc = 0, e;
 
 	if (strlen(path) >= sizeof sa.sun_path) {
@@ -476,7 +488,11 @@ static int connect_to(comm_t *c, const char *path, char *err, size_t errlen)
 	if (c->fd >= 0 && rc == 0)
 		return 0;
 	e = errno;
-	snprintf(err, errlen, "init: connect %s: %s", path, strerror(e));
+	/* a directory or file there: ECONNREFUSED, as from a socket no daemon serves */
+	if ((kind = not_a_socket(path)))
+		snprintf(err, errlen, "init: connect %s: is not a socket (%s)", path, kind);
+	else
+		snprintf(err, errlen, "init: connect %s: %s", path, strerror(e));
 	pthread_mutex_lock(&live_lock);
 	if (c->fd >= 0)
 		close(c->fd);

@@ -159,11 +159,23 @@ static void say_denied(const struct ctl *ctl)
 		gr ? gr->gr_name : gid);
 }
 
+/* What path is when it exists and is not a socket ("a directory"); NULL otherwise. */
+static const char *not_a_socket(const char *path)
+{
+	struct stat st;
+
+	if (stat(path, &st) < 0 || S_ISSOCK(st.st_mode))
+		return NULL;
+	return S_ISDIR(st.st_mode) ? "a directory" : S_ISREG(st.st_mode) ? "a file" : "not a socket";
+}
+
 int ctl_connect(struct ctl *ctl)
 {
 	struct sockaddr_un sa = { .sun_family = AF_UNIX };
 	Commpb__Envelope env = COMMPB__ENVELOPE__INIT, *reply;
 	Commpb__Hello hello = COMMPB__HELLO__INIT;
+	const char *kind;
+	int e;
 
 	if (strlen(ctl->socket) >= sizeof sa.sun_path) {
 		fprintf(stderr, "commctl: socket path too long: %s\n", ctl->socket);
@@ -178,13 +190,21 @@ int ctl_connect(struct ctl *ctl)
 	}
 	send_timeout(ctl->fd);
 	if (connect(ctl->fd, (struct sockaddr *)&sa, sizeof sa) < 0) {
-		if (errno == EAGAIN || errno == EINPROGRESS)
+		e = errno;
+		/* a directory or file there: ECONNREFUSED, as from a socket no daemon serves */
+		kind = not_a_socket(ctl->socket);
+		if (e == EAGAIN || e == EINPROGRESS)
 			say_timeout(ctl);
-		else if (errno == EACCES)
+		else if (e == EACCES)
 			say_denied(ctl);
+		else if (kind)
+			fprintf(stderr,
+				"commctl: connect %s: is not a socket (%s): name commd's with "
+				"--socket or COMM_SOCKET\n",
+				ctl->socket, kind);
 		else
 			fprintf(stderr, "commctl: connect %s: %s (is commd running?)\n",
-				ctl->socket, strerror(errno));
+				ctl->socket, strerror(e));
 		return -1;
 	}
 	hello.version_min = PROTO_VERSION_MIN;

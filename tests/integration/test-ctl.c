@@ -622,6 +622,15 @@ int main(void)
 	CHECK(ctl(out, sizeof out, "--socket /nonexistent/sock status") == 1 &&
 		      strstr(out, "/nonexistent/sock"),
 	      "no daemon: %s", out);
+	/* a directory or a file where the socket should be: said, not "Connection refused" */
+	snprintf(args, sizeof args, "--socket %s status", d.dir);
+	CHECK(ctl(out, sizeof out, args) == 1 && strstr(out, d.dir) &&
+		      strstr(out, "is not a socket (a directory)") && !strstr(out, "refused"),
+	      "a directory as the socket: %s", out);
+	snprintf(args, sizeof args, "--socket %s status", d.log);
+	CHECK(ctl(out, sizeof out, args) == 1 && strstr(out, "is not a socket (a file)") &&
+		      !strstr(out, "refused"),
+	      "a file as the socket: %s", out);
 	CHECK(ctl(out, sizeof out, "frobnicate") == 2 && strstr(out, "unknown command"),
 	      "unknown command: %s", out);
 	snprintf(args, sizeof args, "--socket %s status --bogus", d.sock);

@@ -1,7 +1,8 @@
 /*
  * test-env.c: comm_init(&c, NULL) finds job, rank and world size in the
  * environment of each launcher (ours, torchrun, Open MPI, Slurm), and an
- * explicit config wins over the environment.
+ * explicit config wins over the environment; a socket path where no commd
+ * can be is said to be so.
  */
 #include <stdio.h>
 #include <stdlib.h>
@@ -91,6 +92,38 @@ static int rank_no_job(int rank, int n, void *arg)
 	return 0;
 }
 
+/* comm_init of a job of 1 on socket: its result, the message in err. */
+static comm_result_t init_on(const char *socket, char *err, size_t len)
+{
+	comm_config_t cfg = comm_config_default();
+	comm_result_t rc;
+	comm_t *c = NULL;
+
+	cfg.socket = socket;
+	cfg.job = "unreachable";
+	cfg.rank = 0;
+	cfg.world_size = 1;
+	rc = comm_init(&c, &cfg);
+	snprintf(err, len, "%s", comm_last_error(NULL));
+	if (c)
+		comm_finalize(c);
+	return rc;
+}
+
+/* A directory or a file where the socket should be. */
+static void test_unreachable(const struct th_daemon *d)
+{
+	char err[512];
+
+	CHECK(init_on(d->dir, err, sizeof err) == COMM_ERR_DAEMON_UNREACHABLE &&
+		      strstr(err, "is not a socket (a directory)"),
+	      "a directory as the socket: %s", err);
+	CHECK(init_on(d->log, err, sizeof err) == COMM_ERR_DAEMON_UNREACHABLE &&
+		      strstr(err, "is not a socket (a file)"),
+	      "a file as the socket: %s", err);
+	printf("ok: a directory or file for a socket is said to be one\n");
+}
+
 int main(void)
 {
 	struct th_daemon d;
@@ -104,6 +137,7 @@ int main(void)
 	CHECK(th_run_ranks(&d, "config", 4, rank_config, NULL) == 0, "explicit config");
 	CHECK(th_run_ranks(&d, "nojob", 1, rank_no_job, NULL) == 0, "no job name");
 	printf("ok: explicit config, missing job name\n");
+	test_unreachable(&d);
 	CHECK(th_daemon_stop(&d) == 0, "daemon stop");
 	return CHECK_EXIT();
 }
