@@ -490,9 +490,15 @@ static int connect_to(comm_t *c, const char *path, char *err, size_t errlen)
 	e = errno;
 	/* a directory or file there: ECONNREFUSED, as from a socket no daemon serves */
 	if ((kind = not_a_socket(path)))
-		snprintf(err, errlen, "init: connect %s: is not a socket (%s)", path, kind);
+		snprintf(err, errlen,
+			 "init: connect %s: is not a socket (%s): set COMM_SOCKET, or commrun "
+			 "--socket, to commd's socket",
+			 path, kind);
 	else
-		snprintf(err, errlen, "init: connect %s: %s", path, strerror(e));
+		snprintf(err, errlen,
+			 "init: connect %s: %s (is commd running? set COMM_SOCKET, or commrun "
+			 "--socket, to its socket)",
+			 path, strerror(e));
 	pthread_mutex_lock(&live_lock);
 	if (c->fd >= 0)
 		close(c->fd);

@@ -110,18 +110,28 @@ static comm_result_t init_on(const char *socket, char *err, size_t len)
 	return rc;
 }
 
-/* A directory or a file where the socket should be. */
+/*
+ * No commd at the socket: the reason, then where to look; a directory or
+ * a file where the socket should be is said to be one.
+ */
 static void test_unreachable(const struct th_daemon *d)
 {
-	char err[512];
+	char err[512], path[256], want[512];
 
+	snprintf(path, sizeof path, "%s/none.sock", d->dir);
+	snprintf(want, sizeof want,
+		 "init: connect %s: No such file or directory (is commd running? set "
+		 "COMM_SOCKET, or commrun --socket, to its socket)",
+		 path);
+	CHECK(init_on(path, err, sizeof err) == COMM_ERR_DAEMON_UNREACHABLE && !strcmp(err, want),
+	      "no socket: %s", err);
 	CHECK(init_on(d->dir, err, sizeof err) == COMM_ERR_DAEMON_UNREACHABLE &&
-		      strstr(err, "is not a socket (a directory)"),
+		      strstr(err, "is not a socket (a directory): set COMM_SOCKET"),
 	      "a directory as the socket: %s", err);
 	CHECK(init_on(d->log, err, sizeof err) == COMM_ERR_DAEMON_UNREACHABLE &&
-		      strstr(err, "is not a socket (a file)"),
+		      strstr(err, "is not a socket (a file): set COMM_SOCKET"),
 	      "a file as the socket: %s", err);
-	printf("ok: a directory or file for a socket is said to be one\n");
+	printf("ok: no commd at the socket: where to look; a directory or file is said to be one\n");
 }
 
 int main(void)
