@@ -464,18 +464,20 @@ static const char *not_a_socket(const char *path)
 
 /*
  * Connect c to commd at path: c->fd is the socket from its making on, set
- * under live_lock, so that a fork meanwhile closes it in the child. 0, or
- * -1 with the reason in err.
+ * under live_lock, so that a fork meanwhile closes it in the child.
+ * COMM_OK; COMM_ERR_INVALID_ARG for a path no Unix socket can have (the
+ * caller's mistake), else COMM_ERR_DAEMON_UNREACHABLE; the reason in err.
  */
-static int connect_to(comm_t *c, const char *path, char *err, size_t errlen)
+static comm_result_t connect_to(comm_t *c, const char *path, char *err, size_t errlen)
 {
 	struct sockaddr_un sa = { .sun_family = AF_UNIX };
 	const char *kind;
 	int rc = 0, e;
 
 	if (strlen(path) >= sizeof sa.sun_path) {
-		snprintf(err, errlen, "init: socket path too long: %s", path);
-		return -1;
+		snprintf(err, errlen, "init: socket path too long (%zu bytes, at most %zu): %s",
+			 strlen(path), sizeof sa.sun_path - 1, path);
+		return COMM_ERR_INVALID_ARG;
 	}
 	strcpy(sa.sun_path, path);
 	pthread_mutex_lock(&live_lock);
@@ -486,7 +488,7 @@ static int connect_to(comm_t *c, const char *path, char *err, size_t errlen)
 	       errno == EINTR)
 		;
 	if (c->fd >= 0 && rc == 0)
-		return 0;
+		return COMM_OK;
 	e = errno;
 	/* a directory or file there: ECONNREFUSED, as from a socket no daemon serves */
 	if ((kind = not_a_socket(path)))
@@ -504,7 +506,7 @@ static int connect_to(comm_t *c, const char *path, char *err, size_t errlen)
 		close(c->fd);
 	c->fd = -1;
 	pthread_mutex_unlock(&live_lock);
-	return -1;
+	return COMM_ERR_DAEMON_UNREACHABLE;
 }
 
 static void comm_free(comm_t *c)
@@ -566,10 +568,9 @@ static comm_result_t join(comm_t **out, const comm_config_t *config, uint32_t jo
 		goto out;
 	}
 	live_add(c); /* a fork while it joins leaves the child no connection either */
-	if (connect_to(c, cfg.socket, c->last_error, sizeof c->last_error) < 0) {
-		rc = COMM_ERR_DAEMON_UNREACHABLE;
+	rc = connect_to(c, cfg.socket, c->last_error, sizeof c->last_error);
+	if (rc != COMM_OK)
 		goto out;
-	}
 	hello.version_min = PROTO_VERSION_MIN;
 	hello.version_max = PROTO_VERSION;
 	hello.role = COMMPB__ROLE__ROLE_RANK;

@@ -2,7 +2,7 @@
  * test-env.c: comm_init(&c, NULL) finds job, rank and world size in the
  * environment of each launcher (ours, torchrun, Open MPI, Slurm), and an
  * explicit config wins over the environment; a socket path where no commd
- * can be is said to be so.
+ * can be is said to be so, and one too long is a bad argument.
  */
 #include <stdio.h>
 #include <stdlib.h>
@@ -112,7 +112,8 @@ static comm_result_t init_on(const char *socket, char *err, size_t len)
 
 /*
  * No commd at the socket: the reason, then where to look; a directory or
- * a file where the socket should be is said to be one.
+ * a file where the socket should be is said to be one. A path too long for
+ * a socket is a bad argument.
  */
 static void test_unreachable(const struct th_daemon *d)
 {
@@ -132,6 +133,12 @@ static void test_unreachable(const struct th_daemon *d)
 		      strstr(err, "is not a socket (a file): set COMM_SOCKET"),
 	      "a file as the socket: %s", err);
 	printf("ok: no commd at the socket: where to look; a directory or file is said to be one\n");
+	/* 108 bytes: no Unix socket has such a path, the caller's mistake */
+	snprintf(path, sizeof path, "/tmp/%0103d", 0);
+	CHECK(init_on(path, err, sizeof err) == COMM_ERR_INVALID_ARG &&
+		      strstr(err, "init: socket path too long (108 bytes, at most 107)"),
+	      "a socket path of 108 bytes: %s", err);
+	printf("ok: a socket path too long is COMM_ERR_INVALID_ARG\n");
 }
 
 int main(void)
