@@ -174,6 +174,32 @@ static int parse_opt(int c, const char *arg, struct bench_opts *o, int *warmup, 
 	}
 }
 
+/* The values option c takes, for its bad-value message: "" for a number. */
+static const char *choices(int c, char *buf, size_t len)
+{
+	size_t n = 0;
+	int last = c == 'o' ? NOPS - 1 : c == 'd' ? COMM_FLOAT64 : COMM_AVG;
+
+	if (c == 'c')
+		return " (0 or 1)";
+	if (c != 'o' && c != 'd' && c != 'r')
+		return "";
+	for (int i = 0; i <= last && n < len; i++) {
+		const char *name = c == 'o'   ? bench_ops[i].name
+				   : c == 'd' ? bench_dtype_name((comm_dtype_t)i)
+					      : bench_redop_name((comm_redop_t)i);
+
+		n += (size_t)snprintf(buf + n, len - n, "%s%s", i ? ", " : " (", name);
+		/* half (float16): libcomm's name too, where it differs */
+		if (c == 'd' && strcmp(name, bench_dtype_json((comm_dtype_t)i)) && n < len)
+			n += (size_t)snprintf(buf + n, len - n, " (%s)",
+					      bench_dtype_json((comm_dtype_t)i));
+	}
+	if (n < len)
+		snprintf(buf + n, len - n, " or all)");
+	return buf;
+}
+
 /* 0, or 2 (usage) with a message. */
 static char *socket_list; /* o->sockets point into it, for the whole run */
 
@@ -242,6 +268,7 @@ static int check_sizes(const struct bench_opts *o)
 static int parse_opts(int argc, char **argv, struct bench_opts *o, int *spawn)
 {
 	int c, warmup = -1, iters = -1, max_given = 0;
+	char buf[256];
 
 	while ((c = getopt_long(argc, argv, "n:o:d:r:b:e:f:w:i:c:hGPV", long_opts, NULL)) != -1) {
 		switch (c) {
@@ -281,7 +308,8 @@ static int parse_opts(int argc, char **argv, struct bench_opts *o, int *spawn)
 		default:
 			max_given |= c == 'e';
 			if (parse_opt(c, optarg, o, &warmup, &iters) < 0) {
-				fprintf(stderr, "commbench: -%c: bad value '%s'\n", c, optarg);
+				fprintf(stderr, "commbench: -%c: bad value '%s'%s\n", c, optarg,
+					choices(c, buf, sizeof buf));
 				return 2;
 			}
 		}

@@ -199,6 +199,17 @@ done
 "$COMMBENCH" --socket "$sock" -n 4 -b 1 -e 15 -o reduce_scatter >/dev/null 2>"$dir/err"
 grep -qx 'commbench: nothing to measure: reduce_scatter of float over 4 ranks needs a size of at least 16 bytes; from -b 1 to -e 15 the largest is 8' \
 	"$dir/err" || fail "nothing to measure: message: $(cat "$dir/err")"
+# a bad value of an option of a few values lists them
+while IFS='|' read -r args want; do
+	# shellcheck disable=SC2086
+	"$COMMBENCH" --socket "$sock" $args >/dev/null 2>"$dir/err"
+	grep -qxF "commbench: $want" "$dir/err" || fail "usage '$args': message: $(cat "$dir/err")"
+done <<'EOF'
+-o allreduse|-o: bad value 'allreduse' (allreduce, reduce_scatter, allgather, broadcast, reduce, alltoall, alltoallv, sendrecv or all)
+--datatype float8|-d: bad value 'float8' (int8, uint8, int32, uint32, int64, uint64, half (float16), bfloat16, float (float32), double (float64) or all)
+-r xor|-r: bad value 'xor' (sum, prod, min, max, avg or all)
+-c 2|-c: bad value '2' (0 or 1)
+EOF
 timeout 30 "$COMMBENCH" --socket "$sock" -b 0 -e 64 >/dev/null 2>"$dir/err"
 grep -qx 'commbench: -b 0: the smallest size must be at least 1 byte' "$dir/err" ||
 	fail "-b 0: message: $(cat "$dir/err")"
