@@ -155,6 +155,14 @@ static struct {
 	int nflags;
 } src;
 
+/* The settings file src reads: --config's, else the default where it exists; NULL: none. */
+static const char *settings_file(void)
+{
+	if (src.file)
+		return src.file;
+	return access(CONFIG_DEFAULT_FILE, F_OK) == 0 ? CONFIG_DEFAULT_FILE : NULL;
+}
+
 /* Settings from src into cfg; -1 with "where: why" in err. */
 static int load_settings(struct config *cfg, char *err, size_t errlen)
 {
@@ -207,12 +215,9 @@ static void on_hangup(uv_signal_t *h, int signum)
 	srv.default_timeout_ms = cfg.timeout_ms;
 	srv.drain_ms = cfg.drain_ms;
 	spin = net_set_spin(cfg.net_spin_us);
-	/* the default file is read only where it exists */
 	log_info("reload: %s: log level, limits, timeout, drain-timeout and net-spin-us (%d us) "
 		 "applied (socket, threads, topology, peers and groups need a restart)",
-		 src.file ? src.file
-			  : access(CONFIG_DEFAULT_FILE, F_OK) == 0 ? CONFIG_DEFAULT_FILE : "flags only",
-		 spin);
+		 settings_file() ? settings_file() : "flags only", spin);
 	restart_keys(&cfg, restart, sizeof restart);
 	if (*restart)
 		log_warn("reload: %s changed: the values commd started with stay until a restart",
@@ -453,6 +458,10 @@ static int run(int argc, char **argv)
 	log_info("commd %s: pid %d, socket %s, %d worker threads%s, gpu: %s", COMMD_VERSION,
 		 (int)getpid(), srv.socket_path, cfg.threads, cfg.pin_workers ? " (pinned)" : "",
 		 srv.gpu_info);
+	if (settings_file())
+		log_info("config: %s", settings_file());
+	else
+		log_info("config: none (defaults; no %s)", CONFIG_DEFAULT_FILE);
 	topo_summary(&node_topo, summary, sizeof summary);
 	log_info("topology (%s): %s", node_topo.source, summary);
 	snprintf(ready, sizeof ready, "READY=1\nMAINPID=%d", (int)getpid());

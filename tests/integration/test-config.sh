@@ -1,9 +1,10 @@
 #!/bin/bash
 # test-config.sh: commd's config file: every key takes effect, flags win over
-# the file, the topology key loads a description like --topology, a bad
-# key, value, section, over-long line or directory stops commd at start naming
-# the file and line, SIGHUP reloads what may change under running jobs (and
-# names what needs a restart, refusing a group that does not exist), and
+# the file, commd logs the file it read (or none), the topology key loads a
+# description like --topology, a bad key, value, section, over-long line or
+# directory stops commd at start naming the file and line, SIGHUP reloads
+# what may change under running jobs (and names what needs a restart,
+# refusing a group that does not exist), and
 # the socket file: stale removed, live or untried refused, only its own removed;
 # detached, commd keeps its directory, so relative paths keep their meaning.
 set -u
@@ -36,6 +37,8 @@ done
 grep -q "^topology:    2 GPUs, 1 NIC, 1 NUMA node, NVLink yes\$" "$tmp/status" ||
 	bad "topology key not used: $(cat "$tmp/status")"
 grep -q "3 worker threads," "$tmp/commd.log" || bad "threads or pin-workers key not used: $(cat "$tmp/commd.log")"
+grep -q " info: config: $tmp/commd.conf\$" "$tmp/commd.log" ||
+	bad "the config file read is not logged: $(cat "$tmp/commd.log")"
 grep -q " debug: " "$tmp/commd.log" || bad "log-level key not used: no debug lines"
 grep -q "data plane ready .*polls 700 us after an event" "$tmp/commd.log" ||
 	bad "net-spin-us key not used: $(grep "net: " "$tmp/commd.log")"
@@ -71,6 +74,24 @@ grep -q " debug: " "$dir/commd.log" && bad "--log-level does not override the fi
 [ -S "$tmp/from-file.sock" ] && bad "--socket does not override the file"
 daemon_stop
 rm -rf "$dir"; trap 'rm -rf "$tmp"' EXIT
+
+# no --config, and no file at the default path: commd says it read none
+def=$("$COMMD" --help | sed -n 's/.*read settings from FILE (default \(.*\), if it exists);$/\1/p')
+if [ -z "$def" ]; then
+	bad "commd --help names no default config file"
+elif [ -e "$def" ]; then
+	echo "skip: $def exists: commd without --config would read it"
+else
+	"$COMMD" --foreground --socket "$tmp/nofile.sock" 2>"$tmp/nofile.log" &
+	pid=$!
+	until "$COMMCTL" --socket "$tmp/nofile.sock" status >/dev/null 2>&1; do
+		kill -0 "$pid" 2>/dev/null || { bad "commd without a config file exited: $(cat "$tmp/nofile.log")"; break; }
+		sleep 0.02
+	done
+	kill -TERM "$pid"; wait "$pid" || bad "commd did not exit cleanly"
+	grep -q " info: config: none (defaults; no $def)\$" "$tmp/nofile.log" ||
+		bad "no config file is not logged: $(cat "$tmp/nofile.log")"
+fi
 
 # 3. bad files stop commd at start, naming the line
 check_bad() { # NAME LINE WORDS TEXT
@@ -213,6 +234,7 @@ start_on() { # LOG [COMMD ARGS]: a commd on $s, its pid in $p
 }
 start_on "$tmp/s1.log"
 kill -KILL "$p"; wait "$p" 2>/dev/null
+grep -q " info: config: /dev/null\$" "$tmp/s1.log" || bad "--config /dev/null is not logged: $(cat "$tmp/s1.log")"
 [ -S "$s" ] || bad "a killed commd left no socket file to test with"
 start_on "$tmp/s2.log"
 grep -q "listen: $s: no daemon answers: removed it" "$tmp/s2.log" ||
