@@ -288,10 +288,11 @@ comm_result_t comm_call(comm_t *c, Commpb__Envelope *env, const int *fds, int nf
 	int limit = c->timeout_ms > 0 && c->timeout_ms < INT_MAX - CALL_SLACK_MS
 			    ? c->timeout_ms + CALL_SLACK_MS
 			    : -1;
-
-	if (limit > 0 && limit < call_min_ms())
-		limit = call_min_ms();
+	int floor_ms = call_min_ms();
 	uint64_t start = now_ms();
+
+	if (limit > 0 && limit < floor_ms)
+		limit = floor_ms;
 
 	*reply = NULL;
 	if (rc != COMM_OK)
